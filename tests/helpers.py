@@ -1,0 +1,37 @@
+"""Tolerances (STYLE.md B9.4) and shared test utilities."""
+
+import jax
+import numpy as np
+
+# Named tolerances; any looser literal in a test needs a comment.
+ELEMENTWISE_F32 = dict(rtol=1e-6, atol=0.0)
+MATMUL_F32 = dict(rtol=1e-5, atol=1e-6)
+BF16 = dict(rtol=1e-2, atol=1e-2)
+F16 = dict(rtol=1e-3, atol=1e-3)
+GRAD_F32 = dict(rtol=2e-3, atol=2e-3)
+GRAD_F64 = dict(rtol=1e-5, atol=1e-5)
+EXACT = dict(rtol=0.0, atol=0.0)
+
+
+def f64(x):
+    """A float64 numpy copy of an array (for references)."""
+    return np.asarray(jax.device_get(x), dtype=np.float64)
+
+
+def assert_tree_allclose(a, b, **tol):
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb, f"tree structures differ: {ta} vs {tb}"
+    for x, y in zip(la, lb):
+        np.testing.assert_allclose(f64(x), f64(y), **tol)
+
+
+def count_traces(fn):
+    """Wraps ``fn`` and counts how many times it is traced (called in Python)."""
+    counter = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        counter["n"] += 1
+        return fn(*args, **kwargs)
+
+    return wrapped, counter
