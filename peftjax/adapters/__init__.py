@@ -1,0 +1,63 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Adapters: reparametrisations ``W' = f(W, trainable, frozen)`` of leaves.
+
+Per leaf an ``Adapter(init, apply)``; over a tree ``init``, ``materialize``,
+``merge`` and ``unmerge`` driven by an assignment from
+``peftjax.tree.assign``.
+"""
+
+from peftjax.adapters._base import Adapter as Adapter
+from peftjax.adapters._base import AdapterState as AdapterState
+from peftjax.adapters._base import BiasHook as BiasHook
+from peftjax.adapters._base import init as init
+from peftjax.adapters._base import lift_matrix as lift_matrix
+from peftjax.adapters._base import materialize as materialize
+from peftjax.adapters._base import merge as merge
+from peftjax.adapters._base import num_trainable as num_trainable
+from peftjax.adapters._base import path_key as path_key
+from peftjax.adapters._base import unmerge as unmerge
+from peftjax.adapters._dora import DoRAParams as DoRAParams
+from peftjax.adapters._dora import dora as dora
+from peftjax.adapters._lora import LoRAInit as LoRAInit
+from peftjax.adapters._lora import LoRAParams as LoRAParams
+from peftjax.adapters._lora import Scaling as Scaling
+from peftjax.adapters._lora import lora as lora
+from peftjax.adapters._lora import scaling_value as scaling_value
+from peftjax.adapters._lora_xs import LoRAXSBasis as LoRAXSBasis
+from peftjax.adapters._lora_xs import LoRAXSParams as LoRAXSParams
+from peftjax.adapters._lora_xs import lora_xs as lora_xs
+from peftjax.adapters._scale_shift import ScaleParams as ScaleParams
+from peftjax.adapters._scale_shift import ScaleShiftParams as ScaleShiftParams
+from peftjax.adapters._scale_shift import Side as Side
+from peftjax.adapters._scale_shift import ia3 as ia3
+from peftjax.adapters._scale_shift import scale_shift as scale_shift
+from peftjax.adapters._scale_shift import ssf as ssf
+
+__all__ = [
+    "Adapter",
+    "AdapterState",
+    "BiasHook",
+    "DoRAParams",
+    "LoRAInit",
+    "LoRAParams",
+    "LoRAXSBasis",
+    "LoRAXSParams",
+    "Scaling",
+    "ScaleParams",
+    "ScaleShiftParams",
+    "Side",
+    "dora",
+    "ia3",
+    "init",
+    "lift_matrix",
+    "lora",
+    "lora_xs",
+    "materialize",
+    "merge",
+    "num_trainable",
+    "path_key",
+    "scale_shift",
+    "scaling_value",
+    "ssf",
+    "unmerge",
+]

@@ -1,0 +1,125 @@
+# SPDX-License-Identifier: Apache-2.0
+"""DoRA: weight-decomposed low-rank adaptation.
+
+DoRA: Weight-Decomposed Low-Rank Adaptation. Liu et al., 2024.
+https://arxiv.org/abs/2402.09353
+
+``W' = m ⊙ (W + s·A@B) / ||W + s·A@B||``, the norm taken per output unit over
+the input axis (axis 0 of a Flax ``(in, out)`` kernel; torch's ``dim=1``).
+Paper Eq. (5) ↔ ``apply``; §4.3 (the norm is a constant in backprop, though
+recomputed in the forward pass) ↔ the ``stop_gradient`` on the norm; the
+initialisation ``m = ||W||`` ↔ ``init``.
+
+Exports: ``DoRAParams``, ``dora``.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from peftjax.adapters import _base, _lora
+from peftjax.tree import _matrix
+
+
+class DoRAParams(NamedTuple):
+    """Trainable DoRA parameters (per matrix).
+
+    Attributes:
+      a: ``(in, r)``.
+      b: ``(r, out)``.
+      magnitude: ``(out,)``, initialised to the column norms of ``W``.
+    """
+
+    a: jax.Array
+    b: jax.Array
+    magnitude: jax.Array
+
+
+def _column_norm(v: jax.Array) -> jax.Array:
+    norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=0))
+    # A zero column has no direction; keep it zero instead of producing NaN.
+    return jnp.where(norm == 0, jnp.ones_like(norm), norm)
+
+
+def dora(
+    rank: int,
+    *,
+    alpha: float = 8.0,
+    scaling: _lora.Scaling = _lora.Scaling.ALPHA_OVER_RANK,
+    init: _lora.LoRAInit = _lora.LoRAInit.KAIMING_UNIFORM,
+    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    param_dtype: Any = jnp.float32,
+    dropout: float = 0.0,
+) -> _base.Adapter:
+    """DoRA: a LoRA direction update with a trainable per-output magnitude.
+
+    Identity at init (``B = 0`` and ``m = ||W||``). Trainable parameters:
+    ``r·(in + out) + out`` per matrix. ``merge(..., return_aux=True)`` returns
+    the column norms it used; ``unmerge`` needs them to be exact.
+
+    Args:
+      rank: ``r`` (static).
+      alpha: ``lora_alpha``.
+      scaling: a ``Scaling`` member (as for ``lora``).
+      init: a ``LoRAInit`` member for ``a``/``b``.
+      dimension_numbers: the kernel's matrix view.
+      param_dtype: storage dtype of the adapter parameters.
+      dropout: adapter-input dropout (factored path only, as for ``lora``).
+
+    Returns:
+      An ``Adapter`` with trainable ``DoRAParams(a, b, magnitude)``.
+
+    Static arguments: all.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> ad = dora(rank=2)
+      >>> w = jnp.arange(12.0).reshape(4, 3)
+      >>> t, f = ad.init(jax.random.key(0), w)
+      >>> bool(jnp.allclose(ad.apply(w, t, f), w))
+      True
+
+    References:
+      Liu et al., 2024, https://arxiv.org/abs/2402.09353
+    """
+    base = _lora.lora(rank, alpha=alpha, scaling=scaling, init=init,
+                      param_dtype=param_dtype)
+    rank = _lora.check_rank(rank, "dora")
+    s = _lora.scaling_value(scaling, alpha, rank)
+    param_dtype = jnp.dtype(param_dtype)
+
+    def init_matrix(key, w, stats):
+        if stats is not None:
+            raise ValueError("dora takes no stats")
+        t, _ = base.init(key, w)
+        m = _column_norm(w.astype(jnp.promote_types(w.dtype, jnp.float32)))
+        return DoRAParams(a=t.a, b=t.b, magnitude=m.astype(param_dtype)), None
+
+    def directions(w, t):
+        ct = jnp.promote_types(w.dtype, t.a.dtype)
+        v = w.astype(ct) + (t.a.astype(ct) @ t.b.astype(ct)) * s
+        return ct, v
+
+    def apply_matrix(w, t, f):
+        ct, v = directions(w, t)
+        norm = jax.lax.stop_gradient(_column_norm(v))
+        return v * (t.magnitude.astype(ct) / norm)[None, :]
+
+    def aux_matrix(w, t, f):
+        return _column_norm(directions(w, t)[1])
+
+    def unapply_matrix(w, t, f, norm):
+        ct = jnp.promote_types(w.dtype, t.a.dtype)
+        v = w.astype(ct) * (norm.astype(ct) / t.magnitude.astype(ct))[None, :]
+        return v - (t.a.astype(ct) @ t.b.astype(ct)) * s
+
+    return _base.lift_matrix(
+        name=f"dora(rank={rank}, alpha={alpha}, scaling={scaling.value})",
+        init_matrix=init_matrix,
+        apply_matrix=apply_matrix,
+        unapply_matrix=unapply_matrix,
+        aux_matrix=aux_matrix,
+        dimension_numbers=dimension_numbers,
+        dropout=dropout,
+    )

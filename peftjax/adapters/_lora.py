@@ -1,0 +1,214 @@
+# SPDX-License-Identifier: Apache-2.0
+"""LoRA and rsLoRA: a trainable low-rank delta ``W' = W + s·A@B``.
+
+LoRA: Low-Rank Adaptation of Large Language Models. Hu et al., 2021.
+https://arxiv.org/abs/2106.09685
+rsLoRA: A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA.
+Kalajdzievski, 2023. https://arxiv.org/abs/2312.03732
+
+Flax layout: the kernel is ``(in, out)``, ``a: (in, r)``, ``b: (r, out)``;
+the torch-layout ``B·A`` of the paper (``W (out, in)``) is ``(A·B)`` here, i.e.
+``a = A_torch.T`` and ``b = B_torch.T``.
+
+Paper Eq. (3) ``h = W0 x + B A x`` ↔ ``apply``; the scaling ``alpha/r`` (§4.1)
+↔ ``Scaling.ALPHA_OVER_RANK``; rsLoRA's ``alpha/sqrt(r)`` ↔
+``Scaling.ALPHA_OVER_SQRT_RANK``.
+
+Exports: ``Scaling``, ``LoRAInit``, ``LoRAParams``, ``lora``, ``scaling_value``.
+"""
+
+import enum
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from peftjax.adapters import _base
+from peftjax.tree import _matrix
+
+
+class Scaling(enum.Enum):
+    """The scaling ``s`` of a low-rank delta ``s·A@B``.
+
+    Attributes:
+      ALPHA_OVER_RANK: ``alpha / r`` (LoRA, Hugging Face PEFT, qwix).
+      ALPHA_OVER_SQRT_RANK: ``alpha / sqrt(r)`` (rsLoRA, PEFT ``use_rslora``).
+      NONE: ``1`` (flax ``nnx.LoRA``); ``alpha`` is ignored.
+    """
+
+    ALPHA_OVER_RANK = "alpha/r"
+    ALPHA_OVER_SQRT_RANK = "alpha/sqrt(r)"
+    NONE = "1"
+
+
+class LoRAInit(enum.Enum):
+    """Initialisation of the LoRA factors (B = 0 except for EMBEDDING).
+
+    Attributes:
+      KAIMING_UNIFORM: PEFT's default, ``a ~ U(-1/sqrt(in), 1/sqrt(in))``
+        (kaiming-uniform with ``a=sqrt(5)``), ``b = 0``.
+      GAUSSIAN: PEFT's ``init_lora_weights="gaussian"``: ``a ~ N(0, 1/r²)``,
+        ``b = 0``.
+      EMBEDDING: PEFT's embedding LoRA, roles reversed: ``a = 0``,
+        ``b ~ N(0, 1)``.
+    """
+
+    KAIMING_UNIFORM = "kaiming_uniform"
+    GAUSSIAN = "gaussian"
+    EMBEDDING = "embedding"
+
+
+class LoRAParams(NamedTuple):
+    """Trainable LoRA factors (per matrix; stacked leaves add batch axes).
+
+    Attributes:
+      a: ``(in, r)``, dtype ``param_dtype``.
+      b: ``(r, out)``, dtype ``param_dtype``.
+    """
+
+    a: jax.Array
+    b: jax.Array
+
+
+def scaling_value(scaling: Scaling, alpha: float, rank: int) -> float:
+    """Returns the numeric scaling for a rank and alpha.
+
+    Args:
+      scaling: the convention.
+      alpha: ``lora_alpha``.
+      rank: ``r``.
+
+    Returns:
+      ``s`` as a Python float.
+
+    Example:
+      >>> scaling_value(Scaling.ALPHA_OVER_SQRT_RANK, 16.0, 4)
+      8.0
+    """
+    if not isinstance(scaling, Scaling):
+        raise TypeError(
+            f"scaling must be a peftjax.adapters.Scaling member, got {scaling!r}"
+        )
+    if scaling is Scaling.ALPHA_OVER_RANK:
+        return float(alpha) / rank
+    if scaling is Scaling.ALPHA_OVER_SQRT_RANK:
+        return float(alpha) / math.sqrt(rank)
+    return 1.0
+
+
+def check_rank(rank: Any, name: str) -> int:
+    """Validates a rank argument of a factory (a positive int)."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"{name}: rank must be a positive int, got {rank!r}")
+    if rank <= 0:
+        raise ValueError(f"{name}: rank must be > 0, got rank={rank}")
+    return rank
+
+
+def check_rank_fits(rank: int, w: jax.Array, name: str) -> None:
+    """Raises if ``rank > min(in, out)`` for the matrix ``w (in, out)``."""
+    n_in, n_out = w.shape[-2], w.shape[-1]
+    if rank > min(n_in, n_out):
+        raise ValueError(
+            f"{name}: rank={rank} exceeds min(in, out)={min(n_in, n_out)} of the "
+            f"matrix view (in={n_in}, out={n_out})"
+        )
+
+
+def lora(
+    rank: int,
+    *,
+    alpha: float = 8.0,
+    scaling: Scaling = Scaling.ALPHA_OVER_RANK,
+    init: LoRAInit = LoRAInit.KAIMING_UNIFORM,
+    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    param_dtype: Any = jnp.float32,
+    dropout: float = 0.0,
+) -> _base.Adapter:
+    """LoRA: ``W' = W + s·A@B`` with trainable ``A (in, r)`` and ``B (r, out)``.
+
+    The model is unchanged at init (``B = 0``; ``A = 0`` for EMBEDDING).
+    Trainable parameters: ``r·(in + out)`` per adapted matrix (times the
+    product of batch axes for stacked kernels). Optimizer state: that times the
+    optimizer's slots (2 for Adam).
+
+    Args:
+      rank: ``r`` (static; must be ``<= min(in, out)`` of every target).
+      alpha: ``lora_alpha``; PEFT's default is 8.
+      scaling: ``Scaling.ALPHA_OVER_RANK`` (default), ``ALPHA_OVER_SQRT_RANK``
+        (rsLoRA) or ``NONE``.
+      init: a ``LoRAInit`` member (PEFT's default kaiming-uniform A, B = 0).
+      dimension_numbers: the kernel's matrix view; default Flax ``(in, out)``
+        and stacked ``(L, in, out)``.
+      param_dtype: storage dtype of ``a`` and ``b`` (float32 by default, also
+        for bf16 bases).
+      dropout: dropout rate on the adapter input ``x`` (``s·dropout(x)@A@B``).
+        It cannot be expressed in weight space: only the factored path applies
+        it, and ``materialize`` raises unless ``deterministic=True``.
+
+    Returns:
+      An ``Adapter`` whose trainable part is ``LoRAParams(a, b)`` and whose
+      frozen part is None.
+
+    Static arguments: all (they set shapes or are folded into the closure).
+
+    Raises:
+      ValueError: ``rank <= 0``; at init, ``rank > min(in, out)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> ad = lora(rank=2, alpha=4.0)
+      >>> t, f = ad.init(jax.random.key(0), jnp.ones((6, 5)))
+      >>> t.a.shape, t.b.shape, f
+      ((6, 2), (2, 5), None)
+
+    References:
+      Hu et al., 2021, https://arxiv.org/abs/2106.09685 ; Kalajdzievski, 2023,
+      https://arxiv.org/abs/2312.03732
+    """
+    rank = check_rank(rank, "lora")
+    if not isinstance(init, LoRAInit):
+        raise TypeError(f"lora: init must be a LoRAInit member, got {init!r}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"lora: dropout must be in [0, 1), got {dropout}")
+    s = scaling_value(scaling, alpha, rank)
+    param_dtype = jnp.dtype(param_dtype)
+
+    def init_matrix(key, w, stats):
+        if stats is not None:
+            raise ValueError("lora takes no stats; use a data-driven initialiser")
+        check_rank_fits(rank, w, "lora")
+        n_in, n_out = w.shape
+        if init is LoRAInit.KAIMING_UNIFORM:
+            bound = 1.0 / math.sqrt(n_in)
+            a = jax.random.uniform(key, (n_in, rank), param_dtype, -bound, bound)
+            b = jnp.zeros((rank, n_out), param_dtype)
+        elif init is LoRAInit.GAUSSIAN:
+            a = jax.random.normal(key, (n_in, rank), param_dtype) / rank
+            b = jnp.zeros((rank, n_out), param_dtype)
+        else:
+            a = jnp.zeros((n_in, rank), param_dtype)
+            b = jax.random.normal(key, (rank, n_out), param_dtype)
+        return LoRAParams(a=a, b=b), None
+
+    def delta(w, t):
+        ct = jnp.promote_types(w.dtype, t.a.dtype)
+        return ct, (t.a.astype(ct) @ t.b.astype(ct)) * s
+
+    def apply_matrix(w, t, f):
+        ct, d = delta(w, t)
+        return w.astype(ct) + d
+
+    def unapply_matrix(w, t, f, aux):
+        ct, d = delta(w, t)
+        return w.astype(ct) - d
+
+    return _base.lift_matrix(
+        name=f"lora(rank={rank}, alpha={alpha}, scaling={scaling.value})",
+        init_matrix=init_matrix,
+        apply_matrix=apply_matrix,
+        unapply_matrix=unapply_matrix,
+        dimension_numbers=dimension_numbers,
+        dropout=dropout,
+    )
