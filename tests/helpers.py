@@ -35,3 +35,34 @@ def count_traces(fn):
         return fn(*args, **kwargs)
 
     return wrapped, counter
+
+
+# ---------------------------------------------------------------------------
+# float64 NumPy references of the adapter formulas (Flax layout W (in, out)).
+# ---------------------------------------------------------------------------
+
+
+def ref_lora(w, t, f, *, s):
+    return f64(w) + s * f64(t.a) @ f64(t.b)
+
+
+def ref_dora(w, t, f, *, s):
+    v = f64(w) + s * f64(t.a) @ f64(t.b)
+    norm = np.sqrt((v**2).sum(axis=0))
+    return v * (f64(t.magnitude) / norm)[None, :]
+
+
+def ref_lora_xs(w, t, f, *, s):
+    return f64(w) + s * f64(f.a) @ f64(t.core) @ f64(f.b)
+
+
+def ref_scale_out(w, t, f):
+    return f64(w) * f64(t.scale)[None, :]
+
+
+def ref_scale_in(w, t, f):
+    return f64(t.scale)[:, None] * f64(w)
+
+
+def ref_ssf_bias(b, t):
+    return f64(t.scale) * f64(b) + f64(t.shift)

@@ -585,3 +585,28 @@ def num_trainable(trainable: PyTree) -> int:
       14
     """
     return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(trainable))
+
+
+def compute_dtype(*dtypes: Any) -> np.dtype:
+    """Returns the wider of floating dtypes without implicit promotion.
+
+    Works under ``jax_numpy_dtype_promotion="strict"``: the widest itemsize
+    wins; bfloat16 with float16 gives float32.
+
+    Args:
+      *dtypes: floating dtypes.
+
+    Returns:
+      The dtype to compute in.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> compute_dtype(jnp.bfloat16, jnp.float32)
+      dtype('float32')
+    """
+    ds = [jnp.dtype(d) for d in dtypes]
+    widest = max(ds, key=lambda d: d.itemsize)
+    same = {d for d in ds if d.itemsize == widest.itemsize}
+    if len(same) > 1:
+        return jnp.dtype(jnp.float32) if widest.itemsize < 4 else widest
+    return widest

@@ -93,11 +93,11 @@ def dora(
         if stats is not None:
             raise ValueError("dora takes no stats")
         t, _ = base.init(key, w)
-        m = _column_norm(w.astype(jnp.promote_types(w.dtype, jnp.float32)))
+        m = _column_norm(w.astype(_base.compute_dtype(w.dtype, jnp.float32)))
         return DoRAParams(a=t.a, b=t.b, magnitude=m.astype(param_dtype)), None
 
     def directions(w, t):
-        ct = jnp.promote_types(w.dtype, t.a.dtype)
+        ct = _base.compute_dtype(w.dtype, t.a.dtype)
         v = w.astype(ct) + (t.a.astype(ct) @ t.b.astype(ct)) * s
         return ct, v
 
@@ -110,7 +110,7 @@ def dora(
         return _column_norm(directions(w, t)[1])
 
     def unapply_matrix(w, t, f, norm):
-        ct = jnp.promote_types(w.dtype, t.a.dtype)
+        ct = _base.compute_dtype(w.dtype, t.a.dtype)
         v = w.astype(ct) * (norm.astype(ct) / t.magnitude.astype(ct))[None, :]
         return v - (t.a.astype(ct) @ t.b.astype(ct)) * s
 

@@ -193,7 +193,7 @@ def lora(
         return LoRAParams(a=a, b=b), None
 
     def delta(w, t):
-        ct = jnp.promote_types(w.dtype, t.a.dtype)
+        ct = _base.compute_dtype(w.dtype, t.a.dtype)
         return ct, (t.a.astype(ct) @ t.b.astype(ct)) * s
 
     def apply_matrix(w, t, f):

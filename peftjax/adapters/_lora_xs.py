@@ -112,7 +112,7 @@ def lora_xs(
         )
 
     def delta(w, t, f):
-        ct = jnp.promote_types(w.dtype, t.core.dtype)
+        ct = _base.compute_dtype(w.dtype, t.core.dtype)
         d = (f.a.astype(ct) @ t.core.astype(ct)) @ f.b.astype(ct)
         return ct, d * s
 

@@ -128,7 +128,7 @@ def scale_shift(
         return ScaleShiftParams(scale.astype(param_dtype), beta.astype(param_dtype)), None
 
     def ct(w, t):
-        return jnp.promote_types(w.dtype, t.scale.dtype)
+        return _base.compute_dtype(w.dtype, t.scale.dtype)
 
     def expand(v):
         return v[None, :] if axis == 1 else v[:, None]
@@ -145,12 +145,12 @@ def scale_shift(
     if side is Side.OUTPUT:
 
         def bias_apply(b, t, f):
-            c = jnp.promote_types(b.dtype, t.scale.dtype)
+            c = _base.compute_dtype(b.dtype, t.scale.dtype)
             out = b.astype(c) * t.scale.astype(c)
             return out + t.shift.astype(c) if shift else out
 
         def bias_unapply(b, t, f):
-            c = jnp.promote_types(b.dtype, t.scale.dtype)
+            c = _base.compute_dtype(b.dtype, t.scale.dtype)
             out = b.astype(c) - t.shift.astype(c) if shift else b.astype(c)
             return out / t.scale.astype(c)
 

@@ -1,0 +1,21 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Format-level I/O: safetensors and GGUF readers, checkpoints, PEFT format.
+
+Nothing here knows peftjax's models (DESIGN.md section 1).
+"""
+
+from peftjax.io._gguf import GGUFFile as GGUFFile
+from peftjax.io._gguf import read_gguf as read_gguf
+from peftjax.io._gguf import read_gguf_metadata as read_gguf_metadata
+from peftjax.io._safetensors import read_safetensors as read_safetensors
+from peftjax.io._safetensors import read_safetensors_index as read_safetensors_index
+from peftjax.io._safetensors import write_safetensors as write_safetensors
+
+__all__ = [
+    "GGUFFile",
+    "read_gguf",
+    "read_gguf_metadata",
+    "read_safetensors",
+    "read_safetensors_index",
+    "write_safetensors",
+]

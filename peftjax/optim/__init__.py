@@ -1,0 +1,33 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Optimizer-side methods as optax transforms: GaLore, FRUGAL, LISA, LoRA+.
+
+Every transform follows optax anatomy (``scale_by_<m>`` core, ``<m>`` alias,
+``<M>State`` with ``count`` first) and composes with ``optax.chain``,
+``optax.partition``, ``optax.inject_hyperparams`` and ``optax.MultiSteps``.
+Projectors are values (``svd()``, ``randomized_svd()``, ``random_orthogonal()``,
+``coordinates()``) accepted by both GaLore and FRUGAL.
+"""
+
+from peftjax.optim._adam import scale_by_adam_hf as scale_by_adam_hf
+from peftjax.optim._galore import GaLoreState as GaLoreState
+from peftjax.optim._galore import galore as galore
+from peftjax.optim._galore import scale_by_galore as scale_by_galore
+from peftjax.optim._projectors import PROJ_TYPES as PROJ_TYPES
+from peftjax.optim._projectors import Projector as Projector
+from peftjax.optim._projectors import coordinates as coordinates
+from peftjax.optim._projectors import random_orthogonal as random_orthogonal
+from peftjax.optim._projectors import randomized_svd as randomized_svd
+from peftjax.optim._projectors import svd as svd
+
+__all__ = [
+    "PROJ_TYPES",
+    "GaLoreState",
+    "Projector",
+    "coordinates",
+    "galore",
+    "random_orthogonal",
+    "randomized_svd",
+    "scale_by_adam_hf",
+    "scale_by_galore",
+    "svd",
+]

@@ -1,0 +1,345 @@
+# SPDX-License-Identifier: Apache-2.0
+"""GaLore: gradient low-rank projection as an optax transform.
+
+Zhao, Zhang, Chen, Wang, Anandkumar & Tian, "GaLore: Memory-Efficient LLM
+Training by Gradient Low-Rank Projection", 2024, https://arxiv.org/abs/2403.03507.
+
+Paper ↔ code (Algorithm 2, written for ``m <= n`` in torch layout):
+
+* ``P_t = U[:, :r]`` from ``SVD(G_t)`` every ``T`` steps ↔ ``Projector.refresh``
+  under ``lax.cond`` (``update_proj_gap = T``; refreshes at k = 0, T, 2T, ...);
+* ``R_t = P_tᵀ G_t`` ↔ ``Projector.down``;
+* ``N_t = ρ_t(R_t)`` (Adam on the projected gradient) ↔ ``inner``;
+* ``G̃_t = α P_t N_t`` ↔ ``Projector.up`` times ``scale``.
+
+Moments are neither reset nor rotated at a refresh (GaLore's defining
+behaviour). Full rank with ``scale=1`` is **not** Adam (Adam is not rotation
+invariant, ALGORITHMS.md 1.10 item 5); full rank with SGD is SGD.
+
+Relation to ``optax.contrib.galore``: optax projects the larger axis (its rule
+is peftjax's ``reverse_std`` on non-square kernels; on square ones it projects
+the input axis, which is ``right`` here), uses optax-style eps and has no batch
+axes. peftjax adds the reference ``std`` rule, all five side rules, batch axes
+(stacked ``(L, in, out)`` and head-split kernels through ``DimensionNumbers``),
+projectors as values and staggered refresh.
+
+Stacked kernels. A ``cond`` under ``vmap`` becomes a ``select`` and would run
+every SVD on every step. Here the refresh predicate is always unbatched: the
+synchronous refresh vmaps the SVD *inside* the taken branch, and the staggered
+refresh scans over slices with one ``cond`` each.
+
+Exports: ``GaLoreState``, ``scale_by_galore``, ``galore``.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from peftjax.optim import _projectors
+
+_WHAT = "scale_by_galore"
+
+
+class GaLoreState(NamedTuple):
+    """State of ``scale_by_galore``.
+
+    Attributes:
+      count: steps taken; refreshes happen when ``count % update_proj_gap == 0``.
+        # shape=(), dtype=jnp.int32
+      inner_state: the inner transform's state over the projected tree: a
+        projected leaf ``(batch..., in, out)`` appears as ``(batch..., r, out)``
+        (side ``right``), ``(batch..., in, r)`` (``left``) or ``(batch..., r, r)``
+        (``full``); other leaves keep their shape.
+      projector: a tree like the params; projected leaves hold their basis with
+        the leaf's batch axes flattened in front, ``(S, in, r)`` / ``(S, out, r)``
+        (or a pair for ``full``, ``int32`` indices for ``coordinates()``),
+        other leaves ``optax.MaskedNode()``.
+      key: raw ``uint32`` PRNG key data for random projectors.
+        # shape=(2,), dtype=jnp.uint32
+    """
+
+    count: jax.Array
+    inner_state: optax.OptState
+    projector: Any
+    key: jax.Array
+
+
+def _rank_fn(rank: int):
+    def fn(path, leaf, n_in, n_out, side):
+        if rank > min(n_in, n_out):
+            raise ValueError(
+                f"{_WHAT}: rank={rank} exceeds min(in, out)={min(n_in, n_out)} of "
+                f"leaf {path!r} (shape {tuple(leaf.shape)}, dtype {leaf.dtype}, "
+                f"matrix view ({n_in}, {n_out})); lower rank or exclude the leaf "
+                "with dimension_numbers={path: None} or a partition rule"
+            )
+        return rank
+
+    return fn
+
+
+def _no_params_error(e: ValueError) -> Exception:
+    if optax._src.base.NO_PARAMS_MSG in str(e):  # noqa: SLF001
+        return TypeError(
+            "the inner transform needs params, but it receives projected "
+            "gradients whose shapes differ from the params; use a param-free "
+            "transform (scale_by_adam, scale_by_lion, ...) and pass "
+            "weight_decay to the outer alias instead of using adamw"
+        )
+    return e
+
+
+def scale_by_galore(
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: jax.typing.ArrayLike = 1.0,
+    proj_type: str = "std",
+    inner: optax.GradientTransformation | None = None,
+    *,
+    projector: _projectors.Projector | None = None,
+    dimension_numbers: _projectors.DimsSpec = None,
+    stagger: bool = False,
+    key: jax.Array | int | None = None,
+) -> optax.GradientTransformation:
+    """Projects matrix gradients to rank ``r``, runs ``inner`` there, maps back.
+
+    For a projected leaf with matrix view ``G: (in, out)`` (batch axes are
+    handled slice by slice): at refresh steps ``P = projector.refresh(G)``;
+    every step ``R = down(G, P)``, ``N = inner(R)``, ``u = scale · up(N, P)``.
+    Leaves of rank < 2 (biases, norms) go through ``inner`` unprojected.
+
+    ``proj_type`` keeps galore-torch's meaning for the same linear layer (the
+    Flax kernel is the transpose of the torch weight): ``std`` projects the
+    smaller of (in, out) away, ties project the input axis; see
+    ``peftjax.optim._projectors`` for the full table.
+
+    Memory per projected ``(in, out)`` slice, side ``std`` with ``in <= out``:
+    basis ``in·r`` plus inner state on ``(r, out)`` (Adam: ``2·r·out``).
+
+    Warning:
+      ``inner`` receives projected shapes, so transforms that need params
+      (``adamw``, ``add_decayed_weights``) are unsupported: a ``TypeError``
+      says so. Put weight decay on the ``galore`` alias. The SVD sees whatever
+      gradient arrives, i.e. after any clipping earlier in the chain.
+
+    Args:
+      rank: projected rank ``r`` (static); must be ``<= min(in, out)`` of every
+        projected leaf.
+      update_proj_gap: refresh period ``T`` (static).
+      scale: ``α`` multiplying the back-projected update (injectable).
+      proj_type: ``std``, ``reverse_std``, ``left``, ``right`` or ``full``
+        (static).
+      inner: the transform run in the subspace (default
+        ``optax.scale_by_adam()``; ``scale_by_adam_hf`` for galore-torch
+        parity).
+      projector: a ``Projector`` value (default ``svd()``; also
+        ``randomized_svd``, ``random_orthogonal``, ``coordinates``) (static).
+      dimension_numbers: ``None`` (Flax defaults: 2-D ``(in, out)``, 3-D
+        stacked ``(L, in, out)``; other ranks raise), one ``DimensionNumbers``
+        for every leaf of rank >= 2, a ``{path: DimensionNumbers | None}``
+        mapping (``None`` = not projected; unknown paths raise), or a callable
+        ``(path, leaf) -> DimensionNumbers | None`` (static).
+      stagger: refresh slices at evenly spread phases of ``T`` (after a joint
+        refresh at step 0) so no single step pays every SVD (static).
+      key: seed or ``jax.random.key`` for random projectors (static).
+
+    Returns:
+      An ``optax.GradientTransformation`` with ``GaLoreState``.
+      Static arguments: ``rank, update_proj_gap, proj_type, inner, projector,
+      dimension_numbers, stagger, key``.
+
+    Raises:
+      ValueError: bad rank, gap or proj_type; a leaf whose matrix view is
+        unknown or smaller than ``rank`` (message names path, shape, dtype).
+      TypeError: an inner transform that needs params.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"w": jnp.ones((4, 6)), "b": jnp.zeros(6)}
+      >>> tx = scale_by_galore(rank=2, update_proj_gap=10)
+      >>> state = tx.init(params)
+      >>> jax.tree.map(jnp.shape, state.inner_state.mu)
+      {'b': (6,), 'w': (2, 6)}
+      >>> u, state = tx.update(params, state)
+      >>> u["w"].shape
+      (4, 6)
+
+    References:
+      Zhao et al., 2024, https://arxiv.org/abs/2403.03507.
+    """
+    if inner is None:
+        inner = optax.scale_by_adam()
+    if projector is None:
+        projector = _projectors.svd()
+    _projectors.validate_projector(projector, _WHAT)
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        raise TypeError(f"{_WHAT}: rank must be an int, got {rank!r}")
+    if rank <= 0:
+        raise ValueError(f"{_WHAT}: rank must be positive, got {rank}")
+    if not isinstance(update_proj_gap, int) or update_proj_gap <= 0:
+        raise ValueError(
+            f"{_WHAT}: update_proj_gap must be a positive int, got {update_proj_gap!r}"
+        )
+    if proj_type not in _projectors.PROJ_TYPES:
+        raise ValueError(
+            f"{_WHAT}: proj_type must be one of {_projectors.PROJ_TYPES}, got "
+            f"{proj_type!r}"
+        )
+    raw_key = _projectors.key_data(key)
+
+    def plan(tree):
+        return _projectors.plan_leaves(
+            tree, dimension_numbers, _rank_fn(rank), proj_type, _WHAT
+        )
+
+    def init_fn(params):
+        treedef = jax.tree.structure(params)
+        flat, plans = plan(params)
+        if not flat:
+            return GaLoreState(
+                jnp.zeros([], jnp.int32), inner.init(params), params, raw_key
+            )
+        _projectors.check_dims_keys(dimension_numbers, params)
+        low, bases = [], []
+        for (_, p), pl in zip(flat, plans):
+            if pl is None:
+                low.append(p)
+                bases.append(optax.MaskedNode())
+                continue
+            shape = pl.resolved.batch_shape + pl.spec.low_shape
+            low.append(jnp.zeros(shape, p.dtype))
+            one = projector.init(pl.spec, p.dtype)
+            bases.append(
+                jax.tree.map(
+                    lambda b, n=pl.n_slices: jnp.broadcast_to(b, (n,) + b.shape), one
+                )
+            )
+        return GaLoreState(
+            count=jnp.zeros([], jnp.int32),
+            inner_state=inner.init(jax.tree.unflatten(treedef, low)),
+            projector=jax.tree.unflatten(treedef, bases),
+            key=raw_key,
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        treedef = jax.tree.structure(updates)
+        flat, plans = plan(updates)
+        count = state.count
+        bases = treedef.flatten_up_to(state.projector) if flat else []
+        offsets = (
+            _projectors.stagger_offsets(plans, update_proj_gap)
+            if stagger
+            else [None] * len(plans)
+        )
+        low, new_bases = [], []
+        for i, ((_, g), pl, basis, off) in enumerate(zip(flat, plans, bases, offsets)):
+            if pl is None:
+                low.append(g)
+                new_bases.append(basis)
+                continue
+            gs = _projectors.to_slices(g, pl)
+            keys = _projectors.leaf_keys(state.key, i, count, pl.n_slices)
+            basis = _projectors.refresh_slices(
+                projector, pl.spec, gs, basis, keys, count, update_proj_gap, off
+            )
+            r = jax.vmap(lambda gi, bi, s=pl.spec: projector.down(gi, bi, s))(gs, basis)
+            low.append(r.reshape(pl.resolved.batch_shape + pl.spec.low_shape))
+            new_bases.append(basis)
+        try:
+            inner_u, inner_state = inner.update(
+                jax.tree.unflatten(treedef, low), state.inner_state, None
+            )
+        except ValueError as e:
+            raise _no_params_error(e) from e
+        inner_flat = treedef.flatten_up_to(inner_u)
+        out = []
+        for (_, g), pl, u, basis in zip(flat, plans, inner_flat, new_bases):
+            if pl is None:
+                out.append(u)
+                continue
+            us = u.reshape((pl.n_slices,) + pl.spec.low_shape)
+            full = jax.vmap(lambda ui, bi, s=pl.spec: projector.up(ui, bi, s))(us, basis)
+            full = _projectors.from_slices(full, pl)
+            out.append((full * jnp.asarray(scale).astype(full.dtype)).astype(g.dtype))
+        new_state = GaLoreState(
+            count=optax.safe_int32_increment(count),
+            inner_state=inner_state,
+            projector=jax.tree.unflatten(treedef, new_bases) if flat else state.projector,
+            key=state.key,
+        )
+        return jax.tree.unflatten(treedef, out), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def galore(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: jax.typing.ArrayLike = 1.0,
+    proj_type: str = "std",
+    inner: optax.GradientTransformation | None = None,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    mask: Any = None,
+    *,
+    projector: _projectors.Projector | None = None,
+    dimension_numbers: _projectors.DimsSpec = None,
+    stagger: bool = False,
+    key: jax.Array | int | None = None,
+) -> optax.GradientTransformation:
+    """GaLore optimizer: ``scale_by_galore``, decoupled decay, learning rate.
+
+    ``Δw = -lr · (α · up(inner(down(g))) + wd · w)``. Weight decay follows
+    optax's ``add_decayed_weights`` on the *old* weights; galore-torch decays
+    the *updated* weights (``w ← (w + Δ)(1 - lr·wd)``), which differs by the
+    second-order term ``lr·wd·Δ`` (ALGORITHMS.md 1.10 item 8). With
+    ``inner=scale_by_adam_hf(eps=1e-6)`` and ``weight_decay=0`` this is
+    galore-torch's ``GaLoreAdamW`` on the transposed weights.
+
+    Args:
+      learning_rate: float or schedule (injectable).
+      rank: see ``scale_by_galore`` (static).
+      update_proj_gap: see ``scale_by_galore`` (static).
+      scale: ``α`` (injectable); the reference scripts use 0.25.
+      proj_type: see ``scale_by_galore`` (static).
+      inner: see ``scale_by_galore`` (static).
+      weight_decay: decoupled weight decay (injectable).
+      mask: weight-decay mask, as in ``optax.add_decayed_weights``.
+      projector: see ``scale_by_galore`` (static).
+      dimension_numbers: see ``scale_by_galore`` (static).
+      stagger: see ``scale_by_galore`` (static).
+      key: see ``scale_by_galore`` (static).
+
+    Returns:
+      An ``optax.GradientTransformation`` (a chain whose first state is
+      ``GaLoreState``). Static arguments: as ``scale_by_galore``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"w": jnp.ones((4, 6))}
+      >>> tx = galore(1e-2, rank=2, update_proj_gap=10)
+      >>> u, _ = tx.update(params, tx.init(params), params)
+      >>> u["w"].shape
+      (4, 6)
+
+    References:
+      Zhao et al., 2024, https://arxiv.org/abs/2403.03507.
+    """
+    return optax.chain(
+        scale_by_galore(
+            rank,
+            update_proj_gap,
+            scale,
+            proj_type,
+            inner,
+            projector=projector,
+            dimension_numbers=dimension_numbers,
+            stagger=stagger,
+            key=key,
+        ),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )

@@ -1,0 +1,443 @@
+"""The adapter contract suite (STYLE.md B9.2): every adapter passes it.
+
+ADAPTERS is the single list of adapters; every later adapter joins it.
+"""
+
+import math
+
+import jax
+import jax.test_util  # noqa: F401  (check_grads)
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from peftjax import adapters, tree
+from tests import helpers as h
+
+S = adapters.scaling_value
+
+
+# (name, factory, identity_at_init, reference(w, t, f) in float64,
+#  trainable-count formula (n_in, n_out) -> int)
+ADAPTERS = [
+    (
+        "lora",
+        lambda: adapters.lora(rank=3, alpha=6.0),
+        True,
+        lambda w, t, f: h.ref_lora(w, t, f, s=2.0),
+        lambda i, o: 3 * (i + o),
+    ),
+    (
+        "rslora",
+        lambda: adapters.lora(rank=4, alpha=6.0,
+                              scaling=adapters.Scaling.ALPHA_OVER_SQRT_RANK),
+        True,
+        lambda w, t, f: h.ref_lora(w, t, f, s=3.0),
+        lambda i, o: 4 * (i + o),
+    ),
+    (
+        "lora_gaussian",
+        lambda: adapters.lora(rank=2, alpha=2.0, init=adapters.LoRAInit.GAUSSIAN),
+        True,
+        lambda w, t, f: h.ref_lora(w, t, f, s=1.0),
+        lambda i, o: 2 * (i + o),
+    ),
+    (
+        "dora",
+        lambda: adapters.dora(rank=2, alpha=4.0),
+        True,
+        lambda w, t, f: h.ref_dora(w, t, f, s=2.0),
+        lambda i, o: 2 * (i + o) + o,
+    ),
+    (
+        "lora_xs",
+        lambda: adapters.lora_xs(rank=3, core_init_std=0.0),
+        True,
+        lambda w, t, f: h.ref_lora_xs(w, t, f, s=1.0),
+        lambda i, o: 9,
+    ),
+    (
+        "ia3_output",
+        lambda: adapters.ia3(adapters.Side.OUTPUT),
+        True,
+        h.ref_scale_out,
+        lambda i, o: o,
+    ),
+    (
+        "ia3_input",
+        lambda: adapters.ia3(adapters.Side.INPUT),
+        True,
+        h.ref_scale_in,
+        lambda i, o: i,
+    ),
+    (
+        "ssf",
+        lambda: adapters.ssf(zero_init=True),
+        True,
+        h.ref_scale_out,
+        lambda i, o: 2 * o,
+    ),
+]
+IDS = [a[0] for a in ADAPTERS]
+
+
+def _w(shape, seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.standard_normal(shape) * 0.5, dtype)
+
+
+def _randomize(t, seed=1):
+    """Random trainable values of the same shapes (positive magnitudes/scales)."""
+    rng = np.random.default_rng(seed)
+    leaves, treedef = jax.tree.flatten(t)
+    out = [
+        jnp.asarray(rng.uniform(0.5, 1.5, x.shape) if x.ndim == 1
+                    else rng.standard_normal(x.shape) * 0.3, x.dtype)
+        for x in leaves
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def _params():
+    return {
+        "lin": {"kernel": _w((6, 5)), "bias": _w((5,), seed=3)},
+        "other": {"kernel": _w((5, 4), seed=4)},
+    }
+
+
+@pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
+def test_identity_at_init(name, factory, identity, ref, count, getkey):
+    ad = factory()
+    w = _w((6, 5))
+    t, f = ad.init(getkey(), w)
+    if identity and name != "dora":
+        np.testing.assert_array_equal(np.asarray(ad.apply(w, t, f)), np.asarray(w))
+    else:
+        # DoRA divides by the recomputed norm: identity up to rounding.
+        np.testing.assert_allclose(h.f64(ad.apply(w, t, f)), h.f64(w), **h.MATMUL_F32)
+
+
+@pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
+def test_closed_form_matches_float64_reference(name, factory, identity, ref, count,
+                                               getkey):
+    ad = factory()
+    w = _w((6, 5))
+    t, f = ad.init(getkey(), w)
+    t = _randomize(t)
+    got = ad.apply(w, t, f)
+    np.testing.assert_allclose(h.f64(got), ref(w, t, f), **h.MATMUL_F32)
+
+
+# DoRA's norm is a constant in backprop (paper §4.3), so numerical gradients
+# differ by design; test_dora_gradient_treats_norm_as_constant covers it.
+@pytest.mark.parametrize("name,factory,identity,ref,count",
+                         [a for a in ADAPTERS if a[0] != "dora"],
+                         ids=[i for i in IDS if i != "dora"])
+def test_gradients_match_numerical(name, factory, identity, ref, count, getkey):
+    ad = factory()
+    w = _w((5, 4))
+    t, f = ad.init(getkey(), w)
+    t = _randomize(t)
+    c = _w((5, 4), seed=7)
+
+    def loss(tt):
+        return jnp.sum(ad.apply(w, tt, f) * c)
+
+    with jax.numpy_dtype_promotion("standard"):
+        jax.test_util.check_grads(loss, (t,), order=1, modes=("rev",),
+                                  atol=h.GRAD_F32["atol"], rtol=h.GRAD_F32["rtol"])
+
+
+def test_lora_gradient_closed_form(getkey):
+    """dA = s·dW·bᵀ, dB = s·aᵀ·dW (ALGORITHMS.md 5.1); at init dA = 0."""
+    s = 2.0
+    ad = adapters.lora(rank=3, alpha=6.0)
+    w = _w((6, 5))
+    t, f = ad.init(getkey(), w)
+    c = _w((6, 5), seed=9)  # dL/dW' for L = sum(W' * c)
+    g0 = jax.grad(lambda tt: jnp.sum(ad.apply(w, tt, f) * c))(t)
+    np.testing.assert_array_equal(np.asarray(g0.a), np.zeros((6, 3), np.float32))
+    np.testing.assert_allclose(h.f64(g0.b), s * h.f64(t.a).T @ h.f64(c), **h.MATMUL_F32)
+    t = _randomize(t)
+    g = jax.grad(lambda tt: jnp.sum(ad.apply(w, tt, f) * c))(t)
+    np.testing.assert_allclose(h.f64(g.a), s * h.f64(c) @ h.f64(t.b).T, **h.MATMUL_F32)
+
+
+def test_dora_gradient_treats_norm_as_constant(getkey):
+    """DoRA §4.3: gradients flow as if ||W + sAB|| were a constant."""
+    s = 2.0
+    ad = adapters.dora(rank=2, alpha=4.0)
+    w = _w((5, 4))
+    t, f = ad.init(getkey(), w)
+    t = _randomize(t)
+    c = _w((5, 4), seed=7)
+    g = jax.grad(lambda tt: jnp.sum(ad.apply(w, tt, f) * c))(t)
+    v = h.f64(w) + s * h.f64(t.a) @ h.f64(t.b)
+    norm = np.sqrt((v**2).sum(axis=0))
+    # dL/dm_j = sum_i c_ij v_ij / norm_j ; dL/dV = c * m / norm (norm constant)
+    np.testing.assert_allclose(h.f64(g.magnitude), (h.f64(c) * v).sum(0) / norm,
+                               **h.MATMUL_F32)
+    dv = h.f64(c) * (h.f64(t.magnitude) / norm)[None, :]
+    np.testing.assert_allclose(h.f64(g.a), s * dv @ h.f64(t.b).T, **h.MATMUL_F32)
+    np.testing.assert_allclose(h.f64(g.b), s * h.f64(t.a).T @ dv, **h.MATMUL_F32)
+    # Column norms of the effective weight equal the magnitude.
+    np.testing.assert_allclose(
+        np.sqrt((h.f64(ad.apply(w, t, f)) ** 2).sum(0)), h.f64(t.magnitude),
+        **h.MATMUL_F32)
+
+
+@pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
+def test_jit_equals_eager_and_stacked_equals_loop(name, factory, identity, ref,
+                                                 count, getkey):
+    ad = factory()
+    w = _w((3, 6, 5))  # (layers, in, out)
+    t, f = ad.init(getkey(), w)
+    t = _randomize(t)
+    eager = ad.apply(w, t, f)
+    jitted = jax.jit(ad.apply)(w, t, f)
+    # XLA fuses the scaling into the matmul under jit: matmul rounding, not bits.
+    np.testing.assert_allclose(h.f64(eager), h.f64(jitted), **h.MATMUL_F32)
+    for i in range(3):
+        ti = jax.tree.map(lambda x, i=i: x[i], t)
+        fi = jax.tree.map(lambda x, i=i: x[i], f)
+        np.testing.assert_allclose(h.f64(eager[i]), ref(w[i], ti, fi), **h.MATMUL_F32)
+        np.testing.assert_allclose(
+            h.f64(eager[i]), h.f64(ad.apply(w[i], ti, fi)), **h.MATMUL_F32
+        )
+    # An explicit vmap of the 2-D adapter over the layer axis gives the same.
+    vm = jax.vmap(ad.apply)(w, t, f)
+    np.testing.assert_allclose(h.f64(vm), h.f64(eager), **h.MATMUL_F32)
+
+
+@pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
+def test_abstract_init(name, factory, identity, ref, count):
+    ad = factory()
+    spec = jax.ShapeDtypeStruct((2, 6, 5), jnp.float32)
+    t, f = jax.eval_shape(lambda k, w: ad.init(k, w), jax.random.key(0), spec)
+    leaves = jax.tree.leaves(t)
+    assert leaves and all(x.shape[0] == 2 for x in leaves)
+
+
+@pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
+def test_dtypes_bf16_base(name, factory, identity, ref, count, getkey):
+    ad = factory()
+    params = {"lin": {"kernel": _w((6, 5), dtype=jnp.bfloat16),
+                      "bias": _w((5,), dtype=jnp.bfloat16)}}
+    a = tree.assign(params, [tree.Rule(where="lin/kernel", then=ad)])
+    state = adapters.init(a, getkey(), params)
+    for x in jax.tree.leaves(state.trainable):
+        assert x.dtype == jnp.float32
+    merged = adapters.merge(a, params, *state)
+    assert merged["lin"]["kernel"].dtype == jnp.bfloat16
+    assert merged["lin"]["bias"].dtype == jnp.bfloat16
+
+
+def test_param_dtype_respected(getkey):
+    ad = adapters.lora(rank=2, param_dtype=jnp.bfloat16)
+    t, _ = ad.init(getkey(), _w((6, 5)))
+    assert t.a.dtype == t.b.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
+def test_structure_and_trainable_count(name, factory, identity, ref, count, getkey):
+    ad = factory()
+    params = _params()
+    a = tree.assign(params, [tree.Rule(where="lin/kernel", then=ad)])
+    state = adapters.init(a, getkey(), params)
+    for x in jax.tree.leaves(state.trainable):
+        assert isinstance(x, jax.Array), type(x)
+    assert adapters.num_trainable(state.trainable) == count(6, 5)
+    assert ad.num_trainable(params["lin"]["kernel"]) == count(6, 5)
+    stacked = jnp.zeros((4, 6, 5))
+    assert ad.num_trainable(stacked) == 4 * count(6, 5)
+
+
+@pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
+def test_determinism_and_rule_independence(name, factory, identity, ref, count):
+    ad = factory()
+    params = _params()
+    key = jax.random.key(3)
+    a1 = tree.assign(params, [tree.Rule(where="lin/kernel", then=ad)])
+    a2 = tree.assign(params, [tree.Rule(where="other/kernel", then=adapters.lora(2)),
+                              tree.Rule(where="lin/kernel", then=ad)])
+    s1 = adapters.init(a1, key, params)
+    s1b = adapters.init(a1, key, params)
+    s2 = adapters.init(a2, key, params)
+    h.assert_tree_allclose(s1.trainable, s1b.trainable, **h.EXACT)
+    h.assert_tree_allclose(s1.trainable["lin/kernel"], s2.trainable["lin/kernel"],
+                           **h.EXACT)
+
+
+@pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
+def test_merge_unmerge_roundtrip(name, factory, identity, ref, count, getkey):
+    ad = factory()
+    for dtype, tol in ((jnp.float32, h.MATMUL_F32), (jnp.bfloat16, h.BF16)):
+        params = {"lin": {"kernel": _w((6, 5), dtype=dtype),
+                          "bias": _w((5,), seed=3, dtype=dtype)}}
+        a = tree.assign(params, [tree.Rule(where="lin/kernel", then=ad)])
+        state = adapters.init(a, getkey(), params)
+        state = state._replace(trainable=_randomize(state.trainable))
+        merged, aux = adapters.merge(a, params, *state, return_aux=True)
+        back = adapters.unmerge(a, merged, *state, aux=aux)
+        h.assert_tree_allclose(back, params, **tol)
+        assert back["lin"]["kernel"].dtype == dtype
+
+
+@pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
+def test_no_retrace_and_training_changes_only_trainable(name, factory, identity,
+                                                        ref, count, getkey):
+    ad = factory()
+    params = _params()
+    a = tree.assign(params, [tree.Rule(where="lin/kernel", then=ad)])
+    state = adapters.init(a, getkey(), params)
+    frozen_before = jax.tree.map(np.array, state.frozen)
+    params_before = jax.tree.map(np.array, params)
+    x = _w((16, 6), seed=11)
+    y = _w((16, 4), seed=12)
+
+    def model(p, x):
+        hdn = jnp.tanh(x @ p["lin"]["kernel"] + p["lin"]["bias"][None, :])
+        return hdn @ p["other"]["kernel"]
+
+    def loss(trainable):
+        p = adapters.materialize(a, params, trainable, state.frozen)
+        return jnp.mean((model(p, x) - y) ** 2)
+
+    opt = optax.adam(0.05)
+    opt_state = opt.init(state.trainable)
+
+    def step(trainable, opt_state):
+        value, grads = jax.value_and_grad(loss)(trainable)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int/float
+            updates, opt_state = opt.update(grads, opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state, value
+
+    counted, counter = h.count_traces(step)
+    jstep = jax.jit(counted)
+    trainable = state.trainable
+    losses = []
+    for _ in range(5):
+        trainable, opt_state, value = jstep(trainable, opt_state)
+        losses.append(float(value))
+    assert counter["n"] == 1
+    assert losses[-1] < losses[0]
+    h.assert_tree_allclose(params, params_before, **h.EXACT)
+    h.assert_tree_allclose(state.frozen, frozen_before, **h.EXACT)
+    changed = jax.tree.map(lambda u, v: bool(np.any(np.asarray(u) != np.asarray(v))),
+                           trainable, state.trainable)
+    assert any(jax.tree.leaves(changed))
+
+
+def _flax_params():
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(8, name="up")(x)
+            x = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8,
+                                                name="attn")(x)
+            return nn.Dense(5, name="down")(jax.nn.gelu(x))
+
+    model = Block()
+    x = _w((2, 5, 4), seed=5)
+    with jax.numpy_dtype_promotion("standard"):
+        variables = model.init(jax.random.key(0), x)
+    return model, variables["params"], x
+
+
+@pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
+def test_linen_mlp_and_attention(name, factory, identity, ref, count, getkey):
+    model, params, x = _flax_params()
+    ad = factory()
+    a = tree.assign(params, [tree.Rule(where=r"(up|down)/kernel", then=ad)])
+    state = adapters.init(a, getkey(), params)
+    state = state._replace(trainable=_randomize(state.trainable))
+    merged = adapters.merge(a, params, *state)
+    for layer in ("up", "down"):
+        p = f"{layer}/kernel"
+        np.testing.assert_allclose(
+            h.f64(merged[layer]["kernel"]),
+            ref(params[layer]["kernel"], state.trainable[p], state.frozen[p]),
+            **h.MATMUL_F32)
+    # The merged params run through the unmodified Linen model.
+    with jax.numpy_dtype_promotion("standard"):
+        y = model.apply({"params": merged}, x)
+    assert y.shape == (2, 5, 5) and bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_linen_head_split_attention_kernels(getkey):
+    model, params, x = _flax_params()
+    head_split = tree.DimensionNumbers(reduction_axis=0, output_axis=(1, 2))
+    out_proj = tree.DimensionNumbers(reduction_axis=(0, 1), output_axis=2)
+    rules = [
+        tree.Rule(where=r"attn/(query|key|value)/kernel",
+                  then=adapters.lora(2, alpha=8.0, dimension_numbers=head_split)),
+        tree.Rule(where=r"attn/out/kernel",
+                  then=adapters.lora(2, alpha=8.0, dimension_numbers=out_proj)),
+    ]
+    a = tree.assign(params, rules)
+    state = adapters.init(a, getkey(), params)
+    with jax.numpy_dtype_promotion("standard"):
+        y0 = model.apply({"params": params}, x)
+        y1 = model.apply({"params": adapters.materialize(a, params, *state)}, x)
+    np.testing.assert_array_equal(np.asarray(y0), np.asarray(y1))  # B = 0
+    state = state._replace(trainable=_randomize(state.trainable))
+    m = adapters.materialize(a, params, *state)
+    q = h.f64(params["attn"]["query"]["kernel"])  # (embed, heads, head_dim)
+    tq = state.trainable["attn/query/kernel"]
+    want = q.reshape(q.shape[0], -1) + 4.0 * h.f64(tq.a) @ h.f64(tq.b)
+    np.testing.assert_allclose(h.f64(m["attn"]["query"]["kernel"]),
+                               want.reshape(q.shape), **h.MATMUL_F32)
+    o = h.f64(params["attn"]["out"]["kernel"])  # (heads, head_dim, embed)
+    to = state.trainable["attn/out/kernel"]
+    want_o = o.reshape(-1, o.shape[-1]) + 4.0 * h.f64(to.a) @ h.f64(to.b)
+    np.testing.assert_allclose(h.f64(m["attn"]["out"]["kernel"]),
+                               want_o.reshape(o.shape), **h.MATMUL_F32)
+
+
+@pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
+def test_nnx_state(name, factory, identity, ref, count, getkey):
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(6, 5, rngs=rngs)
+            self.other = nnx.Linear(5, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.other(jnp.tanh(self.lin(x)))
+
+    model = MLP(nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    ad = factory()
+    a = tree.assign(state, [tree.Rule(where="lin/kernel", then=ad)])
+    s = adapters.init(a, getkey(), state)
+    s = s._replace(trainable=_randomize(s.trainable))
+    merged_state = adapters.merge(a, state, *s)
+    pure = nnx.to_pure_dict(state)
+    merged_pure = adapters.merge(a, pure, *s)
+    np.testing.assert_array_equal(
+        np.asarray(nnx.to_pure_dict(merged_state)["lin"]["kernel"]),
+        np.asarray(merged_pure["lin"]["kernel"]),
+    )
+    w = pure["lin"]["kernel"]
+    np.testing.assert_allclose(
+        h.f64(merged_pure["lin"]["kernel"]),
+        ref(w, s.trainable["lin/kernel"], s.frozen["lin/kernel"]),
+        **h.MATMUL_F32,
+    )
+    graphdef, _ = nnx.split(model)
+    x = _w((3, 6), seed=2)
+    y = nnx.merge(graphdef, merged_state)(x)
+    p = merged_pure
+    want = jnp.tanh(x @ p["lin"]["kernel"] + p["lin"]["bias"][None, :]) @ p["other"]["kernel"]
+    want = want + p["other"]["bias"][None, :]
+    np.testing.assert_allclose(h.f64(y), h.f64(want), **h.MATMUL_F32)
+
+
+def test_adapter_counts_match_formula_on_stacked_kernel():
+    ad = adapters.lora(rank=3)
+    assert ad.num_trainable(jnp.zeros((5, 8, 7))) == 5 * 3 * (8 + 7)
+    assert math.prod((5, 8, 3)) == 120
