@@ -32,6 +32,12 @@ from peftjax.adapters._scale_shift import Side as Side
 from peftjax.adapters._scale_shift import ia3 as ia3
 from peftjax.adapters._scale_shift import scale_shift as scale_shift
 from peftjax.adapters._scale_shift import ssf as ssf
+from peftjax.adapters._train import hybrid_init as hybrid_init
+from peftjax.adapters._train import hybrid_labels as hybrid_labels
+from peftjax.adapters._train import hybrid_materialize as hybrid_materialize
+from peftjax.adapters._train import make_hybrid_train_step as make_hybrid_train_step
+from peftjax.adapters._train import make_train_step as make_train_step
+from peftjax.adapters._train import replace_leaves as replace_leaves
 
 __all__ = [
     "Adapter",
@@ -47,6 +53,12 @@ __all__ = [
     "ScaleShiftParams",
     "Side",
     "dora",
+    "hybrid_init",
+    "hybrid_labels",
+    "hybrid_materialize",
+    "make_hybrid_train_step",
+    "make_train_step",
+    "replace_leaves",
     "ia3",
     "init",
     "lift_matrix",

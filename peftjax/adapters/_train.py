@@ -1,0 +1,241 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The canonical training steps: adapter-only and hybrid.
+
+Trainable means differentiated (DESIGN.md section 2): the step takes
+``value_and_grad`` with respect to the trainable pytree only; the base
+parameters and the frozen adapter parts are passed as non-differentiated
+arguments, so they get no gradients and no optimizer moments. Any optax
+``GradientTransformation`` works.
+
+* Adapter-only: trainable = ``AdapterState.trainable``.
+* Hybrid: trainable = ``{"adapters": AdapterState.trainable, "full":
+  {path: leaf}}``; the ``full`` leaves (e.g. a classification head, or the
+  MLP under GaLore) are spliced into the base tree before ``materialize``.
+  Route them with ``optax.partition`` and ``hybrid_labels``.
+
+Exports: ``make_train_step``, ``HybridTrainable``, ``hybrid_init``,
+``hybrid_labels``, ``hybrid_materialize``, ``make_hybrid_train_step``.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+from peftjax.adapters import _base
+from peftjax.tree import _paths, _rules
+
+PyTree = Any
+LossFn = Callable[..., Any]
+
+
+def _update(optimizer: optax.GradientTransformation, grads, opt_state, trainable):
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state
+
+
+def make_train_step(
+    assignment: dict[str, _base.Adapter],
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    has_aux: bool = False,
+    deterministic: bool = False,
+) -> Callable[..., tuple[Any, Any, Any]]:
+    """Builds the adapter-only step ``(trainable, opt_state, params, frozen, batch)``.
+
+    The step computes ``loss_fn(materialize(assignment, params, trainable,
+    frozen), batch)``, differentiates it with respect to ``trainable`` only
+    and applies ``optimizer``. Jit it yourself (``jax.jit(step)``), donating
+    ``trainable`` and ``opt_state`` if you like.
+
+    Args:
+      assignment: ``{path: Adapter}``.
+      loss_fn: ``(params, batch) -> loss`` (or ``(loss, aux)`` with
+        ``has_aux``); the model sees ordinary parameters.
+      optimizer: any optax transformation over the trainable pytree.
+      has_aux: forwarded to ``jax.value_and_grad``.
+      deterministic: forwarded to ``materialize`` (needed when an adapter has
+        input dropout; the factored path applies dropout).
+
+    Returns:
+      ``step(trainable, opt_state, params, frozen, batch) -> (trainable,
+      opt_state, loss)`` (``loss`` is ``(loss, aux)`` with ``has_aux``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from peftjax import adapters, tree
+      >>> params = {"w": jnp.eye(3)}
+      >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.lora(1))])
+      >>> state = adapters.init(a, jax.random.key(0), params)
+      >>> def loss_fn(p, batch):
+      ...     x, y = batch
+      ...     return jnp.mean((x @ p["w"] - y) ** 2)
+      >>> opt = optax.sgd(0.1)
+      >>> step = jax.jit(adapters.make_train_step(a, loss_fn, opt))
+      >>> batch = (jnp.ones((2, 3)), jnp.zeros((2, 3)))
+      >>> t, o, loss = step(state.trainable, opt.init(state.trainable), params,
+      ...                   state.frozen, batch)
+      >>> float(loss)
+      1.0
+    """
+
+    def step(trainable, opt_state, params, frozen, batch):
+        def objective(t):
+            p = _base.materialize(assignment, params, t, frozen,
+                                  deterministic=deterministic)
+            return loss_fn(p, batch)
+
+        value, grads = jax.value_and_grad(objective, has_aux=has_aux)(trainable)
+        trainable, opt_state = _update(optimizer, grads, opt_state, trainable)
+        return trainable, opt_state, value
+
+    return step
+
+
+HybridTrainable = dict[str, dict[str, Any]]
+
+
+def hybrid_init(state: _base.AdapterState, params: PyTree, full_rules: Any, *,
+                allow_unused: bool = False) -> HybridTrainable:
+    """Builds the hybrid trainable tree ``{"adapters": ..., "full": ...}``.
+
+    Args:
+      state: the adapter state (its trainable part is taken as is).
+      params: the base tree.
+      full_rules: rules whose matching leaves are trained in full (payload
+        ``True``; ``None``/``False`` excludes).
+      allow_unused: forwarded to ``peftjax.tree.assign``.
+
+    Returns:
+      ``{"adapters": state.trainable, "full": {path: leaf}}``.
+
+    Raises:
+      ValueError: if a leaf is both adapted and trained in full.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from peftjax import adapters, tree
+      >>> params = {"w": jnp.eye(3), "head": jnp.ones((3, 2))}
+      >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.lora(1))])
+      >>> s = adapters.init(a, jax.random.key(0), params)
+      >>> t = hybrid_init(s, params, [tree.Rule(where="head", then=True)])
+      >>> sorted(t["full"])
+      ['head']
+    """
+    chosen = _rules.assign(params, full_rules, allow_unused=allow_unused)
+    full = {p: leaf for p, leaf in _paths.flatten(params) if chosen.get(p) is True}
+    both = [p for p in full if p in state.trainable]
+    if both:
+        raise ValueError(
+            f"hybrid_init: {both} are adapted and also trained in full; pick one"
+        )
+    return {"adapters": dict(state.trainable), "full": full}
+
+
+def hybrid_labels(trainable: HybridTrainable, *, adapters: str = "adapters",
+                  full: str | Callable[[str], str] = "full") -> PyTree:
+    """Labels a hybrid trainable tree for ``optax.partition``.
+
+    Args:
+      trainable: from ``hybrid_init``.
+      adapters: the label of every adapter leaf.
+      full: the label of the fully trained leaves, or a function
+        ``path -> label`` (e.g. GaLore for kernels, Adam for the rest).
+
+    Returns:
+      A label tree with the structure of ``trainable``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> t = {"adapters": {}, "full": {"head": jnp.ones((3, 2))}}
+      >>> hybrid_labels(t, full="adamw")
+      {'adapters': {}, 'full': {'head': 'adamw'}}
+    """
+    ad = jax.tree.map(lambda _: adapters, trainable["adapters"])
+    fl = {p: (full(p) if callable(full) else full) for p in trainable["full"]}
+    return {"adapters": ad, "full": jax.tree.map(lambda x, lab: lab,
+                                                 trainable["full"], fl)}
+
+
+def replace_leaves(params: PyTree, leaves: dict[str, Any]) -> PyTree:
+    """Returns ``params`` with the leaves at the given paths replaced.
+
+    Args:
+      params: any tree.
+      leaves: ``{path: new_leaf}``; every path must exist.
+
+    Returns:
+      A tree with the structure of ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> replace_leaves({"a": 1, "b": 2}, {"b": 3})
+      {'a': 1, 'b': 3}
+    """
+    known = set(_paths.paths(params))
+    missing = [p for p in leaves if p not in known]
+    if missing:
+        raise ValueError(f"replace_leaves: paths not in params: {missing[:10]}")
+    return _paths.map_with_path(lambda p, x: leaves.get(p, x), params)
+
+
+def hybrid_materialize(assignment: dict[str, _base.Adapter], params: PyTree,
+                       trainable: HybridTrainable, frozen: dict[str, Any], *,
+                       deterministic: bool = False) -> PyTree:
+    """Splices the ``full`` leaves into ``params``, then materialises adapters.
+
+    Args:
+      assignment: ``{path: Adapter}``.
+      params: the base tree.
+      trainable: the hybrid trainable tree.
+      frozen: ``AdapterState.frozen``.
+      deterministic: forwarded to ``materialize``.
+
+    Returns:
+      A tree with the structure of ``params``.
+    """
+    spliced = replace_leaves(params, trainable["full"])
+    return _base.materialize(assignment, spliced, trainable["adapters"], frozen,
+                             deterministic=deterministic)
+
+
+def make_hybrid_train_step(
+    assignment: dict[str, _base.Adapter],
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    has_aux: bool = False,
+    deterministic: bool = False,
+) -> Callable[..., tuple[Any, Any, Any]]:
+    """Builds the hybrid step ``(trainable, opt_state, params, frozen, batch)``.
+
+    Like ``make_train_step`` with ``trainable = {"adapters": ..., "full":
+    ...}`` from ``hybrid_init``; route the two parts with
+    ``optax.partition(..., hybrid_labels(trainable))``. ``params`` keeps the
+    original values of the fully trained leaves (they are overridden by
+    ``trainable["full"]``); write them back with ``replace_leaves`` to export.
+
+    Args:
+      assignment: ``{path: Adapter}``.
+      loss_fn: ``(params, batch) -> loss``.
+      optimizer: any optax transformation over the hybrid trainable tree.
+      has_aux: forwarded to ``jax.value_and_grad``.
+      deterministic: forwarded to ``materialize``.
+
+    Returns:
+      The step function.
+    """
+
+    def step(trainable, opt_state, params, frozen, batch):
+        def objective(t):
+            p = hybrid_materialize(assignment, params, t, frozen,
+                                   deterministic=deterministic)
+            return loss_fn(p, batch)
+
+        value, grads = jax.value_and_grad(objective, has_aux=has_aux)(trainable)
+        trainable, opt_state = _update(optimizer, grads, opt_state, trainable)
+        return trainable, opt_state, value
+
+    return step
