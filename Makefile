@@ -48,6 +48,7 @@ bench-env:
 	.venv-torch/bin/python -m pip install -q --upgrade pip
 	.venv-torch/bin/python -m pip install -q torch==2.13.0
 	.venv-torch/bin/python -m pip install -q torch==2.13.0 transformers==5.23.0 peft==0.21.2 galore-torch==1.0 gguf==0.19.0 safetensors==0.8.0 numpy
+	touch .venv-torch/.ready
 
 lint: setup
 	$(PY) -m ruff check peftjax tests
