@@ -1,0 +1,38 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Flax NNX reference models, their loaders, tokenisers and offline fixtures.
+
+Import explicitly (``import peftjax.models``): this imports flax, which
+``import peftjax`` never does. Parameter paths of both layouts are documented
+in ``peftjax/models/README.md``; models are used functionally through
+``split_params`` / ``apply``::
+
+    model = llama.load_llama(smollm2_gguf(), scan_layers=True)
+    graphdef, params = split_params(model)
+    logits = apply(graphdef, params, tokens, attention_mask=mask)
+"""
+
+from peftjax.models import bert as bert
+from peftjax.models import llama as llama
+from peftjax.models._fixtures import minilm_dir as minilm_dir
+from peftjax.models._fixtures import shakespeare_texts as shakespeare_texts
+from peftjax.models._fixtures import smollm2_gguf as smollm2_gguf
+from peftjax.models._functional import apply as apply
+from peftjax.models._functional import merge_params as merge_params
+from peftjax.models._functional import param_shapes as param_shapes
+from peftjax.models._functional import split_params as split_params
+from peftjax.models._tokenizers import load_tokenizer as load_tokenizer
+from peftjax.models._tokenizers import tokenizer_from_gguf as tokenizer_from_gguf
+
+__all__ = [
+    "apply",
+    "bert",
+    "llama",
+    "load_tokenizer",
+    "merge_params",
+    "minilm_dir",
+    "param_shapes",
+    "shakespeare_texts",
+    "smollm2_gguf",
+    "split_params",
+    "tokenizer_from_gguf",
+]

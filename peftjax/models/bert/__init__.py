@@ -1,0 +1,1 @@
+"""BERT family (placeholder until the encoder lands)."""

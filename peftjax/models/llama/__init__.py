@@ -1,0 +1,34 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) in Flax NNX.
+
+See ``peftjax/models/README.md`` for the parameter path table (unrolled and
+scanned layouts).
+"""
+
+from peftjax.models.llama._config import LlamaConfig as LlamaConfig
+from peftjax.models.llama._config import RopeScaling as RopeScaling
+from peftjax.models.llama._generate import Sampling as Sampling
+from peftjax.models.llama._generate import generate as generate
+from peftjax.models.llama._generate import sample_logits as sample_logits
+from peftjax.models.llama._loader import config_from_gguf as config_from_gguf
+from peftjax.models.llama._loader import load_llama as load_llama
+from peftjax.models.llama._loader import load_llama_params as load_llama_params
+from peftjax.models.llama._loader import params_from_gguf as params_from_gguf
+from peftjax.models.llama._loader import params_from_hf as params_from_hf
+from peftjax.models.llama._model import KVCache as KVCache
+from peftjax.models.llama._model import LlamaForCausalLM as LlamaForCausalLM
+
+__all__ = [
+    "KVCache",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "RopeScaling",
+    "Sampling",
+    "config_from_gguf",
+    "generate",
+    "load_llama",
+    "load_llama_params",
+    "params_from_gguf",
+    "params_from_hf",
+    "sample_logits",
+]
