@@ -1,0 +1,282 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Training-state checkpoints with orbax-checkpoint: the one checkpoint module.
+
+A training state is a dict such as ``{"adapter_state": ..., "opt_state": ...,
+"step": 12, "key": key, "data_position": 4096}``; any pytree values work
+(adapter states keyed by path, optax NamedTuple states, typed PRNG keys,
+Python ints and floats).
+
+How it is stored: every leaf gets a canonical path (``peftjax.tree``); arrays
+are saved by orbax under index keys, and a JSON record lists each leaf's path,
+shape, dtype and kind. Typed PRNG keys are stored as their key data plus the
+implementation name. Python scalars go into the JSON record.
+
+Restoring needs ``like``: a tree with the target structure (arrays or
+``jax.ShapeDtypeStruct``, optionally with a ``sharding``). Its structure gives
+back the NamedTuple types of optax states and the typed keys; its shardings
+place the restored arrays (so a later restore can target another mesh). A
+``like`` whose paths, shapes or dtypes differ from the checkpoint (e.g. a
+different rule set) raises a ``ValueError`` that names every difference;
+nothing is restored partially.
+
+Scale and main-job issues extend this module (sharded state, resume on
+signal); they do not fork it.
+
+Exports: ``save``, ``restore``, ``latest_step``, ``all_steps``.
+"""
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from peftjax.tree import _paths
+
+_ARRAYS = "arrays"
+_META = "meta"
+_FORMAT = "peftjax.checkpoint/1"
+
+
+def _is_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _is_scalar(x: Any) -> bool:
+    return isinstance(x, (bool, int, float, str)) and not hasattr(x, "dtype")
+
+
+def _record(path: str, leaf: Any) -> dict[str, Any]:
+    if _is_key(leaf):
+        data = jax.eval_shape(jax.random.key_data, leaf)
+        impl = leaf.dtype._impl.name  # works for arrays and ShapeDtypeStruct
+        return {"path": path, "kind": "prng_key", "shape": list(data.shape),
+                "dtype": str(data.dtype), "impl": impl}
+    if _is_scalar(leaf):
+        return {"path": path, "kind": "python", "value": leaf,
+                "type": type(leaf).__name__}
+    if leaf is None:
+        return {"path": path, "kind": "none"}
+    shape = list(np.shape(leaf))
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+        raise TypeError(
+            f"checkpoint: leaf {path!r} of type {type(leaf).__name__} is neither an "
+            "array, a typed PRNG key nor a Python scalar"
+        )
+    return {"path": path, "kind": "array", "shape": shape,
+            "dtype": np.dtype(dtype).name}
+
+
+def _manager(directory: str, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)),
+                                 options=options)
+
+
+def save(directory: str | os.PathLike, step: int, state: Any, *,
+         max_to_keep: int | None = None) -> None:
+    """Saves a training state as checkpoint ``step`` under ``directory``.
+
+    The save is atomic (orbax writes to a temporary directory and renames)
+    and this call waits until it is finished.
+
+    Args:
+      directory: the checkpoint root; one sub-directory per step.
+      step: the step number (an int >= 0).
+      state: a pytree of arrays, typed PRNG keys and Python scalars, e.g.
+        ``{"adapter_state": s.trainable, "opt_state": o, "step": 3,
+        "key": key}``.
+      max_to_keep: keep only this many most recent checkpoints.
+
+    Raises:
+      ValueError: if ``step`` already exists or is negative.
+      TypeError: for a leaf that cannot be stored.
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp
+      >>> d = tempfile.mkdtemp()
+      >>> save(d, 0, {"w": jnp.ones(2), "step": 0})
+      >>> latest_step(d)
+      0
+    """
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"save: step must be an int >= 0, got {step!r}")
+    flat = _paths.flatten(state, is_leaf=lambda x: x is None)
+    records = [_record(p, x) for p, x in flat]
+    arrays = {}
+    for i, ((_, leaf), rec) in enumerate(zip(flat, records)):
+        if rec["kind"] == "array":
+            arrays[f"{i:06d}"] = leaf
+        elif rec["kind"] == "prng_key":
+            arrays[f"{i:06d}"] = jax.random.key_data(leaf)
+    mngr = _manager(os.fspath(directory), max_to_keep)
+    try:
+        if int(step) in mngr.all_steps():
+            raise ValueError(
+                f"save: step {step} already exists under {os.fspath(directory)!r}"
+            )
+        meta = {"format": _FORMAT, "leaves": records}
+        mngr.save(int(step), args=ocp.args.Composite(**{
+            _ARRAYS: ocp.args.StandardSave(arrays),
+            _META: ocp.args.JsonSave(meta),
+        }))
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+
+
+def _compare(saved: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    s = {r["path"]: r for r in saved}
+    w = {r["path"]: r for r in want}
+    problems = []
+    missing = [p for p in w if p not in s]
+    extra = [p for p in s if p not in w]
+    if missing:
+        problems.append(f"  in `like` but not in the checkpoint: {missing[:20]}")
+    if extra:
+        problems.append(f"  in the checkpoint but not in `like`: {extra[:20]}")
+    for p in w:
+        if p not in s:
+            continue
+        a, b = s[p], w[p]
+        if a["kind"] != b["kind"]:
+            problems.append(f"  {p}: checkpoint has a {a['kind']}, `like` a {b['kind']}")
+        elif a["kind"] in ("array", "prng_key") and (
+            a["shape"] != b["shape"] or a["dtype"] != b["dtype"]
+        ):
+            problems.append(
+                f"  {p}: checkpoint shape {tuple(a['shape'])} dtype {a['dtype']}, "
+                f"`like` shape {tuple(b['shape'])} dtype {b['dtype']}"
+            )
+    if problems:
+        raise ValueError(
+            "restore: the checkpoint does not match `like` (was it saved with "
+            "another rule set, rank or model?):\n" + "\n".join(problems)
+        )
+
+
+def _abstract(leaf: Any, rec: dict[str, Any]) -> jax.ShapeDtypeStruct:
+    sharding = getattr(leaf, "sharding", None)
+    if rec["kind"] == "prng_key":
+        sharding = None  # key data has an extra trailing axis
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(tuple(rec["shape"]), np.dtype(rec["dtype"]),
+                                sharding=sharding)
+
+
+def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None
+            ) -> Any:
+    """Restores checkpoint ``step`` (default: the latest) into ``like``'s structure.
+
+    Args:
+      directory: the checkpoint root given to ``save``.
+      like: a tree with the target structure: arrays or
+        ``jax.ShapeDtypeStruct`` (with ``sharding`` to place the result),
+        typed PRNG keys where keys were saved, and any value where a Python
+        scalar was saved. ``jax.eval_shape`` of the state's constructor works.
+      step: which step; None for the latest.
+
+    Returns:
+      The restored tree, with ``like``'s structure and types.
+
+    Raises:
+      FileNotFoundError: no checkpoint (or no such step) under ``directory``.
+      ValueError: paths, shapes or dtypes differ from ``like``, all listed.
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp
+      >>> d = tempfile.mkdtemp()
+      >>> save(d, 5, {"w": jnp.arange(3.0), "step": 5})
+      >>> restore(d, {"w": jnp.zeros(3), "step": 0})
+      {'step': 5, 'w': Array([0., 1., 2.], dtype=float32)}
+    """
+    directory = os.fspath(directory)
+    mngr = _manager(directory)
+    try:
+        steps = list(mngr.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"restore: no checkpoint under {directory!r}")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise FileNotFoundError(
+                f"restore: no step {step} under {directory!r}; steps: {sorted(steps)}"
+            )
+        meta = mngr.restore(step, args=ocp.args.Composite(**{
+            _META: ocp.args.JsonRestore()}))[_META]
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"restore: {directory!r} step {step} is not a peftjax "
+                             f"checkpoint (format {meta.get('format')!r})")
+        saved = meta["leaves"]
+        flat, treedef = jax.tree.flatten_with_path(like, is_leaf=lambda x: x is None)
+        like_flat = [(_paths.canonical(kp), x) for kp, x in flat]
+        want = [_record(p, x) for p, x in like_flat]
+        _compare(saved, want)
+        index = {r["path"]: i for i, r in enumerate(saved)}
+        target = {}
+        for p, x in like_flat:
+            rec = saved[index[p]]
+            if rec["kind"] in ("array", "prng_key"):
+                target[f"{index[p]:06d}"] = _abstract(x, rec)
+        arrays = {}
+        if target:
+            arrays = mngr.restore(step, args=ocp.args.Composite(**{
+                _ARRAYS: ocp.args.StandardRestore(target)}))[_ARRAYS]
+    finally:
+        mngr.close()
+    leaves = []
+    for p, x in like_flat:
+        rec = saved[index[p]]
+        if rec["kind"] == "array":
+            leaves.append(arrays[f"{index[p]:06d}"])
+        elif rec["kind"] == "prng_key":
+            leaves.append(jax.random.wrap_key_data(arrays[f"{index[p]:06d}"],
+                                                   impl=rec["impl"]))
+        elif rec["kind"] == "python":
+            leaves.append({"int": int, "float": float, "bool": bool,
+                           "str": str}[rec["type"]](rec["value"]))
+        else:
+            leaves.append(None)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """Returns the latest saved step under ``directory``, or None.
+
+    Args:
+      directory: the checkpoint root.
+
+    Returns:
+      The step or None when there is no checkpoint.
+    """
+    if not os.path.isdir(os.fspath(directory)):
+        return None
+    mngr = _manager(os.fspath(directory))
+    try:
+        return mngr.latest_step()
+    finally:
+        mngr.close()
+
+
+def all_steps(directory: str | os.PathLike) -> list[int]:
+    """Returns the saved steps under ``directory`` in increasing order.
+
+    Args:
+      directory: the checkpoint root.
+
+    Returns:
+      A sorted list (empty when there is no checkpoint).
+    """
+    if not os.path.isdir(os.fspath(directory)):
+        return []
+    mngr = _manager(os.fspath(directory))
+    try:
+        return sorted(mngr.all_steps())
+    finally:
+        mngr.close()
+
+
