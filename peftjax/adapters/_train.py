@@ -195,6 +195,16 @@ def hybrid_materialize(assignment: dict[str, _base.Adapter], params: PyTree,
 
     Returns:
       A tree with the structure of ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from peftjax import adapters, tree
+      >>> params = {"w": jnp.eye(2), "head": jnp.ones((2, 1))}
+      >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.lora(1))])
+      >>> s = adapters.init(a, jax.random.key(0), params)
+      >>> t = {"adapters": s.trainable, "full": {"head": jnp.zeros((2, 1))}}
+      >>> hybrid_materialize(a, params, t, s.frozen)["head"].sum()
+      Array(0., dtype=float32)
     """
     spliced = replace_leaves(params, trainable["full"])
     return _base.materialize(assignment, spliced, trainable["adapters"], frozen,
@@ -226,6 +236,21 @@ def make_hybrid_train_step(
 
     Returns:
       The step function.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from peftjax import adapters, tree
+      >>> params = {"w": jnp.eye(2), "head": jnp.ones((2, 1))}
+      >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.lora(1))])
+      >>> s = adapters.init(a, jax.random.key(0), params)
+      >>> t = hybrid_init(s, params, [tree.Rule(where="head", then=True)])
+      >>> opt = optax.partition({"adapters": optax.adam(1e-2),
+      ...                        "full": optax.sgd(1e-2)}, hybrid_labels(t))
+      >>> loss_fn = lambda p, x: jnp.sum(x @ p["w"] @ p["head"])
+      >>> step = make_hybrid_train_step(a, loss_fn, opt)
+      >>> t, o, loss = step(t, opt.init(t), params, s.frozen, jnp.ones((1, 2)))
+      >>> float(loss)
+      2.0
     """
 
     def step(trainable, opt_state, params, frozen, batch):

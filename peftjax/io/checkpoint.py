@@ -91,8 +91,12 @@ def save(directory: str | os.PathLike, step: int, state: Any, *,
         "key": key}``.
       max_to_keep: keep only this many most recent checkpoints.
 
+    Returns:
+      None; the checkpoint is on disk when this returns.
+
     Raises:
-      ValueError: if ``step`` already exists or is negative.
+      ValueError: if ``step`` already exists, is older than the latest saved
+        step, or is negative.
       TypeError: for a leaf that cannot be stored.
 
     Example:
@@ -119,11 +123,19 @@ def save(directory: str | os.PathLike, step: int, state: Any, *,
                 f"save: step {step} already exists under {os.fspath(directory)!r}"
             )
         meta = {"format": _FORMAT, "leaves": records}
-        mngr.save(int(step), args=ocp.args.Composite(**{
+        latest = mngr.latest_step()
+        if latest is not None and int(step) < latest:
+            raise ValueError(
+                f"save: step {step} is older than the latest saved step {latest} "
+                f"under {os.fspath(directory)!r}; checkpoints only move forward"
+            )
+        saved = mngr.save(int(step), args=ocp.args.Composite(**{
             _ARRAYS: ocp.args.StandardSave(arrays),
             _META: ocp.args.JsonSave(meta),
         }))
         mngr.wait_until_finished()
+        if not saved:
+            raise RuntimeError(f"save: orbax declined to save step {step}")
     finally:
         mngr.close()
 
@@ -252,6 +264,11 @@ def latest_step(directory: str | os.PathLike) -> int | None:
 
     Returns:
       The step or None when there is no checkpoint.
+
+    Example:
+      >>> import tempfile
+      >>> latest_step(tempfile.mkdtemp()) is None
+      True
     """
     if not os.path.isdir(os.fspath(directory)):
         return None
@@ -270,6 +287,14 @@ def all_steps(directory: str | os.PathLike) -> list[int]:
 
     Returns:
       A sorted list (empty when there is no checkpoint).
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp
+      >>> d = tempfile.mkdtemp()
+      >>> for s in (1, 2):
+      ...     save(d, s, {"w": jnp.zeros(1)})
+      >>> all_steps(d)
+      [1, 2]
     """
     if not os.path.isdir(os.fspath(directory)):
         return []

@@ -210,7 +210,21 @@ def to_matrix(w: jax.Array, resolved: ResolvedDims) -> jax.Array:
 
 
 def from_matrix(m: jax.Array, resolved: ResolvedDims) -> jax.Array:
-    """Inverts ``to_matrix``: returns an array of shape ``resolved.shape``."""
+    """Inverts ``to_matrix``.
+
+    Args:
+      m: the matrix view, shape ``batch_shape + (n_in, n_out)``.
+      resolved: the dimension numbers it was made with.
+
+    Returns:
+      An array of shape ``resolved.shape``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> r = resolve(DimensionNumbers(0, (1, 2)), (4, 2, 3))
+      >>> from_matrix(jnp.zeros((4, 6)), r).shape
+      (4, 2, 3)
+    """
     if resolved.is_identity_layout:
         return m
     perm = resolved.permutation

@@ -147,6 +147,8 @@ def test_steps_and_errors(tmp_path):
     np.testing.assert_array_equal(np.asarray(r["w"]), [1.0])
     with pytest.raises(ValueError, match="already exists"):
         checkpoint.save(tmp_path, 2, {"w": jnp.ones(1)})
+    with pytest.raises(ValueError, match="older than the latest"):
+        checkpoint.save(tmp_path, 0, {"w": jnp.ones(1)})
     with pytest.raises(FileNotFoundError, match="no step 7"):
         checkpoint.restore(tmp_path, {"w": jnp.zeros(1)}, step=7)
     with pytest.raises(TypeError, match="neither an array"):
