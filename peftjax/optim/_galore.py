@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from peftjax.optim import _projectors
+from peftjax.optim import _leaves, _projectors
 
 _WHAT = "scale_by_galore"
 
@@ -99,7 +99,7 @@ def scale_by_galore(
     inner: optax.GradientTransformation | None = None,
     *,
     projector: _projectors.Projector | None = None,
-    dimension_numbers: _projectors.DimsSpec = None,
+    dimension_numbers: _leaves.DimsSpec = None,
     stagger: bool = False,
     key: jax.Array | int | None = None,
 ) -> optax.GradientTransformation:
@@ -187,10 +187,10 @@ def scale_by_galore(
             f"{_WHAT}: proj_type must be one of {_projectors.PROJ_TYPES}, got "
             f"{proj_type!r}"
         )
-    raw_key = _projectors.key_data(key)
+    raw_key = _leaves.key_data(key)
 
     def plan(tree):
-        return _projectors.plan_leaves(
+        return _leaves.plan_leaves(
             tree, dimension_numbers, _rank_fn(rank), proj_type, _WHAT
         )
 
@@ -201,7 +201,7 @@ def scale_by_galore(
             return GaLoreState(
                 jnp.zeros([], jnp.int32), inner.init(params), params, raw_key
             )
-        _projectors.check_dims_keys(dimension_numbers, params)
+        _leaves.check_dims_keys(dimension_numbers, params)
         low, bases = [], []
         for (_, p), pl in zip(flat, plans):
             if pl is None:
@@ -230,7 +230,7 @@ def scale_by_galore(
         count = state.count
         bases = treedef.flatten_up_to(state.projector) if flat else []
         offsets = (
-            _projectors.stagger_offsets(plans, update_proj_gap)
+            _leaves.stagger_offsets(plans, update_proj_gap)
             if stagger
             else [None] * len(plans)
         )
@@ -240,9 +240,9 @@ def scale_by_galore(
                 low.append(g)
                 new_bases.append(basis)
                 continue
-            gs = _projectors.to_slices(g, pl)
-            keys = _projectors.leaf_keys(state.key, i, count, pl.n_slices)
-            basis = _projectors.refresh_slices(
+            gs = _leaves.to_slices(g, pl)
+            keys = _leaves.leaf_keys(state.key, i, count, pl.n_slices)
+            basis = _leaves.refresh_slices(
                 projector, pl.spec, gs, basis, keys, count, update_proj_gap, off
             )
             r = jax.vmap(lambda gi, bi, s=pl.spec: projector.down(gi, bi, s))(gs, basis)
@@ -262,7 +262,7 @@ def scale_by_galore(
                 continue
             us = u.reshape((pl.n_slices,) + pl.spec.low_shape)
             full = jax.vmap(lambda ui, bi, s=pl.spec: projector.up(ui, bi, s))(us, basis)
-            full = _projectors.from_slices(full, pl)
+            full = _leaves.from_slices(full, pl)
             out.append((full * jnp.asarray(scale).astype(full.dtype)).astype(g.dtype))
         new_state = GaLoreState(
             count=optax.safe_int32_increment(count),
@@ -286,7 +286,7 @@ def galore(
     mask: Any = None,
     *,
     projector: _projectors.Projector | None = None,
-    dimension_numbers: _projectors.DimsSpec = None,
+    dimension_numbers: _leaves.DimsSpec = None,
     stagger: bool = False,
     key: jax.Array | int | None = None,
 ) -> optax.GradientTransformation:
@@ -320,7 +320,8 @@ def galore(
     Example:
       >>> import jax.numpy as jnp, optax
       >>> params = {"w": jnp.ones((4, 6))}
-      >>> tx = galore(1e-2, rank=2, update_proj_gap=10)
+      >>> from peftjax.optim import scale_by_adam_hf
+      >>> tx = galore(1e-2, rank=2, update_proj_gap=10, inner=scale_by_adam_hf())
       >>> u, _ = tx.update(params, tx.init(params), params)
       >>> u["w"].shape
       (4, 6)

@@ -37,29 +37,21 @@ The side is decided once per leaf from its static shape and kept in the
 ``reverse_std`` back-projection bug, ALGORITHMS.md 1.9).
 
 Exports: ``Projector``, ``svd``, ``randomized_svd``, ``random_orthogonal``,
-``coordinates``, ``PROJ_TYPES``.
+``coordinates``, ``PROJ_TYPES``. Leaf plans and refresh plumbing live in
+``_leaves``.
 """
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from peftjax.tree import _matrix, _paths
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
 # Internal side tags on the Flax view: which axis of g is projected.
-_IN, _OUT, _BOTH = "in", "out", "both"
-
-DimsSpec = (
-    _matrix.DimensionNumbers
-    | Mapping[str, "_matrix.DimensionNumbers | None"]
-    | Callable[[str, Any], "_matrix.DimensionNumbers | None"]
-    | None
-)
+SIDE_IN, SIDE_OUT, SIDE_BOTH = "in", "out", "both"
 
 
 class LeafSpec(NamedTuple):
@@ -81,9 +73,9 @@ class LeafSpec(NamedTuple):
     @property
     def low_shape(self) -> tuple[int, int]:
         """The projected shape ``(r, n_out)``, ``(n_in, r)`` or ``(r, r)``."""
-        if self.side == _IN:
+        if self.side == SIDE_IN:
             return (self.rank, self.n_out)
-        if self.side == _OUT:
+        if self.side == SIDE_OUT:
             return (self.n_in, self.rank)
         return (self.rank, self.rank)
 
@@ -111,136 +103,6 @@ class Projector(NamedTuple):
 
 
 # ----------------------------------------------------------------------------
-# Side rules and leaf plans.
-
-
-def side_for(proj_type: str, n_in: int, n_out: int) -> str:
-    """Returns the projected axis of the Flax view for a reference ``proj_type``."""
-    if proj_type not in PROJ_TYPES:
-        raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
-    if proj_type == "right":
-        return _IN
-    if proj_type == "left":
-        return _OUT
-    if proj_type == "full":
-        return _BOTH
-    # Reference rule on W = gᵀ (m = n_out, n = n_in): std -> right iff m >= n.
-    right = n_out >= n_in
-    if proj_type == "reverse_std":
-        right = not right
-    return _IN if right else _OUT
-
-
-def side_dim(side: str, n_in: int, n_out: int) -> int:
-    """The size of the projected axis (``min`` of both for ``full``)."""
-    if side == _IN:
-        return n_in
-    if side == _OUT:
-        return n_out
-    return min(n_in, n_out)
-
-
-class LeafPlan(NamedTuple):
-    """Static plan of one leaf: its matrix view and projection spec."""
-
-    path: str
-    resolved: Any  # peftjax.tree ResolvedDims
-    spec: LeafSpec
-
-    @property
-    def n_slices(self) -> int:
-        return math.prod(self.resolved.batch_shape)
-
-
-def leaf_dims(
-    dimension_numbers: DimsSpec, path: str, leaf: Any
-) -> "_matrix.DimensionNumbers | None | bool":
-    """Looks up the dimension numbers for one leaf.
-
-    Returns ``False`` for leaves that are not projected (rank < 2, or mapped to
-    ``None``); ``None`` means the Flax default of the leaf's rank.
-    """
-    ndim = len(leaf.shape)
-    if isinstance(dimension_numbers, _matrix.DimensionNumbers):
-        return dimension_numbers if ndim >= 2 else False
-    if isinstance(dimension_numbers, Mapping):
-        if path in dimension_numbers:
-            dims = dimension_numbers[path]
-            return False if dims is None else dims
-        return None if ndim >= 2 else False
-    if callable(dimension_numbers):
-        dims = dimension_numbers(path, leaf)
-        return False if dims is None else dims
-    if dimension_numbers is not None:
-        raise TypeError(
-            "dimension_numbers must be None, a DimensionNumbers, a mapping from "
-            "canonical path to DimensionNumbers (or None), or a callable "
-            f"(path, leaf) -> DimensionNumbers | None; got "
-            f"{type(dimension_numbers).__name__}"
-        )
-    return None if ndim >= 2 else False
-
-
-def check_dims_keys(dimension_numbers: DimsSpec, tree: Any) -> None:
-    """Raises if a path-keyed ``dimension_numbers`` names no leaf of ``tree``."""
-    if not isinstance(dimension_numbers, Mapping):
-        return
-    found = set(_paths.paths(tree))
-    unused = [p for p in dimension_numbers if p not in found]
-    if unused and found:
-        raise ValueError(
-            f"dimension_numbers names paths that are not in the tree: {unused}; "
-            f"existing paths: {sorted(found)[:8]}"
-        )
-
-
-def plan_leaves(
-    tree: Any,
-    dimension_numbers: DimsSpec,
-    rank_fn: Callable[[str, Any, int, int, str], int],
-    proj_type: str,
-    what: str,
-) -> tuple[list[tuple[str, Any]], list["LeafPlan | None"]]:
-    """Flattens ``tree`` and plans each leaf (``None`` = not projected).
-
-    ``rank_fn(path, shape, n_in, n_out, side)`` returns the rank of a leaf and
-    raises its own errors.
-    """
-    flat = _paths.flatten(tree)
-    plans: list[LeafPlan | None] = []
-    for path, leaf in flat:
-        dims = leaf_dims(dimension_numbers, path, leaf)
-        if dims is False:
-            plans.append(None)
-            continue
-        try:
-            resolved = _matrix.resolve(dims, leaf.shape, path=path)
-        except ValueError as e:
-            raise ValueError(
-                f"{what}: cannot view leaf {path!r} (shape {tuple(leaf.shape)}, "
-                f"dtype {leaf.dtype}) as a matrix: {e}"
-            ) from None
-        side = side_for(proj_type, resolved.n_in, resolved.n_out)
-        rank = rank_fn(path, leaf, resolved.n_in, resolved.n_out, side)
-        plans.append(
-            LeafPlan(path, resolved, LeafSpec(side, rank, resolved.n_in, resolved.n_out))
-        )
-    return flat, plans
-
-
-def to_slices(x: jax.Array, plan: LeafPlan) -> jax.Array:
-    """``(leaf shape) -> (n_slices, n_in, n_out)``."""
-    m = _matrix.to_matrix(x, plan.resolved)
-    return m.reshape((plan.n_slices, plan.spec.n_in, plan.spec.n_out))
-
-
-def from_slices(m: jax.Array, plan: LeafPlan) -> jax.Array:
-    """``(n_slices, n_in, n_out) -> (leaf shape)``."""
-    m = m.reshape(plan.resolved.batch_shape + (plan.spec.n_in, plan.spec.n_out))
-    return _matrix.from_matrix(m, plan.resolved)
-
-
-# ----------------------------------------------------------------------------
 # Dense (orthonormal-basis) projectors.
 
 
@@ -249,9 +111,9 @@ def _eye_basis(n: int, r: int, dtype) -> jax.Array:
 
 
 def _dense_init(spec: LeafSpec, dtype) -> Any:
-    if spec.side == _IN:
+    if spec.side == SIDE_IN:
         return _eye_basis(spec.n_in, spec.rank, dtype)
-    if spec.side == _OUT:
+    if spec.side == SIDE_OUT:
         return _eye_basis(spec.n_out, spec.rank, dtype)
     return (
         _eye_basis(spec.n_in, spec.rank, dtype),
@@ -260,18 +122,18 @@ def _dense_init(spec: LeafSpec, dtype) -> Any:
 
 
 def _dense_down(g: jax.Array, basis: Any, spec: LeafSpec) -> jax.Array:
-    if spec.side == _IN:
+    if spec.side == SIDE_IN:
         return basis.T.astype(g.dtype) @ g
-    if spec.side == _OUT:
+    if spec.side == SIDE_OUT:
         return g @ basis.astype(g.dtype)
     p_in, p_out = basis
     return p_in.T.astype(g.dtype) @ g @ p_out.astype(g.dtype)
 
 
 def _dense_up(low: jax.Array, basis: Any, spec: LeafSpec) -> jax.Array:
-    if spec.side == _IN:
+    if spec.side == SIDE_IN:
         return basis.astype(low.dtype) @ low
-    if spec.side == _OUT:
+    if spec.side == SIDE_OUT:
         return low @ basis.T.astype(low.dtype)
     p_in, p_out = basis
     return p_in.astype(low.dtype) @ low @ p_out.T.astype(low.dtype)
@@ -301,9 +163,9 @@ def _canonical_signs(u: jax.Array, vt: jax.Array) -> tuple[jax.Array, jax.Array]
 def _pick(u: jax.Array, vt: jax.Array, old: Any, spec: LeafSpec) -> Any:
     r = spec.rank
     u, vt = _canonical_signs(u, vt)
-    if spec.side == _IN:
+    if spec.side == SIDE_IN:
         new = u[:, :r]
-    elif spec.side == _OUT:
+    elif spec.side == SIDE_OUT:
         new = vt[:r, :].T
     else:
         new = (u[:, :r], vt[:r, :].T)
@@ -430,9 +292,9 @@ def random_orthogonal() -> Projector:
         if spec.rank == 0:
             return basis
         k_in, k_out = jax.random.split(key)
-        if spec.side == _IN:
+        if spec.side == SIDE_IN:
             new = _random_semi_orthogonal(k_in, spec.n_in, spec.rank)
-        elif spec.side == _OUT:
+        elif spec.side == SIDE_OUT:
             new = _random_semi_orthogonal(k_out, spec.n_out, spec.rank)
         else:
             new = (
@@ -452,24 +314,24 @@ def random_orthogonal() -> Projector:
 
 def _coord_init(spec: LeafSpec, dtype) -> Any:
     del dtype
-    if spec.side == _BOTH:
+    if spec.side == SIDE_BOTH:
         return (jnp.arange(spec.rank, dtype=jnp.int32),) * 2
     return jnp.arange(spec.rank, dtype=jnp.int32)
 
 
 def _coord_down(g, idx, spec):
-    if spec.side == _IN:
+    if spec.side == SIDE_IN:
         return g[idx, :]
-    if spec.side == _OUT:
+    if spec.side == SIDE_OUT:
         return g[:, idx]
     return g[idx[0], :][:, idx[1]]
 
 
 def _coord_up(low, idx, spec):
     full = jnp.zeros((spec.n_in, spec.n_out), low.dtype)
-    if spec.side == _IN:
+    if spec.side == SIDE_IN:
         return full.at[idx, :].set(low)
-    if spec.side == _OUT:
+    if spec.side == SIDE_OUT:
         return full.at[:, idx].set(low)
     return full.at[idx[0][:, None], idx[1][None, :]].set(low)
 
@@ -504,9 +366,9 @@ def coordinates() -> Projector:
         perm_out = jax.random.permutation(k_out, spec.n_out)[: spec.rank].astype(
             jnp.int32
         )
-        if spec.side == _IN:
+        if spec.side == SIDE_IN:
             return perm_in
-        if spec.side == _OUT:
+        if spec.side == SIDE_OUT:
             return perm_out
         return (perm_in, perm_out)
 
@@ -521,82 +383,3 @@ def validate_projector(projector: Any, what: str) -> Projector:
             f"{type(projector).__name__}"
         )
     return projector
-
-
-# ----------------------------------------------------------------------------
-# Refresh plumbing shared by GaLore and FRUGAL.
-
-
-def key_data(key: Any) -> jax.Array:
-    """Stores a PRNG key as raw ``uint32`` data (safe under ``jnp.where``)."""
-    if key is None:
-        key = 0
-    if isinstance(key, int):
-        key = jax.random.key(key)
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        raise TypeError(
-            f"key must be an int seed or a jax.random.key, got dtype {key.dtype}"
-        )
-    return jax.random.key_data(key)
-
-
-def leaf_keys(raw_key: jax.Array, leaf_index: int, count: jax.Array, n: int):
-    """``n`` keys for one leaf's slices at step ``count``."""
-    k = jax.random.wrap_key_data(raw_key)
-    k = jax.random.fold_in(jax.random.fold_in(k, leaf_index), count)
-    return jax.random.split(k, n)
-
-
-def stagger_offsets(plans: list["LeafPlan | None"], gap: int) -> list[Any]:
-    """Per-slice refresh phases spread evenly over ``[0, gap)``."""
-    total = sum(p.n_slices for p in plans if p is not None)
-    out, j = [], 0
-    for p in plans:
-        if p is None:
-            out.append(None)
-            continue
-        out.append(
-            jnp.asarray([((j + i) * gap) // max(total, 1) for i in range(p.n_slices)],
-                        jnp.int32)
-        )
-        j += p.n_slices
-    return out
-
-
-def refresh_slices(
-    projector: Projector,
-    spec: LeafSpec,
-    g: jax.Array,
-    basis: Any,
-    keys: jax.Array,
-    count: jax.Array,
-    gap: int,
-    offsets: "jax.Array | None",
-) -> Any:
-    """Refreshes the bases of one leaf's slices under ``lax.cond``.
-
-    ``g: (n_slices, n_in, n_out)`` float; ``basis`` has a leading slice axis.
-    Synchronous (``offsets is None``): one unbatched predicate
-    ``count % gap == 0`` and a ``vmap`` of the refresh inside the taken branch.
-    Staggered: a ``lax.map`` (scan) over slices, each with its own unbatched
-    predicate ``count == 0 or count % gap == offset``, so a step only pays for
-    the slices whose phase it is (a ``cond`` under ``vmap`` would become a
-    ``select`` and run every SVD every step).
-    """
-
-    def one(gi, bi, ki):
-        return projector.refresh(gi, bi, spec, ki)
-
-    if offsets is None:
-        return jax.lax.cond(
-            count % gap == 0,
-            lambda: jax.vmap(one)(g, basis, keys),
-            lambda: basis,
-        )
-    preds = (count == 0) | (count % gap == offsets)
-
-    def body(args):
-        gi, bi, ki, pi = args
-        return jax.lax.cond(pi, lambda: one(gi, bi, ki), lambda: bi)
-
-    return jax.lax.map(body, (g, basis, keys, preds))

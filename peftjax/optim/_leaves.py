@@ -1,0 +1,245 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Leaf plans and refresh plumbing shared by GaLore and FRUGAL.
+
+Which leaves are projected (dimension numbers looked up by canonical path),
+their matrix views ``(slices, n_in, n_out)``, the side rule of ``proj_type``
+(the table is in ``_projectors``), PRNG keys kept as raw data in optax states,
+and the ``lax.cond`` refresh with an unbatched predicate, synchronous or
+staggered.
+
+Exports (private): ``LeafPlan``, ``plan_leaves``, ``side_for``, ``side_dim``,
+``to_slices``, ``from_slices``, ``key_data``, ``leaf_keys``,
+``stagger_offsets``, ``refresh_slices``.
+"""
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from peftjax.optim import _projectors
+from peftjax.tree import _matrix, _paths
+
+DimsSpec = (
+    _matrix.DimensionNumbers
+    | Mapping[str, "_matrix.DimensionNumbers | None"]
+    | Callable[[str, Any], "_matrix.DimensionNumbers | None"]
+    | None
+)
+
+
+# ----------------------------------------------------------------------------
+# Side rules and leaf plans.
+
+
+def side_for(proj_type: str, n_in: int, n_out: int) -> str:
+    """Returns the projected axis of the Flax view for a reference ``proj_type``."""
+    if proj_type not in _projectors.PROJ_TYPES:
+        raise ValueError(
+            f"proj_type must be one of {_projectors.PROJ_TYPES}, got {proj_type!r}"
+        )
+    if proj_type == "right":
+        return _projectors.SIDE_IN
+    if proj_type == "left":
+        return _projectors.SIDE_OUT
+    if proj_type == "full":
+        return _projectors.SIDE_BOTH
+    # Reference rule on W = gᵀ (m = n_out, n = n_in): std -> right iff m >= n.
+    right = n_out >= n_in
+    if proj_type == "reverse_std":
+        right = not right
+    return _projectors.SIDE_IN if right else _projectors.SIDE_OUT
+
+
+def side_dim(side: str, n_in: int, n_out: int) -> int:
+    """The size of the projected axis (``min`` of both for ``full``)."""
+    if side == _projectors.SIDE_IN:
+        return n_in
+    if side == _projectors.SIDE_OUT:
+        return n_out
+    return min(n_in, n_out)
+
+
+class LeafPlan(NamedTuple):
+    """Static plan of one leaf: its matrix view and projection spec."""
+
+    path: str
+    resolved: Any  # peftjax.tree ResolvedDims
+    spec: _projectors.LeafSpec
+
+    @property
+    def n_slices(self) -> int:
+        return math.prod(self.resolved.batch_shape)
+
+
+def leaf_dims(
+    dimension_numbers: DimsSpec, path: str, leaf: Any
+) -> "_matrix.DimensionNumbers | None | bool":
+    """Looks up the dimension numbers for one leaf.
+
+    Returns ``False`` for leaves that are not projected (rank < 2, or mapped to
+    ``None``); ``None`` means the Flax default of the leaf's rank.
+    """
+    ndim = len(leaf.shape)
+    if isinstance(dimension_numbers, _matrix.DimensionNumbers):
+        return dimension_numbers if ndim >= 2 else False
+    if isinstance(dimension_numbers, Mapping):
+        if path in dimension_numbers:
+            dims = dimension_numbers[path]
+            return False if dims is None else dims
+        return None if ndim >= 2 else False
+    if callable(dimension_numbers):
+        dims = dimension_numbers(path, leaf)
+        return False if dims is None else dims
+    if dimension_numbers is not None:
+        raise TypeError(
+            "dimension_numbers must be None, a DimensionNumbers, a mapping from "
+            "canonical path to DimensionNumbers (or None), or a callable "
+            f"(path, leaf) -> DimensionNumbers | None; got "
+            f"{type(dimension_numbers).__name__}"
+        )
+    return None if ndim >= 2 else False
+
+
+def check_dims_keys(dimension_numbers: DimsSpec, tree: Any) -> None:
+    """Raises if a path-keyed ``dimension_numbers`` names no leaf of ``tree``."""
+    if not isinstance(dimension_numbers, Mapping):
+        return
+    found = set(_paths.paths(tree))
+    unused = [p for p in dimension_numbers if p not in found]
+    if unused and found:
+        raise ValueError(
+            f"dimension_numbers names paths that are not in the tree: {unused}; "
+            f"existing paths: {sorted(found)[:8]}"
+        )
+
+
+def plan_leaves(
+    tree: Any,
+    dimension_numbers: DimsSpec,
+    rank_fn: Callable[[str, Any, int, int, str], int],
+    proj_type: str,
+    what: str,
+) -> tuple[list[tuple[str, Any]], list["LeafPlan | None"]]:
+    """Flattens ``tree`` and plans each leaf (``None`` = not projected).
+
+    ``rank_fn(path, shape, n_in, n_out, side)`` returns the rank of a leaf and
+    raises its own errors.
+    """
+    flat = _paths.flatten(tree)
+    plans: list[LeafPlan | None] = []
+    for path, leaf in flat:
+        dims = leaf_dims(dimension_numbers, path, leaf)
+        if dims is False:
+            plans.append(None)
+            continue
+        try:
+            resolved = _matrix.resolve(dims, leaf.shape, path=path)
+        except ValueError as e:
+            raise ValueError(
+                f"{what}: cannot view leaf {path!r} (shape {tuple(leaf.shape)}, "
+                f"dtype {leaf.dtype}) as a matrix: {e}"
+            ) from None
+        side = side_for(proj_type, resolved.n_in, resolved.n_out)
+        rank = rank_fn(path, leaf, resolved.n_in, resolved.n_out, side)
+        plans.append(
+            LeafPlan(
+                path,
+                resolved,
+                _projectors.LeafSpec(side, rank, resolved.n_in, resolved.n_out),
+            )
+        )
+    return flat, plans
+
+
+def to_slices(x: jax.Array, plan: LeafPlan) -> jax.Array:
+    """``(leaf shape) -> (n_slices, n_in, n_out)``."""
+    m = _matrix.to_matrix(x, plan.resolved)
+    return m.reshape((plan.n_slices, plan.spec.n_in, plan.spec.n_out))
+
+
+def from_slices(m: jax.Array, plan: LeafPlan) -> jax.Array:
+    """``(n_slices, n_in, n_out) -> (leaf shape)``."""
+    m = m.reshape(plan.resolved.batch_shape + (plan.spec.n_in, plan.spec.n_out))
+    return _matrix.from_matrix(m, plan.resolved)
+
+
+# ----------------------------------------------------------------------------
+# Refresh plumbing shared by GaLore and FRUGAL.
+
+
+def key_data(key: Any) -> jax.Array:
+    """Stores a PRNG key as raw ``uint32`` data (safe under ``jnp.where``)."""
+    if key is None:
+        key = 0
+    if isinstance(key, int):
+        key = jax.random.key(key)
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        raise TypeError(
+            f"key must be an int seed or a jax.random.key, got dtype {key.dtype}"
+        )
+    return jax.random.key_data(key)
+
+
+def leaf_keys(raw_key: jax.Array, leaf_index: int, count: jax.Array, n: int):
+    """``n`` keys for one leaf's slices at step ``count``."""
+    k = jax.random.wrap_key_data(raw_key)
+    k = jax.random.fold_in(jax.random.fold_in(k, leaf_index), count)
+    return jax.random.split(k, n)
+
+
+def stagger_offsets(plans: list["LeafPlan | None"], gap: int) -> list[Any]:
+    """Per-slice refresh phases spread evenly over ``[0, gap)``."""
+    total = sum(p.n_slices for p in plans if p is not None)
+    out, j = [], 0
+    for p in plans:
+        if p is None:
+            out.append(None)
+            continue
+        out.append(
+            jnp.asarray([((j + i) * gap) // max(total, 1) for i in range(p.n_slices)],
+                        jnp.int32)
+        )
+        j += p.n_slices
+    return out
+
+
+def refresh_slices(
+    projector: _projectors.Projector,
+    spec: _projectors.LeafSpec,
+    g: jax.Array,
+    basis: Any,
+    keys: jax.Array,
+    count: jax.Array,
+    gap: int,
+    offsets: "jax.Array | None",
+) -> Any:
+    """Refreshes the bases of one leaf's slices under ``lax.cond``.
+
+    ``g: (n_slices, n_in, n_out)`` float; ``basis`` has a leading slice axis.
+    Synchronous (``offsets is None``): one unbatched predicate
+    ``count % gap == 0`` and a ``vmap`` of the refresh inside the taken branch.
+    Staggered: a ``lax.map`` (scan) over slices, each with its own unbatched
+    predicate ``count == 0 or count % gap == offset``, so a step only pays for
+    the slices whose phase it is (a ``cond`` under ``vmap`` would become a
+    ``select`` and run every SVD every step).
+    """
+
+    def one(gi, bi, ki):
+        return projector.refresh(gi, bi, spec, ki)
+
+    if offsets is None:
+        return jax.lax.cond(
+            count % gap == 0,
+            lambda: jax.vmap(one)(g, basis, keys),
+            lambda: basis,
+        )
+    preds = (count == 0) | (count % gap == offsets)
+
+    def body(args):
+        gi, bi, ki, pi = args
+        return jax.lax.cond(pi, lambda: one(gi, bi, ki), lambda: bi)
+
+    return jax.lax.map(body, (g, basis, keys, preds))
