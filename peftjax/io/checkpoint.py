@@ -22,10 +22,24 @@ nothing is restored partially.
 Scale and main-job issues extend this module (sharded state, resume on
 signal); they do not fork it.
 
-Exports: ``save``, ``restore``, ``latest_step``, ``all_steps``.
+Resume on signal: orbax saves are asynchronous and a signal handler must not
+write a checkpoint itself, so :class:`SignalFlag` only records SIGTERM/SIGINT;
+the training loop polls it between steps, saves, and exits::
+
+    with checkpoint.SignalFlag() as stop:
+        for step in range(start, total):
+            state = train_step(state)
+            if stop or step % every == 0:
+                checkpoint.save(directory, step, state)
+            if stop:
+                break
+
+Exports: ``save``, ``restore``, ``latest_step``, ``all_steps``, ``SignalFlag``.
 """
 
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -305,3 +319,57 @@ def all_steps(directory: str | os.PathLike) -> list[int]:
         mngr.close()
 
 
+
+
+class SignalFlag:
+    """Context manager that turns termination signals into a flag to poll.
+
+    Inside the ``with`` block, the given signals (default SIGTERM and SIGINT)
+    no longer stop the process: their handler only records the signal number.
+    The training loop checks ``bool(flag)`` between steps, saves a checkpoint
+    with :func:`save` (which waits for orbax's asynchronous write) and
+    returns. On exit the previous handlers are restored.
+
+    Args:
+      signals: the signal numbers to catch.
+
+    Attributes:
+      received: the first signal number received, or None.
+
+    Raises:
+      RuntimeError: entered outside the main thread (Python delivers signals
+        to the main thread only).
+
+    Example:
+      >>> import os, signal
+      >>> with SignalFlag() as flag:
+      ...     os.kill(os.getpid(), signal.SIGTERM)
+      ...     stopped = bool(flag)
+      >>> stopped, flag.received == signal.SIGTERM
+      (True, True)
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        if self.received is None:
+            self.received = signum
+
+    def __enter__(self) -> "SignalFlag":
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("SignalFlag: signals can only be caught in the main thread")
+        self.received = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.signals}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def __bool__(self) -> bool:
+        return self.received is not None

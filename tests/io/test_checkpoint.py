@@ -153,3 +153,30 @@ def test_steps_and_errors(tmp_path):
         checkpoint.restore(tmp_path, {"w": jnp.zeros(1)}, step=7)
     with pytest.raises(TypeError, match="neither an array"):
         checkpoint.save(tmp_path, 3, {"w": object()})
+
+
+def test_signal_flag_records_and_restores_handlers():
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGINT)
+    with checkpoint.SignalFlag() as flag:
+        assert not flag
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.received == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGTERM)  # the first signal is kept
+        assert flag.received == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is before
+    errors = []
+
+    def enter():
+        try:
+            with checkpoint.SignalFlag():
+                pass
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    t = threading.Thread(target=enter)
+    t.start()
+    t.join()
+    assert errors and "main thread" in errors[0]
