@@ -158,7 +158,8 @@ def scale_by_galore(
     Example:
       >>> import jax.numpy as jnp, optax
       >>> params = {"w": jnp.ones((4, 6)), "b": jnp.zeros(6)}
-      >>> tx = scale_by_galore(rank=2, update_proj_gap=10)
+      >>> from peftjax.optim import scale_by_adam_hf
+      >>> tx = scale_by_galore(rank=2, update_proj_gap=10, inner=scale_by_adam_hf())
       >>> state = tx.init(params)
       >>> jax.tree.map(jnp.shape, state.inner_state.mu)
       {'b': (6,), 'w': (2, 6)}
