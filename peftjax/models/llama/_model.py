@@ -71,6 +71,23 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax
     return out.reshape(b, t, h, d)
 
 
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32 (as HF Llama): ``x / rms(x) * scale``, param ``scale``."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any,
+                 rngs: nnx.Rngs):
+        del rngs
+        self.eps, self.dtype = eps, dtype
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        out_dtype = x.dtype if self.dtype is None else self.dtype
+        scale = self.scale[...].astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+        return (y * scale).astype(out_dtype)
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE (``q_proj``/``k_proj``/``v_proj``/``o_proj``)."""
 
@@ -122,10 +139,9 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: _config.LlamaConfig, *, dtype: Any, param_dtype: Any,
                  rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.input_layernorm = nnx.RMSNorm(cfg.hidden_size, epsilon=cfg.rms_norm_eps, **kw)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.self_attn = Attention(cfg, **kw)
-        self.post_attention_layernorm = nnx.RMSNorm(
-            cfg.hidden_size, epsilon=cfg.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, **kw)
 
     def __call__(self, h, cos, sin, allowed, kv_cache, index):
@@ -200,7 +216,7 @@ class LlamaForCausalLM(nnx.Module):
         else:
             self.layers = nnx.List(
                 [DecoderLayer(cfg, rngs=rngs, **kw) for _ in range(cfg.num_hidden_layers)])
-        self.norm = nnx.RMSNorm(cfg.hidden_size, epsilon=cfg.rms_norm_eps, rngs=rngs, **kw)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, **kw)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, bias=False, rngs=rngs, **kw)
 
