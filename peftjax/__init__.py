@@ -6,8 +6,8 @@ are optax ``GradientTransformation``s, and both are targeted with one rule
 vocabulary over canonical ``/``-joined paths.
 
 The subpackages are namespaces: ``peftjax.tree``, ``peftjax.adapters``,
-``peftjax.io`` (checkpoints, formats) and, when installed with the Flax
-extras, ``peftjax.models``. Importing ``peftjax`` does not import flax.
+``peftjax.merge``, ``peftjax.optim``, ``peftjax.io`` (checkpoints, formats)
+and, when installed with the Flax extras, ``peftjax.models``. Importing ``peftjax`` does not import flax.
 """
 
 import importlib
@@ -18,7 +18,6 @@ from peftjax import tree as tree
 from peftjax.adapters import AdapterState as AdapterState
 from peftjax.adapters import lora as lora
 from peftjax.adapters import materialize as materialize
-from peftjax.adapters import merge as merge
 from peftjax.report import Report as Report
 from peftjax.report import count_params as count_params
 from peftjax.report import report as report
@@ -52,7 +51,6 @@ __all__ = [
     "describe",
     "lora",
     "materialize",
-    "merge",
     "report",
     "tree",
     "tree_bytes",
