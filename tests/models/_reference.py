@@ -63,3 +63,50 @@ def llama_logits(params, cfg, tokens, mask=None):
         head = emb.T if cfg.tie_word_embeddings else f64(p["lm_head"]["kernel"])
         out[r, keep] = x @ head
     return out
+
+
+def _layer_norm(x, scale, bias, eps):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * scale + bias
+
+
+def bert_hidden(params, cfg, tokens, mask=None):
+    """Last hidden states (B, T, d) of the pure BERT param dict (exact GELU)."""
+    from scipy.special import erf
+
+    tokens = np.asarray(tokens)
+    b, t = tokens.shape
+    mask = np.ones((b, t), bool) if mask is None else np.asarray(mask, bool)
+    e = params["embeddings"]
+    if cfg.model_type == "roberta":
+        pos = np.cumsum(mask, 1) * mask + cfg.pad_token_id
+    else:
+        pos = np.broadcast_to(np.arange(t), (b, t))
+    x = (f64(e["word_embeddings"]["embedding"])[tokens]
+         + f64(e["position_embeddings"]["embedding"])[pos]
+         + f64(e["token_type_embeddings"]["embedding"])[np.zeros_like(tokens)])
+    x = _layer_norm(x, f64(e["layer_norm"]["scale"]), f64(e["layer_norm"]["bias"]),
+                    cfg.layer_norm_eps)
+    h = cfg.num_attention_heads
+    hd = cfg.hidden_size // h
+
+    def lin(p, z):
+        return z @ f64(p["kernel"]) + f64(p["bias"])
+
+    for i in range(cfg.num_hidden_layers):
+        lp = params["layers"][i]
+        a = lp["attention"]
+        q, k, v = (lin(a[n], x).reshape(b, t, h, hd) for n in ("query", "key", "value"))
+        s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(hd)
+        s = np.where(mask[:, None, None, :], s, -np.inf)
+        w = np.exp(s - s.max(-1, keepdims=True))
+        w = w / w.sum(-1, keepdims=True)
+        o = np.einsum("bhts,bshd->bthd", w, v).reshape(b, t, h * hd)
+        x = _layer_norm(x + lin(a["output"], o), f64(lp["attention_norm"]["scale"]),
+                        f64(lp["attention_norm"]["bias"]), cfg.layer_norm_eps)
+        u = lin(lp["intermediate"], x)
+        u = 0.5 * u * (1 + erf(u / np.sqrt(2)))
+        x = _layer_norm(x + lin(lp["output"], u), f64(lp["output_norm"]["scale"]),
+                        f64(lp["output_norm"]["bias"]), cfg.layer_norm_eps)
+    return x

@@ -19,6 +19,17 @@ def _golden():
     return inputs, meta
 
 
+def passage(golden, key):
+    """The Shakespeare passage ``key`` of the golden inputs, read from the fixture."""
+    from peftjax import models as pm
+
+    p = golden.inputs["passages"][key]
+    with open(pm.shakespeare_texts()[p["play"]], encoding="utf-8") as f:
+        text = f.read()
+    start = text.index(p["first_line"])
+    return text[start:start + p["n_chars"]]
+
+
 @pytest.fixture(scope="session")
 def golden():
     """The committed golden inputs, scalars and arrays (torch transformers)."""

