@@ -9,6 +9,11 @@ Projectors are values (``svd()``, ``randomized_svd()``, ``random_orthogonal()``,
 """
 
 from peftjax.optim._adam import scale_by_adam_hf as scale_by_adam_hf
+from peftjax.optim._frugal import BlockSelector as BlockSelector
+from peftjax.optim._frugal import FrugalState as FrugalState
+from peftjax.optim._frugal import blocks as blocks
+from peftjax.optim._frugal import frugal as frugal
+from peftjax.optim._frugal import scale_by_frugal as scale_by_frugal
 from peftjax.optim._galore import GaLoreState as GaLoreState
 from peftjax.optim._galore import galore as galore
 from peftjax.optim._galore import scale_by_galore as scale_by_galore
@@ -21,13 +26,18 @@ from peftjax.optim._projectors import svd as svd
 
 __all__ = [
     "PROJ_TYPES",
+    "BlockSelector",
+    "FrugalState",
     "GaLoreState",
     "Projector",
+    "blocks",
     "coordinates",
+    "frugal",
     "galore",
     "random_orthogonal",
     "randomized_svd",
     "scale_by_adam_hf",
+    "scale_by_frugal",
     "scale_by_galore",
     "svd",
 ]
