@@ -28,6 +28,13 @@ class GGUFFile(NamedTuple):
         (e.g. ``"llama.block_count": 30``, ``"tokenizer.ggml.tokens": [...]``).
       tensors: ``{name: array}`` dequantised, shape = GGUF dims reversed.
       tensor_types: ``{name: quantisation type name}`` as stored (``"Q4_1"``).
+
+    Example:
+      >>> import numpy as np
+      >>> f = GGUFFile({"general.architecture": "llama"}, {"w": np.zeros((2, 3))},
+      ...              {"w": "F32"})
+      >>> f.tensors["w"].shape
+      (2, 3)
     """
 
     metadata: dict[str, Any]

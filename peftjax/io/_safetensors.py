@@ -138,6 +138,9 @@ def write_safetensors(
       arrays: ``{name: array}``; JAX arrays are copied to host numpy arrays.
       metadata: optional ``{str: str}`` stored in the header.
 
+    Returns:
+      ``None``; the file is written.
+
     Raises:
       TypeError: a metadata value that is not a string.
 

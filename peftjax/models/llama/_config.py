@@ -29,6 +29,10 @@ class RopeScaling:
       low_freq_factor: llama3 only.
       high_freq_factor: llama3 only.
       original_max_position_embeddings: llama3 only.
+
+    Example:
+      >>> RopeScaling(rope_type="llama3", factor=8.0).rope_type
+      'llama3'
     """
 
     rope_type: str = "default"
@@ -103,6 +107,11 @@ class LlamaConfig:
       bos_token_id: beginning-of-sequence id, or ``None``.
       eos_token_id: end-of-sequence id(s).
       model_type: ``"llama"``, ``"mistral"`` or ``"qwen2"``.
+
+    Example:
+      >>> LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+      ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1).head_dim
+      4
     """
 
     vocab_size: int

@@ -29,6 +29,10 @@ class Sampling(NamedTuple):
       top_k: keep only the ``top_k`` most likely tokens (``None``: all).
       top_p: keep the smallest set of most likely tokens whose probability
         reaches ``top_p`` (``None``: all).
+
+    Example:
+      >>> Sampling(temperature=0.7, top_p=0.9).top_k is None
+      True
     """
 
     temperature: float = 0.0

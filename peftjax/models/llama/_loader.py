@@ -139,6 +139,21 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: _config.LlamaConfig, 
     Raises:
       ValueError: an unexpected or missing tensor, or a shape that disagrees
         with the config (naming the tensor, the path and both shapes).
+
+    Example:
+      >>> import numpy as np
+      >>> cfg = _config.LlamaConfig(vocab_size=4, hidden_size=2, intermediate_size=2,
+      ...     num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1)
+      >>> t = {"model.embed_tokens.weight": np.zeros((4, 2)),
+      ...      "model.norm.weight": np.ones(2), "lm_head.weight": np.zeros((4, 2))}
+      >>> for n, s in [("input_layernorm", (2,)), ("post_attention_layernorm", (2,)),
+      ...              ("self_attn.q_proj", (2, 2)), ("self_attn.k_proj", (2, 2)),
+      ...              ("self_attn.v_proj", (2, 2)), ("self_attn.o_proj", (2, 2)),
+      ...              ("mlp.gate_proj", (2, 2)), ("mlp.up_proj", (2, 2)),
+      ...              ("mlp.down_proj", (2, 2))]:
+      ...     t[f"model.layers.0.{n}.weight"] = np.ones(s)
+      >>> params_from_hf(t, cfg)["lm_head"]["kernel"].shape
+      (2, 4)
     """
     return _convert(tensors, cfg, param_dtype=param_dtype, source="params_from_hf")
 
@@ -165,6 +180,14 @@ def config_from_gguf(metadata: Mapping[str, Any], *, has_output: bool,
 
     Raises:
       ValueError: an unsupported architecture or rope scaling type.
+
+    Example:
+      >>> meta = {"general.architecture": "llama", "llama.block_count": 30,
+      ...     "llama.embedding_length": 576, "llama.feed_forward_length": 1536,
+      ...     "llama.attention.head_count": 9, "llama.attention.head_count_kv": 3,
+      ...     "llama.vocab_size": 49152, "llama.rope.freq_base": 1e5}
+      >>> config_from_gguf(meta, has_output=False).tie_word_embeddings
+      True
     """
     arch = metadata.get("general.architecture")
     if arch not in _GGUF_ARCHS:
@@ -222,6 +245,10 @@ def params_from_gguf(gguf_file: _gguf.GGUFFile, *, param_dtype: Any = jnp.float3
       ValueError: unsupported architecture or rope scaling (e.g. a
         ``rope_freqs.weight`` tensor), unexpected tensors, or shapes that
         disagree with the metadata.
+
+    Example:
+      >>> from peftjax.models import smollm2_gguf
+      >>> cfg, params = params_from_gguf(peftjax.io.read_gguf(smollm2_gguf()))  # doctest: +SKIP
     """
     meta, tensors = gguf_file.metadata, gguf_file.tensors
     if "rope_freqs.weight" in tensors:
@@ -267,6 +294,10 @@ def load_llama_params(path: str | os.PathLike, *, param_dtype: Any = jnp.float32
     Raises:
       ValueError: a missing file, an unsupported architecture, quantisation
         type or rope scaling, or a shape that disagrees with the config.
+
+    Example:
+      >>> from peftjax.models import smollm2_gguf
+      >>> cfg, params = load_llama_params(smollm2_gguf())  # doctest: +SKIP
     """
     path = os.fspath(path)
     if path.endswith(".gguf"):
@@ -298,6 +329,10 @@ def load_llama(path: str | os.PathLike, *, scan_layers: bool = False, remat: boo
 
     Raises:
       ValueError: as :func:`load_llama_params`.
+
+    Example:
+      >>> from peftjax.models import smollm2_gguf
+      >>> model = load_llama(smollm2_gguf(), scan_layers=True)  # doctest: +SKIP
     """
     from peftjax.tree import _layers
 

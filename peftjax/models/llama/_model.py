@@ -35,6 +35,14 @@ class KVCache(NamedTuple):
       valid: ``(B, S)`` bool, the slot holds a real (non-padding) token.
       index: ``()`` int32, the number of slots written so far.
       next_position: ``(B,)`` int32, the RoPE position of each row's next token.
+
+    Example:
+      >>> from flax import nnx
+      >>> from peftjax.models.llama import _config
+      >>> cfg = _config.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+      ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+      >>> LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)).init_cache(3, 16).k.shape
+      (2, 3, 16, 1, 4)
     """
 
     k: jax.Array
