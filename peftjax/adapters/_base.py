@@ -20,8 +20,9 @@ Memory note for ``materialize`` inside a loss: backpropagating through
 for every adapted matrix (frozen, closed-over leaves get none). The factored
 path of ``peftjax.exec`` avoids both.
 
-Exports: ``Adapter``, ``AdapterState``, ``BiasHook``, ``init``,
-``materialize``, ``merge``, ``unmerge``, ``num_trainable``, ``lift_matrix``.
+Exports: ``Adapter``, ``AdapterState``, ``BiasHook``, ``FactoredTerms``,
+``FactoredForm``, ``init``, ``materialize``, ``merge``, ``unmerge``,
+``num_trainable``, ``lift_matrix``.
 """
 
 import math
@@ -54,6 +55,49 @@ class BiasHook(NamedTuple):
     required: bool = False
 
 
+class FactoredTerms(NamedTuple):
+    """One matrix's adapter as terms of ``y = ((x ⊙ in_scale) @ W + delta(x̃)) ⊙ out_scale``.
+
+    This is how the factored path (``peftjax.exec``) applies an adapter without
+    forming ``W'``: the base product ``(x ⊙ in_scale) @ W`` is the model's own
+    matmul, ``x̃`` is the adapter input after adapter dropout, and every term
+    is cheap (vectors, or products with rank-``r`` factors).
+
+    Attributes:
+      in_scale: ``(in,)`` scale of the input features, or None (= 1).
+      out_scale: ``(out,)`` scale of the output units, or None (= 1).
+      delta: ``x̃ (..., in) -> (..., out)`` additive term, or None (= 0). It
+        may return a wider dtype than ``x̃``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> t = FactoredTerms(out_scale=jnp.full((3,), 2.0))
+      >>> t.in_scale is None, t.delta is None
+      (True, True)
+    """
+
+    in_scale: jax.Array | None = None
+    out_scale: jax.Array | None = None
+    delta: Callable[[jax.Array], jax.Array] | None = None
+
+
+class FactoredForm(NamedTuple):
+    """What ``peftjax.exec`` needs to run an adapter in factored form.
+
+    Attributes:
+      dimension_numbers: the leaf's matrix view (None: Flax defaults).
+      terms: per matrix, ``(w (in, out), trainable, frozen) -> FactoredTerms``
+        with unbatched ``trainable``/``frozen``.
+      apply: per matrix, ``(w (in, out), trainable, frozen) -> w'``: the
+        weight-space form, used where a kernel is consumed by an operation
+        the factored path does not handle (it then materialises, loudly).
+    """
+
+    dimension_numbers: _matrix.DimensionNumbers | None
+    terms: Callable[..., FactoredTerms]
+    apply: Callable[..., jax.Array]
+
+
 class Adapter(NamedTuple):
     """A per-leaf reparametrisation ``W' = apply(W, trainable, frozen)``.
 
@@ -69,6 +113,9 @@ class Adapter(NamedTuple):
       dropout: rate of dropout on the adapter's input; only the factored path
         (``peftjax.exec``) can apply it, see ``materialize``.
       name: a readable description used in ``repr`` and error messages.
+      factored: a ``FactoredForm`` for the factored path (``peftjax.exec``),
+        or None when the adapter exists in weight space only (the factored
+        path then materialises it, with a warning).
 
     An ``Adapter`` is static configuration: close over assignments (or pass
     them as static arguments) rather than passing them to ``jit`` as arrays.
@@ -81,6 +128,7 @@ class Adapter(NamedTuple):
     bias: BiasHook | None = None
     dropout: float = 0.0
     name: str = "adapter"
+    factored: FactoredForm | None = None
 
     def __repr__(self) -> str:
         return self.name
@@ -141,6 +189,7 @@ def lift_matrix(
     bias: BiasHook | None = None,
     dimension_numbers: _matrix.DimensionNumbers | None = None,
     dropout: float = 0.0,
+    factored_matrix: Callable[..., FactoredTerms] | None = None,
 ) -> Adapter:
     """Builds an ``Adapter`` from math written once for one ``(in, out)`` matrix.
 
@@ -159,6 +208,9 @@ def lift_matrix(
       bias: optional bias hook (its functions are also per matrix).
       dimension_numbers: the matrix view of the leaf.
       dropout: adapter-input dropout rate (factored path only).
+      factored_matrix: ``(w (in, out), trainable, frozen) -> FactoredTerms``,
+        the per-matrix factored form used by ``peftjax.exec``; None if the
+        adapter has none.
 
     Returns:
       The lifted ``Adapter``.
@@ -258,6 +310,9 @@ def lift_matrix(
         bias=hook,
         dropout=float(dropout),
         name=name,
+        factored=None if factored_matrix is None else FactoredForm(
+            dimension_numbers=dimension_numbers, terms=factored_matrix,
+            apply=apply_matrix),
     )
 
 

@@ -42,6 +42,11 @@ def _column_norm(v: jax.Array) -> jax.Array:
     return jnp.where(norm == 0, jnp.ones_like(norm), norm)
 
 
+def _column_norm_from_square(sq: jax.Array) -> jax.Array:
+    norm = jnp.sqrt(jnp.maximum(sq, jnp.zeros_like(sq)))
+    return jnp.where(norm == 0, jnp.ones_like(norm), norm)
+
+
 def dora(
     rank: int,
     *,
@@ -114,6 +119,19 @@ def dora(
         v = w.astype(ct) * (norm.astype(ct) / t.magnitude.astype(ct))[None, :]
         return v - (t.a.astype(ct) @ t.b.astype(ct)) * s
 
+    def factored_matrix(w, t, f):
+        # ||W_j + s·(AB)_j||² = ||W_j||² + 2s·(AᵀW)_j·B_j + s²·B_jᵀ(AᵀA)B_j: the
+        # column norms without forming W + s·A@B (a constant in backprop).
+        ct = _base.compute_dtype(w.dtype, t.a.dtype)
+        wc, a, b = w.astype(ct), t.a.astype(ct), t.b.astype(ct)
+        sq = (jnp.sum(jnp.square(wc), axis=0)
+              + 2.0 * s * jnp.sum((a.T @ wc) * b, axis=0)
+              + s * s * jnp.sum(b * ((a.T @ a) @ b), axis=0))
+        norm = jax.lax.stop_gradient(_column_norm_from_square(sq))
+        return _base.FactoredTerms(
+            out_scale=t.magnitude.astype(ct) / norm,
+            delta=lambda x: _lora.low_rank(x, t.a, t.b, s))
+
     return _base.lift_matrix(
         name=f"dora(rank={rank}, alpha={alpha}, scaling={scaling.value})",
         init_matrix=init_matrix,
@@ -122,4 +140,5 @@ def dora(
         aux_matrix=aux_matrix,
         dimension_numbers=dimension_numbers,
         dropout=dropout,
+        factored_matrix=factored_matrix,
     )

@@ -124,6 +124,10 @@ def lora_xs(
         ct, d = delta(w, t, f)
         return w.astype(ct) - d
 
+    def factored_matrix(w, t, f):
+        return _base.FactoredTerms(
+            delta=lambda x: _lora.low_rank(x, f.a, f.b, s, core=t.core))
+
     return _base.lift_matrix(
         name=f"lora_xs(rank={rank}, alpha={alpha}, scaling={scaling.value})",
         init_matrix=init_matrix,
@@ -131,4 +135,5 @@ def lora_xs(
         unapply_matrix=unapply_matrix,
         dimension_numbers=dimension_numbers,
         dropout=dropout,
+        factored_matrix=factored_matrix,
     )

@@ -157,6 +157,12 @@ def scale_shift(
         bias = _base.BiasHook(name=bias_name, apply=bias_apply,
                               unapply=bias_unapply, required=shift)
 
+    def factored_matrix(w, t, f):
+        c = ct(w, t)
+        if side is Side.INPUT:
+            return _base.FactoredTerms(in_scale=t.scale.astype(c))
+        return _base.FactoredTerms(out_scale=t.scale.astype(c))
+
     kind = "ssf" if shift else f"ia3(side={side.value})"
     return _base.lift_matrix(
         name=f"scale_shift[{kind}, init_std={init_std}]",
@@ -165,6 +171,7 @@ def scale_shift(
         unapply_matrix=unapply_matrix,
         bias=bias,
         dimension_numbers=dimension_numbers,
+        factored_matrix=factored_matrix,
     )
 
 

@@ -1,0 +1,226 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The public entry points: ``factored`` and ``make_train_step``.
+
+``factored(apply_fn, assignment, trainable, frozen)`` returns a function with
+``apply_fn``'s signature whose results equal ``apply_fn`` on
+``materialize(assignment, params, trainable, frozen)``, computed without
+forming ``W + ΔW``: ``apply_fn`` is traced to a jaxpr with the base params,
+and the jaxpr is re-evaluated by ``_interpret.Interpreter`` with every
+adapted kernel as a symbolic value.
+
+Exports: ``factored``, ``make_train_step``.
+"""
+
+import functools
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from peftjax.adapters import _base
+from peftjax.exec import _interpret, _sym
+from peftjax.tree import _matrix, _paths
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _leaf_keys(key: jax.Array, path: str, w: Any, adapter: _base.Adapter) -> Any:
+    dn = adapter.factored.dimension_numbers
+    dims = _matrix.resolve(dn, np.shape(w), path=path)
+    k = _base.path_key(key, path)
+    if not dims.batch:
+        return k
+    return jax.random.split(k, math.prod(dims.batch_shape)).reshape(dims.batch_shape)
+
+
+def factored(
+    apply_fn: Callable[..., Any],
+    assignment: dict[str, _base.Adapter],
+    trainable: dict[str, Any],
+    frozen: dict[str, Any],
+    *,
+    key: jax.Array | None = None,
+    deterministic: bool = False,
+    argnum: int = 0,
+) -> Callable[..., Any]:
+    """Turns ``apply_fn`` into its factored form for one adapter state.
+
+    ``factored(apply_fn, assignment, trainable, frozen)(*args)`` equals
+    ``apply_fn(*args)`` with ``args[argnum]`` replaced by
+    ``materialize(assignment, args[argnum], trainable, frozen)``, but each
+    adapted ``dot_general`` is computed as ``x@W + s·dropout(x)@A@B`` (and the
+    matching forms of DoRA, LoRA-XS, scale-shift): no ``W + s·A@B`` and no
+    weight-sized cotangent. Gradients flow to ``trainable`` (and to any other
+    argument); the base params get a cotangent only if you differentiate them.
+    Uses the factored path cannot handle are materialised with one
+    ``FactoredFallbackWarning`` per path and call.
+
+    Args:
+      apply_fn: any function of a parameter tree (a Linen ``model.apply``-style
+        function, ``peftjax.models.apply``, an NNX ``nnx.merge``-then-call
+        function, or a whole loss function).
+      assignment: ``{path: Adapter}`` from ``peftjax.tree.assign``.
+      trainable: ``AdapterState.trainable`` (differentiate this).
+      frozen: ``AdapterState.frozen``.
+      key: PRNG key for adapter dropout; per-leaf keys fold in the path and
+        split over stacked layers. Required when an adapter has dropout and
+        ``deterministic`` is False.
+      deterministic: skip adapter dropout (evaluation).
+      argnum: position of the parameter tree in ``apply_fn``'s arguments.
+
+    Returns:
+      A function with ``apply_fn``'s signature (trace it under ``jit`` as you
+      would ``apply_fn``).
+
+    Raises:
+      ValueError / TypeError: state from another tree or rule set (naming the
+        path and shapes), or dropout without ``key``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from peftjax import adapters, exec as pexec, tree
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.lora(2))])
+      >>> s = adapters.init(a, jax.random.key(0), params)
+      >>> f = lambda p, x: jnp.tanh(x @ p["w"])
+      >>> y = pexec.factored(f, a, *s)(params, jnp.ones((2, 4)))
+      >>> bool(jnp.allclose(y, f(adapters.materialize(a, params, *s), jnp.ones((2, 4)))))
+      True
+    """
+    if not isinstance(argnum, int) or isinstance(argnum, bool):
+        raise TypeError(f"factored: argnum must be an int, got {argnum!r}")
+    with_dropout = {p: a.dropout for p, a in assignment.items() if a.dropout}
+    if with_dropout and not deterministic and key is None:
+        raise ValueError(
+            f"factored: adapters with input dropout {with_dropout} need a PRNG "
+            "`key` (or deterministic=True for evaluation)")
+
+    @functools.wraps(apply_fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if not -len(args) <= argnum < len(args):
+            raise ValueError(
+                f"factored: argnum={argnum} but the call has {len(args)} positional "
+                "arguments; pass the parameter tree positionally")
+        params = args[argnum]
+        flat = _paths.leaves_by_path(params)
+        _base._check_assignment(assignment, flat, "factored")
+        _base._check_state(assignment, flat, trainable, frozen, "factored")
+        bias_of = _base._bias_targets(assignment, flat)
+        interp = _interpret.Interpreter(deterministic=deterministic, stacklevel=4)
+
+        p_items = _paths.flatten(params)
+        p_def = jax.tree.structure(params)
+        pos = argnum % len(args)
+        rest = (tuple(None if i == pos else a for i, a in enumerate(args)), kwargs)
+        o_leaves, o_def = jax.tree.flatten(rest)
+
+        p_vals, syms = [], {}
+        for i, (path, leaf) in enumerate(p_items):
+            if path in bias_of:
+                k = bias_of[path]
+                hook = assignment[k].bias
+                leaf = hook.apply(np.shape(flat[k]), leaf, trainable[k], frozen[k])
+            elif path in assignment:
+                adapter = assignment[path]
+                if adapter.factored is None:
+                    leaf = _materialize_leaf(interp, path, adapter, leaf,
+                                             trainable[path], frozen[path])
+                else:
+                    keys = None
+                    if adapter.dropout and not deterministic:
+                        keys = _leaf_keys(key, path, leaf, adapter)
+                    syms[i] = _sym.from_leaf(path, adapter, leaf, trainable[path],
+                                             frozen[path], keys)
+            p_vals.append(leaf)
+
+        all_leaves = p_vals + o_leaves
+        dyn_idx = [i for i, x in enumerate(all_leaves) if _is_array(x)]
+        n_p = len(p_vals)
+
+        def flat_fn(*dyn):
+            leaves = list(all_leaves)
+            for i, x in zip(dyn_idx, dyn):
+                leaves[i] = x
+            a, kw = jax.tree.unflatten(o_def, leaves[n_p:])
+            a = list(a)
+            a[pos] = jax.tree.unflatten(p_def, leaves[:n_p])
+            return apply_fn(*a, **kw)
+
+        dyn = [all_leaves[i] for i in dyn_idx]
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dyn)
+        invals = [syms.get(i, x) for i, x in zip(dyn_idx, dyn)]
+        outs = interp.run(closed.jaxpr, closed.consts, invals)
+        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+    return wrapped
+
+
+def _materialize_leaf(interp: _interpret.Interpreter, path: str,
+                      adapter: _base.Adapter, leaf: Any, t: Any, f: Any) -> Any:
+    if path not in interp.warned:
+        interp.warned.add(path)
+        warnings.warn(
+            f"peftjax.exec: {adapter!r} on {path!r} (shape {tuple(np.shape(leaf))}) "
+            "has no factored form; it is materialised (a weight-sized W' and its "
+            "cotangent)", _interpret.FactoredFallbackWarning, stacklevel=4)
+    return adapter.apply(leaf, t, f)
+
+
+def make_train_step(
+    assignment: dict[str, _base.Adapter],
+    loss_fn: Callable[..., Any],
+    optimizer: optax.GradientTransformation,
+    *,
+    has_aux: bool = False,
+    deterministic: bool = False,
+) -> Callable[..., tuple[Any, Any, Any]]:
+    """The factored adapter-only step ``(trainable, opt_state, params, frozen, batch, key)``.
+
+    Same contract as ``peftjax.adapters.make_train_step`` (differentiate the
+    adapter state only) with ``loss_fn`` run through :func:`factored`.
+
+    Args:
+      assignment: ``{path: Adapter}``.
+      loss_fn: ``(params, batch) -> loss`` (or ``(loss, aux)`` with
+        ``has_aux``); the model sees ordinary parameters.
+      optimizer: any optax transformation over the trainable pytree.
+      has_aux: forwarded to ``jax.value_and_grad``.
+      deterministic: skip adapter dropout.
+
+    Returns:
+      ``step(trainable, opt_state, params, frozen, batch, key=None) ->
+      (trainable, opt_state, loss)``; ``key`` is needed for adapter dropout.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from peftjax import adapters, exec as pexec, tree
+      >>> params = {"w": jnp.eye(3)}
+      >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.lora(1))])
+      >>> state = adapters.init(a, jax.random.key(0), params)
+      >>> loss_fn = lambda p, b: jnp.mean((b[0] @ p["w"] - b[1]) ** 2)
+      >>> opt = optax.sgd(0.1)
+      >>> step = jax.jit(pexec.make_train_step(a, loss_fn, opt))
+      >>> batch = (jnp.ones((2, 3)), jnp.zeros((2, 3)))
+      >>> t, o, loss = step(state.trainable, opt.init(state.trainable), params,
+      ...                   state.frozen, batch)
+      >>> float(loss)
+      1.0
+    """
+
+    def step(trainable, opt_state, params, frozen, batch, key=None):
+        def objective(t):
+            f = factored(loss_fn, assignment, t, frozen, key=key,
+                         deterministic=deterministic)
+            return f(params, batch)
+
+        value, grads = jax.value_and_grad(objective, has_aux=has_aux)(trainable)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, value
+
+    return step

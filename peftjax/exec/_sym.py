@@ -1,0 +1,347 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Symbolic adapted kernels: a base view plus the adapter state that rides along.
+
+While ``peftjax.exec`` re-evaluates a model's jaxpr, every adapted kernel is a
+``Sym``: the *base* kernel as the program currently sees it (after the
+transposes, reshapes, casts and layer slices the program applied), the
+adapter's state sliced the same way, and for every axis its *role* in the
+adapter's matrix view ``(batch..., in, out)``. A ``Sym`` is a pytree whose
+leaves are the base view and the state, so it crosses ``scan``/``cond``/
+``checkpoint`` boundaries unchanged; its static part says how to read them.
+
+* ``view(sym, eqn, ...)`` applies a layout primitive to the base and updates
+  the roles (or returns None when it cannot);
+* ``dot(...)`` rewrites ``dot_general(x, view(W'))`` into the model's own
+  ``dot_general(x ⊙ in_scale, view(W))`` plus the adapter's cheap terms;
+* ``materialize(sym)`` forms ``view(W')`` (the loud fallback).
+
+Exports: ``Sym``, ``Role``, ``from_leaf``, ``view``, ``dot``, ``materialize``,
+``slice_leading``.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peftjax.adapters import _base
+from peftjax.tree import _matrix
+
+# An axis' role: kind "b" (batch), "i" (input), "o" (output) or "u" (unit,
+# size 1), with the indices of the matrix view's batch/reduction/output axes
+# it covers (row-major, consecutive). ("i", (0, 1)) is two input axes merged.
+Role = tuple[str, tuple[int, ...]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Meta:
+    """The static part of a ``Sym`` (compared by identity)."""
+
+    path: str
+    adapter: _base.Adapter
+    dims: _matrix.ResolvedDims
+    roles: tuple[Role, ...]
+    state_batch: tuple[int, ...]  # batch ids of the state leaves' leading axes
+    treedef: Any                  # of (trainable, frozen, key)
+
+    def replace(self, **kw: Any) -> "Meta":
+        return dataclasses.replace(self, **kw)
+
+
+@jax.tree_util.register_pytree_node_class
+class Sym:
+    """An adapted kernel in flight: ``base`` view, state, roles (see module doc)."""
+
+    def __init__(self, meta: Meta, base: Any, state: list[Any]):
+        self.meta, self.base, self.state = meta, base, state
+
+    def tree_flatten(self):
+        return (self.base, *self.state), self.meta
+
+    @classmethod
+    def tree_unflatten(cls, meta, leaves):
+        return cls(meta, leaves[0], list(leaves[1:]))
+
+    @property
+    def parts(self) -> tuple[Any, Any, Any]:
+        return jax.tree.unflatten(self.meta.treedef, self.state)
+
+    def with_(self, base: Any, state: list[Any] | None = None, **meta: Any) -> "Sym":
+        return Sym(self.meta.replace(**meta), base,
+                   self.state if state is None else state)
+
+
+def from_leaf(path: str, adapter: _base.Adapter, w: Any, trainable: Any,
+              frozen: Any, keys: Any) -> Sym:
+    """Wraps an adapted leaf (``keys``: dropout keys of the batch shape, or None)."""
+    form = adapter.factored
+    dn = None if form is None else form.dimension_numbers
+    dims = _matrix.resolve(dn, np.shape(w), path=path)
+    roles = []
+    for a in range(len(dims.shape)):
+        for kind, axes in (("b", dims.batch), ("i", dims.reduction),
+                           ("o", dims.output)):
+            if a in axes:
+                roles.append((kind, (axes.index(a),)))
+    leaves, treedef = jax.tree.flatten((trainable, frozen, keys))
+    meta = Meta(path, adapter, dims, tuple(roles),
+                tuple(range(len(dims.batch))), treedef)
+    return Sym(meta, w, leaves)
+
+
+def _id_size(dims: _matrix.ResolvedDims, role: Role) -> int:
+    kind, ids = role
+    axes = {"b": dims.batch, "i": dims.reduction, "o": dims.output}.get(kind, ())
+    return math.prod(dims.shape[axes[k]] for k in ids)
+
+
+def _group(old: tuple[int, ...], new: tuple[int, ...]) -> list | None:
+    """Pairs runs of old and new axes with equal products (reshape groups)."""
+    groups, i, j = [], 0, 0
+    while i < len(old) or j < len(new):
+        oi, nj = [], []
+        po = pn = 1
+        while True:
+            if po == pn and (oi or nj):
+                while i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1):
+                    oi.append(i)
+                    i += 1
+                break
+            if po <= pn and i < len(old):
+                po *= old[i]
+                oi.append(i)
+                i += 1
+            elif j < len(new):
+                pn *= new[j]
+                nj.append(j)
+                j += 1
+            else:
+                return None
+        groups.append((oi, nj))
+    return groups
+
+
+def _reshape_roles(sym: Sym, new_shape: tuple[int, ...]) -> tuple[Role, ...] | None:
+    roles, dims = sym.meta.roles, sym.meta.dims
+    old_shape = tuple(np.shape(sym.base))
+    groups = _group(old_shape, new_shape)
+    if groups is None:
+        return None
+    out: list[Role] = [("u", ())] * len(new_shape)
+    for oi, nj in groups:
+        real = [roles[a] for a in oi if roles[a][0] != "u"]
+        kinds = {k for k, _ in real}
+        if len(kinds) > 1:
+            return None
+        if not real:
+            continue
+        kind = real[0][0]
+        ids = tuple(k for _, r in real for k in r)
+        if list(ids) != list(range(ids[0], ids[0] + len(ids))):
+            return None
+        if kind == "b" and len(ids) > 1:
+            return None
+        targets = [j for j in nj if new_shape[j] != 1] or nj[:1]
+        # Split ids across the non-unit new axes in order.
+        pos = 0
+        for j in targets:
+            take = []
+            size = 1
+            while pos < len(ids) and size < new_shape[j]:
+                size *= _id_size(dims, (kind, (ids[pos],)))
+                take.append(ids[pos])
+                pos += 1
+            if size != new_shape[j] or not take:
+                return None
+            out[j] = (kind, tuple(take))
+        if pos != len(ids):
+            return None
+    return tuple(out)
+
+
+def view(sym: Sym, name: str, params: dict, new_base: Any) -> Sym | None:
+    """Applies layout primitive ``name`` (already bound on the base to give
+    ``new_base``) to the roles; None if the primitive is not a pure view."""
+    roles = sym.meta.roles
+    if name in ("convert_element_type", "copy", "copy_p", "reduce_precision",
+                "sharding_constraint", "pvary", "optimization_barrier"):
+        return sym.with_(new_base)
+    if name == "transpose":
+        return sym.with_(new_base, roles=tuple(roles[p] for p in params["permutation"]))
+    if name == "reshape":
+        if params.get("dimensions") is not None:
+            return None
+        new = _reshape_roles(sym, tuple(np.shape(new_base)))
+        return None if new is None else sym.with_(new_base, roles=new)
+    if name == "squeeze":
+        drop = {d % len(roles) for d in params["dimensions"]}
+        if any(roles[d][0] not in ("u", "b") for d in drop):
+            return None
+        state, sb = sym.state, list(sym.meta.state_batch)
+        for d in sorted(drop, reverse=True):
+            if roles[d][0] == "b":
+                p = sb.index(roles[d][1][0])
+                state = [jnp.squeeze(x, p) for x in state]
+                sb.pop(p)
+        return sym.with_(new_base, state, state_batch=tuple(sb),
+                         roles=tuple(r for d, r in enumerate(roles) if d not in drop))
+    if name == "broadcast_in_dim":
+        if math.prod(params["shape"]) != math.prod(np.shape(sym.base)):
+            return None
+        new: list[Role] = [("u", ())] * len(params["shape"])
+        for old, d in enumerate(params["broadcast_dimensions"]):
+            new[d] = roles[old]
+        return sym.with_(new_base, roles=tuple(new))
+    return None
+
+
+def slice_batch(sym: Sym, axis: int, start: Any, size: int, new_base: Any) -> Sym | None:
+    """Slices batch axis ``axis`` to ``[start, start + size)`` (state too)."""
+    kind, ids = sym.meta.roles[axis]
+    if kind != "b":
+        return None
+    p = sym.meta.state_batch.index(ids[0])
+    state = [jax.lax.dynamic_slice_in_dim(x, start, size, axis=p) for x in sym.state]
+    return sym.with_(new_base, state)
+
+
+def slice_leading(sym: Sym) -> tuple[Sym, Sym] | None:
+    """For ``scan`` over axis 0: (the Sym passed as xs, its per-step meta)."""
+    kind, ids = sym.meta.roles[0]
+    if kind != "b":
+        return None
+    sb = list(sym.meta.state_batch)
+    p = sb.index(ids[0])
+    state = [jnp.moveaxis(x, p, 0) for x in sym.state]
+    sb.pop(p)
+    # The pytree's static part already describes one slice: scan slices every
+    # leaf's axis 0 and rebuilds the Sym with this meta inside the body.
+    return Sym(sym.meta.replace(roles=sym.meta.roles[1:], state_batch=tuple(sb)),
+               sym.base, state), sym
+
+
+def _matrix_perm(roles: tuple[Role, ...], kinds: str) -> list[int]:
+    order = []
+    for kind in kinds:
+        axes = [a for a, r in enumerate(roles) if r[0] == kind]
+        order += sorted(axes, key=lambda a: roles[a][1][0])
+    return order
+
+
+def _to_matrix(sym: Sym) -> tuple[jax.Array, list[int], tuple[int, ...]]:
+    """The base as ``(batch in state order..., in, out)``; returns perm, sizes."""
+    roles, meta = sym.meta.roles, sym.meta
+    b_axes = [next(a for a, r in enumerate(roles) if r == ("b", (k,)))
+              for k in meta.state_batch]
+    perm = b_axes + _matrix_perm(roles, "io") + [
+        a for a, r in enumerate(roles) if r[0] == "u"]
+    t = jnp.transpose(sym.base, perm) if perm != list(range(len(perm))) else sym.base
+    bshape = tuple(np.shape(sym.base)[a] for a in b_axes)
+    n_in = math.prod(_id_size(meta.dims, r) for r in roles if r[0] == "i")
+    n_out = math.prod(_id_size(meta.dims, r) for r in roles if r[0] == "o")
+    return t.reshape(bshape + (n_in, n_out)), perm, bshape
+
+
+def materialize(sym: Sym) -> jax.Array:
+    """Forms the adapted kernel in the current view (weight-sized: the fallback)."""
+    roles = sym.meta.roles
+    if any(r[0] == "b" for r in roles) and len(sym.meta.state_batch) != sum(
+            r[0] == "b" for r in roles):
+        raise ValueError(f"{sym.meta.path}: inconsistent batch axes {roles}")
+    m, perm, bshape = _to_matrix(sym)
+    trainable, frozen, _ = sym.parts
+    fn = sym.meta.adapter.factored.apply
+    for _ in bshape:
+        fn = jax.vmap(fn)
+    out = fn(m, trainable, frozen).astype(sym.base.dtype)
+    permuted = tuple(np.shape(sym.base)[a] for a in perm)
+    inverse = [perm.index(i) for i in range(len(perm))]
+    return jnp.transpose(out.reshape(permuted), inverse)
+
+
+def _dropout(x: jax.Array, rate: float, key: Any) -> jax.Array:
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+
+
+def dot(sym: Sym, other: Any, sym_is_lhs: bool, params: dict,
+        bind: Callable[..., Any], key: Any) -> Any | None:
+    """Factored ``dot_general``; None when the use is not a plain contraction.
+
+    ``bind(lhs, rhs)`` is the model's own ``dot_general`` with its parameters;
+    ``key`` is this site's dropout key (None: no dropout).
+    """
+    roles, meta = sym.meta.roles, sym.meta
+    form = meta.adapter.factored
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    cs, cx = (lc, rc) if sym_is_lhs else (rc, lc)
+    if form is None or lb or rb or any(r[0] == "b" for r in roles):
+        return None
+    if any(roles[a][0] not in ("i", "u") for a in cs):
+        return None
+    if sorted(k for a in cs for k in roles[a][1]) != sorted(
+            k for r in roles if r[0] == "i" for k in r[1]):
+        return None
+    ids = [k for a in sorted(cs, key=lambda a: roles[a][1][:1] or (-1,))
+           for k in roles[a][1]]
+    if ids != list(range(len(meta.dims.reduction))):
+        return None
+    pairs = sorted(zip(cs, cx), key=lambda p: roles[p[0]][1][:1] or (-1,))
+    x_free = [a for a in range(other.ndim) if a not in cx]
+    x_shape = tuple(other.shape[a] for a in x_free)
+    sym_free = [a for a in range(len(roles)) if a not in cs]
+
+    w_m, _, _ = _to_matrix(sym)
+    trainable, frozen, _ = sym.parts
+    terms = form.terms(w_m, trainable, frozen)
+
+    x_in = other
+    if terms.in_scale is not None:
+        in_sizes = [other.shape[b] for _, b in pairs]
+        sc = terms.in_scale.reshape(in_sizes)
+        order = sorted(range(len(pairs)), key=lambda k: pairs[k][1])
+        sc = jnp.transpose(sc, order)
+        sc = jax.lax.broadcast_in_dim(sc, other.shape, tuple(sorted(cx)))
+        ct = _base.compute_dtype(other.dtype, sc.dtype)
+        x_in = (other.astype(ct) * sc.astype(ct)).astype(other.dtype)
+    y = bind(*((sym.base, x_in) if sym_is_lhs else (x_in, sym.base)))
+    if terms.delta is None and terms.out_scale is None:
+        return y
+
+    # Output layout of the product: (lhs free..., rhs free...).
+    out_sizes = [_id_size(meta.dims, roles[a]) for a in sym_free]
+    o_order = sorted(range(len(sym_free)),
+                     key=lambda k: roles[sym_free[k]][1][:1] or (-1,))
+    ct = y.dtype
+    extra = []
+    if terms.delta is not None:
+        xm = jnp.transpose(other, x_free + [b for _, b in pairs])
+        xm = xm.reshape(x_shape + (-1,))
+        if key is not None:
+            xm = _dropout(xm, meta.adapter.dropout, key)
+        d = terms.delta(xm)
+        ct = _base.compute_dtype(ct, d.dtype)
+        d = d.reshape(x_shape + tuple(out_sizes[k] for k in o_order))
+        inv = [o_order.index(k) for k in range(len(sym_free))]
+        n = len(x_shape)
+        d = jnp.transpose(d, list(range(n)) + [n + k for k in inv])
+        if sym_is_lhs:
+            d = jnp.transpose(d, list(range(n, n + len(sym_free))) + list(range(n)))
+        extra.append(d)
+    out = y.astype(ct)
+    for d in extra:
+        out = out + d.astype(ct)
+    if terms.out_scale is not None:
+        sc = terms.out_scale
+        ct2 = _base.compute_dtype(ct, sc.dtype)
+        sc = sc.reshape([out_sizes[k] for k in o_order])
+        sc = jnp.transpose(sc, [o_order.index(k) for k in range(len(sym_free))])
+        start = 0 if sym_is_lhs else len(x_shape)
+        sc = jax.lax.broadcast_in_dim(
+            sc.astype(ct2), out.shape, tuple(range(start, start + len(sym_free))))
+        out = out.astype(ct2) * sc
+    return out.astype(y.dtype)
