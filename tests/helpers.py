@@ -66,3 +66,12 @@ def ref_scale_in(w, t, f):
 
 def ref_ssf_bias(b, t):
     return f64(t.scale) * f64(b) + f64(t.shift)
+
+
+def ref_vera(w, t, f):
+    return f64(w) + (f64(f.a) * f64(t.lambda_d)[None, :]) @ (
+        f64(f.b) * f64(t.lambda_b)[None, :])
+
+
+def ref_adalora(w, t, f, *, s):
+    return f64(w) + s * (f64(t.a) * f64(t.e)[None, :]) @ f64(t.b)

@@ -13,7 +13,8 @@ import peftjax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Namespaces whose public functions must carry Args/Returns and an example.
-DOCUMENTED = ["peftjax", "peftjax.tree", "peftjax.adapters", "peftjax.io.checkpoint"]
+DOCUMENTED = ["peftjax", "peftjax.tree", "peftjax.adapters", "peftjax.io.checkpoint",
+              "peftjax.merge", "peftjax.merge.adapters"]
 
 
 def test_import_does_not_pull_flax_or_orbax():

@@ -6,6 +6,17 @@ Per leaf an ``Adapter(init, apply)``; over a tree ``init``, ``materialize``,
 ``peftjax.tree.assign``.
 """
 
+from peftjax.adapters._adalora import AdaLoRAImportance as AdaLoRAImportance
+from peftjax.adapters._adalora import AdaLoRAParams as AdaLoRAParams
+from peftjax.adapters._adalora import adalora as adalora
+from peftjax.adapters._adalora import adalora_budget as adalora_budget
+from peftjax.adapters._adalora import adalora_init_importance as adalora_init_importance
+from peftjax.adapters._adalora import adalora_mask as adalora_mask
+from peftjax.adapters._adalora import adalora_orthogonality as adalora_orthogonality
+from peftjax.adapters._adalora import adalora_triplet_scores as adalora_triplet_scores
+from peftjax.adapters._adalora import (
+    adalora_update_importance as adalora_update_importance,
+)
 from peftjax.adapters._base import Adapter as Adapter
 from peftjax.adapters._base import AdapterState as AdapterState
 from peftjax.adapters._base import BiasHook as BiasHook
@@ -32,6 +43,10 @@ from peftjax.adapters._scale_shift import Side as Side
 from peftjax.adapters._scale_shift import ia3 as ia3
 from peftjax.adapters._scale_shift import scale_shift as scale_shift
 from peftjax.adapters._scale_shift import ssf as ssf
+from peftjax.adapters._vera import VeRABasis as VeRABasis
+from peftjax.adapters._vera import VeRAParams as VeRAParams
+from peftjax.adapters._vera import vera as vera
+from peftjax.adapters._vera import vera_shared as vera_shared
 from peftjax.adapters._train import hybrid_init as hybrid_init
 from peftjax.adapters._train import hybrid_labels as hybrid_labels
 from peftjax.adapters._train import hybrid_materialize as hybrid_materialize
@@ -40,9 +55,13 @@ from peftjax.adapters._train import make_train_step as make_train_step
 from peftjax.adapters._train import replace_leaves as replace_leaves
 
 __all__ = [
+    "AdaLoRAImportance",
+    "AdaLoRAParams",
     "Adapter",
     "AdapterState",
     "BiasHook",
+    "VeRABasis",
+    "VeRAParams",
     "DoRAParams",
     "LoRAInit",
     "LoRAParams",
@@ -52,6 +71,13 @@ __all__ = [
     "ScaleParams",
     "ScaleShiftParams",
     "Side",
+    "adalora",
+    "adalora_budget",
+    "adalora_init_importance",
+    "adalora_mask",
+    "adalora_orthogonality",
+    "adalora_triplet_scores",
+    "adalora_update_importance",
     "dora",
     "hybrid_init",
     "hybrid_labels",
@@ -72,4 +98,6 @@ __all__ = [
     "scaling_value",
     "ssf",
     "unmerge",
+    "vera",
+    "vera_shared",
 ]

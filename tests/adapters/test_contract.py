@@ -78,6 +78,20 @@ ADAPTERS = [
         h.ref_scale_out,
         lambda i, o: 2 * o,
     ),
+    (
+        "vera",
+        lambda: adapters.vera(3, max_in=8, max_out=8),
+        True,
+        h.ref_vera,
+        lambda i, o: 3 + o,
+    ),
+    (
+        "adalora",
+        lambda: adapters.adalora(3, alpha=6.0),
+        True,
+        lambda w, t, f: h.ref_adalora(w, t, f, s=6.0 / (3 + 1e-5)),
+        lambda i, o: 3 * (i + o + 1),
+    ),
 ]
 IDS = [a[0] for a in ADAPTERS]
 
