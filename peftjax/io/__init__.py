@@ -11,8 +11,19 @@ from peftjax.io._safetensors import read_safetensors as read_safetensors
 from peftjax.io._safetensors import read_safetensors_index as read_safetensors_index
 from peftjax.io._safetensors import write_safetensors as write_safetensors
 
+
+def __getattr__(name: str):
+    # The orbax-based checkpoint module loads on first use (orbax is heavy).
+    if name == "checkpoint":
+        import importlib
+
+        return importlib.import_module("peftjax.io.checkpoint")
+    raise AttributeError(f"module 'peftjax.io' has no attribute {name!r}")
+
+
 __all__ = [
     "GGUFFile",
+    "checkpoint",
     "read_gguf",
     "read_gguf_metadata",
     "read_safetensors",
