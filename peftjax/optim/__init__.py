@@ -17,6 +17,12 @@ from peftjax.optim._frugal import scale_by_frugal as scale_by_frugal
 from peftjax.optim._galore import GaLoreState as GaLoreState
 from peftjax.optim._galore import galore as galore
 from peftjax.optim._galore import scale_by_galore as scale_by_galore
+from peftjax.optim._lisa import LISAState as LISAState
+from peftjax.optim._lisa import lisa as lisa
+from peftjax.optim._lisa import scale_by_lisa as scale_by_lisa
+from peftjax.optim._loraplus import LoRAPlusState as LoRAPlusState
+from peftjax.optim._loraplus import loraplus as loraplus
+from peftjax.optim._loraplus import scale_by_loraplus as scale_by_loraplus
 from peftjax.optim._projectors import PROJ_TYPES as PROJ_TYPES
 from peftjax.optim._projectors import Projector as Projector
 from peftjax.optim._projectors import coordinates as coordinates
@@ -29,15 +35,21 @@ __all__ = [
     "BlockSelector",
     "FrugalState",
     "GaLoreState",
+    "LISAState",
+    "LoRAPlusState",
     "Projector",
     "blocks",
     "coordinates",
     "frugal",
     "galore",
+    "lisa",
+    "loraplus",
     "random_orthogonal",
     "randomized_svd",
     "scale_by_adam_hf",
     "scale_by_frugal",
     "scale_by_galore",
+    "scale_by_lisa",
+    "scale_by_loraplus",
     "svd",
 ]
