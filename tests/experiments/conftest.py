@@ -1,0 +1,29 @@
+"""Helpers for running experiments and notebooks as subprocesses."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENV = dict(os.environ, PYTHONPATH=ROOT, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+           MKL_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", JAX_PLATFORMS="cpu",
+           PYTHONHASHSEED="0", TF_CPP_MIN_LOG_LEVEL="3",
+           XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+           # The smoke runs compile the same small programs again and again: share
+           # them through JAX's persistent cache (keyed on the HLO and flags).
+           JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".pytest_cache", "jax-cache"),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def run_script(script, *args, timeout=240, check=True):
+    """Runs ``experiments/<script>`` with the test environment; returns the result."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script),
+                          *args], capture_output=True, text=True, cwd=ROOT, env=ENV,
+                         timeout=timeout)
+    if check and out.returncode != 0:
+        pytest.fail(f"{script} {' '.join(args)} exited {out.returncode}\n"
+                    f"stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-5000:]}")
+    return out

@@ -1,0 +1,59 @@
+"""The demo in smoke mode: every output file, improving perplexity, clear errors."""
+
+import json
+import os
+
+import pytest
+
+from tests.experiments.conftest import ROOT, run_script
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_smoke_writes_every_output(tmp_path):
+    out = tmp_path / "demo"
+    res = run_script("demo.py", "--smoke", "--progress=false", f"--out_dir={out}")
+    results = json.loads((out / "demo_results.json").read_text())
+    for k in ("ppl_before", "ppl_after", "trainable_params", "total_params",
+              "optimizer_state_bytes", "seconds"):
+        assert k in results, k
+    assert results["ppl_after"] < results["ppl_before"]
+    assert 0 < results["trainable_params"] < results["total_params"]
+    # Adam: two moments per trainable parameter in float32, plus counters
+    assert results["optimizer_state_bytes"] >= 8 * results["trainable_params"]
+    assert (out / "loss.png").stat().st_size > 1000
+    assert (out / "adapter").is_dir() and (out / "checkpoints").is_dir()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    assert {"loss", "lr", "tokens_per_s", "grad_norm"} <= set(rows[0])
+    assert rows[0]["lr"] < max(r["lr"] for r in rows)  # warm-up
+    assert "held-out perplexity before" in res.stdout
+    assert "sample after" in res.stdout
+    assert "trainable params" in res.stdout and "optimizer state" in res.stdout
+
+
+@pytest.mark.parametrize("method, issue", [("frugal", 5), ("lora-sb", 6), ("pissa", 6),
+                                           ("sparse", 7)])
+def test_unbuilt_methods_name_their_issue(method, issue):
+    recipe = _recipe()
+    with pytest.raises(NotImplementedError, match=rf"--method={method}: .* issue {issue}"):
+        recipe.method(method)(None, None, None, None)
+    assert method not in recipe.available_methods()
+    assert {"lora", "dora", "lora_xs", "full"} <= set(recipe.available_methods())
+    with pytest.raises(ValueError, match="unknown"):
+        recipe.method("lorra")
+
+
+def _recipe():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_recipe", os.path.join(ROOT, "experiments", "_recipe.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_unknown_option_is_rejected(tmp_path):
+    res = run_script("demo.py", "--smok", check=False, timeout=120)
+    assert res.returncode != 0 and "unknown option --smok" in res.stderr
