@@ -60,24 +60,26 @@ def scale_by_adam_hf(
         del params
         count = optax.safe_int32_increment(state.count)
 
+        # Moment arithmetic in float32, stored in the moments' dtype: in bf16,
+        # 0.999 rounds to 1.0 and the second moment would never move.
+        f32 = jnp.float32
+        b1_, b2_ = jnp.asarray(b1, f32), jnp.asarray(b2, f32)
+
         def mom1(g, m):
-            b1_ = jnp.asarray(b1).astype(g.dtype)
-            return b1_ * m + (1 - b1_) * g
+            return (b1_ * m.astype(f32) + (1 - b1_) * g.astype(f32)).astype(m.dtype)
 
         def mom2(g, v):
-            b2_ = jnp.asarray(b2).astype(g.dtype)
-            return b2_ * v + (1 - b2_) * jnp.square(g)
+            g2 = jnp.square(g.astype(f32))
+            return (b2_ * v.astype(f32) + (1 - b2_) * g2).astype(v.dtype)
 
         mu = jax.tree.map(mom1, updates, state.mu)
         nu = jax.tree.map(mom2, updates, state.nu)
-        t = count.astype(jnp.float32)
-        step = jnp.sqrt(1 - jnp.asarray(b2, jnp.float32) ** t) / (
-            1 - jnp.asarray(b1, jnp.float32) ** t
-        )
+        t = count.astype(f32)
+        step = jnp.sqrt(1 - b2_**t) / (1 - b1_**t)
 
         def norm(m, v):
-            eps_ = jnp.asarray(eps).astype(m.dtype)
-            return (step.astype(m.dtype) * m / (jnp.sqrt(v) + eps_)).astype(m.dtype)
+            out = step * m.astype(f32) / (jnp.sqrt(v.astype(f32)) + jnp.asarray(eps, f32))
+            return out.astype(m.dtype)
 
         out = jax.tree.map(norm, mu, nu)
         return out, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)

@@ -394,7 +394,16 @@ def frugal(
     update_gap: int = 200,
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any = None,
-    **kwargs: Any,
+    *,
+    projector: "_projectors.Projector | BlockSelector | None" = None,
+    proj_type: str = "std",
+    inner: optax.GradientTransformation | None = None,
+    free: optax.GradientTransformation | None = None,
+    scale: jax.typing.ArrayLike = 1.0,
+    free_scale: jax.typing.ArrayLike = 1.0,
+    reset_statistics: bool = True,
+    dimension_numbers: _leaves.DimsSpec = None,
+    key: jax.Array | int | None = None,
 ) -> optax.GradientTransformation:
     """FRUGAL optimizer: ``scale_by_frugal``, decoupled decay, learning rate.
 
@@ -408,7 +417,15 @@ def frugal(
       update_gap: see ``scale_by_frugal`` (static).
       weight_decay: decoupled weight decay (injectable).
       mask: weight-decay mask, as in ``optax.add_decayed_weights``.
-      **kwargs: the keyword arguments of ``scale_by_frugal``.
+      projector: see ``scale_by_frugal`` (static).
+      proj_type: see ``scale_by_frugal`` (static).
+      inner: see ``scale_by_frugal`` (static).
+      free: see ``scale_by_frugal`` (static).
+      scale: see ``scale_by_frugal`` (injectable).
+      free_scale: see ``scale_by_frugal`` (injectable).
+      reset_statistics: see ``scale_by_frugal`` (static).
+      dimension_numbers: see ``scale_by_frugal`` (static).
+      key: see ``scale_by_frugal`` (static).
 
     Returns:
       An ``optax.GradientTransformation`` (a chain whose first state is
@@ -428,7 +445,12 @@ def frugal(
       Zmushko et al., 2024, https://arxiv.org/abs/2411.07837.
     """
     return optax.chain(
-        scale_by_frugal(density, update_gap, **kwargs),
+        scale_by_frugal(
+            density, update_gap, projector=projector, proj_type=proj_type,
+            inner=inner, free=free, scale=scale, free_scale=free_scale,
+            reset_statistics=reset_statistics,
+            dimension_numbers=dimension_numbers, key=key,
+        ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )

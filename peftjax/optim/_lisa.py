@@ -32,7 +32,7 @@ Exports: ``LISAState``, ``scale_by_lisa``, ``lisa``.
 """
 
 import re
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -241,7 +241,12 @@ def lisa(
     n_active: int = 2,
     interval: int = 20,
     weight_decay: jax.typing.ArrayLike = 0.0,
-    **kwargs: Any,
+    *,
+    layers: str | None = r"layers/(\d+)/.*",
+    stacked: str | None = None,
+    state_policy: str = "keep",
+    inner: optax.GradientTransformation | None = None,
+    key: jax.Array | int | None = None,
 ) -> optax.GradientTransformation:
     """LISA optimizer: ``scale_by_lisa`` (decay on trained leaves only), lr.
 
@@ -254,7 +259,11 @@ def lisa(
       n_active: see ``scale_by_lisa`` (static).
       interval: see ``scale_by_lisa`` (static).
       weight_decay: decoupled weight decay of trained leaves (injectable).
-      **kwargs: the keyword arguments of ``scale_by_lisa``.
+      layers: see ``scale_by_lisa`` (static).
+      stacked: see ``scale_by_lisa`` (static).
+      state_policy: see ``scale_by_lisa`` (static).
+      inner: see ``scale_by_lisa`` (static).
+      key: see ``scale_by_lisa`` (static).
 
     Returns:
       An ``optax.GradientTransformation`` (chain; first state ``LISAState``).
@@ -271,7 +280,8 @@ def lisa(
       Pan et al., 2024, https://arxiv.org/abs/2403.17919.
     """
     return optax.chain(
-        scale_by_lisa(n_layers, n_active, interval, weight_decay=weight_decay,
-                      **kwargs),
+        scale_by_lisa(n_layers, n_active, interval, layers=layers, stacked=stacked,
+                      state_policy=state_policy, inner=inner,
+                      weight_decay=weight_decay, key=key),
         optax.scale_by_learning_rate(learning_rate),
     )
