@@ -77,7 +77,7 @@ def test_classification_head_and_gradients():
     assert "classifier" in p and p["classifier"]["kernel"].shape == (16, 3)
     ids = jnp.asarray([[2, 5, 7, 9], [3, 4, 0, 0]], jnp.int32)
     mask = jnp.asarray([[1, 1, 1, 1], [1, 1, 0, 0]], jnp.int32)
-    logits = pm.apply(g, p, ids, attention_mask=mask)
+    logits = jax.jit(lambda p: pm.apply(g, p, ids, attention_mask=mask))(p)
     h = _reference.bert_hidden(p, cfg, ids, mask)
     m = np.asarray(mask, np.float64)[..., None]
     pooled = (h * m).sum(1) / m.sum(1)
@@ -154,6 +154,7 @@ def test_config_errors():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("real_checkpoints")
 def test_minilm_golden(golden):
     model = bert.load_bert(pm.minilm_dir())
     tok = pm.load_tokenizer(pm.minilm_dir())

@@ -44,14 +44,16 @@ def test_greedy_generate_equals_full_recompute_loop(scan_layers):
     prompt = jnp.asarray([[0, 3, 5, 7], [2, 4, 6, 8]], jnp.int32)
     mask = jnp.asarray([[0, 1, 1, 1], [1, 1, 1, 1]], jnp.int32)
     out = llama.generate(model, prompt, prompt_mask=mask, max_new_tokens=6)
+    # Full recompute with one compile: a right-padded buffer; by causality the
+    # logits at the last real position ignore the padding after it.
     fwd = jax.jit(lambda ids, m: model(ids, attention_mask=m))
-    seq, m = prompt, mask
+    seq = jnp.concatenate([prompt, jnp.zeros((2, 6), jnp.int32)], 1)
+    m = jnp.concatenate([mask, jnp.zeros((2, 6), jnp.int32)], 1)
     want = []
-    for _ in range(6):
-        nxt = jnp.argmax(fwd(seq, m)[:, -1], -1).astype(jnp.int32)
+    for t in range(4, 10):
+        nxt = jnp.argmax(fwd(seq, m)[:, t - 1], -1).astype(jnp.int32)
         want.append(nxt)
-        seq = jnp.concatenate([seq, nxt[:, None]], 1)
-        m = jnp.concatenate([m, jnp.ones((2, 1), jnp.int32)], 1)
+        seq, m = seq.at[:, t].set(nxt), m.at[:, t].set(1)
     np.testing.assert_array_equal(np.asarray(out), np.stack(want, 1))
 
 
@@ -59,9 +61,9 @@ def test_eos_sticks():
     cfg = make_config()
     model = model_of(cfg, seed=1)
     prompt = jnp.asarray([[1, 2, 3]], jnp.int32)
-    free = np.asarray(llama.generate(model, prompt, max_new_tokens=8))[0]
+    free = np.asarray(llama.generate(model, prompt, max_new_tokens=6))[0]
     eos = int(free[2])
-    out = np.asarray(llama.generate(model, prompt, max_new_tokens=8, eos_id=eos))[0]
+    out = np.asarray(llama.generate(model, prompt, max_new_tokens=6, eos_id=eos))[0]
     first = list(out).index(eos)
     np.testing.assert_array_equal(out[:first], free[:first])
     assert (out[first:] == eos).all()

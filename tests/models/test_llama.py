@@ -125,11 +125,9 @@ def test_padding_invariance(side):
     close(fwd(g, p, batch, masks)[1], ref[1])
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_scan_equals_unrolled_outputs_and_grads(remat):
+def test_scan_equals_unrolled_outputs_and_grads():
     cfg = make_config(num_hidden_layers=3, hidden_size=16, intermediate_size=24)
     g, p = make(cfg)
-    gs, _ = make(cfg, scan_layers=True, remat=remat)
     ps = tree.stack_layers(p)
     ids = tokens(cfg)
 
@@ -138,13 +136,17 @@ def test_scan_equals_unrolled_outputs_and_grads(remat):
         lp = jax.nn.log_softmax(logits)
         return -jnp.take_along_axis(lp, ids[:, 1:, None], -1).mean()
 
-    np.testing.assert_allclose(f64(fwd(gs, ps, ids)), f64(fwd(g, p, ids)),
-                               **MATMUL_F32)
     gu = jax.jit(jax.grad(lambda q: loss(g, q)))(p)
-    gsc = jax.jit(jax.grad(lambda q: loss(gs, q)))(ps)
-    assert tree.paths(tree.unstack_layers(gsc)) == tree.paths(gu)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(f64(a), f64(b), **GRAD_F32),
-                 tree.unstack_layers(gsc), gu)
+    for remat in (False, True):
+        gs, _ = make(cfg, scan_layers=True, remat=remat)
+        np.testing.assert_allclose(f64(fwd(gs, ps, ids)), f64(fwd(g, p, ids)),
+                                   **MATMUL_F32)
+        jaxpr = str(jax.make_jaxpr(lambda q, gs=gs: loss(gs, q))(ps))
+        assert ("checkpoint" in jaxpr or "remat" in jaxpr) is remat
+        gsc = jax.jit(jax.grad(lambda q, gs=gs: loss(gs, q)))(ps)
+        assert tree.paths(tree.unstack_layers(gsc)) == tree.paths(gu)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(f64(a), f64(b), **GRAD_F32),
+                     tree.unstack_layers(gsc), gu)
 
 
 def test_scanned_paths_documented():
@@ -212,3 +214,20 @@ def test_bf16_compute_close_to_f32():
     assert b.dtype == jnp.float32
     # bf16 activations through 2 layers: a few bf16 ulps of the logit scale.
     np.testing.assert_allclose(f64(b), f64(a), rtol=0, atol=0.05)
+
+
+def test_hf_configs_of_the_family():
+    common = dict(vocab_size=32, hidden_size=16, intermediate_size=32,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    qwen = llama.LlamaConfig.from_hf({**common, "model_type": "qwen2",
+                                      "sliding_window": 64, "use_sliding_window": False})
+    assert qwen.attention_bias and qwen.sliding_window is None
+    mistral = llama.LlamaConfig.from_hf({**common, "model_type": "mistral",
+                                         "sliding_window": 64})
+    assert mistral.sliding_window == 64 and not mistral.attention_bias
+    l3 = llama.LlamaConfig.from_hf({**common, "model_type": "llama", "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+    assert l3.rope_theta == 5e5 and l3.rope_scaling.rope_type == "llama3"
+    for c in (qwen, mistral, l3):
+        assert llama.LlamaConfig.from_hf(c.to_hf()) == c

@@ -23,7 +23,8 @@ PPL_REL = 1e-2
 # Generation: golden top-1/top-2 logit margin required at every compared step.
 MIN_MARGIN = 0.05
 
-pytestmark = pytest.mark.slow
+# One group so that, under --dist loadgroup, one worker loads SmolLM2 once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("real_checkpoints")]
 
 # Hand-checked ids of inputs.json's tokenizer probe: '<|im_start|>' is one
 # special token (1); "1984" splits into single digits ('1'=33 '9'=41 '8'=40
