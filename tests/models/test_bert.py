@@ -154,7 +154,6 @@ def test_config_errors():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("real_checkpoints")
 def test_minilm_golden(golden):
     model = bert.load_bert(pm.minilm_dir())
     tok = pm.load_tokenizer(pm.minilm_dir())

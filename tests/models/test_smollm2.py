@@ -23,8 +23,10 @@ PPL_REL = 1e-2
 # Generation: golden top-1/top-2 logit margin required at every compared step.
 MIN_MARGIN = 0.05
 
-# One group so that, under --dist loadgroup, one worker loads SmolLM2 once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("real_checkpoints")]
+# All real-SmolLM2 tests live in this file: under ``--dist loadfile`` one xdist
+# worker loads and compiles the checkpoint once (with ``--dist load`` each
+# worker that gets one of these tests loads it).
+pytestmark = pytest.mark.slow
 
 # Hand-checked ids of inputs.json's tokenizer probe: '<|im_start|>' is one
 # special token (1); "1984" splits into single digits ('1'=33 '9'=41 '8'=40
