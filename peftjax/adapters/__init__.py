@@ -37,6 +37,13 @@ from peftjax.adapters._lora import scaling_value as scaling_value
 from peftjax.adapters._lora_xs import LoRAXSBasis as LoRAXSBasis
 from peftjax.adapters._lora_xs import LoRAXSParams as LoRAXSParams
 from peftjax.adapters._lora_xs import lora_xs as lora_xs
+from peftjax.adapters._prompt import PrefixParams as PrefixParams
+from peftjax.adapters._prompt import PrefixProjection as PrefixProjection
+from peftjax.adapters._prompt import PromptInit as PromptInit
+from peftjax.adapters._prompt import PromptParams as PromptParams
+from peftjax.adapters._prompt import prefix_kv as prefix_kv
+from peftjax.adapters._prompt import prefix_tuning as prefix_tuning
+from peftjax.adapters._prompt import prompt_tuning as prompt_tuning
 from peftjax.adapters._scale_shift import ScaleParams as ScaleParams
 from peftjax.adapters._scale_shift import ScaleShiftParams as ScaleShiftParams
 from peftjax.adapters._scale_shift import Side as Side
@@ -67,6 +74,10 @@ __all__ = [
     "LoRAParams",
     "LoRAXSBasis",
     "LoRAXSParams",
+    "PrefixParams",
+    "PrefixProjection",
+    "PromptInit",
+    "PromptParams",
     "Scaling",
     "ScaleParams",
     "ScaleShiftParams",
@@ -94,6 +105,9 @@ __all__ = [
     "merge",
     "num_trainable",
     "path_key",
+    "prefix_kv",
+    "prefix_tuning",
+    "prompt_tuning",
     "scale_shift",
     "scaling_value",
     "ssf",
