@@ -48,7 +48,7 @@ TORCH_PY = os.path.join(ROOT, ".venv-torch", "bin", "python")
 
 # The torch worker: reads commands on stdin, answers one JSON line per command.
 # It runs only when asked, so torch and JAX never compute at the same time.
-TORCH_WORKER = r'''
+TORCH_WORKER = r"""
 import json, os, sys, time
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ for line in sys.stdin:
         print(json.dumps({"seconds": s, "loss": l}), flush=True)
     else:
         break
-'''
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +97,17 @@ class Config:
 def _tiny_config():
     from peftjax.models import llama
 
-    return llama.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, rope_theta=1e5, rms_norm_eps=1e-5,
-                             tie_word_embeddings=True)
+    return llama.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=1e5,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )
 
 
 def _load_params(cfg: Config):
@@ -151,26 +158,40 @@ def _flops_of(compiled) -> float:
     return float(cost.get("flops", float("nan")))
 
 
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def _torch_worker(mcfg, ids_path: str, gguf: str | None):
     if not os.path.exists(os.path.join(ROOT, ".venv-torch", ".ready")):
         return None, "no torch side environment (.venv-torch/.ready missing)"
     hf = mcfg.to_hf()
-    spec = {"gguf": gguf, "ids": ids_path,
-            "config": {k: hf[k] for k in (
-                "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
-                "rope_theta", "tie_word_embeddings", "max_position_embeddings")}}
-    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.Popen([TORCH_PY, "-c", TORCH_WORKER, json.dumps(spec)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+    spec = {
+        "gguf": gguf,
+        "ids": ids_path,
+        "config": {
+            k: hf[k]
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "rms_norm_eps",
+                "rope_theta",
+                "tie_word_embeddings",
+                "max_position_embeddings",
+            )
+        },
+    }
+    env = dict(
+        os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"
+    )
+    proc = subprocess.Popen(
+        [TORCH_PY, "-c", TORCH_WORKER, json.dumps(spec)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     first = proc.stdout.readline()
     if not first:
         proc.wait()
@@ -198,12 +219,15 @@ def main(cfg: Config) -> dict:
     load_before = os.getloadavg()
     mcfg, unrolled, gguf = _load_params(cfg)
     rng = np.random.default_rng(cfg.seed)
-    ids_np = rng.integers(0, mcfg.vocab_size, (cfg.batch, cfg.seq_len + 1), dtype=np.int64)
+    ids_np = rng.integers(
+        0, mcfg.vocab_size, (cfg.batch, cfg.seq_len + 1), dtype=np.int64
+    )
     ids = jnp.asarray(ids_np, jnp.int32)
 
     def graphdef(scan: bool):
-        abstract = nnx.eval_shape(lambda: llama.LlamaForCausalLM(
-            mcfg, scan_layers=scan, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(
+            lambda: llama.LlamaForCausalLM(mcfg, scan_layers=scan, rngs=nnx.Rngs(0))
+        )
         return nnx.graphdef(abstract)
 
     scanned = tree.stack_layers(unrolled)
@@ -228,11 +252,12 @@ def main(cfg: Config) -> dict:
     losses: dict[str, float] = {}
     try:
         for i in range(cfg.warmup + cfg.steps):
-            out = {}
-            t_scan = _timed(lambda: out.__setitem__(
-                "scan", jax.block_until_ready(compiled_scan(scanned, ids))))
-            t_unr = _timed(lambda: out.__setitem__(
-                "unrolled", jax.block_until_ready(compiled_unrolled(unrolled, ids))))
+            t0 = time.perf_counter()
+            out_scan = jax.block_until_ready(compiled_scan(scanned, ids))
+            t_scan = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out_unrolled = jax.block_until_ready(compiled_unrolled(unrolled, ids))
+            t_unr = time.perf_counter() - t0
             t_torch = None
             if worker is not None:
                 t_torch, losses["torch"] = _torch_step(worker)
@@ -241,8 +266,8 @@ def main(cfg: Config) -> dict:
                 times["unrolled"].append(t_unr)
                 if t_torch is not None:
                     times["torch"].append(t_torch)
-            losses["scan"] = float(out["scan"][0])
-            losses["unrolled"] = float(out["unrolled"][0])
+            losses["scan"] = float(out_scan[0])
+            losses["unrolled"] = float(out_unrolled[0])
     finally:
         if worker is not None:
             worker[0].stdin.close()
@@ -263,8 +288,9 @@ def main(cfg: Config) -> dict:
         "step_s_peftjax_unrolled": med(times["unrolled"]),
         "step_s_peftjax_unrolled_min": min(times["unrolled"]),
         "step_s_torch_min": min(times["torch"]) if times["torch"] else None,
-        "ratio_peftjax_over_torch": (med(times["scan"]) / med(times["torch"])
-                                     if times["torch"] else None),
+        "ratio_peftjax_over_torch": (
+            med(times["scan"]) / med(times["torch"]) if times["torch"] else None
+        ),
         "ratio_compile_scan_over_unrolled": compile_s_scan / compile_s_unrolled,
         "flops_scan_xla_body_once": flops_scan_xla,
         "flops_jaxpr_scan": flops_scan_jaxpr,
@@ -277,15 +303,22 @@ def main(cfg: Config) -> dict:
         "flops_xla_over_jaxpr": flops / flops_unrolled_jaxpr,
         "losses": losses,
         # Same GGUF weights and tokens on both sides: the losses must agree.
-        "losses_agree": (None if "torch" not in losses or cfg.smoke else
-                         abs(losses["torch"] - losses["scan"]) <= 1e-3 * abs(losses["torch"])),
+        "losses_agree": (
+            None
+            if "torch" not in losses or cfg.smoke
+            else abs(losses["torch"] - losses["scan"]) <= 1e-3 * abs(losses["torch"])
+        ),
         "times": times,
         "torch_note": torch_note if worker is None else f"torch {worker[1]}",
         "config": dataclasses.asdict(cfg),
-        "model": "tiny random Llama (smoke)" if cfg.smoke else
-                 "SmolLM2-135M-Instruct Q4_1 GGUF dequantised to float32",
-        "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                     "backend": jax.default_backend()},
+        "model": "tiny random Llama (smoke)"
+        if cfg.smoke
+        else "SmolLM2-135M-Instruct Q4_1 GGUF dequantised to float32",
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+        },
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
     }
@@ -300,11 +333,16 @@ def _parse(argv: list[str]) -> Config:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for field in dataclasses.fields(Config):
         if field.type in (bool, "bool"):
-            ap.add_argument(f"--{field.name}", nargs="?", const="true",
-                            default=str(field.default).lower())
+            ap.add_argument(
+                f"--{field.name}",
+                nargs="?",
+                const="true",
+                default=str(field.default).lower(),
+            )
         else:
-            ap.add_argument(f"--{field.name}", default=field.default,
-                            type=type(field.default))
+            ap.add_argument(
+                f"--{field.name}", default=field.default, type=type(field.default)
+            )
     ns = vars(ap.parse_args(argv))
     for field in dataclasses.fields(Config):
         if field.type in (bool, "bool"):
@@ -317,7 +355,17 @@ def _parse(argv: list[str]) -> Config:
 
 if __name__ == "__main__":
     res = main(_parse(sys.argv[1:]))
-    keys = ("step_s_peftjax", "step_s_torch", "compile_s_scan", "compile_s_unrolled",
-            "flops", "ratio_peftjax_over_torch", "ratio_compile_scan_over_unrolled",
-            "flops_jaxpr_agree", "loadavg_before", "loadavg_after", "torch_note")
+    keys = (
+        "step_s_peftjax",
+        "step_s_torch",
+        "compile_s_scan",
+        "compile_s_unrolled",
+        "flops",
+        "ratio_peftjax_over_torch",
+        "ratio_compile_scan_over_unrolled",
+        "flops_jaxpr_agree",
+        "loadavg_before",
+        "loadavg_after",
+        "torch_note",
+    )
     print(json.dumps({k: res[k] for k in keys}, indent=1))

@@ -157,7 +157,8 @@ def write_safetensors(
     for k, v in meta.items():
         if not isinstance(v, str):
             raise TypeError(
-                f"write_safetensors: metadata[{k!r}] must be str, got {type(v).__name__}"
+                f"write_safetensors: metadata[{k!r}] must be str, "
+                f"got {type(v).__name__}"
             )
     host = {str(k): np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}
     save_file(host, os.fspath(path), metadata=meta or None)

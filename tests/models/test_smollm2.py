@@ -6,6 +6,9 @@ are a 4-bit dequantisation, so the perplexity here is not comparable with
 published SmolLM2 figures.
 """
 
+import hashlib
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ import pytest
 from peftjax import models as pm
 from peftjax import tree
 from peftjax.models import llama
-from tests.models.conftest import passage
+from tests.models.conftest import GOLDEN_DIR, passage
 
 # The issue's parity bar: max|diff| <= 1e-4 * max|ref| per sequence (float32
 # model, 30 layers, compared with torch's float32 CPU kernels).
@@ -32,28 +35,85 @@ pytestmark = pytest.mark.slow
 # special token (1); "1984" splits into single digits ('1'=33 '9'=41 '8'=40
 # '4'=36) with the preceding space alone ('Ġ'=216); a run of 3 spaces before
 # "naïve" is 'ĠĠ' (256) + 'Ġna' (15486); two tabs are two 'ĉ' (197).
-PROBE_IDS = [1, 4093, 198, 788, 216, 33, 41, 40, 36, 28, 216, 260, 37366, 5019, 216,
-             33, 34, 1650, 22069, 3030, 1841, 256, 15486, 46494, 17, 197, 197, 68,
-             7366, 2]
+PROBE_IDS = [
+    1,
+    4093,
+    198,
+    788,
+    216,
+    33,
+    41,
+    40,
+    36,
+    28,
+    216,
+    260,
+    37366,
+    5019,
+    216,
+    33,
+    34,
+    1650,
+    22069,
+    3030,
+    1841,
+    256,
+    15486,
+    46494,
+    17,
+    197,
+    197,
+    68,
+    7366,
+    2,
+]
 
 
 def test_tokenizer_pinned_ids(smollm2, golden):
     s = golden.inputs["smollm2"]
     assert smollm2.tokenizer.encode(s["tokenizer_probe"]).ids == PROBE_IDS
     assert s["tokenizer_probe_ids"] == PROBE_IDS
-    assert smollm2.tokenizer.decode(PROBE_IDS, skip_special_tokens=False) == (
-        s["tokenizer_probe"])
+    assert (
+        smollm2.tokenizer.decode(PROBE_IDS, skip_special_tokens=False)
+        == (s["tokenizer_probe"])
+    )
     # The golden inputs are still what this tokenizer produces.
     assert smollm2.tokenizer.encode(passage(golden, "ppl")).ids[:256] == s["ppl_ids"]
-    assert smollm2.tokenizer.encode(passage(golden, "logits_a")).ids[:80] == (
-        s["logits_ids"][0])
+    assert (
+        smollm2.tokenizer.encode(passage(golden, "logits_a")).ids[:80]
+        == (s["logits_ids"][0])
+    )
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_goldens_were_made_from_these_files(golden):
+    sha = golden.meta["sha256"]
+    assert _sha256(pm.smollm2_gguf()) == sha["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    assert (
+        _sha256(os.path.join(pm.minilm_dir(), "model.safetensors"))
+        == (sha["all-MiniLM-L6-v2/model.safetensors"])
+    )
+    assert _sha256(os.path.join(GOLDEN_DIR, "inputs.json")) == sha["inputs.json"]
+    assert golden.meta["versions"]["transformers"] == "5.23.0"
 
 
 def test_config_from_gguf(smollm2):
     c = smollm2.config
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads,
-            c.num_key_value_heads, c.vocab_size, c.intermediate_size) == (
-        30, 576, 9, 3, 49152, 1536)
+    assert (
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.vocab_size,
+        c.intermediate_size,
+    ) == (30, 576, 9, 3, 49152, 1536)
     assert c.tie_word_embeddings and c.rope_theta == 1e5
     assert "lm_head" not in smollm2.params
 
@@ -62,8 +122,9 @@ def test_golden_logits(smollm2, golden):
     s, g = golden.inputs["smollm2"], golden.smollm2
     ids = jnp.asarray(s["logits_ids"], jnp.int32)
     mask = np.asarray(s["logits_mask"], bool)
-    logits = np.asarray(smollm2.forward(smollm2.params, ids, jnp.asarray(mask)),
-                        np.float64)
+    logits = np.asarray(
+        smollm2.forward(smollm2.params, ids, jnp.asarray(mask)), np.float64
+    )
     for i in range(ids.shape[0]):
         ours, m = logits[i][mask[i]], mask[i]
         bound = GOLDEN_REL * g["logits_max_abs"][i]
@@ -79,8 +140,9 @@ def test_golden_logits(smollm2, golden):
 
 def test_perplexity(smollm2, golden):
     ids = jnp.asarray([golden.inputs["smollm2"]["ppl_ids"]], jnp.int32)
-    logits = np.asarray(smollm2.forward(smollm2.params, ids, jnp.ones_like(ids)),
-                        np.float64)[0, :-1]
+    logits = np.asarray(
+        smollm2.forward(smollm2.params, ids, jnp.ones_like(ids)), np.float64
+    )[0, :-1]
     mx = logits.max(-1, keepdims=True)
     logp = logits - (np.log(np.exp(logits - mx).sum(-1, keepdims=True)) + mx)
     nll = -np.take_along_axis(logp, np.asarray(ids[0, 1:])[:, None], -1).mean()
@@ -105,7 +167,11 @@ def test_load_both_layouts(smollm2):
     _, p = pm.split_params(unrolled)
     assert tree.paths(p) == tree.paths(smollm2.unrolled)
     assert "layers/29/self_attn/q_proj/kernel" in tree.paths(p)
-    assert smollm2.params["layers"]["self_attn"]["k_proj"]["kernel"].shape == (30, 576, 192)
+    assert smollm2.params["layers"]["self_attn"]["k_proj"]["kernel"].shape == (
+        30,
+        576,
+        192,
+    )
     want = tree.leaves_by_path(tree.unstack_layers(smollm2.params))
     got = tree.leaves_by_path(p)
     assert sorted(got) == sorted(want)

@@ -7,7 +7,9 @@ See ``peftjax/models/README.md`` for the parameter path table.
 from peftjax.models.bert._config import BertConfig as BertConfig
 from peftjax.models.bert._loader import load_bert as load_bert
 from peftjax.models.bert._loader import params_from_hf as params_from_hf
-from peftjax.models.bert._model import BertForSequenceClassification as BertForSequenceClassification
+from peftjax.models.bert._model import (
+    BertForSequenceClassification as BertForSequenceClassification,
+)
 from peftjax.models.bert._model import BertModel as BertModel
 from peftjax.models.bert._model import mean_pool as mean_pool
 

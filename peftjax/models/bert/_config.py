@@ -51,14 +51,20 @@ class BertConfig:
 
     def __post_init__(self):
         if self.model_type not in _MODEL_TYPES:
-            raise ValueError(f"BertConfig: unsupported model_type {self.model_type!r}; "
-                             f"supported: {_MODEL_TYPES}")
+            raise ValueError(
+                f"BertConfig: unsupported model_type {self.model_type!r}; "
+                f"supported: {_MODEL_TYPES}"
+            )
         if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"BertConfig: unsupported hidden_act {self.hidden_act!r}; "
-                             f"supported: {_ACTIVATIONS}")
+            raise ValueError(
+                f"BertConfig: unsupported hidden_act {self.hidden_act!r}; "
+                f"supported: {_ACTIVATIONS}"
+            )
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"BertConfig: num_attention_heads={self.num_attention_heads} "
-                             f"must divide hidden_size={self.hidden_size}")
+            raise ValueError(
+                f"BertConfig: num_attention_heads={self.num_attention_heads} "
+                f"must divide hidden_size={self.hidden_size}"
+            )
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "BertConfig":
@@ -82,12 +88,16 @@ class BertConfig:
         """
         pos = d.get("position_embedding_type", "absolute")
         if pos != "absolute":
-            raise ValueError(f"BertConfig.from_hf: unsupported position_embedding_type "
-                             f"{pos!r}; only 'absolute' is supported")
+            raise ValueError(
+                f"BertConfig.from_hf: unsupported position_embedding_type "
+                f"{pos!r}; only 'absolute' is supported"
+            )
         if d.get("model_type") not in _MODEL_TYPES:
-            raise ValueError(f"BertConfig.from_hf: unsupported model_type "
-                             f"{d.get('model_type')!r} (architectures="
-                             f"{d.get('architectures')}); supported: {_MODEL_TYPES}")
+            raise ValueError(
+                f"BertConfig.from_hf: unsupported model_type "
+                f"{d.get('model_type')!r} (architectures="
+                f"{d.get('architectures')}); supported: {_MODEL_TYPES}"
+            )
         return cls(
             vocab_size=int(d["vocab_size"]),
             hidden_size=int(d["hidden_size"]),
@@ -115,6 +125,8 @@ class BertConfig:
           True
         """
         d = dataclasses.asdict(self)
-        d["architectures"] = ["RobertaModel" if self.model_type == "roberta" else "BertModel"]
+        d["architectures"] = [
+            "RobertaModel" if self.model_type == "roberta" else "BertModel"
+        ]
         d["position_embedding_type"] = "absolute"
         return d

@@ -24,11 +24,18 @@ from peftjax.models.bert import _config, _model
 from peftjax.tree import _paths
 
 _TOP = {
-    "embeddings.word_embeddings.weight": ("embeddings/word_embeddings/embedding", False),
-    "embeddings.position_embeddings.weight": ("embeddings/position_embeddings/embedding",
-                                              False),
+    "embeddings.word_embeddings.weight": (
+        "embeddings/word_embeddings/embedding",
+        False,
+    ),
+    "embeddings.position_embeddings.weight": (
+        "embeddings/position_embeddings/embedding",
+        False,
+    ),
     "embeddings.token_type_embeddings.weight": (
-        "embeddings/token_type_embeddings/embedding", False),
+        "embeddings/token_type_embeddings/embedding",
+        False,
+    ),
     "embeddings.LayerNorm.weight": ("embeddings/layer_norm/scale", False),
     "embeddings.LayerNorm.bias": ("embeddings/layer_norm/bias", False),
     "classifier.weight": ("classifier/kernel", True),
@@ -50,7 +57,7 @@ _IGNORED = re.compile(r"(embeddings\.position_ids|pooler\..*|cls\..*|lm_head\..*
 def _hf_to_path(name: str) -> tuple[str, bool] | None:
     for prefix in ("bert.", "roberta."):
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     if _IGNORED.fullmatch(name):
         return None
     if name in _TOP:
@@ -64,8 +71,13 @@ def _hf_to_path(name: str) -> tuple[str, bool] | None:
     return f"layers/{int(m.group(1))}/{sub}/{leaf}", kind == "weight" and not is_norm
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: _config.BertConfig, *,
-                   num_labels: int | None = None, param_dtype: Any = jnp.float32) -> dict:
+def params_from_hf(
+    tensors: Mapping[str, np.ndarray],
+    cfg: _config.BertConfig,
+    *,
+    num_labels: int | None = None,
+    param_dtype: Any = jnp.float32,
+) -> dict:
     """Converts HF BERT tensors to the pure parameter dict of the NNX model.
 
     Args:
@@ -91,11 +103,15 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: _config.BertConfig, *
       ...                    cfg)  # doctest: +SKIP
     """
     if num_labels is None:
-        abstract = nnx.eval_shape(lambda: _model.BertModel(
-            cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(
+            lambda: _model.BertModel(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        )
     else:
-        abstract = nnx.eval_shape(lambda: _model.BertForSequenceClassification(
-            cfg, num_labels=num_labels, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(
+            lambda: _model.BertForSequenceClassification(
+                cfg, num_labels=num_labels, param_dtype=param_dtype, rngs=nnx.Rngs(0)
+            )
+        )
     expected = dict(_paths.flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))))
     flat: dict[str, Any] = {}
     for name, arr in tensors.items():
@@ -107,20 +123,26 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: _config.BertConfig, *
             continue
         value = np.asarray(arr).T if transpose else np.asarray(arr)
         if path not in expected:
-            raise ValueError(f"bert params_from_hf: tensor {name!r} maps to {path!r}, "
-                             f"which the config (num_hidden_layers="
-                             f"{cfg.num_hidden_layers}) does not have")
+            raise ValueError(
+                f"bert params_from_hf: tensor {name!r} maps to {path!r}, "
+                f"which the config (num_hidden_layers="
+                f"{cfg.num_hidden_layers}) does not have"
+            )
         want = tuple(expected[path].shape)
         if value.shape != want:
-            raise ValueError(f"bert params_from_hf: tensor {name!r} -> {path!r} has shape "
-                             f"{value.shape}, but the config implies {want}")
+            raise ValueError(
+                f"bert params_from_hf: tensor {name!r} -> {path!r} has shape "
+                f"{value.shape}, but the config implies {want}"
+            )
         flat[path] = jnp.asarray(value, param_dtype)
     for path in ("classifier/kernel", "classifier/bias"):
         if path in expected and path not in flat:
             flat[path] = jnp.zeros(expected[path].shape, param_dtype)
     missing = sorted(set(expected) - set(flat))
     if missing:
-        raise ValueError(f"bert params_from_hf: checkpoint lacks parameters {missing[:6]}")
+        raise ValueError(
+            f"bert params_from_hf: checkpoint lacks parameters {missing[:6]}"
+        )
     out: dict = {}
     for path, v in flat.items():
         node = out
@@ -131,8 +153,13 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: _config.BertConfig, *
     return out
 
 
-def load_bert(path: str | os.PathLike, *, num_labels: int | None = None,
-              dtype: Any = None, param_dtype: Any = jnp.float32) -> _model.BertModel:
+def load_bert(
+    path: str | os.PathLike,
+    *,
+    num_labels: int | None = None,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+) -> _model.BertModel:
     """Loads a BERT-family HF directory (or Hub id) into the NNX model.
 
     Args:
@@ -158,13 +185,26 @@ def load_bert(path: str | os.PathLike, *, num_labels: int | None = None,
         raise ValueError(f"load_bert: {directory!r} has no config.json")
     with open(config_path, encoding="utf-8") as f:
         cfg = _config.BertConfig.from_hf(json.load(f))
-    params = params_from_hf(_hub.read_hf_weights(directory, what="load_bert"), cfg,
-                            num_labels=num_labels, param_dtype=param_dtype)
+    params = params_from_hf(
+        _hub.read_hf_weights(directory, what="load_bert"),
+        cfg,
+        num_labels=num_labels,
+        param_dtype=param_dtype,
+    )
     if num_labels is None:
-        abstract = nnx.eval_shape(lambda: _model.BertModel(
-            cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(
+            lambda: _model.BertModel(
+                cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)
+            )
+        )
     else:
-        abstract = nnx.eval_shape(lambda: _model.BertForSequenceClassification(
-            cfg, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype,
-            rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(
+            lambda: _model.BertForSequenceClassification(
+                cfg,
+                num_labels=num_labels,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=nnx.Rngs(0),
+            )
+        )
     return nnx.merge(nnx.graphdef(abstract), params)

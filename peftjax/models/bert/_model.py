@@ -77,13 +77,25 @@ class LayerNorm(nnx.Module):
 
 
 def _linear(d_in, d_out, *, dtype, param_dtype, rngs):
-    return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=nnx.initializers.normal(_INIT_STD), rngs=rngs)
+    return nnx.Linear(
+        d_in,
+        d_out,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.normal(_INIT_STD),
+        rngs=rngs,
+    )
 
 
 def _embed(n, d, *, dtype, param_dtype, rngs):
-    return nnx.Embed(n, d, dtype=dtype, param_dtype=param_dtype,
-                     embedding_init=nnx.initializers.normal(_INIT_STD), rngs=rngs)
+    return nnx.Embed(
+        n,
+        d,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        embedding_init=nnx.initializers.normal(_INIT_STD),
+        rngs=rngs,
+    )
 
 
 def _activation(name: str):
@@ -100,19 +112,25 @@ class Embeddings(nnx.Module):
     def __init__(self, cfg: _config.BertConfig, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.word_embeddings = _embed(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.position_embeddings = _embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
+        self.position_embeddings = _embed(
+            cfg.max_position_embeddings, cfg.hidden_size, **kw
+        )
         self.token_type_embeddings = _embed(cfg.type_vocab_size, cfg.hidden_size, **kw)
-        self.layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,
-                                    param_dtype=param_dtype)
+        self.layer_norm = LayerNorm(
+            cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=param_dtype
+        )
 
     def __call__(self, tokens, positions, token_types):
-        h = (self.word_embeddings(tokens) + self.position_embeddings(positions)
-             + self.token_type_embeddings(token_types))
+        h = (
+            self.word_embeddings(tokens)
+            + self.position_embeddings(positions)
+            + self.token_type_embeddings(token_types)
+        )
         return self.layer_norm(h)
 
 
 class Attention(nnx.Module):
-    """Bidirectional multi-head self-attention (``query``/``key``/``value``/``output``)."""
+    """Multi-head self-attention (``query``, ``key``, ``value``, ``output``)."""
 
     def __init__(self, cfg: _config.BertConfig, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -124,7 +142,9 @@ class Attention(nnx.Module):
     def __call__(self, x, mask):
         b, t, d = x.shape
         h = self.num_heads
-        q, k, v = (f(x).reshape(b, t, h, d // h) for f in (self.query, self.key, self.value))
+        q, k, v = (
+            f(x).reshape(b, t, h, d // h) for f in (self.query, self.key, self.value)
+        )
         s = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
         s = s * ((d // h) ** -0.5)
         s = jnp.where(mask[:, None, None, :], s, jnp.finfo(jnp.float32).min)
@@ -138,17 +158,21 @@ class Layer(nnx.Module):
     def __init__(self, cfg: _config.BertConfig, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attention = Attention(cfg, **kw)
-        self.attention_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,
-                                        param_dtype=param_dtype)
+        self.attention_norm = LayerNorm(
+            cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=param_dtype
+        )
         self.intermediate = _linear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.output = _linear(cfg.intermediate_size, cfg.hidden_size, **kw)
-        self.output_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps,
-                                     param_dtype=param_dtype)
+        self.output_norm = LayerNorm(
+            cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=param_dtype
+        )
         self.hidden_act = cfg.hidden_act
 
     def __call__(self, x, mask):
         x = self.attention_norm(x + self.attention(x, mask))
-        return self.output_norm(x + self.output(_activation(self.hidden_act)(self.intermediate(x))))
+        return self.output_norm(
+            x + self.output(_activation(self.hidden_act)(self.intermediate(x)))
+        )
 
 
 class BertModel(nnx.Module):
@@ -169,8 +193,14 @@ class BertModel(nnx.Module):
       (1, 3, 8)
     """
 
-    def __init__(self, cfg: _config.BertConfig, *, dtype: Any = None,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: _config.BertConfig,
+        *,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = cfg
         self.embeddings = Embeddings(cfg, **kw)
@@ -181,10 +211,17 @@ class BertModel(nnx.Module):
         if cfg.model_type == "roberta":
             m = mask.astype(jnp.int32)
             return jnp.cumsum(m, axis=1) * m + cfg.pad_token_id
-        return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        return jnp.broadcast_to(
+            jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape
+        )
 
-    def __call__(self, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
-                 token_type_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+    ) -> jax.Array:
         """Returns the last hidden states ``(B, T, d)``.
 
         Args:
@@ -195,17 +232,24 @@ class BertModel(nnx.Module):
         Returns:
           The hidden states, in the compute dtype.
         """
-        mask = (jnp.ones(tokens.shape, jnp.bool_) if attention_mask is None
-                else attention_mask.astype(jnp.bool_))
-        types = (jnp.zeros(tokens.shape, jnp.int32) if token_type_ids is None
-                 else token_type_ids)
+        mask = (
+            jnp.ones(tokens.shape, jnp.bool_)
+            if attention_mask is None
+            else attention_mask.astype(jnp.bool_)
+        )
+        types = (
+            jnp.zeros(tokens.shape, jnp.int32)
+            if token_type_ids is None
+            else token_type_ids
+        )
         h = self.embeddings(tokens, self._positions(tokens, mask), types)
         for layer in self.layers:
             h = layer(h, mask)
         return h
 
-    def embed(self, tokens: jax.Array, *, attention_mask: jax.Array | None = None
-              ) -> jax.Array:
+    def embed(
+        self, tokens: jax.Array, *, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
         """Returns mean-pooled sentence embeddings ``(B, d)`` float32.
 
         Args:
@@ -241,17 +285,32 @@ class BertForSequenceClassification(BertModel):
       (2, 3)
     """
 
-    def __init__(self, cfg: _config.BertConfig, *, num_labels: int, dtype: Any = None,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: _config.BertConfig,
+        *,
+        num_labels: int,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if num_labels < 1:
-            raise ValueError(f"BertForSequenceClassification: num_labels must be >= 1, "
-                             f"got {num_labels}")
+            raise ValueError(
+                f"BertForSequenceClassification: num_labels must be >= 1, "
+                f"got {num_labels}"
+            )
         super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.classifier = _linear(cfg.hidden_size, num_labels, dtype=dtype,
-                                  param_dtype=param_dtype, rngs=rngs)
+        self.classifier = _linear(
+            cfg.hidden_size, num_labels, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
-    def __call__(self, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
-                 token_type_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+    ) -> jax.Array:
         """Returns float32 class logits ``(B, num_labels)``.
 
         Args:
@@ -262,13 +321,15 @@ class BertForSequenceClassification(BertModel):
         Returns:
           The logits.
         """
-        h = super().__call__(tokens, attention_mask=attention_mask,
-                             token_type_ids=token_type_ids)
+        h = super().__call__(
+            tokens, attention_mask=attention_mask, token_type_ids=token_type_ids
+        )
         pooled = mean_pool(h, attention_mask).astype(h.dtype)
         return self.classifier(pooled).astype(jnp.float32)
 
-    def embed(self, tokens: jax.Array, *, attention_mask: jax.Array | None = None
-              ) -> jax.Array:
+    def embed(
+        self, tokens: jax.Array, *, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
         """Returns mean-pooled sentence embeddings ``(B, d)`` float32 (no head).
 
         Args:
@@ -278,5 +339,7 @@ class BertForSequenceClassification(BertModel):
         Returns:
           The embeddings.
         """
-        return mean_pool(BertModel.__call__(self, tokens, attention_mask=attention_mask),
-                         attention_mask)
+        return mean_pool(
+            BertModel.__call__(self, tokens, attention_mask=attention_mask),
+            attention_mask,
+        )

@@ -109,8 +109,9 @@ class LlamaConfig:
       model_type: ``"llama"``, ``"mistral"`` or ``"qwen2"``.
 
     Example:
-      >>> LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
-      ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1).head_dim
+      >>> c = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+      ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+      >>> c.head_dim
       4
     """
 
@@ -133,12 +134,19 @@ class LlamaConfig:
     model_type: str = "llama"
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size",
-                     "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"LlamaConfig: {name} must be a positive int, got {v!r}")
+                raise ValueError(
+                    f"LlamaConfig: {name} must be a positive int, got {v!r}"
+                )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"LlamaConfig: num_key_value_heads={self.num_key_value_heads} must "
@@ -150,8 +158,9 @@ class LlamaConfig:
                     f"LlamaConfig: hidden_size={self.hidden_size} is not divisible "
                     f"by num_attention_heads={self.num_attention_heads}; give head_dim"
                 )
-            object.__setattr__(self, "head_dim",
-                               self.hidden_size // self.num_attention_heads)
+            object.__setattr__(
+                self, "head_dim", self.hidden_size // self.num_attention_heads
+            )
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig: head_dim must be even, got {self.head_dim}")
 
@@ -184,7 +193,8 @@ class LlamaConfig:
         if model_type not in _HF_MODEL_TYPES:
             raise ValueError(
                 f"LlamaConfig.from_hf: unsupported model_type {model_type!r} "
-                f"(architectures={d.get('architectures')}); supported: {_HF_MODEL_TYPES}"
+                f"(architectures={d.get('architectures')}); "
+                f"supported: {_HF_MODEL_TYPES}"
             )
         rope = d.get("rope_parameters") or d.get("rope_scaling")
         theta = d.get("rope_theta")
@@ -205,7 +215,9 @@ class LlamaConfig:
             head_dim=None if d.get("head_dim") is None else int(d["head_dim"]),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta if theta is not None else 10000.0),
-            rope_scaling=RopeScaling.from_hf(rope if isinstance(rope, Mapping) else None),
+            rope_scaling=RopeScaling.from_hf(
+                rope if isinstance(rope, Mapping) else None
+            ),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
             sliding_window=None if window is None else int(window),
@@ -229,10 +241,16 @@ class LlamaConfig:
         """
         rs = self.rope_scaling
         rope = None if rs.rope_type == "default" else dataclasses.asdict(rs)
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM"}[self.model_type]
-        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else (
-            self.eos_token_id)
+        arch = {
+            "llama": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+        }[self.model_type]
+        eos = (
+            list(self.eos_token_id)
+            if isinstance(self.eos_token_id, tuple)
+            else (self.eos_token_id)
+        )
         return {
             "architectures": [arch],
             "model_type": self.model_type,

@@ -40,8 +40,12 @@ class Sampling(NamedTuple):
     top_p: float | None = None
 
 
-def sample_logits(logits: jax.Array, key: jax.Array | None,
-                  sampling: Sampling = Sampling()) -> jax.Array:
+_GREEDY = Sampling()
+
+
+def sample_logits(
+    logits: jax.Array, key: jax.Array | None, sampling: Sampling = _GREEDY
+) -> jax.Array:
     """Picks one token per row of ``logits`` ``(B, V)``.
 
     Args:
@@ -62,11 +66,15 @@ def sample_logits(logits: jax.Array, key: jax.Array | None,
       [1]
     """
     if sampling.temperature < 0:
-        raise ValueError(f"sample_logits: temperature must be >= 0, got {sampling.temperature}")
+        raise ValueError(
+            f"sample_logits: temperature must be >= 0, got {sampling.temperature}"
+        )
     if sampling.top_k is not None and sampling.top_k < 1:
         raise ValueError(f"sample_logits: top_k must be >= 1, got {sampling.top_k}")
     if sampling.top_p is not None and not 0.0 < sampling.top_p <= 1.0:
-        raise ValueError(f"sample_logits: top_p must be in (0, 1], got {sampling.top_p}")
+        raise ValueError(
+            f"sample_logits: top_p must be in (0, 1], got {sampling.top_p}"
+        )
     logits = logits.astype(jnp.float32)
     if sampling.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -83,16 +91,22 @@ def sample_logits(logits: jax.Array, key: jax.Array | None,
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
         keep_sorted = before < sampling.top_p
-        keep = jnp.zeros_like(keep_sorted).at[
-            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        keep = (
+            jnp.zeros_like(keep_sorted)
+            .at[jnp.arange(logits.shape[0])[:, None], order]
+            .set(keep_sorted)
+        )
         logits = jnp.where(keep, logits, neg)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len",
-                                             "sampling", "eos_id"))
-def _generate(graphdef, state, prompt, mask, key, *, max_new_tokens, cache_len,
-              sampling, eos_id):
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "cache_len", "sampling", "eos_id"),
+)
+def _generate(
+    graphdef, state, prompt, mask, key, *, max_new_tokens, cache_len, sampling, eos_id
+):
     model = nnx.merge(graphdef, state)
     b = prompt.shape[0]
     cache = model.init_cache(b, cache_len, dtype=model.embed_tokens.embedding.dtype)
@@ -111,15 +125,23 @@ def _generate(graphdef, state, prompt, mask, key, *, max_new_tokens, cache_len,
             done = done | (nxt == eos_id)
         return (cache, nxt, done, key), nxt
 
-    _, rest = jax.lax.scan(step, (cache, first, done, key), None,
-                           length=max_new_tokens - 1)
+    _, rest = jax.lax.scan(
+        step, (cache, first, done, key), None, length=max_new_tokens - 1
+    )
     return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 
-def generate(model: _model.LlamaForCausalLM, prompt: jax.Array, *, max_new_tokens: int,
-             prompt_mask: jax.Array | None = None, sampling: Sampling = Sampling(),
-             key: jax.Array | None = None, cache_len: int | None = None,
-             eos_id: int | None = None) -> jax.Array:
+def generate(
+    model: _model.LlamaForCausalLM,
+    prompt: jax.Array,
+    *,
+    max_new_tokens: int,
+    prompt_mask: jax.Array | None = None,
+    sampling: Sampling = _GREEDY,
+    key: jax.Array | None = None,
+    cache_len: int | None = None,
+    eos_id: int | None = None,
+) -> jax.Array:
     """Generates ``max_new_tokens`` tokens after a (left-padded) prompt.
 
     Args:
@@ -155,12 +177,25 @@ def generate(model: _model.LlamaForCausalLM, prompt: jax.Array, *, max_new_token
     need = t + max_new_tokens - 1
     cache_len = need if cache_len is None else cache_len
     if cache_len < need:
-        raise ValueError(f"generate: cache_len={cache_len} < prompt length {t} + "
-                         f"max_new_tokens {max_new_tokens} - 1")
-    mask = jnp.ones((b, t), jnp.bool_) if prompt_mask is None else prompt_mask.astype(jnp.bool_)
+        raise ValueError(
+            f"generate: cache_len={cache_len} < prompt length {t} + "
+            f"max_new_tokens {max_new_tokens} - 1"
+        )
+    mask = (
+        jnp.ones((b, t), jnp.bool_)
+        if prompt_mask is None
+        else prompt_mask.astype(jnp.bool_)
+    )
     graphdef, state = nnx.split(model)
     key = jax.random.key(0) if key is None else key
-    return _generate(graphdef, state, jnp.asarray(prompt, jnp.int32), mask, key,
-                     max_new_tokens=max_new_tokens, cache_len=cache_len,
-                     sampling=sampling, eos_id=eos_id)
-
+    return _generate(
+        graphdef,
+        state,
+        jnp.asarray(prompt, jnp.int32),
+        mask,
+        key,
+        max_new_tokens=max_new_tokens,
+        cache_len=cache_len,
+        sampling=sampling,
+        eos_id=eos_id,
+    )

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.io import _gguf, _safetensors
+from peftjax.io import _gguf
 from peftjax.models import _hub
 from peftjax.models.llama import _config, _model
 from peftjax.tree import _paths
@@ -67,7 +67,8 @@ _GGUF_TOP = {
 
 def _abstract(cfg: _config.LlamaConfig, param_dtype: Any) -> dict[str, Any]:
     model = nnx.eval_shape(
-        lambda: _model.LlamaForCausalLM(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+        lambda: _model.LlamaForCausalLM(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
     return dict(_paths.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
 
 
@@ -82,8 +83,13 @@ def _nest(flat: Mapping[str, np.ndarray]) -> dict:
     return out
 
 
-def _convert(named: Mapping[str, np.ndarray], cfg: _config.LlamaConfig, *,
-             param_dtype: Any, source: str) -> dict:
+def _convert(
+    named: Mapping[str, np.ndarray],
+    cfg: _config.LlamaConfig,
+    *,
+    param_dtype: Any,
+    source: str,
+) -> dict:
     """HF-named torch-layout arrays -> the unrolled pure parameter dict."""
     expected = _abstract(cfg, param_dtype)
     flat: dict[str, np.ndarray] = {}
@@ -103,29 +109,39 @@ def _convert(named: Mapping[str, np.ndarray], cfg: _config.LlamaConfig, *,
         elif name.endswith("rotary_emb.inv_freq"):
             continue
         else:
-            raise ValueError(f"{source}: unexpected tensor {name!r} with shape {arr.shape}")
+            raise ValueError(
+                f"{source}: unexpected tensor {name!r} with shape {arr.shape}"
+            )
         value = np.asarray(arr).T if transpose else np.asarray(arr)
         if path not in expected:
             raise ValueError(
                 f"{source}: tensor {name!r} maps to {path!r}, which the config "
                 f"(num_hidden_layers={cfg.num_hidden_layers}, attention_bias="
                 f"{cfg.attention_bias}, tie_word_embeddings={cfg.tie_word_embeddings}) "
-                "does not have")
+                "does not have"
+            )
         want = tuple(expected[path].shape)
         if value.shape != want:
             raise ValueError(
                 f"{source}: tensor {name!r} -> {path!r} has shape {value.shape} "
-                f"(after transpose={transpose}), but the config implies {want}")
+                f"(after transpose={transpose}), but the config implies {want}"
+            )
         flat[path] = jnp.asarray(value, dtype=param_dtype)
     missing = sorted(set(expected) - set(flat))
     if missing:
-        raise ValueError(f"{source}: checkpoint lacks parameters {missing[:6]}"
-                         f"{' ...' if len(missing) > 6 else ''}")
+        raise ValueError(
+            f"{source}: checkpoint lacks parameters {missing[:6]}"
+            f"{' ...' if len(missing) > 6 else ''}"
+        )
     return _nest(flat)
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: _config.LlamaConfig, *,
-                   param_dtype: Any = jnp.float32) -> dict:
+def params_from_hf(
+    tensors: Mapping[str, np.ndarray],
+    cfg: _config.LlamaConfig,
+    *,
+    param_dtype: Any = jnp.float32,
+) -> dict:
     """Converts HF ``LlamaForCausalLM``-style tensors to the unrolled param dict.
 
     Args:
@@ -162,12 +178,14 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverts llama.cpp's ``permute`` of Q/K rows: (out, in) -> HF row order."""
     out = w.shape[0]
     rest = w.shape[1:]
-    return (w.reshape(n_head, out // n_head // 2, 2, *rest).swapaxes(1, 2)
-            .reshape(w.shape))
+    return (
+        w.reshape(n_head, out // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+    )
 
 
-def config_from_gguf(metadata: Mapping[str, Any], *, has_output: bool,
-                     vocab_size: int | None = None) -> _config.LlamaConfig:
+def config_from_gguf(
+    metadata: Mapping[str, Any], *, has_output: bool, vocab_size: int | None = None
+) -> _config.LlamaConfig:
     """Builds a :class:`LlamaConfig` from GGUF metadata.
 
     Args:
@@ -191,18 +209,27 @@ def config_from_gguf(metadata: Mapping[str, Any], *, has_output: bool,
     """
     arch = metadata.get("general.architecture")
     if arch not in _GGUF_ARCHS:
-        raise ValueError(f"config_from_gguf: unsupported general.architecture "
-                         f"{arch!r}; supported: {_GGUF_ARCHS}")
+        raise ValueError(
+            f"config_from_gguf: unsupported general.architecture "
+            f"{arch!r}; supported: {_GGUF_ARCHS}"
+        )
 
     def get(key, default=None):
         return metadata.get(f"{arch}.{key}", default)
 
     scaling_type = get("rope.scaling.type", "none")
     if scaling_type not in ("none", "linear"):
-        raise ValueError(f"config_from_gguf: unsupported {arch}.rope.scaling.type "
-                         f"{scaling_type!r}; supported: 'none', 'linear'")
-    rope = (_config.RopeScaling() if scaling_type == "none" else
-            _config.RopeScaling(rope_type="linear", factor=float(get("rope.scaling.factor"))))
+        raise ValueError(
+            f"config_from_gguf: unsupported {arch}.rope.scaling.type "
+            f"{scaling_type!r}; supported: 'none', 'linear'"
+        )
+    rope = (
+        _config.RopeScaling()
+        if scaling_type == "none"
+        else _config.RopeScaling(
+            rope_type="linear", factor=float(get("rope.scaling.factor"))
+        )
+    )
     heads = int(get("attention.head_count"))
     d = int(get("embedding_length"))
     vocab = get("vocab_size")
@@ -230,8 +257,9 @@ def config_from_gguf(metadata: Mapping[str, Any], *, has_output: bool,
     )
 
 
-def params_from_gguf(gguf_file: _gguf.GGUFFile, *, param_dtype: Any = jnp.float32
-                     ) -> tuple[_config.LlamaConfig, dict]:
+def params_from_gguf(
+    gguf_file: _gguf.GGUFFile, *, param_dtype: Any = jnp.float32
+) -> tuple[_config.LlamaConfig, dict]:
     """Converts a read GGUF file to ``(config, unrolled pure param dict)``.
 
     Args:
@@ -248,15 +276,22 @@ def params_from_gguf(gguf_file: _gguf.GGUFFile, *, param_dtype: Any = jnp.float3
 
     Example:
       >>> from peftjax.models import smollm2_gguf
-      >>> cfg, params = params_from_gguf(peftjax.io.read_gguf(smollm2_gguf()))  # doctest: +SKIP
+      >>> from peftjax.io import read_gguf
+      >>> cfg, params = params_from_gguf(read_gguf(smollm2_gguf()))  # doctest: +SKIP
     """
     meta, tensors = gguf_file.metadata, gguf_file.tensors
     if "rope_freqs.weight" in tensors:
-        raise ValueError("params_from_gguf: per-frequency RoPE factors "
-                         "('rope_freqs.weight', llama3 scaling in GGUF) are unsupported")
-    cfg = config_from_gguf(meta, has_output="output.weight" in tensors,
-                           vocab_size=tensors["token_embd.weight"].shape[0]
-                           if "token_embd.weight" in tensors else None)
+        raise ValueError(
+            "params_from_gguf: per-frequency RoPE factors "
+            "('rope_freqs.weight', llama3 scaling in GGUF) are unsupported"
+        )
+    cfg = config_from_gguf(
+        meta,
+        has_output="output.weight" in tensors,
+        vocab_size=tensors["token_embd.weight"].shape[0]
+        if "token_embd.weight" in tensors
+        else None,
+    )
     permuted = meta.get("general.architecture") == "llama"
     named: dict[str, np.ndarray] = {}
     layer_re = re.compile(r"blk\.(\d+)\.(.+)")
@@ -266,8 +301,10 @@ def params_from_gguf(gguf_file: _gguf.GGUFFile, *, param_dtype: Any = jnp.float3
             continue
         m = layer_re.fullmatch(name)
         if m is None or m.group(2) not in _GGUF_LAYER:
-            raise ValueError(f"params_from_gguf: unexpected tensor {name!r} "
-                             f"with shape {arr.shape}")
+            raise ValueError(
+                f"params_from_gguf: unexpected tensor {name!r} "
+                f"with shape {arr.shape}"
+            )
         kind = m.group(2)
         if permuted and kind.startswith("attn_q."):
             arr = _unpermute(arr, cfg.num_attention_heads)
@@ -277,8 +314,9 @@ def params_from_gguf(gguf_file: _gguf.GGUFFile, *, param_dtype: Any = jnp.float3
     return cfg, _convert(named, cfg, param_dtype=param_dtype, source="params_from_gguf")
 
 
-def load_llama_params(path: str | os.PathLike, *, param_dtype: Any = jnp.float32
-                      ) -> tuple[_config.LlamaConfig, dict]:
+def load_llama_params(
+    path: str | os.PathLike, *, param_dtype: Any = jnp.float32
+) -> tuple[_config.LlamaConfig, dict]:
     """Reads a checkpoint into ``(config, unrolled pure param dict)``.
 
     Args:
@@ -312,9 +350,14 @@ def load_llama_params(path: str | os.PathLike, *, param_dtype: Any = jnp.float32
     return cfg, params_from_hf(tensors, cfg, param_dtype=param_dtype)
 
 
-def load_llama(path: str | os.PathLike, *, scan_layers: bool = False, remat: bool = False,
-               dtype: Any = None, param_dtype: Any = jnp.float32
-               ) -> _model.LlamaForCausalLM:
+def load_llama(
+    path: str | os.PathLike,
+    *,
+    scan_layers: bool = False,
+    remat: bool = False,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+) -> _model.LlamaForCausalLM:
     """Loads a Llama-family checkpoint into a :class:`LlamaForCausalLM`.
 
     Args:
@@ -337,9 +380,16 @@ def load_llama(path: str | os.PathLike, *, scan_layers: bool = False, remat: boo
     from peftjax.tree import _layers
 
     cfg, params = load_llama_params(path, param_dtype=param_dtype)
-    model = nnx.eval_shape(lambda: _model.LlamaForCausalLM(
-        cfg, scan_layers=scan_layers, remat=remat, dtype=dtype, param_dtype=param_dtype,
-        rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: _model.LlamaForCausalLM(
+            cfg,
+            scan_layers=scan_layers,
+            remat=remat,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=nnx.Rngs(0),
+        )
+    )
     if scan_layers:
         params = _layers.stack_layers(params)
     graphdef, _ = nnx.split(model)

@@ -52,12 +52,18 @@ class KVCache(NamedTuple):
     next_position: jax.Array
 
 
-def _linear(d_in: int, d_out: int, *, bias: bool, dtype: Any, param_dtype: Any,
-            rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(
+    d_in: int, d_out: int, *, bias: bool, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
+) -> nnx.Linear:
     return nnx.Linear(
-        d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+        d_in,
+        d_out,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
         kernel_init=nnx.initializers.normal(_INIT_STD),
-        bias_init=nnx.initializers.zeros_init(), rngs=rngs,
+        bias_init=nnx.initializers.zeros_init(),
+        rngs=rngs,
     )
 
 
@@ -70,8 +76,9 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax
     b, t, h, d = q.shape
     kv = k.shape[2]
     qg = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k,
-                        preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.einsum(
+        "btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32
+    ) * (d**-0.5)
     mask = allowed[:, None, None, :, :]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -80,10 +87,11 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm computed in float32 (as HF Llama): ``x / rms(x) * scale``, param ``scale``."""
+    """RMSNorm in float32 (as HF Llama): ``x / rms(x) * scale``; parameter ``scale``."""
 
-    def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, *, eps: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
+    ):
         del rngs
         self.eps, self.dtype = eps, dtype
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
@@ -97,12 +105,17 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE (``q_proj``/``k_proj``/``v_proj``/``o_proj``)."""
+    """Grouped-query self-attention with RoPE (``q/k/v/o_proj``)."""
 
-    def __init__(self, cfg: _config.LlamaConfig, *, dtype: Any, param_dtype: Any,
-                 rngs: nnx.Rngs):
-        d, h, kv, hd = (cfg.hidden_size, cfg.num_attention_heads,
-                        cfg.num_key_value_heads, cfg.dim_head)
+    def __init__(
+        self, cfg: _config.LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
+    ):
+        d, h, kv, hd = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.dim_head,
+        )
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
         self.q_proj = _linear(d, h * hd, bias=cfg.attention_bias, **kw)
@@ -120,8 +133,12 @@ class Attention(nnx.Module):
         if kv_cache is not None:
             ck, cv = kv_cache
             zero = jnp.zeros((), jnp.int32)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, index, zero, zero))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, index, zero, zero))
+            ck = jax.lax.dynamic_update_slice(
+                ck, k.astype(ck.dtype), (zero, index, zero, zero)
+            )
+            cv = jax.lax.dynamic_update_slice(
+                cv, v.astype(cv.dtype), (zero, index, zero, zero)
+            )
             k, v, new_cache = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
         out = _attend(q, k, v, allowed)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
@@ -130,8 +147,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
 
-    def __init__(self, cfg: _config.LlamaConfig, *, dtype: Any, param_dtype: Any,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: _config.LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
+    ):
         kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, **kw)
@@ -144,17 +162,21 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm decoder layer: RMSNorm, attention, residual, RMSNorm, MLP, residual."""
 
-    def __init__(self, cfg: _config.LlamaConfig, *, dtype: Any, param_dtype: Any,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: _config.LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.self_attn = Attention(cfg, **kw)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, **kw
+        )
         self.mlp = MLP(cfg, **kw)
 
     def __call__(self, h, cos, sin, allowed, kv_cache, index):
-        a, new_cache = self.self_attn(self.input_layernorm(h), cos, sin, allowed,
-                                      kv_cache, index)
+        a, new_cache = self.self_attn(
+            self.input_layernorm(h), cos, sin, allowed, kv_cache, index
+        )
         h = h + a
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, new_cache
@@ -162,10 +184,13 @@ class DecoderLayer(nnx.Module):
 
 def _stacked_layer(cfg, n, key, **kw) -> DecoderLayer:
     """One ``DecoderLayer`` whose parameters have a leading axis of size ``n``."""
-    gdef = nnx.graphdef(nnx.eval_shape(lambda: DecoderLayer(cfg, rngs=nnx.Rngs(0), **kw)))
+    gdef = nnx.graphdef(
+        nnx.eval_shape(lambda: DecoderLayer(cfg, rngs=nnx.Rngs(0), **kw))
+    )
     keys = jax.random.split(key, n)
     state = jax.vmap(
-        lambda k: nnx.state(DecoderLayer(cfg, rngs=nnx.Rngs(params=k), **kw)))(keys)
+        lambda k: nnx.state(DecoderLayer(cfg, rngs=nnx.Rngs(params=k), **kw))
+    )(keys)
     return nnx.merge(gdef, state)
 
 
@@ -209,24 +234,43 @@ class LlamaForCausalLM(nnx.Module):
       (1, 3, 16)
     """
 
-    def __init__(self, cfg: _config.LlamaConfig, *, scan_layers: bool = False,
-                 remat: bool = False, dtype: Any = None, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: _config.LlamaConfig,
+        *,
+        scan_layers: bool = False,
+        remat: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.config = cfg
         self.scan_layers = scan_layers
         self.remat = remat
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = nnx.Embed(
-            cfg.vocab_size, cfg.hidden_size, embedding_init=nnx.initializers.normal(_INIT_STD),
-            rngs=rngs, **kw)
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=nnx.initializers.normal(_INIT_STD),
+            rngs=rngs,
+            **kw,
+        )
         if scan_layers:
-            self.layers = _stacked_layer(cfg, cfg.num_hidden_layers, rngs.params(), **kw)
+            self.layers = _stacked_layer(
+                cfg, cfg.num_hidden_layers, rngs.params(), **kw
+            )
         else:
             self.layers = nnx.List(
-                [DecoderLayer(cfg, rngs=rngs, **kw) for _ in range(cfg.num_hidden_layers)])
+                [
+                    DecoderLayer(cfg, rngs=rngs, **kw)
+                    for _ in range(cfg.num_hidden_layers)
+                ]
+            )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, **kw)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, bias=False, rngs=rngs, **kw)
+            self.lm_head = _linear(
+                cfg.hidden_size, cfg.vocab_size, bias=False, rngs=rngs, **kw
+            )
 
     # -- internals --------------------------------------------------------------
     def _layer_fn(self, gdef):
@@ -266,15 +310,24 @@ class LlamaForCausalLM(nnx.Module):
 
     def _allowed(self, q_slots, k_valid, k_slots):
         """(B, T, S) bool: causal (by slot), key validity and sliding window."""
-        allowed = (k_slots[None, None, :] <= q_slots[None, :, None]) & k_valid[:, None, :]
+        allowed = (k_slots[None, None, :] <= q_slots[None, :, None]) & k_valid[
+            :, None, :
+        ]
         window = self.config.sliding_window
         if window is not None:
-            allowed = allowed & (q_slots[None, :, None] - k_slots[None, None, :] < window)
+            allowed = allowed & (
+                q_slots[None, :, None] - k_slots[None, None, :] < window
+            )
         return allowed
 
     # -- public ---------------------------------------------------------------
-    def __call__(self, tokens: jax.Array, *, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
         """Returns float32 logits ``(B, T, V)`` for int tokens ``(B, T)``.
 
         Args:
@@ -288,8 +341,11 @@ class LlamaForCausalLM(nnx.Module):
           The logits; rows at padding positions are meaningless.
         """
         b, t = tokens.shape
-        mask = (jnp.ones((b, t), jnp.bool_) if attention_mask is None
-                else attention_mask.astype(jnp.bool_))
+        mask = (
+            jnp.ones((b, t), jnp.bool_)
+            if attention_mask is None
+            else attention_mask.astype(jnp.bool_)
+        )
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
         slots = jnp.arange(t, dtype=jnp.int32)
@@ -299,8 +355,9 @@ class LlamaForCausalLM(nnx.Module):
         h, _ = self._run_layers(h, cos, sin, allowed, None, jnp.zeros((), jnp.int32))
         return self._head(h)
 
-    def init_cache(self, batch_size: int, cache_len: int, *,
-                   dtype: Any = jnp.float32) -> KVCache:
+    def init_cache(
+        self, batch_size: int, cache_len: int, *, dtype: Any = jnp.float32
+    ) -> KVCache:
         """Returns an empty :class:`KVCache` of static length ``cache_len``.
 
         Args:
@@ -312,14 +369,28 @@ class LlamaForCausalLM(nnx.Module):
           The cache (all slots invalid, ``index = 0``).
         """
         cfg = self.config
-        shape = (cfg.num_hidden_layers, batch_size, cache_len, cfg.num_key_value_heads,
-                 cfg.dim_head)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                       jnp.zeros((batch_size, cache_len), jnp.bool_),
-                       jnp.zeros((), jnp.int32), jnp.zeros((batch_size,), jnp.int32))
+        shape = (
+            cfg.num_hidden_layers,
+            batch_size,
+            cache_len,
+            cfg.num_key_value_heads,
+            cfg.dim_head,
+        )
+        return KVCache(
+            jnp.zeros(shape, dtype),
+            jnp.zeros(shape, dtype),
+            jnp.zeros((batch_size, cache_len), jnp.bool_),
+            jnp.zeros((), jnp.int32),
+            jnp.zeros((batch_size,), jnp.int32),
+        )
 
-    def decode(self, tokens: jax.Array, cache: KVCache, *,
-               attention_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    def decode(
+        self,
+        tokens: jax.Array,
+        cache: KVCache,
+        *,
+        attention_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
         """Runs ``tokens`` ``(B, T)`` after the cached ones; returns logits and cache.
 
         Used for the prompt (prefill, ``T`` = prompt length, left-padded with
@@ -336,16 +407,22 @@ class LlamaForCausalLM(nnx.Module):
         """
         b, t = tokens.shape
         s = cache.k.shape[2]
-        mask = (jnp.ones((b, t), jnp.bool_) if attention_mask is None
-                else attention_mask.astype(jnp.bool_))
+        mask = (
+            jnp.ones((b, t), jnp.bool_)
+            if attention_mask is None
+            else attention_mask.astype(jnp.bool_)
+        )
         counts = jnp.cumsum(mask.astype(jnp.int32), axis=1)
         positions = cache.next_position[:, None] + jnp.maximum(counts - 1, 0)
-        valid = jax.lax.dynamic_update_slice(cache.valid, mask, (jnp.zeros((), jnp.int32),
-                                                                 cache.index))
+        valid = jax.lax.dynamic_update_slice(
+            cache.valid, mask, (jnp.zeros((), jnp.int32), cache.index)
+        )
         q_slots = cache.index + jnp.arange(t, dtype=jnp.int32)
         allowed = self._allowed(q_slots, valid, jnp.arange(s, dtype=jnp.int32))
         cos, sin = _rope.rope_angles(positions, _rope.inv_frequencies(self.config))
         h = self.embed_tokens(tokens)
-        h, (k, v) = self._run_layers(h, cos, sin, allowed, (cache.k, cache.v), cache.index)
+        h, (k, v) = self._run_layers(
+            h, cos, sin, allowed, (cache.k, cache.v), cache.index
+        )
         new = KVCache(k, v, valid, cache.index + t, cache.next_position + counts[:, -1])
         return self._head(h), new

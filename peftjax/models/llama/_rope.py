@@ -35,7 +35,9 @@ def inv_frequencies(cfg: _config.LlamaConfig) -> np.ndarray:
       [1.0, 0.009999999776482582]
     """
     dim = cfg.dim_head
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(
+        dim
+    )
     inv = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
     rs = cfg.rope_scaling
     if rs.rope_type == "linear":
@@ -55,7 +57,9 @@ def inv_frequencies(cfg: _config.LlamaConfig) -> np.ndarray:
     return inv
 
 
-def rope_angles(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+def rope_angles(
+    positions: jax.Array, inv_freq: np.ndarray
+) -> tuple[jax.Array, jax.Array]:
     """Returns ``cos`` and ``sin`` of the rotation angles, float32.
 
     Args:
