@@ -80,7 +80,7 @@ def llama_cpp_permute(w, n_head):
     )
 
 
-def write_gguf(path, cfg, tensors, *, overrides=None):
+def write_gguf(path, cfg, tensors, *, overrides=None, arch="llama"):
     names = {
         "model.embed_tokens.weight": "token_embd.weight",
         "model.norm.weight": "output_norm.weight",
@@ -96,8 +96,12 @@ def write_gguf(path, cfg, tensors, *, overrides=None):
         "mlp.gate_proj.weight": "ffn_gate.weight",
         "mlp.up_proj.weight": "ffn_up.weight",
         "mlp.down_proj.weight": "ffn_down.weight",
+        "self_attn.q_proj.bias": "attn_q.bias",
+        "self_attn.k_proj.bias": "attn_k.bias",
+        "self_attn.v_proj.bias": "attn_v.bias",
     }
-    w = gguf.GGUFWriter(str(path), "llama")
+    permute = arch == "llama"  # llama.cpp permutes Q/K only for llama
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(128)
     w.add_embedding_length(cfg.hidden_size)
@@ -113,9 +117,9 @@ def write_gguf(path, cfg, tensors, *, overrides=None):
         if name.startswith("model.layers."):
             i, rest = name[len("model.layers.") :].split(".", 1)
             out = f"blk.{i}.{layer[rest]}"
-            if rest.startswith("self_attn.q_proj"):
+            if permute and rest.startswith("self_attn.q_proj"):
                 arr = llama_cpp_permute(arr, cfg.num_attention_heads)
-            elif rest.startswith("self_attn.k_proj"):
+            elif permute and rest.startswith("self_attn.k_proj"):
                 arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
         else:
             out = names[name]
@@ -299,3 +303,46 @@ def test_requested_dtype(checkpoints):
             rtol=BF16["rtol"],
             atol=4 * BF16["atol"] * np.abs(ref).max(),
         )
+
+
+def test_qwen2_gguf_with_biases_is_not_permuted(tmp_path):
+    cfg = llama.LlamaConfig.from_hf({**CFG.to_hf(), "model_type": "qwen2"})
+    assert cfg.attention_bias
+    tensors = hf_tensors(cfg)
+    rng = np.random.default_rng(5)
+    for i in range(cfg.num_hidden_layers):
+        for proj, n in (("q", 6), ("k", 2), ("v", 2)):
+            tensors[f"model.layers.{i}.self_attn.{proj}_proj.bias"] = (
+                rng.standard_normal(n * cfg.dim_head).astype(np.float32)
+            )
+    hf_dir = write_hf(tmp_path / "qwen", cfg, tensors)
+    path = write_gguf(tmp_path / "qwen.gguf", cfg, tensors, arch="qwen2")
+    cg, pg = llama.load_llama_params(path)
+    ch, ph = llama.load_llama_params(hf_dir)
+    assert cg.model_type == "qwen2" and cg.attention_bias
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(f64(a), f64(b), **EXACT), pg, ph
+    )
+    ids = jnp.asarray([[3, 1, 4, 1, 5]], jnp.int32)
+    ref = _reference.llama_logits(ph, ch, ids)
+    tol = dict(rtol=MATMUL_F32["rtol"], atol=MATMUL_F32["rtol"] * np.abs(ref).max())
+    np.testing.assert_allclose(
+        f64(pm.apply(*pm.split_params(llama.load_llama(path)), ids)), ref, **tol
+    )
+
+
+def test_export_to_hf_round_trips(tmp_path, checkpoints):
+    tensors, hf_dir, _ = checkpoints
+    model = llama.load_llama(hf_dir, scan_layers=True)
+    _, params = pm.split_params(model)
+    out = llama.save_hf(tmp_path / "export", params, CFG)
+    back, _ = io.read_safetensors(out / "model.safetensors")
+    assert sorted(back) == sorted(tensors)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(back[name], value)
+    assert (
+        llama.LlamaConfig.from_hf(json.loads((out / "config.json").read_text())) == CFG
+    )
+    assert llama.hf_key_map(CFG)["layers/1/self_attn/q_proj/kernel"] == (
+        "model.layers.1.self_attn.q_proj"
+    )

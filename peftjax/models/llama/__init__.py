@@ -7,6 +7,9 @@ scanned layouts).
 
 from peftjax.models.llama._config import LlamaConfig as LlamaConfig
 from peftjax.models.llama._config import RopeScaling as RopeScaling
+from peftjax.models.llama._export import hf_key_map as hf_key_map
+from peftjax.models.llama._export import params_to_hf as params_to_hf
+from peftjax.models.llama._export import save_hf as save_hf
 from peftjax.models.llama._generate import Sampling as Sampling
 from peftjax.models.llama._generate import generate as generate
 from peftjax.models.llama._generate import sample_logits as sample_logits
@@ -26,9 +29,12 @@ __all__ = [
     "Sampling",
     "config_from_gguf",
     "generate",
+    "hf_key_map",
     "load_llama",
     "load_llama_params",
     "params_from_gguf",
     "params_from_hf",
+    "params_to_hf",
     "sample_logits",
+    "save_hf",
 ]

@@ -219,7 +219,9 @@ class LlamaConfig:
                 rope if isinstance(rope, Mapping) else None
             ),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
+            # Qwen2 always has q/k/v biases (its config has no such field).
+            attention_bias=model_type == "qwen2"
+            or bool(d.get("attention_bias", False)),
             sliding_window=None if window is None else int(window),
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             bos_token_id=d.get("bos_token_id"),
