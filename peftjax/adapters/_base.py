@@ -354,6 +354,11 @@ def _bias_targets(assignment: dict[str, Adapter], flat: dict[str, Any]
                     f"there is no leaf {sib!r}; target a layer with a bias"
                 )
             continue
+        if sib in out:
+            raise ValueError(
+                f"{sib!r} would be reparametrised as the bias of both "
+                f"{out[sib]!r} and {path!r}; give them separate bias leaves"
+            )
         if sib in assignment:
             raise ValueError(
                 f"{sib!r} is both assigned {assignment[sib]!r} and reparametrised "

@@ -124,3 +124,10 @@ def test_ssf_requires_bias_and_bias_conflicts():
     a = {"l/kernel": adapters.ia3(), "l/bias": adapters.lora(1)}
     with pytest.raises(ValueError, match="both assigned"):
         adapters.init(a, jax.random.key(0), p)
+
+
+def test_two_kernels_sharing_one_bias():
+    p = {"w": jnp.ones((3, 2)), "v": jnp.ones((3, 2)), "bias": jnp.ones(2)}
+    a = {"w": adapters.ia3(), "v": adapters.ia3()}
+    with pytest.raises(ValueError, match="bias of both"):
+        adapters.init(a, jax.random.key(0), p)
