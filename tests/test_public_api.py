@@ -14,6 +14,7 @@ import peftjax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Namespaces whose public functions must carry Args/Returns and an example.
 DOCUMENTED = ["peftjax", "peftjax.tree", "peftjax.adapters", "peftjax.io.checkpoint",
+              "peftjax.exec",
               "peftjax.merge", "peftjax.merge.adapters"]
 
 

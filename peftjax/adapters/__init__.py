@@ -20,6 +20,8 @@ from peftjax.adapters._adalora import (
 from peftjax.adapters._base import Adapter as Adapter
 from peftjax.adapters._base import AdapterState as AdapterState
 from peftjax.adapters._base import BiasHook as BiasHook
+from peftjax.adapters._base import FactoredForm as FactoredForm
+from peftjax.adapters._base import FactoredTerms as FactoredTerms
 from peftjax.adapters._base import init as init
 from peftjax.adapters._base import lift_matrix as lift_matrix
 from peftjax.adapters._base import materialize as materialize
@@ -70,6 +72,8 @@ __all__ = [
     "VeRABasis",
     "VeRAParams",
     "DoRAParams",
+    "FactoredForm",
+    "FactoredTerms",
     "LoRAInit",
     "LoRAParams",
     "LoRAXSBasis",

@@ -128,12 +128,23 @@ def adalora(
         ct, d = delta(w, t)
         return w.astype(ct) - d
 
+    def factored_matrix(w, t, f):
+        def d(x):
+            ct = _base.compute_dtype(x.dtype, t.a.dtype)
+            lead = (1,) * (x.ndim - 1)
+            h = (x.astype(ct) @ t.a.astype(ct)) * t.e.astype(ct).reshape(
+                lead + t.e.shape)
+            return (h @ t.b.astype(ct)) * jnp.asarray(s, ct)
+
+        return _base.FactoredTerms(delta=d)
+
     return _base.lift_matrix(
         name=f"adalora(rank={rank}, alpha={alpha})",
         init_matrix=init_matrix,
         apply_matrix=apply_matrix,
         unapply_matrix=unapply_matrix,
         dimension_numbers=dimension_numbers,
+        factored_matrix=factored_matrix,
     )
 
 

@@ -154,10 +154,22 @@ def vera(
         ct, d = delta(w, t, f)
         return w.astype(ct) - d
 
+    def factored_matrix(w, t, f):
+        def d(x):
+            ct = _base.compute_dtype(x.dtype, t.lambda_b.dtype)
+            lead = (1,) * (x.ndim - 1)
+            h = (x.astype(ct) @ f.a.astype(ct)) * t.lambda_d.astype(ct).reshape(
+                lead + t.lambda_d.shape)
+            return (h @ f.b.astype(ct)) * t.lambda_b.astype(ct).reshape(
+                lead + t.lambda_b.shape)
+
+        return _base.FactoredTerms(delta=d)
+
     return _base.lift_matrix(
         name=f"vera(rank={rank}, seed={projection_seed})",
         init_matrix=init_matrix,
         apply_matrix=apply_matrix,
         unapply_matrix=unapply_matrix,
         dimension_numbers=dimension_numbers,
+        factored_matrix=factored_matrix,
     )

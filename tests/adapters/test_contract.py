@@ -455,3 +455,25 @@ def test_adapter_counts_match_formula_on_stacked_kernel():
     ad = adapters.lora(rank=3)
     assert ad.num_trainable(jnp.zeros((5, 8, 7))) == 5 * 3 * (8 + 7)
     assert math.prod((5, 8, 3)) == 120
+
+
+@pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
+def test_factored_terms_equal_weight_space(name, factory, identity, ref, count,
+                                           getkey):
+    """x·W' equals the factored form ((x ⊙ in) @ W + delta(x)) ⊙ out."""
+    ad = factory()
+    w = _w((6, 5))
+    t, f = ad.init(getkey(), w)
+    t = _randomize(t)
+    x = _w((4, 6), seed=21)
+    want = h.f64(x) @ ref(w, t, f)
+    form = ad.factored
+    assert form is not None, f"{name} has no factored form"
+    terms = form.terms(w, t, f)
+    xs = x if terms.in_scale is None else x * terms.in_scale[None, :]
+    y = h.f64(xs @ w)
+    if terms.delta is not None:
+        y = y + h.f64(terms.delta(x))
+    if terms.out_scale is not None:
+        y = y * h.f64(terms.out_scale)[None, :]
+    np.testing.assert_allclose(y, want, **h.MATMUL_F32)
