@@ -165,7 +165,6 @@ def test_greedy_generation_matches_golden(smollm2, golden):
 def test_load_both_layouts(smollm2):
     unrolled = llama.load_llama(pm.smollm2_gguf(), scan_layers=False)
     _, p = pm.split_params(unrolled)
-    assert tree.paths(p) == tree.paths(smollm2.unrolled)
     assert "layers/29/self_attn/q_proj/kernel" in tree.paths(p)
     assert smollm2.params["layers"]["self_attn"]["k_proj"]["kernel"].shape == (
         30,
@@ -174,6 +173,6 @@ def test_load_both_layouts(smollm2):
     )
     want = tree.leaves_by_path(tree.unstack_layers(smollm2.params))
     got = tree.leaves_by_path(p)
-    assert sorted(got) == sorted(want)
+    assert list(got) == list(want)  # same paths, same order
     for path, value in got.items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(want[path]))

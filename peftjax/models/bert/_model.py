@@ -280,9 +280,10 @@ class BertForSequenceClassification(BertModel):
       >>> from flax import nnx
       >>> cfg = _config.BertConfig(vocab_size=16, hidden_size=8,
       ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
-      >>> m = BertForSequenceClassification(cfg, num_labels=3, rngs=nnx.Rngs(0))
-      >>> m(jnp.zeros((2, 4), jnp.int32)).shape
-      (2, 3)
+      >>> m = nnx.eval_shape(lambda: BertForSequenceClassification(
+      ...     cfg, num_labels=3, rngs=nnx.Rngs(0)))
+      >>> m.classifier.kernel.shape
+      (8, 3)
     """
 
     def __init__(
