@@ -45,8 +45,9 @@ def golden():
 def smollm2():
     """SmolLM2-135M from the offline GGUF, read once; scanned model + jitted forward.
 
-    Fields: ``config``, ``model`` (scanned ``LlamaForCausalLM``), ``graphdef``/``params`` (its
-    pure view), ``forward(params, ids, mask)`` (jitted logits), ``tokenizer``.
+    Fields: ``config``, ``model`` (scanned ``LlamaForCausalLM``),
+    ``graphdef``/``params`` (its pure view), ``forward(params, ids, mask)``
+    (jitted logits), ``tokenizer``.
     """
     from peftjax import io, tree
     from peftjax import models as pm
