@@ -14,7 +14,8 @@ import peftjax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Namespaces whose public functions must carry Args/Returns and an example.
 DOCUMENTED = ["peftjax", "peftjax.tree", "peftjax.adapters", "peftjax.io.checkpoint",
-              "peftjax.exec",
+              "peftjax.exec", "peftjax.io", "peftjax.models", "peftjax.models.llama",
+              "peftjax.models.bert", "peftjax.optim",
               "peftjax.merge", "peftjax.merge.adapters"]
 
 
