@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from peftjax import adapters
 from peftjax import models as pm
 from peftjax import tree
 from peftjax.models import llama
@@ -176,3 +177,21 @@ def test_load_both_layouts(smollm2):
     assert list(got) == list(want)  # same paths, same order
     for path, value in got.items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(want[path]))
+
+
+def test_zero_length_prompt_and_prefix_equal_base(smollm2):
+    """Prompt/prefix-tuned SmolLM2 with length-0 parameters is the base model."""
+
+
+    cfg = smollm2.config
+    ids = jnp.asarray([[1, 504, 3458, 282, 1345, 30]], jnp.int32)
+    base = pm.apply(smollm2.graphdef, smollm2.params, ids)
+    prompt = jnp.zeros((0, cfg.hidden_size), jnp.float32)
+    kv = jnp.zeros((cfg.num_hidden_layers, 0, cfg.num_key_value_heads, cfg.dim_head))
+    np.testing.assert_array_equal(
+        np.asarray(pm.apply(smollm2.graphdef, smollm2.params, ids,
+                            prompt_embeddings=prompt)), np.asarray(base))
+    np.testing.assert_array_equal(
+        np.asarray(pm.apply(smollm2.graphdef, smollm2.params, ids,
+                            prefix=adapters.PrefixParams(keys=kv, values=kv))),
+        np.asarray(base))

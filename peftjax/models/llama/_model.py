@@ -327,6 +327,8 @@ class LlamaForCausalLM(nnx.Module):
         *,
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
+        prompt_embeddings: jax.Array | None = None,
+        prefix: Any = None,
     ) -> jax.Array:
         """Returns float32 logits ``(B, T, V)`` for int tokens ``(B, T)``.
 
@@ -336,10 +338,30 @@ class LlamaForCausalLM(nnx.Module):
             (left or right). Padding keys are never attended to.
           positions: RoPE positions ``(B, T)``; default ``cumsum(mask) - 1``
             (``arange(T)`` without a mask), so left padding is handled.
+          prompt_embeddings: soft prompt ``(P, d)`` or ``(B, P, d)`` prepended to
+            the token embeddings (prompt tuning,
+            ``peftjax.adapters.prompt_tuning``); the prompt takes positions
+            ``0..P-1`` and the logits of the prompt positions are dropped.
+          prefix: per-layer prefix keys/values (prefix tuning / P-tuning v2,
+            ``peftjax.adapters.prefix_tuning``): any object with ``keys`` and
+            ``values`` of shape ``(L, P, KV, D)``. As in PEFT's past-key-values
+            convention they are used as given (no RoPE is applied to them) and
+            the real tokens' positions start at ``P``.
 
         Returns:
           The logits; rows at padding positions are meaningless.
         """
+        # Zero-length prompts/prefixes are the base model, bit for bit.
+        if prompt_embeddings is not None and prompt_embeddings.shape[-2] == 0:
+            prompt_embeddings = None
+        if prefix is not None and prefix.keys.shape[1] == 0:
+            prefix = None
+        if prompt_embeddings is not None or prefix is not None:
+            if positions is not None:
+                raise ValueError(
+                    "positions cannot be combined with prompt_embeddings or prefix"
+                )
+            return self._call_soft(tokens, attention_mask, prompt_embeddings, prefix)
         b, t = tokens.shape
         mask = (
             jnp.ones((b, t), jnp.bool_)
@@ -354,6 +376,74 @@ class LlamaForCausalLM(nnx.Module):
         h = self.embed_tokens(tokens)
         h, _ = self._run_layers(h, cos, sin, allowed, None, jnp.zeros((), jnp.int32))
         return self._head(h)
+
+    def _call_soft(self, tokens, attention_mask, prompt, prefix):
+        """Forward pass with a soft prompt and/or prefix keys/values."""
+        b, t = tokens.shape
+        mask = (
+            jnp.ones((b, t), jnp.bool_)
+            if attention_mask is None
+            else attention_mask.astype(jnp.bool_)
+        )
+        h = self.embed_tokens(tokens)
+        n_prompt = 0
+        if prompt is not None:
+            if prompt.ndim == 2:
+                prompt = jnp.broadcast_to(prompt[None], (b,) + prompt.shape)
+            if prompt.ndim != 3 or prompt.shape[0] != b or prompt.shape[2] != h.shape[2]:
+                raise ValueError(
+                    f"prompt_embeddings has shape {prompt.shape}; expected "
+                    f"(P, {h.shape[2]}) or ({b}, P, {h.shape[2]})"
+                )
+            n_prompt = prompt.shape[1]
+            h = jnp.concatenate([prompt.astype(h.dtype), h], axis=1)
+            mask = jnp.concatenate([jnp.ones((b, n_prompt), jnp.bool_), mask], axis=1)
+        total = h.shape[1]
+        cfg = self.config
+        n_prefix = 0
+        if prefix is not None:
+            keys, values = prefix.keys, prefix.values
+            want = (
+                cfg.num_hidden_layers,
+                keys.shape[1],
+                cfg.num_key_value_heads,
+                cfg.dim_head,
+            )
+            if keys.shape != want or values.shape != want:
+                raise ValueError(
+                    f"prefix keys/values have shapes {keys.shape}/{values.shape}; "
+                    f"expected (L, P, KV, D) = {want}"
+                )
+            n_prefix = keys.shape[1]
+        s = n_prefix + total
+        if s > cfg.max_position_embeddings:
+            raise ValueError(
+                f"prompt/prefix length {n_prompt + n_prefix} plus {t} tokens "
+                f"exceeds max_position_embeddings={cfg.max_position_embeddings}"
+            )
+        counts = jnp.cumsum(mask.astype(jnp.int32), axis=1)
+        positions = n_prefix + jnp.maximum(counts - 1, 0)
+        cos, sin = _rope.rope_angles(positions, _rope.inv_frequencies(cfg))
+        if prefix is None:
+            slots = jnp.arange(total, dtype=jnp.int32)
+            allowed = self._allowed(slots, mask, slots)
+            h, _ = self._run_layers(h, cos, sin, allowed, None, jnp.zeros((), jnp.int32))
+        else:
+            dt = h.dtype
+
+            def cache_of(x):
+                x = jnp.broadcast_to(x.astype(dt)[:, None], (x.shape[0], b) + x.shape[1:])
+                pad = jnp.zeros(x.shape[:2] + (total,) + x.shape[3:], dt)
+                return jnp.concatenate([x, pad], axis=2)
+
+            valid = jnp.concatenate([jnp.ones((b, n_prefix), jnp.bool_), mask], axis=1)
+            q_slots = n_prefix + jnp.arange(total, dtype=jnp.int32)
+            allowed = self._allowed(q_slots, valid, jnp.arange(s, dtype=jnp.int32))
+            index = jnp.asarray(n_prefix, jnp.int32)
+            h, _ = self._run_layers(
+                h, cos, sin, allowed, (cache_of(keys), cache_of(values)), index
+            )
+        return self._head(h)[:, n_prompt:]
 
     def init_cache(
         self, batch_size: int, cache_len: int, *, dtype: Any = jnp.float32
