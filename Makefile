@@ -17,7 +17,7 @@ export PYTHONHASHSEED := 0
 
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench-env lint clean
+.PHONY: setup test demo docs bench-env lint clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11" >&2; exit 1; }
@@ -40,6 +40,14 @@ test: setup
 
 demo: setup
 	$(PY) experiments/demo.py $(DEMO_ARGS)
+
+# API reference from the Google-style docstrings: a static site in build/docs.
+DOC_MODULES := peftjax peftjax.tree peftjax.adapters peftjax.optim peftjax.data \
+  peftjax.io peftjax.io.checkpoint peftjax.models peftjax.models.llama peftjax.models.bert \
+  peftjax.report
+docs: setup
+	$(PY) -m pdoc --docformat google --no-show-source -o build/docs $(DOC_MODULES) '!peftjax\..*\._.*'
+	@echo "== API reference: build/docs/index.html"
 
 # Side environment for golden files and torch baselines only (never a
 # dependency of the library or of make test).

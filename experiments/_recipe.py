@@ -225,6 +225,42 @@ def _galore(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Set
                  f"GaLore rank {rank} on attention/MLP kernels, AdamW elsewhere")
 
 
+def _frugal(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Setup:
+    del key
+    optim = _optim_namespace()
+    density = float(getattr(cfg, "frugal_density", 0.25))
+    labels = tree.labels(params, [tree.Rule(where=LINEAR, then="frugal")],
+                         default="adamw")
+    tx = optax.partition({
+        "frugal": optim.frugal(sched, density=density,
+                               update_gap=int(getattr(cfg, "update_proj_gap", 200)),
+                               weight_decay=cfg.weight_decay),
+        "adamw": _adamw(sched, cfg.weight_decay),
+    }, labels)
+    return Setup(params, None, lambda t, s: t, tx, lambda t, s: t,
+                 f"FRUGAL density {density} on attention/MLP kernels, AdamW elsewhere")
+
+
+def _lisa(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Setup:
+    del key
+    optim = _optim_namespace()
+    n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+    tx = optim.lisa(sched, n_layers=n_layers, n_active=int(getattr(cfg, "lisa_active", 2)),
+                    interval=int(getattr(cfg, "lisa_interval", 20)),
+                    weight_decay=cfg.weight_decay, layers=None, stacked=r"layers/.*",
+                    key=0)
+    return Setup(params, None, lambda t, s: t, tx, lambda t, s: t,
+                 "LISA: embeddings, head and norms always, 2 sampled layers at a time")
+
+
+def _loraplus(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Setup:
+    optim = _optim_namespace()
+    setup = _adapter_method(_lora)(cfg, params, sched, key)
+    tx = optim.loraplus(sched, ratio=float(getattr(cfg, "loraplus_ratio", 16.0)),
+                        weight_decay=cfg.weight_decay)
+    return setup._replace(optimizer=tx)
+
+
 def unavailable(name: str, issue: int, what: str) -> Callable[..., Setup]:
     """A method builder that raises: ``name`` is not built yet (``issue``)."""
 
@@ -249,14 +285,15 @@ def _lora_xs(cfg):
     return adapters.lora_xs(cfg.rank, alpha=cfg.alpha)
 
 
-def _galore_or_unavailable():
+def _if_built(name: str, attr: str, build: Callable[..., Setup]) -> Callable[..., Setup]:
+    """``build`` when ``peftjax.optim.<attr>`` exists, else an ``unavailable`` stub."""
     try:
         optim = _optim_namespace()
     except NotImplementedError:
-        return unavailable("galore", 5, "GaLore (peftjax.optim.galore)")
-    if not hasattr(optim, "galore"):
-        return unavailable("galore", 5, "GaLore (peftjax.optim.galore)")
-    return _galore
+        optim = None
+    if optim is None or not hasattr(optim, attr):
+        return unavailable(name, 5, f"peftjax.optim.{attr}")
+    return build
 
 
 METHODS: dict[str, Callable[..., Setup]] = {
@@ -264,10 +301,10 @@ METHODS: dict[str, Callable[..., Setup]] = {
     "dora": _adapter_method(_dora),
     "lora_xs": _adapter_method(_lora_xs),
     "full": _full,
-    "galore": _galore_or_unavailable(),
-    "frugal": unavailable("frugal", 5, "FRUGAL (peftjax.optim.frugal)"),
-    "lisa": unavailable("lisa", 5, "LISA (peftjax.optim.lisa)"),
-    "loraplus": unavailable("loraplus", 5, "LoRA+ (peftjax.optim.loraplus)"),
+    "galore": _if_built("galore", "galore", _galore),
+    "frugal": _if_built("frugal", "frugal", _frugal),
+    "lisa": _if_built("lisa", "lisa", _lisa),
+    "loraplus": _if_built("loraplus", "loraplus", _loraplus),
     "lora-sb": unavailable("lora-sb", 6, "LoRA-SB (peftjax.inits)"),
     "pissa": unavailable("pissa", 6, "PiSSA (peftjax.inits)"),
     "sparse": unavailable("sparse", 7, "sparse fine-tuning (peftjax.masks)"),
@@ -497,6 +534,16 @@ def append_result(name: str, cfg: Any, results: dict[str, Any]) -> str:
     return path
 
 
+def human_bytes(b: int | None) -> str:
+    """``1536 -> '1.5 KiB'``."""
+    if b is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= scale:
+            return f"{b / scale:,.1f} {unit}"
+    return f"{b} B"
+
+
 def plot_curves(path: str, curves: dict[str, list[float]], *, title: str) -> None:
     """Saves loss curves (one line per name) to a PNG with matplotlib's Agg backend."""
     import matplotlib
@@ -613,3 +660,44 @@ def tiny_llama(seed: int, *, vocab_size: int = 256, hidden_size: int = 64,
     # jitted: eager initialisation would compile one tiny program per op
     params = jax.jit(lambda: models.split_params(make())[1])()
     return cfg, graphdef, params
+
+
+class LM(NamedTuple):
+    """A causal LM used functionally, with its tokenizer."""
+
+    graphdef: Any
+    params: Any
+    encode: Callable[[str], Any]
+    decode: Callable[[Any], str]
+    eos_id: int | None
+    name: str
+
+
+def load_lm(path: str, *, smoke: bool, seed: int) -> LM:
+    """SmolLM2-135M (``path=""``), a ``.gguf`` / HF directory, or, with
+    ``smoke``, a tiny random Llama with byte tokens."""
+    from peftjax import models
+
+    if smoke:
+        _, graphdef, params = tiny_llama(seed)
+        return LM(graphdef, params, byte_encode, byte_decode, None,
+                  "tiny random Llama (2 layers, d=64, byte tokens)")
+    path = path or models.smollm2_gguf()
+    model = models.llama.load_llama(path, scan_layers=True)
+    graphdef, params = models.split_params(model)
+    tok = models.load_tokenizer(path)
+    eos = model.config.eos_token_id
+    eos_id = eos[0] if isinstance(eos, (tuple, list)) else eos
+    return LM(graphdef, params, lambda s: tok.encode(s).ids,
+              lambda ids: tok.decode([int(i) for i in ids]), eos_id,
+              os.path.basename(path.rstrip("/")))
+
+
+def apply_fn(graphdef: Any) -> Callable[..., jax.Array]:
+    """``(params, tokens, **kw) -> logits`` for a model's graphdef."""
+    from peftjax import models
+
+    def apply(params, tokens, **kw):
+        return models.apply(graphdef, params, tokens, **kw)
+
+    return apply

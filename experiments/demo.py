@@ -84,23 +84,6 @@ SMOKE = dict(steps=24, batch_size=4, block_len=32, lr=1e-2, warmup_steps=2,
              prompt="KING.\n")
 
 
-def _load(cfg: Config):
-    """``(graphdef, params, encode, decode, eos_id, description)``."""
-    if cfg.smoke:
-        _, graphdef, params = _recipe.tiny_llama(cfg.seed)
-        return (graphdef, params, _recipe.byte_encode, _recipe.byte_decode, None,
-                "tiny random Llama (2 layers, d=64, byte tokens)")
-    path = cfg.model or models.smollm2_gguf()
-    model = models.llama.load_llama(path, scan_layers=True)
-    graphdef, params = models.split_params(model)
-    tok = models.load_tokenizer(path)
-    eos = model.config.eos_token_id
-    eos_id = eos[0] if isinstance(eos, (tuple, list)) else eos
-    name = os.path.basename(path.rstrip("/"))
-    return (graphdef, params, lambda s: tok.encode(s).ids,
-            lambda ids: tok.decode([int(i) for i in ids]), eos_id, name)
-
-
 def _generate(graphdef, params, encode, decode, cfg: Config) -> str:
     if cfg.gen_tokens <= 0:
         return ""
@@ -123,7 +106,8 @@ def main(cfg: Config) -> dict:
         shutil.rmtree(ckpt_dir)
     os.makedirs(out, exist_ok=True)
 
-    graphdef, params, encode, decode, eos_id, model_name = _load(cfg)
+    lm = _recipe.load_lm(cfg.model, smoke=cfg.smoke, seed=cfg.seed)
+    graphdef, params, encode, decode, eos_id, model_name = lm
     docs = _recipe.documents(cfg.data, max_chars=20_000 if cfg.smoke else 0)
     corpus = _recipe.corpus(docs, encode, block_len=cfg.block_len, eval_docs=cfg.eval_docs,
                             eval_blocks=cfg.eval_blocks, seed=cfg.seed, eos_id=eos_id)
@@ -143,10 +127,7 @@ def main(cfg: Config) -> dict:
     setup = build(cfg, params, _recipe.schedule(optim), init_key)
     print(setup.describe)
 
-    def apply_fn(p, tokens, **kw):
-        return models.apply(graphdef, p, tokens, **kw)
-
-    loss_fn = _recipe.lm_loss(apply_fn)
+    loss_fn = _recipe.lm_loss(_recipe.apply_fn(graphdef))
     evaluate = _recipe.evaluator(setup, loss_fn)
     run = _recipe.trainer(setup, loss_fn, optim)
     opt_state0 = run.tx.init(setup.trainable)

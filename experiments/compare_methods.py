@@ -1,0 +1,185 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Every fine-tuning method peftjax has, on the same budget: quality vs cost.
+
+Question: at a fixed budget (same model, data, steps, batch and schedule
+shape), how do the methods trade trainable parameters and optimizer memory
+for held-out perplexity? Hypothesis (the papers' tables in miniature): full
+fine-tuning and GaLore reach the lowest perplexity at the highest (full) or
+reduced (GaLore) optimizer memory; LoRA/DoRA come close with < 1 % of the
+trainable parameters; LoRA-XS trains the fewest parameters and lags.
+
+Reading the output: a Markdown table (method, trainable params,
+optimizer-state bytes, peak temp bytes of the compiled step, median step time,
+held-out perplexity) printed and written with a JSON copy and three plots
+(loss curves; perplexity vs trainable parameters; perplexity vs optimizer
+memory) to ``--out_dir`` (default ``experiments/results/compare_methods``).
+Step times are single-run medians on whatever machine runs this, recorded
+with the load average: indicative, not a benchmark. SmolLM2's checkpoint is
+a 4-bit dequantisation: perplexities are not comparable with published ones.
+
+Usage::
+
+    python experiments/compare_methods.py                   # SmolLM2-135M, CPU
+    python experiments/compare_methods.py --methods=lora,dora --steps=40
+    python experiments/compare_methods.py --smoke           # tiny Llama, < 60 s
+"""
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _recipe  # noqa: E402
+
+import peftjax  # noqa: E402
+from peftjax import data  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Comparison configuration; every field is a --field=value option."""
+
+    methods: tuple[str, ...] = ("full", "lora", "dora", "lora_xs", "galore")
+    steps: int = 30
+    batch_size: int = 4
+    block_len: int = 128
+    rank: int = 8
+    alpha: float = 16.0
+    targets: str = _recipe.ATTN
+    galore_rank: int = 64
+    update_proj_gap: int = 200
+    galore_scale: float = 0.25
+    lr_scale: float = 1.0  # multiplies every method's learning rate in LR
+    warmup_steps: int = 3
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    eval_docs: int = 4
+    eval_blocks: int = 16
+    model: str = ""
+    data: str = ""
+    out_dir: str = os.path.join(_recipe.RESULTS_DIR, "compare_methods")
+    seed: int = 0
+    progress: bool = True
+    smoke: bool = False
+
+
+# Per-method peak learning rates (the usual orders of magnitude for each family).
+LR = {"full": 5e-5, "galore": 2e-4, "lora": 1e-3, "dora": 1e-3, "lora_xs": 1e-3}
+SMOKE = dict(steps=6, block_len=32, eval_blocks=8, galore_rank=8, rank=4, alpha=8.0,
+             warmup_steps=1)
+SMOKE_LR_SCALE = 10.0
+
+
+def run_method(name: str, cfg: Config, lm: _recipe.LM, corpus: _recipe.Corpus) -> dict:
+    """Trains one method on the shared budget; returns its row."""
+    build = _recipe.method(name)
+    lr = LR.get(name, 1e-3) * cfg.lr_scale * (SMOKE_LR_SCALE if cfg.smoke else 1.0)
+    optim = _recipe.OptimConfig(lr=lr, total_steps=cfg.steps,
+                                warmup_steps=cfg.warmup_steps, clip_norm=cfg.clip_norm,
+                                weight_decay=cfg.weight_decay)
+    setup = build(cfg, lm.params, _recipe.schedule(optim), jax.random.key(cfg.seed))
+    loss_fn = _recipe.lm_loss(_recipe.apply_fn(lm.graphdef))
+    run = _recipe.trainer(setup, loss_fn, optim)
+    batches = data.Batches(corpus.train, batch_size=cfg.batch_size, seed=cfg.seed)
+    evals = data.Batches(corpus.eval, batch_size=min(cfg.batch_size, cfg.eval_blocks),
+                         seed=cfg.seed, shuffle=False)
+    opt_state = run.tx.init(setup.trainable)
+    rep = peftjax.report(run.step, setup.trainable, opt_state, setup.static, batches[0],
+                         params=setup.base, trainable=setup.trainable,
+                         opt_state=opt_state)
+    del opt_state
+    result = _recipe.train(setup=setup, run=run, optim=optim, batches=batches,
+                           key=jax.random.key(cfg.seed), progress=cfg.progress, desc=name)
+    ppl = _recipe.evaluator(setup, loss_fn)(result.trainable, evals)
+    times = [h["seconds"] for h in result.history[1:]] or [result.history[0]["seconds"]]
+    return {
+        "method": name, "lr": lr,
+        "trainable_params": rep.trainable_params, "total_params": rep.total_params,
+        "optimizer_state_bytes": rep.optimizer_state_bytes,
+        "peak_temp_bytes": rep.temp_bytes, "compiled_bytes": rep.compiled_bytes,
+        "step_seconds_median": statistics.median(times),
+        "eval_ppl": ppl, "losses": [h["loss"] for h in result.history],
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    """The comparison table in Markdown."""
+    head = ("| method | trainable params | optimizer state | peak temp (compiled) "
+            "| step time (median) | held-out ppl |\n|---|---:|---:|---:|---:|---:|\n")
+
+    mib = _recipe.human_bytes
+    return head + "".join(
+        f"| {r['method']} | {r['trainable_params']:,} | {mib(r['optimizer_state_bytes'])} "
+        f"| {mib(r['peak_temp_bytes'])} | {r['step_seconds_median']:.2f} s "
+        f"| {r['eval_ppl']:.2f} |\n" for r in rows)
+
+
+def plots(out: str, rows: list[dict], title: str) -> None:
+    """Loss curves, perplexity vs trainable params, perplexity vs optimizer bytes."""
+    _recipe.plot_curves(os.path.join(out, "loss_curves.png"),
+                        {r["method"]: r["losses"] for r in rows}, title=title)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, fname, label in (("trainable_params", "ppl_vs_trainable.png",
+                               "trainable parameters"),
+                              ("optimizer_state_bytes", "ppl_vs_optimizer_memory.png",
+                               "optimizer-state bytes")):
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for r in rows:
+            ax.scatter(r[key], r["eval_ppl"])
+            ax.annotate(r["method"], (r[key], r["eval_ppl"]))
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out perplexity")
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, fname), dpi=100)
+        plt.close(fig)
+
+
+def main(cfg: Config) -> dict:
+    """Runs every method in ``cfg.methods``; returns the table as a dict."""
+    if cfg.smoke:
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in SMOKE.items()
+                                          if getattr(cfg, k) == getattr(Config, k)})
+    for name in cfg.methods:  # unknown or unbuilt methods fail before any work
+        build = _recipe.method(name)
+        if getattr(build, "unavailable", False):
+            build()
+    t0 = time.perf_counter()
+    lm = _recipe.load_lm(cfg.model, smoke=cfg.smoke, seed=cfg.seed)
+    docs = _recipe.documents(cfg.data, max_chars=20_000 if cfg.smoke else 0)
+    corpus = _recipe.corpus(docs, lm.encode, block_len=cfg.block_len,
+                            eval_docs=cfg.eval_docs, eval_blocks=cfg.eval_blocks,
+                            seed=cfg.seed, eos_id=lm.eos_id)
+    rows = [run_method(name, cfg, lm, corpus) for name in cfg.methods]
+    out = os.path.abspath(cfg.out_dir)
+    os.makedirs(out, exist_ok=True)
+    table = markdown(rows)
+    env = _recipe.environment()
+    title = f"{lm.name}: {cfg.steps} steps x {cfg.batch_size}x{cfg.block_len}"
+    header = (f"{title}; held out: {', '.join(corpus.eval_names)}; {env['date']}; "
+              f"{env['cpu_count']} CPUs, {env['device_kind']}, load {env['loadavg']}\n\n")
+    with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
+        f.write(header + table)
+    results = {"rows": rows, "seconds": time.perf_counter() - t0,
+               "eval_documents": corpus.eval_names, "model": lm.name}
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({"config": dataclasses.asdict(cfg), "environment": env, **results}, f,
+                  indent=2)
+    plots(out, rows, title)
+    _recipe.append_result("compare_methods", cfg, results)
+    print(header + table)
+    return results
+
+
+if __name__ == "__main__":
+    main(_recipe.parse_cli(Config, sys.argv[1:]))
