@@ -41,12 +41,19 @@ def read_text(path: str | os.PathLike) -> str:
         return f.read()
 
 
-def read_jsonl(path: str | os.PathLike, *, field: str = "text") -> list[str]:
+def read_jsonl(path: str | os.PathLike, *, field: str = "text",
+               format: Callable[[dict], str] | None = None) -> list[str]:
     """Reads one document per line from a JSONL file.
+
+    Instruction data (``{"messages": [{"role": ..., "content": ...}]}``) is
+    turned into text by ``format``, e.g. a renderer of the chat template
+    stored in the checkpoint (GGUF ``tokenizer.chat_template``, HF
+    ``tokenizer_config.json``), so training sees the model's own format.
 
     Args:
       path: the ``.jsonl`` file.
-      field: the key holding the text of each record.
+      field: the key holding the text of each record (ignored with ``format``).
+      format: ``record -> text`` for structured records.
 
     Returns:
       The documents in file order (blank lines skipped).
@@ -62,6 +69,8 @@ def read_jsonl(path: str | os.PathLike, *, field: str = "text") -> list[str]:
       ...     _ = f.write('{"text": "a"}\\n{"text": "b"}\\n')
       >>> read_jsonl(p)
       ['a', 'b']
+      >>> read_jsonl(p, format=lambda r: "<|user|>" + r["text"])
+      ['<|user|>a', '<|user|>b']
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -75,6 +84,13 @@ def read_jsonl(path: str | os.PathLike, *, field: str = "text") -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"read_jsonl: {path!r} line {n} is not JSON: {e}") from e
+            if format is not None and isinstance(record, dict):
+                text = format(record)
+                if not isinstance(text, str):
+                    raise ValueError(f"read_jsonl: format returned {type(text).__name__} "
+                                     f"for {path!r} line {n}; expected str")
+                docs.append(text)
+                continue
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise ValueError(f"read_jsonl: {path!r} line {n} has no string field "
                                  f"{field!r} (keys: {sorted(record) if isinstance(record, dict) else type(record).__name__})")

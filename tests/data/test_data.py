@@ -139,3 +139,19 @@ def test_read_jsonl_and_tokenize(tmp_path):
         data.tokenize(["x"], lambda s: [[1, 2]])
     with pytest.raises(ValueError, match="no file"):
         data.read_text(tmp_path / "missing.txt")
+
+
+def test_read_jsonl_formats_instruction_records(tmp_path):
+    p = tmp_path / "chat.jsonl"
+    rec = {"messages": [{"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "hello"}]}
+    p.write_text(json.dumps(rec) + "\n")
+
+    def chatml(r):
+        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+                       for m in r["messages"])
+
+    assert data.read_jsonl(p, format=chatml) == [
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"]
+    with pytest.raises(ValueError, match="format returned int"):
+        data.read_jsonl(p, format=lambda r: 3)
