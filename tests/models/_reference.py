@@ -72,8 +72,12 @@ def _layer_norm(x, scale, bias, eps):
     return (x - mu) / np.sqrt(var + eps) * scale + bias
 
 
-def bert_hidden(params, cfg, tokens, mask=None):
-    """Last hidden states (B, T, d) of the pure BERT param dict (exact GELU)."""
+def bert_hidden(params, cfg, tokens, mask=None, prefix=None):
+    """Last hidden states (B, T, d) of the pure BERT param dict (exact GELU).
+
+    ``prefix``: optional ``(keys, values)`` of shape ``(L, P, H, D)`` prepended
+    to every layer's keys and values (always attended to).
+    """
     from scipy.special import erf
 
     tokens = np.asarray(tokens)
@@ -105,8 +109,13 @@ def bert_hidden(params, cfg, tokens, mask=None):
         lp = params["layers"][i]
         a = lp["attention"]
         q, k, v = (lin(a[n], x).reshape(b, t, h, hd) for n in ("query", "key", "value"))
+        kmask = mask
+        if prefix is not None:
+            pk, pv = (np.broadcast_to(f64(z[i])[None], (b,) + z[i].shape) for z in prefix)
+            k, v = np.concatenate([pk, k], 1), np.concatenate([pv, v], 1)
+            kmask = np.concatenate([np.ones((b, pk.shape[1]), bool), mask], 1)
         s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(hd)
-        s = np.where(mask[:, None, None, :], s, -np.inf)
+        s = np.where(kmask[:, None, None, :], s, -np.inf)
         w = np.exp(s - s.max(-1, keepdims=True))
         w = w / w.sum(-1, keepdims=True)
         o = np.einsum("bhts,bshd->bthd", w, v).reshape(b, t, h * hd)

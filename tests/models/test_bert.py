@@ -209,3 +209,28 @@ def test_minilm_golden(golden):
         / np.linalg.norm(want, axis=-1)
     )
     assert (cos >= MIN_COSINE).all(), cos
+
+
+def test_prefix_matches_reference_and_zero_length_is_base():
+    from peftjax import adapters
+
+    cfg = make_config()
+    g, p = make(cfg)
+    ids = jnp.asarray([[2, 5, 7, 9, 11, 1], [3, 4, 5, 6, 7, 8]], jnp.int32)
+    mask = jnp.asarray([[1, 1, 1, 1, 0, 0], [1] * 6], jnp.int32)
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    prefix = adapters.prefix_tuning(jax.random.key(0), 3, num_layers=2,
+                                    num_kv_heads=cfg.num_attention_heads, head_dim=hd,
+                                    init_std=0.5)
+    got = pm.apply(g, p, ids, attention_mask=mask, prefix=prefix)
+    ref = _reference.bert_hidden(p, cfg, ids, mask,
+                                 prefix=(prefix.keys, prefix.values))
+    close(got[0, :4], ref[0, :4])
+    close(got[1], ref[1])
+    empty = adapters.PrefixParams(keys=prefix.keys[:, :0], values=prefix.values[:, :0])
+    np.testing.assert_array_equal(
+        np.asarray(pm.apply(g, p, ids, attention_mask=mask, prefix=empty)),
+        np.asarray(pm.apply(g, p, ids, attention_mask=mask)))
+    with pytest.raises(ValueError, match=r"expected \(L, P, H, D\)"):
+        pm.apply(g, p, ids, prefix=adapters.PrefixParams(keys=prefix.keys[:1],
+                                                          values=prefix.values[:1]))

@@ -139,12 +139,22 @@ class Attention(nnx.Module):
         self.query, self.key, self.value = (_linear(d, d, **kw) for _ in range(3))
         self.output = _linear(d, d, **kw)
 
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, prefix_kv=None):
         b, t, d = x.shape
         h = self.num_heads
         q, k, v = (
             f(x).reshape(b, t, h, d // h) for f in (self.query, self.key, self.value)
         )
+        if prefix_kv is not None:  # (P, H, Dh) keys/values shared by the batch
+            pk, pv = (
+                jnp.broadcast_to(z.astype(k.dtype)[None], (b,) + z.shape)
+                for z in prefix_kv
+            )
+            k = jnp.concatenate([pk, k], axis=1)
+            v = jnp.concatenate([pv, v], axis=1)
+            mask = jnp.concatenate(
+                [jnp.ones((b, pk.shape[1]), jnp.bool_), mask], axis=1
+            )
         s = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
         s = s * ((d // h) ** -0.5)
         s = jnp.where(mask[:, None, None, :], s, jnp.finfo(jnp.float32).min)
@@ -168,8 +178,8 @@ class Layer(nnx.Module):
         )
         self.hidden_act = cfg.hidden_act
 
-    def __call__(self, x, mask):
-        x = self.attention_norm(x + self.attention(x, mask))
+    def __call__(self, x, mask, prefix_kv=None):
+        x = self.attention_norm(x + self.attention(x, mask, prefix_kv))
         return self.output_norm(
             x + self.output(_activation(self.hidden_act)(self.intermediate(x)))
         )
@@ -221,6 +231,7 @@ class BertModel(nnx.Module):
         *,
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
+        prefix: Any = None,
     ) -> jax.Array:
         """Returns the last hidden states ``(B, T, d)``.
 
@@ -228,10 +239,30 @@ class BertModel(nnx.Module):
           tokens: int ids ``(B, T)``.
           attention_mask: ``(B, T)`` nonzero for real tokens (default all).
           token_type_ids: ``(B, T)`` segment ids (default zeros).
+          prefix: per-layer prefix keys/values (prefix tuning / P-tuning v2,
+            ``peftjax.adapters.prefix_tuning`` with ``num_kv_heads`` = the
+            number of heads): an object with ``keys``/``values`` of shape
+            ``(L, P, H, D)``, prepended to every layer's keys and values and
+            always attended to (PEFT's past-key-values convention).
 
         Returns:
           The hidden states, in the compute dtype.
         """
+        cfg = self.config
+        if prefix is not None and prefix.keys.shape[1] == 0:
+            prefix = None  # a zero-length prefix is the base model, bit for bit
+        if prefix is not None:
+            want = (
+                cfg.num_hidden_layers,
+                prefix.keys.shape[1],
+                cfg.num_attention_heads,
+                cfg.hidden_size // cfg.num_attention_heads,
+            )
+            if prefix.keys.shape != want or prefix.values.shape != want:
+                raise ValueError(
+                    f"prefix keys/values have shapes {prefix.keys.shape}/"
+                    f"{prefix.values.shape}; expected (L, P, H, D) = {want}"
+                )
         mask = (
             jnp.ones(tokens.shape, jnp.bool_)
             if attention_mask is None
@@ -243,8 +274,9 @@ class BertModel(nnx.Module):
             else token_type_ids
         )
         h = self.embeddings(tokens, self._positions(tokens, mask), types)
-        for layer in self.layers:
-            h = layer(h, mask)
+        for i, layer in enumerate(self.layers):
+            kv = None if prefix is None else (prefix.keys[i], prefix.values[i])
+            h = layer(h, mask, kv)
         return h
 
     def embed(
@@ -311,6 +343,7 @@ class BertForSequenceClassification(BertModel):
         *,
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
+        prefix: Any = None,
     ) -> jax.Array:
         """Returns float32 class logits ``(B, num_labels)``.
 
@@ -318,12 +351,16 @@ class BertForSequenceClassification(BertModel):
           tokens: int ids ``(B, T)``.
           attention_mask: ``(B, T)`` nonzero for real tokens.
           token_type_ids: ``(B, T)`` segment ids.
+          prefix: per-layer prefix keys/values, as for ``BertModel``.
 
         Returns:
           The logits.
         """
         h = super().__call__(
-            tokens, attention_mask=attention_mask, token_type_ids=token_type_ids
+            tokens,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            prefix=prefix,
         )
         pooled = mean_pool(h, attention_mask).astype(h.dtype)
         return self.classifier(pooled).astype(jnp.float32)
