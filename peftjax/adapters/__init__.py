@@ -52,6 +52,12 @@ from peftjax.adapters._scale_shift import Side as Side
 from peftjax.adapters._scale_shift import ia3 as ia3
 from peftjax.adapters._scale_shift import scale_shift as scale_shift
 from peftjax.adapters._scale_shift import ssf as ssf
+from peftjax.adapters._sparse import SparseSupport as SparseSupport
+from peftjax.adapters._sparse import SparseValues as SparseValues
+from peftjax.adapters._sparse import sparse_delta as sparse_delta
+from peftjax.adapters._sparse import sparse_from_compact as sparse_from_compact
+from peftjax.adapters._sparse import sparse_num as sparse_num
+from peftjax.adapters._sparse import sparse_to_compact as sparse_to_compact
 from peftjax.adapters._vera import VeRABasis as VeRABasis
 from peftjax.adapters._vera import VeRAParams as VeRAParams
 from peftjax.adapters._vera import vera as vera
@@ -118,4 +124,10 @@ __all__ = [
     "unmerge",
     "vera",
     "vera_shared",
+    "SparseSupport",
+    "SparseValues",
+    "sparse_delta",
+    "sparse_from_compact",
+    "sparse_num",
+    "sparse_to_compact",
 ]

@@ -92,6 +92,14 @@ ADAPTERS = [
         lambda w, t, f: h.ref_adalora(w, t, f, s=6.0 / (3 + 1e-5)),
         lambda i, o: 3 * (i + o + 1),
     ),
+    (
+        "sparse_delta",
+        lambda: adapters.sparse_delta(0.3),
+        True,
+        lambda w, t, f: (h.f64(w).reshape(-1) + np.bincount(
+            np.asarray(f.indices), h.f64(t.values), minlength=w.size)).reshape(w.shape),
+        lambda i, o: int(0.3 * i * o),
+    ),
 ]
 IDS = [a[0] for a in ADAPTERS]
 
