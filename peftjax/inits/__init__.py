@@ -1,0 +1,40 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Data-driven initialisers: LoRA-SB, PiSSA, OLoRA, LoRA-GA, CorDA.
+
+Each initialiser is a rule payload (``tree.Rule(where=..., then=inits.pissa(8))``);
+``inits.init(plan, key, params, stats=...)`` returns the base to train over
+(residual weights for the inits that modify it), the ``adapters`` assignment
+and the adapter state. Statistics are explicit: ``accumulate_gradients``
+(LoRA-GA, LoRA-SB) and ``collect_covariances`` (CorDA). ``to_lora`` exports a
+trained adapter as a plain LoRA over the unmodified base.
+"""
+
+from peftjax.inits._base import InitResult as InitResult
+from peftjax.inits._base import Initializer as Initializer
+from peftjax.inits._base import init as init
+from peftjax.inits._convert import to_lora as to_lora
+from peftjax.inits._corda import corda as corda
+from peftjax.inits._lora_ga import lora_ga as lora_ga
+from peftjax.inits._lora_sb import lora_sb as lora_sb
+from peftjax.inits._lora_sb import lora_sb_num_trainable as lora_sb_num_trainable
+from peftjax.inits._lora_sb import update_approximation as update_approximation
+from peftjax.inits._olora import olora as olora
+from peftjax.inits._pissa import pissa as pissa
+from peftjax.inits._stats import accumulate_gradients as accumulate_gradients
+from peftjax.inits._stats import collect_covariances as collect_covariances
+
+__all__ = [
+    "InitResult",
+    "Initializer",
+    "accumulate_gradients",
+    "collect_covariances",
+    "corda",
+    "init",
+    "lora_ga",
+    "lora_sb",
+    "lora_sb_num_trainable",
+    "olora",
+    "pissa",
+    "to_lora",
+    "update_approximation",
+]
