@@ -10,6 +10,11 @@ from peftjax.io._gguf import read_gguf_metadata as read_gguf_metadata
 from peftjax.io._safetensors import read_safetensors as read_safetensors
 from peftjax.io._safetensors import read_safetensors_index as read_safetensors_index
 from peftjax.io._safetensors import write_safetensors as write_safetensors
+from peftjax.io._peft_keys import PeftKey as PeftKey
+from peftjax.io._peft_keys import TensorLayout as TensorLayout
+from peftjax.io._peft_read import PeftAdapter as PeftAdapter
+from peftjax.io._peft_read import load_peft as load_peft
+from peftjax.io._peft_write import save_peft as save_peft
 
 
 def __getattr__(name: str):
@@ -29,4 +34,9 @@ __all__ = [
     "read_safetensors",
     "read_safetensors_index",
     "write_safetensors",
+    "PeftAdapter",
+    "PeftKey",
+    "TensorLayout",
+    "load_peft",
+    "save_peft",
 ]

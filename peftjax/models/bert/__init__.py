@@ -12,6 +12,7 @@ from peftjax.models.bert._model import (
 )
 from peftjax.models.bert._model import BertModel as BertModel
 from peftjax.models.bert._model import mean_pool as mean_pool
+from peftjax.models.bert._peft_keys import peft_key_map as peft_key_map
 
 __all__ = [
     "BertConfig",
@@ -20,4 +21,5 @@ __all__ = [
     "load_bert",
     "mean_pool",
     "params_from_hf",
+    "peft_key_map",
 ]

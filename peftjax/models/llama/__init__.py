@@ -20,6 +20,7 @@ from peftjax.models.llama._loader import params_from_gguf as params_from_gguf
 from peftjax.models.llama._loader import params_from_hf as params_from_hf
 from peftjax.models.llama._model import KVCache as KVCache
 from peftjax.models.llama._model import LlamaForCausalLM as LlamaForCausalLM
+from peftjax.models.llama._peft_keys import peft_key_map as peft_key_map
 
 __all__ = [
     "KVCache",
@@ -37,4 +38,5 @@ __all__ = [
     "params_to_hf",
     "sample_logits",
     "save_hf",
+    "peft_key_map",
 ]

@@ -1,0 +1,155 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Hugging Face PEFT ``adapter_config.json``: what peftjax honours, and checks.
+
+PEFT writes every field of its config class. peftjax honours the fields that
+change the weights it reads (``r``, ``lora_alpha``, ``use_rslora``,
+``rank_pattern``, ``alpha_pattern``, ``use_dora``, ``modules_to_save``, VeRA's
+projections, (IA)³'s ``feedforward_modules``), accepts descriptive fields
+(``target_modules``, ``base_model_name_or_path``, ``task_type``, ...), and
+refuses any other field whose value differs from PEFT's default, naming it:
+nothing is silently dropped.
+
+Exports: ``SUPPORTED_PEFT_TYPES``, ``check_config``, ``pattern_value``.
+"""
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+SUPPORTED_PEFT_TYPES = ("LORA", "VERA", "IA3")
+
+# Fields that only describe the adapter or steer PEFT's targeting (the
+# tensors in the file say which modules are adapted), for every type.
+_DESCRIPTIVE = frozenset({
+    "peft_type", "task_type", "auto_mapping", "peft_version",
+    "base_model_name_or_path", "revision", "inference_mode", "target_modules",
+    "exclude_modules", "modules_to_save", "runtime_config",
+})
+
+# Fields peftjax honours when reading, per type.
+_HONOURED = {
+    "LORA": frozenset({"r", "lora_alpha", "use_rslora", "rank_pattern",
+                       "alpha_pattern", "use_dora", "lora_dropout",
+                       "init_lora_weights"}),
+    "VERA": frozenset({"r", "projection_prng_key", "save_projection",
+                       "vera_dropout", "d_initial", "init_weights"}),
+    "IA3": frozenset({"feedforward_modules", "init_ia3_weights"}),
+}
+
+# Fields peftjax cannot honour: accepted only at PEFT's default value
+# (peft 0.21.2's ``to_dict()`` of a default config).
+_DEFAULTS = {
+    "LORA": {
+        "fan_in_fan_out": False, "bias": "none", "layers_to_transform": None,
+        "layers_pattern": None, "megatron_config": None,
+        "megatron_core": "megatron.core", "trainable_token_indices": None,
+        "loftq_config": {}, "eva_config": None, "corda_config": None,
+        "lora_ga_config": None, "velora_config": None,
+        "alora_invocation_tokens": None, "use_qalora": False,
+        "qalora_group_size": 16, "monteclora_config": None,
+        "layer_replication": None, "lora_bias": False, "target_parameters": None,
+        "use_bdlora": None, "arrow_config": None, "kasa_config": None,
+        "ensure_weight_tying": False,
+    },
+    "VERA": {"fan_in_fan_out": False, "bias": "none",
+             "layers_to_transform": None, "layers_pattern": None},
+    "IA3": {"fan_in_fan_out": False},
+}
+
+# init_lora_weights values that leave the base model untouched; an adapter
+# saved with PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ init unconverted sits on a
+# modified base, which the caller's params are not.
+_PLAIN_INITS = (True, False, "gaussian")
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    if default is None:
+        return value is None or value == [] or value == {}
+    return value == default
+
+
+def check_config(config: Mapping[str, Any], source: str) -> str:
+    """Validates an ``adapter_config.json`` dict and returns its ``peft_type``.
+
+    Args:
+      config: the parsed JSON.
+      source: the file, for error messages.
+
+    Returns:
+      The upper-case ``peft_type`` (one of ``SUPPORTED_PEFT_TYPES``).
+
+    Raises:
+      ValueError: a missing or unsupported ``peft_type``, or fields that
+        peftjax cannot honour set to non-default values (all of them named).
+
+    Example:
+      >>> check_config({"peft_type": "LORA", "r": 4}, "cfg.json")
+      'LORA'
+      >>> check_config({"peft_type": "LORA", "lora_bias": True}, "cfg.json")
+      ... # doctest: +IGNORE_EXCEPTION_DETAIL
+      Traceback (most recent call last):
+      ValueError: ... lora_bias=True ...
+    """
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{source}: adapter config must be a JSON object")
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str):
+        raise ValueError(f"{source}: no 'peft_type' (the one mandatory key)")
+    peft_type = peft_type.upper()
+    if peft_type not in SUPPORTED_PEFT_TYPES:
+        raise ValueError(
+            f"{source}: peft_type={peft_type!r} is not supported; peftjax reads "
+            f"{list(SUPPORTED_PEFT_TYPES)}"
+        )
+    defaults = _DEFAULTS[peft_type]
+    honoured = _HONOURED[peft_type]
+    bad: list[str] = []
+    for field, value in config.items():
+        if field in _DESCRIPTIVE or field in honoured:
+            continue
+        if field in defaults:
+            if not _is_default(value, defaults[field]):
+                bad.append(f"{field}={value!r} (default {defaults[field]!r})")
+        elif not _is_default(value, None) and value is not False:
+            bad.append(f"{field}={value!r} (a field peftjax does not know)")
+    init = config.get("init_lora_weights", True)
+    if peft_type == "LORA" and init not in _PLAIN_INITS:
+        bad.append(
+            f"init_lora_weights={init!r} (the adapter sits on a modified base; "
+            "save it from PEFT with path_initial_model_for_weight_conversion)"
+        )
+    if peft_type == "VERA" and config.get("save_projection") is False:
+        bad.append("save_projection=False (torch's generator cannot be "
+                   "reproduced; save the VeRA projections)")
+    if bad:
+        raise ValueError(
+            f"{source}: {peft_type} config fields peftjax cannot honour: "
+            + "; ".join(bad)
+        )
+    return peft_type
+
+
+def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup for one module name.
+
+    A key matches when ``re.match(rf"(.*\\.)?({key})$", module)`` does (PEFT's
+    ``get_pattern_key``); the first matching key in the dict's order wins.
+
+    Args:
+      patterns: ``{pattern: value}``.
+      module: the full module name (``model.layers.0.self_attn.q_proj``).
+      default: the value when no key matches (``r`` or ``lora_alpha``).
+
+    Returns:
+      The value for ``module``.
+
+    Example:
+      >>> pattern_value({"q_proj": 4}, "model.layers.0.self_attn.q_proj", 8)
+      4
+      >>> pattern_value({"q_proj": 4}, "model.layers.0.self_attn.v_proj", 8)
+      8
+    """
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default

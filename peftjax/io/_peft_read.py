@@ -1,0 +1,342 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Reading a Hugging Face PEFT adapter directory into a peftjax adapter state.
+
+The inverse of ``save_peft`` (see ``_peft_write`` for the key and layout
+table): torch ``lora_A (r, in)`` / ``lora_B (out, r)`` become Flax
+``a = A.T (in, r)``, ``b = B.T (r, out)``; per-layer modules are stacked when
+``params`` has the scanned layout. Every tensor in the file is placed or the
+read fails: unknown keys, missing keys, shape mismatches, an unsupported
+``peft_type`` and config fields peftjax cannot honour are errors that list
+them. Only safetensors files are read (never ``adapter_model.bin`` pickles).
+
+Exports: ``PeftAdapter``, ``load_peft``.
+"""
+
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peftjax.adapters import _base, _dora, _lora, _scale_shift, _vera
+from peftjax.io import _peft_config, _peft_keys, _peft_write, _safetensors
+from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
+from peftjax.io._peft_write import save_peft  # noqa: F401 (doctest)
+from peftjax.tree import _paths
+
+_SUFFIXES = (
+    (".lora_A.weight", "a", _peft_keys.TensorLayout.KERNEL),
+    (".lora_B.weight", "b", _peft_keys.TensorLayout.KERNEL),
+    (".lora_embedding_A", "a", _peft_keys.TensorLayout.EMBEDDING),
+    (".lora_embedding_B", "b", _peft_keys.TensorLayout.EMBEDDING),
+    (".lora_magnitude_vector", "magnitude", _peft_keys.TensorLayout.KERNEL),
+    (".ia3_l", "ia3", _peft_keys.TensorLayout.KERNEL),
+    (".vera_lambda_b", "lambda_b", _peft_keys.TensorLayout.KERNEL),
+    (".vera_lambda_d", "lambda_d", _peft_keys.TensorLayout.KERNEL),
+)
+_NEEDS = {"LORA": {"a", "b"}, "IA3": {"ia3"}, "VERA": {"lambda_b", "lambda_d"}}
+
+
+class PeftAdapter(NamedTuple):
+    """A PEFT adapter read for a peftjax parameter tree.
+
+    Attributes:
+      assignment: ``{path: Adapter}`` (paths of ``params``, either layout).
+      state: the ``AdapterState`` for ``materialize``/``merge``.
+      full: ``{path: array}`` of the ``modules_to_save`` leaves (Flax layout),
+        to replace the base leaves (``peftjax.adapters.replace_leaves``).
+      config: the parsed ``adapter_config.json``.
+    """
+
+    assignment: dict[str, _base.Adapter]
+    state: _base.AdapterState
+    full: dict[str, jax.Array]
+    config: dict[str, Any]
+
+
+def _params_path(upath: str, flat: Mapping[str, Any], prefix: str
+                 ) -> tuple[str, int | None]:
+    """``(path in params, layer index or None)`` of an unrolled path."""
+    if upath in flat:
+        return upath, None
+    head = prefix.split("/")
+    parts = upath.split("/")
+    if parts[:len(head)] == head and len(parts) > len(head) + 1:
+        scanned = "/".join(head + parts[len(head) + 1:])
+        if scanned in flat:
+            return scanned, int(parts[len(head)])
+    raise ValueError(f"load_peft: the key map's {upath!r} is not a leaf of params "
+                     "(neither unrolled nor scanned)")
+
+
+def _stack_layers(items: dict[int, Any], path: str, n: int, what: str) -> Any:
+    missing = sorted(set(range(n)) - set(items))
+    if missing:
+        raise ValueError(
+            f"load_peft: the file has {what} for layers {sorted(items)} of the "
+            f"scanned leaf {path!r} but not for layers {missing}; a scanned model "
+            "needs every layer (load with the unrolled layout instead)"
+        )
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *[items[i] for i in range(n)])
+
+
+def _read_dir(directory: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
+    cfg_path = directory / _peft_write.CONFIG_NAME
+    if not cfg_path.is_file():
+        raise ValueError(f"load_peft: no {_peft_write.CONFIG_NAME} in {str(directory)!r}")
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    weights = directory / _peft_write.WEIGHTS_NAME
+    if not weights.is_file():
+        legacy = directory / "adapter_model.bin"
+        why = (" (only a pickled adapter_model.bin, which peftjax never loads; "
+               "convert it to safetensors)") if legacy.exists() else ""
+        raise ValueError(f"load_peft: no {_peft_write.WEIGHTS_NAME} in "
+                         f"{str(directory)!r}{why}")
+    tensors, _ = _safetensors.read_safetensors(weights)
+    return config, tensors
+
+
+def load_peft(
+    directory: str | os.PathLike,
+    params: Any,
+    *,
+    key_map: Mapping[str, _peft_keys.PeftKey],
+    layers_prefix: str = "layers",
+    param_dtype: Any = jnp.float32,
+) -> PeftAdapter:
+    """Reads a PEFT adapter (LoRA, rsLoRA, DoRA, embedding LoRA, VeRA, (IA)³).
+
+    Args:
+      directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
+      params: the base tree (unrolled or scanned layout): paths and shapes.
+      key_map: ``{unrolled path: PeftKey}`` of the model family.
+      layers_prefix: the layer container path of a scanned ``params``.
+      param_dtype: dtype of the returned adapter parameters.
+
+    Returns:
+      A ``PeftAdapter(assignment, state, full, config)``.
+
+    Raises:
+      ValueError: an unsupported ``peft_type`` or config field, unknown or
+        missing tensors, shapes that disagree with ``params`` or the config's
+        ranks, a scanned leaf whose layers are not all adapted.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, tempfile
+      >>> from peftjax import adapters, tree
+      >>> params = {"q": {"kernel": jnp.ones((4, 6))}}
+      >>> km = {"q/kernel": PeftKey("attn.q", "weight", TensorLayout.KERNEL)}
+      >>> a = tree.assign(params, [tree.Rule(where="q/kernel",
+      ...                                    then=adapters.lora(2, alpha=4.0))])
+      >>> st = adapters.init(a, jax.random.key(0), params)
+      >>> d = save_peft(tempfile.mkdtemp(), a, st, params, key_map=km)
+      >>> back = load_peft(d, params, key_map=km)
+      >>> back.assignment["q/kernel"], back.state.trainable["q/kernel"].a.shape
+      (lora(rank=2, alpha=4, scaling=alpha/r), (4, 2))
+    """
+    key_map = _peft_keys.check_key_map(key_map, "load_peft")
+    directory = pathlib.Path(directory)
+    config, tensors = _read_dir(directory)
+    source = str(directory / _peft_write.CONFIG_NAME)
+    peft_type = _peft_config.check_config(config, source)
+    flat = _paths.leaves_by_path(params)
+    use_dora = bool(config.get("use_dora", False))
+    saved = set(config.get("modules_to_save") or [])
+
+    adapted = {k.module: (p, k) for p, k in key_map.items()
+               if k.layout is not _peft_keys.TensorLayout.VECTOR
+               and k.tensor == "weight"}
+    full_names = {f"{k.module}.{k.tensor}": (p, k) for p, k in key_map.items()}
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    full_u: dict[str, np.ndarray] = {}
+    vera_shared: dict[str, np.ndarray] = {}
+    unknown: list[str] = []
+    for key, arr in sorted(tensors.items()):
+        if peft_type == "VERA" and key in ("base_model.vera_A", "base_model.vera_B"):
+            vera_shared[key[-1]] = arr
+            continue
+        name = key[len(_peft_write.PREFIX):] if key.startswith(_peft_write.PREFIX) else None
+        placed = False
+        for suffix, field, layout in _SUFFIXES if name is not None else ():
+            module = name[: -len(suffix)]
+            if name.endswith(suffix) and module in adapted:
+                upath, k = adapted[module]
+                if field in ("a", "b") and k.layout is not layout:
+                    break
+                parts.setdefault(upath, {})[field] = arr
+                placed = True
+                break
+        if placed or name is None:
+            unknown += [] if placed else [key]
+            continue
+        base_name = name.replace(".base_layer.", ".")
+        owner = full_names.get(base_name)
+        if owner is not None and (owner[1].module in saved or
+                                  any(owner[1].module.endswith("." + m) for m in saved)):
+            value = arr.T if owner[1].layout is _peft_keys.TensorLayout.KERNEL else arr
+            full_u[owner[0]] = value
+        elif owner is not None and ".base_layer." in name:
+            _check_base_copy(owner[0], arr, flat, layers_prefix, key)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"load_peft: {len(unknown)} tensor(s) in {str(directory)!r} match no "
+            f"module of the key map for {peft_type}: {unknown[:8]}"
+        )
+    if not parts:
+        raise ValueError(f"load_peft: {str(directory)!r} holds no {peft_type} tensors")
+    needs = _NEEDS[peft_type] | ({"magnitude"} if use_dora else set())
+    for upath, got in sorted(parts.items()):
+        if set(got) != needs:
+            raise ValueError(
+                f"load_peft: module {key_map[upath].module!r} ({upath!r}) has "
+                f"{sorted(got)}, a {peft_type}{' DoRA' if use_dora else ''} adapter "
+                f"needs {sorted(needs)}"
+            )
+    per_leaf: dict[str, dict[int | None, tuple]] = {}
+    for upath, got in parts.items():
+        path, layer = _params_path(upath, flat, layers_prefix)
+        built = _build(peft_type, config, upath, key_map[upath], got, vera_shared,
+                       use_dora, param_dtype, source, tuple(np.shape(flat[path])))
+        per_leaf.setdefault(path, {})[layer] = built
+    assignment: dict[str, _base.Adapter] = {}
+    trainable: dict[str, Any] = {}
+    frozen: dict[str, Any] = {}
+    for path, layers in sorted(per_leaf.items()):
+        adapters = {repr(b[0]) for b in layers.values()}
+        if len(adapters) != 1:
+            raise ValueError(f"load_peft: the layers of scanned leaf {path!r} differ "
+                             f"in hyperparameters {sorted(adapters)}; load unrolled")
+        adapter = next(iter(layers.values()))[0]
+        if None in layers:
+            t, f = layers[None][1], layers[None][2]
+        else:
+            n = flat[path].shape[0]
+            t = _stack_layers({i: b[1] for i, b in layers.items()}, path, n, "adapters")
+            f = (None if next(iter(layers.values()))[2] is None else
+                 _stack_layers({i: b[2] for i, b in layers.items()}, path, n, "bases"))
+        _check_shapes(path, adapter, flat[path], t, f)
+        assignment[path], trainable[path], frozen[path] = adapter, t, f
+    full = _assemble_full(full_u, flat, layers_prefix, param_dtype)
+    return PeftAdapter(assignment, _base.AdapterState(trainable, frozen), full, config)
+
+
+def _check_base_copy(upath: str, arr: np.ndarray, flat: Mapping[str, Any],
+                     prefix: str, key: str) -> None:
+    path, layer = _params_path(upath, flat, prefix)
+    base = np.asarray(flat[path] if layer is None else flat[path][layer])
+    if base.shape != arr.shape or not np.array_equal(base, arr.astype(base.dtype)):
+        raise ValueError(
+            f"load_peft: {key!r} is a base-layer copy (PEFT's save_embedding_layers) "
+            f"with shape {arr.shape} that differs from params {path!r} "
+            f"{base.shape}; a resized or changed base is not supported"
+        )
+
+
+def _assemble_full(full_u: dict[str, np.ndarray], flat: Mapping[str, Any],
+                   prefix: str, dtype: Any) -> dict[str, jax.Array]:
+    grouped: dict[str, dict[int | None, jax.Array]] = {}
+    for upath, arr in full_u.items():
+        path, layer = _params_path(upath, flat, prefix)
+        grouped.setdefault(path, {})[layer] = jnp.asarray(arr, dtype)
+    out: dict[str, jax.Array] = {}
+    for path, layers in grouped.items():
+        value = (layers[None] if None in layers else _stack_layers(
+            layers, path, flat[path].shape[0], "modules_to_save tensors"))
+        if tuple(value.shape) != tuple(np.shape(flat[path])):
+            raise ValueError(f"load_peft: modules_to_save tensor for {path!r} has "
+                             f"shape {tuple(value.shape)}, params have "
+                             f"{tuple(np.shape(flat[path]))}")
+        out[path] = value
+    return out
+
+
+def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
+           got: dict[str, np.ndarray], shared: dict[str, np.ndarray],
+           use_dora: bool, dtype: Any, source: str,
+           leaf_shape: tuple[int, ...]) -> tuple:
+    """``(adapter, trainable, frozen)`` of one unrolled module."""
+    def arr(x: np.ndarray) -> jax.Array:
+        return jnp.asarray(x, dtype)
+
+    module = key.module
+    if peft_type == "LORA":
+        a, b = got["a"], got["b"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"load_peft: {module!r} has lora_A {a.shape} and lora_B "
+                             f"{b.shape}; expected (r, in) and (out, r)")
+        r = int(a.shape[0])
+        want_r = _peft_config.pattern_value(config.get("rank_pattern") or {}, module,
+                                            config.get("r", 8))
+        if r != want_r:
+            raise ValueError(f"load_peft: {module!r} has rank {r} in the file but "
+                             f"{want_r} in {source} (r/rank_pattern)")
+        alpha = _peft_config.pattern_value(config.get("alpha_pattern") or {}, module,
+                                           config.get("lora_alpha", 8))
+        scaling = (_lora.Scaling.ALPHA_OVER_SQRT_RANK if config.get("use_rslora")
+                   else _lora.Scaling.ALPHA_OVER_RANK)
+        emb = key.layout is _peft_keys.TensorLayout.EMBEDDING
+        kw = dict(alpha=alpha, scaling=scaling, param_dtype=dtype,
+                  dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+                  init=_lora.LoRAInit.EMBEDDING if emb else _lora.LoRAInit.KAIMING_UNIFORM)
+        if use_dora:
+            if emb:
+                raise ValueError(f"load_peft: DoRA on the embedding {module!r} is not "
+                                 "supported")
+            return (_dora.dora(r, **kw),
+                    _dora.DoRAParams(arr(a.T), arr(b.T), arr(got["magnitude"])), None)
+        return _lora.lora(r, **kw), _lora.LoRAParams(arr(a.T), arr(b.T)), None
+    if peft_type == "IA3":
+        v = got["ia3"]
+        if v.ndim != 2 or 1 not in v.shape:
+            raise ValueError(f"load_peft: {module!r}.ia3_l has shape {v.shape}; "
+                             "expected (out, 1) or (1, in)")
+        ff = set(config.get("feedforward_modules") or [])
+        is_ff = module in ff or any(module.endswith("." + m) for m in ff)
+        side = _scale_shift.Side.INPUT if v.shape[0] == 1 else _scale_shift.Side.OUTPUT
+        if is_ff != (side is _scale_shift.Side.INPUT):
+            raise ValueError(f"load_peft: {module!r}.ia3_l has shape {v.shape}, which "
+                             f"disagrees with feedforward_modules in {source}")
+        return (_scale_shift.ia3(side, param_dtype=dtype),
+                _scale_shift.ScaleParams(arr(v.reshape(-1))), None)
+    if set(shared) != {"A", "B"}:
+        raise ValueError(f"load_peft: VeRA file lacks base_model.vera_A/vera_B "
+                         f"(has {sorted(shared)}); save with save_projection=True")
+    big_a, big_b = shared["A"], shared["B"]
+    r = int(got["lambda_d"].shape[0])
+    n_out = int(got["lambda_b"].shape[0])
+    if big_a.shape[0] != r or big_b.shape[1] != r:
+        raise ValueError(f"load_peft: vera_A {big_a.shape} / vera_B {big_b.shape} "
+                         f"disagree with {module!r}'s rank {r}")
+    adapter = _vera.vera(r, max_in=int(big_a.shape[1]), max_out=int(big_b.shape[0]),
+                         projection_seed=int(config.get("projection_prng_key", 0)),
+                         d_initial=float(config.get("d_initial", 0.1)),
+                         param_dtype=dtype)
+    n_in = int(leaf_shape[-2])
+    if n_in > big_a.shape[1] or n_out > big_b.shape[0]:
+        raise ValueError(f"load_peft: {module!r} (in={n_in}, out={n_out}) exceeds "
+                         f"the shared vera_A {big_a.shape} / vera_B {big_b.shape}")
+    t = _vera.VeRAParams(arr(got["lambda_d"]), arr(got["lambda_b"]))
+    return adapter, t, _vera.VeRABasis(arr(big_a[:, :n_in].T), arr(big_b[:n_out].T))
+
+
+def _check_shapes(path: str, adapter: _base.Adapter, leaf: Any, t: Any, f: Any) -> None:
+    spec = jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype)
+    try:
+        want_t, want_f = jax.eval_shape(lambda k, w: adapter.init(k, w),
+                                        jax.random.key(0), spec)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"load_peft: {adapter!r} does not fit {path!r} "
+                         f"(shape {tuple(np.shape(leaf))}): {e}") from e
+    for what, want, got in (("adapter", want_t, t), ("basis", want_f, f)):
+        ws = jax.tree.map(lambda x: tuple(x.shape), want)
+        gs = jax.tree.map(lambda x: tuple(x.shape), got)
+        if ws != gs:
+            raise ValueError(
+                f"load_peft: the file's {what} tensors for {path!r} give shapes "
+                f"{gs}, but params {tuple(np.shape(leaf))} need {ws}")

@@ -1,0 +1,341 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Writing a peftjax adapter state as a Hugging Face PEFT adapter directory.
+
+``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` ``(r, in)`` and ``.lora_B.weight``
+``(out, r)`` (torch layout: ``a = A.T``, ``b = B.T`` of peftjax's Flax
+``a (in, r)``, ``b (r, out)``); embeddings use ``lora_embedding_A`` ``(r, V)``
+/ ``lora_embedding_B`` ``(d, r)`` (``ΔE = s·(B·A)ᵀ``, the same transposes);
+DoRA adds ``lora_magnitude_vector`` ``(out,)``; (IA)³ writes ``ia3_l``
+(``(out, 1)``, or ``(1, in)`` for input-side, feed-forward modules); VeRA
+writes ``vera_lambda_b`` ``(out,)``, ``vera_lambda_d`` ``(r,)`` and the shared
+``base_model.vera_A`` ``(r, max_in)`` / ``base_model.vera_B`` ``(max_out, r)``
+(``save_projection=True``: JAX cannot reproduce torch's generator).
+
+The method of each path comes from its trainable NamedTuple (``LoRAParams``,
+``DoRAParams``, ``VeRAParams``, ``ScaleParams``); the scaling of LoRA/DoRA is
+read off the adapter's factored form (``delta`` of unit factors), so any
+``Scaling`` exports: ``lora_alpha`` is the shortest decimal whose
+``alpha/r`` (or ``alpha/√r`` with ``use_rslora``) equals it in float32.
+
+A tied embedding (SmolLM2) that carries LoRA also changes the head: PEFT
+adapts only the input embedding module, so the tied head sees the adapted
+table exactly as in peftjax (the weights are shared).
+
+Exports: ``save_peft``.
+"""
+
+import collections
+import json
+import math
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peftjax.adapters import _base, _dora, _lora, _scale_shift, _vera
+from peftjax.io import _peft_keys, _safetensors
+from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
+from peftjax.tree import _matrix, _paths
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+_TYPES = {
+    _lora.LoRAParams: "LORA",
+    _dora.DoRAParams: "LORA",
+    _vera.VeRAParams: "VERA",
+    _scale_shift.ScaleParams: "IA3",
+}
+
+
+def _np(x: Any) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(jax.device_get(x)))
+
+
+def _probe_scaling(adapter: _base.Adapter, t: Any, n_in: int, n_out: int,
+                   path: str) -> float:
+    """The adapter's float32 scaling ``s``: ``delta(e_0)`` with unit factors."""
+    if adapter.factored is None or adapter.factored.terms is None:
+        raise ValueError(f"save_peft: {adapter!r} on {path!r} has no factored "
+                         "form to read its scaling from")
+    r = t.a.shape[-1]
+    # Unit factors built on the host (no per-shape scatter compiles).
+    a, b, x = (np.zeros((n_in, r), np.float32), np.zeros((r, n_out), np.float32),
+               np.zeros((1, n_in), np.float32))
+    a[0, 0] = b[0, 0] = x[0, 0] = 1.0
+    unit = (_lora.LoRAParams(jnp.asarray(a), jnp.asarray(b))
+            if isinstance(t, _lora.LoRAParams)
+            else _dora.DoRAParams(jnp.asarray(a), jnp.asarray(b),
+                                  jnp.ones((n_out,), jnp.float32)))
+    terms = adapter.factored.terms(jnp.zeros((n_in, n_out), jnp.float32), unit, None)
+    return float(terms.delta(jnp.asarray(x))[0, 0])
+
+
+def alpha_for(s: float, rank: int, rslora: bool) -> float | int:
+    """The shortest decimal ``lora_alpha`` giving scaling ``s`` in float32.
+
+    Args:
+      s: the float32 scaling the adapter uses.
+      rank: ``r``.
+      rslora: ``alpha/√r`` instead of ``alpha/r``.
+
+    Returns:
+      An int when the alpha is integral, else a float.
+
+    Example:
+      >>> alpha_for(float(np.float32(16 / math.sqrt(8))), 8, True)
+      16
+      >>> alpha_for(2.0, 8, False)
+      16
+    """
+    denom = math.sqrt(rank) if rslora else rank
+    target = np.float32(s)
+    raw = s * denom
+    for digits in range(1, 18):
+        cand = float(f"{raw:.{digits}g}")
+        if np.float32(cand / denom) == target:
+            return int(cand) if cand.is_integer() else cand
+    return raw
+
+
+def _pattern(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The most common value and ``{module: value}`` for the others."""
+    counts = collections.Counter(values.values())
+    common = max(counts, key=lambda v: (counts[v], -list(values.values()).index(v)))
+    return common, {m: v for m, v in sorted(values.items()) if v != common}
+
+
+def _targets(modules: list[str], key_map: Mapping[str, _peft_keys.PeftKey]) -> list[str]:
+    """Short names (``q_proj``) when they select exactly ``modules``."""
+    short = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    every = {k.module for k in key_map.values()
+             if k.layout is not _peft_keys.TensorLayout.VECTOR}
+    selected = {m for m in every if m.rsplit(".", 1)[-1] in short}
+    return short if selected == set(modules) else sorted(modules)
+
+
+def _full_tensors(full: Mapping[str, Any], params_flat: dict[str, Any],
+                  key_map: dict[str, _peft_keys.PeftKey], prefix: str
+                  ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """``modules_to_save``: every tensor of each module, full leaves or base."""
+    unrolled: dict[str, Any] = {}
+    for path, value in full.items():
+        nb = 0 if path in key_map else 1
+        unrolled.update(_peft_keys.per_layer(path, value, nb, key_map, prefix,
+                                             "save_peft"))
+    modules = sorted({key_map[p].module for p in unrolled})
+    tensors: dict[str, np.ndarray] = {}
+    for upath, k in sorted(key_map.items()):
+        if k.module not in modules:
+            continue
+        value = (unrolled[upath] if upath in unrolled
+                 else _unrolled_leaf(upath, params_flat, prefix))
+        arr = _np(value)
+        if k.layout is _peft_keys.TensorLayout.KERNEL:
+            arr = np.ascontiguousarray(arr.T)
+        tensors[f"{PREFIX}{k.module}.{k.tensor}"] = arr
+    return tensors, modules
+
+
+def _unrolled_leaf(upath: str, params_flat: dict[str, Any], prefix: str) -> Any:
+    if upath in params_flat:
+        return params_flat[upath]
+    parts = upath.split("/")
+    head = prefix.split("/")
+    scanned = "/".join(head + parts[len(head) + 1:])
+    if scanned in params_flat:
+        return params_flat[scanned][int(parts[len(head)])]
+    raise ValueError(f"save_peft: params have no leaf for {upath!r}")
+
+
+def save_peft(
+    directory: str | os.PathLike,
+    assignment: Mapping[str, _base.Adapter],
+    state: _base.AdapterState,
+    params: Any,
+    *,
+    key_map: Mapping[str, _peft_keys.PeftKey],
+    full: Mapping[str, Any] | None = None,
+    base_model_name_or_path: str | None = None,
+    use_rslora: bool = False,
+    task_type: str | None = None,
+    layers_prefix: str = "layers",
+) -> pathlib.Path:
+    """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` for PEFT.
+
+    Args:
+      directory: created if missing.
+      assignment: ``{path: Adapter}`` the state was made with.
+      state: the ``AdapterState`` (unrolled or scanned paths).
+      params: the base tree (shapes and, for ``modules_to_save`` modules,
+        the tensors not trained in full).
+      key_map: ``{unrolled path: PeftKey}`` of the model family.
+      full: leaves trained in full (``trainable["full"]``): their modules are
+        written as PEFT ``modules_to_save``.
+      base_model_name_or_path: recorded in the config.
+      use_rslora: write ``lora_alpha`` for ``alpha/√r`` (rsLoRA) instead of
+        ``alpha/r``; the numeric scaling is the adapter's either way.
+      task_type: PEFT's ``task_type`` (e.g. ``"CAUSAL_LM"``), or None.
+      layers_prefix: the layer container path of scanned states.
+
+    Returns:
+      The directory.
+
+    Raises:
+      ValueError / TypeError: a path missing from the key map, a method PEFT
+        has no format for (SSF, LoRA-XS, AdaLoRA, ...), methods mixed in one
+        adapter, VeRA leaves with different projections, embedding DoRA/VeRA.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, tempfile, json
+      >>> from peftjax import adapters, tree
+      >>> params = {"q": {"kernel": jnp.ones((4, 6))}}
+      >>> km = {"q/kernel": PeftKey("attn.q", "weight", TensorLayout.KERNEL)}
+      >>> a = tree.assign(params, [tree.Rule(where="q/kernel",
+      ...                                    then=adapters.lora(2, alpha=4.0))])
+      >>> st = adapters.init(a, jax.random.key(0), params)
+      >>> d = save_peft(tempfile.mkdtemp(), a, st, params, key_map=km)
+      >>> cfg = json.loads((d / "adapter_config.json").read_text())
+      >>> cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
+      (2, 4, ['q'])
+    """
+    key_map = _peft_keys.check_key_map(key_map, "save_peft")
+    params_flat = _paths.leaves_by_path(params)
+    kinds: dict[str, str] = {}
+    for path, adapter in assignment.items():
+        t = state.trainable.get(path)
+        kind = _TYPES.get(type(t))
+        if kind is None:
+            raise TypeError(
+                f"save_peft: {adapter!r} on {path!r} (trainable "
+                f"{type(t).__name__}) has no Hugging Face PEFT format; PEFT files "
+                "hold LoRA, DoRA, VeRA and (IA)³"
+            )
+        kinds[path] = kind
+    types = sorted(set(kinds.values()))
+    dora = {p for p in assignment if isinstance(state.trainable[p], _dora.DoRAParams)}
+    if len(types) > 1 or (dora and len(dora) != len(assignment)):
+        raise ValueError(f"save_peft: one PEFT adapter holds one method; got {kinds}")
+    if not types:
+        raise ValueError("save_peft: the assignment is empty")
+    peft_type = types[0]
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, Any] = {}
+    dropouts: set[float] = set()
+    modules: list[str] = []
+    feedforward: list[str] = []
+    vera_bases: list[tuple[str, Any]] = []
+    vera_cfg: set[tuple] = set()
+    for path in sorted(assignment):
+        adapter, t, f = assignment[path], state.trainable[path], state.frozen[path]
+        leaf = params_flat.get(path)
+        if leaf is None:
+            raise ValueError(f"save_peft: {path!r} is not a leaf of params")
+        dn = adapter.factored.dimension_numbers if adapter.factored else None
+        dims = _matrix.resolve(dn, tuple(np.shape(leaf)), path=path)
+        nb = len(dims.batch)
+        for upath, (tu, fu) in _peft_keys.per_layer(path, (t, f), nb, key_map,
+                                                    layers_prefix, "save_peft"):
+            k = key_map[upath]
+            base = PREFIX + k.module
+            modules.append(k.module)
+            emb = k.layout is _peft_keys.TensorLayout.EMBEDDING
+            if k.layout is _peft_keys.TensorLayout.VECTOR or (emb and peft_type != "LORA"
+                                                              or emb and dora):
+                raise ValueError(f"save_peft: {adapter!r} on {upath!r} ({k}) has no "
+                                 "PEFT format (embedding LoRA only)")
+            if peft_type == "LORA":
+                r = int(tu.a.shape[-1])
+                s = _probe_scaling(adapter, tu, dims.n_in, dims.n_out, path)
+                ranks[k.module] = r
+                alphas[k.module] = alpha_for(s, r, use_rslora)
+                dropouts.add(adapter.dropout)
+                a, b = _np(tu.a).T, _np(tu.b).T
+                if emb:
+                    tensors[base + ".lora_embedding_A"] = np.ascontiguousarray(a)
+                    tensors[base + ".lora_embedding_B"] = np.ascontiguousarray(b)
+                else:
+                    tensors[base + ".lora_A.weight"] = np.ascontiguousarray(a)
+                    tensors[base + ".lora_B.weight"] = np.ascontiguousarray(b)
+                if dora:
+                    tensors[base + ".lora_magnitude_vector"] = _np(tu.magnitude)
+            elif peft_type == "IA3":
+                unit = _scale_shift.ScaleParams(jnp.ones_like(tu.scale))
+                terms = adapter.factored.terms(
+                    jnp.zeros((dims.n_in, dims.n_out), tu.scale.dtype), unit, None)
+                vec = _np(tu.scale)
+                if terms.in_scale is not None:
+                    feedforward.append(k.module)
+                    tensors[base + ".ia3_l"] = vec.reshape(1, -1)
+                else:
+                    tensors[base + ".ia3_l"] = vec.reshape(-1, 1)
+            else:
+                tensors[base + ".vera_lambda_b"] = _np(tu.lambda_b)
+                tensors[base + ".vera_lambda_d"] = _np(tu.lambda_d)
+                vera_bases.append((upath, fu))
+                vera_cfg.add((int(tu.lambda_d.shape[-1]),))
+    if peft_type == "VERA":
+        tensors.update(_vera_shared(vera_bases, vera_cfg))
+    full_modules: list[str] = []
+    if full:
+        ft, full_modules = _full_tensors(full, params_flat, key_map, layers_prefix)
+        clash = sorted(set(full_modules) & set(modules))
+        if clash:
+            raise ValueError(f"save_peft: modules {clash} are both adapted and "
+                             "trained in full")
+        tensors.update(ft)
+    config: dict[str, Any] = {
+        "peft_type": peft_type,
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+        "target_modules": _targets(modules, key_map),
+        "modules_to_save": full_modules or None,
+    }
+    if peft_type == "LORA":
+        if len(dropouts) > 1:
+            raise ValueError(f"save_peft: adapters disagree on dropout {dropouts}")
+        r, rank_pattern = _pattern(ranks)
+        alpha, alpha_pattern = _pattern(alphas)
+        config.update(r=r, lora_alpha=alpha, use_rslora=bool(use_rslora),
+                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                      use_dora=bool(dora), lora_dropout=dropouts.pop(),
+                      bias="none", fan_in_fan_out=False, init_lora_weights=True)
+    elif peft_type == "IA3":
+        config.update(feedforward_modules=_targets(feedforward, key_map)
+                      if feedforward else [], fan_in_fan_out=False)
+    else:
+        config.update(r=vera_cfg.pop()[0], save_projection=True, bias="none",
+                      fan_in_fan_out=False)
+    out = pathlib.Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
+                                   encoding="utf-8")
+    _safetensors.write_safetensors(out / WEIGHTS_NAME, tensors,
+                                   metadata={"format": "pt"})
+    return out
+
+
+def _vera_shared(bases: list[tuple[str, Any]], ranks: set[tuple]
+                 ) -> dict[str, np.ndarray]:
+    """Reassembles the shared ``vera_A``/``vera_B`` from the per-leaf slices."""
+    if len(ranks) != 1:
+        raise ValueError(f"save_peft: VeRA leaves have different ranks {ranks}")
+    big_a = max(bases, key=lambda pb: pb[1].a.shape[0])[1].a
+    big_b = max(bases, key=lambda pb: pb[1].b.shape[1])[1].b
+    a_full, b_full = _np(big_a), _np(big_b)
+    for upath, f in bases:
+        n_in, n_out = f.a.shape[0], f.b.shape[1]
+        if not (np.array_equal(_np(f.a), a_full[:n_in])
+                and np.array_equal(_np(f.b), b_full[:, :n_out])):
+            raise ValueError(f"save_peft: the VeRA basis of {upath!r} is not a slice "
+                             "of one shared projection (different seeds?)")
+    return {"base_model.vera_A": np.ascontiguousarray(a_full.T),
+            "base_model.vera_B": np.ascontiguousarray(b_full.T)}
