@@ -42,7 +42,9 @@ import peftjax
 from peftjax import adapters, data, tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = os.path.join(ROOT, "experiments", "results")
+# git-ignored; tests point PEFTJAX_RESULTS_DIR elsewhere so smoke runs leave no trace
+RESULTS_DIR = os.environ.get("PEFTJAX_RESULTS_DIR") or os.path.join(ROOT, "experiments",
+                                                                     "results")
 
 
 # ----------------------------------------------------------------------------
@@ -553,7 +555,14 @@ def plot_curves(path: str, curves: dict[str, list[float]], *, title: str) -> Non
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, ys in curves.items():
-        ax.plot(np.arange(1, len(ys) + 1), ys, label=name)
+        x = np.arange(1, len(ys) + 1)
+        line, = ax.plot(x, ys, alpha=0.35, linewidth=1)
+        w = min(10, max(len(ys) // 5, 1))
+        if w > 1:  # a moving average makes the trend readable on small batches
+            smooth = np.convolve(ys, np.ones(w) / w, mode="valid")
+            ax.plot(x[w - 1:], smooth, color=line.get_color(), label=f"{name} ({w}-step mean)")
+        else:
+            line.set_label(name)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title(title)

@@ -168,7 +168,7 @@ def main(cfg: Config) -> dict:
     with open(log_path, encoding="utf-8") as f:
         losses = [json.loads(line)["loss"] for line in f if line.strip()]
     _recipe.plot_curves(os.path.join(out, "loss.png"), {cfg.method: losses},
-                        title=f"{model_name}: {cfg.method} on held-in text")
+                        title=f"{model_name}: {cfg.method}, training loss")
     results = {
         "ppl_before": ppl_before,
         "ppl_after": ppl_after,

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -15,7 +16,8 @@ ENV = dict(os.environ, PYTHONPATH=ROOT, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREAD
            # them through JAX's persistent cache (keyed on the HLO and flags).
            JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".pytest_cache", "jax-cache"),
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+           PEFTJAX_RESULTS_DIR=os.path.join(tempfile.gettempdir(), "peftjax-test-results"))
 
 
 def run_script(script, *args, timeout=240, check=True):
