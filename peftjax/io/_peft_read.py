@@ -87,7 +87,8 @@ def _stack_layers(items: dict[int, Any], path: str, n: int, what: str) -> Any:
 def _read_dir(directory: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
     cfg_path = directory / _peft_write.CONFIG_NAME
     if not cfg_path.is_file():
-        raise ValueError(f"load_peft: no {_peft_write.CONFIG_NAME} in {str(directory)!r}")
+        raise ValueError(
+            f"load_peft: no {_peft_write.CONFIG_NAME} in {str(directory)!r}")
     config = json.loads(cfg_path.read_text(encoding="utf-8"))
     weights = directory / _peft_write.WEIGHTS_NAME
     if not weights.is_file():
@@ -159,7 +160,8 @@ def load_peft(
         if peft_type == "VERA" and key in ("base_model.vera_A", "base_model.vera_B"):
             vera_shared[key[-1]] = arr
             continue
-        name = key[len(_peft_write.PREFIX):] if key.startswith(_peft_write.PREFIX) else None
+        pre = _peft_write.PREFIX
+        name = key[len(pre):] if key.startswith(pre) else None
         placed = False
         for suffix, field, layout in _SUFFIXES if name is not None else ():
             module = name[: -len(suffix)]
@@ -175,12 +177,15 @@ def load_peft(
             continue
         base_name = name.replace(".base_layer.", ".")
         owner = full_names.get(base_name)
-        if owner is not None and (owner[1].module in saved or
-                                  any(owner[1].module.endswith("." + m) for m in saved)):
+        owner_module = owner[1].module if owner is not None else ""
+        if owner is not None and (owner_module in saved or any(
+                owner_module.endswith("." + m) for m in saved)):
             value = arr.T if owner[1].layout is _peft_keys.TensorLayout.KERNEL else arr
             full_u[owner[0]] = value
         elif owner is not None and ".base_layer." in name:
-            _check_base_copy(owner[0], arr, flat, layers_prefix, key)
+            kernel = owner[1].layout is _peft_keys.TensorLayout.KERNEL
+            _check_base_copy(owner[0], arr.T if kernel else arr, flat,
+                             layers_prefix, key)
         else:
             unknown.append(key)
     if unknown:
@@ -283,7 +288,8 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
         emb = key.layout is _peft_keys.TensorLayout.EMBEDDING
         kw = dict(alpha=alpha, scaling=scaling, param_dtype=dtype,
                   dropout=float(config.get("lora_dropout", 0.0) or 0.0),
-                  init=_lora.LoRAInit.EMBEDDING if emb else _lora.LoRAInit.KAIMING_UNIFORM)
+                  init=(_lora.LoRAInit.EMBEDDING if emb
+                        else _lora.LoRAInit.KAIMING_UNIFORM))
         if use_dora:
             if emb:
                 raise ValueError(f"load_peft: DoRA on the embedding {module!r} is not "

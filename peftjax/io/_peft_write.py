@@ -111,7 +111,8 @@ def _pattern(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return common, {m: v for m, v in sorted(values.items()) if v != common}
 
 
-def _targets(modules: list[str], key_map: Mapping[str, _peft_keys.PeftKey]) -> list[str]:
+def _targets(modules: list[str], key_map: Mapping[str, _peft_keys.PeftKey]
+             ) -> list[str]:
     """Short names (``q_proj``) when they select exactly ``modules``."""
     short = sorted({m.rsplit(".", 1)[-1] for m in modules})
     every = {k.module for k in key_map.values()
@@ -247,8 +248,8 @@ def save_peft(
             base = PREFIX + k.module
             modules.append(k.module)
             emb = k.layout is _peft_keys.TensorLayout.EMBEDDING
-            if k.layout is _peft_keys.TensorLayout.VECTOR or (emb and peft_type != "LORA"
-                                                              or emb and dora):
+            if k.layout is _peft_keys.TensorLayout.VECTOR or (
+                    emb and (peft_type != "LORA" or dora)):
                 raise ValueError(f"save_peft: {adapter!r} on {upath!r} ({k}) has no "
                                  "PEFT format (embedding LoRA only)")
             if peft_type == "LORA":

@@ -251,3 +251,20 @@ def test_scanned_needs_every_layer(written):
         io.load_peft(d, tree.stack_layers(params), key_map=key_map())
     back = io.load_peft(d, params, key_map=key_map())  # unrolled: fine
     assert sorted(back.assignment) == ["layers/0/q/kernel"]
+
+
+def test_base_layer_copy_checked_not_dropped(tmp_path):
+    """PEFT's save_embedding_layers copies the base table: equal passes, else error."""
+    params = make_params(False)
+    a = tree.assign(params, [tree.Rule(where="embed/embedding", then=adapters.lora(
+        2, init=adapters.LoRAInit.EMBEDDING))])
+    st = perturb(adapters.init(a, jax.random.key(0), params))
+    d = io.save_peft(tmp_path, a, st, params, key_map=key_map())
+    table = np.asarray(params["embed"]["embedding"])
+    edit_tensors(d, lambda t: {**t, "base_model.model.embed.base_layer.weight": table})
+    assert sorted(io.load_peft(d, params, key_map=key_map()).assignment) == [
+        "embed/embedding"]
+    edit_tensors(d, lambda t: {**t, "base_model.model.embed.base_layer.weight":
+                               table + 1.0})
+    with pytest.raises(ValueError, match="base-layer copy"):
+        io.load_peft(d, params, key_map=key_map())

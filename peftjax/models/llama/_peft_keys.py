@@ -34,8 +34,9 @@ def peft_key_map(cfg: _config.LlamaConfig) -> dict[str, _peft_keys.PeftKey]:
     Example:
       >>> c = _config.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
       ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
-      >>> peft_key_map(c)["layers/0/self_attn/q_proj/kernel"]
-      PeftKey(module='model.layers.0.self_attn.q_proj', tensor='weight', layout=<TensorLayout.KERNEL: 'kernel'>)
+      >>> k = peft_key_map(c)["layers/0/self_attn/q_proj/kernel"]
+      >>> k.module, k.tensor, k.layout.value
+      ('model.layers.0.self_attn.q_proj', 'weight', 'kernel')
     """
     out = {}
     for path, module in _export.hf_key_map(cfg).items():
