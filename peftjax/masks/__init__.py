@@ -12,16 +12,19 @@ from peftjax.masks._lt_sft import lt_sft_export as lt_sft_export
 from peftjax.masks._lt_sft import lt_sft_mask as lt_sft_mask
 from peftjax.masks._regrow import POLICIES as POLICIES
 from peftjax.masks._regrow import Regrowth as Regrowth
+from peftjax.masks._regrow import Selector as Selector
 from peftjax.masks._regrow import random_support as random_support
 from peftjax.masks._regrow import regrow as regrow
 from peftjax.masks._regrow import replace_counts as replace_counts
 from peftjax.masks._regrow import replace_fraction as replace_fraction
+from peftjax.masks._regrow import spiel_selector as spiel_selector
 from peftjax.masks._regrow import top_k as top_k
 from peftjax.masks._regrow import top_k_candidates as top_k_candidates
 
 __all__ = [
     "POLICIES",
     "Regrowth",
+    "Selector",
     "lt_sft",
     "lt_sft_export",
     "lt_sft_mask",
@@ -29,6 +32,7 @@ __all__ = [
     "regrow",
     "replace_counts",
     "replace_fraction",
+    "spiel_selector",
     "top_k",
     "top_k_candidates",
 ]

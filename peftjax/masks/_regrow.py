@@ -18,10 +18,12 @@ Everything works on one matrix's ``(k,)`` arrays with a possibly traced
 ``num``; ``jax.vmap`` lifts it over stacked layers.
 
 Exports: ``Regrowth``, ``random_support``, ``top_k``, ``top_k_candidates``,
-``regrow``, ``replace_fraction``, ``replace_counts``.
+``regrow``, ``replace_fraction``, ``replace_counts``, ``Selector``,
+``spiel_selector``.
 """
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -258,3 +260,77 @@ def replace_counts(k: int, *, reselection_steps: int, accumulation_steps: int,
                              policy=policy) if c <= total_steps else 0.0
         out.append(int(k * p))
     return np.asarray(out, np.int32)
+
+
+class Selector(NamedTuple):
+    """A SpIEL reselection schedule and its heuristics, passed as a value.
+
+    ``peftjax.optim.make_spiel_step`` takes one (``optim`` does not import
+    ``masks``).
+
+    Attributes:
+      total_steps: ``T``; no reselection after it.
+      reselection_steps: ``S``.
+      accumulation_steps: ``γ``.
+      counts: ``k -> (E,) int32`` replacements at selection ``e``.
+      candidates: ``(dense_grad (N,), k) -> (C,) int32`` candidate pool.
+      regrow: ``(indices, values, candidates, scores, num) -> Regrowth``.
+    """
+
+    total_steps: int
+    reselection_steps: int
+    accumulation_steps: int
+    counts: Callable[[int], np.ndarray]
+    candidates: Callable[[jax.Array, int], jax.Array]
+    regrow: Callable[..., Regrowth]
+
+
+def spiel_selector(
+    *,
+    total_steps: int,
+    reselection_steps: int = 20,
+    accumulation_steps: int = 5,
+    initial_rate: float = 0.2,
+    policy: str = "linear",
+) -> Selector:
+    """The reference SpIEL-AG schedule: top-``k`` |grad| pool, prune/regrow.
+
+    Args:
+      total_steps: ``T`` (static).
+      reselection_steps: ``S`` (reference 20).
+      accumulation_steps: ``γ`` (reference 5); ``0 < γ < S``.
+      initial_rate: ``ξ`` (reference 0.2).
+      policy: ``"linear"`` (``p = 1`` at the first selection) or ``"cosine"``.
+
+    Returns:
+      A ``Selector``.
+
+    Raises:
+      ValueError: non-positive steps, ``γ`` outside ``(0, S)``, unknown policy.
+
+    Example:
+      >>> sel = spiel_selector(total_steps=60)
+      >>> sel.counts(10).tolist()
+      [10, 1, 0, 0]
+    """
+    for name, v in (("total_steps", total_steps), ("reselection_steps", reselection_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"spiel_selector: {name} must be a positive int, got {v!r}")
+    if (isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int)
+            or not 0 < accumulation_steps < reselection_steps):
+        raise ValueError(
+            "spiel_selector: need 0 < accumulation_steps < reselection_steps, got "
+            f"accumulation_steps={accumulation_steps!r}, "
+            f"reselection_steps={reselection_steps}"
+        )
+    if policy not in POLICIES:
+        raise ValueError(f"spiel_selector: policy must be one of {POLICIES}, got {policy!r}")
+
+    def counts(k: int) -> np.ndarray:
+        return replace_counts(k, reselection_steps=reselection_steps,
+                              accumulation_steps=accumulation_steps,
+                              total_steps=total_steps, initial_rate=initial_rate,
+                              policy=policy)
+
+    return Selector(total_steps, reselection_steps, accumulation_steps, counts,
+                    top_k_candidates, regrow)

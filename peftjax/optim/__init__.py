@@ -29,6 +29,13 @@ from peftjax.optim._projectors import coordinates as coordinates
 from peftjax.optim._projectors import random_orthogonal as random_orthogonal
 from peftjax.optim._projectors import randomized_svd as randomized_svd
 from peftjax.optim._projectors import svd as svd
+from peftjax.optim._slots import reset_slots as reset_slots
+from peftjax.optim._sparse import SftAdamState as SftAdamState
+from peftjax.optim._sparse import scale_by_sft_adam as scale_by_sft_adam
+from peftjax.optim._sparse import sft_adamw as sft_adamw
+from peftjax.optim._sparse_spiel import SpIELState as SpIELState
+from peftjax.optim._sparse_spiel import make_spiel_step as make_spiel_step
+from peftjax.optim._sparse_spiel import spiel_init as spiel_init
 
 __all__ = [
     "PROJ_TYPES",
@@ -52,4 +59,11 @@ __all__ = [
     "scale_by_lisa",
     "scale_by_loraplus",
     "svd",
+    "reset_slots",
+    "SftAdamState",
+    "scale_by_sft_adam",
+    "sft_adamw",
+    "SpIELState",
+    "make_spiel_step",
+    "spiel_init",
 ]
