@@ -1,0 +1,193 @@
+# SPDX-License-Identifier: Apache-2.0
+"""SpIEL step vs LoRA step on SmolLM2-135M at the same trainable count.
+
+Question: is a SpIEL training step (sparse deltas on q,k,v,o with as many
+trainable values as LoRA r=8 has there) within 1.3x of a LoRA step
+(``step_s_sparse <= 1.3 * step_s_lora``), and what does a reselection cost?
+
+How: SmolLM2-135M-Instruct from the offline GGUF (``--smoke``: a tiny random
+Llama), batch 4 x 128, scanned layers. Per targeted stacked leaf
+``(L, in, out)`` the sparse delta gets ``k = r·(in + out)`` values per layer,
+so ``trainable_sparse == trainable_lora``. Both steps are jitted:
+``adapters.make_train_step`` with AdamW (LoRA) and ``optim.make_spiel_step``
+with ``sft_adamw`` (SpIEL; its step contains the accumulation and regrow
+branches under ``lax.cond``). Memory is ``argument + output + temp - alias``
+of the compiled step and ``temp`` alone (``temp_bytes_*``). With
+``--steps=N`` (N > 0) the plain steps are timed interleaved (medians after
+``--warmup``), and ``regrow_s`` is the median time of a step that reselects
+minus the median plain step. ``--steps=0`` is compile-only. Load averages are
+recorded before and after: timings from a loaded machine are not comparable.
+
+Usage::
+
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_step.py --json OUT
+    .venv/bin/python benchmarks/sparse_step.py --smoke --steps=0   # tiny model
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+TARGETS = r"layers/(\d+/)?self_attn/(q|k|v|o)_proj/kernel"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Benchmark configuration (``--field=value`` on the command line)."""
+
+    batch: int = 4
+    seq_len: int = 128
+    rank: int = 8
+    alpha: float = 16.0
+    steps: int = 5
+    warmup: int = 2
+    smoke: bool = False
+    json: str = ""
+    seed: int = 0
+
+
+def _params(cfg):
+    import jax
+    from flax import nnx
+
+    from peftjax import models as pm
+    from peftjax.models import llama
+
+    if not cfg.smoke:
+        mcfg, params = llama.load_llama_params(pm.smollm2_gguf())
+        return mcfg, params
+    mcfg = llama.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, tie_word_embeddings=True)
+    _, params = pm.split_params(llama.LlamaForCausalLM(mcfg, rngs=nnx.Rngs(cfg.seed)))
+    return mcfg, jax.tree.map(lambda x: x, params)
+
+
+def _setup(cfg):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from peftjax import adapters, masks, optim, tree
+    from peftjax import models as pm
+    from peftjax.models import llama
+
+    mcfg, params = _params(cfg)
+    params = tree.stack_layers(params)
+    gdef = nnx.graphdef(nnx.eval_shape(lambda: llama.LlamaForCausalLM(
+        mcfg, scan_layers=True, rngs=nnx.Rngs(0))))
+
+    def loss_fn(p, ids):
+        logits = pm.apply(gdef, p, ids[:, :-1])
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
+
+    lora_a = tree.assign(params, [tree.Rule(where=TARGETS, then=adapters.lora(
+        cfg.rank, alpha=cfg.alpha))])
+    flat = tree.leaves_by_path(params)
+    sparse_rules = [tree.Rule(where=re.escape(p), then=adapters.sparse_delta(
+        k=cfg.rank * (flat[p].shape[-2] + flat[p].shape[-1]))) for p in lora_a]
+    sparse_a = tree.assign(params, sparse_rules)
+    key = jax.random.key(cfg.seed)
+    ls = adapters.init(lora_a, key, params)
+    ss = adapters.init(sparse_a, key, params)
+    lopt = optax.adamw(1e-4)
+    lora_step = adapters.make_train_step(lora_a, loss_fn, lopt)
+    sopt = optim.sft_adamw(1e-4, weight_decay=1.0)
+    spiel = optim.make_spiel_step(
+        functools.partial(adapters.materialize, sparse_a, params), loss_fn, sopt,
+        selector=masks.spiel_selector(total_steps=1000))
+    sstate = optim.spiel_init(ss.trainable, ss.frozen)
+    # A state in no phase (plain steps) and one about to reselect.
+    plain = sstate._replace(count=jnp.asarray(7, jnp.int32), phase=jnp.asarray(False))
+    reselect = sstate._replace(count=jnp.asarray(24, jnp.int32),
+                               samples=jnp.asarray(5.0, jnp.float32))
+    return dict(
+        mcfg=mcfg,
+        lora=(lora_step, (ls.trainable, lopt.init(ls.trainable), params, ls.frozen)),
+        sparse=(spiel, (ss.trainable, ss.frozen, sopt.init(ss.trainable), plain)),
+        reselect_state=reselect,
+        trainable_lora=adapters.num_trainable(ls.trainable),
+        trainable_sparse=adapters.num_trainable(ss.trainable),
+    )
+
+
+def main(cfg: Config) -> dict:
+    """Runs the benchmark; returns (and optionally writes) the result dict."""
+    import jax
+    import jax.numpy as jnp
+
+    load_before = os.getloadavg()
+    s = _setup(cfg)
+    ids = jnp.asarray(np.random.default_rng(cfg.seed).integers(
+        0, s["mcfg"].vocab_size, (cfg.batch, cfg.seq_len + 1)), jnp.int32)
+    out = {"trainable_lora": s["trainable_lora"], "trainable_sparse": s["trainable_sparse"]}
+    compiled = {}
+    for name in ("lora", "sparse"):
+        fn, args = s[name]
+        t = time.perf_counter()
+        c = jax.jit(fn).lower(*args, ids).compile()
+        out[f"compile_s_{name}"] = time.perf_counter() - t
+        mem = c.memory_analysis()
+        out[f"temp_bytes_{name}"] = int(mem.temp_size_in_bytes)
+        out[f"bytes_{name}"] = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                   + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+        compiled[name] = c
+    times = {"lora": [], "sparse": [], "reselect": []}
+    fn_args = {"lora": s["lora"][1], "sparse": s["sparse"][1],
+               "reselect": s["sparse"][1][:3] + (s["reselect_state"],)}
+    for i in range(cfg.warmup + cfg.steps if cfg.steps > 0 else 0):
+        for name in ("lora", "sparse", "reselect"):
+            c = compiled["lora" if name == "lora" else "sparse"]
+            t = time.perf_counter()
+            jax.block_until_ready(c(*fn_args[name], ids))
+            if i >= cfg.warmup:
+                times[name].append(time.perf_counter() - t)
+    if cfg.steps > 0:
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out.update(step_s_lora=med["lora"], step_s_sparse=med["sparse"],
+                   step_s_min_lora=min(times["lora"]), step_s_min_sparse=min(times["sparse"]),
+                   regrow_s=med["reselect"] - med["sparse"],
+                   ratio_sparse_over_lora=med["sparse"] / med["lora"])
+    res = {"config": dataclasses.asdict(cfg), "results": out,
+           "model": "tiny random Llama (smoke)" if cfg.smoke else "SmolLM2-135M-Instruct",
+           "jax": jax.__version__, "backend": jax.default_backend(),
+           "platform": platform.platform(), "loadavg_before": load_before,
+           "loadavg_after": os.getloadavg()}
+    if cfg.json:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
+        with open(cfg.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+def _parse(argv: list[str]) -> Config:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(Config):
+        if f.type is bool or f.type == "bool":
+            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
+                            default=f.default)
+        else:
+            ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    cfg = Config(**vars(ap.parse_args(argv)))
+    if cfg.smoke:
+        cfg = dataclasses.replace(cfg, batch=2, seq_len=16, steps=min(cfg.steps, 1),
+                                  warmup=min(cfg.warmup, 1))
+    return cfg
+
+
+if __name__ == "__main__":
+    r = main(_parse(sys.argv[1:]))
+    print(json.dumps(r["results"], indent=1))
