@@ -12,6 +12,7 @@ import importlib.util
 import json
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -36,26 +37,28 @@ def ref():
 def tiny_llama(request):
     model = llama.load_llama(GOLDEN / "llama_base", scan_layers=request.param)
     g, params = pm.split_params(model)
-    return g, params, llama.peft_key_map(model.config)
+    # one compile per layout: every adapter gives a tree of the same structure
+    fwd = jax.jit(lambda p, ids: pm.apply(g, p, ids))
+    return fwd, params, llama.peft_key_map(model.config)
 
 
 def test_base_matches_torch(tiny_llama, ref):
-    g, params, _ = tiny_llama
-    out = pm.apply(g, params, jnp.asarray(ref["inputs_llama"]))
+    fwd, params, _ = tiny_llama
+    out = fwd(params, jnp.asarray(ref["inputs_llama"]))
     np.testing.assert_allclose(out, ref["llama_base"], rtol=0, atol=TORCH_ATOL)
 
 
 @pytest.mark.parametrize("name", LLAMA)
 def test_peft_created_llama_adapters(tiny_llama, ref, name):
-    g, params, km = tiny_llama
+    fwd, params, km = tiny_llama
     ad = io.load_peft(GOLDEN / name, params, key_map=km)
     ids = jnp.asarray(ref["inputs_llama"])
     p = adapters.replace_leaves(adapters.materialize(ad.assignment, params, *ad.state),
                                 ad.full)
-    np.testing.assert_allclose(pm.apply(g, p, ids), ref[name], rtol=0, atol=TORCH_ATOL)
+    np.testing.assert_allclose(fwd(p, ids), ref[name], rtol=0, atol=TORCH_ATOL)
     merged = adapters.replace_leaves(adapters.merge(ad.assignment, params, *ad.state),
                                      ad.full)
-    np.testing.assert_allclose(pm.apply(g, merged, ids), ref[name + "_merged"],
+    np.testing.assert_allclose(fwd(merged, ids), ref[name + "_merged"],
                                rtol=0, atol=TORCH_ATOL)
     # the adapter changes the output well beyond the bar (non-zero B)
     assert np.max(np.abs(ref[name] - ref["llama_base"])) > 100 * TORCH_ATOL
@@ -122,5 +125,7 @@ def test_merged_export_reloads_with_identical_logits(regenerated, ref):
     out, outputs = regenerated
     model = llama.load_llama(out / "pj_lora_merged", scan_layers=True)
     g, params = pm.split_params(model)
-    got = np.asarray(pm.apply(g, params, jnp.asarray(ref["inputs_llama"])))
+    # the same jitted forward as peft_from_peftjax.build, so bit-identical
+    fwd = jax.jit(lambda p, x: pm.apply(g, p, x))
+    got = np.asarray(fwd(params, jnp.asarray(ref["inputs_llama"])))
     np.testing.assert_array_equal(got, outputs["pj_lora_merged"])
