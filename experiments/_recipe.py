@@ -433,7 +433,7 @@ def train(*, setup: Setup, run: Trainer, optim: OptimConfig, batches: data.Batch
 
     sched = schedule(optim)
     trainable = setup.trainable
-    opt_state = run.tx.init(trainable)
+    opt_state = jax.jit(run.tx.init)(trainable)  # one program, not one per leaf op
     start = 0
     if resume:
         if not ckpt_dir or checkpoint.latest_step(ckpt_dir) is None:

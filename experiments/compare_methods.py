@@ -88,11 +88,10 @@ def run_method(name: str, cfg: Config, lm: _recipe.LM, corpus: _recipe.Corpus) -
     batches = data.Batches(corpus.train, batch_size=cfg.batch_size, seed=cfg.seed)
     evals = data.Batches(corpus.eval, batch_size=min(cfg.batch_size, cfg.eval_blocks),
                          seed=cfg.seed, shuffle=False)
-    opt_state = run.tx.init(setup.trainable)
+    opt_state = jax.eval_shape(run.tx.init, setup.trainable)  # shapes suffice here
     rep = peftjax.report(run.step, setup.trainable, opt_state, setup.static, batches[0],
                          params=setup.base, trainable=setup.trainable,
                          opt_state=opt_state)
-    del opt_state
     result = _recipe.train(setup=setup, run=run, optim=optim, batches=batches,
                            key=jax.random.key(cfg.seed), progress=cfg.progress, desc=name)
     ppl = _recipe.evaluator(setup, loss_fn)(result.trainable, evals)
