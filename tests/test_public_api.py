@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Namespaces whose public functions must carry Args/Returns and an example.
 DOCUMENTED = ["peftjax", "peftjax.tree", "peftjax.adapters", "peftjax.io.checkpoint",
               "peftjax.exec", "peftjax.io", "peftjax.models", "peftjax.models.llama",
-              "peftjax.models.bert", "peftjax.optim", "peftjax.inits",
+              "peftjax.models.bert", "peftjax.optim", "peftjax.inits", "peftjax.masks",
               "peftjax.merge", "peftjax.merge.adapters"]
 
 
