@@ -32,14 +32,14 @@ def test_demo_smoke_writes_every_output(tmp_path):
     assert "trainable params" in res.stdout and "optimizer state" in res.stdout
 
 
-@pytest.mark.parametrize("method, issue", [("lora-sb", 6), ("pissa", 6), ("sparse", 7)])
+@pytest.mark.parametrize("method, issue", [("lora-sb", 6), ("sparse", 7)])
 def test_unbuilt_methods_name_their_issue(method, issue):
     recipe = _recipe()
     with pytest.raises(NotImplementedError, match=rf"--method={method}: .* issue {issue}"):
         recipe.method(method)(None, None, None, None)
     assert method not in recipe.available_methods()
     assert {"lora", "dora", "lora_xs", "full", "galore", "frugal", "lisa",
-            "loraplus"} <= set(recipe.available_methods())
+            "loraplus", "pissa"} <= set(recipe.available_methods())
     with pytest.raises(ValueError, match="unknown"):
         recipe.method("lorra")
 
@@ -57,3 +57,14 @@ def _recipe():
 def test_unknown_option_is_rejected(tmp_path):
     res = run_script("demo.py", "--smok", check=False, timeout=120)
     assert res.returncode != 0 and "unknown option --smok" in res.stderr
+
+
+def test_demo_smoke_pissa_keeps_the_base_output_at_init(tmp_path):
+    out = {}
+    for method in ("lora", "pissa"):
+        run_script("demo.py", "--smoke", "--progress=false", "--gen_tokens=0",
+                   "--steps=4", f"--method={method}", f"--out_dir={tmp_path / method}")
+        out[method] = json.loads((tmp_path / method / "demo_results.json").read_text())
+    # LoRA (B = 0) and PiSSA (residual + top-r part) both start at the base model
+    assert out["pissa"]["ppl_before"] == pytest.approx(out["lora"]["ppl_before"], rel=1e-4)
+    assert out["pissa"]["ppl_after"] < out["pissa"]["ppl_before"]
