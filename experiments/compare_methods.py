@@ -65,6 +65,7 @@ class Config:
     out_dir: str = os.path.join(_recipe.RESULTS_DIR, "compare_methods")
     seed: int = 0
     progress: bool = True
+    isolate: bool = True  # one fresh process per method (clean memory, no shared state)
     smoke: bool = False
 
 
@@ -144,7 +145,25 @@ def plots(out: str, rows: list[dict], title: str) -> None:
         plt.close(fig)
 
 
-def main(cfg: Config) -> dict:
+def _isolated_rows(cfg: Config, argv: list[str]) -> list[dict]:
+    """Runs each method in its own process (this script, ``--isolate=false``)."""
+    import subprocess
+
+    rows, info = [], {}
+    keep = [a for a in argv if not a.startswith(("--methods", "--out_dir", "--isolate"))]
+    for name in cfg.methods:
+        sub = os.path.join(os.path.abspath(cfg.out_dir), name)
+        subprocess.run([sys.executable, os.path.abspath(__file__), *keep,
+                        f"--methods={name}", f"--out_dir={sub}", "--isolate=false"],
+                       check=True)
+        with open(os.path.join(sub, "results.json"), encoding="utf-8") as f:
+            res = json.load(f)
+        rows += res["rows"]
+        info = {"model": res["model"], "eval_documents": res["eval_documents"]}
+    return rows, info
+
+
+def main(cfg: Config, argv: list[str] | None = None) -> dict:
     """Runs every method in ``cfg.methods``; returns the table as a dict."""
     if cfg.smoke:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in SMOKE.items()
@@ -154,23 +173,28 @@ def main(cfg: Config) -> dict:
         if getattr(build, "unavailable", False):
             build()
     t0 = time.perf_counter()
-    lm = _recipe.load_lm(cfg.model, smoke=cfg.smoke, seed=cfg.seed)
-    docs = _recipe.documents(cfg.data, max_chars=20_000 if cfg.smoke else 0)
-    corpus = _recipe.corpus(docs, lm.encode, block_len=cfg.block_len,
-                            eval_docs=cfg.eval_docs, eval_blocks=cfg.eval_blocks,
-                            seed=cfg.seed, eos_id=lm.eos_id)
-    rows = [run_method(name, cfg, lm, corpus) for name in cfg.methods]
+    if cfg.isolate and len(cfg.methods) > 1 and argv is not None:
+        rows, info = _isolated_rows(cfg, argv)
+        model_name, eval_names = info["model"], info["eval_documents"]
+    else:
+        lm = _recipe.load_lm(cfg.model, smoke=cfg.smoke, seed=cfg.seed)
+        docs = _recipe.documents(cfg.data, max_chars=20_000 if cfg.smoke else 0)
+        corpus = _recipe.corpus(docs, lm.encode, block_len=cfg.block_len,
+                                eval_docs=cfg.eval_docs, eval_blocks=cfg.eval_blocks,
+                                seed=cfg.seed, eos_id=lm.eos_id)
+        rows = [run_method(name, cfg, lm, corpus) for name in cfg.methods]
+        model_name, eval_names = lm.name, corpus.eval_names
     out = os.path.abspath(cfg.out_dir)
     os.makedirs(out, exist_ok=True)
     table = markdown(rows)
     env = _recipe.environment()
-    title = f"{lm.name}: {cfg.steps} steps x {cfg.batch_size}x{cfg.block_len}"
-    header = (f"{title}; held out: {', '.join(corpus.eval_names)}; {env['date']}; "
+    title = f"{model_name}: {cfg.steps} steps x {cfg.batch_size}x{cfg.block_len}"
+    header = (f"{title}; held out: {', '.join(eval_names)}; {env['date']}; "
               f"{env['cpu_count']} CPUs, {env['device_kind']}, load {env['loadavg']}\n\n")
     with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
         f.write(header + table)
     results = {"rows": rows, "seconds": time.perf_counter() - t0,
-               "eval_documents": corpus.eval_names, "model": lm.name}
+               "eval_documents": eval_names, "model": model_name}
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"config": dataclasses.asdict(cfg), "environment": env, **results}, f,
                   indent=2)
@@ -181,4 +205,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(_recipe.parse_cli(Config, sys.argv[1:]))
+    main(_recipe.parse_cli(Config, sys.argv[1:]), sys.argv[1:])
