@@ -328,7 +328,10 @@ class SignalFlag:
     no longer stop the process: their handler only records the signal number.
     The training loop checks ``bool(flag)`` between steps, saves a checkpoint
     with :func:`save` (which waits for orbax's asynchronous write) and
-    returns. On exit the previous handlers are restored.
+    returns. A second signal while the first is pending restores the
+    previous handlers and re-delivers it, so a hung loop can still be stopped
+    (a second Ctrl-C raises ``KeyboardInterrupt``). On exit the previous
+    handlers are restored.
 
     Args:
       signals: the signal numbers to catch.
@@ -358,6 +361,14 @@ class SignalFlag:
         del frame
         if self.received is None:
             self.received = signum
+            return
+        self._restore()  # second signal: fall back to the previous behaviour
+        signal.raise_signal(signum)
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
     def __enter__(self) -> "SignalFlag":
         if threading.current_thread() is not threading.main_thread():
@@ -367,9 +378,7 @@ class SignalFlag:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
+        self._restore()
 
     def __bool__(self) -> bool:
         return self.received is not None

@@ -164,9 +164,18 @@ def test_signal_flag_records_and_restores_handlers():
         assert not flag
         os.kill(os.getpid(), signal.SIGINT)
         assert flag.received == signal.SIGINT
-        os.kill(os.getpid(), signal.SIGTERM)  # the first signal is kept
-        assert flag.received == signal.SIGINT
     assert signal.getsignal(signal.SIGINT) is before
+    # a second signal falls back to the previous handler (here: KeyboardInterrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with checkpoint.SignalFlag() as flag:
+                os.kill(os.getpid(), signal.SIGINT)
+                assert flag.received == signal.SIGINT
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
     errors = []
 
     def enter():
