@@ -114,6 +114,7 @@ def markdown(rows: list[dict]) -> str:
 
     mib = _recipe.human_bytes
     return head + "".join(
+        f"| {r['method']} | failed ({r['error']}) | | | | |\n" if "error" in r else
         f"| {r['method']} | {r['trainable_params']:,} | {mib(r['optimizer_state_bytes'])} "
         f"| {mib(r['peak_temp_bytes'])} | {r['step_seconds_median']:.2f} s "
         f"| {r['eval_ppl']:.2f} |\n" for r in rows)
@@ -153,9 +154,12 @@ def _isolated_rows(cfg: Config, argv: list[str]) -> list[dict]:
     keep = [a for a in argv if not a.startswith(("--methods", "--out_dir", "--isolate"))]
     for name in cfg.methods:
         sub = os.path.join(os.path.abspath(cfg.out_dir), name)
-        subprocess.run([sys.executable, os.path.abspath(__file__), *keep,
-                        f"--methods={name}", f"--out_dir={sub}", "--isolate=false"],
-                       check=True)
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), *keep,
+                               f"--methods={name}", f"--out_dir={sub}",
+                               "--isolate=false"])
+        if done.returncode != 0:  # keep the other methods' rows; say which failed
+            rows.append({"method": name, "error": f"exit status {done.returncode}"})
+            continue
         with open(os.path.join(sub, "results.json"), encoding="utf-8") as f:
             res = json.load(f)
         rows += res["rows"]
@@ -198,7 +202,7 @@ def main(cfg: Config, argv: list[str] | None = None) -> dict:
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"config": dataclasses.asdict(cfg), "environment": env, **results}, f,
                   indent=2)
-    plots(out, rows, title)
+    plots(out, [r for r in rows if "error" not in r], title)
     _recipe.append_result("compare_methods", cfg, results)
     print(header + table)
     return results
