@@ -9,7 +9,9 @@ reduced (GaLore) optimizer memory; LoRA/DoRA come close with < 1 % of the
 trainable parameters; LoRA-XS trains the fewest parameters and lags.
 
 Reading the output: a Markdown table (method, trainable params,
-optimizer-state bytes, peak temp bytes of the compiled step, median step time,
+optimizer-state bytes, compiled step memory = argument + output + temp -
+alias bytes from ``memory_analysis()`` (temp alone misleads: XLA writes
+gradients into output buffers; ``peak_temp_bytes`` is in the JSON), median step time,
 held-out perplexity) printed and written with a JSON copy and three plots
 (loss curves; perplexity vs trainable parameters; perplexity vs optimizer
 memory) to ``--out_dir`` (default ``experiments/results/compare_methods``).
@@ -109,14 +111,14 @@ def run_method(name: str, cfg: Config, lm: _recipe.LM, corpus: _recipe.Corpus) -
 
 def markdown(rows: list[dict]) -> str:
     """The comparison table in Markdown."""
-    head = ("| method | trainable params | optimizer state | peak temp (compiled) "
+    head = ("| method | trainable params | optimizer state | compiled step memory "
             "| step time (median) | held-out ppl |\n|---|---:|---:|---:|---:|---:|\n")
 
     mib = _recipe.human_bytes
     return head + "".join(
         f"| {r['method']} | failed ({r['error']}) | | | | |\n" if "error" in r else
         f"| {r['method']} | {r['trainable_params']:,} | {mib(r['optimizer_state_bytes'])} "
-        f"| {mib(r['peak_temp_bytes'])} | {r['step_seconds_median']:.2f} s "
+        f"| {mib(r['compiled_bytes'])} | {r['step_seconds_median']:.2f} s "
         f"| {r['eval_ppl']:.2f} |\n" for r in rows)
 
 
