@@ -68,10 +68,9 @@ def test_outputs_and_grads_match_materialize(model, adapter):
     assert_tree_allclose(g, g_ref, **GRAD_F32)
 
 
-def test_stacked_adapters_stay_stacked_and_step_compiles_once(zoo):
-    name, _ = zoo
-    if "scan" not in name:
-        pytest.skip("scanned layouts only")
+@pytest.mark.parametrize("name", sorted(n for n in MODELS if "scan" in n))
+def test_stacked_adapters_stay_stacked_and_step_compiles_once(name):
+    zoo = (name, build(name))
     apply_fn, params, x, assignment, trainable, frozen = _setup(zoo, ADAPTERS["lora"])
     flat = dict(tree.flatten(params))
     for path, t in trainable.items():
