@@ -116,35 +116,16 @@ def adalora(
                ).astype(param_dtype),
         ), None
 
-    def delta(w, t):
-        ct = _base.compute_dtype(w.dtype, t.a.dtype)
-        return ct, ((t.a.astype(ct) * t.e.astype(ct)[None, :]) @ t.b.astype(ct)) * s
-
-    def apply_matrix(w, t, f):
-        ct, d = delta(w, t)
-        return w.astype(ct) + d
-
-    def unapply_matrix(w, t, f, aux):
-        ct, d = delta(w, t)
-        return w.astype(ct) - d
-
-    def factored_matrix(w, t, f):
-        def d(x):
-            ct = _base.compute_dtype(x.dtype, t.a.dtype)
-            lead = (1,) * (x.ndim - 1)
-            h = (x.astype(ct) @ t.a.astype(ct)) * t.e.astype(ct).reshape(
-                lead + t.e.shape)
-            return (h @ t.b.astype(ct)) * jnp.asarray(s, ct)
-
-        return _base.FactoredTerms(delta=d)
+    def factors(t, f):
+        # (a · e) @ b · s: the singular values scale a's columns.
+        return _base.LowRank(left=t.a * t.e.astype(t.a.dtype)[None, :], right=t.b,
+                             scale=s)
 
     return _base.lift_matrix(
         name=f"adalora(rank={rank}, alpha={alpha})",
         init_matrix=init_matrix,
-        apply_matrix=apply_matrix,
-        unapply_matrix=unapply_matrix,
         dimension_numbers=dimension_numbers,
-        factored_matrix=factored_matrix,
+        **_base.low_rank_forms(factors),
     )
 
 

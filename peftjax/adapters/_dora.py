@@ -130,7 +130,7 @@ def dora(
         norm = jax.lax.stop_gradient(_column_norm_from_square(sq))
         return _base.FactoredTerms(
             out_scale=t.magnitude.astype(ct) / norm,
-            delta=lambda x: _lora.low_rank(x, t.a, t.b, s))
+            delta=lambda x: _base.low_rank(x, t.a, t.b, s))
 
     return _base.lift_matrix(
         name=f"dora(rank={rank}, alpha={alpha}, scaling={scaling.value})",

@@ -116,22 +116,6 @@ def check_rank_fits(rank: int, w: jax.Array, name: str) -> None:
         )
 
 
-def low_rank(x: jax.Array, a: jax.Array, b: jax.Array, s: float,
-             core: jax.Array | None = None) -> jax.Array:
-    """Returns ``s·(x@a)@b`` (or ``s·((x@a)@core)@b``) without forming ``a@b``.
-
-    Computed in the wider of ``x``'s and the factors' dtypes.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> low_rank(jnp.ones((2, 3)), jnp.ones((3, 1)), jnp.ones((1, 4)), 0.5)[0, 0]
-      Array(1.5, dtype=float32)
-    """
-    ct = _base.compute_dtype(x.dtype, a.dtype)
-    h = x.astype(ct) @ a.astype(ct)
-    if core is not None:
-        h = h @ core.astype(ct)
-    return (h * jnp.asarray(s, ct)) @ b.astype(ct)
 
 
 def lora(
@@ -210,27 +194,10 @@ def lora(
             b = jax.random.normal(key, (rank, n_out), param_dtype)
         return LoRAParams(a=a, b=b), None
 
-    def delta(w, t):
-        ct = _base.compute_dtype(w.dtype, t.a.dtype)
-        return ct, (t.a.astype(ct) @ t.b.astype(ct)) * s
-
-    def apply_matrix(w, t, f):
-        ct, d = delta(w, t)
-        return w.astype(ct) + d
-
-    def unapply_matrix(w, t, f, aux):
-        ct, d = delta(w, t)
-        return w.astype(ct) - d
-
-    def factored_matrix(w, t, f):
-        return _base.FactoredTerms(delta=lambda x: low_rank(x, t.a, t.b, s))
-
     return _base.lift_matrix(
         name=f"lora(rank={rank}, alpha={alpha}, scaling={scaling.value})",
         init_matrix=init_matrix,
-        apply_matrix=apply_matrix,
-        unapply_matrix=unapply_matrix,
         dimension_numbers=dimension_numbers,
         dropout=dropout,
-        factored_matrix=factored_matrix,
+        **_base.low_rank_forms(lambda t, f: _base.LowRank(t.a, t.b, s)),
     )

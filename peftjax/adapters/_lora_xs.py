@@ -111,29 +111,10 @@ def lora_xs(
             LoRAXSBasis(a=a.astype(param_dtype), b=b.astype(param_dtype)),
         )
 
-    def delta(w, t, f):
-        ct = _base.compute_dtype(w.dtype, t.core.dtype)
-        d = (f.a.astype(ct) @ t.core.astype(ct)) @ f.b.astype(ct)
-        return ct, d * s
-
-    def apply_matrix(w, t, f):
-        ct, d = delta(w, t, f)
-        return w.astype(ct) + d
-
-    def unapply_matrix(w, t, f, aux):
-        ct, d = delta(w, t, f)
-        return w.astype(ct) - d
-
-    def factored_matrix(w, t, f):
-        return _base.FactoredTerms(
-            delta=lambda x: _lora.low_rank(x, f.a, f.b, s, core=t.core))
-
     return _base.lift_matrix(
         name=f"lora_xs(rank={rank}, alpha={alpha}, scaling={scaling.value})",
         init_matrix=init_matrix,
-        apply_matrix=apply_matrix,
-        unapply_matrix=unapply_matrix,
         dimension_numbers=dimension_numbers,
         dropout=dropout,
-        factored_matrix=factored_matrix,
+        **_base.low_rank_forms(lambda t, f: _base.LowRank(f.a, f.b, s, core=t.core)),
     )

@@ -140,36 +140,14 @@ def vera(
                        lambda_b=jnp.zeros((n_out,), param_dtype))
         return t, basis
 
-    def delta(w, t, f):
-        ct = _base.compute_dtype(w.dtype, t.lambda_b.dtype)
-        left = f.a.astype(ct) * t.lambda_d.astype(ct)[None, :]
-        right = f.b.astype(ct) * t.lambda_b.astype(ct)[None, :]
-        return ct, left @ right
-
-    def apply_matrix(w, t, f):
-        ct, d = delta(w, t, f)
-        return w.astype(ct) + d
-
-    def unapply_matrix(w, t, f, aux):
-        ct, d = delta(w, t, f)
-        return w.astype(ct) - d
-
-    def factored_matrix(w, t, f):
-        def d(x):
-            ct = _base.compute_dtype(x.dtype, t.lambda_b.dtype)
-            lead = (1,) * (x.ndim - 1)
-            h = (x.astype(ct) @ f.a.astype(ct)) * t.lambda_d.astype(ct).reshape(
-                lead + t.lambda_d.shape)
-            return (h @ f.b.astype(ct)) * t.lambda_b.astype(ct).reshape(
-                lead + t.lambda_b.shape)
-
-        return _base.FactoredTerms(delta=d)
+    def factors(t, f):
+        # (a · λ_d) @ (b · λ_b): the vectors scale the factors' columns.
+        return _base.LowRank(left=f.a * t.lambda_d.astype(f.a.dtype)[None, :],
+                             right=f.b * t.lambda_b.astype(f.b.dtype)[None, :])
 
     return _base.lift_matrix(
         name=f"vera(rank={rank}, seed={projection_seed})",
         init_matrix=init_matrix,
-        apply_matrix=apply_matrix,
-        unapply_matrix=unapply_matrix,
         dimension_numbers=dimension_numbers,
-        factored_matrix=factored_matrix,
+        **_base.low_rank_forms(factors),
     )
