@@ -136,6 +136,32 @@ def run_one(name: str, seed: int, cfg: Config, lm, corpus) -> dict:
             "losses": [h["loss"] for h in result.history]}
 
 
+def _run_key(cfg: Config) -> dict:
+    """The configuration fields a cached run must agree on."""
+    keep = dataclasses.asdict(cfg)
+    for k in ("methods", "seeds", "out_dir", "progress"):
+        keep.pop(k)
+    return keep
+
+
+def cached_run(name: str, seed: int, cfg: Config, lm, corpus, out: str) -> dict:
+    """``run_one``, reusing ``runs/<name>-seed<seed>.json`` under ``out`` when it
+    was written with the same configuration (anything else is recomputed)."""
+    path = os.path.join(out, "runs", f"{name}-seed{seed}.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            kept = json.load(f)
+        if kept.get("config") == _run_key(cfg):
+            print(f"{name}/{seed}: reusing {os.path.relpath(path)}")
+            return kept["row"]
+    row = run_one(name, seed, cfg, lm, corpus)
+    env = _recipe.environment()
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"config": _run_key(cfg), "environment": env, "row": row}, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return row
+
+
 def summarise(rows: list[dict], methods) -> list[dict]:
     """Mean and spread (max - min) over seeds per method."""
     out = []
@@ -189,10 +215,13 @@ def main(cfg: Config) -> dict:
     docs = _recipe.documents(cfg.data, max_chars=20_000 if cfg.smoke else 0)
     corpus = _recipe.corpus(docs, lm.encode, block_len=cfg.block_len, eval_docs=cfg.eval_docs,
                             eval_blocks=cfg.eval_blocks, seed=0, eos_id=lm.eos_id)
-    rows = [run_one(m, s, cfg, lm, corpus) for m in cfg.methods for s in cfg.seeds]
-    summary = summarise(rows, cfg.methods)
     out = os.path.abspath(cfg.out_dir)
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    # Seed-major order; each finished (method, seed) is kept in runs/ and reused
+    # by a later invocation with the same configuration (the full grid takes
+    # hours on two cores, so it may span several invocations).
+    rows = [cached_run(m, s, cfg, lm, corpus, out) for s in cfg.seeds for m in cfg.methods]
+    summary = summarise(rows, cfg.methods)
     env = _recipe.environment()
     title = f"{lm.name}: r={cfg.rank}, {cfg.steps} steps x {cfg.batch_size}x{cfg.block_len}"
     header = (f"{title}; held out: {', '.join(corpus.eval_names)}; {env['date']}; "
