@@ -3,7 +3,10 @@
 
 Per leaf an ``Adapter(init, apply)``; over a tree ``init``, ``materialize``,
 ``merge`` and ``unmerge`` driven by an assignment from
-``peftjax.tree.assign``.
+``peftjax.tree.assign``. Several named adapters on one base live in an
+``AdapterCollection`` (``add``, ``switch``, ``disable``, ``delete``,
+``add_weighted``); ``batched`` runs several of them in one batch, one adapter
+per example.
 """
 
 from peftjax.adapters._adalora import AdaLoRAImportance as AdaLoRAImportance
@@ -18,6 +21,17 @@ from peftjax.adapters._adalora import (
     adalora_update_importance as adalora_update_importance,
 )
 from peftjax.adapters._base import Adapter as Adapter
+from peftjax.adapters._batched import BatchedRouting as BatchedRouting
+from peftjax.adapters._batched import batched as batched
+from peftjax.adapters._collection import AdapterCollection as AdapterCollection
+from peftjax.adapters._collection import NamedAdapter as NamedAdapter
+from peftjax.adapters._collection import active as active
+from peftjax.adapters._collection import add as add
+from peftjax.adapters._collection import add_weighted as add_weighted
+from peftjax.adapters._collection import collection as collection
+from peftjax.adapters._collection import delete as delete
+from peftjax.adapters._collection import disable as disable
+from peftjax.adapters._collection import switch as switch
 from peftjax.adapters._base import AdapterState as AdapterState
 from peftjax.adapters._base import BiasHook as BiasHook
 from peftjax.adapters._base import FactoredForm as FactoredForm
@@ -73,6 +87,17 @@ __all__ = [
     "AdaLoRAImportance",
     "AdaLoRAParams",
     "Adapter",
+    "AdapterCollection",
+    "BatchedRouting",
+    "NamedAdapter",
+    "active",
+    "add",
+    "add_weighted",
+    "batched",
+    "collection",
+    "delete",
+    "disable",
+    "switch",
     "AdapterState",
     "BiasHook",
     "VeRABasis",
