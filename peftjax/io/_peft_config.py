@@ -3,13 +3,15 @@
 
 PEFT writes every field of its config class. peftjax honours the fields that
 change the weights it reads (``r``, ``lora_alpha``, ``use_rslora``,
-``rank_pattern``, ``alpha_pattern``, ``use_dora``, ``modules_to_save``, VeRA's
-projections, (IA)³'s ``feedforward_modules``), accepts descriptive fields
+``rank_pattern``, ``alpha_pattern``, ``use_dora``, ``modules_to_save``,
+``ensure_weight_tying``, VeRA's projections, (IA)³'s ``feedforward_modules``),
+accepts descriptive fields
 (``target_modules``, ``base_model_name_or_path``, ``task_type``, ...), and
 refuses any other field whose value differs from PEFT's default, naming it:
 nothing is silently dropped.
 
-Exports: ``SUPPORTED_PEFT_TYPES``, ``check_config``, ``pattern_value``.
+Exports: ``SUPPORTED_PEFT_TYPES``, ``check_config``, ``pattern_value``,
+``expected_modules``.
 """
 
 import re
@@ -30,7 +32,7 @@ _DESCRIPTIVE = frozenset({
 _HONOURED = {
     "LORA": frozenset({"r", "lora_alpha", "use_rslora", "rank_pattern",
                        "alpha_pattern", "use_dora", "lora_dropout",
-                       "init_lora_weights"}),
+                       "init_lora_weights", "ensure_weight_tying"}),
     "VERA": frozenset({"r", "projection_prng_key", "save_projection",
                        "vera_dropout", "d_initial", "init_weights"}),
     "IA3": frozenset({"feedforward_modules", "init_ia3_weights"}),
@@ -49,7 +51,6 @@ _DEFAULTS = {
         "qalora_group_size": 16, "monteclora_config": None,
         "layer_replication": None, "lora_bias": False, "target_parameters": None,
         "use_bdlora": None, "arrow_config": None, "kasa_config": None,
-        "ensure_weight_tying": False,
     },
     "VERA": {"fan_in_fan_out": False, "bias": "none",
              "layers_to_transform": None, "layers_pattern": None},
@@ -153,3 +154,43 @@ def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+def _selects(spec: Any, module: str) -> bool:
+    """PEFT's module selection: a str is a full regex, a list exact or suffix names."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, module) is not None
+    return module in spec or any(module.endswith("." + t) for t in spec)
+
+
+def expected_modules(config: Mapping[str, Any], modules: list[str]) -> set[str] | None:
+    r"""The modules among ``modules`` that PEFT would adapt under ``config``.
+
+    PEFT's ``check_target_module_exists``: ``target_modules`` (a str is a
+    regex matched in full, a list matches exact names or ``.``-suffixes),
+    minus ``exclude_modules`` and modules under ``modules_to_save``.
+
+    Args:
+      config: the parsed ``adapter_config.json``.
+      modules: the adaptable module names of the key map.
+
+    Returns:
+      The selected names, or None when ``target_modules`` is absent or
+      ``"all-linear"`` (PEFT expands that from the torch model's classes,
+      which a key map does not describe).
+
+    Example:
+      >>> sorted(expected_modules({"target_modules": ["q"]}, ["l.0.q", "l.0.k"]))
+      ['l.0.q']
+      >>> sorted(expected_modules({"target_modules": r"l\.\d\.(q|k)",
+      ...                          "exclude_modules": ["k"]}, ["l.0.q", "l.0.k"]))
+      ['l.0.q']
+    """
+    target = config.get("target_modules")
+    if not target or target == "all-linear":
+        return None
+    exclude = config.get("exclude_modules") or []
+    saved = config.get("modules_to_save") or []
+    return {m for m in modules
+            if _selects(target, m) and not (exclude and _selects(exclude, m))
+            and not any(re.match(rf"(^|.*\.){s}($|\..*)", m) for s in saved)}

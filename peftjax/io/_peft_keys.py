@@ -6,7 +6,14 @@ Format code knows no model: the caller gives ``{path: PeftKey}`` for the
 leading layer axis) are split over it. peftjax's models provide theirs
 (``peftjax.models.llama.peft_key_map``, ``peftjax.models.bert.peft_key_map``).
 
-Exports: ``TensorLayout``, ``PeftKey``, ``per_layer``.
+A kernel that is not a plain ``(in, out)`` matrix (a head-split einsum
+kernel ``(embed, heads, head_dim)``, an Equinox ``(out, in)`` weight) carries
+its ``DimensionNumbers`` in its ``PeftKey``: the file holds its matrix view
+(``(heads·head_dim, embed)`` in torch layout, C order, as the torch module
+flattens it) and the reader reshapes it back.
+
+Exports: ``TensorLayout``, ``PeftKey``, ``per_layer``, ``leaf_dimension_numbers``,
+``layer_dims``, ``check_tied_head``.
 """
 
 import enum
@@ -15,6 +22,8 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
+
+from peftjax.tree import _matrix
 
 
 class TensorLayout(enum.Enum):
@@ -41,6 +50,11 @@ class PeftKey(NamedTuple):
         (PEFT files prefix it with ``base_model.model.``).
       tensor: the parameter name in that module (``"weight"``, ``"bias"``).
       layout: a ``TensorLayout``.
+      dimension_numbers: the matrix view of a ``KERNEL`` leaf in the unrolled
+        layout (None: a 2-D Flax ``(in, out)`` kernel), e.g.
+        ``DimensionNumbers(reduction_axis=0, output_axis=(1, 2))`` for an
+        ``(embed, heads, head_dim)`` kernel; scanned leaves shift it by their
+        layer axis.
 
     Example:
       >>> PeftKey("lm_head", "weight", TensorLayout.KERNEL).module
@@ -50,6 +64,7 @@ class PeftKey(NamedTuple):
     module: str
     tensor: str
     layout: TensorLayout
+    dimension_numbers: _matrix.DimensionNumbers | None = None
 
 
 def check_key_map(key_map: Any, fn: str) -> dict[str, PeftKey]:
@@ -60,7 +75,106 @@ def check_key_map(key_map: Any, fn: str) -> dict[str, PeftKey]:
     for path, key in key_map.items():
         if not isinstance(key, PeftKey) or not isinstance(key.layout, TensorLayout):
             raise TypeError(f"{fn}: key_map[{path!r}] must be a PeftKey, got {key!r}")
+        dn = key.dimension_numbers
+        if dn is not None and (not isinstance(dn, _matrix.DimensionNumbers)
+                               or dn.batch_axis
+                               or key.layout is not TensorLayout.KERNEL):
+            raise TypeError(
+                f"{fn}: key_map[{path!r}].dimension_numbers must be a "
+                "DimensionNumbers without batch axes, on a KERNEL key; got "
+                f"{dn!r} on {key.layout}")
     return dict(key_map)
+
+
+def check_tied_head(tied_head: Any, key_map: Mapping[str, PeftKey], fn: str) -> str:
+    """Validates ``tied_head=(table path, head module)`` and returns the head module.
+
+    Args:
+      tied_head: the argument of ``save_peft``/``load_peft``.
+      key_map: the unrolled key map.
+      fn: the caller's name, for errors.
+
+    Returns:
+      The head's module name.
+
+    Raises:
+      TypeError / ValueError: not a pair of str, a table that is not an
+        ``EMBEDDING`` key, or a head the key map has (an untied head).
+
+    Example:
+      >>> km = {"emb": PeftKey("model.embed", "weight", TensorLayout.EMBEDDING)}
+      >>> check_tied_head(("emb", "lm_head"), km, "f")
+      'lm_head'
+    """
+    if (not isinstance(tied_head, tuple) or len(tied_head) != 2
+            or not all(isinstance(x, str) for x in tied_head)):
+        raise TypeError(f"{fn}: tied_head must be (table path, head module), got "
+                        f"{tied_head!r}")
+    path, head = tied_head
+    k = key_map.get(path)
+    if k is None or k.layout is not TensorLayout.EMBEDDING:
+        raise ValueError(f"{fn}: tied_head's table {path!r} is not an EMBEDDING "
+                         f"leaf of the key map (got {k})")
+    if any(x.module == head for x in key_map.values()):
+        raise ValueError(f"{fn}: tied_head's {head!r} is a module of the key map, "
+                         "i.e. an untied head with its own weight")
+    return head
+
+
+def leaf_dimension_numbers(key: PeftKey, ndim: int, n_batch: int
+                           ) -> _matrix.DimensionNumbers | None:
+    """``key.dimension_numbers`` for a leaf of rank ``ndim`` with ``n_batch`` layer axes.
+
+    Args:
+      key: the unrolled key.
+      ndim: the leaf's rank (with its leading layer axis when scanned).
+      n_batch: 0 (unrolled) or 1 (scanned).
+
+    Returns:
+      None for the Flax default, else the key's axes shifted past the layer
+      axis (which becomes ``batch_axis``).
+
+    Example:
+      >>> k = PeftKey("q", "weight", TensorLayout.KERNEL,
+      ...             _matrix.DimensionNumbers(reduction_axis=0, output_axis=(1, 2)))
+      >>> leaf_dimension_numbers(k, 4, 1)
+      DimensionNumbers(reduction_axis=(1,), output_axis=(2, 3), batch_axis=(0,))
+    """
+    dn = key.dimension_numbers
+    if dn is None or not n_batch:
+        return dn
+    rank = ndim - n_batch
+
+    def shift(axes: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(a % rank + n_batch for a in axes)
+
+    return _matrix.DimensionNumbers(reduction_axis=shift(dn.reduction_axis),
+                                    output_axis=shift(dn.output_axis),
+                                    batch_axis=tuple(range(n_batch)))
+
+
+def layer_dims(key: PeftKey, shape: tuple[int, ...], n_batch: int,
+               path: str) -> _matrix.ResolvedDims:
+    """The matrix view of a leaf of ``shape`` under ``key`` (scanned: ``n_batch=1``).
+
+    Args:
+      key: the unrolled key (its ``dimension_numbers``, or the Flax default).
+      shape: the leaf's shape (with its leading layer axis when scanned).
+      n_batch: 0 (unrolled) or 1 (scanned).
+      path: for errors.
+
+    Returns:
+      The resolved dims.
+
+    Example:
+      >>> k = PeftKey("q", "weight", TensorLayout.KERNEL,
+      ...             _matrix.DimensionNumbers(reduction_axis=0, output_axis=(1, 2)))
+      >>> d = layer_dims(k, (2, 8, 4, 2), 1, "layers/q/kernel")
+      >>> d.batch, d.reduction, d.output, d.n_in, d.n_out
+      ((0,), (1,), (2, 3), 8, 8)
+    """
+    dn = leaf_dimension_numbers(key, len(shape), n_batch)
+    return _matrix.resolve(dn, tuple(shape), path=path)
 
 
 def per_layer(path: str, value: Any, n_batch: int, key_map: Mapping[str, PeftKey],

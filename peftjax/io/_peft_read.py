@@ -26,7 +26,7 @@ from peftjax.adapters import _base, _dora, _lora, _scale_shift, _vera
 from peftjax.io import _peft_config, _peft_keys, _peft_write, _safetensors
 from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
 from peftjax.io._peft_write import save_peft  # noqa: F401 (doctest)
-from peftjax.tree import _paths
+from peftjax.tree import _matrix, _paths
 
 _SUFFIXES = (
     (".lora_A.weight", "a", _peft_keys.TensorLayout.KERNEL),
@@ -108,6 +108,7 @@ def load_peft(
     key_map: Mapping[str, _peft_keys.PeftKey],
     layers_prefix: str = "layers",
     param_dtype: Any = jnp.float32,
+    tied_head: tuple[str, str] | None = None,
 ) -> PeftAdapter:
     """Reads a PEFT adapter (LoRA, rsLoRA, DoRA, embedding LoRA, VeRA, (IA)³).
 
@@ -117,14 +118,21 @@ def load_peft(
       key_map: ``{unrolled path: PeftKey}`` of the model family.
       layers_prefix: the layer container path of a scanned ``params``.
       param_dtype: dtype of the returned adapter parameters.
+      tied_head: ``(table path, head module)`` when the model's head shares an
+        embedding table (``("embed_tokens/embedding", "lm_head")`` for a tied
+        Llama): the head's tensors in the file must be the copies PEFT's
+        ``ensure_weight_tying`` writes, and a file that adapts the table
+        without it (PEFT then leaves the tied head unadapted) is refused.
 
     Returns:
       A ``PeftAdapter(assignment, state, full, config)``.
 
     Raises:
-      ValueError: an unsupported ``peft_type`` or config field, unknown or
-        missing tensors, shapes that disagree with ``params`` or the config's
-        ranks, a scanned leaf whose layers are not all adapted.
+      ValueError: an unsupported ``peft_type`` or config field, unknown
+        tensors, modules that ``target_modules`` or ``modules_to_save`` select
+        but the file lacks, shapes that disagree with ``params`` or the
+        config's ranks, a scanned leaf whose layers are not all adapted, a
+        tied head that PEFT would leave unadapted.
 
     Example:
       >>> import jax, jax.numpy as jnp, tempfile
@@ -155,6 +163,9 @@ def load_peft(
     parts: dict[str, dict[str, np.ndarray]] = {}
     full_u: dict[str, np.ndarray] = {}
     vera_shared: dict[str, np.ndarray] = {}
+    tied_copies: dict[str, np.ndarray] = {}
+    head = ("" if tied_head is None
+            else _peft_keys.check_tied_head(tied_head, key_map, "load_peft"))
     unknown: list[str] = []
     for key, arr in sorted(tensors.items()):
         if peft_type == "VERA" and key in ("base_model.vera_A", "base_model.vera_B"):
@@ -162,6 +173,9 @@ def load_peft(
             continue
         pre = _peft_write.PREFIX
         name = key[len(pre):] if key.startswith(pre) else None
+        if head and name is not None and name.startswith(head + "."):
+            tied_copies[name[len(head) + 1:]] = arr
+            continue
         placed = False
         for suffix, field, layout in _SUFFIXES if name is not None else ():
             module = name[: -len(suffix)]
@@ -180,19 +194,25 @@ def load_peft(
         owner_module = owner[1].module if owner is not None else ""
         if owner is not None and (owner_module in saved or any(
                 owner_module.endswith("." + m) for m in saved)):
-            value = arr.T if owner[1].layout is _peft_keys.TensorLayout.KERNEL else arr
-            full_u[owner[0]] = value
+            full_u[owner[0]] = _flax_full(owner[0], owner[1], arr, flat,
+                                          layers_prefix)
         elif owner is not None and ".base_layer." in name:
-            kernel = owner[1].layout is _peft_keys.TensorLayout.KERNEL
-            _check_base_copy(owner[0], arr.T if kernel else arr, flat,
-                             layers_prefix, key)
+            _check_base_copy(owner[0], _flax_full(owner[0], owner[1], arr, flat,
+                                                  layers_prefix),
+                             flat, layers_prefix, key)
         else:
             unknown.append(key)
     if unknown:
+        hint = ("; a head tied to the embedding (ensure_weight_tying)? pass "
+                "tied_head=(table path, head module)"
+                if config.get("ensure_weight_tying") and tied_head is None else "")
         raise ValueError(
             f"load_peft: {len(unknown)} tensor(s) in {str(directory)!r} match no "
-            f"module of the key map for {peft_type}: {unknown[:8]}"
+            f"module of the key map for {peft_type}: {unknown[:8]}{hint}"
         )
+    _check_missing(config, key_map, parts, full_u, source)
+    if tied_head is not None:
+        _check_tied(tied_head, key_map, parts, full_u, tied_copies, config, source)
     if not parts:
         raise ValueError(f"load_peft: {str(directory)!r} holds no {peft_type} tensors")
     needs = _NEEDS[peft_type] | ({"magnitude"} if use_dora else set())
@@ -206,8 +226,12 @@ def load_peft(
     per_leaf: dict[str, dict[int | None, tuple]] = {}
     for upath, got in parts.items():
         path, layer = _params_path(upath, flat, layers_prefix)
+        shape = tuple(np.shape(flat[path]))
+        nb = 0 if layer is None else 1
+        dims = _peft_keys.layer_dims(key_map[upath], shape[nb:], 0, upath)
+        dn = _peft_keys.leaf_dimension_numbers(key_map[upath], len(shape), nb)
         built = _build(peft_type, config, upath, key_map[upath], got, vera_shared,
-                       use_dora, param_dtype, source, tuple(np.shape(flat[path])))
+                       use_dora, param_dtype, source, dims, dn)
         per_leaf.setdefault(path, {})[layer] = built
     assignment: dict[str, _base.Adapter] = {}
     trainable: dict[str, Any] = {}
@@ -229,6 +253,77 @@ def load_peft(
         assignment[path], trainable[path], frozen[path] = adapter, t, f
     full = _assemble_full(full_u, flat, layers_prefix, param_dtype)
     return PeftAdapter(assignment, _base.AdapterState(trainable, frozen), full, config)
+
+
+def _check_missing(config: dict, key_map: dict[str, _peft_keys.PeftKey],
+                   parts: dict[str, Any], full_u: dict[str, Any], source: str) -> None:
+    """Modules the config selects (targets, ``modules_to_save``) must be in the file."""
+    adaptable = sorted({k.module for k in key_map.values()
+                        if k.layout is not _peft_keys.TensorLayout.VECTOR
+                        and k.tensor == "weight"})
+    found = {key_map[u].module for u in parts}
+    expected = _peft_config.expected_modules(config, adaptable)
+    missing = sorted((expected or set()) - found)
+    if missing:
+        raise ValueError(
+            f"load_peft: target_modules={config.get('target_modules')!r} in {source} "
+            f"selects {len(missing)} module(s) of the key map with no tensors in the "
+            f"file: {missing[:8]}")
+    saved_found = {key_map[u].module for u in full_u}
+    absent = []
+    for name in config.get("modules_to_save") or []:
+        owners = {k.module for k in key_map.values()
+                  if k.module == name or k.module.endswith("." + name)}
+        if owners and not owners & saved_found:
+            absent.append(name)
+    if absent:
+        raise ValueError(f"load_peft: modules_to_save {absent} in {source} name modules "
+                         "of the key map, but the file holds none of their tensors")
+
+
+def _check_tied(tied_head: tuple[str, str], key_map: dict[str, _peft_keys.PeftKey],
+                parts: dict[str, dict[str, np.ndarray]], full_u: dict[str, Any],
+                copies: dict[str, np.ndarray], config: dict, source: str) -> None:
+    """The tied head's tensors are PEFT's copies of the table's, and PEFT ties it."""
+    path, head = tied_head
+    module = key_map[path].module
+    lora = parts.get(path)
+    if (lora is not None or path in full_u) and not config.get("ensure_weight_tying"):
+        raise ValueError(
+            f"load_peft: {source} adapts the table {module!r} that {head!r} is tied "
+            "to, without ensure_weight_tying: PEFT then applies it to the lookup "
+            f"only and leaves {head!r} unadapted, which one shared table cannot "
+            "reproduce; save the adapter from PEFT with ensure_weight_tying=True")
+    want: dict[str, np.ndarray] = {}
+    if lora is not None:
+        want = {"lora_A.weight": lora["b"].T, "lora_B.weight": lora["a"].T}
+    elif path in full_u:
+        want = {"weight": full_u[path]}
+    for name, arr in sorted(copies.items()):
+        ref = want.get(name)
+        if ref is None or np.shape(arr) != np.shape(ref) or not np.array_equal(
+                arr, np.asarray(ref).astype(arr.dtype)):
+            raise ValueError(
+                f"load_peft: {_peft_write.PREFIX}{head}.{name} (shape "
+                f"{np.shape(arr)}) is not the tied copy of {module!r}'s "
+                f"{'LoRA' if lora is not None else 'table'}; a tied head cannot "
+                "differ from its table")
+
+
+def _flax_full(upath: str, key: _peft_keys.PeftKey, arr: np.ndarray,
+               flat: Mapping[str, Any], prefix: str) -> np.ndarray:
+    """A full torch tensor of ``upath`` in the layout of one layer of params."""
+    if key.layout is not _peft_keys.TensorLayout.KERNEL:
+        return arr
+    path, layer = _params_path(upath, flat, prefix)
+    shape = tuple(np.shape(flat[path]))[0 if layer is None else 1:]
+    dims = _peft_keys.layer_dims(key, shape, 0, upath)
+    if np.shape(arr) != (dims.n_out, dims.n_in):
+        raise ValueError(
+            f"load_peft: the tensor for {upath!r} ({key.module}.{key.tensor}) has "
+            f"shape {np.shape(arr)} (dtype {arr.dtype}); params {path!r} need "
+            f"(out, in) = {(dims.n_out, dims.n_in)}")
+    return _peft_write.from_torch(arr, dims)
 
 
 def _check_base_copy(upath: str, arr: np.ndarray, flat: Mapping[str, Any],
@@ -264,8 +359,8 @@ def _assemble_full(full_u: dict[str, np.ndarray], flat: Mapping[str, Any],
 def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
            got: dict[str, np.ndarray], shared: dict[str, np.ndarray],
            use_dora: bool, dtype: Any, source: str,
-           leaf_shape: tuple[int, ...]) -> tuple:
-    """``(adapter, trainable, frozen)`` of one unrolled module."""
+           dims: _matrix.ResolvedDims, dn: _matrix.DimensionNumbers | None) -> tuple:
+    """``(adapter, trainable, frozen)`` of one unrolled module (matrix view ``dims``)."""
     def arr(x: np.ndarray) -> jax.Array:
         return jnp.asarray(x, dtype)
 
@@ -287,7 +382,7 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
                    else _lora.Scaling.ALPHA_OVER_RANK)
         emb = key.layout is _peft_keys.TensorLayout.EMBEDDING
         kw = dict(alpha=alpha, scaling=scaling, param_dtype=dtype,
-                  dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+                  dimension_numbers=dn, dropout=float(config.get("lora_dropout", 0.0) or 0.0),
                   init=(_lora.LoRAInit.EMBEDDING if emb
                         else _lora.LoRAInit.KAIMING_UNIFORM))
         if use_dora:
@@ -308,7 +403,7 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
         if is_ff != (side is _scale_shift.Side.INPUT):
             raise ValueError(f"load_peft: {module!r}.ia3_l has shape {v.shape}, which "
                              f"disagrees with feedforward_modules in {source}")
-        return (_scale_shift.ia3(side, param_dtype=dtype),
+        return (_scale_shift.ia3(side, param_dtype=dtype, dimension_numbers=dn),
                 _scale_shift.ScaleParams(arr(v.reshape(-1))), None)
     if set(shared) != {"A", "B"}:
         raise ValueError(f"load_peft: VeRA file lacks base_model.vera_A/vera_B "
@@ -322,8 +417,8 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
     adapter = _vera.vera(r, max_in=int(big_a.shape[1]), max_out=int(big_b.shape[0]),
                          projection_seed=int(config.get("projection_prng_key", 0)),
                          d_initial=float(config.get("d_initial", 0.1)),
-                         param_dtype=dtype)
-    n_in = int(leaf_shape[-2])
+                         dimension_numbers=dn, param_dtype=dtype)
+    n_in = dims.n_in
     if n_in > big_a.shape[1] or n_out > big_b.shape[0]:
         raise ValueError(f"load_peft: {module!r} (in={n_in}, out={n_out}) exceeds "
                          f"the shared vera_A {big_a.shape} / vera_B {big_b.shape}")

@@ -18,9 +18,15 @@ read off the adapter's factored form (``delta`` of unit factors), so any
 ``Scaling`` exports: ``lora_alpha`` is the shortest decimal whose
 ``alpha/r`` (or ``alpha/√r`` with ``use_rslora``) equals it in float32.
 
-A tied embedding (SmolLM2) that carries LoRA also changes the head: PEFT
-adapts only the input embedding module, so the tied head sees the adapted
-table exactly as in peftjax (the weights are shared).
+A tied embedding (SmolLM2) that carries LoRA, or is trained in full, also
+changes the head in peftjax (one table feeds both). PEFT adapts only the
+embedding lookup unless ``ensure_weight_tying`` is set: its head then carries
+the same LoRA, ``lora_A = lora_embedding_Bᵀ`` and ``lora_B =
+lora_embedding_Aᵀ`` (a full table is also saved as the head's weight). Pass
+``tied_head=(table path, head module)`` and ``save_peft`` writes exactly that,
+so PEFT reproduces peftjax's tied model; ``load_peft`` checks the head's
+copies against the table's and refuses a file that leaves the tied head
+unadapted.
 
 Exports: ``save_peft``.
 """
@@ -56,6 +62,19 @@ _TYPES = {
 
 def _np(x: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(jax.device_get(x)))
+
+
+def to_torch(arr: np.ndarray, dims: _matrix.ResolvedDims) -> np.ndarray:
+    """A kernel (no batch axes) as the torch weight ``(out, in)`` of its matrix view."""
+    m = np.transpose(arr, dims.reduction + dims.output).reshape(dims.n_in, dims.n_out)
+    return np.ascontiguousarray(m.T)
+
+
+def from_torch(arr: np.ndarray, dims: _matrix.ResolvedDims) -> np.ndarray:
+    """The inverse of :func:`to_torch`: a torch ``(out, in)`` weight as the kernel."""
+    axes = dims.reduction + dims.output
+    m = np.asarray(arr).T.reshape(tuple(dims.shape[a] for a in axes))
+    return np.ascontiguousarray(np.transpose(m, np.argsort(axes)))
 
 
 def _probe_scaling(adapter: _base.Adapter, t: Any, n_in: int, n_out: int,
@@ -139,7 +158,7 @@ def _full_tensors(full: Mapping[str, Any], params_flat: dict[str, Any],
                  else _unrolled_leaf(upath, params_flat, prefix))
         arr = _np(value)
         if k.layout is _peft_keys.TensorLayout.KERNEL:
-            arr = np.ascontiguousarray(arr.T)
+            arr = to_torch(arr, _peft_keys.layer_dims(k, arr.shape, 0, upath))
         tensors[f"{PREFIX}{k.module}.{k.tensor}"] = arr
     return tensors, modules
 
@@ -167,6 +186,7 @@ def save_peft(
     use_rslora: bool = False,
     task_type: str | None = None,
     layers_prefix: str = "layers",
+    tied_head: tuple[str, str] | None = None,
 ) -> pathlib.Path:
     """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` for PEFT.
 
@@ -184,6 +204,10 @@ def save_peft(
         ``alpha/r``; the numeric scaling is the adapter's either way.
       task_type: PEFT's ``task_type`` (e.g. ``"CAUSAL_LM"``), or None.
       layers_prefix: the layer container path of scanned states.
+      tied_head: ``(table path, head module)`` when the model's head shares
+        an embedding table, e.g. ``("embed_tokens/embedding", "lm_head")``
+        for a tied Llama (SmolLM2): LoRA on (or full training of) that table
+        is written for the head too, with ``ensure_weight_tying=True``.
 
     Returns:
       The directory.
@@ -252,6 +276,19 @@ def save_peft(
                     emb and (peft_type != "LORA" or dora)):
                 raise ValueError(f"save_peft: {adapter!r} on {upath!r} ({k}) has no "
                                  "PEFT format (embedding LoRA only)")
+            try:
+                kd = _peft_keys.layer_dims(k, tuple(np.shape(leaf)), nb, path)
+                key_axes = (kd.batch, kd.reduction, kd.output)
+            except ValueError:  # a rank without a default view
+                key_axes = None
+            if key_axes != (dims.batch, dims.reduction, dims.output):
+                raise ValueError(
+                    f"save_peft: {adapter!r} on {path!r} (shape "
+                    f"{tuple(np.shape(leaf))}) views it with reduction axes "
+                    f"{dims.reduction} / output axes {dims.output}, but key_map"
+                    f"[{upath!r}].dimension_numbers={k.dimension_numbers} does "
+                    "not; give the key the adapter's dimension_numbers (without "
+                    "the layer axis) so the file reads back")
             if peft_type == "LORA":
                 r = int(tu.a.shape[-1])
                 s = _probe_scaling(adapter, tu, dims.n_in, dims.n_out, path)
@@ -292,6 +329,13 @@ def save_peft(
             raise ValueError(f"save_peft: modules {clash} are both adapted and "
                              "trained in full")
         tensors.update(ft)
+    tied = False
+    if tied_head is not None:
+        tied = _tie_head(tied_head, key_map, tensors, ranks, alphas)
+        if tied and peft_type != "LORA":
+            raise ValueError(f"save_peft: a {peft_type} adapter with the tied table "
+                             f"{tied_head[0]!r} trained in full has no PEFT format "
+                             "(PEFT ties heads for LoRA only)")
     config: dict[str, Any] = {
         "peft_type": peft_type,
         "task_type": task_type,
@@ -309,6 +353,8 @@ def save_peft(
                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                       use_dora=bool(dora), lora_dropout=dropouts.pop(),
                       bias="none", fan_in_fan_out=False, init_lora_weights=True)
+        if tied:
+            config["ensure_weight_tying"] = True
     elif peft_type == "IA3":
         config.update(feedforward_modules=_targets(feedforward, key_map)
                       if feedforward else [], fan_in_fan_out=False)
@@ -322,6 +368,30 @@ def save_peft(
     _safetensors.write_safetensors(out / WEIGHTS_NAME, tensors,
                                    metadata={"format": "pt"})
     return out
+
+
+def _tie_head(tied_head: Any, key_map: dict[str, _peft_keys.PeftKey],
+              tensors: dict[str, np.ndarray], ranks: dict[str, int],
+              alphas: dict[str, Any]) -> bool:
+    """Writes the tied head's copies of the table's LoRA/full tensors.
+
+    Returns whether the table is adapted or saved (``ensure_weight_tying``).
+    """
+    head = _peft_keys.check_tied_head(tied_head, key_map, "save_peft")
+    path = tied_head[0]
+    k = key_map[path]
+    src, dst = PREFIX + k.module, PREFIX + head
+    if src + ".lora_embedding_A" in tensors:
+        tensors[dst + ".lora_A.weight"] = np.ascontiguousarray(
+            tensors[src + ".lora_embedding_B"].T)
+        tensors[dst + ".lora_B.weight"] = np.ascontiguousarray(
+            tensors[src + ".lora_embedding_A"].T)
+        ranks[head], alphas[head] = ranks[k.module], alphas[k.module]
+        return True
+    if f"{src}.{k.tensor}" in tensors:
+        tensors[f"{dst}.weight"] = tensors[f"{src}.{k.tensor}"]
+        return True
+    return False
 
 
 def _vera_shared(bases: list[tuple[str, Any]], ranks: set[tuple]

@@ -15,7 +15,7 @@ import pytest
 
 from peftjax import adapters, io, tree
 from peftjax.io import PeftKey, TensorLayout
-from tests.helpers import EXACT
+from tests.helpers import EXACT, MATMUL_F32, f64
 
 L, D, F, V = 2, 6, 10, 12
 K, E, B = TensorLayout.KERNEL, TensorLayout.EMBEDDING, TensorLayout.VECTOR
@@ -247,6 +247,11 @@ def test_pickle_never_loaded(written):
 def test_scanned_needs_every_layer(written):
     params, d = written
     edit_tensors(d, lambda t: {k: v for k, v in t.items() if "blocks.1" not in k})
+    # target_modules=["q"] selects blocks.1.q too: missing in either layout
+    for p in (params, tree.stack_layers(params)):
+        with pytest.raises(ValueError, match=r"target_modules=\['q'\].*\['blocks.1.q'\]"):
+            io.load_peft(d, p, key_map=key_map())
+    edit_config(d, target_modules=r"blocks\.0\.q")  # a regex selecting layer 0 only
     with pytest.raises(ValueError, match=r"layers \[0\].*not for layers \[1\]"):
         io.load_peft(d, tree.stack_layers(params), key_map=key_map())
     back = io.load_peft(d, params, key_map=key_map())  # unrolled: fine
@@ -268,3 +273,153 @@ def test_base_layer_copy_checked_not_dropped(tmp_path):
                                table + 1.0})
     with pytest.raises(ValueError, match="base-layer copy"):
         io.load_peft(d, params, key_map=key_map())
+
+
+H, HD = 2, 3  # head-split kernels: q (D, H, HD), o (H, HD, D)
+
+
+def split_key_map():
+    dq = tree.DimensionNumbers(reduction_axis=0, output_axis=(1, 2))
+    do = tree.DimensionNumbers(reduction_axis=(0, 1), output_axis=2)
+    km = {}
+    for i in range(L):
+        km[f"layers/{i}/q/kernel"] = PeftKey(f"blocks.{i}.q", "weight", K, dq)
+        km[f"layers/{i}/o/kernel"] = PeftKey(f"blocks.{i}.o", "weight", K, do)
+    return km
+
+
+@pytest.mark.parametrize("scanned", [False, True])
+def test_head_split_kernels_use_the_torch_matrix_view(tmp_path, scanned):
+    """An (embed, heads, head_dim) kernel is torch's (heads·head_dim, embed) weight."""
+    rng = np.random.default_rng(3)
+    un = {"layers": {i: {"q": {"kernel": jnp.asarray(rng.standard_normal((D, H, HD)),
+                                                     jnp.float32)},
+                         "o": {"kernel": jnp.asarray(rng.standard_normal((H, HD, D)),
+                                                     jnp.float32)}} for i in range(L)}}
+    params = tree.stack_layers(un) if scanned else un
+    b = (0,) if scanned else ()
+    n = len(b)
+    dq = tree.DimensionNumbers(reduction_axis=n, output_axis=(n + 1, n + 2), batch_axis=b)
+    do = tree.DimensionNumbers(reduction_axis=(n, n + 1), output_axis=n + 2, batch_axis=b)
+    pre = "layers/" if scanned else r"layers/\d+/"
+    a = tree.assign(params, [
+        tree.Rule(where=pre + "q/kernel", then=adapters.lora(2, alpha=4.0, dimension_numbers=dq)),
+        tree.Rule(where=pre + "o/kernel", then=adapters.lora(2, alpha=4.0, dimension_numbers=do))])
+    st = perturb(adapters.init(a, jax.random.key(0), params))
+    full_path = "layers/q/kernel" if scanned else "layers/0/q/kernel"
+    d = io.save_peft(tmp_path / "ad", a, st, params, key_map=split_key_map())
+    t, _ = io.read_safetensors(d / "adapter_model.safetensors")
+    # torch delta s·B@A (out, in), reshaped by hand to the Flax kernel's axes
+    merged = tree.leaves_by_path(adapters.materialize(a, params, *st))
+    for i in range(L):
+        for name, perm in (("q", (1, 0)), ("o", (1, 0))):
+            A = f64(t[f"base_model.model.blocks.{i}.{name}.lora_A.weight"])
+            B = f64(t[f"base_model.model.blocks.{i}.{name}.lora_B.weight"])
+            delta = (2.0 * B @ A).transpose(perm)  # (in, out) of the matrix view
+            base = f64(un["layers"][i][name]["kernel"])
+            want = base + delta.reshape(base.shape)  # C order: heads·head_dim
+            got = merged[f"layers/{name}/kernel"][i] if scanned else \
+                merged[f"layers/{i}/{name}/kernel"]
+            np.testing.assert_allclose(f64(got), want, **MATMUL_F32)
+    back = io.load_peft(d, params, key_map=split_key_map())
+    for p in a:
+        jax.tree.map(np.testing.assert_array_equal, st.trainable[p], back.state.trainable[p])
+    jax.tree.map(np.testing.assert_array_equal, adapters.materialize(a, params, *st),
+                 adapters.materialize(back.assignment, params, *back.state))
+    # a head-split leaf trained in full: torch (out, in) of its matrix view
+    a_o = {k: v for k, v in a.items() if "o/" in k}
+    st_o = adapters.AdapterState({k: st.trainable[k] for k in a_o},
+                                 {k: st.frozen[k] for k in a_o})
+    full = {full_path: tree.leaves_by_path(params)[full_path] + 1.0}
+    d = io.save_peft(tmp_path / "full", a_o, st_o, params, key_map=split_key_map(),
+                     full=full)
+    t, _ = io.read_safetensors(d / "adapter_model.safetensors")
+    q0 = np.asarray(un["layers"][0]["q"]["kernel"] + 1.0)  # the float32 leaf + 1
+    np.testing.assert_array_equal(t["base_model.model.blocks.0.q.weight"],
+                                  q0.reshape(D, H * HD).T)
+    back = io.load_peft(d, params, key_map=split_key_map())
+    np.testing.assert_array_equal(back.full[full_path], full[full_path])
+    # the key map must carry the adapter's view, else the file would not read back
+    with pytest.raises(ValueError, match=r"dimension_numbers=None.*reads back"):
+        io.save_peft(tmp_path / "bad", a, st, params, key_map={
+            k: v._replace(dimension_numbers=None) for k, v in split_key_map().items()})
+
+
+@pytest.mark.parametrize("scanned", [False, True])
+def test_layer_modules_to_save_roundtrip(tmp_path, scanned):
+    """A stacked leaf trained in full becomes one module per layer, and back."""
+    params = make_params(scanned)
+    pre = "layers/" if scanned else r"layers/\d+/"
+    a = tree.assign(params, [tree.Rule(where=pre + "q/kernel", then=adapters.lora(2))])
+    st = perturb(adapters.init(a, jax.random.key(0), params))
+    flat = tree.leaves_by_path(params)
+    vk = "layers/v/kernel" if scanned else "layers/1/v/kernel"
+    full = {vk: flat[vk] * 2.0}
+    d = io.save_peft(tmp_path, a, st, params, key_map=key_map(), full=full)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    t, _ = io.read_safetensors(d / "adapter_model.safetensors")
+    v1 = f64(make_params(False)["layers"][1]["v"]["kernel"])
+    np.testing.assert_array_equal(f64(t["base_model.model.blocks.1.v.weight"]), 2 * v1.T)
+    np.testing.assert_array_equal(t["base_model.model.blocks.1.v.bias"],
+                                  make_params(False)["layers"][1]["v"]["bias"])
+    want = ["blocks.0.v", "blocks.1.v"] if scanned else ["blocks.1.v"]
+    assert cfg["modules_to_save"] == want
+    back = io.load_peft(d, params, key_map=key_map())
+    np.testing.assert_array_equal(back.full[vk], full[vk])
+    vb = "layers/v/bias" if scanned else "layers/1/v/bias"
+    np.testing.assert_array_equal(back.full[vb], flat[vb])  # the module's other tensor
+    # modules_to_save names a module of the key map whose tensors are gone
+    edit_tensors(d, lambda t: {k: v for k, v in t.items() if ".v." not in k})
+    with pytest.raises(ValueError, match=r"modules_to_save \[.*'blocks.1.v'\].*none of"):
+        io.load_peft(d, params, key_map=key_map())
+
+
+def tied_key_map():
+    return {k: v for k, v in key_map().items() if v.module != "head"}
+
+
+def test_tied_head_gets_peft_weight_tying(tmp_path):
+    """LoRA on a table the head shares: head copies + ensure_weight_tying (PEFT's)."""
+    params = make_params(False)
+    tie = ("embed/embedding", "head")
+    a = tree.assign(params, [
+        tree.Rule(where="embed/embedding", then=adapters.lora(
+            3, alpha=6.0, init=adapters.LoRAInit.EMBEDDING)),
+        tree.Rule(where=r"layers/\d+/q/kernel", then=adapters.lora(2, alpha=4.0))])
+    st = perturb(adapters.init(a, jax.random.key(0), params))
+    d = io.save_peft(tmp_path / "ad", a, st, params, key_map=tied_key_map(), tied_head=tie)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    assert cfg["ensure_weight_tying"] is True and cfg["target_modules"] == ["embed", "q"]
+    assert cfg["rank_pattern"] == {"blocks.0.q": 2, "blocks.1.q": 2}  # head: r=3
+    t, _ = io.read_safetensors(d / "adapter_model.safetensors")
+    e = st.trainable["embed/embedding"]
+    np.testing.assert_array_equal(t["base_model.model.head.lora_A.weight"], e.b)  # (r, d)
+    np.testing.assert_array_equal(t["base_model.model.head.lora_B.weight"], e.a)  # (V, r)
+    back = io.load_peft(d, params, key_map=tied_key_map(), tied_head=tie)
+    jax.tree.map(np.testing.assert_array_equal, st.trainable["embed/embedding"],
+                 back.state.trainable["embed/embedding"])
+    with pytest.raises(ValueError, match=r"head.lora_A.weight.*pass tied_head"):
+        io.load_peft(d, params, key_map=tied_key_map())
+    edit_tensors(d, lambda t: {**t, "base_model.model.head.lora_A.weight":
+                               t["base_model.model.head.lora_A.weight"] + 1.0})
+    with pytest.raises(ValueError, match="not the tied copy"):
+        io.load_peft(d, params, key_map=tied_key_map(), tied_head=tie)
+    edit_tensors(d, lambda t: {k: v for k, v in t.items() if ".head." not in k})
+    assert "embed/embedding" in io.load_peft(d, params, key_map=tied_key_map(),
+                                             tied_head=tie).assignment
+    edit_config(d, ensure_weight_tying=False)  # PEFT would leave the head unadapted
+    with pytest.raises(ValueError, match="without ensure_weight_tying"):
+        io.load_peft(d, params, key_map=tied_key_map(), tied_head=tie)
+    # a full table on a tied model: the head gets the same weight
+    q = {k: v for k, v in a.items() if "q/" in k}
+    full = {"embed/embedding": params["embed"]["embedding"] + 1.0}
+    d = io.save_peft(tmp_path / "full", q, adapters.AdapterState(
+        {k: st.trainable[k] for k in q}, {k: None for k in q}), params,
+        key_map=tied_key_map(), full=full, tied_head=tie)
+    t, _ = io.read_safetensors(d / "adapter_model.safetensors")
+    np.testing.assert_array_equal(t["base_model.model.head.weight"], full["embed/embedding"])
+    assert json.loads((d / "adapter_config.json").read_text())["ensure_weight_tying"]
+    back = io.load_peft(d, params, key_map=tied_key_map(), tied_head=tie)
+    np.testing.assert_array_equal(back.full["embed/embedding"], full["embed/embedding"])
+    with pytest.raises(ValueError, match="untied head"):
+        io.save_peft(tmp_path / "x", a, st, params, key_map=key_map(), tied_head=tie)

@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
-"""BERT-family encoder (BERT, MiniLM, RoBERTa) in Flax NNX, with its loader.
+"""BERT-family encoder (BERT, MiniLM, RoBERTa) in Flax NNX, its loader and export.
 
 See ``peftjax/models/README.md`` for the parameter path table.
 """
 
 from peftjax.models.bert._config import BertConfig as BertConfig
+from peftjax.models.bert._export import params_to_hf as params_to_hf
+from peftjax.models.bert._export import save_hf as save_hf
 from peftjax.models.bert._loader import load_bert as load_bert
 from peftjax.models.bert._loader import params_from_hf as params_from_hf
 from peftjax.models.bert._model import (
@@ -21,5 +23,7 @@ __all__ = [
     "load_bert",
     "mean_pool",
     "params_from_hf",
+    "params_to_hf",
     "peft_key_map",
+    "save_hf",
 ]
