@@ -51,6 +51,7 @@ from peftjax.adapters._lora import Scaling as Scaling
 from peftjax.adapters._lora import lora as lora
 from peftjax.adapters._lora import scaling_value as scaling_value
 from peftjax.adapters._lora_xs import LoRAXSBasis as LoRAXSBasis
+from peftjax.adapters._presets import all_linear_rules as all_linear_rules
 from peftjax.adapters._lora_xs import LoRAXSParams as LoRAXSParams
 from peftjax.adapters._lora_xs import lora_xs as lora_xs
 from peftjax.adapters._prompt import PrefixParams as PrefixParams
@@ -93,6 +94,7 @@ __all__ = [
     "active",
     "add",
     "add_weighted",
+    "all_linear_rules",
     "batched",
     "collection",
     "delete",

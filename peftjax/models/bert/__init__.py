@@ -15,8 +15,20 @@ from peftjax.models.bert._model import (
 from peftjax.models.bert._model import BertModel as BertModel
 from peftjax.models.bert._model import mean_pool as mean_pool
 from peftjax.models.bert._peft_keys import peft_key_map as peft_key_map
+from peftjax.models.bert._presets import PEFT_DEFAULT_TARGETS as PEFT_DEFAULT_TARGETS
+from peftjax.models.bert._presets import all_linear_rules as all_linear_rules
+from peftjax.models.bert._presets import attention_mlp_rules as attention_mlp_rules
+from peftjax.models.bert._presets import attention_rules as attention_rules
+from peftjax.models.bert._presets import mlp_rules as mlp_rules
+from peftjax.models.bert._presets import peft_rules as peft_rules
 
 __all__ = [
+    "PEFT_DEFAULT_TARGETS",
+    "all_linear_rules",
+    "attention_mlp_rules",
+    "attention_rules",
+    "mlp_rules",
+    "peft_rules",
     "BertConfig",
     "BertForSequenceClassification",
     "BertModel",

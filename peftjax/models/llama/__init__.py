@@ -21,8 +21,20 @@ from peftjax.models.llama._loader import params_from_hf as params_from_hf
 from peftjax.models.llama._model import KVCache as KVCache
 from peftjax.models.llama._model import LlamaForCausalLM as LlamaForCausalLM
 from peftjax.models.llama._peft_keys import peft_key_map as peft_key_map
+from peftjax.models.llama._presets import PEFT_DEFAULT_TARGETS as PEFT_DEFAULT_TARGETS
+from peftjax.models.llama._presets import all_linear_rules as all_linear_rules
+from peftjax.models.llama._presets import attention_mlp_rules as attention_mlp_rules
+from peftjax.models.llama._presets import attention_rules as attention_rules
+from peftjax.models.llama._presets import mlp_rules as mlp_rules
+from peftjax.models.llama._presets import peft_rules as peft_rules
 
 __all__ = [
+    "PEFT_DEFAULT_TARGETS",
+    "all_linear_rules",
+    "attention_mlp_rules",
+    "attention_rules",
+    "mlp_rules",
+    "peft_rules",
     "KVCache",
     "LlamaConfig",
     "LlamaForCausalLM",
