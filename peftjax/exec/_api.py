@@ -23,11 +23,13 @@ import optax
 
 from peftjax.adapters import _base
 from peftjax.exec import _interpret, _sym
+from peftjax.quant import _array as _qarray
+from peftjax.quant import _matmul as _qmatmul
 from peftjax.tree import _matrix, _paths
 
 
 def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
 def _leaf_keys(key: jax.Array, path: str, w: Any, adapter: _base.Adapter) -> Any:
@@ -48,6 +50,7 @@ def factored(
     key: jax.Array | None = None,
     deterministic: bool = False,
     argnum: int = 0,
+    tile_bytes: int = _qmatmul.DEFAULT_TILE_BYTES,
 ) -> Callable[..., Any]:
     """Turns ``apply_fn`` into its factored form for one adapter state.
 
@@ -61,6 +64,15 @@ def factored(
     Uses the factored path cannot handle are materialised with one
     ``FactoredFallbackWarning`` per path and call.
 
+    Quantised leaves (``peftjax.quant.QuantizedArray``, adapted or not) are
+    dequantised at each use: a matmul multiplies by the dequantised kernel a
+    tile of output columns at a time (re-decoded in the backward pass), an
+    embedding lookup decodes the rows it takes; no float copy of a whole
+    quantised kernel is formed or kept. With an empty assignment this runs a
+    quantised model as is. (DoRA's column norms need ``W`` itself: on a
+    quantised base they dequantise the kernel once per use, under
+    ``stop_gradient``.)
+
     Args:
       apply_fn: any function of a parameter tree (a Linen ``model.apply``-style
         function, ``peftjax.models.apply``, an NNX ``nnx.merge``-then-call
@@ -73,6 +85,8 @@ def factored(
         ``deterministic`` is False.
       deterministic: skip adapter dropout (evaluation).
       argnum: position of the parameter tree in ``apply_fn``'s arguments.
+      tile_bytes: the most bytes of a quantised kernel dequantised at once
+        inside a matmul (a tile never spans all output columns).
 
     Returns:
       A function with ``apply_fn``'s signature (trace it under ``jit`` as you
@@ -108,20 +122,22 @@ def factored(
                 f"factored: argnum={argnum} but the call has {len(args)} positional "
                 "arguments; pass the parameter tree positionally")
         params = args[argnum]
-        flat = _paths.leaves_by_path(params)
+        p_items = _paths.flatten(params, is_leaf=_qarray.is_quantized)
+        flat = dict(p_items)
         _base._check_assignment(assignment, flat, "factored")
         _base._check_state(assignment, flat, trainable, frozen, "factored")
         bias_of = _base._bias_targets(assignment, flat)
-        interp = _interpret.Interpreter(deterministic=deterministic, stacklevel=4)
+        interp = _interpret.Interpreter(deterministic=deterministic, stacklevel=4,
+                                        tile_bytes=tile_bytes)
 
-        p_items = _paths.flatten(params)
-        p_def = jax.tree.structure(params)
+        p_def = jax.tree.structure(params, is_leaf=_qarray.is_quantized)
         pos = argnum % len(args)
         rest = (tuple(None if i == pos else a for i, a in enumerate(args)), kwargs)
         o_leaves, o_def = jax.tree.flatten(rest)
 
         p_vals, syms = [], {}
         for i, (path, leaf) in enumerate(p_items):
+            quant = _qarray.is_quantized(leaf)
             if path in bias_of:
                 k = bias_of[path]
                 hook = assignment[k].bias
@@ -129,14 +145,21 @@ def factored(
             elif path in assignment:
                 adapter = assignment[path]
                 if adapter.factored is None:
+                    if quant:
+                        leaf = _qarray.dequantize(leaf)
                     leaf = _materialize_leaf(interp, path, adapter, leaf,
                                              trainable[path], frozen[path])
+                    quant = False
                 else:
                     keys = None
                     if adapter.dropout and not deterministic:
                         keys = _leaf_keys(key, path, leaf, adapter)
                     syms[i] = _sym.from_leaf(path, adapter, leaf, trainable[path],
                                              frozen[path], keys)
+            elif quant:
+                syms[i] = _sym.from_leaf(path, None, leaf, None, None, None)
+            if quant:  # traced as its logical float shape, evaluated as a Sym
+                leaf = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
             p_vals.append(leaf)
 
         all_leaves = p_vals + o_leaves
@@ -179,6 +202,7 @@ def make_train_step(
     *,
     has_aux: bool = False,
     deterministic: bool = False,
+    tile_bytes: int = _qmatmul.DEFAULT_TILE_BYTES,
 ) -> Callable[..., tuple[Any, Any, Any]]:
     """The factored adapter-only step ``(trainable, opt_state, params, frozen, batch, key)``.
 
@@ -192,6 +216,7 @@ def make_train_step(
       optimizer: any optax transformation over the trainable pytree.
       has_aux: forwarded to ``jax.value_and_grad``.
       deterministic: skip adapter dropout.
+      tile_bytes: forwarded to :func:`factored` (quantised bases).
 
     Returns:
       ``step(trainable, opt_state, params, frozen, batch, key=None) ->
@@ -216,7 +241,7 @@ def make_train_step(
     def step(trainable, opt_state, params, frozen, batch, key=None):
         def objective(t):
             f = factored(loss_fn, assignment, t, frozen, key=key,
-                         deterministic=deterministic)
+                         deterministic=deterministic, tile_bytes=tile_bytes)
             return f(params, batch)
 
         value, grads = jax.value_and_grad(objective, has_aux=has_aux)(trainable)

@@ -10,15 +10,18 @@ that do:
   ``squeeze``, unit ``broadcast_in_dim``, ``slice``/``dynamic_slice`` along a
   stacked-layer axis) update the ``Sym``;
 * ``dot_general`` becomes the model's own product with the frozen base plus
-  the adapter's cheap terms (``_sym.dot``);
+  the adapter's cheap terms (``_sym.dot``); with a quantised base, a product
+  with the base dequantised a tile of output columns at a time;
+* ``gather`` of whole rows of an unadapted quantised table (an embedding
+  lookup) gathers the blocks and decodes only those rows (``_sym.gather``);
 * ``jit``/``pjit``/``closed_call``/``custom_jvp_call``/``custom_vjp_call`` are
   inlined (for the custom-derivative calls this means the primal body is
   differentiated by ordinary autodiff, see the package docstring);
 * ``scan`` (a stacked kernel in ``xs`` is sliced with its state), ``remat``
   (``jax.checkpoint``), ``cond``/``switch`` and ``while`` are rebuilt with the
   same parameters around an interpreted body;
-* anything else materialises the kernel in its current view, with one
-  ``FactoredFallbackWarning`` per path.
+* anything else materialises the kernel in its current view (adapted and
+  dequantised), with one ``FactoredFallbackWarning`` per path.
 
 Exports: ``Interpreter``, ``FactoredFallbackWarning``.
 """
@@ -30,9 +33,9 @@ from typing import Any
 
 import jax
 import jax.extend as jex
-import numpy as np
 
 from peftjax.exec import _sym
+from peftjax.quant import _matmul as _qmatmul
 
 _VIEWS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision",
                     "sharding_constraint", "pvary", "transpose", "reshape",
@@ -66,11 +69,14 @@ class Interpreter:
     Args:
       deterministic: if True, adapter dropout is not applied.
       stacklevel: forwarded to ``warnings.warn`` for the fallback warning.
+      tile_bytes: the most dequantised bytes of a quantised kernel formed at once.
     """
 
-    def __init__(self, *, deterministic: bool, stacklevel: int = 4):
+    def __init__(self, *, deterministic: bool, stacklevel: int = 4,
+                 tile_bytes: int = _qmatmul.DEFAULT_TILE_BYTES):
         self.deterministic = deterministic
         self.stacklevel = stacklevel
+        self.tile_bytes = tile_bytes
         self.warned: set[str] = set()
         self.sites: collections.Counter = collections.Counter()
         self.factored_sites: collections.Counter = collections.Counter()
@@ -83,14 +89,19 @@ class Interpreter:
         if path not in self.warned:
             self.warned.add(path)
             note = ""
-            if x.meta.adapter.dropout and not self.deterministic:
+            adapter = x.meta.adapter
+            if adapter is not None and adapter.dropout and not self.deterministic:
                 note = "; adapter dropout is not applied to this use"
+            what = "adapted kernel" if adapter is not None else "kernel"
+            cost = "a weight-sized W' and its cotangent"
+            if x.is_quant:
+                what = f"quantised {what}"
+                cost = f"a float copy of the whole kernel ({x.meta.qformat!r})"
             warnings.warn(
-                f"peftjax.exec: the adapted kernel {path!r} (shape "
+                f"peftjax.exec: the {what} {path!r} (shape "
                 f"{tuple(x.meta.dims.shape)}) is used by {why}, which the factored "
-                "path does not handle; it is materialised for that use (a "
-                f"weight-sized W' and its cotangent){note}",
-                FactoredFallbackWarning, stacklevel=self.stacklevel)
+                f"path does not handle; it is materialised for that use ({cost})"
+                f"{note}", FactoredFallbackWarning, stacklevel=self.stacklevel)
         return _sym.materialize(x)
 
     # -- evaluation ---------------------------------------------------------
@@ -124,7 +135,8 @@ class Interpreter:
         name = eqn.primitive.name
         if name in _VIEWS and isinstance(invals[0], _sym.Sym):
             s = invals[0]
-            new = _sym.view(s, name, eqn.params, _bind(eqn, [s.base, *invals[1:]])[0])
+            new = _sym.view(s, name, eqn.params, self._rebase(eqn, s, invals[1:]),
+                            eqn.outvars[0].aval)
             if new is not None:
                 return [new]
         elif name == "slice" and isinstance(invals[0], _sym.Sym):
@@ -138,6 +150,11 @@ class Interpreter:
                 return [new]
         elif name == "dot_general":
             out = self._dot(eqn, invals)
+            if out is not None:
+                return [out]
+        elif name == "gather" and isinstance(invals[0], _sym.Sym) and not isinstance(
+                invals[1], _sym.Sym):
+            out = _sym.gather(invals[0], invals[1], eqn.params)
             if out is not None:
                 return [out]
         elif name in _INLINE:
@@ -155,8 +172,13 @@ class Interpreter:
         return _bind(eqn, [self.fallback(x, why) for x in invals])
 
     # -- handlers -----------------------------------------------------------
+    @staticmethod
+    def _rebase(eqn: Any, s: _sym.Sym, rest: Sequence[Any]) -> Any:
+        """The primitive applied to a Sym's float base (a quantised one has none)."""
+        return None if s.is_quant else _bind(eqn, [s.base, *rest])[0]
+
     def _slice(self, eqn: Any, s: _sym.Sym) -> Any:
-        shape = np.shape(s.base)
+        shape = s.shape
         start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
         strides = eqn.params["strides"] or (1,) * len(shape)
         cut = [a for a in range(len(shape))
@@ -165,17 +187,17 @@ class Interpreter:
             return None
         a = cut[0]
         return _sym.slice_batch(s, a, start[a], limit[a] - start[a],
-                                _bind(eqn, [s.base])[0])
+                                self._rebase(eqn, s, []), eqn.outvars[0].aval)
 
     def _dynamic_slice(self, eqn: Any, invals: list[Any]) -> Any:
         s, idx = invals[0], invals[1:]
-        shape, sizes = np.shape(s.base), eqn.params["slice_sizes"]
+        shape, sizes = s.shape, eqn.params["slice_sizes"]
         cut = [a for a in range(len(shape)) if sizes[a] != shape[a]]
         if len(cut) != 1:
             return None
         a = cut[0]
-        return _sym.slice_batch(s, a, idx[a], sizes[a],
-                                _bind(eqn, [s.base, *idx])[0])
+        return _sym.slice_batch(s, a, idx[a], sizes[a], self._rebase(eqn, s, idx),
+                                eqn.outvars[0].aval)
 
     def _dot(self, eqn: Any, invals: list[Any]) -> Any:
         lhs, rhs = invals
@@ -190,10 +212,11 @@ class Interpreter:
 
         key = None
         _, _, keys = s.parts
-        if s.meta.adapter.dropout and not self.deterministic and keys is not None:
+        dropout = s.meta.adapter is not None and s.meta.adapter.dropout
+        if dropout and not self.deterministic and keys is not None:
             key = jax.random.fold_in(keys, self.sites[s.meta.path])
         self.sites[s.meta.path] += 1
-        out = _sym.dot(s, other, is_lhs, params, bind, key)
+        out = _sym.dot(s, other, is_lhs, params, bind, key, tile_bytes=self.tile_bytes)
         if out is not None:
             self.factored_sites[s.meta.path] += 1
         return out
