@@ -3,10 +3,13 @@
 
 A format-level reader with no knowledge of any model. Quantised tensors (Q4_1,
 Q8_0, K-quants, ...) are dequantised with ``gguf.quants.dequantize`` to float32
-and then cast to the requested dtype. Arrays come back in numpy order, i.e.
-GGUF's dimension list reversed, which for a linear weight is torch layout
-``(out, in)``. Model-specific fixes (such as undoing llama.cpp's Q/K row
-permutation) belong to the model loaders, not here.
+and then cast to the requested dtype; with ``keep_quantized=True`` the Q8_0
+and Q4_1 tensors instead come back as ``peftjax.quant.QuantizedArray`` holding
+the file's own blocks, bit for bit (blocked along the last axis, logical dtype
+the requested one). Arrays come back in numpy order, i.e. GGUF's dimension
+list reversed, which for a linear weight is torch layout ``(out, in)``.
+Model-specific fixes (such as undoing llama.cpp's Q/K row permutation) belong
+to the model loaders, not here.
 
 Exports: ``GGUFFile``, ``read_gguf``, ``read_gguf_metadata``.
 """
@@ -17,6 +20,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from peftjax.quant import _array as _qarray
+from peftjax.quant import _formats as _qformats
+
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -26,7 +32,9 @@ class GGUFFile(NamedTuple):
     Attributes:
       metadata: ``{key: value}`` with Python scalars, strings and lists
         (e.g. ``"llama.block_count": 30``, ``"tokenizer.ggml.tokens": [...]``).
-      tensors: ``{name: array}`` dequantised, shape = GGUF dims reversed.
+      tensors: ``{name: array}`` dequantised (or ``QuantizedArray`` for Q8_0 /
+        Q4_1 tensors read with ``keep_quantized=True``), shape = GGUF dims
+        reversed.
       tensor_types: ``{name: quantisation type name}`` as stored (``"Q4_1"``).
 
     Example:
@@ -38,7 +46,7 @@ class GGUFFile(NamedTuple):
     """
 
     metadata: dict[str, Any]
-    tensors: dict[str, np.ndarray]
+    tensors: dict[str, Any]
     tensor_types: dict[str, str]
 
 
@@ -86,6 +94,21 @@ def _dequantize(tensor: Any, dtype: np.dtype, path: str) -> np.ndarray:
     return np.asarray(data.reshape(shape), dtype=np.float32).astype(dtype, copy=False)
 
 
+_KEPT = {"Q8_0": _qformats.q8_0, "Q4_1": _qformats.q4_1}
+
+
+def _kept(tensor: Any, dtype: np.dtype) -> _qarray.QuantizedArray:
+    """A Q8_0/Q4_1 tensor as a QuantizedArray of its own blocks (no arithmetic)."""
+    fmt = _KEPT[tensor.tensor_type.name](axis=-1)
+    shape = tuple(int(d) for d in reversed(list(tensor.shape)))
+    raw = np.asarray(tensor.data).reshape(shape[:-1] + (-1,))
+    out = _qarray.QuantizedArray(_qformats.gguf_blocks(fmt, raw), fmt, dtype)
+    if out.shape != shape:
+        raise ValueError(f"read_gguf: tensor {tensor.name!r} holds blocks of logical "
+                         f"shape {out.shape}, but its header says {shape}")
+    return out
+
+
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Reads only the key/value metadata of a GGUF file (no tensor data).
 
@@ -116,6 +139,7 @@ def read_gguf(
     *,
     dtype: Any = np.float32,
     names: Iterable[str] | None = None,
+    keep_quantized: bool = False,
 ) -> GGUFFile:
     """Reads a GGUF file: metadata and every (or the named) tensor, dequantised.
 
@@ -124,6 +148,10 @@ def read_gguf(
       dtype: float dtype of the returned arrays (float32, float16, bfloat16 or
         float64); dequantisation itself runs in float32.
       names: if given, read only these tensors (a missing name is an error).
+      keep_quantized: keyword-only; return Q8_0 and Q4_1 tensors as
+        ``peftjax.quant.QuantizedArray`` with the file's blocks (logical dtype
+        ``dtype``, blocked along the last axis) instead of dequantising them.
+        Other quantisation types are still dequantised.
 
     Returns:
       A :class:`GGUFFile`.
@@ -157,6 +185,13 @@ def read_gguf(
             f"read_gguf: {os.fspath(path)!r} has no tensor(s) {missing[:5]}; "
             f"it holds e.g. {sorted(by_name)[:5]}"
         )
-    tensors = {n: _dequantize(by_name[n], dt, os.fspath(path)) for n in wanted}
+    if not isinstance(keep_quantized, bool):
+        raise TypeError(f"read_gguf: keep_quantized must be a bool, got {keep_quantized!r}")
+    tensors = {
+        n: _kept(by_name[n], dt)
+        if keep_quantized and by_name[n].tensor_type.name in _KEPT
+        else _dequantize(by_name[n], dt, os.fspath(path))
+        for n in wanted
+    }
     types = {n: by_name[n].tensor_type.name for n in wanted}
     return GGUFFile(_metadata(reader), tensors, types)

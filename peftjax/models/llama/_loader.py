@@ -8,6 +8,13 @@ Flax ``(in, out)``. GGUF tensors (read with ``peftjax.io.read_gguf``, already
 ``llama`` architecture (Llama, Mistral, SmolLM2 in GGUF); ``qwen2`` GGUFs are
 stored unpermuted. A GGUF without ``output.weight`` has a tied head.
 
+``keep_quantized=True`` keeps a GGUF's Q8_0 / Q4_1 tensors as
+``peftjax.quant.QuantizedArray`` (the file's blocks, bit for bit): the
+transpose to Flax layout and the Q/K row permutation only relabel and reorder
+whole rows of blocks, so nothing is requantised. Such a tree runs through
+``peftjax.exec`` (``factored``, ``make_train_step``), not through the NNX model
+directly.
+
 Exports: ``config_from_gguf``, ``params_from_hf``, ``params_from_gguf``,
 ``load_llama``, ``load_llama_params``.
 """
@@ -18,6 +25,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -25,6 +33,7 @@ from flax import nnx
 from peftjax.io import _gguf
 from peftjax.models import _hub
 from peftjax.models.llama import _config, _model
+from peftjax.quant import _array as _qarray
 from peftjax.tree import _paths
 
 _GGUF_ARCHS = ("llama", "qwen2")
@@ -112,7 +121,9 @@ def _convert(
             raise ValueError(
                 f"{source}: unexpected tensor {name!r} with shape {arr.shape}"
             )
-        value = np.asarray(arr).T if transpose else np.asarray(arr)
+        value = _transposed(arr) if transpose else arr
+        if not _qarray.is_quantized(value):
+            value = np.asarray(value)
         if path not in expected:
             raise ValueError(
                 f"{source}: tensor {name!r} maps to {path!r}, which the config "
@@ -126,7 +137,7 @@ def _convert(
                 f"{source}: tensor {name!r} -> {path!r} has shape {value.shape} "
                 f"(after transpose={transpose}), but the config implies {want}"
             )
-        flat[path] = jnp.asarray(value, dtype=param_dtype)
+        flat[path] = _to_device(value, param_dtype)
     missing = sorted(set(expected) - set(flat))
     if missing:
         raise ValueError(
@@ -134,6 +145,23 @@ def _convert(
             f"{' ...' if len(missing) > 6 else ''}"
         )
     return _nest(flat)
+
+
+def _transposed(arr: Any) -> Any:
+    """``arr.T``; a 2-D QuantizedArray is relabelled (its blocks stay as they are)."""
+    if not _qarray.is_quantized(arr):
+        return np.asarray(arr).T
+    if arr.ndim != 2:
+        raise ValueError(f"cannot transpose a quantised tensor of shape {arr.shape}")
+    fmt = arr.format._replace(axis=-1 - (arr.format.axis + 2))
+    return _qarray.QuantizedArray(arr.blocks, fmt, arr.dtype)
+
+
+def _to_device(value: Any, param_dtype: Any) -> Any:
+    if _qarray.is_quantized(value):
+        return _qarray.QuantizedArray(jax.tree.map(jnp.asarray, value.blocks),
+                                      value.format, param_dtype)
+    return jnp.asarray(value, dtype=param_dtype)
 
 
 def params_from_hf(
@@ -174,8 +202,13 @@ def params_from_hf(
     return _convert(tensors, cfg, param_dtype=param_dtype, source="params_from_hf")
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+def _unpermute(w: Any, n_head: int) -> Any:
     """Inverts llama.cpp's ``permute`` of Q/K rows: (out, in) -> HF row order."""
+    if _qarray.is_quantized(w):  # rows are whole rows of blocks: reorder them
+        if w.axis != w.ndim - 1:
+            raise ValueError(f"cannot reorder rows of {w!r} blocked along axis {w.axis}")
+        blocks = jax.tree.map(lambda b: _unpermute(np.asarray(b), n_head), w.blocks)
+        return _qarray.QuantizedArray(blocks, w.format, w.dtype)
     out = w.shape[0]
     rest = w.shape[1:]
     return (
@@ -263,8 +296,9 @@ def params_from_gguf(
     """Converts a read GGUF file to ``(config, unrolled pure param dict)``.
 
     Args:
-      gguf_file: from ``peftjax.io.read_gguf`` (float arrays, ``(out, in)``).
-      param_dtype: dtype of the returned arrays.
+      gguf_file: from ``peftjax.io.read_gguf`` (float arrays ``(out, in)``, or
+        ``QuantizedArray`` blocks with ``keep_quantized=True``, kept as such).
+      param_dtype: dtype of the returned arrays (logical dtype of quantised ones).
 
     Returns:
       ``(config, params)``.
@@ -315,7 +349,10 @@ def params_from_gguf(
 
 
 def load_llama_params(
-    path: str | os.PathLike, *, param_dtype: Any = jnp.float32
+    path: str | os.PathLike,
+    *,
+    param_dtype: Any = jnp.float32,
+    keep_quantized: bool = False,
 ) -> tuple[_config.LlamaConfig, dict]:
     """Reads a checkpoint into ``(config, unrolled pure param dict)``.
 
@@ -325,13 +362,18 @@ def load_llama_params(
         (``"org/name"``, downloaded through ``huggingface_hub`` when a network
         exists).
       param_dtype: dtype of the returned arrays.
+      keep_quantized: GGUF only: keep Q8_0 / Q4_1 tensors as
+        ``peftjax.quant.QuantizedArray`` (the file's blocks; run the tree
+        through ``peftjax.exec``). A float checkpoint is quantised with
+        ``peftjax.quant.quantize_params`` instead.
 
     Returns:
       ``(config, params)``.
 
     Raises:
       ValueError: a missing file, an unsupported architecture, quantisation
-        type or rope scaling, or a shape that disagrees with the config.
+        type or rope scaling, a shape that disagrees with the config, or
+        ``keep_quantized`` with a non-GGUF checkpoint.
 
     Example:
       >>> from peftjax.models import smollm2_gguf
@@ -339,7 +381,12 @@ def load_llama_params(
     """
     path = os.fspath(path)
     if path.endswith(".gguf"):
-        return params_from_gguf(_gguf.read_gguf(path), param_dtype=param_dtype)
+        return params_from_gguf(_gguf.read_gguf(path, keep_quantized=keep_quantized),
+                                param_dtype=param_dtype)
+    if keep_quantized:
+        raise ValueError(
+            f"load_llama_params: keep_quantized=True applies to GGUF files; {path!r} "
+            "is a float checkpoint: quantise it with peftjax.quant.quantize_params")
     directory = _hub.resolve_directory(path, what="load_llama")
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
