@@ -21,17 +21,6 @@ from peftjax.adapters._adalora import (
     adalora_update_importance as adalora_update_importance,
 )
 from peftjax.adapters._base import Adapter as Adapter
-from peftjax.adapters._batched import BatchedRouting as BatchedRouting
-from peftjax.adapters._batched import batched as batched
-from peftjax.adapters._collection import AdapterCollection as AdapterCollection
-from peftjax.adapters._collection import NamedAdapter as NamedAdapter
-from peftjax.adapters._collection import active as active
-from peftjax.adapters._collection import add as add
-from peftjax.adapters._collection import add_weighted as add_weighted
-from peftjax.adapters._collection import collection as collection
-from peftjax.adapters._collection import delete as delete
-from peftjax.adapters._collection import disable as disable
-from peftjax.adapters._collection import switch as switch
 from peftjax.adapters._base import AdapterState as AdapterState
 from peftjax.adapters._base import BiasHook as BiasHook
 from peftjax.adapters._base import FactoredForm as FactoredForm
@@ -43,6 +32,17 @@ from peftjax.adapters._base import merge as merge
 from peftjax.adapters._base import num_trainable as num_trainable
 from peftjax.adapters._base import path_key as path_key
 from peftjax.adapters._base import unmerge as unmerge
+from peftjax.adapters._batched import BatchedRouting as BatchedRouting
+from peftjax.adapters._batched import batched as batched
+from peftjax.adapters._collection import AdapterCollection as AdapterCollection
+from peftjax.adapters._collection import NamedAdapter as NamedAdapter
+from peftjax.adapters._collection import active as active
+from peftjax.adapters._collection import add as add
+from peftjax.adapters._collection import add_weighted as add_weighted
+from peftjax.adapters._collection import collection as collection
+from peftjax.adapters._collection import delete as delete
+from peftjax.adapters._collection import disable as disable
+from peftjax.adapters._collection import switch as switch
 from peftjax.adapters._dora import DoRAParams as DoRAParams
 from peftjax.adapters._dora import dora as dora
 from peftjax.adapters._lora import LoRAInit as LoRAInit
@@ -51,9 +51,9 @@ from peftjax.adapters._lora import Scaling as Scaling
 from peftjax.adapters._lora import lora as lora
 from peftjax.adapters._lora import scaling_value as scaling_value
 from peftjax.adapters._lora_xs import LoRAXSBasis as LoRAXSBasis
-from peftjax.adapters._presets import all_linear_rules as all_linear_rules
 from peftjax.adapters._lora_xs import LoRAXSParams as LoRAXSParams
 from peftjax.adapters._lora_xs import lora_xs as lora_xs
+from peftjax.adapters._presets import all_linear_rules as all_linear_rules
 from peftjax.adapters._prompt import PrefixParams as PrefixParams
 from peftjax.adapters._prompt import PrefixProjection as PrefixProjection
 from peftjax.adapters._prompt import PromptInit as PromptInit

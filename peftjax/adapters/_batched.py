@@ -182,8 +182,8 @@ def _check_ids(ids: Any, n: int) -> jax.Array:
         bad = np.asarray(ids)
         bad = bad[(bad < -1) | (bad >= n)]
         if bad.size:
-            raise ValueError(f"batched: ids {bad.tolist()} out of range; use 0..{n - 1} "
-                             "for the named adapters and -1 for the base model")
+            raise ValueError(f"batched: ids {bad.tolist()} out of range; use "
+                             f"0..{n - 1} for the named adapters, -1 for the base")
     return jnp.asarray(ids, jnp.int32)
 
 

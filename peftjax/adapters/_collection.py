@@ -114,11 +114,10 @@ def _named(assignment: Any, state: Any, fn: str) -> NamedAdapter:
     trainable, frozen = state
     for part_name, part in (("trainable", trainable), ("frozen", frozen)):
         if not isinstance(part, dict) or set(part) != set(assignment):
-            have = sorted(part) if isinstance(part, dict) else type(part).__name__
+            have = sorted(part)[:6] if isinstance(part, dict) else type(part).__name__
             raise ValueError(
                 f"{fn}: state.{part_name} must be keyed by the assignment's paths "
-                f"{sorted(assignment)[:6]}, got {have if isinstance(have, str) else have[:6]}"
-            )
+                f"{sorted(assignment)[:6]}, got {have}")
     return NamedAdapter(dict(assignment), dict(trainable), dict(frozen))
 
 
@@ -292,7 +291,7 @@ def add_weighted(
     combine: Callable[..., dict[str, Any]],
     activate: bool = False,
 ) -> AdapterCollection:
-    """Adds ``Σ_i w_i · adapter_i`` as a new LoRA adapter (PEFT's ``add_weighted_adapter``).
+    """Adds ``Σ_i w_i · adapter_i`` as a new LoRA adapter (PEFT: add_weighted_adapter).
 
     Each source's scaling ``s_i`` is read off its own adapter, the sources'
     trainable states go through ``combine`` (a function of

@@ -13,9 +13,9 @@ from peftjax.io._safetensors import write_safetensors as write_safetensors
 from peftjax.io._peft_keys import PeftKey as PeftKey
 from peftjax.io._peft_keys import TensorLayout as TensorLayout
 from peftjax.io._peft_read import PeftAdapter as PeftAdapter
+from peftjax.io._peft_read import load_peft as load_peft
 from peftjax.io._peft_targets import peft_target_modules as peft_target_modules
 from peftjax.io._peft_targets import peft_target_rules as peft_target_rules
-from peftjax.io._peft_read import load_peft as load_peft
 from peftjax.io._peft_write import save_peft as save_peft
 
 

@@ -126,7 +126,7 @@ def peft_target_modules(
     targets = _as_names(target_modules, "target_modules")
     if targets is None:
         raise TypeError("peft_target_modules: target_modules is None; pass the "
-                        "family's default (PEFT's, e.g. ['q_proj', 'v_proj'] for Llama)")
+                        "family's default (PEFT's: ['q_proj', 'v_proj'] for Llama)")
     exclude = _as_names(exclude_modules, "exclude_modules")
     save = _as_names(modules_to_save, "modules_to_save") or []
     if isinstance(save, str):

@@ -51,8 +51,9 @@ CASES = {
     "layers_to_transform_full_name_bypass": {
         "target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"],
         "layers_to_transform": [1]},
-    "exclude_list": {"target_modules": "all-linear",
-                     "exclude_modules": ["down_proj", "model.layers.0.self_attn.q_proj"]},
+    "exclude_list": {
+        "target_modules": "all-linear",
+        "exclude_modules": ["down_proj", "model.layers.0.self_attn.q_proj"]},
     "exclude_regex": {"target_modules": ["q_proj", "k_proj"],
                       "exclude_modules": r".*layers\.0\..*"},
     "modules_to_save_excluded": {"target_modules": ["q_proj", "lm_head"],

@@ -139,7 +139,8 @@ def test_batched_on_a_dict_model_matches_float64_and_gradients():
     def loss(t):
         return jnp.sum(pexec.factored(f, nb.assignment, t, nb.frozen)(params, x) ** 2)
 
-    grads = jax.jit(jax.grad(loss))(nb.trainable)["w"][0]  # the one group, stacked (2, ...)
+    # The one group's stacked (2, ...) factors.
+    grads = jax.jit(jax.grad(loss))(nb.trainable)["w"][0]
     for i, n in enumerate(names):
         rows = jnp.asarray([b for b, j in enumerate(ids) if j == i])
         own = jax.jit(jax.grad(lambda t, n=n, rows=rows: jnp.sum(pexec.factored(

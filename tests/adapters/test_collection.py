@@ -182,7 +182,9 @@ def test_add_weighted_errors(dict_setup, tiny_params):
     assert svd.adapters["m"].trainable["dense1/kernel"].a.shape == (6, 4)
     d = tree.assign(params, [tree.Rule(where=r"dense\d/kernel|stack/kernel",
                                        then=adapters.dora(2))])
-    c = adapters.add(coll, "d", d, adapters.init(d, jax.random.key(0), params))
+    abstract = jax.eval_shape(lambda: adapters.init(d, jax.random.key(0), params))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
+    c = adapters.add(coll, "d", d, zeros)
     with pytest.raises(TypeError, match=r"'d' at 'dense1/kernel'.*LoRA-family"):
         adapters.add_weighted(c, "m", {"r2": 1.0, "d": 1.0},
                               combine=merge.adapters.concatenate)

@@ -19,7 +19,8 @@ from peftjax import models as pm
 from peftjax.models import llama
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-GOLDEN = json.loads((ROOT / "tests" / "io" / "golden" / "peft_targets.json").read_text())
+GOLDEN = json.loads(
+    (ROOT / "tests" / "io" / "golden" / "peft_targets.json").read_text())
 CASES = GOLDEN["cases"]
 CFG = llama.LlamaConfig.from_hf(json.loads(
     (ROOT / "tests" / "io" / "golden" / "peft" / "llama_base" / "config.json")
@@ -37,7 +38,8 @@ PARAMS = {False: _shapes(False), True: _shapes(True)}
 
 
 def _weights_of(modules):
-    return {p for p, k in KEY_MAP.items() if k.module in modules and k.tensor == "weight"}
+    return {p for p, k in KEY_MAP.items()
+            if k.module in modules and k.tensor == "weight"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

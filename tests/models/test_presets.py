@@ -54,7 +54,8 @@ def test_bert_presets_and_all_linear_leaves_the_classifier_out():
              bert.attention_mlp_rules: attn + mlp, bert.all_linear_rules: attn + mlp}
     for preset, subs in cases.items():
         assert set(tree.assign(params, preset("lora"))) == _paths(subs, False)
-    peft = tree.assign(params, bert.peft_rules(BCFG, "all-linear", "lora", num_labels=3))
+    peft = tree.assign(params, bert.peft_rules(BCFG, "all-linear", "lora",
+                                               num_labels=3))
     assert set(peft) == _paths(attn + mlp, False)
     # PEFT's BERT default, and its module names with the classification prefix.
     assert set(tree.assign(params, bert.peft_rules(BCFG, None, "lora", num_labels=3))
@@ -62,5 +63,6 @@ def test_bert_presets_and_all_linear_leaves_the_classifier_out():
     regex = r"bert\.encoder\.layer\.1\.(intermediate|output)\.dense"
     assert set(tree.assign(params, bert.peft_rules(BCFG, regex, "lora", num_labels=3))
                ) == {"layers/1/intermediate/kernel", "layers/1/output/kernel"}
-    with pytest.raises(ValueError, match="'bert.embeddings.LayerNorm', a vector tensor"):
+    with pytest.raises(ValueError,
+                       match="'bert.embeddings.LayerNorm', a vector tensor"):
         bert.peft_rules(BCFG, ["LayerNorm"], "lora", num_labels=3)
