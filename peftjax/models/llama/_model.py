@@ -12,6 +12,11 @@ layouts hold the same sub-paths, so ``peftjax.tree.stack_layers`` /
 ``unstack_layers`` convert their parameter dicts exactly. ``remat=True`` wraps
 each layer in ``jax.checkpoint``. Kernels use Flax layout ``(in, out)``.
 
+Packed sequences: ``segment_ids`` (``peftjax.data.pack``) keep attention
+inside each document of a block, and RoPE positions restart at each
+document, so a packed block gives every document the logits it would get
+alone.
+
 Exports: ``LlamaForCausalLM``, ``KVCache``.
 """
 
@@ -84,6 +89,49 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
+
+
+def _check_segment_ids(segment_ids: Any, shape: tuple[int, ...]) -> jax.Array:
+    """``segment_ids`` as int32 after checking it is integer and ``shape``."""
+    dtype = getattr(segment_ids, "dtype", None)
+    if (
+        tuple(getattr(segment_ids, "shape", ())) != tuple(shape)
+        or dtype is None
+        or not jnp.issubdtype(dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"segment_ids has shape {tuple(getattr(segment_ids, 'shape', ()))} and "
+            f"dtype {dtype}; expected integer ids of the tokens' shape {tuple(shape)}"
+        )
+    return jnp.asarray(segment_ids).astype(jnp.int32)
+
+
+def _segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """RoPE positions that restart at 0 where each segment starts.
+
+    Args:
+      segment_ids: int ``(B, T)``; a segment starts at index 0 and wherever
+        the id changes (padding, id 0, gets positions too: they are unused).
+
+    Returns:
+      int32 ``(B, T)``: the index within the segment.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> _segment_positions(jnp.array([[1, 1, 1, 2, 2, 0]])).tolist()
+      [[0, 1, 2, 0, 1, 0]]
+    """
+    t = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    first = jnp.concatenate(
+        [
+            jnp.ones(segment_ids.shape[:1] + (1,), jnp.bool_),
+            segment_ids[:, 1:] != segment_ids[:, :-1],
+        ],
+        axis=1,
+    )
+    start = jax.lax.cummax(jnp.where(first, idx, 0), axis=1)
+    return idx - start
 
 
 class RMSNorm(nnx.Module):
@@ -308,11 +356,15 @@ class LlamaForCausalLM(nnx.Module):
             logits = self.lm_head(h)
         return logits.astype(jnp.float32)
 
-    def _allowed(self, q_slots, k_valid, k_slots):
-        """(B, T, S) bool: causal (by slot), key validity and sliding window."""
+    def _allowed(self, q_slots, k_valid, k_slots, segment_ids=None):
+        """(B, T, S) bool: causal (by slot), key validity, same segment (when
+        ``segment_ids`` ``(B, T)`` is given, queries and keys are the same
+        tokens) and sliding window."""
         allowed = (k_slots[None, None, :] <= q_slots[None, :, None]) & k_valid[
             :, None, :
         ]
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
         window = self.config.sliding_window
         if window is not None:
             allowed = allowed & (
@@ -327,6 +379,7 @@ class LlamaForCausalLM(nnx.Module):
         *,
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         prompt_embeddings: jax.Array | None = None,
         prefix: Any = None,
     ) -> jax.Array:
@@ -337,7 +390,13 @@ class LlamaForCausalLM(nnx.Module):
           attention_mask: ``(B, T)``, nonzero for real tokens, zero for padding
             (left or right). Padding keys are never attended to.
           positions: RoPE positions ``(B, T)``; default ``cumsum(mask) - 1``
-            (``arange(T)`` without a mask), so left padding is handled.
+            (``arange(T)`` without a mask), so left padding is handled; with
+            ``segment_ids`` the default restarts at 0 where a segment starts.
+          segment_ids: int ``(B, T)`` document ids of packed blocks
+            (``peftjax.data.pack``): a token attends only to earlier tokens
+            with the same id, so documents packed into one block never see
+            each other. 0 marks padding; without ``attention_mask`` the mask
+            is ``segment_ids != 0``.
           prompt_embeddings: soft prompt ``(P, d)`` or ``(B, P, d)`` prepended to
             the token embeddings (prompt tuning,
             ``peftjax.adapters.prompt_tuning``); the prompt takes positions
@@ -357,21 +416,29 @@ class LlamaForCausalLM(nnx.Module):
         if prefix is not None and prefix.keys.shape[1] == 0:
             prefix = None
         if prompt_embeddings is not None or prefix is not None:
-            if positions is not None:
+            if positions is not None or segment_ids is not None:
                 raise ValueError(
-                    "positions cannot be combined with prompt_embeddings or prefix"
+                    "positions and segment_ids cannot be combined with "
+                    "prompt_embeddings or prefix"
                 )
             return self._call_soft(tokens, attention_mask, prompt_embeddings, prefix)
         b, t = tokens.shape
-        mask = (
-            jnp.ones((b, t), jnp.bool_)
-            if attention_mask is None
-            else attention_mask.astype(jnp.bool_)
-        )
+        if segment_ids is not None:
+            segment_ids = _check_segment_ids(segment_ids, tokens.shape)
+        if attention_mask is not None:
+            mask = attention_mask.astype(jnp.bool_)
+        elif segment_ids is not None:
+            mask = segment_ids != 0
+        else:
+            mask = jnp.ones((b, t), jnp.bool_)
         if positions is None:
-            positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+            if segment_ids is None:
+                counts = jnp.cumsum(mask.astype(jnp.int32), axis=1)
+                positions = jnp.maximum(counts - 1, 0)
+            else:
+                positions = _segment_positions(segment_ids)
         slots = jnp.arange(t, dtype=jnp.int32)
-        allowed = self._allowed(slots, mask, slots)
+        allowed = self._allowed(slots, mask, slots, segment_ids)
         cos, sin = _rope.rope_angles(positions, _rope.inv_frequencies(self.config))
         h = self.embed_tokens(tokens)
         h, _ = self._run_layers(h, cos, sin, allowed, None, jnp.zeros((), jnp.int32))
