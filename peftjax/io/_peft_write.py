@@ -266,6 +266,8 @@ def save_peft(
         dn = adapter.factored.dimension_numbers if adapter.factored else None
         dims = _matrix.resolve(dn, tuple(np.shape(leaf)), path=path)
         nb = len(dims.batch)
+        if peft_type == "LORA":  # one adapter (one scaling) for all layers
+            s = _probe_scaling(adapter, t, dims.n_in, dims.n_out, path)
         for upath, (tu, fu) in _peft_keys.per_layer(path, (t, f), nb, key_map,
                                                     layers_prefix, "save_peft"):
             k = key_map[upath]
@@ -291,7 +293,6 @@ def save_peft(
                     "the layer axis) so the file reads back")
             if peft_type == "LORA":
                 r = int(tu.a.shape[-1])
-                s = _probe_scaling(adapter, tu, dims.n_in, dims.n_out, path)
                 ranks[k.module] = r
                 alphas[k.module] = alpha_for(s, r, use_rslora)
                 dropouts.add(adapter.dropout)

@@ -1,0 +1,123 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Loads peftjax's exports in transformers / PEFT and records the torch outputs.
+
+Runs once in the side virtualenv (torch CPU, transformers, peft), after
+``scripts/golden/peft_export_make.py``; never imports peftjax. For every
+directory in ``tests/io/golden/peft/export/``:
+
+* ``bert_merged`` / ``roberta_merged``: ``AutoModel.from_pretrained(d,
+  add_pooling_layer=False)`` (a ``BertModel`` / ``RobertaModel`` by the
+  exported config) -> last hidden states on the committed BERT inputs;
+* ``llama_tied_base``: ``AutoModelForCausalLM`` (its head must be tied to
+  the table) -> logits;
+* ``pj_tied_embed`` / ``pj_tied_full``: ``PeftModel.from_pretrained`` on the
+  tied base; ``pj_pissa`` / ``pj_olora`` / ``pj_lora_ga`` / ``pj_corda``: on
+  the untied ``llama_base`` (the unmodified base) -> logits.
+
+It also creates one PEFT adapter for the read direction, ``peft_tied_embed``
+(LoRA on ``embed_tokens`` and ``q_proj`` of the tied base with
+``ensure_weight_tying=True`` and non-zero B), with its logits.
+
+Writes ``torch_outputs.npz`` (every output above) and ``verified.json``
+(per export: max |torch - peftjax| against ``peftjax_outputs.npz``, the bar
+1e-4, and the SHA-256 of every tensor torch loaded, so the test suite can tie
+the committed bytes to this run). Exits non-zero when a difference exceeds
+the bar or the tied head is not tied.
+
+Usage: ``.venv-torch/bin/python scripts/golden/peft_export_verify.py``
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEFT_DIR = os.path.join(HERE, "..", "..", "tests", "io", "golden", "peft")
+EXPORT = os.path.join(PEFT_DIR, "export")
+BAR = 1e-4
+INITS = ("pj_pissa", "pj_olora", "pj_lora_ga", "pj_corda")
+
+
+def tensor_hashes(path):
+    t = load_file(path)
+    return {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
+            for k, v in sorted(t.items())}
+
+
+def main():
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    inp = np.load(os.path.join(PEFT_DIR, "torch_outputs.npz"))
+    ref = np.load(os.path.join(EXPORT, "peftjax_outputs.npz"))
+    ids = torch.tensor(inp["inputs_llama"])
+    bids, mask = torch.tensor(inp["inputs_bert"]), torch.tensor(inp["mask_bert"])
+    tied_dir = os.path.join(EXPORT, "llama_tied_base")
+
+    def causal(path):
+        return AutoModelForCausalLM.from_pretrained(path).eval()
+
+    outputs, report, ok = {}, {}, True
+    with torch.no_grad():
+        for name in ("bert_merged", "roberta_merged"):
+            d = os.path.join(EXPORT, name)
+            model = AutoModel.from_pretrained(d, add_pooling_layer=False).eval()
+            print(f"{name}: {type(model).__name__}")
+            outputs[name] = model(input_ids=bids, attention_mask=mask
+                                  ).last_hidden_state.numpy()
+            report[name] = {"class": type(model).__name__,
+                            "tensor_sha256": tensor_hashes(
+                                os.path.join(d, "model.safetensors"))}
+        base = causal(tied_dir)
+        tied = base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
+        ok &= tied
+        outputs["llama_tied_base"] = base(ids).logits.numpy()
+        report["llama_tied_base"] = {"tied": tied, "tensor_sha256": tensor_hashes(
+            os.path.join(tied_dir, "model.safetensors"))}
+        for name in ("pj_tied_embed", "pj_tied_full", *INITS):
+            d = os.path.join(EXPORT, name)
+            base = causal(tied_dir if "tied" in name else
+                          os.path.join(PEFT_DIR, "llama_base"))
+            model = PeftModel.from_pretrained(base, d).eval()
+            outputs[name] = model(ids).logits.numpy()
+            report[name] = {"tensor_sha256": tensor_hashes(
+                os.path.join(d, "adapter_model.safetensors"))}
+
+        # the read direction: a PEFT-made adapter on the tied table
+        model = get_peft_model(causal(tied_dir), LoraConfig(
+            r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"],
+            ensure_weight_tying=True, init_lora_weights=False)).eval()
+        g = torch.Generator().manual_seed(300)
+        for pname, p in model.named_parameters():
+            if "lora_" in pname and "lm_head" not in pname:  # the head shares them
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        d = os.path.join(EXPORT, "peft_tied_embed")
+        model.save_pretrained(d, save_embedding_layers=False)
+        os.remove(os.path.join(d, "README.md"))  # PEFT's model-card template
+        outputs["peft_tied_embed"] = model(ids).logits.numpy()
+
+    for name, entry in sorted(report.items()):
+        diff = float(np.max(np.abs(outputs[name] - ref[name])))
+        entry.update(max_abs_diff=diff, bar=BAR)
+        ok &= diff <= BAR
+        print(f"{name:16s} max|torch - peftjax| = {diff:.3e}")
+    import peft
+    import transformers
+
+    report["_versions"] = {"torch": torch.__version__, "peft": peft.__version__,
+                           "transformers": transformers.__version__}
+    np.savez_compressed(os.path.join(EXPORT, "torch_outputs.npz"), **outputs)
+    with open(os.path.join(EXPORT, "verified.json"), "w") as f:
+        json.dump(report, f, indent=1, sort_keys=True)
+        f.write("\n")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Exports PEFT must reproduce: inits over a modified base, and tied heads.
+
+``scripts/golden/peft_export_make.py`` wrote, from committed inputs and
+NumPy-seeded values: PiSSA / OLoRA / LoRA-GA / CorDA adapters on the tiny
+Llama, trained (a non-zero update of every factor) over their residual bases,
+converted by ``inits.to_lora`` to rank-2r LoRAs over the *unmodified* base
+and saved with ``io.save_peft``; a tiny tied-embedding Llama with a LoRA on
+the tied table and one with the table trained in full (``tied_head``).
+``scripts/golden/peft_export_verify.py`` loaded each in PEFT / transformers
+(torch side), saved the torch logits and the SHA-256 of the tensors it
+loaded, and created one PEFT adapter on the tied table
+(``ensure_weight_tying=True``) for the read direction. The tests regenerate
+the exports, assert byte equality with the files torch loaded, and compare
+logits. Conversion: torch ``lora_A (r, in)`` = Flax ``a.T``, ``lora_B (out,
+r)`` = ``b.T``; ``lora_embedding_A (r, V)`` = ``a.T``,
+``lora_embedding_B (d, r)`` = ``b.T``.
+"""
+
+import hashlib
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from peftjax import adapters, io
+from peftjax import models as pm
+from peftjax.models import llama
+from tests.helpers import MATMUL_F32
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "io" / "golden" / "peft"
+EXPORT = GOLDEN / "export"
+# The issue's bar for torch vs peftjax outputs (float32, different kernels).
+TORCH_ATOL = 1e-4
+INITS = {"pj_pissa": 2, "pj_olora": 2, "pj_lora_ga": 2, "pj_corda": 2}  # rank r
+
+
+@pytest.fixture(scope="module")
+def make():
+    spec = importlib.util.spec_from_file_location(
+        "peft_export_make", ROOT / "scripts" / "golden" / "peft_export_make.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def torch_out():
+    return dict(np.load(EXPORT / "torch_outputs.npz"))
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return jnp.asarray(np.load(GOLDEN / "torch_outputs.npz")["inputs_llama"])
+
+
+def _sha(path):
+    t, _ = io.read_safetensors(path)
+    return {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
+            for k, v in sorted(t.items())}
+
+
+def assert_verified_bytes(out, name, weights, config):
+    """Regenerated tensors == committed bytes == the tensors torch loaded."""
+    new, _ = io.read_safetensors(out / name / weights)
+    old, _ = io.read_safetensors(EXPORT / name / weights)
+    assert sorted(new) == sorted(old), name
+    for k in old:
+        assert new[k].dtype == old[k].dtype and new[k].shape == old[k].shape, k
+        assert new[k].tobytes() == old[k].tobytes(), f"{name}: {k}"
+    assert json.loads((out / name / config).read_text()) == json.loads(
+        (EXPORT / name / config).read_text())
+    verified = json.loads((EXPORT / "verified.json").read_text())
+    assert verified[name]["tensor_sha256"] == _sha(EXPORT / name / weights)
+
+
+def close_f32(got, want):
+    """MATMUL_F32 with atol scaled by max|want| (logits of a float32 model)."""
+    want = np.asarray(want, np.float64)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want,
+                               rtol=MATMUL_F32["rtol"],
+                               atol=MATMUL_F32["rtol"] * np.abs(want).max())
+
+
+def test_init_exports_are_plain_lora_over_the_original_base(make, tmp_path, torch_out,
+                                                            ids):
+    outputs = make.build_inits(tmp_path)  # the trained models, over residual bases
+    model = llama.load_llama(GOLDEN / "llama_base", scan_layers=True)
+    g, params = pm.split_params(model)  # the ORIGINAL base
+    km = llama.peft_key_map(model.config)
+    fwd = make.forward(g)  # the compiled forward of build_inits
+    base = np.asarray(fwd(params, ids))
+    for name, r in INITS.items():
+        trained = outputs[name]
+        assert np.max(np.abs(trained - base)) > 100 * TORCH_ATOL, name  # trained
+        back = io.load_peft(tmp_path / name, params, key_map=km)
+        cfg = back.config
+        assert cfg["init_lora_weights"] is True and cfg["r"] == 2 * r, name
+        got = fwd(adapters.materialize(back.assignment, params, *back.state), ids)
+        close_f32(got, trained)  # peftjax: the export reproduces the trained model
+        np.testing.assert_allclose(trained, torch_out[name], rtol=0, atol=TORCH_ATOL)
+        assert_verified_bytes(tmp_path, name, "adapter_model.safetensors",
+                              "adapter_config.json")
+    # PiSSA on v_proj had rank 4 next to q_proj's 2: 8 vs 4 after conversion
+    cfg = json.loads((tmp_path / "pj_pissa" / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {f"model.layers.{i}.self_attn.v_proj": 8
+                                   for i in range(2)}
+    cfg = json.loads((tmp_path / "pj_lora_ga" / "adapter_config.json").read_text())
+    # rsLoRA keeps alpha/sqrt(r) with alpha' = sqrt(2)·alpha at rank 2r
+    assert cfg["use_rslora"] is True
+    assert np.float32(cfg["lora_alpha"] / np.sqrt(4)) == np.float32(4.0 / np.sqrt(2))
+
+
+def test_tied_head_exports_match_peft(make, tmp_path, torch_out, ids):
+    outputs = make.build_tied(tmp_path)
+    assert_verified_bytes(tmp_path, "llama_tied_base", "model.safetensors", "config.json")
+    model = llama.load_llama(tmp_path / "llama_tied_base", scan_layers=True)
+    assert model.config.tie_word_embeddings
+    g, params = pm.split_params(model)
+    assert "lm_head" not in params
+    km = llama.peft_key_map(model.config)
+    np.testing.assert_allclose(outputs["llama_tied_base"], torch_out["llama_tied_base"],
+                               rtol=0, atol=TORCH_ATOL)
+    for name in ("pj_tied_embed", "pj_tied_full"):
+        assert_verified_bytes(tmp_path, name, "adapter_model.safetensors",
+                              "adapter_config.json")
+        # PEFT (ensure_weight_tying) adapts the head as peftjax's shared table does
+        np.testing.assert_allclose(outputs[name], torch_out[name], rtol=0,
+                                   atol=TORCH_ATOL)
+        assert np.max(np.abs(outputs[name] - outputs["llama_tied_base"])) > \
+            100 * TORCH_ATOL
+    back = io.load_peft(tmp_path / "pj_tied_full", params, key_map=km,
+                        tied_head=make.TIE)
+    np.testing.assert_array_equal(back.full[make.TIE[0]],
+                                  io.read_safetensors(
+                                      tmp_path / "pj_tied_full" / "adapter_model.safetensors"
+                                  )[0]["base_model.model.lm_head.weight"])
+
+
+def test_peft_made_tied_adapter_loads(make, torch_out, ids):
+    model = llama.load_llama(EXPORT / "llama_tied_base", scan_layers=True)
+    g, params = pm.split_params(model)
+    km = llama.peft_key_map(model.config)
+    d = EXPORT / "peft_tied_embed"
+    ad = io.load_peft(d, params, key_map=km, tied_head=("embed_tokens/embedding",
+                                                        "lm_head"))
+    assert sorted(ad.assignment) == ["embed_tokens/embedding",
+                                     "layers/self_attn/q_proj/kernel"]
+    p = adapters.materialize(ad.assignment, params, *ad.state)
+    got = np.asarray(make.forward(g)(p, ids))  # compiled by build_tied
+    np.testing.assert_allclose(got, torch_out["peft_tied_embed"], rtol=0, atol=TORCH_ATOL)
+    assert np.max(np.abs(got - torch_out["llama_tied_base"])) > 100 * TORCH_ATOL
+    # the head's tensors are there: without tied_head they match no module
+    with pytest.raises(ValueError, match=r"lm_head.lora_A.weight.*pass tied_head"):
+        io.load_peft(d, params, key_map=km)
