@@ -60,7 +60,12 @@ _DEFAULTS = {
 # init_lora_weights values that leave the base model untouched; an adapter
 # saved with PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ init unconverted sits on a
 # modified base, which the caller's params are not.
-_PLAIN_INITS = (True, False, "gaussian")
+_PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+# Sub-configs that only steer PEFT's initialisation: inert once the init is
+# plain (PEFT's path_initial_model_for_weight_conversion sets
+# init_lora_weights=True and keeps e.g. corda_config).
+_INIT_ONLY = frozenset({"corda_config", "lora_ga_config", "eva_config",
+                        "loftq_config"})
 
 
 def _is_default(value: Any, default: Any) -> bool:
@@ -104,17 +109,18 @@ def check_config(config: Mapping[str, Any], source: str) -> str:
         )
     defaults = _DEFAULTS[peft_type]
     honoured = _HONOURED[peft_type]
+    init = config.get("init_lora_weights", True)
+    plain = peft_type == "LORA" and init in _PLAIN_INITS
     bad: list[str] = []
     for field, value in config.items():
-        if field in _DESCRIPTIVE or field in honoured:
+        if field in _DESCRIPTIVE or field in honoured or (plain and field in _INIT_ONLY):
             continue
         if field in defaults:
             if not _is_default(value, defaults[field]):
                 bad.append(f"{field}={value!r} (default {defaults[field]!r})")
         elif not _is_default(value, None) and value is not False:
             bad.append(f"{field}={value!r} (a field peftjax does not know)")
-    init = config.get("init_lora_weights", True)
-    if peft_type == "LORA" and init not in _PLAIN_INITS:
+    if peft_type == "LORA" and not plain:
         bad.append(
             f"init_lora_weights={init!r} (the adapter sits on a modified base; "
             "save it from PEFT with path_initial_model_for_weight_conversion)"

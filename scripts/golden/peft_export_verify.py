@@ -14,9 +14,13 @@ directory in ``tests/io/golden/peft/export/``:
   tied base; ``pj_pissa`` / ``pj_olora`` / ``pj_lora_ga`` / ``pj_corda``: on
   the untied ``llama_base`` (the unmodified base) -> logits.
 
-It also creates one PEFT adapter for the read direction, ``peft_tied_embed``
-(LoRA on ``embed_tokens`` and ``q_proj`` of the tied base with
-``ensure_weight_tying=True`` and non-zero B), with its logits.
+It also creates two PEFT adapters for the read direction, with their logits:
+``peft_tied_embed`` (LoRA on ``embed_tokens`` and ``q_proj`` of the tied base
+with ``ensure_weight_tying=True`` and non-zero B) and
+``peft_pissa_converted`` (PiSSA on the untied base, "trained" by a seeded
+perturbation, saved with ``path_initial_model_for_weight_conversion``: a
+rank-2r LoRA over the original base; the logits are the trained model's over
+its residual base).
 
 Writes ``torch_outputs.npz`` (every output above) and ``verified.json``
 (per export: max |torch - peftjax| against ``peftjax_outputs.npz``, the bar
@@ -31,6 +35,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -90,6 +95,7 @@ def main():
                 os.path.join(d, "adapter_model.safetensors"))}
 
         # the read direction: a PEFT-made adapter on the tied table
+        torch.manual_seed(300)  # init_lora_weights=False draws from torch's RNG
         model = get_peft_model(causal(tied_dir), LoraConfig(
             r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"],
             ensure_weight_tying=True, init_lora_weights=False)).eval()
@@ -101,6 +107,23 @@ def main():
         model.save_pretrained(d, save_embedding_layers=False)
         os.remove(os.path.join(d, "README.md"))  # PEFT's model-card template
         outputs["peft_tied_embed"] = model(ids).logits.numpy()
+
+        model = get_peft_model(causal(os.path.join(PEFT_DIR, "llama_base")), LoraConfig(
+            r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+            init_lora_weights="pissa")).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            initial = os.path.join(tmp, "initial")
+            model.peft_config["default"].init_lora_weights = True  # PEFT's recipe
+            model.save_pretrained(initial)
+            model.peft_config["default"].init_lora_weights = "pissa"
+            g = torch.Generator().manual_seed(301)
+            for pname, p in model.named_parameters():
+                if "lora_" in pname:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            outputs["peft_pissa_converted"] = model(ids).logits.numpy()
+            d = os.path.join(EXPORT, "peft_pissa_converted")
+            model.save_pretrained(d, path_initial_model_for_weight_conversion=initial)
+            os.remove(os.path.join(d, "README.md"))
 
     for name, entry in sorted(report.items()):
         diff = float(np.max(np.abs(outputs[name] - ref[name])))

@@ -209,6 +209,20 @@ def test_config_fields_refused(written, field, value):
         io.load_peft(d, params, key_map=key_map())
 
 
+@pytest.mark.parametrize("field, value", [
+    ("corda_config", {"method": "ipm"}), ("lora_ga_config", {"direction": "ArB2r"}),
+    ("init_lora_weights", "orthogonal")])
+def test_init_only_fields_of_plain_adapters_accepted(written, field, value):
+    """PEFT's converted adapters keep e.g. corda_config with init_lora_weights=True."""
+    params, d = written
+    edit_config(d, **{field: value})
+    assert sorted(io.load_peft(d, params, key_map=key_map()).assignment) == [
+        "layers/0/q/kernel", "layers/1/q/kernel"]
+    edit_config(d, init_lora_weights="corda")  # unconverted: sits on a modified base
+    with pytest.raises(ValueError, match="init_lora_weights='corda'"):
+        io.load_peft(d, params, key_map=key_map())
+
+
 def test_unsupported_peft_type(written):
     params, d = written
     edit_config(d, peft_type="LOHA")

@@ -8,8 +8,9 @@ and saved with ``io.save_peft``; a tiny tied-embedding Llama with a LoRA on
 the tied table and one with the table trained in full (``tied_head``).
 ``scripts/golden/peft_export_verify.py`` loaded each in PEFT / transformers
 (torch side), saved the torch logits and the SHA-256 of the tensors it
-loaded, and created one PEFT adapter on the tied table
-(``ensure_weight_tying=True``) for the read direction. The tests regenerate
+loaded, and created two PEFT adapters for the read direction: one on the
+tied table (``ensure_weight_tying=True``) and a trained PiSSA adapter PEFT
+converted itself (``path_initial_model_for_weight_conversion``). The tests regenerate
 the exports, assert byte equality with the files torch loaded, and compare
 logits. Conversion: torch ``lora_A (r, in)`` = Flax ``a.T``, ``lora_B (out,
 r)`` = ``b.T``; ``lora_embedding_A (r, V)`` = ``a.T``,
@@ -157,3 +158,17 @@ def test_peft_made_tied_adapter_loads(make, torch_out, ids):
     # the head's tensors are there: without tied_head they match no module
     with pytest.raises(ValueError, match=r"lm_head.lora_A.weight.*pass tied_head"):
         io.load_peft(d, params, key_map=km)
+
+
+def test_peft_converted_pissa_loads_on_the_original_base(make, torch_out, ids):
+    model = llama.load_llama(GOLDEN / "llama_base", scan_layers=True)
+    g, params = pm.split_params(model)
+    ad = io.load_peft(EXPORT / "peft_pissa_converted", params,
+                      key_map=llama.peft_key_map(model.config))
+    assert ad.config["r"] == 4  # rank 2r
+    p = adapters.materialize(ad.assignment, params, *ad.state)
+    got = np.asarray(make.forward(g)(p, ids))
+    np.testing.assert_allclose(got, torch_out["peft_pissa_converted"], rtol=0,
+                               atol=TORCH_ATOL)
+    assert np.max(np.abs(got - np.asarray(make.forward(g)(params, ids)))) > \
+        100 * TORCH_ATOL
