@@ -54,6 +54,7 @@ from peftjax.adapters._lora_xs import LoRAXSBasis as LoRAXSBasis
 from peftjax.adapters._lora_xs import LoRAXSParams as LoRAXSParams
 from peftjax.adapters._lora_xs import lora_xs as lora_xs
 from peftjax.adapters._presets import all_linear_rules as all_linear_rules
+from peftjax.adapters._precision import cast_floating as cast_floating
 from peftjax.adapters._prompt import PrefixParams as PrefixParams
 from peftjax.adapters._prompt import PrefixProjection as PrefixProjection
 from peftjax.adapters._prompt import PromptInit as PromptInit
@@ -126,6 +127,7 @@ __all__ = [
     "adalora_orthogonality",
     "adalora_triplet_scores",
     "adalora_update_importance",
+    "cast_floating",
     "dora",
     "hybrid_init",
     "hybrid_labels",
