@@ -113,7 +113,8 @@ def check_config(config: Mapping[str, Any], source: str) -> str:
     plain = peft_type == "LORA" and init in _PLAIN_INITS
     bad: list[str] = []
     for field, value in config.items():
-        if field in _DESCRIPTIVE or field in honoured or (plain and field in _INIT_ONLY):
+        if (field in _DESCRIPTIVE or field in honoured
+                or (plain and field in _INIT_ONLY)):
             continue
         if field in defaults:
             if not _is_default(value, defaults[field]):

@@ -123,7 +123,7 @@ def check_tied_head(tied_head: Any, key_map: Mapping[str, PeftKey], fn: str) -> 
 
 def leaf_dimension_numbers(key: PeftKey, ndim: int, n_batch: int
                            ) -> _matrix.DimensionNumbers | None:
-    """``key.dimension_numbers`` for a leaf of rank ``ndim`` with ``n_batch`` layer axes.
+    """``key.dimension_numbers`` for a rank-``ndim`` leaf with ``n_batch`` layer axes.
 
     Args:
       key: the unrolled key.

@@ -277,8 +277,9 @@ def _check_missing(config: dict, key_map: dict[str, _peft_keys.PeftKey],
         if owners and not owners & saved_found:
             absent.append(name)
     if absent:
-        raise ValueError(f"load_peft: modules_to_save {absent} in {source} name modules "
-                         "of the key map, but the file holds none of their tensors")
+        raise ValueError(f"load_peft: modules_to_save {absent} in {source} name "
+                         "modules of the key map, but the file holds none of their "
+                         "tensors")
 
 
 def _check_tied(tied_head: tuple[str, str], key_map: dict[str, _peft_keys.PeftKey],
@@ -360,7 +361,7 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
            got: dict[str, np.ndarray], shared: dict[str, np.ndarray],
            use_dora: bool, dtype: Any, source: str,
            dims: _matrix.ResolvedDims, dn: _matrix.DimensionNumbers | None) -> tuple:
-    """``(adapter, trainable, frozen)`` of one unrolled module (matrix view ``dims``)."""
+    """``(adapter, trainable, frozen)`` of one unrolled module (its matrix ``dims``)."""
     def arr(x: np.ndarray) -> jax.Array:
         return jnp.asarray(x, dtype)
 
@@ -382,7 +383,8 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
                    else _lora.Scaling.ALPHA_OVER_RANK)
         emb = key.layout is _peft_keys.TensorLayout.EMBEDDING
         kw = dict(alpha=alpha, scaling=scaling, param_dtype=dtype,
-                  dimension_numbers=dn, dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+                  dimension_numbers=dn,
+                  dropout=float(config.get("lora_dropout", 0.0) or 0.0),
                   init=(_lora.LoRAInit.EMBEDDING if emb
                         else _lora.LoRAInit.KAIMING_UNIFORM))
         if use_dora:

@@ -42,13 +42,15 @@ from peftjax import adapters, inits, io, tree
 from peftjax import models as pm
 from peftjax.models import bert, llama
 
-GOLDEN = pathlib.Path(__file__).resolve().parents[2] / "tests" / "io" / "golden" / "peft"
+GOLDEN = (
+    pathlib.Path(__file__).resolve().parents[2] / "tests" / "io" / "golden" / "peft"
+)
 TIE = ("embed_tokens/embedding", "lm_head")
 
 
 @functools.cache
 def forward(graphdef):
-    """The jitted forward of a model graph (one compile per graph, shared with tests)."""
+    """The jitted forward of a model graph (one compile per graph, tests share it)."""
     return jax.jit(lambda p, x: pm.apply(graphdef, p, x))
 
 
@@ -57,16 +59,26 @@ def _numpy_values(trainable, seed, scale=0.3, add=False):
     rng = np.random.default_rng(seed)
     out = {}
     for path, t in sorted(trainable.items()):
-        out[path] = type(t)(*[jnp.asarray(
-            (np.asarray(x) if add else 0.0) + scale * rng.standard_normal(np.shape(x)),
-            jnp.float32) for x in t])
+        out[path] = type(t)(
+            *[
+                jnp.asarray(
+                    (np.asarray(x) if add else 0.0)
+                    + scale * rng.standard_normal(np.shape(x)),
+                    jnp.float32,
+                )
+                for x in t
+            ]
+        )
     return out
 
 
 def _inputs():
     ref = np.load(GOLDEN / "torch_outputs.npz")
-    return (jnp.asarray(ref["inputs_llama"]), jnp.asarray(ref["inputs_bert"]),
-            jnp.asarray(ref["mask_bert"]))
+    return (
+        jnp.asarray(ref["inputs_llama"]),
+        jnp.asarray(ref["inputs_bert"]),
+        jnp.asarray(ref["mask_bert"]),
+    )
 
 
 def build_bert(out: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -75,29 +87,48 @@ def build_bert(out: str | os.PathLike) -> dict[str, np.ndarray]:
     _, bids, mask = _inputs()
     enc = bert.load_bert(GOLDEN / "bert_base")
     g, params = pm.split_params(enc)
-    a = tree.assign(params, [tree.Rule(
-        where=r"layers/\d+/(attention/(query|value)|intermediate)/kernel",
-        then=adapters.lora(4, alpha=8.0))])
+    a = tree.assign(
+        params,
+        [
+            tree.Rule(
+                where=r"layers/\d+/(attention/(query|value)|intermediate)/kernel",
+                then=adapters.lora(4, alpha=8.0),
+            )
+        ],
+    )
     st = adapters.init(a, jax.random.key(0), params)
     st = adapters.AdapterState(_numpy_values(st.trainable, 40), st.frozen)
     merged = adapters.merge(a, params, *st)
     bert.save_hf(out / "bert_merged", merged, enc.config)
-    outputs = {"bert_merged": np.asarray(pm.apply(g, merged, bids, attention_mask=mask))}
+    outputs = {
+        "bert_merged": np.asarray(pm.apply(g, merged, bids, attention_mask=mask))
+    }
     rcfg = dataclasses.replace(enc.config, model_type="roberta")
     bert.save_hf(out / "roberta_merged", merged, rcfg)
-    rg, _ = pm.split_params(nnx.eval_shape(lambda: bert.BertModel(rcfg, rngs=nnx.Rngs(0))))
-    outputs["roberta_merged"] = np.asarray(pm.apply(rg, merged, bids, attention_mask=mask))
+    rg, _ = pm.split_params(
+        nnx.eval_shape(lambda: bert.BertModel(rcfg, rngs=nnx.Rngs(0)))
+    )
+    outputs["roberta_merged"] = np.asarray(
+        pm.apply(rg, merged, bids, attention_mask=mask)
+    )
     return outputs
 
 
 def tied_base_params() -> tuple[llama.LlamaConfig, dict]:
     """A tiny tied Llama with NumPy-seeded weights (norm scales around 1)."""
-    cfg = llama.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                            num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, max_position_embeddings=64,
-                            tie_word_embeddings=True)
-    _, shapes = pm.split_params(nnx.eval_shape(
-        lambda: llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))))
+    cfg = llama.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    _, shapes = pm.split_params(
+        nnx.eval_shape(lambda: llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    )
     rng = np.random.default_rng(5)
 
     def fill(path, s):
@@ -118,45 +149,113 @@ def build_tied(out: str | os.PathLike) -> dict[str, np.ndarray]:
     fwd = forward(g)
     km = llama.peft_key_map(cfg)
     outputs = {"llama_tied_base": np.asarray(fwd(params, ids))}
-    a = tree.assign(params, [
-        tree.Rule(where="embed_tokens/embedding", then=adapters.lora(
-            2, alpha=4.0, init=adapters.LoRAInit.EMBEDDING)),
-        tree.Rule(where="layers/self_attn/q_proj/kernel", then=adapters.lora(4, alpha=8.0))])
+    a = tree.assign(
+        params,
+        [
+            tree.Rule(
+                where="embed_tokens/embedding",
+                then=adapters.lora(2, alpha=4.0, init=adapters.LoRAInit.EMBEDDING),
+            ),
+            tree.Rule(
+                where="layers/self_attn/q_proj/kernel", then=adapters.lora(4, alpha=8.0)
+            ),
+        ],
+    )
     st = adapters.init(a, jax.random.key(0), params)
     st = adapters.AdapterState(_numpy_values(st.trainable, 50), st.frozen)
-    io.save_peft(out / "pj_tied_embed", a, st, params, key_map=km, tied_head=TIE,
-                 base_model_name_or_path="tiny-tied-llama")
-    outputs["pj_tied_embed"] = np.asarray(fwd(adapters.materialize(a, params, *st), ids))
-    a = tree.assign(params, [tree.Rule(where="layers/self_attn/v_proj/kernel",
-                                       then=adapters.lora(2, alpha=4.0))])
+    io.save_peft(
+        out / "pj_tied_embed",
+        a,
+        st,
+        params,
+        key_map=km,
+        tied_head=TIE,
+        base_model_name_or_path="tiny-tied-llama",
+    )
+    outputs["pj_tied_embed"] = np.asarray(
+        fwd(adapters.materialize(a, params, *st), ids)
+    )
+    a = tree.assign(
+        params,
+        [
+            tree.Rule(
+                where="layers/self_attn/v_proj/kernel", then=adapters.lora(2, alpha=4.0)
+            )
+        ],
+    )
     st = adapters.init(a, jax.random.key(0), params)
     st = adapters.AdapterState(_numpy_values(st.trainable, 51), st.frozen)
     table = params["embed_tokens"]["embedding"]
-    full = {TIE[0]: table + jnp.asarray(
-        np.random.default_rng(52).standard_normal(table.shape) * 0.2, jnp.float32)}
-    io.save_peft(out / "pj_tied_full", a, st, params, key_map=km, full=full,
-                 tied_head=TIE, base_model_name_or_path="tiny-tied-llama")
+    full = {
+        TIE[0]: table
+        + jnp.asarray(
+            np.random.default_rng(52).standard_normal(table.shape) * 0.2, jnp.float32
+        )
+    }
+    io.save_peft(
+        out / "pj_tied_full",
+        a,
+        st,
+        params,
+        key_map=km,
+        full=full,
+        tied_head=TIE,
+        base_model_name_or_path="tiny-tied-llama",
+    )
     p = adapters.replace_leaves(adapters.materialize(a, params, *st), full)
     outputs["pj_tied_full"] = np.asarray(fwd(p, ids))
     return outputs
 
 
 def init_plans():
-    """``{name: (rules, kwargs of save_peft, stats kind)}`` on the scanned tiny Llama."""
+    """``{name: (rules, save_peft kwargs, stats kind)}`` on the scanned tiny Llama."""
     rs = adapters.Scaling.ALPHA_OVER_SQRT_RANK
     pre = "layers/"
     return {
-        "pj_pissa": ([tree.Rule(where=pre + "self_attn/q_proj/kernel",
-                                then=inits.pissa(2, alpha=4.0)),
-                      tree.Rule(where=pre + "self_attn/v_proj/kernel",
-                                then=inits.pissa(4, alpha=4.0))], {}, None),
-        "pj_olora": ([tree.Rule(where=pre + "self_attn/(k|o)_proj/kernel",
-                                then=inits.olora(2, alpha=4.0))], {}, None),
-        "pj_lora_ga": ([tree.Rule(where=pre + "(self_attn/q|mlp/up)_proj/kernel",
-                                  then=inits.lora_ga(2, alpha=4.0, scaling=rs, niter=None))],
-                       {"use_rslora": True}, "gradient"),
-        "pj_corda": ([tree.Rule(where=pre + "mlp/(gate|up)_proj/kernel",
-                                then=inits.corda(2, alpha=4.0))], {}, "covariance"),
+        "pj_pissa": (
+            [
+                tree.Rule(
+                    where=pre + "self_attn/q_proj/kernel",
+                    then=inits.pissa(2, alpha=4.0),
+                ),
+                tree.Rule(
+                    where=pre + "self_attn/v_proj/kernel",
+                    then=inits.pissa(4, alpha=4.0),
+                ),
+            ],
+            {},
+            None,
+        ),
+        "pj_olora": (
+            [
+                tree.Rule(
+                    where=pre + "self_attn/(k|o)_proj/kernel",
+                    then=inits.olora(2, alpha=4.0),
+                )
+            ],
+            {},
+            None,
+        ),
+        "pj_lora_ga": (
+            [
+                tree.Rule(
+                    where=pre + "(self_attn/q|mlp/up)_proj/kernel",
+                    then=inits.lora_ga(2, alpha=4.0, scaling=rs, niter=None),
+                )
+            ],
+            {"use_rslora": True},
+            "gradient",
+        ),
+        "pj_corda": (
+            [
+                tree.Rule(
+                    where=pre + "mlp/(gate|up)_proj/kernel",
+                    then=inits.corda(2, alpha=4.0),
+                )
+            ],
+            {},
+            "covariance",
+        ),
     }
 
 
@@ -206,8 +305,15 @@ def build_inits(out: str | os.PathLike) -> dict[str, np.ndarray]:
     outputs = {}
     for name, (plan, res, trained, kw) in runs.items():
         asg, st = inits.to_lora(plan, res.state.trainable, trained, res.state.frozen)
-        io.save_peft(out / name, asg, st, params, key_map=km,
-                     base_model_name_or_path="tiny-random-llama", **kw)
+        io.save_peft(
+            out / name,
+            asg,
+            st,
+            params,
+            key_map=km,
+            base_model_name_or_path="tiny-random-llama",
+            **kw,
+        )
         p = adapters.materialize(res.assignment, res.params, trained, res.state.frozen)
         outputs[name] = np.asarray(fwd(p, ids))
     return outputs

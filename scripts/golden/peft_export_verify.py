@@ -50,8 +50,10 @@ INITS = ("pj_pissa", "pj_olora", "pj_lora_ga", "pj_corda")
 
 def tensor_hashes(path):
     t = load_file(path)
-    return {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
-            for k, v in sorted(t.items())}
+    return {
+        k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
+        for k, v in sorted(t.items())
+    }
 
 
 def main():
@@ -74,31 +76,48 @@ def main():
             d = os.path.join(EXPORT, name)
             model = AutoModel.from_pretrained(d, add_pooling_layer=False).eval()
             print(f"{name}: {type(model).__name__}")
-            outputs[name] = model(input_ids=bids, attention_mask=mask
-                                  ).last_hidden_state.numpy()
-            report[name] = {"class": type(model).__name__,
-                            "tensor_sha256": tensor_hashes(
-                                os.path.join(d, "model.safetensors"))}
+            outputs[name] = model(
+                input_ids=bids, attention_mask=mask
+            ).last_hidden_state.numpy()
+            report[name] = {
+                "class": type(model).__name__,
+                "tensor_sha256": tensor_hashes(os.path.join(d, "model.safetensors")),
+            }
         base = causal(tied_dir)
-        tied = base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
+        tied = (
+            base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
+        )
         ok &= tied
         outputs["llama_tied_base"] = base(ids).logits.numpy()
-        report["llama_tied_base"] = {"tied": tied, "tensor_sha256": tensor_hashes(
-            os.path.join(tied_dir, "model.safetensors"))}
+        report["llama_tied_base"] = {
+            "tied": tied,
+            "tensor_sha256": tensor_hashes(os.path.join(tied_dir, "model.safetensors")),
+        }
         for name in ("pj_tied_embed", "pj_tied_full", *INITS):
             d = os.path.join(EXPORT, name)
-            base = causal(tied_dir if "tied" in name else
-                          os.path.join(PEFT_DIR, "llama_base"))
+            base = causal(
+                tied_dir if "tied" in name else os.path.join(PEFT_DIR, "llama_base")
+            )
             model = PeftModel.from_pretrained(base, d).eval()
             outputs[name] = model(ids).logits.numpy()
-            report[name] = {"tensor_sha256": tensor_hashes(
-                os.path.join(d, "adapter_model.safetensors"))}
+            report[name] = {
+                "tensor_sha256": tensor_hashes(
+                    os.path.join(d, "adapter_model.safetensors")
+                )
+            }
 
         # the read direction: a PEFT-made adapter on the tied table
         torch.manual_seed(300)  # init_lora_weights=False draws from torch's RNG
-        model = get_peft_model(causal(tied_dir), LoraConfig(
-            r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"],
-            ensure_weight_tying=True, init_lora_weights=False)).eval()
+        model = get_peft_model(
+            causal(tied_dir),
+            LoraConfig(
+                r=2,
+                lora_alpha=4,
+                target_modules=["embed_tokens", "q_proj"],
+                ensure_weight_tying=True,
+                init_lora_weights=False,
+            ),
+        ).eval()
         g = torch.Generator().manual_seed(300)
         for pname, p in model.named_parameters():
             if "lora_" in pname and "lm_head" not in pname:  # the head shares them
@@ -108,9 +127,15 @@ def main():
         os.remove(os.path.join(d, "README.md"))  # PEFT's model-card template
         outputs["peft_tied_embed"] = model(ids).logits.numpy()
 
-        model = get_peft_model(causal(os.path.join(PEFT_DIR, "llama_base")), LoraConfig(
-            r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-            init_lora_weights="pissa")).eval()
+        model = get_peft_model(
+            causal(os.path.join(PEFT_DIR, "llama_base")),
+            LoraConfig(
+                r=2,
+                lora_alpha=4,
+                target_modules=["q_proj", "v_proj"],
+                init_lora_weights="pissa",
+            ),
+        ).eval()
         with tempfile.TemporaryDirectory() as tmp:
             initial = os.path.join(tmp, "initial")
             model.peft_config["default"].init_lora_weights = True  # PEFT's recipe
@@ -133,8 +158,11 @@ def main():
     import peft
     import transformers
 
-    report["_versions"] = {"torch": torch.__version__, "peft": peft.__version__,
-                           "transformers": transformers.__version__}
+    report["_versions"] = {
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+    }
     np.savez_compressed(os.path.join(EXPORT, "torch_outputs.npz"), **outputs)
     with open(os.path.join(EXPORT, "verified.json"), "w") as f:
         json.dump(report, f, indent=1, sort_keys=True)

@@ -22,7 +22,6 @@ import importlib.util
 import json
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -43,7 +42,8 @@ INITS = {"pj_pissa": 2, "pj_olora": 2, "pj_lora_ga": 2, "pj_corda": 2}  # rank r
 @pytest.fixture(scope="module")
 def make():
     spec = importlib.util.spec_from_file_location(
-        "peft_export_make", ROOT / "scripts" / "golden" / "peft_export_make.py")
+        "peft_export_make", ROOT / "scripts" / "golden" / "peft_export_make.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -61,8 +61,10 @@ def ids():
 
 def _sha(path):
     t, _ = io.read_safetensors(path)
-    return {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
-            for k, v in sorted(t.items())}
+    return {
+        k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
+        for k, v in sorted(t.items())
+    }
 
 
 def assert_verified_bytes(out, name, weights, config):
@@ -74,7 +76,8 @@ def assert_verified_bytes(out, name, weights, config):
         assert new[k].dtype == old[k].dtype and new[k].shape == old[k].shape, k
         assert new[k].tobytes() == old[k].tobytes(), f"{name}: {k}"
     assert json.loads((out / name / config).read_text()) == json.loads(
-        (EXPORT / name / config).read_text())
+        (EXPORT / name / config).read_text()
+    )
     verified = json.loads((EXPORT / "verified.json").read_text())
     assert verified[name]["tensor_sha256"] == _sha(EXPORT / name / weights)
 
@@ -82,13 +85,17 @@ def assert_verified_bytes(out, name, weights, config):
 def close_f32(got, want):
     """MATMUL_F32 with atol scaled by max|want| (logits of a float32 model)."""
     want = np.asarray(want, np.float64)
-    np.testing.assert_allclose(np.asarray(got, np.float64), want,
-                               rtol=MATMUL_F32["rtol"],
-                               atol=MATMUL_F32["rtol"] * np.abs(want).max())
+    np.testing.assert_allclose(
+        np.asarray(got, np.float64),
+        want,
+        rtol=MATMUL_F32["rtol"],
+        atol=MATMUL_F32["rtol"] * np.abs(want).max(),
+    )
 
 
-def test_init_exports_are_plain_lora_over_the_original_base(make, tmp_path, torch_out,
-                                                            ids):
+def test_init_exports_are_plain_lora_over_the_original_base(
+    make, tmp_path, torch_out, ids
+):
     outputs = make.build_inits(tmp_path)  # the trained models, over residual bases
     model = llama.load_llama(GOLDEN / "llama_base", scan_layers=True)
     g, params = pm.split_params(model)  # the ORIGINAL base
@@ -104,12 +111,14 @@ def test_init_exports_are_plain_lora_over_the_original_base(make, tmp_path, torc
         got = fwd(adapters.materialize(back.assignment, params, *back.state), ids)
         close_f32(got, trained)  # peftjax: the export reproduces the trained model
         np.testing.assert_allclose(trained, torch_out[name], rtol=0, atol=TORCH_ATOL)
-        assert_verified_bytes(tmp_path, name, "adapter_model.safetensors",
-                              "adapter_config.json")
+        assert_verified_bytes(
+            tmp_path, name, "adapter_model.safetensors", "adapter_config.json"
+        )
     # PiSSA on v_proj had rank 4 next to q_proj's 2: 8 vs 4 after conversion
     cfg = json.loads((tmp_path / "pj_pissa" / "adapter_config.json").read_text())
-    assert cfg["rank_pattern"] == {f"model.layers.{i}.self_attn.v_proj": 8
-                                   for i in range(2)}
+    assert cfg["rank_pattern"] == {
+        f"model.layers.{i}.self_attn.v_proj": 8 for i in range(2)
+    }
     cfg = json.loads((tmp_path / "pj_lora_ga" / "adapter_config.json").read_text())
     # rsLoRA keeps alpha/sqrt(r) with alpha' = sqrt(2)·alpha at rank 2r
     assert cfg["use_rslora"] is True
@@ -118,28 +127,41 @@ def test_init_exports_are_plain_lora_over_the_original_base(make, tmp_path, torc
 
 def test_tied_head_exports_match_peft(make, tmp_path, torch_out, ids):
     outputs = make.build_tied(tmp_path)
-    assert_verified_bytes(tmp_path, "llama_tied_base", "model.safetensors", "config.json")
+    assert_verified_bytes(
+        tmp_path, "llama_tied_base", "model.safetensors", "config.json"
+    )
     model = llama.load_llama(tmp_path / "llama_tied_base", scan_layers=True)
     assert model.config.tie_word_embeddings
     g, params = pm.split_params(model)
     assert "lm_head" not in params
     km = llama.peft_key_map(model.config)
-    np.testing.assert_allclose(outputs["llama_tied_base"], torch_out["llama_tied_base"],
-                               rtol=0, atol=TORCH_ATOL)
+    np.testing.assert_allclose(
+        outputs["llama_tied_base"],
+        torch_out["llama_tied_base"],
+        rtol=0,
+        atol=TORCH_ATOL,
+    )
     for name in ("pj_tied_embed", "pj_tied_full"):
-        assert_verified_bytes(tmp_path, name, "adapter_model.safetensors",
-                              "adapter_config.json")
+        assert_verified_bytes(
+            tmp_path, name, "adapter_model.safetensors", "adapter_config.json"
+        )
         # PEFT (ensure_weight_tying) adapts the head as peftjax's shared table does
-        np.testing.assert_allclose(outputs[name], torch_out[name], rtol=0,
-                                   atol=TORCH_ATOL)
-        assert np.max(np.abs(outputs[name] - outputs["llama_tied_base"])) > \
-            100 * TORCH_ATOL
-    back = io.load_peft(tmp_path / "pj_tied_full", params, key_map=km,
-                        tied_head=make.TIE)
-    np.testing.assert_array_equal(back.full[make.TIE[0]],
-                                  io.read_safetensors(
-                                      tmp_path / "pj_tied_full" / "adapter_model.safetensors"
-                                  )[0]["base_model.model.lm_head.weight"])
+        np.testing.assert_allclose(
+            outputs[name], torch_out[name], rtol=0, atol=TORCH_ATOL
+        )
+        assert (
+            np.max(np.abs(outputs[name] - outputs["llama_tied_base"]))
+            > 100 * TORCH_ATOL
+        )
+    back = io.load_peft(
+        tmp_path / "pj_tied_full", params, key_map=km, tied_head=make.TIE
+    )
+    np.testing.assert_array_equal(
+        back.full[make.TIE[0]],
+        io.read_safetensors(tmp_path / "pj_tied_full" / "adapter_model.safetensors")[0][
+            "base_model.model.lm_head.weight"
+        ],
+    )
 
 
 def test_peft_made_tied_adapter_loads(make, torch_out, ids):
@@ -147,13 +169,18 @@ def test_peft_made_tied_adapter_loads(make, torch_out, ids):
     g, params = pm.split_params(model)
     km = llama.peft_key_map(model.config)
     d = EXPORT / "peft_tied_embed"
-    ad = io.load_peft(d, params, key_map=km, tied_head=("embed_tokens/embedding",
-                                                        "lm_head"))
-    assert sorted(ad.assignment) == ["embed_tokens/embedding",
-                                     "layers/self_attn/q_proj/kernel"]
+    ad = io.load_peft(
+        d, params, key_map=km, tied_head=("embed_tokens/embedding", "lm_head")
+    )
+    assert sorted(ad.assignment) == [
+        "embed_tokens/embedding",
+        "layers/self_attn/q_proj/kernel",
+    ]
     p = adapters.materialize(ad.assignment, params, *ad.state)
     got = np.asarray(make.forward(g)(p, ids))  # compiled by build_tied
-    np.testing.assert_allclose(got, torch_out["peft_tied_embed"], rtol=0, atol=TORCH_ATOL)
+    np.testing.assert_allclose(
+        got, torch_out["peft_tied_embed"], rtol=0, atol=TORCH_ATOL
+    )
     assert np.max(np.abs(got - torch_out["llama_tied_base"])) > 100 * TORCH_ATOL
     # the head's tensors are there: without tied_head they match no module
     with pytest.raises(ValueError, match=r"lm_head.lora_A.weight.*pass tied_head"):
@@ -163,12 +190,18 @@ def test_peft_made_tied_adapter_loads(make, torch_out, ids):
 def test_peft_converted_pissa_loads_on_the_original_base(make, torch_out, ids):
     model = llama.load_llama(GOLDEN / "llama_base", scan_layers=True)
     g, params = pm.split_params(model)
-    ad = io.load_peft(EXPORT / "peft_pissa_converted", params,
-                      key_map=llama.peft_key_map(model.config))
+    ad = io.load_peft(
+        EXPORT / "peft_pissa_converted",
+        params,
+        key_map=llama.peft_key_map(model.config),
+    )
     assert ad.config["r"] == 4  # rank 2r
     p = adapters.materialize(ad.assignment, params, *ad.state)
     got = np.asarray(make.forward(g)(p, ids))
-    np.testing.assert_allclose(got, torch_out["peft_pissa_converted"], rtol=0,
-                               atol=TORCH_ATOL)
-    assert np.max(np.abs(got - np.asarray(make.forward(g)(params, ids)))) > \
-        100 * TORCH_ATOL
+    np.testing.assert_allclose(
+        got, torch_out["peft_pissa_converted"], rtol=0, atol=TORCH_ATOL
+    )
+    assert (
+        np.max(np.abs(got - np.asarray(make.forward(g)(params, ids))))
+        > 100 * TORCH_ATOL
+    )

@@ -32,28 +32,48 @@ TORCH_ATOL = 1e-4
 
 
 def tiny(num_labels=None, model_type="bert"):
-    cfg = bert.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2,
-                          num_attention_heads=2, intermediate_size=12,
-                          max_position_embeddings=16, model_type=model_type,
-                          pad_token_id=1 if model_type == "roberta" else 0)
+    cfg = bert.BertConfig(
+        vocab_size=30,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=12,
+        max_position_embeddings=16,
+        model_type=model_type,
+        pad_token_id=1 if model_type == "roberta" else 0,
+    )
     if num_labels is None:
         abstract = nnx.eval_shape(lambda: bert.BertModel(cfg, rngs=nnx.Rngs(0)))
     else:
-        abstract = nnx.eval_shape(lambda: bert.BertForSequenceClassification(
-            cfg, num_labels=num_labels, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(
+            lambda: bert.BertForSequenceClassification(
+                cfg, num_labels=num_labels, rngs=nnx.Rngs(0)
+            )
+        )
     g, shapes = pm.split_params(abstract)
     rng = np.random.default_rng(0)
-    params = tree.map_with_path(lambda p, s: jnp.asarray(
-        (1.0 if p.endswith("scale") else 0.0) + 0.3 * rng.standard_normal(s.shape),
-        jnp.float32), shapes)
+    params = tree.map_with_path(
+        lambda p, s: jnp.asarray(
+            (1.0 if p.endswith("scale") else 0.0) + 0.3 * rng.standard_normal(s.shape),
+            jnp.float32,
+        ),
+        shapes,
+    )
     return cfg, g, params
 
 
 def test_merged_export_reloads_identically(tmp_path):
     """A classification model (RoBERTa positions) merged, exported and reloaded."""
     cfg, g, params = tiny(num_labels=3, model_type="roberta")
-    a = tree.assign(params, [tree.Rule(where=r"layers/\d+/attention/(query|value)/kernel",
-                                       then=adapters.lora(2, alpha=4.0))])
+    a = tree.assign(
+        params,
+        [
+            tree.Rule(
+                where=r"layers/\d+/attention/(query|value)/kernel",
+                then=adapters.lora(2, alpha=4.0),
+            )
+        ],
+    )
     st = adapters.init(a, jax.random.key(0), params)
     st = adapters.AdapterState(jax.tree.map(lambda x: x + 0.2, st.trainable), st.frozen)
     merged = adapters.merge(a, params, *st)
@@ -77,22 +97,31 @@ def test_params_to_hf_names_layouts_and_errors():
     t = bert.params_to_hf(params, cfg)
     assert len(t) == 5 + 2 * 16  # embeddings (3 tables + LayerNorm) + 16 per layer
     lay = params["layers"][1]
-    np.testing.assert_array_equal(t["encoder.layer.1.intermediate.dense.weight"],
-                                  np.asarray(lay["intermediate"]["kernel"]).T)
+    np.testing.assert_array_equal(
+        t["encoder.layer.1.intermediate.dense.weight"],
+        np.asarray(lay["intermediate"]["kernel"]).T,
+    )
     assert t["encoder.layer.1.intermediate.dense.weight"].shape == (12, 8)
-    np.testing.assert_array_equal(t["encoder.layer.1.output.LayerNorm.weight"],
-                                  lay["output_norm"]["scale"])
-    np.testing.assert_array_equal(t["encoder.layer.1.attention.output.dense.bias"],
-                                  lay["attention"]["output"]["bias"])
-    np.testing.assert_array_equal(t["embeddings.token_type_embeddings.weight"],
-                                  params["embeddings"]["token_type_embeddings"]["embedding"])
+    np.testing.assert_array_equal(
+        t["encoder.layer.1.output.LayerNorm.weight"], lay["output_norm"]["scale"]
+    )
+    np.testing.assert_array_equal(
+        t["encoder.layer.1.attention.output.dense.bias"],
+        lay["attention"]["output"]["bias"],
+    )
+    np.testing.assert_array_equal(
+        t["embeddings.token_type_embeddings.weight"],
+        params["embeddings"]["token_type_embeddings"]["embedding"],
+    )
     # the loader reads these names back to the same tree
     back = bert.params_from_hf(t, cfg)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **EXACT), back, params)
 
     bad = jax.tree.map(lambda x: x, params)
     bad["layers"][0]["intermediate"]["kernel"] = jnp.zeros((8, 13), jnp.float32)
-    with pytest.raises(ValueError, match=r"layers/0/intermediate/kernel.*\(8, 13\).*\(8, 12\)"):
+    with pytest.raises(
+        ValueError, match=r"layers/0/intermediate/kernel.*\(8, 13\).*\(8, 12\)"
+    ):
         bert.params_to_hf(bad, cfg)
     bad = jax.tree.map(lambda x: x, params)
     del bad["layers"][1]["output_norm"]
@@ -100,19 +129,24 @@ def test_params_to_hf_names_layouts_and_errors():
         bert.params_to_hf(bad, cfg)
     bad = jax.tree.map(lambda x: x, params)
     bad["layers"][2] = params["layers"][0]
-    with pytest.raises(ValueError, match=r"'layers/2/.*not a parameter.*num_hidden_layers=2"):
+    with pytest.raises(
+        ValueError, match=r"'layers/2/.*not a parameter.*num_hidden_layers=2"
+    ):
         bert.params_to_hf(bad, cfg)
 
 
 def _sha(path):
     t, _ = io.read_safetensors(path)
-    return {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
-            for k, v in sorted(t.items())}
+    return {
+        k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
+        for k, v in sorted(t.items())
+    }
 
 
 def test_transformers_loads_the_export_with_peftjax_outputs(tmp_path):
     spec = importlib.util.spec_from_file_location(
-        "peft_export_make", ROOT / "scripts" / "golden" / "peft_export_make.py")
+        "peft_export_make", ROOT / "scripts" / "golden" / "peft_export_make.py"
+    )
     make = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make)
     outputs = make.build_bert(tmp_path)
@@ -125,14 +159,20 @@ def test_transformers_loads_the_export_with_peftjax_outputs(tmp_path):
         old, _ = io.read_safetensors(EXPORT / name / "model.safetensors")
         assert sorted(new) == sorted(old), name
         for k in old:
-            assert new[k].dtype == old[k].dtype and new[k].tobytes() == old[k].tobytes(), k
+            assert (
+                new[k].dtype == old[k].dtype and new[k].tobytes() == old[k].tobytes()
+            ), k
         assert (tmp_path / name / "config.json").read_text() == (
-            EXPORT / name / "config.json").read_text()
+            EXPORT / name / "config.json"
+        ).read_text()
         # transformers loaded exactly these tensors...
-        assert verified[name]["tensor_sha256"] == _sha(EXPORT / name / "model.safetensors")
+        assert verified[name]["tensor_sha256"] == _sha(
+            EXPORT / name / "model.safetensors"
+        )
         # ...and its hidden states are peftjax's
-        np.testing.assert_allclose(outputs[name][m], torch_out[name][m], rtol=0,
-                                   atol=TORCH_ATOL)
+        np.testing.assert_allclose(
+            outputs[name][m], torch_out[name][m], rtol=0, atol=TORCH_ATOL
+        )
     # the export reloads in peftjax to the same outputs, bit for bit
     ids, mask = jnp.asarray(inputs["inputs_bert"]), jnp.asarray(inputs["mask_bert"])
     g, p = pm.split_params(bert.load_bert(tmp_path / "bert_merged"))

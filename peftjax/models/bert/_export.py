@@ -53,8 +53,11 @@ def _expected(cfg: _config.BertConfig, classifier: Any) -> dict[str, Any]:
         abstract = nnx.eval_shape(lambda: _model.BertModel(cfg, rngs=nnx.Rngs(0)))
     else:
         n = int(np.shape(classifier["bias"])[0])
-        abstract = nnx.eval_shape(lambda: _model.BertForSequenceClassification(
-            cfg, num_labels=n, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(
+            lambda: _model.BertForSequenceClassification(
+                cfg, num_labels=n, rngs=nnx.Rngs(0)
+            )
+        )
     return dict(_paths.flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))))
 
 
@@ -84,8 +87,10 @@ def params_to_hf(params: dict, cfg: _config.BertConfig) -> dict[str, np.ndarray]
       ValueError: bert params_to_hf: missing parameters ...
     """
     if not isinstance(params, dict):
-        raise TypeError(f"bert params_to_hf: params must be the pure dict of "
-                        f"split_params, got {type(params).__name__}")
+        raise TypeError(
+            f"bert params_to_hf: params must be the pure dict of "
+            f"split_params, got {type(params).__name__}"
+        )
     expected = _expected(cfg, params.get("classifier"))
     flat = dict(_paths.flatten(params))
     missing = sorted(set(expected) - set(flat))
@@ -97,12 +102,14 @@ def params_to_hf(params: dict, cfg: _config.BertConfig) -> dict[str, np.ndarray]
             raise ValueError(
                 f"bert params_to_hf: {path!r} (shape {tuple(np.shape(value))}) is not "
                 f"a parameter of this config (num_hidden_layers="
-                f"{cfg.num_hidden_layers})")
+                f"{cfg.num_hidden_layers})"
+            )
         want = tuple(expected[path].shape)
         if tuple(np.shape(value)) != want:
             raise ValueError(
                 f"bert params_to_hf: {path!r} has shape {tuple(np.shape(value))} "
-                f"(dtype {value.dtype}), the config implies {want}")
+                f"(dtype {value.dtype}), the config implies {want}"
+            )
         name, transpose = _hf_name(path)
         arr = np.asarray(value)
         out[name] = np.ascontiguousarray(arr.T) if transpose else arr
@@ -149,7 +156,8 @@ def save_hf(
     out = pathlib.Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(
-        json.dumps(cfg.to_hf(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        json.dumps(cfg.to_hf(), indent=1, sort_keys=True) + "\n", encoding="utf-8"
+    )
     meta: dict[str, Any] = {"format": "pt", **(metadata or {})}
     _safetensors.write_safetensors(out / "model.safetensors", tensors, metadata=meta)
     return out
