@@ -15,9 +15,9 @@ AdamW, one jitted ``exec.make_train_step`` per base. Reported:
 on the device, 4-bit types packed; ``quant.nbytes``), ``bytes_step_*``
 (``argument + output + temp - alias`` of the compiled step), the number of
 HLO instructions producing a float array of a quantised kernel's shape
-(stacked, per layer or transposed; 0: no float copy of a kernel), and with timing the median step times
-after ``--warmup`` (interleaved float, quant). ``--no-time`` compiles only and
-writes nulls for the times. Load averages are recorded before and after:
+(stacked, per layer or transposed; 0: no float copy of a kernel), and with
+timing the median step times after ``--warmup`` (interleaved float, quant).
+``--no-time`` compiles only and writes nulls for the times. Load averages are recorded before and after:
 timings from a loaded machine are not comparable. The weights are a 4-bit
 quantisation: losses are not comparable with published SmolLM2 figures.
 
@@ -136,7 +136,8 @@ def main(cfg: Config) -> dict:
             for sh in (x.shape, x.shape[-2:]):
                 shapes |= {tuple(sh), tuple(sh[:-2]) + tuple(sh[-2:][::-1])}
     out = {"base_bytes_float": quant.nbytes(fp), "base_bytes_quant": quant.nbytes(qp)}
-    out["ratio_base_quant_over_float"] = out["base_bytes_quant"] / out["base_bytes_float"]
+    ratio = out["base_bytes_quant"] / out["base_bytes_float"]
+    out["ratio_base_quant_over_float"] = ratio
     out["target_met"] = out["ratio_base_quant_over_float"] <= 0.3
     compiled, details = {}, {}
     for name, base in (("float", fp), ("quant", qp)):

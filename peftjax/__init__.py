@@ -31,7 +31,7 @@ try:
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+local"
 
-_LAZY = ("io", "models", "optim", "inits", "masks", "merge", "exec", "data")
+_LAZY = ("io", "models", "optim", "inits", "masks", "merge", "exec", "data", "quant")
 
 
 def __getattr__(name: str):

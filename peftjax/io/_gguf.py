@@ -186,7 +186,8 @@ def read_gguf(
             f"it holds e.g. {sorted(by_name)[:5]}"
         )
     if not isinstance(keep_quantized, bool):
-        raise TypeError(f"read_gguf: keep_quantized must be a bool, got {keep_quantized!r}")
+        raise TypeError(
+            f"read_gguf: keep_quantized must be a bool, got {keep_quantized!r}")
     tensors = {
         n: _kept(by_name[n], dt)
         if keep_quantized and by_name[n].tensor_type.name in _KEPT

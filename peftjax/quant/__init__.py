@@ -19,7 +19,8 @@ A recipe::
     a = tree.assign(quant.abstract(qparams), [Rule(where=..., then=adapters.lora(8))])
     state = adapters.init(a, key, quant.abstract(qparams))  # DoRA/LoRA-XS: dequantize
     step = jax.jit(exec.make_train_step(a, loss_fn, optax.adamw(1e-4)))
-    trainable, opt_state, loss = step(state.trainable, opt_state, qparams, state.frozen, batch)
+    trainable, opt_state, loss = step(state.trainable, opt_state, qparams,
+                                      state.frozen, batch)
 
 ``exec.factored(apply_fn, {}, {}, {})(qparams, x)`` runs the quantised model
 for inference.
@@ -33,7 +34,7 @@ Example:
   >>> from peftjax import quant
   >>> w = quant.quantize(jnp.ones((64, 4)), quant.nf4())
   >>> quant.dequantize(w)[0, 0], quant.nbytes(w)
-  (Array(1., dtype=float32), 136)
+  (Array(1., dtype=float32), 144)
 """
 
 from peftjax.quant._array import QuantizedArray as QuantizedArray

@@ -120,7 +120,7 @@ def quantize(w: Any, fmt: _formats.QuantFormat) -> QuantizedArray:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> q = quantize(jnp.full((32, 2), 0.5), _formats.q8_0())
+      >>> q = quantize(jnp.full((32, 2), 0.5), _formats.nf4(block_size=32))
       >>> dequantize(q)[0]
       Array([0.5, 0.5], dtype=float32)
     """
@@ -180,7 +180,7 @@ def dequantize(tree: Any) -> Any:
 
 
 def abstract(tree: Any) -> Any:
-    """Replaces each ``QuantizedArray`` by a ``jax.ShapeDtypeStruct`` of its logical shape.
+    """Replaces each ``QuantizedArray`` by a ``ShapeDtypeStruct`` of its logical shape.
 
     For targeting and shape-only inits on a quantised tree:
     ``tree.assign(abstract(params), rules)``, ``adapters.init(a, key,

@@ -103,8 +103,10 @@ class Q4_1Blocks(NamedTuple):
 
 
 def _check(name: str, block_size: int, axis: int) -> None:
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-        raise ValueError(f"{name}: block_size must be a positive int, got {block_size!r}")
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or (
+            block_size < 1):
+        raise ValueError(
+            f"{name}: block_size must be a positive int, got {block_size!r}")
     if not isinstance(axis, int) or isinstance(axis, bool):
         raise TypeError(f"{name}: axis must be an int, got {axis!r}")
 
@@ -117,9 +119,15 @@ def _roundf(v: jax.Array) -> jax.Array:
     return jnp.sign(v) * (fl + jnp.floor(2 * (a - fl)))
 
 
+def _inverse(d: jax.Array) -> jax.Array:
+    """``1/d``, and 0 where ``d == 0`` (as ggml: a zero block stays zero)."""
+    safe = jnp.where(d == 0, jnp.ones_like(d), d)
+    return jnp.where(d == 0, jnp.zeros_like(d), 1 / safe)
+
+
 def _q8_0_encode(x: jax.Array) -> Q8_0Blocks:
     d = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / jnp.float32(127)
-    inv = jnp.where(d == 0, jnp.zeros_like(d), 1 / jnp.where(d == 0, jnp.ones_like(d), d))
+    inv = _inverse(d)
     qs = _roundf(x * inv).astype(jnp.int8)
     return Q8_0Blocks(d=d[..., 0].astype(jnp.float16), qs=qs)
 
@@ -137,7 +145,7 @@ def _q4_1_encode(x: jax.Array) -> Q4_1Blocks:
     lo = jnp.min(x, axis=-1, keepdims=True)
     hi = jnp.max(x, axis=-1, keepdims=True)
     d = (hi - lo) / jnp.float32(15)
-    inv = jnp.where(d == 0, jnp.zeros_like(d), 1 / jnp.where(d == 0, jnp.ones_like(d), d))
+    inv = _inverse(d)
     q = jnp.trunc((x - lo) * inv + jnp.float32(0.5))
     q = jnp.clip(q, 0, 15).astype(jnp.uint8)
     half = x.shape[-1] // 2

@@ -41,7 +41,7 @@ def tile_columns(n_in: int, n_out: int, itemsize: int, tile_bytes: int) -> int:
 def tiled_product(xm: jax.Array, blocks: Any, fmt: _formats.QuantFormat, dtype: Any,
                   *, tile_bytes: int = DEFAULT_TILE_BYTES, precision: Any = None,
                   preferred_element_type: Any = None) -> jax.Array:
-    """``xm (N, in) @ W (in, out)`` for blocks ``(out, nb, ...)`` blocked along ``in``."""
+    """``xm (N, in) @ W (in, out)``; blocks ``(out, nb, ...)`` blocked along ``in``."""
     grid = tuple(fmt.grid(blocks))
     if len(grid) != 2:
         raise ValueError(f"tiled_product: blocks with grid {grid}; expected (out, nb)")
@@ -95,7 +95,7 @@ def matmul(x: jax.Array, w: _array.QuantizedArray, *,
     Example:
       >>> import jax.numpy as jnp
       >>> from peftjax import quant
-      >>> w = quant.quantize(jnp.ones((64, 4)), quant.q8_0())
+      >>> w = quant.quantize(jnp.ones((64, 4)), quant.nf4())
       >>> quant.matmul(jnp.ones((2, 64)), w)[0]
       Array([64., 64., 64., 64.], dtype=float32)
     """
@@ -103,12 +103,14 @@ def matmul(x: jax.Array, w: _array.QuantizedArray, *,
         raise TypeError(f"matmul: w must be a QuantizedArray, got {type(w).__name__}")
     if w.ndim != 2 or w.axis != 0:
         raise ValueError(f"matmul: w of shape {w.shape} ({w.dtype}) is blocked along "
-                         f"axis {w.axis}; expected a 2-D (in, out) kernel blocked along 0")
+                         f"axis {w.axis}; expected a 2-D (in, out) kernel blocked "
+                         "along 0")
     if np.ndim(x) < 1 or np.shape(x)[-1] != w.shape[0]:
         raise ValueError(f"matmul: x of shape {np.shape(x)} ({x.dtype}) does not "
                          f"contract with w of shape {w.shape}")
     lead = tuple(np.shape(x)[:-1])
     xm = x.reshape(math.prod(lead), w.shape[0])
     y = tiled_product(xm, w.blocks, w.format, w.dtype, tile_bytes=tile_bytes,
-                      precision=precision, preferred_element_type=preferred_element_type)
+                      precision=precision,
+                      preferred_element_type=preferred_element_type)
     return y.reshape(lead + (w.shape[1],))

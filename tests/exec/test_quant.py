@@ -1,4 +1,4 @@
-"""peftjax.exec on quantised bases: equal to the dequantised float model, no float kernels."""
+"""peftjax.exec on quantised bases: equal to the float model, no float kernels."""
 
 import math
 import re

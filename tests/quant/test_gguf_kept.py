@@ -1,4 +1,4 @@
-"""GGUF checkpoints kept quantised: the file's blocks, equal to the dequantised model."""
+"""GGUF checkpoints kept quantised: the file's blocks equal the dequantised model."""
 
 import gguf
 import jax

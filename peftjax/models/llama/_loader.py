@@ -206,7 +206,8 @@ def _unpermute(w: Any, n_head: int) -> Any:
     """Inverts llama.cpp's ``permute`` of Q/K rows: (out, in) -> HF row order."""
     if _qarray.is_quantized(w):  # rows are whole rows of blocks: reorder them
         if w.axis != w.ndim - 1:
-            raise ValueError(f"cannot reorder rows of {w!r} blocked along axis {w.axis}")
+            raise ValueError(
+                f"cannot reorder rows of {w!r} blocked along axis {w.axis}")
         blocks = jax.tree.map(lambda b: _unpermute(np.asarray(b), n_head), w.blocks)
         return _qarray.QuantizedArray(blocks, w.format, w.dtype)
     out = w.shape[0]
