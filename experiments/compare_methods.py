@@ -23,6 +23,7 @@ Usage::
 
     python experiments/compare_methods.py                   # SmolLM2-135M, CPU
     python experiments/compare_methods.py --methods=lora,dora --steps=40
+    python experiments/compare_methods.py --dtype=bf16      # bf16 base/activations
     python experiments/compare_methods.py --smoke           # tiny Llama, < 60 s
 """
 
@@ -62,6 +63,8 @@ class Config:
     clip_norm: float = 1.0
     eval_docs: int = 4
     eval_blocks: int = 16
+    dtype: str = "f32"  # or bf16: bf16 base and activations, float32 trainables/optimizer
+    pack: bool = False  # pack training documents back to back (segment ids)
     model: str = ""
     data: str = ""
     out_dir: str = os.path.join(_recipe.RESULTS_DIR, "compare_methods")
@@ -85,7 +88,8 @@ def run_method(name: str, cfg: Config, lm: _recipe.LM, corpus: _recipe.Corpus) -
     optim = _recipe.OptimConfig(lr=lr, total_steps=cfg.steps,
                                 warmup_steps=cfg.warmup_steps, clip_norm=cfg.clip_norm,
                                 weight_decay=cfg.weight_decay)
-    setup = build(cfg, lm.params, _recipe.schedule(optim), jax.random.key(cfg.seed))
+    setup = _recipe.precision(
+        build(cfg, lm.params, _recipe.schedule(optim), jax.random.key(cfg.seed)), cfg.dtype)
     loss_fn = _recipe.lm_loss(_recipe.apply_fn(lm.graphdef))
     run = _recipe.trainer(setup, loss_fn, optim)
     batches = data.Batches(corpus.train, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -100,7 +104,7 @@ def run_method(name: str, cfg: Config, lm: _recipe.LM, corpus: _recipe.Corpus) -
     ppl = _recipe.evaluator(setup, loss_fn)(result.trainable, evals)
     times = [h["seconds"] for h in result.history[1:]] or [result.history[0]["seconds"]]
     return {
-        "method": name, "lr": lr,
+        "method": name, "lr": lr, "dtype": cfg.dtype,
         "trainable_params": rep.trainable_params, "total_params": rep.total_params,
         "optimizer_state_bytes": rep.optimizer_state_bytes,
         "peak_temp_bytes": rep.temp_bytes, "compiled_bytes": rep.compiled_bytes,
@@ -174,6 +178,7 @@ def main(cfg: Config, argv: list[str] | None = None) -> dict:
     if cfg.smoke:
         cfg = dataclasses.replace(cfg, **{k: v for k, v in SMOKE.items()
                                           if getattr(cfg, k) == getattr(Config, k)})
+    _recipe.compute_dtype(cfg.dtype)  # a bad --dtype fails before any work
     for name in cfg.methods:  # unknown or unbuilt methods fail before any work
         build = _recipe.method(name)
         if getattr(build, "unavailable", False):
@@ -183,18 +188,20 @@ def main(cfg: Config, argv: list[str] | None = None) -> dict:
         rows, info = _isolated_rows(cfg, argv)
         model_name, eval_names = info["model"], info["eval_documents"]
     else:
-        lm = _recipe.load_lm(cfg.model, smoke=cfg.smoke, seed=cfg.seed)
+        lm = _recipe.load_lm(cfg.model, smoke=cfg.smoke, seed=cfg.seed,
+                             dtype=_recipe.compute_dtype(cfg.dtype))
         docs = _recipe.documents(cfg.data, max_chars=20_000 if cfg.smoke else 0)
         corpus = _recipe.corpus(docs, lm.encode, block_len=cfg.block_len,
                                 eval_docs=cfg.eval_docs, eval_blocks=cfg.eval_blocks,
-                                seed=cfg.seed, eos_id=lm.eos_id)
+                                seed=cfg.seed, eos_id=lm.eos_id, pack_documents=cfg.pack)
         rows = [run_method(name, cfg, lm, corpus) for name in cfg.methods]
         model_name, eval_names = lm.name, corpus.eval_names
     out = os.path.abspath(cfg.out_dir)
     os.makedirs(out, exist_ok=True)
     table = markdown(rows)
     env = _recipe.environment()
-    title = f"{model_name}: {cfg.steps} steps x {cfg.batch_size}x{cfg.block_len}"
+    title = (f"{model_name}: {cfg.steps} steps x {cfg.batch_size}x{cfg.block_len}"
+             + ("" if cfg.dtype == "f32" else f", {cfg.dtype}"))
     header = (f"{title}; held out: {', '.join(eval_names)}; {env['date']}; "
               f"{env['cpu_count']} CPUs, {env['device_kind']}, load {env['loadavg']}\n\n")
     with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:

@@ -11,7 +11,11 @@ perplexity before/after on held-out blocks, a greedy sample before/after,
 parameter counts and optimizer-state bytes (``peftjax.report``). Files in
 ``--out_dir`` (default ``demo_out/``): ``demo_results.json``, ``metrics.jsonl``
 (loss, lr, tokens/s, grad norm per step), ``loss.png``, ``adapter/`` (orbax),
-``checkpoints/`` (resumable training state). The checkpoint is a 4-bit (Q4_1)
+``adapter_peft/`` (the same adapter in Hugging Face PEFT format:
+``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
+``peft.PeftModel.from_pretrained``; LoRA, DoRA and PiSSA, the latter as a
+rank-2r LoRA over the unmodified base), ``checkpoints/`` (resumable
+training state). The checkpoint is a 4-bit (Q4_1)
 GGUF dequantised to float32, so perplexities are not comparable with
 published SmolLM2 figures.
 
@@ -22,6 +26,8 @@ Usage::
     python experiments/demo.py --method=dora        # or full, lora_xs, galore
     python experiments/demo.py --model=/path/to/hf_dir_or.gguf --data=notes.txt
     python experiments/demo.py --resume             # continue after a kill
+    python experiments/demo.py --dtype=bf16         # bf16 base and activations
+    python experiments/demo.py --pack               # several plays per block
     python experiments/demo.py --smoke              # tiny random Llama, < 60 s
 """
 
@@ -67,6 +73,8 @@ class Config:
     galore_scale: float = 0.25
     eval_docs: int = 4  # held-out plays, never trained on
     eval_blocks: int = 32
+    dtype: str = "f32"  # or bf16: bf16 base and activations, float32 adapters/optimizer
+    pack: bool = False  # pack training documents back to back (segment ids)
     model: str = ""  # .gguf file or HF directory; default: offline SmolLM2-135M
     data: str = ""  # .txt, directory of .txt, or .jsonl; default: Shakespeare plays
     prompt: str = "KING.\nWhat news, my lord? Speak, and"
@@ -93,6 +101,25 @@ def _generate(graphdef, params, encode, decode, cfg: Config) -> str:
     return cfg.prompt + decode(np.asarray(out[0]))
 
 
+def save_peft(setup, trainable, lm, out: str, base_name: str) -> str | None:
+    """Writes ``out/adapter_peft`` (Hugging Face PEFT format); None when the
+    method has no PEFT format (the orbax adapter is then the only export)."""
+    from peftjax import io
+
+    peft_dir = os.path.join(out, "adapter_peft")
+    if os.path.isdir(peft_dir):
+        shutil.rmtree(peft_dir)
+    if setup.peft is None or lm.config is None:
+        print("adapter (Hugging Face PEFT): not written; this method has no PEFT format")
+        return None
+    assignment, state = setup.peft(trainable, setup.static)
+    io.save_peft(peft_dir, assignment, state, lm.params,
+                 key_map=models.llama.peft_key_map(lm.config),
+                 base_model_name_or_path=base_name, task_type="CAUSAL_LM")
+    print(f"adapter (Hugging Face PEFT): {peft_dir}")
+    return peft_dir
+
+
 def main(cfg: Config) -> dict:
     """Runs the demo; returns (and writes) ``demo_results.json``'s contents."""
     if cfg.smoke:
@@ -106,11 +133,14 @@ def main(cfg: Config) -> dict:
         shutil.rmtree(ckpt_dir)
     os.makedirs(out, exist_ok=True)
 
-    lm = _recipe.load_lm(cfg.model, smoke=cfg.smoke, seed=cfg.seed)
-    graphdef, params, encode, decode, eos_id, model_name = lm
+    _recipe.compute_dtype(cfg.dtype)  # a bad --dtype fails before loading
+    lm = _recipe.load_lm(cfg.model, smoke=cfg.smoke, seed=cfg.seed,
+                         dtype=_recipe.compute_dtype(cfg.dtype))
+    graphdef, params, encode, decode, eos_id, model_name = lm[:6]
     docs = _recipe.documents(cfg.data, max_chars=20_000 if cfg.smoke else 0)
     corpus = _recipe.corpus(docs, encode, block_len=cfg.block_len, eval_docs=cfg.eval_docs,
-                            eval_blocks=cfg.eval_blocks, seed=cfg.seed, eos_id=eos_id)
+                            eval_blocks=cfg.eval_blocks, seed=cfg.seed, eos_id=eos_id,
+                            pack_documents=cfg.pack)
     train_batches = data.Batches(corpus.train, batch_size=cfg.batch_size, seed=cfg.seed)
     eval_batches = data.Batches(corpus.eval, batch_size=min(cfg.batch_size, cfg.eval_blocks),
                                 seed=cfg.seed, shuffle=False)
@@ -124,8 +154,13 @@ def main(cfg: Config) -> dict:
         weight_decay=cfg.weight_decay, accum_steps=cfg.accum_steps)
     key = jax.random.key(cfg.seed)
     init_key, loop_key = jax.random.split(key)
-    setup = build(cfg, params, _recipe.schedule(optim), init_key)
+    setup = _recipe.precision(build(cfg, params, _recipe.schedule(optim), init_key),
+                              cfg.dtype)
     print(setup.describe)
+    if cfg.dtype != "f32":
+        print(f"precision: {cfg.dtype} compute"
+              + (f", {cfg.dtype} frozen base" if setup.base is not None else "")
+              + ", float32 trainable parameters and optimizer state")
 
     loss_fn = _recipe.lm_loss(_recipe.apply_fn(graphdef))
     evaluate = _recipe.evaluator(setup, loss_fn)
@@ -165,6 +200,12 @@ def main(cfg: Config) -> dict:
     if os.path.isdir(adapter_dir):
         shutil.rmtree(adapter_dir)
     checkpoint.save(adapter_dir, result.step, setup.export(result.trainable, setup.static))
+    print(f"adapter (orbax): {adapter_dir}")
+    # PEFT loads the adapter onto a base named here: the Hub checkpoint that the
+    # offline GGUF quantises, or the user's own model directory / file.
+    base_name = ("HuggingFaceTB/SmolLM2-135M-Instruct" if not (cfg.model or cfg.smoke)
+                 else cfg.model or model_name)
+    peft_dir = save_peft(setup, result.trainable, lm, out, base_name)
     with open(log_path, encoding="utf-8") as f:
         losses = [json.loads(line)["loss"] for line in f if line.strip()]
     _recipe.plot_curves(os.path.join(out, "loss.png"), {cfg.method: losses},
@@ -185,6 +226,8 @@ def main(cfg: Config) -> dict:
         "sample_before": sample_before,
         "sample_after": sample_after,
         "eval_documents": corpus.eval_names,
+        "adapter_dir": adapter_dir,
+        "peft_dir": peft_dir,
         "model": model_name,
         "config": dataclasses.asdict(cfg),
         "environment": _recipe.environment(),

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from tests.experiments.conftest import ROOT, run_script
@@ -30,6 +31,42 @@ def test_demo_smoke_writes_every_output(tmp_path):
     assert "held-out perplexity before" in res.stdout
     assert "sample after" in res.stdout
     assert "trainable params" in res.stdout and "optimizer state" in res.stdout
+    assert f"adapter (Hugging Face PEFT): {out / 'adapter_peft'}" in res.stdout
+    assert results["peft_dir"] == str(out / "adapter_peft")
+    _check_peft_equals_orbax(out)
+
+
+def _check_peft_equals_orbax(out):
+    """The PEFT files reload (``io.load_peft``) to the adapter saved with orbax."""
+    import jax
+
+    from peftjax import adapters, io, models, tree
+    from peftjax.io import checkpoint
+
+    recipe = _recipe()
+    cfg, _, params = recipe.tiny_llama(0)  # the smoke model (seed 0), rebuilt
+    assert {p.name for p in (out / "adapter_peft").iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors"}
+    back = io.load_peft(out / "adapter_peft", params,
+                        key_map=models.llama.peft_key_map(cfg))
+    assert back.config["r"] == 4 and back.config["lora_alpha"] == 8
+    assert sorted(back.config["target_modules"]) == ["k_proj", "o_proj", "q_proj",
+                                                     "v_proj"]
+    saved = checkpoint.restore(out / "adapter", {"trainable": back.state.trainable,
+                                                 "frozen": back.state.frozen})
+    assert sorted(saved["trainable"]) == [f"layers/self_attn/{m}_proj/kernel"
+                                          for m in "koqv"]
+    for path, t in saved["trainable"].items():
+        np.testing.assert_array_equal(np.asarray(t.a), np.asarray(back.state.trainable[path].a))
+        np.testing.assert_array_equal(np.asarray(t.b), np.asarray(back.state.trainable[path].b))
+    # the same adapter: equal merged weights under the demo's own LoRA(4, alpha=8)
+    ours = tree.assign(params, [tree.Rule(where=recipe.ATTN, then=adapters.lora(4, alpha=8.0))])
+    want = jax.jit(lambda *a: adapters.materialize(ours, *a))(
+        params, saved["trainable"], saved["frozen"])
+    got = jax.jit(lambda *a: adapters.materialize(back.assignment, *a))(
+        params, back.state.trainable, back.state.frozen)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 got, want)
 
 
 @pytest.mark.parametrize("method, issue", [("lora-sb", 6), ("sparse", 7)])

@@ -1,6 +1,7 @@
 """compare_methods and pretrain_galore in smoke mode: tables, plots, records."""
 
 import json
+import math
 
 import pytest
 
@@ -46,3 +47,21 @@ def test_pretrain_galore_smoke(tmp_path):
     assert abs(lo - g) / g < 0.5
     assert rows["adamw"]["optimizer_state_bytes"] > g
     assert "matched memory" in res.stdout
+
+
+def test_compare_methods_smoke_bf16_packed(tmp_path):
+    # one process (--isolate=false): an adapter method and an optimizer-side one
+    res = run_script("compare_methods.py", "--smoke", "--progress=false", "--dtype=bf16",
+                     "--pack", "--isolate=false", "--methods=lora,full",
+                     f"--out_dir={tmp_path}")
+    out = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["method"]: r for r in out["rows"]}
+    assert set(rows) == {"lora", "full"} and out["config"]["dtype"] == "bf16"
+    for r in rows.values():
+        assert r["dtype"] == "bf16" and len(r["losses"]) == 6
+        assert all(math.isfinite(x) for x in r["losses"]) and 1 < r["eval_ppl"] < 256
+        # float32 Adam moments (2 x 4 bytes per trainable parameter) + counters:
+        # the trainables (adapters, or the float32 master copy) stay float32
+        assert 8 * r["trainable_params"] <= r["optimizer_state_bytes"] \
+            <= 8 * r["trainable_params"] + 64
+    assert ", bf16" in res.stdout
