@@ -149,6 +149,7 @@ def _encode_jit(w: jax.Array, fmt: _formats.QuantFormat) -> Any:
     return fmt.encode(x)
 
 
+@jax.jit
 def _dequantize_one(q: QuantizedArray) -> jax.Array:
     grid = tuple(q.format.grid(q.blocks))
     x = q.format.decode(q.blocks)

@@ -124,10 +124,12 @@ def test_dora_and_lora_sb_steps_on_quantised_base_equal_float():
     s = adapters.init(a, jax.random.key(0), fp)
     t = {p: jax.tree.map(lambda x: x + 0.05, v) for p, v in s.trainable.items()}
     fr = dict(s.frozen)
-    # LoRA-SB (a lora_xs state from accumulated full gradients) on o and down.
+    # LoRA-SB (a lora_xs state from a gradient sum: any leaf-shaped array; a
+    # random one here, inits.accumulate_gradients in practice) on o and down.
     sb = r"layers/0/(self_attn/o_proj|mlp/down_proj)/kernel"
-    paths = [p for p in tree.paths(fp) if re.fullmatch(sb, p)]
-    stats = inits.accumulate_gradients(loss_fn, fp, [tokens], paths)
+    flat = tree.leaves_by_path(fp)
+    stats = {p: jax.random.normal(jax.random.key(i), flat[p].shape)
+             for i, p in enumerate(flat) if re.fullmatch(sb, p)}
     plan = tree.assign(fp, [tree.Rule(where=sb, then=inits.lora_sb(
         4, learning_rate=1e-2))])
     res = inits.init(plan, jax.random.key(0), fp, stats=stats)
