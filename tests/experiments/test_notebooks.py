@@ -35,7 +35,9 @@ _RUN = textwrap.dedent('''
 
 def test_there_are_notebooks():
     names = [os.path.basename(n) for n in NOTEBOOKS]
-    assert names[:2] == ["01_lora_quickstart.ipynb", "02_galore_frugal_pretraining.ipynb"]
+    assert names == ["01_lora_quickstart.ipynb", "02_galore_frugal_pretraining.ipynb",
+                     "03_lora_sb_and_data_driven_inits.ipynb",
+                     "04_sparse_finetuning.ipynb", "05_merging.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
