@@ -37,7 +37,8 @@ def test_cast_floating_errors():
     t = {"w": jnp.ones(2), "i": jnp.arange(2)}
     with pytest.raises(ValueError, match="dtype=int32 is not a floating dtype"):
         adapters.cast_floating(t, jnp.int32)
-    with pytest.raises(ValueError, match=r"keep='.\*bias' matches no floating leaf.*'w'"):
+    with pytest.raises(ValueError,
+                       match=r"keep='.\*bias' matches no floating leaf.*'w'"):
         adapters.cast_floating(t, jnp.bfloat16, keep=r".*bias")
     with pytest.raises(ValueError, match="keep='i' matches no floating leaf"):
         adapters.cast_floating(t, jnp.bfloat16, keep="i")  # an int leaf is not kept
@@ -115,6 +116,6 @@ def test_bf16_lora_steps_track_float32():
     # error is 0.02-0.15 per kernel (k_proj, with the smallest gradients, is
     # the largest).
     for path in t32:
-        d32 = np.einsum("lir,lro->lio", np.float64(t32[path].a), np.float64(t32[path].b))
-        d16 = np.einsum("lir,lro->lio", np.float64(t16[path].a), np.float64(t16[path].b))
+        d32, d16 = (np.einsum("lir,lro->lio", np.float64(t[path].a),
+                              np.float64(t[path].b)) for t in (t32, t16))
         assert np.linalg.norm(d16 - d32) <= 0.3 * np.linalg.norm(d32), path

@@ -57,16 +57,19 @@ def _check_peft_equals_orbax(out):
     assert sorted(saved["trainable"]) == [f"layers/self_attn/{m}_proj/kernel"
                                           for m in "koqv"]
     for path, t in saved["trainable"].items():
-        np.testing.assert_array_equal(np.asarray(t.a), np.asarray(back.state.trainable[path].a))
-        np.testing.assert_array_equal(np.asarray(t.b), np.asarray(back.state.trainable[path].b))
+        peft = back.state.trainable[path]
+        np.testing.assert_array_equal(np.asarray(t.a), np.asarray(peft.a))
+        np.testing.assert_array_equal(np.asarray(t.b), np.asarray(peft.b))
     # the same adapter: equal merged weights under the demo's own LoRA(4, alpha=8)
-    ours = tree.assign(params, [tree.Rule(where=recipe.ATTN, then=adapters.lora(4, alpha=8.0))])
+    ours = tree.assign(params, [tree.Rule(where=recipe.ATTN,
+                                          then=adapters.lora(4, alpha=8.0))])
     want = jax.jit(lambda *a: adapters.materialize(ours, *a))(
         params, saved["trainable"], saved["frozen"])
     got = jax.jit(lambda *a: adapters.materialize(back.assignment, *a))(
         params, back.state.trainable, back.state.frozen)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 got, want)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+        got, want)
 
 
 @pytest.mark.parametrize("method, issue", [("lora-sb", 6), ("sparse", 7)])

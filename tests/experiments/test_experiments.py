@@ -51,8 +51,8 @@ def test_pretrain_galore_smoke(tmp_path):
 
 def test_compare_methods_smoke_bf16_packed(tmp_path):
     # one process (--isolate=false): an adapter method and an optimizer-side one
-    res = run_script("compare_methods.py", "--smoke", "--progress=false", "--dtype=bf16",
-                     "--pack", "--isolate=false", "--methods=lora,full",
+    res = run_script("compare_methods.py", "--smoke", "--progress=false",
+                     "--dtype=bf16", "--pack", "--isolate=false", "--methods=lora,full",
                      f"--out_dir={tmp_path}")
     out = json.loads((tmp_path / "results.json").read_text())
     rows = {r["method"]: r for r in out["rows"]}

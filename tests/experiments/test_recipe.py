@@ -33,8 +33,8 @@ CFG = types.SimpleNamespace(rank=4, alpha=8.0, weight_decay=0.0, targets=None)
 
 
 def _equal(a, b):
-    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
-                 a, b)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
 @pytest.mark.parametrize("name", ["lora_xs", "pissa"])
@@ -55,7 +55,8 @@ def test_one_target_at_a_time_equals_the_joint_init(recipe, tiny, name):
         a = tree.assign(params, [tree.Rule(where=recipe.ATTN,
                                            then=adapters.lora_xs(4, alpha=8.0))])
         want = adapters.init(a, key, params)  # eager: one batched SVD at a time
-    assert sorted(setup.trainable) == sorted(want.trainable) and len(want.trainable) == 4
+    assert sorted(setup.trainable) == sorted(want.trainable)
+    assert len(want.trainable) == 4
     # The reference runs eagerly (a joint *jitted* init could hang the suite);
     # eager and jitted random cores differ by float32 rounding of fused ops.
     assert_tree_allclose(setup.trainable, want.trainable, **MATMUL_F32)
@@ -69,7 +70,8 @@ def test_precision_casts_the_frozen_base_only(recipe, tiny):
                                                    jax.random.key(0)), "bf16")
     assert {x.dtype for x in jax.tree.leaves(lora.base)} == {jnp.dtype(jnp.bfloat16)}
     assert lora.static["base"] is lora.base
-    assert {x.dtype for x in jax.tree.leaves(lora.trainable)} == {jnp.dtype(jnp.float32)}
+    f32 = jnp.dtype(jnp.float32)
+    assert {x.dtype for x in jax.tree.leaves(lora.trainable)} == {f32}
     full = recipe.METHODS["full"](CFG, params, lambda s: 1e-3, jax.random.key(0))
     assert recipe.precision(full, "bf16") is full  # float32 master = the trainable
     assert recipe.precision(lora, "f32") is lora
@@ -101,4 +103,5 @@ def test_packed_corpus_and_loss(recipe, tiny):
                  "positions": block["positions"][:, idx]}
         w = float(data.lm_targets(toks, np.ones_like(toks))[1].sum())
         total, count = total + float(loss_fn(params, alone)) * w, count + w
-    np.testing.assert_allclose(float(loss_fn(params, block)), total / count, **MATMUL_F32)
+    np.testing.assert_allclose(float(loss_fn(params, block)), total / count,
+                               **MATMUL_F32)

@@ -115,7 +115,8 @@ def test_packed_loss_gradient_is_the_sum_over_documents():
         return jnp.sum(nll * w)
 
     grad = jax.jit(jax.value_and_grad(nll_sum))
-    total, g_packed = grad(p, jnp.asarray(blocks.tokens), jnp.asarray(blocks.segment_ids))
+    total, g_packed = grad(p, jnp.asarray(blocks.tokens),
+                           jnp.asarray(blocks.segment_ids))
     ids, mask = alone(docs)  # one document per row: the per-document sum
     want_total, want = grad(p, ids, mask)
     np.testing.assert_allclose(float(total), float(want_total), **GRAD_F32)
