@@ -179,6 +179,34 @@ def _describe_leaf(leaf: Any) -> str:
     return f"shape {tuple(np.shape(leaf))}, dtype {dtype}"
 
 
+def map_slices(fn: Callable, nbatch: int) -> Callable:
+    """``fn`` over the slices of the leading ``nbatch`` axes, one after another.
+
+    Used for initialisers instead of ``jax.vmap``: a vmapped SVD/QR lowers to
+    one batched LAPACK call, and jaxlib's batched CPU LAPACK kernels split the
+    batch over the same small thread pool the XLA program runs on. On a
+    two-core machine a jitted init of stacked layers then deadlocks (each pool
+    thread waits for chunks no free thread can run). ``lax.map`` issues one
+    unbatched call per slice; init runs once, so the lost batching is cheap.
+
+    Args:
+      fn: per-slice function; every argument has the same leading batch axes.
+      nbatch: number of leading batch axes.
+
+    Returns:
+      A function with ``fn``'s arguments plus the batch axes, whose outputs
+      carry the batch axes in front.
+    """
+
+    def run(*args: Any) -> Any:
+        lead = jax.tree.leaves(args)[0].shape[:nbatch]
+        flat = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[nbatch:]), args)
+        out = jax.lax.map(lambda xs: fn(*xs), flat)
+        return jax.tree.map(lambda a: a.reshape(lead + a.shape[1:]), out)
+
+    return run
+
+
 def lift_matrix(
     *,
     name: str,
@@ -256,8 +284,8 @@ def lift_matrix(
                 r.batch_shape
             )
             if stats is None:
-                return vmapped(lambda k, x: init_matrix(k, x, None), nb)(keys, m)
-            return vmapped(init_matrix, nb)(keys, m, stats)
+                return map_slices(lambda k, x: init_matrix(k, x, None), nb)(keys, m)
+            return map_slices(init_matrix, nb)(keys, m, stats)
         return init_matrix(key, m, stats)
 
     def apply(w: jax.Array, trainable: Any, frozen: Any) -> jax.Array:

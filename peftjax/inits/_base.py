@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import adapters as _adapters
+from peftjax.adapters import _base as _adapters_base
 from peftjax.tree import _matrix, _paths
 
 PyTree = Any
@@ -148,10 +149,12 @@ def lift(
         nb = len(r.batch)
         if nb:
             keys = jax.random.split(key, math.prod(r.batch_shape)).reshape(r.batch_shape)
+            # One slice after another: a vmapped SVD can deadlock jaxlib's
+            # batched CPU LAPACK on small machines (see adapters map_slices).
             if s is None:
-                out = vmapped(lambda k, x: init_matrix(k, x, None), nb)(keys, m)
+                out = _adapters_base.map_slices(lambda k, x: init_matrix(k, x, None), nb)(keys, m)
             else:
-                out = vmapped(init_matrix, nb)(keys, m, s)
+                out = _adapters_base.map_slices(init_matrix, nb)(keys, m, s)
         else:
             out = init_matrix(key, m, s)
         w_new, trainable, frozen = out
