@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCUMENTED = ["peftjax", "peftjax.tree", "peftjax.adapters", "peftjax.io.checkpoint",
               "peftjax.exec", "peftjax.io", "peftjax.models", "peftjax.models.llama",
               "peftjax.models.bert", "peftjax.optim", "peftjax.inits", "peftjax.masks",
-              "peftjax.data", "peftjax.quant",
+              "peftjax.data", "peftjax.quant", "peftjax.shard",
               "peftjax.merge", "peftjax.merge.adapters"]
 
 

@@ -19,6 +19,15 @@ place the restored arrays (so a later restore can target another mesh). A
 different rule set) raises a ``ValueError`` that names every difference;
 nothing is restored partially.
 
+Sharded state: ``save`` writes sharded ``jax.Array``s as they are (each
+process writes the shards it holds; nothing is gathered to one host), and
+``restore(..., shardings=...)`` places every array on any mesh: a checkpoint
+saved on a ``(2, 4)`` mesh restores on ``(8, 1)``, on one device or on another
+host count, since orbax reads each target shard's slice from the stored
+global array. The shardings come from ``peftjax.shard`` (``param_shardings``,
+``adapter_shardings``, ``state_shardings`` for the new mesh); typed PRNG keys
+are replicated on the mesh of the sharding given for them.
+
 Scale and main-job issues extend this module (sharded state, resume on
 signal); they do not fork it.
 
@@ -184,18 +193,46 @@ def _compare(saved: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
         )
 
 
-def _abstract(leaf: Any, rec: dict[str, Any]) -> jax.ShapeDtypeStruct:
-    sharding = getattr(leaf, "sharding", None)
-    if rec["kind"] == "prng_key":
-        sharding = None  # key data has an extra trailing axis
+def _abstract(leaf: Any, rec: dict[str, Any], sharding: Any = None
+              ) -> jax.ShapeDtypeStruct:
     if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = getattr(leaf, "sharding", None)
+    if rec["kind"] == "prng_key":
+        # key data has an extra trailing axis: replicate it on the key's mesh
+        mesh = getattr(sharding, "mesh", None)
+        sharding = None if mesh is None else jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec())
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.ShapeDtypeStruct(tuple(rec["shape"]), np.dtype(rec["dtype"]),
                                 sharding=sharding)
 
 
-def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None
-            ) -> Any:
+def _sharding_list(shardings: Any, like: Any, treedef: Any, n: int) -> list[Any]:
+    """One sharding (or None) per leaf of ``like`` from a tree prefix or one value."""
+    if shardings is None:
+        return [None] * n
+    if isinstance(shardings, jax.sharding.Sharding):
+        return [shardings] * n
+    try:
+        full = jax.tree.broadcast(shardings, like, is_leaf=lambda x: x is None)
+        out = treedef.flatten_up_to(full)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            "restore: shardings must be one jax.sharding.Sharding or a tree prefix "
+            f"of `like` with a Sharding (or None) per leaf; it does not fit: {e}"
+        ) from None
+    for x in out:
+        if x is not None and not isinstance(x, jax.sharding.Sharding):
+            raise TypeError(
+                f"restore: shardings holds {type(x).__name__} {x!r}; expected a "
+                "jax.sharding.Sharding or None"
+            )
+    return out
+
+
+def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None,
+            shardings: Any = None) -> Any:
     """Restores checkpoint ``step`` (default: the latest) into ``like``'s structure.
 
     Args:
@@ -205,13 +242,21 @@ def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None
         typed PRNG keys where keys were saved, and any value where a Python
         scalar was saved. ``jax.eval_shape`` of the state's constructor works.
       step: which step; None for the latest.
+      shardings: where to place the arrays, overriding ``like``'s own
+        shardings: one ``jax.sharding.Sharding`` for every array, or a tree
+        prefix of ``like`` with a ``Sharding`` or None (keep ``like``'s, else
+        the first local device) per leaf, e.g. the trees of
+        ``peftjax.shard.adapter_shardings`` / ``state_shardings`` built for
+        the mesh to restore on, which may differ from the saving mesh.
+        Typed PRNG keys are replicated on their sharding's mesh.
 
     Returns:
       The restored tree, with ``like``'s structure and types.
 
     Raises:
       FileNotFoundError: no checkpoint (or no such step) under ``directory``.
-      ValueError: paths, shapes or dtypes differ from ``like``, all listed.
+      ValueError: paths, shapes or dtypes differ from ``like``, all listed;
+        ``shardings`` does not fit ``like``.
 
     Example:
       >>> import tempfile, jax.numpy as jnp
@@ -240,14 +285,15 @@ def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None
         saved = meta["leaves"]
         flat, treedef = jax.tree.flatten_with_path(like, is_leaf=lambda x: x is None)
         like_flat = [(_paths.canonical(kp), x) for kp, x in flat]
+        placement = _sharding_list(shardings, like, treedef, len(like_flat))
         want = [_record(p, x) for p, x in like_flat]
         _compare(saved, want)
         index = {r["path"]: i for i, r in enumerate(saved)}
         target = {}
-        for p, x in like_flat:
+        for (p, x), sh in zip(like_flat, placement):
             rec = saved[index[p]]
             if rec["kind"] in ("array", "prng_key"):
-                target[f"{index[p]:06d}"] = _abstract(x, rec)
+                target[f"{index[p]:06d}"] = _abstract(x, rec, sh)
         arrays = {}
         if target:
             arrays = mngr.restore(step, args=ocp.args.Composite(**{

@@ -147,6 +147,8 @@ def scale_by_frugal(
     reset_statistics: bool = True,
     dimension_numbers: _leaves.DimsSpec = None,
     key: jax.Array | int | None = None,
+    refresh_batch_size: int | None = None,
+    refresh_sharding: jax.sharding.NamedSharding | None = None,
 ) -> optax.GradientTransformation:
     """Splits each gradient into a state-full subspace and a state-free rest.
 
@@ -185,11 +187,17 @@ def scale_by_frugal(
         correction restarts) at every re-selection (static).
       dimension_numbers: as in ``scale_by_galore`` (static).
       key: seed or ``jax.random.key`` (static).
+      refresh_batch_size: as in ``scale_by_galore``: refresh ``b`` slices of
+        a stacked leaf at a time (static; not for ``blocks``).
+      refresh_sharding: as in ``scale_by_galore``: spread the slices' refreshes
+        over the devices of this slice-axis sharding (static; not for
+        ``blocks``).
 
     Returns:
       An ``optax.GradientTransformation`` with ``FrugalState``. Static
       arguments: ``density, update_gap, projector, proj_type, inner, free,
-      reset_statistics, dimension_numbers, key``.
+      reset_statistics, dimension_numbers, key, refresh_batch_size,
+      refresh_sharding``.
 
     Raises:
       ValueError: density outside [0, 1], a bad gap, a matrix view that cannot
@@ -228,8 +236,14 @@ def scale_by_frugal(
             f"{_WHAT}: proj_type must be one of {_projectors.PROJ_TYPES}, got "
             f"{proj_type!r}"
         )
+    _galore.check_refresh_options(refresh_batch_size, refresh_sharding, False, _WHAT)
     raw_key = _leaves.key_data(key)
     if isinstance(projector, BlockSelector):
+        if refresh_batch_size is not None or refresh_sharding is not None:
+            raise ValueError(
+                f"{_WHAT}: blocks() selects whole leaves and runs no SVD; drop "
+                "refresh_batch_size / refresh_sharding"
+            )
         return _scale_by_blocks(density, update_gap, projector.order, inner, free,
                                 scale, free_scale, raw_key)
 
@@ -287,8 +301,9 @@ def scale_by_frugal(
                 continue
             gs = _leaves.to_slices(g, pl)
             keys = _leaves.leaf_keys(state.key, i, count, pl.n_slices)
-            basis = _leaves.refresh_slices(
-                projector, pl.spec, gs, basis, keys, count, update_gap, None)
+            basis = _galore.refresh_bases(
+                projector, pl.spec, gs, basis, keys, count, update_gap, None,
+                refresh_batch_size, refresh_sharding)
             r = jax.vmap(lambda gi, bi, s=pl.spec: projector.down(gi, bi, s))(gs, basis)
             back = jax.vmap(lambda ri, bi, s=pl.spec: projector.up(ri, bi, s))(r, basis)
             low.append(r.reshape(pl.resolved.batch_shape + pl.spec.low_shape))
@@ -404,6 +419,8 @@ def frugal(
     reset_statistics: bool = True,
     dimension_numbers: _leaves.DimsSpec = None,
     key: jax.Array | int | None = None,
+    refresh_batch_size: int | None = None,
+    refresh_sharding: jax.sharding.NamedSharding | None = None,
 ) -> optax.GradientTransformation:
     """FRUGAL optimizer: ``scale_by_frugal``, decoupled decay, learning rate.
 
@@ -426,6 +443,8 @@ def frugal(
       reset_statistics: see ``scale_by_frugal`` (static).
       dimension_numbers: see ``scale_by_frugal`` (static).
       key: see ``scale_by_frugal`` (static).
+      refresh_batch_size: see ``scale_by_frugal`` (static).
+      refresh_sharding: see ``scale_by_frugal`` (static).
 
     Returns:
       An ``optax.GradientTransformation`` (a chain whose first state is
@@ -450,6 +469,7 @@ def frugal(
             inner=inner, free=free, scale=scale, free_scale=free_scale,
             reset_statistics=reset_statistics,
             dimension_numbers=dimension_numbers, key=key,
+            refresh_batch_size=refresh_batch_size, refresh_sharding=refresh_sharding,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

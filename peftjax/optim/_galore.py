@@ -28,9 +28,25 @@ every SVD on every step. Here the refresh predicate is always unbatched: the
 synchronous refresh vmaps the SVD *inside* the taken branch, and the staggered
 refresh scans over slices with one ``cond`` each.
 
+Sharded refreshes (``peftjax.shard``). The SVD is a LAPACK/cuSOLVER call that
+XLA cannot split inside a matrix: a gradient sharded over its in/out axes is
+gathered for it. With the default batched refresh every layer of a stacked
+leaf is gathered at once (on SmolLM2 with FSDP over 8 devices, about 425 MB
+per device). ``refresh_batch_size=1`` refreshes one layer at a time (one
+layer's gradient gathered at a time, every device repeating the SVDs);
+``refresh_sharding`` moves the stacked slices onto a sharding of the slice
+axis (padded to a multiple of its device count), so each device runs the SVDs
+of its own layers only, and the bases go back to the state's layout. The
+numbers are unchanged: each slice's SVD is the same call on the same matrix.
+On CPU with several devices in one process (``--xla_force_host_platform_
+device_count``) the batched refresh can deadlock: jaxlib's batched LAPACK SVD
+parallelises its batch on the thread pool that the device programs occupy;
+both options call the SVD one matrix at a time and do not.
+
 Exports: ``GaLoreState``, ``scale_by_galore``, ``galore``.
 """
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -80,6 +96,105 @@ def _rank_fn(rank: int):
     return fn
 
 
+def check_refresh_options(refresh_batch_size: Any, refresh_sharding: Any,
+                          stagger: bool, what: str) -> None:
+    """Validates the static refresh-placement options of GaLore and FRUGAL."""
+    if refresh_batch_size is not None and (
+        isinstance(refresh_batch_size, bool) or not isinstance(refresh_batch_size, int)
+        or refresh_batch_size < 1
+    ):
+        raise ValueError(
+            f"{what}: refresh_batch_size must be None or a positive int, got "
+            f"{refresh_batch_size!r}"
+        )
+    if refresh_sharding is not None:
+        if not isinstance(refresh_sharding, jax.sharding.NamedSharding):
+            raise TypeError(
+                f"{what}: refresh_sharding must be a jax.sharding.NamedSharding of the "
+                f"slice axis (e.g. peftjax.shard.refresh_sharding(mesh)), got "
+                f"{type(refresh_sharding).__name__}"
+            )
+        if any(e is not None for e in tuple(refresh_sharding.spec)[1:]):
+            raise ValueError(
+                f"{what}: refresh_sharding must shard only the slice axis, got spec "
+                f"{refresh_sharding.spec}"
+            )
+        if refresh_batch_size is not None:
+            raise ValueError(
+                f"{what}: give refresh_batch_size or refresh_sharding, not both "
+                f"(got {refresh_batch_size} and {refresh_sharding.spec})"
+            )
+    if stagger and (refresh_batch_size is not None or refresh_sharding is not None):
+        raise ValueError(
+            f"{what}: stagger already refreshes one slice at a time; drop "
+            "refresh_batch_size / refresh_sharding"
+        )
+
+
+def _shard_count(sharding: jax.sharding.NamedSharding) -> int:
+    entry = tuple(sharding.spec)[0] if len(sharding.spec) else None
+    if entry is None:
+        return 1
+    names = (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(sharding.mesh.shape[n] for n in names)
+
+
+def refresh_bases(
+    projector: _projectors.Projector,
+    spec: _projectors.LeafSpec,
+    g: jax.Array,
+    basis: Any,
+    keys: jax.Array,
+    count: jax.Array,
+    gap: int,
+    offsets: Any,
+    batch_size: int | None,
+    sharding: jax.sharding.NamedSharding | None,
+) -> Any:
+    """Refreshes one leaf's slice bases, placed as the static options say.
+
+    ``g: (n_slices, n_in, n_out)``. Staggered refreshes and the default
+    (``batch_size`` and ``sharding`` None) are ``_leaves.refresh_slices``;
+    otherwise one unbatched ``lax.cond`` guards either a ``lax.map`` over the
+    slices in chunks of ``batch_size`` or a ``shard_map`` over the slices
+    (padded to a multiple of the sharding's device count) in which each
+    device maps over its own slices.
+    """
+    if offsets is not None or (batch_size is None and sharding is None):
+        return _leaves.refresh_slices(projector, spec, g, basis, keys, count, gap,
+                                      offsets)
+
+    def one(args):
+        gi, bi, ki = args
+        return projector.refresh(gi, bi, spec, ki)
+
+    def chunked():
+        return jax.lax.map(one, (g, basis, keys), batch_size=batch_size)
+
+    def spread():
+        n = g.shape[0]
+        pad = (-n) % _shard_count(sharding)
+
+        def padded(x):
+            if not pad:
+                return x
+            return jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+
+        kp = keys
+        if pad:
+            kp = jnp.concatenate([keys, jax.random.split(keys[0], pad)])
+        spec = jax.sharding.PartitionSpec(*tuple(sharding.spec)[:1])
+        # Each device loops over its own slices, one SVD call at a time.
+        local = jax.shard_map(
+            lambda *a: jax.lax.map(one, a), mesh=sharding.mesh,
+            in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+        new = local(padded(g), jax.tree.map(padded, basis), kp)
+        return jax.tree.map(lambda b: b[:n], new)
+
+    return jax.lax.cond(count % gap == 0, spread if sharding is not None else chunked,
+                        lambda: basis)
+
+
 def _no_params_error(e: ValueError) -> Exception:
     if optax._src.base.NO_PARAMS_MSG in str(e):  # noqa: SLF001
         return TypeError(
@@ -102,6 +217,8 @@ def scale_by_galore(
     dimension_numbers: _leaves.DimsSpec = None,
     stagger: bool = False,
     key: jax.Array | int | None = None,
+    refresh_batch_size: int | None = None,
+    refresh_sharding: jax.sharding.NamedSharding | None = None,
 ) -> optax.GradientTransformation:
     """Projects matrix gradients to rank ``r``, runs ``inner`` there, maps back.
 
@@ -144,11 +261,19 @@ def scale_by_galore(
       stagger: refresh slices at evenly spread phases of ``T`` (after a joint
         refresh at step 0) so no single step pays every SVD (static).
       key: seed or ``jax.random.key`` for random projectors (static).
+      refresh_batch_size: None (default) refreshes all slices of a stacked
+        leaf with one batched SVD; an int ``b`` refreshes ``b`` slices at a
+        time (``jax.lax.map(..., batch_size=b)``), so a gradient sharded over
+        its matrix axes is gathered ``b`` layers at a time (static).
+      refresh_sharding: a ``NamedSharding`` of the slice axis (e.g.
+        ``peftjax.shard.refresh_sharding(mesh)``): each device runs the SVDs
+        of its own slices (padded to a multiple of its device count);
+        exclusive with ``refresh_batch_size`` and ``stagger`` (static).
 
     Returns:
       An ``optax.GradientTransformation`` with ``GaLoreState``.
       Static arguments: ``rank, update_proj_gap, proj_type, inner, projector,
-      dimension_numbers, stagger, key``.
+      dimension_numbers, stagger, key, refresh_batch_size, refresh_sharding``.
 
     Raises:
       ValueError: bad rank, gap or proj_type; a leaf whose matrix view is
@@ -188,6 +313,7 @@ def scale_by_galore(
             f"{_WHAT}: proj_type must be one of {_projectors.PROJ_TYPES}, got "
             f"{proj_type!r}"
         )
+    check_refresh_options(refresh_batch_size, refresh_sharding, stagger, _WHAT)
     raw_key = _leaves.key_data(key)
 
     def plan(tree):
@@ -243,8 +369,9 @@ def scale_by_galore(
                 continue
             gs = _leaves.to_slices(g, pl)
             keys = _leaves.leaf_keys(state.key, i, count, pl.n_slices)
-            basis = _leaves.refresh_slices(
-                projector, pl.spec, gs, basis, keys, count, update_proj_gap, off
+            basis = refresh_bases(
+                projector, pl.spec, gs, basis, keys, count, update_proj_gap, off,
+                refresh_batch_size, refresh_sharding,
             )
             r = jax.vmap(lambda gi, bi, s=pl.spec: projector.down(gi, bi, s))(gs, basis)
             low.append(r.reshape(pl.resolved.batch_shape + pl.spec.low_shape))
@@ -290,6 +417,8 @@ def galore(
     dimension_numbers: _leaves.DimsSpec = None,
     stagger: bool = False,
     key: jax.Array | int | None = None,
+    refresh_batch_size: int | None = None,
+    refresh_sharding: jax.sharding.NamedSharding | None = None,
 ) -> optax.GradientTransformation:
     """GaLore optimizer: ``scale_by_galore``, decoupled decay, learning rate.
 
@@ -313,6 +442,8 @@ def galore(
       dimension_numbers: see ``scale_by_galore`` (static).
       stagger: see ``scale_by_galore`` (static).
       key: see ``scale_by_galore`` (static).
+      refresh_batch_size: see ``scale_by_galore`` (static).
+      refresh_sharding: see ``scale_by_galore`` (static).
 
     Returns:
       An ``optax.GradientTransformation`` (a chain whose first state is
@@ -341,6 +472,8 @@ def galore(
             dimension_numbers=dimension_numbers,
             stagger=stagger,
             key=key,
+            refresh_batch_size=refresh_batch_size,
+            refresh_sharding=refresh_sharding,
         ),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),

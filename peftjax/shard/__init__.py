@@ -1,0 +1,105 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Sharded training with JAX's own SPMD machinery: meshes, rules, derived shardings.
+
+peftjax adds no distribution layer: a step is an ordinary function, jitted
+with ``NamedSharding``s over a ``Mesh``; XLA's partitioner inserts the
+collectives. This namespace supplies the shardings.
+
+1. A mesh with ``data``, ``fsdp`` and ``tensor`` axes (``make_mesh``;
+   ``AxisType.Auto`` axes). The batch is split over ``data`` x ``fsdp``
+   (``batch_sharding``); parameters are replicated over ``data`` and split
+   over ``fsdp`` and ``tensor``.
+2. Base parameters get ``PartitionSpec``s from the same path rules as
+   adapters and optimizers: ``Rule(where=regex, then=MatrixSpec(inputs=...,
+   outputs=...))`` is resolved through the leaf's ``DimensionNumbers``, so
+   it covers 2-D and stacked ``(L, in, out)`` kernels alike
+   (``param_shardings``; ``transformer_rules()`` for Llama/BERT names).
+3. Adapter and optimizer state are never placed by hand: ``adapter_shardings``
+   and ``state_shardings`` derive each leaf's sharding from its base leaf
+   (LoRA ``a`` follows the input axis, ``b`` the output axis; GaLore/FRUGAL
+   bases and low-rank moments follow the surviving axis; sparse ``values``
+   and ``indices`` put the base's mesh axes on ``k``). A leaf that cannot be
+   split like its base raises a ``ShardingFallbackWarning``.
+
+Data parallel, FSDP and tensor parallel are the same code with different mesh
+shapes::
+
+    from peftjax import adapters, shard, tree
+    mesh = shard.make_mesh(data=2, fsdp=4)              # 8 devices
+    p_sh = shard.param_shardings(mesh, params, shard.transformer_rules())
+    params = jax.device_put(params, p_sh)
+    state = adapters.init(assignment, key, params)
+    s_sh = shard.adapter_shardings(mesh, assignment, params, p_sh, state)
+    trainable = jax.device_put(state.trainable, s_sh.trainable)
+    frozen = jax.device_put(state.frozen, s_sh.frozen)
+    opt_state = opt.init(trainable)
+    o_sh = shard.state_shardings(mesh, opt_state, trainable, s_sh.trainable)
+    opt_state = jax.device_put(opt_state, o_sh)
+    step = jax.jit(adapters.make_train_step(assignment, loss_fn, opt),
+                   in_shardings=(s_sh.trainable, o_sh, p_sh, s_sh.frozen,
+                                 shard.batch_sharding(mesh)),
+                   out_shardings=(s_sh.trainable, o_sh, shard.replicated(mesh)),
+                   donate_argnums=(0, 1))
+
+GaLore and FRUGAL under sharding: the SVD of a refresh needs whole matrices.
+Pass ``refresh_sharding=shard.refresh_sharding(mesh)`` so that each device
+refreshes its own share of a stacked leaf's layers (padded to a multiple of
+the device count), or ``refresh_batch_size=1`` to gather one layer at a time;
+the default batched refresh gathers every layer of a stacked gradient on
+every device at once.
+
+Checkpoints: ``peftjax.io.checkpoint.save`` writes sharded arrays as they are
+(each process its own shards); ``restore(directory, like, shardings=...)``
+places the arrays on any mesh, e.g. saved on ``(2, 4)`` and restored on
+``(8, 1)`` or one device.
+
+``jax.pmap`` (legacy): peftjax's transforms are pure functions, so a pmapped
+step with ``jax.lax.pmean`` over the gradients works unchanged; pass the
+replicated trees with ``in_axes=None`` instead of the removed
+``jax.device_put_replicated``. New code should use ``jit`` with shardings.
+
+Multi-host: call ``jax.distributed.initialize()`` first, build the mesh over
+``jax.devices()`` (all hosts), feed each host's batch shard with
+``jax.make_array_from_process_local_data(shard.batch_sharding(mesh), x)``;
+the step function is unchanged (``examples/multihost/`` in the repository).
+
+Exports: ``AXES``, ``BATCH_AXES``, ``make_mesh``, ``batch_sharding``,
+``replicated``, ``refresh_sharding``, ``MatrixSpec``, ``transformer_rules``,
+``param_specs``, ``param_shardings``, ``named_shardings``,
+``adapter_shardings``, ``state_shardings``, ``ShardingFallbackWarning``,
+``describe``.
+"""
+
+from peftjax.shard._derive import ShardingFallbackWarning as ShardingFallbackWarning
+from peftjax.shard._derive import adapter_shardings as adapter_shardings
+from peftjax.shard._derive import state_shardings as state_shardings
+from peftjax.shard._mesh import AXES as AXES
+from peftjax.shard._mesh import BATCH_AXES as BATCH_AXES
+from peftjax.shard._mesh import batch_sharding as batch_sharding
+from peftjax.shard._mesh import make_mesh as make_mesh
+from peftjax.shard._mesh import refresh_sharding as refresh_sharding
+from peftjax.shard._mesh import replicated as replicated
+from peftjax.shard._specs import MatrixSpec as MatrixSpec
+from peftjax.shard._specs import describe as describe
+from peftjax.shard._specs import named_shardings as named_shardings
+from peftjax.shard._specs import param_shardings as param_shardings
+from peftjax.shard._specs import param_specs as param_specs
+from peftjax.shard._specs import transformer_rules as transformer_rules
+
+__all__ = [
+    "AXES",
+    "BATCH_AXES",
+    "MatrixSpec",
+    "ShardingFallbackWarning",
+    "adapter_shardings",
+    "batch_sharding",
+    "describe",
+    "make_mesh",
+    "named_shardings",
+    "param_shardings",
+    "param_specs",
+    "refresh_sharding",
+    "replicated",
+    "state_shardings",
+    "transformer_rules",
+]
