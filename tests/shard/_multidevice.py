@@ -102,11 +102,12 @@ class Checks:
         self.jax, self.jnp, self.np = jax, jnp, np
 
     # -- shared helpers --------------------------------------------------------
-    def loss(self, gdef, ties=None):
+    def loss(self, gdef, ties=None, mesh=None):
+        """Cross-entropy (+ ties); on a mesh, scan carries pinned to the batch split."""
         import optax
 
         from peftjax import models as pm
-        from peftjax import tree
+        from peftjax import shard, tree
 
         jnp = self.jnp
 
@@ -120,6 +121,8 @@ class Checks:
                     out = out + jnp.sum(flat[path] * c)
             return out
 
+        if mesh is not None:
+            return shard.constrain_scan_carries(fn, mesh, batch_size=BATCH)
         return fn
 
     def ties(self, params, pattern, seed):
@@ -168,7 +171,7 @@ class Checks:
             json.dump(self.results, f, indent=1, sort_keys=True)
 
     # -- adapter methods -------------------------------------------------------
-    def adapter_run(self, name, step_fn, params, assignment, state, opt, meshes):
+    def adapter_run(self, name, make_step, params, assignment, state, opt, meshes):
         """Runs ``step_fn`` on one device and on each mesh; records everything."""
         import optax
 
@@ -185,7 +188,8 @@ class Checks:
                     t, o, loss = step(t, o, p, f, self.tokens)
             return t, o, loss
 
-        t, o, loss = run(jax.jit(step_fn), state.trainable, o0, params, state.frozen)
+        t, o, loss = run(jax.jit(make_step(None)), state.trainable, o0, params,
+                         state.frozen)
         self.save(name, "single", t)
         res["moved"] = _moved(state.trainable, t)
         res["loss_single"] = float(loss)
@@ -198,7 +202,7 @@ class Checks:
             o_sh = shard.state_shardings(mesh, o0, state.trainable, s_sh.trainable)
             b_sh = shard.batch_sharding(mesh)
             shardings = (s_sh.trainable, o_sh, p_sh, s_sh.frozen)
-            step = jax.jit(step_fn, in_shardings=shardings + (b_sh,),
+            step = jax.jit(make_step(mesh), in_shardings=shardings + (b_sh,),
                            out_shardings=(s_sh.trainable, o_sh, shard.replicated(mesh)))
             args = jax.device_put((state.trainable, o0, params, state.frozen), shardings)
             ts, os_, loss_s = run(step, *args)
@@ -236,10 +240,11 @@ class Checks:
         state = state._replace(trainable=self.jax.tree.map(lambda x: x + 0.01,
                                                            state.trainable))
         opt = optax.adamw(1e-2, eps=1e-4)
-        step_fn = pexec.make_train_step(a, self.loss(self.gdef), opt)
-        self.lora_setup = (a, state, opt, step_fn)
-        return self.adapter_run("lora", step_fn, params, a, state, opt,
-                                [(8, 1, 1), (1, 8, 1), (1, 2, 4)])
+        self.lora_setup = (a, state, opt)
+        return self.adapter_run(
+            "lora", lambda mesh: pexec.make_train_step(a, self.loss(self.gdef, mesh=mesh),
+                                                       opt),
+            params, a, state, opt, [(8, 1, 1), (1, 8, 1), (1, 2, 4)])
 
     def lora_sb(self):
         import optax
@@ -258,9 +263,10 @@ class Checks:
         stats = inits.accumulate_gradients(loss_fn, params, [self.tokens], list(plan))
         res = inits.init(plan, self.jax.random.key(2), params, stats=stats)
         opt = optax.adamw(1e-3, eps=1e-4)
-        step_fn = adapters.make_train_step(res.assignment, loss_fn, opt)
-        return self.adapter_run("lora_sb", step_fn, res.params, res.assignment,
-                                res.state, opt, [(2, 2, 2)])
+        # unrolled layers: no scan carries to pin
+        return self.adapter_run(
+            "lora_sb", lambda mesh: adapters.make_train_step(res.assignment, loss_fn, opt),
+            res.params, res.assignment, res.state, opt, [(2, 2, 2)])
 
     # -- optimizer-side methods -----------------------------------------------
     def full_run(self, name, make_opt, meshes, *, ties=None, record=None):
@@ -271,11 +277,12 @@ class Checks:
 
         jax = self.jax
         params = self.params
-        loss_fn = self.loss(self.gdef, ties)
         res = {"meshes": {}}
         self.results[name] = res
 
-        def make_step(opt):
+        def make_step(opt, mesh=None):
+            loss_fn = self.loss(self.gdef, ties, mesh)
+
             def step(p, o, toks):
                 loss, g = jax.value_and_grad(loss_fn)(p, toks)
                 with jax.numpy_dtype_promotion("standard"):
@@ -307,7 +314,7 @@ class Checks:
             p_sh = shard.param_shardings(mesh, params, shard.transformer_rules())
             o_sh = shard.state_shardings(mesh, o0, params, p_sh)
             b_sh = shard.batch_sharding(mesh)
-            step = jax.jit(make_step(opt), in_shardings=(p_sh, o_sh, b_sh),
+            step = jax.jit(make_step(opt, mesh), in_shardings=(p_sh, o_sh, b_sh),
                            out_shardings=(p_sh, o_sh, shard.replicated(mesh)))
             ps, os_, seq = run(step, *jax.device_put((params, o0), (p_sh, o_sh)))
             self.save(name, mname, ps)
@@ -396,7 +403,6 @@ class Checks:
         a = tree.assign(params, [tree.Rule(where=pattern, then=adapters.sparse_delta(k=64))])
         state = adapters.init(a, jax.random.key(4), params)
         ties = self.ties(params, pattern, seed=5)
-        loss_fn = self.loss(self.gdef, ties)
         # eps = 1 keeps |update| proportional to |g| (no near-equal |delta| ties)
         opt = optim.sft_adamw(1e-2, eps=1.0)
         selector = masks.spiel_selector(total_steps=20, reselection_steps=3,
@@ -404,9 +410,10 @@ class Checks:
         res = {"meshes": {}}
         self.results["sparse"] = res
 
-        def make(base):
+        def make(base, mesh):
             return optim.make_spiel_step(functools.partial(adapters.materialize, a, base),
-                                         loss_fn, opt, selector=selector)
+                                         self.loss(self.gdef, ties, mesh), opt,
+                                         selector=selector)
 
         def run(step, t, f, o, s, base):
             seq = []
@@ -417,16 +424,15 @@ class Checks:
                             for p in f})
             return t, f, o, s, seq
 
-        def wrap(base_fn):
+        def step_fn(mesh):
             def step(t, f, o, s, base, toks):
-                return base_fn(base)(t, f, o, s, toks)
+                return make(base, mesh)(t, f, o, s, toks)
 
             return step
 
-        step_fn = wrap(make)
         o0 = opt.init(state.trainable)
         s0 = optim.spiel_init(state.trainable, state.frozen)
-        t1, f1, o1, _, seq = run(jax.jit(step_fn), state.trainable, state.frozen, o0, s0,
+        t1, f1, o1, _, seq = run(jax.jit(step_fn(None)), state.trainable, state.frozen, o0, s0,
                                  params)
         self.save("sparse", "single", {"values": t1, "indices": f1})
         res["moved"] = _moved(state.trainable, t1)
@@ -441,7 +447,7 @@ class Checks:
             o_sh = shard.state_shardings(mesh, o0, state.trainable, s_sh.trainable)
             sp_sh = shard.state_shardings(mesh, s0, state.trainable, s_sh.trainable)
             ins = (s_sh.trainable, s_sh.frozen, o_sh, sp_sh, p_sh)
-            step = jax.jit(step_fn, in_shardings=ins + (shard.batch_sharding(mesh),),
+            step = jax.jit(step_fn(mesh), in_shardings=ins + (shard.batch_sharding(mesh),),
                            out_shardings=ins[:4] + (shard.replicated(mesh),))
             args = jax.device_put((state.trainable, state.frozen, o0, s0, params), ins)
             ts, fs, _, _, seq = run(step, *args)
@@ -467,7 +473,7 @@ class Checks:
             "pmap_legacy", os.path.join(root, "examples", "pmap_legacy.py"))
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        a, state, opt, _ = self.lora_setup
+        a, state, opt = self.lora_setup
         loss_fn = self.loss(self.gdef)
         step = mod.make_pmap_step(a, loss_fn, opt)
         t, o = state.trainable, opt.init(state.trainable)
@@ -484,7 +490,7 @@ class Checks:
         from peftjax.io import checkpoint
 
         jax = self.jax
-        a, state, opt, _ = self.lora_setup
+        a, state, opt = self.lora_setup
         step8, sh8, (t8, o8) = lora_compiled[(8, 1, 1)]
         ckpt = os.path.join(tmp, "ckpt")
 
