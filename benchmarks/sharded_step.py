@@ -15,7 +15,8 @@ simulated CPU devices (``transformer_rules()``: column/row-parallel kernels
 and the vocabulary axis of the embedding on ``fsdp``; adapter and optimizer
 state derived with ``adapter_shardings`` / ``state_shardings``; the loss wrapped in
 ``constrain_scan_carries`` so the scanned layers' activations stay split over
-the batch), with parameters / adapter state and optimizer state donated. Memory per device is
+the batch), with parameters / adapter state and optimizer state donated.
+Memory per device is
 ``argument + output + temp - alias`` from ``compiled.memory_analysis()`` (with
 everything donated this is ``argument + temp``); XLA's SPMD programs report
 one device's buffers.
@@ -89,14 +90,21 @@ def _model(cfg):
 
     if cfg.smoke:
         cfg = dataclasses.replace(cfg, galore_rank=8)
-        mcfg = llama.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=4, num_attention_heads=4,
-                                 num_key_value_heads=2, tie_word_embeddings=True)
+        mcfg = llama.LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
     else:
         meta = io.read_gguf_metadata(pm.smollm2_gguf())
         mcfg = llama.config_from_gguf(meta, has_output=False)
     abstract = nnx.eval_shape(
-        lambda: llama.LlamaForCausalLM(mcfg, scan_layers=True, rngs=nnx.Rngs(0)))
+        lambda: llama.LlamaForCausalLM(mcfg, scan_layers=True, rngs=nnx.Rngs(0))
+    )
     gdef, params = pm.split_params(abstract)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     return cfg, mcfg, gdef, params
@@ -104,11 +112,18 @@ def _model(cfg):
 
 def _bytes(compiled):
     m = compiled.memory_analysis()
-    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
-    return total, {"argument": m.argument_size_in_bytes,
-                   "output": m.output_size_in_bytes, "temp": m.temp_size_in_bytes,
-                   "alias": m.alias_size_in_bytes}
+    total = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+    return total, {
+        "argument": m.argument_size_in_bytes,
+        "output": m.output_size_in_bytes,
+        "temp": m.temp_size_in_bytes,
+        "alias": m.alias_size_in_bytes,
+    }
 
 
 def _svd_shapes(compiled):
@@ -133,7 +148,8 @@ def _loss(gdef, mesh, batch):
     def loss_fn(p, toks):
         logits = pm.apply(gdef, p, toks[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(
-            logits, toks[:, 1:]).mean()
+            logits, toks[:, 1:]
+        ).mean()
 
     # the scanned layers' activations stay split over the batch (see
     # peftjax.shard.constrain_scan_carries)
@@ -147,19 +163,32 @@ def _lora(mesh, gdef, params, tokens, cfg):
     from peftjax import adapters, shard, tree
     from peftjax import exec as pexec
 
-    a = tree.assign(params, [tree.Rule(where=ATTN, then=adapters.lora(
-        cfg.lora_rank, alpha=2.0 * cfg.lora_rank))])
+    a = tree.assign(
+        params,
+        [
+            tree.Rule(
+                where=ATTN, then=adapters.lora(cfg.lora_rank, alpha=2.0 * cfg.lora_rank)
+            )
+        ],
+    )
     state = jax.eval_shape(lambda p: adapters.init(a, jax.random.key(0), p), params)
     opt = optax.adamw(1e-4)
     o0 = jax.eval_shape(opt.init, state.trainable)
     p_sh = shard.param_shardings(mesh, params, shard.transformer_rules())
     s_sh = shard.adapter_shardings(mesh, a, params, p_sh, state)
     o_sh = shard.state_shardings(mesh, o0, state.trainable, s_sh.trainable)
-    step = jax.jit(pexec.make_train_step(a, _loss(gdef, mesh, cfg.batch), opt),
-                   in_shardings=(s_sh.trainable, o_sh, p_sh, s_sh.frozen,
-                                 shard.batch_sharding(mesh)),
-                   out_shardings=(s_sh.trainable, o_sh, shard.replicated(mesh)),
-                   donate_argnums=(0, 1))
+    step = jax.jit(
+        pexec.make_train_step(a, _loss(gdef, mesh, cfg.batch), opt),
+        in_shardings=(
+            s_sh.trainable,
+            o_sh,
+            p_sh,
+            s_sh.frozen,
+            shard.batch_sharding(mesh),
+        ),
+        out_shardings=(s_sh.trainable, o_sh, shard.replicated(mesh)),
+        donate_argnums=(0, 1),
+    )
     return step.lower(state.trainable, o0, params, state.frozen, tokens).compile()
 
 
@@ -178,13 +207,24 @@ def _galore(mesh, gdef, params, tokens, cfg, refresh):
     elif refresh == "none":
         svd = optim.svd()
         projector = optim.Projector(svd.init, lambda g, b, s, k: b, svd.down, svd.up)
-    labels = tree.labels(params, [tree.Rule(where=PROJECTED, then="galore")],
-                         default="adamw")
-    opt = optax.partition({
-        "galore": optim.galore(1e-3, rank=cfg.galore_rank, update_proj_gap=200,
-                               scale=0.25, inner=optim.scale_by_adam_hf(eps=1e-6),
-                               projector=projector, **kw),
-        "adamw": optax.adamw(1e-3)}, labels)
+    labels = tree.labels(
+        params, [tree.Rule(where=PROJECTED, then="galore")], default="adamw"
+    )
+    opt = optax.partition(
+        {
+            "galore": optim.galore(
+                1e-3,
+                rank=cfg.galore_rank,
+                update_proj_gap=200,
+                scale=0.25,
+                inner=optim.scale_by_adam_hf(eps=1e-6),
+                projector=projector,
+                **kw,
+            ),
+            "adamw": optax.adamw(1e-3),
+        },
+        labels,
+    )
     o0 = jax.eval_shape(opt.init, params)
     p_sh = shard.param_shardings(mesh, params, shard.transformer_rules())
     o_sh = shard.state_shardings(mesh, o0, params, p_sh)
@@ -195,9 +235,12 @@ def _galore(mesh, gdef, params, tokens, cfg, refresh):
         u, o = opt.update(g, o, p)
         return optax.apply_updates(p, u), o, loss
 
-    jitted = jax.jit(step, in_shardings=(p_sh, o_sh, shard.batch_sharding(mesh)),
-                     out_shardings=(p_sh, o_sh, shard.replicated(mesh)),
-                     donate_argnums=(0, 1))
+    jitted = jax.jit(
+        step,
+        in_shardings=(p_sh, o_sh, shard.batch_sharding(mesh)),
+        out_shardings=(p_sh, o_sh, shard.replicated(mesh)),
+        donate_argnums=(0, 1),
+    )
     return jitted.lower(params, o0, tokens).compile()
 
 
@@ -214,55 +257,77 @@ def main(cfg: Config) -> dict:
     cfg, mcfg, gdef, params = _model(cfg)
     tokens = jax.ShapeDtypeStruct((cfg.batch, cfg.seq_len + 1), jnp.int32)
     meshes = ((1, 1), (1, 8)) if cfg.smoke else MESHES
-    out: dict = {"config": dataclasses.asdict(cfg), "model": {
-        "layers": mcfg.num_hidden_layers, "hidden": mcfg.hidden_size,
-        "intermediate": mcfg.intermediate_size, "vocab": mcfg.vocab_size}}
+    out: dict = {
+        "config": dataclasses.asdict(cfg),
+        "model": {
+            "layers": mcfg.num_hidden_layers,
+            "hidden": mcfg.hidden_size,
+            "intermediate": mcfg.intermediate_size,
+            "vocab": mcfg.vocab_size,
+        },
+    }
     details: dict = {}
 
     def mesh_of(d, f):
-        return shard.make_mesh(data=d, fsdp=f, devices=jax.devices()[:d * f])
+        return shard.make_mesh(data=d, fsdp=f, devices=jax.devices()[: d * f])
 
     for d, f in meshes:
         name = f"{d}x{f}"
         mesh = mesh_of(d, f)
-        runs = {"lora": lambda: _lora(mesh, gdef, params, tokens, cfg),
-                "galore": lambda: _galore(mesh, gdef, params, tokens, cfg, "spread"),
-                "galore_norefresh": lambda: _galore(mesh, gdef, params, tokens, cfg,
-                                                    "none")}
+        runs = {"lora": None, "galore": "spread", "galore_norefresh": "none"}
         if (d, f) in ((1, 1), (1, 8)):
-            runs["galore_batched"] = lambda: _galore(mesh, gdef, params, tokens, cfg,
-                                                     "batched")
+            runs["galore_batched"] = "batched"
         if (d, f) == (1, 8):
-            runs["galore_per_layer"] = lambda: _galore(mesh, gdef, params, tokens, cfg,
-                                                       "per_layer")
-        for method, build in runs.items():
+            runs["galore_per_layer"] = "per_layer"
+        for method, refresh in runs.items():
             t = time.time()
-            compiled = build()
+            if refresh is None:
+                compiled = _lora(mesh, gdef, params, tokens, cfg)
+            else:
+                compiled = _galore(mesh, gdef, params, tokens, cfg, refresh)
             total, parts = _bytes(compiled)
             out[f"per_device_bytes_{method}_{name}"] = total
-            details[f"{method}_{name}"] = {**parts, "compile_s": round(time.time() - t, 1),
-                                           "svd_operands": _svd_shapes(compiled)}
-            print(f"{method:18s} {name}: {total / 2**20:9.1f} MiB per device "
-                  f"(temp {parts['temp'] / 2**20:.1f} MiB)", flush=True)
+            details[f"{method}_{name}"] = {
+                **parts,
+                "compile_s": round(time.time() - t, 1),
+                "svd_operands": _svd_shapes(compiled),
+            }
+            print(
+                f"{method:18s} {name}: {total / 2**20:9.1f} MiB per device "
+                f"(temp {parts['temp'] / 2**20:.1f} MiB)",
+                flush=True,
+            )
             del compiled
     base = out["per_device_bytes_galore_1x1"]
     ratio = out["per_device_bytes_galore_1x8"] / base
     out["ratio_galore_1x8"] = ratio
-    out["ratio_galore_norefresh_1x8"] = (out["per_device_bytes_galore_norefresh_1x8"]
-                                         / out["per_device_bytes_galore_norefresh_1x1"])
-    out["ratio_lora_1x8"] = out["per_device_bytes_lora_1x8"] / out["per_device_bytes_lora_1x1"]
+    out["ratio_galore_norefresh_1x8"] = (
+        out["per_device_bytes_galore_norefresh_1x8"]
+        / out["per_device_bytes_galore_norefresh_1x1"]
+    )
+    out["ratio_lora_1x8"] = (
+        out["per_device_bytes_lora_1x8"] / out["per_device_bytes_lora_1x1"]
+    )
     out["target_galore_1x8_le_0.2"] = bool(ratio <= 0.2)
     L = mcfg.num_hidden_layers
-    out["svd_per_device_per_leaf"] = {"batched": L, "per_layer": L,
-                                      "spread": -(-L // 8)}
+    out["svd_per_device_per_leaf"] = {
+        "batched": L,
+        "per_layer": L,
+        "spread": -(-L // 8),
+    }
     out["details"] = details
     out["loadavg_before"] = load_before
     out["loadavg_after"] = os.getloadavg()
     out["seconds"] = round(time.time() - t0, 1)
-    out["versions"] = {"jax": jax.__version__, "python": platform.python_version(),
-                       "backend": jax.default_backend()}
-    print(f"galore 1x8 / 1x1 = {ratio:.3f} (target <= 0.2: "
-          f"{'met' if ratio <= 0.2 else 'missed'})")
+    out["versions"] = {
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "backend": jax.default_backend(),
+    }
+    print(
+        f"galore 1x8 / 1x1 = {ratio:.3f} (target <= 0.2: "
+        f"{'met' if ratio <= 0.2 else 'missed'})"
+    )
     if cfg.json:
         with open(cfg.json, "w") as fh:
             json.dump(out, fh, indent=1, sort_keys=True)
@@ -275,8 +340,9 @@ def _parse() -> Config:
         if field.type in (bool, "bool"):
             p.add_argument(f"--{field.name}", action="store_true")
         else:
-            p.add_argument(f"--{field.name}", type=type(field.default),
-                           default=field.default)
+            p.add_argument(
+                f"--{field.name}", type=type(field.default), default=field.default
+            )
     return Config(**vars(p.parse_args()))
 
 

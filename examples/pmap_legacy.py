@@ -50,9 +50,13 @@ def split_batch(batch: jax.Array, n_devices: int) -> jax.Array:
     return batch.reshape((n_devices, batch.shape[0] // n_devices) + batch.shape[1:])
 
 
-def make_pmap_step(assignment: dict, loss_fn: Callable[[Any, Any], jax.Array],
-                   optimizer: optax.GradientTransformation, *,
-                   factored: bool = True) -> Callable:
+def make_pmap_step(
+    assignment: dict,
+    loss_fn: Callable[[Any, Any], jax.Array],
+    optimizer: optax.GradientTransformation,
+    *,
+    factored: bool = True,
+) -> Callable:
     """Builds a pmapped LoRA step ``(trainable, opt_state, params, frozen, batches)``.
 
     Args:
@@ -83,8 +87,12 @@ def make_pmap_step(assignment: dict, loss_fn: Callable[[Any, Any], jax.Array],
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    return jax.pmap(step, axis_name=AXIS, in_axes=(None, None, None, None, 0),
-                    out_axes=(None, None, None))
+    return jax.pmap(
+        step,
+        axis_name=AXIS,
+        in_axes=(None, None, None, None, 0),
+        out_axes=(None, None, None),
+    )
 
 
 def main(steps: int = 3) -> float:
@@ -98,21 +106,31 @@ def main(steps: int = 3) -> float:
     from peftjax import models as pm
     from peftjax.models import llama
 
-    cfg = llama.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                            num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = llama.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     gdef, params = pm.split_params(
-        llama.LlamaForCausalLM(cfg, scan_layers=True, rngs=nnx.Rngs(0)))
+        llama.LlamaForCausalLM(cfg, scan_layers=True, rngs=nnx.Rngs(0))
+    )
     n = jax.local_device_count()
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (n, 32)), jnp.int32)
 
     def loss_fn(p, toks):
         logits = pm.apply(gdef, p, toks[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(
-            logits, toks[:, 1:]).mean()
+            logits, toks[:, 1:]
+        ).mean()
 
-    a = tree.assign(params, [tree.Rule(where=r".*(q|v)_proj/kernel",
-                                       then=adapters.lora(4, alpha=8.0))])
+    a = tree.assign(
+        params,
+        [tree.Rule(where=r".*(q|v)_proj/kernel", then=adapters.lora(4, alpha=8.0))],
+    )
     state = adapters.init(a, jax.random.key(0), params)
     opt = optax.adamw(1e-2, eps=1e-4)
 
@@ -122,15 +140,21 @@ def main(steps: int = 3) -> float:
         t_p, o_p, loss_p = pstep(t_p, o_p, params, state.frozen, split_batch(tokens, n))
 
     mesh = shard.make_mesh(data=n, devices=jax.local_devices())
-    jstep = jax.jit(pexec.make_train_step(a, loss_fn, opt),
-                    in_shardings=(None, None, None, None, shard.batch_sharding(mesh)))
+    jstep = jax.jit(
+        pexec.make_train_step(a, loss_fn, opt),
+        in_shardings=(None, None, None, None, shard.batch_sharding(mesh)),
+    )
     t_j, o_j = state.trainable, opt.init(state.trainable)
     for _ in range(steps):
         t_j, o_j, loss_j = jstep(t_j, o_j, params, state.frozen, tokens)
-    diff = max(float(jnp.max(jnp.abs(x - y)))
-               for x, y in zip(jax.tree.leaves(t_p), jax.tree.leaves(t_j)))
-    print(f"pmap loss {float(loss_p):.6f}, jit loss {float(loss_j):.6f}, "
-          f"max |pmap - jit| over the LoRA factors: {diff:.3g}")
+    diff = max(
+        float(jnp.max(jnp.abs(x - y)))
+        for x, y in zip(jax.tree.leaves(t_p), jax.tree.leaves(t_j), strict=True)
+    )
+    print(
+        f"pmap loss {float(loss_p):.6f}, jit loss {float(loss_j):.6f}, "
+        f"max |pmap - jit| over the LoRA factors: {diff:.3g}"
+    )
     return diff
 
 

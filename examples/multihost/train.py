@@ -25,8 +25,13 @@ devices; both print the same final loss and parameter checksum.
 """
 
 import argparse
+import functools
 import os
 import sys
+
+
+def _index(x, idx):
+    return x[idx]
 
 
 def _args():
@@ -34,10 +39,17 @@ def _args():
     p.add_argument("--coordinator", default=None, help="host:port of process 0")
     p.add_argument("--num_processes", type=int, default=None)
     p.add_argument("--process_id", type=int, default=None)
-    p.add_argument("--cpu_devices", type=int, default=0,
-                   help="simulate this many CPU devices per process (demo)")
-    p.add_argument("--single", action="store_true",
-                   help="no jax.distributed: one process (the comparison run)")
+    p.add_argument(
+        "--cpu_devices",
+        type=int,
+        default=0,
+        help="simulate this many CPU devices per process (demo)",
+    )
+    p.add_argument(
+        "--single",
+        action="store_true",
+        help="no jax.distributed: one process (the comparison run)",
+    )
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--ckpt", default="", help="checkpoint directory (shared)")
     return p.parse_args()
@@ -46,9 +58,11 @@ def _args():
 def main():
     args = _args()
     if args.cpu_devices:  # must precede JAX's start
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count="
-                                   f"{args.cpu_devices}")
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count="
+            f"{args.cpu_devices}"
+        )
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
@@ -56,16 +70,19 @@ def main():
         if args.coordinator is None:
             jax.distributed.initialize()  # TPU pods, SLURM, ... auto-detect
         else:
-            jax.distributed.initialize(coordinator_address=args.coordinator,
-                                       num_processes=args.num_processes,
-                                       process_id=args.process_id)
+            jax.distributed.initialize(
+                coordinator_address=args.coordinator,
+                num_processes=args.num_processes,
+                process_id=args.process_id,
+            )
     import jax.numpy as jnp
     import numpy as np
     import optax
     from flax import nnx
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))))
+    sys.path.insert(
+        0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    )
     from peftjax import adapters, shard, tree
     from peftjax import exec as pexec
     from peftjax import models as pm
@@ -75,22 +92,32 @@ def main():
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     mesh = shard.make_mesh(data=n_proc, fsdp=n_local, devices=devices)
 
-    cfg = llama.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                            num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = llama.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     gdef, params = pm.split_params(
-        llama.LlamaForCausalLM(cfg, scan_layers=True, rngs=nnx.Rngs(0)))
+        llama.LlamaForCausalLM(cfg, scan_layers=True, rngs=nnx.Rngs(0))
+    )
     batch = 8
     tokens = np.random.default_rng(0).integers(0, 256, (batch, 65)).astype(np.int32)
 
     def loss_fn(p, toks):
         logits = pm.apply(gdef, p, toks[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(
-            logits, toks[:, 1:]).mean()
+            logits, toks[:, 1:]
+        ).mean()
 
     loss_fn = shard.constrain_scan_carries(loss_fn, mesh, batch_size=batch)
-    a = tree.assign(params, [tree.Rule(where=r".*(q|k|v|o)_proj/kernel",
-                                       then=adapters.lora(4, alpha=8.0))])
+    a = tree.assign(
+        params,
+        [tree.Rule(where=r".*(q|k|v|o)_proj/kernel", then=adapters.lora(4, alpha=8.0))],
+    )
     state = adapters.init(a, jax.random.key(0), params)
     opt = optax.adamw(1e-2, eps=1e-4)
     opt_state = opt.init(state.trainable)
@@ -104,31 +131,43 @@ def main():
         # every process holds the same host copy; each places its own shards
         return jax.tree.map(
             lambda x, s: jax.make_array_from_callback(
-                x.shape, s, lambda idx, x=np.asarray(x): x[idx]), tree_, shardings)
+                x.shape, s, functools.partial(_index, np.asarray(x))
+            ),
+            tree_,
+            shardings,
+        )
 
     trainable, opt_state = put(state.trainable, s_sh.trainable), put(opt_state, o_sh)
     params, frozen = put(params, p_sh), put(state.frozen, s_sh.frozen)
     # this process's rows of the global batch (its devices hold them)
     rows = batch // n_proc
-    local = tokens[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+    local = tokens[jax.process_index() * rows : (jax.process_index() + 1) * rows]
     toks = jax.make_array_from_process_local_data(b_sh, local)
 
-    step = jax.jit(pexec.make_train_step(a, loss_fn, opt),
-                   in_shardings=(s_sh.trainable, o_sh, p_sh, s_sh.frozen, b_sh),
-                   out_shardings=(s_sh.trainable, o_sh, shard.replicated(mesh)),
-                   donate_argnums=(0, 1))
+    step = jax.jit(
+        pexec.make_train_step(a, loss_fn, opt),
+        in_shardings=(s_sh.trainable, o_sh, p_sh, s_sh.frozen, b_sh),
+        out_shardings=(s_sh.trainable, o_sh, shard.replicated(mesh)),
+        donate_argnums=(0, 1),
+    )
     for _ in range(args.steps):
         trainable, opt_state, loss = step(trainable, opt_state, params, frozen, toks)
-    checksum = jax.jit(lambda t: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(t)),
-                       out_shardings=shard.replicated(mesh))(trainable)
+    checksum = jax.jit(
+        lambda t: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(t)),
+        out_shardings=shard.replicated(mesh),
+    )(trainable)
     if args.ckpt:
         from peftjax.io import checkpoint
 
-        checkpoint.save(args.ckpt, args.steps, {"trainable": trainable,
-                                                "opt_state": opt_state})
+        checkpoint.save(
+            args.ckpt, args.steps, {"trainable": trainable, "opt_state": opt_state}
+        )
     if jax.process_index() == 0:
-        print(f"processes={n_proc} devices={len(jax.devices())} "
-              f"loss={float(loss):.6f} checksum={float(checksum):.6f}", flush=True)
+        print(
+            f"processes={n_proc} devices={len(jax.devices())} "
+            f"loss={float(loss):.6f} checksum={float(checksum):.6f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -290,7 +290,7 @@ def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None,
         _compare(saved, want)
         index = {r["path"]: i for i, r in enumerate(saved)}
         target = {}
-        for (p, x), sh in zip(like_flat, placement):
+        for (p, x), sh in zip(like_flat, placement, strict=True):
             rec = saved[index[p]]
             if rec["kind"] in ("array", "prng_key"):
                 target[f"{index[p]:06d}"] = _abstract(x, rec, sh)

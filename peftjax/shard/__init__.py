@@ -75,7 +75,8 @@ Multi-host: call ``jax.distributed.initialize()`` first, build the mesh over
 the step function is unchanged (``examples/multihost/`` in the repository).
 
 Exports: ``AXES``, ``BATCH_AXES``, ``make_mesh``, ``batch_sharding``,
-``replicated``, ``refresh_sharding``, ``constrain_scan_carries``, ``MatrixSpec``, ``transformer_rules``,
+``replicated``, ``refresh_sharding``, ``constrain_scan_carries``,
+``MatrixSpec``, ``transformer_rules``,
 ``param_specs``, ``param_shardings``, ``named_shardings``,
 ``adapter_shardings``, ``state_shardings``, ``ShardingFallbackWarning``,
 ``describe``.

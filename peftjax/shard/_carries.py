@@ -34,9 +34,9 @@ def _eval(jaxpr: Any, consts: list[Any], args: list[Any], pin: Callable) -> list
     def read(v):
         return v.val if isinstance(v, jcore.Literal) else env[v]
 
-    for v, x in zip(jaxpr.constvars, consts):
+    for v, x in zip(jaxpr.constvars, consts, strict=True):
         env[v] = x
-    for v, x in zip(jaxpr.invars, args):
+    for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
@@ -52,7 +52,7 @@ def _eval(jaxpr: Any, consts: list[Any], args: list[Any], pin: Callable) -> list
                 outs = eqn.primitive.bind(*invals, **params)
             if not eqn.primitive.multiple_results:
                 outs = [outs]
-        for v, x in zip(eqn.outvars, outs):
+        for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
     return [read(v) for v in jaxpr.outvars]
 
@@ -60,21 +60,27 @@ def _eval(jaxpr: Any, consts: list[Any], args: list[Any], pin: Callable) -> list
 def _scan(params: dict[str, Any], invals: list[Any], pin: Callable) -> list[Any]:
     nc, nk = params["num_consts"], params["num_carry"]
     body = params["jaxpr"]
-    consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+    consts, init, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
 
     def step(carry, x):
         carry = [pin(c) for c in carry]
         outs = _eval(body.jaxpr, list(body.consts), list(consts) + carry + list(x), pin)
         return [pin(c) for c in outs[:nk]], outs[nk:]
 
-    carry, ys = jax.lax.scan(step, [pin(c) for c in init], list(xs),
-                             length=params["length"], reverse=params["reverse"],
-                             unroll=params["unroll"])
+    carry, ys = jax.lax.scan(
+        step,
+        [pin(c) for c in init],
+        list(xs),
+        length=params["length"],
+        reverse=params["reverse"],
+        unroll=params["unroll"],
+    )
     return list(carry) + list(ys)
 
 
-def constrain_scan_carries(fn: Callable[..., Any], mesh: Any, *, batch_size: int
-                           ) -> Callable[..., Any]:
+def constrain_scan_carries(
+    fn: Callable[..., Any], mesh: Any, *, batch_size: int
+) -> Callable[..., Any]:
     """Wraps ``fn`` so that batch-sized ``scan`` carries stay batch-sharded.
 
     Every ``jax.lax.scan`` inside ``fn`` (nested ones and those inside
@@ -105,22 +111,29 @@ def constrain_scan_carries(fn: Callable[..., Any], mesh: Any, *, batch_size: int
       >>> bool(jnp.array_equal(g(x, w), f(x, w)))
       True
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or batch_size < 1
+    ):
         raise ValueError(
-            f"constrain_scan_carries: batch_size must be a positive int, got {batch_size!r}"
+            "constrain_scan_carries: batch_size must be a positive int, got "
+            f"{batch_size!r}"
         )
 
     def pin(x):
         shape = getattr(x, "shape", ())
         if len(shape) >= 1 and shape[0] == batch_size:
             return jax.lax.with_sharding_constraint(
-                x, _mesh.batch_sharding(mesh, len(shape)))
+                x, _mesh.batch_sharding(mesh, len(shape))
+            )
         return x
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         closed, out_shape = jax.make_jaxpr(
-            lambda *a: fn(*a, **kwargs), return_shape=True)(*args)
+            lambda *a: fn(*a, **kwargs), return_shape=True
+        )(*args)
         outs = _eval(closed.jaxpr, list(closed.consts), jax.tree.leaves(args), pin)
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 

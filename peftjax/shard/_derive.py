@@ -76,7 +76,9 @@ def _view(shape: tuple[int, ...], spec: PartitionSpec, dims: Any, path: str) -> 
     if resolved is None:
         return _View(shape, spec, None, (), (), (), every)
     return _View(
-        shape, spec, resolved,
+        shape,
+        spec,
+        resolved,
         batch=tuple(entries[a] for a in resolved.batch),
         inp=entries[resolved.reduction[0]],
         out=entries[resolved.output[0]],
@@ -107,7 +109,13 @@ def _roles(view: _View, shape: tuple[int, ...], name: str | None) -> list[Any]:
         else:
             tail = [(_FREE,), (_FREE,)]
     elif len(rest) == 1:
-        tail = [(_OUT,)] if rest[0] == n_out else [(_IN,)] if rest[0] == n_in else [(_FREE,)]
+        tail = (
+            [(_OUT,)]
+            if rest[0] == n_out
+            else [(_IN,)]
+            if rest[0] == n_in
+            else [(_FREE,)]
+        )
     else:
         tail = [(_FREE,)] * len(rest)
     return lead + tail
@@ -116,11 +124,16 @@ def _roles(view: _View, shape: tuple[int, ...], name: str | None) -> list[Any]:
 _PREFERENCE = {_IN: 0, _OUT: 0, _FREE: 1, "batch": 2, _FLAT: 2}
 
 
-def _place(view: _View, roles: list[Any], shape: tuple[int, ...],
-           sizes: Mapping[str, int], what: str) -> PartitionSpec:
+def _place(
+    view: _View,
+    roles: list[Any],
+    shape: tuple[int, ...],
+    sizes: Mapping[str, int],
+    what: str,
+) -> PartitionSpec:
     """Assigns the base's mesh axes to the derived leaf's axes (module rule)."""
     assign: list[list[str]] = []
-    for role, dim in zip(roles, shape):
+    for role, dim in zip(roles, shape, strict=True):
         kind = role[0]
         if kind == "batch":
             axes = view.batch[role[1]]
@@ -154,13 +167,20 @@ def _place(view: _View, roles: list[Any], shape: tuple[int, ...],
             f"{what}: shape {tuple(shape)} cannot be split over mesh axes {lost} "
             f"that split its base (shape {view.shape}, spec {view.spec}); it is "
             "replicated over them",
-            ShardingFallbackWarning, stacklevel=4,
+            ShardingFallbackWarning,
+            stacklevel=4,
         )
     return PartitionSpec(*[_specs.entry_of(tuple(x)) for x in assign])
 
 
-def _derive(view: _View, leaf: Any, name: str | None, sizes: Mapping[str, int],
-            what: str, roles: list[Any] | None = None) -> PartitionSpec:
+def _derive(
+    view: _View,
+    leaf: Any,
+    name: str | None,
+    sizes: Mapping[str, int],
+    what: str,
+    roles: list[Any] | None = None,
+) -> PartitionSpec:
     shape = tuple(np.shape(leaf))
     if roles is None:
         if shape == view.shape:
@@ -171,7 +191,8 @@ def _derive(view: _View, leaf: Any, name: str | None, sizes: Mapping[str, int],
 
 def _spec_tree(shardings: Any) -> dict[str, PartitionSpec]:
     flat = _paths.flatten(
-        shardings, is_leaf=lambda x: isinstance(x, (NamedSharding, PartitionSpec)))
+        shardings, is_leaf=lambda x: isinstance(x, (NamedSharding, PartitionSpec))
+    )
     return {p: _specs.spec_of(s) for p, s in flat}
 
 
@@ -241,7 +262,8 @@ def adapter_shardings(
     if set(specs) != set(flat):
         raise ValueError(
             "adapter_shardings: shardings do not cover params' paths: missing "
-            f"{sorted(set(flat) - set(specs))[:5]}, extra {sorted(set(specs) - set(flat))[:5]}"
+            f"{sorted(set(flat) - set(specs))[:5]}, "
+            f"extra {sorted(set(specs) - set(flat))[:5]}"
         )
     sizes = dict(mesh.shape)
     out_t: dict[str, Any] = {}
@@ -262,8 +284,13 @@ def adapter_shardings(
 
         out_t[path] = jax.tree.map_with_path(one, state.trainable[path])
         fr = state.frozen.get(path)
-        out_f[path] = None if fr is None else jax.tree.map_with_path(
-            lambda kp, x, one=one: one(kp, x, part="frozen"), fr)
+        out_f[path] = (
+            None
+            if fr is None
+            else jax.tree.map_with_path(
+                lambda kp, x, one=one: one(kp, x, part="frozen"), fr
+            )
+        )
     return _adapters_base.AdapterState(trainable=out_t, frozen=out_f)
 
 
@@ -339,7 +366,8 @@ def state_shardings(
     if set(specs) != set(flat):
         raise ValueError(
             "state_shardings: shardings do not cover params' paths: missing "
-            f"{sorted(set(flat) - set(specs))[:5]}, extra {sorted(set(specs) - set(flat))[:5]}"
+            f"{sorted(set(flat) - set(specs))[:5]}, "
+            f"extra {sorted(set(specs) - set(flat))[:5]}"
         )
     dims_of = dict(dimension_numbers or {})
     sizes = dict(mesh.shape)
@@ -356,8 +384,13 @@ def state_shardings(
         if not hasattr(leaf, "shape"):
             return None
         p = _owner(path, flat)
-        spec = rep if p is None else _derive(view_of(p), leaf, _last_name(kp), sizes,
-                                             f"state leaf {path!r}")
+        spec = (
+            rep
+            if p is None
+            else _derive(
+                view_of(p), leaf, _last_name(kp), sizes, f"state leaf {path!r}"
+            )
+        )
         return _named(mesh, spec, leaf, f"state leaf {path!r}")
 
     def replicate(leaf):
@@ -374,9 +407,17 @@ def state_shardings(
             roles: list[Any] = [(_FLAT,)] + [(_FREE,)] * (len(shape) - 1)
             r = view.resolved
             if len(shape) == 3 and r is not None:
-                side = (_IN if rest == "0" else _OUT if rest == "1"
-                        else _IN if shape[1] == r.n_in else _OUT if shape[1] == r.n_out
-                        else _FREE)
+                side = (
+                    _IN
+                    if rest == "0"
+                    else _OUT
+                    if rest == "1"
+                    else _IN
+                    if shape[1] == r.n_in
+                    else _OUT
+                    if shape[1] == r.n_out
+                    else _FREE
+                )
                 roles[1] = (side,)
             what = f"projector of {p!r}"
             return _named(mesh, _place(view, roles, shape, sizes, what), leaf, what)
@@ -396,21 +437,29 @@ def state_shardings(
                     out[f] = jax.tree.map(replicate, v)
             return type(node)(**out)
         if isinstance(node, _sparse_spiel.SpIELState):
+
             def per_path(d):
                 res = {}
                 for p, x in d.items():
                     owner = f"{p}/values"
-                    if owner in flat and tuple(np.shape(flat[owner])) == tuple(np.shape(x)):
+                    if owner in flat and tuple(np.shape(flat[owner])) == tuple(
+                        np.shape(x)
+                    ):
                         res[p] = _named(mesh, specs[owner], x, f"SpIEL state of {p!r}")
                     else:
                         res[p] = NamedSharding(mesh, rep)
                 return res
 
             return _sparse_spiel.SpIELState(
-                count=replicate(node.count), phase=replicate(node.phase),
-                samples=replicate(node.samples), candidates=per_path(node.candidates),
-                grad_sum=per_path(node.grad_sum), gradsq_sum=per_path(node.gradsq_sum))
+                count=replicate(node.count),
+                phase=replicate(node.phase),
+                samples=replicate(node.samples),
+                candidates=per_path(node.candidates),
+                grad_sum=per_path(node.grad_sum),
+                gradsq_sum=per_path(node.gradsq_sum),
+            )
         return generic(kp, node)
 
-    return jax.tree.map_with_path(special, state,
-                                  is_leaf=lambda x: isinstance(x, _SPECIAL))
+    return jax.tree.map_with_path(
+        special, state, is_leaf=lambda x: isinstance(x, _SPECIAL)
+    )

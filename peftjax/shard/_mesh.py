@@ -23,8 +23,13 @@ AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *,
-              devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(
+    data: int = 1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    *,
+    devices: Sequence[Any] | None = None,
+) -> Mesh:
     """Returns a ``(data, fsdp, tensor)`` mesh with ``AxisType.Auto`` axes.
 
     Args:
@@ -57,14 +62,21 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, *,
     n = math.prod(sizes.values())
     devs = list(jax.devices() if devices is None else devices)
     if len(devs) != n:
-        hint = ("" if devices is not None else
-                f"; pass devices=jax.devices()[:{n}] to use a subset")
+        hint = (
+            ""
+            if devices is not None
+            else f"; pass devices=jax.devices()[:{n}] to use a subset"
+        )
         raise ValueError(
             f"make_mesh: data={data} x fsdp={fsdp} x tensor={tensor} = {n} devices, "
             f"but {len(devs)} devices were given{hint}"
         )
-    return jax.make_mesh((data, fsdp, tensor), AXES,
-                         axis_types=(AxisType.Auto,) * len(AXES), devices=devs)
+    return jax.make_mesh(
+        (data, fsdp, tensor),
+        AXES,
+        axis_types=(AxisType.Auto,) * len(AXES),
+        devices=devs,
+    )
 
 
 def _batch_entry(mesh: Any) -> Any:
@@ -91,7 +103,9 @@ def batch_sharding(mesh: Any, ndim: int = 2) -> NamedSharding:
     """
     if isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 1:
         raise ValueError(f"batch_sharding: ndim must be a positive int, got {ndim!r}")
-    return NamedSharding(mesh, PartitionSpec(_batch_entry(mesh), *([None] * (ndim - 1))))
+    return NamedSharding(
+        mesh, PartitionSpec(_batch_entry(mesh), *([None] * (ndim - 1)))
+    )
 
 
 def replicated(mesh: Any) -> NamedSharding:

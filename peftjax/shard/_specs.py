@@ -78,8 +78,7 @@ class MatrixSpec:
         for name in ("inputs", "outputs", "batch"):
             object.__setattr__(self, name, _check_axes(getattr(self, name), name))
 
-    def resolve(self, shape: tuple[int, ...], *, path: str = "<leaf>"
-                ) -> PartitionSpec:
+    def resolve(self, shape: tuple[int, ...], *, path: str = "<leaf>") -> PartitionSpec:
         """Returns the PartitionSpec of a leaf of ``shape``.
 
         Args:
@@ -112,8 +111,9 @@ class MatrixSpec:
         return PartitionSpec(*entries)
 
 
-def transformer_rules(*, fsdp: MeshAxes = "fsdp", tensor: MeshAxes = "tensor"
-                      ) -> list[_rules.Rule]:
+def transformer_rules(
+    *, fsdp: MeshAxes = "fsdp", tensor: MeshAxes = "tensor"
+) -> list[_rules.Rule]:
     """Returns FSDP + tensor-parallel rules for transformer kernel names.
 
     Column-parallel kernels (``q_proj``, ``k_proj``, ``v_proj``,
@@ -140,8 +140,10 @@ def transformer_rules(*, fsdp: MeshAxes = "fsdp", tensor: MeshAxes = "tensor"
       ['fsdp', 'tensor', ('tensor', 'fsdp')]
     """
     both = axes_of(_check_axes(tensor, "tensor")) + axes_of(_check_axes(fsdp, "fsdp"))
-    column = (r"(.*/)?(q_proj|k_proj|v_proj|gate_proj|up_proj|lm_head|query|key|"
-              r"value|intermediate)/kernel")
+    column = (
+        r"(.*/)?(q_proj|k_proj|v_proj|gate_proj|up_proj|lm_head|query|key|"
+        r"value|intermediate)/kernel"
+    )
     row = r"(.*/)?(o_proj|down_proj|output)/kernel"
     embed = r"(.*/)?(embed_tokens|word_embeddings)/embedding"
     return [
@@ -152,7 +154,8 @@ def transformer_rules(*, fsdp: MeshAxes = "fsdp", tensor: MeshAxes = "tensor"
 
 
 def _leaf_desc(path: str, leaf: Any) -> str:
-    return f"{path!r} (shape {tuple(np.shape(leaf))}, dtype {getattr(leaf, 'dtype', None)})"
+    dtype = getattr(leaf, "dtype", None)
+    return f"{path!r} (shape {tuple(np.shape(leaf))}, dtype {dtype})"
 
 
 def param_specs(params: Any, rules: Any, *, allow_unused: bool = False) -> Any:
@@ -192,7 +195,9 @@ def param_specs(params: Any, rules: Any, *, allow_unused: bool = False) -> Any:
             try:
                 return payload.resolve(shape, path=path)
             except ValueError as e:
-                raise ValueError(f"param_specs: {_leaf_desc(path, leaf)}: {e}") from None
+                raise ValueError(
+                    f"param_specs: {_leaf_desc(path, leaf)}: {e}"
+                ) from None
         if isinstance(payload, PartitionSpec):
             if len(payload) > len(shape):
                 raise ValueError(
@@ -209,14 +214,15 @@ def param_specs(params: Any, rules: Any, *, allow_unused: bool = False) -> Any:
     return _paths.map_with_path(one, params)
 
 
-def check_spec(mesh: Any, spec: PartitionSpec, shape: tuple[int, ...], what: str
-               ) -> None:
+def check_spec(
+    mesh: Any, spec: PartitionSpec, shape: tuple[int, ...], what: str
+) -> None:
     """Raises a ``ValueError`` naming ``what`` if ``spec`` does not fit ``shape``."""
     sizes = dict(mesh.shape)
     seen: set[str] = set()
     if len(spec) > len(shape):
         raise ValueError(f"{what}: spec {spec} is longer than the rank {len(shape)}")
-    for dim, entry in zip(shape, tuple(spec)):
+    for dim, entry in zip(shape, tuple(spec), strict=False):
         names = axes_of(entry)
         for a in names:
             if a not in sizes:
@@ -270,15 +276,18 @@ def named_shardings(mesh: Any, tree: Any, specs: Any) -> Any:
     def one(path: str, leaf: Any) -> NamedSharding:
         spec = by_path[path]
         if not isinstance(spec, PartitionSpec):
-            raise TypeError(f"named_shardings: {path!r} has {spec!r}, not a PartitionSpec")
+            raise TypeError(
+                f"named_shardings: {path!r} has {spec!r}, not a PartitionSpec"
+            )
         check_spec(mesh, spec, tuple(np.shape(leaf)), f"{_leaf_desc(path, leaf)}")
         return NamedSharding(mesh, spec)
 
     return _paths.map_with_path(one, tree)
 
 
-def param_shardings(mesh: Any, params: Any, rules: Any, *,
-                    allow_unused: bool = False) -> Any:
+def param_shardings(
+    mesh: Any, params: Any, rules: Any, *, allow_unused: bool = False
+) -> Any:
     """Returns a tree of ``NamedSharding`` for ``params`` from path rules.
 
     ``named_shardings(mesh, params, param_specs(params, rules))``: place the
@@ -308,8 +317,9 @@ def param_shardings(mesh: Any, params: Any, rules: Any, *,
       >>> sh["w"].spec
       P('fsdp', None)
     """
-    return named_shardings(mesh, params,
-                           param_specs(params, rules, allow_unused=allow_unused))
+    return named_shardings(
+        mesh, params, param_specs(params, rules, allow_unused=allow_unused)
+    )
 
 
 def spec_of(x: Any) -> PartitionSpec:
@@ -320,7 +330,9 @@ def spec_of(x: Any) -> PartitionSpec:
         return x
     if isinstance(x, NamedSharding):
         return x.spec
-    raise TypeError(f"expected a NamedSharding or a PartitionSpec, got {type(x).__name__}")
+    raise TypeError(
+        f"expected a NamedSharding or a PartitionSpec, got {type(x).__name__}"
+    )
 
 
 def describe(tree: Any, shardings: Any) -> str:
@@ -348,8 +360,11 @@ def describe(tree: Any, shardings: Any) -> str:
       1 leaves, 32 bytes, 32 bytes per device
     """
     flat = _paths.flatten(tree)
-    sh = dict(_paths.flatten(
-        shardings, is_leaf=lambda x: isinstance(x, (PartitionSpec, NamedSharding))))
+    sh = dict(
+        _paths.flatten(
+            shardings, is_leaf=lambda x: isinstance(x, (PartitionSpec, NamedSharding))
+        )
+    )
     rows = [("path", "shape", "dtype", "spec", "bytes/device")]
     total = per_device = 0
     for path, leaf in flat:
@@ -363,8 +378,15 @@ def describe(tree: Any, shardings: Any) -> str:
             split = math.prod(sizes[a] for e in tuple(s.spec) for a in axes_of(e))
         total += nbytes
         per_device += nbytes // split
-        rows.append((path, str(shape), dtype.name, repr(spec_of(s)), str(nbytes // split)))
+        rows.append(
+            (path, str(shape), dtype.name, repr(spec_of(s)), str(nbytes // split))
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.append(f"{len(flat)} leaves, {total:,} bytes, {per_device:,} bytes per device")
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in rows
+    ]
+    lines.append(
+        f"{len(flat)} leaves, {total:,} bytes, {per_device:,} bytes per device"
+    )
     return "\n".join(lines)

@@ -93,10 +93,17 @@ class Checks:
         self.arrays = {}
         self.results = {}
         self.cfg = llama.LlamaConfig(
-            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
         self.gdef, self.params = pm.split_params(
-            llama.LlamaForCausalLM(self.cfg, scan_layers=True, rngs=nnx.Rngs(0)))
+            llama.LlamaForCausalLM(self.cfg, scan_layers=True, rngs=nnx.Rngs(0))
+        )
         rng = np.random.default_rng(0)
         self.tokens = jnp.asarray(rng.integers(0, 256, (BATCH, SEQ)), jnp.int32)
         self.jax, self.jnp, self.np = jax, jnp, np
@@ -154,11 +161,19 @@ class Checks:
         from peftjax import tree
 
         rows = []
-        for path, sh in tree.flatten(derived, is_leaf=lambda x: isinstance(x, NamedSharding)):
+        for path, sh in tree.flatten(
+            derived, is_leaf=lambda x: isinstance(x, NamedSharding)
+        ):
             owner = owner_of(path)
             base = base_flat_specs.get(owner) if owner is not None else None
-            rows.append([path, _big(mesh, _axes(base)) if base is not None else [],
-                         _big(mesh, _axes(sh.spec)), repr(sh.spec)])
+            rows.append(
+                [
+                    path,
+                    _big(mesh, _axes(base)) if base is not None else [],
+                    _big(mesh, _axes(sh.spec)),
+                    repr(sh.spec),
+                ]
+            )
         return rows
 
     def save(self, method, mesh_name, tree_):
@@ -188,8 +203,9 @@ class Checks:
                     t, o, loss = step(t, o, p, f, self.tokens)
             return t, o, loss
 
-        t, o, loss = run(jax.jit(make_step(None)), state.trainable, o0, params,
-                         state.frozen)
+        t, o, loss = run(
+            jax.jit(make_step(None)), state.trainable, o0, params, state.frozen
+        )
         self.save(name, "single", t)
         res["moved"] = _moved(state.trainable, t)
         res["loss_single"] = float(loss)
@@ -202,9 +218,14 @@ class Checks:
             o_sh = shard.state_shardings(mesh, o0, state.trainable, s_sh.trainable)
             b_sh = shard.batch_sharding(mesh)
             shardings = (s_sh.trainable, o_sh, p_sh, s_sh.frozen)
-            step = jax.jit(make_step(mesh), in_shardings=shardings + (b_sh,),
-                           out_shardings=(s_sh.trainable, o_sh, shard.replicated(mesh)))
-            args = jax.device_put((state.trainable, o0, params, state.frozen), shardings)
+            step = jax.jit(
+                make_step(mesh),
+                in_shardings=shardings + (b_sh,),
+                out_shardings=(s_sh.trainable, o_sh, shard.replicated(mesh)),
+            )
+            args = jax.device_put(
+                (state.trainable, o0, params, state.frozen), shardings
+            )
             ts, os_, loss_s = run(step, *args)
             compiled[shape] = (step, shardings, (ts, os_))
             self.save(name, mname, ts)
@@ -216,13 +237,20 @@ class Checks:
                 "frozen": self.spec_report(mesh, base, s_sh.frozen, owner),
                 "opt": self.spec_report(mesh, base, o_sh, owner),
                 "out_specs": {p: repr(x.sharding.spec) for p, x in tree.flatten(ts)},
-                "shard_shapes": {p: list(x.addressable_shards[0].data.shape)
-                                 for p, x in tree.flatten(ts)},
+                "shard_shapes": {
+                    p: list(x.addressable_shards[0].data.shape)
+                    for p, x in tree.flatten(ts)
+                },
                 "shapes": {p: list(x.shape) for p, x in tree.flatten(ts)},
             }
             res["meshes"][mname]["opt_matches_trainable"] = all(
-                x.sharding.spec == y.sharding.spec for x, y in zip(
-                    jax.tree.leaves(optax.tree.get(os_, "mu")), jax.tree.leaves(ts)))
+                x.sharding.spec == y.sharding.spec
+                for x, y in zip(
+                    jax.tree.leaves(optax.tree.get(os_, "mu")),
+                    jax.tree.leaves(ts),
+                    strict=True,
+                )
+            )
         return compiled
 
     def lora(self):
@@ -232,19 +260,29 @@ class Checks:
         from peftjax import exec as pexec
 
         params = self.params
-        rules = [tree.Rule(where=r"layers/(self_attn/(q|k|v|o)_proj|mlp/\w+)/kernel",
-                           then=adapters.lora(4, alpha=8.0))]
+        rules = [
+            tree.Rule(
+                where=r"layers/(self_attn/(q|k|v|o)_proj|mlp/\w+)/kernel",
+                then=adapters.lora(4, alpha=8.0),
+            )
+        ]
         a = tree.assign(params, rules)
         state = adapters.init(a, self.jax.random.key(1), params)
         # B != 0 so that every factor gets a gradient from the first step
-        state = state._replace(trainable=self.jax.tree.map(lambda x: x + 0.01,
-                                                           state.trainable))
+        state = state._replace(
+            trainable=self.jax.tree.map(lambda x: x + 0.01, state.trainable)
+        )
         opt = optax.adamw(1e-2, eps=1e-4)
         self.lora_setup = (a, state, opt)
         return self.adapter_run(
-            "lora", lambda mesh: pexec.make_train_step(a, self.loss(self.gdef, mesh=mesh),
-                                                       opt),
-            params, a, state, opt, [(8, 1, 1), (1, 8, 1), (1, 2, 4)])
+            "lora",
+            lambda mesh: pexec.make_train_step(a, self.loss(self.gdef, mesh=mesh), opt),
+            params,
+            a,
+            state,
+            opt,
+            [(8, 1, 1), (1, 8, 1), (1, 2, 4)],
+        )
 
     def lora_sb(self):
         import optax
@@ -255,18 +293,27 @@ class Checks:
         from peftjax.models import llama
 
         gdef, params = pm.split_params(
-            llama.LlamaForCausalLM(self.cfg, scan_layers=False, rngs=nnx.Rngs(0)))
+            llama.LlamaForCausalLM(self.cfg, scan_layers=False, rngs=nnx.Rngs(0))
+        )
         loss_fn = self.loss(gdef)
         pattern = r"layers/\d+/(self_attn/(q|v)_proj|mlp/up_proj)/kernel"
-        plan = tree.assign(params, [tree.Rule(
-            where=pattern, then=inits.lora_sb(4, learning_rate=1e-3))])
+        plan = tree.assign(
+            params,
+            [tree.Rule(where=pattern, then=inits.lora_sb(4, learning_rate=1e-3))],
+        )
         stats = inits.accumulate_gradients(loss_fn, params, [self.tokens], list(plan))
         res = inits.init(plan, self.jax.random.key(2), params, stats=stats)
         opt = optax.adamw(1e-3, eps=1e-4)
         # unrolled layers: no scan carries to pin
         return self.adapter_run(
-            "lora_sb", lambda mesh: adapters.make_train_step(res.assignment, loss_fn, opt),
-            res.params, res.assignment, res.state, opt, [(2, 2, 2)])
+            "lora_sb",
+            lambda mesh: adapters.make_train_step(res.assignment, loss_fn, opt),
+            res.params,
+            res.assignment,
+            res.state,
+            opt,
+            [(2, 2, 2)],
+        )
 
     # -- optimizer-side methods -----------------------------------------------
     def full_run(self, name, make_opt, meshes, *, ties=None, record=None):
@@ -314,8 +361,11 @@ class Checks:
             p_sh = shard.param_shardings(mesh, params, shard.transformer_rules())
             o_sh = shard.state_shardings(mesh, o0, params, p_sh)
             b_sh = shard.batch_sharding(mesh)
-            step = jax.jit(make_step(opt, mesh), in_shardings=(p_sh, o_sh, b_sh),
-                           out_shardings=(p_sh, o_sh, shard.replicated(mesh)))
+            step = jax.jit(
+                make_step(opt, mesh),
+                in_shardings=(p_sh, o_sh, b_sh),
+                out_shardings=(p_sh, o_sh, shard.replicated(mesh)),
+            )
             ps, os_, seq = run(step, *jax.device_put((params, o0), (p_sh, o_sh)))
             self.save(name, mname, ps)
             self.save(name, mname + "_state", os_)
@@ -334,8 +384,11 @@ class Checks:
 
         from peftjax import optim, shard, tree
 
-        labels = tree.labels(self.params, [tree.Rule(
-            where=r"layers/(self_attn|mlp)/\w+/kernel", then="galore")], default="adamw")
+        labels = tree.labels(
+            self.params,
+            [tree.Rule(where=r"layers/(self_attn|mlp)/\w+/kernel", then="galore")],
+            default="adamw",
+        )
         # The default batched refresh is not run here: with simulated CPU devices
         # jaxlib's batched LAPACK SVD waits on the thread pool the 8 device
         # programs occupy, and deadlocks (see peftjax.optim.scale_by_galore).
@@ -349,10 +402,20 @@ class Checks:
                     kw = dict(refresh_sharding=shard.refresh_sharding(mesh))
                 elif kind == "per_layer":
                     kw = dict(refresh_batch_size=1)
-            return optax.partition({
-                "galore": optim.galore(1e-2, rank=4, update_proj_gap=2, scale=0.5,
-                                       inner=optim.scale_by_adam_hf(eps=1e-4), **kw),
-                "adamw": optax.adamw(1e-2, eps=1e-4)}, labels)
+            return optax.partition(
+                {
+                    "galore": optim.galore(
+                        1e-2,
+                        rank=4,
+                        update_proj_gap=2,
+                        scale=0.5,
+                        inner=optim.scale_by_adam_hf(eps=1e-4),
+                        **kw,
+                    ),
+                    "adamw": optax.adamw(1e-2, eps=1e-4),
+                },
+                labels,
+            )
 
         res = self.full_run("galore", make_opt, list(settings))
         res["settings"] = {"x".join(map(str, k)): v for k, v in settings.items()}
@@ -363,26 +426,38 @@ class Checks:
         from peftjax import optim, tree
 
         pattern = r"layers/(self_attn|mlp)/\w+/kernel"
-        labels = tree.labels(self.params, [tree.Rule(where=pattern, then="frugal")],
-                             default="adamw")
+        labels = tree.labels(
+            self.params, [tree.Rule(where=pattern, then="frugal")], default="adamw"
+        )
         ties = self.ties(self.params, pattern, seed=3)
         lr = 1e-2
 
         def make_opt(mesh):
             del mesh
-            return optax.partition({
-                "frugal": optim.frugal(lr, density=0.25, update_gap=2,
-                                       projector=optim.coordinates(), proj_type="right",
-                                       inner=optim.scale_by_adam_hf(eps=1e-4)),
-                "adamw": optax.adamw(lr, eps=1e-4)}, labels)
+            return optax.partition(
+                {
+                    "frugal": optim.frugal(
+                        lr,
+                        density=0.25,
+                        update_gap=2,
+                        projector=optim.coordinates(),
+                        proj_type="right",
+                        inner=optim.scale_by_adam_hf(eps=1e-4),
+                    ),
+                    "adamw": optax.adamw(lr, eps=1e-4),
+                },
+                labels,
+            )
 
         def record(p, new, o):
             """Per kernel: the sign of each entry's update and the selected columns."""
             from peftjax import tree as t
 
             old, cur = t.leaves_by_path(p), t.leaves_by_path(new)
-            signs = {k: self.np.sign(self.np.asarray(cur[k] - old[k])).astype(int).tolist()
-                     for k in ties}
+            signs = {
+                k: self.np.sign(self.np.asarray(cur[k] - old[k])).astype(int).tolist()
+                for k in ties
+            }
             idx = {}
             for path, x in t.flatten(o):
                 if "projector" in path:
@@ -400,28 +475,38 @@ class Checks:
         jax = self.jax
         params = self.params
         pattern = r"layers/(self_attn/(q|o)_proj|mlp/down_proj)/kernel"
-        a = tree.assign(params, [tree.Rule(where=pattern, then=adapters.sparse_delta(k=64))])
+        a = tree.assign(
+            params, [tree.Rule(where=pattern, then=adapters.sparse_delta(k=64))]
+        )
         state = adapters.init(a, jax.random.key(4), params)
         ties = self.ties(params, pattern, seed=5)
         # eps = 1 keeps |update| proportional to |g| (no near-equal |delta| ties)
         opt = optim.sft_adamw(1e-2, eps=1.0)
-        selector = masks.spiel_selector(total_steps=20, reselection_steps=3,
-                                        accumulation_steps=1)
+        selector = masks.spiel_selector(
+            total_steps=20, reselection_steps=3, accumulation_steps=1
+        )
         res = {"meshes": {}}
         self.results["sparse"] = res
 
         def make(base, mesh):
-            return optim.make_spiel_step(functools.partial(adapters.materialize, a, base),
-                                         self.loss(self.gdef, ties, mesh), opt,
-                                         selector=selector)
+            return optim.make_spiel_step(
+                functools.partial(adapters.materialize, a, base),
+                self.loss(self.gdef, ties, mesh),
+                opt,
+                selector=selector,
+            )
 
         def run(step, t, f, o, s, base):
             seq = []
             for _ in range(N_STEPS + 1):  # regrowth after steps 1 and 4
                 with jax.numpy_dtype_promotion("standard"):
                     t, f, o, s, loss = step(t, f, o, s, base, self.tokens)
-                seq.append({p: self.np.sort(self.np.asarray(f[p].indices), -1).tolist()
-                            for p in f})
+                seq.append(
+                    {
+                        p: self.np.sort(self.np.asarray(f[p].indices), -1).tolist()
+                        for p in f
+                    }
+                )
             return t, f, o, s, seq
 
         def step_fn(mesh):
@@ -432,13 +517,16 @@ class Checks:
 
         o0 = opt.init(state.trainable)
         s0 = optim.spiel_init(state.trainable, state.frozen)
-        t1, f1, o1, _, seq = run(jax.jit(step_fn(None)), state.trainable, state.frozen, o0, s0,
-                                 params)
+        t1, f1, o1, _, seq = run(
+            jax.jit(step_fn(None)), state.trainable, state.frozen, o0, s0, params
+        )
         self.save("sparse", "single", {"values": t1, "indices": f1})
         res["moved"] = _moved(state.trainable, t1)
         res["indices_single"] = seq
-        res["indices_initial"] = {p: self.np.sort(self.np.asarray(f.indices), -1).tolist()
-                                  for p, f in state.frozen.items()}
+        res["indices_initial"] = {
+            p: self.np.sort(self.np.asarray(f.indices), -1).tolist()
+            for p, f in state.frozen.items()
+        }
         for shape in [(2, 2, 2)]:
             mesh = self.mesh(shape)
             mname = "x".join(map(str, shape))
@@ -447,8 +535,11 @@ class Checks:
             o_sh = shard.state_shardings(mesh, o0, state.trainable, s_sh.trainable)
             sp_sh = shard.state_shardings(mesh, s0, state.trainable, s_sh.trainable)
             ins = (s_sh.trainable, s_sh.frozen, o_sh, sp_sh, p_sh)
-            step = jax.jit(step_fn(mesh), in_shardings=ins + (shard.batch_sharding(mesh),),
-                           out_shardings=ins[:4] + (shard.replicated(mesh),))
+            step = jax.jit(
+                step_fn(mesh),
+                in_shardings=ins + (shard.batch_sharding(mesh),),
+                out_shardings=ins[:4] + (shard.replicated(mesh),),
+            )
             args = jax.device_put((state.trainable, state.frozen, o0, s0, params), ins)
             ts, fs, _, _, seq = run(step, *args)
             self.save("sparse", mname, {"values": ts, "indices": fs})
@@ -468,9 +559,12 @@ class Checks:
         """The legacy pmap example against the jit (8, 1, 1) data-parallel step."""
         import importlib.util
 
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        root = os.path.dirname(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        )
         spec = importlib.util.spec_from_file_location(
-            "pmap_legacy", os.path.join(root, "examples", "pmap_legacy.py"))
+            "pmap_legacy", os.path.join(root, "examples", "pmap_legacy.py")
+        )
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         a, state, opt = self.lora_setup
@@ -497,35 +591,61 @@ class Checks:
         def shardings_on(mesh):
             p_sh = shard.param_shardings(mesh, self.params, shard.transformer_rules())
             s_sh = shard.adapter_shardings(mesh, a, self.params, p_sh, state)
-            o_sh = shard.state_shardings(mesh, opt.init(state.trainable), state.trainable,
-                                         s_sh.trainable)
-            return {"trainable": s_sh.trainable, "opt_state": o_sh,
-                    "key": shard.replicated(mesh), "step": None}
+            o_sh = shard.state_shardings(
+                mesh, opt.init(state.trainable), state.trainable, s_sh.trainable
+            )
+            return {
+                "trainable": s_sh.trainable,
+                "opt_state": o_sh,
+                "key": shard.replicated(mesh),
+                "step": None,
+            }
 
         mesh24 = shard.make_mesh(data=2, fsdp=4)
-        saved = {"trainable": t8, "opt_state": o8,
-                 "key": jax.random.key(7), "step": N_STEPS}
-        saved = {**saved, **jax.device_put(
-            {k: saved[k] for k in ("trainable", "opt_state")},
-            {k: shardings_on(mesh24)[k] for k in ("trainable", "opt_state")})}
+        saved = {
+            "trainable": t8,
+            "opt_state": o8,
+            "key": jax.random.key(7),
+            "step": N_STEPS,
+        }
+        saved = {
+            **saved,
+            **jax.device_put(
+                {k: saved[k] for k in ("trainable", "opt_state")},
+                {k: shardings_on(mesh24)[k] for k in ("trainable", "opt_state")},
+            ),
+        }
         res = {"saved_specs": {}}
         res["saved_specs"] = {
-            "a": repr(saved["trainable"]["layers/self_attn/q_proj/kernel"].a.sharding.spec),
-            "mesh": dict(saved["trainable"]["layers/self_attn/q_proj/kernel"]
-                         .a.sharding.mesh.shape)}
+            "a": repr(
+                saved["trainable"]["layers/self_attn/q_proj/kernel"].a.sharding.spec
+            ),
+            "mesh": dict(
+                saved["trainable"][
+                    "layers/self_attn/q_proj/kernel"
+                ].a.sharding.mesh.shape
+            ),
+        }
         checkpoint.save(ckpt, N_STEPS, saved)
         want = _flat(saved)
-        like = {"trainable": state.trainable, "opt_state": opt.init(state.trainable),
-                "key": jax.random.key(0), "step": 0}
+        like = {
+            "trainable": state.trainable,
+            "opt_state": opt.init(state.trainable),
+            "key": jax.random.key(0),
+            "step": 0,
+        }
         for shape in [(8, 1, 1), (1, 1, 1)]:
             mesh = self.mesh(shape)
             got = checkpoint.restore(ckpt, like, shardings=shardings_on(mesh))
             flat = _flat(got)
             q = got["trainable"]["layers/self_attn/q_proj/kernel"].a
             res["x".join(map(str, shape))] = {
-                "bit_exact": sorted(want) == sorted(flat) and all(
-                    want[k].dtype == flat[k].dtype and want[k].tobytes() == flat[k].tobytes()
-                    for k in want),
+                "bit_exact": sorted(want) == sorted(flat)
+                and all(
+                    want[k].dtype == flat[k].dtype
+                    and want[k].tobytes() == flat[k].tobytes()
+                    for k in want
+                ),
                 "n_leaves": len(flat),
                 "mesh": dict(q.sharding.mesh.shape),
                 "spec": repr(q.sharding.spec),
@@ -535,23 +655,25 @@ class Checks:
             if shape == (8, 1, 1):
                 rest = jax.device_put((self.params, state.frozen), sh8[2:])
                 with jax.numpy_dtype_promotion("standard"):
-                    t_r, _, _ = step8(got["trainable"], got["opt_state"], *rest,
-                                      self.tokens)
+                    t_r, _, _ = step8(
+                        got["trainable"], got["opt_state"], *rest, self.tokens
+                    )
                     t_c, _, _ = step8(t8, o8, *rest, self.tokens)
                 fr, fc = _flat(t_r), _flat(t_c)
                 res["resume_bit_exact"] = sorted(fr) == sorted(fc) and all(
-                    fr[k].tobytes() == fc[k].tobytes() for k in fr)
+                    fr[k].tobytes() == fc[k].tobytes() for k in fr
+                )
         self.results["checkpoint"] = res
 
 
 def main(out_dir):
+    import faulthandler
     import tempfile
     import time
 
-    import faulthandler
-
-    faulthandler.dump_traceback_later(float(os.environ.get("MD_TIMEOUT", "600")),
-                                      exit=True)
+    faulthandler.dump_traceback_later(
+        float(os.environ.get("MD_TIMEOUT", "600")), exit=True
+    )
     _setup()
     checks = Checks(out_dir)
     times = {}

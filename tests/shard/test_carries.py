@@ -20,7 +20,7 @@ def _model(x, w, v):
         return inner(jnp.tanh(h_ @ wi), vi), jnp.sum(h_)
 
     h_, sums = jax.lax.scan(layer, x, (w, v))
-    return jnp.sum(h_ ** 2) + jnp.sum(sums)
+    return jnp.sum(h_**2) + jnp.sum(sums)
 
 
 def _count(jaxpr, name):
@@ -41,8 +41,11 @@ def test_values_and_gradients_unchanged_and_carries_constrained():
     v = jnp.asarray(rng.standard_normal((2, 5, 3)), jnp.float32)
     pinned = shard.constrain_scan_carries(_model, MESH, batch_size=4)
     h.assert_tree_allclose(pinned(x, w, v), _model(x, w, v), **h.EXACT)
-    h.assert_tree_allclose(jax.grad(pinned, argnums=(0, 1))(x, w, v),
-                           jax.grad(_model, argnums=(0, 1))(x, w, v), **h.EXACT)
+    h.assert_tree_allclose(
+        jax.grad(pinned, argnums=(0, 1))(x, w, v),
+        jax.grad(_model, argnums=(0, 1))(x, w, v),
+        **h.EXACT,
+    )
     assert _count(jax.make_jaxpr(_model)(x, w, v).jaxpr, "sharding_constraint") == 0
     # outer carry (4, 3): at entry and per iteration; inner carry (4, 3) likewise
     got = _count(jax.make_jaxpr(pinned)(x, w, v).jaxpr, "sharding_constraint")

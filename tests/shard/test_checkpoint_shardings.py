@@ -1,4 +1,7 @@
-"""``checkpoint.restore(..., shardings=...)`` on one device (8 devices: test_sharded)."""
+"""``checkpoint.restore(..., shardings=...)`` on one device.
+
+The 8-device save on (2, 4) and restore on (8, 1) / (1, 1) is in test_sharded.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +20,12 @@ MESH = shard.make_mesh(devices=jax.devices()[:1])
 
 def _state():
     params = {"w": jnp.arange(12.0).reshape(3, 4), "b": jnp.ones(4)}
-    return {"opt": optax.adam(1e-3).init(params), "params": params,
-            "key": jax.random.key(3), "step": 7}
+    return {
+        "opt": optax.adam(1e-3).init(params),
+        "params": params,
+        "key": jax.random.key(3),
+        "step": 7,
+    }
 
 
 def test_restore_places_arrays_and_keys_on_the_given_shardings(tmp_path):
@@ -26,15 +33,20 @@ def test_restore_places_arrays_and_keys_on_the_given_shardings(tmp_path):
     checkpoint.save(tmp_path, 7, state)
     like = jax.tree.map(lambda x: x, _state())
     rep = shard.replicated(MESH)
-    sh = {"opt": rep, "params": {"w": NamedSharding(MESH, P("fsdp")), "b": None},
-          "key": rep, "step": None}
+    sh = {
+        "opt": rep,
+        "params": {"w": NamedSharding(MESH, P("fsdp")), "b": None},
+        "key": rep,
+        "step": None,
+    }
     got = checkpoint.restore(tmp_path, like, shardings=sh)
     h.assert_tree_allclose(got["params"], state["params"], **h.EXACT)
     assert got["params"]["w"].sharding.spec == P("fsdp")
     assert got["opt"][0].mu["w"].sharding == rep
     assert isinstance(got["key"].sharding, NamedSharding)
-    np.testing.assert_array_equal(jax.random.key_data(got["key"]),
-                                  jax.random.key_data(state["key"]))
+    np.testing.assert_array_equal(
+        jax.random.key_data(got["key"]), jax.random.key_data(state["key"])
+    )
     assert got["step"] == 7
     one = checkpoint.restore(tmp_path, like, shardings=rep)
     assert one["params"]["b"].sharding == rep

@@ -21,9 +21,14 @@ MESH = shard.make_mesh(devices=jax.devices()[:1])
 
 def _grads(n=4):
     rng = np.random.default_rng(0)
-    return [{"s": jnp.asarray(rng.standard_normal((3, 6, 8)), jnp.float32),
-             "w": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32),
-             "b": jnp.asarray(rng.standard_normal(5), jnp.float32)} for _ in range(n)]
+    return [
+        {
+            "s": jnp.asarray(rng.standard_normal((3, 6, 8)), jnp.float32),
+            "w": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal(5), jnp.float32),
+        }
+        for _ in range(n)
+    ]
 
 
 def _run(tx, grads):
@@ -39,17 +44,22 @@ def _run(tx, grads):
 
 MAKERS = {
     "galore": lambda **kw: optim.scale_by_galore(rank=2, update_proj_gap=2, **kw),
-    "galore_full": lambda **kw: optim.scale_by_galore(rank=2, update_proj_gap=2,
-                                                      proj_type="full", **kw),
+    "galore_full": lambda **kw: optim.scale_by_galore(
+        rank=2, update_proj_gap=2, proj_type="full", **kw
+    ),
     "frugal": lambda **kw: optim.scale_by_frugal(density=0.5, update_gap=2, **kw),
 }
 _REFERENCE = {}
 
 
-@pytest.mark.parametrize("name, option", [
-    ("galore", dict(refresh_batch_size=2)),
-    ("galore_full", dict(refresh_sharding=shard.refresh_sharding(MESH))),
-    ("frugal", dict(refresh_batch_size=1))])
+@pytest.mark.parametrize(
+    "name, option",
+    [
+        ("galore", dict(refresh_batch_size=2)),
+        ("galore_full", dict(refresh_sharding=shard.refresh_sharding(MESH))),
+        ("frugal", dict(refresh_batch_size=1)),
+    ],
+)
 def test_refresh_options_give_identical_updates(name, option):
     grads = _grads()
     if name not in _REFERENCE:
@@ -61,15 +71,18 @@ def test_refresh_options_give_identical_updates(name, option):
 
 
 def test_refresh_options_are_validated():
-    with pytest.raises(ValueError, match="refresh_batch_size must be None or a positive"):
+    with pytest.raises(
+        ValueError, match="refresh_batch_size must be None or a positive"
+    ):
         optim.galore(1e-3, refresh_batch_size=0)
     with pytest.raises(TypeError, match="refresh_sharding must be a jax.sharding"):
         optim.galore(1e-3, refresh_sharding=P("fsdp"))
     with pytest.raises(ValueError, match="must shard only the slice axis"):
         optim.galore(1e-3, refresh_sharding=NamedSharding(MESH, P(None, "fsdp")))
     with pytest.raises(ValueError, match="not both"):
-        optim.frugal(1e-3, refresh_batch_size=1,
-                     refresh_sharding=shard.refresh_sharding(MESH))
+        optim.frugal(
+            1e-3, refresh_batch_size=1, refresh_sharding=shard.refresh_sharding(MESH)
+        )
     with pytest.raises(ValueError, match="stagger already refreshes one slice"):
         optim.galore(1e-3, stagger=True, refresh_batch_size=1)
     with pytest.raises(ValueError, match="blocks.*runs no SVD"):

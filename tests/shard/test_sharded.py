@@ -29,15 +29,26 @@ BASIS = dict(rtol=0.0, atol=5e-5)
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("multidevice")
     env = dict(
-        os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1",
-        OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
+        os.environ,
+        PYTHONPATH=ROOT,
+        JAX_PLATFORMS="cpu",
+        OPENBLAS_NUM_THREADS="1",
+        OMP_NUM_THREADS="1",
+        OMP_WAIT_POLICY="PASSIVE",
         # 8 devices; LLVM optimisation off: these tiny programs compile ~2x
         # faster and both sides of every comparison use the same flags.
         XLA_FLAGS="--xla_force_host_platform_device_count=8 "
-                  "--xla_backend_optimization_level=0 "
-                  "--xla_llvm_disable_expensive_passes=true")
-    proc = subprocess.run([sys.executable, "-m", "tests.shard._multidevice", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        "--xla_backend_optimization_level=0 "
+        "--xla_llvm_disable_expensive_passes=true",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.shard._multidevice", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(out / "results.json") as f:
         results = json.load(f)
@@ -47,7 +58,7 @@ def run(tmp_path_factory):
 
 def _group(arrays, method, mesh):
     prefix = f"{method}/{mesh}/"
-    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
 def _assert_same(got, want, **tol):
@@ -61,9 +72,17 @@ def _assert_same(got, want, **tol):
             np.testing.assert_array_equal(x, y, err_msg=path)
 
 
-@pytest.mark.parametrize("method, mesh", [
-    ("lora", "8x1x1"), ("lora", "1x8x1"), ("lora", "1x2x4"), ("lora_sb", "2x2x2"),
-    ("galore", "1x8x1"), ("galore", "2x1x4")])
+@pytest.mark.parametrize(
+    "method, mesh",
+    [
+        ("lora", "8x1x1"),
+        ("lora", "1x8x1"),
+        ("lora", "1x2x4"),
+        ("lora_sb", "2x2x2"),
+        ("galore", "1x8x1"),
+        ("galore", "2x1x4"),
+    ],
+)
 def test_sharded_steps_equal_single_device(run, method, mesh):
     results, arrays = run
     single = _group(arrays, method, "single")
@@ -76,17 +95,27 @@ def test_sharded_steps_equal_single_device(run, method, mesh):
         bases = [p for p in want if "/projector/" in p]
         assert len(bases) == 7  # q, k, v, o, gate, up, down (stacked)
         _assert_same({p: got[p] for p in bases}, {p: want[p] for p in bases}, **BASIS)
-        _assert_same({p: got[p] for p in want if p not in bases},
-                     {p: want[p] for p in want if p not in bases}, **h.MATMUL_F32)
-        assert results["galore"]["settings"] == {"1x8x1": "spread", "2x1x4": "per_layer"}
+        _assert_same(
+            {p: got[p] for p in want if p not in bases},
+            {p: want[p] for p in want if p not in bases},
+            **h.MATMUL_F32,
+        )
+        assert results["galore"]["settings"] == {
+            "1x8x1": "spread",
+            "2x1x4": "per_layer",
+        }
 
 
 def test_losses_agree_across_meshes(run):
     results, _ = run
     for method in ("lora", "lora_sb"):
         for mesh, r in results[method]["meshes"].items():
-            np.testing.assert_allclose(r["loss"], results[method]["loss_single"],
-                                       err_msg=f"{method} {mesh}", **h.MATMUL_F32)
+            np.testing.assert_allclose(
+                r["loss"],
+                results[method]["loss_single"],
+                err_msg=f"{method} {mesh}",
+                **h.MATMUL_F32,
+            )
 
 
 def test_frugal_signs_and_selection_then_values(run):
@@ -94,19 +123,25 @@ def test_frugal_signs_and_selection_then_values(run):
     single = results["frugal"]["record_single"]
     assert len(single) == 4 and results["frugal"]["moved"] > 1e-3
     for mesh, r in results["frugal"]["meshes"].items():
-        for step, (a, b) in enumerate(zip(r["record"], single)):
+        for step, (a, b) in enumerate(zip(r["record"], single, strict=True)):
             assert a["selected"] == b["selected"], (mesh, step)
             for path in b["signs"]:
                 s = np.asarray(b["signs"][path])
                 # every entry moved (gradients are kept far from 0 by the ties term)
                 assert np.all(s != 0), (path, step)
-                np.testing.assert_array_equal(np.asarray(a["signs"][path]), s,
-                                              err_msg=f"{mesh} step {step} {path}")
+                np.testing.assert_array_equal(
+                    np.asarray(a["signs"][path]),
+                    s,
+                    err_msg=f"{mesh} step {step} {path}",
+                )
         # the coordinate selection changes at each refresh (update_gap = 2)
         first = single[0]["selected"]
         assert any(single[2]["selected"][k] != first[k] for k in first)
-        _assert_same(_group(arrays, "frugal", mesh), _group(arrays, "frugal", "single"),
-                     **h.MATMUL_F32)
+        _assert_same(
+            _group(arrays, "frugal", mesh),
+            _group(arrays, "frugal", "single"),
+            **h.MATMUL_F32,
+        )
 
 
 def test_sparse_supports_then_values(run):
@@ -119,8 +154,11 @@ def test_sparse_supports_then_values(run):
     assert all(single[0][p] != res["indices_initial"][p] for p in single[0])
     for mesh, r in res["meshes"].items():
         assert r["indices"] == single, mesh
-        _assert_same(_group(arrays, "sparse", mesh), _group(arrays, "sparse", "single"),
-                     **h.MATMUL_F32)
+        _assert_same(
+            _group(arrays, "sparse", mesh),
+            _group(arrays, "sparse", "single"),
+            **h.MATMUL_F32,
+        )
 
 
 def _rows(results):
@@ -161,14 +199,20 @@ def test_galore_state_follows_the_surviving_axis(run):
     rows = {r[0]: r[3] for r in results["galore"]["meshes"]["1x8x1"]["opt"]}
     pre = "inner_states/galore/inner_state/0/"
     # q (64, 64): std projects the input axis; mu (L, r, out) takes fsdp on out
-    assert rows[pre + "inner_state/mu/layers/self_attn/q_proj/kernel"] == \
-        "P(None, None, ('tensor', 'fsdp'))"
+    assert (
+        rows[pre + "inner_state/mu/layers/self_attn/q_proj/kernel"]
+        == "P(None, None, ('tensor', 'fsdp'))"
+    )
     # down (128, 64): the output axis is projected; mu (L, in, r) on in
-    assert rows[pre + "inner_state/mu/layers/mlp/down_proj/kernel"] == \
-        "P(None, ('tensor', 'fsdp'), None)"
+    assert (
+        rows[pre + "inner_state/mu/layers/mlp/down_proj/kernel"]
+        == "P(None, ('tensor', 'fsdp'), None)"
+    )
     # bases (L, in, r) / (L, out, r) on their full-size axis
-    assert rows[pre + "projector/layers/self_attn/q_proj/kernel"] == \
-        "P(None, ('fsdp', 'tensor'), None)"
+    assert (
+        rows[pre + "projector/layers/self_attn/q_proj/kernel"]
+        == "P(None, ('fsdp', 'tensor'), None)"
+    )
     assert rows[pre + "count"] == "P()"
 
 
@@ -187,7 +231,8 @@ def test_checkpoint_saved_on_2x4_restores_on_8x1_and_1x1(run):
     for mesh, devices in (("8x1x1", 8), ("1x1x1", 1)):
         r = res[mesh]
         assert r["bit_exact"] and r["n_leaves"] == 45 and r["step"] == 4
-        assert r["mesh"] == dict(zip(("data", "fsdp", "tensor"),
-                                     map(int, mesh.split("x"))))
+        assert r["mesh"] == dict(
+            zip(("data", "fsdp", "tensor"), map(int, mesh.split("x")), strict=True)
+        )
         assert r["key_devices"] == devices
     assert res["resume_bit_exact"]

@@ -16,8 +16,9 @@ from jax.sharding import PartitionSpec as P
 from peftjax import adapters, optim, shard, tree
 from peftjax.tree import DimensionNumbers, Rule
 
-MESH = AbstractMesh((2, 2, 4), ("data", "fsdp", "tensor"),
-                    axis_types=(AxisType.Auto,) * 3)
+MESH = AbstractMesh(
+    (2, 2, 4), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3
+)
 F32 = jnp.float32
 
 
@@ -26,8 +27,9 @@ def sds(*shape, dtype=F32):
 
 
 def specs(tree_):
-    return jax.tree.map(lambda s: s.spec, tree_,
-                        is_leaf=lambda x: isinstance(x, NamedSharding))
+    return jax.tree.map(
+        lambda s: s.spec, tree_, is_leaf=lambda x: isinstance(x, NamedSharding)
+    )
 
 
 # ----------------------------------------------------------------- meshes
@@ -52,8 +54,9 @@ def test_matrix_spec_resolves_through_dimension_numbers():
     m = shard.MatrixSpec(inputs="fsdp", outputs="tensor", batch="data")
     assert m.resolve((8, 16)) == P("fsdp", "tensor")
     assert m.resolve((4, 8, 16)) == P("data", "fsdp", "tensor")
-    head = shard.MatrixSpec(inputs="fsdp", outputs="tensor",
-                            dimension_numbers=DimensionNumbers(0, (1, 2)))
+    head = shard.MatrixSpec(
+        inputs="fsdp", outputs="tensor", dimension_numbers=DimensionNumbers(0, (1, 2))
+    )
     assert head.resolve((8, 4, 2)) == P("fsdp", "tensor", None)  # major output axis
     with pytest.raises(ValueError, match=r"norm/scale.*\(8,\)"):
         m.resolve((8,), path="norm/scale")
@@ -66,10 +69,14 @@ def test_matrix_spec_resolves_through_dimension_numbers():
 def _llama_like():
     return {
         "embed_tokens": {"embedding": sds(64, 16)},
-        "layers": {"self_attn": {"q_proj": {"kernel": sds(2, 16, 32)},
-                                 "o_proj": {"kernel": sds(2, 32, 16)}},
-                   "mlp": {"down_proj": {"kernel": sds(2, 32, 16)}},
-                   "input_layernorm": {"scale": sds(2, 16)}},
+        "layers": {
+            "self_attn": {
+                "q_proj": {"kernel": sds(2, 16, 32)},
+                "o_proj": {"kernel": sds(2, 32, 16)},
+            },
+            "mlp": {"down_proj": {"kernel": sds(2, 32, 16)}},
+            "input_layernorm": {"scale": sds(2, 16)},
+        },
         "norm": {"scale": sds(16)},
     }
 
@@ -80,18 +87,28 @@ def test_transformer_rules_column_row_embedding_and_replicated_rest():
     assert got["layers"]["self_attn"]["o_proj"]["kernel"] == P(None, "tensor", "fsdp")
     assert got["layers"]["mlp"]["down_proj"]["kernel"] == P(None, "tensor", "fsdp")
     assert got["embed_tokens"]["embedding"] == P(("tensor", "fsdp"), None)
-    assert got["norm"]["scale"] == P() and got["layers"]["input_layernorm"]["scale"] == P()
+    assert (
+        got["norm"]["scale"] == P() and got["layers"]["input_layernorm"]["scale"] == P()
+    )
 
 
 def test_param_specs_first_match_none_and_errors():
     params = {"a": sds(8, 8), "b": sds(8, 8), "c": sds(8)}
-    rules = [Rule(where="a", then=P("tensor")), Rule(where="a|b", then=P("fsdp")),
-             Rule(where="c", then=None)]
-    assert shard.param_specs(params, rules) == {"a": P("tensor"), "b": P("fsdp"),
-                                                "c": P()}
+    rules = [
+        Rule(where="a", then=P("tensor")),
+        Rule(where="a|b", then=P("fsdp")),
+        Rule(where="c", then=None),
+    ]
+    assert shard.param_specs(params, rules) == {
+        "a": P("tensor"),
+        "b": P("fsdp"),
+        "c": P(),
+    }
     with pytest.raises(ValueError, match="matched no path"):
         shard.param_specs(params, [Rule(where="zz", then=P())])
-    with pytest.raises(ValueError, match=r"'c' \(shape \(8,\), dtype float32\) has rank 1"):
+    with pytest.raises(
+        ValueError, match=r"'c' \(shape \(8,\), dtype float32\) has rank 1"
+    ):
         shard.param_specs(params, [Rule(where="c", then=P("fsdp", None))])
     with pytest.raises(TypeError, match=r"'a' .*payload 'fsdp' of type str"):
         shard.param_specs(params, [Rule(where="a", then="fsdp")])
@@ -101,8 +118,11 @@ def test_param_specs_first_match_none_and_errors():
 
 def test_named_shardings_validates_divisibility_and_axes():
     params = {"w": sds(6, 8, dtype=jnp.bfloat16)}
-    with pytest.raises(ValueError, match=r"'w' \(shape \(6, 8\), dtype bfloat16\).*size 6 "
-                                         r"over \('tensor',\) \(4 devices\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'w' \(shape \(6, 8\), dtype bfloat16\).*size 6 "
+        r"over \('tensor',\) \(4 devices\)",
+    ):
         shard.param_shardings(MESH, params, [Rule(where="w", then=P("tensor"))])
     with pytest.raises(ValueError, match="names mesh axis 'model'"):
         shard.named_shardings(MESH, params, {"w": P("model")})
@@ -123,21 +143,39 @@ def _adapter_shardings(params, rules, base_specs):
 
 def test_lora_dora_lora_xs_fields_follow_their_axes():
     params = {"q": sds(16, 32), "s": sds(2, 16, 32), "d": sds(16, 32), "x": sds(16, 32)}
-    base = {"q": P("fsdp", "tensor"), "s": P("data", "fsdp", "tensor"),
-            "d": P(None, "tensor"), "x": P("fsdp", None)}
-    got = _adapter_shardings(params, [
-        Rule(where="q|s", then=adapters.lora(4)), Rule(where="d", then=adapters.dora(4)),
-        Rule(where="x", then=adapters.lora_xs(4))], base)
+    base = {
+        "q": P("fsdp", "tensor"),
+        "s": P("data", "fsdp", "tensor"),
+        "d": P(None, "tensor"),
+        "x": P("fsdp", None),
+    }
+    got = _adapter_shardings(
+        params,
+        [
+            Rule(where="q|s", then=adapters.lora(4)),
+            Rule(where="d", then=adapters.dora(4)),
+            Rule(where="x", then=adapters.lora_xs(4)),
+        ],
+        base,
+    )
     t, f = specs(got.trainable), specs(got.frozen)
     # a keeps the input axis's fsdp and takes the output axis's tensor (16 % 8 == 0)
-    assert (t["q"].a, t["q"].b) == (P(("fsdp", "tensor"), None),
-                                    P(None, ("tensor", "fsdp")))
-    assert (t["s"].a, t["s"].b) == (P("data", ("fsdp", "tensor"), None),
-                                    P("data", None, ("tensor", "fsdp")))
+    assert (t["q"].a, t["q"].b) == (
+        P(("fsdp", "tensor"), None),
+        P(None, ("tensor", "fsdp")),
+    )
+    assert (t["s"].a, t["s"].b) == (
+        P("data", ("fsdp", "tensor"), None),
+        P("data", None, ("tensor", "fsdp")),
+    )
     # DoRA on an output-sharded base: tensor moves from the missing out axis to in
     assert (t["d"].a, t["d"].b, t["d"].magnitude) == (
-        P("tensor", None), P(None, "tensor"), P("tensor"))
-    # LoRA-XS: the r x r core takes fsdp (r=4 divisible by 2); a on in, b moves it to out
+        P("tensor", None),
+        P(None, "tensor"),
+        P("tensor"),
+    )
+    # LoRA-XS: the r x r core takes fsdp (r = 4 divisible by 2); a keeps it on
+    # in, b moves it to out
     assert t["x"].core == P("fsdp", None)
     assert (f["x"].a, f["x"].b) == (P("fsdp", None), P(None, "fsdp"))
 
@@ -145,20 +183,25 @@ def test_lora_dora_lora_xs_fields_follow_their_axes():
 def test_sparse_values_and_indices_put_the_base_axes_on_k():
     params = {"w": sds(2, 16, 32)}
     base = {"w": P("data", "fsdp", "tensor")}
-    got = _adapter_shardings(params, [Rule(where="w", then=adapters.sparse_delta(k=24))],
-                             base)
+    got = _adapter_shardings(
+        params, [Rule(where="w", then=adapters.sparse_delta(k=24))], base
+    )
     assert specs(got.trainable)["w"].values == P("data", ("fsdp", "tensor"))
     assert specs(got.frozen)["w"].indices == P("data", ("fsdp", "tensor"))
 
 
 def test_a_leaf_that_cannot_follow_its_base_warns():
     params = {"w": sds(16, 32)}
-    with pytest.warns(shard.ShardingFallbackWarning,
-                      match=r"'w' field '(values|indices)': shape \(3,\).*\['fsdp', "
-                            r"'tensor'\]"):
+    with pytest.warns(
+        shard.ShardingFallbackWarning,
+        match=r"'w' field '(values|indices)': shape \(3,\).*\['fsdp', "
+        r"'tensor'\]",
+    ):
         got = _adapter_shardings(
-            params, [Rule(where="w", then=adapters.sparse_delta(k=3))],
-            {"w": P("fsdp", "tensor")})
+            params,
+            [Rule(where="w", then=adapters.sparse_delta(k=3))],
+            {"w": P("fsdp", "tensor")},
+        )
     assert specs(got.trainable)["w"].values == P(None)
 
 
@@ -173,12 +216,15 @@ def test_adam_moments_take_the_params_specs():
     assert got[0].mu == base and got[0].nu == base and got[0].count == P()
 
 
-@pytest.mark.parametrize("proj_type, mu, basis", [
-    # (16, 32): std projects the smaller input axis -> mu (r, 32), basis (S, 16, r)
-    ("std", P(None, ("tensor", "fsdp")), P(None, ("fsdp", "tensor"), None)),
-    # left projects the output axis -> mu (16, r), basis (S, 32, r)
-    ("left", P(("fsdp", "tensor"), None), P(None, ("tensor", "fsdp"), None)),
-])
+@pytest.mark.parametrize(
+    "proj_type, mu, basis",
+    [
+        # (16, 32): std projects the smaller input axis -> mu (r, 32), basis (S, 16, r)
+        ("std", P(None, ("tensor", "fsdp")), P(None, ("fsdp", "tensor"), None)),
+        # left projects the output axis -> mu (16, r), basis (S, 32, r)
+        ("left", P(("fsdp", "tensor"), None), P(None, ("tensor", "fsdp"), None)),
+    ],
+)
 def test_galore_moments_and_bases_follow_the_surviving_axis(proj_type, mu, basis):
     params = {"w": sds(16, 32), "b": sds(32)}
     base = {"w": P("fsdp", "tensor"), "b": P()}
@@ -197,13 +243,18 @@ def test_galore_full_and_stacked_and_frugal_coordinates():
     got = specs(shard.state_shardings(MESH, st, params, base))[0]
     # (L, r, r) moments keep data on L; fsdp and tensor land on the r axes
     assert got.inner_state.mu["s"] == P("data", "fsdp", "tensor")
-    assert got.projector["s"] == (P("data", ("fsdp", "tensor"), None),
-                                  P("data", ("tensor", "fsdp"), None))
-    tx = optim.frugal(1e-3, density=0.25, projector=optim.coordinates(),
-                      proj_type="right")
+    assert got.projector["s"] == (
+        P("data", ("fsdp", "tensor"), None),
+        P("data", ("tensor", "fsdp"), None),
+    )
+    tx = optim.frugal(
+        1e-3, density=0.25, projector=optim.coordinates(), proj_type="right"
+    )
     st = jax.eval_shape(tx.init, params)
     # indices (S, r=4): data on S; fsdp fits r, tensor (4) then fits nowhere
-    with pytest.warns(shard.ShardingFallbackWarning, match=r"projector of 's'.*'tensor'"):
+    with pytest.warns(
+        shard.ShardingFallbackWarning, match=r"projector of 's'.*'tensor'"
+    ):
         got = specs(shard.state_shardings(MESH, st, params, base))[0]
     assert got.projector["s"] == P("data", "fsdp")
     assert got.inner_state.mu["s"] == P("data", None, ("tensor", "fsdp"))
