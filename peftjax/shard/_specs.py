@@ -17,6 +17,7 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -369,6 +370,9 @@ def describe(tree: Any, shardings: Any) -> str:
     total = per_device = 0
     for path, leaf in flat:
         shape = tuple(np.shape(leaf))
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.eval_shape(jax.random.key_data, leaf)  # typed keys: their data
+            shape = tuple(leaf.shape)
         dtype = np.dtype(leaf.dtype)
         nbytes = math.prod(shape) * dtype.itemsize
         s = sh.get(path)

@@ -282,3 +282,5 @@ def test_describe_reports_per_device_bytes():
     sh = {"w": NamedSharding(MESH, P("fsdp", "tensor"))}
     text = shard.describe(params, sh)
     assert "2,048 bytes, 256 bytes per device" in text  # 16*32*4 / (2*4)
+    keyed = shard.describe({"k": jax.random.key(0)}, {"k": P()})
+    assert "uint32" in keyed and "8 bytes, 8 bytes per device" in keyed
