@@ -198,10 +198,29 @@ def map_slices(fn: Callable, nbatch: int) -> Callable:
       carry the batch axes in front.
     """
 
+    def concrete(a: Any) -> bool:
+        return isinstance(a, (jax.Array, np.ndarray))
+
     def run(*args: Any) -> Any:
-        lead = jax.tree.leaves(args)[0].shape[:nbatch]
-        flat = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[nbatch:]), args)
-        out = jax.lax.map(lambda xs: fn(*xs), flat)
+        leaves, treedef = jax.tree.flatten(args)
+        lead = tuple(leaves[0].shape[:nbatch])
+        # Abstract leaves (``jax.ShapeDtypeStruct``, e.g. from ``quant.abstract``)
+        # carry no values to map over: each slice sees the slice's struct.
+        live = [k for k, a in enumerate(leaves) if concrete(a)]
+        fixed = [
+            a if concrete(a)
+            else jax.ShapeDtypeStruct(tuple(a.shape[nbatch:]), a.dtype)
+            for a in leaves
+        ]
+
+        def one(xs: list) -> Any:
+            slice_leaves = list(fixed)
+            for k, x in zip(live, xs, strict=True):
+                slice_leaves[k] = x
+            return fn(*jax.tree.unflatten(treedef, slice_leaves))
+
+        flat = [leaves[k].reshape((-1,) + leaves[k].shape[nbatch:]) for k in live]
+        out = jax.lax.map(one, flat)
         return jax.tree.map(lambda a: a.reshape(lead + a.shape[1:]), out)
 
     return run
