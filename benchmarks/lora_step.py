@@ -15,7 +15,10 @@ count come from *unrolled* compiles (XLA counts a scan body once); memory
 model; the loop-aware jaxpr FLOPs of ``peftjax.report`` are recorded too.
 With ``--steps=N`` (N > 0) the steps are timed interleaved (full,
 materialize, factored, torch PEFT in a ``.venv-torch`` worker); medians and
-minimums after ``--warmup``. ``--steps=0`` is compile-only. Load averages are
+minimums after ``--warmup``; ``--order=blocked`` instead runs all steps of
+one variant before the next (each warmed up on its own caches). The factored
+step is also timed on the unrolled-layer model (``step_s_lora_unrolled``).
+``--steps=0`` is compile-only. Load averages are
 recorded before and after: timings from a loaded machine are not comparable.
 
 Usage::
@@ -94,6 +97,7 @@ class Config:
     smoke: bool = False
     json: str = ""
     seed: int = 0
+    order: str = "interleaved"
 
 
 def _params(cfg):
@@ -199,6 +203,10 @@ def main(cfg: Config) -> dict:
             if layout == "scan":
                 out[f"flops_jaxpr_{key}"] = rep.jaxpr_flops(fn, *args, ids)[0]
                 compiled_scan[name] = (compiled, args)
+            elif name == "factored":
+                # Unrolled layers are timed too: a layer scan's per-step weight
+                # slicing and gradient stacking cost wall time on CPU.
+                compiled_scan["factored_unrolled"] = (compiled, args)
     res = {
         "flops_lora": out["flops_xla_factored_unrolled"],
         "flops_materialize": out["flops_xla_materialize_unrolled"],
@@ -217,19 +225,34 @@ def main(cfg: Config) -> dict:
     if cfg.steps > 0:
         worker, note = _torch_worker(cfg, mcfg, ids_np, gguf) if cfg.torch else (
             None, "disabled (--torch=false)")
+        def run_jax(name, i):
+            compiled, args = compiled_scan[name]
+            t = time.perf_counter()
+            jax.block_until_ready(compiled(*args, ids))
+            if i >= cfg.warmup:
+                times[name].append(time.perf_counter() - t)
+
+        def run_torch(i):
+            worker.stdin.write("step\n")
+            worker.stdin.flush()
+            s = json.loads(worker.stdout.readline())["seconds"]
+            if i >= cfg.warmup:
+                times["torch_peft"].append(s)
+
         try:
-            for i in range(cfg.warmup + cfg.steps):
-                for name, (compiled, args) in compiled_scan.items():
-                    t = time.perf_counter()
-                    jax.block_until_ready(compiled(*args, ids))
-                    if i >= cfg.warmup:
-                        times[name].append(time.perf_counter() - t)
+            if cfg.order == "interleaved":
+                for i in range(cfg.warmup + cfg.steps):
+                    for name in compiled_scan:
+                        run_jax(name, i)
+                    if worker is not None:
+                        run_torch(i)
+            else:  # blocked: all steps of one variant, then the next
+                for name in compiled_scan:
+                    for i in range(cfg.warmup + cfg.steps):
+                        run_jax(name, i)
                 if worker is not None:
-                    worker.stdin.write("step\n")
-                    worker.stdin.flush()
-                    s = json.loads(worker.stdout.readline())["seconds"]
-                    if i >= cfg.warmup:
-                        times["torch_peft"].append(s)
+                    for i in range(cfg.warmup + cfg.steps):
+                        run_torch(i)
         finally:
             if worker is not None:
                 worker.stdin.close()
@@ -241,6 +264,7 @@ def main(cfg: Config) -> dict:
     res.update({
         "step_s_lora": med(times["factored"]), "step_s_materialize": med(times["materialize"]),
         "step_s_full": med(times["full"]), "step_s_torch_peft": med(times["torch_peft"]),
+        "step_s_lora_unrolled": med(times["factored_unrolled"]),
         "tokens_per_s_lora": (cfg.batch * cfg.seq_len / med(times["factored"])
                               if times["factored"] else None),
         "step_s_min": {k: min(v) if v else None for k, v in times.items()},
@@ -296,6 +320,8 @@ def _parse(argv: list[str]) -> Config:
         if field.type in (bool, "bool"):
             ns[field.name] = str(ns[field.name]).lower() in ("1", "true", "yes")
     cfg = Config(**ns)
+    if cfg.order not in ("interleaved", "blocked"):
+        ap.error(f"--order must be 'interleaved' or 'blocked', got {cfg.order!r}")
     if cfg.smoke:
         cfg = dataclasses.replace(cfg, batch=2, seq_len=16, warmup=1,
                                   steps=min(cfg.steps, 2))
