@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """A small data pipeline for language-model fine-tuning (NumPy only).
 
-Read documents (``read_text``, ``read_jsonl``), split them by document
+Read documents (``read_text``, ``read_jsonl``; instruction records rendered
+with the checkpoint's chat template by ``chat_format``), split them by document
 (``split_documents``: an eval document never contributes a training token),
 tokenise with any ``encode`` function (``tokenize``), pack into fixed-length
 blocks with segment ids and per-document positions (``pack``), and iterate
@@ -21,6 +22,7 @@ Example (Shakespeare, split by play)::
     batch = batches[0]                                 # tokens, segment_ids, positions
 """
 
+from peftjax.data._chat import chat_format as chat_format
 from peftjax.data._loader import Batches as Batches
 from peftjax.data._pack import Blocks as Blocks
 from peftjax.data._pack import lm_targets as lm_targets
@@ -34,6 +36,7 @@ from peftjax.data._text import tokenize as tokenize
 __all__ = [
     "Batches",
     "Blocks",
+    "chat_format",
     "lm_targets",
     "pack",
     "read_jsonl",

@@ -46,9 +46,10 @@ def read_jsonl(path: str | os.PathLike, *, field: str = "text",
     """Reads one document per line from a JSONL file.
 
     Instruction data (``{"messages": [{"role": ..., "content": ...}]}``) is
-    turned into text by ``format``, e.g. a renderer of the chat template
-    stored in the checkpoint (GGUF ``tokenizer.chat_template``, HF
-    ``tokenizer_config.json``), so training sees the model's own format.
+    turned into text by ``format``, e.g. ``chat_format`` over the chat
+    template stored in the checkpoint (``peftjax.models.load_chat_template``
+    reads GGUF ``tokenizer.chat_template`` or HF ``tokenizer_config.json``),
+    so training sees the model's own format.
 
     Args:
       path: the ``.jsonl`` file.
@@ -59,8 +60,9 @@ def read_jsonl(path: str | os.PathLike, *, field: str = "text",
       The documents in file order (blank lines skipped).
 
     Raises:
-      ValueError: a missing file, a line that is not a JSON object, or a
-        record without ``field`` (the line number is named).
+      ValueError: a missing file, a line that is not a JSON object, a
+        record without ``field``, or a ``ValueError`` from ``format`` (the
+        line number is named).
 
     Example:
       >>> import tempfile, os
@@ -85,7 +87,10 @@ def read_jsonl(path: str | os.PathLike, *, field: str = "text",
             except json.JSONDecodeError as e:
                 raise ValueError(f"read_jsonl: {path!r} line {n} is not JSON: {e}") from e
             if format is not None and isinstance(record, dict):
-                text = format(record)
+                try:
+                    text = format(record)
+                except ValueError as e:
+                    raise ValueError(f"read_jsonl: {path!r} line {n}: {e}") from e
                 if not isinstance(text, str):
                     raise ValueError(f"read_jsonl: format returned {type(text).__name__} "
                                      f"for {path!r} line {n}; expected str")
