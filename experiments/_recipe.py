@@ -19,6 +19,9 @@ Not an experiment itself: ``demo.py``, ``compare_methods.py`` and
   optimizer state, step, PRNG key and loader position);
 * ``METHODS``: method name -> a function building its trainable tree,
   optimizer transform and export; methods not built yet raise a clear error.
+  Data-dependent initialisers (LoRA-SB) get a loss and a few training
+  batches (``InitData``); methods with their own step (SpIEL sparse
+  fine-tuning) bring it in ``Setup.make_trainer``.
 
 Candidate for promotion into the library (``peftjax.train``) once its shape
 settles; kept here so the library's API does not grow by accident.
@@ -29,6 +32,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -43,7 +47,7 @@ import numpy as np
 import optax
 
 import peftjax
-from peftjax import adapters, data, tree
+from peftjax import adapters, data, inits, masks, tree
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _lm import (  # noqa: E402,F401  (re-exported: experiments import _recipe only)
@@ -162,12 +166,19 @@ def wrap_optimizer(inner: optax.GradientTransformation, cfg: OptimConfig
 
 # ----------------------------------------------------------------------------
 # Methods: name -> builder of (trainable, static, to_params, optimizer, export).
+# Builders: (cfg, params, sched, key, *, init_data: InitData | None) -> Setup.
 # ----------------------------------------------------------------------------
+def _whole(trainable: Any) -> Any:
+    return trainable
+
+
 class Setup(NamedTuple):
     """What a method contributes to a run.
 
     Attributes:
-      trainable: the differentiated pytree (adapter state or parameters).
+      trainable: the pytree the loop carries and checkpoints: the
+        differentiated tree (adapter state or parameters), or for methods
+        with their own step (``make_trainer``) whatever that step carries.
       static: non-differentiated arguments (base params, frozen adapter parts).
       to_params: ``(trainable, static) -> params`` for the model.
       optimizer: the method's transform (before clipping and accumulation).
@@ -178,7 +189,13 @@ class Setup(NamedTuple):
       peft: ``(trainable, static) -> (assignment, AdapterState)`` of an
         adapter over the *original* parameters, for
         ``peftjax.io.save_peft``; None when the method has no Hugging Face
-        PEFT format (LoRA-XS, optimizer-side methods).
+        PEFT format (LoRA-XS, LoRA-SB, sparse deltas, optimizer-side methods).
+      make_trainer: ``(setup, loss_fn, OptimConfig) -> Trainer`` for a method
+        whose step is not "gradient, then ``tx.update``" (SpIEL also rewrites
+        its support); None: ``trainer`` builds the usual one.
+      trained: ``trainable -> the trained part`` (what ``peftjax.report``
+        counts as trainable parameters); the whole tree unless the carried
+        tree also holds non-trained arrays (the sparse support's indices).
     """
 
     trainable: Any
@@ -189,6 +206,23 @@ class Setup(NamedTuple):
     describe: str
     base: Any = None
     peft: Callable[[Any, Any], Any] | None = None
+    make_trainer: Callable[..., Any] | None = None
+    trained: Callable[[Any], Any] = _whole
+
+
+class InitData(NamedTuple):
+    """What data-dependent initialisers (LoRA-SB) need, passed to every builder.
+
+    Attributes:
+      loss_fn: ``(params, batch) -> scalar`` (``lm_loss``).
+      batches: the training batches for the statistics (a list, used once).
+      optim: the run's schedule (LoRA-SB scales its init by the peak learning
+        rate, warm-up ratio and step count).
+    """
+
+    loss_fn: Callable[[Any, Any], jax.Array]
+    batches: list[Any]
+    optim: "OptimConfig"
 
 
 ATTN = r"(.*/)?self_attn/(q_proj|k_proj|v_proj|o_proj)/kernel"
@@ -214,9 +248,11 @@ def one_leaf_at_a_time(run: Callable[[dict], Any], plan: dict) -> list[Any]:
     PiSSA's jitted init hangs intermittently). One batched call at a time
     always leaves a thread free for the chunks. Per-leaf PRNG keys are
     folded from each path, so the result equals one joint init (bit for bit
-    on the tiny Llama, where a joint init does not hang). A fix inside the
-    library (``lax.map`` instead of ``vmap`` over batch axes for
-    initialisers that call LAPACK) would cover every caller.
+    on the tiny Llama, where a joint init does not hang). The library now
+    maps initialisers over stacked layers with ``lax.map``
+    (``peftjax.adapters.map_slices``), one unbatched LAPACK call per slice,
+    which fixes this for every caller; the per-leaf programs remain here as
+    a belt-and-braces measure.
     """
     return [jax.block_until_ready(run({path: plan[path]})) for path in plan]
 
@@ -234,7 +270,9 @@ def init_adapters(assignment: dict, key: jax.Array, params: Any) -> adapters.Ada
 
 def _adapter_method(make_adapter: Callable[[Any], adapters.Adapter], *,
                     peft: bool = True):
-    def build(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Setup:
+    def build(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array, *,
+              init_data: InitData | None = None) -> Setup:
+        del init_data
         targets = getattr(cfg, "targets", ATTN) or ATTN
         assignment = tree.assign(params, [tree.Rule(where=targets,
                                                     then=make_adapter(cfg))])
@@ -255,8 +293,9 @@ def _adapter_method(make_adapter: Callable[[Any], adapters.Adapter], *,
     return build
 
 
-def _full(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Setup:
-    del key
+def _full(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array, *,
+          init_data: InitData | None = None) -> Setup:
+    del key, init_data
     return Setup(params, None, lambda t, s: t, _adamw(sched, cfg.weight_decay),
                  lambda t, s: t, "full fine-tuning: every parameter is trained")
 
@@ -269,8 +308,9 @@ def _optim_namespace():
     return optim
 
 
-def _galore(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Setup:
-    del key
+def _galore(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array, *,
+            init_data: InitData | None = None) -> Setup:
+    del key, init_data
     optim = _optim_namespace()
     rank = int(getattr(cfg, "galore_rank", 0) or cfg.rank)
     labels = tree.labels(params, [tree.Rule(where=LINEAR, then="galore")],
@@ -286,10 +326,10 @@ def _galore(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Set
                  f"GaLore rank {rank} on attention/MLP kernels, AdamW elsewhere")
 
 
-def _pissa(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Setup:
+def _pissa(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array, *,
+           init_data: InitData | None = None) -> Setup:
     """PiSSA: the adapter starts at the top-r SVD of W and trains over the residual."""
-    from peftjax import inits
-
+    del init_data
     targets = getattr(cfg, "targets", ATTN) or ATTN
     plan = tree.assign(params, [tree.Rule(where=targets,
                                           then=inits.pissa(cfg.rank, alpha=cfg.alpha))])
@@ -326,8 +366,9 @@ def _pissa(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Setu
                  peft_export)
 
 
-def _frugal(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Setup:
-    del key
+def _frugal(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array, *,
+            init_data: InitData | None = None) -> Setup:
+    del key, init_data
     optim = _optim_namespace()
     density = float(getattr(cfg, "frugal_density", 0.25))
     labels = tree.labels(params, [tree.Rule(where=LINEAR, then="frugal")],
@@ -342,8 +383,9 @@ def _frugal(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Set
                  f"FRUGAL density {density} on attention/MLP kernels, AdamW elsewhere")
 
 
-def _lisa(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Setup:
-    del key
+def _lisa(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array, *,
+          init_data: InitData | None = None) -> Setup:
+    del key, init_data
     optim = _optim_namespace()
     n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
     tx = optim.lisa(sched, n_layers=n_layers, n_active=int(getattr(cfg, "lisa_active", 2)),
@@ -354,18 +396,145 @@ def _lisa(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Setup
                  "LISA: embeddings, head and norms always, 2 sampled layers at a time")
 
 
-def _loraplus(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array) -> Setup:
+def _loraplus(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array, *,
+              init_data: InitData | None = None) -> Setup:
     optim = _optim_namespace()
-    setup = _adapter_method(_lora)(cfg, params, sched, key)
+    setup = _adapter_method(_lora)(cfg, params, sched, key, init_data=init_data)
     tx = optim.loraplus(sched, ratio=float(getattr(cfg, "loraplus_ratio", 16.0)),
                         weight_decay=cfg.weight_decay)
     return setup._replace(optimizer=tx)
 
 
+def _lora_sb(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array, *,
+             init_data: InitData | None = None) -> Setup:
+    """LoRA-SB: a trainable ``r x r`` core between frozen bases set from the
+    top-r SVD of an approximate first update (summed full-weight gradients
+    over ``init_data.batches``); the base is not modified."""
+    if init_data is None or not init_data.batches:
+        raise ValueError(
+            "--method=lora-sb initialises from accumulated full-weight gradients: "
+            "build it with init_data=InitData(loss_fn, batches, optim) holding at "
+            "least one batch (demo.py and compare_methods.py pass --stat_batches "
+            "training batches)")
+    targets = getattr(cfg, "targets", ATTN) or ATTN
+    run_optim = init_data.optim
+    payload = inits.lora_sb(cfg.rank, learning_rate=run_optim.lr,
+                            warmup_ratio=run_optim.warmup_steps / run_optim.total_steps,
+                            total_steps=run_optim.total_steps)
+    plan = tree.assign(params, [tree.Rule(where=targets, then=payload)])
+    stats = inits.accumulate_gradients(init_data.loss_fn, params, init_data.batches,
+                                       list(plan), mean=False)
+    assignment: dict = {}
+
+    def run(sub):  # one jitted program per target (see one_leaf_at_a_time)
+        (path,) = sub
+
+        def f(k, p, g):
+            res = inits.init(sub, k, p, stats=g)
+            assignment.update(res.assignment)  # static adapters, known at trace
+            return res.state
+
+        return jax.jit(f)(key, params, {path: stats[path]})
+
+    parts = one_leaf_at_a_time(run, plan)
+    state = adapters.AdapterState(
+        {k: v for st in parts for k, v in st.trainable.items()},
+        {k: v for st in parts for k, v in st.frozen.items()})
+
+    def to_params(t, s):
+        return adapters.materialize(assignment, s["base"], t, s["frozen"])
+
+    return Setup(state.trainable, {"base": params, "frozen": state.frozen}, to_params,
+                 _adamw(sched, cfg.weight_decay),
+                 lambda t, s: {"trainable": t, "frozen": s["frozen"]},
+                 f"LoRA-SB (r x r core, {len(init_data.batches)} gradient batches)\n"
+                 + tree.describe(assignment, params), params)
+
+
+def _sparse(cfg: Any, params: Any, sched: optax.Schedule, key: jax.Array, *,
+            init_data: InitData | None = None) -> Setup:
+    """SpIEL sparse fine-tuning at LoRA's budget: ``k = r·(in + out)`` entries
+    per targeted kernel (per layer of a stack), dropped and regrown on the
+    SpIEL-AG schedule.
+
+    The loop carries ``AdapterState(values, support)`` as "trainable" (the
+    support's indices change on regrowth) and ``(sft_adamw state, SpIELState)``
+    as "opt_state"; only the values are trained and counted.
+    """
+    del init_data
+    optim = _optim_namespace()
+    targets = getattr(cfg, "targets", ATTN) or ATTN
+    lora_plan = tree.assign(params, [tree.Rule(where=targets,
+                                               then=adapters.lora(cfg.rank))])
+    flat = tree.leaves_by_path(params)
+    assignment = tree.assign(params, [
+        tree.Rule(where=re.escape(p), then=adapters.sparse_delta(
+            k=cfg.rank * (flat[p].shape[-2] + flat[p].shape[-1])))
+        for p in lora_plan])
+    state = init_adapters(assignment, key, params)
+    reselect = int(getattr(cfg, "spiel_reselection_steps", 20))
+    accumulate = int(getattr(cfg, "spiel_accumulation_steps", 5))
+
+    def to_params(c, s):
+        return adapters.materialize(assignment, s["base"], c.trainable, c.frozen)
+
+    return Setup(state, {"base": params}, to_params,
+                 optim.sft_adamw(sched, weight_decay=cfg.weight_decay),
+                 lambda c, s: {"trainable": c.trainable, "frozen": c.frozen},
+                 f"SpIEL sparse deltas, k = {cfg.rank}·(in + out) per kernel (LoRA's "
+                 f"budget), reselection every {reselect} steps after {accumulate} "
+                 "steps of gradient accumulation\n" + tree.describe(assignment, params),
+                 params, make_trainer=_spiel_trainer(reselect, accumulate),
+                 trained=lambda c: c.trainable)
+
+
+def _spiel_trainer(reselection_steps: int, accumulation_steps: int
+                   ) -> Callable[..., "Trainer"]:
+    """``make_trainer`` for ``_sparse``: ``optim.make_spiel_step`` in the loop's shape.
+
+    Clipping is honoured (``clip_by_global_norm`` before ``sft_adamw``, inside
+    the SpIEL step, so regrowth reseeds the moments there); gradient
+    accumulation is refused: the step makes one optimizer step per batch and
+    its reselection schedule counts those steps.
+    """
+
+    def make(setup: Setup, loss_fn: Callable, run_optim: OptimConfig) -> Trainer:
+        if run_optim.accum_steps > 1:
+            raise ValueError(
+                f"--method=sparse: --accum_steps={run_optim.accum_steps} is not "
+                "supported: the SpIEL step (optim.make_spiel_step) makes one optimizer "
+                "step per batch and its reselection schedule counts those steps; use "
+                "--accum_steps=1 with a larger --batch_size")
+        optim = _optim_namespace()
+        selector = masks.spiel_selector(total_steps=run_optim.total_steps,
+                                        reselection_steps=reselection_steps,
+                                        accumulation_steps=accumulation_steps)
+        sopt = wrap_optimizer(setup.optimizer, run_optim)  # clip -> sft_adamw
+
+        def init(carry):
+            return (sopt.init(carry.trainable),
+                    optim.spiel_init(carry.trainable, carry.frozen))
+
+        def update(*_: Any, **__: Any):
+            raise TypeError("--method=sparse: the SpIEL step updates the values, "
+                            "support and optimizer state itself; call Trainer.step")
+
+        def step(carry, opt_state, static, batch):
+            spiel = optim.make_spiel_step(
+                lambda t, f: setup.to_params(adapters.AdapterState(t, f), static),
+                loss_fn, sopt, selector=selector)
+            t, f, o, s, loss = spiel(carry.trainable, carry.frozen, *opt_state, batch)
+            return adapters.AdapterState(t, f), (o, s), {"loss": loss}
+
+        return Trainer(optax.GradientTransformation(init, update), jax.jit(step))
+
+    return make
+
+
 def unavailable(name: str, issue: int, what: str) -> Callable[..., Setup]:
     """A method builder that raises: ``name`` is not built yet (``issue``)."""
 
-    def build(*_: Any) -> Setup:
+    def build(*_: Any, **__: Any) -> Setup:
         raise NotImplementedError(
             f"--method={name}: {what} is not available here yet (tracked in issue "
             f"{issue}). Available now: " + ", ".join(available_methods()))
@@ -406,11 +575,9 @@ METHODS: dict[str, Callable[..., Setup]] = {
     "frugal": _if_built("frugal", "frugal", _frugal),
     "lisa": _if_built("lisa", "lisa", _lisa),
     "loraplus": _if_built("loraplus", "loraplus", _loraplus),
-    "lora-sb": unavailable("lora-sb", 6, "LoRA-SB wiring in the recipe (it needs "
-                           "accumulated gradients from inits.accumulate_gradients)"),
+    "lora-sb": _lora_sb,  # needs init_data (gradient statistics)
     "pissa": _pissa,
-    "sparse": unavailable("sparse", 7, "sparse fine-tuning wiring in the recipe "
-                          "(peftjax.masks drop-and-regrow)"),
+    "sparse": _sparse,  # SpIEL: its own step (Setup.make_trainer)
 }
 
 
@@ -497,7 +664,10 @@ class Trainer(NamedTuple):
 
 
 def trainer(setup: Setup, loss_fn: Callable, optim: OptimConfig) -> Trainer:
-    """Builds the optimizer chain and the jitted step for ``setup``."""
+    """Builds the optimizer chain and the jitted step for ``setup`` (the
+    method's own ``setup.make_trainer`` when it has one)."""
+    if setup.make_trainer is not None:
+        return setup.make_trainer(setup, loss_fn, optim)
     tx = wrap_optimizer(setup.optimizer, optim)
     return Trainer(tx, make_step(setup, loss_fn, tx))
 
@@ -607,14 +777,15 @@ def train(*, setup: Setup, run: Trainer, optim: OptimConfig, batches: data.Batch
                 key, _ = jax.random.split(key)  # reserved for stochastic methods
                 trainable, opt_state, metrics = step_fn(trainable, opt_state,
                                                         setup.static, batch)
-                loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+                loss = float(metrics["loss"])
                 dt = time.perf_counter() - tick
                 step = position + 1
                 ntok = int((batch["segment_ids"] != 0).sum())
                 rec = {"step": step, "loss": loss,
                        "lr": float(sched(position // optim.accum_steps)),
-                       "tokens_per_s": ntok / dt, "grad_norm": gnorm,
-                       "seconds": dt}
+                       "tokens_per_s": ntok / dt, "seconds": dt}
+                if "grad_norm" in metrics:  # the SpIEL step reports none
+                    rec["grad_norm"] = float(metrics["grad_norm"])
                 history.append(rec)
                 if log:
                     log.write(json.dumps(rec) + "\n")

@@ -57,6 +57,9 @@ class Config:
     galore_rank: int = 64
     update_proj_gap: int = 200
     galore_scale: float = 0.25
+    stat_batches: int = 8  # training batches for LoRA-SB's gradient statistics
+    spiel_reselection_steps: int = 20  # sparse: drop-and-regrow every S steps
+    spiel_accumulation_steps: int = 5  # sparse: gradient accumulation before each
     lr_scale: float = 1.0  # multiplies every method's learning rate in LR
     warmup_steps: int = 3
     weight_decay: float = 0.0
@@ -75,9 +78,11 @@ class Config:
 
 
 # Per-method peak learning rates (the usual orders of magnitude for each family).
-LR = {"full": 5e-5, "galore": 2e-4, "lora": 1e-3, "dora": 1e-3, "lora_xs": 1e-3}
+LR = {"full": 5e-5, "galore": 2e-4, "lora": 1e-3, "dora": 1e-3, "lora_xs": 1e-3,
+      "lora-sb": 1e-3, "sparse": 5e-4}
 SMOKE = dict(steps=6, block_len=32, eval_blocks=8, galore_rank=8, rank=4, alpha=8.0,
-             warmup_steps=1)
+             warmup_steps=1, stat_batches=2, spiel_reselection_steps=3,
+             spiel_accumulation_steps=1)
 SMOKE_LR_SCALE = 10.0
 
 
@@ -88,16 +93,19 @@ def run_method(name: str, cfg: Config, lm: _recipe.LM, corpus: _recipe.Corpus) -
     optim = _recipe.OptimConfig(lr=lr, total_steps=cfg.steps,
                                 warmup_steps=cfg.warmup_steps, clip_norm=cfg.clip_norm,
                                 weight_decay=cfg.weight_decay)
-    setup = _recipe.precision(
-        build(cfg, lm.params, _recipe.schedule(optim), jax.random.key(cfg.seed)), cfg.dtype)
     loss_fn = _recipe.lm_loss(_recipe.apply_fn(lm.graphdef))
-    run = _recipe.trainer(setup, loss_fn, optim)
     batches = data.Batches(corpus.train, batch_size=cfg.batch_size, seed=cfg.seed)
+    init_data = _recipe.InitData(loss_fn, [batches[i] for i in range(cfg.stat_batches)],
+                                 optim)
+    setup = _recipe.precision(
+        build(cfg, lm.params, _recipe.schedule(optim), jax.random.key(cfg.seed),
+              init_data=init_data), cfg.dtype)
+    run = _recipe.trainer(setup, loss_fn, optim)
     evals = data.Batches(corpus.eval, batch_size=min(cfg.batch_size, cfg.eval_blocks),
                          seed=cfg.seed, shuffle=False)
     opt_state = jax.eval_shape(run.tx.init, setup.trainable)  # shapes suffice here
     rep = peftjax.report(run.step, setup.trainable, opt_state, setup.static, batches[0],
-                         params=setup.base, trainable=setup.trainable,
+                         params=setup.base, trainable=setup.trained(setup.trainable),
                          opt_state=opt_state)
     result = _recipe.train(setup=setup, run=run, optim=optim, batches=batches,
                            key=jax.random.key(cfg.seed), progress=cfg.progress, desc=name)

@@ -14,7 +14,8 @@ parameter counts and optimizer-state bytes (``peftjax.report``). Files in
 ``adapter_peft/`` (the same adapter in Hugging Face PEFT format:
 ``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
 ``peft.PeftModel.from_pretrained``; LoRA, DoRA and PiSSA, the latter as a
-rank-2r LoRA over the unmodified base), ``checkpoints/`` (resumable
+rank-2r LoRA over the unmodified base; LoRA-XS, LoRA-SB and sparse deltas
+have no PEFT format and are saved with orbax only), ``checkpoints/`` (resumable
 training state). The checkpoint is a 4-bit (Q4_1)
 GGUF dequantised to float32, so perplexities are not comparable with
 published SmolLM2 figures.
@@ -24,6 +25,8 @@ Usage::
     python experiments/demo.py                      # the default run
     python experiments/demo.py --steps=100 --rank=16 --lr=5e-4
     python experiments/demo.py --method=dora        # or full, lora_xs, galore
+    python experiments/demo.py --method=lora-sb     # r x r core, gradient-based init
+    python experiments/demo.py --method=sparse      # SpIEL at LoRA's budget
     python experiments/demo.py --model=/path/to/hf_dir_or.gguf --data=notes.txt
     python experiments/demo.py --resume             # continue after a kill
     python experiments/demo.py --dtype=bf16         # bf16 base and activations
@@ -71,6 +74,9 @@ class Config:
     galore_rank: int = 128
     update_proj_gap: int = 200
     galore_scale: float = 0.25
+    stat_batches: int = 8  # training batches for LoRA-SB's gradient statistics
+    spiel_reselection_steps: int = 20  # sparse: drop-and-regrow every S steps
+    spiel_accumulation_steps: int = 5  # sparse: gradient accumulation before each
     eval_docs: int = 4  # held-out plays, never trained on
     eval_blocks: int = 32
     dtype: str = "f32"  # or bf16: bf16 base and activations, float32 adapters/optimizer
@@ -89,7 +95,8 @@ class Config:
 
 SMOKE = dict(steps=24, batch_size=4, block_len=32, lr=1e-2, warmup_steps=2,
              eval_blocks=16, gen_tokens=12, checkpoint_every=8, rank=4, alpha=8.0,
-             prompt="KING.\n")
+             prompt="KING.\n", stat_batches=2, spiel_reselection_steps=8,
+             spiel_accumulation_steps=2)
 
 
 def _generate(graphdef, params, encode, decode, cfg: Config) -> str:
@@ -154,21 +161,23 @@ def main(cfg: Config) -> dict:
         weight_decay=cfg.weight_decay, accum_steps=cfg.accum_steps)
     key = jax.random.key(cfg.seed)
     init_key, loop_key = jax.random.split(key)
-    setup = _recipe.precision(build(cfg, params, _recipe.schedule(optim), init_key),
-                              cfg.dtype)
+    loss_fn = _recipe.lm_loss(_recipe.apply_fn(graphdef))
+    stat_batches = [train_batches[i] for i in range(cfg.stat_batches)]  # LoRA-SB
+    init_data = _recipe.InitData(loss_fn, stat_batches, optim)
+    setup = _recipe.precision(build(cfg, params, _recipe.schedule(optim), init_key,
+                                    init_data=init_data), cfg.dtype)
     print(setup.describe)
     if cfg.dtype != "f32":
         print(f"precision: {cfg.dtype} compute"
               + (f", {cfg.dtype} frozen base" if setup.base is not None else "")
               + ", float32 trainable parameters and optimizer state")
 
-    loss_fn = _recipe.lm_loss(_recipe.apply_fn(graphdef))
     evaluate = _recipe.evaluator(setup, loss_fn)
     run = _recipe.trainer(setup, loss_fn, optim)
     opt_state0 = run.tx.init(setup.trainable)
     rep = peftjax.report(run.step, setup.trainable, opt_state0, setup.static,
-                         train_batches[0], params=setup.base, trainable=setup.trainable,
-                         opt_state=opt_state0)
+                         train_batches[0], params=setup.base,
+                         trainable=setup.trained(setup.trainable), opt_state=opt_state0)
     print(rep)
 
     ppl_before = evaluate(setup.trainable, eval_batches)
