@@ -2,6 +2,7 @@
 
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -72,16 +73,79 @@ def _check_peft_equals_orbax(out):
         got, want)
 
 
-@pytest.mark.parametrize("method, issue", [("lora-sb", 6), ("sparse", 7)])
-def test_unbuilt_methods_name_their_issue(method, issue):
+def test_every_method_is_available_and_stubs_name_their_issue():
     recipe = _recipe()
-    with pytest.raises(NotImplementedError, match=rf"--method={method}: .* issue {issue}"):
-        recipe.method(method)(None, None, None, None)
-    assert method not in recipe.available_methods()
-    assert {"lora", "dora", "lora_xs", "full", "galore", "frugal", "lisa",
-            "loraplus", "pissa"} <= set(recipe.available_methods())
+    assert set(recipe.available_methods()) == set(recipe.METHODS) >= {
+        "lora", "dora", "lora_xs", "full", "galore", "frugal", "lisa", "loraplus",
+        "pissa", "lora-sb", "sparse"}
+    stub = recipe.unavailable("lorax", 9, "LoRAX wiring")
+    with pytest.raises(NotImplementedError, match=r"--method=lorax: .* issue 9"):
+        stub(None, None, None, None, init_data=None)
     with pytest.raises(ValueError, match="unknown"):
         recipe.method("lorra")
+
+
+def _smoke_model():
+    """The recipe, the smoke model's params (seed 0) and ``{path: shape}`` of
+    its attention kernels (q, k, v, o; stacked layers first)."""
+    import re
+
+    from peftjax import tree
+
+    recipe = _recipe()
+    _, _, params = recipe.tiny_llama(0)
+    kernels = {p: x.shape for p, x in tree.leaves_by_path(params).items()
+               if re.fullmatch(recipe.ATTN, p)}
+    return recipe, params, kernels
+
+
+def _smoke(tmp_path, method):
+    out = tmp_path / method
+    res = run_script("demo.py", "--smoke", "--progress=false", "--gen_tokens=0",
+                     f"--method={method}", f"--out_dir={out}")
+    results = json.loads((out / "demo_results.json").read_text())
+    assert np.isfinite(results["ppl_before"]) and np.isfinite(results["ppl_after"])
+    assert results["ppl_after"] < results["ppl_before"]
+    assert results["peft_dir"] is None and not (out / "adapter_peft").exists()
+    assert "this method has no PEFT format" in res.stdout
+    assert (out / "adapter").is_dir()
+    return out, results
+
+
+def test_demo_smoke_lora_sb(tmp_path):
+    _, results = _smoke(tmp_path, "lora-sb")
+    _, _, kernels = _smoke_model()
+    # an r x r core per adapted matrix and layer (rank 4 in smoke mode)
+    assert results["trainable_params"] == sum(4 * 4 * s[0] for s in kernels.values())
+    assert results["trainable_params"] == 128
+
+
+def test_demo_smoke_sparse_has_loras_budget_and_regrows(tmp_path):
+    import jax
+
+    from peftjax import adapters
+    from peftjax.io import checkpoint
+
+    out, results = _smoke(tmp_path, "sparse")
+    recipe, params, kernels = _smoke_model()
+    # k = r·(in + out) values per matrix and layer: what LoRA (r = 4) trains
+    budget = sum(4 * (s[-2] + s[-1]) * s[0] for s in kernels.values())
+    assert results["trainable_params"] == budget == 3584
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and "grad_norm" not in rows[0]  # SpIEL reports no norm
+    # the orbax adapter holds the values and the indices (restored by structure)
+    cfg = types.SimpleNamespace(rank=4, alpha=8.0, weight_decay=0.0, targets=None)
+    init_key, _ = jax.random.split(jax.random.key(0))  # as the demo splits seed 0
+    initial = recipe.METHODS["sparse"](cfg, params, lambda s: 1e-3, init_key).trainable
+    saved = checkpoint.restore(out / "adapter", {"trainable": initial.trainable,
+                                                 "frozen": initial.frozen})
+    assert adapters.num_trainable(saved["trainable"]) == budget
+    # drop-and-regrow moved part of the random initial support in every kernel
+    for path in kernels:
+        before = np.asarray(initial.frozen[path].indices)
+        after = np.asarray(saved["frozen"][path].indices)
+        assert after.dtype == np.int32 and after.shape == before.shape
+        assert (np.sort(after, -1) != np.sort(before, -1)).any(), path
 
 
 def _recipe():

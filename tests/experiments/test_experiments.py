@@ -28,11 +28,26 @@ def test_compare_methods_smoke(tmp_path):
     assert "held-out ppl" in res.stdout
 
 
-def test_compare_methods_rejects_unbuilt_method_before_work(tmp_path):
-    res = run_script("compare_methods.py", "--smoke", "--methods=lora,sparse",
+def test_compare_methods_rejects_unknown_method_before_work(tmp_path):
+    res = run_script("compare_methods.py", "--smoke", "--methods=lora,lorra",
                      f"--out_dir={tmp_path}", check=False, timeout=120)
-    assert res.returncode != 0 and "issue 7" in res.stderr
+    assert res.returncode != 0 and "'lorra' is unknown" in res.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+def test_compare_methods_smoke_lora_sb_and_sparse(tmp_path):
+    # one process (--isolate=false): LoRA-SB (gradient statistics) and SpIEL
+    # (its own step) next to LoRA, whose budget the sparse deltas match
+    run_script("compare_methods.py", "--smoke", "--progress=false", "--isolate=false",
+               "--methods=lora-sb,sparse,lora", f"--out_dir={tmp_path}")
+    rows = {r["method"]: r for r in
+            json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert rows["sparse"]["trainable_params"] == rows["lora"]["trainable_params"]
+    # r² per matrix: rank 4, q/k/v/o, 2 layers
+    assert rows["lora-sb"]["trainable_params"] == 4 * 4 * 4 * 2
+    for r in rows.values():
+        assert len(r["losses"]) == 6 and all(math.isfinite(x) for x in r["losses"])
+        assert 1 < r["eval_ppl"] < 256
 
 
 def test_pretrain_galore_smoke(tmp_path):

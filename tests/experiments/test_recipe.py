@@ -1,5 +1,6 @@
 """The shared recipe's pieces: one-target-at-a-time initialisation (the
-LoRA-XS hang workaround), precision, and packed training batches."""
+LoRA-XS hang workaround), precision, packed training batches, and the
+LoRA-SB and SpIEL (sparse) wiring."""
 
 import importlib.util
 import os
@@ -105,3 +106,51 @@ def test_packed_corpus_and_loss(recipe, tiny):
         total, count = total + float(loss_fn(params, alone)) * w, count + w
     np.testing.assert_allclose(float(loss_fn(params, block)), total / count,
                                **MATMUL_F32)
+
+
+def test_lora_sb_needs_init_data(recipe, tiny):
+    _, _, params = tiny
+    with pytest.raises(ValueError, match=r"--method=lora-sb .* init_data=InitData"):
+        recipe.METHODS["lora-sb"](CFG, params, lambda s: 1e-3, jax.random.key(0))
+
+
+def test_sparse_resume_is_bit_identical_and_regrows(recipe, tiny, tmp_path):
+    # SpIEL carries (values, support) and (sft_adamw, SpIEL) states through the
+    # recipe's loop: a run stopped at step 3 and resumed from its checkpoint
+    # equals the uninterrupted run, and reselection moved the support.
+    _, graphdef, params = tiny
+    cfg = types.SimpleNamespace(rank=4, alpha=8.0, weight_decay=0.0, targets=None,
+                                spiel_reselection_steps=3, spiel_accumulation_steps=1)
+    optim = recipe.OptimConfig(lr=1e-2, total_steps=6, warmup_steps=1)
+    setup = recipe.METHODS["sparse"](cfg, params, recipe.schedule(optim),
+                                     jax.random.key(0))
+    flat = tree.leaves_by_path(params)
+    budget = sum(4 * (flat[p].shape[-2] + flat[p].shape[-1]) * flat[p].shape[0]
+                 for p in setup.trainable.trainable)
+    assert adapters.num_trainable(setup.trained(setup.trainable)) == budget
+    assert setup.peft is None
+    loss_fn = recipe.lm_loss(recipe.apply_fn(graphdef))
+    with pytest.raises(ValueError, match=r"--accum_steps=2 is not supported"):
+        recipe.trainer(setup, loss_fn, recipe.OptimConfig(lr=1e-2, total_steps=6,
+                                                          accum_steps=2))
+    run = recipe.trainer(setup, loss_fn, optim)
+    docs = {f"d{i}": "to be or not to be, that is the question. " * 4 for i in range(6)}
+    corpus = recipe.corpus(docs, recipe.byte_encode, block_len=16, eval_docs=2,
+                           eval_blocks=2, seed=0, eos_id=0)
+    batches = data.Batches(corpus.train, batch_size=2, seed=0)
+    kw = dict(setup=setup, run=run, batches=batches, key=jax.random.key(1),
+              progress=False)
+    whole = recipe.train(optim=optim, **kw)
+    stop_at_3 = recipe.OptimConfig(lr=1e-2, total_steps=3, warmup_steps=1)
+    first = recipe.train(optim=stop_at_3, ckpt_dir=str(tmp_path), checkpoint_every=3,
+                         **kw)
+    assert first.step == 3
+    rest = recipe.train(optim=optim, ckpt_dir=str(tmp_path), resume=True, **kw)
+    assert rest.step == 6
+    assert [h["loss"] for h in first.history + rest.history] == \
+        [h["loss"] for h in whole.history]
+    _equal(rest.trainable, whole.trainable)
+    _equal(rest.opt_state, whole.opt_state)
+    for p, initial in setup.trainable.frozen.items():  # every kernel was reselected
+        after = whole.trainable.frozen[p].indices
+        assert (np.sort(after, -1) != np.sort(initial.indices, -1)).any(), p
