@@ -198,7 +198,8 @@ def main(cfg: Config, argv: list[str] | None = None) -> dict:
     else:
         lm = _recipe.load_lm(cfg.model, smoke=cfg.smoke, seed=cfg.seed,
                              dtype=_recipe.compute_dtype(cfg.dtype))
-        docs = _recipe.documents(cfg.data, max_chars=20_000 if cfg.smoke else 0)
+        docs = _recipe.documents(cfg.data, max_chars=20_000 if cfg.smoke else 0,
+                                 model=cfg.model)
         corpus = _recipe.corpus(docs, lm.encode, block_len=cfg.block_len,
                                 eval_docs=cfg.eval_docs, eval_blocks=cfg.eval_blocks,
                                 seed=cfg.seed, eos_id=lm.eos_id, pack_documents=cfg.pack)

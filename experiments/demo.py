@@ -144,7 +144,8 @@ def main(cfg: Config) -> dict:
     lm = _recipe.load_lm(cfg.model, smoke=cfg.smoke, seed=cfg.seed,
                          dtype=_recipe.compute_dtype(cfg.dtype))
     graphdef, params, encode, decode, eos_id, model_name = lm[:6]
-    docs = _recipe.documents(cfg.data, max_chars=20_000 if cfg.smoke else 0)
+    docs = _recipe.documents(cfg.data, max_chars=20_000 if cfg.smoke else 0,
+                                 model=cfg.model)
     corpus = _recipe.corpus(docs, encode, block_len=cfg.block_len, eval_docs=cfg.eval_docs,
                             eval_blocks=cfg.eval_blocks, seed=cfg.seed, eos_id=eos_id,
                             pack_documents=cfg.pack)

@@ -212,7 +212,8 @@ def main(cfg: Config) -> dict:
                                           if getattr(cfg, k) == getattr(Config, k)})
     t0 = time.perf_counter()
     lm = _recipe.load_lm(cfg.model, smoke=cfg.smoke, seed=0)
-    docs = _recipe.documents(cfg.data, max_chars=20_000 if cfg.smoke else 0)
+    docs = _recipe.documents(cfg.data, max_chars=20_000 if cfg.smoke else 0,
+                                 model=cfg.model)
     corpus = _recipe.corpus(docs, lm.encode, block_len=cfg.block_len, eval_docs=cfg.eval_docs,
                             eval_blocks=cfg.eval_blocks, seed=0, eos_id=lm.eos_id)
     out = os.path.abspath(cfg.out_dir)
