@@ -35,19 +35,29 @@ def test_compare_methods_rejects_unknown_method_before_work(tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
-def test_compare_methods_smoke_lora_sb_and_sparse(tmp_path):
-    # one process (--isolate=false): LoRA-SB (gradient statistics) and SpIEL
-    # (its own step) next to LoRA, whose budget the sparse deltas match
-    run_script("compare_methods.py", "--smoke", "--progress=false", "--isolate=false",
-               "--methods=lora-sb,sparse,lora", f"--out_dir={tmp_path}")
-    rows = {r["method"]: r for r in
-            json.loads((tmp_path / "results.json").read_text())["rows"]}
+def test_compare_methods_smoke_bf16_packed_lora_sb_sparse(tmp_path):
+    # one process (--isolate=false), bf16 base and activations, packed blocks:
+    # LoRA-SB (gradient statistics) and SpIEL (its own step) next to LoRA, whose
+    # budget the sparse deltas match, and an optimizer-side method (full)
+    res = run_script("compare_methods.py", "--smoke", "--progress=false",
+                     "--dtype=bf16", "--pack", "--isolate=false",
+                     "--methods=lora-sb,sparse,lora,full", f"--out_dir={tmp_path}")
+    out = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["method"]: r for r in out["rows"]}
+    assert set(rows) == {"lora-sb", "sparse", "lora", "full"}
+    assert out["config"]["dtype"] == "bf16" and ", bf16" in res.stdout
     assert rows["sparse"]["trainable_params"] == rows["lora"]["trainable_params"]
     # r² per matrix: rank 4, q/k/v/o, 2 layers
     assert rows["lora-sb"]["trainable_params"] == 4 * 4 * 4 * 2
     for r in rows.values():
-        assert len(r["losses"]) == 6 and all(math.isfinite(x) for x in r["losses"])
-        assert 1 < r["eval_ppl"] < 256
+        assert r["dtype"] == "bf16" and len(r["losses"]) == 6
+        assert all(math.isfinite(x) for x in r["losses"]) and 1 < r["eval_ppl"] < 256
+    for name in ("lora", "full"):
+        # float32 Adam moments (2 x 4 bytes per trainable parameter) + counters:
+        # the trainables (adapters, or the float32 master copy) stay float32
+        r = rows[name]
+        assert 8 * r["trainable_params"] <= r["optimizer_state_bytes"] \
+            <= 8 * r["trainable_params"] + 64
 
 
 def test_pretrain_galore_smoke(tmp_path):
@@ -62,21 +72,3 @@ def test_pretrain_galore_smoke(tmp_path):
     assert abs(lo - g) / g < 0.5
     assert rows["adamw"]["optimizer_state_bytes"] > g
     assert "matched memory" in res.stdout
-
-
-def test_compare_methods_smoke_bf16_packed(tmp_path):
-    # one process (--isolate=false): an adapter method and an optimizer-side one
-    res = run_script("compare_methods.py", "--smoke", "--progress=false",
-                     "--dtype=bf16", "--pack", "--isolate=false", "--methods=lora,full",
-                     f"--out_dir={tmp_path}")
-    out = json.loads((tmp_path / "results.json").read_text())
-    rows = {r["method"]: r for r in out["rows"]}
-    assert set(rows) == {"lora", "full"} and out["config"]["dtype"] == "bf16"
-    for r in rows.values():
-        assert r["dtype"] == "bf16" and len(r["losses"]) == 6
-        assert all(math.isfinite(x) for x in r["losses"]) and 1 < r["eval_ppl"] < 256
-        # float32 Adam moments (2 x 4 bytes per trainable parameter) + counters:
-        # the trainables (adapters, or the float32 master copy) stay float32
-        assert 8 * r["trainable_params"] <= r["optimizer_state_bytes"] \
-            <= 8 * r["trainable_params"] + 64
-    assert ", bf16" in res.stdout
