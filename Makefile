@@ -58,7 +58,10 @@ bench-env:
 	.venv-torch/bin/python -m pip install -q torch==2.13.0 transformers==5.23.0 peft==0.21.2 galore-torch==1.0 gguf==0.19.0 safetensors==0.8.0 numpy attrs
 	touch .venv-torch/.ready
 
+# ruff is a dev tool, not part of the tested stack: installed on first use.
+RUFF_VERSION := 0.16.9
 lint: setup
+	@$(PY) -m ruff --version 2>/dev/null | grep -q "$(RUFF_VERSION)" || $(PIP) install -q ruff==$(RUFF_VERSION)
 	$(PY) -m ruff check peftjax tests
 
 clean:

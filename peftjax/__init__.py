@@ -7,7 +7,8 @@ vocabulary over canonical ``/``-joined paths.
 
 The subpackages are namespaces: ``peftjax.tree``, ``peftjax.adapters``,
 ``peftjax.merge``, ``peftjax.optim``, ``peftjax.io`` (checkpoints, formats)
-and, when installed with the Flax extras, ``peftjax.models``. Importing ``peftjax`` does not import flax.
+and, when installed with the Flax extras, ``peftjax.models``. Importing ``peftjax`` does
+not import flax.
 """
 
 import importlib

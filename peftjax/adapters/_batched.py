@@ -141,7 +141,7 @@ def _make_adapter(path: str, groups: list[tuple[_base.Adapter, list[int]]],
                     f"must be the {batch} examples that ids routes")
             safe = jnp.clip(ids, 0, n_total - 1)
             total = None
-            for form, table, t, f in zip(forms, tables, trainable, frozen.frozen):
+            for form, table, t, f in zip(forms, tables, trainable, frozen.frozen, strict=True):
                 slot = jnp.where(ids >= 0, jnp.asarray(table)[safe], -1)
                 pick = jnp.maximum(slot, 0)
                 t_b = jax.tree.map(lambda s, i=pick: jnp.take(s, i, axis=0), t)

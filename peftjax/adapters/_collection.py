@@ -344,14 +344,14 @@ def add_weighted(
                         f"peftjax.merge.adapters, got {combine!r}")
     sources = [coll.adapters[s] for s in weights]
     paths = list(sources[0].assignment)
-    for src, entry in zip(weights, sources):
+    for src, entry in zip(weights, sources, strict=True):
         if set(entry.assignment) != set(paths):
             raise ValueError(
                 f"add_weighted: {src!r} targets {sorted(entry.assignment)[:6]}, "
                 f"{next(iter(weights))!r} targets {sorted(paths)[:6]}; combine "
                 "adapters on the same paths")
     scalings = []
-    for src, entry in zip(weights, sources):
+    for src, entry in zip(weights, sources, strict=True):
         per_path = {p: _scaling(p, src, entry.assignment[p], entry.trainable[p],
                                 entry.frozen[p]) for p in paths}
         values = set(per_path.values())

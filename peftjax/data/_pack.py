@@ -124,7 +124,7 @@ def pack(documents: Sequence[np.ndarray], block_len: int, *, eos_id: int | None 
         parts.append(_blocks(t, g, p, block_len, pad_id, drop_remainder))
     if not parts:
         return _blocks(*_concat([], None), block_len, pad_id, drop_remainder)
-    return Blocks(*(np.concatenate(x) for x in zip(*parts)))
+    return Blocks(*(np.concatenate(x) for x in zip(*parts, strict=True)))
 
 
 def lm_targets(tokens: np.ndarray, segment_ids: np.ndarray

@@ -97,8 +97,9 @@ def read_jsonl(path: str | os.PathLike, *, field: str = "text",
                 docs.append(text)
                 continue
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                found = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise ValueError(f"read_jsonl: {path!r} line {n} has no string field "
-                                 f"{field!r} (keys: {sorted(record) if isinstance(record, dict) else type(record).__name__})")
+                                 f"{field!r} (keys: {found})")
             docs.append(record[field])
     return docs
 

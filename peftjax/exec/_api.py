@@ -168,7 +168,7 @@ def factored(
 
         def flat_fn(*dyn):
             leaves = list(all_leaves)
-            for i, x in zip(dyn_idx, dyn):
+            for i, x in zip(dyn_idx, dyn, strict=True):
                 leaves[i] = x
             a, kw = jax.tree.unflatten(o_def, leaves[n_p:])
             a = list(a)
@@ -177,7 +177,7 @@ def factored(
 
         dyn = [all_leaves[i] for i in dyn_idx]
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dyn)
-        invals = [syms.get(i, x) for i, x in zip(dyn_idx, dyn)]
+        invals = [syms.get(i, x) for i, x in zip(dyn_idx, dyn, strict=True)]
         outs = interp.run(closed.jaxpr, closed.consts, invals)
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 

@@ -113,9 +113,9 @@ class Interpreter:
         def read(v: Any) -> Any:
             return v.val if isinstance(v, jex.core.Literal) else env[v]
 
-        for v, x in zip(jaxpr.constvars, consts):
+        for v, x in zip(jaxpr.constvars, consts, strict=True):
             env[v] = x
-        for v, x in zip(jaxpr.invars, args):
+        for v, x in zip(jaxpr.invars, args, strict=True):
             env[v] = x
         for eqn in jaxpr.eqns:
             invals = [read(v) for v in eqn.invars]
@@ -123,7 +123,7 @@ class Interpreter:
                 outs = self.eqn(eqn, invals)
             else:
                 outs = _bind(eqn, invals)
-            for v, o in zip(eqn.outvars, outs):
+            for v, o in zip(eqn.outvars, outs, strict=True):
                 env[v] = o
         outs = [read(v) for v in jaxpr.outvars]
         if concrete_out:

@@ -440,7 +440,7 @@ def dot(sym: Sym, other: Any, sym_is_lhs: bool, params: dict,
            for k in roles[a][1]]
     if ids != list(range(len(meta.dims.reduction))):
         return None
-    pairs = sorted(zip(cs, cx), key=lambda p: roles[p[0]][1][:1] or (-1,))
+    pairs = sorted(zip(cs, cx, strict=True), key=lambda p: roles[p[0]][1][:1] or (-1,))
     x_free = [a for a in range(other.ndim) if a not in cx]
     x_shape = tuple(other.shape[a] for a in x_free)
     sym_free = [a for a in range(len(roles)) if a not in cs]

@@ -9,8 +9,8 @@ and the adapter state. Statistics are explicit: ``accumulate_gradients``
 trained adapter as a plain LoRA over the unmodified base.
 """
 
-from peftjax.inits._base import InitResult as InitResult
 from peftjax.inits._base import Initializer as Initializer
+from peftjax.inits._base import InitResult as InitResult
 from peftjax.inits._base import init as init
 from peftjax.inits._convert import to_lora as to_lora
 from peftjax.inits._corda import corda as corda

@@ -16,7 +16,6 @@ Exports: ``pissa``.
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from peftjax import adapters as _adapters

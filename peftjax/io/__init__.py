@@ -7,9 +7,6 @@ Nothing here knows peftjax's models (DESIGN.md section 1).
 from peftjax.io._gguf import GGUFFile as GGUFFile
 from peftjax.io._gguf import read_gguf as read_gguf
 from peftjax.io._gguf import read_gguf_metadata as read_gguf_metadata
-from peftjax.io._safetensors import read_safetensors as read_safetensors
-from peftjax.io._safetensors import read_safetensors_index as read_safetensors_index
-from peftjax.io._safetensors import write_safetensors as write_safetensors
 from peftjax.io._peft_keys import PeftKey as PeftKey
 from peftjax.io._peft_keys import TensorLayout as TensorLayout
 from peftjax.io._peft_read import PeftAdapter as PeftAdapter
@@ -17,6 +14,9 @@ from peftjax.io._peft_read import load_peft as load_peft
 from peftjax.io._peft_targets import peft_target_modules as peft_target_modules
 from peftjax.io._peft_targets import peft_target_rules as peft_target_rules
 from peftjax.io._peft_write import save_peft as save_peft
+from peftjax.io._safetensors import read_safetensors as read_safetensors
+from peftjax.io._safetensors import read_safetensors_index as read_safetensors_index
+from peftjax.io._safetensors import write_safetensors as write_safetensors
 
 
 def __getattr__(name: str):

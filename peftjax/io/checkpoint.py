@@ -134,7 +134,7 @@ def save(directory: str | os.PathLike, step: int, state: Any, *,
     flat = _paths.flatten(state, is_leaf=lambda x: x is None)
     records = [_record(p, x) for p, x in flat]
     arrays = {}
-    for i, ((_, leaf), rec) in enumerate(zip(flat, records)):
+    for i, ((_, leaf), rec) in enumerate(zip(flat, records, strict=True)):
         if rec["kind"] == "array":
             arrays[f"{i:06d}"] = leaf
         elif rec["kind"] == "prng_key":
@@ -301,7 +301,7 @@ def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None,
     finally:
         mngr.close()
     leaves = []
-    for p, x in like_flat:
+    for p, _ in like_flat:
         rec = saved[index[p]]
         if rec["kind"] == "array":
             leaves.append(arrays[f"{index[p]:06d}"])

@@ -79,9 +79,9 @@ def lt_sft_mask(
         )
     maskable = _maskable(params, maskable)
     flags = jax.tree.leaves(maskable)
+    pairs = zip(jax.tree.leaves(params), jax.tree.leaves(params0), flags, strict=True)
     deltas = [jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).reshape(-1)
-              for a, b, m in zip(jax.tree.leaves(params), jax.tree.leaves(params0), flags)
-              if m]
+              for a, b, m in pairs if m]
     total = sum(int(d.shape[0]) for d in deltas)
     if proportion is not None:
         if not 0.0 < proportion <= 1.0:

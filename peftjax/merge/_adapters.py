@@ -93,7 +93,7 @@ def lora_deltas(trainables: Sequence[Trainable], *, scalings: Sequence[float],
     _check(trainables, scalings, "lora_deltas")
     w = _common.check_weights(weights, len(trainables), "lora_deltas")
     out = []
-    for t, s, wi in zip(trainables, scalings, w):
+    for t, s, wi in zip(trainables, scalings, w, strict=True):
         out.append({
             p: (v.a.astype(jnp.float32) @ v.b.astype(jnp.float32))
             * jnp.asarray(wi * s, jnp.float32)
@@ -129,7 +129,7 @@ def concatenate(trainables: Sequence[Trainable], *, scalings: Sequence[float],
         a = jnp.concatenate([v.a for v in parts], axis=-1)
         b = jnp.concatenate(
             [v.b * jnp.asarray(wi * s, v.b.dtype)
-             for v, wi, s in zip(parts, w, scalings)], axis=-2)
+             for v, wi, s in zip(parts, w, scalings, strict=True)], axis=-2)
         out[p] = _new(parts[0], a, b)
     return out
 
@@ -210,9 +210,9 @@ def linear(trainables: Sequence[Trainable], *, scalings: Sequence[float],
     for p in trainables[0]:
         parts = [t[p] for t in trainables]
         a = sum(v.a * jnp.asarray(math.sqrt(float(wi)) * s, v.a.dtype)
-                for v, wi, s in zip(parts, w, scalings))
+                for v, wi, s in zip(parts, w, scalings, strict=True))
         b = sum(v.b * jnp.asarray(math.sqrt(float(wi)), v.b.dtype)
-                for v, wi in zip(parts, w))
+                for v, wi in zip(parts, w, strict=True))
         out[p] = _new(parts[0], a, b)
     return out
 

@@ -54,7 +54,7 @@ def check_models(base: PyTree, models: Sequence[PyTree], fn: str,
                 f"{fn}: model {i} has a different tree from the base: missing "
                 f"{missing}, extra {extra}"
             )
-        for (p, a), (_, b) in zip(ref, got):
+        for (p, a), (_, b) in zip(ref, got, strict=True):
             if np.shape(a) != np.shape(b):
                 raise ValueError(
                     f"{fn}: {p!r} has shape {np.shape(b)} in model {i} but "

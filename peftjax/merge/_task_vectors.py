@@ -42,7 +42,7 @@ def combine_linear(vectors: Sequence[PyTree], *, weights: Sequence[Any] | None =
     w = _common.check_weights(weights, len(vectors), "combine_linear")
 
     def one(_p, leaves):
-        out = sum(jnp.asarray(wi, x.dtype) * x for wi, x in zip(w, leaves))
+        out = sum(jnp.asarray(wi, x.dtype) * x for wi, x in zip(w, leaves, strict=True))
         if normalize:
             out = out / jnp.asarray(sum(w), out.dtype)
         return out

@@ -168,7 +168,7 @@ def combine_ties(vectors: Sequence[PyTree], *, density: float,
     trimmed = [trim(v, density, mode=mode, paths=paths) for v in vectors]
 
     def one(_p, leaves):
-        weighted = [jnp.asarray(wi, x.dtype) * x for wi, x in zip(w, leaves)]
+        weighted = [jnp.asarray(wi, x.dtype) * x for wi, x in zip(w, leaves, strict=True)]
         return disjoint_merge(weighted, elect_sign(weighted))
 
     return _common.per_leaf(trimmed, one)

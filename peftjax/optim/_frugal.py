@@ -255,7 +255,7 @@ def scale_by_frugal(
 
     def low_zeros(flat, plans, treedef):
         out = []
-        for (_, p), pl in zip(flat, plans):
+        for (_, p), pl in zip(flat, plans, strict=True):
             if pl is None:
                 out.append(jnp.zeros(p.shape, p.dtype))
             else:
@@ -271,7 +271,7 @@ def scale_by_frugal(
                                free.init(params), raw_key)
         _leaves.check_dims_keys(dimension_numbers, params)
         bases = []
-        for (_, p), pl in zip(flat, plans):
+        for (_, p), pl in zip(flat, plans, strict=True):
             if pl is None:
                 bases.append(optax.MaskedNode())
                 continue
@@ -293,7 +293,7 @@ def scale_by_frugal(
         count = state.count
         bases = treedef.flatten_up_to(state.projector) if flat else []
         low, resid, new_bases = [], [], []
-        for i, ((_, g), pl, basis) in enumerate(zip(flat, plans, bases)):
+        for i, ((_, g), pl, basis) in enumerate(zip(flat, plans, bases, strict=True)):
             if pl is None:
                 low.append(g)
                 resid.append(jnp.zeros_like(g))
@@ -324,7 +324,7 @@ def scale_by_frugal(
         out = []
         for (_, g), pl, u, fu, basis in zip(
             flat, plans, treedef.flatten_up_to(inner_u),
-            treedef.flatten_up_to(free_u), new_bases,
+            treedef.flatten_up_to(free_u), new_bases, strict=True,
         ):
             if pl is None:
                 out.append(u.astype(g.dtype))
@@ -391,7 +391,8 @@ def _scale_by_blocks(density, update_gap, order, inner, free, scale, free_scale,
         free_u, free_state = free.update(updates, state.free_state, None)
         out = []
         for i, (g, u, fu) in enumerate(zip(
-                leaves, treedef.flatten_up_to(inner_u), treedef.flatten_up_to(free_u))):
+                leaves, treedef.flatten_up_to(inner_u), treedef.flatten_up_to(free_u),
+                strict=True)):
             s = jnp.asarray(scale).astype(g.dtype)
             fs = jnp.asarray(free_scale).astype(g.dtype)
             val = jnp.where(active[i], u.astype(g.dtype), fs * fu.astype(g.dtype))

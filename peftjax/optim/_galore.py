@@ -354,7 +354,7 @@ def scale_by_galore(
             )
         _leaves.check_dims_keys(dimension_numbers, params)
         low, bases = [], []
-        for (_, p), pl in zip(flat, plans):
+        for (_, p), pl in zip(flat, plans, strict=True):
             if pl is None:
                 low.append(p)
                 bases.append(optax.MaskedNode())
@@ -386,7 +386,7 @@ def scale_by_galore(
             else [None] * len(plans)
         )
         low, new_bases = [], []
-        for i, ((_, g), pl, basis, off) in enumerate(zip(flat, plans, bases, offsets)):
+        for i, ((_, g), pl, basis, off) in enumerate(zip(flat, plans, bases, offsets, strict=True)):
             if pl is None:
                 low.append(g)
                 new_bases.append(basis)
@@ -408,7 +408,7 @@ def scale_by_galore(
             raise _no_params_error(e) from e
         inner_flat = treedef.flatten_up_to(inner_u)
         out = []
-        for (_, g), pl, u, basis in zip(flat, plans, inner_flat, new_bases):
+        for (_, g), pl, u, basis in zip(flat, plans, inner_flat, new_bases, strict=True):
             if pl is None:
                 out.append(u)
                 continue

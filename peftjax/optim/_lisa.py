@@ -165,7 +165,7 @@ def scale_by_lisa(
         treedef = jax.tree.structure(tree)
         leaves = treedef.flatten_up_to(tree)
         out = [x[active] if reset and k == "stacked" else x
-               for x, (k, _) in zip(leaves, kinds)]
+               for x, (k, _) in zip(leaves, kinds, strict=True)]
         return jax.tree.unflatten(treedef, out)
 
     def init_fn(params):
@@ -182,7 +182,7 @@ def scale_by_lisa(
         on = jnp.zeros((n_layers,), bool).at[active].set(True)
         treedef = jax.tree.structure(tree)
         out = []
-        for x, (k, i) in zip(treedef.flatten_up_to(tree), kinds):
+        for x, (k, i) in zip(treedef.flatten_up_to(tree), kinds, strict=True):
             if k == "always":
                 out.append(jnp.ones((), bool))
             elif k == "layer":
@@ -222,7 +222,7 @@ def scale_by_lisa(
               else [None] * len(kinds))
         for x, uu, (k, _), m, p in zip(
             treedef.flatten_up_to(updates), treedef.flatten_up_to(u), kinds,
-            treedef.flatten_up_to(mask_tree), ps,
+            treedef.flatten_up_to(mask_tree), ps, strict=True,
         ):
             if reset and k == "stacked":
                 uu = jnp.zeros(x.shape, uu.dtype).at[active].set(uu)

@@ -47,7 +47,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
 # Internal side tags on the Flax view: which axis of g is projected.

@@ -103,7 +103,7 @@ def _match(params: Any, rules: Any, allow_unused: bool
                 hit = (True, rule.then)
                 break
         result[path] = hit
-    unused = [r for r, u in zip(rules, used) if not u]
+    unused = [r for r, u in zip(rules, used, strict=True) if not u]
     if unused and not allow_unused:
         raise _unused_error(unused, [p for p, _ in flat])
     return flat, result
@@ -289,7 +289,7 @@ def describe(assignment: dict[str, Any], params: Any) -> Description:
         dtype = np.dtype(dtype).name if dtype is not None else type(leaf).__name__
         rows.append((path, str(shape), dtype, text, str(count)))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     pct = 100.0 * trainable / total if total else 0.0
     lines.append(
         f"{len(flat)} leaves, {total:,} parameters, {trainable:,} trainable "

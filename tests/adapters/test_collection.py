@@ -73,7 +73,7 @@ def test_switch_gives_each_adapter_and_disable_the_base(dict_setup):
     off = adapters.disable(adapters.switch(coll, "r3"))
     assert off.active is None and list(off.adapters) == list(coll.adapters)
     base = _materialize(adapters.active(off), params)
-    for x, y in zip(jax.tree.leaves(base), jax.tree.leaves(params)):
+    for x, y in zip(jax.tree.leaves(base), jax.tree.leaves(params), strict=True):
         assert x is y  # every leaf passed through by identity: exactly the base
 
 
@@ -151,8 +151,8 @@ def test_add_weighted_linear_is_peft_formula(dict_setup):
     for path in ("dense1", "stack"):
         ts = [_entry(c, n)[f"{path}/kernel"] for n in weights]
         big_a = sum(np.sqrt(w) * SCALE["r2"] * f64(t.a)
-                    for w, t in zip(weights.values(), ts))
-        big_b = sum(np.sqrt(w) * f64(t.b) for w, t in zip(weights.values(), ts))
+                    for w, t in zip(weights.values(), ts, strict=True))
+        big_b = sum(np.sqrt(w) * f64(t.b) for w, t in zip(weights.values(), ts, strict=True))
         ref = f64(params[path]["kernel"]) + big_a @ big_b
         np.testing.assert_allclose(f64(got[path]["kernel"]), ref, **MATMUL_F32)
     # The combined adapter is a plain LoRA with scaling 1 on the same paths.

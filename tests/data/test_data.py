@@ -85,7 +85,7 @@ def test_batches_are_seeded_resumable_and_cover_each_epoch():
     run = [a[p]["tokens"] for p in range(2 * spe + 1)]
     # a resumed iterator from position k sees exactly the same batches
     resumed = [x["tokens"] for _, x in b.iterate(start=spe - 1, stop=2 * spe + 1)]
-    for x, y in zip(run[spe - 1:], resumed):
+    for x, y in zip(run[spe - 1:], resumed, strict=True):
         np.testing.assert_array_equal(x, y)
     assert not all(np.array_equal(a[p]["tokens"], c[p]["tokens"]) for p in range(spe))
     # one epoch visits distinct blocks; the next epoch uses another order

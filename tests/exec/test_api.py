@@ -30,7 +30,8 @@ def _setup(zoo, make):
     leaves, td = jax.tree.flatten(state.trainable)
     keys = jax.random.split(jax.random.key(7), len(leaves))
     trainable = jax.tree.unflatten(td, [
-        x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+        x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+        for x, k in zip(leaves, keys, strict=True)])
     return apply_fn, params, x, assignment, trainable, state.frozen
 
 

@@ -18,6 +18,7 @@ from peftjax.models import llama, split_params
 from peftjax.tree import _paths
 from tests.helpers import MATMUL_F32, assert_tree_allclose, f64
 
+
 # Tiny Llama: kernels (64,64) q/o, (64,32) k/v, (64,160) gate/up, (160,64) down,
 # embedding (200,64); 2 x 5 tokens. No activation has a kernel's element count.
 def _cfg(layers):
@@ -101,7 +102,7 @@ def _run_both(a, t, fr, qp, fp, tokens, loss_fn, *, check_hlo):
     # The steps moved every adapter (the comparison is not of two no-ops).
     for path in a:
         moved = [float(jnp.max(jnp.abs(x - y))) for x, y in
-                 zip(jax.tree.leaves(tq[path]), jax.tree.leaves(t[path]))]
+                 zip(jax.tree.leaves(tq[path]), jax.tree.leaves(t[path]), strict=True)]
         assert max(moved) > 1e-4, path
 
 

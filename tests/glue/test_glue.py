@@ -63,7 +63,7 @@ def _check(scope, trained, opt_state, base_before, base_after):
                                                             np.asarray(b)),
                  base_before, base_after)
     changed = [not np.array_equal(np.asarray(a), np.asarray(b))
-               for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(trained))]
+               for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(trained), strict=True)]
     assert all(changed)
     # Adam moments exist for the adapter only: mu + nu = 2 x trainable count.
     moments = [x for x in jax.tree.leaves(opt_state) if np.ndim(x) > 0]

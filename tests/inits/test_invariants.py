@@ -24,7 +24,8 @@ def trunc(m, r):
 def run(ini, w, stats=None):
     p = {"w": w}
     plan = tree.assign(p, [tree.Rule(where="w", then=ini)])
-    return plan, inits.init(plan, jax.random.key(0), p, stats=None if stats is None else {"w": stats})
+    st = None if stats is None else {"w": stats}
+    return plan, inits.init(plan, jax.random.key(0), p, stats=st)
 
 
 def test_lora_sb_product_is_trunc_of_update_approximation():
@@ -36,7 +37,8 @@ def test_lora_sb_product_is_trunc_of_update_approximation():
         t, f = res.state.trainable["w"], res.state.frozen["w"]
         s = adapters.scaling_value(ini.scaling, ini.alpha, R)
         dw = -lr / (warm * total) * np.sign(f64(g))
-        np.testing.assert_allclose(s * f64(f.a) @ f64(t.core) @ f64(f.b), trunc(dw, R), **MATMUL_F32)
+        got = s * f64(f.a) @ f64(t.core) @ f64(f.b)
+        np.testing.assert_allclose(got, trunc(dw, R), **MATMUL_F32)
         np.testing.assert_allclose(f64(f.a).T @ f64(f.a), np.eye(R), **MATMUL_F32)
         np.testing.assert_allclose(f64(f.b) @ f64(f.b).T, np.eye(R), **MATMUL_F32)
         np.testing.assert_array_equal(f64(res.params["w"]), f64(w))  # base not adjusted

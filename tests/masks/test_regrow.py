@@ -90,7 +90,7 @@ def test_many_cycles_unique_in_range_and_count_constant():
     idx = masks.random_support(key, size, k)
     val = jnp.zeros((k,))
     step = jax.jit(masks.regrow)
-    for i in range(40):
+    for _ in range(40):
         key, k1, k2, k3 = jax.random.split(key, 4)
         g = jax.random.normal(k1, (size,))
         cands = masks.top_k_candidates(g, k)

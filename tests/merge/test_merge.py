@@ -198,7 +198,7 @@ class TestAdapterArithmetic:
 
     def _dense(self, ts, scalings, weights):
         return sum(w * s * h.f64(t["q"].a) @ h.f64(t["q"].b)
-                   for t, s, w in zip(ts, scalings, weights))
+                   for t, s, w in zip(ts, scalings, weights, strict=True))
 
     def test_concatenate_is_exact(self):
         ts = [self._lora(0, 2), self._lora(1, 3)]
@@ -238,7 +238,7 @@ class TestAdapterArithmetic:
         d = [h.f64(t["q"].a) @ h.f64(t["q"].b) for t in ts]
         sign = np.where(d[0] + d[1] >= 0, 1.0, -1.0)
         agree = [np.sign(x) == sign for x in d]
-        want = sum(np.where(a, x, 0) for a, x in zip(agree, d)) / np.maximum(
+        want = sum(np.where(a, x, 0) for a, x in zip(agree, d, strict=True)) / np.maximum(
             sum(a.astype(float) for a in agree), 1)
         np.testing.assert_allclose(h.f64(out["q"].a) @ h.f64(out["q"].b), want,
                                    **h.MATMUL_F32)

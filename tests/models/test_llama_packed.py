@@ -34,7 +34,7 @@ def packed(cfg):
     # rows: [doc0 doc1 pad], [doc2 doc3 pad] (pack streams documents, so each
     # row is packed on its own to keep every document whole)
     rows = [data.pack(docs[:2], 10), data.pack(docs[2:], 10)]
-    blocks = data.Blocks(*(np.concatenate(x) for x in zip(*rows)))
+    blocks = data.Blocks(*(np.concatenate(x) for x in zip(*rows, strict=True)))
     assert blocks.segment_ids.tolist() == [[1] * 5 + [2] * 4 + [0],
                                           [1] * 6 + [2] * 3 + [0]]
     return docs, blocks

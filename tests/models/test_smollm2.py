@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftjax import adapters
+from peftjax import adapters, tree
 from peftjax import models as pm
-from peftjax import tree
 from peftjax.models import llama
 from tests.models.conftest import GOLDEN_DIR, passage
 

@@ -164,7 +164,7 @@ def test_converges_on_a_quadratic(name, factory, kwargs, static, make):
     params = make()
     target = jax.tree.map(lambda x: x + 1.0, params)
     loss = lambda p: sum(jnp.sum((a - b) ** 2)  # noqa: E731
-                         for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(target)))
+                         for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(target), strict=True))
     tx = factory(**kwargs)
 
     @jax.jit

@@ -168,7 +168,7 @@ def test_density_zero_is_sign_sgd():
     tx = optim.frugal(0.1, density=0.0, weight_decay=0.2, scale=0.5, free_scale=0.3)
     outs, state = _run(tx, grads, params)
     assert state[0].inner_state.mu["w"].shape == (0, 6)
-    for g, u in zip(grads, outs):
+    for g, u in zip(grads, outs, strict=True):
         expect = -0.1 * 0.2 * 0.5 - 0.1 * 0.5 * 0.3 * np.sign(f64(g["w"]))
         np.testing.assert_allclose(f64(u["w"]), expect, **MATMUL_F32)
 
@@ -207,7 +207,7 @@ def test_block_schedule(order, expected):
                                inner=optax.identity(), free=optax.set_to_zero())
     g = {n: jnp.asarray(rng.standard_normal((2, 3)), jnp.float32) for n in names}
     outs, _ = _run(tx, [g] * 5, g)
-    for u, active in zip(outs, expected):
+    for u, active in zip(outs, expected, strict=True):
         assert {i for i, n in enumerate(names) if np.any(f64(u[n]) != 0)} == active
 
 

@@ -130,7 +130,7 @@ def test_projector_orthonormal_and_top_subspace(proj_type):
     basis = state.projector["w"]
     u, _, vt = np.linalg.svd(f64(g))
     expect = {"right": [u[:, :3]], "left": [vt[:3].T], "full": [u[:, :3], vt[:3].T]}
-    for b, ref in zip(jax.tree.leaves(basis), expect[proj_type]):
+    for b, ref in zip(jax.tree.leaves(basis), expect[proj_type], strict=True):
         b = f64(b[0])
         np.testing.assert_allclose(b.T @ b, np.eye(3), **MATMUL_F32)
         np.testing.assert_allclose(b @ b.T, ref @ ref.T, **MATMUL_F32)
@@ -202,7 +202,7 @@ def test_refresh_schedule_keeps_moments():
     tx = optim.scale_by_galore(rank=2, update_proj_gap=2, inner=optim.scale_by_adam_hf())
     state = tx.init({"w": grads[0]})
     bases = []
-    for k, g in enumerate(grads):
+    for g in grads:
         prev = state
         _, state = tx.update({"w": g}, state)
         bases.append(f64(state.projector["w"][0]))
@@ -231,7 +231,7 @@ def test_stacked_kernel_is_per_layer():
     a, _ = _run(tx, [{"w": g} for g in grads], {"w": grads[0]})
     for layer in range(3):
         b, _ = _run(tx, [{"w": g[layer]} for g in grads], {"w": grads[0][layer]})
-        for ua, ub in zip(a, b):
+        for ua, ub in zip(a, b, strict=True):
             np.testing.assert_allclose(f64(ua["w"][layer]), f64(ub["w"]), **MATMUL_F32)
 
 
@@ -243,7 +243,7 @@ def test_head_split_kernel_with_dimension_numbers():
     assert state.inner_state.mu["attn"].shape == (2, 8)
     b, _ = _run(optim.scale_by_galore(rank=2),
                 [{"attn": g.reshape(6, 8)} for g in grads], {"attn": grads[0].reshape(6, 8)})
-    for ua, ub in zip(a, b):
+    for ua, ub in zip(a, b, strict=True):
         np.testing.assert_allclose(f64(ua["attn"]).reshape(6, 8), f64(ub["attn"]),
                                    **MATMUL_F32)
 

@@ -84,7 +84,7 @@ def test_reset_policy_stacked_state_is_gathered():
     outs, states = _run(tx, _grads(p, 5), p)
     assert states[0].inner_state.mu["layers"]["w"].shape == (2, 3, 3)
     assert states[0].inner_state.mu["embed"].shape == (5, 3)
-    for u, s in zip(outs, states[1:]):
+    for u, s in zip(outs, states[1:], strict=True):
         on = [i for i in range(L) if np.any(f64(u["layers"]["w"][i]) != 0)]
         assert on == np.asarray(s.active).tolist()
     # reset at each re-selection: the first step of a period is sign-like

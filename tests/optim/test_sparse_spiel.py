@@ -99,7 +99,7 @@ def test_invariants_through_many_cycles_and_seeded_moments():
     prev = np.asarray(frozen["w"].indices)
     checked = 0
     window = []
-    for i in range(60):
+    for _ in range(60):
         g = const + 0.5 * jnp.asarray(rng.standard_normal((12, 10)), jnp.float32)
         if float(ss.samples) == 0:
             window = []

@@ -96,7 +96,7 @@ def test_gguf_blocks_bit_exact_against_the_gguf_package(fmt, qtype):
     ref = gguf.quants.quantize(x, qtype)  # (rows, nb * type_size) bytes
     ours = quant.quantize(jnp.asarray(x), fmt)
     theirs = _formats.gguf_blocks(fmt, ref)
-    for a, b in zip(ours.blocks, theirs):
+    for a, b in zip(ours.blocks, theirs, strict=True):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint8), b.view(np.uint8))
     # Decoding their blocks gives gguf's own dequantisation exactly.
     kept = quant.QuantizedArray(jax.tree.map(jnp.asarray, theirs), fmt, np.float32)

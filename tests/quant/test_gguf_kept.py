@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from peftjax import io, quant, tree
 from peftjax import exec as pexec
+from peftjax import io, quant, tree
 from peftjax import models as pm
 from peftjax.models import llama
 from peftjax.tree import _paths
