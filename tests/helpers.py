@@ -22,7 +22,7 @@ def assert_tree_allclose(a, b, **tol):
     la, ta = jax.tree.flatten(a)
     lb, tb = jax.tree.flatten(b)
     assert ta == tb, f"tree structures differ: {ta} vs {tb}"
-    for x, y in zip(la, lb):
+    for x, y in zip(la, lb, strict=True):
         np.testing.assert_allclose(f64(x), f64(y), **tol)
 
 
@@ -75,3 +75,25 @@ def ref_vera(w, t, f):
 
 def ref_adalora(w, t, f, *, s):
     return f64(w) + s * (f64(t.a) * f64(t.e)[None, :]) @ f64(t.b)
+
+
+def ref_svfit(w, t, f):
+    """SVFit: W + U_r diag(delta_s) V_r^T."""
+    return f64(w) + (f64(f.u) * f64(t.delta_s)[None, :]) @ f64(f.vt)
+
+
+def ref_nola(w, t, f, *, s):
+    """NOLA: W + s (sum_i alpha_i A_i)(sum_j beta_j B_j)."""
+    a = np.einsum("k,kir->ir", f64(t.coef_a), f64(f.a))
+    b = np.einsum("k,kro->ro", f64(t.coef_b), f64(f.b))
+    return f64(w) + s * a @ b
+
+
+def ref_abba(w, t, f, *, s):
+    """ABBA: W + s (a1 b1) * (a2 b2) (elementwise)."""
+    return f64(w) + s * (f64(t.a1) @ f64(t.b1)) * (f64(t.a2) @ f64(t.b2))
+
+
+def ref_sora(w, t, f, *, s):
+    """SoRA: W + s a diag(gate) b."""
+    return f64(w) + s * (f64(t.a) * f64(t.gate)[None, :]) @ f64(t.b)

@@ -9,6 +9,9 @@ Per leaf an ``Adapter(init, apply)``; over a tree ``init``, ``materialize``,
 per example.
 """
 
+from peftjax.adapters._abba import ABBAParams as ABBAParams
+from peftjax.adapters._abba import abba as abba
+from peftjax.adapters._abba import abba_khatri_rao as abba_khatri_rao
 from peftjax.adapters._adalora import AdaLoRAImportance as AdaLoRAImportance
 from peftjax.adapters._adalora import AdaLoRAParams as AdaLoRAParams
 from peftjax.adapters._adalora import adalora as adalora
@@ -53,8 +56,12 @@ from peftjax.adapters._lora import scaling_value as scaling_value
 from peftjax.adapters._lora_xs import LoRAXSBasis as LoRAXSBasis
 from peftjax.adapters._lora_xs import LoRAXSParams as LoRAXSParams
 from peftjax.adapters._lora_xs import lora_xs as lora_xs
-from peftjax.adapters._presets import all_linear_rules as all_linear_rules
+from peftjax.adapters._nola import NOLABasis as NOLABasis
+from peftjax.adapters._nola import NOLAParams as NOLAParams
+from peftjax.adapters._nola import nola as nola
+from peftjax.adapters._nola import nola_basis as nola_basis
 from peftjax.adapters._precision import cast_floating as cast_floating
+from peftjax.adapters._presets import all_linear_rules as all_linear_rules
 from peftjax.adapters._prompt import PrefixParams as PrefixParams
 from peftjax.adapters._prompt import PrefixProjection as PrefixProjection
 from peftjax.adapters._prompt import PromptInit as PromptInit
@@ -68,22 +75,28 @@ from peftjax.adapters._scale_shift import Side as Side
 from peftjax.adapters._scale_shift import ia3 as ia3
 from peftjax.adapters._scale_shift import scale_shift as scale_shift
 from peftjax.adapters._scale_shift import ssf as ssf
+from peftjax.adapters._sora import SoRAParams as SoRAParams
+from peftjax.adapters._sora import sora as sora
+from peftjax.adapters._sora import sora_prune as sora_prune
 from peftjax.adapters._sparse import SparseSupport as SparseSupport
 from peftjax.adapters._sparse import SparseValues as SparseValues
 from peftjax.adapters._sparse import sparse_delta as sparse_delta
 from peftjax.adapters._sparse import sparse_from_compact as sparse_from_compact
 from peftjax.adapters._sparse import sparse_num as sparse_num
 from peftjax.adapters._sparse import sparse_to_compact as sparse_to_compact
-from peftjax.adapters._vera import VeRABasis as VeRABasis
-from peftjax.adapters._vera import VeRAParams as VeRAParams
-from peftjax.adapters._vera import vera as vera
-from peftjax.adapters._vera import vera_shared as vera_shared
+from peftjax.adapters._svfit import SVFitBasis as SVFitBasis
+from peftjax.adapters._svfit import SVFitParams as SVFitParams
+from peftjax.adapters._svfit import svfit as svfit
 from peftjax.adapters._train import hybrid_init as hybrid_init
 from peftjax.adapters._train import hybrid_labels as hybrid_labels
 from peftjax.adapters._train import hybrid_materialize as hybrid_materialize
 from peftjax.adapters._train import make_hybrid_train_step as make_hybrid_train_step
 from peftjax.adapters._train import make_train_step as make_train_step
 from peftjax.adapters._train import replace_leaves as replace_leaves
+from peftjax.adapters._vera import VeRABasis as VeRABasis
+from peftjax.adapters._vera import VeRAParams as VeRAParams
+from peftjax.adapters._vera import vera as vera
+from peftjax.adapters._vera import vera_shared as vera_shared
 
 __all__ = [
     "AdaLoRAImportance",
@@ -159,4 +172,17 @@ __all__ = [
     "sparse_from_compact",
     "sparse_num",
     "sparse_to_compact",
+    "ABBAParams",
+    "abba",
+    "abba_khatri_rao",
+    "NOLABasis",
+    "NOLAParams",
+    "nola",
+    "nola_basis",
+    "SoRAParams",
+    "sora",
+    "sora_prune",
+    "SVFitBasis",
+    "SVFitParams",
+    "svfit",
 ]

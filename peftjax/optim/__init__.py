@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Optimizer-side methods as optax transforms: GaLore, FRUGAL, LISA, LoRA+.
+"""Optimizer-side methods as optax transforms: GaLore, FRUGAL, LISA, LoRA+, SoRA.
 
 Every transform follows optax anatomy (``scale_by_<m>`` core, ``<m>`` alias,
 ``<M>State`` with ``count`` first) and composes with ``optax.chain``,
@@ -30,6 +30,8 @@ from peftjax.optim._projectors import random_orthogonal as random_orthogonal
 from peftjax.optim._projectors import randomized_svd as randomized_svd
 from peftjax.optim._projectors import svd as svd
 from peftjax.optim._slots import reset_slots as reset_slots
+from peftjax.optim._sora import SoRAProxState as SoRAProxState
+from peftjax.optim._sora import sora_prox as sora_prox
 from peftjax.optim._sparse import SftAdamState as SftAdamState
 from peftjax.optim._sparse import scale_by_sft_adam as scale_by_sft_adam
 from peftjax.optim._sparse import sft_adamw as sft_adamw
@@ -66,4 +68,6 @@ __all__ = [
     "SpIELState",
     "make_spiel_step",
     "spiel_init",
+    "SoRAProxState",
+    "sora_prox",
 ]

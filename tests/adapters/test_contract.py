@@ -6,8 +6,8 @@ ADAPTERS is the single list of adapters; every later adapter joins it.
 import math
 
 import jax
-import jax.test_util  # noqa: F401  (check_grads)
 import jax.numpy as jnp
+import jax.test_util  # noqa: F401  (check_grads)
 import numpy as np
 import optax
 import pytest
@@ -99,6 +99,34 @@ ADAPTERS = [
         lambda w, t, f: (h.f64(w).reshape(-1) + np.bincount(
             np.asarray(f.indices), h.f64(t.values), minlength=w.size)).reshape(w.shape),
         lambda i, o: int(0.3 * i * o),
+    ),
+    (
+        "svfit",
+        lambda: adapters.svfit(rank=3),
+        True,
+        h.ref_svfit,
+        lambda i, o: 3,
+    ),
+    (
+        "nola",
+        lambda: adapters.nola(rank=2, num_basis_a=5, num_basis_b=4, alpha=4.0),
+        True,
+        lambda w, t, f: h.ref_nola(w, t, f, s=2.0),
+        lambda i, o: 5 + 4,
+    ),
+    (
+        "abba",
+        lambda: adapters.abba(2, 3, alpha=2.0),
+        True,
+        lambda w, t, f: h.ref_abba(w, t, f, s=2.0),
+        lambda i, o: (2 + 3) * (i + o),
+    ),
+    (
+        "sora",
+        lambda: adapters.sora(rank=3, alpha=6.0),
+        True,
+        lambda w, t, f: h.ref_sora(w, t, f, s=2.0),
+        lambda i, o: 3 * (i + o + 1),
     ),
 ]
 IDS = [a[0] for a in ADAPTERS]

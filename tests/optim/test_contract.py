@@ -28,6 +28,18 @@ def _layer_params(dtype=jnp.float32):
     return {"embed": n(5, 3), "layers": {str(i): {"w": n(3, 3)} for i in range(3)}}
 
 
+def _gated_params(dtype=jnp.float32):
+    rng = np.random.default_rng(4)
+    n = lambda *s: jnp.asarray(rng.standard_normal(s) * 0.5, dtype)  # noqa: E731
+    return {"q/kernel": {"a": n(6, 2), "b": n(2, 8), "gate": n(2)}}
+
+
+def sora_sgd(learning_rate, lambda_, *, gate_name="gate"):
+    """SoRA's recipe: the optimizer's step, then the proximal step on the gates."""
+    return optax.chain(optax.sgd(learning_rate),
+                       optim.sora_prox(learning_rate, lambda_, gate_name=gate_name))
+
+
 HF = optim.scale_by_adam_hf()
 # (name, factory, kwargs, static_args, params factory)
 TRANSFORMS = [
@@ -60,6 +72,8 @@ TRANSFORMS = [
       "inner", "key"), _layer_params),
     ("loraplus", optim.loraplus,
      dict(learning_rate=0.05, ratio=4.0, inner=HF), ("inner",), _adapter_params),
+    ("sora_prox", sora_sgd,
+     dict(learning_rate=0.05, lambda_=0.5), ("gate_name",), _gated_params),
 ]
 IDS = [t[0] for t in TRANSFORMS]
 

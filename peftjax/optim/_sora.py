@@ -1,0 +1,120 @@
+# SPDX-License-Identifier: Apache-2.0
+"""SoRA's proximal step: an L1 soft-threshold on the adapter gates.
+
+Sparse Low-rank Adaptation of Pre-trained Language Models. Ding et al., 2023
+(EMNLP). https://arxiv.org/abs/2311.11696
+
+Paper ↔ code: the proximal gradient update of the gate ``g`` (Sec. 3,
+``g_{t+1} = T_{η_t·λ}(g_t − η_t ∇L)`` with the soft-threshold
+``T_τ(z) = sign(z)·max(|z| − τ, 0)``) ↔ ``sora_prox``: placed after the
+optimizer, it receives the optimizer's update ``u`` (so ``z = g + u`` is the
+plain step), and for every leaf whose canonical path ends in ``/gate``
+(``SoRAParams.gate`` in ``dict[path, SoRAParams]`` adapter states) returns
+``T_{η·λ}(g + u) − g`` instead; all other leaves pass through. The reference
+code applies the threshold after its AdamW step in the same way (its
+``sparse_lambda`` is the threshold ``η·λ`` itself).
+
+Exports: ``SoRAProxState``, ``sora_prox``.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from peftjax.tree import _paths
+
+
+class SoRAProxState(NamedTuple):
+    """State of ``sora_prox``.
+
+    Attributes:
+      count: steps taken (drives a ``learning_rate`` schedule).
+        # shape=(), dtype=jnp.int32
+    """
+
+    count: jax.Array
+
+
+def _is_gate(path: str, name: str) -> bool:
+    return path.rsplit("/", 1)[-1] == name
+
+
+def sora_prox(
+    learning_rate: optax.ScalarOrSchedule,
+    lambda_: jax.typing.ArrayLike,
+    *,
+    gate_name: str = "gate",
+) -> optax.GradientTransformation:
+    """Applies SoRA's L1 proximal step to the gate leaves of the updates.
+
+    With ``z = g + u`` (the gate after the optimizer's step ``u``) and
+    ``τ = η·λ``, the gate update becomes ``sign(z)·max(|z| − τ, 0) − g``: gates
+    with ``|z| <= τ`` land exactly on 0, the others shrink by ``τ`` towards 0.
+    Non-gate leaves are returned unchanged. Chain it last, after the optimizer
+    (the step ``u`` must already include the learning rate), and give it the
+    optimizer's learning rate (a schedule is evaluated at this transform's own
+    step count, which advances in step with the optimizer's):
+    ``optax.chain(optax.adamw(lr, mask=no_decay_on_gates), sora_prox(lr, λ))``.
+    The paper exempts the gates from weight decay.
+
+    Args:
+      learning_rate: ``η``, float or schedule (injectable).
+      lambda_: ``λ``, the L1 strength (injectable).
+      gate_name: the last path component of gate leaves (static).
+
+    Returns:
+      An ``optax.GradientTransformation`` with ``SoRAProxState``; its
+      ``update`` needs ``params``.
+
+    Static arguments: ``gate_name``.
+
+    Raises:
+      ValueError: at ``init``, if no leaf path ends in ``/gate`` (the message
+        lists the paths seen); at ``update``, if ``params`` is None.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"q/kernel": {"gate": jnp.array([1.0, 0.05, -0.5])}}
+      >>> step = {"q/kernel": {"gate": jnp.array([-0.1, 0.0, 0.2])}}
+      >>> tx = sora_prox(learning_rate=0.1, lambda_=1.0)
+      >>> u, _ = tx.update(step, tx.init(params), params)
+      >>> [round(float(v), 4) for v in params["q/kernel"]["gate"] + u["q/kernel"]["gate"]]
+      [0.8, 0.0, -0.2]
+
+    References:
+      Ding et al., 2023, https://arxiv.org/abs/2311.11696
+    """
+    if not isinstance(gate_name, str) or not gate_name:
+        raise TypeError(f"sora_prox: gate_name must be a non-empty str, got {gate_name!r}")
+
+    def init_fn(params):
+        flat = _paths.flatten(params)
+        if flat and not any(_is_gate(p, gate_name) for p, _ in flat):
+            raise ValueError(
+                f"sora_prox: no leaf path ends in '/{gate_name}' (SoRA's gate); "
+                "paths seen: "
+                + ", ".join(f"{p} {tuple(x.shape)} {x.dtype}" for p, x in flat[:8]))
+        return SoRAProxState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("sora_prox: update needs params (the current gates)")
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        flat_params = dict(_paths.flatten(params))
+
+        def one(path, u):
+            if not _is_gate(path, gate_name):
+                return u
+            g = flat_params[path]
+            ct = jnp.promote_types(u.dtype, jnp.float32)
+            tau = jnp.asarray(lr).astype(ct) * jnp.asarray(lambda_).astype(ct)
+            z = g.astype(ct) + u.astype(ct)
+            shrunk = jnp.sign(z) * jnp.maximum(jnp.abs(z) - tau, jnp.zeros_like(z))
+            return (shrunk - g.astype(ct)).astype(u.dtype)
+
+        new_updates = _paths.map_with_path(one, updates)
+        return new_updates, SoRAProxState(count=optax.safe_int32_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
