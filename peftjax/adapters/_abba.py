@@ -140,8 +140,6 @@ def abba(
     """
     rank1 = _lora.check_rank(rank1, "abba (rank1)")
     rank2 = _lora.check_rank(rank2, "abba (rank2)")
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"abba: dropout must be in [0, 1), got {dropout}")
     s = float(alpha)
     param_dtype = jnp.dtype(param_dtype)
 

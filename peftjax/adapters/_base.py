@@ -273,6 +273,8 @@ def lift_matrix(
       >>> t.shape, float(scale_cols.apply(w, t, f).sum())
       ((3, 4), 48.0)
     """
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
 
     def resolved(w: Any) -> _matrix.ResolvedDims:
         shape = tuple(np.shape(w))

@@ -116,6 +116,10 @@ def check_rank_fits(rank: int, w: jax.Array, name: str) -> None:
         )
 
 
+def kaiming_uniform_a(key: jax.Array, n_in: int, rank: int, dtype: Any) -> jax.Array:
+    """PEFT's default LoRA ``A (in, r)``: kaiming-uniform with ``a=sqrt(5)``, ``U(±1/sqrt(in))``."""
+    bound = 1.0 / math.sqrt(n_in)
+    return jax.random.uniform(key, (n_in, rank), dtype, -bound, bound)
 
 
 def lora(
@@ -172,8 +176,6 @@ def lora(
     rank = check_rank(rank, "lora")
     if not isinstance(init, LoRAInit):
         raise TypeError(f"lora: init must be a LoRAInit member, got {init!r}")
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"lora: dropout must be in [0, 1), got {dropout}")
     s = scaling_value(scaling, alpha, rank)
     param_dtype = jnp.dtype(param_dtype)
 
@@ -183,8 +185,7 @@ def lora(
         check_rank_fits(rank, w, "lora")
         n_in, n_out = w.shape
         if init is LoRAInit.KAIMING_UNIFORM:
-            bound = 1.0 / math.sqrt(n_in)
-            a = jax.random.uniform(key, (n_in, rank), param_dtype, -bound, bound)
+            a = kaiming_uniform_a(key, n_in, rank, param_dtype)
             b = jnp.zeros((rank, n_out), param_dtype)
         elif init is LoRAInit.GAUSSIAN:
             a = jax.random.normal(key, (n_in, rank), param_dtype) / rank

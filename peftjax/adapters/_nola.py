@@ -174,8 +174,6 @@ def nola(
     rank = _lora.check_rank(rank, "nola")
     num_basis_a = _check_count(num_basis_a, "num_basis_a")
     num_basis_b = _check_count(num_basis_b, "num_basis_b")
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"nola: dropout must be in [0, 1), got {dropout}")
     s = _lora.scaling_value(scaling, alpha, rank)
     param_dtype = jnp.dtype(param_dtype)
 

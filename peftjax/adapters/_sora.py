@@ -22,7 +22,6 @@ either way, because ``b = 0``).
 Exports: ``SoRAParams``, ``sora``, ``sora_prune``.
 """
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -92,8 +91,6 @@ def sora(
       Ding et al., 2023, https://arxiv.org/abs/2311.11696
     """
     rank = _lora.check_rank(rank, "sora")
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"sora: dropout must be in [0, 1), got {dropout}")
     s = _lora.scaling_value(scaling, alpha, rank)
     param_dtype = jnp.dtype(param_dtype)
 
@@ -102,9 +99,8 @@ def sora(
             raise ValueError("sora takes no stats")
         _lora.check_rank_fits(rank, w, "sora")
         n_in, n_out = w.shape
-        bound = 1.0 / math.sqrt(n_in)
         t = SoRAParams(
-            a=jax.random.uniform(key, (n_in, rank), param_dtype, -bound, bound),
+            a=_lora.kaiming_uniform_a(key, n_in, rank, param_dtype),
             b=jnp.zeros((rank, n_out), param_dtype),
             gate=jnp.ones((rank,), param_dtype),
         )

@@ -131,3 +131,19 @@ def test_two_kernels_sharing_one_bias():
     a = {"w": adapters.ia3(), "v": adapters.ia3()}
     with pytest.raises(ValueError, match="bias of both"):
         adapters.init(a, jax.random.key(0), p)
+
+
+@pytest.mark.parametrize("make", [
+    lambda d: adapters.lora(2, dropout=d),
+    lambda d: adapters.dora(2, dropout=d),
+    lambda d: adapters.lora_xs(2, dropout=d),
+    lambda d: adapters.nola(2, 3, 3, dropout=d),
+    lambda d: adapters.abba(2, 2, dropout=d),
+    lambda d: adapters.sora(2, dropout=d),
+], ids=["lora", "dora", "lora_xs", "nola", "abba", "sora"])
+@pytest.mark.parametrize("rate", [1.0, -0.1])
+def test_dropout_outside_unit_interval_is_refused_by_every_factory(make, rate):
+    # checked once in lift_matrix; the message names the adapter and the rate
+    with pytest.raises(ValueError, match=rf"^\w+\(.*\): dropout must be in \[0, 1\), got {rate}"):
+        make(rate)
+    assert make(0.5).dropout == 0.5
