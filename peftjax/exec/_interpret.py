@@ -12,6 +12,9 @@ that do:
 * ``dot_general`` becomes the model's own product with the frozen base plus
   the adapter's cheap terms (``_sym.dot``); with a quantised base, a product
   with the base dequantised a tile of output columns at a time;
+* ``conv_general_dilated`` with an adapted kernel whose delta is low-rank
+  (``adapters.lora_conv``) becomes the model's own convolution plus
+  ``s·conv1x1(conv(x, A), B)`` (``_conv.conv``);
 * ``gather`` of whole rows of an unadapted quantised table (an embedding
   lookup) gathers the blocks and decodes only those rows (``_sym.gather``);
 * ``jit``/``pjit``/``closed_call``/``custom_jvp_call``/``custom_vjp_call`` are
@@ -34,7 +37,7 @@ from typing import Any
 import jax
 import jax.extend as jex
 
-from peftjax.exec import _sym
+from peftjax.exec import _conv, _sym
 from peftjax.quant import _matmul as _qmatmul
 
 _VIEWS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision",
@@ -152,6 +155,15 @@ class Interpreter:
             out = self._dot(eqn, invals)
             if out is not None:
                 return [out]
+        elif name == "conv_general_dilated" and isinstance(invals[1], _sym.Sym) and (
+                not isinstance(invals[0], _sym.Sym)):
+            out = self._conv(eqn, invals)
+            if out is not None:
+                return [out]
+            why = ("`conv_general_dilated` (the factored convolution needs an adapter "
+                   "whose delta is a LowRankDelta, e.g. adapters.lora_conv, and "
+                   "no stacked-layer axis)")
+            return _bind(eqn, [self.fallback(x, why) for x in invals])
         elif name == "gather" and isinstance(invals[0], _sym.Sym) and not isinstance(
                 invals[1], _sym.Sym):
             out = _sym.gather(invals[0], invals[1], eqn.params)
@@ -217,6 +229,19 @@ class Interpreter:
             key = jax.random.fold_in(keys, self.sites[s.meta.path])
         self.sites[s.meta.path] += 1
         out = _sym.dot(s, other, is_lhs, params, bind, key, tile_bytes=self.tile_bytes)
+        if out is not None:
+            self.factored_sites[s.meta.path] += 1
+        return out
+
+    def _conv(self, eqn: Any, invals: list[Any]) -> Any:
+        x, s = invals
+        key = None
+        _, _, keys = s.parts
+        dropout = s.meta.adapter is not None and s.meta.adapter.dropout
+        if dropout and not self.deterministic and keys is not None:
+            key = jax.random.fold_in(keys, self.sites[s.meta.path])
+        self.sites[s.meta.path] += 1
+        out = _conv.conv(s, x, eqn.params, lambda a, b: _bind(eqn, [a, b])[0], key)
         if out is not None:
             self.factored_sites[s.meta.path] += 1
         return out
