@@ -46,6 +46,8 @@ from peftjax.adapters._collection import collection as collection
 from peftjax.adapters._collection import delete as delete
 from peftjax.adapters._collection import disable as disable
 from peftjax.adapters._collection import switch as switch
+from peftjax.adapters._conv import LowRankDelta as LowRankDelta
+from peftjax.adapters._conv import lora_conv as lora_conv
 from peftjax.adapters._dora import DoRAParams as DoRAParams
 from peftjax.adapters._dora import dora as dora
 from peftjax.adapters._lora import LoRAInit as LoRAInit
@@ -152,6 +154,8 @@ __all__ = [
     "init",
     "lift_matrix",
     "lora",
+    "lora_conv",
+    "LowRankDelta",
     "lora_xs",
     "materialize",
     "merge",
