@@ -116,6 +116,10 @@ class Adapter(NamedTuple):
       factored: a ``FactoredForm`` for the factored path (``peftjax.exec``),
         or None when the adapter exists in weight space only (the factored
         path then materialises it, with a warning).
+      dimension_numbers: the leaf's matrix view, or None (2-D ``(in, out)``;
+        ``tree.assign`` fills it in for stacked and declared leaves).
+      relayout: ``dims -> Adapter``: the same adapter with another view
+        (``with_dimension_numbers``), or None if it cannot change.
 
     An ``Adapter`` is static configuration: close over assignments (or pass
     them as static arguments) rather than passing them to ``jit`` as arrays.
@@ -129,9 +133,37 @@ class Adapter(NamedTuple):
     dropout: float = 0.0
     name: str = "adapter"
     factored: FactoredForm | None = None
+    dimension_numbers: _matrix.DimensionNumbers | None = None
+    relayout: Callable[..., "Adapter"] | None = None
 
     def __repr__(self) -> str:
         return self.name
+
+    def with_dimension_numbers(self, dims: _matrix.DimensionNumbers) -> "Adapter":
+        """Returns this adapter viewing its leaf through ``dims``.
+
+        Args:
+          dims: the leaf's matrix view.
+
+        Returns:
+          The same method and hyperparameters with ``dims`` as its view.
+
+        Raises:
+          TypeError: the adapter cannot change its view.
+
+        Example:
+          >>> from peftjax import adapters, tree
+          >>> a = adapters.lora(2).with_dimension_numbers(tree.dims.stacked())
+          >>> a.dimension_numbers.batch_axis
+          (0,)
+        """
+        if not isinstance(dims, _matrix.DimensionNumbers):
+            raise TypeError(f"{self.name}: dims must be a DimensionNumbers, got {dims!r}")
+        if self.relayout is None:
+            raise TypeError(f"{self.name} has a fixed matrix view "
+                            f"{self.dimension_numbers}; build it with "
+                            "dimension_numbers= instead")
+        return self.relayout(dims)
 
     def num_trainable(self, leaf: Any) -> int:
         """Returns the number of trainable parameters this adapter gives ``leaf``."""
@@ -241,7 +273,8 @@ def lift_matrix(
     """Builds an ``Adapter`` from math written once for one ``(in, out)`` matrix.
 
     The leaf is viewed as ``(batch..., in, out)`` through ``dimension_numbers``
-    (Flax defaults for 2-D and stacked 3-D kernels); the per-matrix functions
+    (None: a 2-D ``(in, out)`` leaf; ``tree.assign`` fills in the view of
+    stacked and declared leaves); the per-matrix functions
     are ``jax.vmap``-ed over each batch axis, so stacked layers get independent
     adapters. Per-slice PRNG keys are split from the leaf key.
 
@@ -269,12 +302,21 @@ def lift_matrix(
       ...     init_matrix=lambda key, w, stats: (w[0] * 0 + 2.0, None),
       ...     apply_matrix=lambda w, t, f: w * t[None, :])
       >>> w = jnp.ones((3, 2, 4))  # stacked: one vector per layer
-      >>> t, f = scale_cols.init(jax.random.key(0), w)
-      >>> t.shape, float(scale_cols.apply(w, t, f).sum())
+      >>> from peftjax.tree import dims
+      >>> stacked = scale_cols.with_dimension_numbers(dims.stacked())
+      >>> t, f = stacked.init(jax.random.key(0), w)
+      >>> t.shape, float(stacked.apply(w, t, f).sum())
       ((3, 4), 48.0)
     """
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
+    if dimension_numbers is not None and not isinstance(
+            dimension_numbers, _matrix.DimensionNumbers):
+        raise TypeError(f"{name}: dimension_numbers must be a "
+                        f"peftjax.tree.DimensionNumbers or None, got {dimension_numbers!r}")
+    again = dict(name=name, init_matrix=init_matrix, apply_matrix=apply_matrix,
+                 unapply_matrix=unapply_matrix, aux_matrix=aux_matrix, bias=bias,
+                 dropout=dropout, factored_matrix=factored_matrix)
 
     def resolved(w: Any) -> _matrix.ResolvedDims:
         shape = tuple(np.shape(w))
@@ -362,6 +404,8 @@ def lift_matrix(
         factored=None if factored_matrix is None else FactoredForm(
             dimension_numbers=dimension_numbers, terms=factored_matrix,
             apply=apply_matrix),
+        dimension_numbers=dimension_numbers,
+        relayout=lambda dims: lift_matrix(**again, dimension_numbers=dims),
     )
 
 
@@ -485,6 +529,14 @@ def _bias_targets(assignment: dict[str, Adapter], flat: dict[str, Any]
         if adapter.bias is None:
             continue
         sib = _sibling(path, adapter.bias.name)
+        if sib == path:
+            raise ValueError(
+                f"{adapter!r} is assigned to {path!r} ({_describe_leaf(flat[path])}), "
+                f"which is itself a bias leaf: this adapter goes on a kernel and "
+                f"reparametrises the kernel's sibling {adapter.bias.name!r} leaf too. "
+                f"Target the kernel ({_sibling(path, 'kernel')!r}) and leave the bias "
+                "out of the rule (e.g. where=r'.../kernel')"
+            )
         if sib not in flat:
             if adapter.bias.required:
                 raise ValueError(
@@ -598,6 +650,26 @@ def _check_state(assignment: dict[str, Adapter], flat: dict[str, Any],
                     f"shapes {gs}, but {adapter!r} on this leaf needs {ws}; the "
                     "state was made for another tree"
                 )
+            _check_state_dtypes(fn, name, path, adapter, want, got)
+
+
+def _check_state_dtypes(fn: str, name: str, path: str, adapter: Adapter,
+                        want: Any, got: Any) -> None:
+    """Raises if a state leaf's dtype differs from what ``adapter.init`` makes."""
+    for (kp, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got),
+                          strict=True):
+        g_dtype = getattr(g, "dtype", None)
+        g_dtype = np.asarray(g).dtype if g_dtype is None else g_dtype
+        if jnp.dtype(g_dtype) != jnp.dtype(w.dtype):
+            field = jax.tree_util.keystr(kp, simple=True, separator="/")
+            raise TypeError(
+                f"{fn}: {name} state for {path!r}, field {field!r}, has dtype "
+                f"{jnp.dtype(g_dtype).name}, but {adapter!r} makes it "
+                f"{jnp.dtype(w.dtype).name} (its param_dtype); it would train in "
+                f"{jnp.dtype(g_dtype).name}. Cast the state to "
+                f"{jnp.dtype(w.dtype).name} or build the adapter with "
+                f"param_dtype={jnp.dtype(g_dtype).name}"
+            )
 
 
 def _apply_all(assignment, params, trainable, frozen, fn: str, *,

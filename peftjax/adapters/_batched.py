@@ -168,7 +168,7 @@ def _make_adapter(path: str, groups: list[tuple[_base.Adapter, list[int]]],
     return _base.Adapter(
         init=init, apply=apply, name=f"batched({label})",
         factored=_base.FactoredForm(dimension_numbers=dn, terms=terms,
-                                    apply=apply))
+                                    apply=apply), dimension_numbers=dn)
 
 
 def _check_ids(ids: Any, n: int) -> jax.Array:

@@ -133,8 +133,9 @@ def sparse_delta(
       density: fraction of each matrix that is tunable, in ``(0, 1]``;
         ``k = int(density·in·out)`` (static).
       k: an explicit per-matrix count instead of ``density`` (static).
-      dimension_numbers: the kernel's matrix view; default Flax ``(in, out)``
-        and stacked ``(L, in, out)``. The view must keep the leaf's axis order.
+      dimension_numbers: the kernel's matrix view; None for a 2-D ``(in,
+        out)`` kernel (``tree.assign`` fills in stacked ``(L, in, out)``
+        views). The view must keep the leaf's axis order.
       param_dtype: storage dtype of ``values`` (float32 by default; the sum is
         computed in the wider of it and the base dtype, then cast back).
 
@@ -238,7 +239,8 @@ def sparse_delta(
             _check_layout(_matrix.resolve(dimension_numbers, shape, path=name), name)
         return adapter.init(key, w, stats=stats)
 
-    return adapter._replace(init=init)
+    return adapter._replace(init=init, relayout=lambda dims: sparse_delta(
+        density, k=k, dimension_numbers=dims, param_dtype=param_dtype))
 
 
 def sparse_to_compact(trainable: dict[str, Any], frozen: dict[str, Any]

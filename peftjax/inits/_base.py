@@ -50,6 +50,8 @@ class Initializer(NamedTuple):
       dimension_numbers: the leaf's matrix view (None: Flax defaults).
       param_dtype: the adapter factors' dtype.
       name: readable description.
+      relayout: ``dims -> Initializer``, the same initialiser with another
+        matrix view (``tree.assign`` uses it for stacked and declared leaves).
     """
 
     init: Callable[..., tuple[Any, Any, Any]]
@@ -62,9 +64,31 @@ class Initializer(NamedTuple):
     dimension_numbers: _matrix.DimensionNumbers | None
     param_dtype: Any
     name: str
+    relayout: Callable[..., "Initializer"] | None = None
 
     def __repr__(self) -> str:
         return self.name
+
+    def with_dimension_numbers(self, dims: _matrix.DimensionNumbers) -> "Initializer":
+        """Returns this initialiser viewing its leaf through ``dims``.
+
+        Args:
+          dims: the leaf's matrix view.
+
+        Returns:
+          The same initialiser (and adapter) with ``dims`` as the view.
+
+        Example:
+          >>> from peftjax import inits, tree
+          >>> ini = inits.pissa(rank=2).with_dimension_numbers(tree.dims.stacked())
+          >>> ini.adapter.dimension_numbers.batch_axis
+          (0,)
+        """
+        if self.relayout is None:
+            raise TypeError(f"{self.name} has a fixed matrix view "
+                            f"{self.dimension_numbers}; build it with "
+                            "dimension_numbers= instead")
+        return self.relayout(dims)
 
 
 class InitResult(NamedTuple):

@@ -1,12 +1,20 @@
 # SPDX-License-Identifier: Apache-2.0
 """Paths, rules, labels, masks, matrix views and layer layouts.
 
+A kernel is seen as a matrix ``(batch..., in, out)``: 2-D leaves as Flax
+``(in, out)``; leaves of rank >= 3 only through explicit ``DimensionNumbers``
+(presets in ``tree.dims``) or a declared ``Layout`` (``tree.stacked``), never
+by guessing.
+
 The bottom layer of peftjax: every other layer targets leaves through these
 canonical paths and rules.
 """
 
+from peftjax.tree import dims as dims
 from peftjax.tree._layers import stack_layers as stack_layers
 from peftjax.tree._layers import unstack_layers as unstack_layers
+from peftjax.tree._layouts import Layout as Layout
+from peftjax.tree._layouts import stacked as stacked
 from peftjax.tree._matrix import DimensionNumbers as DimensionNumbers
 from peftjax.tree._matrix import default_dimension_numbers as default_dimension_numbers
 from peftjax.tree._matrix import from_matrix as from_matrix
@@ -33,6 +41,7 @@ from peftjax.tree._rules import mask as mask
 
 __all__ = [
     "DimensionNumbers",
+    "Layout",
     "Path",
     "Rule",
     "all_of",
@@ -41,6 +50,7 @@ __all__ = [
     "canonical",
     "default_dimension_numbers",
     "describe",
+    "dims",
     "dtype_is",
     "flatten",
     "from_matrix",
@@ -55,6 +65,7 @@ __all__ = [
     "resolve",
     "shape_is",
     "stack_layers",
+    "stacked",
     "to_matrix",
     "unstack_layers",
 ]

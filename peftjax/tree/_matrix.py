@@ -7,12 +7,17 @@ reduction (input) axes, the output axes and the batch axes (stacked layers,
 experts). It reuses optax's vocabulary (``GaLoreDimensionNumbers``) and adds
 ``batch_axis``.
 
-The default is Flax layout: 2-D ``(in, out)`` and 3-D stacked ``(L, in, out)``.
-Any other rank (e.g. a head-split ``(embed, heads, head_dim)`` einsum kernel)
-needs explicit dimension numbers, else a ``ValueError`` names the path.
+A 2-D leaf has one Flax view, ``(in, out)``, and that is the only default
+here. A leaf of rank >= 3 is never guessed: ``(L, in, out)`` stacked layers,
+a head-split ``(embed, heads, head_dim)`` kernel and an HWIO convolution all
+look alike. Its view comes from explicit dimension numbers, or from a
+``peftjax.tree.Layout`` (stacked layer containers) when the whole tree is
+known; ``resolve(None, ...)`` of such a leaf is a ``ValueError`` naming the
+path, the shape and the likely views as ``DimensionNumbers(...)`` expressions.
 
 Exports: ``DimensionNumbers``, ``resolve``, ``to_matrix``, ``from_matrix``,
-``matrix_shape``, ``default_dimension_numbers``.
+``matrix_shape``, ``default_dimension_numbers``, ``suggested_views``,
+``no_view_error``.
 """
 
 import dataclasses
@@ -50,6 +55,11 @@ class DimensionNumbers:
     reduction_axis: Axes = -2
     output_axis: Axes = -1
     batch_axis: Axes = ()
+
+    @property
+    def ndim(self) -> int:
+        """The rank of the leaves this view fits (every axis is named once)."""
+        return len(self.batch_axis) + len(self.reduction_axis) + len(self.output_axis)
 
     def __post_init__(self):
         for name in ("reduction_axis", "output_axis", "batch_axis"):
@@ -104,21 +114,108 @@ class ResolvedDims:
 def default_dimension_numbers(ndim: int) -> DimensionNumbers | None:
     """Returns the Flax-layout default for ``ndim``, or None if there is none.
 
+    Only a 2-D ``(in, out)`` kernel has a default. A leaf of rank >= 3 needs
+    explicit dimension numbers or a declared ``peftjax.tree.Layout`` (stacked
+    layers); nothing guesses between ``(L, in, out)`` and ``(embed, heads,
+    head_dim)``.
+
     Args:
       ndim: the rank of the kernel.
 
     Returns:
-      ``(in, out)`` for 2-D, ``(L, in, out)`` for 3-D, else None.
+      ``DimensionNumbers(reduction_axis=0, output_axis=1)`` for 2-D, else None.
 
     Example:
-      >>> default_dimension_numbers(3)
-      DimensionNumbers(reduction_axis=(1,), output_axis=(2,), batch_axis=(0,))
+      >>> default_dimension_numbers(2)
+      DimensionNumbers(reduction_axis=(0,), output_axis=(1,), batch_axis=())
+      >>> default_dimension_numbers(3) is None
+      True
     """
     if ndim == 2:
         return DimensionNumbers(reduction_axis=0, output_axis=1)
-    if ndim == 3:
-        return DimensionNumbers(reduction_axis=1, output_axis=2, batch_axis=0)
     return None
+
+
+def suggested_views(shape: Sequence[int], n_layer: int = 0) -> list[str]:
+    """Returns the likely views of a leaf as copy-pasteable expressions.
+
+    Args:
+      shape: the leaf's shape (rank >= 3 after the layer axes).
+      n_layer: leading layer axes already declared as stacked (shifts the
+        suggested axes and adds them as ``batch_axis``).
+
+    Returns:
+      ``DimensionNumbers(...)`` expressions, each with what it means.
+
+    Example:
+      >>> suggested_views((16, 4, 8))[0]
+      'DimensionNumbers(reduction_axis=0, output_axis=(1, 2)) for (embed, heads, head_dim), a head-split query/key/value kernel'
+    """
+    shape = tuple(int(s) for s in shape)
+    k = len(shape) - n_layer
+    lead = tuple(range(n_layer))
+
+    def fmt(axes: tuple[int, ...]) -> str:
+        axes = tuple(a + n_layer for a in axes)
+        return str(axes[0]) if len(axes) == 1 else str(axes)
+
+    def expr(red, out, batch=()) -> str:
+        b = lead + tuple(a + n_layer for a in batch)
+        text = f"DimensionNumbers(reduction_axis={fmt(red)}, output_axis={fmt(out)}"
+        if b:
+            text += f", batch_axis={b[0] if len(b) == 1 else b}"
+        return text + ")"
+
+    out = []
+    if k == 3:
+        out.append(expr((0,), (1, 2)) + " for (embed, heads, head_dim), a head-split "
+                   "query/key/value kernel")
+        out.append(expr((0, 1), (2,)) + " for (heads, head_dim, embed), a "
+                   "head-merge output kernel, or (width, in, out), a 1-D conv kernel")
+        out.append(expr((1,), (2,), (0,)) + " for (layers, in, out), stacked "
+                   "layers (or declare the container with tree.stacked(prefix))")
+    elif k >= 4:
+        spatial = tuple(range(k - 1))
+        out.append(expr(spatial, (k - 1,)) + f" for a {k - 2}-D conv kernel "
+                   "(spatial..., in, out), HWIO")
+        out.append(expr((k - 2,), (k - 1,), tuple(range(k - 2))) + " for "
+                   f"{k - 2} stacked axes (..., in, out)")
+    return out
+
+
+def no_view_error(path: str, shape: Sequence[int], n_layer: int = 0,
+                  note: str = "") -> ValueError:
+    """The error for a leaf of rank >= 3 whose matrix view was not declared.
+
+    Args:
+      path: the leaf's path.
+      shape: its shape.
+      n_layer: leading axes already known to be stacked layers.
+      note: an extra sentence (e.g. why a container was not taken as stacked).
+
+    Returns:
+      A ``ValueError`` naming the path, the shape and the likely views.
+
+    Example:
+      >>> str(no_view_error("attn/query/kernel", (16, 4, 8))).splitlines()[0]
+      'attn/query/kernel: shape (16, 4, 8) (rank 3) has no default matrix view; a kernel of rank >= 3 is only viewed as stacked layers when the tree declares it. Likely views:'
+    """
+    shape = tuple(int(s) for s in shape)
+    lines = [
+        f"{path}: shape {shape} (rank {len(shape)}) has no default matrix view; a "
+        "kernel of rank >= 3 is only viewed as stacked layers when the tree "
+        "declares it. Likely views:"
+    ]
+    lines += [f"  {s}" for s in suggested_views(shape, n_layer)]
+    lines.append(
+        "Pass one as dimension_numbers= to the adapter (or GaLore/FRUGAL) for this "
+        "leaf, use a preset of peftjax.tree.dims, or declare the tree's layout "
+        "once: tree.assign(params, rules, layout=tree.stacked(\"<prefix>\")) for "
+        "stacked layers, tree.Layout(views={<path regex>: <DimensionNumbers>})."
+    )
+    if note:
+        lines.append(note)
+    return ValueError("\n".join(lines))
 
 
 def resolve(
@@ -130,7 +227,7 @@ def resolve(
     """Validates ``dims`` against a concrete shape and normalises the axes.
 
     Args:
-      dims: dimension numbers, or None for the Flax default of the rank.
+      dims: dimension numbers, or None for the Flax default (2-D only).
       shape: the leaf's shape.
       path: the leaf's path, used in error messages.
 
@@ -138,8 +235,8 @@ def resolve(
       A ``ResolvedDims`` with non-negative axes.
 
     Raises:
-      ValueError: if the rank has no default and ``dims`` is None, if an axis is
-        out of range, repeated, or if the axes do not cover the leaf exactly.
+      ValueError: if ``dims`` is None and the leaf is not 2-D (for rank >= 3
+        the message lists the likely views), if an axis is out of range, repeated, or if the axes do not cover the leaf exactly.
 
     Example:
       >>> resolve(None, (4, 3)).n_in, resolve(None, (4, 3)).n_out
@@ -149,13 +246,12 @@ def resolve(
     ndim = len(shape)
     if dims is None:
         dims = default_dimension_numbers(ndim)
+        if dims is None and ndim >= 3:
+            raise no_view_error(path, shape)
         if dims is None:
             raise ValueError(
-                f"{path}: shape {shape} (rank {ndim}) has no default matrix view; "
-                "only 2-D (in, out) and 3-D stacked (L, in, out) kernels have one. "
-                "Pass dimension_numbers=DimensionNumbers(reduction_axis=..., "
-                "output_axis=..., batch_axis=...) to the adapter or rule for this "
-                "leaf."
+                f"{path}: shape {shape} (rank {ndim}) is not a matrix; only a 2-D "
+                "(in, out) kernel has a default matrix view"
             )
 
     def norm(axes: tuple[int, ...], name: str) -> tuple[int, ...]:

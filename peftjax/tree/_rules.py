@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from peftjax.tree import _paths, _predicates
+from peftjax.report import ParamCount
+from peftjax.tree import _layouts, _matrix, _paths, _predicates
 
 _FROZEN_LABELS = ("frozen", "freeze", "none")
 
@@ -109,24 +110,37 @@ def _match(params: Any, rules: Any, allow_unused: bool
     return flat, result
 
 
-def assign(params: Any, rules: Any, *, allow_unused: bool = False
-           ) -> dict[str, Any]:
+def assign(params: Any, rules: Any, *, allow_unused: bool = False,
+           layout: Any = None) -> dict[str, Any]:
     """Compiles rules into an assignment ``{path: payload}``.
 
     Leaves whose first matching rule has ``then=None`` and leaves that match
     no rule are left out.
 
+    Matrix payloads (adapters, initialisers) built without
+    ``dimension_numbers`` get their leaf's view written into them here, so
+    every consumer of the assignment sees the same view: a 2-D leaf is
+    ``(in, out)``; a leaf in a stacked container of ``layout`` (and
+    peftjax's scanned ``layers/...`` layout) is ``(L..., in, out)``; a
+    ``layout.views`` entry gives its own view; any other leaf of rank >= 3
+    raises. A payload with explicit ``dimension_numbers`` is kept as given.
+
     Args:
       params: the parameter tree (dict, Linen params, ``nnx.State``, Equinox).
       rules: a ``Rule`` or a sequence of them; first match wins.
       allow_unused: if False (default), a rule that matches nothing raises.
+      layout: a ``peftjax.tree.Layout`` declaring the tree's stacked layer
+        containers and kernel views (``tree.stacked("blocks")``,
+        ``tree.dims.multi_head_attention()``), or None.
 
     Returns:
       A dict from canonical path to payload, in tree order.
 
     Raises:
-      ValueError: if a rule matches nothing (listing the closest paths) or two
-        leaves share a canonical path.
+      ValueError: if a rule matches nothing (listing the closest paths), two
+        leaves share a canonical path, or a matrix payload targets a leaf of
+        rank >= 3 whose view nothing declares (naming the path, shape and the
+        likely ``DimensionNumbers``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -134,8 +148,12 @@ def assign(params: Any, rules: Any, *, allow_unused: bool = False
       >>> assign(p, [Rule(where=r"q/kernel", then="lora")])
       {'q/kernel': 'lora'}
     """
-    _, matched = _match(params, rules, allow_unused)
-    return {p: pay for p, (hit, pay) in matched.items() if hit and pay is not None}
+    flat, matched = _match(params, rules, allow_unused)
+    out = {p: pay for p, (hit, pay) in matched.items() if hit and pay is not None}
+    if any(isinstance(pay, _layouts.MatrixPayload) for pay in out.values()) or (
+            layout is not None):
+        out = _layouts.bind_payloads(out, _layouts.bind(layout, flat), "assign")
+    return out
 
 
 def labels(params: Any, rules: Any, *, default: str | None = None,
@@ -248,8 +266,10 @@ def describe(assignment: dict[str, Any], params: Any) -> Description:
       params: the parameter tree it was computed from.
 
     Returns:
-      A ``str`` table with one row per leaf and totals: number of leaves,
-      total parameters, trainable parameters and their percentage.
+      A ``str`` table with one row per leaf and totals: number of leaves and
+      base parameters, then the ``peftjax.report.ParamCount`` line that
+      ``report`` prints (trainable %: trainable over all parameters, the
+      base's plus those adapters add).
 
     Raises:
       ValueError: if the assignment names a path that ``params`` lacks.
@@ -261,7 +281,7 @@ def describe(assignment: dict[str, Any], params: Any) -> Description:
       path  shape   dtype    payload  trainable
       b     (2,)    float32  -        0
       w     (2, 2)  float32  'adam'   4
-      2 leaves, 6 parameters, 4 trainable (66.67%)
+      2 leaves, 6 parameters; trainable params: 4 || all params: 6 || trainable%: 66.6667
     """
     flat = _paths.flatten(params)
     known = {p for p, _ in flat}
@@ -271,7 +291,7 @@ def describe(assignment: dict[str, Any], params: Any) -> Description:
             f"describe: assignment names paths not in params: {extra[:10]}"
         )
     rows = [("path", "shape", "dtype", "payload", "trainable")]
-    total = trainable = 0
+    total = trainable = added = 0
     for path, leaf in flat:
         shape = tuple(np.shape(leaf))
         size = math.prod(shape)
@@ -279,6 +299,8 @@ def describe(assignment: dict[str, Any], params: Any) -> Description:
         if path in assignment:
             payload = assignment[path]
             count = _trainable_count(payload, leaf)
+            if callable(getattr(type(payload), "num_trainable", None)):
+                added += count  # adapter parameters are new, not part of the base
             text = repr(payload)
             if len(text) > 60:
                 text = text[:57] + "..."
@@ -290,11 +312,8 @@ def describe(assignment: dict[str, Any], params: Any) -> Description:
         rows.append((path, str(shape), dtype, text, str(count)))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    pct = 100.0 * trainable / total if total else 0.0
-    lines.append(
-        f"{len(flat)} leaves, {total:,} parameters, {trainable:,} trainable "
-        f"({pct:.2f}%)"
-    )
+    count = ParamCount(trainable=trainable, total=total + added)
+    lines.append(f"{len(flat)} leaves, {total:,} parameters; {count}")
     return Description("\n".join(lines))
 
 
