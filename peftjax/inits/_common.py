@@ -73,4 +73,8 @@ def lora_initializer(
         adapter=adapter, stats=stats, modifies_base=True, rank=rank,
         alpha=float(alpha), scaling=scaling, dimension_numbers=dimension_numbers,
         param_dtype=param_dtype,
-        name=f"{name}(rank={rank}, alpha={alpha}, scaling={scaling.value})")
+        name=f"{name}(rank={rank}, alpha={alpha}, scaling={scaling.value})",
+        relayout=lambda dims: lora_initializer(
+            name=name, rank=rank, alpha=alpha, scaling=scaling, factors=factors,
+            stats=stats, dimension_numbers=dims, param_dtype=param_dtype,
+            min_dim_factor=min_dim_factor))

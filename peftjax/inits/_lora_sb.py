@@ -161,4 +161,8 @@ def lora_sb(
         adapter=adapter, stats=_base.GRADIENT, modifies_base=False, rank=rank,
         alpha=alpha, scaling=scaling, dimension_numbers=dimension_numbers,
         param_dtype=param_dtype,
-        name=f"lora_sb(rank={rank}, lr_eff={lr_eff:g}, alpha={alpha}, scaling={scaling.value})")
+        name=f"lora_sb(rank={rank}, lr_eff={lr_eff:g}, alpha={alpha}, scaling={scaling.value})",
+        relayout=lambda dims: lora_sb(
+            rank, learning_rate=learning_rate, warmup_ratio=warmup_ratio,
+            total_steps=total_steps, alpha=alpha, scaling=scaling, niter=niter,
+            dimension_numbers=dims, param_dtype=param_dtype))
