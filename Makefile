@@ -6,7 +6,8 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.peftjax-stamp
 DEPS_HASH := $(shell cat pyproject.toml requirements/stack.txt requirements/constraints.txt requirements/fixtures.txt 2>/dev/null | sha256sum | cut -c1-16)
 
-# Two shared cores: keep BLAS/OpenMP single-threaded and passive (DESIGN.md 9).
+# Two shared cores: keep BLAS/OpenMP single-threaded and passive
+# (docs/architecture.md#measuring-on-a-shared-cpu).
 export OPENBLAS_NUM_THREADS := 1
 export OMP_NUM_THREADS := 1
 export MKL_NUM_THREADS := 1

@@ -5,7 +5,8 @@ FRUGAL (density 0.25, SVD selector) on the attention+MLP kernels hold the
 optimizer state the formula says, and what do steps and refreshes cost next to
 AdamW? Everything that is not an attention/MLP kernel gets AdamW in all three.
 
-Run on a quiet machine (DESIGN.md section 9), never concurrently with anything:
+Run on a quiet machine (docs/architecture.md#measuring-on-a-shared-cpu), never
+concurrently with anything:
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
         .venv/bin/python benchmarks/optim_step.py --json out.json

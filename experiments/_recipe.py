@@ -69,7 +69,7 @@ RESULTS_DIR = os.environ.get("PEFTJAX_RESULTS_DIR") or os.path.join(ROOT, "exper
 
 
 # ----------------------------------------------------------------------------
-# CLI: a frozen dataclass, fields set with --field=value (STYLE.md B10).
+# CLI: a frozen dataclass, fields set with --field=value (docs/architecture.md#experiments).
 # ----------------------------------------------------------------------------
 def _convert(name: str, typ: Any, text: str) -> Any:
     origin = typing.get_origin(typ)

@@ -14,7 +14,7 @@
   and reduction primitives as one FLOP per element). On loop-free programs the
   two agree up to XLA's own accounting of elementwise work.
 
-The demo, benchmarks and notebooks all use it (DESIGN.md sections 1 and 9).
+The demo, benchmarks and notebooks all use it (docs/architecture.md#measuring-on-a-shared-cpu).
 
 Exports: ``Report``, ``ParamCount``, ``report``, ``count_params``,
 ``tree_bytes``, ``jaxpr_flops``.

@@ -1,4 +1,4 @@
-"""Strict test configuration (STYLE.md B9.1)."""
+"""Strict test configuration (docs/architecture.md#tests)."""
 
 import itertools
 

@@ -1,4 +1,4 @@
-"""Tolerances (STYLE.md B9.4) and shared test utilities."""
+"""Tolerances (docs/architecture.md#tests) and shared test utilities."""
 
 import jax
 import numpy as np

@@ -1,4 +1,4 @@
-"""Public API hygiene (STYLE.md B9.5)."""
+"""Public API hygiene (docs/architecture.md#layers)."""
 
 import enum
 import importlib

@@ -16,7 +16,7 @@ that unpacks into ``materialize(assignment, params, trainable, frozen)`` or
 * ``add_weighted`` combines LoRA-family adapters with the adapter arithmetic
   of ``peftjax.merge.adapters`` (``concatenate`` is exact, ``svd_refactor``
   truncates, ``linear`` is PEFT's approximation), passed in as ``combine``:
-  the method layers do not import each other (DESIGN.md section 1).
+  the method layers do not import each other (docs/architecture.md#layers).
 * ``peftjax.adapters.batched`` runs several of them in one batch, one adapter
   per example.
 

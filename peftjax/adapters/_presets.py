@@ -6,7 +6,7 @@ Flax names a linear layer's weight ``kernel`` (Linen ``Dense``, NNX
 Unrolled models have 2-D ``(in, out)`` kernels; models scanned over layers
 have 3-D ``(L, in, out)`` ones (``ndim=3``). Head-split ``DenseGeneral`` /
 ``Einsum`` kernels of other ranks are not matched (they need explicit
-``dimension_numbers``, DESIGN.md section 2), and the model's output head is
+``dimension_numbers``, docs/conventions.md#matrix-views), and the model's output head is
 left to an ``exclude`` pattern, as PEFT's ``"all-linear"`` leaves the output
 embedding out. peftjax's own models have per-family presets
 (``peftjax.models.llama.all_linear_rules``, ``...bert.all_linear_rules``).

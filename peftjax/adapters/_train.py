@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The canonical training steps: adapter-only and hybrid.
 
-Trainable means differentiated (DESIGN.md section 2): the step takes
+Trainable means differentiated (docs/conventions.md#trainable-means-differentiated): the step takes
 ``value_and_grad`` with respect to the trainable pytree only; the base
 parameters and the frozen adapter parts are passed as non-differentiated
 arguments, so they get no gradients and no optimizer moments. Any optax

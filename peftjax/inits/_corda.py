@@ -18,7 +18,7 @@ Torch layout ``W (out, in)``, covariance ``C (in, in)`` of the layer inputs
    ``W_res = W − s·B A`` (Eq. 4 ↔ ``corda``); the output is unchanged at init.
 
 Flax kernel ``K = Wᵀ``: ``a = A_torchᵀ = V_r·√(S_r/s)``, ``b = B_torchᵀ``
-(PEFT ``tuners/lora/corda.py``, ``layer.py::corda_init``, ALGORITHMS.md §5.6).
+(PEFT ``tuners/lora/corda.py``, ``layer.py::corda_init``; docs/methods.md#corda).
 
 Exports: ``corda``.
 """

@@ -18,7 +18,7 @@ Torch layout, ``G (out, in)`` = the mean full-weight gradient (Eq. 8,
 * offset: ``W_res = W − s·B A`` (the output is unchanged at init).
 
 ``variant="official"`` (default) is the official repository
-(``Outsider565/LoRA-GA``, ALGORITHMS.md §5.5): singular values of ``G`` are
+(``Outsider565/LoRA-GA``; docs/methods.md#lora-ga): singular values of ``G`` are
 not used. ``variant="peft"`` is PEFT 0.21.2's port (``lora_ga_init``): ``B`` is
 multiplied by ``diag(S_B)``, the scales are ``stable`` (``B`` only),
 ``weight_svd`` (``B ×= σ₁(W)/S_B[0]``), ``gd_scale``, ``unit``, and

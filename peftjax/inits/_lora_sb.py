@@ -6,7 +6,7 @@ Efficient Low-Rank Fine-Tuning. Ponkshe, Singhal et al., 2024.
 https://arxiv.org/abs/2411.19557
 
 Torch layout (SB ``utils/initialization_utils.py::find_and_initialize_grad``,
-ALGORITHMS.md §3.2): ``G_sum`` = gradients summed over the init batches
+docs/methods.md#lora-sb): ``G_sum`` = gradients summed over the init batches
 (``inits.accumulate_gradients``), ``ΔW = −η_eff·sign(G_sum)`` with
 ``η_eff = lr/(warmup_ratio·total_steps)`` (the first warm-up step's learning
 rate; ``lr`` when ``warmup_ratio = 0``) ↔ ``update_approximation``;
@@ -102,7 +102,7 @@ def lora_sb(
         reference's choice; the init is independent of ``s`` since the core
         absorbs ``1/s``).
       scaling: ``adapters.Scaling`` member.
-      niter: None for the exact float32 SVD (default, ALGORITHMS.md §3.5); an
+      niter: None for the exact float32 SVD (default, docs/methods.md#lora-sb); an
         int for the reference's randomized SVD (``svd_lowrank(q=r, niter)``,
         the reference uses 10).
       dimension_numbers: the kernels' matrix view.

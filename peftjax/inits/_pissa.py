@@ -9,7 +9,7 @@ Torch layout ``W (out, in) = U S Vᵀ``: ``A = diag(√(S_r/s))·V_rᵀ``,
 fast variant, §4 "fast SVD", ↔ ``niter``, PEFT's ``pissa_niter_K``). On the
 Flax kernel ``K = Wᵀ = U_K S V_Kᵀ`` (so ``U_K = V``): ``a = U_K[:, :r]·√(S_r/s)``
 and ``b = √(S_r/s)·V_K[:, :r]ᵀ``, i.e. ``a = A_torchᵀ``, ``b = B_torchᵀ``
-(PEFT ``tuners/lora/layer.py::pissa_init``, ALGORITHMS.md §5.4).
+(PEFT ``tuners/lora/layer.py::pissa_init``; docs/methods.md#pissa).
 
 Exports: ``pissa``.
 """

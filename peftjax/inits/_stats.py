@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Statistics for data-driven initialisers: accumulated gradients, input covariances.
 
-The initialisers never run a hidden training loop (DESIGN.md §2): these
+The initialisers never run a hidden training loop (see
+docs/conventions.md#data-driven-initialisers-take-explicit-statistics): these
 helpers compute the statistics explicitly, and ``inits.init`` takes them as
 ``stats={path: array}``.
 

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Format-level I/O: safetensors and GGUF readers, checkpoints, PEFT format.
 
-Nothing here knows peftjax's models (DESIGN.md section 1).
+Nothing here knows peftjax's models (docs/architecture.md#layers).
 """
 
 from peftjax.io._gguf import GGUFFile as GGUFFile

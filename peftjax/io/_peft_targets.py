@@ -23,7 +23,7 @@ This module reproduces that over a model family's PEFT key map (the module of
 every parameter path; container modules are the dotted prefixes of those
 names) and turns the selection into ``peftjax.tree.Rule`` objects on the
 weight paths, for the unrolled or the scanned layout. peftjax's own rules stay
-regexes with ``re.fullmatch`` on paths (STYLE.md B15.2); the union semantics
+regexes with ``re.fullmatch`` on paths (docs/conventions.md#rules); the union semantics
 live only here, at the porting boundary.
 
 Limit: modules without parameters (activation functions, rotary embeddings)

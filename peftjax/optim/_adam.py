@@ -6,7 +6,7 @@ https://arxiv.org/abs/1412.6980. The HF-style variant (``transformers``'
 legacy ``AdamW``, galore-torch ``GaLoreAdamW``, SpIEL) keeps raw moments and
 computes ``sqrt(1-b2^t)/(1-b1^t) · m / (sqrt(v) + eps)``. That equals
 ``optax.scale_by_adam`` with a time-varying ``eps_t = eps / sqrt(1-b2^t)``, so
-the two differ when ``|g|`` is comparable to ``eps`` (ALGORITHMS.md section 0).
+the two differ when ``|g|`` is comparable to ``eps`` (docs/conventions.md#two-adam-conventions).
 
 Exports: ``scale_by_adam_hf``.
 """

@@ -14,7 +14,7 @@ Paper ↔ code (Algorithm 2, written for ``m <= n`` in torch layout):
 
 Moments are neither reset nor rotated at a refresh (GaLore's defining
 behaviour). Full rank with ``scale=1`` is **not** Adam (Adam is not rotation
-invariant, ALGORITHMS.md 1.10 item 5); full rank with SGD is SGD.
+invariant, docs/galore.md#full-rank-is-not-adam); full rank with SGD is SGD.
 
 Relation to ``optax.contrib.galore``: optax projects the larger axis (its rule
 is peftjax's ``reverse_std`` on non-square kernels; on square ones it projects

@@ -17,7 +17,7 @@ the layer index (unrolled ``layers/(\\d+)/.*``), ``stacked`` a regex for
 scanned leaves whose axis 0 is the layer axis. Shapes are static; the active
 set is data.
 
-State policies (ALGORITHMS.md 5.11):
+State policies (docs/methods.md#lisa):
 
 * ``keep`` (LMFlow parity): inactive layers get no update and their moments
   are untouched, resumed on re-activation. Memory equals the inner's full

@@ -34,7 +34,7 @@ reference name  on the Flax view ``g: (n_in, n_out)``       projected shape
 
 The side is decided once per leaf from its static shape and kept in the
 (static) leaf plan, never re-derived from low-rank shapes (the reference's
-``reverse_std`` back-projection bug, ALGORITHMS.md 1.9).
+``reverse_std`` back-projection bug; docs/galore.md#the-side-table-proj_type).
 
 Exports: ``Projector``, ``svd``, ``randomized_svd``, ``random_orthogonal``,
 ``coordinates``, ``PROJ_TYPES``. Leaf plans and refresh plumbing live in

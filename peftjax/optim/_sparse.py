@@ -4,7 +4,7 @@
 Scaling Sparse Fine-Tuning to Large Language Models (SpIEL). Ansell, Vulić,
 Sterz, Korhonen, Ponti, 2024. https://arxiv.org/abs/2401.16405
 
-Map to the reference ``SftAdamW`` (ALGORITHMS.md 4.1, "Optimizer"):
+Map to the reference ``SftAdamW`` (docs/methods.md#spiel):
 ``m ← β1 m + (1−β1) g``, ``v ← β2 v + (1−β2) g²`` and the per-element bias
 correction with ``age = slot_count + 1`` ↔ ``scale_by_sft_adam``; the step
 ``−lr·m / ((√v + ε)(1−β1^age)/√(1−β2^age))`` followed by weight decay on the
@@ -49,7 +49,7 @@ def scale_by_sft_adam(
     """Rescales updates with Adam using a per-slot bias-correction age.
 
     ``u = m / ((√v + eps)·(1 − b1^a)/√(1 − b2^a))`` with ``a = slot_count + 1``
-    per element, eps placed as in HF / the reference (ALGORITHMS.md section 0).
+    per element, eps placed as in HF / the reference (docs/conventions.md#two-adam-conventions).
     Moments are float32 whatever the params' dtype (the reference's
     ``momentum_dtype`` and its bf16 age bug do not arise: ages are stored).
 

@@ -4,7 +4,7 @@
 Scaling Sparse Fine-Tuning to Large Language Models (SpIEL). Ansell, Vulić,
 Sterz, Korhonen, Ponti, 2024. https://arxiv.org/abs/2401.16405
 
-Map to the reference ``SftSelector`` (ALGORITHMS.md 4.1, counters in
+Map to the reference ``SftSelector`` (docs/methods.md#spiel, counters in
 completed optimizer steps ``c``; the schedule and heuristics come as a value,
 ``peftjax.masks.spiel_selector(...)``, since ``optim`` does not import
 ``masks``): an accumulation phase is open from the

@@ -1,4 +1,4 @@
-"""The adapter contract suite (STYLE.md B9.2): every adapter passes it.
+"""The adapter contract suite (docs/architecture.md#tests): every adapter passes it.
 
 ADAPTERS is the single list of adapters; every later adapter joins it.
 """
@@ -200,7 +200,7 @@ def test_gradients_match_numerical(name, factory, identity, ref, count, getkey):
 
 
 def test_lora_gradient_closed_form(getkey):
-    """dA = s·dW·bᵀ, dB = s·aᵀ·dW (ALGORITHMS.md 5.1); at init dA = 0."""
+    """dA = s·dW·bᵀ, dB = s·aᵀ·dW (docs/methods.md#lora); at init dA = 0."""
     s = 2.0
     ad = adapters.lora(rank=3, alpha=6.0)
     w = _w((6, 5))

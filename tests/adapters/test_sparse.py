@@ -1,4 +1,4 @@
-"""Sparse delta adapter (issue 7, item 1 and 5; ALGORITHMS.md 4.1 invariants 1)."""
+"""Sparse delta adapter (issue 7, item 1 and 5; docs/methods.md#sparse-deltas)."""
 
 import jax
 import jax.numpy as jnp

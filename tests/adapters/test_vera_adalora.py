@@ -1,4 +1,4 @@
-"""VeRA and AdaLoRA specifics (ALGORITHMS.md 5.7, 5.8)."""
+"""VeRA and AdaLoRA specifics (docs/methods.md#vera and #adalora)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Invariants of the initialisers (ALGORITHMS.md §3.6, §5.4-5.6), in NumPy float64."""
+"""Invariants of the initialisers (docs/methods.md#data-driven-initialisers), in NumPy float64."""
 
 import jax
 import jax.numpy as jnp
@@ -148,7 +148,7 @@ def test_lora_ga_first_sgd_step_is_minus_trunc_2r_gradient():
     dw = s * (a1 @ b1 - f64(t.a) @ f64(t.b))
     want = -eta * trunc(f64(g), 2 * R)
     rel = np.linalg.norm(dw - want) / np.linalg.norm(want)
-    assert rel < 1e-3, rel  # first order in eta (ALGORITHMS.md §5.5: 5e-4 at 1e-4)
+    assert rel < 1e-3, rel  # first order in eta (docs/methods.md#lora-ga: 5e-4 at 1e-4)
 
 
 def test_lora_ga_stable_scale_orthogonality():

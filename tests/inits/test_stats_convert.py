@@ -45,7 +45,10 @@ def test_accumulate_equals_sum_of_grads_and_offload():
 
 
 def test_accumulate_step_memory_holds_one_batch_of_targeted_grads():
-    """argument + output + temp - alias of the jitted step (DESIGN.md §9)."""
+    """argument + output + temp - alias of the jitted step.
+
+    See docs/architecture.md#measuring-on-a-shared-cpu.
+    """
     p = mlp_params()
     x = jnp.ones((1, D), jnp.float32)
     targets = ["l1/kernel", "l2/kernel"]

@@ -1,4 +1,4 @@
-"""LT-SFT masks (ALGORITHMS.md 4.2)."""
+"""LT-SFT masks (docs/methods.md#lt-sft)."""
 
 import jax
 import jax.numpy as jnp

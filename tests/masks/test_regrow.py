@@ -1,4 +1,4 @@
-"""SpIEL drop-and-regrow (ALGORITHMS.md 4.1, invariants 2, 3, 5, 7)."""
+"""SpIEL drop-and-regrow (docs/methods.md#spiel, its invariants)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ _regrow = jax.jit(masks.regrow)
 
 
 def _ref_regrow(indices, values, cands, scores, n):
-    """NumPy transcription of the reference rule (ALGORITHMS.md 4.1 steps 1-6)."""
+    """NumPy transcription of the reference rule (docs/methods.md#spiel)."""
     indices, values = indices.copy(), values.copy()
     slots = np.argsort(np.abs(values), kind="stable")[:n]
     outgoing = indices[slots]

@@ -1,4 +1,4 @@
-"""Merge methods against hand-computed examples (ALGORITHMS.md section 6)."""
+"""Merge methods against hand-computed examples (docs/methods.md#model-merging)."""
 
 import functools
 import math

@@ -1,4 +1,4 @@
-"""Transform contract suite (STYLE.md B9.3), parametrized over every transform."""
+"""Transform contract suite (docs/architecture.md#tests), parametrized over every transform."""
 
 import jax
 import jax.numpy as jnp

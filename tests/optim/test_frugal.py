@@ -1,4 +1,4 @@
-"""FRUGAL: ALGORITHMS.md 2.7 invariants and goldens from the authors' code."""
+"""FRUGAL: docs/methods.md#frugal invariants and goldens from the authors' code."""
 
 import json
 import pathlib

@@ -1,4 +1,4 @@
-"""GaLore: ALGORITHMS.md 1.10 invariants, galore-torch goldens, optax parity."""
+"""GaLore: invariants (docs/galore.md), galore-torch goldens, optax parity."""
 
 import json
 import pathlib
@@ -85,7 +85,7 @@ def test_matches_galore_torch(case):
 def test_matches_optax_contrib_galore(shape, proj_type):
     # optax projects the larger axis: reverse_std off the diagonal; on square
     # kernels it projects the input axis, which is `right` here. One refresh
-    # window: optax's SVD signs are not canonical (ALGORITHMS.md 1.9).
+    # window: optax's SVD signs are not canonical (docs/galore.md#singular-vector-signs).
     grads = [{"w": g, "b": g[0]} for g in _rng_grads(shape, 5, seed=1)]
     params = jax.tree.map(jnp.zeros_like, grads[0])
     ours = optim.galore(0.1, rank=2, update_proj_gap=100, scale=0.5,
@@ -179,7 +179,7 @@ def _identity_projector():
 
 
 def test_identity_projector_full_rank_equals_adam():
-    # ALGORITHMS.md 1.10 item 5(a): the SVD basis would rotate Adam; identity
+    # docs/galore.md#full-rank-is-not-adam: the SVD basis would rotate Adam; identity
     # does not.
     grads = [{"w": g} for g in _rng_grads((4, 6), 5, seed=6)]
     params = {"w": jnp.zeros((4, 6))}

@@ -1,4 +1,4 @@
-"""LISA: ALGORITHMS.md 5.11 tests (active counts, always-on leaves, policies)."""
+"""LISA (docs/methods.md#lisa): tests (active counts, always-on leaves, policies)."""
 
 import jax
 import jax.numpy as jnp

@@ -116,7 +116,7 @@ def test_invariants_through_many_cycles_and_seeded_moments():
             # against the reference rule, and the golden parity test above).
             assert (np.asarray(trainable["w"].values)[moved] == 0).all()
             # Seeded moments: mu/(1-b1^a) == mean g and nu/(1-b2^a) == mean g²
-            # over the a samples of the window (ALGORITHMS.md 4.1 inv. 4).
+            # over the a samples of the window (docs/methods.md#spiel).
             adam = ost[0]
             age = np.asarray(adam.slot_count["w"].values)[moved]
             gw = np.stack(window).reshape(len(window), -1)[:, idx[moved]]
