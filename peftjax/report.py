@@ -42,15 +42,35 @@ _REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "argmax",
 
 @dataclasses.dataclass(frozen=True)
 class ParamCount:
-    """Trainable and total parameter counts; prints as one readable line."""
+    """Trainable and total parameter counts; prints as one readable line.
+
+    This is peftjax's one definition of "trainable %", used by ``report``,
+    ``count_params`` and ``peftjax.tree.describe`` alike: ``100 · trainable /
+    total``, where ``total`` counts every parameter of the adapted model, the
+    base's plus those the adapters add (Hugging Face PEFT's
+    ``print_trainable_parameters`` convention, so the numbers match PEFT's for
+    the same model). It is printed with 4 decimals.
+
+    Attributes:
+      trainable: parameters that receive gradients.
+      total: all parameters (base plus added adapter parameters).
+
+    Example:
+      >>> print(ParamCount(trainable=921_600, total=135_436_608))
+      trainable params: 921,600 || all params: 135,436,608 || trainable%: 0.6805
+    """
 
     trainable: int
     total: int
 
+    @property
+    def percent(self) -> float:
+        """``100 · trainable / total`` (0 for an empty model)."""
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
     def __str__(self) -> str:
-        pct = 100.0 * self.trainable / self.total if self.total else 0.0
         return (f"trainable params: {self.trainable:,} || all params: "
-                f"{self.total:,} || trainable%: {pct:.4f}")
+                f"{self.total:,} || trainable%: {self.percent:.4f}")
 
 
 @dataclasses.dataclass(frozen=True)

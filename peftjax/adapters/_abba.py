@@ -122,7 +122,7 @@ def abba(
     Static arguments: all.
 
     Raises:
-      ValueError: a non-positive rank; at init, a rank larger than
+      ValueError: a non-positive rank or ``alpha``; at init, a rank larger than
         ``min(in, out)``.
 
     Example:
@@ -140,7 +140,7 @@ def abba(
     """
     rank1 = _lora.check_rank(rank1, "abba (rank1)")
     rank2 = _lora.check_rank(rank2, "abba (rank2)")
-    s = float(alpha)
+    s = _lora.check_alpha(alpha, "abba")
     param_dtype = jnp.dtype(param_dtype)
 
     def init_matrix(key, w, stats):

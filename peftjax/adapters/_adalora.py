@@ -99,7 +99,7 @@ def adalora(
       Zhang et al., 2023, https://arxiv.org/abs/2303.10512
     """
     rank = _lora.check_rank(rank, "adalora")
-    s = float(alpha) / (rank + 1e-5)
+    s = _lora.check_alpha(alpha, "adalora") / (rank + 1e-5)
     param_dtype = jnp.dtype(param_dtype)
 
     def init_matrix(key, w, stats):

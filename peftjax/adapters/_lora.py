@@ -19,6 +19,7 @@ Exports: ``Scaling``, ``LoRAInit``, ``LoRAParams``, ``lora``, ``scaling_value``.
 
 import enum
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -82,6 +83,10 @@ def scaling_value(scaling: Scaling, alpha: float, rank: int) -> float:
     Returns:
       ``s`` as a Python float.
 
+    Raises:
+      ValueError: ``alpha <= 0`` (or not finite) with a scaling that uses it:
+        it would silence (``0``) or flip the sign of the update.
+
     Example:
       >>> scaling_value(Scaling.ALPHA_OVER_SQRT_RANK, 16.0, 4)
       8.0
@@ -90,6 +95,8 @@ def scaling_value(scaling: Scaling, alpha: float, rank: int) -> float:
         raise TypeError(
             f"scaling must be a peftjax.adapters.Scaling member, got {scaling!r}"
         )
+    if scaling is not Scaling.NONE:
+        check_alpha(alpha, f"scaling {scaling.value}")
     if scaling is Scaling.ALPHA_OVER_RANK:
         return float(alpha) / rank
     if scaling is Scaling.ALPHA_OVER_SQRT_RANK:
@@ -97,13 +104,26 @@ def scaling_value(scaling: Scaling, alpha: float, rank: int) -> float:
     return 1.0
 
 
+def check_alpha(alpha: Any, name: str) -> float:
+    """Validates ``alpha`` (the scale of a low-rank update): a finite number > 0."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"{name}: alpha must be a positive number, got {alpha!r}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(
+            f"{name}: alpha must be a finite number > 0, got alpha={alpha!r} (alpha "
+            "scales the low-rank update: 0 switches it off and a negative value flips it; "
+            "use Scaling.NONE for a scale of 1)")
+    return float(alpha)
+
+
 def check_rank(rank: Any, name: str) -> int:
-    """Validates a rank argument of a factory (a positive int)."""
-    if isinstance(rank, bool) or not isinstance(rank, int):
+    """Validates a rank argument of a factory: a positive integer (``int`` or a
+    NumPy integer such as ``np.int64``, never ``bool``); returns it as ``int``."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
         raise TypeError(f"{name}: rank must be a positive int, got {rank!r}")
     if rank <= 0:
         raise ValueError(f"{name}: rank must be > 0, got rank={rank}")
-    return rank
+    return int(rank)
 
 
 def check_rank_fits(rank: int, w: jax.Array, name: str) -> None:
@@ -160,7 +180,8 @@ def lora(
     Static arguments: all (they set shapes or are folded into the closure).
 
     Raises:
-      ValueError: ``rank <= 0``; at init, ``rank > min(in, out)``.
+      ValueError: ``rank <= 0``, ``alpha <= 0`` (unless ``scaling=NONE``); at
+        init, ``rank > min(in, out)``.
 
     Example:
       >>> import jax, jax.numpy as jnp

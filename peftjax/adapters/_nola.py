@@ -37,6 +37,7 @@ Exports: ``NOLAParams``, ``NOLABasis``, ``nola_basis``, ``nola``.
 
 import functools
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -71,11 +72,11 @@ class NOLABasis(NamedTuple):
 
 
 def _check_count(value: Any, arg: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"nola: {arg} must be a positive int, got {value!r}")
     if value <= 0:
         raise ValueError(f"nola: {arg} must be > 0, got {arg}={value}")
-    return value
+    return int(value)
 
 
 def nola_basis(rank: int, n_in: int, n_out: int, num_basis_a: int,

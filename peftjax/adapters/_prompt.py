@@ -33,6 +33,7 @@ Exports: ``PromptInit``, ``PromptParams``, ``PrefixParams``,
 """
 
 import enum
+import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -93,9 +94,9 @@ class PrefixParams(NamedTuple):
 
 
 def _check_positive(value: Any, name: str, fn: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def prompt_tuning(key: jax.Array, num_tokens: int, embedding_table: jax.Array, *,
@@ -132,7 +133,7 @@ def prompt_tuning(key: jax.Array, num_tokens: int, embedding_table: jax.Array, *
              [2., 3.],
              [8., 9.]], dtype=float32)
     """
-    _check_positive(num_tokens, "num_tokens", "prompt_tuning")
+    num_tokens = _check_positive(num_tokens, "num_tokens", "prompt_tuning")
     if not isinstance(init, PromptInit):
         raise TypeError(f"prompt_tuning: init must be a PromptInit, got {init!r}")
     vocab, dim = embedding_table.shape

@@ -32,6 +32,7 @@ Exports: ``lora_ga``.
 """
 
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -120,7 +121,8 @@ def lora_ga(
             f"{_SCALES[variant]}, got {scale!r}")
     if stable_gamma <= 0:
         raise ValueError(f"lora_ga: stable_gamma must be > 0, got {stable_gamma}")
-    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
+    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, numbers.Integral)
+                              or niter < 0):
         raise ValueError(f"lora_ga: niter must be None or an int >= 0, got {niter!r}")
     official = variant == "official"
 

@@ -22,6 +22,7 @@ torch reference; it is diagonal at init), ``b = V_K[:, :r]ᵀ = B_torchᵀ``.
 Exports: ``lora_sb``, ``update_approximation``, ``lora_sb_num_trainable``.
 """
 
+import numbers
 from typing import Any
 
 import jax
@@ -129,12 +130,13 @@ def lora_sb(
     rank = _common.check_rank(rank, "lora_sb")
     if learning_rate <= 0:
         raise ValueError(f"lora_sb: learning_rate must be > 0, got {learning_rate}")
-    if warmup_ratio < 0 or (isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                            or total_steps <= 0):
+    if warmup_ratio < 0 or (isinstance(total_steps, bool)
+                            or not isinstance(total_steps, numbers.Integral) or total_steps <= 0):
         raise ValueError(
             f"lora_sb: need warmup_ratio >= 0 and an int total_steps > 0, got "
             f"warmup_ratio={warmup_ratio}, total_steps={total_steps!r}")
-    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
+    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, numbers.Integral)
+                              or niter < 0):
         raise ValueError(f"lora_sb: niter must be None or an int >= 0, got {niter!r}")
     lr_eff = learning_rate / (warmup_ratio * total_steps) if warmup_ratio > 0 else learning_rate
     alpha = float(rank) if alpha is None else float(alpha)

@@ -14,6 +14,7 @@ and ``b = √(S_r/s)·V_K[:, :r]ᵀ``, i.e. ``a = A_torchᵀ``, ``b = B_torchᵀ
 Exports: ``pissa``.
 """
 
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
@@ -64,7 +65,8 @@ def pissa(
       Meng et al., 2024, https://arxiv.org/abs/2404.02948
     """
     rank = _common.check_rank(rank, "pissa")
-    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
+    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, numbers.Integral)
+                              or niter < 0):
         raise ValueError(f"pissa: niter must be None or an int >= 0, got {niter!r}")
 
     def factors(key, w, stats, s):

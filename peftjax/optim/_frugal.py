@@ -25,6 +25,7 @@ Exports: ``FrugalState``, ``BlockSelector``, ``blocks``, ``scale_by_frugal``,
 ``frugal``.
 """
 
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -229,8 +230,10 @@ def scale_by_frugal(
         _projectors.validate_projector(projector, _WHAT)
     if not 0.0 <= float(density) <= 1.0:
         raise ValueError(f"{_WHAT}: density must be in [0, 1], got {density!r}")
-    if not isinstance(update_gap, int) or update_gap <= 0:
+    if (not isinstance(update_gap, numbers.Integral) or isinstance(update_gap, bool)
+            or update_gap <= 0):
         raise ValueError(f"{_WHAT}: update_gap must be a positive int, got {update_gap!r}")
+    update_gap = int(update_gap)
     if proj_type not in _projectors.PROJ_TYPES:
         raise ValueError(
             f"{_WHAT}: proj_type must be one of {_projectors.PROJ_TYPES}, got "

@@ -53,6 +53,7 @@ Exports: ``GaLoreState``, ``scale_by_galore``, ``galore``.
 """
 
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -106,8 +107,8 @@ def check_refresh_options(refresh_batch_size: Any, refresh_sharding: Any,
                           stagger: bool, what: str) -> None:
     """Validates the static refresh-placement options of GaLore and FRUGAL."""
     if refresh_batch_size is not None and (
-        isinstance(refresh_batch_size, bool) or not isinstance(refresh_batch_size, int)
-        or refresh_batch_size < 1
+        isinstance(refresh_batch_size, bool)
+        or not isinstance(refresh_batch_size, numbers.Integral) or refresh_batch_size < 1
     ):
         raise ValueError(
             f"{what}: refresh_batch_size must be None or a positive int, got "
@@ -324,14 +325,16 @@ def scale_by_galore(
     if projector is None:
         projector = _projectors.svd()
     _projectors.validate_projector(projector, _WHAT)
-    if not isinstance(rank, int) or isinstance(rank, bool):
+    if not isinstance(rank, numbers.Integral) or isinstance(rank, bool):
         raise TypeError(f"{_WHAT}: rank must be an int, got {rank!r}")
     if rank <= 0:
         raise ValueError(f"{_WHAT}: rank must be positive, got {rank}")
-    if not isinstance(update_proj_gap, int) or update_proj_gap <= 0:
+    if (not isinstance(update_proj_gap, numbers.Integral) or isinstance(update_proj_gap, bool)
+            or update_proj_gap <= 0):
         raise ValueError(
             f"{_WHAT}: update_proj_gap must be a positive int, got {update_proj_gap!r}"
         )
+    rank, update_proj_gap = int(rank), int(update_proj_gap)
     if proj_type not in _projectors.PROJ_TYPES:
         raise ValueError(
             f"{_WHAT}: proj_type must be one of {_projectors.PROJ_TYPES}, got "

@@ -31,6 +31,7 @@ State policies (docs/methods.md#lisa):
 Exports: ``LISAState``, ``scale_by_lisa``, ``lisa``.
 """
 
+import numbers
 import re
 from typing import NamedTuple
 
@@ -143,12 +144,15 @@ def scale_by_lisa(
     """
     if inner is None:
         inner = optax.scale_by_adam()
-    if not (isinstance(n_layers, int) and isinstance(n_active, int)
-            and 0 < n_active <= n_layers):
+    def is_int(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if not (is_int(n_layers) and is_int(n_active) and 0 < n_active <= n_layers):
         raise ValueError(
             f"{_WHAT}: need ints 0 < n_active <= n_layers, got {n_active}, {n_layers}")
-    if not isinstance(interval, int) or interval <= 0:
+    if not is_int(interval) or interval <= 0:
         raise ValueError(f"{_WHAT}: interval must be a positive int, got {interval!r}")
+    n_layers, n_active, interval = int(n_layers), int(n_active), int(interval)
     if state_policy not in STATE_POLICIES:
         raise ValueError(
             f"{_WHAT}: state_policy must be one of {STATE_POLICIES}, got "

@@ -94,6 +94,7 @@ def test_describe_counts_and_totals():
     assert lines[0].split() == ["path", "shape", "dtype", "payload", "trainable"]
     row = [ln for ln in lines if ln.startswith("mlp/up/kernel")][0]
     assert row.split()[-1] == "32"
-    assert lines[-1] == "5 leaves, 76 parameters, 32 trainable (42.11%)"
+    assert lines[-1] == ("5 leaves, 76 parameters; trainable params: 32 || all params: 76 "
+                         "|| trainable%: 42.1053")
     with pytest.raises(ValueError, match="not in params"):
         tree.describe({"nope": 1}, params)
