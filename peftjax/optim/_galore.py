@@ -253,9 +253,21 @@ def scale_by_galore(
     Leaves of rank < 2 (biases, norms) go through ``inner`` unprojected.
 
     ``proj_type`` keeps galore-torch's meaning for the same linear layer (the
-    Flax kernel is the transpose of the torch weight): ``std`` projects the
-    smaller of (in, out) away, ties project the input axis; see
-    ``peftjax.optim._projectors`` for the full table.
+    Flax kernel is the transpose of the torch weight, so the reference's
+    ``right`` is the Flax input axis). On the matrix view ``g: (n_in, n_out)``
+    (ties of ``std`` project the input axis):
+
+    | ``proj_type`` | projected axis | ``down(g)``, basis | projected shape |
+    |---|---|---|---|
+    | ``right`` | input | ``Pᵀ g``, ``P: (n_in, r)`` | ``(r, n_out)`` |
+    | ``left`` | output | ``g P``, ``P: (n_out, r)`` | ``(n_in, r)`` |
+    | ``full`` | both | ``P_inᵀ g P_out`` | ``(r, r)`` |
+    | ``std`` | ``right`` if ``n_out >= n_in``, else ``left`` | | smaller axis goes |
+    | ``reverse_std`` | ``left`` if ``n_out >= n_in``, else ``right`` | | larger axis goes |
+
+    The side is fixed per leaf from its static shape (never re-derived from
+    low-rank shapes). The same table serves ``frugal``; see
+    docs/galore.md#the-side-table-proj_type.
 
     Memory per projected ``(in, out)`` slice, side ``std`` with ``in <= out``:
     basis ``in·r`` plus inner state on ``(r, out)`` (Adam: ``2·r·out``).
@@ -452,9 +464,26 @@ def galore(
     ``Δw = -lr · (α · up(inner(down(g))) + wd · w)``. Weight decay follows
     optax's ``add_decayed_weights`` on the *old* weights; galore-torch decays
     the *updated* weights (``w ← (w + Δ)(1 - lr·wd)``), which differs by the
-    second-order term ``lr·wd·Δ`` (ALGORITHMS.md 1.10 item 8). With
-    ``inner=scale_by_adam_hf(eps=1e-6)`` and ``weight_decay=0`` this is
-    galore-torch's ``GaLoreAdamW`` on the transposed weights.
+    second-order term ``lr·wd·Δ`` (docs/galore.md#weight-decay).
+
+    Relation to galore-torch: with ``inner=scale_by_adam_hf(eps=1e-6)``,
+    ``weight_decay=0`` and the ``svd()`` projector this is galore-torch's
+    ``GaLoreAdamW`` on the transposed weights *up to the sign convention of
+    the singular vectors*. ``svd()`` flips each singular pair so that the
+    largest-magnitude entry of its output-axis vector is positive;
+    galore-torch keeps the signs LAPACK returns, which depend on the LAPACK
+    build and machine. Within one refresh period signs cannot matter (a flip
+    changes the projected gradient, the moments and the back-projection
+    together). Moments are kept across refreshes, though, so when a kept pair
+    comes back with a different relative sign in the two libraries the old
+    first moment is added with the opposite sign in that direction: the
+    trajectories are equal for the first ``update_proj_gap`` steps and part
+    from the second refresh (step ``update_proj_gap``) on. The canonical sign
+    is the default because it makes the basis a function of the gradient
+    alone (the same trajectory on any machine or backend, up to rounding),
+    and keeps the moments pointing the same way across refreshes where the
+    subspace barely moved; the galore-torch goldens apply the same convention
+    to the reference (docs/galore.md#relation-to-galore-torch).
 
     Args:
       learning_rate: float or schedule (injectable).
