@@ -43,12 +43,31 @@ the training loop polls it between steps, saves, and exits::
             if stop:
                 break
 
-Exports: ``save``, ``restore``, ``latest_step``, ``all_steps``, ``SignalFlag``.
+Damaged checkpoints: a disk that fills up, a copy cut short or a stray
+``rm`` can leave a step that orbax still lists. ``restore`` checks the step
+before reading it (the JSON record parses, every stored array is listed, and
+every byte of the array store can be read back) and raises one
+:class:`CheckpointError` naming the directory, the step and the damaged file.
+``restore(..., fallback=True)`` skips damaged steps and restores the newest
+intact one, with a :class:`CheckpointWarning` naming what it skipped;
+``latest_intact_step`` says in advance which step that is, and ``validate``
+checks one step. Nothing here writes to, repairs or deletes a damaged step::
+
+    step = checkpoint.latest_intact_step(directory)   # None: nothing to resume
+    state = checkpoint.restore(directory, like, step=step)
+
+Exports: ``save``, ``restore``, ``latest_step``, ``latest_intact_step``,
+``all_steps``, ``validate``, ``CheckpointError``, ``CheckpointWarning``,
+``SignalFlag``.
 """
 
+import json
+import math
 import os
+import re
 import signal
 import threading
+import warnings
 from typing import Any
 
 import jax
@@ -57,9 +76,65 @@ import orbax.checkpoint as ocp
 
 from peftjax.tree import _paths
 
+__all__ = [
+    "CheckpointError",
+    "CheckpointWarning",
+    "SignalFlag",
+    "all_steps",
+    "latest_intact_step",
+    "latest_step",
+    "restore",
+    "save",
+    "validate",
+]
+
 _ARRAYS = "arrays"
 _META = "meta"
+_META_FILE = os.path.join(_META, "metadata")  # where orbax's JsonSave writes
 _FORMAT = "peftjax.checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint step is damaged: a file is missing, empty, truncated or unreadable.
+
+    A ``ValueError`` (the stored data is invalid), so code that caught the
+    ``json.JSONDecodeError`` (itself a ``ValueError``) that a truncated
+    record used to raise still catches it.
+
+    Attributes:
+      directory: the checkpoint root.
+      step: the damaged step.
+      path: the damaged file or directory (absolute).
+      reason: what is wrong with it.
+
+    Example:
+      >>> err = CheckpointError("/ckpt", 3, "/ckpt/3/meta/metadata", "it is empty")
+      >>> print(err)
+      checkpoint step 3 under '/ckpt' is damaged: /ckpt/3/meta/metadata: it is empty
+    """
+
+    def __init__(self, directory: str, step: int, path: str, reason: str):
+        self.directory, self.step, self.path, self.reason = directory, step, path, reason
+        super().__init__(f"checkpoint step {step} under {directory!r} is damaged: "
+                         f"{path}: {reason}")
+
+
+class CheckpointWarning(UserWarning):
+    """``restore(..., fallback=True)`` skipped damaged steps.
+
+    Attributes:
+      step: the step that was restored.
+      skipped: ``{step: CheckpointError}`` for each damaged newer step.
+
+    Example:
+      >>> w = CheckpointWarning("skipped", step=4, skipped={})
+      >>> w.step
+      4
+    """
+
+    def __init__(self, message: str, *, step: int, skipped: dict[int, CheckpointError]):
+        super().__init__(message)
+        self.step, self.skipped = step, skipped
 
 
 def _is_key(x: Any) -> bool:
@@ -152,15 +227,177 @@ def save(directory: str | os.PathLike, step: int, state: Any, *,
                 f"save: step {step} is older than the latest saved step {latest} "
                 f"under {os.fspath(directory)!r}; checkpoints only move forward"
             )
-        saved = mngr.save(int(step), args=ocp.args.Composite(**{
-            _ARRAYS: ocp.args.StandardSave(arrays),
-            _META: ocp.args.JsonSave(meta),
-        }))
+        items = {_META: ocp.args.JsonSave(meta)}
+        if arrays:  # orbax refuses an empty item (a state of Python scalars only)
+            items[_ARRAYS] = ocp.args.StandardSave(arrays)
+        saved = mngr.save(int(step), args=ocp.args.Composite(**items))
         mngr.wait_until_finished()
         if not saved:
             raise RuntimeError(f"save: orbax declined to save step {step}")
     finally:
         mngr.close()
+
+
+_TS_FILE = re.compile(r'local file "([^"]+)"')
+
+
+def _ts_reason(e: Exception) -> str:
+    """A tensorstore error without its (long) spec dump."""
+    return str(e).split(" [tensorstore_spec")[0][:400]
+
+
+def _read_json(path: str, fail: Any) -> Any:
+    if not os.path.isfile(path):
+        fail(path, "missing" if not os.path.lexists(path) else "not a regular file")
+    if os.path.getsize(path) == 0:
+        fail(path, "empty (0 bytes)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(path, f"not valid JSON, truncated or overwritten ({e})")
+    except OSError as e:
+        fail(path, f"unreadable ({e})")
+
+
+def _check_arrays(root: str, step_dir: str, records: list[dict[str, Any]],
+                  fail: Any) -> None:
+    """Every stored array is listed, has its shape, and every byte reads back."""
+    import tensorstore as ts
+
+    wanted = {f"{i:06d}": r for i, r in enumerate(records)
+              if r.get("kind") in ("array", "prng_key")}
+    if not wanted:
+        return
+    arrays_dir = os.path.join(step_dir, _ARRAYS)
+    if not os.path.isdir(arrays_dir):
+        fail(arrays_dir, f"missing; the record lists {len(wanted)} stored arrays")
+    tree_meta = _read_json(os.path.join(arrays_dir, "_METADATA"), fail)
+    listed = tree_meta.get("tree_metadata", {}) if isinstance(tree_meta, dict) else {}
+    absent = sorted(k for k in wanted if f"('{k}',)" not in listed)
+    if absent:
+        fail(os.path.join(arrays_dir, "_METADATA"),
+             f"does not list arrays {absent[:10]} ({len(absent)} of {len(wanted)})")
+    meta_dir = os.path.join(arrays_dir, "array_metadatas")
+    if os.path.isdir(meta_dir):  # orbax parses these on every restore
+        for name in sorted(os.listdir(meta_dir)):
+            _read_json(os.path.join(meta_dir, name), fail)
+    manifest = os.path.join(arrays_dir, "manifest.ocdbt")
+    if not os.path.isfile(manifest):
+        fail(manifest, "missing (the index of the array store)")
+    try:
+        kv = ts.KvStore.open({"driver": "ocdbt",
+                              "base": "file://" + arrays_dir + os.sep}).result()
+        keys = [bytes(k).decode() for k in kv.list().result()]
+        reads = {k: kv.read(k) for k in keys}  # every byte, checksummed by OCDBT
+        values = {k: r.result() for k, r in reads.items()}
+    except ValueError as e:  # tensorstore names the file it could not read
+        found = _TS_FILE.findall(str(e))
+        fail(found[-1] if found else arrays_dir, _ts_reason(e))
+    for k, rec in wanted.items():
+        got = values.get(f"{k}/.zarray")
+        if got is None or got.state != "value":
+            fail(manifest, f"the array store has no array {k} ({rec['path']})")
+        try:
+            shape = json.loads(bytes(got.value))["shape"]
+        except (ValueError, KeyError, TypeError):
+            fail(manifest, f"array {k} ({rec['path']}) has no readable header")
+        if list(shape) != list(rec["shape"]):
+            fail(manifest, f"array {k} ({rec['path']}) has shape {tuple(shape)}, "
+                           f"the record says {tuple(rec['shape'])}")
+        chunks = [x for x in keys if x.startswith(k + "/") and x != f"{k}/.zarray"]
+        if not chunks and math.prod(rec["shape"]) > 0:
+            fail(manifest, f"array {k} ({rec['path']}) has no data")
+
+
+def _validate(root: str, step: int) -> dict[str, Any]:
+    """Checks step ``step`` under ``root``; returns its JSON record.
+
+    Reads every file the restore reads (the record, the array store's
+    metadata, every byte of the array store) and raises ``CheckpointError``
+    for the first damaged one. Writes nothing.
+    """
+
+    def fail(path: str, reason: str) -> None:
+        raise CheckpointError(root, step, path, reason)
+
+    step_dir = os.path.join(root, str(step))
+    if not os.path.isdir(step_dir):
+        fail(step_dir, "the step directory is missing")
+    meta = _read_json(os.path.join(step_dir, _META_FILE), fail)
+    path = os.path.join(step_dir, _META_FILE)
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        fail(path, f"not a peftjax checkpoint record (format {got!r}, "
+                   f"expected {_FORMAT!r})")
+    records = meta.get("leaves")
+    if not isinstance(records, list) or not all(
+            isinstance(r, dict) and "path" in r and "kind" in r for r in records):
+        fail(path, "the record has no valid 'leaves' list")
+    _check_arrays(root, step_dir, records, fail)
+    return meta
+
+
+def _steps(directory: str) -> list[int]:
+    if not os.path.isdir(directory):
+        return []
+    mngr = _manager(directory)
+    try:
+        return sorted(mngr.all_steps())
+    finally:
+        mngr.close()
+
+
+def validate(directory: str | os.PathLike, step: int | None = None) -> int:
+    """Checks that checkpoint ``step`` is intact, reading every stored byte once.
+
+    Intact means: the step's JSON record parses and is a peftjax record,
+    the array store lists every array the record names with the recorded
+    shape, and every byte of the store reads back (OCDBT checksums its
+    files). Nothing is written or repaired.
+
+    Args:
+      directory: the checkpoint root.
+      step: the step to check; None for the latest.
+
+    Returns:
+      The step that was checked.
+
+    Raises:
+      FileNotFoundError: no checkpoint (or no such step) under ``directory``.
+      CheckpointError: the step is damaged; names the directory, the step
+        and the damaged file.
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp
+      >>> d = tempfile.mkdtemp()
+      >>> save(d, 2, {"w": jnp.ones(3)})
+      >>> validate(d)
+      2
+    """
+    root = os.path.abspath(os.fspath(directory))
+    steps = _steps(root)
+    if not steps:
+        raise FileNotFoundError(f"validate: no checkpoint under {root!r}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"validate: no step {step} under {root!r}; steps: {steps}")
+    _validate(root, int(step))
+    return int(step)
+
+
+def _newest_intact(root: str) -> tuple[int | None, Any, dict[int, CheckpointError]]:
+    """(newest intact step or None, its record, {damaged newer step: error})."""
+    damaged: dict[int, CheckpointError] = {}
+    for s in reversed(_steps(root)):
+        try:
+            meta = _validate(root, s)
+        except CheckpointError as e:
+            damaged[s] = e
+            continue
+        return s, meta, damaged
+    return None, None, damaged
 
 
 def _compare(saved: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
@@ -232,8 +469,16 @@ def _sharding_list(shardings: Any, like: Any, treedef: Any, n: int) -> list[Any]
 
 
 def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None,
-            shardings: Any = None) -> Any:
+            shardings: Any = None, fallback: bool = False) -> Any:
     """Restores checkpoint ``step`` (default: the latest) into ``like``'s structure.
+
+    The step is checked first (``validate``): a damaged step raises a
+    ``CheckpointError`` naming the directory, the step and the damaged file,
+    before anything is restored. With ``fallback=True`` (and ``step=None``)
+    damaged steps are skipped instead: the newest intact step is restored
+    and a ``CheckpointWarning`` names it and every skipped step
+    (``latest_intact_step`` returns the same step beforehand). Nothing on
+    disk is changed either way.
 
     Args:
       directory: the checkpoint root given to ``save``.
@@ -249,14 +494,18 @@ def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None,
         ``peftjax.shard.adapter_shardings`` / ``state_shardings`` built for
         the mesh to restore on, which may differ from the saving mesh.
         Typed PRNG keys are replicated on their sharding's mesh.
+      fallback: with ``step=None``, restore the newest *intact* step when
+        newer ones are damaged (warning with ``CheckpointWarning``); False:
+        a damaged latest step raises.
 
     Returns:
       The restored tree, with ``like``'s structure and types.
 
     Raises:
       FileNotFoundError: no checkpoint (or no such step) under ``directory``.
+      CheckpointError: the step is damaged (with ``fallback``: every step is).
       ValueError: paths, shapes or dtypes differ from ``like``, all listed;
-        ``shardings`` does not fit ``like``.
+        ``shardings`` does not fit ``like``; ``fallback`` with a ``step``.
 
     Example:
       >>> import tempfile, jax.numpy as jnp
@@ -265,41 +514,61 @@ def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None,
       >>> restore(d, {"w": jnp.zeros(3), "step": 0})
       {'step': 5, 'w': Array([0., 1., 2.], dtype=float32)}
     """
-    directory = os.fspath(directory)
-    mngr = _manager(directory)
-    try:
-        steps = list(mngr.all_steps())
-        if not steps:
-            raise FileNotFoundError(f"restore: no checkpoint under {directory!r}")
+    if fallback and step is not None:
+        raise ValueError(f"restore: fallback=True picks the step itself; got step={step} "
+                         "(pass step=None, or fallback=False to restore that step)")
+    directory = os.path.abspath(os.fspath(directory))
+    steps = _steps(directory)  # never creates the directory
+    if not steps:
+        raise FileNotFoundError(f"restore: no checkpoint under {directory!r}")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(
+            f"restore: no step {step} under {directory!r}; steps: {steps}")
+    if step is None and fallback:
+        step, meta, damaged = _newest_intact(directory)
         if step is None:
-            step = max(steps)
-        elif step not in steps:
-            raise FileNotFoundError(
-                f"restore: no step {step} under {directory!r}; steps: {sorted(steps)}"
-            )
-        meta = mngr.restore(step, args=ocp.args.Composite(**{
-            _META: ocp.args.JsonRestore()}))[_META]
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"restore: {directory!r} step {step} is not a peftjax "
-                             f"checkpoint (format {meta.get('format')!r})")
-        saved = meta["leaves"]
-        flat, treedef = jax.tree.flatten_with_path(like, is_leaf=lambda x: x is None)
-        like_flat = [(_paths.canonical(kp), x) for kp, x in flat]
-        placement = _sharding_list(shardings, like, treedef, len(like_flat))
-        want = [_record(p, x) for p, x in like_flat]
-        _compare(saved, want)
-        index = {r["path"]: i for i, r in enumerate(saved)}
-        target = {}
-        for (p, x), sh in zip(like_flat, placement, strict=True):
-            rec = saved[index[p]]
-            if rec["kind"] in ("array", "prng_key"):
-                target[f"{index[p]:06d}"] = _abstract(x, rec, sh)
-        arrays = {}
-        if target:
+            newest = damaged[max(damaged)]
+            raise CheckpointError(
+                directory, newest.step, newest.path,
+                newest.reason + "; no intact step to fall back to (damaged: "
+                + "; ".join(f"step {s}: {e.path}" for s, e in sorted(damaged.items()))
+                + ")")
+        if damaged:
+            warnings.warn(CheckpointWarning(
+                f"restore: restored step {step} under {directory!r}, the newest intact "
+                f"step; skipped damaged steps {sorted(damaged)}: "
+                + "; ".join(f"step {s}: {e.path}: {e.reason}"
+                            for s, e in sorted(damaged.items())),
+                step=step, skipped=damaged), stacklevel=2)
+    else:
+        step = int(steps[-1] if step is None else step)
+        meta = _validate(directory, step)
+    saved = meta["leaves"]
+    flat, treedef = jax.tree.flatten_with_path(like, is_leaf=lambda x: x is None)
+    like_flat = [(_paths.canonical(kp), x) for kp, x in flat]
+    placement = _sharding_list(shardings, like, treedef, len(like_flat))
+    want = [_record(p, x) for p, x in like_flat]
+    _compare(saved, want)
+    index = {r["path"]: i for i, r in enumerate(saved)}
+    target = {}
+    for (p, x), sh in zip(like_flat, placement, strict=True):
+        rec = saved[index[p]]
+        if rec["kind"] in ("array", "prng_key"):
+            target[f"{index[p]:06d}"] = _abstract(x, rec, sh)
+    arrays = {}
+    if target:
+        mngr = _manager(directory)
+        try:
             arrays = mngr.restore(step, args=ocp.args.Composite(**{
                 _ARRAYS: ocp.args.StandardRestore(target)}))[_ARRAYS]
-    finally:
-        mngr.close()
+        except (ValueError, KeyError, OSError) as e:  # damage the check cannot see
+            found = _TS_FILE.findall(str(e))
+            raise CheckpointError(
+                directory, step, found[-1] if found else os.path.join(
+                    directory, str(step), _ARRAYS),
+                f"reading the arrays failed: {type(e).__name__}: {_ts_reason(e)}") from e
+        finally:
+            mngr.close()
     leaves = []
     for p, _ in like_flat:
         rec = saved[index[p]]
@@ -319,6 +588,9 @@ def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None,
 def latest_step(directory: str | os.PathLike) -> int | None:
     """Returns the latest saved step under ``directory``, or None.
 
+    The newest step orbax lists, intact or not; ``latest_intact_step`` skips
+    damaged ones.
+
     Args:
       directory: the checkpoint root.
 
@@ -337,6 +609,32 @@ def latest_step(directory: str | os.PathLike) -> int | None:
         return mngr.latest_step()
     finally:
         mngr.close()
+
+
+def latest_intact_step(directory: str | os.PathLike) -> int | None:
+    """Returns the newest step under ``directory`` that is intact, or None.
+
+    The step ``restore(directory, like, fallback=True)`` restores. Steps are
+    checked newest first with ``validate`` (every stored byte of each checked
+    step is read once) until one is intact; nothing is written.
+
+    Args:
+      directory: the checkpoint root.
+
+    Returns:
+      The step, or None when there is no checkpoint or every step is damaged.
+
+    Example:
+      >>> import os, tempfile, jax.numpy as jnp
+      >>> d = tempfile.mkdtemp()
+      >>> for s in (1, 2):
+      ...     save(d, s, {"w": jnp.zeros(1)})
+      >>> with open(os.path.join(d, "2", "meta", "metadata"), "r+") as f:
+      ...     _ = f.truncate(10)  # damage step 2's record
+      >>> latest_step(d), latest_intact_step(d)
+      (2, 1)
+    """
+    return _newest_intact(os.path.abspath(os.fspath(directory)))[0]
 
 
 def all_steps(directory: str | os.PathLike) -> list[int]:
