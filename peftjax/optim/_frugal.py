@@ -155,8 +155,9 @@ def scale_by_frugal(
 
     Per projected leaf (matrix view ``G: (in, out)``, batch axes per slice):
     ``R = down(G)``, ``u = scale·(up(inner(R)) + free_scale·free(G − up(R)))``.
-    Leaves of rank < 2 get ``inner`` on the whole gradient, unscaled (the
-    reference's regular group). Route leaves with ``optax.partition``: labels
+    Leaves that are not projected (biases, norms, embeddings by default; see
+    ``dimension_numbers`` of ``scale_by_galore``) get ``inner`` on the whole
+    gradient, unscaled (the reference's regular group). Route leaves with ``optax.partition``: labels
     from ``peftjax.tree.labels`` decide state-full (``optax.adamw``; keep the
     logits/head there, as the reference does), FRUGAL, state-free
     (``optax.chain(optax.scale_by_sign(), ...)``) or frozen

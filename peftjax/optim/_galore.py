@@ -250,7 +250,8 @@ def scale_by_galore(
     For a projected leaf with matrix view ``G: (in, out)`` (batch axes are
     handled slice by slice): at refresh steps ``P = projector.refresh(G)``;
     every step ``R = down(G, P)``, ``N = inner(R)``, ``u = scale · up(N, P)``.
-    Leaves of rank < 2 (biases, norms) go through ``inner`` unprojected.
+    Leaves that are not projected (biases, norms, embeddings by default) go
+    through ``inner`` unprojected.
 
     ``proj_type`` keeps galore-torch's meaning for the same linear layer (the
     Flax kernel is the transpose of the torch weight, so the reference's
@@ -290,10 +291,14 @@ def scale_by_galore(
         parity).
       projector: a ``Projector`` value (default ``svd()``; also
         ``randomized_svd``, ``random_orthogonal``, ``coordinates``) (static).
-      dimension_numbers: ``None`` (Flax defaults: 2-D ``(in, out)``, 3-D
-        stacked ``(L, in, out)``; other ranks raise), one ``DimensionNumbers``
-        for every leaf of rank >= 2, a ``{path: DimensionNumbers | None}``
-        mapping (``None`` = not projected; unknown paths raise), or a callable
+      dimension_numbers: ``None``: project what is a matrix under the tree's
+        layout (2-D ``(in, out)``, stacked ``layers/...`` ``(L, in, out)``),
+        never biases or embedding tables; another leaf of rank >= 3 raises,
+        naming its likely views. A ``peftjax.tree.Layout`` (``tree.stacked``,
+        ``tree.dims.multi_head_attention()``): the same with that layout
+        declared. One ``DimensionNumbers`` for every leaf of rank >= 2, a
+        ``{path: DimensionNumbers | None}`` mapping (``None`` = not projected;
+        unknown paths raise; other paths as for ``None``), or a callable
         ``(path, leaf) -> DimensionNumbers | None`` (static).
       stagger: refresh slices at evenly spread phases of ``T`` (after a joint
         refresh at step 0) so no single step pays every SVD (static).

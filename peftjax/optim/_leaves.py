@@ -20,14 +20,20 @@ import jax
 import jax.numpy as jnp
 
 from peftjax.optim import _projectors
-from peftjax.tree import _matrix, _paths
+from peftjax.tree import _layouts, _matrix, _paths
 
 DimsSpec = (
     _matrix.DimensionNumbers
+    | _layouts.Layout
     | Mapping[str, "_matrix.DimensionNumbers | None"]
     | Callable[[str, Any], "_matrix.DimensionNumbers | None"]
     | None
 )
+
+# Leaves the default selection never projects (Flax names): biases, also
+# head-split (heads, head_dim) ones, and embedding tables. Ask for them with
+# a mapping, a callable, or a Layout view that names them.
+NOT_MATRICES = ("bias", "embedding", "embeddings")
 
 
 # ----------------------------------------------------------------------------
@@ -75,32 +81,52 @@ class LeafPlan(NamedTuple):
 
 
 def leaf_dims(
-    dimension_numbers: DimsSpec, path: str, leaf: Any
+    dimension_numbers: DimsSpec, path: str, leaf: Any,
+    views: "_layouts.Views | None" = None,
 ) -> "_matrix.DimensionNumbers | None | bool":
     """Looks up the dimension numbers for one leaf.
 
-    Returns ``False`` for leaves that are not projected (rank < 2, or mapped to
-    ``None``); ``None`` means the Flax default of the leaf's rank.
+    Returns ``False`` for leaves that are not projected. The default (None, a
+    ``Layout``, or a path missing from a mapping) projects what is a matrix
+    under ``views`` (the tree's layout: 2-D leaves, stacked ``(L..., in,
+    out)`` leaves, declared views), except biases and embedding tables
+    (``NOT_MATRICES``) unless a ``Layout`` view names them; a leaf of rank >= 3
+    with no declared view raises (``views.view``).
     """
     ndim = len(leaf.shape)
     if isinstance(dimension_numbers, _matrix.DimensionNumbers):
         return dimension_numbers if ndim >= 2 else False
-    if isinstance(dimension_numbers, Mapping):
-        if path in dimension_numbers:
-            dims = dimension_numbers[path]
-            return False if dims is None else dims
-        return None if ndim >= 2 else False
-    if callable(dimension_numbers):
+    if isinstance(dimension_numbers, Mapping) and path in dimension_numbers:
+        dims = dimension_numbers[path]
+        return False if dims is None else dims
+    if (callable(dimension_numbers) and not isinstance(
+            dimension_numbers, (Mapping, _layouts.Layout))):
         dims = dimension_numbers(path, leaf)
         return False if dims is None else dims
-    if dimension_numbers is not None:
+    if dimension_numbers is not None and not isinstance(
+            dimension_numbers, (Mapping, _layouts.Layout)):
         raise TypeError(
-            "dimension_numbers must be None, a DimensionNumbers, a mapping from "
-            "canonical path to DimensionNumbers (or None), or a callable "
-            f"(path, leaf) -> DimensionNumbers | None; got "
-            f"{type(dimension_numbers).__name__}"
+            "dimension_numbers must be None, a DimensionNumbers, a "
+            "peftjax.tree.Layout, a mapping from canonical path to "
+            "DimensionNumbers (or None), or a callable (path, leaf) -> "
+            f"DimensionNumbers | None; got {type(dimension_numbers).__name__}"
         )
-    return None if ndim >= 2 else False
+    if views is None:
+        views = _layouts.bind(None, [(path, leaf)])
+    if path.rsplit("/", 1)[-1] in NOT_MATRICES and not views.explicit(path):
+        return False
+    dims = views.view(path)
+    return False if dims is None else dims
+
+
+def views_for(dimension_numbers: DimsSpec, flat: list[tuple[str, Any]]
+              ) -> "_layouts.Views | None":
+    """The tree's layout views for the default selection (None if unused)."""
+    if isinstance(dimension_numbers, _layouts.Layout):
+        return _layouts.bind(dimension_numbers, flat)
+    if dimension_numbers is None or isinstance(dimension_numbers, Mapping):
+        return _layouts.bind(None, flat)
+    return None
 
 
 def check_dims_keys(dimension_numbers: DimsSpec, tree: Any) -> None:
@@ -129,13 +155,14 @@ def plan_leaves(
     raises its own errors.
     """
     flat = _paths.flatten(tree)
+    views = views_for(dimension_numbers, flat)
     plans: list[LeafPlan | None] = []
     for path, leaf in flat:
-        dims = leaf_dims(dimension_numbers, path, leaf)
-        if dims is False:
-            plans.append(None)
-            continue
         try:
+            dims = leaf_dims(dimension_numbers, path, leaf, views)
+            if dims is False:
+                plans.append(None)
+                continue
             resolved = _matrix.resolve(dims, leaf.shape, path=path)
         except ValueError as e:
             raise ValueError(
