@@ -142,7 +142,7 @@ def _problems(path, text=None):
             out.append(f"{rel}:{line}: cites {target!r}, which is not in the repository")
         elif anchor and found.endswith(".md") and anchor not in _anchors(found):
             out.append(f"{rel}:{line}: cites {target}#{anchor}: no such heading in {target}")
-    return out
+    return list(dict.fromkeys(out))  # a path can match both patterns
 
 
 def test_no_reference_to_a_missing_file():
