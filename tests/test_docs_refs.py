@@ -174,3 +174,17 @@ def test_heading_anchors_follow_github(tmp_path):
 def test_scanner_flags_what_it_should(snippet, bad):
     problems = _problems(os.path.join(ROOT, "README.md"), text=snippet)
     assert bool(problems) is bad, problems
+
+
+def test_api_reference_includes_the_galore_side_table():
+    # `make docs` renders public docstrings only (private modules are
+    # excluded), so the proj_type table must live in a public one.
+    from peftjax import optim
+
+    doc = optim.scale_by_galore.__doc__
+    for name in optim.PROJ_TYPES:
+        assert f"| ``{name}`` |" in doc, name
+    with open(os.path.join(ROOT, "Makefile"), encoding="utf-8") as f:
+        make = f.read()
+    modules = re.search(r"DOC_MODULES :=(.*?)\n\S", make, re.S).group(1).split()
+    assert "peftjax.optim" in modules, modules
