@@ -3,25 +3,31 @@
 
 PEFT writes every field of its config class. peftjax honours the fields that
 change the weights it reads (``r``, ``lora_alpha``, ``use_rslora``,
-``rank_pattern``, ``alpha_pattern``, ``use_dora``, ``modules_to_save``,
-``ensure_weight_tying``, VeRA's projections, (IA)³'s ``feedforward_modules``),
-accepts descriptive fields
-(``target_modules``, ``base_model_name_or_path``, ``task_type``, ...), and
-refuses any other field whose value differs from PEFT's default, naming it:
-nothing is silently dropped.
+``rank_pattern``, ``alpha_pattern``, ``use_dora``, ``lora_dropout``,
+``modules_to_save``, ``ensure_weight_tying``, VeRA's projections, (IA)³'s
+``feedforward_modules``) and the fields that select modules
+(``target_modules``, ``exclude_modules``, ``layers_to_transform``,
+``layers_pattern``: ``load_peft`` requires the file's tensors to be exactly
+the selected modules'), accepts descriptive fields
+(``base_model_name_or_path``, ``task_type``, ...), and refuses any other
+field whose value differs from PEFT's default, naming it: nothing is
+silently dropped. Fields of the wrong JSON type are errors naming the file.
 
 Exports: ``SUPPORTED_PEFT_TYPES``, ``check_config``, ``pattern_value``,
-``expected_modules``.
+``selection``, ``unused_pattern_keys``, ``is_feedforward``.
 """
 
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from peftjax.io import _peft_targets
 
 SUPPORTED_PEFT_TYPES = ("LORA", "VERA", "IA3")
 
-# Fields that only describe the adapter or steer PEFT's targeting (the
-# tensors in the file say which modules are adapted), for every type.
+# Fields that describe the adapter, or select modules (``selection``), for
+# every type.
 _DESCRIPTIVE = frozenset({
     "peft_type", "task_type", "auto_mapping", "peft_version",
     "base_model_name_or_path", "revision", "inference_mode", "target_modules",
@@ -32,9 +38,11 @@ _DESCRIPTIVE = frozenset({
 _HONOURED = {
     "LORA": frozenset({"r", "lora_alpha", "use_rslora", "rank_pattern",
                        "alpha_pattern", "use_dora", "lora_dropout",
-                       "init_lora_weights", "ensure_weight_tying"}),
+                       "init_lora_weights", "ensure_weight_tying",
+                       "layers_to_transform", "layers_pattern"}),
     "VERA": frozenset({"r", "projection_prng_key", "save_projection",
-                       "vera_dropout", "d_initial", "init_weights"}),
+                       "d_initial", "init_weights", "layers_to_transform",
+                       "layers_pattern"}),
     "IA3": frozenset({"feedforward_modules", "init_ia3_weights"}),
 }
 
@@ -42,8 +50,7 @@ _HONOURED = {
 # (peft 0.21.2's ``to_dict()`` of a default config).
 _DEFAULTS = {
     "LORA": {
-        "fan_in_fan_out": False, "bias": "none", "layers_to_transform": None,
-        "layers_pattern": None, "megatron_config": None,
+        "fan_in_fan_out": False, "bias": "none", "megatron_config": None,
         "megatron_core": "megatron.core", "trainable_token_indices": None,
         "loftq_config": {}, "eva_config": None, "corda_config": None,
         "lora_ga_config": None, "velora_config": None,
@@ -52,8 +59,8 @@ _DEFAULTS = {
         "layer_replication": None, "lora_bias": False, "target_parameters": None,
         "use_bdlora": None, "arrow_config": None, "kasa_config": None,
     },
-    "VERA": {"fan_in_fan_out": False, "bias": "none",
-             "layers_to_transform": None, "layers_pattern": None},
+    # peftjax's VeRA has no input dropout.
+    "VERA": {"fan_in_fan_out": False, "bias": "none", "vera_dropout": 0.0},
     "IA3": {"fan_in_fan_out": False},
 }
 
@@ -66,6 +73,52 @@ _PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
 # init_lora_weights=True and keeps e.g. corda_config).
 _INIT_ONLY = frozenset({"corda_config", "lora_ga_config", "eva_config",
                         "loftq_config"})
+
+
+def _names(v: Any) -> bool:
+    return isinstance(v, str) or (isinstance(v, list)
+                                  and all(isinstance(x, str) for x in v))
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v))
+
+
+# The JSON type of each field peftjax reads (None is accepted for each).
+_TYPES = {
+    "target_modules": (_names, "a str (regex) or a list of str"),
+    "exclude_modules": (_names, "a str (regex) or a list of str"),
+    "modules_to_save": (lambda v: isinstance(v, list) and _names(v), "a list of str"),
+    "layers_to_transform": (lambda v: _int(v) or (isinstance(v, list) and all(
+        _int(i) for i in v)), "an int or a list of ints"),
+    "layers_pattern": (_names, "a str or a list of str"),
+    "feedforward_modules": (_names, "a str (regex) or a list of str"),
+    "r": (lambda v: _int(v) and v > 0, "a positive int"),
+    "lora_alpha": (_number, "a finite number"),
+    "lora_dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "d_initial": (_number, "a finite number"),
+    "projection_prng_key": (_int, "an int"),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(
+        _int(x) and x > 0 for x in v.values()), "an object of positive ints"),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(
+        _number(x) for x in v.values()), "an object of numbers"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "ensure_weight_tying": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _check_types(config: Mapping[str, Any], source: str) -> None:
+    bad = [f"{field}={config[field]!r} (must be {what})"
+           for field, (ok, what) in _TYPES.items()
+           if config.get(field) is not None and not ok(config[field])]
+    if bad:
+        raise ValueError(f"{source}: wrong-typed fields: " + "; ".join(bad))
 
 
 def _is_default(value: Any, default: Any) -> bool:
@@ -85,8 +138,9 @@ def check_config(config: Mapping[str, Any], source: str) -> str:
       The upper-case ``peft_type`` (one of ``SUPPORTED_PEFT_TYPES``).
 
     Raises:
-      ValueError: a missing or unsupported ``peft_type``, or fields that
-        peftjax cannot honour set to non-default values (all of them named).
+      ValueError: a missing or unsupported ``peft_type``, fields of the wrong
+        JSON type, or fields that peftjax cannot honour set to non-default
+        values (all of them named).
 
     Example:
       >>> check_config({"peft_type": "LORA", "r": 4}, "cfg.json")
@@ -97,7 +151,8 @@ def check_config(config: Mapping[str, Any], source: str) -> str:
       ValueError: ... lora_bias=True ...
     """
     if not isinstance(config, Mapping):
-        raise ValueError(f"{source}: adapter config must be a JSON object")
+        raise ValueError(f"{source}: adapter config must be a JSON object, got "
+                         f"{type(config).__name__}")
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str):
         raise ValueError(f"{source}: no 'peft_type' (the one mandatory key)")
@@ -107,6 +162,7 @@ def check_config(config: Mapping[str, Any], source: str) -> str:
             f"{source}: peft_type={peft_type!r} is not supported; peftjax reads "
             f"{list(SUPPORTED_PEFT_TYPES)}"
         )
+    _check_types(config, source)
     defaults = _DEFAULTS[peft_type]
     honoured = _HONOURED[peft_type]
     init = config.get("init_lora_weights", True)
@@ -126,6 +182,11 @@ def check_config(config: Mapping[str, Any], source: str) -> str:
             f"init_lora_weights={init!r} (the adapter sits on a modified base; "
             "save it from PEFT with path_initial_model_for_weight_conversion)"
         )
+    ff, target = config.get("feedforward_modules"), config.get("target_modules")
+    if (peft_type == "IA3" and isinstance(ff, list) and isinstance(target, list)
+            and not set(ff) <= set(target)):
+        bad.append(f"feedforward_modules={ff!r} is not a subset of target_modules="
+                   f"{target!r} (PEFT raises here too)")
     if peft_type == "VERA" and config.get("save_projection") is False:
         bad.append("save_projection=False (torch's generator cannot be "
                    "reproduced; save the VeRA projections)")
@@ -163,41 +224,102 @@ def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any
     return default
 
 
-def _selects(spec: Any, module: str) -> bool:
-    """PEFT's module selection: a str is a full regex, a list exact or suffix names."""
-    if isinstance(spec, str):
-        return re.fullmatch(spec, module) is not None
-    return module in spec or any(module.endswith("." + t) for t in spec)
+def selection(config: Mapping[str, Any], key_map: Mapping[str, Any], source: str,
+              output_modules: Sequence[str] | None) -> _peft_targets.Selection:
+    r"""The modules of ``key_map`` that PEFT adapts under ``config``, and why not.
 
-
-def expected_modules(config: Mapping[str, Any], modules: list[str]) -> set[str] | None:
-    r"""The modules among ``modules`` that PEFT would adapt under ``config``.
-
-    PEFT's ``check_target_module_exists``: ``target_modules`` (a str is a
-    regex matched in full, a list matches exact names or ``.``-suffixes),
-    minus ``exclude_modules`` and modules under ``modules_to_save``.
+    PEFT's ``check_target_module_exists`` (see ``peftjax.io.peft_target_modules``):
+    ``target_modules`` (a str is a regex matched in full, ``"all-linear"``
+    every Linear but ``output_modules``, a list matches exact names or
+    ``.``-suffixes), then ``layers_to_transform`` / ``layers_pattern`` for a
+    list, minus ``exclude_modules`` and modules under ``modules_to_save``.
 
     Args:
-      config: the parsed ``adapter_config.json``.
-      modules: the adaptable module names of the key map.
+      config: the checked ``adapter_config.json`` (``check_config``).
+      key_map: the unrolled key map.
+      source: the file, for error messages.
+      output_modules: the output heads ``"all-linear"`` leaves out; None when
+        the caller did not say (then ``"all-linear"`` is an error).
 
     Returns:
-      The selected names, or None when ``target_modules`` is absent or
-      ``"all-linear"`` (PEFT expands that from the torch model's classes,
-      which a key map does not describe).
+      A ``Selection(selected, left_out)``.
+
+    Raises:
+      ValueError: no ``target_modules``, ``"all-linear"`` without
+        ``output_modules``, or a selection PEFT refuses (nothing selected, a
+        norm or container selected, layer fields with a regex), naming the file.
 
     Example:
-      >>> sorted(expected_modules({"target_modules": ["q"]}, ["l.0.q", "l.0.k"]))
-      ['l.0.q']
-      >>> sorted(expected_modules({"target_modules": r"l\.\d\.(q|k)",
-      ...                          "exclude_modules": ["k"]}, ["l.0.q", "l.0.k"]))
-      ['l.0.q']
+      >>> from peftjax.io import PeftKey, TensorLayout
+      >>> km = {f"l/{i}/{n}": PeftKey(f"m.l.{i}.{n}", "weight", TensorLayout.KERNEL)
+      ...       for i in range(2) for n in "qk"}
+      >>> s = selection({"target_modules": ["q", "k"], "exclude_modules": r".*1\.k",
+      ...                "layers_to_transform": [1]}, km, "cfg.json", None)
+      >>> s.selected, s.left_out["m.l.0.q"]
+      (['m.l.1.q'], 'layers_to_transform=[1] (layers_pattern=None) leaves out its layer 0')
     """
     target = config.get("target_modules")
-    if not target or target == "all-linear":
-        return None
-    exclude = config.get("exclude_modules") or []
-    saved = config.get("modules_to_save") or []
-    return {m for m in modules
-            if _selects(target, m) and not (exclude and _selects(exclude, m))
-            and not any(re.match(rf"(^|.*\.){s}($|\..*)", m) for s in saved)}
+    if target is None:
+        raise ValueError(
+            f"{source}: no target_modules; PEFT would take its default for the base "
+            "model's model_type, which a key map does not know: write the module "
+            "names into the file")
+    if (isinstance(target, str) and target.lower() == _peft_targets.ALL_LINEAR
+            and output_modules is None):
+        raise ValueError(
+            f"{source}: target_modules={target!r} selects every Linear module except "
+            "the model's output head, which a key map does not name: pass "
+            "output_modules=('lm_head',) (the head modules; () for none)")
+    try:
+        return _peft_targets.select_modules(
+            target, key_map, exclude_modules=config.get("exclude_modules"),
+            modules_to_save=config.get("modules_to_save"),
+            layers_to_transform=config.get("layers_to_transform"),
+            layers_pattern=config.get("layers_pattern"),
+            output_modules=tuple(output_modules or ()))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+def unused_pattern_keys(config: Mapping[str, Any], selected: Sequence[str]
+                        ) -> list[str]:
+    """``rank_pattern`` / ``alpha_pattern`` keys that match no selected module.
+
+    PEFT warns about these and ignores them (``inject_adapter``).
+
+    Example:
+      >>> unused_pattern_keys({"rank_pattern": {"q": 4, "zz": 2}}, ["l.0.q"])
+      ['rank_pattern: zz']
+    """
+    out = []
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in config.get(field) or {}:
+            if not any(re.match(rf"(.*\.)?({key})$", m) for m in selected):
+                out.append(f"{field}: {key}")
+    return out
+
+
+def is_feedforward(config: Mapping[str, Any], module: str) -> bool:
+    """Whether (IA)³ scales ``module``'s input (a feed-forward module).
+
+    A str ``feedforward_modules`` is a regex matched in full; a list matches by
+    plain ``str.endswith``, with no ``.`` boundary (PEFT's
+    ``_check_target_module_feedforward``).
+
+    Args:
+      config: the checked ``adapter_config.json``.
+      module: the full module name.
+
+    Returns:
+      True for a feed-forward module.
+
+    Example:
+      >>> is_feedforward({"feedforward_modules": ["n_proj"]}, "l.0.mlp.down_proj")
+      True
+      >>> is_feedforward({"feedforward_modules": r".*\\.up"}, "l.0.mlp.down_proj")
+      False
+    """
+    ff = config.get("feedforward_modules") or []
+    if isinstance(ff, str):
+        return re.fullmatch(ff, module) is not None
+    return any(module.endswith(m) for m in ff)

@@ -7,15 +7,19 @@ table): torch ``lora_A (r, in)`` / ``lora_B (out, r)`` become Flax
 ``params`` has the scanned layout. Every tensor in the file is placed or the
 read fails: unknown keys, missing keys, shape mismatches, an unsupported
 ``peft_type`` and config fields peftjax cannot honour are errors that list
-them. Only safetensors files are read (never ``adapter_model.bin`` pickles).
+them. The config is enforced as PEFT applies it: the file's adapter tensors
+must be exactly those of the modules its ``target_modules`` /
+``exclude_modules`` / ``layers_to_transform`` / ``layers_pattern`` /
+``modules_to_save`` select over the key map. Only safetensors files are read
+(never ``adapter_model.bin`` pickles).
 
 Exports: ``PeftAdapter``, ``load_peft``.
 """
 
-import json
 import os
 import pathlib
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -23,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax.adapters import _base, _dora, _lora, _scale_shift, _vera
-from peftjax.io import _peft_config, _peft_keys, _peft_write, _safetensors
+from peftjax.io import _json, _peft_config, _peft_keys, _peft_write, _safetensors
 from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
 from peftjax.io._peft_write import save_peft  # noqa: F401 (doctest)
 from peftjax.tree import _matrix, _paths
@@ -89,7 +93,7 @@ def _read_dir(directory: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
     if not cfg_path.is_file():
         raise ValueError(
             f"load_peft: no {_peft_write.CONFIG_NAME} in {str(directory)!r}")
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    config = _json.read_json(cfg_path, "load_peft")
     weights = directory / _peft_write.WEIGHTS_NAME
     if not weights.is_file():
         legacy = directory / "adapter_model.bin"
@@ -109,8 +113,39 @@ def load_peft(
     layers_prefix: str = "layers",
     param_dtype: Any = jnp.float32,
     tied_head: tuple[str, str] | None = None,
+    output_modules: Sequence[str] | None = None,
 ) -> PeftAdapter:
     """Reads a PEFT adapter (LoRA, rsLoRA, DoRA, embedding LoRA, VeRA, (IA)³).
+
+    The config is enforced as Hugging Face PEFT (0.21) applies it when it
+    builds the adapter, over the modules of ``key_map``:
+
+    * ``target_modules``: a list selects modules whose full name is an item
+      or ends with ``"." + item`` (items are not regexes); a string is a regex
+      that must ``re.fullmatch`` the full name; ``"all-linear"`` (any case)
+      selects every Linear (``KERNEL``) module except ``output_modules``.
+      Selecting a norm or a container module, or nothing, is an error.
+    * ``layers_to_transform`` (an int or a list; ``[]`` keeps every layer)
+      with ``layers_pattern`` (the name before the layer index; default: the
+      first ``.<name>.<index>.`` in the module name) filter a list's matches
+      by layer index; with a regex ``target_modules`` they are an error.
+    * ``exclude_modules`` (a list with suffix semantics, or a fullmatch
+      regex) and ``modules_to_save`` (trained in full) remove modules.
+    * The file must hold adapter tensors for exactly the selected modules: a
+      tensor of a module the config does not select, or a selected module
+      without tensors, is an error naming the module and the field that
+      decides. (PEFT itself only warns and then ignores such tensors, or
+      leaves such modules at their initialisation.)
+    * ``rank_pattern`` / ``alpha_pattern``: the first key ``k`` (in file
+      order) with ``re.match(rf"(.*\\.)?({k})$", module)`` gives the rank and
+      alpha; the rank must equal the tensors'. Keys that match no selected
+      module are ignored with a ``RuntimeWarning``, as in PEFT.
+    * ``lora_dropout`` is kept on the returned adapters (``adapter.dropout``):
+      the factored path (``peftjax.exec.factored``) applies it to the adapter
+      input when ``deterministic=False`` (training, with a ``key``), never in
+      evaluation; ``materialize`` refuses it unless ``deterministic=True``.
+    * (IA)³'s ``feedforward_modules``: a list matches by plain ``endswith``,
+      a string in full; it decides which side the scale vector is on.
 
     Args:
       directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
@@ -123,15 +158,23 @@ def load_peft(
         Llama): the head's tensors in the file must be the copies PEFT's
         ``ensure_weight_tying`` writes, and a file that adapts the table
         without it (PEFT then leaves the tied head unadapted) is refused.
+      output_modules: the model's output head modules, which
+        ``target_modules="all-linear"`` leaves out (``("lm_head",)`` for a
+        causal LM, ``()`` for none); only needed for such a config (PEFT
+        itself writes the expanded list of names into the files it saves).
 
     Returns:
       A ``PeftAdapter(assignment, state, full, config)``.
 
     Raises:
-      ValueError: an unsupported ``peft_type`` or config field, unknown
-        tensors, modules that ``target_modules`` or ``modules_to_save`` select
-        but the file lacks, shapes that disagree with ``params`` or the
-        config's ranks, a scanned leaf whose layers are not all adapted, a
+      ValueError: an ``adapter_config.json`` that is not valid JSON (naming
+        the file and the position), not an object or has wrong-typed
+        fields; an unsupported ``peft_type`` or config field; a
+        ``target_modules`` that selects nothing (or a norm or container);
+        tensors of modules the config does not select, or unknown to the key
+        map; selected modules (``target_modules`` / ``modules_to_save``)
+        that the file lacks; shapes that disagree with ``params`` or the
+        config's ranks; a scanned leaf whose layers are not all adapted; a
         tied head that PEFT would leave unadapted.
 
     Example:
@@ -152,6 +195,7 @@ def load_peft(
     config, tensors = _read_dir(directory)
     source = str(directory / _peft_write.CONFIG_NAME)
     peft_type = _peft_config.check_config(config, source)
+    selection = _peft_config.selection(config, key_map, source, output_modules)
     flat = _paths.leaves_by_path(params)
     use_dora = bool(config.get("use_dora", False))
     saved = set(config.get("modules_to_save") or [])
@@ -210,7 +254,9 @@ def load_peft(
             f"load_peft: {len(unknown)} tensor(s) in {str(directory)!r} match no "
             f"module of the key map for {peft_type}: {unknown[:8]}{hint}"
         )
-    _check_missing(config, key_map, parts, full_u, source)
+    _check_selection(selection, config, key_map, parts, peft_type, source,
+                     str(directory / _peft_write.WEIGHTS_NAME))
+    _check_saved(config, key_map, full_u, source)
     if tied_head is not None:
         _check_tied(tied_head, key_map, parts, full_u, tied_copies, config, source)
     if not parts:
@@ -255,20 +301,44 @@ def load_peft(
     return PeftAdapter(assignment, _base.AdapterState(trainable, frozen), full, config)
 
 
-def _check_missing(config: dict, key_map: dict[str, _peft_keys.PeftKey],
-                   parts: dict[str, Any], full_u: dict[str, Any], source: str) -> None:
-    """Modules the config selects (targets, ``modules_to_save``) must be in the file."""
-    adaptable = sorted({k.module for k in key_map.values()
-                        if k.layout is not _peft_keys.TensorLayout.VECTOR
-                        and k.tensor == "weight"})
-    found = {key_map[u].module for u in parts}
-    expected = _peft_config.expected_modules(config, adaptable)
-    missing = sorted((expected or set()) - found)
-    if missing:
+def _check_selection(selection: Any, config: dict,
+                     key_map: dict[str, _peft_keys.PeftKey], parts: dict[str, Any],
+                     peft_type: str, source: str, weights: str) -> None:
+    """The file's adapted modules are exactly the ones the config selects."""
+    found = {key_map[u].module: u for u in parts}
+    chosen = set(selection.selected)
+    extra = sorted(m for m in found if m not in chosen)
+    if extra:
+        why = [f"{m!r} ({found[m]!r}): {selection.left_out[m]}" for m in extra[:8]]
         raise ValueError(
-            f"load_peft: target_modules={config.get('target_modules')!r} in {source} "
-            f"selects {len(missing)} module(s) of the key map with no tensors in the "
-            f"file: {missing[:8]}")
+            f"load_peft: {weights} holds {peft_type} tensors for {len(extra)} "
+            f"module(s) that {source} does not select (PEFT would not adapt them): "
+            + "; ".join(why))
+    missing = sorted(chosen - set(found))
+    if missing:
+        layers = ("" if config.get("layers_to_transform") is None else
+                  f" with layers_to_transform={config['layers_to_transform']!r}")
+        raise ValueError(
+            f"load_peft: target_modules={config.get('target_modules')!r}{layers} in "
+            f"{source} selects {len(missing)} module(s) of the key map with no "
+            f"tensors in {weights}: {missing[:8]}")
+    layouts = {k.module: k.layout for k in key_map.values() if k.tensor == "weight"}
+    emb = [m for m in selection.selected
+           if layouts.get(m) is _peft_keys.TensorLayout.EMBEDDING]
+    if emb and peft_type != "LORA":
+        raise ValueError(f"load_peft: target_modules in {source} selects the "
+                         f"embedding(s) {emb}; PEFT's {peft_type} adapts Linear "
+                         "modules only (PEFT raises here too)")
+    unused = _peft_config.unused_pattern_keys(config, selection.selected)
+    if unused:
+        warnings.warn(f"load_peft: {source}: pattern keys that match no selected "
+                      f"module are ignored (as PEFT does): {unused}", RuntimeWarning,
+                      stacklevel=3)
+
+
+def _check_saved(config: dict, key_map: dict[str, _peft_keys.PeftKey],
+                 full_u: dict[str, Any], source: str) -> None:
+    """Modules ``modules_to_save`` names must be in the file."""
     saved_found = {key_map[u].module for u in full_u}
     absent = []
     for name in config.get("modules_to_save") or []:
@@ -399,8 +469,7 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
         if v.ndim != 2 or 1 not in v.shape:
             raise ValueError(f"load_peft: {module!r}.ia3_l has shape {v.shape}; "
                              "expected (out, 1) or (1, in)")
-        ff = set(config.get("feedforward_modules") or [])
-        is_ff = module in ff or any(module.endswith("." + m) for m in ff)
+        is_ff = _peft_config.is_feedforward(config, module)
         side = _scale_shift.Side.INPUT if v.shape[0] == 1 else _scale_shift.Side.OUTPUT
         if is_ff != (side is _scale_shift.Side.INPUT):
             raise ValueError(f"load_peft: {module!r}.ia3_l has shape {v.shape}, which "

@@ -30,12 +30,13 @@ Limit: modules without parameters (activation functions, rotary embeddings)
 are not in key maps; a pattern that reaches one is an error in PEFT and is
 simply not matched here.
 
-Exports: ``peft_target_modules``, ``peft_target_rules``.
+Exports: ``peft_target_modules``, ``peft_target_rules`` (and, for
+``load_peft``, ``select_modules`` with the reason each module is left out).
 """
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from peftjax.io import _peft_keys
 from peftjax.tree import _rules
@@ -80,6 +81,151 @@ def _layer_index(key: str, layers_pattern: Any) -> int | None:
     return None if m is None else int(m.group("idx"))
 
 
+class Selection(NamedTuple):
+    """PEFT's decision for every module of a key map.
+
+    Attributes:
+      selected: the adapted module names, in key-map order.
+      left_out: ``{module: why}`` for every other module, ``why`` naming the
+        config field (and its value) that leaves it out.
+    """
+
+    selected: list[str]
+    left_out: dict[str, str]
+
+
+def check_layer_fields(target_modules: Any, layers_to_transform: Any,
+                       layers_pattern: Any) -> None:
+    """PEFT's ``LoraConfig`` checks of ``layers_to_transform`` / ``layers_pattern``.
+
+    Raises:
+      ValueError: either is set with a regex (str) ``target_modules``, or
+        ``layers_pattern`` without ``layers_to_transform`` (PEFT raises too).
+    """
+    if isinstance(target_modules, str) and layers_to_transform is not None:
+        raise ValueError(
+            f"layers_to_transform={layers_to_transform!r} cannot be used with a regex "
+            f"target_modules={target_modules!r} (PEFT raises here too): put the "
+            "layer indices into the regex instead")
+    if isinstance(target_modules, str) and layers_pattern is not None:
+        raise ValueError(
+            f"layers_pattern={layers_pattern!r} cannot be used with a regex "
+            f"target_modules={target_modules!r} (PEFT raises here too)")
+    if layers_pattern and layers_to_transform is None:
+        raise ValueError(
+            f"layers_pattern={layers_pattern!r} needs layers_to_transform (PEFT "
+            "raises here too)")
+
+
+def select_modules(
+    target_modules: str | Sequence[str],
+    key_map: Mapping[str, _peft_keys.PeftKey],
+    *,
+    exclude_modules: str | Sequence[str] | None = None,
+    modules_to_save: Sequence[str] | None = None,
+    layers_to_transform: int | Sequence[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+    output_modules: Sequence[str] = (),
+) -> Selection:
+    """PEFT's selection over a key map, with the reason for each module left out.
+
+    Arguments and errors as :func:`peft_target_modules`.
+
+    Returns:
+      A ``Selection(selected, left_out)``.
+    """
+    key_map = _peft_keys.check_key_map(key_map, "peft_target_modules")
+    targets = _as_names(target_modules, "target_modules")
+    if targets is None:
+        raise TypeError("peft_target_modules: target_modules is None; pass the "
+                        "family's default (PEFT's: ['q_proj', 'v_proj'] for Llama)")
+    exclude = _as_names(exclude_modules, "exclude_modules")
+    save = _as_names(modules_to_save, "modules_to_save") or []
+    if isinstance(save, str):
+        save = [save]
+    if layers_to_transform is not None and (
+            isinstance(layers_to_transform, bool) or not (
+                isinstance(layers_to_transform, int) or (
+                    isinstance(layers_to_transform, (list, tuple)) and all(
+                        isinstance(i, int) and not isinstance(i, bool)
+                        for i in layers_to_transform)))):
+        raise TypeError(f"layers_to_transform must be an int or a list of ints, got "
+                        f"{layers_to_transform!r}")
+    if layers_pattern is not None:
+        _as_names(layers_pattern, "layers_pattern")
+    check_layer_fields(targets, layers_to_transform, layers_pattern)
+    kinds = _modules(key_map)
+    all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
+    if all_linear:
+        out = set(output_modules)
+        targets = sorted(m for m, k in kinds.items()
+                         if k is _peft_keys.TensorLayout.KERNEL and m not in out)
+    if isinstance(layers_to_transform, tuple):
+        layers_to_transform = list(layers_to_transform)
+    use_layers = layers_to_transform is not None and (
+        not isinstance(layers_to_transform, list) or len(layers_to_transform) > 0)
+
+    def excluded(key: str) -> str:
+        if exclude:
+            if isinstance(exclude, str):
+                if re.fullmatch(exclude, key):
+                    return f"exclude_modules={exclude_modules!r} excludes it"
+            elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
+                return f"exclude_modules={exclude_modules!r} excludes it"
+        if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in save):
+            return (f"modules_to_save={modules_to_save!r} names it (trained in full, "
+                    "never adapted)")
+        return ""
+
+    def unmatched(key: str) -> str:
+        no = f"target_modules={target_modules!r} does not match it"
+        if isinstance(targets, str):
+            return "" if re.fullmatch(targets, key) is not None else no
+        if key in targets:
+            return ""
+        if not any(key.endswith(f".{t}") for t in targets):
+            return no
+        if use_layers:
+            idx = _layer_index(key, layers_pattern)
+            where = (f"layers_to_transform={layers_to_transform!r} (layers_pattern="
+                     f"{layers_pattern!r})")
+            if idx is None:
+                return f"{where} finds no layer index in its name"
+            keep = (idx == layers_to_transform if isinstance(layers_to_transform, int)
+                    else idx in layers_to_transform)
+            return "" if keep else f"{where} leaves out its layer {idx}"
+        return ""
+
+    selected, left_out, n_excluded = [], {}, 0
+    for key, kind in kinds.items():
+        why = excluded(key)
+        if why:
+            n_excluded += 1
+            left_out[key] = why
+            continue
+        why = unmatched(key)
+        if why:
+            left_out[key] = why
+        elif kind not in _ADAPTABLE:
+            what = "a container module" if kind is None else f"a {kind.value} tensor"
+            raise ValueError(
+                f"target_modules={target_modules!r} selects {key!r}, {what}; LoRA "
+                "adapts only Linear and Embedding modules (PEFT raises here too)")
+        else:
+            selected.append(key)
+    if not selected:
+        why = ("every match was excluded by exclude_modules/modules_to_save"
+               if n_excluded else "no module name matches")
+        layers = ("" if layers_to_transform is None else
+                  f" with layers_to_transform={layers_to_transform!r}, "
+                  f"layers_pattern={layers_pattern!r}")
+        raise ValueError(
+            f"target_modules={target_modules!r}{layers} selects no module ({why}; "
+            "PEFT raises here too). Lists match full names or '.'-suffixes, a string "
+            f"must re.fullmatch the whole name; modules: {list(kinds)[:8]}...")
+    return Selection(selected, left_out)
+
+
 def peft_target_modules(
     target_modules: str | Sequence[str],
     key_map: Mapping[str, _peft_keys.PeftKey],
@@ -99,8 +245,10 @@ def peft_target_modules(
         (``peftjax.models.llama.peft_key_map(cfg)``, ...).
       exclude_modules: PEFT's ``exclude_modules`` (list or regex).
       modules_to_save: PEFT's ``modules_to_save`` (never adapted).
-      layers_to_transform: PEFT's layer filter for list targets.
-      layers_pattern: PEFT's ``layers_pattern`` (the name before the index).
+      layers_to_transform: PEFT's layer filter for list targets (an int or a
+        list; an empty list keeps every layer).
+      layers_pattern: PEFT's ``layers_pattern`` (the name before the index;
+        a str or a list, the first that matches gives the index).
       output_modules: the modules ``"all-linear"`` leaves out (PEFT: the
         model's output embedding, e.g. ``("lm_head",)``).
 
@@ -109,7 +257,9 @@ def peft_target_modules(
 
     Raises:
       ValueError: a selected module that LoRA cannot adapt (a norm, a
-        container), or nothing selected (as PEFT raises).
+        container), nothing selected, ``layers_to_transform`` or
+        ``layers_pattern`` with a regex ``target_modules``, or
+        ``layers_pattern`` alone (as PEFT raises).
       TypeError: arguments of the wrong type.
 
     Example:
@@ -121,74 +271,13 @@ def peft_target_modules(
       ['model.layers.0.q_proj', 'model.layers.1.q_proj']
       >>> peft_target_modules(r".*1\\.v_proj", km)
       ['model.layers.1.v_proj']
+      >>> peft_target_modules(["q_proj", "v_proj"], km, layers_to_transform=[0])
+      ['model.layers.0.q_proj', 'model.layers.0.v_proj']
     """
-    key_map = _peft_keys.check_key_map(key_map, "peft_target_modules")
-    targets = _as_names(target_modules, "target_modules")
-    if targets is None:
-        raise TypeError("peft_target_modules: target_modules is None; pass the "
-                        "family's default (PEFT's: ['q_proj', 'v_proj'] for Llama)")
-    exclude = _as_names(exclude_modules, "exclude_modules")
-    save = _as_names(modules_to_save, "modules_to_save") or []
-    if isinstance(save, str):
-        save = [save]
-    if layers_to_transform is not None and not (
-            isinstance(layers_to_transform, int) or all(
-                isinstance(i, int) for i in layers_to_transform)):
-        raise TypeError(f"layers_to_transform must be an int or a list of ints, got "
-                        f"{layers_to_transform!r}")
-    kinds = _modules(key_map)
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        out = set(output_modules)
-        targets = sorted(m for m, k in kinds.items()
-                         if k is _peft_keys.TensorLayout.KERNEL and m not in out)
-    use_layers = layers_to_transform is not None and (
-        not isinstance(layers_to_transform, list) or len(layers_to_transform) > 0)
-
-    def excluded(key: str) -> bool:
-        if exclude:
-            if isinstance(exclude, str):
-                if re.fullmatch(exclude, key):
-                    return True
-            elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
-                return True
-        return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in save)
-
-    def matched(key: str) -> bool:
-        if isinstance(targets, str):
-            return re.fullmatch(targets, key) is not None
-        if key in targets:
-            return True
-        found = any(key.endswith(f".{t}") for t in targets)
-        if found and use_layers:
-            idx = _layer_index(key, layers_pattern)
-            if idx is None:
-                return False
-            if isinstance(layers_to_transform, int):
-                return idx == layers_to_transform
-            return idx in layers_to_transform
-        return found
-
-    selected, n_excluded, n_unmatched = [], 0, 0
-    for key, kind in kinds.items():
-        if excluded(key):
-            n_excluded += 1
-        elif not matched(key):
-            n_unmatched += 1
-        elif kind not in _ADAPTABLE:
-            what = "a container module" if kind is None else f"a {kind.value} tensor"
-            raise ValueError(
-                f"target_modules={target_modules!r} selects {key!r}, {what}; LoRA "
-                "adapts only Linear and Embedding modules (PEFT raises here too)")
-        else:
-            selected.append(key)
-    if not selected:
-        why = ("every match was excluded by exclude_modules/modules_to_save"
-               if n_excluded else "no module name matches")
-        raise ValueError(
-            f"target_modules={target_modules!r} selects no module ({why}; PEFT raises "
-            f"here too). Lists match full names or '.'-suffixes, a string must "
-            f"re.fullmatch the whole name; modules: {list(kinds)[:8]}...")
-    return selected
+    return select_modules(
+        target_modules, key_map, exclude_modules=exclude_modules,
+        modules_to_save=modules_to_save, layers_to_transform=layers_to_transform,
+        layers_pattern=layers_pattern, output_modules=output_modules).selected
 
 
 def _group_rules(paths: list[str], key_map: Mapping[str, Any], then: Any,
