@@ -35,6 +35,7 @@ import platform
 import re
 import subprocess
 import sys
+import textwrap
 import time
 import types
 import typing
@@ -94,20 +95,62 @@ def _convert(name: str, typ: Any, text: str) -> Any:
         raise ValueError(f"--{name}: cannot parse {text!r} as {typ.__name__}") from e
 
 
-def parse_cli(cls: type, argv: list[str]) -> Any:
+def option(default: Any, help: str) -> Any:  # noqa: A002  (argparse's name)
+    """A ``Config`` field with its ``--help`` sentence: ``rank: int = option(8, "...")``."""
+    if not help.strip():
+        raise ValueError("option: every CLI option needs a help sentence")
+    return dataclasses.field(default=default, metadata={"help": help.strip()})
+
+
+def cli_help(cls: type, *, smoke: dict[str, Any] | None = None,
+             prog: str | None = None) -> str:
+    """The ``--help`` text of ``cls``: every field, its default (and ``--smoke``
+    value) and its help sentence (``option(..., help=...)``)."""
+    prog = prog or os.path.basename(sys.argv[0]) or "script"
+    lines = [f"usage: {prog} [--option=value ...]   (--flag alone sets a flag to true)",
+             "", (cls.__doc__ or "").strip(), "", "options:"]
+    def shown(v: Any) -> str:  # as typed on the command line where that is clear
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, str) and (not v or not v.isprintable() or " " in v):
+            return repr(v)
+        return str(v)
+
+    for f in dataclasses.fields(cls):
+        line = f"  --{f.name}  (default: {shown(f.default)}"
+        if smoke and f.name in smoke:
+            line += f"; --smoke: {shown(smoke[f.name])}"
+        lines.append(line + ")")
+        text = f.metadata.get("help", "")
+        lines += ["      " + t for t in textwrap.wrap(text, 74)] if text else []
+    lines += ["  -h, --help", "      Print this help and exit."]
+    return "\n".join(lines)
+
+
+def parse_cli(cls: type, argv: list[str], *, smoke: dict[str, Any] | None = None) -> Any:
     """Builds ``cls`` (a frozen dataclass) from ``--field=value`` arguments.
 
-    ``--flag`` alone sets a bool field to True; ``--help`` prints the fields.
+    ``--flag`` alone sets a bool field to True; ``--help`` prints every field
+    with its help sentence and exits. Options given on the command line are
+    kept as given, even when equal to the default: with ``--smoke`` (a bool
+    field ``smoke`` set to true), ``smoke``'s values fill only the fields
+    that were *not* given, so ``--smoke --rank=8`` trains rank 8.
+
+    Args:
+      cls: the frozen configuration dataclass.
+      argv: the arguments (``sys.argv[1:]``).
+      smoke: the small settings ``--smoke`` implies (the script's ``SMOKE``).
+
+    Returns:
+      The configuration.
     """
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(cli_help(cls, smoke=smoke))
+        raise SystemExit(0)
     kw = {}
     for arg in argv:
-        if arg in ("-h", "--help"):
-            print(cls.__doc__)
-            for f in fields.values():
-                print(f"  --{f.name}={f.default!r}")
-            raise SystemExit(0)
         if not arg.startswith("--"):
             raise SystemExit(f"unexpected argument {arg!r}; use --field=value")
         name, _, value = arg[2:].partition("=")
@@ -119,6 +162,12 @@ def parse_cli(cls: type, argv: list[str]) -> Any:
             kw[name] = _convert(name, hints[name], value)
         except ValueError as e:
             raise SystemExit(str(e)) from None
+    if smoke and kw.get("smoke"):
+        unknown = sorted(set(smoke) - set(fields))
+        if unknown:
+            raise ValueError(f"parse_cli: smoke settings {unknown} are not fields of "
+                             f"{cls.__name__}")
+        kw = {**smoke, **kw}  # what was given wins
     return cls(**kw)
 
 
@@ -722,6 +771,57 @@ class LoopResult:
     seconds: float
 
 
+def resume_step(ckpt_dir: str | None) -> int:
+    """The step ``--resume`` continues from: the newest intact checkpoint.
+
+    Cheap next to loading a model (it reads the checkpoint's files once), so
+    scripts call it before loading anything: ``--resume`` without a usable
+    checkpoint fails at once.
+
+    Raises:
+      ValueError: no checkpoint under ``ckpt_dir``, or every step is damaged
+        (the newest one's damage is named).
+    """
+    from peftjax.io import checkpoint
+
+    step = checkpoint.latest_intact_step(ckpt_dir) if ckpt_dir else None
+    if step is not None:
+        return step
+    steps = checkpoint.all_steps(ckpt_dir) if ckpt_dir else []
+    if not steps:
+        raise ValueError(
+            f"--resume: no checkpoint under {ckpt_dir!r}; run once without --resume "
+            "(the run saves its state every --checkpoint_every steps and when it is "
+            "stopped with SIGTERM or Ctrl-C)")
+    try:
+        checkpoint.validate(ckpt_dir, steps[-1])
+        why = ""
+    except checkpoint.CheckpointError as e:
+        why = f"; the newest: {e}"
+    raise ValueError(f"--resume: every checkpoint under {ckpt_dir!r} is damaged "
+                     f"(steps {steps}){why}; start again without --resume")
+
+
+def set_aside_damaged(ckpt_dir: str, intact: int) -> dict[int, str]:
+    """Moves the (damaged) steps newer than ``intact`` out of ``ckpt_dir`` into
+    ``<ckpt_dir>.damaged/`` so that training can save those steps again; they
+    are kept there, not deleted. Returns ``{step: where it went}``."""
+    from peftjax.io import checkpoint
+
+    moved = {}
+    for s in checkpoint.all_steps(ckpt_dir):
+        if s <= intact:
+            continue
+        dest = os.path.join(ckpt_dir.rstrip(os.sep) + ".damaged", str(s))
+        n = 1
+        while os.path.lexists(dest):
+            dest, n = os.path.join(os.path.dirname(dest), f"{s}-{n}"), n + 1
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.rename(os.path.join(ckpt_dir, str(s)), dest)
+        moved[s] = dest
+    return moved
+
+
 def train(*, setup: Setup, run: Trainer, optim: OptimConfig, batches: data.Batches, key: jax.Array, log_path: str | None = None,
           ckpt_dir: str | None = None, checkpoint_every: int = 0, resume: bool = False,
           progress: bool = True, desc: str = "train") -> LoopResult:
@@ -730,8 +830,9 @@ def train(*, setup: Setup, run: Trainer, optim: OptimConfig, batches: data.Batch
     Checkpoints ``{"trainable", "opt_state", "step", "key", "data_position"}``
     every ``checkpoint_every`` micro-steps and when SIGTERM/SIGINT arrives (the
     handler only sets a flag; the loop saves, waits, and returns with
-    ``interrupted_by`` set). ``resume=True`` continues from the latest
-    checkpoint in ``ckpt_dir`` and gives bit-identical results.
+    ``interrupted_by`` set). ``resume=True`` continues from the newest intact
+    checkpoint in ``ckpt_dir`` (``resume_step``; damaged newer steps are set
+    aside, ``set_aside_damaged``), says which, and gives bit-identical results.
     """
     from peftjax.io import checkpoint
 
@@ -740,16 +841,24 @@ def train(*, setup: Setup, run: Trainer, optim: OptimConfig, batches: data.Batch
     opt_state = jax.jit(run.tx.init)(trainable)  # one program, not one per leaf op
     start = 0
     if resume:
-        if not ckpt_dir or checkpoint.latest_step(ckpt_dir) is None:
-            raise ValueError(f"--resume: no checkpoint under {ckpt_dir!r}")
+        intact = resume_step(ckpt_dir)  # raises without a usable checkpoint
+        moved = set_aside_damaged(str(ckpt_dir), intact)
         like = {"trainable": trainable, "opt_state": opt_state, "step": 0,
                 "key": key, "data_position": 0}
-        restored = checkpoint.restore(ckpt_dir, like)
+        restored = checkpoint.restore(ckpt_dir, like, step=intact)
         trainable, opt_state = restored["trainable"], restored["opt_state"]
         start, key = restored["step"], restored["key"]
         if restored["data_position"] != start:
             raise ValueError(f"--resume: data position {restored['data_position']} "
                              f"!= step {start} in {ckpt_dir!r}")
+        print(f"resumed from step {start} (checkpoint under {ckpt_dir})"
+              + "".join(f"; damaged step {s} moved to {d}" for s, d in moved.items()),
+              flush=True)
+        if log_path and os.path.exists(log_path):  # drop rows after the resumed step
+            with open(log_path, encoding="utf-8") as f:
+                rows = [r for r in f if r.strip() and json.loads(r)["step"] <= start]
+            with open(log_path, "w", encoding="utf-8") as f:
+                f.writelines(rows)
     step_fn = run.step
     total = optim.total_steps * optim.accum_steps
     history: list[dict[str, Any]] = []

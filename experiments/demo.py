@@ -29,9 +29,16 @@ Usage::
     python experiments/demo.py --method=sparse      # SpIEL at LoRA's budget
     python experiments/demo.py --model=/path/to/hf_dir_or.gguf --data=notes.txt
     python experiments/demo.py --resume             # continue after a kill
+    python experiments/demo.py --help               # every option, explained
     python experiments/demo.py --dtype=bf16         # bf16 base and activations
     python experiments/demo.py --pack               # several plays per block
     python experiments/demo.py --smoke              # tiny random Llama, < 60 s
+
+Options given explicitly are kept (``--smoke --rank=8`` trains rank 8;
+``--smoke`` fills its small sizes into the options not given). ``--resume``
+continues from the newest intact checkpoint and prints its step; a damaged
+newer step is moved to ``checkpoints.damaged/``, and no usable checkpoint at
+all stops the run before the model is loaded.
 """
 
 import dataclasses
@@ -52,51 +59,80 @@ import peftjax  # noqa: E402
 from peftjax import data, models  # noqa: E402
 from peftjax.io import checkpoint  # noqa: E402
 
+opt = _recipe.option
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Demo configuration; every field is a --field=value option."""
+    """Fine-tune a causal LM with one PEFT method and report what it changed."""
 
-    method: str = "lora"  # see _recipe.METHODS; unbuilt ones say which issue adds them
-    rank: int = 8
-    alpha: float = 16.0
-    targets: str = _recipe.ATTN  # regex over parameter paths (adapter methods)
-    steps: int = 60  # optimizer updates
-    batch_size: int = 4
-    block_len: int = 128
-    accum_steps: int = 1
-    lr: float = 1e-3
-    warmup_steps: int = 6
-    schedule: str = "cosine"
-    end_lr_ratio: float = 0.1
-    clip_norm: float = 1.0
-    weight_decay: float = 0.0
-    galore_rank: int = 128
-    update_proj_gap: int = 200
-    galore_scale: float = 0.25
-    stat_batches: int = 8  # training batches for LoRA-SB's gradient statistics
-    spiel_reselection_steps: int = 20  # sparse: drop-and-regrow every S steps
-    spiel_accumulation_steps: int = 5  # sparse: gradient accumulation before each
-    eval_docs: int = 4  # held-out plays, never trained on
-    eval_blocks: int = 32
-    dtype: str = "f32"  # or bf16: bf16 base and activations, float32 adapters/optimizer
-    pack: bool = False  # pack training documents back to back (segment ids)
-    model: str = ""  # .gguf file or HF directory; default: offline SmolLM2-135M
-    data: str = ""  # .txt, directory of .txt, or .jsonl; default: Shakespeare plays
-    prompt: str = "KING.\nWhat news, my lord? Speak, and"
-    gen_tokens: int = 40  # 0 skips the samples
-    out_dir: str = "demo_out"
-    checkpoint_every: int = 20
-    resume: bool = False
-    seed: int = 0
-    progress: bool = True
-    smoke: bool = False  # tiny random Llama on byte-tokenised text
+    method: str = opt("lora", "Fine-tuning method, one of: " + ", ".join(_recipe.METHODS)
+                      + " (sparse: SpIEL at LoRA's parameter budget).")
+    rank: int = opt(8, "Adapter rank r (LoRA-family methods; sparse: the LoRA rank "
+                    "whose parameter count it matches).")
+    alpha: float = opt(16.0, "LoRA scaling numerator: the update is scaled by "
+                       "alpha / rank.")
+    targets: str = opt(_recipe.ATTN, "Regular expression (full match) over parameter "
+                       "paths choosing the kernels that get adapters.")
+    steps: int = opt(60, "Number of optimizer updates.")
+    batch_size: int = opt(4, "Blocks per micro-batch.")
+    block_len: int = opt(128, "Tokens per training and evaluation block.")
+    accum_steps: int = opt(1, "Micro-batches accumulated into each optimizer update "
+                           "(optax.MultiSteps).")
+    lr: float = opt(1e-3, "Peak learning rate, reached after the warm-up.")
+    warmup_steps: int = opt(6, "Linear warm-up length in optimizer updates.")
+    schedule: str = opt("cosine", "Decay after the warm-up: cosine or linear.")
+    end_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of --lr.")
+    clip_norm: float = opt(1.0, "Global gradient-norm clipping threshold.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    galore_rank: int = opt(128, "GaLore/FRUGAL projection rank.")
+    update_proj_gap: int = opt(200, "GaLore/FRUGAL: optimizer updates between "
+                               "projector refreshes.")
+    galore_scale: float = opt(0.25, "GaLore: scale applied to the projected-back "
+                              "update.")
+    stat_batches: int = opt(8, "LoRA-SB: training batches used for the gradient "
+                            "statistics of its initialisation.")
+    spiel_reselection_steps: int = opt(20, "Sparse (SpIEL): drop-and-regrow the "
+                                       "support every this many steps.")
+    spiel_accumulation_steps: int = opt(5, "Sparse (SpIEL): steps of gradient "
+                                        "accumulation before each regrowth.")
+    eval_docs: int = opt(4, "Held-out documents (plays), never trained on.")
+    eval_blocks: int = opt(32, "Blocks of the held-out documents used for perplexity.")
+    dtype: str = opt("f32", "Compute precision: f32, or bf16 (bfloat16 base and "
+                     "activations, float32 adapters and optimizer state).")
+    pack: bool = opt(False, "Pack training documents back to back in each block "
+                     "(attention stays inside each document).")
+    model: str = opt("", "A .gguf file or Hugging Face model directory; empty: the "
+                     "offline SmolLM2-135M-Instruct.")
+    data: str = opt("", "A .txt file, a directory of .txt files or a .jsonl file; "
+                    "empty: the Shakespeare plays.")
+    prompt: str = opt("KING.\nWhat news, my lord? Speak, and", "Prompt of the greedy "
+                      "samples printed before and after training.")
+    gen_tokens: int = opt(40, "Tokens generated for each sample; 0 skips the samples.")
+    out_dir: str = opt("demo_out", "Directory for results, metrics, the loss plot, the "
+                       "adapter and checkpoints.")
+    checkpoint_every: int = opt(20, "Save the training state every this many steps "
+                                "(and on SIGTERM/Ctrl-C).")
+    resume: bool = opt(False, "Continue from the newest intact checkpoint in "
+                       "OUT_DIR/checkpoints (damaged newer steps are set aside); fails "
+                       "at once when there is none.")
+    seed: int = opt(0, "Seed of the initialisation, data order and smoke model.")
+    progress: bool = opt(True, "Show a progress bar (step, loss, tokens/s, ETA).")
+    smoke: bool = opt(False, "Tiny random Llama on byte-tokenised text, under a "
+                      "minute on a CPU; also sets the small sizes shown as --smoke "
+                      "values for every option not given explicitly.")
 
 
 SMOKE = dict(steps=24, batch_size=4, block_len=32, lr=1e-2, warmup_steps=2,
              eval_blocks=16, gen_tokens=12, checkpoint_every=8, rank=4, alpha=8.0,
              prompt="KING.\n", stat_batches=2, spiel_reselection_steps=8,
              spiel_accumulation_steps=2)
+
+
+def parse(argv: list[str]) -> Config:
+    """The configuration of ``demo.py ARGS``: options given are kept as given;
+    ``--smoke`` fills ``SMOKE``'s values into the others only."""
+    return _recipe.parse_cli(Config, argv, smoke=SMOKE)
 
 
 def _generate(graphdef, params, encode, decode, cfg: Config) -> str:
@@ -129,13 +165,15 @@ def save_peft(setup, trainable, lm, out: str, base_name: str) -> str | None:
 
 def main(cfg: Config) -> dict:
     """Runs the demo; returns (and writes) ``demo_results.json``'s contents."""
-    if cfg.smoke:
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in SMOKE.items()
-                                          if getattr(cfg, k) == getattr(Config, k)})
     t_start = time.perf_counter()
     build = _recipe.method(cfg.method)  # unbuilt methods raise here, before loading
     out = os.path.abspath(cfg.out_dir)
     ckpt_dir = os.path.join(out, "checkpoints")
+    if cfg.resume:  # before loading anything: no usable checkpoint fails at once
+        try:
+            _recipe.resume_step(ckpt_dir)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     if not cfg.resume and os.path.isdir(ckpt_dir):
         shutil.rmtree(ckpt_dir)
     os.makedirs(out, exist_ok=True)
@@ -253,4 +291,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(_recipe.parse_cli(Config, sys.argv[1:]))
+    main(parse(sys.argv[1:]))

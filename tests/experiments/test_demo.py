@@ -160,3 +160,79 @@ def _recipe():
 def test_unknown_option_is_rejected(tmp_path):
     res = run_script("demo.py", "--smok", check=False, timeout=120)
     assert res.returncode != 0 and "unknown option --smok" in res.stderr
+
+
+def _demo():
+    """``experiments/demo.py`` imported in this process (its CLI and ``main``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "demo_cli", os.path.join(ROOT, "experiments", "demo.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_explicit_flags_are_kept_and_smoke_fills_only_the_rest():
+    demo = _demo()
+    cfg = demo.parse(["--smoke", "--rank=8", "--steps=60", "--lr=0.001"])
+    # given explicitly, each equal to its default: kept, not replaced by SMOKE's
+    assert (cfg.rank, cfg.steps, cfg.lr) == (8, 60, 1e-3)
+    assert (demo.Config.rank, demo.Config.steps, demo.Config.lr) == (8, 60, 1e-3)
+    # not given: SMOKE's values
+    assert (cfg.alpha, cfg.block_len, cfg.checkpoint_every) == (8.0, 32, 8)
+    assert demo.parse(["--smoke"]).rank == demo.SMOKE["rank"] == 4
+    assert demo.parse(["--rank=8"]) == demo.Config()  # no --smoke: plain defaults
+    assert demo.parse(["--smoke=false", "--rank=3"]) == demo.Config(rank=3)
+
+
+def test_help_documents_every_option(capsys):
+    import dataclasses
+
+    demo = _demo()
+    fields = dataclasses.fields(demo.Config)
+    missing = [f.name for f in fields if len(f.metadata.get("help", "").split()) < 3]
+    assert not missing, f"options without a help sentence: {missing}"
+    with pytest.raises(SystemExit) as e:
+        demo.parse(["--rank=8", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # help lines are wrapped
+    for f in fields:
+        assert f"--{f.name} (default: " in text, f.name
+        assert " ".join(f.metadata["help"].split()) in text, f.name
+    assert "--rank (default: 8; --smoke: 4)" in text
+
+
+def test_resume_without_a_usable_checkpoint_fails_before_loading(tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    from peftjax.io import checkpoint
+
+    demo = _demo()
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --resume was checked")
+
+    monkeypatch.setattr(demo._recipe, "load_lm", no_loading)
+    monkeypatch.setattr(demo._recipe, "documents", no_loading)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"--resume: no checkpoint under .*checkpoints"):
+        demo.main(demo.parse(["--smoke", "--resume", f"--out_dir={out}"]))
+    # a checkpoint whose only step is damaged: named, still before loading
+    checkpoint.save(out / "checkpoints", 8, {"w": jnp.ones(2)})
+    record = out / "checkpoints" / "8" / "meta" / "metadata"
+    record.write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        demo.main(demo.parse(["--smoke", "--resume", f"--out_dir={out}"]))
+    msg = str(e.value)
+    assert "every checkpoint under" in msg and "(steps [8])" in msg
+    assert f"{record}: empty (0 bytes)" in msg
+    assert record.exists() and record.stat().st_size == 0  # left as it was
+
+
+def test_resume_without_checkpoint_is_a_clean_cli_error(tmp_path):
+    res = run_script("demo.py", "--smoke", "--resume", f"--out_dir={tmp_path}",
+                     check=False, timeout=120)
+    assert res.returncode == 1
+    assert f"--resume: no checkpoint under {str(tmp_path / 'checkpoints')!r}" in res.stderr
+    assert "Traceback" not in res.stderr and "model:" not in res.stdout

@@ -79,3 +79,31 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
     ra = json.loads((a / "demo_results.json").read_text())
     rb = json.loads((b / "demo_results.json").read_text())
     assert ra["ppl_after"] == rb["ppl_after"]
+
+
+def test_resume_falls_back_over_a_damaged_newest_step(tmp_path):
+    # Checkpoints at steps 4, 8 and 12; step 12's record is then truncated. --resume
+    # must say it resumes from step 8, set step 12 aside (kept, not deleted), and
+    # retrain steps 9..12 to the losses of the uninterrupted run.
+    out = tmp_path / "run"
+    args = ["--smoke", "--progress=false", "--gen_tokens=0", "--eval_blocks=4",
+            "--steps=12", "--checkpoint_every=4", "--method=lora_xs", f"--out_dir={out}"]
+    run_script("demo.py", *args)
+    first = _losses(out)
+    assert checkpoint.all_steps(out / "checkpoints") == [4, 8, 12]
+    record = out / "checkpoints" / "12" / "meta" / "metadata"
+    record.write_bytes(record.read_bytes()[:40])
+    assert checkpoint.latest_intact_step(out / "checkpoints") == 8
+
+    res = run_script("demo.py", *args, "--resume")
+    assert f"resumed from step 8 (checkpoint under {out / 'checkpoints'})" in res.stdout
+    kept = out / "checkpoints.damaged" / "12"
+    assert f"damaged step 12 moved to {kept}" in res.stdout
+    assert (kept / "meta" / "metadata").stat().st_size == 40  # set aside as it was
+    assert checkpoint.latest_intact_step(out / "checkpoints") == 12  # saved anew
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))  # 9..12 replaced, once
+    again = _losses(out)
+    steps = sorted(first)
+    np.testing.assert_allclose([again[s] for s in steps], [first[s] for s in steps],
+                               rtol=1e-6, atol=0)  # resume is deterministic
