@@ -188,3 +188,15 @@ def test_api_reference_includes_the_galore_side_table():
         make = f.read()
     modules = re.search(r"DOC_MODULES :=(.*?)\n\S", make, re.S).group(1).split()
     assert "peftjax.optim" in modules, modules
+
+
+def test_every_docs_page_is_linked_from_the_index():
+    # README -> docs/README.md -> every page, so no page is orphaned.
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert "(docs/README.md)" in f.read()
+    docs = os.path.join(ROOT, "docs")
+    with open(os.path.join(docs, "README.md"), encoding="utf-8") as f:
+        index = f.read()
+    linked = {m.split("#")[0] for m in _LINK_RE.findall(index)}
+    pages = {n for n in os.listdir(docs) if n.endswith(".md") and n != "README.md"}
+    assert pages <= linked, sorted(pages - linked)
