@@ -27,7 +27,9 @@ def test_describe_and_report_print_the_same_trainable_percent():
     opt = optax.sgd(0.1, momentum=0.9)
 
     def step(t, s, p, f, batch):
-        loss = lambda t: jnp.sum(adapters.materialize(plan, p, t, f)["attn"]["q"]["kernel"])
+        def loss(t):
+            return jnp.sum(adapters.materialize(plan, p, t, f)["attn"]["q"]["kernel"])
+
         u, s = opt.update(jax.grad(loss)(t), s, t)
         return optax.apply_updates(t, u), s
 
