@@ -29,6 +29,10 @@ input/output axes), ``squeeze``/unit ``broadcast_in_dim``, and
 ``slice``/``dynamic_slice``/``scan`` slicing along a stacked-layer axis; inside
 ``jit``/``pjit`` (inlined), ``scan``, ``remat``/``checkpoint``, ``cond``/
 ``switch``, ``while`` bodies and ``custom_jvp``/``custom_vjp`` functions.
+``conv_general_dilated`` (Linen ``nn.Conv``/``nn.ConvTranspose``, NNX
+``nnx.Conv``, 1-D to 3-D, any strides, padding, dilations and feature groups)
+with an
+``adapters.lora_conv`` kernel runs as ``conv(x, W) + s·conv1x1(conv(x, A), B)``.
 
 Limits:
 

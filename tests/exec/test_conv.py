@@ -34,20 +34,22 @@ def _lora_state(params, paths, rank=2, adapter=None):
     return a, t, {p: None for p in paths}
 
 
-CONVS = {
+CONVS = {  # (layer, input shape, feature groups)
     "2d_groups_stride": (nn.Conv(6, (3, 3), strides=2, padding="SAME",
-                                 feature_group_count=2), (2, 7, 7, 4)),
-    "2d_dilated": (nn.Conv(5, (3, 3), kernel_dilation=2, padding="SAME"), (2, 7, 6, 3)),
-    "1d": (nn.Conv(5, (3,), padding="VALID"), (2, 9, 3)),
+                                 feature_group_count=2), (2, 7, 7, 4), 2),
+    "2d_dilated": (nn.Conv(5, (3, 3), kernel_dilation=2, padding="SAME"), (2, 7, 6, 3), 1),
+    "1d": (nn.Conv(5, (3,), padding="VALID"), (2, 9, 3), 1),
+    # lhs (input) dilation by the strides, the kernel unflipped.
+    "2d_transpose": (nn.ConvTranspose(5, (3, 3), strides=(2, 2)), (2, 4, 4, 3), 1),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CONVS))
 def test_grads_wrt_a_b_equal_materialize(name):
-    conv, x_shape = CONVS[name]
+    conv, x_shape, groups = CONVS[name]
     x = _normal(*x_shape)
     nd = len(x_shape) - 2
-    cin = x_shape[-1] // conv.feature_group_count
+    cin = x_shape[-1] // groups
     params = {"params": {"kernel": _normal(*conv.kernel_size, cin, conv.features, scale=0.3),
                          "bias": _normal(conv.features)}}
     a, t, fr = _lora_state(params, {"params/kernel": params["params"]["kernel"]})
@@ -113,7 +115,7 @@ def test_factored_grad_forms_no_kernel_sized_array_and_costs_fewer_flops():
 
 
 def test_plain_lora_with_conv_view_falls_back_loudly_and_exactly():
-    conv, x_shape = CONVS["1d"]
+    conv, x_shape, _ = CONVS["1d"]
     x = _normal(*x_shape)
     params = {"params": {"kernel": _normal(3, 3, 5, scale=0.3), "bias": _normal(5)}}
     dn = tree.DimensionNumbers(reduction_axis=(0, 1), output_axis=2)
