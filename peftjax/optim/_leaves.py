@@ -30,10 +30,6 @@ DimsSpec = (
     | None
 )
 
-# Leaves the default selection never projects (Flax names): biases, also
-# head-split (heads, head_dim) ones, and embedding tables. Ask for them with
-# a mapping, a callable, or a Layout view that names them.
-NOT_MATRICES = ("bias", "embedding", "embeddings")
 
 
 # ----------------------------------------------------------------------------
@@ -90,7 +86,7 @@ def leaf_dims(
     ``Layout``, or a path missing from a mapping) projects what is a matrix
     under ``views`` (the tree's layout: 2-D leaves, stacked ``(L..., in,
     out)`` leaves, declared views), except biases and embedding tables
-    (``NOT_MATRICES``) unless a ``Layout`` view names them; a leaf of rank >= 3
+    (``tree._layouts.NOT_MATRICES``) unless a ``Layout`` view names them; a leaf of rank >= 3
     with no declared view raises (``views.view``).
     """
     ndim = len(leaf.shape)
@@ -113,9 +109,7 @@ def leaf_dims(
         )
     if views is None:
         views = _layouts.bind(None, [(path, leaf)])
-    if path.rsplit("/", 1)[-1] in NOT_MATRICES and not views.explicit(path):
-        return False
-    dims = views.view(path)
+    dims = views.matrix_view(path)
     return False if dims is None else dims
 
 

@@ -39,6 +39,10 @@ import numpy as np
 from peftjax.tree import _matrix, _paths
 
 SCANNED_PREFIX = "layers"
+# Leaves that are never matrices by default (Flax names): biases, head-split
+# (heads, head_dim) ones too, and embedding tables. A ``views`` entry that
+# names one asks for it.
+NOT_MATRICES = ("bias", "embedding", "embeddings")
 
 
 @runtime_checkable
@@ -220,6 +224,14 @@ class Views:
             if re.fullmatch(regex, path) and dims.ndim == k:
                 return dims
         return None
+
+    def matrix_view(self, path: str) -> _matrix.DimensionNumbers | None:
+        """``view(path)``, but None for biases and embedding tables (by name)
+        unless a ``views`` entry names them: what GaLore/FRUGAL project by default.
+        """
+        if path.rsplit("/", 1)[-1] in NOT_MATRICES and not self.explicit(path):
+            return None
+        return self.view(path)
 
     def view(self, path: str) -> _matrix.DimensionNumbers | None:
         """Returns the leaf's view, or None when it is not a matrix.

@@ -258,12 +258,40 @@ class Description(str):
     """The printable table returned by ``describe`` (a ``str``)."""
 
 
-def describe(assignment: dict[str, Any], params: Any) -> Description:
-    """Returns a table of path, shape, dtype, payload and trainable count.
+def _view_text(path: str, payload: Any, shape: tuple[int, ...],
+               views: "_layouts.Views") -> str:
+    """The ``(batch..., in, out)`` matrix view of a targeted leaf, for ``describe``."""
+    if isinstance(payload, _layouts.MatrixPayload):
+        dims = payload.dimension_numbers
+        if dims is None and len(shape) != 2:
+            dims = views.view(path)  # raises for an undeclared rank >= 3 leaf
+            if dims is None:
+                return "-"
+        return str(_matrix.matrix_shape(_matrix.resolve(dims, shape, path=path)))
+    try:
+        dims = views.matrix_view(path)
+    except ValueError:
+        return "undeclared"  # GaLore/FRUGAL would raise here; assign's error lists views
+    if dims is None:
+        return "-"
+    return str(_matrix.matrix_shape(_matrix.resolve(dims, shape, path=path)))
+
+
+def describe(assignment: dict[str, Any], params: Any, *, layout: Any = None
+             ) -> Description:
+    """Returns a table of path, shape, dtype, view, payload and trainable count.
+
+    The view column is each targeted leaf's matrix view ``(batch..., in,
+    out)``: an adapter's own view, else the view GaLore/FRUGAL would take
+    under the layout (``-`` for leaves that are not matrices: biases, norms,
+    embedding tables; ``undeclared``
+    for a rank >= 3 leaf whose view nothing declares).
 
     Args:
       assignment: ``{path: payload}`` as returned by ``assign`` (or any dict).
       params: the parameter tree it was computed from.
+      layout: the ``peftjax.tree.Layout`` given to ``assign``, for the views
+        of payloads that are not adapters (labels, masks).
 
     Returns:
       A ``str`` table with one row per leaf and totals: number of leaves and
@@ -272,15 +300,16 @@ def describe(assignment: dict[str, Any], params: Any) -> Description:
       base's plus those adapters add).
 
     Raises:
-      ValueError: if the assignment names a path that ``params`` lacks.
+      ValueError: if the assignment names a path that ``params`` lacks; an
+        adapter that cannot take its leaf (the message names the path).
 
     Example:
       >>> import jax.numpy as jnp
       >>> print(describe({"w": "adam"}, {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}))
       ... # doctest: +NORMALIZE_WHITESPACE
-      path  shape   dtype    payload  trainable
-      b     (2,)    float32  -        0
-      w     (2, 2)  float32  'adam'   4
+      path  shape   dtype    view    payload  trainable
+      b     (2,)    float32  -       -        0
+      w     (2, 2)  float32  (2, 2)  'adam'   4
       2 leaves, 6 parameters; trainable params: 4 || all params: 6 || trainable%: 66.6667
     """
     flat = _paths.flatten(params)
@@ -290,27 +319,35 @@ def describe(assignment: dict[str, Any], params: Any) -> Description:
         raise ValueError(
             f"describe: assignment names paths not in params: {extra[:10]}"
         )
-    rows = [("path", "shape", "dtype", "payload", "trainable")]
+    views = _layouts.bind(layout, flat)
+    rows = [("path", "shape", "dtype", "view", "payload", "trainable")]
     total = trainable = added = 0
     for path, leaf in flat:
         shape = tuple(np.shape(leaf))
         size = math.prod(shape)
         total += size
+        dtype = getattr(leaf, "dtype", None)
+        dtype = np.dtype(dtype).name if dtype is not None else type(leaf).__name__
         if path in assignment:
             payload = assignment[path]
-            count = _trainable_count(payload, leaf)
-            if callable(getattr(type(payload), "num_trainable", None)):
-                added += count  # adapter parameters are new, not part of the base
             text = repr(payload)
             if len(text) > 60:
                 text = text[:57] + "..."
+            try:
+                view = _view_text(path, payload, shape, views)
+                count = _trainable_count(payload, leaf)
+            except (ValueError, TypeError) as e:
+                msg = str(e)
+                if not msg.startswith(path):
+                    msg = f"{path!r} (shape {shape}, dtype {dtype}), {text}: {msg}"
+                raise type(e)(f"describe: {msg}") from e
+            if callable(getattr(type(payload), "num_trainable", None)):
+                added += count  # adapter parameters are new, not part of the base
         else:
-            count, text = 0, "-"
+            count, text, view = 0, "-", "-"
         trainable += count
-        dtype = getattr(leaf, "dtype", None)
-        dtype = np.dtype(dtype).name if dtype is not None else type(leaf).__name__
-        rows.append((path, str(shape), dtype, text, str(count)))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        rows.append((path, str(shape), dtype, view, text, str(count)))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     count = ParamCount(trainable=trainable, total=total + added)
     lines.append(f"{len(flat)} leaves, {total:,} parameters; {count}")

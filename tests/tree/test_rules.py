@@ -91,10 +91,38 @@ def test_describe_counts_and_totals():
     params = _params()
     text = tree.describe({"mlp/up/kernel": "adam", "norm/scale": "frozen"}, params)
     lines = text.splitlines()
-    assert lines[0].split() == ["path", "shape", "dtype", "payload", "trainable"]
+    assert lines[0].split() == ["path", "shape", "dtype", "view", "payload", "trainable"]
     row = [ln for ln in lines if ln.startswith("mlp/up/kernel")][0]
     assert row.split()[-1] == "32"
     assert lines[-1] == ("5 leaves, 76 parameters; trainable params: 32 || all params: 76 "
                          "|| trainable%: 42.1053")
     with pytest.raises(ValueError, match="not in params"):
         tree.describe({"nope": 1}, params)
+
+
+def test_describe_shows_matrix_views_and_errors_name_the_path():
+    from peftjax import adapters
+
+    p = {"attn": {"query": {"kernel": jnp.ones((16, 4, 8)), "bias": jnp.ones((4, 8))}},
+         "layers": {"w": jnp.ones((3, 4, 5)), "b": jnp.ones((3, 5))},
+         "dense": {"kernel": jnp.ones((8, 8))}}
+    lay = tree.dims.multi_head_attention()
+    a = tree.assign(p, [tree.Rule(where=r".*kernel|layers/w", then=adapters.lora(2))],
+                    layout=lay)
+    rows = {ln.split()[0]: ln for ln in tree.describe(a, p).splitlines()[1:-1]}
+    assert "(16, 32)" in rows["attn/query/kernel"]  # (embed, heads·head_dim)
+    assert rows["attn/query/kernel"].split()[-1] == str(2 * (16 + 32))
+    assert "(3, 4, 5)" in rows["layers/w"]  # (L, in, out): 3 matrices (4, 5)
+    assert rows["layers/w"].split()[-1] == str(3 * 2 * (4 + 5))
+    # Labels get the layout's view; a head-split bias is not a matrix.
+    text = tree.describe({"attn/query/kernel": "galore", "attn/query/bias": "adam"}, p,
+                         layout=lay)
+    rows = {ln.split()[0]: ln for ln in text.splitlines()[1:-1]}
+    assert "float32  (16, 32)  'galore'" in rows["attn/query/kernel"]
+    assert "float32  -" in rows["attn/query/bias"]
+    # Every error names the path.
+    with pytest.raises(ValueError, match=r"describe: 'dense/kernel' \(shape \(8, 8\).*"
+                       r"rank=9 exceeds min\(in, out\)=8"):
+        tree.describe({"dense/kernel": adapters.lora(9)}, p)
+    with pytest.raises(ValueError, match=r"describe: attn/query/kernel: shape \(16, 4, 8\)"):
+        tree.describe({"attn/query/kernel": adapters.lora(2)}, p)
