@@ -1,5 +1,7 @@
 """The factored convolution: gradients, no kernel-sized terms, FLOPs, CNNs end to end."""
 
+import pathlib
+import re
 import warnings
 
 import jax
@@ -200,3 +202,16 @@ def test_cnn_factored_train_step_equals_materialize_step(kind):
     assert_tree_allclose(t_f, t_m, **GRAD_F32)
     moved = jax.tree.map(lambda u, v: float(jnp.abs(u - v).max()), t_f, t)
     assert min(jax.tree.leaves(moved)) > 1e-4, moved
+
+
+def test_docs_conv_lora_example_runs():
+    """The example of docs/conv_lora.md runs as written, on the factored path."""
+    path = pathlib.Path(__file__).resolve().parents[2] / "docs" / "conv_lora.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", path.read_text(encoding="utf-8"),
+                        re.S | re.M)
+    assert len(blocks) == 1
+    scope: dict = {}
+    with jax.numpy_dtype_promotion("standard"):  # a user's default setting
+        exec(compile(blocks[0], "docs/conv_lora.md", "exec"), scope)
+    assert np.isfinite(float(scope["loss"]))
+    assert scope["merged"]["params"]["conv1"]["kernel"].shape == (3, 3, 3, 8)
