@@ -215,3 +215,25 @@ def test_docs_conv_lora_example_runs():
         exec(compile(blocks[0], "docs/conv_lora.md", "exec"), scope)
     assert np.isfinite(float(scope["loss"]))
     assert scope["merged"]["params"]["conv1"]["kernel"].shape == (3, 3, 3, 8)
+
+
+def test_dropout_acts_on_the_adapter_branch_only():
+    conv, x_shape, _ = CONVS["1d"]
+    x = _normal(*x_shape)
+    params = {"params": {"kernel": _normal(3, 3, 5, scale=0.3), "bias": _normal(5)}}
+    a, t, fr = _lora_state(params, {"params/kernel": params["params"]["kernel"]},
+                           adapter=adapters.lora_conv(2, spatial_dims=1, dropout=0.5))
+    key = jax.random.key(7)
+
+    def run(t, **kw):
+        return jax.jit(pexec.factored(conv.apply, a, t, fr, **kw))(params, x)
+
+    det = run(t, deterministic=True)
+    want = conv.apply(adapters.materialize(a, params, t, fr, deterministic=True), x)
+    np.testing.assert_allclose(np.asarray(det), np.asarray(want), **CONV_F32)
+    dropped = run(t, key=key)
+    assert float(jnp.abs(dropped - det).max()) > 1e-2  # the branch sees dropout(x)
+    np.testing.assert_array_equal(np.asarray(run(t, key=key)), np.asarray(dropped))
+    zero_b = {p: v._replace(b=jnp.zeros_like(v.b)) for p, v in t.items()}
+    np.testing.assert_allclose(np.asarray(run(zero_b, key=key)),
+                               np.asarray(conv.apply(params, x)), **CONV_F32)
