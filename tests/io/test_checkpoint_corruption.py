@@ -11,6 +11,7 @@ file bytes must be the same after all of it as before.
 
 import glob
 import os
+import pickle
 import shutil
 import warnings
 
@@ -177,6 +178,8 @@ def test_every_step_damaged_or_none_at_all(ckpt, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="no intact step") as e:
         checkpoint.restore(ckpt, LIKE, fallback=True)
     assert e.value.step == 3
+    back = pickle.loads(pickle.dumps(e.value))  # crosses process boundaries intact
+    assert (type(back), str(back), back.path) == (type(e.value), str(e.value), e.value.path)
     for s in (1, 2, 3):
         assert f"step {s}: " + os.path.join(ckpt, str(s), "meta", "metadata") in str(e.value)
     with pytest.raises(ValueError, match="fallback=True picks the step"):
@@ -196,3 +199,15 @@ def test_a_state_of_python_scalars_only_round_trips(tmp_path):
     assert checkpoint.validate(tmp_path) == 0
     assert checkpoint.restore(tmp_path, {"step": 0, "lr": 0.0, "tag": None}) == {
         "lr": 0.5, "step": 3, "tag": None}
+
+
+def test_the_docs_example_runs(tmp_path, monkeypatch):
+    import re
+
+    doc = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "checkpoints.md")
+    with open(doc, encoding="utf-8") as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    assert blocks
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # mkdtemp lands here
+    for code in blocks:
+        exec(compile(code, "docs/checkpoints.md", "exec"), {})
