@@ -51,7 +51,8 @@ every byte of the array store can be read back) and raises one
 ``restore(..., fallback=True)`` skips damaged steps and restores the newest
 intact one, with a :class:`CheckpointWarning` naming what it skipped;
 ``latest_intact_step`` says in advance which step that is, and ``validate``
-checks one step. Nothing here writes to, repairs or deletes a damaged step::
+checks one step. Nothing here writes to, repairs or deletes a damaged step
+(docs/checkpoints.md walks through an example)::
 
     step = checkpoint.latest_intact_step(directory)   # None: nothing to resume
     state = checkpoint.restore(directory, like, step=step)
@@ -61,10 +62,7 @@ Exports: ``save``, ``restore``, ``latest_step``, ``latest_intact_step``,
 ``SignalFlag``.
 """
 
-import json
-import math
 import os
-import re
 import signal
 import threading
 import warnings
@@ -74,6 +72,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from peftjax.io._checkpoint_check import ARRAYS as _ARRAYS
+from peftjax.io._checkpoint_check import FORMAT as _FORMAT
+from peftjax.io._checkpoint_check import META as _META
+from peftjax.io._checkpoint_check import CheckpointError as CheckpointError
+from peftjax.io._checkpoint_check import CheckpointWarning as CheckpointWarning
+from peftjax.io._checkpoint_check import check_step as _validate
+from peftjax.io._checkpoint_check import error_file as _error_file
+from peftjax.io._checkpoint_check import error_text as _error_text
 from peftjax.tree import _paths
 
 __all__ = [
@@ -87,54 +93,6 @@ __all__ = [
     "save",
     "validate",
 ]
-
-_ARRAYS = "arrays"
-_META = "meta"
-_META_FILE = os.path.join(_META, "metadata")  # where orbax's JsonSave writes
-_FORMAT = "peftjax.checkpoint/1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint step is damaged: a file is missing, empty, truncated or unreadable.
-
-    A ``ValueError`` (the stored data is invalid), so code that caught the
-    ``json.JSONDecodeError`` (itself a ``ValueError``) that a truncated
-    record used to raise still catches it.
-
-    Attributes:
-      directory: the checkpoint root.
-      step: the damaged step.
-      path: the damaged file or directory (absolute).
-      reason: what is wrong with it.
-
-    Example:
-      >>> err = CheckpointError("/ckpt", 3, "/ckpt/3/meta/metadata", "it is empty")
-      >>> print(err)
-      checkpoint step 3 under '/ckpt' is damaged: /ckpt/3/meta/metadata: it is empty
-    """
-
-    def __init__(self, directory: str, step: int, path: str, reason: str):
-        self.directory, self.step, self.path, self.reason = directory, step, path, reason
-        super().__init__(f"checkpoint step {step} under {directory!r} is damaged: "
-                         f"{path}: {reason}")
-
-
-class CheckpointWarning(UserWarning):
-    """``restore(..., fallback=True)`` skipped damaged steps.
-
-    Attributes:
-      step: the step that was restored.
-      skipped: ``{step: CheckpointError}`` for each damaged newer step.
-
-    Example:
-      >>> w = CheckpointWarning("skipped", step=4, skipped={})
-      >>> w.step
-      4
-    """
-
-    def __init__(self, message: str, *, step: int, skipped: dict[int, CheckpointError]):
-        super().__init__(message)
-        self.step, self.skipped = step, skipped
 
 
 def _is_key(x: Any) -> bool:
@@ -236,106 +194,6 @@ def save(directory: str | os.PathLike, step: int, state: Any, *,
             raise RuntimeError(f"save: orbax declined to save step {step}")
     finally:
         mngr.close()
-
-
-_TS_FILE = re.compile(r'local file "([^"]+)"')
-
-
-def _ts_reason(e: Exception) -> str:
-    """A tensorstore error without its (long) spec dump."""
-    return str(e).split(" [tensorstore_spec")[0][:400]
-
-
-def _read_json(path: str, fail: Any) -> Any:
-    if not os.path.isfile(path):
-        fail(path, "missing" if not os.path.lexists(path) else "not a regular file")
-    if os.path.getsize(path) == 0:
-        fail(path, "empty (0 bytes)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        fail(path, f"not valid JSON, truncated or overwritten ({e})")
-    except OSError as e:
-        fail(path, f"unreadable ({e})")
-
-
-def _check_arrays(root: str, step_dir: str, records: list[dict[str, Any]],
-                  fail: Any) -> None:
-    """Every stored array is listed, has its shape, and every byte reads back."""
-    import tensorstore as ts
-
-    wanted = {f"{i:06d}": r for i, r in enumerate(records)
-              if r.get("kind") in ("array", "prng_key")}
-    if not wanted:
-        return
-    arrays_dir = os.path.join(step_dir, _ARRAYS)
-    if not os.path.isdir(arrays_dir):
-        fail(arrays_dir, f"missing; the record lists {len(wanted)} stored arrays")
-    tree_meta = _read_json(os.path.join(arrays_dir, "_METADATA"), fail)
-    listed = tree_meta.get("tree_metadata", {}) if isinstance(tree_meta, dict) else {}
-    absent = sorted(k for k in wanted if f"('{k}',)" not in listed)
-    if absent:
-        fail(os.path.join(arrays_dir, "_METADATA"),
-             f"does not list arrays {absent[:10]} ({len(absent)} of {len(wanted)})")
-    meta_dir = os.path.join(arrays_dir, "array_metadatas")
-    if os.path.isdir(meta_dir):  # orbax parses these on every restore
-        for name in sorted(os.listdir(meta_dir)):
-            _read_json(os.path.join(meta_dir, name), fail)
-    manifest = os.path.join(arrays_dir, "manifest.ocdbt")
-    if not os.path.isfile(manifest):
-        fail(manifest, "missing (the index of the array store)")
-    try:
-        kv = ts.KvStore.open({"driver": "ocdbt",
-                              "base": "file://" + arrays_dir + os.sep}).result()
-        keys = [bytes(k).decode() for k in kv.list().result()]
-        reads = {k: kv.read(k) for k in keys}  # every byte, checksummed by OCDBT
-        values = {k: r.result() for k, r in reads.items()}
-    except ValueError as e:  # tensorstore names the file it could not read
-        found = _TS_FILE.findall(str(e))
-        fail(found[-1] if found else arrays_dir, _ts_reason(e))
-    for k, rec in wanted.items():
-        got = values.get(f"{k}/.zarray")
-        if got is None or got.state != "value":
-            fail(manifest, f"the array store has no array {k} ({rec['path']})")
-        try:
-            shape = json.loads(bytes(got.value))["shape"]
-        except (ValueError, KeyError, TypeError):
-            fail(manifest, f"array {k} ({rec['path']}) has no readable header")
-        if list(shape) != list(rec["shape"]):
-            fail(manifest, f"array {k} ({rec['path']}) has shape {tuple(shape)}, "
-                           f"the record says {tuple(rec['shape'])}")
-        chunks = [x for x in keys if x.startswith(k + "/") and x != f"{k}/.zarray"]
-        if not chunks and math.prod(rec["shape"]) > 0:
-            fail(manifest, f"array {k} ({rec['path']}) has no data")
-
-
-def _validate(root: str, step: int) -> dict[str, Any]:
-    """Checks step ``step`` under ``root``; returns its JSON record.
-
-    Reads every file the restore reads (the record, the array store's
-    metadata, every byte of the array store) and raises ``CheckpointError``
-    for the first damaged one. Writes nothing.
-    """
-
-    def fail(path: str, reason: str) -> None:
-        raise CheckpointError(root, step, path, reason)
-
-    step_dir = os.path.join(root, str(step))
-    if not os.path.isdir(step_dir):
-        fail(step_dir, "the step directory is missing")
-    meta = _read_json(os.path.join(step_dir, _META_FILE), fail)
-    path = os.path.join(step_dir, _META_FILE)
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        fail(path, f"not a peftjax checkpoint record (format {got!r}, "
-                   f"expected {_FORMAT!r})")
-    records = meta.get("leaves")
-    if not isinstance(records, list) or not all(
-            isinstance(r, dict) and "path" in r and "kind" in r for r in records):
-        fail(path, "the record has no valid 'leaves' list")
-    _check_arrays(root, step_dir, records, fail)
-    return meta
 
 
 def _steps(directory: str) -> list[int]:
@@ -562,11 +420,10 @@ def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None,
             arrays = mngr.restore(step, args=ocp.args.Composite(**{
                 _ARRAYS: ocp.args.StandardRestore(target)}))[_ARRAYS]
         except (ValueError, KeyError, OSError) as e:  # damage the check cannot see
-            found = _TS_FILE.findall(str(e))
             raise CheckpointError(
-                directory, step, found[-1] if found else os.path.join(
-                    directory, str(step), _ARRAYS),
-                f"reading the arrays failed: {type(e).__name__}: {_ts_reason(e)}") from e
+                directory, step,
+                _error_file(e) or os.path.join(directory, str(step), _ARRAYS),
+                f"reading the arrays failed: {type(e).__name__}: {_error_text(e)}") from e
         finally:
             mngr.close()
     leaves = []
