@@ -161,8 +161,13 @@ def test_init_matches_peft_conventions(name):
     fan_in = int(np.prod(w.shape[:-1]))
     bound = 1.0 / np.sqrt(fan_in)
     assert np.abs(a_peft).max() <= bound
-    t, f = adapters.lora_conv(2, spatial_dims=nd).init(
-        jax.random.key(0), jnp.zeros(w.shape, jnp.float32))
+    ad = adapters.lora_conv(2, spatial_dims=nd)
+    w_bf16 = jnp.asarray(w, jnp.bfloat16)
+    t, f = ad.init(jax.random.key(0), w_bf16)
+    merged = ad.apply(w_bf16, t, f)  # identity at init, in the base dtype
+    assert merged.dtype == jnp.bfloat16 and t.a.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(merged, np.float32),
+                                  np.asarray(w_bf16, np.float32))
     assert f is None and t.a.shape == (fan_in, 2) and t.b.shape == (2, w.shape[-1])
     np.testing.assert_array_equal(np.asarray(t.b), 0.0)
     assert np.abs(np.asarray(t.a)).max() <= bound
