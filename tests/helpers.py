@@ -97,3 +97,76 @@ def ref_abba(w, t, f, *, s):
 def ref_sora(w, t, f, *, s):
     """SoRA: W + s a diag(gate) b."""
     return f64(w) + s * (f64(t.a) * f64(t.gate)[None, :]) @ f64(t.b)
+
+
+# ---------------------------------------------------------------------------
+# Committed goldens: compared by value within a stated bound, never by bytes
+# or hashes (XLA, Eigen and LAPACK pick their kernels by CPU, so the last bits
+# of a computed tensor differ from one machine to another).
+# ---------------------------------------------------------------------------
+
+
+def tensor_stats(x):
+    """dtype, shape and float64 summary statistics of an array.
+
+    The same statistics ``scripts/golden/peft_verify.py`` and
+    ``peft_export_verify.py`` record for every tensor torch loaded: the sum,
+    the L2 norm, max |x| and a position-weighted sum (so a permuted or
+    transposed tensor does not match).
+    """
+    x = np.asarray(x)
+    v = x.astype(np.float64).ravel()
+    pos = np.arange(1, v.size + 1, dtype=np.float64) / max(v.size, 1)
+    return {
+        "dtype": str(x.dtype),
+        "shape": list(x.shape),
+        "sum": float(v.sum()),
+        "l2": float(np.sqrt(v @ v)),
+        "max_abs": float(np.abs(v).max(initial=0.0)),
+        "weighted_sum": float(v @ pos),
+    }
+
+
+def assert_verified_stats(recorded, tensors, where):
+    """The tensors are the ones a golden script verified (its ``tensor_stats``).
+
+    The statistics are float64 reductions of the same float32 values, so they
+    agree to the float64 summation order: |Δ| <= 1e-9 · sqrt(n) · L2 for the
+    sums, 1e-9 relative for the L2 norm and max |x|. Changing any value of a
+    tensor by more than ~1e-7 of its scale breaks them.
+    """
+    assert sorted(recorded) == sorted(tensors), where
+    for k, x in tensors.items():
+        want, got = recorded[k], tensor_stats(x)
+        assert got["dtype"] == want["dtype"] and got["shape"] == want["shape"], (
+            f"{where}: {k}: {got['dtype']}{got['shape']} vs "
+            f"{want['dtype']}{want['shape']}"
+        )
+        scale = 1e-9 * np.sqrt(max(np.size(x), 1)) * want["l2"]
+        for s in ("sum", "weighted_sum"):
+            assert abs(got[s] - want[s]) <= scale, (where, k, s, got[s], want[s])
+        for s in ("l2", "max_abs"):
+            assert abs(got[s] - want[s]) <= 1e-9 * want[s], (where, k, s, got, want)
+
+
+def assert_tensors_close(new, old, rel, where):
+    """Same names, dtypes, shapes and |new - old| <= rel · max|old| per tensor.
+
+    ``rel`` is relative to each tensor's largest magnitude (not elementwise:
+    SVD-derived factors have entries near zero whose relative error means
+    nothing).
+    """
+    assert sorted(new) == sorted(old), where
+    for k, want in old.items():
+        got = new[k]
+        assert got.dtype == want.dtype and got.shape == want.shape, (
+            f"{where}: {k}: {got.dtype}{got.shape} vs {want.dtype}{want.shape}"
+        )
+        want64 = np.asarray(want, np.float64)
+        np.testing.assert_allclose(
+            np.asarray(got, np.float64),
+            want64,
+            rtol=0,
+            atol=rel * np.abs(want64).max(initial=0.0),
+            err_msg=f"{where}: {k}",
+        )

@@ -7,17 +7,17 @@ converted by ``inits.to_lora`` to rank-2r LoRAs over the *unmodified* base
 and saved with ``io.save_peft``; a tiny tied-embedding Llama with a LoRA on
 the tied table and one with the table trained in full (``tied_head``).
 ``scripts/golden/peft_export_verify.py`` loaded each in PEFT / transformers
-(torch side), saved the torch logits and the SHA-256 of the tensors it
-loaded, and created two PEFT adapters for the read direction: one on the
+(torch side), saved the torch logits and summary statistics of the tensors
+it loaded, and created two PEFT adapters for the read direction: one on the
 tied table (``ensure_weight_tying=True``) and a trained PiSSA adapter PEFT
 converted itself (``path_initial_model_for_weight_conversion``). The tests regenerate
-the exports, assert byte equality with the files torch loaded, and compare
-logits. Conversion: torch ``lora_A (r, in)`` = Flax ``a.T``, ``lora_B (out,
-r)`` = ``b.T``; ``lora_embedding_A (r, V)`` = ``a.T``,
-``lora_embedding_B (d, r)`` = ``b.T``.
+the exports, assert they equal the files torch loaded within a stated bound
+(computed tensors are never compared by bytes: XLA's and LAPACK's kernels
+differ between CPUs), and compare logits. Conversion: torch ``lora_A (r,
+in)`` = Flax ``a.T``, ``lora_B (out, r)`` = ``b.T``; ``lora_embedding_A (r,
+V)`` = ``a.T``, ``lora_embedding_B (d, r)`` = ``b.T``.
 """
 
-import hashlib
 import importlib.util
 import json
 import pathlib
@@ -29,13 +29,23 @@ import pytest
 from peftjax import adapters, io
 from peftjax import models as pm
 from peftjax.models import llama
-from tests.helpers import MATMUL_F32
+from tests.helpers import MATMUL_F32, assert_tensors_close, assert_verified_stats
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "io" / "golden" / "peft"
 EXPORT = GOLDEN / "export"
 # The issue's bar for torch vs peftjax outputs (float32, different kernels).
 TORCH_ATOL = 1e-4
+# Regenerated exports vs the committed ones: |new - old| <= rel · max|old| per
+# tensor. COPY_REL for the tied exports (NumPy-seeded copies and a table +
+# noise sum: at most a few float32 roundings, ~1e-7). INIT_REL for the
+# PiSSA/OLoRA/LoRA-GA/CorDA factors: SVD/QR outputs move with LAPACK's
+# kernels by ~u·|W|/gap; rerun with OpenBLAS's Prescott and Sandybridge
+# kernels they moved by at most 4.3e-5·max|old| (LoRA-GA, layer 1 up_proj):
+# 1e-3 leaves a 20x margin, and the logits are checked against torch's at
+# TORCH_ATOL as well.
+COPY_REL = 1e-5
+INIT_REL = 1e-3
 INITS = {"pj_pissa": 2, "pj_olora": 2, "pj_lora_ga": 2, "pj_corda": 2}  # rank r
 
 
@@ -59,27 +69,17 @@ def ids():
     return jnp.asarray(np.load(GOLDEN / "torch_outputs.npz")["inputs_llama"])
 
 
-def _sha(path):
-    t, _ = io.read_safetensors(path)
-    return {
-        k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
-        for k, v in sorted(t.items())
-    }
-
-
-def assert_verified_bytes(out, name, weights, config):
-    """Regenerated tensors == committed bytes == the tensors torch loaded."""
+def assert_verified_tensors(out, name, weights, config, rel):
+    """Regenerated tensors ≈ committed ones (``rel``) = the ones torch loaded."""
     new, _ = io.read_safetensors(out / name / weights)
     old, _ = io.read_safetensors(EXPORT / name / weights)
-    assert sorted(new) == sorted(old), name
-    for k in old:
-        assert new[k].dtype == old[k].dtype and new[k].shape == old[k].shape, k
-        assert new[k].tobytes() == old[k].tobytes(), f"{name}: {k}"
+    assert_tensors_close(new, old, rel, name)
     assert json.loads((out / name / config).read_text()) == json.loads(
         (EXPORT / name / config).read_text()
     )
     verified = json.loads((EXPORT / "verified.json").read_text())
-    assert verified[name]["tensor_sha256"] == _sha(EXPORT / name / weights)
+    assert_verified_stats(verified[name]["tensor_stats"], old, name)
+    assert verified[name]["max_abs_diff"] <= TORCH_ATOL, name
 
 
 def close_f32(got, want):
@@ -111,8 +111,8 @@ def test_init_exports_are_plain_lora_over_the_original_base(
         got = fwd(adapters.materialize(back.assignment, params, *back.state), ids)
         close_f32(got, trained)  # peftjax: the export reproduces the trained model
         np.testing.assert_allclose(trained, torch_out[name], rtol=0, atol=TORCH_ATOL)
-        assert_verified_bytes(
-            tmp_path, name, "adapter_model.safetensors", "adapter_config.json"
+        assert_verified_tensors(
+            tmp_path, name, "adapter_model.safetensors", "adapter_config.json", INIT_REL
         )
     # PiSSA on v_proj had rank 4 next to q_proj's 2: 8 vs 4 after conversion
     cfg = json.loads((tmp_path / "pj_pissa" / "adapter_config.json").read_text())
@@ -127,8 +127,8 @@ def test_init_exports_are_plain_lora_over_the_original_base(
 
 def test_tied_head_exports_match_peft(make, tmp_path, torch_out, ids):
     outputs = make.build_tied(tmp_path)
-    assert_verified_bytes(
-        tmp_path, "llama_tied_base", "model.safetensors", "config.json"
+    assert_verified_tensors(
+        tmp_path, "llama_tied_base", "model.safetensors", "config.json", COPY_REL
     )
     model = llama.load_llama(tmp_path / "llama_tied_base", scan_layers=True)
     assert model.config.tie_word_embeddings
@@ -142,8 +142,8 @@ def test_tied_head_exports_match_peft(make, tmp_path, torch_out, ids):
         atol=TORCH_ATOL,
     )
     for name in ("pj_tied_embed", "pj_tied_full"):
-        assert_verified_bytes(
-            tmp_path, name, "adapter_model.safetensors", "adapter_config.json"
+        assert_verified_tensors(
+            tmp_path, name, "adapter_model.safetensors", "adapter_config.json", COPY_REL
         )
         # PEFT (ensure_weight_tying) adapts the head as peftjax's shared table does
         np.testing.assert_allclose(

@@ -3,13 +3,14 @@
 The golden half: ``scripts/golden/peft_export_make.py`` merged a LoRA into the
 committed tiny BERT and wrote it with ``bert.save_hf`` (once as BERT, once as
 RoBERTa); ``scripts/golden/peft_export_verify.py`` loaded those files with
-transformers' ``AutoModel`` and saved its last hidden states. The test
-regenerates the export, asserts the tensors are byte-identical to the files
-transformers loaded, and compares peftjax's hidden states with transformers'.
+transformers' ``AutoModel`` and saved its last hidden states (and summary
+statistics of every tensor it loaded). The test regenerates the export,
+asserts its tensors equal the files transformers loaded within a stated bound
+(merged weights are computed: never compared by bytes, XLA's kernels differ
+between CPUs), and compares peftjax's hidden states with transformers'.
 Conversion: torch ``Linear.weight (out, in)`` = Flax ``kernel.T``.
 """
 
-import hashlib
 import importlib.util
 import json
 import pathlib
@@ -23,12 +24,18 @@ from flax import nnx
 from peftjax import adapters, io, tree
 from peftjax import models as pm
 from peftjax.models import bert
-from tests.helpers import EXACT
+from tests.helpers import EXACT, assert_tensors_close, assert_verified_stats
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXPORT = ROOT / "tests" / "io" / "golden" / "peft" / "export"
 # The issue's bar for torch vs peftjax outputs (float32, different kernels).
 TORCH_ATOL = 1e-4
+# Regenerated merged weights vs the committed ones: |new - old| <= MERGED_REL ·
+# max|old| per tensor. A rank-4 merge W + s·AB in float32 is within
+# (K + 1)·2^-24·(|W| + s|A||B|) of the exact value on any correct kernel; the
+# committed tensors are within 1.2e-7·max|W'| of a float64 merge, so two CPUs
+# agree to ~1e-6·max|W'|: 1e-5 leaves a 10x margin.
+MERGED_REL = 1e-5
 
 
 def tiny(num_labels=None, model_type="bert"):
@@ -135,14 +142,6 @@ def test_params_to_hf_names_layouts_and_errors():
         bert.params_to_hf(bad, cfg)
 
 
-def _sha(path):
-    t, _ = io.read_safetensors(path)
-    return {
-        k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
-        for k, v in sorted(t.items())
-    }
-
-
 def test_transformers_loads_the_export_with_peftjax_outputs(tmp_path):
     spec = importlib.util.spec_from_file_location(
         "peft_export_make", ROOT / "scripts" / "golden" / "peft_export_make.py"
@@ -157,18 +156,13 @@ def test_transformers_loads_the_export_with_peftjax_outputs(tmp_path):
     for name in ("bert_merged", "roberta_merged"):
         new, _ = io.read_safetensors(tmp_path / name / "model.safetensors")
         old, _ = io.read_safetensors(EXPORT / name / "model.safetensors")
-        assert sorted(new) == sorted(old), name
-        for k in old:
-            assert (
-                new[k].dtype == old[k].dtype and new[k].tobytes() == old[k].tobytes()
-            ), k
+        assert_tensors_close(new, old, MERGED_REL, name)
         assert (tmp_path / name / "config.json").read_text() == (
             EXPORT / name / "config.json"
         ).read_text()
-        # transformers loaded exactly these tensors...
-        assert verified[name]["tensor_sha256"] == _sha(
-            EXPORT / name / "model.safetensors"
-        )
+        # transformers loaded the committed tensors, within the bar...
+        assert_verified_stats(verified[name]["tensor_stats"], old, name)
+        assert verified[name]["max_abs_diff"] <= TORCH_ATOL
         # ...and its hidden states are peftjax's
         np.testing.assert_allclose(
             outputs[name][m], torch_out[name][m], rtol=0, atol=TORCH_ATOL

@@ -3,11 +3,13 @@
 ``tests/io/golden/peft/`` holds PEFT-created adapters (non-zero B) and the
 torch outputs (``scripts/golden/peft_make.py``), peftjax-written adapters
 that PEFT loaded and checked (``scripts/golden/peft_from_peftjax.py`` then
-``scripts/golden/peft_verify.py`` -> ``verified.json``). Conversion: torch
+``scripts/golden/peft_verify.py`` -> ``verified.json``, with summary
+statistics of every tensor it loaded). Regenerated tensors are compared with
+the committed ones within a stated bound, never by bytes: the merged tensors
+are computed, and XLA's kernels differ between CPUs. Conversion: torch
 ``lora_A (r, in)`` = Flax ``a.T``, ``lora_B (out, r)`` = ``b.T``.
 """
 
-import hashlib
 import importlib.util
 import json
 import pathlib
@@ -20,11 +22,19 @@ import pytest
 from peftjax import adapters, io
 from peftjax import models as pm
 from peftjax.models import bert, llama
+from tests.helpers import assert_tensors_close, assert_verified_stats
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "io" / "golden" / "peft"
 # The issue's bar for torch vs peftjax outputs (float32, different kernels).
 TORCH_ATOL = 1e-4
+# Regenerated adapters vs the committed ones: |new - old| <= EXPORT_REL ·
+# max|old| per tensor. They are NumPy-seeded copies, ``head + noise`` and one
+# rank-4 LoRA merge W + s·AB: a float32 rank-K product is within
+# (K + 1)·2^-24·(|W| + s|A||B|) of the exact value on any correct kernel, and
+# the committed merges are within 1.2e-7·max|W'| of a float64 merge, so two
+# CPUs agree to ~1e-6·max|W'|; 1e-5 leaves a 10x margin.
+EXPORT_REL = 1e-5
 LLAMA = ["llama_lora", "llama_dora_rslora", "llama_embed", "llama_ia3", "llama_vera"]
 
 
@@ -80,12 +90,6 @@ def test_peft_created_bert_adapter(ref):
                                atol=TORCH_ATOL)
 
 
-def _tensor_sha(path):
-    t, _ = io.read_safetensors(path)
-    return {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
-            for k, v in sorted(t.items())}
-
-
 @pytest.fixture(scope="module")
 def regenerated(tmp_path_factory):
     spec = importlib.util.spec_from_file_location(
@@ -96,7 +100,7 @@ def regenerated(tmp_path_factory):
     return out, mod.build(out)
 
 
-def test_peftjax_written_adapters_are_the_verified_bytes(regenerated):
+def test_peftjax_written_adapters_are_the_verified_tensors(regenerated):
     out, outputs = regenerated
     verified = json.loads((GOLDEN / "verified.json").read_text())
     committed = GOLDEN / "from_peftjax"
@@ -106,19 +110,19 @@ def test_peftjax_written_adapters_are_the_verified_bytes(regenerated):
         fn = "model.safetensors" if name.endswith("_merged") else "adapter_model.safetensors"
         new, _ = io.read_safetensors(out / name / fn)
         old, _ = io.read_safetensors(committed / name / fn)
-        assert sorted(new) == sorted(old), name
-        for k in old:
-            assert new[k].dtype == old[k].dtype and new[k].shape == old[k].shape, k
-            assert new[k].tobytes() == old[k].tobytes(), f"{name}: {k}"
+        assert_tensors_close(new, old, EXPORT_REL, name)
         cfg = "config.json" if name.endswith("_merged") else "adapter_config.json"
         assert json.loads((out / name / cfg).read_text()) == json.loads(
             (committed / name / cfg).read_text())
-        # torch verified exactly these tensors, within the bar
-        assert verified[name]["tensor_sha256"] == _tensor_sha(committed / name / fn)
+        # torch verified the committed tensors, within the bar
+        assert_verified_stats(verified[name]["tensor_stats"], old, name)
         assert verified[name]["max_abs_diff"] <= TORCH_ATOL
     ref = np.load(GOLDEN / "peftjax_outputs.npz")
+    assert sorted(outputs) == names
     for name, value in outputs.items():
-        np.testing.assert_allclose(value, ref[name], rtol=0, atol=TORCH_ATOL)
+        # |new - torch| <= |new - committed peftjax| + the verified max-abs-diff
+        drift = float(np.max(np.abs(value - ref[name])))
+        assert drift + verified[name]["max_abs_diff"] <= TORCH_ATOL, (name, drift)
 
 
 def test_merged_export_reloads_with_identical_logits(regenerated, ref):
