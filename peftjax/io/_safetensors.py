@@ -9,11 +9,12 @@ holds, keyed by their tensor names, in the dtype stored on disk (bf16 through
 Exports: ``read_safetensors``, ``read_safetensors_index``, ``write_safetensors``.
 """
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 
 import numpy as np
+
+from peftjax.io import _json
 
 
 def _require_file(path: str | os.PathLike, what: str) -> str:
@@ -100,8 +101,7 @@ def read_safetensors_index(
       ['x', 'y']
     """
     index_path = _require_file(index_path, "read_safetensors_index")
-    with open(index_path, encoding="utf-8") as f:
-        index = json.load(f)
+    index = _json.read_json(index_path, "read_safetensors_index", want_object=False)
     weight_map = index.get("weight_map") if isinstance(index, Mapping) else None
     if not isinstance(weight_map, Mapping) or not weight_map:
         raise ValueError(

@@ -13,7 +13,6 @@ here runs code from the checkpoint.
 Exports: ``ChatTemplate``, ``chat_template_from_gguf``, ``load_chat_template``.
 """
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -137,8 +136,9 @@ def load_chat_template(path: str | os.PathLike) -> ChatTemplate:
     config_file = os.path.join(path, "tokenizer_config.json")
     config: dict = {}
     if os.path.isfile(config_file):
-        with open(config_file, encoding="utf-8") as f:
-            config = json.load(f)
+        from peftjax.io import _json
+
+        config = _json.read_json(config_file, "load_chat_template")
     jinja_file = os.path.join(path, "chat_template.jinja")
     if os.path.isfile(jinja_file):
         with open(jinja_file, encoding="utf-8") as f:

@@ -104,7 +104,8 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
       A ``tokenizers.Tokenizer``.
 
     Raises:
-      ValueError: a missing file or an unsupported GGUF tokeniser.
+      ValueError: a missing or malformed file (naming it and, for bad JSON,
+        the position) or an unsupported GGUF tokeniser.
 
     Example:
       >>> from peftjax.models import _fixtures
@@ -122,4 +123,8 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise ValueError(f"load_tokenizer: no tokenizer.json at {file!r}")
-    return Tokenizer.from_file(file)
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as e:  # the tokenizers library raises bare Exception
+        raise ValueError(f"load_tokenizer: {file} is not a tokenizer.json the "
+                         f"tokenizers library can read: {e}") from e

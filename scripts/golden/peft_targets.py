@@ -194,8 +194,9 @@ def main():
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
                 "peft": peft.__version__, "python": platform.python_version()}
     with open(OUT, "w") as f:
+        # Not sort_keys: rank_pattern / alpha_pattern keys are tried in order.
         json.dump({"versions": versions, "cases": cases, "patterns": patterns,
-                   "ia3": ia3}, f, indent=1, sort_keys=True)
+                   "ia3": ia3}, f, indent=1)
         f.write("\n")
 
 

@@ -9,7 +9,6 @@ the CLS pooler are ignored (peftjax pools by mean); ``classifier.*`` loads into
 Exports: ``params_from_hf``, ``load_bert``.
 """
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from peftjax.io import _json
 from peftjax.models import _hub
 from peftjax.models.bert import _config, _model
 from peftjax.tree import _paths
@@ -183,8 +183,11 @@ def load_bert(
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"load_bert: {directory!r} has no config.json")
-    with open(config_path, encoding="utf-8") as f:
-        cfg = _config.BertConfig.from_hf(json.load(f))
+    hf = _json.read_json(config_path, "load_bert")
+    try:
+        cfg = _config.BertConfig.from_hf(hf)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"load_bert: {config_path}: {e}") from e
     params = params_from_hf(
         _hub.read_hf_weights(directory, what="load_bert"),
         cfg,

@@ -19,7 +19,6 @@ Exports: ``config_from_gguf``, ``params_from_hf``, ``params_from_gguf``,
 ``load_llama``, ``load_llama_params``.
 """
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.io import _gguf
+from peftjax.io import _gguf, _json
 from peftjax.models import _hub
 from peftjax.models.llama import _config, _model
 from peftjax.quant import _array as _qarray
@@ -392,8 +391,11 @@ def load_llama_params(
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"load_llama: {directory!r} has no config.json")
-    with open(config_path, encoding="utf-8") as f:
-        cfg = _config.LlamaConfig.from_hf(json.load(f))
+    hf = _json.read_json(config_path, "load_llama")
+    try:
+        cfg = _config.LlamaConfig.from_hf(hf)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"load_llama: {config_path}: {e}") from e
     tensors = _hub.read_hf_weights(directory, what="load_llama")
     return cfg, params_from_hf(tensors, cfg, param_dtype=param_dtype)
 
