@@ -131,8 +131,9 @@ def leaf_dimension_numbers(key: PeftKey, ndim: int, n_batch: int
       n_batch: 0 (unrolled) or 1 (scanned).
 
     Returns:
-      None for the Flax default, else the key's axes shifted past the layer
-      axis (which becomes ``batch_axis``).
+      None for the Flax default of an unrolled leaf, else the key's axes
+      (default ``(in, out)``) shifted past the layer axis, which becomes
+      ``batch_axis``: a scanned leaf's view is always explicit.
 
     Example:
       >>> k = PeftKey("q", "weight", TensorLayout.KERNEL,
@@ -141,8 +142,10 @@ def leaf_dimension_numbers(key: PeftKey, ndim: int, n_batch: int
       DimensionNumbers(reduction_axis=(1,), output_axis=(2, 3), batch_axis=(0,))
     """
     dn = key.dimension_numbers
-    if dn is None or not n_batch:
+    if not n_batch:
         return dn
+    if dn is None:
+        dn = _matrix.default_dimension_numbers(2)
     rank = ndim - n_batch
 
     def shift(axes: tuple[int, ...]) -> tuple[int, ...]:

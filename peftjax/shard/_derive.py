@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from peftjax.adapters import _base as _adapters_base
 from peftjax.optim import _frugal, _galore, _sparse_spiel
 from peftjax.shard import _specs
-from peftjax.tree import _matrix, _paths
+from peftjax.tree import _layouts, _matrix, _paths
 
 _IN, _OUT, _FREE, _FLAT = "in", "out", "free", "flat"
 _SPARSE_FIELDS = ("values", "indices")
@@ -323,7 +323,7 @@ def state_shardings(
     params: Any,
     shardings: Any,
     *,
-    dimension_numbers: Mapping[str, _matrix.DimensionNumbers] | None = None,
+    dimension_numbers: Mapping[str, _matrix.DimensionNumbers] | _layouts.Layout | None = None,
 ) -> Any:
     """Returns shardings of an optimizer (or SpIEL) state, derived from params'.
 
@@ -344,7 +344,9 @@ def state_shardings(
       params: the tree the optimizer (or ``spiel_init``) was given.
       shardings: the shardings (or specs) of ``params``.
       dimension_numbers: ``{path: DimensionNumbers}`` for parameters that
-        the optimizer views with non-default dimension numbers.
+        the optimizer views with other dimension numbers than the tree's
+        layout (2-D ``(in, out)``, stacked ``layers/...``), or the
+        ``peftjax.tree.Layout`` given to the optimizer.
 
     Returns:
       A tree with ``state``'s structure of ``NamedSharding``.
@@ -369,14 +371,25 @@ def state_shardings(
             f"{sorted(set(flat) - set(specs))[:5]}, "
             f"extra {sorted(set(specs) - set(flat))[:5]}"
         )
-    dims_of = dict(dimension_numbers or {})
+    declared = dimension_numbers if isinstance(dimension_numbers, _layouts.Layout) else None
+    dims_of = {} if declared is not None else dict(dimension_numbers or {})
     sizes = dict(mesh.shape)
     views: dict[str, _View] = {}
     rep = PartitionSpec()
+    layout = _layouts.bind(declared, list(flat.items()))
+
+    def default_dims(p: str) -> Any:
+        # The view GaLore/FRUGAL take by default (the tree's layout); a leaf
+        # without one keeps None and is derived as a plain tensor.
+        try:
+            return layout.view(p)
+        except ValueError:
+            return None
 
     def view_of(p: str) -> _View:
         if p not in views:
-            views[p] = _view(tuple(np.shape(flat[p])), specs[p], dims_of.get(p), p)
+            dims = dims_of[p] if p in dims_of else default_dims(p)
+            views[p] = _view(tuple(np.shape(flat[p])), specs[p], dims, p)
         return views[p]
 
     def generic(kp, leaf):
