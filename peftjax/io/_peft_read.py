@@ -147,6 +147,8 @@ def load_peft(
     * (IA)³'s ``feedforward_modules``: a list matches by plain ``endswith``,
       a string in full; it decides which side the scale vector is on.
 
+    The user guide is docs/peft_format.md.
+
     Args:
       directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
       params: the base tree (unrolled or scanned layout): paths and shapes.
