@@ -316,6 +316,13 @@ def _check_selection(selection: Any, config: dict,
             f"load_peft: {weights} holds {peft_type} tensors for {len(extra)} "
             f"module(s) that {source} does not select (PEFT would not adapt them): "
             + "; ".join(why))
+    layouts = {k.module: k.layout for k in key_map.values() if k.tensor == "weight"}
+    emb = [m for m in selection.selected
+           if layouts.get(m) is _peft_keys.TensorLayout.EMBEDDING]
+    if emb and peft_type != "LORA":
+        raise ValueError(f"load_peft: target_modules in {source} selects the "
+                         f"embedding(s) {emb}; PEFT's {peft_type} adapts Linear "
+                         "modules only (PEFT raises here too)")
     missing = sorted(chosen - set(found))
     if missing:
         layers = ("" if config.get("layers_to_transform") is None else
@@ -324,13 +331,6 @@ def _check_selection(selection: Any, config: dict,
             f"load_peft: target_modules={config.get('target_modules')!r}{layers} in "
             f"{source} selects {len(missing)} module(s) of the key map with no "
             f"tensors in {weights}: {missing[:8]}")
-    layouts = {k.module: k.layout for k in key_map.values() if k.tensor == "weight"}
-    emb = [m for m in selection.selected
-           if layouts.get(m) is _peft_keys.TensorLayout.EMBEDDING]
-    if emb and peft_type != "LORA":
-        raise ValueError(f"load_peft: target_modules in {source} selects the "
-                         f"embedding(s) {emb}; PEFT's {peft_type} adapts Linear "
-                         "modules only (PEFT raises here too)")
     unused = _peft_config.unused_pattern_keys(config, selection.selected)
     if unused:
         warnings.warn(f"load_peft: {source}: pattern keys that match no selected "

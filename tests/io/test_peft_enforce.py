@@ -329,6 +329,27 @@ def test_wrong_typed_fields_name_the_file(tmp_path):
         params, d = write(tmp_path / "ad")
 
 
+def test_vera_dropout_and_ia3_on_an_embedding_are_refused(tmp_path):
+    params = make_params()
+    for name, then in (("vera", adapters.vera(2, max_in=D, max_out=D)),
+                       ("ia3", adapters.ia3())):
+        a = tree.assign(params, [tree.Rule(where=r"layers/\d+/q/kernel", then=then)])
+        d = io.save_peft(tmp_path / name, a, adapters.init(a, jax.random.key(0), params),
+                         params, key_map=key_map())
+        assert sorted(load(d, params).assignment) == ["layers/0/q/kernel",
+                                                      "layers/1/q/kernel"]
+        if name == "vera":  # peftjax's VeRA has no input dropout
+            _edit_config(d, vera_dropout=0.1)
+            with pytest.raises(ValueError, match=r"adapter_config.json: VERA .*"
+                                                 r"vera_dropout=0.1"):
+                load(d, params)
+        else:  # PEFT's (IA)³ adapts Linear modules only
+            _edit_config(d, target_modules=["q", "embed"])
+            with pytest.raises(ValueError, match=r"selects the embedding\(s\) "
+                                                 r"\['embed'\]; PEFT's IA3"):
+                load(d, params)
+
+
 def test_unmatched_pattern_key_warns_as_peft_does(tmp_path):
     params, d = write(tmp_path / "ad")
     _edit_config(d, alpha_pattern={"zz": 3.0})
