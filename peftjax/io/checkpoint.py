@@ -45,9 +45,12 @@ the training loop polls it between steps, saves, and exits::
 
 Damaged checkpoints: a disk that fills up, a copy cut short or a stray
 ``rm`` can leave a step that orbax still lists. ``restore`` checks the step
-before reading it (the JSON record parses, every stored array is listed, and
-every byte of the array store can be read back) and raises one
-:class:`CheckpointError` naming the directory, the step and the damaged file.
+before reading it (the JSON record parses, every stored array is listed,
+every file the array store refers to is there in full, and every stored
+byte can be read back) and raises one :class:`CheckpointError` naming the
+directory, the step and the damaged file. Not detected: a bit flipped
+*inside* an array's compressed data (the store keeps no checksum of array
+contents), which restores as wrong values.
 ``restore(..., fallback=True)`` skips damaged steps and restores the newest
 intact one, with a :class:`CheckpointWarning` naming what it skipped;
 ``latest_intact_step`` says in advance which step that is, and ``validate``
@@ -211,8 +214,10 @@ def validate(directory: str | os.PathLike, step: int | None = None) -> int:
 
     Intact means: the step's JSON record parses and is a peftjax record,
     the array store lists every array the record names with the recorded
-    shape, and every byte of the store reads back (OCDBT checksums its
-    files). Nothing is written or repaired.
+    shape, every file the store refers to exists and holds the bytes it
+    refers to, and every stored value reads back non-empty. Nothing is
+    written or repaired. A bit flipped inside an array's compressed data is
+    not detected (the store keeps no checksum of array contents).
 
     Args:
       directory: the checkpoint root.

@@ -28,6 +28,8 @@ def _state(step):
     return {
         "adapter": {"a": jnp.asarray(rng.standard_normal((4, 2)), jnp.float32),
                     "b": jnp.asarray(rng.standard_normal((2, 3)), jnp.bfloat16)},
+        # 2 KiB: above OCDBT's 1 KiB inline limit, so stored in a data file of its own
+        "big": jnp.asarray(rng.standard_normal((32, 16)), jnp.float32),
         "count": jnp.asarray(step, jnp.int32),
         "key": jax.random.fold_in(jax.random.key(0), step),
         "step": step,
@@ -36,6 +38,7 @@ def _state(step):
 
 LIKE = {"adapter": {"a": jax.ShapeDtypeStruct((4, 2), jnp.float32),
                     "b": jax.ShapeDtypeStruct((2, 3), jnp.bfloat16)},
+        "big": jax.ShapeDtypeStruct((32, 16), jnp.float32),
         "count": jax.ShapeDtypeStruct((), jnp.int32),
         "key": jax.random.key(1), "step": 0}
 
@@ -64,9 +67,17 @@ def _truncate_record(d):
 
 
 def _data_file(d):
-    files = sorted(glob.glob(os.path.join(d, "3", "arrays", "d", "*")))
+    """The file holding the largest array's data (OCDBT stores values over 1 KiB
+    out of line, in the per-process store's data files)."""
+    files = glob.glob(os.path.join(d, "3", "arrays", "ocdbt.process_0", "d", "*"))
     assert files, "the array store has data files"
-    return files[0]
+    return max(files, key=os.path.getsize)
+
+
+def _index_file(d):
+    """The array store's b-tree node (its index of keys, small values inline)."""
+    (path,) = glob.glob(os.path.join(d, "3", "arrays", "d", "*"))
+    return path
 
 
 def _remove_array_file(d):
@@ -78,6 +89,12 @@ def _remove_array_file(d):
 def _zero_byte_file(d):
     path = _data_file(d)
     open(path, "wb").close()
+    return path
+
+
+def _remove_index_file(d):
+    path = _index_file(d)
+    os.remove(path)
     return path
 
 
@@ -98,6 +115,7 @@ DAMAGE = {
     "zero_byte_file": _zero_byte_file,
     "removed_step_directory_entry": _remove_entry,
     "removed_record_directory": _remove_record_entry,
+    "missing_index_file": _remove_index_file,
 }
 
 
@@ -131,6 +149,7 @@ def _assert_is_step(got, step):
         # stored values read back: exact
         np.testing.assert_array_equal(np.asarray(got["adapter"][k], np.float32),
                                       np.asarray(want["adapter"][k], np.float32))
+    np.testing.assert_array_equal(np.asarray(got["big"]), np.asarray(want["big"]))
     assert int(got["count"]) == step and got["step"] == step
     np.testing.assert_array_equal(np.asarray(jax.random.key_data(got["key"])),
                                   np.asarray(jax.random.key_data(want["key"])))
