@@ -9,7 +9,7 @@ staggered.
 
 Exports (private): ``LeafPlan``, ``plan_leaves``, ``side_for``, ``side_dim``,
 ``to_slices``, ``from_slices``, ``key_data``, ``leaf_keys``,
-``stagger_offsets``, ``refresh_slices``.
+``stagger_offsets``, ``finite_refresh``, ``refresh_slices``.
 """
 
 import math
@@ -227,6 +227,25 @@ def stagger_offsets(plans: list["LeafPlan | None"], gap: int) -> list[Any]:
     return out
 
 
+def finite_refresh(projector: _projectors.Projector, spec: _projectors.LeafSpec
+                   ) -> Callable[[jax.Array, Any, jax.Array], Any]:
+    """``projector.refresh`` for one slice, keeping the old basis on a non-finite one.
+
+    A slice gradient with a NaN or an infinity would give a NaN basis (SVD)
+    or a basis drawn on a bad step (random projectors); the returned
+    function gives the slice's previous basis instead, and hands the
+    projector zeros in place of the bad gradient so no NaN reaches LAPACK or
+    cuSOLVER. On a finite slice it is ``projector.refresh`` exactly.
+    """
+
+    def one(gi, bi, ki):
+        ok = jnp.all(jnp.isfinite(gi))
+        new = projector.refresh(jnp.where(ok, gi, jnp.zeros_like(gi)), bi, spec, ki)
+        return jax.tree.map(lambda n, o: jnp.where(ok, n.astype(o.dtype), o), new, bi)
+
+    return one
+
+
 def refresh_slices(
     projector: _projectors.Projector,
     spec: _projectors.LeafSpec,
@@ -245,11 +264,11 @@ def refresh_slices(
     Staggered: a ``lax.map`` (scan) over slices, each with its own unbatched
     predicate ``count == 0 or count % gap == offset``, so a step only pays for
     the slices whose phase it is (a ``cond`` under ``vmap`` would become a
-    ``select`` and run every SVD every step).
+    ``select`` and run every SVD every step). A slice whose gradient is not
+    finite keeps its basis (``finite_refresh``).
     """
 
-    def one(gi, bi, ki):
-        return projector.refresh(gi, bi, spec, ki)
+    one = finite_refresh(projector, spec)
 
     if offsets is None:
         return jax.lax.cond(
