@@ -21,6 +21,9 @@ Paper ↔ code (FRUGAL(Adam, signSGD)):
 The reference's decoupled weight decay ``p ← p(1 − lr·wd)`` before the update
 is exactly ``optax.add_decayed_weights`` in the ``frugal`` alias.
 
+A refresh on a gradient slice that is not finite (NaN or infinity) keeps that
+slice's previous projector, as in GaLore.
+
 Exports: ``FrugalState``, ``BlockSelector``, ``blocks``, ``scale_by_frugal``,
 ``frugal``.
 """

@@ -13,7 +13,11 @@ Paper ↔ code (Algorithm 2, written for ``m <= n`` in torch layout):
 * ``G̃_t = α P_t N_t`` ↔ ``Projector.up`` times ``scale``.
 
 Moments are neither reset nor rotated at a refresh (GaLore's defining
-behaviour). Full rank with ``scale=1`` is **not** Adam (Adam is not rotation
+behaviour). A refresh on a gradient slice that is not finite (NaN or
+infinity) keeps that slice's previous projector; the step builders skip the
+whole update on such a step (see ``docs/nonfinite.md``).
+
+Full rank with ``scale=1`` is **not** Adam (Adam is not rotation
 invariant, docs/galore.md#full-rank-is-not-adam); full rank with SGD is SGD.
 
 Relation to ``optax.contrib.galore``: optax projects the larger axis (its rule
@@ -165,15 +169,17 @@ def refresh_bases(
     otherwise one unbatched ``lax.cond`` guards either a ``lax.map`` over the
     slices in chunks of ``batch_size`` or a ``shard_map`` over the slices
     (padded to a multiple of the sharding's device count) in which each
-    device maps over its own slices.
+    device maps over its own slices. A slice whose gradient is not finite
+    keeps its previous basis.
     """
     if offsets is not None or (batch_size is None and sharding is None):
         return _leaves.refresh_slices(projector, spec, g, basis, keys, count, gap,
                                       offsets)
 
+    refresh = _leaves.finite_refresh(projector, spec)
+
     def one(args):
-        gi, bi, ki = args
-        return projector.refresh(gi, bi, spec, ki)
+        return refresh(*args)
 
     def chunked():
         return jax.lax.map(one, (g, basis, keys), batch_size=batch_size)
