@@ -1,15 +1,41 @@
 """Strict test configuration (docs/architecture.md#tests)."""
 
+import functools
 import itertools
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import reads_goldens
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@functools.cache
+def _module_reads_goldens(path):
+    return reads_goldens(pathlib.Path(path).read_text(encoding="utf-8"))
+
+
+def pytest_itemcollected(item):
+    """Marks ``golden`` every test of a module that reads committed goldens.
+
+    ``.ci/run`` runs ``-m golden`` a second time under other XLA kernels; the
+    marker follows the code (``tests.helpers.reads_goldens``), so the set
+    cannot drift from the tests that compare against committed outputs.
+    """
+    path = pathlib.Path(str(item.path))
+    if (
+        path.suffix == ".py"
+        and path.name.startswith("test_")
+        and path.name != "test_hygiene.py"  # it names golden directories, reads none
+        and _module_reads_goldens(str(path))
+    ):
+        item.add_marker(pytest.mark.golden)
 
 
 def pytest_collection_modifyitems(config, items):
