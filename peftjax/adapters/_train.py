@@ -13,6 +13,16 @@ arguments, so they get no gradients and no optimizer moments. Any optax
   MLP under GaLore) are spliced into the base tree before ``materialize``.
   Route them with ``optax.partition`` and ``hybrid_labels``.
 
+Non-finite steps. Both steps skip an update whose loss or gradient has a
+NaN or an infinity (``skip_nonfinite=True``, the default): they return the
+trainable tree and the optimizer state they were given, unchanged (counts and
+inner states included), so one bad batch cannot poison the adapters or the
+Adam moments. ``optax.apply_if_finite`` does the same inside an optimizer but
+keeps its own counters in the state (which therefore changes on a skipped
+step); the steps here decide before the optimizer runs, under one
+``lax.cond``. ``return_metrics=True`` adds ``{"skipped": 0 or 1}`` to the
+outputs so a loop can count skips; see ``docs/nonfinite.md``.
+
 Exports: ``make_train_step``, ``HybridTrainable``, ``hybrid_init``,
 ``hybrid_labels``, ``hybrid_materialize``, ``make_hybrid_train_step``.
 """
@@ -21,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from peftjax.adapters import _base
@@ -30,9 +41,81 @@ PyTree = Any
 LossFn = Callable[..., Any]
 
 
-def _update(optimizer: optax.GradientTransformation, grads, opt_state, trainable):
-    updates, opt_state = optimizer.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state
+def all_finite(tree: PyTree) -> jax.Array:
+    """Returns a ``()`` bool: every floating leaf of ``tree`` is finite.
+
+    Integer, boolean and key leaves are ignored (they cannot hold NaN).
+
+    Args:
+      tree: any pytree of arrays (a loss, a gradient tree, ...).
+
+    Returns:
+      A scalar boolean array (True for a tree without floating leaves).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> bool(all_finite({"a": jnp.ones(2), "b": jnp.array([1.0, jnp.nan])}))
+      False
+    """
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not checks:
+        return jnp.ones([], bool)
+    return jnp.all(jnp.stack(checks))
+
+
+def guarded_update(optimizer: optax.GradientTransformation, grads: PyTree,
+                   opt_state: PyTree, trainable: PyTree, loss: Any, *,
+                   skip_nonfinite: bool = True) -> tuple[PyTree, PyTree, jax.Array]:
+    """Applies ``optimizer`` unless ``loss`` or ``grads`` is non-finite.
+
+    With ``skip_nonfinite`` the update runs under ``lax.cond``: a step whose
+    loss or gradient holds a NaN or an infinity returns ``trainable`` and
+    ``opt_state`` exactly as given (the optimizer does not run, so no count,
+    moment or projector changes).
+
+    Args:
+      optimizer: any optax transformation over ``trainable``.
+      grads: the gradient tree.
+      opt_state: the optimizer state.
+      trainable: the differentiated tree.
+      loss: the scalar loss (checked with the gradients).
+      skip_nonfinite: False applies every update (NaN passes on).
+
+    Returns:
+      ``(trainable, opt_state, skipped)``; ``skipped`` is a ``()`` int32, 1
+      when the update was skipped.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> opt = optax.sgd(1.0)
+      >>> t = {"w": jnp.ones(2)}
+      >>> t2, _, skipped = guarded_update(opt, {"w": jnp.array([jnp.nan, 0.0])},
+      ...                                 opt.init(t), t, jnp.float32(0.0))
+      >>> t2["w"].tolist(), int(skipped)
+      ([1.0, 1.0], 1)
+    """
+
+    def take(args):
+        g, s, t = args
+        updates, s = optimizer.update(g, s, t)
+        return optax.apply_updates(t, updates), s
+
+    if not skip_nonfinite:
+        trainable, opt_state = take((grads, opt_state, trainable))
+        return trainable, opt_state, jnp.zeros([], jnp.int32)
+    args = (grads, opt_state, trainable)
+    out = jax.eval_shape(take, args)
+
+    def keep(args):  # the state as given, in the dtypes the update returns
+        _, s, t = args
+        return jax.tree.map(
+            lambda x, o: x if jnp.result_type(x) == o.dtype else x.astype(o.dtype),
+            (t, s), out)
+
+    ok = all_finite((loss, grads))
+    trainable, opt_state = jax.lax.cond(ok, take, keep, args)
+    return trainable, opt_state, jnp.logical_not(ok).astype(jnp.int32)
 
 
 def make_train_step(
@@ -42,13 +125,21 @@ def make_train_step(
     *,
     has_aux: bool = False,
     deterministic: bool = False,
-) -> Callable[..., tuple[Any, Any, Any]]:
+    skip_nonfinite: bool = True,
+    return_metrics: bool = False,
+) -> Callable[..., tuple[Any, ...]]:
     """Builds the adapter-only step ``(trainable, opt_state, params, frozen, batch)``.
 
     The step computes ``loss_fn(materialize(assignment, params, trainable,
     frozen), batch)``, differentiates it with respect to ``trainable`` only
     and applies ``optimizer``. Jit it yourself (``jax.jit(step)``), donating
     ``trainable`` and ``opt_state`` if you like.
+
+    A step whose loss or gradient is not finite is skipped: it returns
+    ``trainable`` and ``opt_state`` unchanged (the optimizer does not run, so
+    its count and moments stay as they were; with ``optax.apply_if_finite``
+    inside the optimizer they would not). Count skips with
+    ``return_metrics=True``.
 
     Args:
       assignment: ``{path: Adapter}``.
@@ -58,10 +149,15 @@ def make_train_step(
       has_aux: forwarded to ``jax.value_and_grad``.
       deterministic: forwarded to ``materialize`` (needed when an adapter has
         input dropout; the factored path applies dropout).
+      skip_nonfinite: skip updates whose loss or gradient has a NaN or an
+        infinity (default); False applies them (NaN then reaches the state).
+      return_metrics: also return ``{"skipped": ()int32}`` (1 on a skipped
+        step) as a fourth output.
 
     Returns:
       ``step(trainable, opt_state, params, frozen, batch) -> (trainable,
-      opt_state, loss)`` (``loss`` is ``(loss, aux)`` with ``has_aux``).
+      opt_state, loss)`` (``loss`` is ``(loss, aux)`` with ``has_aux``), or
+      ``(trainable, opt_state, loss, metrics)`` with ``return_metrics``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -88,7 +184,11 @@ def make_train_step(
             return loss_fn(p, batch)
 
         value, grads = jax.value_and_grad(objective, has_aux=has_aux)(trainable)
-        trainable, opt_state = _update(optimizer, grads, opt_state, trainable)
+        trainable, opt_state, skipped = guarded_update(
+            optimizer, grads, opt_state, trainable, value[0] if has_aux else value,
+            skip_nonfinite=skip_nonfinite)
+        if return_metrics:
+            return trainable, opt_state, value, {"skipped": skipped}
         return trainable, opt_state, value
 
     return step
@@ -218,7 +318,9 @@ def make_hybrid_train_step(
     *,
     has_aux: bool = False,
     deterministic: bool = False,
-) -> Callable[..., tuple[Any, Any, Any]]:
+    skip_nonfinite: bool = True,
+    return_metrics: bool = False,
+) -> Callable[..., tuple[Any, ...]]:
     """Builds the hybrid step ``(trainable, opt_state, params, frozen, batch)``.
 
     Like ``make_train_step`` with ``trainable = {"adapters": ..., "full":
@@ -226,6 +328,9 @@ def make_hybrid_train_step(
     ``optax.partition(..., hybrid_labels(trainable))``. ``params`` keeps the
     original values of the fully trained leaves (they are overridden by
     ``trainable["full"]``); write them back with ``replace_leaves`` to export.
+    Non-finite steps are skipped as in ``make_train_step``: the whole hybrid
+    tree and the optimizer state (a GaLore projector included) come back
+    unchanged.
 
     Args:
       assignment: ``{path: Adapter}``.
@@ -233,9 +338,11 @@ def make_hybrid_train_step(
       optimizer: any optax transformation over the hybrid trainable tree.
       has_aux: forwarded to ``jax.value_and_grad``.
       deterministic: forwarded to ``materialize``.
+      skip_nonfinite: as in ``make_train_step``.
+      return_metrics: as in ``make_train_step``.
 
     Returns:
-      The step function.
+      The step function, with ``make_train_step``'s signature and outputs.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -260,7 +367,11 @@ def make_hybrid_train_step(
             return loss_fn(p, batch)
 
         value, grads = jax.value_and_grad(objective, has_aux=has_aux)(trainable)
-        trainable, opt_state = _update(optimizer, grads, opt_state, trainable)
+        trainable, opt_state, skipped = guarded_update(
+            optimizer, grads, opt_state, trainable, value[0] if has_aux else value,
+            skip_nonfinite=skip_nonfinite)
+        if return_metrics:
+            return trainable, opt_state, value, {"skipped": skipped}
         return trainable, opt_state, value
 
     return step

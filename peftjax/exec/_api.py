@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import optax
 
-from peftjax.adapters import _base
+from peftjax.adapters import _base, _train
 from peftjax.exec import _interpret, _sym
 from peftjax.quant import _array as _qarray
 from peftjax.quant import _matmul as _qmatmul
@@ -203,11 +203,16 @@ def make_train_step(
     has_aux: bool = False,
     deterministic: bool = False,
     tile_bytes: int = _qmatmul.DEFAULT_TILE_BYTES,
-) -> Callable[..., tuple[Any, Any, Any]]:
+    skip_nonfinite: bool = True,
+    return_metrics: bool = False,
+) -> Callable[..., tuple[Any, ...]]:
     """The factored adapter-only step ``(trainable, opt_state, params, frozen, batch, key)``.
 
     Same contract as ``peftjax.adapters.make_train_step`` (differentiate the
-    adapter state only) with ``loss_fn`` run through :func:`factored`.
+    adapter state only) with ``loss_fn`` run through :func:`factored`. A step
+    whose loss or gradient is not finite is skipped: ``trainable`` and
+    ``opt_state`` come back unchanged (the optimizer does not run; unlike
+    ``optax.apply_if_finite``, whose counters would change the state).
 
     Args:
       assignment: ``{path: Adapter}``.
@@ -217,10 +222,15 @@ def make_train_step(
       has_aux: forwarded to ``jax.value_and_grad``.
       deterministic: skip adapter dropout.
       tile_bytes: forwarded to :func:`factored` (quantised bases).
+      skip_nonfinite: skip updates whose loss or gradient has a NaN or an
+        infinity (default); False applies them (NaN then reaches the state).
+      return_metrics: also return ``{"skipped": ()int32}`` (1 on a skipped
+        step) as a fourth output.
 
     Returns:
       ``step(trainable, opt_state, params, frozen, batch, key=None) ->
-      (trainable, opt_state, loss)``; ``key`` is needed for adapter dropout.
+      (trainable, opt_state, loss)``, or ``(..., loss, metrics)`` with
+      ``return_metrics``; ``key`` is needed for adapter dropout.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -245,7 +255,11 @@ def make_train_step(
             return f(params, batch)
 
         value, grads = jax.value_and_grad(objective, has_aux=has_aux)(trainable)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, value
+        trainable, opt_state, skipped = _train.guarded_update(
+            optimizer, grads, opt_state, trainable, value[0] if has_aux else value,
+            skip_nonfinite=skip_nonfinite)
+        if return_metrics:
+            return trainable, opt_state, value, {"skipped": skipped}
+        return trainable, opt_state, value
 
     return step

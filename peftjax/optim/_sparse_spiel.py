@@ -25,6 +25,10 @@ field whose frozen entry has an ``indices`` field (``peftjax.adapters``'
 ``SparseValues``/``SparseSupport``); anything else in the trainable tree is
 trained by the optimizer without reselection.
 
+A step whose loss, gradient or (inside a phase) dense gradient is not finite
+is skipped as a whole: values, support, optimizer state and selection state
+come back unchanged, so the accumulators and moments never see a NaN.
+
 Exports: ``SpIELState``, ``spiel_init``, ``make_spiel_step``.
 """
 
@@ -102,6 +106,12 @@ def spiel_init(trainable: dict[str, Any], frozen: dict[str, Any]) -> SpIELState:
     )
 
 
+def _all_finite(tree: PyTree) -> jax.Array:
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.ones([], bool)
+
+
 def _vmapped(fn: Callable, nbatch: int, in_axes: tuple) -> Callable:
     for _ in range(nbatch):
         fn = jax.vmap(fn, in_axes=in_axes)
@@ -117,11 +127,17 @@ def make_spiel_step(
     b1: float = 0.9,
     b2: float = 0.999,
     grad_accumulation_steps: int = 1,
+    skip_nonfinite: bool = True,
+    return_metrics: bool = False,
 ) -> Callable:
     """Builds ``step(trainable, frozen, opt_state, spiel_state, batch)`` for SpIEL-AG.
 
     One call = one optimizer step on one batch. Returns
-    ``(trainable, frozen, opt_state, spiel_state, loss)``. Reselection
+    ``(trainable, frozen, opt_state, spiel_state, loss)``. A step whose loss
+    or gradient (the dense one too, inside an accumulation phase) is not
+    finite is skipped: all four states come back unchanged, the step count
+    included (``optax.apply_if_finite`` inside the optimizer would not cover
+    the accumulators or the support). Reselection
     replaces ``selector.counts(k)[e]`` slots per matrix at selection ``e``, keeps
     ``k`` fixed, zeroes replaced values and seeds their optimizer state via
     ``reset_slots`` (fields ``mu``, ``nu``, ``slot_count`` as in
@@ -140,6 +156,10 @@ def make_spiel_step(
       b2: the optimizer's ``β2``.
       grad_accumulation_steps: micro-batches per optimizer step in the
         reference run; only sets the seeded ``age = samples / this``.
+      skip_nonfinite: skip steps with a non-finite loss or gradient
+        (default); False applies them (NaN then reaches the state).
+      return_metrics: also return ``{"skipped": ()int32}`` (1 on a skipped
+        step) as a sixth output.
 
     Returns:
       The step function (jit it; it traces once).
@@ -176,55 +196,10 @@ def make_spiel_step(
     total_steps = selector.total_steps
     f32 = jnp.float32
 
-    def step(trainable, frozen, opt_state, sstate, batch):
+    def advance(trainable, frozen, opt_state, sstate, grads, cands, gs, gsq):
+        # The optimizer step, the selection counters and, when due, regrowth.
         paths = list(sstate.candidates)
         nb = {p: frozen[p].indices.ndim - 1 for p in paths}
-
-        def plain(tr):
-            return jax.value_and_grad(lambda t: loss_fn(materialize_fn(t, frozen), batch))(tr)
-
-        def with_probe(tr):
-            base = materialize_fn(tr, frozen)
-            flat = _paths.leaves_by_path(base)
-            for p in paths:
-                lead = flat[p].shape[:nb[p]]
-                if lead != frozen[p].indices.shape[:-1]:
-                    raise ValueError(
-                        f"SpIEL: {p!r} has shape {flat[p].shape} but indices "
-                        f"{frozen[p].indices.shape}; batch axes must lead"
-                    )
-            probes = {p: jnp.zeros(flat[p].shape, f32) for p in paths}
-
-            def loss(t, pr):
-                w = _paths.map_with_path(
-                    lambda path, x: (x + pr[path].astype(x.dtype)) if path in pr else x,
-                    materialize_fn(t, frozen))
-                return loss_fn(w, batch)
-
-            value, (g, dense) = jax.value_and_grad(loss, argnums=(0, 1))(tr, probes)
-            first = sstate.samples == 0
-            cands, gs, gsq = {}, {}, {}
-            for p in paths:
-                d = dense[p].reshape(frozen[p].indices.shape[:-1] + (-1,))
-                k = frozen[p].indices.shape[-1]
-                fresh = _vmapped(lambda x, k=k: selector.candidates(x, k), nb[p], (0,))
-                c = jax.lax.cond(first, lambda d=d, f=fresh: f(d),
-                                 lambda p=p: sstate.candidates[p])
-                got = jnp.take_along_axis(d, c, axis=-1)
-                cands[p] = c
-                gs[p] = jnp.where(first, got, sstate.grad_sum[p] + got)
-                gsq[p] = jnp.where(first, got * got, sstate.gradsq_sum[p] + got * got)
-            return value, g, cands, gs, gsq
-
-        def acc_branch(tr):
-            return with_probe(tr)
-
-        def plain_branch(tr):
-            value, g = plain(tr)
-            return (value, g, sstate.candidates, sstate.grad_sum, sstate.gradsq_sum)
-
-        value, grads, cands, gs, gsq = jax.lax.cond(sstate.phase, acc_branch,
-                                                    plain_branch, trainable)
         samples = jnp.where(sstate.phase, sstate.samples + 1, sstate.samples)
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = optimizer.update(grads, opt_state, trainable)
@@ -267,6 +242,76 @@ def make_spiel_step(
         samples = jnp.where(begin | end, 0.0, samples).astype(f32)
         new = SpIELState(count=count, phase=phase, samples=samples,
                          candidates=cands, grad_sum=gs, gradsq_sum=gsq)
-        return trainable, frozen, opt_state, new, value
+        return trainable, frozen, opt_state, new
+
+    def step(trainable, frozen, opt_state, sstate, batch):
+        paths = list(sstate.candidates)
+        nb = {p: frozen[p].indices.ndim - 1 for p in paths}
+
+        def plain(tr):
+            return jax.value_and_grad(lambda t: loss_fn(materialize_fn(t, frozen), batch))(tr)
+
+        def with_probe(tr):
+            base = materialize_fn(tr, frozen)
+            flat = _paths.leaves_by_path(base)
+            for p in paths:
+                lead = flat[p].shape[:nb[p]]
+                if lead != frozen[p].indices.shape[:-1]:
+                    raise ValueError(
+                        f"SpIEL: {p!r} has shape {flat[p].shape} but indices "
+                        f"{frozen[p].indices.shape}; batch axes must lead"
+                    )
+            probes = {p: jnp.zeros(flat[p].shape, f32) for p in paths}
+
+            def loss(t, pr):
+                w = _paths.map_with_path(
+                    lambda path, x: (x + pr[path].astype(x.dtype)) if path in pr else x,
+                    materialize_fn(t, frozen))
+                return loss_fn(w, batch)
+
+            value, (g, dense) = jax.value_and_grad(loss, argnums=(0, 1))(tr, probes)
+            finite = _all_finite((value, g, dense))
+            first = sstate.samples == 0
+            cands, gs, gsq = {}, {}, {}
+            for p in paths:
+                d = dense[p].reshape(frozen[p].indices.shape[:-1] + (-1,))
+                k = frozen[p].indices.shape[-1]
+                fresh = _vmapped(lambda x, k=k: selector.candidates(x, k), nb[p], (0,))
+                c = jax.lax.cond(first, lambda d=d, f=fresh: f(d),
+                                 lambda p=p: sstate.candidates[p])
+                got = jnp.take_along_axis(d, c, axis=-1)
+                cands[p] = c
+                gs[p] = jnp.where(first, got, sstate.grad_sum[p] + got)
+                gsq[p] = jnp.where(first, got * got, sstate.gradsq_sum[p] + got * got)
+            return value, g, cands, gs, gsq, finite
+
+        def acc_branch(tr):
+            return with_probe(tr)
+
+        def plain_branch(tr):
+            value, g = plain(tr)
+            return (value, g, sstate.candidates, sstate.grad_sum, sstate.gradsq_sum,
+                    _all_finite((value, g)))
+
+        value, grads, cands, gs, gsq, finite = jax.lax.cond(
+            sstate.phase, acc_branch, plain_branch, trainable)
+        old = (trainable, frozen, opt_state, sstate)
+        if not skip_nonfinite:
+            new = advance(trainable, frozen, opt_state, sstate, grads, cands, gs, gsq)
+            skipped = jnp.zeros([], jnp.int32)
+        else:
+            args = (trainable, frozen, opt_state, sstate, grads, cands, gs, gsq)
+            out = jax.eval_shape(advance, *args)
+
+            def keep(*_):  # the states as given, in the dtypes a step returns
+                return jax.tree.map(
+                    lambda x, o: x if jnp.result_type(x) == o.dtype else x.astype(o.dtype),
+                    old, out)
+
+            new = jax.lax.cond(finite, advance, keep, *args)
+            skipped = jnp.logical_not(finite).astype(jnp.int32)
+        if return_metrics:
+            return (*new, value, {"skipped": skipped})
+        return (*new, value)
 
     return step
