@@ -39,7 +39,7 @@ import numpy as np
 
 from peftjax import adapters as _adapters
 from peftjax.inits import _base
-from peftjax.tree import _matrix, _paths
+from peftjax.tree import _layouts, _matrix, _paths
 
 PyTree = Any
 
@@ -245,7 +245,8 @@ def collect_covariances(
       targets: leaf paths of the targeted kernels.
       transform: ``peftjax.exec.factored``.
       normalize: divide each call's ``X`` by ``|max(X)|`` (CorDA/PEFT).
-      dimension_numbers: the kernels' matrix view (None: Flax defaults).
+      dimension_numbers: the kernels' matrix view (None: ``(in, out)``, or
+        ``(L, in, out)`` for the scanned ``layers/...`` layout).
 
     Returns:
       ``{path: (batch..., in, in) float32}``.
@@ -267,7 +268,11 @@ def collect_covariances(
     flat = _paths.leaves_by_path(params)
     paths = _target_paths(targets, flat, "collect_covariances")
     probe = _probe_adapter(normalize, dimension_numbers)
-    assignment = {p: probe for p in paths}
+    # Stacked leaves (the scanned ``layers/...`` layout) get their view here,
+    # as ``tree.assign`` gives it; other rank >= 3 kernels need dimension_numbers.
+    assignment = _layouts.bind_payloads(
+        {p: probe for p in paths}, _layouts.bind(None, list(flat.items())),
+        "collect_covariances")
     state = _adapters.init(assignment, jax.random.key(0), params)
 
     def total(trainable, base, batch):

@@ -240,8 +240,9 @@ def test_dora_gradient_treats_norm_as_constant(getkey):
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
 def test_jit_equals_eager_and_stacked_equals_loop(name, factory, identity, ref,
                                                  count, getkey):
-    ad = factory()
-    w = _w((3, 6, 5))  # (layers, in, out)
+    ad2 = factory()
+    ad = ad2.with_dimension_numbers(tree.dims.stacked())  # (layers, in, out)
+    w = _w((3, 6, 5))
     t, f = ad.init(getkey(), w)
     t = _randomize(t)
     eager = ad.apply(w, t, f)
@@ -253,16 +254,16 @@ def test_jit_equals_eager_and_stacked_equals_loop(name, factory, identity, ref,
         fi = jax.tree.map(lambda x, i=i: x[i], f)
         np.testing.assert_allclose(h.f64(eager[i]), ref(w[i], ti, fi), **h.MATMUL_F32)
         np.testing.assert_allclose(
-            h.f64(eager[i]), h.f64(ad.apply(w[i], ti, fi)), **h.MATMUL_F32
+            h.f64(eager[i]), h.f64(ad2.apply(w[i], ti, fi)), **h.MATMUL_F32
         )
     # An explicit vmap of the 2-D adapter over the layer axis gives the same.
-    vm = jax.vmap(ad.apply)(w, t, f)
+    vm = jax.vmap(ad2.apply)(w, t, f)
     np.testing.assert_allclose(h.f64(vm), h.f64(eager), **h.MATMUL_F32)
 
 
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
 def test_abstract_init(name, factory, identity, ref, count):
-    ad = factory()
+    ad = factory().with_dimension_numbers(tree.dims.stacked())
     spec = jax.ShapeDtypeStruct((2, 6, 5), jnp.float32)
     t, f = jax.eval_shape(lambda k, w: ad.init(k, w), jax.random.key(0), spec)
     leaves = jax.tree.leaves(t)
@@ -300,7 +301,8 @@ def test_structure_and_trainable_count(name, factory, identity, ref, count, getk
     assert adapters.num_trainable(state.trainable) == count(6, 5)
     assert ad.num_trainable(params["lin"]["kernel"]) == count(6, 5)
     stacked = jnp.zeros((4, 6, 5))
-    assert ad.num_trainable(stacked) == 4 * count(6, 5)
+    assert ad.with_dimension_numbers(tree.dims.stacked()).num_trainable(stacked) == (
+        4 * count(6, 5))
 
 
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
@@ -488,8 +490,11 @@ def test_nnx_state(name, factory, identity, ref, count, getkey):
 
 
 def test_adapter_counts_match_formula_on_stacked_kernel():
-    ad = adapters.lora(rank=3)
+    ad = adapters.lora(rank=3, dimension_numbers=tree.dims.stacked())
     assert ad.num_trainable(jnp.zeros((5, 8, 7))) == 5 * 3 * (8 + 7)
+    # Undeclared, a 3-D kernel is not guessed to be stacked layers.
+    with pytest.raises(ValueError, match=r"shape \(5, 8, 7\) \(rank 3\) has no default"):
+        adapters.lora(rank=3).num_trainable(jnp.zeros((5, 8, 7)))
     assert math.prod((5, 8, 3)) == 120
 
 

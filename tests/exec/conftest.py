@@ -36,7 +36,9 @@ def _stock_targets(prefix, scanned):
                                       batch_axis=b),
         f"{prefix}/o/kernel": DN(reduction_axis=(o, o + 1), output_axis=o + 2,
                                  batch_axis=b),
-        f"{prefix}/up/kernel": None,
+        # (L, in, out) is not guessed: a third-party scanned model declares it.
+        f"{prefix}/up/kernel": DN(reduction_axis=o, output_axis=o + 1, batch_axis=b)
+        if scanned else None,
         f"{prefix}/down/kernel": DN(reduction_axis=o + 1, output_axis=o, batch_axis=b),
     }
 

@@ -182,7 +182,7 @@ def test_corda_damping_terminates_on_singular_covariance():
 
 def test_stacked_leaf_is_per_layer():
     w = weights(0, (3, IN, OUT))
-    _, res = run(inits.pissa(R), w)
+    _, res = run(inits.pissa(R, dimension_numbers=tree.dims.stacked()), w)
     for i in range(3):
         _, one = run(inits.pissa(R), w[i])
         np.testing.assert_allclose(f64(res.params["w"][i]), f64(one.params["w"]), **MATMUL_F32)

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from peftjax import optim
+from peftjax import optim, tree
 from peftjax.optim import _projectors
 from tests.helpers import EXACT, MATMUL_F32, assert_tree_allclose, f64
 
@@ -213,7 +213,12 @@ def test_block_schedule(order, expected):
 
 def test_stacked_and_errors():
     g = {"w": jnp.ones((2, 4, 6))}
-    state = optim.scale_by_frugal(0.5).init(g)
+    with pytest.raises(ValueError, match=r"'w'.*\(2, 4, 6\).*no default matrix view"):
+        optim.scale_by_frugal(0.5).init(g)  # not guessed to be stacked layers
+    state = optim.scale_by_frugal(0.5, dimension_numbers=tree.stacked("layers")).init(
+        {"layers": g})
+    assert state.inner_state.mu["layers"]["w"].shape == (2, 2, 6)
+    state = optim.scale_by_frugal(0.5, dimension_numbers=tree.dims.stacked()).init(g)
     assert state.inner_state.mu["w"].shape == (2, 2, 6)
     with pytest.raises(ValueError, match="density"):
         optim.scale_by_frugal(1.5)

@@ -227,10 +227,12 @@ def test_weight_decay_placement_is_optax_style():
 
 def test_stacked_kernel_is_per_layer():
     grads = _rng_grads((3, 5, 7), 4, seed=8)
-    tx = optim.scale_by_galore(rank=2, update_proj_gap=2)
+    tx = optim.scale_by_galore(rank=2, update_proj_gap=2,
+                               dimension_numbers={"w": tree.dims.stacked()})
     a, _ = _run(tx, [{"w": g} for g in grads], {"w": grads[0]})
+    tx2 = optim.scale_by_galore(rank=2, update_proj_gap=2)
     for layer in range(3):
-        b, _ = _run(tx, [{"w": g[layer]} for g in grads], {"w": grads[0][layer]})
+        b, _ = _run(tx2, [{"w": g[layer]} for g in grads], {"w": grads[0][layer]})
         for ua, ub in zip(a, b, strict=True):
             np.testing.assert_allclose(f64(ua["w"][layer]), f64(ub["w"]), **MATMUL_F32)
 
