@@ -21,7 +21,15 @@ import re
 import subprocess
 import sys
 
-from tests.helpers import reads_goldens
+import numpy as np
+import pytest
+
+from tests.helpers import (
+    assert_tensors_close,
+    assert_verified_stats,
+    reads_goldens,
+    tensor_stats,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCANNED = ("tests", "scripts/golden")
@@ -100,6 +108,25 @@ def test_scanner_flags_the_old_golden_comparisons():
         "np.testing.assert_array_equal(t1[k], t2[k], strict=True, err_msg=k)",
     ]:
         assert not byte_comparisons(line), line
+
+
+def test_value_comparisons_keep_their_teeth():
+    x = np.random.default_rng(0).standard_normal((6, 6)).astype(np.float32)
+    scale = float(np.abs(x).max())
+    rec = {"w": tensor_stats(x)}
+    assert_verified_stats(rec, {"w": x.copy()}, "same")
+    one = x.copy()
+    one[2, 3] += np.float32(1e-6 * scale)  # one value moved by 1e-6 of the scale
+    for bad in (x.T.copy(), one, x.astype(np.float64), x[:5]):
+        with pytest.raises(AssertionError):
+            assert_verified_stats(rec, {"w": bad}, "bad")
+    near = x + np.float32(0.5e-5 * scale)
+    assert_tensors_close({"w": near}, {"w": x}, 1e-5, "within")
+    for bad in (x + np.float32(2e-5 * scale), x.astype(np.float64), x[:5]):
+        with pytest.raises(AssertionError):
+            assert_tensors_close({"w": bad}, {"w": x}, 1e-5, "beyond")
+    with pytest.raises(AssertionError):
+        assert_tensors_close({"v": x}, {"w": x}, 1e-5, "names")
 
 
 def test_golden_modules_are_found_from_their_code():
