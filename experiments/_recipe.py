@@ -571,9 +571,9 @@ def _spiel_trainer(reselection_steps: int, accumulation_steps: int
         def step(carry, opt_state, static, batch):
             spiel = optim.make_spiel_step(
                 lambda t, f: setup.to_params(adapters.AdapterState(t, f), static),
-                loss_fn, sopt, selector=selector)
-            t, f, o, s, loss = spiel(carry.trainable, carry.frozen, *opt_state, batch)
-            return adapters.AdapterState(t, f), (o, s), {"loss": loss}
+                loss_fn, sopt, selector=selector, return_metrics=True)
+            t, f, o, s, loss, m = spiel(carry.trainable, carry.frozen, *opt_state, batch)
+            return adapters.AdapterState(t, f), (o, s), {"loss": loss, **m}
 
         return Trainer(optax.GradientTransformation(init, update), jax.jit(step))
 
@@ -722,16 +722,22 @@ def trainer(setup: Setup, loss_fn: Callable, optim: OptimConfig) -> Trainer:
 
 
 def make_step(setup: Setup, loss_fn: Callable, tx: optax.GradientTransformation):
-    """Jitted ``(trainable, opt_state, static, batch) -> (trainable, opt_state, metrics)``."""
+    """Jitted ``(trainable, opt_state, static, batch) -> (trainable, opt_state, metrics)``.
+
+    A step with a non-finite loss or gradient is skipped
+    (``adapters.update_if_finite``: state returned unchanged, ``metrics["skipped"]``
+    is 1); under ``MultiSteps`` that drops the micro-batch.
+    """
 
     def step(trainable, opt_state, static, batch):
         def objective(t):
             return loss_fn(setup.to_params(t, static), batch)
 
         loss, grads = jax.value_and_grad(objective)(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        return trainable, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        trainable, opt_state, skipped = adapters.update_if_finite(
+            tx, grads, opt_state, trainable, loss)
+        return trainable, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                                      "skipped": skipped}
 
     return jax.jit(step)
 
@@ -769,6 +775,11 @@ class LoopResult:
     history: list[dict[str, Any]]
     interrupted_by: int | None
     seconds: float
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient
+
+
+class TooManySkippedSteps(FloatingPointError):
+    """``train`` saw ``max_skipped_in_a_row`` consecutive non-finite steps."""
 
 
 def resume_step(ckpt_dir: str | None) -> int:
@@ -824,8 +835,15 @@ def set_aside_damaged(ckpt_dir: str, intact: int) -> dict[int, str]:
 
 def train(*, setup: Setup, run: Trainer, optim: OptimConfig, batches: data.Batches, key: jax.Array, log_path: str | None = None,
           ckpt_dir: str | None = None, checkpoint_every: int = 0, resume: bool = False,
-          progress: bool = True, desc: str = "train") -> LoopResult:
+          progress: bool = True, desc: str = "train",
+          max_skipped_in_a_row: int = 10) -> LoopResult:
     """Runs ``optim.total_steps * optim.accum_steps`` micro-steps.
+
+    A step with a non-finite loss or gradient is skipped by the step itself
+    (state unchanged; ``"skipped": 1`` in its metrics row); after
+    ``max_skipped_in_a_row`` consecutive skips the loop raises
+    ``TooManySkippedSteps`` naming the steps (the state it holds is the one
+    before the first of them).
 
     Checkpoints ``{"trainable", "opt_state", "step", "key", "data_position"}``
     every ``checkpoint_every`` micro-steps and when SIGTERM/SIGINT arrives (the
@@ -836,6 +854,8 @@ def train(*, setup: Setup, run: Trainer, optim: OptimConfig, batches: data.Batch
     """
     from peftjax.io import checkpoint
 
+    if max_skipped_in_a_row < 1:
+        raise ValueError(f"max_skipped_in_a_row must be >= 1, got {max_skipped_in_a_row}")
     sched = schedule(optim)
     trainable = setup.trainable
     opt_state = jax.jit(run.tx.init)(trainable)  # one program, not one per leaf op
@@ -879,6 +899,7 @@ def train(*, setup: Setup, run: Trainer, optim: OptimConfig, batches: data.Batch
     t0 = time.perf_counter()
     step = start
     interrupted = None
+    in_a_row = skipped_total = 0
     try:
         with checkpoint.SignalFlag() as stop:
             for position, batch in batches.iterate(start, total):
@@ -895,6 +916,10 @@ def train(*, setup: Setup, run: Trainer, optim: OptimConfig, batches: data.Batch
                        "tokens_per_s": ntok / dt, "seconds": dt}
                 if "grad_norm" in metrics:  # the SpIEL step reports none
                     rec["grad_norm"] = float(metrics["grad_norm"])
+                skipped = int(metrics["skipped"])
+                rec["skipped"] = skipped
+                in_a_row = in_a_row + 1 if skipped else 0
+                skipped_total += skipped
                 history.append(rec)
                 if log:
                     log.write(json.dumps(rec) + "\n")
@@ -902,8 +927,14 @@ def train(*, setup: Setup, run: Trainer, optim: OptimConfig, batches: data.Batch
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{ntok / dt:,.0f}")
                     bar.update(1)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {step}")
+                if in_a_row >= max_skipped_in_a_row:
+                    raise TooManySkippedSteps(
+                        f"training stopped: {in_a_row} steps in a row (steps "
+                        f"{step - in_a_row + 1} to {step}) had a non-finite loss or "
+                        f"gradient (last loss {loss}); each was skipped, so the state is "
+                        f"the one after step {step - in_a_row}. Check those batches, "
+                        "lower the learning rate or use float32, or allow more "
+                        "consecutive skips (max_skipped_in_a_row)")
                 if stop or (checkpoint_every and step % checkpoint_every == 0):
                     save(step)
                 if stop:
@@ -915,7 +946,7 @@ def train(*, setup: Setup, run: Trainer, optim: OptimConfig, batches: data.Batch
         if log:
             log.close()
     return LoopResult(trainable, opt_state, step, history, interrupted,
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, skipped_total)
 
 
 # ----------------------------------------------------------------------------

@@ -95,6 +95,7 @@ from peftjax.adapters._train import hybrid_materialize as hybrid_materialize
 from peftjax.adapters._train import make_hybrid_train_step as make_hybrid_train_step
 from peftjax.adapters._train import make_train_step as make_train_step
 from peftjax.adapters._train import replace_leaves as replace_leaves
+from peftjax.adapters._train import update_if_finite as update_if_finite
 from peftjax.adapters._vera import VeRABasis as VeRABasis
 from peftjax.adapters._vera import VeRAParams as VeRAParams
 from peftjax.adapters._vera import vera as vera
@@ -150,6 +151,7 @@ __all__ = [
     "make_hybrid_train_step",
     "make_train_step",
     "replace_leaves",
+    "update_if_finite",
     "ia3",
     "init",
     "lift_matrix",

@@ -24,7 +24,8 @@ step); the steps here decide before the optimizer runs, under one
 outputs so a loop can count skips; see ``docs/nonfinite.md``.
 
 Exports: ``make_train_step``, ``HybridTrainable``, ``hybrid_init``,
-``hybrid_labels``, ``hybrid_materialize``, ``make_hybrid_train_step``.
+``hybrid_labels``, ``hybrid_materialize``, ``make_hybrid_train_step``,
+``update_if_finite`` (the skip, for hand-written steps).
 """
 
 from collections.abc import Callable
@@ -64,7 +65,7 @@ def all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(checks))
 
 
-def guarded_update(optimizer: optax.GradientTransformation, grads: PyTree,
+def update_if_finite(optimizer: optax.GradientTransformation, grads: PyTree,
                    opt_state: PyTree, trainable: PyTree, loss: Any, *,
                    skip_nonfinite: bool = True) -> tuple[PyTree, PyTree, jax.Array]:
     """Applies ``optimizer`` unless ``loss`` or ``grads`` is non-finite.
@@ -72,7 +73,10 @@ def guarded_update(optimizer: optax.GradientTransformation, grads: PyTree,
     With ``skip_nonfinite`` the update runs under ``lax.cond``: a step whose
     loss or gradient holds a NaN or an infinity returns ``trainable`` and
     ``opt_state`` exactly as given (the optimizer does not run, so no count,
-    moment or projector changes).
+    moment or projector changes). This is the skip ``make_train_step`` uses;
+    call it from a hand-written step. ``optax.apply_if_finite`` differs: it
+    wraps the optimizer, runs it, and keeps counters in its state, so a
+    skipped step still changes the state.
 
     Args:
       optimizer: any optax transformation over ``trainable``.
@@ -90,7 +94,7 @@ def guarded_update(optimizer: optax.GradientTransformation, grads: PyTree,
       >>> import jax.numpy as jnp, optax
       >>> opt = optax.sgd(1.0)
       >>> t = {"w": jnp.ones(2)}
-      >>> t2, _, skipped = guarded_update(opt, {"w": jnp.array([jnp.nan, 0.0])},
+      >>> t2, _, skipped = update_if_finite(opt, {"w": jnp.array([jnp.nan, 0.0])},
       ...                                 opt.init(t), t, jnp.float32(0.0))
       >>> t2["w"].tolist(), int(skipped)
       ([1.0, 1.0], 1)
@@ -184,7 +188,7 @@ def make_train_step(
             return loss_fn(p, batch)
 
         value, grads = jax.value_and_grad(objective, has_aux=has_aux)(trainable)
-        trainable, opt_state, skipped = guarded_update(
+        trainable, opt_state, skipped = update_if_finite(
             optimizer, grads, opt_state, trainable, value[0] if has_aux else value,
             skip_nonfinite=skip_nonfinite)
         if return_metrics:
@@ -367,7 +371,7 @@ def make_hybrid_train_step(
             return loss_fn(p, batch)
 
         value, grads = jax.value_and_grad(objective, has_aux=has_aux)(trainable)
-        trainable, opt_state, skipped = guarded_update(
+        trainable, opt_state, skipped = update_if_finite(
             optimizer, grads, opt_state, trainable, value[0] if has_aux else value,
             skip_nonfinite=skip_nonfinite)
         if return_metrics:

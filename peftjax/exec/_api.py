@@ -255,7 +255,7 @@ def make_train_step(
             return f(params, batch)
 
         value, grads = jax.value_and_grad(objective, has_aux=has_aux)(trainable)
-        trainable, opt_state, skipped = _train.guarded_update(
+        trainable, opt_state, skipped = _train.update_if_finite(
             optimizer, grads, opt_state, trainable, value[0] if has_aux else value,
             skip_nonfinite=skip_nonfinite)
         if return_metrics:
