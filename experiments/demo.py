@@ -84,6 +84,9 @@ class Config:
     schedule: str = opt("cosine", "Decay after the warm-up: cosine or linear.")
     end_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of --lr.")
     clip_norm: float = opt(1.0, "Global gradient-norm clipping threshold.")
+    max_skipped_in_a_row: int = opt(10, "Stop after this many consecutive steps with "
+                                    "a non-finite loss or gradient (each such step is "
+                                    "skipped: parameters and optimizer state are kept).")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     galore_rank: int = opt(128, "GaLore/FRUGAL projection rank.")
     update_proj_gap: int = opt(200, "GaLore/FRUGAL: optimizer updates between "
@@ -228,10 +231,17 @@ def main(cfg: Config) -> dict:
     log_path = os.path.join(out, "metrics.jsonl")
     if not cfg.resume and os.path.exists(log_path):
         os.remove(log_path)
-    result = _recipe.train(setup=setup, run=run, optim=optim, batches=train_batches,
-                           key=loop_key, log_path=log_path, ckpt_dir=ckpt_dir,
-                           checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
-                           progress=cfg.progress, desc=f"{cfg.method} r={cfg.rank}")
+    try:
+        result = _recipe.train(setup=setup, run=run, optim=optim, batches=train_batches,
+                               key=loop_key, log_path=log_path, ckpt_dir=ckpt_dir,
+                               checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
+                               progress=cfg.progress, desc=f"{cfg.method} r={cfg.rank}",
+                               max_skipped_in_a_row=cfg.max_skipped_in_a_row)
+    except _recipe.TooManySkippedSteps as e:
+        raise SystemExit(f"demo: {e}") from None
+    if result.skipped:
+        print(f"skipped {result.skipped} steps with a non-finite loss or gradient "
+              f"(see {log_path})", flush=True)
     if result.interrupted_by is not None:
         print(f"interrupted by signal {result.interrupted_by} at step {result.step}; "
               f"state saved under {ckpt_dir}; continue with --resume", flush=True)
