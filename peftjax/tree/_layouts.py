@@ -7,7 +7,8 @@ from one declaration for the whole tree, a ``Layout``:
 * ``stacked``: layer containers whose leaves carry leading layer axes
   (``{"layers": 1}``: ``layers/attn/q/kernel`` is ``(L, in, out)``). A path
   is inside a container when it continues with a name that is not a layer
-  index (``layers/3/...`` is unrolled, not stacked);
+  index (``layers/3/...`` is unrolled, not stacked), or is the container
+  itself (a single stacked leaf);
 * ``views``: ``{path regex: DimensionNumbers}`` for kernels of one layer
   (``(embed, heads, head_dim)`` query kernels); inside a stacked container
   the view is shifted past the layer axes, which become ``batch_axis``. An
@@ -157,10 +158,11 @@ def _container(path: str, prefixes: list[str]) -> str | None:
     best = None
     for c in prefixes:
         head = c + "/"
+        inside = path == c  # a stacked leaf declared by its own path
         if path.startswith(head):
-            nxt = path[len(head):].split("/", 1)[0]
-            if not nxt.isdigit() and (best is None or len(c) > len(best)):
-                best = c
+            inside = not path[len(head):].split("/", 1)[0].isdigit()
+        if inside and (best is None or len(c) > len(best)):
+            best = c
     return best
 
 

@@ -43,7 +43,7 @@ def dict_setup(tiny_params):
     coll = adapters.collection()
     states = {}
     for i, (name, r) in enumerate(rules.items()):
-        a = tree.assign(params, r)
+        a = tree.assign(params, r, layout=tree.stacked("stack"))
         states[name] = (a, _random_state(a, params, i))
         coll = adapters.add(coll, name, a, states[name][1])
     return params, coll, states
@@ -181,7 +181,7 @@ def test_add_weighted_errors(dict_setup, tiny_params):
                                                           rank=4))
     assert svd.adapters["m"].trainable["dense1/kernel"].a.shape == (6, 4)
     d = tree.assign(params, [tree.Rule(where=r"dense\d/kernel|stack/kernel",
-                                       then=adapters.dora(2))])
+                                       then=adapters.dora(2))], layout=tree.stacked("stack"))
     abstract = jax.eval_shape(lambda: adapters.init(d, jax.random.key(0), params))
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
     c = adapters.add(coll, "d", d, zeros)

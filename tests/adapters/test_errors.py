@@ -64,9 +64,12 @@ def test_matrix_adapter_on_vector_or_integer_leaf():
 
 def test_rank3_leaf_without_dimension_numbers():
     p = {"blk": {"kernel": jnp.ones((2, 3, 4, 5))}}
-    a = tree.assign(p, [tree.Rule(where="blk/kernel", then=adapters.lora(2))])
+    with pytest.raises(ValueError, match=r"(?s)blk/kernel: shape \(2, 3, 4, 5\).*"
+                       r"DimensionNumbers\(reduction_axis=\(0, 1, 2\), output_axis=3\)"):
+        tree.assign(p, [tree.Rule(where="blk/kernel", then=adapters.lora(2))])
+    # A hand-built assignment fails at init, naming the path too.
     with pytest.raises(ValueError, match=r"'blk/kernel'.*\(2, 3, 4, 5\).*dimension_numbers"):
-        adapters.init(a, jax.random.key(0), p)
+        adapters.init({"blk/kernel": adapters.lora(2)}, jax.random.key(0), p)
 
 
 def test_colliding_paths():

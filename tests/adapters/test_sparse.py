@@ -15,7 +15,7 @@ def _w(shape, seed=0, dtype=jnp.float32):
 
 
 def test_indices_unique_sorted_in_range_and_per_layer(getkey):
-    ad = adapters.sparse_delta(0.25)
+    ad = adapters.sparse_delta(0.25, dimension_numbers=tree.dims.stacked())
     t, f = ad.init(getkey(), _w((4, 8, 6)))
     assert f.indices.shape == t.values.shape == (4, 12)
     assert f.indices.dtype == jnp.int32
@@ -92,7 +92,8 @@ def test_k_errors(getkey):
 
 def test_compact_roundtrip_and_merge(getkey):
     params = {"a": {"kernel": _w((6, 5))}, "s": {"kernel": _w((3, 4, 4), seed=1)}}
-    a = tree.assign(params, [tree.Rule(where=r".*kernel", then=adapters.sparse_delta(0.25))])
+    a = tree.assign(params, [tree.Rule(where=r".*kernel", then=adapters.sparse_delta(0.25))],
+                    layout=tree.stacked("s"))
     st = adapters.init(a, getkey(), params)
     st = st._replace(trainable={p: adapters.SparseValues(_w(v.values.shape, seed=5))
                                 for p, v in st.trainable.items()})

@@ -65,7 +65,7 @@ def test_svfit_changes_only_the_top_singular_values(layout, getkey):
 
 def test_svfit_stacked_layers_use_their_own_svd(getkey):
     w = _w((3, 6, 5))
-    ad = adapters.svfit(rank=2)
+    ad = adapters.svfit(rank=2, dimension_numbers=tree.dims.stacked())
     t, f = ad.init(getkey(), w)
     assert t.delta_s.shape == (3, 2) and f.u.shape == (3, 6, 2)
     t = t._replace(delta_s=jnp.asarray([[0.5, 0.1], [0.2, 0.3], [0.4, 0.4]],
@@ -87,7 +87,8 @@ def test_nola_materialize_equals_numpy_combination_of_regenerated_bases(getkey):
     ka, kb, r, seed = 5, 4, 2, 3
     params = {"w": _w((6, 5)), "stack": _w((2, 6, 5), seed=1)}
     ad = adapters.nola(r, ka, kb, alpha=4.0, basis_seed=seed)
-    a = tree.assign(params, [tree.Rule(where="w|stack", then=ad)])
+    a = tree.assign(params, [tree.Rule(where="w|stack", then=ad)],
+                    layout=tree.stacked("stack"))
     state = adapters.init(a, getkey(), params)
     # Identity at init: beta = 0, alpha random.
     np.testing.assert_array_equal(np.asarray(state.trainable["w"].coef_b), np.zeros(kb))
@@ -205,7 +206,8 @@ def test_factored_outputs_and_grads_equal_materialize(name, model, getkey):
     fn, shape = (_dense, (7, 5)) if model == "dense" else (_scanned, (2, 6, 6))
     params = {"w": _w(shape)}
     x = _w((3, shape[-2]), seed=9)
-    a = tree.assign(params, [tree.Rule(where="w", then=FACTORED[name]())])
+    a = tree.assign(params, [tree.Rule(where="w", then=FACTORED[name]())],
+                    layout=tree.stacked("w") if model == "scan" else None)
     state = adapters.init(a, getkey(), params)
     trainable, frozen = _moved(state.trainable), state.frozen
 
@@ -323,7 +325,7 @@ def test_sora_prune_gives_a_smaller_lora_with_the_same_weights(getkey):
               "other": _w((5, 4), seed=3)}
     a = tree.assign(params, [
         tree.Rule(where="lin|stack|off", then=adapters.sora(4, alpha=8.0)),
-        tree.Rule(where="other", then=adapters.lora(2))])
+        tree.Rule(where="other", then=adapters.lora(2))], layout=tree.stacked("stack"))
     state = adapters.init(a, getkey(), params)
     trainable = _moved(state.trainable)
     gates = {"lin": [0.7, 0.0, -1.2, 0.0],

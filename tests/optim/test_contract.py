@@ -13,7 +13,7 @@ from tests.helpers import BF16, ELEMENTWISE_F32, EXACT, MATMUL_F32, assert_tree_
 def _matrix_params(dtype=jnp.float32):
     rng = np.random.default_rng(0)
     n = lambda *s: jnp.asarray(rng.standard_normal(s) * 0.5, dtype)  # noqa: E731
-    return {"w": n(6, 8), "stack": n(2, 4, 6), "bias": n(8)}
+    return {"w": n(6, 8), "layers": {"stack": n(2, 4, 6)}, "bias": n(8)}  # scanned layout
 
 
 def _adapter_params(dtype=jnp.float32):

@@ -267,7 +267,8 @@ def test_staggered_refresh_counts_svds(stagger, expected):
     calls = []
     tx = optim.scale_by_galore(rank=2, update_proj_gap=4, stagger=stagger,
                                projector=_counting_svd(calls),
-                               inner=optim.scale_by_adam_hf())
+                               inner=optim.scale_by_adam_hf(),
+                               dimension_numbers=tree.stacked("w"))
     grads = _rng_grads((4, 5, 6), 6, seed=10)
     state = tx.init({"w": grads[0]})
     step = jax.jit(tx.update)
