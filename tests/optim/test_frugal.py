@@ -223,7 +223,8 @@ def test_stacked_and_errors():
     with pytest.raises(ValueError, match="density"):
         optim.scale_by_frugal(1.5)
     with pytest.raises(TypeError, match="stateless"):
-        optim.scale_by_frugal(0.5, free=optax.scale_by_adam()).init(g)
+        optim.scale_by_frugal(0.5, free=optax.scale_by_adam(),
+                              dimension_numbers=tree.dims.stacked()).init(g)
     with pytest.raises(ValueError, match="even"):
         optim.scale_by_frugal(0.375, projector=optim.blocks("mirror")).init(
             {f"b{i}": jnp.ones(2) for i in range(8)})
