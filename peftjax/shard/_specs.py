@@ -62,11 +62,14 @@ class MatrixSpec:
         axes (head-split kernels) they go on the major one.
       outputs: mesh axes of the output axis (the major one if several).
       batch: mesh axes of the first batch axis (stacked layers).
-      dimension_numbers: the leaf's matrix view; None for the Flax defaults
-        (2-D ``(in, out)``, 3-D ``(L, in, out)``).
+      dimension_numbers: the leaf's matrix view; None for a 2-D ``(in,
+        out)`` leaf (``param_specs`` fills in the view of stacked
+        ``layers/...`` leaves and of its ``layout``, as ``tree.assign`` does).
 
     Example:
-      >>> MatrixSpec(inputs="fsdp", outputs="tensor").resolve((30, 576, 1536))
+      >>> from peftjax.tree import dims
+      >>> MatrixSpec(inputs="fsdp", outputs="tensor",
+      ...            dimension_numbers=dims.stacked()).resolve((30, 576, 1536))
       P(None, 'fsdp', 'tensor')
     """
 
@@ -79,6 +82,23 @@ class MatrixSpec:
         for name in ("inputs", "outputs", "batch"):
             object.__setattr__(self, name, _check_axes(getattr(self, name), name))
 
+    def with_dimension_numbers(self, dims: _matrix.DimensionNumbers) -> "MatrixSpec":
+        """Returns this spec for a leaf viewed through ``dims``.
+
+        Args:
+          dims: the leaf's matrix view.
+
+        Returns:
+          A copy with ``dimension_numbers=dims``.
+
+        Example:
+          >>> from peftjax.tree import dims
+          >>> MatrixSpec(inputs="fsdp").with_dimension_numbers(dims.stacked()).resolve(
+          ...     (2, 4, 8))
+          P(None, 'fsdp', None)
+        """
+        return dataclasses.replace(self, dimension_numbers=dims)
+
     def resolve(self, shape: tuple[int, ...], *, path: str = "<leaf>") -> PartitionSpec:
         """Returns the PartitionSpec of a leaf of ``shape``.
 
@@ -90,7 +110,7 @@ class MatrixSpec:
           A ``PartitionSpec`` with one entry per axis.
 
         Raises:
-          ValueError: the leaf has no matrix view (e.g. a 1-D leaf, or rank > 3
+          ValueError: the leaf has no matrix view (e.g. a 1-D leaf, or rank >= 3
             without ``dimension_numbers``).
 
         Example:
@@ -159,7 +179,8 @@ def _leaf_desc(path: str, leaf: Any) -> str:
     return f"{path!r} (shape {tuple(np.shape(leaf))}, dtype {dtype})"
 
 
-def param_specs(params: Any, rules: Any, *, allow_unused: bool = False) -> Any:
+def param_specs(params: Any, rules: Any, *, allow_unused: bool = False,
+                layout: Any = None) -> Any:
     """Returns a tree of ``PartitionSpec`` for ``params`` from path rules.
 
     Args:
@@ -168,6 +189,8 @@ def param_specs(params: Any, rules: Any, *, allow_unused: bool = False) -> Any:
         ``MatrixSpec`` or ``None`` (replicated); first match wins; unmatched
         leaves are replicated.
       allow_unused: if False (default), a rule that matches nothing raises.
+      layout: the tree's ``peftjax.tree.Layout`` (stacked containers and
+        kernel views) for ``MatrixSpec`` payloads, as in ``tree.assign``.
 
     Returns:
       A tree shaped like ``params`` with a ``PartitionSpec`` per leaf.
@@ -185,7 +208,7 @@ def param_specs(params: Any, rules: Any, *, allow_unused: bool = False) -> Any:
       >>> param_specs(p, [Rule(where="w", then=MatrixSpec(outputs="tensor"))])
       {'b': P(), 'w': P(None, 'tensor')}
     """
-    chosen = _rules.assign(params, rules, allow_unused=allow_unused)
+    chosen = _rules.assign(params, rules, allow_unused=allow_unused, layout=layout)
 
     def one(path: str, leaf: Any) -> PartitionSpec:
         payload = chosen.get(path)
@@ -287,7 +310,8 @@ def named_shardings(mesh: Any, tree: Any, specs: Any) -> Any:
 
 
 def param_shardings(
-    mesh: Any, params: Any, rules: Any, *, allow_unused: bool = False
+    mesh: Any, params: Any, rules: Any, *, allow_unused: bool = False,
+    layout: Any = None,
 ) -> Any:
     """Returns a tree of ``NamedSharding`` for ``params`` from path rules.
 
@@ -301,6 +325,7 @@ def param_shardings(
       rules: rules with ``PartitionSpec`` / ``MatrixSpec`` / ``None`` payloads
         (``transformer_rules()`` for Llama/BERT-style names).
       allow_unused: forwarded to ``param_specs``.
+      layout: forwarded to ``param_specs``.
 
     Returns:
       A tree shaped like ``params`` of ``NamedSharding``.
@@ -319,7 +344,7 @@ def param_shardings(
       P('fsdp', None)
     """
     return named_shardings(
-        mesh, params, param_specs(params, rules, allow_unused=allow_unused)
+        mesh, params, param_specs(params, rules, allow_unused=allow_unused, layout=layout)
     )
 
 

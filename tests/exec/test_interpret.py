@@ -111,7 +111,7 @@ def test_layer_indexing_of_a_stacked_kernel():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _check(f, params, "w", x)
+        _check(f, params, "w", x, dimension_numbers=tree.dims.stacked())
 
 
 def test_unhandled_use_is_materialised_with_one_warning_naming_the_path():

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from peftjax import optim, shard
+from peftjax import optim, shard, tree
 from tests import helpers as h
 
 MESH = shard.make_mesh(devices=jax.devices()[:1])
@@ -42,12 +42,15 @@ def _run(tx, grads):
     return out, state
 
 
+STACKED = tree.stacked("s")  # "s" is (L, in, out); nothing guesses it
 MAKERS = {
-    "galore": lambda **kw: optim.scale_by_galore(rank=2, update_proj_gap=2, **kw),
+    "galore": lambda **kw: optim.scale_by_galore(rank=2, update_proj_gap=2,
+                                                 dimension_numbers=STACKED, **kw),
     "galore_full": lambda **kw: optim.scale_by_galore(
-        rank=2, update_proj_gap=2, proj_type="full", **kw
+        rank=2, update_proj_gap=2, proj_type="full", dimension_numbers=STACKED, **kw
     ),
-    "frugal": lambda **kw: optim.scale_by_frugal(density=0.5, update_gap=2, **kw),
+    "frugal": lambda **kw: optim.scale_by_frugal(density=0.5, update_gap=2,
+                                                 dimension_numbers=STACKED, **kw),
 }
 _REFERENCE = {}
 

@@ -53,7 +53,10 @@ def test_make_mesh_and_batch_sharding():
 def test_matrix_spec_resolves_through_dimension_numbers():
     m = shard.MatrixSpec(inputs="fsdp", outputs="tensor", batch="data")
     assert m.resolve((8, 16)) == P("fsdp", "tensor")
-    assert m.resolve((4, 8, 16)) == P("data", "fsdp", "tensor")
+    with pytest.raises(ValueError, match="no default matrix view"):
+        m.resolve((4, 8, 16))  # not guessed to be stacked layers
+    stacked = m.with_dimension_numbers(tree.dims.stacked())
+    assert stacked.resolve((4, 8, 16)) == P("data", "fsdp", "tensor")
     head = shard.MatrixSpec(
         inputs="fsdp", outputs="tensor", dimension_numbers=DimensionNumbers(0, (1, 2))
     )
@@ -135,8 +138,8 @@ def test_named_shardings_validates_divisibility_and_axes():
 # ----------------------------------------------------------------- adapters
 
 
-def _adapter_shardings(params, rules, base_specs):
-    a = tree.assign(params, rules)
+def _adapter_shardings(params, rules, base_specs, layout=None):
+    a = tree.assign(params, rules, layout=layout)
     state = jax.eval_shape(lambda p: adapters.init(a, jax.random.key(0), p), params)
     return shard.adapter_shardings(MESH, a, params, base_specs, state)
 
@@ -157,6 +160,7 @@ def test_lora_dora_lora_xs_fields_follow_their_axes():
             Rule(where="x", then=adapters.lora_xs(4)),
         ],
         base,
+        layout=tree.stacked("s"),
     )
     t, f = specs(got.trainable), specs(got.frozen)
     # a keeps the input axis's fsdp and takes the output axis's tensor (16 % 8 == 0)
@@ -184,7 +188,8 @@ def test_sparse_values_and_indices_put_the_base_axes_on_k():
     params = {"w": sds(2, 16, 32)}
     base = {"w": P("data", "fsdp", "tensor")}
     got = _adapter_shardings(
-        params, [Rule(where="w", then=adapters.sparse_delta(k=24))], base
+        params, [Rule(where="w", then=adapters.sparse_delta(k=24))], base,
+        layout=tree.stacked("w"),
     )
     assert specs(got.trainable)["w"].values == P("data", ("fsdp", "tensor"))
     assert specs(got.frozen)["w"].indices == P("data", ("fsdp", "tensor"))
@@ -239,8 +244,10 @@ def test_galore_moments_and_bases_follow_the_surviving_axis(proj_type, mu, basis
 def test_galore_full_and_stacked_and_frugal_coordinates():
     params = {"s": sds(2, 16, 32)}
     base = {"s": P("data", "fsdp", "tensor")}
-    st = jax.eval_shape(optim.galore(1e-3, rank=4, proj_type="full").init, params)
-    got = specs(shard.state_shardings(MESH, st, params, base))[0]
+    lay = tree.stacked("s")
+    st = jax.eval_shape(optim.galore(1e-3, rank=4, proj_type="full",
+                                     dimension_numbers=lay).init, params)
+    got = specs(shard.state_shardings(MESH, st, params, base, dimension_numbers=lay))[0]
     # (L, r, r) moments keep data on L; fsdp and tensor land on the r axes
     assert got.inner_state.mu["s"] == P("data", "fsdp", "tensor")
     assert got.projector["s"] == (
@@ -248,21 +255,23 @@ def test_galore_full_and_stacked_and_frugal_coordinates():
         P("data", ("tensor", "fsdp"), None),
     )
     tx = optim.frugal(
-        1e-3, density=0.25, projector=optim.coordinates(), proj_type="right"
+        1e-3, density=0.25, projector=optim.coordinates(), proj_type="right",
+        dimension_numbers=lay,
     )
     st = jax.eval_shape(tx.init, params)
     # indices (S, r=4): data on S; fsdp fits r, tensor (4) then fits nowhere
     with pytest.warns(
         shard.ShardingFallbackWarning, match=r"projector of 's'.*'tensor'"
     ):
-        got = specs(shard.state_shardings(MESH, st, params, base))[0]
+        got = specs(shard.state_shardings(MESH, st, params, base, dimension_numbers=lay))[0]
     assert got.projector["s"] == P("data", "fsdp")
     assert got.inner_state.mu["s"] == P("data", None, ("tensor", "fsdp"))
 
 
 def test_spiel_state_follows_the_sparse_values():
     params = {"w": sds(2, 16, 32)}
-    a = tree.assign(params, [Rule(where="w", then=adapters.sparse_delta(k=8))])
+    a = tree.assign(params, [Rule(where="w", then=adapters.sparse_delta(k=8))],
+                    layout=tree.stacked("w"))
     state = jax.eval_shape(lambda p: adapters.init(a, jax.random.key(0), p), params)
     base = {"w": P("data", "fsdp", None)}
     t_sh = shard.adapter_shardings(MESH, a, params, base, state).trainable
