@@ -148,7 +148,8 @@ def conv(spatial: int = 2) -> _matrix.DimensionNumbers:
     channels, ``B`` is a 1x1 convolution), so ``lora(r)`` trains
     ``r·(kh·kw·in + out)`` parameters. Linen ``Conv`` and NNX ``Conv`` both
     use this layout (with ``feature_group_count > 1``, ``in`` is the channels
-    per group).
+    per group). ``peftjax.adapters.lora_conv`` is LoRA under this view that
+    the factored path runs as PEFT's conv + 1x1 conv.
 
     Args:
       spatial: the number of spatial axes (1, 2 or 3 for 1-D/2-D/3-D convs).
