@@ -133,6 +133,8 @@ def main():
             if "lora_" in pname and "lm_head" not in pname:  # the head shares them
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
         d = os.path.join(EXPORT, "peft_tied_embed")
+        # A neutral name, not this machine's path to the base directory.
+        model.peft_config["default"].base_model_name_or_path = "tiny-tied-llama"
         model.save_pretrained(d, save_embedding_layers=False)
         os.remove(os.path.join(d, "README.md"))  # PEFT's model-card template
         outputs["peft_tied_embed"] = model(ids).logits.numpy()
@@ -157,6 +159,7 @@ def main():
                     p.add_(torch.randn(p.shape, generator=g) * 0.05)
             outputs["peft_pissa_converted"] = model(ids).logits.numpy()
             d = os.path.join(EXPORT, "peft_pissa_converted")
+            model.peft_config["default"].base_model_name_or_path = "tiny-random-llama"
             model.save_pretrained(d, path_initial_model_for_weight_conversion=initial)
             os.remove(os.path.join(d, "README.md"))
 
