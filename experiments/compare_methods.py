@@ -181,11 +181,15 @@ def _isolated_rows(cfg: Config, argv: list[str]) -> list[dict]:
     return rows, info
 
 
+
+def parse(argv: list[str]) -> Config:
+    """The configuration of this script's ARGS: options given are kept as given;
+    ``--smoke`` fills ``SMOKE``'s values into the others only."""
+    return _recipe.parse_cli(Config, argv, smoke=SMOKE)
+
+
 def main(cfg: Config, argv: list[str] | None = None) -> dict:
     """Runs every method in ``cfg.methods``; returns the table as a dict."""
-    if cfg.smoke:
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in SMOKE.items()
-                                          if getattr(cfg, k) == getattr(Config, k)})
     _recipe.compute_dtype(cfg.dtype)  # a bad --dtype fails before any work
     for name in cfg.methods:  # unknown or unbuilt methods fail before any work
         build = _recipe.method(name)
@@ -227,4 +231,4 @@ def main(cfg: Config, argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(_recipe.parse_cli(Config, sys.argv[1:]), sys.argv[1:])
+    main(parse(sys.argv[1:]), sys.argv[1:])

@@ -205,11 +205,15 @@ def plot(path: str, rows: list[dict], summary: list[dict], title: str) -> None:
     plt.close(fig)
 
 
+
+def parse(argv: list[str]) -> Config:
+    """The configuration of this script's ARGS: options given are kept as given;
+    ``--smoke`` fills ``SMOKE``'s values into the others only."""
+    return _recipe.parse_cli(Config, argv, smoke=SMOKE)
+
+
 def main(cfg: Config) -> dict:
     """Runs every (method, seed); returns the summary."""
-    if cfg.smoke:
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in SMOKE.items()
-                                          if getattr(cfg, k) == getattr(Config, k)})
     t0 = time.perf_counter()
     lm = _recipe.load_lm(cfg.model, smoke=cfg.smoke, seed=0)
     docs = _recipe.documents(cfg.data, max_chars=20_000 if cfg.smoke else 0,
@@ -242,4 +246,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(_recipe.parse_cli(Config, sys.argv[1:]))
+    main(parse(sys.argv[1:]))

@@ -150,11 +150,15 @@ def matched_lora_rank(cfg: Config, params, sched) -> tuple[int, int]:
     return best, target
 
 
+
+def parse(argv: list[str]) -> Config:
+    """The configuration of this script's ARGS: options given are kept as given;
+    ``--smoke`` fills ``SMOKE``'s values into the others only."""
+    return _recipe.parse_cli(Config, argv, smoke=SMOKE)
+
+
 def main(cfg: Config) -> dict:
     """Pre-trains one model per available method; returns the table as a dict."""
-    if cfg.smoke:
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in SMOKE.items()
-                                          if getattr(cfg, k) == getattr(Config, k)})
     for name in cfg.methods:
         if name not in METHODS:
             raise SystemExit(f"--methods: {name!r} is unknown; choose from {sorted(METHODS)}")
@@ -232,4 +236,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(_recipe.parse_cli(Config, sys.argv[1:]))
+    main(parse(sys.argv[1:]))

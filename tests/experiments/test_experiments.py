@@ -2,10 +2,11 @@
 
 import json
 import math
+import os
 
 import pytest
 
-from tests.experiments.conftest import run_script
+from tests.experiments.conftest import ROOT, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +73,19 @@ def test_pretrain_galore_smoke(tmp_path):
     assert abs(lo - g) / g < 0.5
     assert rows["adamw"]["optimizer_state_bytes"] > g
     assert "matched memory" in res.stdout
+
+
+@pytest.mark.parametrize("script", ["compare_methods", "init_comparison", "pretrain_galore"])
+def test_explicit_flags_are_kept_under_smoke(script):
+    """``--smoke --steps=<default>`` keeps the steps given, as the demo does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"{script}_cli", os.path.join(ROOT, "experiments", f"{script}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    default = mod.Config.steps
+    assert mod.SMOKE["steps"] != default
+    assert mod.parse(["--smoke", f"--steps={default}"]).steps == default
+    assert mod.parse(["--smoke"]).steps == mod.SMOKE["steps"]
+    assert mod.parse([f"--steps={default}"]) == mod.Config()
