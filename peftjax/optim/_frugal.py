@@ -161,8 +161,9 @@ def scale_by_frugal(
     Leaves that are not projected (biases, norms, embeddings by default; see
     ``dimension_numbers`` of ``scale_by_galore``) get ``inner`` on the whole
     gradient, unscaled (the reference's regular group). Route leaves with
-    ``optax.partition``: labels from ``peftjax.tree.labels`` decide state-full (``optax.adamw``; keep the
-    logits/head there, as the reference does), FRUGAL, state-free
+    ``optax.partition``: labels from ``peftjax.tree.labels`` decide
+    state-full (``optax.adamw``; keep the logits/head there, as the reference
+    does), FRUGAL, state-free
     (``optax.chain(optax.scale_by_sign(), ...)``) or frozen
     (``optax.set_to_zero()``).
 
