@@ -19,7 +19,8 @@ def _setup(g):
     base = {"w1": jnp.asarray(rng.standard_normal((16, 12)), jnp.float32),
             "w2": jnp.asarray(rng.standard_normal((2, 10, 8)), jnp.float32)}
     a = tree.assign(base, [tree.Rule(where="w1", then=adapters.sparse_delta(k=40)),
-                           tree.Rule(where="w2", then=adapters.sparse_delta(k=20))])
+                           tree.Rule(where="w2", then=adapters.sparse_delta(k=20))],
+                    layout=tree.stacked("w2"))  # w2 is two stacked (10, 8) layers
     st = adapters.init(a, jax.random.key(0), base)
     frozen = {"w1": adapters.SparseSupport(jnp.asarray(g["init_indices/w1"])),
               "w2": adapters.SparseSupport(jnp.stack([jnp.asarray(g["init_indices/w2_0"]),
