@@ -222,25 +222,29 @@ class Interpreter:
         def bind(a: Any, b: Any) -> Any:
             return _bind(eqn, [a, b])[0]
 
-        key = None
-        _, _, keys = s.parts
-        dropout = s.meta.adapter is not None and s.meta.adapter.dropout
-        if dropout and not self.deterministic and keys is not None:
-            key = jax.random.fold_in(keys, self.sites[s.meta.path])
-        self.sites[s.meta.path] += 1
+        key = self._site_key(s)
         out = _sym.dot(s, other, is_lhs, params, bind, key, tile_bytes=self.tile_bytes)
         if out is not None:
             self.factored_sites[s.meta.path] += 1
         return out
 
-    def _conv(self, eqn: Any, invals: list[Any]) -> Any:
-        x, s = invals
+    def _site_key(self, s: Any) -> Any:
+        """Counts a use of ``s``'s kernel; its dropout key for this use, or None.
+
+        Each use (site) of an adapted kernel folds its ordinal into the leaf's
+        key, so two matmuls of one kernel draw independent dropout masks.
+        """
         key = None
         _, _, keys = s.parts
         dropout = s.meta.adapter is not None and s.meta.adapter.dropout
         if dropout and not self.deterministic and keys is not None:
             key = jax.random.fold_in(keys, self.sites[s.meta.path])
         self.sites[s.meta.path] += 1
+        return key
+
+    def _conv(self, eqn: Any, invals: list[Any]) -> Any:
+        x, s = invals
+        key = self._site_key(s)
         out = _conv.conv(s, x, eqn.params, lambda a, b: _bind(eqn, [a, b])[0], key)
         if out is not None:
             self.factored_sites[s.meta.path] += 1
