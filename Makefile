@@ -45,7 +45,7 @@ demo: setup
 # API reference from the Google-style docstrings: a static site in build/docs.
 DOC_MODULES := peftjax peftjax.tree peftjax.adapters peftjax.optim peftjax.data \
   peftjax.io peftjax.io.checkpoint peftjax.models peftjax.models.llama peftjax.models.bert \
-  peftjax.report peftjax.exec peftjax.quant peftjax.merge peftjax.inits peftjax.masks \
+  peftjax.report peftjax.factored peftjax.quant peftjax.merge peftjax.inits peftjax.masks \
   peftjax.shard
 docs: setup
 	$(PY) -m pdoc --docformat google --no-show-source -o build/docs $(DOC_MODULES) '!peftjax\..*\._.*'

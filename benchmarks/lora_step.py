@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """LoRA training step on SmolLM2-135M: factored vs materialize vs full FT vs PEFT.
 
-Question: does the factored path (``peftjax.exec``) make a LoRA step cheaper
+Question: does the factored path (``peftjax.factored``) make a LoRA step cheaper
 than full fine-tuning (FLOPs <= 0.70x, no weight-sized temporaries of the
 adapted kernels) and as fast as Hugging Face PEFT on torch?
 
@@ -125,8 +125,7 @@ def _steps(mcfg, params, scan, cfg):
     import optax
     from flax import nnx
 
-    from peftjax import adapters, tree
-    from peftjax import exec as pexec
+    from peftjax import adapters, factored, tree
     from peftjax import models as pm
     from peftjax.models import llama
 
@@ -153,7 +152,7 @@ def _steps(mcfg, params, scan, cfg):
     return assignment, {
         "full": (full, (params, opt.init(params))),
         "materialize": (adapters.make_train_step(assignment, loss_fn, opt), lora_args),
-        "factored": (pexec.make_train_step(assignment, loss_fn, opt), lora_args),
+        "factored": (factored.make_train_step(assignment, loss_fn, opt), lora_args),
     }
 
 

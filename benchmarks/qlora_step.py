@@ -3,7 +3,7 @@
 
 Question: does keeping the frozen base as the GGUF file's own Q4_1/Q8_0 blocks
 (``peftjax.quant``, dequantised a tile at a time inside each matmul by
-``peftjax.exec``) shrink the base held on the device to <= 0.3x the float32
+``peftjax.factored``) shrink the base held on the device to <= 0.3x the float32
 base, and what does the step cost in memory and time?
 
 How: SmolLM2-135M-Instruct from the offline GGUF, loaded twice in the scanned
@@ -104,8 +104,7 @@ def main(cfg: Config) -> dict:
     import optax
     from flax import nnx
 
-    from peftjax import adapters, quant, tree
-    from peftjax import exec as pexec
+    from peftjax import adapters, factored, quant, tree
     from peftjax import models as pm
     from peftjax.models import llama
     from peftjax.tree import _paths
@@ -127,7 +126,7 @@ def main(cfg: Config) -> dict:
         where=TARGETS, then=adapters.lora(cfg.rank, alpha=cfg.alpha))])
     state = adapters.init(assignment, jax.random.key(cfg.seed), quant.abstract(qp))
     opt_state = opt.init(state.trainable)
-    step = pexec.make_train_step(assignment, loss_fn, opt)
+    step = factored.make_train_step(assignment, loss_fn, opt)
 
     # A quantised kernel's float shape: stacked, per layer, and transposed.
     shapes = set()

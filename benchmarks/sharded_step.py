@@ -160,8 +160,7 @@ def _lora(mesh, gdef, params, tokens, cfg):
     import jax
     import optax
 
-    from peftjax import adapters, shard, tree
-    from peftjax import exec as pexec
+    from peftjax import adapters, factored, shard, tree
 
     a = tree.assign(
         params,
@@ -178,7 +177,7 @@ def _lora(mesh, gdef, params, tokens, cfg):
     s_sh = shard.adapter_shardings(mesh, a, params, p_sh, state)
     o_sh = shard.state_shardings(mesh, o0, state.trainable, s_sh.trainable)
     step = jax.jit(
-        pexec.make_train_step(a, _loss(gdef, mesh, cfg.batch), opt),
+        factored.make_train_step(a, _loss(gdef, mesh, cfg.batch), opt),
         in_shardings=(
             s_sh.trainable,
             o_sh,

@@ -63,7 +63,7 @@ def make_pmap_step(
       assignment: ``{path: Adapter}``.
       loss_fn: ``(params, batch) -> mean loss`` over one device's batch.
       optimizer: any optax transformation over the trainable tree.
-      factored: run the loss through ``peftjax.exec.factored`` (else
+      factored: run the loss through ``peftjax.factored.transform`` (else
         ``peftjax.adapters.materialize``).
 
     Returns:
@@ -71,13 +71,12 @@ def make_pmap_step(
       opt_state, loss)`` where ``batches`` is ``split_batch(batch, n)`` and
       every other argument and result is one replicated tree.
     """
-    from peftjax import adapters
-    from peftjax import exec as pexec
+    from peftjax import adapters, factored
 
     def step(trainable, opt_state, params, frozen, batch):
         def objective(t):
             if factored:
-                return pexec.factored(loss_fn, assignment, t, frozen)(params, batch)
+                return factored.transform(loss_fn, assignment, t, frozen)(params, batch)
             return loss_fn(adapters.materialize(assignment, params, t, frozen), batch)
 
         loss, grads = jax.value_and_grad(objective)(trainable)
@@ -101,8 +100,7 @@ def main(steps: int = 3) -> float:
     import numpy as np
     from flax import nnx
 
-    from peftjax import adapters, shard, tree
-    from peftjax import exec as pexec
+    from peftjax import adapters, factored, shard, tree
     from peftjax import models as pm
     from peftjax.models import llama
 
@@ -141,7 +139,7 @@ def main(steps: int = 3) -> float:
 
     mesh = shard.make_mesh(data=n, devices=jax.local_devices())
     jstep = jax.jit(
-        pexec.make_train_step(a, loss_fn, opt),
+        factored.make_train_step(a, loss_fn, opt),
         in_shardings=(None, None, None, None, shard.batch_sharding(mesh)),
     )
     t_j, o_j = state.trainable, opt.init(state.trainable)

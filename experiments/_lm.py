@@ -16,6 +16,7 @@ import numpy as np
 
 from peftjax import data
 
+
 def _jsonl_format(source: str, model: str | None) -> Callable[[dict], str]:
     """``{"text": ...}`` as is; ``{"messages": [...]}`` through ``model``'s chat
     template (read once, at the first such record)."""

@@ -36,8 +36,13 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _recipe  # noqa: E402
 
-from peftjax import adapters, data, inits, tree  # noqa: E402
-from peftjax import exec as pexec  # noqa: E402
+from peftjax import (  # noqa: E402
+    adapters,
+    data,
+    factored,  # noqa: E402
+    inits,
+    tree,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +102,7 @@ def build(name: str, cfg: Config, lm: _recipe.LM, loss_fn, stat_batches, lr, sch
                                                mean=(name == "lora_ga"))
         elif payload.stats == "covariance":
             stats = inits.collect_covariances(loss_fn, lm.params, stat_batches, list(plan),
-                                              transform=pexec.factored)
+                                              transform=factored.transform)
         res = inits.init(plan, key, lm.params, stats=stats)
         base, assignment, state = res.params, res.assignment, res.state
 

@@ -32,7 +32,7 @@ try:
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+local"
 
-_LAZY = ("io", "models", "optim", "inits", "masks", "merge", "exec", "data", "quant",
+_LAZY = ("io", "models", "optim", "inits", "masks", "merge", "factored", "data", "quant",
          "shard")
 
 

@@ -14,7 +14,7 @@ import peftjax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Namespaces whose public functions must carry Args/Returns and an example.
 DOCUMENTED = ["peftjax", "peftjax.tree", "peftjax.tree.dims", "peftjax.adapters",
-              "peftjax.io.checkpoint", "peftjax.exec", "peftjax.io", "peftjax.models",
+              "peftjax.io.checkpoint", "peftjax.factored", "peftjax.io", "peftjax.models",
               "peftjax.models.llama", "peftjax.models.bert", "peftjax.optim", "peftjax.inits",
               "peftjax.masks", "peftjax.data", "peftjax.quant", "peftjax.shard",
               "peftjax.merge", "peftjax.merge.adapters"]

@@ -83,8 +83,7 @@ def main():
     sys.path.insert(
         0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     )
-    from peftjax import adapters, shard, tree
-    from peftjax import exec as pexec
+    from peftjax import adapters, factored, shard, tree
     from peftjax import models as pm
     from peftjax.models import llama
 
@@ -145,7 +144,7 @@ def main():
     toks = jax.make_array_from_process_local_data(b_sh, local)
 
     step = jax.jit(
-        pexec.make_train_step(a, loss_fn, opt),
+        factored.make_train_step(a, loss_fn, opt),
         in_shardings=(s_sh.trainable, o_sh, p_sh, s_sh.frozen, b_sh),
         out_shardings=(s_sh.trainable, o_sh, shard.replicated(mesh)),
         donate_argnums=(0, 1),

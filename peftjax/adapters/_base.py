@@ -18,7 +18,7 @@ functions lift it over a whole parameter tree with an *assignment*
 Memory note for ``materialize`` inside a loss: backpropagating through
 ``W + s·A@B`` forms a weight-shaped cotangent and the full ``x^T·dy`` matmul
 for every adapted matrix (frozen, closed-over leaves get none). The factored
-path of ``peftjax.exec`` avoids both.
+path of ``peftjax.factored`` avoids both.
 
 Exports: ``Adapter``, ``AdapterState``, ``BiasHook``, ``FactoredTerms``,
 ``FactoredForm``, ``init``, ``materialize``, ``merge``, ``unmerge``,
@@ -58,7 +58,7 @@ class BiasHook(NamedTuple):
 class FactoredTerms(NamedTuple):
     """One matrix's adapter as terms of ``y = ((x ⊙ in_scale) @ W + delta(x̃)) ⊙ out_scale``.
 
-    This is how the factored path (``peftjax.exec``) applies an adapter without
+    This is how the factored path (``peftjax.factored``) applies an adapter without
     forming ``W'``: the base product ``(x ⊙ in_scale) @ W`` is the model's own
     matmul, ``x̃`` is the adapter input after adapter dropout, and every term
     is cheap (vectors, or products with rank-``r`` factors).
@@ -82,7 +82,7 @@ class FactoredTerms(NamedTuple):
 
 
 class FactoredForm(NamedTuple):
-    """What ``peftjax.exec`` needs to run an adapter in factored form.
+    """What ``peftjax.factored`` needs to run an adapter in factored form.
 
     Attributes:
       dimension_numbers: the leaf's matrix view (None: Flax defaults).
@@ -111,9 +111,9 @@ class Adapter(NamedTuple):
         so that ``unmerge`` is exact (DoRA's column norms), or None.
       bias: a ``BiasHook`` when the adapter also changes the sibling bias.
       dropout: rate of dropout on the adapter's input; only the factored path
-        (``peftjax.exec``) can apply it, see ``materialize``.
+        (``peftjax.factored``) can apply it, see ``materialize``.
       name: a readable description used in ``repr`` and error messages.
-      factored: a ``FactoredForm`` for the factored path (``peftjax.exec``),
+      factored: a ``FactoredForm`` for the factored path (``peftjax.factored``),
         or None when the adapter exists in weight space only (the factored
         path then materialises it, with a warning).
       dimension_numbers: the leaf's matrix view, or None (2-D ``(in, out)``;
@@ -289,7 +289,7 @@ def lift_matrix(
       dimension_numbers: the matrix view of the leaf.
       dropout: adapter-input dropout rate (factored path only).
       factored_matrix: ``(w (in, out), trainable, frozen) -> FactoredTerms``,
-        the per-matrix factored form used by ``peftjax.exec``; None if the
+        the per-matrix factored form used by ``peftjax.factored``; None if the
         adapter has none.
 
     Returns:
@@ -684,7 +684,7 @@ def _apply_all(assignment, params, trainable, frozen, fn: str, *,
             raise ValueError(
                 f"{fn}: adapters with input dropout {with_dropout} cannot be "
                 "applied in weight space; dropout on the adapter input is applied "
-                "only by the factored path (peftjax.exec). Pass "
+                "only by the factored path (peftjax.factored). Pass "
                 "deterministic=True to materialise without dropout (evaluation), "
                 "or build the adapter with dropout=0.0"
             )
@@ -717,7 +717,7 @@ def materialize(
     wider of the base and adapter dtypes, then cast).
 
     Cost: gradients through ``W + s·A@B`` form a weight-shaped cotangent per
-    adapted matrix; see ``peftjax.exec`` for the factored path.
+    adapted matrix; see ``peftjax.factored`` for the factored path.
 
     Args:
       assignment: ``{path: Adapter}``.

@@ -4,7 +4,7 @@
 ``batched(collection, params, ids)`` turns several named adapters of a
 collection into one ``NamedAdapter(assignment, trainable, frozen)`` whose
 adapters exist only in factored form: run the model through
-``peftjax.exec.factored(apply_fn, *named)``. Example ``b`` of the batch uses
+``peftjax.factored.transform(apply_fn, *named)``. Example ``b`` of the batch uses
 adapter ``names[ids[b]]``; ``ids[b] = -1`` runs the base model for it. This is
 the gather form of S-LoRA / Punica ("S-LoRA: Serving Thousands of Concurrent
 LoRA Adapters", Sheng et al., 2023, https://arxiv.org/abs/2311.03285): for
@@ -126,7 +126,7 @@ def _make_adapter(path: str, groups: list[tuple[_base.Adapter, list[int]]],
         raise ValueError(
             f"batched adapters on {path!r} (shape {tuple(np.shape(w))}, dtype "
             f"{w.dtype}) give every example its own weights; they exist only in "
-            "factored form: run the model through peftjax.exec.factored, where this "
+            "factored form: run the model through peftjax.factored.transform, where this "
             "kernel must reach a plain matmul (a use that needs the weight itself "
             "cannot vary per example)")
 
@@ -210,7 +210,7 @@ def batched(
 
     Returns:
       ``NamedAdapter(assignment, trainable, frozen)`` for
-      ``peftjax.exec.factored(apply_fn, *named)``; per path ``trainable`` is a
+      ``peftjax.factored.transform(apply_fn, *named)``; per path ``trainable`` is a
       tuple (one entry per group of identical member adapters) of the members'
       states stacked after the leaf's batch axes, and ``frozen`` a
       ``BatchedRouting``. ``materialize`` refuses it (per-example weights do
@@ -223,7 +223,7 @@ def batched(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from peftjax import adapters, exec as pexec, tree
+      >>> from peftjax import adapters, factored, tree
       >>> params = {"w": jnp.eye(2)}
       >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.lora(1))])
       >>> c = adapters.collection()
@@ -231,7 +231,7 @@ def batched(
       ...     t = {"w": adapters.LoRAParams(jnp.ones((2, 1)), jnp.full((1, 2), v))}
       ...     c = adapters.add(c, n, a, adapters.AdapterState(t, {"w": None}))
       >>> nb = adapters.batched(c, params, jnp.array([1, -1, 0]))
-      >>> pexec.factored(lambda p, x: x @ p["w"], *nb)(params, jnp.ones((3, 2)))
+      >>> factored.transform(lambda p, x: x @ p["w"], *nb)(params, jnp.ones((3, 2)))
       Array([[33., 33.],
              [ 1.,  1.],
              [17., 17.]], dtype=float32)

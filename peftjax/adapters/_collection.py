@@ -7,7 +7,7 @@ function here is pure: it returns a new collection and never mutates its
 input. The collection is host-side bookkeeping; what goes into a model is
 ``active(collection)``, a ``NamedAdapter(assignment, trainable, frozen)``
 that unpacks into ``materialize(assignment, params, trainable, frozen)`` or
-``peftjax.exec.factored(apply_fn, *named)``.
+``peftjax.factored.transform(apply_fn, *named)``.
 
 * ``disable`` makes the base model active: ``active`` then returns an empty
   assignment, and ``materialize`` passes every leaf through by identity, so
@@ -36,7 +36,7 @@ from peftjax.adapters import _base, _lora
 class NamedAdapter(NamedTuple):
     """One adapter of a collection: its assignment and its state.
 
-    The field order matches ``peftjax.exec.factored(apply_fn, assignment,
+    The field order matches ``peftjax.factored.transform(apply_fn, assignment,
     trainable, frozen)``, so ``factored(apply_fn, *named)`` works.
 
     Attributes:
@@ -187,7 +187,7 @@ def disable(coll: AdapterCollection) -> AdapterCollection:
     """Makes the base model active: ``active`` returns an empty adapter.
 
     ``materialize`` with the empty assignment returns every base leaf by
-    identity, and ``peftjax.exec.factored`` re-emits the model unchanged: the
+    identity, and ``peftjax.factored.transform`` re-emits the model unchanged: the
     exact base model (the reference model of DPO-style preference tuning).
 
     Args:

@@ -16,7 +16,7 @@ of the 1x1 ``lora_B``, because a convolution is linear in its kernel:
     conv(x, W + s·reshape(A@B)) = conv(x, W) + s·conv1x1(conv(x, A), B).
 
 ``materialize``/``merge`` use the left side (plain LoRA under that view);
-the factored path (``peftjax.exec``) computes the right side for every
+the factored path (``peftjax.factored``) computes the right side for every
 ``conv_general_dilated`` that consumes the kernel, with the base conv's
 strides, padding, dilations and feature groups, and never forms ``reshape(A@B)``
 nor its cotangent.
@@ -39,7 +39,7 @@ class LowRankDelta(NamedTuple):
     """A ``FactoredTerms.delta`` that also exposes its factors.
 
     Calling it on ``x (..., in)`` returns ``scale·(x@a[@core])@b`` like any
-    low-rank delta; ``peftjax.exec`` reads the factors to run the delta of a
+    low-rank delta; ``peftjax.factored`` reads the factors to run the delta of a
     convolution kernel as two convolutions.
 
     Attributes:

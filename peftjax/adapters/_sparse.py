@@ -18,7 +18,7 @@ Equation map (SpIEL §3, "φ = θ0 + scatter(η, ι)") ↔ ``apply``; its invers
 leaf's non-batch axes). ``sparse_to_compact`` / ``sparse_from_compact`` are the
 export format (indices + values) and its validating loader.
 
-Factored form (``peftjax.exec``): ``y[..., j] += x[..., i]·v`` for every
+Factored form (``peftjax.factored``): ``y[..., j] += x[..., i]·v`` for every
 stored ``(i·out + j, v)``, a gather and a scatter-add of ``k`` entries per
 token instead of a weight-sized delta.
 

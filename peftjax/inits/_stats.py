@@ -232,7 +232,7 @@ def collect_covariances(
     to reproduce its statistics exactly.
 
     Mechanism: see the module docstring (a zero-valued probe adapter run
-    through ``transform``, which must be ``peftjax.exec.factored``).
+    through ``transform``, which must be ``peftjax.factored.transform``).
 
     Memory: per targeted matrix a float32 ``(in, in)`` running sum plus, in the
     backward pass, one ``(in, in)`` product per call and the layer inputs the
@@ -243,7 +243,7 @@ def collect_covariances(
       params: the parameter tree (argument 0 of ``apply_fn``).
       batches: iterable of batches.
       targets: leaf paths of the targeted kernels.
-      transform: ``peftjax.exec.factored``.
+      transform: ``peftjax.factored.transform``.
       normalize: divide each call's ``X`` by ``|max(X)|`` (CorDA/PEFT).
       dimension_numbers: the kernels' matrix view (None: ``(in, out)``, or
         ``(L, in, out)`` for the scanned ``layers/...`` layout).
@@ -257,11 +257,11 @@ def collect_covariances(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from peftjax import exec as pexec
+      >>> from peftjax import factored
       >>> params = {"w": jnp.ones((2, 3))}
       >>> x = jnp.array([[1.0, 2.0], [0.0, 1.0]])
       >>> c = collect_covariances(lambda p, b: b @ p["w"], params, [x], ["w"],
-      ...                         transform=pexec.factored, normalize=False)
+      ...                         transform=factored.transform, normalize=False)
       >>> c["w"].tolist()
       [[1.0, 2.0], [2.0, 5.0]]
     """

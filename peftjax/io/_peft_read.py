@@ -141,7 +141,7 @@ def load_peft(
       alpha; the rank must equal the tensors'. Keys that match no selected
       module are ignored with a ``RuntimeWarning``, as in PEFT.
     * ``lora_dropout`` is kept on the returned adapters (``adapter.dropout``):
-      the factored path (``peftjax.exec.factored``) applies it to the adapter
+      the factored path (``peftjax.factored.transform``) applies it to the adapter
       input when ``deterministic=False`` (training, with a ``key``), never in
       evaluation; ``materialize`` refuses it unless ``deterministic=True``.
     * (IA)³'s ``feedforward_modules``: a list matches by plain ``endswith``,

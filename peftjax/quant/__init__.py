@@ -3,7 +3,7 @@
 
 Keep a frozen base as blocks of int8 / int4 / NF4 values (qwix's quantisers)
 or as a GGUF file's own Q8_0 / Q4_1 blocks, and train adapters on it with
-``peftjax.exec``: every quantised leaf, adapted or not, is dequantised a tile
+``peftjax.factored``: every quantised leaf, adapted or not, is dequantised a tile
 of output columns at a time inside each matmul that uses it, and never kept
 as a float copy of the whole kernel across a step. Adapters, their gradients
 and the optimizer state stay float32.
@@ -18,11 +18,11 @@ A recipe::
     # or: cfg, qparams = llama.load_llama_params(gguf, keep_quantized=True)
     a = tree.assign(quant.abstract(qparams), [Rule(where=..., then=adapters.lora(8))])
     state = adapters.init(a, key, quant.abstract(qparams))  # DoRA/LoRA-XS: dequantize
-    step = jax.jit(exec.make_train_step(a, loss_fn, optax.adamw(1e-4)))
+    step = jax.jit(factored.make_train_step(a, loss_fn, optax.adamw(1e-4)))
     trainable, opt_state, loss = step(state.trainable, opt_state, qparams,
                                       state.frozen, batch)
 
-``exec.factored(apply_fn, {}, {}, {})(qparams, x)`` runs the quantised model
+``factored.transform(apply_fn, {}, {}, {})(qparams, x)`` runs the quantised model
 for inference.
 
 Exports: ``QuantFormat``, ``QuantizedArray``, ``Q8_0Blocks``, ``Q4_1Blocks``,

@@ -8,7 +8,7 @@ is a pytree whose leaves are the stored blocks (so ``jit`` takes it as an
 argument and ``peftjax.tree.stack_layers`` stacks it), and its logical shape is
 derived from the blocks: the blocks' leaves start with the logical shape
 without the blocked axis, then the number of blocks. Nothing but
-``dequantize`` (and the factored path of ``peftjax.exec``, which dequantises a
+``dequantize`` (and the factored path of ``peftjax.factored``, which dequantises a
 tile at a time inside each matmul) turns it back into floats.
 
 Exports: ``QuantizedArray``, ``quantize``, ``dequantize``, ``quantize_params``,
@@ -162,7 +162,7 @@ def dequantize(tree: Any) -> Any:
 
     This forms the float arrays: use it for inits that need the weights
     (DoRA's magnitude, LoRA-XS's SVD) or for a float reference, not inside a
-    training step (``peftjax.exec`` dequantises a tile at a time there).
+    training step (``peftjax.factored`` dequantises a tile at a time there).
 
     Args:
       tree: a ``QuantizedArray`` or a pytree containing some.

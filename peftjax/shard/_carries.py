@@ -88,7 +88,7 @@ def constrain_scan_carries(
     batch_sharding(mesh))`` on each carry whose leading axis is
     ``batch_size``, at loop entry and at the end of every iteration. Values
     are unchanged; only placement is. Use it on a loss or apply function of
-    a model with scanned layers under FSDP (``peftjax.exec`` and
+    a model with scanned layers under FSDP (``peftjax.factored`` and
     ``jax.grad`` compose with the result).
 
     Args:

@@ -28,9 +28,9 @@ if "attr" not in sys.modules:
 
 import numpy as np
 import peft
+import torch
 from peft.tuners.lora.config import CordaConfig
 from peft.tuners.lora.corda import preprocess_corda
-import torch
 from torch import nn
 
 torch.set_num_threads(2)

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftjax import adapters, tree
-from peftjax import exec as pexec
+from peftjax import adapters, factored, tree
 from peftjax import models as pm
 from peftjax.models import llama
 from tests.helpers import EXACT, GRAD_F32, MATMUL_F32, count_traces, f64
@@ -62,7 +61,7 @@ def test_batched_greedy_decoding_equals_per_example():
         return llama.generate(pm.merge_params(g, p), prompt, max_new_tokens=6)
 
     nb = adapters.batched(coll, params, jnp.asarray(IDS))
-    got = np.asarray(jax.jit(lambda p, t, f, x: pexec.factored(
+    got = np.asarray(jax.jit(lambda p, t, f, x: factored.transform(
         gen, nb.assignment, t, f)(p, x))(params, nb.trainable, nb.frozen, prompt))
 
     one = jax.jit(gen)  # one compile for the base and every merged tree
@@ -91,7 +90,7 @@ def test_batched_logits_new_ids_no_retrace_base_rows_exact():
     nb = adapters.batched(coll, params, jnp.asarray(ids))
 
     def fn(t, f, x):
-        return pexec.factored(lambda p, x: pm.apply(g, p, x), nb.assignment, t, f)(
+        return factored.transform(lambda p, x: pm.apply(g, p, x), nb.assignment, t, f)(
             params, x)
 
     counted, traces = count_traces(fn)
@@ -127,7 +126,7 @@ def test_batched_on_a_dict_model_matches_float64_and_gradients():
     ids = [1, 0, -1, 1]
     nb = adapters.batched(coll, params, jnp.asarray(ids))
     f = lambda p, x: x @ p["w"]  # noqa: E731
-    y = pexec.factored(f, *nb)(params, x)
+    y = factored.transform(f, *nb)(params, x)
     names = list(coll.adapters)
     for b, i in enumerate(ids):
         w = f64(params["w"])
@@ -137,13 +136,13 @@ def test_batched_on_a_dict_model_matches_float64_and_gradients():
         np.testing.assert_allclose(f64(y[b]), f64(x[b]) @ w, **MATMUL_F32)
 
     def loss(t):
-        return jnp.sum(pexec.factored(f, nb.assignment, t, nb.frozen)(params, x) ** 2)
+        return jnp.sum(factored.transform(f, nb.assignment, t, nb.frozen)(params, x) ** 2)
 
     # The one group's stacked (2, ...) factors.
     grads = jax.jit(jax.grad(loss))(nb.trainable)["w"][0]
     for i, n in enumerate(names):
         rows = jnp.asarray([b for b, j in enumerate(ids) if j == i])
-        own = jax.jit(jax.grad(lambda t, n=n, rows=rows: jnp.sum(pexec.factored(
+        own = jax.jit(jax.grad(lambda t, n=n, rows=rows: jnp.sum(factored.transform(
             f, coll.adapters[n].assignment, t, coll.adapters[n].frozen)(
                 params, x[rows]) ** 2)))(coll.adapters[n].trainable)["w"]
         np.testing.assert_allclose(f64(grads.a[i]), f64(own.a), **GRAD_F32)
@@ -173,4 +172,4 @@ def test_batched_refuses_what_cannot_vary_per_example():
     # The examples must be the activation's leading axis.
     with pytest.raises(ValueError, match=r"'w'.*shape \(3, 4\).*leading axis must "
                                          "be the 2 examples"):
-        pexec.factored(lambda p, x: x @ p["w"], *nb)(params, jnp.ones((3, 4)))
+        factored.transform(lambda p, x: x @ p["w"], *nb)(params, jnp.ones((3, 4)))

@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftjax import adapters, merge, tree
-from peftjax import exec as pexec
+from peftjax import adapters, factored, merge, tree
 from peftjax import models as pm
 from tests.helpers import ELEMENTWISE_F32, EXACT, MATMUL_F32, f64
 from tests.models.test_llama import make, make_config
@@ -88,7 +87,7 @@ def test_disable_is_exactly_the_base_through_the_factored_path():
     fn = lambda p, x: pm.apply(g, p, x)  # noqa: E731
 
     def run(named):
-        return jax.jit(lambda p, t, f, x: pexec.factored(fn, named.assignment, t, f)(
+        return jax.jit(lambda p, t, f, x: factored.transform(fn, named.assignment, t, f)(
             p, x))(params, named.trainable, named.frozen, tokens)
 
     base = jax.jit(fn)(params, tokens)

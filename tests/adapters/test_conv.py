@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from peftjax import adapters, tree
-from peftjax import exec as pexec
+from peftjax import adapters, factored, tree
 from tests.helpers import EXACT, f64
 
 G = np.load(os.path.join(os.path.dirname(__file__), "golden", "peft_conv.npz"))
@@ -105,7 +104,7 @@ def test_factored_and_merged_match_float64_peft_formula(case):
     tk = t["params/kernel"]
     want = ref_peft(x, params["params"]["kernel"], params["params"]["bias"], tk.a, tk.b,
                     4.0, stride, pad, dil, groups)  # alpha 8 / r 2
-    fac = jax.jit(pexec.factored(conv.apply, a, t, fr))(params, x)
+    fac = jax.jit(factored.transform(conv.apply, a, t, fr))(params, x)
     mat = conv.apply(adapters.materialize(a, params, t, fr), x)
     merged = conv.apply(adapters.merge(a, params, t, fr), x)
     for got in (fac, mat, merged):
@@ -142,7 +141,7 @@ def test_reproduces_peft_golden(name):
     xj = jnp.asarray(x, jnp.float32)
     want = np.moveaxis(G[f"{name}/y_lora"], 1, -1)
     assert np.abs(want - np.moveaxis(G[f"{name}/y_base"], 1, -1)).max() > 0.1
-    fac = pexec.factored(conv.apply, assign, t, fr)(params, xj)
+    fac = factored.transform(conv.apply, assign, t, fr)(params, xj)
     mat = conv.apply(adapters.materialize(assign, params, t, fr), xj)
     np.testing.assert_allclose(f64(fac), want, **CONV_F32)
     np.testing.assert_allclose(f64(mat), want, **CONV_F32)

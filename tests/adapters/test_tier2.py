@@ -10,8 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from peftjax import adapters, optim, tree
-from peftjax import exec as pexec
+from peftjax import adapters, factored, optim, tree
 from tests import helpers as h
 
 # float64 round-off of a few short sums of products (the Khatri-Rao identity).
@@ -174,7 +173,7 @@ def test_abba_init_first_pair_is_the_truncated_svd(getkey):
 
 
 # ---------------------------------------------------------------------------
-# Factored path (peftjax.exec) equals materialize, for every Tier-2 adapter
+# Factored path (peftjax.factored) equals materialize, for every Tier-2 adapter
 # ---------------------------------------------------------------------------
 
 FACTORED = {
@@ -216,7 +215,7 @@ def test_factored_outputs_and_grads_equal_materialize(name, model, getkey):
         return jnp.sum(jnp.square(y)), y
 
     def fac(t):
-        y = pexec.factored(fn, a, t, frozen)(params, x)
+        y = factored.transform(fn, a, t, frozen)(params, x)
         return jnp.sum(jnp.square(y)), y
 
     (g_ref, y_ref), (g, y) = jax.jit(
@@ -246,7 +245,7 @@ def test_factored_step_forms_no_weight_sized_array(name, getkey):
     state = adapters.init(a, getkey(), params)
 
     def loss(t, p):
-        return jnp.sum(jnp.square(pexec.factored(_dense, a, t, state.frozen)(p, x)))
+        return jnp.sum(jnp.square(factored.transform(_dense, a, t, state.frozen)(p, x)))
 
     jaxpr = jax.make_jaxpr(jax.grad(loss))(state.trainable, params).jaxpr
     shapes = set(_all_shapes(jaxpr))

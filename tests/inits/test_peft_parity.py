@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftjax import exec as pexec
-from peftjax import inits, tree
+from peftjax import factored, inits, tree
 from tests.helpers import MATMUL_F32, f64
 
 G = np.load(os.path.join(os.path.dirname(__file__), "golden", "inits_peft.npz"))
@@ -93,6 +92,6 @@ def test_covariances_match_peft_hooks():
         return jnp.tanh(x @ pp["l1"]["kernel"]) @ pp["l2"]["kernel"]
 
     cov = inits.collect_covariances(apply_fn, p, [jnp.asarray(x) for x in G["X"]],
-                                    ["l1/kernel", "l2/kernel"], transform=pexec.factored)
+                                    ["l1/kernel", "l2/kernel"], transform=factored.transform)
     for n in LAYERS:
         np.testing.assert_allclose(f64(cov[f"{n}/kernel"]), f64(G[f"C_{n}"]), **MATMUL_F32)

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftjax import adapters, inits, tree
-from peftjax import exec as pexec
+from peftjax import adapters, factored, inits, tree
 from peftjax.inits import _stats
 from tests.helpers import MATMUL_F32, f64
 
@@ -93,7 +92,7 @@ def test_covariances_scan_over_stacked_layers():
         return jax.lax.scan(body, x, p["layers"]["kernel"])[0]
 
     cov = inits.collect_covariances(apply_fn, params, xs, ["layers/kernel"],
-                                    transform=pexec.factored)["layers/kernel"]
+                                    transform=factored.transform)["layers/kernel"]
     assert cov.shape == (L, 6, 6)
     want = np.zeros((L, 6, 6))
     for x in xs:
@@ -157,6 +156,6 @@ def test_errors_name_path_shape_and_argument():
         inits.pissa(1.5)
     with pytest.raises(ValueError, match="never multiplied"):
         inits.collect_covariances(lambda q, x: jnp.sum(x), p, [jnp.ones((1, 4))], ["w"],
-                                  transform=pexec.factored)
+                                  transform=factored.transform)
     with pytest.raises(ValueError, match="no batch"):
         inits.accumulate_gradients(lambda q, x: jnp.sum(q["w"]), p, [], ["w"])

@@ -28,8 +28,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from peftjax import adapters, io, tree
-from peftjax import exec as pexec
+from peftjax import adapters, factored, io, tree
 from peftjax import models as pm
 from peftjax.io import PeftKey, TensorLayout
 from peftjax.models import llama
@@ -371,8 +370,8 @@ def test_lora_dropout_is_kept_and_used_on_the_factored_training_path(tmp_path):
         assert json.loads((d / "adapter_config.json").read_text())["lora_dropout"] == rate
         back = load(d, params)
         assert {a.dropout for a in back.assignment.values()} == {rate}
-        run = pexec.factored(f, back.assignment, *back.state, key=jax.random.key(3))
-        ev = pexec.factored(f, back.assignment, *back.state, deterministic=True)
+        run = factored.transform(f, back.assignment, *back.state, key=jax.random.key(3))
+        ev = factored.transform(f, back.assignment, *back.state, deterministic=True)
         outs[rate] = (run(params, x), ev(params, x))
     train, ev = outs[0.1]
     merged = adapters.materialize(back.assignment, params, *back.state,

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from peftjax import exec as pexec
-from peftjax import io, quant, tree
+from peftjax import factored, io, quant, tree
 from peftjax import models as pm
 from peftjax.models import llama
 from peftjax.tree import _paths
@@ -128,6 +127,6 @@ def test_smollm2_kept_quantised_logits_equal_the_dequantised_model():
 
     ref = f64(jax.jit(fwd)(fp, ids))
     del fp
-    out = f64(jax.jit(pexec.factored(fwd, {}, {}, {}))(qp, ids))
+    out = f64(jax.jit(factored.transform(fwd, {}, {}, {}))(qp, ids))
     assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
     np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))

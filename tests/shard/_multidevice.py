@@ -256,8 +256,7 @@ class Checks:
     def lora(self):
         import optax
 
-        from peftjax import adapters, tree
-        from peftjax import exec as pexec
+        from peftjax import adapters, factored, tree
 
         params = self.params
         rules = [
@@ -276,7 +275,7 @@ class Checks:
         self.lora_setup = (a, state, opt)
         return self.adapter_run(
             "lora",
-            lambda mesh: pexec.make_train_step(a, self.loss(self.gdef, mesh=mesh), opt),
+            lambda mesh: factored.make_train_step(a, self.loss(self.gdef, mesh=mesh), opt),
             params,
             a,
             state,

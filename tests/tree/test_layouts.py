@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftjax import adapters, tree
-from peftjax import exec as pexec
+from peftjax import adapters, factored, tree
 from tests import helpers as h
 
 EMBED, HEADS, HEAD_DIM = 32, 4, 8  # the issue's nnx.MultiHeadAttention
@@ -75,7 +74,7 @@ def test_nnx_attention_lora_counts_and_materializes(how):
     def run(params, x):
         return nnx.merge(gdef, params)(x)
 
-    y_fac = pexec.factored(run, a, t, st.frozen)(p, x)
+    y_fac = factored.transform(run, a, t, st.frozen)(p, x)
     y_mat = run(got, x)
     # Sums over features that partly cancel, in two association orders:
     # relative to the output's scale (MATMUL_F32's rtol), as tests/exec does.

@@ -12,7 +12,7 @@ stored unpermuted. A GGUF without ``output.weight`` has a tied head.
 ``peftjax.quant.QuantizedArray`` (the file's blocks, bit for bit): the
 transpose to Flax layout and the Q/K row permutation only relabel and reorder
 whole rows of blocks, so nothing is requantised. Such a tree runs through
-``peftjax.exec`` (``factored``, ``make_train_step``), not through the NNX model
+``peftjax.factored`` (``factored``, ``make_train_step``), not through the NNX model
 directly.
 
 Exports: ``config_from_gguf``, ``params_from_hf``, ``params_from_gguf``,
@@ -364,7 +364,7 @@ def load_llama_params(
       param_dtype: dtype of the returned arrays.
       keep_quantized: GGUF only: keep Q8_0 / Q4_1 tensors as
         ``peftjax.quant.QuantizedArray`` (the file's blocks; run the tree
-        through ``peftjax.exec``). A float checkpoint is quantised with
+        through ``peftjax.factored``). A float checkpoint is quantised with
         ``peftjax.quant.quantize_params`` instead.
 
     Returns:

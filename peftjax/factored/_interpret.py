@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import jax.extend as jex
 
-from peftjax.exec import _conv, _sym
+from peftjax.factored import _conv, _sym
 from peftjax.quant import _matmul as _qmatmul
 
 _VIEWS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision",
@@ -101,7 +101,7 @@ class Interpreter:
                 what = f"quantised {what}"
                 cost = f"a float copy of the whole kernel ({x.meta.qformat!r})"
             warnings.warn(
-                f"peftjax.exec: the {what} {path!r} (shape "
+                f"peftjax.factored: the {what} {path!r} (shape "
                 f"{tuple(x.meta.dims.shape)}) is used by {why}, which the factored "
                 f"path does not handle; it is materialised for that use ({cost})"
                 f"{note}", FactoredFallbackWarning, stacklevel=self.stacklevel)

@@ -3,7 +3,7 @@
 
 ``materialize`` feeds a model ``W' = W + s·A@B``: backpropagation then forms a
 weight-sized cotangent and the full ``x^T·dy`` matmul for every adapted
-matrix. ``factored(apply_fn, assignment, trainable, frozen)`` returns a
+matrix. ``transform(apply_fn, assignment, trainable, frozen)`` returns a
 function with ``apply_fn``'s signature and results that computes
 ``x@W + s·dropout(x)@A@B`` instead (DoRA: ``(x@W + s·x@A@B) ⊙ m/‖W + sAB‖``
 with the column norms from ``‖W_j‖² + 2s(AᵀW)_j·B_j + s²B_jᵀ(AᵀA)B_j``;
@@ -53,20 +53,20 @@ Limits:
 
 Example:
   >>> import jax, jax.numpy as jnp
-  >>> from peftjax import adapters, exec as pexec, tree
+  >>> from peftjax import adapters, factored, tree
   >>> params = {"w": jnp.ones((4, 3))}
   >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.lora(2))])
   >>> s = adapters.init(a, jax.random.key(0), params)
-  >>> pexec.factored(lambda p, x: x @ p["w"], a, *s)(params, jnp.ones((1, 4)))
+  >>> factored.transform(lambda p, x: x @ p["w"], a, *s)(params, jnp.ones((1, 4)))
   Array([[4., 4., 4.]], dtype=float32)
 """
 
-from peftjax.exec._api import factored as factored
-from peftjax.exec._api import make_train_step as make_train_step
-from peftjax.exec._interpret import FactoredFallbackWarning as FactoredFallbackWarning
+from peftjax.factored._api import make_train_step as make_train_step
+from peftjax.factored._api import transform as transform
+from peftjax.factored._interpret import FactoredFallbackWarning as FactoredFallbackWarning
 
 __all__ = [
     "FactoredFallbackWarning",
-    "factored",
     "make_train_step",
+    "transform",
 ]

@@ -13,8 +13,7 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-from peftjax import adapters, tree
-from peftjax import exec as pexec
+from peftjax import adapters, factored, tree
 from tests.helpers import GRAD_F32, assert_tree_allclose
 
 # f32 convolutions: sums of up to k·in = 72 products of O(1) terms (see
@@ -61,7 +60,7 @@ def test_grads_wrt_a_b_equal_materialize(name):
         return jnp.sum(jnp.tanh(conv.apply(adapters.materialize(a, params, t, fr), x)) ** 2)
 
     def loss_fac(t):
-        return jnp.sum(jnp.tanh(pexec.factored(conv.apply, a, t, fr)(params, x)) ** 2)
+        return jnp.sum(jnp.tanh(factored.transform(conv.apply, a, t, fr)(params, x)) ** 2)
 
     v_f, g_f = jax.jit(jax.value_and_grad(loss_fac))(t)
     v_m, g_m = jax.jit(jax.value_and_grad(loss_mat))(t)
@@ -95,7 +94,7 @@ def _single_conv(n=4, hw=16, cin=16, cout=32, rank=4):
                            rank=rank)
 
     def fac(t, params, x):
-        return jnp.sum(pexec.factored(conv.apply, a, t, fr)(params, x) ** 2)
+        return jnp.sum(factored.transform(conv.apply, a, t, fr)(params, x) ** 2)
 
     def mat(t, params, x):
         return jnp.sum(conv.apply(adapters.materialize(a, params, t, fr), x) ** 2)
@@ -125,8 +124,8 @@ def test_plain_lora_with_conv_view_falls_back_loudly_and_exactly():
                            adapter=adapters.lora(2, dimension_numbers=dn))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        got = pexec.factored(conv.apply, a, t, fr)(params, x)
-    msgs = [str(m.message) for m in w if issubclass(m.category, pexec.FactoredFallbackWarning)]
+        got = factored.transform(conv.apply, a, t, fr)(params, x)
+    msgs = [str(m.message) for m in w if issubclass(m.category, factored.FactoredFallbackWarning)]
     assert len(msgs) == 1 and "params/kernel" in msgs[0] and "lora_conv" in msgs[0]
     want = conv.apply(adapters.materialize(a, params, t, fr), x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), **CONV_F32)
@@ -194,7 +193,7 @@ def test_cnn_factored_train_step_equals_materialize_step(kind):
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
 
     opt = optax.sgd(0.5)
-    fac_step = jax.jit(pexec.make_train_step(a, loss_fn, opt))
+    fac_step = jax.jit(factored.make_train_step(a, loss_fn, opt))
     mat_step = jax.jit(adapters.make_train_step(a, loss_fn, opt))
     t_f, _, loss_f = fac_step(t, opt.init(t), params, state.frozen, (x, labels))[:3]
     t_m, _, loss_m = mat_step(t, opt.init(t), params, state.frozen, (x, labels))[:3]
@@ -226,7 +225,7 @@ def test_dropout_acts_on_the_adapter_branch_only():
     key = jax.random.key(7)
 
     def run(t, **kw):
-        return jax.jit(pexec.factored(conv.apply, a, t, fr, **kw))(params, x)
+        return jax.jit(factored.transform(conv.apply, a, t, fr, **kw))(params, x)
 
     det = run(t, deterministic=True)
     want = conv.apply(adapters.materialize(a, params, t, fr, deterministic=True), x)

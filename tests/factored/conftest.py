@@ -10,7 +10,7 @@ from flax import nnx
 from peftjax.models import apply as llama_apply
 from peftjax.models import llama, split_params
 from peftjax.tree import DimensionNumbers as DN
-from tests.exec import _models
+from tests.factored import _models
 
 LLAMA_CFG = llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
                               num_hidden_layers=2, num_attention_heads=4,

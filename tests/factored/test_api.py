@@ -1,4 +1,4 @@
-"""peftjax.exec.factored: equal to materialize on stock and peftjax models."""
+"""peftjax.factored.transform: equal to materialize on stock and peftjax models."""
 
 import jax
 import jax.numpy as jnp
@@ -6,9 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from peftjax import adapters, tree
-from peftjax import exec as pexec
-from tests.exec.conftest import MODELS, build, scalar_loss
+from peftjax import adapters, factored, tree
+from tests.factored.conftest import MODELS, build, scalar_loss
 from tests.helpers import GRAD_F32, MATMUL_F32, assert_tree_allclose
 
 ADAPTERS = {
@@ -54,7 +53,7 @@ def test_outputs_and_grads_match_materialize(model, adapter):
             return scalar_loss(y), y
 
         def fac(t):
-            y = pexec.factored(apply_fn, assignment, t, frozen)(params, x)
+            y = factored.transform(apply_fn, assignment, t, frozen)(params, x)
             return scalar_loss(y), y
 
         return (jax.grad(ref, has_aux=True)(t), jax.grad(fac, has_aux=True)(t))
@@ -85,7 +84,7 @@ def test_stacked_adapters_stay_stacked_and_step_compiles_once(name):
         return scalar_loss(apply_fn(p, batch))
 
     opt = optax.adam(1e-2)
-    step = jax.jit(pexec.make_train_step(assignment, loss_fn, opt))
+    step = jax.jit(factored.make_train_step(assignment, loss_fn, opt))
     o = opt.init(trainable)
     losses = []
     for _ in range(3):
@@ -104,11 +103,11 @@ def test_dropout_needs_key_and_is_deterministic_per_key():
     f = lambda p, x: x @ p["w"]  # noqa: E731
     x = jnp.ones((3, 6))
     with pytest.raises(ValueError, match="dropout"):
-        pexec.factored(f, a, t, s.frozen)
-    y1 = pexec.factored(f, a, t, s.frozen, key=jax.random.key(1))(params, x)
-    y2 = pexec.factored(f, a, t, s.frozen, key=jax.random.key(1))(params, x)
-    y3 = pexec.factored(f, a, t, s.frozen, key=jax.random.key(2))(params, x)
-    ev = pexec.factored(f, a, t, s.frozen, deterministic=True)(params, x)
+        factored.transform(f, a, t, s.frozen)
+    y1 = factored.transform(f, a, t, s.frozen, key=jax.random.key(1))(params, x)
+    y2 = factored.transform(f, a, t, s.frozen, key=jax.random.key(1))(params, x)
+    y3 = factored.transform(f, a, t, s.frozen, key=jax.random.key(2))(params, x)
+    ev = factored.transform(f, a, t, s.frozen, deterministic=True)(params, x)
     np.testing.assert_array_equal(y1, y2)
     assert not np.allclose(y1, y3)
     ref = f(adapters.materialize(a, params, t, s.frozen, deterministic=True), x)
@@ -128,4 +127,4 @@ def test_state_from_another_tree_names_the_path():
     a = tree.assign(params, [tree.Rule(where="w", then=adapters.lora(2))])
     s = adapters.init(a, jax.random.key(0), {"w": jnp.ones((5, 3))})
     with pytest.raises(ValueError, match="'w'"):
-        pexec.factored(lambda p, x: x @ p["w"], a, *s)(params, jnp.ones((1, 4)))
+        factored.transform(lambda p, x: x @ p["w"], a, *s)(params, jnp.ones((1, 4)))

@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from peftjax import adapters, tree
-from peftjax import exec as pexec
+from peftjax import adapters, factored, tree
 from tests import helpers as h
 from tests.adapters.test_train_nonfinite import (
     _batches,
@@ -38,7 +37,7 @@ def _setup():
 def test_factored_step_skips_bad_batches_and_counts_them():
     params, a, state = _setup()
     opt = optax.adamw(3e-2, weight_decay=0.1)
-    step = jax.jit(pexec.make_train_step(a, _loss, opt, return_metrics=True))
+    step = jax.jit(factored.make_train_step(a, _loss, opt, return_metrics=True))
     o0 = opt.init(state.trainable)
     batches = _batches()
     t_ref, o_ref, s_ref = _run(step, state.trainable, o0, params, state.frozen, batches)
@@ -53,13 +52,13 @@ def test_factored_step_skips_bad_batches_and_counts_them():
 def test_factored_step_without_skipping_lets_nan_through():
     params, a, state = _setup()
     opt = optax.adam(3e-2)
-    step = jax.jit(pexec.make_train_step(a, _loss, opt, skip_nonfinite=False,
+    step = jax.jit(factored.make_train_step(a, _loss, opt, skip_nonfinite=False,
                                          return_metrics=True))
     t, o, s = _run(step, state.trainable, opt.init(state.trainable), params,
                    state.frozen, _with_bad(_batches(), _nan_loss_batch))
     assert s == [0] * 5 and _has_nan(t) and _has_nan(o)
     # The default signature is unchanged: (trainable, opt_state, loss).
-    plain = jax.jit(pexec.make_train_step(a, _loss, opt))
+    plain = jax.jit(factored.make_train_step(a, _loss, opt))
     with jax.numpy_dtype_promotion("standard"):
         out = plain(state.trainable, opt.init(state.trainable), params, state.frozen,
                     _batches(1)[0])

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Symbolic adapted kernels: a base view plus the adapter state that rides along.
 
-While ``peftjax.exec`` re-evaluates a model's jaxpr, every adapted kernel is a
+While ``peftjax.factored`` re-evaluates a model's jaxpr, every adapted kernel is a
 ``Sym``: the *base* kernel as the program currently sees it (after the
 transposes, reshapes, casts and layer slices the program applied), the
 adapter's state sliced the same way, and for every axis its *role* in the
@@ -117,7 +117,7 @@ def _quant_dims(path: str, adapter: _base.Adapter | None,
     shape, k = tuple(w.shape), w.axis
     if len(shape) < 2:
         raise ValueError(
-            f"peftjax.exec: the quantised leaf {path!r} (shape {shape}, dtype "
+            f"peftjax.factored: the quantised leaf {path!r} (shape {shape}, dtype "
             f"{w.dtype}, {w.format!r}) is not a matrix; keep 1-D leaves in float")
     if adapter is not None and adapter.factored is not None:
         dims = _matrix.resolve(adapter.factored.dimension_numbers, shape, path=path)
@@ -135,7 +135,7 @@ def _quant_dims(path: str, adapter: _base.Adapter | None,
     if (dims.reduction != (k,) or dims.batch != tuple(range(nb))
             or dims.output != tuple(sorted(dims.output))):
         raise ValueError(
-            f"peftjax.exec: the quantised leaf {path!r} (shape {shape}, dtype "
+            f"peftjax.factored: the quantised leaf {path!r} (shape {shape}, dtype "
             f"{w.dtype}, {w.format!r}) is blocked along axis {k}, but its matrix view "
             f"has reduction axes {dims.reduction}, output axes {dims.output} and batch "
             f"axes {dims.batch}; the factored path needs the blocked axis to be the "

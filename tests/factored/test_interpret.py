@@ -7,8 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from peftjax import adapters, tree
-from peftjax import exec as pexec
+from peftjax import adapters, factored, tree
 from tests.helpers import GRAD_F32, MATMUL_F32, assert_tree_allclose
 
 
@@ -26,7 +25,7 @@ def _check(f, params, where, *args, **kw):
         return f(adapters.materialize(a, params, t, fr), *args)
 
     def fac(t):
-        return pexec.factored(f, a, t, fr)(params, *args)
+        return factored.transform(f, a, t, fr)(params, *args)
 
     assert_tree_allclose(jax.jit(fac)(t), ref(t), **MATMUL_F32)
     assert_tree_allclose(jax.jit(jax.grad(fac))(t), jax.grad(ref)(t), **GRAD_F32)
@@ -75,7 +74,7 @@ def test_control_flow_and_views():
         return f(adapters.materialize(a, params, t, s.frozen), x)
 
     def fac(t):
-        return pexec.factored(f, a, t, s.frozen)(params, x)
+        return factored.transform(f, a, t, s.frozen)(params, x)
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every use above is handled
@@ -96,7 +95,7 @@ def test_while_loop_forward():
     a, t, fr = _lora_state(params, "w")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = jax.jit(pexec.factored(f, a, t, fr))(params, x)
+        got = jax.jit(factored.transform(f, a, t, fr))(params, x)
     assert_tree_allclose(got, f(adapters.materialize(a, params, t, fr), x), **MATMUL_F32)
 
 
@@ -122,7 +121,7 @@ def test_unhandled_use_is_materialised_with_one_warning_naming_the_path():
         w = p["blk"]["w"]
         return jnp.sum((x @ w) ** 2) + jnp.linalg.norm(w) + jnp.sum(w * 2.0)
 
-    with pytest.warns(pexec.FactoredFallbackWarning) as record:
+    with pytest.warns(factored.FactoredFallbackWarning) as record:
         _check(f, params, "blk/w", x)
     msgs = [str(r.message) for r in record]
     # One per traced call (_check traces the factored function twice).
@@ -143,7 +142,7 @@ def _hlo_step(mode):
 
     def step(t, params, x):  # params and x are arguments: no constant folding
         if mode == "factored":
-            return jax.grad(lambda t: pexec.factored(loss, a, t, s.frozen)(params, x))(t)
+            return jax.grad(lambda t: factored.transform(loss, a, t, s.frozen)(params, x))(t)
         return jax.grad(lambda t: loss(adapters.materialize(a, params, t, s.frozen), x))(t)
 
     return jax.jit(step).lower(s.trainable, params, x).compile()

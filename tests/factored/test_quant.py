@@ -1,4 +1,4 @@
-"""peftjax.exec on quantised bases: equal to the float model, no float kernels."""
+"""peftjax.factored on quantised bases: equal to the float model, no float kernels."""
 
 import math
 import re
@@ -11,8 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from peftjax import adapters, inits, quant, tree
-from peftjax import exec as pexec
+from peftjax import adapters, factored, inits, quant, tree
 from peftjax.models import apply as llama_apply
 from peftjax.models import llama, split_params
 from peftjax.tree import _paths
@@ -85,7 +84,7 @@ def test_checker_sees_a_dequantised_kernel():
 
 def _run_both(a, t, fr, qp, fp, tokens, loss_fn, *, check_hlo):
     opt = optax.sgd(0.5)
-    q_step = jax.jit(pexec.make_train_step(a, loss_fn, opt, tile_bytes=TILE))
+    q_step = jax.jit(factored.make_train_step(a, loss_fn, opt, tile_bytes=TILE))
     # Reference: the float model dequantised once, through materialize.
     f_step = jax.jit(adapters.make_train_step(a, loss_fn, opt))
     compiled = q_step.lower(t, opt.init(t), qp, fr, tokens).compile()
@@ -146,13 +145,13 @@ def test_quantised_forward_equals_float_and_embedding_rows_are_decoded_alone():
     def fwd(params, t):
         return llama_apply(g, params, t)
 
-    out = jax.jit(pexec.factored(fwd, {}, {}, {}, tile_bytes=TILE))(qp, tokens)
+    out = jax.jit(factored.transform(fwd, {}, {}, {}, tile_bytes=TILE))(qp, tokens)
     ref = jax.jit(fwd)(fp, tokens)
     np.testing.assert_allclose(f64(out), f64(ref), **MATMUL_F32)
     # The embedding lookup gathers block rows: no float (200, 64) table.
     emb = dict(_paths.flatten(qp, is_leaf=quant.is_quantized))[
         "embed_tokens/embedding"]
-    c = jax.jit(pexec.factored(lambda p, t: p["embed_tokens"]["embedding"][t] * 2.0,
+    c = jax.jit(factored.transform(lambda p, t: p["embed_tokens"]["embedding"][t] * 2.0,
                                {}, {}, {})).lower(qp, tokens).compile()
     assert _float_kernel_buffers(c, {emb.size}) == []
 
@@ -167,9 +166,9 @@ def test_unsupported_use_dequantises_once_with_a_warning():
     x = jnp.ones((3, 64))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        got = pexec.factored(f, {}, {}, {})(qp, x)
+        got = factored.transform(f, {}, {}, {})(qp, x)
     msgs = [str(r.message) for r in rec
-            if issubclass(r.category, pexec.FactoredFallbackWarning)]
+            if issubclass(r.category, factored.FactoredFallbackWarning)]
     assert len(msgs) == 1 and "'w'" in msgs[0] and "quantised kernel" in msgs[0]
     wd = f64(quant.dequantize(qp["w"]))
     want = np.tanh(wd).sum() + (np.ones((3, 64)) @ wd).sum() + (wd ** 2).sum()
@@ -183,4 +182,4 @@ def test_adapter_on_another_axis_than_the_blocks_names_the_leaf():
     a = {"w": adapters.lora(2, dimension_numbers=dn)}
     s = adapters.init(a, jax.random.key(0), quant.abstract(params))
     with pytest.raises(ValueError, match=r"'w'.*\(64, 32\).*axis 1"):
-        pexec.factored(lambda p, x: x @ p["w"], a, *s)(params, jnp.ones((2, 64)))
+        factored.transform(lambda p, x: x @ p["w"], a, *s)(params, jnp.ones((2, 64)))

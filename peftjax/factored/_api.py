@@ -1,14 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The public entry points: ``factored`` and ``make_train_step``.
+"""The public entry points: ``transform`` and ``make_train_step``.
 
-``factored(apply_fn, assignment, trainable, frozen)`` returns a function with
+``transform(apply_fn, assignment, trainable, frozen)`` returns a function with
 ``apply_fn``'s signature whose results equal ``apply_fn`` on
 ``materialize(assignment, params, trainable, frozen)``, computed without
 forming ``W + ΔW``: ``apply_fn`` is traced to a jaxpr with the base params,
 and the jaxpr is re-evaluated by ``_interpret.Interpreter`` with every
 adapted kernel as a symbolic value.
 
-Exports: ``factored``, ``make_train_step``.
+Exports: ``transform``, ``make_train_step``.
 """
 
 import functools
@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from peftjax.adapters import _base, _train
-from peftjax.exec import _interpret, _sym
+from peftjax.factored import _interpret, _sym
 from peftjax.quant import _array as _qarray
 from peftjax.quant import _matmul as _qmatmul
 from peftjax.tree import _matrix, _paths
@@ -41,7 +41,7 @@ def _leaf_keys(key: jax.Array, path: str, w: Any, adapter: _base.Adapter) -> Any
     return jax.random.split(k, math.prod(dims.batch_shape)).reshape(dims.batch_shape)
 
 
-def factored(
+def transform(
     apply_fn: Callable[..., Any],
     assignment: dict[str, _base.Adapter],
     trainable: dict[str, Any],
@@ -54,7 +54,7 @@ def factored(
 ) -> Callable[..., Any]:
     """Turns ``apply_fn`` into its factored form for one adapter state.
 
-    ``factored(apply_fn, assignment, trainable, frozen)(*args)`` equals
+    ``transform(apply_fn, assignment, trainable, frozen)(*args)`` equals
     ``apply_fn(*args)`` with ``args[argnum]`` replaced by
     ``materialize(assignment, args[argnum], trainable, frozen)``, but each
     adapted ``dot_general`` is computed as ``x@W + s·dropout(x)@A@B`` (and the
@@ -98,34 +98,34 @@ def factored(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from peftjax import adapters, exec as pexec, tree
+      >>> from peftjax import adapters, factored, tree
       >>> params = {"w": jnp.ones((4, 3))}
       >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.lora(2))])
       >>> s = adapters.init(a, jax.random.key(0), params)
       >>> f = lambda p, x: jnp.tanh(x @ p["w"])
-      >>> y = pexec.factored(f, a, *s)(params, jnp.ones((2, 4)))
+      >>> y = factored.transform(f, a, *s)(params, jnp.ones((2, 4)))
       >>> bool(jnp.allclose(y, f(adapters.materialize(a, params, *s), jnp.ones((2, 4)))))
       True
     """
     if not isinstance(argnum, int) or isinstance(argnum, bool):
-        raise TypeError(f"factored: argnum must be an int, got {argnum!r}")
+        raise TypeError(f"factored.transform: argnum must be an int, got {argnum!r}")
     with_dropout = {p: a.dropout for p, a in assignment.items() if a.dropout}
     if with_dropout and not deterministic and key is None:
         raise ValueError(
-            f"factored: adapters with input dropout {with_dropout} need a PRNG "
+            f"factored.transform: adapters with input dropout {with_dropout} need a PRNG "
             "`key` (or deterministic=True for evaluation)")
 
     @functools.wraps(apply_fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         if not -len(args) <= argnum < len(args):
             raise ValueError(
-                f"factored: argnum={argnum} but the call has {len(args)} positional "
+                f"factored.transform: argnum={argnum} but the call has {len(args)} positional "
                 "arguments; pass the parameter tree positionally")
         params = args[argnum]
         p_items = _paths.flatten(params, is_leaf=_qarray.is_quantized)
         flat = dict(p_items)
-        _base._check_assignment(assignment, flat, "factored")
-        _base._check_state(assignment, flat, trainable, frozen, "factored")
+        _base._check_assignment(assignment, flat, "factored.transform")
+        _base._check_state(assignment, flat, trainable, frozen, "factored.transform")
         bias_of = _base._bias_targets(assignment, flat)
         interp = _interpret.Interpreter(deterministic=deterministic, stacklevel=4,
                                         tile_bytes=tile_bytes)
@@ -189,7 +189,7 @@ def _materialize_leaf(interp: _interpret.Interpreter, path: str,
     if path not in interp.warned:
         interp.warned.add(path)
         warnings.warn(
-            f"peftjax.exec: {adapter!r} on {path!r} (shape {tuple(np.shape(leaf))}) "
+            f"peftjax.factored: {adapter!r} on {path!r} (shape {tuple(np.shape(leaf))}) "
             "has no factored form; it is materialised (a weight-sized W' and its "
             "cotangent)", _interpret.FactoredFallbackWarning, stacklevel=4)
     return adapter.apply(leaf, t, f)
@@ -209,7 +209,7 @@ def make_train_step(
     """The factored adapter-only step ``(trainable, opt_state, params, frozen, batch, key)``.
 
     Same contract as ``peftjax.adapters.make_train_step`` (differentiate the
-    adapter state only) with ``loss_fn`` run through :func:`factored`. A step
+    adapter state only) with ``loss_fn`` run through :func:`transform`. A step
     whose loss or gradient is not finite is skipped: ``trainable`` and
     ``opt_state`` come back unchanged (the optimizer does not run; unlike
     ``optax.apply_if_finite``, whose counters would change the state).
@@ -221,7 +221,7 @@ def make_train_step(
       optimizer: any optax transformation over the trainable pytree.
       has_aux: forwarded to ``jax.value_and_grad``.
       deterministic: skip adapter dropout.
-      tile_bytes: forwarded to :func:`factored` (quantised bases).
+      tile_bytes: forwarded to :func:`transform` (quantised bases).
       skip_nonfinite: skip updates whose loss or gradient has a NaN or an
         infinity (default); False applies them (NaN then reaches the state).
       return_metrics: also return ``{"skipped": ()int32}`` (1 on a skipped
@@ -234,13 +234,13 @@ def make_train_step(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from peftjax import adapters, exec as pexec, tree
+      >>> from peftjax import adapters, factored, tree
       >>> params = {"w": jnp.eye(3)}
       >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.lora(1))])
       >>> state = adapters.init(a, jax.random.key(0), params)
       >>> loss_fn = lambda p, b: jnp.mean((b[0] @ p["w"] - b[1]) ** 2)
       >>> opt = optax.sgd(0.1)
-      >>> step = jax.jit(pexec.make_train_step(a, loss_fn, opt))
+      >>> step = jax.jit(factored.make_train_step(a, loss_fn, opt))
       >>> batch = (jnp.ones((2, 3)), jnp.zeros((2, 3)))
       >>> t, o, loss = step(state.trainable, opt.init(state.trainable), params,
       ...                   state.frozen, batch)
@@ -250,7 +250,7 @@ def make_train_step(
 
     def step(trainable, opt_state, params, frozen, batch, key=None):
         def objective(t):
-            f = factored(loss_fn, assignment, t, frozen, key=key,
+            f = transform(loss_fn, assignment, t, frozen, key=key,
                          deterministic=deterministic, tile_bytes=tile_bytes)
             return f(params, batch)
 

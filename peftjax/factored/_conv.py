@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from peftjax.adapters import _base
 from peftjax.adapters import _conv as _aconv
-from peftjax.exec import _sym
+from peftjax.factored import _sym
 
 
 def conv(sym: _sym.Sym, x: Any, params: dict, bind: Any, key: Any) -> Any | None:

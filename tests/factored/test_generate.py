@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftjax import adapters, tree
-from peftjax import exec as pexec
+from peftjax import adapters, factored, tree
 from peftjax import models as pm
 from peftjax.models import llama
 from tests.models.test_llama import make, make_config
@@ -31,7 +30,7 @@ def test_kv_cache_decoding_factored_equals_merged(scan):
 
     merged = adapters.merge(assignment, params, trainable, state.frozen)
     want = jax.jit(gen)(merged, prompt)
-    got = jax.jit(pexec.factored(gen, assignment, trainable, state.frozen))(
+    got = jax.jit(factored.transform(gen, assignment, trainable, state.frozen))(
         params, prompt)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     # The adapters matter: the base model generates something else.
