@@ -33,7 +33,7 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+local"
 
 _LAZY = ("io", "models", "optim", "inits", "masks", "merge", "factored", "data", "quant",
-         "shard")
+         "shard", "train")
 
 
 def __getattr__(name: str):
