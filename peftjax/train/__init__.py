@@ -6,8 +6,14 @@
 evaluation, metrics, plots, checkpoints and resume.
 """
 
+from peftjax.train._cli import config_help as config_help
+from peftjax.train._cli import option as option
+from peftjax.train._cli import parse_config as parse_config
 from peftjax.train._state import TrainState as TrainState
 
 __all__ = [
+    "config_help",
+    "option",
+    "parse_config",
     "TrainState",
 ]
