@@ -14,8 +14,11 @@ from peftjax.tree import dims as dims
 from peftjax.tree._layers import stack_layers as stack_layers
 from peftjax.tree._layers import unstack_layers as unstack_layers
 from peftjax.tree._layouts import Layout as Layout
+from peftjax.tree._layouts import Views as Views
+from peftjax.tree._layouts import bind as bind
 from peftjax.tree._layouts import stacked as stacked
 from peftjax.tree._matrix import DimensionNumbers as DimensionNumbers
+from peftjax.tree._matrix import ResolvedDims as ResolvedDims
 from peftjax.tree._matrix import default_dimension_numbers as default_dimension_numbers
 from peftjax.tree._matrix import from_matrix as from_matrix
 from peftjax.tree._matrix import resolve as resolve
@@ -38,15 +41,21 @@ from peftjax.tree._rules import assign as assign
 from peftjax.tree._rules import describe as describe
 from peftjax.tree._rules import labels as labels
 from peftjax.tree._rules import mask as mask
+from peftjax.tree._state_roles import StateRole as StateRole
+from peftjax.tree._state_roles import state_roles as state_roles
 
 __all__ = [
     "DimensionNumbers",
     "Layout",
     "Path",
+    "ResolvedDims",
     "Rule",
+    "StateRole",
+    "Views",
     "all_of",
     "any_of",
     "assign",
+    "bind",
     "canonical",
     "default_dimension_numbers",
     "describe",
@@ -66,6 +75,7 @@ __all__ = [
     "shape_is",
     "stack_layers",
     "stacked",
+    "state_roles",
     "to_matrix",
     "unstack_layers",
 ]

@@ -178,7 +178,26 @@ def _shift(dims: _matrix.DimensionNumbers, n: int) -> _matrix.DimensionNumbers:
 
 
 class Views:
-    """A ``Layout`` bound to one tree: the matrix view of each leaf."""
+    """A ``Layout`` bound to one tree: the matrix view of each leaf.
+
+    Made by ``bind(layout, tree)``. ``view(path)`` gives a leaf's
+    ``DimensionNumbers`` (None when it is not a matrix), ``matrix_view(path)``
+    the same but None for biases and embedding tables unless declared.
+
+    Attributes:
+      layout: the bound ``Layout``.
+      shapes: ``{path: shape}`` of every leaf.
+      layer_axes: ``{path: n}`` for leaves inside a stacked container (``n``
+        leading layer axes); other leaves are absent.
+      notes: ``{path: text}`` why a ``layers`` container was not taken as
+        stacked (appended to the error of a leaf there that has no view).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> v = bind(stacked("blocks"), {"blocks": {"w": jnp.ones((2, 4, 3))}})
+      >>> v.layer_axes, v.view("blocks/w").batch_axis
+      ({'blocks/w': 1}, (0,))
+    """
 
     def __init__(self, layout: Layout, flat: list[tuple[str, Any]]):
         self.layout = layout

@@ -15,9 +15,9 @@ look alike. Its view comes from explicit dimension numbers, or from a
 known; ``resolve(None, ...)`` of such a leaf is a ``ValueError`` naming the
 path, the shape and the likely views as ``DimensionNumbers(...)`` expressions.
 
-Exports: ``DimensionNumbers``, ``resolve``, ``to_matrix``, ``from_matrix``,
-``matrix_shape``, ``default_dimension_numbers``, ``suggested_views``,
-``no_view_error``.
+Exports: ``DimensionNumbers``, ``ResolvedDims``, ``resolve``, ``to_matrix``,
+``from_matrix``, ``matrix_shape``, ``default_dimension_numbers``,
+``suggested_views``, ``no_view_error``.
 """
 
 import dataclasses
@@ -79,7 +79,20 @@ class DimensionNumbers:
 
 @dataclasses.dataclass(frozen=True)
 class ResolvedDims:
-    """Non-negative axes of one concrete leaf plus the matrix sizes."""
+    """Non-negative axes of one concrete leaf plus the matrix sizes.
+
+    What ``resolve`` returns and ``to_matrix`` / ``from_matrix`` take: the
+    leaf's ``shape`` and its ``batch``, ``reduction`` (input) and ``output``
+    axes, each a tuple of non-negative ints that together cover every axis
+    once. ``batch_shape``, ``n_in`` and ``n_out`` give the sizes of the
+    ``(batch..., n_in, n_out)`` matrix view.
+
+    Example:
+      >>> r = resolve(DimensionNumbers(reduction_axis=1, output_axis=2,
+      ...                              batch_axis=0), (5, 4, 3))
+      >>> r.batch_shape, r.n_in, r.n_out
+      ((5,), 4, 3)
+    """
 
     shape: tuple[int, ...]
     batch: tuple[int, ...]

@@ -184,3 +184,35 @@ def test_layout_validation():
     with pytest.raises(TypeError, match="peftjax.tree.Layout"):
         tree.assign({"w": jnp.ones((2, 2))}, [tree.Rule(where="w", then="x")],
                     layout={"layers": 1})
+
+
+def test_bind_gives_each_leaf_its_view_and_the_resolved_matrix():
+    p = {"layers": {"q": {"kernel": jnp.arange(24.0).reshape(2, 4, 3)},
+                    "norm": {"scale": jnp.ones((2, 4))}},
+         "head": {"kernel": jnp.ones((4, 5)), "bias": jnp.ones((5,))},
+         "conv": {"kernel": jnp.ones((3, 3, 4, 5))},
+         "embed": {"embedding": jnp.ones((7, 4))}}
+    v = tree.bind(None, p)
+    assert isinstance(v, tree.Views)
+    assert v.layer_axes == {"layers/q/kernel": 1, "layers/norm/scale": 1}
+    q = v.view("layers/q/kernel")
+    assert q == tree.DimensionNumbers(1, 2, batch_axis=0)
+    assert v.view("layers/norm/scale") is None  # (L, d): not a matrix per layer
+    assert v.view("head/kernel") == tree.DimensionNumbers(0, 1)
+    assert v.view("head/bias") is None
+    # matrix_view leaves embedding tables out unless a views entry names them.
+    assert v.view("embed/embedding") == tree.DimensionNumbers(0, 1)
+    assert v.matrix_view("embed/embedding") is None
+    with pytest.raises(ValueError, match=r"conv/kernel.*\(3, 3, 4, 5\)"):
+        v.view("conv/kernel")
+    r = tree.resolve(q, p["layers"]["q"]["kernel"].shape, path="layers/q/kernel")
+    assert isinstance(r, tree.ResolvedDims)
+    assert (r.batch_shape, r.n_in, r.n_out) == ((2,), 4, 3)
+    m = tree.to_matrix(p["layers"]["q"]["kernel"], r)
+    np.testing.assert_array_equal(m, np.arange(24.0).reshape(2, 4, 3))
+    with pytest.raises(TypeError, match="peftjax.tree.Layout"):
+        tree.bind({"layers": 1}, p)
+    # A declared container whose leaves disagree on the layer axis is an error.
+    with pytest.raises(ValueError, match="blocks"):
+        tree.bind(tree.stacked("blocks"), {"blocks": {"a": jnp.ones((2, 3, 3)),
+                                                     "b": jnp.ones((3, 3, 3))}})
