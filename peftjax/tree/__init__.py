@@ -29,6 +29,7 @@ from peftjax.tree._paths import flatten as flatten
 from peftjax.tree._paths import leaves_by_path as leaves_by_path
 from peftjax.tree._paths import map_with_path as map_with_path
 from peftjax.tree._paths import paths as paths
+from peftjax.tree._paths import replace_leaves as replace_leaves
 from peftjax.tree._predicates import all_of as all_of
 from peftjax.tree._predicates import any_of as any_of
 from peftjax.tree._predicates import dtype_is as dtype_is
@@ -71,6 +72,7 @@ __all__ = [
     "not_",
     "path_regex",
     "paths",
+    "replace_leaves",
     "resolve",
     "shape_is",
     "stack_layers",

@@ -8,10 +8,11 @@ model give the same paths: the trailing ``value`` attribute that flattening an
 ``nnx.State`` produces is stripped.
 
 Exports: ``Path``, ``canonical``, ``flatten``, ``paths``, ``map_with_path``,
-``leaves_by_path``.
+``leaves_by_path``, ``replace_leaves``.
 """
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -158,3 +159,36 @@ def map_with_path(fn: Callable[[Path, Any], Any], tree: PyTree) -> PyTree:
     """
     flatten(tree)  # validates that canonical paths are unique
     return jax.tree.map_with_path(lambda kp, x: fn(canonical(kp), x), tree)
+
+
+def replace_leaves(tree: PyTree, leaves: Mapping[Path, Any]) -> PyTree:
+    """Returns ``tree`` with the leaves at the given paths replaced.
+
+    Args:
+      tree: any pytree.
+      leaves: ``{path: new_leaf}``; every path must be a leaf path of
+        ``tree`` (the new leaf may have another shape or dtype).
+
+    Returns:
+      A tree with the structure of ``tree``; leaves not named are passed
+      through by identity.
+
+    Raises:
+      ValueError: a path of ``leaves`` is not in ``tree`` (the nearest
+        paths are listed).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> replace_leaves({"a": 1, "b": {"c": 2}}, {"b/c": 3})
+      {'a': 1, 'b': {'c': 3}}
+    """
+    known = paths(tree)
+    present = set(known)
+    missing = [p for p in leaves if p not in present]
+    if missing:
+        near = difflib.get_close_matches(missing[0], known, n=5)
+        raise ValueError(
+            f"replace_leaves: paths not in the tree: {missing[:10]}; nearest "
+            f"to {missing[0]!r}: {near}"
+        )
+    return map_with_path(lambda p, x: leaves[p] if p in leaves else x, tree)

@@ -75,3 +75,13 @@ def test_map_with_path_keeps_structure():
     p = {"a": {"b": jnp.ones(2)}, "c": [jnp.ones(1)]}
     out = tree.map_with_path(lambda path, x: path, p)
     assert out == {"a": {"b": "a/b"}, "c": ["c/0"]}
+
+
+def test_replace_leaves_replaces_named_paths_and_rejects_unknown_ones():
+    params = {"a": jnp.ones(2), "b": {"c": jnp.zeros((2, 3))}}
+    new = jnp.full((4,), 7.0)
+    out = tree.replace_leaves(params, {"b/c": new})
+    assert out["b"]["c"] is new and out["a"] is params["a"]
+    assert jax.tree.structure(out) == jax.tree.structure(params)
+    with pytest.raises(ValueError, match=r"paths not in the tree: \['b/d'\].*'b/c'"):
+        tree.replace_leaves(params, {"b/d": new})
