@@ -27,6 +27,7 @@ from peftjax.models.llama._presets import attention_mlp_rules as attention_mlp_r
 from peftjax.models.llama._presets import attention_rules as attention_rules
 from peftjax.models.llama._presets import mlp_rules as mlp_rules
 from peftjax.models.llama._presets import peft_rules as peft_rules
+from peftjax.models.llama._tiny import tiny_config as tiny_config
 
 __all__ = [
     "PEFT_DEFAULT_TARGETS",
@@ -50,5 +51,6 @@ __all__ = [
     "params_to_hf",
     "sample_logits",
     "save_hf",
+    "tiny_config",
     "peft_key_map",
 ]
