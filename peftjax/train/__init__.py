@@ -14,10 +14,19 @@ from peftjax.train._loop import TooManySkippedSteps as TooManySkippedSteps
 from peftjax.train._loop import fit as fit
 from peftjax.train._loop import resume_step as resume_step
 from peftjax.train._plot import plot_curves as plot_curves
+from peftjax.train._sparse import SpIELConfig as SpIELConfig
+from peftjax.train._sparse import SpIELState as SpIELState
 from peftjax.train._state import TrainState as TrainState
+from peftjax.train._step import Trainer as Trainer
+from peftjax.train._step import all_finite as all_finite
+from peftjax.train._step import hybrid_labels as hybrid_labels
+from peftjax.train._step import trainer as trainer
+from peftjax.train._step import update_if_finite as update_if_finite
 
 __all__ = [
     "FitResult",
+    "SpIELConfig",
+    "SpIELState",
     "TooManySkippedSteps",
     "config_help",
     "fit",
@@ -26,4 +35,9 @@ __all__ = [
     "plot_curves",
     "resume_step",
     "TrainState",
+    "Trainer",
+    "all_finite",
+    "hybrid_labels",
+    "trainer",
+    "update_if_finite",
 ]
