@@ -23,87 +23,53 @@ recorded before and after: timings from a loaded machine are not comparable.
 
 Usage::
 
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/lora_step.py --json OUT
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/lora_step.py --json=OUT
     .venv/bin/python benchmarks/lora_step.py --smoke --steps=0   # tiny model
+    .venv/bin/python benchmarks/lora_step.py --help              # every option
 """
 
-import argparse
 import dataclasses
 import importlib
 import json
 import os
-import platform
 import re
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-TORCH_PY = os.path.join(ROOT, ".venv-torch", "bin", "python")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402  (benchmarks/_harness.py)
+
+from peftjax import train  # noqa: E402
+
+opt = train.option
 TARGETS = r"layers/(\d+/)?self_attn/(q|k|v|o)_proj/kernel"
 
-TORCH_WORKER = r'''
-import json, os, sys, time
-import numpy as np
-import torch
-torch.set_num_threads(int(os.environ.get("BENCH_TORCH_THREADS", "2")))
-spec = json.loads(sys.argv[1])
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-from peft import LoraConfig, get_peft_model
-if spec["gguf"]:
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(spec["gguf"]), gguf_file=os.path.basename(spec["gguf"]),
-        dtype=torch.float32)
-else:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**spec["config"])).float()
-model = get_peft_model(model, LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"],
-    lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-model.train()
-opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-ids = torch.from_numpy(np.load(spec["ids"]))
-def step():
-    t = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    opt.step()
-    return time.perf_counter() - t, float(loss)
-print(json.dumps({"ready": True, "torch": torch.__version__}), flush=True)
-for line in sys.stdin:
-    if line.strip() != "step":
-        break
-    s, l = step()
-    print(json.dumps({"seconds": s, "loss": l}), flush=True)
-'''
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Benchmark configuration (``--field=value`` on the command line)."""
 
-    batch: int = 4
-    seq_len: int = 128
-    rank: int = 8
-    alpha: float = 16.0
-    steps: int = 5
-    warmup: int = 2
-    torch: bool = True
-    smoke: bool = False
-    json: str = ""
-    seed: int = 0
-    order: str = "interleaved"
+    batch: int = opt(4, "Sequences per step.")
+    seq_len: int = opt(128, "Tokens per sequence (the ids hold one more for the targets).")
+    rank: int = opt(8, "LoRA rank on q, k, v, o.")
+    alpha: float = opt(16.0, "LoRA alpha (scaling alpha / rank).")
+    steps: int = opt(5, "Timed steps per variant after the warm-up; 0: compile only.")
+    warmup: int = opt(2, "Untimed steps before the timed ones.")
+    torch: bool = opt(True, "Time torch PEFT in a .venv-torch worker too.")
+    smoke: bool = opt(False, "Tiny random Llama and small shapes (seconds).")
+    json: str = opt("", "Write the result to this JSON file.")
+    seed: int = opt(0, "Seed of the tiny model, the token ids and the adapters.")
+    order: str = opt("interleaved", "'interleaved' (one step of each variant in turn) "
+                     "or 'blocked' (all steps of one variant, then the next).")
+
+
+SMOKE = {"batch": 2, "seq_len": 16, "warmup": 1, "steps": 2}
 
 
 def _params(cfg):
-    import jax
-    from flax import nnx
-
     from peftjax import models as pm
     from peftjax.models import llama
 
@@ -111,32 +77,21 @@ def _params(cfg):
         path = pm.smollm2_gguf()
         mcfg, params = llama.load_llama_params(path)
         return mcfg, params, path
-    mcfg = llama.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, tie_word_embeddings=True)
-    _, params = pm.split_params(llama.LlamaForCausalLM(mcfg, rngs=nnx.Rngs(cfg.seed)))
-    return mcfg, jax.tree.map(lambda x: x, params), None
+    return (*_harness.tiny_model(cfg.seed), None)
 
 
 def _steps(mcfg, params, scan, cfg):
     """Returns {name: (step_fn, args)} for one layout."""
     import jax
-    import jax.numpy as jnp
     import optax
     from flax import nnx
 
     from peftjax import adapters, factored, tree
-    from peftjax import models as pm
     from peftjax.models import llama
 
     gdef = nnx.graphdef(nnx.eval_shape(lambda: llama.LlamaForCausalLM(
         mcfg, scan_layers=scan, rngs=nnx.Rngs(0))))
-
-    def loss_fn(p, ids):
-        logits = pm.apply(gdef, p, ids[:, :-1])
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
-
+    loss_fn = _harness.lm_loss(gdef)
     opt = optax.adamw(1e-4)
     assignment = tree.assign(params, [tree.Rule(
         where=TARGETS, then=adapters.lora(cfg.rank, alpha=cfg.alpha))])
@@ -190,11 +145,9 @@ def main(cfg: Config) -> dict:
             t = time.perf_counter()
             compiled = jax.jit(fn).lower(*args, ids).compile()
             secs = time.perf_counter() - t
-            mem = compiled.memory_analysis()
             key = f"{name}_{layout}"
             out[f"compile_s_{key}"] = secs
-            out[f"bytes_{key}"] = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                      + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+            out[f"bytes_{key}"] = _harness.step_bytes(compiled)
             out[f"flops_xla_{key}"] = float(compiled.cost_analysis()["flops"])
             temps = _kernel_temps(compiled.as_text(), shapes)
             out[f"weight_sized_temps_{key}"] = len(temps)
@@ -220,10 +173,14 @@ def main(cfg: Config) -> dict:
     res["ratio_flops_lora_over_full"] = res["flops_lora"] / res["flops_full"]
     res["ratio_flops_materialize_over_full"] = res["flops_materialize"] / res["flops_full"]
     times: dict[str, list[float]] = {k: [] for k in (*compiled_scan, "torch_peft")}
-    worker, note = None, "not timed (--steps=0)"
-    if cfg.steps > 0:
-        worker, note = _torch_worker(cfg, mcfg, ids_np, gguf) if cfg.torch else (
-            None, "disabled (--torch=false)")
+    worker, note, spec = None, "not timed (--steps=0)", None
+    if cfg.steps > 0 and not cfg.torch:
+        note = "disabled (--torch=false)"
+    elif cfg.steps > 0:
+        spec = _harness.torch_model_spec(mcfg, ids_np, gguf)
+        worker, note = _harness.torch_worker(
+            {**spec, "lora": {"rank": cfg.rank, "alpha": cfg.alpha}, "adamw": True})
+        note = note or f"torch {worker.version} + peft LoRA"
         def run_jax(name, i):
             compiled, args = compiled_scan[name]
             t = time.perf_counter()
@@ -232,9 +189,7 @@ def main(cfg: Config) -> dict:
                 times[name].append(time.perf_counter() - t)
 
         def run_torch(i):
-            worker.stdin.write("step\n")
-            worker.stdin.flush()
-            s = json.loads(worker.stdout.readline())["seconds"]
+            s, _ = worker.step()
             if i >= cfg.warmup:
                 times["torch_peft"].append(s)
 
@@ -254,12 +209,10 @@ def main(cfg: Config) -> dict:
                         run_torch(i)
         finally:
             if worker is not None:
-                worker.stdin.close()
-                worker.wait(timeout=60)
-
-    def med(xs):
-        return statistics.median(xs) if xs else None
-
+                worker.close()
+            if spec is not None:
+                os.unlink(spec["ids"])
+    med = _harness.median
     res.update({
         "step_s_lora": med(times["factored"]), "step_s_materialize": med(times["materialize"]),
         "step_s_full": med(times["full"]), "step_s_torch_peft": med(times["torch_peft"]),
@@ -269,61 +222,19 @@ def main(cfg: Config) -> dict:
         "step_s_min": {k: min(v) if v else None for k, v in times.items()},
         "times": times, "torch_note": note, "details": out,
         "config": dataclasses.asdict(cfg),
-        "model": "tiny random Llama (smoke)" if cfg.smoke else
+        "model": _harness.TINY_MODEL if cfg.smoke else
                  "SmolLM2-135M-Instruct Q4_1 GGUF dequantised to float32",
-        "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                     "backend": jax.default_backend()},
+        "versions": _harness.machine(),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     })
-    if cfg.json:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
-        with open(cfg.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
+    _harness.write_json(cfg.json, res)
     return res
 
 
-def _torch_worker(cfg, mcfg, ids_np, gguf):
-    if not os.path.exists(os.path.join(ROOT, ".venv-torch", ".ready")):
-        return None, "no torch side environment (.venv-torch/.ready missing)"
-    hf = mcfg.to_hf()
-    with tempfile.NamedTemporaryFile(suffix=".npy", delete=False) as f:
-        np.save(f, ids_np)
-    spec = {"gguf": gguf, "ids": f.name, "rank": cfg.rank, "alpha": cfg.alpha,
-            "config": {k: hf[k] for k in (
-                "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
-                "rope_theta", "tie_word_embeddings", "max_position_embeddings")}}
-    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.Popen([TORCH_PY, "-c", TORCH_WORKER, json.dumps(spec)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
-    first = proc.stdout.readline()
-    if not first:
-        proc.wait()
-        return None, f"torch worker failed to start (exit {proc.returncode})"
-    return proc, "torch " + json.loads(first)["torch"] + " + peft LoRA"
-
-
 def _parse(argv: list[str]) -> Config:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for field in dataclasses.fields(Config):
-        if field.type in (bool, "bool"):
-            ap.add_argument(f"--{field.name}", nargs="?", const="true",
-                            default=str(field.default).lower())
-        else:
-            ap.add_argument(f"--{field.name}", default=field.default,
-                            type=type(field.default))
-    ns = vars(ap.parse_args(argv))
-    for field in dataclasses.fields(Config):
-        if field.type in (bool, "bool"):
-            ns[field.name] = str(ns[field.name]).lower() in ("1", "true", "yes")
-    cfg = Config(**ns)
+    cfg = train.parse_config(Config, argv, smoke=SMOKE)
     if cfg.order not in ("interleaved", "blocked"):
-        ap.error(f"--order must be 'interleaved' or 'blocked', got {cfg.order!r}")
-    if cfg.smoke:
-        cfg = dataclasses.replace(cfg, batch=2, seq_len=16, warmup=1,
-                                  steps=min(cfg.steps, 2))
+        raise SystemExit(f"--order must be 'interleaved' or 'blocked', got {cfg.order!r}")
     return cfg
 
 

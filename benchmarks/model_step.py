@@ -25,96 +25,47 @@ the configuration, versions and load averages.
 Usage::
 
     OPENBLAS_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python \\
-        benchmarks/model_step.py --json benchmarks/out/model_step.json
+        benchmarks/model_step.py --json=benchmarks/out/model_step.json
     .venv/bin/python benchmarks/model_step.py --smoke   # tiny random model, seconds
+    .venv/bin/python benchmarks/model_step.py --help    # every option
 """
 
-import argparse
 import dataclasses
 import importlib
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCH_PY = os.path.join(ROOT, ".venv-torch", "bin", "python")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402  (benchmarks/_harness.py)
 
-# The torch worker: reads commands on stdin, answers one JSON line per command.
-# It runs only when asked, so torch and JAX never compute at the same time.
-TORCH_WORKER = r"""
-import json, os, sys, time
-import numpy as np
-import torch
-torch.set_num_threads(int(os.environ.get("BENCH_TORCH_THREADS", "2")))
-spec = json.loads(sys.argv[1])
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-if spec["gguf"]:
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(spec["gguf"]), gguf_file=os.path.basename(spec["gguf"]),
-        dtype=torch.float32)
-else:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**spec["config"])).float()
-model.train()
-ids = torch.from_numpy(np.load(spec["ids"]))
-def step():
-    model.zero_grad(set_to_none=True)
-    t = time.perf_counter()
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return time.perf_counter() - t, float(loss)
-print(json.dumps({"ready": True, "torch": torch.__version__}), flush=True)
-for line in sys.stdin:
-    if line.strip() == "step":
-        s, l = step()
-        print(json.dumps({"seconds": s, "loss": l}), flush=True)
-    else:
-        break
-"""
+from peftjax import train  # noqa: E402
+
+opt = train.option
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Benchmark configuration (``--field=value`` on the command line)."""
 
-    batch: int = 4
-    seq_len: int = 128
-    steps: int = 5
-    warmup: int = 2
-    torch: bool = True
-    smoke: bool = False
-    json: str = ""
-    seed: int = 0
+    batch: int = opt(4, "Sequences per step.")
+    seq_len: int = opt(128, "Tokens per sequence (the ids hold one more for the targets).")
+    steps: int = opt(5, "Timed steps after the warm-up.")
+    warmup: int = opt(2, "Untimed steps before the timed ones.")
+    torch: bool = opt(True, "Time transformers' model in a .venv-torch worker too.")
+    smoke: bool = opt(False, "Tiny random Llama and small shapes (seconds).")
+    json: str = opt("", "Write the result to this JSON file.")
+    seed: int = opt(0, "Seed of the tiny model and the token ids.")
 
 
-def _tiny_config():
-    from peftjax.models import llama
-
-    return llama.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=1e5,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-    )
+SMOKE = {"batch": 2, "seq_len": 16, "steps": 2, "warmup": 1}
 
 
 def _load_params(cfg: Config):
     """Returns ``(model config, unrolled pure params, gguf path or None)``."""
-    import jax
-    from flax import nnx
-
     from peftjax import models as pm
     from peftjax.models import llama
 
@@ -122,24 +73,13 @@ def _load_params(cfg: Config):
         path = pm.smollm2_gguf()
         mcfg, params = llama.load_llama_params(path)
         return mcfg, params, path
-    mcfg = _tiny_config()
-    model = llama.LlamaForCausalLM(mcfg, rngs=nnx.Rngs(cfg.seed))
-    _, params = pm.split_params(model)
-    return mcfg, jax.tree.map(lambda x: x, params), None
+    return (*_harness.tiny_model(cfg.seed, rope_theta=1e5), None)
 
 
 def _step_fn(graphdef):
     import jax
-    import jax.numpy as jnp
 
-    from peftjax import models as pm
-
-    def loss(params, ids):
-        logits = pm.apply(graphdef, params, ids[:, :-1])
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
-
-    return jax.value_and_grad(loss)
+    return jax.value_and_grad(_harness.lm_loss(graphdef))
 
 
 def _compile(step, params, ids):
@@ -156,55 +96,6 @@ def _flops_of(compiled) -> float:
     if isinstance(cost, list):  # older jax returned a list of dicts
         cost = cost[0]
     return float(cost.get("flops", float("nan")))
-
-
-def _torch_worker(mcfg, ids_path: str, gguf: str | None):
-    if not os.path.exists(os.path.join(ROOT, ".venv-torch", ".ready")):
-        return None, "no torch side environment (.venv-torch/.ready missing)"
-    hf = mcfg.to_hf()
-    spec = {
-        "gguf": gguf,
-        "ids": ids_path,
-        "config": {
-            k: hf[k]
-            for k in (
-                "vocab_size",
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "rms_norm_eps",
-                "rope_theta",
-                "tie_word_embeddings",
-                "max_position_embeddings",
-            )
-        },
-    }
-    env = dict(
-        os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"
-    )
-    proc = subprocess.Popen(
-        [TORCH_PY, "-c", TORCH_WORKER, json.dumps(spec)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    first = proc.stdout.readline()
-    if not first:
-        proc.wait()
-        return None, f"torch worker failed to start (exit {proc.returncode})"
-    return (proc, json.loads(first)["torch"]), None
-
-
-def _torch_step(worker) -> tuple[float, float]:
-    proc = worker[0]
-    proc.stdin.write("step\n")
-    proc.stdin.flush()
-    reply = json.loads(proc.stdout.readline())
-    return reply["seconds"], reply["loss"]
 
 
 def main(cfg: Config) -> dict:
@@ -240,13 +131,10 @@ def main(cfg: Config) -> dict:
     flops_scan_jaxpr, _ = report.jaxpr_flops(step_scan, scanned, ids)
     flops_unrolled_jaxpr, _ = report.jaxpr_flops(step_unrolled, unrolled, ids)
 
-    worker, torch_note = (None, "disabled (--torch=false)")
-    ids_file = None
+    worker, torch_note, spec = None, "disabled (--torch=false)", None
     if cfg.torch:
-        with tempfile.NamedTemporaryFile(suffix=".npy", delete=False) as f:
-            ids_file = f.name
-        np.save(ids_file, ids_np)
-        worker, torch_note = _torch_worker(mcfg, ids_file, gguf)
+        spec = _harness.torch_model_spec(mcfg, ids_np, gguf)
+        worker, torch_note = _harness.torch_worker(spec)
 
     times: dict[str, list[float]] = {"scan": [], "unrolled": [], "torch": []}
     losses: dict[str, float] = {}
@@ -260,7 +148,7 @@ def main(cfg: Config) -> dict:
             t_unr = time.perf_counter() - t0
             t_torch = None
             if worker is not None:
-                t_torch, losses["torch"] = _torch_step(worker)
+                t_torch, losses["torch"] = worker.step()
             if i >= cfg.warmup:
                 times["scan"].append(t_scan)
                 times["unrolled"].append(t_unr)
@@ -270,13 +158,10 @@ def main(cfg: Config) -> dict:
             losses["unrolled"] = float(out_unrolled[0])
     finally:
         if worker is not None:
-            worker[0].stdin.close()
-            worker[0].wait(timeout=60)
-        if ids_file is not None:
-            os.unlink(ids_file)
-
-    def med(xs):
-        return statistics.median(xs) if xs else None
+            worker.close()
+        if spec is not None:
+            os.unlink(spec["ids"])
+    med = _harness.median
 
     result = {
         "step_s_peftjax": med(times["scan"]),
@@ -309,48 +194,21 @@ def main(cfg: Config) -> dict:
             else abs(losses["torch"] - losses["scan"]) <= 1e-3 * abs(losses["torch"])
         ),
         "times": times,
-        "torch_note": torch_note if worker is None else f"torch {worker[1]}",
+        "torch_note": torch_note if worker is None else f"torch {worker.version}",
         "config": dataclasses.asdict(cfg),
-        "model": "tiny random Llama (smoke)"
+        "model": _harness.TINY_MODEL
         if cfg.smoke
         else "SmolLM2-135M-Instruct Q4_1 GGUF dequantised to float32",
-        "versions": {
-            "python": platform.python_version(),
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-        },
+        "versions": _harness.machine(),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
     }
-    if cfg.json:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
-        with open(cfg.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+    _harness.write_json(cfg.json, result)
     return result
 
 
 def _parse(argv: list[str]) -> Config:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for field in dataclasses.fields(Config):
-        if field.type in (bool, "bool"):
-            ap.add_argument(
-                f"--{field.name}",
-                nargs="?",
-                const="true",
-                default=str(field.default).lower(),
-            )
-        else:
-            ap.add_argument(
-                f"--{field.name}", default=field.default, type=type(field.default)
-            )
-    ns = vars(ap.parse_args(argv))
-    for field in dataclasses.fields(Config):
-        if field.type in (bool, "bool"):
-            ns[field.name] = str(ns[field.name]).lower() in ("1", "true", "yes")
-    cfg = Config(**ns)
-    if cfg.smoke:
-        cfg = dataclasses.replace(cfg, batch=2, seq_len=16, steps=2, warmup=1)
-    return cfg
+    return train.parse_config(Config, argv, smoke=SMOKE)
 
 
 if __name__ == "__main__":

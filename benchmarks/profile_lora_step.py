@@ -18,17 +18,17 @@ steps, self CPU time per ``aten::`` op, in the same categories. Both run in
 one invocation, one after the other, each with two threads; the load average
 is recorded (figures from a loaded machine are not comparable).
 
-Output (``--json OUT``): per-step milliseconds per category for both sides,
+Output (``--json=OUT``): per-step milliseconds per category for both sides,
 the top operations, effective matmul GFLOP/s, and the wall time of the
 profiled steps.
 
 Usage::
 
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/profile_lora_step.py --json OUT
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/profile_lora_step.py --json=OUT
     .venv/bin/python benchmarks/profile_lora_step.py --smoke   # tiny model, seconds
+    .venv/bin/python benchmarks/profile_lora_step.py --help    # every option
 """
 
-import argparse
 import collections
 import dataclasses
 import glob
@@ -37,54 +37,20 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402  (benchmarks/_harness.py)
 import lora_step  # noqa: E402  (the same model, data and step)
 
-TORCH_PROFILE = r'''
-import json, os, sys, time, collections
-import numpy as np
-import torch
-torch.set_num_threads(int(os.environ.get("BENCH_TORCH_THREADS", "2")))
-spec = json.loads(sys.argv[1])
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-from peft import LoraConfig, get_peft_model
-if spec["gguf"]:
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(spec["gguf"]), gguf_file=os.path.basename(spec["gguf"]),
-        dtype=torch.float32)
-else:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**spec["config"])).float()
-model = get_peft_model(model, LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"],
-    lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-model.train()
-opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-ids = torch.from_numpy(np.load(spec["ids"]))
-def step():
-    opt.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    opt.step()
-for _ in range(spec["warmup"]):
-    step()
-walls = []
-with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-    for _ in range(spec["steps"]):
-        t = time.perf_counter(); step(); walls.append(time.perf_counter() - t)
-ops = {}
-for e in prof.key_averages():
-    ops[e.key] = {"self_us": e.self_cpu_time_total, "count": e.count,
-                  "flops": getattr(e, "flops", 0) or 0}
-print(json.dumps({"torch": torch.__version__, "walls": walls, "ops": ops}))
-'''
+from peftjax import train  # noqa: E402
+
+opt = train.option
+
 
 # torch op -> category (self CPU time; the rest is "other").
 TORCH_CATEGORIES = [
@@ -106,18 +72,21 @@ TORCH_CATEGORIES = [
 class Config:
     """Profile configuration (``--field=value``)."""
 
-    batch: int = 4
-    seq_len: int = 128
-    rank: int = 8
-    alpha: float = 16.0
-    steps: int = 3
-    warmup: int = 2
-    scan: bool = True
-    torch: bool = True
-    smoke: bool = False
-    json: str = ""
-    seed: int = 0
-    top: int = 25
+    batch: int = opt(4, "Sequences per step.")
+    seq_len: int = opt(128, "Tokens per sequence (the ids hold one more for the targets).")
+    rank: int = opt(8, "LoRA rank on q, k, v, o.")
+    alpha: float = opt(16.0, "LoRA alpha (scaling alpha / rank).")
+    steps: int = opt(3, "Profiled steps per side after the warm-up.")
+    warmup: int = opt(2, "Unprofiled steps before the profiled ones.")
+    scan: bool = opt(True, "Scanned layers (false: unrolled) on the peftjax side.")
+    torch: bool = opt(True, "Profile torch PEFT in a .venv-torch worker too.")
+    smoke: bool = opt(False, "Tiny random Llama and small shapes (seconds).")
+    json: str = opt("", "Write the result to this JSON file.")
+    seed: int = opt(0, "Seed of the tiny model, the token ids and the adapters.")
+    top: int = opt(25, "Operations listed per side, slowest first.")
+
+
+SMOKE = {"batch": 2, "seq_len": 16, "warmup": 1, "steps": 2}
 
 
 def _shape(s: str) -> tuple[int, ...]:
@@ -285,22 +254,15 @@ def profile_jax(cfg: Config):
 
 def profile_torch(cfg: Config, mcfg, ids_np, gguf):
     """Runs the torch PEFT step under ``torch.profiler``; per-category ms/step."""
-    torch_py = os.path.join(os.path.dirname(ROOT), ".venv-torch", "bin", "python")
-    if not os.path.exists(os.path.join(os.path.dirname(ROOT), ".venv-torch", ".ready")):
+    if not _harness.torch_ready():
         return {"note": "no .venv-torch (make bench-env)"}
-    hf = mcfg.to_hf()
-    with tempfile.NamedTemporaryFile(suffix=".npy", delete=False) as f:
-        np.save(f, ids_np)
-    spec = {"gguf": gguf, "ids": f.name, "rank": cfg.rank, "alpha": cfg.alpha,
-            "steps": cfg.steps, "warmup": cfg.warmup,
-            "config": {k: hf[k] for k in (
-                "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
-                "rope_theta", "tie_word_embeddings", "max_position_embeddings")}}
-    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    out = subprocess.run([torch_py, "-c", TORCH_PROFILE, json.dumps(spec)], env=env,
-                         capture_output=True, text=True, timeout=1800, check=True)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    spec = _harness.torch_model_spec(mcfg, ids_np, gguf)
+    try:
+        res = json.loads(_harness.run_torch({
+            **spec, "mode": "profile", "lora": {"rank": cfg.rank, "alpha": cfg.alpha},
+            "adamw": True, "steps": cfg.steps, "warmup": cfg.warmup}))
+    finally:
+        os.unlink(spec["ids"])
     cats: dict[str, dict[str, float]] = collections.defaultdict(
         lambda: {"ms_per_step": 0.0, "ops": 0})
     top = []
@@ -319,40 +281,21 @@ def profile_torch(cfg: Config, mcfg, ids_np, gguf):
 
 def main(cfg: Config) -> dict:
     """Profiles both sides; returns (and optionally writes) the result."""
-    import jax
-
     load_before = os.getloadavg()
     jx, (mcfg, ids_np, gguf) = profile_jax(cfg)
     th = profile_torch(cfg, mcfg, ids_np, gguf) if cfg.torch else {"note": "disabled"}
     res = {"jax": jx, "torch": th, "config": dataclasses.asdict(cfg),
-           "versions": {"jax": jax.__version__},
-           "model": "tiny random Llama (smoke)" if cfg.smoke else
+           "versions": _harness.machine(),
+           "model": _harness.TINY_MODEL if cfg.smoke else
                     "SmolLM2-135M-Instruct Q4_1 GGUF dequantised to float32",
            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
            "date": time.strftime("%Y-%m-%d")}
-    if cfg.json:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
-        with open(cfg.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
+    _harness.write_json(cfg.json, res)
     return res
 
 
 def _parse(argv: list[str]) -> Config:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for field in dataclasses.fields(Config):
-        if field.type in (bool, "bool"):
-            ap.add_argument(f"--{field.name}", nargs="?", const="true",
-                            default=str(field.default).lower())
-        else:
-            ap.add_argument(f"--{field.name}", default=field.default, type=type(field.default))
-    ns = vars(ap.parse_args(argv))
-    for field in dataclasses.fields(Config):
-        if field.type in (bool, "bool"):
-            ns[field.name] = str(ns[field.name]).lower() in ("1", "true", "yes")
-    cfg = Config(**ns)
-    if cfg.smoke:
-        cfg = dataclasses.replace(cfg, batch=2, seq_len=16, warmup=1, steps=2)
-    return cfg
+    return train.parse_config(Config, argv, smoke=SMOKE)
 
 
 def _table(res: dict) -> str:
