@@ -240,8 +240,8 @@ def package_of(rel: str):
 def target_package(dotted: str):
     """The peftjax package a dotted import target lands in (the root for ``peftjax.x``)."""
     parts = dotted.split(".")
-    if len(parts) > 1 and parts[1] in ALLOWED and parts[1] != ROOT_PACKAGE:
-        return parts[1]
+    if len(parts) > 1 and (parts[1] in ALLOWED or _is_module(parts[:2])):
+        return parts[1]  # a package (or report.py), listed in ALLOWED or new
     return ROOT_PACKAGE
 
 
@@ -510,6 +510,7 @@ def test_scan_covers_the_repository():
     ("peftjax/train/_x.py", "import experiments._recipe\n", ("arrow", "train -> experiments")),
     ("peftjax/models/_x.py", "from tests import helpers\n", ("arrow", "models -> tests")),
     ("peftjax/__init__.py", "from peftjax import models\n", ("arrow", "peftjax -> models")),
+    ("peftjax/newpkg/_x.py", "from peftjax import tree\n", ("arrow", "newpkg -> tree")),
     ("peftjax/optim/_x.py", "import importlib\nimportlib.import_module('peftjax.adapters')\n",
      ("arrow", "optim -> adapters")),
     # cross-package private imports, in every form
