@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from peftjax.optim import _galore, _leaves, _projectors
-from peftjax.tree import _paths
+from peftjax import tree
+from peftjax.optim import _leaves, _projectors
 
 _WHAT = "scale_by_frugal"
 BLOCK_ORDERS = ("random", "ascending", "descending", "mirror")
@@ -62,6 +62,13 @@ class FrugalState(NamedTuple):
     projector: Any
     free_state: optax.OptState
     key: jax.Array
+
+    # Layout for peftjax.shard.state_shardings (peftjax.tree.StateRole).
+    state_roles = {"count": tree.StateRole.REPLICATED,
+                   "inner_state": tree.StateRole.LIKE_PARAMS,
+                   "projector": tree.StateRole.PROJECTOR,
+                   "free_state": tree.StateRole.LIKE_PARAMS,
+                   "key": tree.StateRole.REPLICATED}
 
 
 class BlockSelector(NamedTuple):
@@ -244,7 +251,7 @@ def scale_by_frugal(
             f"{_WHAT}: proj_type must be one of {_projectors.PROJ_TYPES}, got "
             f"{proj_type!r}"
         )
-    _galore.check_refresh_options(refresh_batch_size, refresh_sharding, False, _WHAT)
+    _leaves.check_refresh_options(refresh_batch_size, refresh_sharding, False, _WHAT)
     raw_key = _leaves.key_data(key)
     if isinstance(projector, BlockSelector):
         if refresh_batch_size is not None or refresh_sharding is not None:
@@ -309,7 +316,7 @@ def scale_by_frugal(
                 continue
             gs = _leaves.to_slices(g, pl)
             keys = _leaves.leaf_keys(state.key, i, count, pl.n_slices)
-            basis = _galore.refresh_bases(
+            basis = _leaves.refresh_bases(
                 projector, pl.spec, gs, basis, keys, count, update_gap, None,
                 refresh_batch_size, refresh_sharding)
             r = jax.vmap(lambda gi, bi, s=pl.spec: projector.down(gi, bi, s))(gs, basis)
@@ -326,7 +333,7 @@ def scale_by_frugal(
             inner_u, inner_state = inner.update(
                 jax.tree.unflatten(treedef, low), inner_state, None)
         except ValueError as e:
-            raise _galore._no_params_error(e) from e
+            raise _leaves.no_params_error(e) from e
         free_u, free_state = free.update(
             jax.tree.unflatten(treedef, resid), state.free_state, None)
         out = []
@@ -367,7 +374,7 @@ def _scale_by_blocks(density, update_gap, order, inner, free, scale, free_scale,
         return k
 
     def init_fn(params):
-        flat = _paths.flatten(params)
+        flat = tree.flatten(params)
         if flat:
             n_active(len(flat))
         return FrugalState(
@@ -395,7 +402,7 @@ def _scale_by_blocks(density, update_gap, order, inner, free, scale, free_scale,
             inner_u, inner_state = inner.update(
                 jax.tree.unflatten(treedef, masked), inner_state, None)
         except ValueError as e:
-            raise _galore._no_params_error(e) from e
+            raise _leaves.no_params_error(e) from e
         free_u, free_state = free.update(updates, state.free_state, None)
         out = []
         for i, (g, u, fu) in enumerate(zip(

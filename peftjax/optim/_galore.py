@@ -56,7 +56,6 @@ both options call the SVD one matrix at a time and do not.
 Exports: ``GaLoreState``, ``scale_by_galore``, ``galore``.
 """
 
-import math
 import numbers
 from typing import Any, NamedTuple
 
@@ -64,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from peftjax import tree
 from peftjax.optim import _leaves, _projectors
 
 _WHAT = "scale_by_galore"
@@ -92,6 +92,12 @@ class GaLoreState(NamedTuple):
     projector: Any
     key: jax.Array
 
+    # Layout for peftjax.shard.state_shardings (peftjax.tree.StateRole).
+    state_roles = {"count": tree.StateRole.REPLICATED,
+                   "inner_state": tree.StateRole.LIKE_PARAMS,
+                   "projector": tree.StateRole.PROJECTOR,
+                   "key": tree.StateRole.REPLICATED}
+
 
 def _rank_fn(rank: int):
     def fn(path, leaf, n_in, n_out, side):
@@ -105,136 +111,6 @@ def _rank_fn(rank: int):
         return rank
 
     return fn
-
-
-def check_refresh_options(refresh_batch_size: Any, refresh_sharding: Any,
-                          stagger: bool, what: str) -> None:
-    """Validates the static refresh-placement options of GaLore and FRUGAL."""
-    if refresh_batch_size is not None and (
-        isinstance(refresh_batch_size, bool)
-        or not isinstance(refresh_batch_size, numbers.Integral) or refresh_batch_size < 1
-    ):
-        raise ValueError(
-            f"{what}: refresh_batch_size must be None or a positive int, got "
-            f"{refresh_batch_size!r}"
-        )
-    if refresh_sharding is not None:
-        if not isinstance(refresh_sharding, jax.sharding.NamedSharding):
-            raise TypeError(
-                f"{what}: refresh_sharding must be a jax.sharding.NamedSharding of the "
-                f"slice axis (e.g. peftjax.shard.refresh_sharding(mesh)), got "
-                f"{type(refresh_sharding).__name__}"
-            )
-        if any(e is not None for e in tuple(refresh_sharding.spec)[1:]):
-            raise ValueError(
-                f"{what}: refresh_sharding must shard only the slice axis, got spec "
-                f"{refresh_sharding.spec}"
-            )
-        if refresh_batch_size is not None:
-            raise ValueError(
-                f"{what}: give refresh_batch_size or refresh_sharding, not both "
-                f"(got {refresh_batch_size} and {refresh_sharding.spec})"
-            )
-    if stagger and (refresh_batch_size is not None or refresh_sharding is not None):
-        raise ValueError(
-            f"{what}: stagger already refreshes one slice at a time; drop "
-            "refresh_batch_size / refresh_sharding"
-        )
-
-
-def _shard_count(sharding: jax.sharding.NamedSharding) -> int:
-    entry = tuple(sharding.spec)[0] if len(sharding.spec) else None
-    if entry is None:
-        return 1
-    names = (entry,) if isinstance(entry, str) else tuple(entry)
-    return math.prod(sharding.mesh.shape[n] for n in names)
-
-
-def refresh_bases(
-    projector: _projectors.Projector,
-    spec: _projectors.LeafSpec,
-    g: jax.Array,
-    basis: Any,
-    keys: jax.Array,
-    count: jax.Array,
-    gap: int,
-    offsets: Any,
-    batch_size: int | None,
-    sharding: jax.sharding.NamedSharding | None,
-) -> Any:
-    """Refreshes one leaf's slice bases, placed as the static options say.
-
-    ``g: (n_slices, n_in, n_out)``. Staggered refreshes and the default
-    (``batch_size`` and ``sharding`` None) are ``_leaves.refresh_slices``;
-    otherwise one unbatched ``lax.cond`` guards either a ``lax.map`` over the
-    slices in chunks of ``batch_size`` or a ``shard_map`` over the slices
-    (padded to a multiple of the sharding's device count) in which each
-    device maps over its own slices. A slice whose gradient is not finite
-    keeps its previous basis.
-    """
-    if offsets is not None or (batch_size is None and sharding is None):
-        return _leaves.refresh_slices(projector, spec, g, basis, keys, count, gap,
-                                      offsets)
-
-    refresh = _leaves.finite_refresh(projector, spec)
-
-    def one(args):
-        return refresh(*args)
-
-    def chunked():
-        return jax.lax.map(one, (g, basis, keys), batch_size=batch_size)
-
-    def spread():
-        n = g.shape[0]
-        pad = (-n) % _shard_count(sharding)
-
-        def padded(x):
-            if not pad:
-                return x
-            return jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-
-        kp = keys
-        if pad:
-            kp = jnp.concatenate([keys, jax.random.split(keys[0], pad)])
-        spec = jax.sharding.PartitionSpec(*tuple(sharding.spec)[:1])
-        gp = g
-        if pad:
-            # Pad while the slices are split on a matrix axis: padding an
-            # array split on its other axes makes XLA replicate it first.
-            size = _shard_count(sharding)
-            for axis in (1, 2):
-                if g.shape[axis] % size == 0:
-                    entries = [None, None, None]
-                    entries[axis] = tuple(sharding.spec)[0]
-                    on = jax.sharding.NamedSharding(
-                        sharding.mesh, jax.sharding.PartitionSpec(*entries))
-                    zeros = jax.lax.with_sharding_constraint(
-                        jnp.zeros((n + pad,) + g.shape[1:], g.dtype), on)
-                    gp = jax.lax.with_sharding_constraint(
-                        zeros.at[:n].set(jax.lax.with_sharding_constraint(g, on)), on)
-                    break
-            else:
-                gp = padded(g)
-        # Each device loops over its own slices, one SVD call at a time.
-        local = jax.shard_map(
-            lambda *a: jax.lax.map(one, a), mesh=sharding.mesh,
-            in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
-        new = local(gp, jax.tree.map(padded, basis), kp)
-        return jax.tree.map(lambda b: b[:n], new)
-
-    return jax.lax.cond(count % gap == 0, spread if sharding is not None else chunked,
-                        lambda: basis)
-
-
-def _no_params_error(e: ValueError) -> Exception:
-    if optax._src.base.NO_PARAMS_MSG in str(e):  # noqa: SLF001
-        return TypeError(
-            "the inner transform needs params, but it receives projected "
-            "gradients whose shapes differ from the params; use a param-free "
-            "transform (scale_by_adam, scale_by_lion, ...) and pass "
-            "weight_decay to the outer alias instead of using adamw"
-        )
-    return e
 
 
 def scale_by_galore(
@@ -363,7 +239,7 @@ def scale_by_galore(
             f"{_WHAT}: proj_type must be one of {_projectors.PROJ_TYPES}, got "
             f"{proj_type!r}"
         )
-    check_refresh_options(refresh_batch_size, refresh_sharding, stagger, _WHAT)
+    _leaves.check_refresh_options(refresh_batch_size, refresh_sharding, stagger, _WHAT)
     raw_key = _leaves.key_data(key)
 
     def plan(tree):
@@ -419,7 +295,7 @@ def scale_by_galore(
                 continue
             gs = _leaves.to_slices(g, pl)
             keys = _leaves.leaf_keys(state.key, i, count, pl.n_slices)
-            basis = refresh_bases(
+            basis = _leaves.refresh_bases(
                 projector, pl.spec, gs, basis, keys, count, update_proj_gap, off,
                 refresh_batch_size, refresh_sharding,
             )
@@ -431,7 +307,7 @@ def scale_by_galore(
                 jax.tree.unflatten(treedef, low), state.inner_state, None
             )
         except ValueError as e:
-            raise _no_params_error(e) from e
+            raise _leaves.no_params_error(e) from e
         inner_flat = treedef.flatten_up_to(inner_u)
         out = []
         for (_, g), pl, u, basis in zip(flat, plans, inner_flat, new_bases, strict=True):

@@ -9,24 +9,27 @@ staggered.
 
 Exports (private): ``LeafPlan``, ``plan_leaves``, ``side_for``, ``side_dim``,
 ``to_slices``, ``from_slices``, ``key_data``, ``leaf_keys``,
-``stagger_offsets``, ``finite_refresh``, ``refresh_slices``.
+``stagger_offsets``, ``finite_refresh``, ``refresh_slices``,
+``check_refresh_options``, ``refresh_bases``, ``no_params_error``.
 """
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
+from peftjax import tree
 from peftjax.optim import _projectors
-from peftjax.tree import _layouts, _matrix, _paths
 
 DimsSpec = (
-    _matrix.DimensionNumbers
-    | _layouts.Layout
-    | Mapping[str, "_matrix.DimensionNumbers | None"]
-    | Callable[[str, Any], "_matrix.DimensionNumbers | None"]
+    tree.DimensionNumbers
+    | tree.Layout
+    | Mapping[str, "tree.DimensionNumbers | None"]
+    | Callable[[str, Any], "tree.DimensionNumbers | None"]
     | None
 )
 
@@ -78,29 +81,29 @@ class LeafPlan(NamedTuple):
 
 def leaf_dims(
     dimension_numbers: DimsSpec, path: str, leaf: Any,
-    views: "_layouts.Views | None" = None,
-) -> "_matrix.DimensionNumbers | None | bool":
+    views: "tree.Views | None" = None,
+) -> "tree.DimensionNumbers | None | bool":
     """Looks up the dimension numbers for one leaf.
 
     Returns ``False`` for leaves that are not projected. The default (None, a
     ``Layout``, or a path missing from a mapping) projects what is a matrix
     under ``views`` (the tree's layout: 2-D leaves, stacked ``(L..., in,
     out)`` leaves, declared views), except biases and embedding tables
-    (``tree._layouts.NOT_MATRICES``) unless a ``Layout`` view names them; a leaf of rank >= 3
+    (by name) unless a ``Layout`` view names them; a leaf of rank >= 3
     with no declared view raises (``views.view``).
     """
     ndim = len(leaf.shape)
-    if isinstance(dimension_numbers, _matrix.DimensionNumbers):
+    if isinstance(dimension_numbers, tree.DimensionNumbers):
         return dimension_numbers if ndim >= 2 else False
     if isinstance(dimension_numbers, Mapping) and path in dimension_numbers:
         dims = dimension_numbers[path]
         return False if dims is None else dims
     if (callable(dimension_numbers) and not isinstance(
-            dimension_numbers, (Mapping, _layouts.Layout))):
+            dimension_numbers, (Mapping, tree.Layout))):
         dims = dimension_numbers(path, leaf)
         return False if dims is None else dims
     if dimension_numbers is not None and not isinstance(
-            dimension_numbers, (Mapping, _layouts.Layout)):
+            dimension_numbers, (Mapping, tree.Layout)):
         raise TypeError(
             "dimension_numbers must be None, a DimensionNumbers, a "
             "peftjax.tree.Layout, a mapping from canonical path to "
@@ -108,26 +111,26 @@ def leaf_dims(
             f"DimensionNumbers | None; got {type(dimension_numbers).__name__}"
         )
     if views is None:
-        views = _layouts.bind(None, [(path, leaf)])
+        views = tree.bind(None, [(path, leaf)])
     dims = views.matrix_view(path)
     return False if dims is None else dims
 
 
 def views_for(dimension_numbers: DimsSpec, flat: list[tuple[str, Any]]
-              ) -> "_layouts.Views | None":
+              ) -> "tree.Views | None":
     """The tree's layout views for the default selection (None if unused)."""
-    if isinstance(dimension_numbers, _layouts.Layout):
-        return _layouts.bind(dimension_numbers, flat)
+    if isinstance(dimension_numbers, tree.Layout):
+        return tree.bind(dimension_numbers, flat)
     if dimension_numbers is None or isinstance(dimension_numbers, Mapping):
-        return _layouts.bind(None, flat)
+        return tree.bind(None, flat)
     return None
 
 
-def check_dims_keys(dimension_numbers: DimsSpec, tree: Any) -> None:
-    """Raises if a path-keyed ``dimension_numbers`` names no leaf of ``tree``."""
+def check_dims_keys(dimension_numbers: DimsSpec, params: Any) -> None:
+    """Raises if a path-keyed ``dimension_numbers`` names no leaf of ``params``."""
     if not isinstance(dimension_numbers, Mapping):
         return
-    found = set(_paths.paths(tree))
+    found = set(tree.paths(params))
     unused = [p for p in dimension_numbers if p not in found]
     if unused and found:
         raise ValueError(
@@ -137,18 +140,18 @@ def check_dims_keys(dimension_numbers: DimsSpec, tree: Any) -> None:
 
 
 def plan_leaves(
-    tree: Any,
+    params: Any,
     dimension_numbers: DimsSpec,
     rank_fn: Callable[[str, Any, int, int, str], int],
     proj_type: str,
     what: str,
 ) -> tuple[list[tuple[str, Any]], list["LeafPlan | None"]]:
-    """Flattens ``tree`` and plans each leaf (``None`` = not projected).
+    """Flattens ``params`` and plans each leaf (``None`` = not projected).
 
     ``rank_fn(path, shape, n_in, n_out, side)`` returns the rank of a leaf and
     raises its own errors.
     """
-    flat = _paths.flatten(tree)
+    flat = tree.flatten(params)
     views = views_for(dimension_numbers, flat)
     plans: list[LeafPlan | None] = []
     for path, leaf in flat:
@@ -157,7 +160,7 @@ def plan_leaves(
             if dims is False:
                 plans.append(None)
                 continue
-            resolved = _matrix.resolve(dims, leaf.shape, path=path)
+            resolved = tree.resolve(dims, leaf.shape, path=path)
         except ValueError as e:
             raise ValueError(
                 f"{what}: cannot view leaf {path!r} (shape {tuple(leaf.shape)}, "
@@ -177,14 +180,14 @@ def plan_leaves(
 
 def to_slices(x: jax.Array, plan: LeafPlan) -> jax.Array:
     """``(leaf shape) -> (n_slices, n_in, n_out)``."""
-    m = _matrix.to_matrix(x, plan.resolved)
+    m = tree.to_matrix(x, plan.resolved)
     return m.reshape((plan.n_slices, plan.spec.n_in, plan.spec.n_out))
 
 
 def from_slices(m: jax.Array, plan: LeafPlan) -> jax.Array:
     """``(n_slices, n_in, n_out) -> (leaf shape)``."""
     m = m.reshape(plan.resolved.batch_shape + (plan.spec.n_in, plan.spec.n_out))
-    return _matrix.from_matrix(m, plan.resolved)
+    return tree.from_matrix(m, plan.resolved)
 
 
 # ----------------------------------------------------------------------------
@@ -283,3 +286,133 @@ def refresh_slices(
         return jax.lax.cond(pi, lambda: one(gi, bi, ki), lambda: bi)
 
     return jax.lax.map(body, (g, basis, keys, preds))
+
+
+def check_refresh_options(refresh_batch_size: Any, refresh_sharding: Any,
+                          stagger: bool, what: str) -> None:
+    """Validates the static refresh-placement options of GaLore and FRUGAL."""
+    if refresh_batch_size is not None and (
+        isinstance(refresh_batch_size, bool)
+        or not isinstance(refresh_batch_size, numbers.Integral) or refresh_batch_size < 1
+    ):
+        raise ValueError(
+            f"{what}: refresh_batch_size must be None or a positive int, got "
+            f"{refresh_batch_size!r}"
+        )
+    if refresh_sharding is not None:
+        if not isinstance(refresh_sharding, jax.sharding.NamedSharding):
+            raise TypeError(
+                f"{what}: refresh_sharding must be a jax.sharding.NamedSharding of the "
+                f"slice axis (e.g. peftjax.shard.refresh_sharding(mesh)), got "
+                f"{type(refresh_sharding).__name__}"
+            )
+        if any(e is not None for e in tuple(refresh_sharding.spec)[1:]):
+            raise ValueError(
+                f"{what}: refresh_sharding must shard only the slice axis, got spec "
+                f"{refresh_sharding.spec}"
+            )
+        if refresh_batch_size is not None:
+            raise ValueError(
+                f"{what}: give refresh_batch_size or refresh_sharding, not both "
+                f"(got {refresh_batch_size} and {refresh_sharding.spec})"
+            )
+    if stagger and (refresh_batch_size is not None or refresh_sharding is not None):
+        raise ValueError(
+            f"{what}: stagger already refreshes one slice at a time; drop "
+            "refresh_batch_size / refresh_sharding"
+        )
+
+
+def _shard_count(sharding: jax.sharding.NamedSharding) -> int:
+    entry = tuple(sharding.spec)[0] if len(sharding.spec) else None
+    if entry is None:
+        return 1
+    names = (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(sharding.mesh.shape[n] for n in names)
+
+
+def refresh_bases(
+    projector: _projectors.Projector,
+    spec: _projectors.LeafSpec,
+    g: jax.Array,
+    basis: Any,
+    keys: jax.Array,
+    count: jax.Array,
+    gap: int,
+    offsets: Any,
+    batch_size: int | None,
+    sharding: jax.sharding.NamedSharding | None,
+) -> Any:
+    """Refreshes one leaf's slice bases, placed as the static options say.
+
+    ``g: (n_slices, n_in, n_out)``. Staggered refreshes and the default
+    (``batch_size`` and ``sharding`` None) are ``refresh_slices``;
+    otherwise one unbatched ``lax.cond`` guards either a ``lax.map`` over the
+    slices in chunks of ``batch_size`` or a ``shard_map`` over the slices
+    (padded to a multiple of the sharding's device count) in which each
+    device maps over its own slices. A slice whose gradient is not finite
+    keeps its previous basis.
+    """
+    if offsets is not None or (batch_size is None and sharding is None):
+        return refresh_slices(projector, spec, g, basis, keys, count, gap,
+                                      offsets)
+
+    refresh = finite_refresh(projector, spec)
+
+    def one(args):
+        return refresh(*args)
+
+    def chunked():
+        return jax.lax.map(one, (g, basis, keys), batch_size=batch_size)
+
+    def spread():
+        n = g.shape[0]
+        pad = (-n) % _shard_count(sharding)
+
+        def padded(x):
+            if not pad:
+                return x
+            return jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+
+        kp = keys
+        if pad:
+            kp = jnp.concatenate([keys, jax.random.split(keys[0], pad)])
+        spec = jax.sharding.PartitionSpec(*tuple(sharding.spec)[:1])
+        gp = g
+        if pad:
+            # Pad while the slices are split on a matrix axis: padding an
+            # array split on its other axes makes XLA replicate it first.
+            size = _shard_count(sharding)
+            for axis in (1, 2):
+                if g.shape[axis] % size == 0:
+                    entries = [None, None, None]
+                    entries[axis] = tuple(sharding.spec)[0]
+                    on = jax.sharding.NamedSharding(
+                        sharding.mesh, jax.sharding.PartitionSpec(*entries))
+                    zeros = jax.lax.with_sharding_constraint(
+                        jnp.zeros((n + pad,) + g.shape[1:], g.dtype), on)
+                    gp = jax.lax.with_sharding_constraint(
+                        zeros.at[:n].set(jax.lax.with_sharding_constraint(g, on)), on)
+                    break
+            else:
+                gp = padded(g)
+        # Each device loops over its own slices, one SVD call at a time.
+        local = jax.shard_map(
+            lambda *a: jax.lax.map(one, a), mesh=sharding.mesh,
+            in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+        new = local(gp, jax.tree.map(padded, basis), kp)
+        return jax.tree.map(lambda b: b[:n], new)
+
+    return jax.lax.cond(count % gap == 0, spread if sharding is not None else chunked,
+                        lambda: basis)
+
+
+def no_params_error(e: ValueError) -> Exception:
+    if optax._src.base.NO_PARAMS_MSG in str(e):  # noqa: SLF001
+        return TypeError(
+            "the inner transform needs params, but it receives projected "
+            "gradients whose shapes differ from the params; use a param-free "
+            "transform (scale_by_adam, scale_by_lion, ...) and pass "
+            "weight_decay to the outer alias instead of using adamw"
+        )
+    return e

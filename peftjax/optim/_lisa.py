@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from peftjax import tree
 from peftjax.optim import _leaves
-from peftjax.tree import _paths
 
 _WHAT = "scale_by_lisa"
 STATE_POLICIES = ("keep", "reset")
@@ -61,11 +61,17 @@ class LISAState(NamedTuple):
     active: jax.Array
     key: jax.Array
 
+    # Layout for peftjax.shard.state_shardings (peftjax.tree.StateRole).
+    state_roles = {"count": tree.StateRole.REPLICATED,
+                   "inner_state": tree.StateRole.LIKE_PARAMS,
+                   "active": tree.StateRole.REPLICATED,
+                   "key": tree.StateRole.REPLICATED}
 
-def _kinds(tree, layers, stacked, n_layers):
+
+def _kinds(params, layers, stacked, n_layers):
     """Per leaf: ``("layer", i)``, ``("stacked", None)`` or ``("always", None)``."""
     out = []
-    for path, leaf in _paths.flatten(tree):
+    for path, leaf in tree.flatten(params):
         if stacked is not None and re.fullmatch(stacked, path):
             if not leaf.shape or leaf.shape[0] != n_layers:
                 raise ValueError(
@@ -177,7 +183,7 @@ def scale_by_lisa(
         if kinds and all(k == "always" for k, _ in kinds):
             raise ValueError(
                 f"{_WHAT}: no leaf matches layers={layers!r} or stacked={stacked!r}; "
-                f"paths: {_paths.paths(params)[:8]}")
+                f"paths: {tree.paths(params)[:8]}")
         active = sample(jnp.zeros([], jnp.int32), raw_key)
         zeros = jax.tree.map(jnp.zeros_like, inner_view(params, kinds, active))
         return LISAState(jnp.zeros([], jnp.int32), inner.init(zeros), active, raw_key)

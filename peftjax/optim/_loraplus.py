@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from peftjax.tree import _paths
+from peftjax import tree
 
 
 class LoRAPlusState(NamedTuple):
@@ -29,6 +29,9 @@ class LoRAPlusState(NamedTuple):
     """
 
     count: jax.Array
+
+    # Layout for peftjax.shard.state_shardings (peftjax.tree.StateRole).
+    state_roles = {"count": tree.StateRole.REPLICATED}
 
 
 def _is_b(path: str) -> bool:
@@ -65,7 +68,7 @@ def scale_by_loraplus(ratio: jax.typing.ArrayLike = 16.0) -> optax.GradientTrans
     """
 
     def init_fn(params):
-        flat = _paths.flatten(params)
+        flat = tree.flatten(params)
         if flat and not any(_is_b(p) for p, _ in flat):
             raise ValueError(
                 "scale_by_loraplus: no adapter leaf path ends in '/b' (LoRA's B "
@@ -82,7 +85,7 @@ def scale_by_loraplus(ratio: jax.typing.ArrayLike = 16.0) -> optax.GradientTrans
                 return u
             return u * jnp.asarray(ratio).astype(u.dtype)
 
-        return _paths.map_with_path(one, updates), LoRAPlusState(
+        return tree.map_with_path(one, updates), LoRAPlusState(
             optax.safe_int32_increment(state.count)
         )
 

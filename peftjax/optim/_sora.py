@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from peftjax.tree import _paths
+from peftjax import tree
 
 
 class SoRAProxState(NamedTuple):
@@ -35,6 +35,9 @@ class SoRAProxState(NamedTuple):
     """
 
     count: jax.Array
+
+    # Layout for peftjax.shard.state_shardings (peftjax.tree.StateRole).
+    state_roles = {"count": tree.StateRole.REPLICATED}
 
 
 def _is_gate(path: str, name: str) -> bool:
@@ -90,7 +93,7 @@ def sora_prox(
         raise TypeError(f"sora_prox: gate_name must be a non-empty str, got {gate_name!r}")
 
     def init_fn(params):
-        flat = _paths.flatten(params)
+        flat = tree.flatten(params)
         if flat and not any(_is_gate(p, gate_name) for p, _ in flat):
             raise ValueError(
                 f"sora_prox: no leaf path ends in '/{gate_name}' (SoRA's gate); "
@@ -102,7 +105,7 @@ def sora_prox(
         if params is None:
             raise ValueError("sora_prox: update needs params (the current gates)")
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        flat_params = dict(_paths.flatten(params))
+        flat_params = dict(tree.flatten(params))
 
         def one(path, u):
             if not _is_gate(path, gate_name):
@@ -114,7 +117,7 @@ def sora_prox(
             shrunk = jnp.sign(z) * jnp.maximum(jnp.abs(z) - tau, jnp.zeros_like(z))
             return (shrunk - g.astype(ct)).astype(u.dtype)
 
-        new_updates = _paths.map_with_path(one, updates)
+        new_updates = tree.map_with_path(one, updates)
         return new_updates, SoRAProxState(count=optax.safe_int32_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from peftjax import tree
+
 PyTree = Any
 
 
@@ -39,6 +41,12 @@ class SftAdamState(NamedTuple):
     slot_count: PyTree
     mu: PyTree
     nu: PyTree
+
+    # Layout for peftjax.shard.state_shardings (peftjax.tree.StateRole).
+    state_roles = {"count": tree.StateRole.REPLICATED,
+                   "slot_count": tree.StateRole.LIKE_PARAMS,
+                   "mu": tree.StateRole.LIKE_PARAMS,
+                   "nu": tree.StateRole.LIKE_PARAMS}
 
 
 def scale_by_sft_adam(

@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from peftjax import tree
 from peftjax.optim import _slots
-from peftjax.tree import _paths
 
 PyTree = Any
 
@@ -63,6 +63,14 @@ class SpIELState(NamedTuple):
     candidates: dict[str, jax.Array]
     grad_sum: dict[str, jax.Array]
     gradsq_sum: dict[str, jax.Array]
+
+    # Layout for peftjax.shard.state_shardings (peftjax.tree.StateRole).
+    state_roles = {"count": tree.StateRole.REPLICATED,
+                   "phase": tree.StateRole.REPLICATED,
+                   "samples": tree.StateRole.REPLICATED,
+                   "candidates": tree.StateRole.SPARSE_SLOTS,
+                   "grad_sum": tree.StateRole.SPARSE_SLOTS,
+                   "gradsq_sum": tree.StateRole.SPARSE_SLOTS}
 
 
 def _sparse_paths(trainable: dict, frozen: dict) -> list[str]:
@@ -253,7 +261,7 @@ def make_spiel_step(
 
         def with_probe(tr):
             base = materialize_fn(tr, frozen)
-            flat = _paths.leaves_by_path(base)
+            flat = tree.leaves_by_path(base)
             for p in paths:
                 lead = flat[p].shape[:nb[p]]
                 if lead != frozen[p].indices.shape[:-1]:
@@ -264,7 +272,7 @@ def make_spiel_step(
             probes = {p: jnp.zeros(flat[p].shape, f32) for p in paths}
 
             def loss(t, pr):
-                w = _paths.map_with_path(
+                w = tree.map_with_path(
                     lambda path, x: (x + pr[path].astype(x.dtype)) if path in pr else x,
                     materialize_fn(t, frozen))
                 return loss_fn(w, batch)

@@ -38,10 +38,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from peftjax.adapters import _base as _adapters_base
-from peftjax.optim import _frugal, _galore, _sparse_spiel
+from peftjax import adapters as _adapters
+from peftjax import tree
 from peftjax.shard import _specs
-from peftjax.tree import _layouts, _matrix, _paths
 
 _IN, _OUT, _FREE, _FLAT = "in", "out", "free", "flat"
 _SPARSE_FIELDS = ("values", "indices")
@@ -56,7 +55,7 @@ class _View(NamedTuple):
 
     shape: tuple[int, ...]
     spec: PartitionSpec
-    resolved: Any  # _matrix.ResolvedDims | None
+    resolved: Any  # tree.ResolvedDims | None
     batch: tuple[tuple[str, ...], ...]
     inp: tuple[str, ...]
     out: tuple[str, ...]
@@ -70,7 +69,7 @@ def _view(shape: tuple[int, ...], spec: PartitionSpec, dims: Any, path: str) -> 
     resolved = None
     if len(shape) >= 2:
         try:
-            resolved = _matrix.resolve(dims, shape, path=path)
+            resolved = tree.resolve(dims, shape, path=path)
         except ValueError:
             resolved = None
     if resolved is None:
@@ -190,7 +189,7 @@ def _derive(
 
 
 def _spec_tree(shardings: Any) -> dict[str, PartitionSpec]:
-    flat = _paths.flatten(
+    flat = tree.flatten(
         shardings, is_leaf=lambda x: isinstance(x, (NamedSharding, PartitionSpec))
     )
     return {p: _specs.spec_of(s) for p, s in flat}
@@ -210,11 +209,11 @@ def _last_name(keypath: tuple[Any, ...]) -> str | None:
 
 def adapter_shardings(
     mesh: Any,
-    assignment: dict[str, _adapters_base.Adapter],
+    assignment: dict[str, _adapters.Adapter],
     params: Any,
     shardings: Any,
-    state: _adapters_base.AdapterState,
-) -> _adapters_base.AdapterState:
+    state: _adapters.AdapterState,
+) -> _adapters.AdapterState:
     """Returns shardings of an adapter state, derived from the base's.
 
     LoRA ``a (in, r)`` follows the base's input axis and ``b (r, out)`` its
@@ -257,7 +256,7 @@ def adapter_shardings(
       >>> sh.trainable["w"].a.spec, sh.trainable["w"].b.spec  # fsdp moves to out
       (P('fsdp', None), P(None, 'fsdp'))
     """
-    flat = _paths.leaves_by_path(params)
+    flat = tree.leaves_by_path(params)
     specs = _spec_tree(shardings)
     if set(specs) != set(flat):
         raise ValueError(
@@ -291,7 +290,7 @@ def adapter_shardings(
                 lambda kp, x, one=one: one(kp, x, part="frozen"), fr
             )
         )
-    return _adapters_base.AdapterState(trainable=out_t, frozen=out_f)
+    return _adapters.AdapterState(trainable=out_t, frozen=out_f)
 
 
 def _owner(path: str, known: dict[str, Any]) -> str | None:
@@ -314,29 +313,38 @@ def _prefix_owner(path: str, known: dict[str, Any]) -> tuple[str | None, str]:
     return None, path
 
 
-_SPECIAL = (_galore.GaLoreState, _frugal.FrugalState, _sparse_spiel.SpIELState)
-
-
 def state_shardings(
     mesh: Any,
     state: Any,
     params: Any,
     shardings: Any,
     *,
-    dimension_numbers: Mapping[str, _matrix.DimensionNumbers] | _layouts.Layout | None = None,
+    dimension_numbers: Mapping[str, tree.DimensionNumbers] | tree.Layout | None = None,
 ) -> Any:
     """Returns shardings of an optimizer (or SpIEL) state, derived from params'.
 
     ``params`` is the tree the optimizer was initialised on: the base
     parameters (GaLore, FRUGAL, full fine-tuning) or ``AdapterState.trainable``
-    (LoRA, LoRA-SB, sparse deltas). Each state leaf is matched to the
-    parameter whose path its own path ends with (``mu/<path>``,
-    ``inner_states/galore/inner_state/0/nu/<path>``): a leaf of the
-    parameter's shape takes its spec; GaLore/FRUGAL low-rank moments
-    ``(batch..., r, out)`` / ``(batch..., in, r)`` and projector bases
-    ``(S, in|out, r)`` follow the surviving axis; SpIEL's per-path
-    accumulators follow ``<path>/values``. Counters, keys and hyperparameters
-    are replicated.
+    (LoRA, LoRA-SB, sparse deltas). A state type places its fields by the
+    roles it declares (``peftjax.tree.StateRole`` in a ``state_roles`` class
+    attribute, read with ``peftjax.tree.state_roles``); nothing here knows
+    the optimizer's types:
+
+    * ``LIKE_PARAMS`` (and every leaf of an undeclared state, e.g.
+      ``optax.ScaleByAdamState``): the leaf is matched to the parameter
+      whose path its own path ends with (``mu/<path>``,
+      ``inner_states/galore/inner_state/0/nu/<path>``); a leaf of the
+      parameter's shape takes its spec, a low-rank moment
+      ``(batch..., r, out)`` / ``(batch..., in, r)`` follows the surviving
+      axis; a leaf matching no parameter is replicated;
+    * ``PROJECTOR``: bases ``(S, in|out, r)`` under the parameter's path
+      follow the surviving axis, ``S`` the first batch axis;
+    * ``SPARSE_SLOTS``: ``{path: (batch..., k)}`` takes the spec of
+      ``<path>/values`` in ``params`` (same shape), else is replicated;
+    * ``REPLICATED``: counters, keys and hyperparameters.
+
+    A declared state nested inside another's field is placed by its own
+    declaration.
 
     Args:
       mesh: the mesh.
@@ -352,7 +360,10 @@ def state_shardings(
       A tree with ``state``'s structure of ``NamedSharding``.
 
     Raises:
-      ValueError: ``shardings`` does not cover ``params``' paths.
+      ValueError: ``shardings`` does not cover ``params``' paths, or a
+        ``state_roles`` declaration misses or invents a field.
+      TypeError: a ``state_roles`` declaration holds something other than a
+        ``StateRole``, or its type's fields are not attributes.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -363,7 +374,7 @@ def state_shardings(
       >>> state_shardings(mesh, st, params, {"w": P("fsdp")})[0].mu["w"].spec
       P('fsdp',)
     """
-    flat = _paths.leaves_by_path(params)
+    flat = tree.leaves_by_path(params)
     specs = _spec_tree(shardings)
     if set(specs) != set(flat):
         raise ValueError(
@@ -371,12 +382,12 @@ def state_shardings(
             f"{sorted(set(flat) - set(specs))[:5]}, "
             f"extra {sorted(set(specs) - set(flat))[:5]}"
         )
-    declared = dimension_numbers if isinstance(dimension_numbers, _layouts.Layout) else None
+    declared = dimension_numbers if isinstance(dimension_numbers, tree.Layout) else None
     dims_of = {} if declared is not None else dict(dimension_numbers or {})
     sizes = dict(mesh.shape)
     views: dict[str, _View] = {}
     rep = PartitionSpec()
-    layout = _layouts.bind(declared, list(flat.items()))
+    layout = tree.bind(declared, list(flat.items()))
 
     def default_dims(p: str) -> Any:
         # The view GaLore/FRUGAL take by default (the tree's layout); a leaf
@@ -393,7 +404,7 @@ def state_shardings(
         return views[p]
 
     def generic(kp, leaf):
-        path = _paths.canonical(kp)
+        path = tree.canonical(kp)
         if not hasattr(leaf, "shape"):
             return None
         p = _owner(path, flat)
@@ -409,70 +420,64 @@ def state_shardings(
     def replicate(leaf):
         return None if not hasattr(leaf, "shape") else NamedSharding(mesh, rep)
 
-    def bases(tree):
-        def one(kp, leaf):
-            path = _paths.canonical(kp)
-            p, rest = _prefix_owner(path, flat)
-            if p is None:
-                return _named(mesh, rep, leaf, f"projector leaf {path!r}")
-            view = view_of(p)
-            shape = tuple(np.shape(leaf))
-            roles: list[Any] = [(_FLAT,)] + [(_FREE,)] * (len(shape) - 1)
-            r = view.resolved
-            if len(shape) == 3 and r is not None:
-                side = (
-                    _IN
-                    if rest == "0"
-                    else _OUT
-                    if rest == "1"
-                    else _IN
-                    if shape[1] == r.n_in
-                    else _OUT
-                    if shape[1] == r.n_out
-                    else _FREE
-                )
-                roles[1] = (side,)
-            what = f"projector of {p!r}"
-            return _named(mesh, _place(view, roles, shape, sizes, what), leaf, what)
-
-        return jax.tree.map_with_path(one, tree)
-
-    def special(kp, node):
-        if isinstance(node, (_galore.GaLoreState, _frugal.FrugalState)):
-            fields = {f: getattr(node, f) for f in node._fields}
-            out = {}
-            for f, v in fields.items():
-                if f == "projector":
-                    out[f] = bases(v)
-                elif f in ("inner_state", "free_state"):
-                    out[f] = jax.tree.map_with_path(generic, v)
-                else:
-                    out[f] = jax.tree.map(replicate, v)
-            return type(node)(**out)
-        if isinstance(node, _sparse_spiel.SpIELState):
-
-            def per_path(d):
-                res = {}
-                for p, x in d.items():
-                    owner = f"{p}/values"
-                    if owner in flat and tuple(np.shape(flat[owner])) == tuple(
-                        np.shape(x)
-                    ):
-                        res[p] = _named(mesh, specs[owner], x, f"SpIEL state of {p!r}")
-                    else:
-                        res[p] = NamedSharding(mesh, rep)
-                return res
-
-            return _sparse_spiel.SpIELState(
-                count=replicate(node.count),
-                phase=replicate(node.phase),
-                samples=replicate(node.samples),
-                candidates=per_path(node.candidates),
-                grad_sum=per_path(node.grad_sum),
-                gradsq_sum=per_path(node.gradsq_sum),
+    def basis(path, leaf):
+        p, rest = _prefix_owner(path, flat)
+        if p is None:
+            return _named(mesh, rep, leaf, f"projector leaf {path!r}")
+        view = view_of(p)
+        shape = tuple(np.shape(leaf))
+        roles: list[Any] = [(_FLAT,)] + [(_FREE,)] * (len(shape) - 1)
+        r = view.resolved
+        if len(shape) == 3 and r is not None:
+            side = (
+                _IN
+                if rest == "0"
+                else _OUT
+                if rest == "1"
+                else _IN
+                if shape[1] == r.n_in
+                else _OUT
+                if shape[1] == r.n_out
+                else _FREE
             )
-        return generic(kp, node)
+            roles[1] = (side,)
+        what = f"projector of {p!r}"
+        return _named(mesh, _place(view, roles, shape, sizes, what), leaf, what)
 
-    return jax.tree.map_with_path(
-        special, state, is_leaf=lambda x: isinstance(x, _SPECIAL)
-    )
+    def sparse_slot(path, leaf):
+        owner = f"{path}/values"
+        if owner in flat and tuple(np.shape(flat[owner])) == tuple(np.shape(leaf)):
+            return _named(mesh, specs[owner], leaf, f"sparse slots of {path!r}")
+        return replicate(leaf)
+
+    def declared(x) -> bool:
+        return tree.state_roles(x) is not None
+
+    def place(kp, node):
+        roles = tree.state_roles(node)
+        if roles is None:
+            return generic(kp, node)
+
+        def one(rel, leaf):
+            if not rel or not isinstance(rel[0], jax.tree_util.GetAttrKey):
+                raise TypeError(
+                    f"state_shardings: {type(node).__qualname__} declares state_roles, "
+                    f"but its pytree keys are not its field names (got {rel[:1]})"
+                )
+            if declared(leaf):
+                return place(kp + rel, leaf)
+            role = roles[rel[0].name]
+            inner = tree.canonical(rel[1:])
+            if role is tree.StateRole.REPLICATED:
+                return replicate(leaf)
+            if role is tree.StateRole.PROJECTOR:
+                return basis(inner, leaf)
+            if role is tree.StateRole.SPARSE_SLOTS:
+                return sparse_slot(inner, leaf)
+            return generic(kp + rel, leaf)
+
+        return jax.tree.map_with_path(
+            one, node, is_leaf=lambda x: x is not node and declared(x)
+        )
+
+    return jax.tree.map_with_path(place, state, is_leaf=declared)

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from peftjax.tree import _matrix, _paths, _rules
+from peftjax import tree as _tree
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -76,13 +76,13 @@ class MatrixSpec:
     inputs: MeshAxes = None
     outputs: MeshAxes = None
     batch: MeshAxes = None
-    dimension_numbers: _matrix.DimensionNumbers | None = None
+    dimension_numbers: _tree.DimensionNumbers | None = None
 
     def __post_init__(self):
         for name in ("inputs", "outputs", "batch"):
             object.__setattr__(self, name, _check_axes(getattr(self, name), name))
 
-    def with_dimension_numbers(self, dims: _matrix.DimensionNumbers) -> "MatrixSpec":
+    def with_dimension_numbers(self, dims: _tree.DimensionNumbers) -> "MatrixSpec":
         """Returns this spec for a leaf viewed through ``dims``.
 
         Args:
@@ -123,7 +123,7 @@ class MatrixSpec:
                 f"{tuple(shape)}; give it a PartitionSpec or exclude it with a "
                 "`then=None` rule"
             )
-        r = _matrix.resolve(self.dimension_numbers, shape, path=path)
+        r = _tree.resolve(self.dimension_numbers, shape, path=path)
         entries: list[Any] = [None] * len(shape)
         if r.batch:
             entries[r.batch[0]] = self.batch
@@ -134,7 +134,7 @@ class MatrixSpec:
 
 def transformer_rules(
     *, fsdp: MeshAxes = "fsdp", tensor: MeshAxes = "tensor"
-) -> list[_rules.Rule]:
+) -> list[_tree.Rule]:
     """Returns FSDP + tensor-parallel rules for transformer kernel names.
 
     Column-parallel kernels (``q_proj``, ``k_proj``, ``v_proj``,
@@ -168,9 +168,9 @@ def transformer_rules(
     row = r"(.*/)?(o_proj|down_proj|output)/kernel"
     embed = r"(.*/)?(embed_tokens|word_embeddings)/embedding"
     return [
-        _rules.Rule(where=column, then=MatrixSpec(inputs=fsdp, outputs=tensor)),
-        _rules.Rule(where=row, then=MatrixSpec(inputs=tensor, outputs=fsdp)),
-        _rules.Rule(where=embed, then=MatrixSpec(inputs=entry_of(both))),
+        _tree.Rule(where=column, then=MatrixSpec(inputs=fsdp, outputs=tensor)),
+        _tree.Rule(where=row, then=MatrixSpec(inputs=tensor, outputs=fsdp)),
+        _tree.Rule(where=embed, then=MatrixSpec(inputs=entry_of(both))),
     ]
 
 
@@ -208,7 +208,7 @@ def param_specs(params: Any, rules: Any, *, allow_unused: bool = False,
       >>> param_specs(p, [Rule(where="w", then=MatrixSpec(outputs="tensor"))])
       {'b': P(), 'w': P(None, 'tensor')}
     """
-    chosen = _rules.assign(params, rules, allow_unused=allow_unused, layout=layout)
+    chosen = _tree.assign(params, rules, allow_unused=allow_unused, layout=layout)
 
     def one(path: str, leaf: Any) -> PartitionSpec:
         payload = chosen.get(path)
@@ -235,7 +235,7 @@ def param_specs(params: Any, rules: Any, *, allow_unused: bool = False,
             "peftjax.shard.MatrixSpec or None"
         )
 
-    return _paths.map_with_path(one, params)
+    return _tree.map_with_path(one, params)
 
 
 def check_spec(
@@ -288,8 +288,8 @@ def named_shardings(mesh: Any, tree: Any, specs: Any) -> Any:
       >>> named_shardings(mesh, {"w": jnp.ones((4, 2))}, {"w": P("fsdp")})["w"].spec
       P('fsdp',)
     """
-    flat = _paths.flatten(tree)
-    spec_flat = _paths.flatten(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    flat = _tree.flatten(tree)
+    spec_flat = _tree.flatten(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     if [p for p, _ in flat] != [p for p, _ in spec_flat]:
         raise ValueError(
             "named_shardings: specs do not have the tree's paths: "
@@ -306,7 +306,7 @@ def named_shardings(mesh: Any, tree: Any, specs: Any) -> Any:
         check_spec(mesh, spec, tuple(np.shape(leaf)), f"{_leaf_desc(path, leaf)}")
         return NamedSharding(mesh, spec)
 
-    return _paths.map_with_path(one, tree)
+    return _tree.map_with_path(one, tree)
 
 
 def param_shardings(
@@ -385,9 +385,9 @@ def describe(tree: Any, shardings: Any) -> str:
       w     (4, 2)  float32  P('fsdp',)  32
       1 leaves, 32 bytes, 32 bytes per device
     """
-    flat = _paths.flatten(tree)
+    flat = _tree.flatten(tree)
     sh = dict(
-        _paths.flatten(
+        _tree.flatten(
             shardings, is_leaf=lambda x: isinstance(x, (PartitionSpec, NamedSharding))
         )
     )

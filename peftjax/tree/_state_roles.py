@@ -102,7 +102,7 @@ def state_roles(node: Any) -> dict[str, StateRole] | None:
     fields = _field_names(node)
     if fields is None:
         raise TypeError(f"{name}.state_roles: only NamedTuple and dataclass states "
-                        f"can declare state roles, got a {type(node).__mro__[1].__name__}")
+                        "can declare state roles (the roles name their fields)")
     if not isinstance(declared, Mapping):
         raise TypeError(f"{name}.state_roles must map field names to StateRole, "
                         f"got {type(declared).__name__}")
