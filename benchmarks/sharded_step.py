@@ -37,21 +37,20 @@ one device's buffers.
   SVDs) and ``spread`` (the headline).
 
 Compile only, deterministic: safe to run on a shared machine, but it takes
-minutes of CPU. ``--smoke`` uses a tiny Llama and meshes 1x1 and 1x8 only.
+minutes of CPU. ``--smoke`` uses a tiny Llama (GaLore rank 8) and meshes 1x1
+and 1x8 only.
 
 Usage::
 
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/sharded_step.py --json OUT
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/sharded_step.py --json=OUT
+    .venv/bin/python benchmarks/sharded_step.py --help   # every option
 
 (the script sets ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` itself
 when it starts; it refuses to run if JAX was configured otherwise).
 """
 
-import argparse
 import dataclasses
-import json
 import os
-import platform
 import re
 import sys
 import time
@@ -60,8 +59,12 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402  (benchmarks/_harness.py)
+
+from peftjax import train  # noqa: E402
+
+opt = train.option
 
 ATTN = r"layers/self_attn/(q|k|v|o)_proj/kernel"
 PROJECTED = r"layers/(self_attn|mlp)/\w+/kernel"
@@ -72,12 +75,15 @@ MESHES = ((1, 1), (2, 4), (8, 1), (1, 8))
 class Config:
     """Benchmark configuration (``--field=value``)."""
 
-    batch: int = 8
-    seq_len: int = 128
-    lora_rank: int = 8
-    galore_rank: int = 128
-    smoke: bool = False
-    json: str = ""
+    batch: int = opt(8, "Global batch (sequences per step), split over the data axis.")
+    seq_len: int = opt(128, "Tokens per sequence (the ids hold one more for the targets).")
+    lora_rank: int = opt(8, "LoRA rank on q, k, v, o (alpha = 2 * rank).")
+    galore_rank: int = opt(128, "GaLore rank on the attention and MLP kernels.")
+    smoke: bool = opt(False, "Tiny Llama, meshes 1x1 and 1x8 only.")
+    json: str = opt("", "Write the result to this JSON file.")
+
+
+SMOKE = {"galore_rank": 8}
 
 
 def _model(cfg):
@@ -89,16 +95,7 @@ def _model(cfg):
     from peftjax.models import llama
 
     if cfg.smoke:
-        cfg = dataclasses.replace(cfg, galore_rank=8)
-        mcfg = llama.LlamaConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        )
+        mcfg = llama.tiny_config(num_hidden_layers=4)
     else:
         meta = io.read_gguf_metadata(pm.smollm2_gguf())
         mcfg = llama.config_from_gguf(meta, has_output=False)
@@ -112,13 +109,7 @@ def _model(cfg):
 
 def _bytes(compiled):
     m = compiled.memory_analysis()
-    total = (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        + m.temp_size_in_bytes
-        - m.alias_size_in_bytes
-    )
-    return total, {
+    return _harness.step_bytes(compiled), {
         "argument": m.argument_size_in_bytes,
         "output": m.output_size_in_bytes,
         "temp": m.temp_size_in_bytes,
@@ -318,32 +309,18 @@ def main(cfg: Config) -> dict:
     out["loadavg_before"] = load_before
     out["loadavg_after"] = os.getloadavg()
     out["seconds"] = round(time.time() - t0, 1)
-    out["versions"] = {
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-        "backend": jax.default_backend(),
-    }
+    out["versions"] = _harness.machine()
     print(
         f"galore 1x8 / 1x1 = {ratio:.3f} (target <= 0.2: "
         f"{'met' if ratio <= 0.2 else 'missed'})"
     )
-    if cfg.json:
-        with open(cfg.json, "w") as fh:
-            json.dump(out, fh, indent=1, sort_keys=True)
+    _harness.write_json(cfg.json, dict(sorted(out.items())))
     return out
 
 
-def _parse() -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for field in dataclasses.fields(Config):
-        if field.type in (bool, "bool"):
-            p.add_argument(f"--{field.name}", action="store_true")
-        else:
-            p.add_argument(
-                f"--{field.name}", type=type(field.default), default=field.default
-            )
-    return Config(**vars(p.parse_args()))
+def _parse(argv: list[str]) -> Config:
+    return train.parse_config(Config, argv, smoke=SMOKE)
 
 
 if __name__ == "__main__":
-    main(_parse())
+    main(_parse(sys.argv[1:]))

@@ -20,25 +20,28 @@ recorded before and after: timings from a loaded machine are not comparable.
 
 Usage::
 
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_step.py --json OUT
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_step.py --json=OUT
     .venv/bin/python benchmarks/sparse_step.py --smoke --steps=0   # tiny model
+    .venv/bin/python benchmarks/sparse_step.py --help              # every option
 """
 
-import argparse
 import dataclasses
 import functools
 import json
 import os
 import platform
 import re
-import statistics
 import sys
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402  (benchmarks/_harness.py)
+
+from peftjax import train  # noqa: E402
+
+opt = train.option
 TARGETS = r"layers/(\d+/)?self_attn/(q|k|v|o)_proj/kernel"
 
 
@@ -46,32 +49,27 @@ TARGETS = r"layers/(\d+/)?self_attn/(q|k|v|o)_proj/kernel"
 class Config:
     """Benchmark configuration (``--field=value`` on the command line)."""
 
-    batch: int = 4
-    seq_len: int = 128
-    rank: int = 8
-    alpha: float = 16.0
-    steps: int = 5
-    warmup: int = 2
-    smoke: bool = False
-    json: str = ""
-    seed: int = 0
+    batch: int = opt(4, "Sequences per step.")
+    seq_len: int = opt(128, "Tokens per sequence (the ids hold one more for the targets).")
+    rank: int = opt(8, "LoRA rank on q, k, v, o (and k = rank * (in + out) sparse values).")
+    alpha: float = opt(16.0, "LoRA alpha (scaling alpha / rank).")
+    steps: int = opt(5, "Timed steps per variant after the warm-up; 0: compile only.")
+    warmup: int = opt(2, "Untimed steps before the timed ones.")
+    smoke: bool = opt(False, "Tiny random Llama and small shapes (seconds).")
+    json: str = opt("", "Write the result to this JSON file.")
+    seed: int = opt(0, "Seed of the tiny model, the token ids and the adapters.")
+
+
+SMOKE = {"batch": 2, "seq_len": 16, "steps": 1, "warmup": 1}
 
 
 def _params(cfg):
-    import jax
-    from flax import nnx
-
     from peftjax import models as pm
     from peftjax.models import llama
 
     if not cfg.smoke:
-        mcfg, params = llama.load_llama_params(pm.smollm2_gguf())
-        return mcfg, params
-    mcfg = llama.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, tie_word_embeddings=True)
-    _, params = pm.split_params(llama.LlamaForCausalLM(mcfg, rngs=nnx.Rngs(cfg.seed)))
-    return mcfg, jax.tree.map(lambda x: x, params)
+        return llama.load_llama_params(pm.smollm2_gguf())
+    return _harness.tiny_model(cfg.seed)
 
 
 def _setup(cfg):
@@ -81,18 +79,13 @@ def _setup(cfg):
     from flax import nnx
 
     from peftjax import adapters, masks, optim, tree
-    from peftjax import models as pm
     from peftjax.models import llama
 
     mcfg, params = _params(cfg)
     params = tree.stack_layers(params)
     gdef = nnx.graphdef(nnx.eval_shape(lambda: llama.LlamaForCausalLM(
         mcfg, scan_layers=True, rngs=nnx.Rngs(0))))
-
-    def loss_fn(p, ids):
-        logits = pm.apply(gdef, p, ids[:, :-1])
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
+    loss_fn = _harness.lm_loss(gdef)
 
     lora_a = tree.assign(params, [tree.Rule(where=TARGETS, then=adapters.lora(
         cfg.rank, alpha=cfg.alpha))])
@@ -140,10 +133,8 @@ def main(cfg: Config) -> dict:
         t = time.perf_counter()
         c = jax.jit(fn).lower(*args, ids).compile()
         out[f"compile_s_{name}"] = time.perf_counter() - t
-        mem = c.memory_analysis()
-        out[f"temp_bytes_{name}"] = int(mem.temp_size_in_bytes)
-        out[f"bytes_{name}"] = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                   + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+        out[f"temp_bytes_{name}"] = int(c.memory_analysis().temp_size_in_bytes)
+        out[f"bytes_{name}"] = _harness.step_bytes(c)
         compiled[name] = c
     times = {"lora": [], "sparse": [], "reselect": []}
     fn_args = {"lora": s["lora"][1], "sparse": s["sparse"][1],
@@ -156,36 +147,22 @@ def main(cfg: Config) -> dict:
             if i >= cfg.warmup:
                 times[name].append(time.perf_counter() - t)
     if cfg.steps > 0:
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = {k: _harness.median(v) for k, v in times.items()}
         out.update(step_s_lora=med["lora"], step_s_sparse=med["sparse"],
                    step_s_min_lora=min(times["lora"]), step_s_min_sparse=min(times["sparse"]),
                    regrow_s=med["reselect"] - med["sparse"],
                    ratio_sparse_over_lora=med["sparse"] / med["lora"])
     res = {"config": dataclasses.asdict(cfg), "results": out,
-           "model": "tiny random Llama (smoke)" if cfg.smoke else "SmolLM2-135M-Instruct",
+           "model": _harness.TINY_MODEL if cfg.smoke else "SmolLM2-135M-Instruct",
            "jax": jax.__version__, "backend": jax.default_backend(),
-           "platform": platform.platform(), "loadavg_before": load_before,
-           "loadavg_after": os.getloadavg()}
-    if cfg.json:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
-        with open(cfg.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
+           "platform": platform.platform(), "versions": _harness.machine(),
+           "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    _harness.write_json(cfg.json, res)
     return res
 
 
 def _parse(argv: list[str]) -> Config:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Config):
-        if f.type is bool or f.type == "bool":
-            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
-                            default=f.default)
-        else:
-            ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-    cfg = Config(**vars(ap.parse_args(argv)))
-    if cfg.smoke:
-        cfg = dataclasses.replace(cfg, batch=2, seq_len=16, steps=min(cfg.steps, 1),
-                                  warmup=min(cfg.warmup, 1))
-    return cfg
+    return train.parse_config(Config, argv, smoke=SMOKE)
 
 
 if __name__ == "__main__":
