@@ -172,26 +172,8 @@ private peftjax/models/llama/_loader.py peftjax.tree._paths
 private peftjax/models/llama/_peft_keys.py peftjax.io._peft_keys
 private peftjax/models/llama/_presets.py peftjax.io._peft_targets
 private peftjax/models/llama/_presets.py peftjax.tree._rules
-private peftjax/optim/_frugal.py peftjax.tree._paths
-private peftjax/optim/_leaves.py peftjax.tree._layouts
-private peftjax/optim/_leaves.py peftjax.tree._matrix
-private peftjax/optim/_leaves.py peftjax.tree._paths
-private peftjax/optim/_lisa.py peftjax.tree._paths
-private peftjax/optim/_loraplus.py peftjax.tree._paths
-private peftjax/optim/_sora.py peftjax.tree._paths
-private peftjax/optim/_sparse_spiel.py peftjax.tree._paths
 private peftjax/quant/_array.py peftjax.tree._paths
 private peftjax/quant/_array.py peftjax.tree._rules
-private peftjax/shard/_derive.py peftjax.adapters._base
-private peftjax/shard/_derive.py peftjax.optim._frugal
-private peftjax/shard/_derive.py peftjax.optim._galore
-private peftjax/shard/_derive.py peftjax.optim._sparse_spiel
-private peftjax/shard/_derive.py peftjax.tree._layouts
-private peftjax/shard/_derive.py peftjax.tree._matrix
-private peftjax/shard/_derive.py peftjax.tree._paths
-private peftjax/shard/_specs.py peftjax.tree._matrix
-private peftjax/shard/_specs.py peftjax.tree._paths
-private peftjax/shard/_specs.py peftjax.tree._rules
 """)
 
 
