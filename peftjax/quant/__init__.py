@@ -27,7 +27,9 @@ for inference.
 
 Exports: ``QuantFormat``, ``QuantizedArray``, ``Q8_0Blocks``, ``Q4_1Blocks``,
 ``int8``, ``int4``, ``nf4``, ``q8_0``, ``q4_1``, ``quantize``, ``dequantize``,
-``quantize_params``, ``abstract``, ``is_quantized``, ``nbytes``, ``matmul``.
+``quantize_params``, ``abstract``, ``is_quantized``, ``nbytes``, ``matmul``,
+``tiled_product`` (``matmul`` on raw blocks), ``gguf_blocks`` (a GGUF
+tensor's bytes as blocks), ``DEFAULT_TILE_BYTES``.
 
 Example:
   >>> import jax.numpy as jnp
@@ -47,20 +49,25 @@ from peftjax.quant._array import quantize_params as quantize_params
 from peftjax.quant._formats import Q4_1Blocks as Q4_1Blocks
 from peftjax.quant._formats import Q8_0Blocks as Q8_0Blocks
 from peftjax.quant._formats import QuantFormat as QuantFormat
+from peftjax.quant._formats import gguf_blocks as gguf_blocks
 from peftjax.quant._formats import int4 as int4
 from peftjax.quant._formats import int8 as int8
 from peftjax.quant._formats import nf4 as nf4
 from peftjax.quant._formats import q4_1 as q4_1
 from peftjax.quant._formats import q8_0 as q8_0
+from peftjax.quant._matmul import DEFAULT_TILE_BYTES as DEFAULT_TILE_BYTES
 from peftjax.quant._matmul import matmul as matmul
+from peftjax.quant._matmul import tiled_product as tiled_product
 
 __all__ = [
+    "DEFAULT_TILE_BYTES",
     "Q4_1Blocks",
     "Q8_0Blocks",
     "QuantFormat",
     "QuantizedArray",
     "abstract",
     "dequantize",
+    "gguf_blocks",
     "int4",
     "int8",
     "is_quantized",
@@ -71,4 +78,5 @@ __all__ = [
     "q8_0",
     "quantize",
     "quantize_params",
+    "tiled_product",
 ]

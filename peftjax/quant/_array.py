@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peftjax import tree
 from peftjax.quant import _formats
-from peftjax.tree import _paths, _rules
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -228,7 +228,7 @@ def quantize_params(params: Any, rules: Any, *, allow_unused: bool = False) -> A
       >>> qp["q"]["kernel"]
       QuantizedArray(shape=(64, 8), dtype=float32, format=nf4(block_size=64, axis=-2))
     """
-    assignment = _rules.assign(params, rules, allow_unused=allow_unused)
+    assignment = tree.assign(params, rules, allow_unused=allow_unused)
     for path, fmt in assignment.items():
         if not isinstance(fmt, _formats.QuantFormat):
             raise TypeError(f"quantize_params: the rule for {path!r} gives {fmt!r}; "
@@ -242,7 +242,7 @@ def quantize_params(params: Any, rules: Any, *, allow_unused: bool = False) -> A
         except (TypeError, ValueError) as e:
             raise type(e)(f"quantize_params: {path!r}: {e}") from e
 
-    return _paths.map_with_path(one, params)
+    return tree.map_with_path(one, params)
 
 
 def _leaf_bytes(x: Any) -> int:

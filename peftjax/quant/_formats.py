@@ -32,7 +32,7 @@ int4 and nf4 ``4 + 32/block_size`` (int4/uint4 are packed two per byte on the
 device).
 
 Exports: ``QuantFormat``, ``Q8_0Blocks``, ``Q4_1Blocks``, ``int8``, ``int4``,
-``nf4``, ``q8_0``, ``q4_1``.
+``nf4``, ``q8_0``, ``q4_1``, ``gguf_blocks``.
 """
 
 import dataclasses
@@ -307,7 +307,12 @@ def gguf_blocks(fmt: QuantFormat, raw: np.ndarray) -> Any:
       raw: the tensor's bytes as stored (uint8), one row per leading index.
 
     Returns:
-      ``Q8_0Blocks`` or ``Q4_1Blocks`` (numpy arrays, same bits).
+      ``Q8_0Blocks`` or ``Q4_1Blocks`` (numpy arrays, same bits), with a
+      ``QuantizedArray(blocks, fmt, dtype)`` of the tensor's logical shape.
+
+    Raises:
+      ValueError: ``fmt`` is neither format, or the last axis of ``raw`` is not
+        a whole number of blocks (34 bytes for Q8_0, 20 for Q4_1).
 
     Example:
       >>> raw = np.zeros((2, 34), np.uint8)

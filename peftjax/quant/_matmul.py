@@ -13,7 +13,7 @@ backward pass (``dx = dy @ Wᵀ``) decodes each tile again instead of keeping
 it: the only float copies of the weight are single tiles, in the forward and
 the backward pass.
 
-Exports: ``matmul``, ``DEFAULT_TILE_BYTES``.
+Exports: ``matmul``, ``tiled_product``, ``DEFAULT_TILE_BYTES``.
 """
 
 import math
@@ -25,6 +25,8 @@ import numpy as np
 
 from peftjax.quant import _array, _formats
 
+# The default ``tile_bytes`` of ``matmul`` and of ``peftjax.factored``: at
+# most 1 MiB of dequantised weight formed at once.
 DEFAULT_TILE_BYTES = 1 << 20
 
 
@@ -41,7 +43,37 @@ def tile_columns(n_in: int, n_out: int, itemsize: int, tile_bytes: int) -> int:
 def tiled_product(xm: jax.Array, blocks: Any, fmt: _formats.QuantFormat, dtype: Any,
                   *, tile_bytes: int = DEFAULT_TILE_BYTES, precision: Any = None,
                   preferred_element_type: Any = None) -> jax.Array:
-    """``xm (N, in) @ W (in, out)``; blocks ``(out, nb, ...)`` blocked along ``in``."""
+    """Returns ``xm @ W`` for a kernel ``W (in, out)`` given as raw blocks.
+
+    The building block of ``matmul`` for callers that hold a kernel's blocks
+    in matrix order themselves (``peftjax.factored`` after regrouping a
+    multi-axis kernel): the same tiled product, without a ``QuantizedArray``.
+
+    Args:
+      xm: ``(N, in)`` activations.
+      blocks: the blocks of ``W`` laid out ``(out, nb, ...)``: one row of
+        ``nb`` blocks of ``fmt.block_size`` input values per output column.
+      fmt: their ``QuantFormat``.
+      dtype: the dtype each dequantised tile is cast to.
+      tile_bytes: the most bytes of dequantised weight formed at once.
+      precision: forwarded to ``lax.dot_general``.
+      preferred_element_type: forwarded to ``lax.dot_general``.
+
+    Returns:
+      ``(N, out)``.
+
+    Raises:
+      ValueError: the blocks' grid is not ``(out, nb)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from peftjax import quant
+      >>> w = quant.quantize(jnp.ones((64, 4)), quant.nf4())  # (in, out)
+      >>> tuple(w.format.grid(w.blocks))  # (out, nb)
+      (4, 1)
+      >>> quant.tiled_product(jnp.ones((2, 64)), w.blocks, w.format, w.dtype)[0]
+      Array([64., 64., 64., 64.], dtype=float32)
+    """
     grid = tuple(fmt.grid(blocks))
     if len(grid) != 2:
         raise ValueError(f"tiled_product: blocks with grid {grid}; expected (out, nb)")

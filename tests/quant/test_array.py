@@ -75,7 +75,7 @@ def test_tiled_matmul_and_its_gradient_equal_the_dequantised_product(fmt):
     # times the sum of the products' magnitudes (values may cancel).
     tol_y = MATMUL_F32["rtol"] * (np.abs(f64(x)) @ np.abs(wd)) + MATMUL_F32["atol"]
     tol_x = MATMUL_F32["rtol"] * (np.abs(dy) @ np.abs(wd.T)) + MATMUL_F32["atol"]
-    for tile in (256, _matmul.DEFAULT_TILE_BYTES):
+    for tile in (256, quant.DEFAULT_TILE_BYTES):
         @jax.jit
         def f(x, dy, w, tile=tile):
             y, vjp = jax.vjp(lambda x: quant.matmul(x, w, tile_bytes=tile), x)
@@ -90,10 +90,24 @@ def test_tile_columns_never_span_a_whole_kernel():
     # SmolLM2's kernels (in, out) at the default 1 MiB of float32 per tile.
     for n_in, n_out in [(576, 576), (576, 192), (576, 1536), (1536, 576),
                         (576, 49152)]:
-        c = _matmul.tile_columns(n_in, n_out, 4, _matmul.DEFAULT_TILE_BYTES)
-        assert 1 <= c <= n_out // 2 and n_in * c * 4 <= _matmul.DEFAULT_TILE_BYTES
+        c = _matmul.tile_columns(n_in, n_out, 4, quant.DEFAULT_TILE_BYTES)
+        assert 1 <= c <= n_out // 2 and n_in * c * 4 <= quant.DEFAULT_TILE_BYTES
     assert _matmul.tile_columns(64, 97, 4, 1 << 20) == 48  # prime: a tail of 1
     assert _matmul.tile_columns(64, 100, 4, 1 << 20) == 50
+
+
+def test_tiled_product_on_raw_blocks_equals_the_dequantised_product():
+    w = quant.quantize(_w((64, 10), 3), quant.nf4(block_size=32))
+    x = _w((3, 64), 4)
+    wd = f64(quant.dequantize(w))
+    tol = MATMUL_F32["rtol"] * (np.abs(f64(x)) @ np.abs(wd)) + MATMUL_F32["atol"]
+    for tile in (256, quant.DEFAULT_TILE_BYTES):  # 256 bytes: one column per tile
+        y = quant.tiled_product(x, w.blocks, w.format, jnp.float32, tile_bytes=tile)
+        assert y.shape == (3, 10) and y.dtype == jnp.float32
+        assert np.all(np.abs(f64(y) - f64(x) @ wd) <= tol)
+    stacked = quant.quantize(_w((2, 64, 10), 5), quant.nf4(block_size=32))
+    with pytest.raises(ValueError, match=r"grid \(2, 10, 2\)"):
+        quant.tiled_product(x, stacked.blocks, stacked.format, jnp.float32)
 
 
 def test_matmul_errors_name_shapes():

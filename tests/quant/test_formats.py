@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from peftjax import quant
-from peftjax.quant import _formats
 from tests.helpers import EXACT, f64
 
 # The NF4 code book as published (QLoRA, arXiv:2305.14314, appendix E).
@@ -95,7 +94,7 @@ def test_gguf_blocks_bit_exact_against_the_gguf_package(fmt, qtype):
     x = _weights((40, 256), seed=2) * np.float32(0.1)
     ref = gguf.quants.quantize(x, qtype)  # (rows, nb * type_size) bytes
     ours = quant.quantize(jnp.asarray(x), fmt)
-    theirs = _formats.gguf_blocks(fmt, ref)
+    theirs = quant.gguf_blocks(fmt, ref)
     for a, b in zip(ours.blocks, theirs, strict=True):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint8), b.view(np.uint8))
     # Decoding their blocks gives gguf's own dequantisation exactly.
@@ -112,4 +111,4 @@ def test_formats_compare_by_value_and_reject_bad_arguments():
     with pytest.raises(TypeError, match="axis"):
         quant.nf4(axis=1.0)
     with pytest.raises(ValueError, match=r"\(2, 33\).*q4_1"):
-        _formats.gguf_blocks(quant.q4_1(), np.zeros((2, 33), np.uint8))
+        quant.gguf_blocks(quant.q4_1(), np.zeros((2, 33), np.uint8))
