@@ -104,15 +104,7 @@ def main(steps: int = 3) -> float:
     from peftjax import models as pm
     from peftjax.models import llama
 
-    cfg = llama.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    cfg = llama.tiny_config()
     gdef, params = pm.split_params(
         llama.LlamaForCausalLM(cfg, scan_layers=True, rngs=nnx.Rngs(0))
     )

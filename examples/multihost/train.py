@@ -91,15 +91,7 @@ def main():
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     mesh = shard.make_mesh(data=n_proc, fsdp=n_local, devices=devices)
 
-    cfg = llama.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    cfg = llama.tiny_config()
     gdef, params = pm.split_params(
         llama.LlamaForCausalLM(cfg, scan_layers=True, rngs=nnx.Rngs(0))
     )

@@ -118,15 +118,8 @@ def build_bert(out: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def tied_base_params() -> tuple[llama.LlamaConfig, dict]:
     """A tiny tied Llama with NumPy-seeded weights (norm scales around 1)."""
-    cfg = llama.LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
+    cfg = llama.tiny_config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, max_position_embeddings=64
     )
     _, shapes = pm.split_params(
         nnx.eval_shape(lambda: llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))

@@ -12,9 +12,8 @@ from peftjax.models import llama, split_params
 from peftjax.tree import DimensionNumbers as DN
 from tests.factored import _models
 
-LLAMA_CFG = llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-                              num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2)
+LLAMA_CFG = llama.tiny_config(vocab_size=32, hidden_size=16, intermediate_size=32,
+                              tie_word_embeddings=False)
 
 
 def _llama(scan):

@@ -21,9 +21,7 @@ from tests.helpers import MATMUL_F32, assert_tree_allclose, f64
 # Tiny Llama: kernels (64,64) q/o, (64,32) k/v, (64,160) gate/up, (160,64) down,
 # embedding (200,64); 2 x 5 tokens. No activation has a kernel's element count.
 def _cfg(layers):
-    return llama.LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=160,
-                             num_hidden_layers=layers, num_attention_heads=4,
-                             num_key_value_heads=2, tie_word_embeddings=True)
+    return llama.tiny_config(vocab_size=200, intermediate_size=160, num_hidden_layers=layers)
 
 
 # Q4_1 linear kernels and a Q8_0 embedding blocked along d (as the SmolLM2 GGUF).

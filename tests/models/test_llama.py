@@ -16,17 +16,9 @@ from tests.models import _reference
 
 
 def make_config(**kw):
-    base = dict(
-        vocab_size=48,
-        hidden_size=32,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=500.0,
-    )
-    base.update(kw)
-    return llama.LlamaConfig(**base)
+    base = dict(vocab_size=48, hidden_size=32, intermediate_size=40, rope_theta=500.0,
+                tie_word_embeddings=False)
+    return llama.tiny_config(**{**base, **kw})
 
 
 def make(cfg, *, seed=0, scan_layers=False, remat=False):

@@ -15,9 +15,7 @@ from tests.helpers import ELEMENTWISE_F32, f64
 from tests.models.test_llama_loader import hf_tensors, llama_cpp_permute
 
 # Every matrix a multiple of 32 along its input axis (GGUF blocks of 32).
-CFG = llama.LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=96,
-                        num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, tie_word_embeddings=False)
+CFG = llama.tiny_config(vocab_size=40, intermediate_size=96, tie_word_embeddings=False)
 
 
 def _raw(q):

@@ -92,15 +92,7 @@ class Checks:
         self.out_dir = out_dir
         self.arrays = {}
         self.results = {}
-        self.cfg = llama.LlamaConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        )
+        self.cfg = llama.tiny_config()
         self.gdef, self.params = pm.split_params(
             llama.LlamaForCausalLM(self.cfg, scan_layers=True, rngs=nnx.Rngs(0))
         )
