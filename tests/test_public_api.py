@@ -17,7 +17,7 @@ DOCUMENTED = ["peftjax", "peftjax.tree", "peftjax.tree.dims", "peftjax.adapters"
               "peftjax.io.checkpoint", "peftjax.factored", "peftjax.io", "peftjax.models",
               "peftjax.models.llama", "peftjax.models.bert", "peftjax.optim", "peftjax.inits",
               "peftjax.masks", "peftjax.data", "peftjax.quant", "peftjax.shard",
-              "peftjax.merge", "peftjax.merge.adapters"]
+              "peftjax.merge", "peftjax.merge.adapters", "peftjax.train"]
 
 
 def test_import_does_not_pull_flax_or_orbax():
