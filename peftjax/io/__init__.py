@@ -7,6 +7,7 @@ Nothing here knows peftjax's models (docs/architecture.md#layers).
 from peftjax.io._gguf import GGUFFile as GGUFFile
 from peftjax.io._gguf import read_gguf as read_gguf
 from peftjax.io._gguf import read_gguf_metadata as read_gguf_metadata
+from peftjax.io._json import read_json as read_json
 from peftjax.io._peft_keys import PeftKey as PeftKey
 from peftjax.io._peft_keys import TensorLayout as TensorLayout
 from peftjax.io._peft_read import PeftAdapter as PeftAdapter
@@ -33,6 +34,7 @@ __all__ = [
     "checkpoint",
     "read_gguf",
     "read_gguf_metadata",
+    "read_json",
     "read_safetensors",
     "read_safetensors_index",
     "write_safetensors",

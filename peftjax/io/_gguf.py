@@ -20,8 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from peftjax.quant import _array as _qarray
-from peftjax.quant import _formats as _qformats
+from peftjax import quant
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -94,15 +93,15 @@ def _dequantize(tensor: Any, dtype: np.dtype, path: str) -> np.ndarray:
     return np.asarray(data.reshape(shape), dtype=np.float32).astype(dtype, copy=False)
 
 
-_KEPT = {"Q8_0": _qformats.q8_0, "Q4_1": _qformats.q4_1}
+_KEPT = {"Q8_0": quant.q8_0, "Q4_1": quant.q4_1}
 
 
-def _kept(tensor: Any, dtype: np.dtype) -> _qarray.QuantizedArray:
+def _kept(tensor: Any, dtype: np.dtype) -> quant.QuantizedArray:
     """A Q8_0/Q4_1 tensor as a QuantizedArray of its own blocks (no arithmetic)."""
     fmt = _KEPT[tensor.tensor_type.name](axis=-1)
     shape = tuple(int(d) for d in reversed(list(tensor.shape)))
     raw = np.asarray(tensor.data).reshape(shape[:-1] + (-1,))
-    out = _qarray.QuantizedArray(_qformats.gguf_blocks(fmt, raw), fmt, dtype)
+    out = quant.QuantizedArray(quant.gguf_blocks(fmt, raw), fmt, dtype)
     if out.shape != shape:
         raise ValueError(f"read_gguf: tensor {tensor.name!r} holds blocks of logical "
                          f"shape {out.shape}, but its header says {shape}")

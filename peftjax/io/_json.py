@@ -33,6 +33,10 @@ def read_json(path: str | os.PathLike, what: str, *, want_object: bool = True
       >>> import os, tempfile
       >>> p = os.path.join(tempfile.mkdtemp(), "config.json")
       >>> with open(p, "w") as f:
+      ...     _ = f.write('{"a": 1}')
+      >>> read_json(p, "demo")
+      {'a': 1}
+      >>> with open(p, "w") as f:
       ...     _ = f.write('{"a": 1,}')
       >>> read_json(p, "demo")  # doctest: +ELLIPSIS
       Traceback (most recent call last):

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from peftjax.tree import _matrix
+from peftjax import tree
 
 
 class TensorLayout(enum.Enum):
@@ -64,7 +64,7 @@ class PeftKey(NamedTuple):
     module: str
     tensor: str
     layout: TensorLayout
-    dimension_numbers: _matrix.DimensionNumbers | None = None
+    dimension_numbers: tree.DimensionNumbers | None = None
 
 
 def check_key_map(key_map: Any, fn: str) -> dict[str, PeftKey]:
@@ -76,7 +76,7 @@ def check_key_map(key_map: Any, fn: str) -> dict[str, PeftKey]:
         if not isinstance(key, PeftKey) or not isinstance(key.layout, TensorLayout):
             raise TypeError(f"{fn}: key_map[{path!r}] must be a PeftKey, got {key!r}")
         dn = key.dimension_numbers
-        if dn is not None and (not isinstance(dn, _matrix.DimensionNumbers)
+        if dn is not None and (not isinstance(dn, tree.DimensionNumbers)
                                or dn.batch_axis
                                or key.layout is not TensorLayout.KERNEL):
             raise TypeError(
@@ -122,7 +122,7 @@ def check_tied_head(tied_head: Any, key_map: Mapping[str, PeftKey], fn: str) -> 
 
 
 def leaf_dimension_numbers(key: PeftKey, ndim: int, n_batch: int
-                           ) -> _matrix.DimensionNumbers | None:
+                           ) -> tree.DimensionNumbers | None:
     """``key.dimension_numbers`` for a rank-``ndim`` leaf with ``n_batch`` layer axes.
 
     Args:
@@ -137,7 +137,7 @@ def leaf_dimension_numbers(key: PeftKey, ndim: int, n_batch: int
 
     Example:
       >>> k = PeftKey("q", "weight", TensorLayout.KERNEL,
-      ...             _matrix.DimensionNumbers(reduction_axis=0, output_axis=(1, 2)))
+      ...             tree.DimensionNumbers(reduction_axis=0, output_axis=(1, 2)))
       >>> leaf_dimension_numbers(k, 4, 1)
       DimensionNumbers(reduction_axis=(1,), output_axis=(2, 3), batch_axis=(0,))
     """
@@ -145,19 +145,19 @@ def leaf_dimension_numbers(key: PeftKey, ndim: int, n_batch: int
     if not n_batch:
         return dn
     if dn is None:
-        dn = _matrix.default_dimension_numbers(2)
+        dn = tree.default_dimension_numbers(2)
     rank = ndim - n_batch
 
     def shift(axes: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(a % rank + n_batch for a in axes)
 
-    return _matrix.DimensionNumbers(reduction_axis=shift(dn.reduction_axis),
+    return tree.DimensionNumbers(reduction_axis=shift(dn.reduction_axis),
                                     output_axis=shift(dn.output_axis),
                                     batch_axis=tuple(range(n_batch)))
 
 
 def layer_dims(key: PeftKey, shape: tuple[int, ...], n_batch: int,
-               path: str) -> _matrix.ResolvedDims:
+               path: str) -> tree.ResolvedDims:
     """The matrix view of a leaf of ``shape`` under ``key`` (scanned: ``n_batch=1``).
 
     Args:
@@ -171,13 +171,13 @@ def layer_dims(key: PeftKey, shape: tuple[int, ...], n_batch: int,
 
     Example:
       >>> k = PeftKey("q", "weight", TensorLayout.KERNEL,
-      ...             _matrix.DimensionNumbers(reduction_axis=0, output_axis=(1, 2)))
+      ...             tree.DimensionNumbers(reduction_axis=0, output_axis=(1, 2)))
       >>> d = layer_dims(k, (2, 8, 4, 2), 1, "layers/q/kernel")
       >>> d.batch, d.reduction, d.output, d.n_in, d.n_out
       ((0,), (1,), (2, 3), 8, 8)
     """
     dn = leaf_dimension_numbers(key, len(shape), n_batch)
-    return _matrix.resolve(dn, tuple(shape), path=path)
+    return tree.resolve(dn, tuple(shape), path=path)
 
 
 def per_layer(path: str, value: Any, n_batch: int, key_map: Mapping[str, PeftKey],

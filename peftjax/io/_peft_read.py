@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peftjax import tree
 from peftjax.adapters import _base, _dora, _lora, _scale_shift, _vera
 from peftjax.io import _json, _peft_config, _peft_keys, _peft_write, _safetensors
 from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
 from peftjax.io._peft_write import save_peft  # noqa: F401 (doctest)
-from peftjax.tree import _matrix, _paths
 
 _SUFFIXES = (
     (".lora_A.weight", "a", _peft_keys.TensorLayout.KERNEL),
@@ -198,7 +198,7 @@ def load_peft(
     source = str(directory / _peft_write.CONFIG_NAME)
     peft_type = _peft_config.check_config(config, source)
     selection = _peft_config.selection(config, key_map, source, output_modules)
-    flat = _paths.leaves_by_path(params)
+    flat = tree.leaves_by_path(params)
     use_dora = bool(config.get("use_dora", False))
     saved = set(config.get("modules_to_save") or [])
 
@@ -432,7 +432,7 @@ def _assemble_full(full_u: dict[str, np.ndarray], flat: Mapping[str, Any],
 def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
            got: dict[str, np.ndarray], shared: dict[str, np.ndarray],
            use_dora: bool, dtype: Any, source: str,
-           dims: _matrix.ResolvedDims, dn: _matrix.DimensionNumbers | None) -> tuple:
+           dims: tree.ResolvedDims, dn: tree.DimensionNumbers | None) -> tuple:
     """``(adapter, trainable, frozen)`` of one unrolled module (its matrix ``dims``)."""
     def arr(x: np.ndarray) -> jax.Array:
         return jnp.asarray(x, dtype)

@@ -38,8 +38,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+from peftjax import tree
 from peftjax.io import _peft_keys
-from peftjax.tree import _rules
 
 ALL_LINEAR = "all-linear"
 _ADAPTABLE = (_peft_keys.TensorLayout.KERNEL, _peft_keys.TensorLayout.EMBEDDING)
@@ -281,7 +281,7 @@ def peft_target_modules(
 
 
 def _group_rules(paths: list[str], key_map: Mapping[str, Any], then: Any,
-                 layer_prefix: str, scanned: bool) -> list[_rules.Rule]:
+                 layer_prefix: str, scanned: bool) -> list[tree.Rule]:
     per_layer = re.compile(rf"{re.escape(layer_prefix)}/(\d+)/(.+)")
     groups: dict[str, list[int]] = {}
     singles = []
@@ -291,7 +291,7 @@ def _group_rules(paths: list[str], key_map: Mapping[str, Any], then: Any,
             singles.append(p)
         else:
             groups.setdefault(m.group(2), []).append(int(m.group(1)))
-    rules = [_rules.Rule(where=re.escape(p), then=then) for p in singles]
+    rules = [tree.Rule(where=re.escape(p), then=then) for p in singles]
     for rest, idx in groups.items():
         have = sorted(int(m.group(1)) for k in key_map
                       if (m := per_layer.fullmatch(k)) and m.group(2) == rest)
@@ -306,7 +306,7 @@ def _group_rules(paths: list[str], key_map: Mapping[str, Any], then: Any,
         else:
             alt = r"\d+" if every else "(?:" + "|".join(map(str, sorted(idx))) + ")"
             where = f"{re.escape(layer_prefix)}/{alt}/{re.escape(rest)}"
-        rules.append(_rules.Rule(where=where, then=then))
+        rules.append(tree.Rule(where=where, then=then))
     return rules
 
 
@@ -319,7 +319,7 @@ def peft_target_rules(
     scanned: bool = False,
     layer_prefix: str = "layers",
     **selection: Any,
-) -> list[_rules.Rule]:
+) -> list[tree.Rule]:
     """Translates a PEFT ``target_modules`` input into peftjax rules.
 
     The modules are selected as :func:`peft_target_modules` does; each selected

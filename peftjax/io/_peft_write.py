@@ -43,10 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peftjax import tree
 from peftjax.adapters import _base, _dora, _lora, _scale_shift, _vera
 from peftjax.io import _peft_keys, _safetensors
 from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
-from peftjax.tree import _matrix, _paths
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -64,13 +64,13 @@ def _np(x: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(jax.device_get(x)))
 
 
-def to_torch(arr: np.ndarray, dims: _matrix.ResolvedDims) -> np.ndarray:
+def to_torch(arr: np.ndarray, dims: tree.ResolvedDims) -> np.ndarray:
     """A kernel (no batch axes) as the torch weight ``(out, in)`` of its matrix view."""
     m = np.transpose(arr, dims.reduction + dims.output).reshape(dims.n_in, dims.n_out)
     return np.ascontiguousarray(m.T)
 
 
-def from_torch(arr: np.ndarray, dims: _matrix.ResolvedDims) -> np.ndarray:
+def from_torch(arr: np.ndarray, dims: tree.ResolvedDims) -> np.ndarray:
     """The inverse of :func:`to_torch`: a torch ``(out, in)`` weight as the kernel."""
     axes = dims.reduction + dims.output
     m = np.asarray(arr).T.reshape(tuple(dims.shape[a] for a in axes))
@@ -231,7 +231,7 @@ def save_peft(
       (2, 4, ['q'])
     """
     key_map = _peft_keys.check_key_map(key_map, "save_peft")
-    params_flat = _paths.leaves_by_path(params)
+    params_flat = tree.leaves_by_path(params)
     kinds: dict[str, str] = {}
     for path, adapter in assignment.items():
         t = state.trainable.get(path)
@@ -264,7 +264,7 @@ def save_peft(
         if leaf is None:
             raise ValueError(f"save_peft: {path!r} is not a leaf of params")
         dn = adapter.factored.dimension_numbers if adapter.factored else None
-        dims = _matrix.resolve(dn, tuple(np.shape(leaf)), path=path)
+        dims = tree.resolve(dn, tuple(np.shape(leaf)), path=path)
         nb = len(dims.batch)
         if peft_type == "LORA":  # one adapter (one scaling) for all layers
             s = _probe_scaling(adapter, t, dims.n_in, dims.n_out, path)

@@ -75,6 +75,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from peftjax import tree
 from peftjax.io._checkpoint_check import ARRAYS as _ARRAYS
 from peftjax.io._checkpoint_check import FORMAT as _FORMAT
 from peftjax.io._checkpoint_check import META as _META
@@ -83,7 +84,6 @@ from peftjax.io._checkpoint_check import CheckpointWarning as CheckpointWarning
 from peftjax.io._checkpoint_check import check_step as _validate
 from peftjax.io._checkpoint_check import error_file as _error_file
 from peftjax.io._checkpoint_check import error_text as _error_text
-from peftjax.tree import _paths
 
 __all__ = [
     "CheckpointError",
@@ -167,7 +167,7 @@ def save(directory: str | os.PathLike, step: int, state: Any, *,
     """
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"save: step must be an int >= 0, got {step!r}")
-    flat = _paths.flatten(state, is_leaf=lambda x: x is None)
+    flat = tree.flatten(state, is_leaf=lambda x: x is None)
     records = [_record(p, x) for p, x in flat]
     arrays = {}
     for i, ((_, leaf), rec) in enumerate(zip(flat, records, strict=True)):
@@ -408,7 +408,7 @@ def restore(directory: str | os.PathLike, like: Any, *, step: int | None = None,
         meta = _validate(directory, step)
     saved = meta["leaves"]
     flat, treedef = jax.tree.flatten_with_path(like, is_leaf=lambda x: x is None)
-    like_flat = [(_paths.canonical(kp), x) for kp, x in flat]
+    like_flat = [(tree.canonical(kp), x) for kp, x in flat]
     placement = _sharding_list(shardings, like, treedef, len(like_flat))
     want = [_record(p, x) for p, x in like_flat]
     _compare(saved, want)
