@@ -83,9 +83,10 @@ def tiny_model(seed: int, *, scan_layers: bool = False, **overrides: Any):
     from peftjax.models import llama
 
     mcfg = llama.tiny_config(**{"num_hidden_layers": 4, **overrides})
-    _, params = pm.split_params(llama.LlamaForCausalLM(
-        mcfg, scan_layers=scan_layers, rngs=nnx.Rngs(seed)))
-    return mcfg, jax.tree.map(lambda x: x, params)
+    # jitted: eager initialisation compiles one small program per operation
+    params = jax.jit(lambda: pm.split_params(llama.LlamaForCausalLM(
+        mcfg, scan_layers=scan_layers, rngs=nnx.Rngs(seed)))[1])()
+    return mcfg, params
 
 
 def lm_loss(graphdef):
