@@ -5,6 +5,7 @@ The step is a tiny hand-written jitted update over a ``TrainState`` (Adam on a
 part in the result), compiled once and shared by all tests.
 """
 
+import functools
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from peftjax import data, train
+from peftjax import adapters, data, train, tree
 from peftjax.io import checkpoint
 
 V = 8  # vocabulary
@@ -242,3 +243,36 @@ def test_a_step_that_does_not_count_is_refused():
     with pytest.raises(ValueError, match=r"step advanced by one \(expected 1, got 0\)"):
         train.fit(lambda s, b: (s, {"loss": 0.0}), init_state(), [0], steps=1,
                   progress=False)
+
+
+def test_trainer_step_with_donation_resumes_bit_exact(tmp_path):
+    # The same check through train.trainer's step (factored LoRA, donated state).
+    rng = np.random.default_rng(3)
+    params = {"w1": jnp.asarray(rng.standard_normal((4, 8)), jnp.float32),
+              "w2": jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)}
+
+    def loss_fn(p, batch):
+        return jnp.mean((jnp.tanh(batch["x"] @ p["w1"]) @ p["w2"] - batch["y"]) ** 2)
+
+    t = train.trainer(loss_fn, optax.adam(3e-2), adapters=tree.assign(
+        params, [tree.Rule(where="w1|w2", then=adapters.lora(2))]))
+    step = functools.partial(t.step, params=params)
+    feed = [{"x": rng.standard_normal((4, 4)).astype(np.float32),
+             "y": rng.standard_normal((4, 3)).astype(np.float32)} for _ in range(6)]
+
+    full = train.fit(step, t.init(jax.random.key(0), params), feed, steps=6, progress=False)
+
+    def killed_at_3(state, batch):
+        state, metrics = step(state, batch)
+        if int(state.step) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return state, metrics
+
+    cut = train.fit(killed_at_3, t.init(jax.random.key(0), params), feed, steps=6,
+                    progress=False, checkpoint_dir=tmp_path / "c")
+    assert (cut.interrupted_by, cut.step) == (signal.SIGINT, 3)
+    res = train.fit(step, t.init(jax.random.key(0), params), feed, steps=6, progress=False,
+                    checkpoint_dir=tmp_path / "c", resume=True)
+    assert checkpoint.all_steps(tmp_path / "c") == [3, 6]
+    assert float(full.history[-1]["loss"]) < float(full.history[0]["loss"])
+    assert_same_state(res.state, full.state)
