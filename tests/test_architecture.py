@@ -73,8 +73,6 @@ def _known(table: str):
 KNOWN = _known("""
 length experiments/_recipe.py over 600 lines
 length peftjax/adapters/_base.py over 600 lines
-private benchmarks/optim_step.py peftjax.models._functional
-private benchmarks/qlora_step.py peftjax.tree._paths
 private peftjax/adapters/_abba.py peftjax.tree._matrix
 private peftjax/adapters/_adalora.py peftjax.tree._matrix
 private peftjax/adapters/_base.py peftjax.tree._matrix
