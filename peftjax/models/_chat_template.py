@@ -126,9 +126,9 @@ def load_chat_template(path: str | os.PathLike) -> ChatTemplate:
     """
     path = os.fspath(path)
     if path.endswith(".gguf"):
-        from peftjax.io import _gguf
+        from peftjax import io as pio
 
-        return chat_template_from_gguf(_gguf.read_gguf_metadata(path),
+        return chat_template_from_gguf(pio.read_gguf_metadata(path),
                                        source=repr(path))
     if not os.path.isdir(path):
         raise ValueError(f"load_chat_template: {path!r} is neither a .gguf file "
@@ -136,9 +136,9 @@ def load_chat_template(path: str | os.PathLike) -> ChatTemplate:
     config_file = os.path.join(path, "tokenizer_config.json")
     config: dict = {}
     if os.path.isfile(config_file):
-        from peftjax.io import _json
+        from peftjax import io as pio
 
-        config = _json.read_json(config_file, "load_chat_template")
+        config = pio.read_json(config_file, "load_chat_template")
     jinja_file = os.path.join(path, "chat_template.jinja")
     if os.path.isfile(jinja_file):
         with open(jinja_file, encoding="utf-8") as f:

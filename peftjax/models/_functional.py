@@ -13,7 +13,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from peftjax.tree import _paths
+from peftjax import tree
 
 
 def split_params(model: nnx.Module) -> tuple[Any, dict]:
@@ -39,7 +39,7 @@ def split_params(model: nnx.Module) -> tuple[Any, dict]:
     if jax.tree.leaves(rest):
         raise ValueError(
             "split_params: the model holds non-parameter state at "
-            f"{_paths.paths(nnx.to_pure_dict(rest))[:5]}"
+            f"{tree.paths(nnx.to_pure_dict(rest))[:5]}"
         )
     return graphdef, nnx.to_pure_dict(params)
 
@@ -101,4 +101,4 @@ def param_shapes(graphdef: Any, params: dict) -> dict[str, tuple[tuple[int, ...]
       {'a/b': ((2, 3), dtype('float32'))}
     """
     del graphdef
-    return {p: (tuple(x.shape), x.dtype) for p, x in _paths.flatten(params)}
+    return {p: (tuple(x.shape), x.dtype) for p, x in tree.flatten(params)}

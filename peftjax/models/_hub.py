@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from peftjax.io import _safetensors
+from peftjax import io as pio
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
@@ -81,9 +81,9 @@ def read_hf_weights(directory: str, *, what: str) -> dict[str, np.ndarray]:
     single = os.path.join(directory, "model.safetensors")
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(single):
-        return _safetensors.read_safetensors(single)[0]
+        return pio.read_safetensors(single)[0]
     if os.path.isfile(index):
-        return _safetensors.read_safetensors_index(index)[0]
+        return pio.read_safetensors_index(index)[0]
     pickled = [f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth"))]
     hint = (
         (

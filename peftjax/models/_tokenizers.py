@@ -115,11 +115,11 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     """
     from tokenizers import Tokenizer
 
-    from peftjax.io import _gguf
+    from peftjax import io as pio
 
     path = os.fspath(path)
     if path.endswith(".gguf"):
-        return tokenizer_from_gguf(_gguf.read_gguf_metadata(path))
+        return tokenizer_from_gguf(pio.read_gguf_metadata(path))
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise ValueError(f"load_tokenizer: no tokenizer.json at {file!r}")

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from peftjax.io import _safetensors
+from peftjax import io as pio
+from peftjax import tree
 from peftjax.models.bert import _config, _loader, _model
-from peftjax.tree import _paths
 
 # peftjax path -> (HF tensor name, transposed), top-level leaves.
 _TOP = {path: (name, transpose) for name, (path, transpose) in _loader._TOP.items()}
@@ -58,7 +58,7 @@ def _expected(cfg: _config.BertConfig, classifier: Any) -> dict[str, Any]:
                 cfg, num_labels=n, rngs=nnx.Rngs(0)
             )
         )
-    return dict(_paths.flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))))
+    return dict(tree.flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))))
 
 
 def params_to_hf(params: dict, cfg: _config.BertConfig) -> dict[str, np.ndarray]:
@@ -92,7 +92,7 @@ def params_to_hf(params: dict, cfg: _config.BertConfig) -> dict[str, np.ndarray]
             f"split_params, got {type(params).__name__}"
         )
     expected = _expected(cfg, params.get("classifier"))
-    flat = dict(_paths.flatten(params))
+    flat = dict(tree.flatten(params))
     missing = sorted(set(expected) - set(flat))
     if missing:
         raise ValueError(f"bert params_to_hf: missing parameters {missing[:6]}")
@@ -159,5 +159,5 @@ def save_hf(
         json.dumps(cfg.to_hf(), indent=1, sort_keys=True) + "\n", encoding="utf-8"
     )
     meta: dict[str, Any] = {"format": "pt", **(metadata or {})}
-    _safetensors.write_safetensors(out / "model.safetensors", tensors, metadata=meta)
+    pio.write_safetensors(out / "model.safetensors", tensors, metadata=meta)
     return out

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.io import _json
+from peftjax import io as pio
+from peftjax import tree
 from peftjax.models import _hub
 from peftjax.models.bert import _config, _model
-from peftjax.tree import _paths
 
 _TOP = {
     "embeddings.word_embeddings.weight": (
@@ -112,7 +112,7 @@ def params_from_hf(
                 cfg, num_labels=num_labels, param_dtype=param_dtype, rngs=nnx.Rngs(0)
             )
         )
-    expected = dict(_paths.flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))))
+    expected = dict(tree.flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))))
     flat: dict[str, Any] = {}
     for name, arr in tensors.items():
         target = _hf_to_path(name)
@@ -183,7 +183,7 @@ def load_bert(
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"load_bert: {directory!r} has no config.json")
-    hf = _json.read_json(config_path, "load_bert")
+    hf = pio.read_json(config_path, "load_bert")
     try:
         cfg = _config.BertConfig.from_hf(hf)
     except (KeyError, TypeError, ValueError) as e:

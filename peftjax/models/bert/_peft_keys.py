@@ -10,15 +10,15 @@ layout, of ``BertForSequenceClassification`` (``bert.`` prefix and a top-level
 Exports: ``peft_key_map``.
 """
 
-from peftjax.io import _peft_keys
+from peftjax import io as pio
 from peftjax.models.bert import _config, _loader
 
-_KERNEL = _peft_keys.TensorLayout.KERNEL
-_EMBEDDING = _peft_keys.TensorLayout.EMBEDDING
-_VECTOR = _peft_keys.TensorLayout.VECTOR
+_KERNEL = pio.TensorLayout.KERNEL
+_EMBEDDING = pio.TensorLayout.EMBEDDING
+_VECTOR = pio.TensorLayout.VECTOR
 
 
-def _leaf(path_leaf: str, hf_tensor: str, transpose: bool) -> _peft_keys.TensorLayout:
+def _leaf(path_leaf: str, hf_tensor: str, transpose: bool) -> pio.TensorLayout:
     if transpose:
         return _KERNEL
     if path_leaf == "embedding":
@@ -27,7 +27,7 @@ def _leaf(path_leaf: str, hf_tensor: str, transpose: bool) -> _peft_keys.TensorL
 
 
 def peft_key_map(cfg: _config.BertConfig, *, num_labels: int | None = None,
-                 backbone_prefix: str | None = None) -> dict[str, _peft_keys.PeftKey]:
+                 backbone_prefix: str | None = None) -> dict[str, pio.PeftKey]:
     """``{unrolled path: PeftKey}`` for ``peftjax.io.save_peft``/``load_peft``.
 
     Args:
@@ -51,7 +51,7 @@ def peft_key_map(cfg: _config.BertConfig, *, num_labels: int | None = None,
     """
     if backbone_prefix is None:
         backbone_prefix = "" if num_labels is None else "bert."
-    out: dict[str, _peft_keys.PeftKey] = {}
+    out: dict[str, pio.PeftKey] = {}
     for name, (path, transpose) in _loader._TOP.items():
         module, tensor = name.rsplit(".", 1)
         if path.startswith("classifier/"):
@@ -59,14 +59,14 @@ def peft_key_map(cfg: _config.BertConfig, *, num_labels: int | None = None,
                 continue
         else:
             module = backbone_prefix + module
-        out[path] = _peft_keys.PeftKey(
+        out[path] = pio.PeftKey(
             module, tensor, _leaf(path.rsplit("/", 1)[1], tensor, transpose))
     for i in range(cfg.num_hidden_layers):
         for hf_module, sub in _loader._LAYER.items():
             module = f"{backbone_prefix}encoder.layer.{i}.{hf_module}"
             norm = sub.endswith("norm")
             first = "scale" if norm else "kernel"
-            out[f"layers/{i}/{sub}/{first}"] = _peft_keys.PeftKey(
+            out[f"layers/{i}/{sub}/{first}"] = pio.PeftKey(
                 module, "weight", _VECTOR if norm else _KERNEL)
-            out[f"layers/{i}/{sub}/bias"] = _peft_keys.PeftKey(module, "bias", _VECTOR)
+            out[f"layers/{i}/{sub}/bias"] = pio.PeftKey(module, "bias", _VECTOR)
     return out

@@ -23,9 +23,9 @@ Exports: ``attention_rules``, ``mlp_rules``, ``attention_mlp_rules``,
 from collections.abc import Sequence
 from typing import Any
 
-from peftjax.io import _peft_targets
+from peftjax import io as pio
+from peftjax import tree
 from peftjax.models.bert import _config, _peft_keys
-from peftjax.tree import _rules
 
 ATTENTION = r"layers/\d+/attention/(?:query|key|value|output)/kernel"
 MLP = r"layers/\d+/(?:intermediate|output)/kernel"
@@ -33,7 +33,7 @@ MLP = r"layers/\d+/(?:intermediate|output)/kernel"
 PEFT_DEFAULT_TARGETS = ("query", "value")
 
 
-def attention_rules(then: Any) -> list[_rules.Rule]:
+def attention_rules(then: Any) -> list[tree.Rule]:
     """Rules for the self-attention ``query/key/value`` and its output projection.
 
     Args:
@@ -46,10 +46,10 @@ def attention_rules(then: Any) -> list[_rules.Rule]:
       >>> attention_rules("lora")[0].matches("layers/0/attention/key/kernel", None)
       True
     """
-    return [_rules.Rule(where=ATTENTION, then=then)]
+    return [tree.Rule(where=ATTENTION, then=then)]
 
 
-def mlp_rules(then: Any) -> list[_rules.Rule]:
+def mlp_rules(then: Any) -> list[tree.Rule]:
     """Rules for the feed-forward ``intermediate`` and ``output`` kernels.
 
     Args:
@@ -62,10 +62,10 @@ def mlp_rules(then: Any) -> list[_rules.Rule]:
       >>> mlp_rules("lora")[0].matches("layers/1/attention/output/kernel", None)
       False
     """
-    return [_rules.Rule(where=MLP, then=then)]
+    return [tree.Rule(where=MLP, then=then)]
 
 
-def attention_mlp_rules(then: Any) -> list[_rules.Rule]:
+def attention_mlp_rules(then: Any) -> list[tree.Rule]:
     """Rules for the attention and feed-forward kernels.
 
     Args:
@@ -81,7 +81,7 @@ def attention_mlp_rules(then: Any) -> list[_rules.Rule]:
     return attention_rules(then) + mlp_rules(then)
 
 
-def all_linear_rules(then: Any) -> list[_rules.Rule]:
+def all_linear_rules(then: Any) -> list[tree.Rule]:
     """Every encoder linear layer; the classification head is left out.
 
     Args:
@@ -106,7 +106,7 @@ def peft_rules(
     backbone_prefix: str | None = None,
     embedding_then: Any = None,
     **selection: Any,
-) -> list[_rules.Rule]:
+) -> list[tree.Rule]:
     """Rules that target what PEFT's ``LoraConfig(target_modules=...)`` targets.
 
     Module names are transformers' (``encoder.layer.0.attention.self.query``,
@@ -147,6 +147,6 @@ def peft_rules(
     key_map = _peft_keys.peft_key_map(cfg, num_labels=num_labels,
                                       backbone_prefix=backbone_prefix)
     head = [k.module for p, k in key_map.items() if p == "classifier/kernel"]
-    return _peft_targets.peft_target_rules(
+    return pio.peft_target_rules(
         target_modules, key_map, then, embedding_then=embedding_then,
         output_modules=tuple(head), **selection)

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from peftjax.io import _safetensors
+from peftjax import io as pio
+from peftjax import tree
 from peftjax.models.llama import _config, _loader
-from peftjax.tree import _layers, _paths
 
 # peftjax sub-path of a layer module -> HF module suffix.
 _LAYER_MODULES = {
@@ -90,9 +90,9 @@ def params_to_hf(params: dict, cfg: _config.LlamaConfig) -> dict[str, np.ndarray
         and layers
         and not all(isinstance(k, int) for k in layers)
     ):
-        params = _layers.unstack_layers(params)
+        params = tree.unstack_layers(params)
     expected = _loader._abstract(cfg, np.float32)
-    flat = dict(_paths.flatten(params))
+    flat = dict(tree.flatten(params))
     missing = sorted(set(expected) - set(flat))
     if missing:
         raise ValueError(f"params_to_hf: missing parameters {missing[:6]}")
@@ -154,5 +154,5 @@ def save_hf(
         json.dumps(cfg.to_hf(), indent=1), encoding="utf-8"
     )
     meta: dict[str, Any] = {"format": "pt", **(metadata or {})}
-    _safetensors.write_safetensors(out / "model.safetensors", tensors, metadata=meta)
+    pio.write_safetensors(out / "model.safetensors", tensors, metadata=meta)
     return out

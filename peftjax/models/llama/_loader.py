@@ -29,11 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.io import _gguf, _json
+from peftjax import io as pio
+from peftjax import quant, tree
 from peftjax.models import _hub
 from peftjax.models.llama import _config, _model
-from peftjax.quant import _array as _qarray
-from peftjax.tree import _paths
 
 _GGUF_ARCHS = ("llama", "qwen2")
 
@@ -77,7 +76,7 @@ def _abstract(cfg: _config.LlamaConfig, param_dtype: Any) -> dict[str, Any]:
     model = nnx.eval_shape(
         lambda: _model.LlamaForCausalLM(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0))
     )
-    return dict(_paths.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    return dict(tree.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
 
 
 def _nest(flat: Mapping[str, np.ndarray]) -> dict:
@@ -121,7 +120,7 @@ def _convert(
                 f"{source}: unexpected tensor {name!r} with shape {arr.shape}"
             )
         value = _transposed(arr) if transpose else arr
-        if not _qarray.is_quantized(value):
+        if not quant.is_quantized(value):
             value = np.asarray(value)
         if path not in expected:
             raise ValueError(
@@ -148,18 +147,18 @@ def _convert(
 
 def _transposed(arr: Any) -> Any:
     """``arr.T``; a 2-D QuantizedArray is relabelled (its blocks stay as they are)."""
-    if not _qarray.is_quantized(arr):
+    if not quant.is_quantized(arr):
         return np.asarray(arr).T
     if arr.ndim != 2:
         raise ValueError(f"cannot transpose a quantised tensor of shape {arr.shape}")
     fmt = arr.format._replace(axis=-1 - (arr.format.axis + 2))
-    return _qarray.QuantizedArray(arr.blocks, fmt, arr.dtype)
+    return quant.QuantizedArray(arr.blocks, fmt, arr.dtype)
 
 
 def _to_device(value: Any, param_dtype: Any) -> Any:
-    if _qarray.is_quantized(value):
-        return _qarray.QuantizedArray(jax.tree.map(jnp.asarray, value.blocks),
-                                      value.format, param_dtype)
+    if quant.is_quantized(value):
+        return quant.QuantizedArray(jax.tree.map(jnp.asarray, value.blocks),
+                                    value.format, param_dtype)
     return jnp.asarray(value, dtype=param_dtype)
 
 
@@ -203,12 +202,12 @@ def params_from_hf(
 
 def _unpermute(w: Any, n_head: int) -> Any:
     """Inverts llama.cpp's ``permute`` of Q/K rows: (out, in) -> HF row order."""
-    if _qarray.is_quantized(w):  # rows are whole rows of blocks: reorder them
+    if quant.is_quantized(w):  # rows are whole rows of blocks: reorder them
         if w.axis != w.ndim - 1:
             raise ValueError(
                 f"cannot reorder rows of {w!r} blocked along axis {w.axis}")
         blocks = jax.tree.map(lambda b: _unpermute(np.asarray(b), n_head), w.blocks)
-        return _qarray.QuantizedArray(blocks, w.format, w.dtype)
+        return quant.QuantizedArray(blocks, w.format, w.dtype)
     out = w.shape[0]
     rest = w.shape[1:]
     return (
@@ -291,7 +290,7 @@ def config_from_gguf(
 
 
 def params_from_gguf(
-    gguf_file: _gguf.GGUFFile, *, param_dtype: Any = jnp.float32
+    gguf_file: pio.GGUFFile, *, param_dtype: Any = jnp.float32
 ) -> tuple[_config.LlamaConfig, dict]:
     """Converts a read GGUF file to ``(config, unrolled pure param dict)``.
 
@@ -381,7 +380,7 @@ def load_llama_params(
     """
     path = os.fspath(path)
     if path.endswith(".gguf"):
-        return params_from_gguf(_gguf.read_gguf(path, keep_quantized=keep_quantized),
+        return params_from_gguf(pio.read_gguf(path, keep_quantized=keep_quantized),
                                 param_dtype=param_dtype)
     if keep_quantized:
         raise ValueError(
@@ -391,7 +390,7 @@ def load_llama_params(
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"load_llama: {directory!r} has no config.json")
-    hf = _json.read_json(config_path, "load_llama")
+    hf = pio.read_json(config_path, "load_llama")
     try:
         cfg = _config.LlamaConfig.from_hf(hf)
     except (KeyError, TypeError, ValueError) as e:
@@ -427,7 +426,6 @@ def load_llama(
       >>> from peftjax.models import smollm2_gguf
       >>> model = load_llama(smollm2_gguf(), scan_layers=True)  # doctest: +SKIP
     """
-    from peftjax.tree import _layers
 
     cfg, params = load_llama_params(path, param_dtype=param_dtype)
     model = nnx.eval_shape(
@@ -441,6 +439,6 @@ def load_llama(
         )
     )
     if scan_layers:
-        params = _layers.stack_layers(params)
+        params = tree.stack_layers(params)
     graphdef, _ = nnx.split(model)
     return nnx.merge(graphdef, params)

@@ -10,18 +10,18 @@ Scanned states are split over ``layers/{i}`` by ``peftjax.io``.
 Exports: ``peft_key_map``.
 """
 
-from peftjax.io import _peft_keys
+from peftjax import io as pio
 from peftjax.models.llama import _config, _export
 
 _LAYOUT = {
-    "kernel": ("weight", _peft_keys.TensorLayout.KERNEL),
-    "embedding": ("weight", _peft_keys.TensorLayout.EMBEDDING),
-    "scale": ("weight", _peft_keys.TensorLayout.VECTOR),
-    "bias": ("bias", _peft_keys.TensorLayout.VECTOR),
+    "kernel": ("weight", pio.TensorLayout.KERNEL),
+    "embedding": ("weight", pio.TensorLayout.EMBEDDING),
+    "scale": ("weight", pio.TensorLayout.VECTOR),
+    "bias": ("bias", pio.TensorLayout.VECTOR),
 }
 
 
-def peft_key_map(cfg: _config.LlamaConfig) -> dict[str, _peft_keys.PeftKey]:
+def peft_key_map(cfg: _config.LlamaConfig) -> dict[str, pio.PeftKey]:
     """``{unrolled path: PeftKey}`` for ``peftjax.io.save_peft``/``load_peft``.
 
     Args:
@@ -41,5 +41,5 @@ def peft_key_map(cfg: _config.LlamaConfig) -> dict[str, _peft_keys.PeftKey]:
     out = {}
     for path, module in _export.hf_key_map(cfg).items():
         tensor, layout = _LAYOUT[path.rsplit("/", 1)[1]]
-        out[path] = _peft_keys.PeftKey(module, tensor, layout)
+        out[path] = pio.PeftKey(module, tensor, layout)
     return out

@@ -25,9 +25,9 @@ Exports: ``attention_rules``, ``mlp_rules``, ``attention_mlp_rules``,
 from collections.abc import Sequence
 from typing import Any
 
-from peftjax.io import _peft_targets
+from peftjax import io as pio
+from peftjax import tree
 from peftjax.models.llama import _config, _peft_keys
-from peftjax.tree import _rules
 
 _LAYER = r"layers/(?:\d+/)?"
 ATTENTION = _LAYER + r"self_attn/(?:q|k|v|o)_proj/kernel"
@@ -37,7 +37,7 @@ MLP = _LAYER + r"mlp/(?:gate|up|down)_proj/kernel"
 PEFT_DEFAULT_TARGETS = ("q_proj", "v_proj")
 
 
-def attention_rules(then: Any) -> list[_rules.Rule]:
+def attention_rules(then: Any) -> list[tree.Rule]:
     """Rules for the attention projections ``q/k/v/o_proj`` (either layout).
 
     Args:
@@ -50,10 +50,10 @@ def attention_rules(then: Any) -> list[_rules.Rule]:
       >>> attention_rules("lora")[0].matches("layers/3/self_attn/o_proj/kernel", None)
       True
     """
-    return [_rules.Rule(where=ATTENTION, then=then)]
+    return [tree.Rule(where=ATTENTION, then=then)]
 
 
-def mlp_rules(then: Any) -> list[_rules.Rule]:
+def mlp_rules(then: Any) -> list[tree.Rule]:
     """Rules for the SwiGLU projections ``gate/up/down_proj`` (either layout).
 
     Args:
@@ -66,10 +66,10 @@ def mlp_rules(then: Any) -> list[_rules.Rule]:
       >>> mlp_rules("lora")[0].matches("layers/mlp/down_proj/kernel", None)
       True
     """
-    return [_rules.Rule(where=MLP, then=then)]
+    return [tree.Rule(where=MLP, then=then)]
 
 
-def attention_mlp_rules(then: Any) -> list[_rules.Rule]:
+def attention_mlp_rules(then: Any) -> list[tree.Rule]:
     """Rules for the attention and MLP projections.
 
     Args:
@@ -85,7 +85,7 @@ def attention_mlp_rules(then: Any) -> list[_rules.Rule]:
     return attention_rules(then) + mlp_rules(then)
 
 
-def all_linear_rules(then: Any) -> list[_rules.Rule]:
+def all_linear_rules(then: Any) -> list[tree.Rule]:
     """Every linear layer except the LM head (PEFT's ``"all-linear"``).
 
     The untied ``lm_head/kernel`` and the token embedding are left out, as
@@ -113,7 +113,7 @@ def peft_rules(
     embedding_then: Any = None,
     scanned: bool = False,
     **selection: Any,
-) -> list[_rules.Rule]:
+) -> list[tree.Rule]:
     """Rules that target what PEFT's ``LoraConfig(target_modules=...)`` targets.
 
     Args:
@@ -147,7 +147,7 @@ def peft_rules(
     if "output_modules" in selection:
         raise TypeError("peft_rules: output_modules is set by the family (lm_head)")
     out = () if cfg.tie_word_embeddings else ("lm_head",)
-    return _peft_targets.peft_target_rules(
+    return pio.peft_target_rules(
         target_modules, _peft_keys.peft_key_map(cfg), then,
         embedding_then=embedding_then, scanned=scanned, output_modules=out,
         **selection)
