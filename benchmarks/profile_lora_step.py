@@ -70,7 +70,7 @@ TORCH_CATEGORIES = [
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Profile configuration (``--field=value``)."""
+    """Where the time of a LoRA step goes: XLA (peftjax factored) vs torch (HF PEFT)."""
 
     batch: int = opt(4, "Sequences per step.")
     seq_len: int = opt(128, "Tokens per sequence (the ids hold one more for the targets).")

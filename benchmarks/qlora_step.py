@@ -49,7 +49,7 @@ TARGETS = r"layers/self_attn/(q|k|v|o)_proj/kernel"
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Benchmark configuration (``--field=value`` on the command line)."""
+    """QLoRA-style step on SmolLM2-135M: LoRA on a quantised frozen base vs a float one."""
 
     batch: int = opt(4, "Sequences per step.")
     seq_len: int = opt(128, "Tokens per sequence (the ids hold one more for the targets).")

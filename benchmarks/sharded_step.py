@@ -73,7 +73,7 @@ MESHES = ((1, 1), (2, 4), (8, 1), (1, 8))
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Benchmark configuration (``--field=value``)."""
+    """Per-device memory of sharded LoRA and GaLore steps on SmolLM2-135M (8 devices)."""
 
     batch: int = opt(8, "Global batch (sequences per step), split over the data axis.")
     seq_len: int = opt(128, "Tokens per sequence (the ids hold one more for the targets).")

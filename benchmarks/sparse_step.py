@@ -9,8 +9,8 @@ How: SmolLM2-135M-Instruct from the offline GGUF (``--smoke``: a tiny random
 Llama), batch 4 x 128, scanned layers. Per targeted stacked leaf
 ``(L, in, out)`` the sparse delta gets ``k = r·(in + out)`` values per layer,
 so ``trainable_sparse == trainable_lora``. Both steps are jitted:
-``adapters.make_train_step`` with AdamW (LoRA) and ``optim.make_spiel_step``
-with ``sft_adamw`` (SpIEL; its step contains the accumulation and regrow
+``adapters.make_train_step`` with AdamW (LoRA) and ``train.trainer(...,
+sparse=selector)`` with ``sft_adamw`` (SpIEL; its step contains the accumulation and regrow
 branches under ``lax.cond``). Memory is ``argument + output + temp - alias``
 of the compiled step and ``temp`` alone (``temp_bytes_*``). With
 ``--steps=N`` (N > 0) the plain steps are timed interleaved (medians after
@@ -26,7 +26,6 @@ Usage::
 """
 
 import dataclasses
-import functools
 import json
 import os
 import platform
@@ -47,7 +46,7 @@ TARGETS = r"layers/(\d+/)?self_attn/(q|k|v|o)_proj/kernel"
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Benchmark configuration (``--field=value`` on the command line)."""
+    """SpIEL step vs LoRA step on SmolLM2-135M at the same trainable count."""
 
     batch: int = opt(4, "Sequences per step.")
     seq_len: int = opt(128, "Tokens per sequence (the ids hold one more for the targets).")
@@ -78,7 +77,7 @@ def _setup(cfg):
     import optax
     from flax import nnx
 
-    from peftjax import adapters, masks, optim, tree
+    from peftjax import adapters, masks, optim, train, tree
     from peftjax.models import llama
 
     mcfg, params = _params(cfg)
@@ -99,10 +98,13 @@ def _setup(cfg):
     lopt = optax.adamw(1e-4)
     lora_step = adapters.make_train_step(lora_a, loss_fn, lopt)
     sopt = optim.sft_adamw(1e-4, weight_decay=1.0)
-    spiel = optim.make_spiel_step(
-        functools.partial(adapters.materialize, sparse_a, params), loss_fn, sopt,
-        selector=masks.spiel_selector(total_steps=1000))
-    sstate = optim.spiel_init(ss.trainable, ss.frozen)
+    sparse_trainer = train.trainer(loss_fn, sopt, adapters=sparse_a, donate=False,
+                                   sparse=masks.spiel_selector(total_steps=1000))
+    sstate = sparse_trainer.init(key, params).opt_state[1]
+
+    def spiel(t, f, o, s, ids):  # the state's parts as arguments, params closed over
+        st = train.TrainState(t, f, (o, s), jnp.zeros([], jnp.int32), jax.random.key(0))
+        return sparse_trainer.step(st, ids, params)
     # A state in no phase (plain steps) and one about to reselect.
     plain = sstate._replace(count=jnp.asarray(7, jnp.int32), phase=jnp.asarray(False))
     reselect = sstate._replace(count=jnp.asarray(24, jnp.int32),

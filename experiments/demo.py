@@ -142,7 +142,7 @@ def _generate(graphdef, params, encode, decode, cfg: Config) -> str:
     if cfg.gen_tokens <= 0:
         return ""
     prompt = np.asarray(encode(cfg.prompt), np.int32)[None]
-    out = models.llama.generate(models.merge_params(graphdef, params),
+    out = models.llama.generate(models.rebuild(graphdef, params),
                                 jnp.asarray(prompt), max_new_tokens=cfg.gen_tokens)
     return cfg.prompt + decode(np.asarray(out[0]))
 

@@ -5,7 +5,7 @@ Adapters and optimizers work on the pure parameter dict
 ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (int keys for layer lists),
 so a training step is ``loss(params) = f(apply(graphdef, materialize(...), x))``.
 
-Exports: ``split_params``, ``merge_params``, ``apply``, ``param_shapes``.
+Exports: ``split_params``, ``rebuild``, ``apply``, ``param_shapes``.
 """
 
 from typing import Any
@@ -44,8 +44,10 @@ def split_params(model: nnx.Module) -> tuple[Any, dict]:
     return graphdef, nnx.to_pure_dict(params)
 
 
-def merge_params(graphdef: Any, params: dict) -> nnx.Module:
+def rebuild(graphdef: Any, params: dict) -> nnx.Module:
     """Rebuilds the model from ``graphdef`` and a pure parameter dict.
+
+    The inverse of :func:`split_params`.
 
     Args:
       graphdef: from :func:`split_params`.
@@ -57,7 +59,7 @@ def merge_params(graphdef: Any, params: dict) -> nnx.Module:
     Example:
       >>> from flax import nnx
       >>> g, p = split_params(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
-      >>> merge_params(g, p).kernel.shape
+      >>> rebuild(g, p).kernel.shape
       (2, 3)
     """
     return nnx.merge(graphdef, params)

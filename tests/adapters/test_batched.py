@@ -58,7 +58,7 @@ def test_batched_greedy_decoding_equals_per_example():
     names = list(coll.adapters)
 
     def gen(p, prompt):
-        return llama.generate(pm.merge_params(g, p), prompt, max_new_tokens=6)
+        return llama.generate(pm.rebuild(g, p), prompt, max_new_tokens=6)
 
     nb = adapters.batched(coll, params, jnp.asarray(IDS))
     got = np.asarray(jax.jit(lambda p, t, f, x: factored.transform(

@@ -26,7 +26,7 @@ def test_kv_cache_decoding_factored_equals_merged(scan):
     prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 5)), jnp.int32)
 
     def gen(p, prompt):
-        return llama.generate(pm.merge_params(g, p), prompt, max_new_tokens=6)
+        return llama.generate(pm.rebuild(g, p), prompt, max_new_tokens=6)
 
     merged = adapters.merge(assignment, params, trainable, state.frozen)
     want = jax.jit(gen)(merged, prompt)

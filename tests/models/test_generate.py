@@ -13,7 +13,7 @@ from tests.models.test_llama import close, make, make_config
 
 def model_of(cfg, *, scan_layers=False, seed=0):
     g, p = make(cfg, scan_layers=scan_layers, seed=seed)
-    return pm.merge_params(g, p)
+    return pm.rebuild(g, p)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])

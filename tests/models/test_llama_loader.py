@@ -284,7 +284,7 @@ def test_split_apply_roundtrip(checkpoints):
     ids = jnp.asarray([[2, 4, 6]], jnp.int32)
     np.testing.assert_allclose(f64(pm.apply(g, p, ids)), f64(model(ids)), **EXACT)
     np.testing.assert_allclose(
-        f64(pm.merge_params(g, p)(ids)), f64(model(ids)), **EXACT
+        f64(pm.rebuild(g, p)(ids)), f64(model(ids)), **EXACT
     )
 
 

@@ -127,7 +127,7 @@ def test_packed_loss_gradient_is_the_sum_over_documents():
 def test_kv_cache_decoding_of_one_document_matches_the_packed_block():
     cfg = make_config()
     g, p = make(cfg, scan_layers=True)
-    model = pm.merge_params(g, p)
+    model = pm.rebuild(g, p)
     docs, blocks = packed(cfg)
     packed_logits = jax.jit(lambda t, s: model(t, segment_ids=s))(
         jnp.asarray(blocks.tokens), jnp.asarray(blocks.segment_ids))

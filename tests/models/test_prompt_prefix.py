@@ -53,7 +53,7 @@ def test_prompt_of_token_embeddings_equals_prepended_tokens(scan):
 def test_prefix_of_cached_keys_equals_prepended_tokens(scan):
     cfg = make_config()
     g, p = make(cfg, scan_layers=scan)
-    model = pm.merge_params(g, p)
+    model = pm.rebuild(g, p)
     ids = tokens(cfg, b=2, t=6)
     prefix_ids = jnp.asarray([[7, 3, 11, 4]], jnp.int32)
     cache = model.init_cache(1, 4)
