@@ -174,13 +174,14 @@ def main(cfg: Config) -> dict:
     res["ratio_flops_materialize_over_full"] = res["flops_materialize"] / res["flops_full"]
     times: dict[str, list[float]] = {k: [] for k in (*compiled_scan, "torch_peft")}
     worker, note, spec = None, "not timed (--steps=0)", None
-    if cfg.steps > 0 and not cfg.torch:
+    if cfg.steps > 0:
         note = "disabled (--torch=false)"
-    elif cfg.steps > 0:
-        spec = _harness.torch_model_spec(mcfg, ids_np, gguf)
-        worker, note = _harness.torch_worker(
-            {**spec, "lora": {"rank": cfg.rank, "alpha": cfg.alpha}, "adamw": True})
-        note = note or f"torch {worker.version} + peft LoRA"
+        if cfg.torch:
+            spec = _harness.torch_model_spec(mcfg, ids_np, gguf)
+            worker, note = _harness.torch_worker(
+                {**spec, "lora": {"rank": cfg.rank, "alpha": cfg.alpha}, "adamw": True})
+            note = note or f"torch {worker.version} + peft LoRA"
+
         def run_jax(name, i):
             compiled, args = compiled_scan[name]
             t = time.perf_counter()

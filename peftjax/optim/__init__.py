@@ -35,9 +35,6 @@ from peftjax.optim._sora import sora_prox as sora_prox
 from peftjax.optim._sparse import SftAdamState as SftAdamState
 from peftjax.optim._sparse import scale_by_sft_adam as scale_by_sft_adam
 from peftjax.optim._sparse import sft_adamw as sft_adamw
-from peftjax.optim._sparse_spiel import SpIELState as SpIELState
-from peftjax.optim._sparse_spiel import make_spiel_step as make_spiel_step
-from peftjax.optim._sparse_spiel import spiel_init as spiel_init
 
 __all__ = [
     "PROJ_TYPES",
@@ -65,9 +62,6 @@ __all__ = [
     "SftAdamState",
     "scale_by_sft_adam",
     "sft_adamw",
-    "SpIELState",
-    "make_spiel_step",
-    "spiel_init",
     "SoRAProxState",
     "sora_prox",
 ]
