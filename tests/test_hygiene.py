@@ -159,10 +159,10 @@ def test_conftest_marks_golden_modules():
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "golden",
          "-n", "0", "-p", "no:cacheprovider",
-         "tests/optim/test_sparse_spiel.py", "tests/tree/test_paths.py"],
+         "tests/train/test_sparse.py", "tests/tree/test_paths.py"],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     ids = [s for s in out.stdout.splitlines() if "::" in s]
-    assert ids and all(s.startswith("tests/optim/test_sparse_spiel.py::") for s in ids)
+    assert ids and all(s.startswith("tests/train/test_sparse.py::") for s in ids)

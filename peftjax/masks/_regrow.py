@@ -265,8 +265,7 @@ def replace_counts(k: int, *, reselection_steps: int, accumulation_steps: int,
 class Selector(NamedTuple):
     """A SpIEL reselection schedule and its heuristics, passed as a value.
 
-    ``peftjax.optim.make_spiel_step`` takes one (``optim`` does not import
-    ``masks``).
+    ``peftjax.train.trainer(..., sparse=selector)`` takes one.
 
     Attributes:
       total_steps: ``T``; no reselection after it.

@@ -349,7 +349,7 @@ def state_shardings(
     Args:
       mesh: the mesh.
       state: the state (arrays or ``jax.eval_shape(opt.init, params)``).
-      params: the tree the optimizer (or ``spiel_init``) was given.
+      params: the tree the optimizer (or SpIEL) was given.
       shardings: the shardings (or specs) of ``params``.
       dimension_numbers: ``{path: DimensionNumbers}`` for parameters that
         the optimizer views with other dimension numbers than the tree's

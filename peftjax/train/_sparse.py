@@ -74,6 +74,14 @@ class SpIELState(NamedTuple):
     grad_sum: dict[str, jax.Array]
     gradsq_sum: dict[str, jax.Array]
 
+    # Layout for peftjax.shard.state_shardings (peftjax.tree.StateRole).
+    state_roles = {"count": tree.StateRole.REPLICATED,
+                   "phase": tree.StateRole.REPLICATED,
+                   "samples": tree.StateRole.REPLICATED,
+                   "candidates": tree.StateRole.SPARSE_SLOTS,
+                   "grad_sum": tree.StateRole.SPARSE_SLOTS,
+                   "gradsq_sum": tree.StateRole.SPARSE_SLOTS}
+
     # Layout for peftjax.shard.state_shardings (peftjax.tree.StateRole): the
     # accumulators follow the sparse values at <path>/values.
     state_roles = {"count": tree.StateRole.REPLICATED,

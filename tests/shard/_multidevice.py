@@ -459,9 +459,7 @@ class Checks:
 
     # -- sparse fine-tuning (SpIEL) ---------------------------------------------
     def sparse(self):
-        import functools
-
-        from peftjax import adapters, masks, optim, shard, tree
+        from peftjax import adapters, masks, optim, shard, train, tree
 
         jax = self.jax
         params = self.params
@@ -479,12 +477,10 @@ class Checks:
         res = {"meshes": {}}
         self.results["sparse"] = res
 
-        def make(base, mesh):
-            return optim.make_spiel_step(
-                functools.partial(adapters.materialize, a, base),
-                self.loss(self.gdef, ties, mesh),
-                opt,
-                selector=selector,
+        def make(mesh):
+            return train.trainer(
+                self.loss(self.gdef, ties, mesh), opt, adapters=a, sparse=selector,
+                donate=False,
             )
 
         def run(step, t, f, o, s, base):
@@ -501,13 +497,17 @@ class Checks:
             return t, f, o, s, seq
 
         def step_fn(mesh):
+            trainer = make(mesh)
+
             def step(t, f, o, s, base, toks):
-                return make(base, mesh)(t, f, o, s, toks)
+                st = train.TrainState(t, f, (o, s), self.jnp.zeros([], self.jnp.int32),
+                                      jax.random.key(0))
+                st, m = trainer.step(st, toks, base)
+                return (st.trainable, st.frozen, *st.opt_state, m["loss"])
 
             return step
 
-        o0 = opt.init(state.trainable)
-        s0 = optim.spiel_init(state.trainable, state.frozen)
+        o0, s0 = make(None).init(jax.random.key(4), params).opt_state
         t1, f1, o1, _, seq = run(
             jax.jit(step_fn(None)), state.trainable, state.frozen, o0, s0, params
         )

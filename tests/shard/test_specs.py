@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from peftjax import adapters, optim, shard, tree
+from peftjax import adapters, masks, optim, shard, train, tree
 from peftjax.tree import DimensionNumbers, Rule
 
 MESH = AbstractMesh(
@@ -275,7 +275,9 @@ def test_spiel_state_follows_the_sparse_values():
     state = jax.eval_shape(lambda p: adapters.init(a, jax.random.key(0), p), params)
     base = {"w": P("data", "fsdp", None)}
     t_sh = shard.adapter_shardings(MESH, a, params, base, state).trainable
-    sp = jax.eval_shape(optim.spiel_init, state.trainable, state.frozen)
+    t = train.trainer(lambda p, b: jnp.sum(p["w"]), optim.sft_adamw(0.1), adapters=a,
+                      sparse=masks.spiel_selector(total_steps=10))
+    sp = jax.eval_shape(lambda p: t.init(jax.random.key(0), p), params).opt_state[1]
     got = specs(shard.state_shardings(MESH, sp, state.trainable, t_sh))
     assert got.candidates["w"] == got.grad_sum["w"] == P("data", "fsdp")
     assert got.count == P() and got.phase == P()
