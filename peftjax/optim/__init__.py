@@ -5,9 +5,13 @@ Every transform follows optax anatomy (``scale_by_<m>`` core, ``<m>`` alias,
 ``<M>State`` with ``count`` first) and composes with ``optax.chain``,
 ``optax.partition``, ``optax.inject_hyperparams`` and ``optax.MultiSteps``.
 Projectors are values (``svd()``, ``randomized_svd()``, ``random_orthogonal()``,
-``coordinates()``) accepted by both GaLore and FRUGAL.
+``coordinates()``) accepted by both GaLore and FRUGAL. Every state type
+declares how its fields relate to the parameters (``state_roles``, with
+``peftjax.tree.StateRole``), which ``peftjax.shard.state_shardings`` reads
+(docs/sharding_state.md).
 """
 
+from peftjax.optim._adam import adamw_hf as adamw_hf
 from peftjax.optim._adam import scale_by_adam_hf as scale_by_adam_hf
 from peftjax.optim._frugal import BlockSelector as BlockSelector
 from peftjax.optim._frugal import FrugalState as FrugalState
@@ -30,9 +34,10 @@ from peftjax.optim._projectors import random_orthogonal as random_orthogonal
 from peftjax.optim._projectors import randomized_svd as randomized_svd
 from peftjax.optim._projectors import svd as svd
 from peftjax.optim._slots import reset_slots as reset_slots
-from peftjax.optim._sora import SoRAProxState as SoRAProxState
-from peftjax.optim._sora import sora_prox as sora_prox
-from peftjax.optim._sparse import SftAdamState as SftAdamState
+from peftjax.optim._sora import SoRAState as SoRAState
+from peftjax.optim._sora import scale_by_sora as scale_by_sora
+from peftjax.optim._sora import sora as sora
+from peftjax.optim._sparse import SFTAdamState as SFTAdamState
 from peftjax.optim._sparse import scale_by_sft_adam as scale_by_sft_adam
 from peftjax.optim._sparse import sft_adamw as sft_adamw
 
@@ -52,6 +57,7 @@ __all__ = [
     "loraplus",
     "random_orthogonal",
     "randomized_svd",
+    "adamw_hf",
     "scale_by_adam_hf",
     "scale_by_frugal",
     "scale_by_galore",
@@ -59,9 +65,10 @@ __all__ = [
     "scale_by_loraplus",
     "svd",
     "reset_slots",
-    "SftAdamState",
+    "SFTAdamState",
     "scale_by_sft_adam",
     "sft_adamw",
-    "SoRAProxState",
-    "sora_prox",
+    "SoRAState",
+    "scale_by_sora",
+    "sora",
 ]

@@ -8,7 +8,8 @@ computes ``sqrt(1-b2^t)/(1-b1^t) · m / (sqrt(v) + eps)``. That equals
 ``optax.scale_by_adam`` with a time-varying ``eps_t = eps / sqrt(1-b2^t)``, so
 the two differ when ``|g|`` is comparable to ``eps`` (docs/conventions.md#two-adam-conventions).
 
-Exports: ``scale_by_adam_hf``.
+Exports: ``scale_by_adam_hf``, ``adamw_hf``; ``scale_and_decay_after`` (private,
+shared with ``sft_adamw``).
 """
 
 import jax
@@ -85,3 +86,72 @@ def scale_by_adam_hf(
         return out, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_and_decay_after(learning_rate: optax.ScalarOrSchedule,
+                           weight_decay: jax.typing.ArrayLike
+                           ) -> optax.GradientTransformation:
+    """``δ' = (δ − lr·u)(1 − lr·wd)`` as an update: ``−lr·u − lr·wd·(δ − lr·u)``."""
+
+    def init_fn(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("adamw_hf / sft_adamw: the decoupled weight decay needs "
+                             "params in update()")
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        lr = jnp.asarray(lr, jnp.float32)
+        wd = jnp.asarray(weight_decay, jnp.float32)
+
+        def one(u, p):
+            step = -lr * u.astype(jnp.float32)
+            new = p.astype(jnp.float32) + step
+            return (step - lr * wd * new).astype(p.dtype)
+
+        out = jax.tree.map(one, updates, params)
+        return out, optax.ScaleByScheduleState(optax.safe_int32_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamw_hf(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-6,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+) -> optax.GradientTransformation:
+    """AdamW as Hugging Face's legacy ``AdamW`` and galore-torch compute it.
+
+    ``p ← p − lr·u`` with ``u`` from ``scale_by_adam_hf``, then the decay of
+    the *new* weights ``p ← p − lr·wd·p``; ``optax.adamw`` instead decays the
+    old weights inside the step (``p ← p − lr·(u + wd·p)``). The two agree
+    when ``weight_decay`` is 0 and ``eps`` is placed alike.
+
+    Args:
+      learning_rate: a float or an optax schedule.
+      b1: first-moment decay (injectable).
+      b2: second-moment decay (injectable).
+      eps: added to ``sqrt(v)`` before bias correction (galore-torch's
+        default 1e-6).
+      weight_decay: applied as ``lr·wd`` to the weights after the step.
+
+    Returns:
+      ``optax.chain(scale_by_adam_hf(...), <scale and decay>)``; its first
+      state is ``optax.ScaleByAdamState``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> tx = adamw_hf(0.1, eps=0.0, weight_decay=1.0)
+      >>> p = {"w": jnp.array([1.0])}
+      >>> u, _ = tx.update({"w": jnp.array([1.0])}, tx.init(p), p)
+      >>> round(float(optax.apply_updates(p, u)["w"][0]), 6)  # (1 − 0.1)·(1 − 0.1)
+      0.81
+
+    References:
+      Loshchilov & Hutter, 2019, https://arxiv.org/abs/1711.05101
+    """
+    return optax.chain(scale_by_adam_hf(b1, b2, eps),
+                       scale_and_decay_after(learning_rate, weight_decay))

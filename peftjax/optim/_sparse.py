@@ -12,7 +12,7 @@ correction with ``age = slot_count + 1`` ↔ ``scale_by_sft_adam``; the step
 ``sft_adamw``. Per-slot ages let regrown slots start from seeded moments
 (``peftjax.optim.reset_slots``) while the others keep theirs.
 
-Exports: ``SftAdamState``, ``scale_by_sft_adam``, ``sft_adamw``.
+Exports: ``SFTAdamState``, ``scale_by_sft_adam``, ``sft_adamw``.
 """
 
 from typing import Any, NamedTuple
@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import optax
 
 from peftjax import tree
+from peftjax.optim import _adam
 
 PyTree = Any
 
 
-class SftAdamState(NamedTuple):
+class SFTAdamState(NamedTuple):
     """State of ``scale_by_sft_adam``.
 
     Attributes:
@@ -67,7 +68,7 @@ def scale_by_sft_adam(
       eps: added to ``√v`` (injectable; reference default 1e-6).
 
     Returns:
-      An ``optax.GradientTransformation`` with ``SftAdamState``; state size
+      An ``optax.GradientTransformation`` with ``SFTAdamState``; state size
       3 floats per trainable value (``3k`` per sparse matrix). Static
       arguments: none.
 
@@ -85,7 +86,7 @@ def scale_by_sft_adam(
 
     def init_fn(params):
         zeros = lambda p: jnp.zeros(jnp.shape(p), f32)  # noqa: E731
-        return SftAdamState(
+        return SFTAdamState(
             count=jnp.zeros([], jnp.int32),
             slot_count=jax.tree.map(zeros, params),
             mu=jax.tree.map(zeros, params),
@@ -107,35 +108,8 @@ def scale_by_sft_adam(
 
         out = jax.tree.map(norm, updates, mu, nu, state.slot_count)
         slot_count = jax.tree.map(lambda n: n + 1, state.slot_count)
-        return out, SftAdamState(optax.safe_int32_increment(state.count),
+        return out, SFTAdamState(optax.safe_int32_increment(state.count),
                                  slot_count, mu, nu)
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _scale_and_decay_after(learning_rate: optax.ScalarOrSchedule,
-                           weight_decay: jax.typing.ArrayLike
-                           ) -> optax.GradientTransformation:
-    """``δ' = (δ − lr·u)(1 − lr·wd)`` as an update: ``−lr·u − lr·wd·(δ − lr·u)``."""
-
-    def init_fn(params):
-        del params
-        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
-
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("sft_adamw needs params in update() for weight decay")
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        lr = jnp.asarray(lr, jnp.float32)
-        wd = jnp.asarray(weight_decay, jnp.float32)
-
-        def one(u, p):
-            step = -lr * u.astype(jnp.float32)
-            new = p.astype(jnp.float32) + step
-            return (step - lr * wd * new).astype(p.dtype)
-
-        out = jax.tree.map(one, updates, params)
-        return out, optax.ScaleByScheduleState(optax.safe_int32_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -163,7 +137,7 @@ def sft_adamw(
 
     Returns:
       ``optax.chain(scale_by_sft_adam(...), <scale and decay>)``; its first
-      state is ``SftAdamState``.
+      state is ``SFTAdamState``.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -177,4 +151,4 @@ def sft_adamw(
       Ansell et al., 2024, https://arxiv.org/abs/2401.16405
     """
     return optax.chain(scale_by_sft_adam(b1, b2, eps),
-                       _scale_and_decay_after(learning_rate, weight_decay))
+                       _adam.scale_and_decay_after(learning_rate, weight_decay))

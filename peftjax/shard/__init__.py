@@ -19,7 +19,11 @@ collectives. This namespace supplies the shardings.
    (LoRA ``a`` follows the input axis, ``b`` the output axis; GaLore/FRUGAL
    bases and low-rank moments follow the surviving axis; sparse ``values``
    and ``indices`` put the base's mesh axes on ``k``). A leaf that cannot be
-   split like its base raises a ``ShardingFallbackWarning``.
+   split like its base raises a ``ShardingFallbackWarning``. Optimizer states
+   say how to place their fields with ``peftjax.tree.StateRole`` (a
+   ``state_roles`` class attribute), so any optax state, peftjax's or your
+   own, is placed without this package knowing its type
+   (docs/sharding_state.md).
 
 Data parallel, FSDP and tensor parallel are the same code with different mesh
 shapes::

@@ -269,7 +269,7 @@ def _sora_tree():
         gate=jnp.asarray([0.5, -0.5, 0.1, -0.05, 1.0, -2.0, 0.3, 0.0], jnp.float32))}
 
 
-def test_sora_prox_soft_thresholds_only_the_gates():
+def test_scale_by_sora_soft_thresholds_only_the_gates():
     params = _sora_tree()
     rng = np.random.default_rng(4)
     upd = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * 0.2,
@@ -278,7 +278,7 @@ def test_sora_prox_soft_thresholds_only_the_gates():
     upd["q/kernel"] = upd["q/kernel"]._replace(gate=upd["q/kernel"].gate.at[:2].set(
         jnp.asarray([-0.25, 0.25], jnp.float32)))
     lr, lam = 0.5, 0.5
-    tx = optim.sora_prox(lr, lam)
+    tx = optim.scale_by_sora(lr, lam)
     out, state = jax.jit(tx.update)(upd, tx.init(params), params)
     assert int(state.count) == 1
     new = optax.apply_updates(params, out)
@@ -296,11 +296,11 @@ def test_sora_prox_soft_thresholds_only_the_gates():
                                       np.asarray(getattr(upd["q/kernel"], field)))
 
 
-def test_sora_prox_schedule_inject_hyperparams_and_errors():
+def test_scale_by_sora_schedule_inject_hyperparams_and_errors():
     params = _sora_tree()
     upd = jax.tree.map(lambda x: 0.1 * jnp.ones_like(x), params)
     schedule = lambda count: 0.1 * (count + 1).astype(jnp.float32)  # noqa: E731
-    tx = optim.sora_prox(schedule, 2.0)
+    tx = optim.scale_by_sora(schedule, 2.0)
     s = tx.init(params)
     _, s = tx.update(upd, s, params)
     out, _ = tx.update(upd, s, params)  # step 2: tau = 0.2·2
@@ -308,13 +308,13 @@ def test_sora_prox_schedule_inject_hyperparams_and_errors():
     want = np.sign(z) * np.maximum(np.abs(z) - 0.4, 0.0) - h.f64(params["q/kernel"].gate)
     np.testing.assert_allclose(h.f64(out["q/kernel"].gate), want, **h.ELEMENTWISE_F32)
     with jax.numpy_dtype_promotion("standard"):  # optax's injected hyperparameters
-        inj = optax.inject_hyperparams(optim.sora_prox, static_args=("gate_name",))(
+        inj = optax.inject_hyperparams(optim.scale_by_sora, static_args=("gate_name",))(
             learning_rate=0.3, lambda_=0.5)
         a, _ = inj.update(upd, inj.init(params), params)
-    b, _ = optim.sora_prox(0.3, 0.5).update(upd, tx.init(params), params)
+    b, _ = optim.scale_by_sora(0.3, 0.5).update(upd, tx.init(params), params)
     h.assert_tree_allclose(a, b, **h.ELEMENTWISE_F32)
     with pytest.raises(ValueError, match="no leaf path ends in '/gate'"):
-        optim.sora_prox(0.1, 1.0).init({"q/kernel": {"a": jnp.ones(3)}})
+        optim.scale_by_sora(0.1, 1.0).init({"q/kernel": {"a": jnp.ones(3)}})
     with pytest.raises(ValueError, match="needs params"):
         tx.update(upd, s)
 
@@ -362,7 +362,7 @@ def test_sora_train_with_prox_then_prune():
     y = x @ (params["w"] + 3.0 * _w((6, 1), seed=5) @ _w((1, 5), seed=6))
     lr = 0.2
     # Plain SGD: the gate steps follow the gradient size (Adam would equalise them).
-    tx = optax.chain(optax.sgd(lr), optim.sora_prox(lr, 0.2))
+    tx = optax.chain(optax.sgd(lr), optim.scale_by_sora(lr, 0.2))
 
     def loss(t):
         return jnp.mean((x @ adapters.materialize(a, params, t, state.frozen)["w"] - y) ** 2)

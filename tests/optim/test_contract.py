@@ -37,7 +37,7 @@ def _gated_params(dtype=jnp.float32):
 def sora_sgd(learning_rate, lambda_, *, gate_name="gate"):
     """SoRA's recipe: the optimizer's step, then the proximal step on the gates."""
     return optax.chain(optax.sgd(learning_rate),
-                       optim.sora_prox(learning_rate, lambda_, gate_name=gate_name))
+                       optim.scale_by_sora(learning_rate, lambda_, gate_name=gate_name))
 
 
 HF = optim.scale_by_adam_hf()
@@ -72,8 +72,13 @@ TRANSFORMS = [
       "inner", "key"), _layer_params),
     ("loraplus", optim.loraplus,
      dict(learning_rate=0.05, ratio=4.0, inner=HF), ("inner",), _adapter_params),
-    ("sora_prox", sora_sgd,
+    ("scale_by_sora", sora_sgd,
      dict(learning_rate=0.05, lambda_=0.5), ("gate_name",), _gated_params),
+    ("sora", optim.sora,
+     dict(learning_rate=0.05, lambda_=0.5, weight_decay=0.01), ("gate_name",),
+     _gated_params),
+    ("adamw_hf", optim.adamw_hf,
+     dict(learning_rate=0.05, weight_decay=0.01), (), _matrix_params),
 ]
 IDS = [t[0] for t in TRANSFORMS]
 
