@@ -7,12 +7,12 @@ Sparse Low-rank Adaptation of Pre-trained Language Models. Ding et al., 2023
 ``W' = W + s·A diag(g) B`` on a Flax kernel ``(in, out)`` (``a = A_tᵀ``,
 ``b = B_tᵀ`` of the torch-layout ``W_t + s·B_t diag(g) A_t``), with a trainable
 gate ``g (r,)``. Training applies a proximal (L1 soft-threshold) step to ``g``
-after each optimizer step (``peftjax.optim.sora_prox``), which drives gates to
+after each optimizer step (``peftjax.optim.scale_by_sora``), which drives gates to
 exactly zero; ``sora_prune`` then drops the zeroed ranks and returns a plain,
 smaller LoRA state with the same weights.
 
 Paper Eq. (gated forward) ↔ ``apply``; the proximal gradient update of ``g``
-↔ ``optim.sora_prox``; pruning the zeroed ranks ↔ ``sora_prune``.
+↔ ``optim.scale_by_sora``; pruning the zeroed ranks ↔ ``sora_prune``.
 
 Conventions: ``a`` is kaiming-uniform (PEFT's LoRA default), ``b = 0`` and
 ``g = 1``, so the adapter is the identity and starts as plain LoRA. The
@@ -38,7 +38,7 @@ class SoRAParams(NamedTuple):
     Attributes:
       a: ``(in, r)``, kaiming-uniform at init.
       b: ``(r, out)``, 0 at init.
-      gate: ``(r,)``, 1 at init; sparsified by ``optim.sora_prox``.
+      gate: ``(r,)``, 1 at init; sparsified by ``optim.scale_by_sora``.
     """
 
     a: jax.Array
@@ -59,7 +59,7 @@ def sora(
 
     Identity at init (``B = 0``, ``g = 1``). Trainable parameters:
     ``r·(in + out + 1)`` per matrix. Train with an optimizer followed by
-    ``optim.sora_prox`` (the L1 proximal step on the gates); afterwards
+    ``optim.scale_by_sora`` (the L1 proximal step on the gates); afterwards
     ``sora_prune`` gives a plain LoRA state of rank ``#{g ≠ 0}``. The factored
     path computes ``s·((x@A)·g)@B``.
 
