@@ -4,7 +4,9 @@
 Adapter factors, DoRA magnitudes, LoRA-XS/LoRA-SB cores, sparse-delta values
 and indices, Adam moments, GaLore/FRUGAL projectors and low-rank moments and
 SpIEL accumulators are not placed by rules of their own: each leaf takes the
-mesh axes of the base leaf it belongs to.
+mesh axes of the base leaf it belongs to. Which base leaf, and in which way,
+an optimizer state's field says through the ``peftjax.tree.StateRole`` its
+type declares (``state_shardings``); this module knows no optimizer type.
 
 The rule, per derived leaf (its shape compared with the base's matrix view
 ``(batch..., in, out)`` from ``peftjax.tree.DimensionNumbers``):
