@@ -49,8 +49,11 @@ class Trainer(NamedTuple):
     """What ``trainer`` builds: three functions over one ``TrainState``.
 
     Attributes:
-      init: ``(key, params) -> TrainState``; ``params`` is the base tree
-        (optimizer-only: the tree to train, copied into the state).
+      init: ``(key, params, *, state=None) -> TrainState``; ``params`` is the
+        base tree (optimizer-only: the tree to train, copied into the state);
+        ``state``: start from this ``adapters.AdapterState`` instead of
+        ``adapters.init`` (a data-driven initialiser's ``InitResult.state``,
+        with its ``InitResult.params`` as the base).
       step: ``(state, batch, params=None) -> (state, metrics)``, jitted, the
         state donated (unless ``donate=False``); ``params`` is the frozen base
         tree (``None`` in optimizer-only). ``metrics``: ``loss``,
@@ -398,12 +401,17 @@ def trainer(
                                      deterministic=deterministic)
         return run(base, batch)
 
-    def init(key: jax.Array, params: PyTree) -> _state.TrainState:
+    def init(key: jax.Array, params: PyTree, *,
+             state: adapters_lib.AdapterState | None = None) -> _state.TrainState:
         key = _typed_key(key)
         if kind == _OPTIMIZER:
+            if state is not None:
+                raise ValueError("trainer.init: state= (an adapters.AdapterState) needs "
+                                 "adapters=; optimizer-only trains params itself")
             trainable, frozen = params, {}
         else:
-            st = adapters_lib.init(assignment, key, params)
+            st = (adapters_lib.init(assignment, key, params) if state is None
+                  else _given_state(state))
             trainable, frozen = dict(st.trainable), dict(st.frozen)
             if hybrid:
                 trainable = {"adapters": trainable, "full": _full_leaves(params, trainable)}
@@ -411,10 +419,25 @@ def trainer(
             opt_state = optimizer.init(trainable)
         if kind == _SPARSE:
             opt_state = (opt_state, _sparse.init(split(trainable)[0], frozen))
-        trainable, frozen = _own((trainable, frozen), params)
+        # opt_state too: an optimizer may keep a leaf it was given (e.g. a copy-free
+        # projector start), which donation would then delete from the caller's params.
+        trainable, frozen, opt_state = _own((trainable, frozen, opt_state), params)
         return _state.TrainState(trainable=trainable, frozen=frozen, opt_state=opt_state,
                                  step=jnp.zeros([], jnp.int32),
                                  key=jax.random.split(key)[1])
+
+    def _given_state(state):
+        if not isinstance(state, adapters_lib.AdapterState):
+            raise TypeError(f"trainer.init: state must be an adapters.AdapterState (e.g. "
+                            f"inits.run(...).state), got {type(state).__name__}")
+        for part in ("trainable", "frozen"):
+            got = set(getattr(state, part))
+            if got != set(assignment):
+                missing = sorted(set(assignment) - got)[:10]
+                extra = sorted(got - set(assignment))[:10]
+                raise ValueError(f"trainer.init: state.{part} must hold one entry per "
+                                 f"adapted path; missing {missing}, not adapted {extra}")
+        return state
 
     def _full_leaves(params, adapted):
         chosen = tree.assign(params, list(full))

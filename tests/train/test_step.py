@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+import peftjax
 from peftjax import adapters, masks, optim, train, tree
 from tests import helpers as h
 
@@ -129,6 +130,63 @@ def test_adapter_composition_matches_a_hand_written_step():
                                    **h.MATMUL_F32)
     h.assert_tree_allclose(state.trainable, tr, **h.MATMUL_F32)
 
+
+
+def test_init_starts_from_a_given_adapter_state():
+    # A data-driven initialiser hands over an AdapterState (and its base tree):
+    # init(state=) starts there instead of adapters.init's zero-delta start.
+    params, batch = _params(), _batch()
+    a = tree.assign(params, _lora_xs_rules())
+    given = adapters.init(a, jax.random.key(5), params)
+    given = given._replace(trainable={
+        p: v._replace(**{f: v_f + 0.25 for f, v_f in v._asdict().items()})
+        for p, v in given.trainable.items()})
+    t = train.trainer(_loss, optax.sgd(0.1), adapters=a, factored=False, donate=False)
+    state = t.init(jax.random.key(0), params, state=given)
+    h.assert_tree_allclose(state.trainable, dict(given.trainable), **h.EXACT)
+    h.assert_tree_allclose(state.frozen, dict(given.frozen), **h.EXACT)
+    ref = adapters.materialize(a, params, *given)
+    h.assert_tree_allclose(t.params(state, params), ref, **h.EXACT)
+    _, m = t.step(state, batch, params)
+    np.testing.assert_allclose(float(m["loss"]), float(_loss(ref, batch)), **h.MATMUL_F32)
+    with pytest.raises(TypeError, match="state must be an adapters.AdapterState"):
+        t.init(jax.random.key(0), params, state=dict(given.trainable))
+    short = given._replace(trainable={"w1": given.trainable["w1"]})
+    with pytest.raises(ValueError, match=r"state.trainable .* missing \['w2'\]"):
+        t.init(jax.random.key(0), params, state=short)
+    with pytest.raises(ValueError, match="state= .* needs adapters="):
+        train.trainer(_loss, optax.sgd(0.1)).init(jax.random.key(0), params, state=given)
+
+
+def test_optimizer_state_holds_moments_for_the_trainable_leaves_only():
+    params = _params()
+    a = tree.assign(params, [tree.Rule(where="w1", then=adapters.lora(2))])
+    state = train.trainer(_loss, optax.adam(1e-2), adapters=a).init(jax.random.key(0), params)
+    n = adapters.num_trainable(state.trainable)
+    assert n == 2 * (4 + 8)
+    # Adam: two float32 moments per trainable value and one int32 count.
+    assert peftjax.tree_bytes(state.opt_state) == 2 * 4 * n + 4
+
+
+def test_hybrid_export_folds_to_what_the_step_trained():
+    # Export: splice the full leaves back, fold the adapters in; the exported
+    # tree gives the loss of the effective parameters the step trained.
+    params, batch = _params(), _batch()
+    a = tree.assign(params, [tree.Rule(where="w1", then=adapters.lora(2))])
+    opt = optax.partition({"ad": optax.adam(3e-2), "full": optax.adam(1e-2)},
+                          train.hybrid_labels(adapters="ad", full="full"))
+    t = train.trainer(_loss, opt, adapters=a, full=[tree.Rule(where="b1|w2", then=True)])
+    state = t.init(jax.random.key(0), params)
+    for _ in range(3):
+        state, _ = t.step(state, batch, params)
+    exported = adapters.merge(a, tree.replace_leaves(params, state.trainable["full"]),
+                              state.trainable["adapters"], state.frozen)
+    eff = t.params(state, params)
+    h.assert_tree_allclose(exported, eff, **h.MATMUL_F32)
+    assert not np.allclose(np.asarray(exported["w2"]), np.asarray(params["w2"]),
+                           **h.ELEMENTWISE_F32)
+    np.testing.assert_allclose(float(_loss(exported, batch)), float(_loss(eff, batch)),
+                               **h.MATMUL_F32)
 
 @pytest.mark.parametrize("kind", ["adapters", "hybrid"])
 def test_factored_and_materialize_steps_agree(kind):
