@@ -283,7 +283,7 @@ def scale_by_frugal(
         flat, plans = plan(params)
         if not flat:
             return FrugalState(jnp.zeros([], jnp.int32), inner.init(params), params,
-                               free.init(params), raw_key)
+                               free.init(params), jnp.array(raw_key))
         _leaves.check_dims_keys(dimension_numbers, params)
         bases = []
         for (_, p), pl in zip(flat, plans, strict=True):
@@ -298,7 +298,7 @@ def scale_by_frugal(
             inner_state=inner.init(low_zeros(flat, plans, treedef)),
             projector=jax.tree.unflatten(treedef, bases),
             free_state=_check_stateless(free, params),
-            key=raw_key,
+            key=jnp.array(raw_key),  # a fresh buffer: a donated state owns its leaves
         )
 
     def update_fn(updates, state, params=None):
@@ -382,7 +382,7 @@ def _scale_by_blocks(density, update_gap, order, inner, free, scale, free_scale,
             inner_state=inner.init(jax.tree.map(jnp.zeros_like, params)),
             projector=jax.tree.map(lambda _: optax.MaskedNode(), params),
             free_state=_check_stateless(free, params),
-            key=raw_key,
+            key=jnp.array(raw_key),  # a fresh buffer: a donated state owns its leaves
         )
 
     def update_fn(updates, state, params=None):

@@ -252,7 +252,7 @@ def scale_by_galore(
         flat, plans = plan(params)
         if not flat:
             return GaLoreState(
-                jnp.zeros([], jnp.int32), inner.init(params), params, raw_key
+                jnp.zeros([], jnp.int32), inner.init(params), params, jnp.array(raw_key)
             )
         _leaves.check_dims_keys(dimension_numbers, params)
         low, bases = [], []
@@ -273,7 +273,7 @@ def scale_by_galore(
             count=jnp.zeros([], jnp.int32),
             inner_state=inner.init(jax.tree.unflatten(treedef, low)),
             projector=jax.tree.unflatten(treedef, bases),
-            key=raw_key,
+            key=jnp.array(raw_key),  # a fresh buffer: a donated state owns its leaves
         )
 
     def update_fn(updates, state, params=None):
