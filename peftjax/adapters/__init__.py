@@ -1,12 +1,22 @@
 # SPDX-License-Identifier: Apache-2.0
 """Adapters: reparametrisations ``W' = f(W, trainable, frozen)`` of leaves.
 
-Per leaf an ``Adapter(init, apply)``; over a tree ``init``, ``materialize``,
-``merge`` and ``unmerge`` driven by an assignment from
-``peftjax.tree.assign``. Several named adapters on one base live in an
+Per leaf an ``Adapter(init, apply)`` (the protocol, ``_protocol``), most of
+them built by ``lift_matrix`` from math written once for one ``(in, out)``
+matrix; over a tree ``init``, ``materialize``, ``fold`` and ``unfold``
+(``_tree``) driven by an assignment from ``peftjax.tree.assign``, checked by
+``validate``. Several named adapters on one base live in an
 ``AdapterCollection`` (``add``, ``switch``, ``disable``, ``delete``,
 ``add_weighted``); ``batched`` runs several of them in one batch, one adapter
 per example.
+
+Apart from these weight reparametrisations, soft prompts and prefixes
+(``prompt_tuning``, ``prefix_tuning``, ``prefix_kv``) are not ``Adapter``s:
+they change no weight and are passed to the model as extra inputs.
+
+A new adapter is one ``_<method>.py`` file (a factory returning
+``lift_matrix(...)``), its re-export below, and one entry in the contract
+suite's ``ADAPTERS`` list (``tests/adapters/test_contract.py``).
 """
 
 from peftjax.adapters._abba import ABBAParams as ABBAParams
@@ -23,18 +33,6 @@ from peftjax.adapters._adalora import adalora_triplet_scores as adalora_triplet_
 from peftjax.adapters._adalora import (
     adalora_update_importance as adalora_update_importance,
 )
-from peftjax.adapters._base import Adapter as Adapter
-from peftjax.adapters._base import AdapterState as AdapterState
-from peftjax.adapters._base import BiasHook as BiasHook
-from peftjax.adapters._base import FactoredForm as FactoredForm
-from peftjax.adapters._base import FactoredTerms as FactoredTerms
-from peftjax.adapters._base import init as init
-from peftjax.adapters._base import lift_matrix as lift_matrix
-from peftjax.adapters._base import materialize as materialize
-from peftjax.adapters._base import merge as merge
-from peftjax.adapters._base import num_trainable as num_trainable
-from peftjax.adapters._base import path_key as path_key
-from peftjax.adapters._base import unmerge as unmerge
 from peftjax.adapters._batched import BatchedRouting as BatchedRouting
 from peftjax.adapters._batched import batched as batched
 from peftjax.adapters._collection import AdapterCollection as AdapterCollection
@@ -50,6 +48,9 @@ from peftjax.adapters._conv import LowRankDelta as LowRankDelta
 from peftjax.adapters._conv import lora_conv as lora_conv
 from peftjax.adapters._dora import DoRAParams as DoRAParams
 from peftjax.adapters._dora import dora as dora
+from peftjax.adapters._lift import lift_matrix as lift_matrix
+from peftjax.adapters._lift import map_slices as map_slices
+from peftjax.adapters._lift import path_key as path_key
 from peftjax.adapters._lora import LoRAInit as LoRAInit
 from peftjax.adapters._lora import LoRAParams as LoRAParams
 from peftjax.adapters._lora import Scaling as Scaling
@@ -58,6 +59,7 @@ from peftjax.adapters._lora import scaling_value as scaling_value
 from peftjax.adapters._lora_xs import LoRAXSBasis as LoRAXSBasis
 from peftjax.adapters._lora_xs import LoRAXSParams as LoRAXSParams
 from peftjax.adapters._lora_xs import lora_xs as lora_xs
+from peftjax.adapters._lowrank import compute_dtype as compute_dtype
 from peftjax.adapters._nola import NOLABasis as NOLABasis
 from peftjax.adapters._nola import NOLAParams as NOLAParams
 from peftjax.adapters._nola import nola as nola
@@ -71,6 +73,11 @@ from peftjax.adapters._prompt import PromptParams as PromptParams
 from peftjax.adapters._prompt import prefix_kv as prefix_kv
 from peftjax.adapters._prompt import prefix_tuning as prefix_tuning
 from peftjax.adapters._prompt import prompt_tuning as prompt_tuning
+from peftjax.adapters._protocol import Adapter as Adapter
+from peftjax.adapters._protocol import AdapterState as AdapterState
+from peftjax.adapters._protocol import BiasHook as BiasHook
+from peftjax.adapters._protocol import FactoredForm as FactoredForm
+from peftjax.adapters._protocol import FactoredTerms as FactoredTerms
 from peftjax.adapters._scale_shift import ScaleParams as ScaleParams
 from peftjax.adapters._scale_shift import ScaleShiftParams as ScaleShiftParams
 from peftjax.adapters._scale_shift import Side as Side
@@ -96,6 +103,12 @@ from peftjax.adapters._train import make_hybrid_train_step as make_hybrid_train_
 from peftjax.adapters._train import make_train_step as make_train_step
 from peftjax.adapters._train import replace_leaves as replace_leaves
 from peftjax.adapters._train import update_if_finite as update_if_finite
+from peftjax.adapters._tree import init as init
+from peftjax.adapters._tree import materialize as materialize
+from peftjax.adapters._tree import merge as merge
+from peftjax.adapters._tree import num_trainable as num_trainable
+from peftjax.adapters._tree import unmerge as unmerge
+from peftjax.adapters._validate import validate as validate
 from peftjax.adapters._vera import VeRABasis as VeRABasis
 from peftjax.adapters._vera import VeRAParams as VeRAParams
 from peftjax.adapters._vera import vera as vera
@@ -155,6 +168,9 @@ __all__ = [
     "ia3",
     "init",
     "lift_matrix",
+    "map_slices",
+    "compute_dtype",
+    "validate",
     "lora",
     "lora_conv",
     "LowRankDelta",

@@ -38,8 +38,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from peftjax.adapters import _base, _lora
-from peftjax.tree import _matrix
+from peftjax import tree
+from peftjax.adapters import _lift, _lora, _lowrank, _protocol
 
 
 class ABBAParams(NamedTuple):
@@ -92,10 +92,10 @@ def abba(
     rank2: int,
     *,
     alpha: float = 8.0,
-    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
     dropout: float = 0.0,
-) -> _base.Adapter:
+) -> _protocol.Adapter:
     """ABBA: ``W' = W + s·(a1@b1) ⊙ (a2@b2)`` with all four factors trainable.
 
     Identity at init (``b2 = 0``); the first pair starts at the best rank-``r1``
@@ -162,7 +162,7 @@ def abba(
         return t, None
 
     def delta(w, t):
-        ct = _base.compute_dtype(w.dtype, t.a1.dtype)
+        ct = _lowrank.compute_dtype(w.dtype, t.a1.dtype)
         p1 = t.a1.astype(ct) @ t.b1.astype(ct)
         p2 = t.a2.astype(ct) @ t.b2.astype(ct)
         return ct, (p1 * p2) * jnp.asarray(s, ct)
@@ -177,9 +177,9 @@ def abba(
 
     def factored_matrix(w, t, f):
         a_kr, b_kr = abba_khatri_rao(t.a1, t.b1, t.a2, t.b2)
-        return _base.FactoredTerms(delta=lambda x: _base.low_rank(x, a_kr, b_kr, s))
+        return _protocol.FactoredTerms(delta=lambda x: _lowrank.low_rank(x, a_kr, b_kr, s))
 
-    return _base.lift_matrix(
+    return _lift.lift_matrix(
         name=f"abba(rank1={rank1}, rank2={rank2}, alpha={alpha})",
         init_matrix=init_matrix,
         apply_matrix=apply_matrix,

@@ -34,8 +34,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from peftjax.adapters import _base, _lora
-from peftjax.tree import _matrix
+from peftjax import tree
+from peftjax.adapters import _lift, _lora, _lowrank, _protocol
 
 
 class AdaLoRAParams(NamedTuple):
@@ -69,9 +69,9 @@ def adalora(
     *,
     alpha: float = 8.0,
     init_std: float = 0.02,
-    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
-) -> _base.Adapter:
+) -> _protocol.Adapter:
     """AdaLoRA adapter with initial rank ``r`` (masked down during training).
 
     Trainable parameters: ``r·(in + out + 1)`` per matrix.
@@ -118,14 +118,14 @@ def adalora(
 
     def factors(t, f):
         # (a · e) @ b · s: the singular values scale a's columns.
-        return _base.LowRank(left=t.a * t.e.astype(t.a.dtype)[None, :], right=t.b,
+        return _lowrank.LowRank(left=t.a * t.e.astype(t.a.dtype)[None, :], right=t.b,
                              scale=s)
 
-    return _base.lift_matrix(
+    return _lift.lift_matrix(
         name=f"adalora(rank={rank}, alpha={alpha})",
         init_matrix=init_matrix,
         dimension_numbers=dimension_numbers,
-        **_base.low_rank_forms(factors),
+        **_lowrank.low_rank_forms(factors),
     )
 
 

@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax.adapters import _base, _collection
-from peftjax.tree import _matrix, _paths
+from peftjax import tree
+from peftjax.adapters import _collection, _lowrank, _protocol
 
 
 class BatchedRouting(NamedTuple):
@@ -67,8 +67,8 @@ def _per_matrix_spec(x: Any, nb: int) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(np.shape(x))[nb:], x.dtype)
 
 
-def _check_member(path: str, name: str, adapter: _base.Adapter, leaf: Any,
-                  t: Any, f: Any) -> _matrix.ResolvedDims:
+def _check_member(path: str, name: str, adapter: _protocol.Adapter, leaf: Any,
+                  t: Any, f: Any) -> tree.ResolvedDims:
     form = adapter.factored
     if form is None:
         raise TypeError(f"batched: adapter {name!r} at {path!r} ({adapter!r}) has no "
@@ -76,7 +76,7 @@ def _check_member(path: str, name: str, adapter: _base.Adapter, leaf: Any,
     if adapter.bias is not None:
         raise TypeError(f"batched: adapter {name!r} at {path!r} ({adapter!r}) also "
                         "changes the bias; it cannot vary per example")
-    dims = _matrix.resolve(form.dimension_numbers, np.shape(leaf), path=path)
+    dims = tree.resolve(form.dimension_numbers, np.shape(leaf), path=path)
     nb = len(dims.batch)
     found: dict[str, bool] = {}
 
@@ -96,9 +96,9 @@ def _check_member(path: str, name: str, adapter: _base.Adapter, leaf: Any,
     return dims
 
 
-def _make_adapter(path: str, groups: list[tuple[_base.Adapter, list[int]]],
+def _make_adapter(path: str, groups: list[tuple[_protocol.Adapter, list[int]]],
                   n_total: int, batch: int, dn: Any, names: Sequence[str]
-                  ) -> _base.Adapter:
+                  ) -> _protocol.Adapter:
     """The per-path adapter: gather-and-add per group (see module doc)."""
     tables = []
     for _, members in groups:
@@ -111,7 +111,7 @@ def _make_adapter(path: str, groups: list[tuple[_base.Adapter, list[int]]],
     def init(key, w, *, stats=None):
         # A fresh state of the right structure (what the shape checks need):
         # each member freshly initialised, every example on adapter 0.
-        dims = _matrix.resolve(dn, np.shape(w), path=path)
+        dims = tree.resolve(dn, np.shape(w), path=path)
         nb = len(dims.batch)
         ts, fs = [], []
         for g, (adapter, members) in enumerate(groups):
@@ -159,15 +159,15 @@ def _make_adapter(path: str, groups: list[tuple[_base.Adapter, list[int]]],
                 if total is None:
                     total = d
                 else:
-                    ct = _base.compute_dtype(total.dtype, d.dtype)
+                    ct = _lowrank.compute_dtype(total.dtype, d.dtype)
                     total = total.astype(ct) + d.astype(ct)
             return total
 
-        return _base.FactoredTerms(delta=delta)
+        return _protocol.FactoredTerms(delta=delta)
 
-    return _base.Adapter(
+    return _protocol.Adapter(
         init=init, apply=apply, name=f"batched({label})",
-        factored=_base.FactoredForm(dimension_numbers=dn, terms=terms,
+        factored=_protocol.FactoredForm(dimension_numbers=dn, terms=terms,
                                     apply=apply), dimension_numbers=dn)
 
 
@@ -244,7 +244,7 @@ def batched(
         _collection._check_name(coll, n, "batched", exists=True)
     ids = _check_ids(ids, len(names))
     batch = ids.shape[0]
-    flat = _paths.leaves_by_path(params)
+    flat = tree.leaves_by_path(params)
     entries = [coll.adapters[n] for n in names]
     paths = list(dict.fromkeys(p for e in entries for p in e.assignment))
     assignment, trainable, frozen = {}, {}, {}
@@ -253,7 +253,7 @@ def batched(
             raise ValueError(f"batched: an adapter targets {path!r}, which is not a "
                              "leaf of params")
         leaf = flat[path]
-        groups: list[tuple[_base.Adapter, list[int]]] = []
+        groups: list[tuple[_protocol.Adapter, list[int]]] = []
         dims = None
         for i, e in enumerate(entries):
             if path not in e.assignment:

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax.adapters import _base, _lora
+from peftjax.adapters import _lora, _protocol
 
 
 class NamedAdapter(NamedTuple):
@@ -49,7 +49,7 @@ class NamedAdapter(NamedTuple):
       {}
     """
 
-    assignment: dict[str, _base.Adapter]
+    assignment: dict[str, _protocol.Adapter]
     trainable: dict[str, Any]
     frozen: dict[str, Any]
 
@@ -105,7 +105,7 @@ def _named(assignment: Any, state: Any, fn: str) -> NamedAdapter:
         raise TypeError(f"{fn}: assignment must be a dict {{path: Adapter}} from "
                         f"peftjax.tree.assign, got {type(assignment).__name__}")
     for path, adapter in assignment.items():
-        if not isinstance(adapter, _base.Adapter):
+        if not isinstance(adapter, _protocol.Adapter):
             raise TypeError(f"{fn}: the payload for {path!r} is "
                             f"{type(adapter).__name__} ({adapter!r}), not an Adapter")
     if not (isinstance(state, tuple) and len(state) == 2):
@@ -121,8 +121,8 @@ def _named(assignment: Any, state: Any, fn: str) -> NamedAdapter:
     return NamedAdapter(dict(assignment), dict(trainable), dict(frozen))
 
 
-def add(coll: AdapterCollection, name: str, assignment: dict[str, _base.Adapter],
-        state: _base.AdapterState, *, activate: bool = False) -> AdapterCollection:
+def add(coll: AdapterCollection, name: str, assignment: dict[str, _protocol.Adapter],
+        state: _protocol.AdapterState, *, activate: bool = False) -> AdapterCollection:
     """Adds a named adapter (PEFT's ``add_adapter``).
 
     Args:
@@ -256,7 +256,7 @@ def active(coll: AdapterCollection) -> NamedAdapter:
     return coll.adapters[coll.active]
 
 
-def _scaling(path: str, name: str, adapter: _base.Adapter, t: Any, f: Any) -> float:
+def _scaling(path: str, name: str, adapter: _protocol.Adapter, t: Any, f: Any) -> float:
     """The scaling ``s`` of a LoRA-family adapter, read off its own weight form."""
     if f is not None or not (isinstance(t, tuple) and getattr(t, "_fields", None)
                              == ("a", "b")):
@@ -373,7 +373,7 @@ def add_weighted(
     if not isinstance(combined, dict) or set(combined) != set(paths):
         raise ValueError(f"add_weighted: combine returned "
                          f"{type(combined).__name__} without the paths {paths[:6]}")
-    made: dict[tuple, _base.Adapter] = {}
+    made: dict[tuple, _protocol.Adapter] = {}
     assignment = {}
     for p in paths:
         t = combined[p]
@@ -388,6 +388,6 @@ def add_weighted(
             made[key] = _lora.lora(rank, scaling=_lora.Scaling.NONE,
                                    dimension_numbers=dims[p], param_dtype=t.a.dtype)
         assignment[p] = made[key]
-    state = _base.AdapterState(trainable={p: combined[p] for p in paths},
+    state = _protocol.AdapterState(trainable={p: combined[p] for p in paths},
                                frozen={p: None for p in paths})
     return add(coll, name, assignment, state, activate=activate)

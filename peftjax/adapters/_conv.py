@@ -31,8 +31,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from peftjax.adapters import _base, _lora
-from peftjax.tree import _matrix
+from peftjax import tree
+from peftjax.adapters import _lora, _lowrank, _protocol
 
 
 class LowRankDelta(NamedTuple):
@@ -61,10 +61,10 @@ class LowRankDelta(NamedTuple):
     core: jax.Array | None = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _base.low_rank(x, self.a, self.b, self.scale, core=self.core)
+        return _lowrank.low_rank(x, self.a, self.b, self.scale, core=self.core)
 
 
-def conv_dimension_numbers(spatial_dims: int) -> _matrix.DimensionNumbers:
+def conv_dimension_numbers(spatial_dims: int) -> tree.DimensionNumbers:
     """The matrix view of a Flax conv kernel ``(k_1, ..., k_n, in, out)``.
 
     Args:
@@ -83,7 +83,7 @@ def conv_dimension_numbers(spatial_dims: int) -> _matrix.DimensionNumbers:
         raise ValueError(
             f"conv_dimension_numbers: spatial_dims must be a positive int, got "
             f"{spatial_dims!r}")
-    return _matrix.DimensionNumbers(
+    return tree.DimensionNumbers(
         reduction_axis=tuple(range(spatial_dims + 1)), output_axis=spatial_dims + 1)
 
 
@@ -96,7 +96,7 @@ def lora_conv(
     init: _lora.LoRAInit = _lora.LoRAInit.KAIMING_UNIFORM,
     param_dtype: Any = jnp.float32,
     dropout: float = 0.0,
-) -> _base.Adapter:
+) -> _protocol.Adapter:
     """LoRA on a conv kernel, factored as PEFT's ``lora_A`` conv + 1x1 ``lora_B``.
 
     For a Flax kernel ``W (k_1, ..., k_n, in, out)`` (``n = spatial_dims``):
@@ -175,10 +175,10 @@ def lora_conv(
         check(w)
         return base.init(key, w, stats=stats)
 
-    def terms(w: jax.Array, t: _lora.LoRAParams, f: Any) -> _base.FactoredTerms:
-        return _base.FactoredTerms(delta=LowRankDelta(t.a, t.b, s))
+    def terms(w: jax.Array, t: _lora.LoRAParams, f: Any) -> _protocol.FactoredTerms:
+        return _protocol.FactoredTerms(delta=LowRankDelta(t.a, t.b, s))
 
     return base._replace(
         init=init_leaf, name=name,
-        factored=_base.FactoredForm(dimension_numbers=dn, terms=terms,
+        factored=_protocol.FactoredForm(dimension_numbers=dn, terms=terms,
                                     apply=base.factored.apply))

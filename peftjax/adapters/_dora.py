@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from peftjax.adapters import _base, _lora
-from peftjax.tree import _matrix
+from peftjax import tree
+from peftjax.adapters import _lift, _lora, _lowrank, _protocol
 
 
 class DoRAParams(NamedTuple):
@@ -53,10 +53,10 @@ def dora(
     alpha: float = 8.0,
     scaling: _lora.Scaling = _lora.Scaling.ALPHA_OVER_RANK,
     init: _lora.LoRAInit = _lora.LoRAInit.KAIMING_UNIFORM,
-    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
     dropout: float = 0.0,
-) -> _base.Adapter:
+) -> _protocol.Adapter:
     """DoRA: a LoRA direction update with a trainable per-output magnitude.
 
     Identity at init (``B = 0`` and ``m = ||W||``). Trainable parameters:
@@ -98,11 +98,11 @@ def dora(
         if stats is not None:
             raise ValueError("dora takes no stats")
         t, _ = base.init(key, w)
-        m = _column_norm(w.astype(_base.compute_dtype(w.dtype, jnp.float32)))
+        m = _column_norm(w.astype(_lowrank.compute_dtype(w.dtype, jnp.float32)))
         return DoRAParams(a=t.a, b=t.b, magnitude=m.astype(param_dtype)), None
 
     def directions(w, t):
-        ct = _base.compute_dtype(w.dtype, t.a.dtype)
+        ct = _lowrank.compute_dtype(w.dtype, t.a.dtype)
         v = w.astype(ct) + (t.a.astype(ct) @ t.b.astype(ct)) * s
         return ct, v
 
@@ -115,24 +115,24 @@ def dora(
         return _column_norm(directions(w, t)[1])
 
     def unapply_matrix(w, t, f, norm):
-        ct = _base.compute_dtype(w.dtype, t.a.dtype)
+        ct = _lowrank.compute_dtype(w.dtype, t.a.dtype)
         v = w.astype(ct) * (norm.astype(ct) / t.magnitude.astype(ct))[None, :]
         return v - (t.a.astype(ct) @ t.b.astype(ct)) * s
 
     def factored_matrix(w, t, f):
         # ||W_j + s·(AB)_j||² = ||W_j||² + 2s·(AᵀW)_j·B_j + s²·B_jᵀ(AᵀA)B_j: the
         # column norms without forming W + s·A@B (a constant in backprop).
-        ct = _base.compute_dtype(w.dtype, t.a.dtype)
+        ct = _lowrank.compute_dtype(w.dtype, t.a.dtype)
         wc, a, b = w.astype(ct), t.a.astype(ct), t.b.astype(ct)
         sq = (jnp.sum(jnp.square(wc), axis=0)
               + 2.0 * s * jnp.sum((a.T @ wc) * b, axis=0)
               + s * s * jnp.sum(b * ((a.T @ a) @ b), axis=0))
         norm = jax.lax.stop_gradient(_column_norm_from_square(sq))
-        return _base.FactoredTerms(
+        return _protocol.FactoredTerms(
             out_scale=t.magnitude.astype(ct) / norm,
-            delta=lambda x: _base.low_rank(x, t.a, t.b, s))
+            delta=lambda x: _lowrank.low_rank(x, t.a, t.b, s))
 
-    return _base.lift_matrix(
+    return _lift.lift_matrix(
         name=f"dora(rank={rank}, alpha={alpha}, scaling={scaling.value})",
         init_matrix=init_matrix,
         apply_matrix=apply_matrix,

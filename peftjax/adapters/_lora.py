@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from peftjax.adapters import _base
-from peftjax.tree import _matrix
+from peftjax import tree
+from peftjax.adapters import _lift, _lowrank, _protocol
 
 
 class Scaling(enum.Enum):
@@ -148,10 +148,10 @@ def lora(
     alpha: float = 8.0,
     scaling: Scaling = Scaling.ALPHA_OVER_RANK,
     init: LoRAInit = LoRAInit.KAIMING_UNIFORM,
-    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
     dropout: float = 0.0,
-) -> _base.Adapter:
+) -> _protocol.Adapter:
     """LoRA: ``W' = W + s·A@B`` with trainable ``A (in, r)`` and ``B (r, out)``.
 
     The model is unchanged at init (``B = 0``; ``A = 0`` for EMBEDDING).
@@ -216,10 +216,10 @@ def lora(
             b = jax.random.normal(key, (rank, n_out), param_dtype)
         return LoRAParams(a=a, b=b), None
 
-    return _base.lift_matrix(
+    return _lift.lift_matrix(
         name=f"lora(rank={rank}, alpha={alpha}, scaling={scaling.value})",
         init_matrix=init_matrix,
         dimension_numbers=dimension_numbers,
         dropout=dropout,
-        **_base.low_rank_forms(lambda t, f: _base.LowRank(t.a, t.b, s)),
+        **_lowrank.low_rank_forms(lambda t, f: _lowrank.LowRank(t.a, t.b, s)),
     )

@@ -23,8 +23,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from peftjax.adapters import _base, _lora
-from peftjax.tree import _matrix
+from peftjax import tree
+from peftjax.adapters import _lift, _lora, _lowrank, _protocol
 
 
 class LoRAXSParams(NamedTuple):
@@ -55,10 +55,10 @@ def lora_xs(
     alpha: float | None = None,
     scaling: _lora.Scaling = _lora.Scaling.ALPHA_OVER_RANK,
     core_init_std: float = 1e-5,
-    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
     dropout: float = 0.0,
-) -> _base.Adapter:
+) -> _protocol.Adapter:
     """LoRA-XS: ``W' = W + s·A@R@B`` with only ``R (r, r)`` trainable.
 
     The basis comes from the exact SVD of the weight (in float32). Trainable
@@ -111,10 +111,10 @@ def lora_xs(
             LoRAXSBasis(a=a.astype(param_dtype), b=b.astype(param_dtype)),
         )
 
-    return _base.lift_matrix(
+    return _lift.lift_matrix(
         name=f"lora_xs(rank={rank}, alpha={alpha}, scaling={scaling.value})",
         init_matrix=init_matrix,
         dimension_numbers=dimension_numbers,
         dropout=dropout,
-        **_base.low_rank_forms(lambda t, f: _base.LowRank(f.a, f.b, s, core=t.core)),
+        **_lowrank.low_rank_forms(lambda t, f: _lowrank.LowRank(f.a, f.b, s, core=t.core)),
     )

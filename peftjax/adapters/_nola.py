@@ -43,8 +43,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from peftjax.adapters import _base, _lora
-from peftjax.tree import _matrix
+from peftjax import tree
+from peftjax.adapters import _lift, _lora, _lowrank, _protocol
 
 
 class NOLAParams(NamedTuple):
@@ -127,10 +127,10 @@ def nola(
     alpha: float = 8.0,
     scaling: _lora.Scaling = _lora.Scaling.ALPHA_OVER_RANK,
     basis_seed: int = 0,
-    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
     dropout: float = 0.0,
-) -> _base.Adapter:
+) -> _protocol.Adapter:
     """NOLA: ``W' = W + s·(Σ α_i A_i)@(Σ β_j B_j)`` with only ``α, β`` trainable.
 
     Identity at init (``β = 0``). Trainable parameters: ``k_a + k_b`` per
@@ -193,13 +193,13 @@ def nola(
     def factors(t, f):
         a = jnp.tensordot(t.coef_a.astype(f.a.dtype), f.a, axes=1)  # (in, r)
         b = jnp.tensordot(t.coef_b.astype(f.b.dtype), f.b, axes=1)  # (r, out)
-        return _base.LowRank(left=a, right=b, scale=s)
+        return _lowrank.LowRank(left=a, right=b, scale=s)
 
-    return _base.lift_matrix(
+    return _lift.lift_matrix(
         name=(f"nola(rank={rank}, num_basis_a={num_basis_a}, "
               f"num_basis_b={num_basis_b}, alpha={alpha}, seed={basis_seed})"),
         init_matrix=init_matrix,
         dimension_numbers=dimension_numbers,
         dropout=dropout,
-        **_base.low_rank_forms(factors),
+        **_lowrank.low_rank_forms(factors),
     )

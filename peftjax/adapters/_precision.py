@@ -35,7 +35,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax.tree import _paths
+from peftjax.tree import map_with_path
 
 
 def _is_floating(x: Any) -> bool:
@@ -99,7 +99,7 @@ def cast_floating(tree: Any, dtype: Any, *, keep: str | None = None) -> Any:
             return np.asarray(x, target)
         return x.astype(target)
 
-    out = _paths.map_with_path(cast, tree)
+    out = map_with_path(cast, tree)
     if pattern is not None and not kept:
         raise ValueError(f"cast_floating: keep={keep!r} matches no floating leaf; "
                          f"floating paths include {floating[:5]}")

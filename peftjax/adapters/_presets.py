@@ -17,11 +17,11 @@ Exports: ``all_linear_rules``.
 from collections.abc import Sequence
 from typing import Any
 
-from peftjax.tree import _predicates, _rules
+from peftjax import tree
 
 
 def all_linear_rules(then: Any, *, exclude: Sequence[str] = (), ndim: int = 2,
-                     kernel: str = r"(?:.*/)?kernel") -> list[_rules.Rule]:
+                     kernel: str = r"(?:.*/)?kernel") -> list[tree.Rule]:
     """Rules giving ``then`` to every linear kernel, except ``exclude``.
 
     Args:
@@ -53,8 +53,8 @@ def all_linear_rules(then: Any, *, exclude: Sequence[str] = (), ndim: int = 2,
     if isinstance(exclude, str):
         raise TypeError("all_linear_rules: exclude must be a list of path regexes, "
                         f"got the string {exclude!r}")
-    rules = [_rules.Rule(where=e, then=None) for e in exclude]
-    where = _predicates.all_of(
-        _predicates.path_regex(kernel), _predicates.ndim_at_least(ndim),
-        _predicates.not_(_predicates.ndim_at_least(ndim + 1)))
-    return rules + [_rules.Rule(where=where, then=then)]
+    rules = [tree.Rule(where=e, then=None) for e in exclude]
+    where = tree.all_of(
+        tree.path_regex(kernel), tree.ndim_at_least(ndim),
+        tree.not_(tree.ndim_at_least(ndim + 1)))
+    return rules + [tree.Rule(where=where, then=then)]

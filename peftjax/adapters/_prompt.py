@@ -7,9 +7,14 @@ Prefix-Tuning: Optimizing Continuous Prompts for Generation. Li & Liang, 2021.
 https://arxiv.org/abs/2101.00190
 P-Tuning v2. Liu et al., 2022. https://arxiv.org/abs/2110.07602
 
-These parameters are not reparametrisations of a leaf; they are created here
-(pure, arrays only) and consumed by peftjax's models through a documented
-argument (``peftjax.models``).
+Apart from the weight reparametrisations: these are NOT ``Adapter``s. They
+change no leaf of the base tree, never go in an assignment, and nothing in
+the adapter protocol or the tree-level verbs (``init``, ``materialize``,
+``fold``, ``peftjax.factored``) sees them. They are new inputs to the model:
+created here (pure, arrays only, trained as their own pytree) and consumed by
+peftjax's models through documented call arguments (``peftjax.models``: the
+Llama prompt embeddings, the BERT/Llama prefix keys and values). They live in
+``peftjax.adapters`` as PEFT methods, below the models that consume them.
 
 * Prompt tuning: ``P`` trainable embeddings ``E (P, d)`` prepended to the
   token embeddings: ``h_0 = [E; embed(x)]`` ↔ ``prompt_tuning``. Inits as in

@@ -29,8 +29,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from peftjax.adapters import _base
-from peftjax.tree import _matrix
+from peftjax import tree
+from peftjax.adapters import _lift, _lowrank, _protocol
 
 
 class Side(enum.Enum):
@@ -73,9 +73,9 @@ def scale_shift(
     shift: bool = False,
     init_std: float = 0.0,
     bias_name: str = "bias",
-    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
-) -> _base.Adapter:
+) -> _protocol.Adapter:
     """A learned scale (and optional shift) on a kernel and its bias.
 
     Trainable parameters per matrix: ``out`` (or ``in`` for ``Side.INPUT``),
@@ -128,7 +128,7 @@ def scale_shift(
         return ScaleShiftParams(scale.astype(param_dtype), beta.astype(param_dtype)), None
 
     def ct(w, t):
-        return _base.compute_dtype(w.dtype, t.scale.dtype)
+        return _lowrank.compute_dtype(w.dtype, t.scale.dtype)
 
     def expand(v):
         return v[None, :] if axis == 1 else v[:, None]
@@ -145,26 +145,26 @@ def scale_shift(
     if side is Side.OUTPUT:
 
         def bias_apply(b, t, f):
-            c = _base.compute_dtype(b.dtype, t.scale.dtype)
+            c = _lowrank.compute_dtype(b.dtype, t.scale.dtype)
             out = b.astype(c) * t.scale.astype(c)
             return out + t.shift.astype(c) if shift else out
 
         def bias_unapply(b, t, f):
-            c = _base.compute_dtype(b.dtype, t.scale.dtype)
+            c = _lowrank.compute_dtype(b.dtype, t.scale.dtype)
             out = b.astype(c) - t.shift.astype(c) if shift else b.astype(c)
             return out / t.scale.astype(c)
 
-        bias = _base.BiasHook(name=bias_name, apply=bias_apply,
+        bias = _protocol.BiasHook(name=bias_name, apply=bias_apply,
                               unapply=bias_unapply, required=shift)
 
     def factored_matrix(w, t, f):
         c = ct(w, t)
         if side is Side.INPUT:
-            return _base.FactoredTerms(in_scale=t.scale.astype(c))
-        return _base.FactoredTerms(out_scale=t.scale.astype(c))
+            return _protocol.FactoredTerms(in_scale=t.scale.astype(c))
+        return _protocol.FactoredTerms(out_scale=t.scale.astype(c))
 
     kind = "ssf" if shift else f"ia3(side={side.value})"
-    return _base.lift_matrix(
+    return _lift.lift_matrix(
         name=f"scale_shift[{kind}, init_std={init_std}]",
         init_matrix=init_matrix,
         apply_matrix=apply_matrix,
@@ -175,7 +175,7 @@ def scale_shift(
     )
 
 
-def ia3(side: Side = Side.OUTPUT, **kwargs: Any) -> _base.Adapter:
+def ia3(side: Side = Side.OUTPUT, **kwargs: Any) -> _protocol.Adapter:
     """(IA)³: a learned scale initialised to 1 (identity at init).
 
     Args:
@@ -193,7 +193,7 @@ def ia3(side: Side = Side.OUTPUT, **kwargs: Any) -> _base.Adapter:
     return scale_shift(side=side, shift=False, init_std=0.0, **kwargs)
 
 
-def ssf(*, zero_init: bool = False, **kwargs: Any) -> _base.Adapter:
+def ssf(*, zero_init: bool = False, **kwargs: Any) -> _protocol.Adapter:
     """SSF scale-and-shift of a linear layer's output, folded into W and b.
 
     Args:

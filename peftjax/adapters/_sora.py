@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax.adapters import _base, _lora
-from peftjax.tree import _matrix
+from peftjax import tree
+from peftjax.adapters import _lift, _lora, _lowrank, _protocol
 
 
 class SoRAParams(NamedTuple):
@@ -51,10 +51,10 @@ def sora(
     *,
     alpha: float = 8.0,
     scaling: _lora.Scaling = _lora.Scaling.ALPHA_OVER_RANK,
-    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
     dropout: float = 0.0,
-) -> _base.Adapter:
+) -> _protocol.Adapter:
     """SoRA: ``W' = W + s·A diag(g) B`` with trainable ``A``, ``B`` and gate ``g``.
 
     Identity at init (``B = 0``, ``g = 1``). Trainable parameters:
@@ -108,19 +108,19 @@ def sora(
 
     def factors(t, f):
         # A diag(g) B = (A · g) @ B: the gate scales the left factor's columns.
-        return _base.LowRank(left=t.a * t.gate.astype(t.a.dtype)[None, :],
+        return _lowrank.LowRank(left=t.a * t.gate.astype(t.a.dtype)[None, :],
                              right=t.b, scale=s)
 
-    return _base.lift_matrix(
+    return _lift.lift_matrix(
         name=f"sora(rank={rank}, alpha={alpha}, scaling={scaling.value})",
         init_matrix=init_matrix,
         dimension_numbers=dimension_numbers,
         dropout=dropout,
-        **_base.low_rank_forms(factors),
+        **_lowrank.low_rank_forms(factors),
     )
 
 
-def _scale_of(adapter: _base.Adapter, rank: int, dtype: Any) -> jax.Array:
+def _scale_of(adapter: _protocol.Adapter, rank: int, dtype: Any) -> jax.Array:
     """Reads ``s`` back from a SoRA adapter: its per-matrix apply on a unit probe.
 
     With ``W = 0 (1, 1)``, ``a = e_0 (1, r)``, ``b = e_0 (r, 1)`` and ``g = 1``
@@ -141,10 +141,10 @@ def _fold(t: SoRAParams, idx: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.A
 
 
 def sora_prune(
-    assignment: dict[str, _base.Adapter],
+    assignment: dict[str, _protocol.Adapter],
     trainable: dict[str, Any],
     frozen: dict[str, Any],
-) -> tuple[dict[str, _base.Adapter], _base.AdapterState]:
+) -> tuple[dict[str, _protocol.Adapter], _protocol.AdapterState]:
     """Turns trained SoRA adapters into plain LoRA adapters of the surviving rank.
 
     For each SoRA path, the ranks whose gate is exactly 0 are dropped and the
@@ -195,7 +195,7 @@ def sora_prune(
     missing = [p for p in assignment if p not in trainable or p not in frozen]
     if missing:
         raise ValueError(f"sora_prune: the state lacks assigned paths {missing[:10]}")
-    new_assignment: dict[str, _base.Adapter] = {}
+    new_assignment: dict[str, _protocol.Adapter] = {}
     new_trainable: dict[str, Any] = {}
     new_frozen: dict[str, Any] = {}
     for path, adapter in assignment.items():
@@ -230,4 +230,4 @@ def sora_prune(
             param_dtype=dtype, dropout=adapter.dropout)
         new_trainable[path] = _lora.LoRAParams(a=a, b=b)
         new_frozen[path] = None
-    return new_assignment, _base.AdapterState(trainable=new_trainable, frozen=new_frozen)
+    return new_assignment, _protocol.AdapterState(trainable=new_trainable, frozen=new_frozen)

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax.adapters import _base
-from peftjax.tree import _matrix, _paths
+from peftjax import tree
+from peftjax.adapters import _lift, _lowrank, _protocol
 
 _MAX_FLAT = 2**31 - 1
 _INDICES = "indices"
@@ -102,7 +102,7 @@ def sparse_num(size: int, *, density: float | None = None, k: int | None = None,
     return num
 
 
-def _check_layout(resolved: _matrix.ResolvedDims, name: str) -> None:
+def _check_layout(resolved: tree.ResolvedDims, name: str) -> None:
     if resolved.permutation != tuple(range(len(resolved.shape))):
         raise ValueError(
             f"{name}: the matrix view {resolved.permutation} of shape "
@@ -116,9 +116,9 @@ def sparse_delta(
     density: float | None = None,
     *,
     k: int | None = None,
-    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
-) -> _base.Adapter:
+) -> _protocol.Adapter:
     """Sparse delta: ``W' = W + scatter_add(zeros, indices, values)`` per matrix.
 
     Initial ``indices`` are a uniform random ``k``-subset of the ``in·out``
@@ -197,7 +197,7 @@ def sparse_delta(
                 SparseSupport(idx))
 
     def scatter(w, t, f, sign):
-        ct = _base.compute_dtype(w.dtype, t.values.dtype)
+        ct = _lowrank.compute_dtype(w.dtype, t.values.dtype)
         flat = w.astype(ct).reshape(-1)
         vals = t.values.astype(ct)
         flat = flat.at[f.indices].add(vals if sign > 0 else -vals,
@@ -216,15 +216,15 @@ def sparse_delta(
 
         def delta(x):
             # y[..., j] += x[..., i]·v for each (i·out + j, v): O(k) per token.
-            ct = _base.compute_dtype(x.dtype, t.values.dtype)
+            ct = _lowrank.compute_dtype(x.dtype, t.values.dtype)
             vals = t.values.astype(ct).reshape((1,) * (x.ndim - 1) + (-1,))
             contrib = x[..., rows].astype(ct) * vals
             out = jnp.zeros(x.shape[:-1] + (n_out,), ct)
             return out.at[..., cols].add(contrib)
 
-        return _base.FactoredTerms(delta=delta)
+        return _protocol.FactoredTerms(delta=delta)
 
-    adapter = _base.lift_matrix(
+    adapter = _lift.lift_matrix(
         name=name,
         init_matrix=init_matrix,
         apply_matrix=apply_matrix,
@@ -236,7 +236,7 @@ def sparse_delta(
     def init(key, w, *, stats=None):
         shape = tuple(np.shape(w))
         if len(shape) >= 2:
-            _check_layout(_matrix.resolve(dimension_numbers, shape, path=name), name)
+            _check_layout(tree.resolve(dimension_numbers, shape, path=name), name)
         return adapter.init(key, w, stats=stats)
 
     return adapter._replace(init=init, relayout=lambda dims: sparse_delta(
@@ -277,7 +277,7 @@ def sparse_to_compact(trainable: dict[str, Any], frozen: dict[str, Any]
 
 
 def sparse_from_compact(compact: dict[str, Any], params: Any
-                        ) -> tuple[dict[str, _base.Adapter], _base.AdapterState]:
+                        ) -> tuple[dict[str, _protocol.Adapter], _protocol.AdapterState]:
     """Loads exported sparse deltas, validating them against ``params``.
 
     The leading axes of each ``indices`` array are the leaf's batch axes (a
@@ -307,9 +307,9 @@ def sparse_from_compact(compact: dict[str, Any], params: Any
       >>> adapters.merge(a, p, *s)["w"].tolist()
       [[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
     """
-    flat = _paths.leaves_by_path(params)
+    flat = tree.leaves_by_path(params)
     paths = sorted({key.rpartition("/")[0] for key in compact})
-    assignment: dict[str, _base.Adapter] = {}
+    assignment: dict[str, _protocol.Adapter] = {}
     trainable: dict[str, Any] = {}
     frozen: dict[str, Any] = {}
     for path in paths:
@@ -355,7 +355,7 @@ def sparse_from_compact(compact: dict[str, Any], params: Any
             raise ValueError(
                 f"{where}: sparse deltas target matrices (>= 2 non-batch axes)"
             )
-        dims = _matrix.DimensionNumbers(
+        dims = tree.DimensionNumbers(
             reduction_axis=tuple(range(nb, len(shape) - 1)),
             output_axis=len(shape) - 1,
             batch_axis=tuple(range(nb)),
@@ -364,4 +364,4 @@ def sparse_from_compact(compact: dict[str, Any], params: Any
                                         param_dtype=val.dtype)
         trainable[path] = SparseValues(jnp.asarray(val))
         frozen[path] = SparseSupport(jnp.asarray(idx, jnp.int32))
-    return assignment, _base.AdapterState(trainable=trainable, frozen=frozen)
+    return assignment, _protocol.AdapterState(trainable=trainable, frozen=frozen)

@@ -29,8 +29,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from peftjax.adapters import _base, _lora
-from peftjax.tree import _matrix
+from peftjax import tree
+from peftjax.adapters import _lift, _lora, _lowrank, _protocol
 
 
 class SVFitParams(NamedTuple):
@@ -62,9 +62,9 @@ class SVFitBasis(NamedTuple):
 def svfit(
     rank: int,
     *,
-    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
-) -> _base.Adapter:
+) -> _protocol.Adapter:
     """SVFit: ``W' = W + U_r diag(δ) V_rᵀ`` with only ``δ (r,)`` trainable.
 
     ``U_r``, ``V_r`` come from the exact SVD of the kernel's matrix view (in
@@ -119,12 +119,12 @@ def svfit(
 
     def factors(t, f):
         # U_r diag(δ) V_rᵀ = (U_r · δ) @ V_rᵀ: δ scales the left factor's columns.
-        return _base.LowRank(left=f.u * t.delta_s.astype(f.u.dtype)[None, :],
+        return _lowrank.LowRank(left=f.u * t.delta_s.astype(f.u.dtype)[None, :],
                              right=f.vt)
 
-    return _base.lift_matrix(
+    return _lift.lift_matrix(
         name=f"svfit(rank={rank})",
         init_matrix=init_matrix,
         dimension_numbers=dimension_numbers,
-        **_base.low_rank_forms(factors),
+        **_lowrank.low_rank_forms(factors),
     )

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from peftjax.adapters import _base
+from peftjax.adapters import _protocol, _tree
 from peftjax.tree import _paths, _rules
 
 PyTree = Any
@@ -123,7 +123,7 @@ def update_if_finite(optimizer: optax.GradientTransformation, grads: PyTree,
 
 
 def make_train_step(
-    assignment: dict[str, _base.Adapter],
+    assignment: dict[str, _protocol.Adapter],
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     *,
@@ -183,7 +183,7 @@ def make_train_step(
 
     def step(trainable, opt_state, params, frozen, batch):
         def objective(t):
-            p = _base.materialize(assignment, params, t, frozen,
+            p = _tree.materialize(assignment, params, t, frozen,
                                   deterministic=deterministic)
             return loss_fn(p, batch)
 
@@ -201,7 +201,7 @@ def make_train_step(
 HybridTrainable = dict[str, dict[str, Any]]
 
 
-def hybrid_init(state: _base.AdapterState, params: PyTree, full_rules: Any, *,
+def hybrid_init(state: _protocol.AdapterState, params: PyTree, full_rules: Any, *,
                 allow_unused: bool = False) -> HybridTrainable:
     """Builds the hybrid trainable tree ``{"adapters": ..., "full": ...}``.
 
@@ -285,7 +285,7 @@ def replace_leaves(params: PyTree, leaves: dict[str, Any]) -> PyTree:
     return _paths.map_with_path(lambda p, x: leaves.get(p, x), params)
 
 
-def hybrid_materialize(assignment: dict[str, _base.Adapter], params: PyTree,
+def hybrid_materialize(assignment: dict[str, _protocol.Adapter], params: PyTree,
                        trainable: HybridTrainable, frozen: dict[str, Any], *,
                        deterministic: bool = False) -> PyTree:
     """Splices the ``full`` leaves into ``params``, then materialises adapters.
@@ -311,12 +311,12 @@ def hybrid_materialize(assignment: dict[str, _base.Adapter], params: PyTree,
       Array(0., dtype=float32)
     """
     spliced = replace_leaves(params, trainable["full"])
-    return _base.materialize(assignment, spliced, trainable["adapters"], frozen,
+    return _tree.materialize(assignment, spliced, trainable["adapters"], frozen,
                              deterministic=deterministic)
 
 
 def make_hybrid_train_step(
-    assignment: dict[str, _base.Adapter],
+    assignment: dict[str, _protocol.Adapter],
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     *,

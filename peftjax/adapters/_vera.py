@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from peftjax.adapters import _base, _lora
-from peftjax.tree import _matrix
+from peftjax import tree
+from peftjax.adapters import _lift, _lora, _lowrank, _protocol
 
 
 class VeRAParams(NamedTuple):
@@ -87,9 +87,9 @@ def vera(
     max_out: int,
     projection_seed: int = 0,
     d_initial: float = 0.1,
-    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
-) -> _base.Adapter:
+) -> _protocol.Adapter:
     """VeRA adapter: ``W' = W + (a·λ_d) @ (b·λ_b)`` with frozen shared a, b.
 
     Identity at init (``λ_b = 0``). Trainable parameters: ``r + out`` per
@@ -142,12 +142,12 @@ def vera(
 
     def factors(t, f):
         # (a · λ_d) @ (b · λ_b): the vectors scale the factors' columns.
-        return _base.LowRank(left=f.a * t.lambda_d.astype(f.a.dtype)[None, :],
+        return _lowrank.LowRank(left=f.a * t.lambda_d.astype(f.a.dtype)[None, :],
                              right=f.b * t.lambda_b.astype(f.b.dtype)[None, :])
 
-    return _base.lift_matrix(
+    return _lift.lift_matrix(
         name=f"vera(rank={rank}, seed={projection_seed})",
         init_matrix=init_matrix,
         dimension_numbers=dimension_numbers,
-        **_base.low_rank_forms(factors),
+        **_lowrank.low_rank_forms(factors),
     )

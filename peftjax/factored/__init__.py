@@ -61,12 +61,10 @@ Example:
   Array([[4., 4., 4.]], dtype=float32)
 """
 
-from peftjax.factored._api import make_train_step as make_train_step
 from peftjax.factored._api import transform as transform
 from peftjax.factored._interpret import FactoredFallbackWarning as FactoredFallbackWarning
 
 __all__ = [
     "FactoredFallbackWarning",
-    "make_train_step",
     "transform",
 ]

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 import optax
 
-from peftjax.adapters import _base, _train
+from peftjax import adapters
+from peftjax.adapters import _train
 from peftjax.factored import _interpret, _sym
 from peftjax.quant import _array as _qarray
 from peftjax.quant import _matmul as _qmatmul
@@ -32,10 +33,10 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
-def _leaf_keys(key: jax.Array, path: str, w: Any, adapter: _base.Adapter) -> Any:
+def _leaf_keys(key: jax.Array, path: str, w: Any, adapter: adapters.Adapter) -> Any:
     dn = adapter.factored.dimension_numbers
     dims = _matrix.resolve(dn, np.shape(w), path=path)
-    k = _base.path_key(key, path)
+    k = adapters.path_key(key, path)
     if not dims.batch:
         return k
     return jax.random.split(k, math.prod(dims.batch_shape)).reshape(dims.batch_shape)
@@ -43,7 +44,7 @@ def _leaf_keys(key: jax.Array, path: str, w: Any, adapter: _base.Adapter) -> Any
 
 def transform(
     apply_fn: Callable[..., Any],
-    assignment: dict[str, _base.Adapter],
+    assignment: dict[str, adapters.Adapter],
     trainable: dict[str, Any],
     frozen: dict[str, Any],
     *,
@@ -124,9 +125,9 @@ def transform(
         params = args[argnum]
         p_items = _paths.flatten(params, is_leaf=_qarray.is_quantized)
         flat = dict(p_items)
-        _base._check_assignment(assignment, flat, "factored.transform")
-        _base._check_state(assignment, flat, trainable, frozen, "factored.transform")
-        bias_of = _base._bias_targets(assignment, flat)
+        bias_of = adapters.validate(assignment, params, trainable, frozen,
+                                    is_leaf=_qarray.is_quantized,
+                                    caller="factored.transform")
         interp = _interpret.Interpreter(deterministic=deterministic, stacklevel=4,
                                         tile_bytes=tile_bytes)
 
@@ -185,7 +186,7 @@ def transform(
 
 
 def _materialize_leaf(interp: _interpret.Interpreter, path: str,
-                      adapter: _base.Adapter, leaf: Any, t: Any, f: Any) -> Any:
+                      adapter: adapters.Adapter, leaf: Any, t: Any, f: Any) -> Any:
     if path not in interp.warned:
         interp.warned.add(path)
         warnings.warn(
@@ -196,7 +197,7 @@ def _materialize_leaf(interp: _interpret.Interpreter, path: str,
 
 
 def make_train_step(
-    assignment: dict[str, _base.Adapter],
+    assignment: dict[str, adapters.Adapter],
     loss_fn: Callable[..., Any],
     optimizer: optax.GradientTransformation,
     *,

@@ -23,8 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from peftjax.adapters import _base
-from peftjax.adapters import _conv as _aconv
+from peftjax import adapters
 from peftjax.factored import _sym
 
 
@@ -60,12 +59,12 @@ def conv(sym: _sym.Sym, x: Any, params: dict, bind: Any, key: Any) -> Any | None
     w_m, _, _ = _sym._to_matrix(sym)  # unused by low-rank deltas (DCE)
     terms = adapter.factored.terms(w_m, trainable, frozen)
     lr = terms.delta
-    if (not isinstance(lr, _aconv.LowRankDelta) or terms.in_scale is not None
+    if (not isinstance(lr, adapters.LowRankDelta) or terms.in_scale is not None
             or terms.out_scale is not None):
         return None
 
     y = bind(x, sym.base)
-    ct = _base.compute_dtype(x.dtype, lr.a.dtype)
+    ct = adapters.compute_dtype(x.dtype, lr.a.dtype)
     a = lr.a.astype(ct)
     if lr.core is not None:
         a = a @ lr.core.astype(ct)
@@ -95,5 +94,5 @@ def conv(sym: _sym.Sym, x: Any, params: dict, bind: Any, key: Any) -> Any | None
         d = jnp.einsum("...gr,rgo->...go", z, b.reshape(r, g, n_out // g))
         d = d.reshape(d.shape[:-2] + (n_out,))
     d = jnp.moveaxis(d, -1, c)
-    out_ct = _base.compute_dtype(y.dtype, d.dtype)
+    out_ct = adapters.compute_dtype(y.dtype, d.dtype)
     return (y.astype(out_ct) + d.astype(out_ct)).astype(y.dtype)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax.adapters import _base
+from peftjax import adapters
 from peftjax.quant import _array as _qarray
 from peftjax.quant import _formats as _qformats
 from peftjax.quant import _matmul as _qmatmul
@@ -53,7 +53,7 @@ class Meta:
     """The static part of a ``Sym`` (compared by identity)."""
 
     path: str
-    adapter: _base.Adapter | None  # None: a quantised leaf without adapter
+    adapter: adapters.Adapter | None  # None: a quantised leaf without adapter
     dims: _matrix.ResolvedDims
     roles: tuple[Role, ...]
     state_batch: tuple[int, ...]  # batch ids of the state leaves' leading axes
@@ -111,7 +111,7 @@ class Sym:
                    self.state if state is None else state)
 
 
-def _quant_dims(path: str, adapter: _base.Adapter | None,
+def _quant_dims(path: str, adapter: adapters.Adapter | None,
                 w: _qarray.QuantizedArray) -> _matrix.ResolvedDims:
     """The matrix view of a quantised leaf: reduction = the blocked axis."""
     shape, k = tuple(w.shape), w.axis
@@ -144,7 +144,7 @@ def _quant_dims(path: str, adapter: _base.Adapter | None,
     return dims
 
 
-def from_leaf(path: str, adapter: _base.Adapter | None, w: Any, trainable: Any,
+def from_leaf(path: str, adapter: adapters.Adapter | None, w: Any, trainable: Any,
               frozen: Any, keys: Any) -> Sym:
     """Wraps an adapted or quantised leaf (``keys``: dropout keys, or None)."""
     quant = _qarray.is_quantized(w)
@@ -446,7 +446,7 @@ def dot(sym: Sym, other: Any, sym_is_lhs: bool, params: dict,
     sym_free = [a for a in range(len(roles)) if a not in cs]
 
     if form is None:
-        terms = _base.FactoredTerms()
+        terms = adapters.FactoredTerms()
     else:
         w_m, _, _ = _to_matrix(sym)  # quantised: unused by most adapters (DCE)
         trainable, frozen, _ = sym.parts
@@ -479,7 +479,7 @@ def dot(sym: Sym, other: Any, sym_is_lhs: bool, params: dict,
         order = sorted(range(len(pairs)), key=lambda k: pairs[k][1])
         sc = jnp.transpose(sc, order)
         sc = jax.lax.broadcast_in_dim(sc, other.shape, tuple(sorted(cx)))
-        ct = _base.compute_dtype(other.dtype, sc.dtype)
+        ct = adapters.compute_dtype(other.dtype, sc.dtype)
         x_in = (other.astype(ct) * sc.astype(ct)).astype(other.dtype)
     if sym.is_quant:
         blocks, _ = _quant_matrix_blocks(sym)
@@ -501,14 +501,14 @@ def dot(sym: Sym, other: Any, sym_is_lhs: bool, params: dict,
         if key is not None:
             xm = _dropout(xm, meta.adapter.dropout, key)
         d = terms.delta(xm)
-        ct = _base.compute_dtype(ct, d.dtype)
+        ct = adapters.compute_dtype(ct, d.dtype)
         extra.append(place(d))
     out = y.astype(ct)
     for d in extra:
         out = out + d.astype(ct)
     if terms.out_scale is not None:
         sc = terms.out_scale
-        ct2 = _base.compute_dtype(ct, sc.dtype)
+        ct2 = adapters.compute_dtype(ct, sc.dtype)
         sc = sc.reshape([out_sizes[k] for k in o_order])
         sc = jnp.transpose(sc, [o_order.index(k) for k in range(len(sym_free))])
         start = 0 if sym_is_lhs else len(x_shape)

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import adapters as _adapters
-from peftjax.adapters import _base as _adapters_base
 from peftjax.tree import _matrix, _paths
 
 PyTree = Any
@@ -176,9 +175,9 @@ def lift(
             # One slice after another: a vmapped SVD can deadlock jaxlib's
             # batched CPU LAPACK on small machines (see adapters map_slices).
             if s is None:
-                out = _adapters_base.map_slices(lambda k, x: init_matrix(k, x, None), nb)(keys, m)
+                out = _adapters.map_slices(lambda k, x: init_matrix(k, x, None), nb)(keys, m)
             else:
-                out = _adapters_base.map_slices(init_matrix, nb)(keys, m, s)
+                out = _adapters.map_slices(init_matrix, nb)(keys, m, s)
         else:
             out = init_matrix(key, m, s)
         w_new, trainable, frozen = out

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from peftjax import adapters as _adapters
+from peftjax import tree
 from peftjax.inits import _base
-from peftjax.tree import _matrix
 
 
 def check_rank(rank: Any, name: str) -> int:
@@ -43,7 +43,7 @@ def lora_initializer(
     scaling: _adapters.Scaling,
     factors: Callable[[jax.Array, jax.Array, Any, float], tuple[jax.Array, jax.Array]],
     stats: str | None,
-    dimension_numbers: _matrix.DimensionNumbers | None,
+    dimension_numbers: tree.DimensionNumbers | None,
     param_dtype: Any,
     min_dim_factor: int = 1,
 ) -> _base.Initializer:

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from peftjax import adapters as _adapters
+from peftjax import tree
 from peftjax.inits import _base, _common, _linalg
-from peftjax.tree import _matrix
 
 _MAX_DAMP_DOUBLINGS = 60
 
@@ -70,7 +70,7 @@ def corda(
     mode: str = "ipm",
     alpha: float = 8.0,
     scaling: _adapters.Scaling = _adapters.Scaling.ALPHA_OVER_RANK,
-    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
 ) -> _base.Initializer:
     """CorDA: the adapter takes ``r`` covariance-oriented components of ``W``.

@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from peftjax import adapters as _adapters
+from peftjax import tree
 from peftjax.inits import _base, _common, _linalg
-from peftjax.tree import _matrix
 
 _DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 _SCALES = {"official": ("stable", "gd", "unit", "weightS"),
@@ -58,7 +58,7 @@ def lora_ga(
     niter: int | None = 4,
     norm_clip: bool = False,
     variant: str = "official",
-    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
 ) -> _base.Initializer:
     """LoRA-GA: ``a``, ``b`` span the top-``2r`` singular subspaces of the gradient.

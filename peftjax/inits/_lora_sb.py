@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from peftjax import adapters as _adapters
+from peftjax import tree
 from peftjax.inits import _base, _common, _linalg
-from peftjax.tree import _matrix
 
 
 def update_approximation(grad_sum: jax.Array, lr_eff: float) -> jax.Array:
@@ -80,7 +80,7 @@ def lora_sb(
     alpha: float | None = None,
     scaling: _adapters.Scaling = _adapters.Scaling.ALPHA_OVER_RANK,
     niter: int | None = None,
-    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
 ) -> _base.Initializer:
     """LoRA-SB: frozen ``a``, ``b`` and trainable ``core`` with ``s·a@core@b = trunc_r(ΔK)``.

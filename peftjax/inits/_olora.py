@@ -21,8 +21,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from peftjax import adapters as _adapters
+from peftjax import tree
 from peftjax.inits import _base, _common
-from peftjax.tree import _matrix
 
 
 def olora(
@@ -30,7 +30,7 @@ def olora(
     *,
     alpha: float = 8.0,
     scaling: _adapters.Scaling = _adapters.Scaling.ALPHA_OVER_RANK,
-    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
 ) -> _base.Initializer:
     """OLoRA: ``b`` = first ``r`` QR basis vectors of ``W``, ``a`` = their ``R`` rows.

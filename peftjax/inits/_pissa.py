@@ -20,8 +20,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from peftjax import adapters as _adapters
+from peftjax import tree
 from peftjax.inits import _base, _common, _linalg
-from peftjax.tree import _matrix
 
 
 def pissa(
@@ -30,7 +30,7 @@ def pissa(
     alpha: float = 8.0,
     scaling: _adapters.Scaling = _adapters.Scaling.ALPHA_OVER_RANK,
     niter: int | None = None,
-    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
 ) -> _base.Initializer:
     """PiSSA: ``s·a@b = trunc_r(W)`` trains, the residual ``W − trunc_r(W)`` is frozen.

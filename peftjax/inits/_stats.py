@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import adapters as _adapters
+from peftjax import tree
 from peftjax.inits import _base
-from peftjax.tree import _layouts, _matrix, _paths
 
 PyTree = Any
 
@@ -60,11 +60,11 @@ def _target_paths(targets: Any, flat: dict[str, Any], fn: str) -> list[str]:
 
 
 def _split(params: PyTree, paths: Sequence[str]) -> tuple[dict[str, Any], Callable]:
-    flat = _paths.leaves_by_path(params)
+    flat = tree.leaves_by_path(params)
     tgt = {p: flat[p] for p in paths}
 
     def join(t: dict[str, Any], base: PyTree) -> PyTree:
-        return _paths.map_with_path(lambda p, x: t.get(p, x), base)
+        return tree.map_with_path(lambda p, x: t.get(p, x), base)
 
     return tgt, join
 
@@ -123,7 +123,7 @@ def accumulate_gradients(
       >>> g["w"].tolist()
       [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
     """
-    flat = _paths.leaves_by_path(params)
+    flat = tree.leaves_by_path(params)
     paths = _target_paths(targets, flat, "accumulate_gradients")
     tgt, join = _split(params, paths)
     dtype = jnp.dtype(dtype)
@@ -133,14 +133,14 @@ def accumulate_gradients(
         return {p: x.astype(dtype) for p, x in g.items()}
 
     def add(acc, base, batch):
-        t = {p: _paths.leaves_by_path(base)[p] for p in paths}
+        t = {p: tree.leaves_by_path(base)[p] for p in paths}
         g = grads(t, base, batch)
         return {p: acc[p] + g[p] for p in paths}
 
     n = 0
     if offload:
         grad_step = jax.jit(lambda base, batch: grads(
-            {p: _paths.leaves_by_path(base)[p] for p in paths}, base, batch))
+            {p: tree.leaves_by_path(base)[p] for p in paths}, base, batch))
         acc_h = {p: np.zeros(np.shape(tgt[p]), dtype) for p in paths}
         for batch in batches:
             g = jax.device_get(grad_step(params, batch))
@@ -192,7 +192,7 @@ def _probe_matrix(normalize: bool) -> Callable[..., jax.Array]:
     return zero
 
 
-def _probe_adapter(normalize: bool, dims: _matrix.DimensionNumbers | None
+def _probe_adapter(normalize: bool, dims: tree.DimensionNumbers | None
                    ) -> _adapters.Adapter:
     zero = _probe_matrix(normalize)
 
@@ -218,7 +218,7 @@ def collect_covariances(
     *,
     transform: Callable[..., Callable[..., Any]],
     normalize: bool = True,
-    dimension_numbers: _matrix.DimensionNumbers | None = None,
+    dimension_numbers: tree.DimensionNumbers | None = None,
 ) -> dict[str, jax.Array]:
     """Collects ``C = mean over calls of XᵀX`` of each targeted matmul's input.
 
@@ -265,14 +265,13 @@ def collect_covariances(
       >>> c["w"].tolist()
       [[1.0, 2.0], [2.0, 5.0]]
     """
-    flat = _paths.leaves_by_path(params)
+    flat = tree.leaves_by_path(params)
     paths = _target_paths(targets, flat, "collect_covariances")
     probe = _probe_adapter(normalize, dimension_numbers)
-    # Stacked leaves (the scanned ``layers/...`` layout) get their view here,
-    # as ``tree.assign`` gives it; other rank >= 3 kernels need dimension_numbers.
-    assignment = _layouts.bind_payloads(
-        {p: probe for p in paths}, _layouts.bind(None, list(flat.items())),
-        "collect_covariances")
+    # Stacked leaves (the scanned ``layers/...`` layout) get their view from
+    # ``tree.assign``; other rank >= 3 kernels need dimension_numbers.
+    wanted = set(paths)
+    assignment = tree.assign(params, tree.Rule(where=lambda p, _: p in wanted, then=probe))
     state = _adapters.init(assignment, jax.random.key(0), params)
 
     def total(trainable, base, batch):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import tree
-from peftjax.adapters import _base, _dora, _lora, _scale_shift, _vera
+from peftjax import adapters as _adapters
 from peftjax.io import _json, _peft_config, _peft_keys, _peft_write, _safetensors
 from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
 from peftjax.io._peft_write import save_peft  # noqa: F401 (doctest)
@@ -56,8 +56,8 @@ class PeftAdapter(NamedTuple):
       config: the parsed ``adapter_config.json``.
     """
 
-    assignment: dict[str, _base.Adapter]
-    state: _base.AdapterState
+    assignment: dict[str, _adapters.Adapter]
+    state: _adapters.AdapterState
     full: dict[str, jax.Array]
     config: dict[str, Any]
 
@@ -281,7 +281,7 @@ def load_peft(
         built = _build(peft_type, config, upath, key_map[upath], got, vera_shared,
                        use_dora, param_dtype, source, dims, dn)
         per_leaf.setdefault(path, {})[layer] = built
-    assignment: dict[str, _base.Adapter] = {}
+    assignment: dict[str, _adapters.Adapter] = {}
     trainable: dict[str, Any] = {}
     frozen: dict[str, Any] = {}
     for path, layers in sorted(per_leaf.items()):
@@ -300,7 +300,7 @@ def load_peft(
         _check_shapes(path, adapter, flat[path], t, f)
         assignment[path], trainable[path], frozen[path] = adapter, t, f
     full = _assemble_full(full_u, flat, layers_prefix, param_dtype)
-    return PeftAdapter(assignment, _base.AdapterState(trainable, frozen), full, config)
+    return PeftAdapter(assignment, _adapters.AdapterState(trainable, frozen), full, config)
 
 
 def _check_selection(selection: Any, config: dict,
@@ -451,33 +451,33 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
                              f"{want_r} in {source} (r/rank_pattern)")
         alpha = _peft_config.pattern_value(config.get("alpha_pattern") or {}, module,
                                            config.get("lora_alpha", 8))
-        scaling = (_lora.Scaling.ALPHA_OVER_SQRT_RANK if config.get("use_rslora")
-                   else _lora.Scaling.ALPHA_OVER_RANK)
+        scaling = (_adapters.Scaling.ALPHA_OVER_SQRT_RANK if config.get("use_rslora")
+                   else _adapters.Scaling.ALPHA_OVER_RANK)
         emb = key.layout is _peft_keys.TensorLayout.EMBEDDING
         kw = dict(alpha=alpha, scaling=scaling, param_dtype=dtype,
                   dimension_numbers=dn,
                   dropout=float(config.get("lora_dropout", 0.0) or 0.0),
-                  init=(_lora.LoRAInit.EMBEDDING if emb
-                        else _lora.LoRAInit.KAIMING_UNIFORM))
+                  init=(_adapters.LoRAInit.EMBEDDING if emb
+                        else _adapters.LoRAInit.KAIMING_UNIFORM))
         if use_dora:
             if emb:
                 raise ValueError(f"load_peft: DoRA on the embedding {module!r} is not "
                                  "supported")
-            return (_dora.dora(r, **kw),
-                    _dora.DoRAParams(arr(a.T), arr(b.T), arr(got["magnitude"])), None)
-        return _lora.lora(r, **kw), _lora.LoRAParams(arr(a.T), arr(b.T)), None
+            return (_adapters.dora(r, **kw),
+                    _adapters.DoRAParams(arr(a.T), arr(b.T), arr(got["magnitude"])), None)
+        return _adapters.lora(r, **kw), _adapters.LoRAParams(arr(a.T), arr(b.T)), None
     if peft_type == "IA3":
         v = got["ia3"]
         if v.ndim != 2 or 1 not in v.shape:
             raise ValueError(f"load_peft: {module!r}.ia3_l has shape {v.shape}; "
                              "expected (out, 1) or (1, in)")
         is_ff = _peft_config.is_feedforward(config, module)
-        side = _scale_shift.Side.INPUT if v.shape[0] == 1 else _scale_shift.Side.OUTPUT
-        if is_ff != (side is _scale_shift.Side.INPUT):
+        side = _adapters.Side.INPUT if v.shape[0] == 1 else _adapters.Side.OUTPUT
+        if is_ff != (side is _adapters.Side.INPUT):
             raise ValueError(f"load_peft: {module!r}.ia3_l has shape {v.shape}, which "
                              f"disagrees with feedforward_modules in {source}")
-        return (_scale_shift.ia3(side, param_dtype=dtype, dimension_numbers=dn),
-                _scale_shift.ScaleParams(arr(v.reshape(-1))), None)
+        return (_adapters.ia3(side, param_dtype=dtype, dimension_numbers=dn),
+                _adapters.ScaleParams(arr(v.reshape(-1))), None)
     if set(shared) != {"A", "B"}:
         raise ValueError(f"load_peft: VeRA file lacks base_model.vera_A/vera_B "
                          f"(has {sorted(shared)}); save with save_projection=True")
@@ -487,7 +487,7 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
     if big_a.shape[0] != r or big_b.shape[1] != r:
         raise ValueError(f"load_peft: vera_A {big_a.shape} / vera_B {big_b.shape} "
                          f"disagree with {module!r}'s rank {r}")
-    adapter = _vera.vera(r, max_in=int(big_a.shape[1]), max_out=int(big_b.shape[0]),
+    adapter = _adapters.vera(r, max_in=int(big_a.shape[1]), max_out=int(big_b.shape[0]),
                          projection_seed=int(config.get("projection_prng_key", 0)),
                          d_initial=float(config.get("d_initial", 0.1)),
                          dimension_numbers=dn, param_dtype=dtype)
@@ -495,11 +495,11 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
     if n_in > big_a.shape[1] or n_out > big_b.shape[0]:
         raise ValueError(f"load_peft: {module!r} (in={n_in}, out={n_out}) exceeds "
                          f"the shared vera_A {big_a.shape} / vera_B {big_b.shape}")
-    t = _vera.VeRAParams(arr(got["lambda_d"]), arr(got["lambda_b"]))
-    return adapter, t, _vera.VeRABasis(arr(big_a[:, :n_in].T), arr(big_b[:n_out].T))
+    t = _adapters.VeRAParams(arr(got["lambda_d"]), arr(got["lambda_b"]))
+    return adapter, t, _adapters.VeRABasis(arr(big_a[:, :n_in].T), arr(big_b[:n_out].T))
 
 
-def _check_shapes(path: str, adapter: _base.Adapter, leaf: Any, t: Any, f: Any) -> None:
+def _check_shapes(path: str, adapter: _adapters.Adapter, leaf: Any, t: Any, f: Any) -> None:
     spec = jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype)
     try:
         want_t, want_f = jax.eval_shape(lambda k, w: adapter.init(k, w),

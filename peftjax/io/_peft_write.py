@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import tree
-from peftjax.adapters import _base, _dora, _lora, _scale_shift, _vera
+from peftjax import adapters as _adapters
 from peftjax.io import _peft_keys, _safetensors
 from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
 
@@ -53,10 +53,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 _TYPES = {
-    _lora.LoRAParams: "LORA",
-    _dora.DoRAParams: "LORA",
-    _vera.VeRAParams: "VERA",
-    _scale_shift.ScaleParams: "IA3",
+    _adapters.LoRAParams: "LORA",
+    _adapters.DoRAParams: "LORA",
+    _adapters.VeRAParams: "VERA",
+    _adapters.ScaleParams: "IA3",
 }
 
 
@@ -77,7 +77,7 @@ def from_torch(arr: np.ndarray, dims: tree.ResolvedDims) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(m, np.argsort(axes)))
 
 
-def _probe_scaling(adapter: _base.Adapter, t: Any, n_in: int, n_out: int,
+def _probe_scaling(adapter: _adapters.Adapter, t: Any, n_in: int, n_out: int,
                    path: str) -> float:
     """The adapter's float32 scaling ``s``: ``delta(e_0)`` with unit factors."""
     if adapter.factored is None or adapter.factored.terms is None:
@@ -88,9 +88,9 @@ def _probe_scaling(adapter: _base.Adapter, t: Any, n_in: int, n_out: int,
     a, b, x = (np.zeros((n_in, r), np.float32), np.zeros((r, n_out), np.float32),
                np.zeros((1, n_in), np.float32))
     a[0, 0] = b[0, 0] = x[0, 0] = 1.0
-    unit = (_lora.LoRAParams(jnp.asarray(a), jnp.asarray(b))
-            if isinstance(t, _lora.LoRAParams)
-            else _dora.DoRAParams(jnp.asarray(a), jnp.asarray(b),
+    unit = (_adapters.LoRAParams(jnp.asarray(a), jnp.asarray(b))
+            if isinstance(t, _adapters.LoRAParams)
+            else _adapters.DoRAParams(jnp.asarray(a), jnp.asarray(b),
                                   jnp.ones((n_out,), jnp.float32)))
     terms = adapter.factored.terms(jnp.zeros((n_in, n_out), jnp.float32), unit, None)
     return float(terms.delta(jnp.asarray(x))[0, 0])
@@ -176,8 +176,8 @@ def _unrolled_leaf(upath: str, params_flat: dict[str, Any], prefix: str) -> Any:
 
 def save_peft(
     directory: str | os.PathLike,
-    assignment: Mapping[str, _base.Adapter],
-    state: _base.AdapterState,
+    assignment: Mapping[str, _adapters.Adapter],
+    state: _adapters.AdapterState,
     params: Any,
     *,
     key_map: Mapping[str, _peft_keys.PeftKey],
@@ -244,7 +244,7 @@ def save_peft(
             )
         kinds[path] = kind
     types = sorted(set(kinds.values()))
-    dora = {p for p in assignment if isinstance(state.trainable[p], _dora.DoRAParams)}
+    dora = {p for p in assignment if isinstance(state.trainable[p], _adapters.DoRAParams)}
     if len(types) > 1 or (dora and len(dora) != len(assignment)):
         raise ValueError(f"save_peft: one PEFT adapter holds one method; got {kinds}")
     if not types:
@@ -306,7 +306,7 @@ def save_peft(
                 if dora:
                     tensors[base + ".lora_magnitude_vector"] = _np(tu.magnitude)
             elif peft_type == "IA3":
-                unit = _scale_shift.ScaleParams(jnp.ones_like(tu.scale))
+                unit = _adapters.ScaleParams(jnp.ones_like(tu.scale))
                 terms = adapter.factored.terms(
                     jnp.zeros((dims.n_in, dims.n_out), tu.scale.dtype), unit, None)
                 vec = _np(tu.scale)
