@@ -179,7 +179,7 @@ def test_hybrid_export_folds_to_what_the_step_trained():
     state = t.init(jax.random.key(0), params)
     for _ in range(3):
         state, _ = t.step(state, batch, params)
-    exported = adapters.merge(a, tree.replace_leaves(params, state.trainable["full"]),
+    exported = adapters.fold(a, tree.replace_leaves(params, state.trainable["full"]),
                               state.trainable["adapters"], state.frozen)
     eff = t.params(state, params)
     h.assert_tree_allclose(exported, eff, **h.MATMUL_F32)
@@ -239,6 +239,28 @@ def test_tiny_llama_factored_lora_trains_and_matches_materialize():
     np.testing.assert_allclose(runs[0][0], runs[1][0], **h.MATMUL_F32)
     # Four Adam steps amplify last-bit differences of the two matmul orders.
     h.assert_tree_allclose(runs[0][1], runs[1][1], rtol=1e-4, atol=1e-5)
+
+
+def test_factored_default_falls_back_with_one_warning_and_hybrid_without_adapters():
+    params, batch = _params(), _batch()
+    # a use of an adapted kernel outside a matmul (a weight penalty) is materialised,
+    # with the warning naming the path
+    a = tree.assign(params, [tree.Rule(where="w1", then=adapters.lora(2))])
+    t = train.trainer(lambda p, b: _loss(p, b) + 1e-3 * jnp.sum(p["w1"] ** 2),
+                      optax.adam(1e-2), adapters=a)
+    state = t.init(jax.random.key(0), params)
+    with pytest.warns(peftjax.factored.FactoredFallbackWarning, match="'w1'"):
+        state, m = t.step(state, batch, params)
+    assert int(m["skipped"]) == 0
+    # hybrid with adapters={}: only the full leaves train
+    hy = train.trainer(_loss, optax.sgd(0.1), adapters={},
+                       full=[tree.Rule(where="w2", then=True)])
+    hs = hy.init(jax.random.key(0), params)
+    assert hs.trainable["adapters"] == {} and sorted(hs.trainable["full"]) == ["w2"]
+    hs, _ = hy.step(hs, batch, params)
+    eff = hy.params(hs, params)
+    np.testing.assert_array_equal(eff["w1"], params["w1"])
+    assert not np.allclose(eff["w2"], params["w2"], **h.ELEMENTWISE_F32)
 
 
 def _state_bytes(state):
