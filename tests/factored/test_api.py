@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from peftjax import adapters, factored, tree
+from peftjax import adapters, factored, train, tree
 from tests.factored.conftest import MODELS, build, scalar_loss
 from tests.helpers import GRAD_F32, MATMUL_F32, assert_tree_allclose
 
@@ -83,14 +83,13 @@ def test_stacked_adapters_stay_stacked_and_step_compiles_once(name):
         traces += 1
         return scalar_loss(apply_fn(p, batch))
 
-    opt = optax.adam(1e-2)
-    step = jax.jit(factored.make_train_step(assignment, loss_fn, opt))
-    o = opt.init(trainable)
+    t = train.trainer(loss_fn, optax.adam(1e-2), adapters=assignment)  # factored
+    state = t.init(jax.random.key(0), params,
+                   state=adapters.AdapterState(trainable, frozen))
     losses = []
     for _ in range(3):
-        with jax.numpy_dtype_promotion("standard"):  # optax's own arithmetic
-            trainable, o, loss = step(trainable, o, params, frozen, x)
-        losses.append(float(loss))
+        state, m = t.step(state, x, params)
+        losses.append(float(m["loss"]))
     assert traces == 1
     assert losses[-1] < losses[0]
 

@@ -13,7 +13,7 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-from peftjax import adapters, factored, tree
+from peftjax import adapters, factored, train, tree
 from tests.helpers import GRAD_F32, assert_tree_allclose
 
 # f32 convolutions: sums of up to k·in = 72 products of O(1) terms (see
@@ -192,11 +192,15 @@ def test_cnn_factored_train_step_equals_materialize_step(kind):
         logits = apply_fn(p, batch[0])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
 
-    opt = optax.sgd(0.5)
-    fac_step = jax.jit(factored.make_train_step(a, loss_fn, opt))
-    mat_step = jax.jit(adapters.make_train_step(a, loss_fn, opt))
-    t_f, _, loss_f = fac_step(t, opt.init(t), params, state.frozen, (x, labels))[:3]
-    t_m, _, loss_m = mat_step(t, opt.init(t), params, state.frozen, (x, labels))[:3]
+    out = {}
+    for path in ("factored", "materialize"):
+        tr = train.trainer(loss_fn, optax.sgd(0.5), adapters=a,
+                           factored=path == "factored", donate=False)
+        s = tr.init(jax.random.key(0), params,
+                    state=adapters.AdapterState(t, state.frozen))
+        s, m = tr.step(s, (x, labels), params)
+        out[path] = (s.trainable, m["loss"])
+    (t_f, loss_f), (t_m, loss_m) = out["factored"], out["materialize"]
     np.testing.assert_allclose(float(loss_f), float(loss_m), rtol=1e-5)
     assert_tree_allclose(t_f, t_m, **GRAD_F32)
     moved = jax.tree.map(lambda u, v: float(jnp.abs(u - v).max()), t_f, t)

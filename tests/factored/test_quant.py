@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from peftjax import adapters, factored, inits, quant, tree
+from peftjax import adapters, factored, inits, quant, train, tree
 from peftjax.models import apply as llama_apply
 from peftjax.models import llama, split_params
 from peftjax.tree import _paths
@@ -82,20 +82,27 @@ def test_checker_sees_a_dequantised_kernel():
 
 def _run_both(a, t, fr, qp, fp, tokens, loss_fn, *, check_hlo):
     opt = optax.sgd(0.5)
-    q_step = jax.jit(factored.make_train_step(a, loss_fn, opt, tile_bytes=TILE))
+
+    def q_step(t, o, params, batch):  # factored with small tiles (train.trainer's defaults)
+        run = lambda t_: factored.transform(loss_fn, a, t_, fr, tile_bytes=TILE)(params, batch)  # noqa: E731
+        loss, g = jax.value_and_grad(run)(t)
+        u, o = opt.update(g, o, t)
+        return optax.apply_updates(t, u), o, loss
+
     # Reference: the float model dequantised once, through materialize.
-    f_step = jax.jit(adapters.make_train_step(a, loss_fn, opt))
-    compiled = q_step.lower(t, opt.init(t), qp, fr, tokens).compile()
+    ref = train.trainer(loss_fn, opt, adapters=a, factored=False, donate=False)
+    rs = ref.init(jax.random.key(0), fp, state=adapters.AdapterState(t, fr))
+    compiled = jax.jit(q_step).lower(t, opt.init(t), qp, tokens).compile()
     if check_hlo:
         # Neither a float copy of any quantised kernel (per layer or stacked)
         # nor a float tile as large: every dequantisation is a tile.
         assert _float_kernel_buffers(compiled, _kernel_counts(qp)) == []
-    tq, oq, tf, of = t, opt.init(t), t, opt.init(t)
+    tq, oq = t, opt.init(t)
     for _ in range(2):
-        tq, oq, lq = compiled(tq, oq, qp, fr, tokens)
-        tf, of, lf = f_step(tf, of, fp, fr, tokens)
-        np.testing.assert_allclose(f64(lq), f64(lf), **MATMUL_F32)
-    assert_tree_allclose(tq, tf, **MATMUL_F32)
+        tq, oq, lq = compiled(tq, oq, qp, tokens)
+        rs, m = ref.step(rs, tokens, fp)
+        np.testing.assert_allclose(f64(lq), f64(m["loss"]), **MATMUL_F32)
+    assert_tree_allclose(tq, rs.trainable, **MATMUL_F32)
     # The steps moved every adapter (the comparison is not of two no-ops).
     for path in a:
         moved = [float(jnp.max(jnp.abs(x - y))) for x, y in

@@ -73,23 +73,26 @@ def _has_nan(t):
     return any(np.isnan(h.f64(x)).any() for x in jax.tree.leaves(t))
 
 
-@pytest.mark.parametrize("bad", [_nan_loss_batch, _nan_grad_batch],
-                         ids=["nan_loss", "nan_grad_finite_loss"])
-def test_adapter_step_skips_a_bad_batch(bad):
+@pytest.mark.parametrize("factored", [None, False], ids=["factored", "materialize"])
+def test_adapter_step_skips_bad_batches_and_counts_them(factored):
     params = _params()
-    a = tree.assign(params, [tree.Rule(where=r"attn/q/kernel|mlp/up/kernel",
+    a = tree.assign(params, [tree.Rule(where=r"attn/q/kernel|mlp/(up|down)/kernel",
                                        then=adapters.lora(2, alpha=4.0))])
-    t = train.trainer(_loss, optax.adam(3e-2), adapters=a)
+    t = train.trainer(_loss, optax.adamw(3e-2, weight_decay=0.1), adapters=a,
+                      factored=factored)
     batches = _batches()
     st = adapters.init(a, jax.random.key(0), params)
-    loss = _loss(adapters.materialize(a, params, *st), bad(batches[0]))
-    assert np.isfinite(float(loss)) == (bad is _nan_grad_batch)
+    for bad, finite in ((_nan_loss_batch, False), (_nan_grad_batch, True)):
+        loss = _loss(adapters.materialize(a, params, *st), bad(batches[0]))
+        assert np.isfinite(float(loss)) == finite
 
     ref, s_ref = _run(t, params, batches)
-    got, s = _run(t, params, _with_bad(batches, bad))
-    assert s_ref == [0, 0, 0, 0] and s == [0, 0, 1, 0, 0]
+    # A NaN loss, then a finite loss with a NaN gradient, both at position BAD_AT.
+    got, s = _run(t, params, _with_bad(_with_bad(batches, _nan_loss_batch), _nan_grad_batch))
+    assert s_ref == [0] * 4 and s == [0, 0, 1, 1, 0, 0]
+    assert int(got.step) == 6
     h.assert_tree_allclose(got.trainable, ref.trainable, **h.EXACT)
-    h.assert_tree_allclose(got.opt_state, ref.opt_state, **h.EXACT)  # Adam's count, moments
+    h.assert_tree_allclose(got.opt_state, ref.opt_state, **h.EXACT)  # AdamW's count, moments
     assert not _has_nan((got.trainable, got.opt_state))
 
 
