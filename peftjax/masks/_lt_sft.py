@@ -10,7 +10,7 @@ entries of largest ``|θ − θ0|`` over all maskable parameters jointly, one
 global threshold, ties included) ↔ ``lt_sft_mask``; steps 3–4 (reset to
 ``θ0``, new optimizer, sparse training) ↔ ``lt_sft`` wrapping any optax
 optimizer; export of ``Δ = θ − θ0`` with ``|Δ| > 1e-7`` ↔ ``lt_sft_export``;
-composition (adding several SFTs onto ``θ0``) is ``peftjax.adapters.merge``
+composition (adding several SFTs onto ``θ0``) is ``peftjax.adapters.fold``
 of the loaded deltas.
 
 [DIFF] The reference multiplies *gradients* by the mask; with weight decay
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from peftjax.tree import _paths
+from peftjax import tree
 
 PyTree = Any
 
@@ -163,7 +163,7 @@ def lt_sft_export(params: PyTree, params0: PyTree, mask: PyTree, *,
       >>> c["w/indices"].tolist(), c["w/values"].tolist()
       ([0], [1.0])
     """
-    flat, flat0, fmask = (_paths.leaves_by_path(t) for t in (params, params0, mask))
+    flat, flat0, fmask = (tree.leaves_by_path(t) for t in (params, params0, mask))
     out: dict[str, np.ndarray] = {}
     for path, a in flat.items():
         m = np.asarray(fmask[path]).reshape(-1)
