@@ -20,8 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from peftjax import tree
 from peftjax.merge import _common, _task_vectors
-from peftjax.tree import _paths
 
 PyTree = Any
 
@@ -86,7 +86,7 @@ def combine_breadcrumbs(vectors: Sequence[PyTree], *, density: float = 0.15,
                 return x
             return jnp.where(breadcrumb_mask(x, density, gamma), x, 0)
 
-        return _paths.map_with_path(one, v)
+        return tree.map_with_path(one, v)
 
     return _task_vectors.combine_linear([masked(v) for v in vectors],
                                         weights=weights)

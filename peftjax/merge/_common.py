@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax.tree import _paths, _rules
+from peftjax import tree
 
 PyTree = Any
 
@@ -43,9 +43,9 @@ def check_models(base: PyTree, models: Sequence[PyTree], fn: str,
     if len(models) < min_models:
         raise ValueError(f"{fn}: needs at least {min_models} fine-tuned models, got "
                          f"{len(models)}")
-    ref = _paths.flatten(base)
+    ref = tree.flatten(base)
     for i, m in enumerate(models):
-        got = _paths.flatten(m)
+        got = tree.flatten(m)
         rp, gp = [p for p, _ in ref], [p for p, _ in got]
         if rp != gp:
             missing = sorted(set(rp) - set(gp))[:10]
@@ -74,12 +74,12 @@ def check_weights(weights: Sequence[float] | None, n: int, fn: str) -> list[Any]
 
 def selected(base: PyTree, rules: Any) -> set[str]:
     """Paths taking part: floating leaves matched by ``rules`` (all if None)."""
-    flat = _paths.flatten(base)
+    flat = tree.flatten(base)
     floats = {p for p, x in flat if _is_float(x)}
     if rules is None:
         return floats
-    chosen = _rules.mask(base, rules)
-    picked = {p for p, v in _paths.flatten(chosen) if v}
+    chosen = tree.mask(base, rules)
+    picked = {p for p, v in tree.flatten(chosen) if v}
     non_float = sorted(picked - floats)
     if non_float:
         raise ValueError(f"rules select non-floating leaves {non_float[:10]}; only "
@@ -116,7 +116,7 @@ def task_vector(finetuned: PyTree, base: PyTree) -> PyTree:
 def apply(base: PyTree, vector: PyTree, paths: set[str], scale: Any = 1.0
           ) -> PyTree:
     """Returns ``base + scale·vector`` on ``paths``, cast to the base dtypes."""
-    flat_v = _paths.leaves_by_path(vector)
+    flat_v = tree.leaves_by_path(vector)
 
     def one(p: str, b: Any) -> Any:
         if p not in paths:
@@ -125,14 +125,14 @@ def apply(base: PyTree, vector: PyTree, paths: set[str], scale: Any = 1.0
         return (b.astype(dt) + jnp.asarray(scale, dt) * flat_v[p].astype(dt)
                 ).astype(b.dtype)
 
-    return _paths.map_with_path(one, base)
+    return tree.map_with_path(one, base)
 
 
 def per_leaf(vectors: Sequence[PyTree], fn: Callable[[str, list[Any]], Any]
              ) -> PyTree:
     """Maps ``fn(path, [leaf of each vector])`` over aligned task vectors."""
-    flats = [_paths.leaves_by_path(v) for v in vectors]
-    return _paths.map_with_path(lambda p, _: fn(p, [f[p] for f in flats]),
+    flats = [tree.leaves_by_path(v) for v in vectors]
+    return tree.map_with_path(lambda p, _: fn(p, [f[p] for f in flats]),
                                 vectors[0])
 
 

@@ -21,8 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from peftjax import tree
 from peftjax.merge import _common, _task_vectors, _ties
-from peftjax.tree import _paths
 
 PyTree = Any
 
@@ -67,7 +67,7 @@ def drop_and_rescale(vector: PyTree, density: float, key: jax.Array, *,
         keep = jax.random.bernoulli(k, density, x.shape)
         return jnp.where(keep, x / jnp.asarray(density, x.dtype), 0)
 
-    return _paths.map_with_path(one, vector)
+    return tree.map_with_path(one, vector)
 
 
 def combine_dare(vectors: Sequence[PyTree], *, density: float, key: jax.Array,

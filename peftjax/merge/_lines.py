@@ -26,8 +26,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from peftjax import tree
 from peftjax.merge import _common, _task_vectors
-from peftjax.tree import _paths
 
 PyTree = Any
 
@@ -91,7 +91,7 @@ def lines(base: PyTree, finetuned: Sequence[PyTree], *, alpha: float, beta: floa
     """
     _common.check_models(base, finetuned, "lines")
     paths = _common.selected(base, rules)
-    flat = _paths.leaves_by_path(base)
+    flat = tree.leaves_by_path(base)
     idx = {p: int(m.group(1)) for p in paths
            if (m := re.fullmatch(layer_pattern, p))}
     stacked = {p for p in paths if p not in idx and re.fullmatch(stacked_pattern, p)}
@@ -121,4 +121,4 @@ def lines(base: PyTree, finetuned: Sequence[PyTree], *, alpha: float, beta: floa
             return x * s.reshape((-1,) + (1,) * (x.ndim - 1))
         return x * jnp.asarray(other, x.dtype)
 
-    return _common.apply(base, _paths.map_with_path(one, summed), paths, 1.0)
+    return _common.apply(base, tree.map_with_path(one, summed), paths, 1.0)

@@ -27,8 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from peftjax import tree
 from peftjax.merge import _common
-from peftjax.tree import _paths
 
 PyTree = Any
 
@@ -77,7 +77,7 @@ def trim(vector: PyTree, density: float, *, mode: Trim = Trim.PER_TENSOR,
     density = _common.check_fraction(density, "density", "trim")
     if not isinstance(mode, Trim):
         raise TypeError(f"trim: mode must be a Trim member, got {mode!r}")
-    flat = _paths.leaves_by_path(vector)
+    flat = tree.leaves_by_path(vector)
     paths = set(flat) if paths is None else paths
     if mode is Trim.PER_TENSOR:
         def one(p, x):
@@ -85,7 +85,7 @@ def trim(vector: PyTree, density: float, *, mode: Trim = Trim.PER_TENSOR,
                 return x
             return jnp.where(_topk_mask(x, int(density * x.size)), x, 0)
 
-        return _paths.map_with_path(one, vector)
+        return tree.map_with_path(one, vector)
     allv = jnp.concatenate([jnp.abs(flat[p]).reshape(-1).astype(jnp.float32)
                             for p in flat if p in paths])
     k = int(density * allv.size)
@@ -99,7 +99,7 @@ def trim(vector: PyTree, density: float, *, mode: Trim = Trim.PER_TENSOR,
             return x
         return jnp.where(jnp.abs(x).astype(jnp.float32) >= thr, x, 0)
 
-    return _paths.map_with_path(one_global, vector)
+    return tree.map_with_path(one_global, vector)
 
 
 def elect_sign(weighted: Sequence[jax.Array]) -> jax.Array:
