@@ -92,11 +92,8 @@ private peftjax/adapters/_sora.py peftjax.tree._matrix
 private peftjax/adapters/_sparse.py peftjax.tree._matrix
 private peftjax/adapters/_sparse.py peftjax.tree._paths
 private peftjax/adapters/_svfit.py peftjax.tree._matrix
-private peftjax/adapters/_train.py peftjax.tree._paths
-private peftjax/adapters/_train.py peftjax.tree._rules
 private peftjax/adapters/_vera.py peftjax.tree._matrix
 private peftjax/factored/_api.py peftjax.adapters._base
-private peftjax/factored/_api.py peftjax.adapters._train
 private peftjax/factored/_api.py peftjax.quant._array
 private peftjax/factored/_api.py peftjax.quant._matmul
 private peftjax/factored/_api.py peftjax.tree._matrix
