@@ -96,11 +96,18 @@ from peftjax.adapters._sparse import sparse_to_compact as sparse_to_compact
 from peftjax.adapters._svfit import SVFitBasis as SVFitBasis
 from peftjax.adapters._svfit import SVFitParams as SVFitParams
 from peftjax.adapters._svfit import svfit as svfit
+from peftjax.adapters._train import hybrid_init as hybrid_init
+from peftjax.adapters._train import hybrid_labels as hybrid_labels
+from peftjax.adapters._train import hybrid_materialize as hybrid_materialize
+from peftjax.adapters._train import make_hybrid_train_step as make_hybrid_train_step
+from peftjax.adapters._train import make_train_step as make_train_step
+from peftjax.adapters._train import replace_leaves as replace_leaves
+from peftjax.adapters._train import update_if_finite as update_if_finite
+from peftjax.adapters._tree import fold as fold
 from peftjax.adapters._tree import init as init
 from peftjax.adapters._tree import materialize as materialize
-from peftjax.adapters._tree import merge as merge
 from peftjax.adapters._tree import num_trainable as num_trainable
-from peftjax.adapters._tree import unmerge as unmerge
+from peftjax.adapters._tree import unfold as unfold
 from peftjax.adapters._validate import validate as validate
 from peftjax.adapters._vera import VeRABasis as VeRABasis
 from peftjax.adapters._vera import VeRAParams as VeRAParams
@@ -151,6 +158,13 @@ __all__ = [
     "adalora_update_importance",
     "cast_floating",
     "dora",
+    "hybrid_init",
+    "hybrid_labels",
+    "hybrid_materialize",
+    "make_hybrid_train_step",
+    "make_train_step",
+    "replace_leaves",
+    "update_if_finite",
     "ia3",
     "init",
     "lift_matrix",
@@ -162,7 +176,7 @@ __all__ = [
     "LowRankDelta",
     "lora_xs",
     "materialize",
-    "merge",
+    "fold",
     "num_trainable",
     "path_key",
     "prefix_kv",
@@ -171,7 +185,7 @@ __all__ = [
     "scale_shift",
     "scaling_value",
     "ssf",
-    "unmerge",
+    "unfold",
     "vera",
     "vera_shared",
     "SparseSupport",

@@ -15,7 +15,7 @@ of the 1x1 ``lora_B``, because a convolution is linear in its kernel:
 
     conv(x, W + s·reshape(A@B)) = conv(x, W) + s·conv1x1(conv(x, A), B).
 
-``materialize``/``merge`` use the left side (plain LoRA under that view);
+``materialize``/``fold`` use the left side (plain LoRA under that view);
 the factored path (``peftjax.factored``) computes the right side for every
 ``conv_general_dilated`` that consumes the kernel, with the base conv's
 strides, padding, dilations and feature groups, and never forms ``reshape(A@B)``

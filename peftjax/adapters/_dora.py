@@ -60,8 +60,8 @@ def dora(
     """DoRA: a LoRA direction update with a trainable per-output magnitude.
 
     Identity at init (``B = 0`` and ``m = ||W||``). Trainable parameters:
-    ``r·(in + out) + out`` per matrix. ``merge(..., return_aux=True)`` returns
-    the column norms it used; ``unmerge`` needs them to be exact.
+    ``r·(in + out) + out`` per matrix. ``fold(..., return_aux=True)`` returns
+    the column norms it used; ``unfold`` needs them to be exact.
 
     Args:
       rank: ``r`` (static).

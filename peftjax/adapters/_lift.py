@@ -127,7 +127,7 @@ def lift_matrix(
       apply_matrix: ``(w (in, out), trainable, frozen) -> w' (in, out)``;
         it may return a wider dtype, the result is cast back to ``w.dtype``.
       unapply_matrix: exact inverse ``(w', trainable, frozen, aux) -> w``.
-      aux_matrix: ``(w, trainable, frozen) -> aux`` kept by ``merge``.
+      aux_matrix: ``(w, trainable, frozen) -> aux`` kept by ``fold``.
       bias: optional bias hook (its functions are also per matrix).
       dimension_numbers: the matrix view of the leaf.
       dropout: adapter-input dropout rate (factored path only).
@@ -209,10 +209,10 @@ def lift_matrix(
             out = vmapped(unapply_matrix, len(r.batch))(m, trainable, frozen, aux)
             return tree.from_matrix(out.astype(w.dtype), r)
 
-    merge_aux = None
+    fold_aux = None
     if aux_matrix is not None:
 
-        def merge_aux(w: jax.Array, trainable: Any, frozen: Any):
+        def fold_aux(w: jax.Array, trainable: Any, frozen: Any):
             r = resolved(w)
             m = tree.to_matrix(w, r)
             return vmapped(aux_matrix, len(r.batch))(m, trainable, frozen)
@@ -240,7 +240,7 @@ def lift_matrix(
         init=init,
         apply=apply,
         unapply=unapply,
-        merge_aux=merge_aux,
+        fold_aux=fold_aux,
         bias=hook,
         dropout=float(dropout),
         name=name,

@@ -28,7 +28,7 @@ Conventions (where the references differ):
   ``A`` (the paper's formula has no offset); their ViT variant starts at
   ``α = 1/k_a``, ``β = 1/k_b`` (not an identity).
 * The bases are kept in the frozen partition (``NOLABasis``), so ``init`` /
-  ``materialize`` / ``merge`` are exact and an adapter state is
+  ``materialize`` / ``fold`` are exact and an adapter state is
   self-contained; a checkpoint that wants only ``α, β`` can drop them and
   rebuild them with ``nola_basis(..., basis_seed)``.
 

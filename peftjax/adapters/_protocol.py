@@ -93,9 +93,9 @@ class Adapter(NamedTuple):
         and ``frozen`` are NamedTuples of arrays (``frozen`` may be None).
       apply: ``(w, trainable, frozen) -> w'`` with ``w'`` in ``w``'s dtype.
       unapply: exact inverse ``(w', trainable, frozen, aux) -> w`` or None
-        when no exact inverse exists (``unmerge`` then raises ``TypeError``).
-      merge_aux: ``(w, trainable, frozen) -> aux``: what ``merge`` must return
-        so that ``unmerge`` is exact (DoRA's column norms), or None.
+        when no exact inverse exists (``unfold`` then raises ``TypeError``).
+      fold_aux: ``(w, trainable, frozen) -> aux``: what ``fold`` must return
+        so that ``unfold`` is exact (DoRA's column norms), or None.
       bias: a ``BiasHook`` when the adapter also changes the sibling bias.
       dropout: rate of dropout on the adapter's input; only the factored path
         (``peftjax.factored``) can apply it, see ``materialize``.
@@ -115,7 +115,7 @@ class Adapter(NamedTuple):
     init: Callable[..., tuple[Any, Any]]
     apply: Callable[..., jax.Array]
     unapply: Callable[..., jax.Array] | None = None
-    merge_aux: Callable[..., Any] | None = None
+    fold_aux: Callable[..., Any] | None = None
     bias: BiasHook | None = None
     dropout: float = 0.0
     name: str = "adapter"

@@ -16,7 +16,7 @@ Expressed on a Flax kernel ``W (in, out)`` (``y = x W + b``):
   ``b' = γ ⊙ b + β`` (SSF's re-parametrisation, paper Eq. 4).
 
 The bias is the kernel's sibling leaf (``.../bias``) and is reparametrised by
-the same trainable vectors. ``unmerge`` is exact while every scale is
+the same trainable vectors. ``unfold`` is exact while every scale is
 non-zero.
 
 Exports: ``Side``, ``ScaleParams``, ``ScaleShiftParams``, ``scale_shift``,

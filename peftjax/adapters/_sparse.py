@@ -141,7 +141,7 @@ def sparse_delta(
 
     Returns:
       An ``Adapter`` with trainable ``SparseValues(values)`` and frozen
-      ``SparseSupport(indices)``; exact ``unmerge``.
+      ``SparseSupport(indices)``; exact ``unfold``.
 
     Static arguments: all.
 
@@ -290,7 +290,7 @@ def sparse_from_compact(compact: dict[str, Any], params: Any
       params: the base tree the deltas apply to.
 
     Returns:
-      ``(assignment, AdapterState)`` ready for ``materialize``/``merge``.
+      ``(assignment, AdapterState)`` ready for ``materialize``/``fold``.
 
     Raises:
       ValueError: a path that is not a leaf, a missing half, mismatched
@@ -304,7 +304,7 @@ def sparse_from_compact(compact: dict[str, Any], params: Any
       ...      "w/values": np.array([1.0, 2.0], np.float32)}
       >>> a, s = sparse_from_compact(c, p)
       >>> from peftjax import adapters
-      >>> adapters.merge(a, p, *s)["w"].tolist()
+      >>> adapters.fold(a, p, *s)["w"].tolist()
       [[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
     """
     flat = tree.leaves_by_path(params)

@@ -11,8 +11,9 @@ They lift per-leaf ``Adapter``s over a tree with an *assignment*
 * ``materialize(assignment, params, trainable, frozen) -> params'``, the
   portable forward path: a tree shaped like ``params`` with adapted leaves in
   their base dtype;
-* ``fold`` (fold the adapters into the base weights: the export form) and
-  ``unfold`` (its exact inverse, where one exists);
+* ``fold`` (fold the adapters into the base weights, cast back to each base
+  dtype: the export form, PEFT's ``merge_and_unload``) and ``unfold`` (its
+  exact inverse, where one exists);
 * ``num_trainable``.
 
 Memory note for ``materialize`` inside a loss: backpropagating through
@@ -169,7 +170,7 @@ def materialize(
                       check_dropout=True, deterministic=deterministic)
 
 
-def merge(
+def fold(
     assignment: dict[str, Adapter],
     params: PyTree,
     trainable: dict[str, Any],
@@ -188,7 +189,7 @@ def merge(
       trainable: ``AdapterState.trainable``.
       frozen: ``AdapterState.frozen``.
       return_aux: also return ``{path: aux}`` for adapters whose exact
-        ``unmerge`` needs it (DoRA's per-column norms).
+        ``unfold`` needs it (DoRA's per-column norms).
 
     Returns:
       The merged tree, or ``(merged, aux)`` when ``return_aux``.
@@ -199,23 +200,23 @@ def merge(
       >>> params = {"w": jnp.ones((4, 3), jnp.bfloat16)}
       >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.lora(2))])
       >>> s = adapters.init(a, jax.random.key(0), params)
-      >>> adapters.merge(a, params, *s)["w"].dtype
+      >>> adapters.fold(a, params, *s)["w"].dtype
       dtype(bfloat16)
     """
-    merged = _apply_all(assignment, params, trainable, frozen, "merge",
+    merged = _apply_all(assignment, params, trainable, frozen, "fold",
                         check_dropout=False, deterministic=True)
     if not return_aux:
         return merged
     flat = tree.leaves_by_path(params)
     aux = {
-        p: a.merge_aux(flat[p], trainable[p], frozen[p])
+        p: a.fold_aux(flat[p], trainable[p], frozen[p])
         for p, a in assignment.items()
-        if a.merge_aux is not None
+        if a.fold_aux is not None
     }
     return merged, aux
 
 
-def unmerge(
+def unfold(
     assignment: dict[str, Adapter],
     merged: PyTree,
     trainable: dict[str, Any],
@@ -226,14 +227,14 @@ def unmerge(
     """Removes merged adapters from the weights, where that is exact.
 
     Exact for LoRA, rsLoRA, LoRA-XS and scale-shift with non-zero scales; DoRA
-    needs the ``aux`` norms that ``merge(..., return_aux=True)`` returned.
+    needs the ``aux`` norms that ``fold(..., return_aux=True)`` returned.
 
     Args:
       assignment: ``{path: Adapter}``.
       merged: the merged tree.
       trainable: ``AdapterState.trainable``.
       frozen: ``AdapterState.frozen``.
-      aux: ``{path: aux}`` from ``merge(..., return_aux=True)``.
+      aux: ``{path: aux}`` from ``fold(..., return_aux=True)``.
 
     Returns:
       The base tree (within the dtype's rounding).
@@ -247,30 +248,30 @@ def unmerge(
       >>> params = {"w": jnp.ones((4, 3))}
       >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.lora(2))])
       >>> s = adapters.init(a, jax.random.key(0), params)
-      >>> m = adapters.merge(a, params, *s)
-      >>> bool((adapters.unmerge(a, m, *s)["w"] == params["w"]).all())
+      >>> m = adapters.fold(a, params, *s)
+      >>> bool((adapters.unfold(a, m, *s)["w"] == params["w"]).all())
       True
     """
     flat = tree.leaves_by_path(merged)
-    check_assignment(assignment, flat, "unmerge")
-    check_state(assignment, flat, trainable, frozen, "unmerge")
+    check_assignment(assignment, flat, "unfold")
+    check_state(assignment, flat, trainable, frozen, "unfold")
     bias_of = bias_targets(assignment, flat)
     aux = aux or {}
     for path, adapter in assignment.items():
         if adapter.unapply is None:
             raise TypeError(
-                f"unmerge: {adapter!r} on {path!r} has no exact inverse; keep the "
-                "base weights instead of unmerging"
+                f"unfold: {adapter!r} on {path!r} has no exact inverse; keep the "
+                "base weights instead of unfolding"
             )
-        if adapter.merge_aux is not None and path not in aux:
+        if adapter.fold_aux is not None and path not in aux:
             raise TypeError(
-                f"unmerge: {adapter!r} on {path!r} needs the aux that "
-                "merge(..., return_aux=True) returned (e.g. DoRA's column norms)"
+                f"unfold: {adapter!r} on {path!r} needs the aux that "
+                "fold(..., return_aux=True) returned (e.g. DoRA's column norms)"
             )
         if adapter.bias is not None and sibling(path, adapter.bias.name) in bias_of:
             if adapter.bias.unapply is None:
                 raise TypeError(
-                    f"unmerge: the bias reparametrisation of {adapter!r} on "
+                    f"unfold: the bias reparametrisation of {adapter!r} on "
                     f"{path!r} has no exact inverse"
                 )
 
