@@ -61,9 +61,18 @@ def test_every_python_block_runs():
     scope = run_blocks(_read())
     # Quickstart: merged weights exported in the base's shape.
     assert scope["merged"]["dense1"]["kernel"].shape == (16, 32)
+    # Quickstart: train.fit ran the step to steps=20 and the loss went down.
+    losses = [row["loss"] for row in scope["result"].history]
+    assert scope["result"].step == 20 and losses[-1] < losses[0]
     # Composition 3 (hybrid): one step on {"adapters", "full"}.
-    assert set(scope["trainable"]) == {"adapters", "full"}
-    assert np.isfinite(float(scope["loss"])) and float(scope["loss"]) >= 0.0
+    hybrid = scope["hybrid_state"]
+    assert set(hybrid.trainable) == {"adapters", "full"}
+    assert list(hybrid.trainable["full"]) == ["dense2/kernel"] and int(hybrid.step) == 1
+    # Optimizer-only and sparse: one step each, finite and not skipped.
+    for name in ("full_state", "sparse_state"):
+        assert int(scope[name].step) == 1, name
+    assert np.isfinite(float(scope["metrics"]["loss"])) and float(scope["metrics"]["loss"]) >= 0.0
+    assert int(scope["metrics"]["skipped"]) == 0
     # Several adapters: one output row per example, the base for id -1.
     assert scope["out"].shape == (3, 4)
     # Quantised base: the assignment targets the quantised kernel's view.
