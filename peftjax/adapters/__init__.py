@@ -96,13 +96,6 @@ from peftjax.adapters._sparse import sparse_to_compact as sparse_to_compact
 from peftjax.adapters._svfit import SVFitBasis as SVFitBasis
 from peftjax.adapters._svfit import SVFitParams as SVFitParams
 from peftjax.adapters._svfit import svfit as svfit
-from peftjax.adapters._train import hybrid_init as hybrid_init
-from peftjax.adapters._train import hybrid_labels as hybrid_labels
-from peftjax.adapters._train import hybrid_materialize as hybrid_materialize
-from peftjax.adapters._train import make_hybrid_train_step as make_hybrid_train_step
-from peftjax.adapters._train import make_train_step as make_train_step
-from peftjax.adapters._train import replace_leaves as replace_leaves
-from peftjax.adapters._train import update_if_finite as update_if_finite
 from peftjax.adapters._tree import fold as fold
 from peftjax.adapters._tree import init as init
 from peftjax.adapters._tree import materialize as materialize
@@ -158,13 +151,6 @@ __all__ = [
     "adalora_update_importance",
     "cast_floating",
     "dora",
-    "hybrid_init",
-    "hybrid_labels",
-    "hybrid_materialize",
-    "make_hybrid_train_step",
-    "make_train_step",
-    "replace_leaves",
-    "update_if_finite",
     "ia3",
     "init",
     "lift_matrix",
