@@ -52,8 +52,8 @@ def to_lora(
 
     Returns:
       ``(assignment, AdapterState)`` such that
-      ``adapters.merge(assignment, original_params, *state)`` equals
-      ``adapters.merge(res.assignment, res.params, trained, res.state.frozen)``
+      ``adapters.fold(assignment, original_params, *state)`` equals
+      ``adapters.fold(res.assignment, res.params, trained, res.state.frozen)``
       (to float32 rounding): rank ``2r`` LoRA for inits that modify the base,
       rank ``r`` LoRA (``a·core``, ``b``) for LoRA-SB.
 
@@ -69,8 +69,8 @@ def to_lora(
       >>> res = inits.init(plan, jax.random.key(0), params)
       >>> trained = {"w": res.state.trainable["w"]._replace(b=res.state.trainable["w"].b * 2)}
       >>> asg, st = inits.to_lora(plan, res.state.trainable, trained)
-      >>> w1 = adapters.merge(asg, params, *st)["w"]
-      >>> w2 = adapters.merge(res.assignment, res.params, trained, res.state.frozen)["w"]
+      >>> w1 = adapters.fold(asg, params, *st)["w"]
+      >>> w2 = adapters.fold(res.assignment, res.params, trained, res.state.frozen)["w"]
       >>> bool(jnp.allclose(w1, w2)), st.trainable["w"].a.shape
       (True, (3, 2))
     """

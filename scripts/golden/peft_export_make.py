@@ -6,7 +6,7 @@ Runs in the main virtualenv (never torch). From the committed tiny bases in
 random bits) it writes, under ``tests/io/golden/peft/export/``:
 
 * ``bert_merged/``, ``roberta_merged/``: a LoRA (query, value, intermediate)
-  merged into the tiny BERT with ``adapters.merge`` and written by
+  merged into the tiny BERT with ``adapters.fold`` and written by
   ``bert.save_hf`` (the same weights once as ``model_type="roberta"``);
 * ``llama_tied_base/``: a tiny tied-embedding Llama (SmolLM2's layout)
   written by ``llama.save_hf``; ``pj_tied_embed/`` (LoRA on the tied table
@@ -100,7 +100,7 @@ def build_bert(out: str | os.PathLike) -> dict[str, np.ndarray]:
     )
     st = adapters.init(a, jax.random.key(0), params)
     st = adapters.AdapterState(_numpy_values(st.trainable, 40), st.frozen)
-    merged = adapters.merge(a, params, *st)
+    merged = adapters.fold(a, params, *st)
     bert.save_hf(out / "bert_merged", merged, enc.config)
     outputs = {
         "bert_merged": np.asarray(pm.apply(g, merged, bids, attention_mask=mask))

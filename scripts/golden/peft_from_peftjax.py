@@ -5,7 +5,7 @@ Runs in the main virtualenv. From the committed tiny bases in
 ``tests/io/golden/peft/{llama,bert}_base`` and NumPy-seeded adapter values
 (no JAX random bits, so the values do not depend on the JAX version) it writes
 ``from_peftjax/<name>/`` with ``peftjax.io.save_peft``, a merged Llama export
-``from_peftjax/pj_lora_merged/`` (``adapters.merge`` + ``llama.save_hf``) and
+``from_peftjax/pj_lora_merged/`` (``adapters.fold`` + ``llama.save_hf``) and
 ``peftjax_outputs.npz`` (peftjax's logits / hidden states for each).
 ``scripts/golden/peft_verify.py`` (torch side) then loads them in PEFT and
 transformers and records the comparison in ``verified.json``; the test suite
@@ -108,7 +108,7 @@ def build(out: str | os.PathLike) -> dict[str, np.ndarray]:
         p = adapters.replace_leaves(adapters.materialize(a, params, *st), full)
         outputs[name] = np.asarray(fwd(p, ids))
         if name == "pj_lora":
-            merged = adapters.replace_leaves(adapters.merge(a, params, *st), full)
+            merged = adapters.replace_leaves(adapters.fold(a, params, *st), full)
             llama.save_hf(out / "pj_lora_merged", merged, cfg)
             outputs["pj_lora_merged"] = np.asarray(fwd(merged, ids))
 

@@ -1,7 +1,7 @@
 """Batched multi-adapter execution (issue 12 item 3): one adapter per example.
 
 The reference for every example is the model with that example's adapter
-merged into the weights (``adapters.merge``), run on the example alone; the
+merged into the weights (``adapters.fold``), run on the example alone; the
 base rows (id -1) use the base weights.
 """
 
@@ -65,7 +65,7 @@ def test_batched_greedy_decoding_equals_per_example():
         gen, nb.assignment, t, f)(p, x))(params, nb.trainable, nb.frozen, prompt))
 
     one = jax.jit(gen)  # one compile for the base and every merged tree
-    merged = {n: adapters.merge(*[coll.adapters[n].assignment, params,
+    merged = {n: adapters.fold(*[coll.adapters[n].assignment, params,
                                   coll.adapters[n].trainable,
                                   coll.adapters[n].frozen]) for n in names}
     want = [np.asarray(one(params if i < 0 else merged[names[i]], prompt[b:b + 1]))[0]
@@ -99,7 +99,7 @@ def test_batched_logits_new_ids_no_retrace_base_rows_exact():
     fwd = jax.jit(lambda p, x: pm.apply(g, p, x))
     for b, i in enumerate(ids):
         n = names[i]
-        merged = adapters.merge(coll.adapters[n].assignment, params,
+        merged = adapters.fold(coll.adapters[n].assignment, params,
                                 coll.adapters[n].trainable, coll.adapters[n].frozen)
         close(first[b:b + 1], f64(fwd(merged, tokens[b:b + 1])))
     routed = adapters.batched(coll, params, jnp.asarray([-1, -1, 1]))

@@ -279,7 +279,7 @@ def test_dtypes_bf16_base(name, factory, identity, ref, count, getkey):
     state = adapters.init(a, getkey(), params)
     for x in jax.tree.leaves(state.trainable):
         assert x.dtype == jnp.float32
-    merged = adapters.merge(a, params, *state)
+    merged = adapters.fold(a, params, *state)
     assert merged["lin"]["kernel"].dtype == jnp.bfloat16
     assert merged["lin"]["bias"].dtype == jnp.bfloat16
 
@@ -322,7 +322,7 @@ def test_determinism_and_rule_independence(name, factory, identity, ref, count):
 
 
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
-def test_merge_unmerge_roundtrip(name, factory, identity, ref, count, getkey):
+def test_fold_unfold_roundtrip(name, factory, identity, ref, count, getkey):
     ad = factory()
     for dtype, tol in ((jnp.float32, h.MATMUL_F32), (jnp.bfloat16, h.BF16)):
         params = {"lin": {"kernel": _w((6, 5), dtype=dtype),
@@ -330,8 +330,8 @@ def test_merge_unmerge_roundtrip(name, factory, identity, ref, count, getkey):
         a = tree.assign(params, [tree.Rule(where="lin/kernel", then=ad)])
         state = adapters.init(a, getkey(), params)
         state = state._replace(trainable=_randomize(state.trainable))
-        merged, aux = adapters.merge(a, params, *state, return_aux=True)
-        back = adapters.unmerge(a, merged, *state, aux=aux)
+        merged, aux = adapters.fold(a, params, *state, return_aux=True)
+        back = adapters.unfold(a, merged, *state, aux=aux)
         h.assert_tree_allclose(back, params, **tol)
         assert back["lin"]["kernel"].dtype == dtype
 
@@ -406,7 +406,7 @@ def test_linen_mlp_and_attention(name, factory, identity, ref, count, getkey):
     a = tree.assign(params, [tree.Rule(where=r"(up|down)/kernel", then=ad)])
     state = adapters.init(a, getkey(), params)
     state = state._replace(trainable=_randomize(state.trainable))
-    merged = adapters.merge(a, params, *state)
+    merged = adapters.fold(a, params, *state)
     for layer in ("up", "down"):
         p = f"{layer}/kernel"
         np.testing.assert_allclose(
@@ -467,9 +467,9 @@ def test_nnx_state(name, factory, identity, ref, count, getkey):
     a = tree.assign(state, [tree.Rule(where="lin/kernel", then=ad)])
     s = adapters.init(a, getkey(), state)
     s = s._replace(trainable=_randomize(s.trainable))
-    merged_state = adapters.merge(a, state, *s)
+    merged_state = adapters.fold(a, state, *s)
     pure = nnx.to_pure_dict(state)
-    merged_pure = adapters.merge(a, pure, *s)
+    merged_pure = adapters.fold(a, pure, *s)
     np.testing.assert_array_equal(
         np.asarray(nnx.to_pure_dict(merged_state)["lin"]["kernel"]),
         np.asarray(merged_pure["lin"]["kernel"]),

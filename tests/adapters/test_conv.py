@@ -106,7 +106,7 @@ def test_factored_and_merged_match_float64_peft_formula(case):
                     4.0, stride, pad, dil, groups)  # alpha 8 / r 2
     fac = jax.jit(factored.transform(conv.apply, a, t, fr))(params, x)
     mat = conv.apply(adapters.materialize(a, params, t, fr), x)
-    merged = conv.apply(adapters.merge(a, params, t, fr), x)
+    merged = conv.apply(adapters.fold(a, params, t, fr), x)
     for got in (fac, mat, merged):
         np.testing.assert_allclose(f64(got), want, **CONV_F32)
     # Merged and factored agree to f32 rounding of the same sums.
@@ -146,7 +146,7 @@ def test_reproduces_peft_golden(name):
     np.testing.assert_allclose(f64(fac), want, **CONV_F32)
     np.testing.assert_allclose(f64(mat), want, **CONV_F32)
     # PEFT's merge equals ours: delta in weight space (scaling alpha/r = 2 included).
-    merged = adapters.merge(assign, params, t, fr)["params"]["kernel"]
+    merged = adapters.fold(assign, params, t, fr)["params"]["kernel"]
     np.testing.assert_allclose(f64(merged) - w, G[f"{name}/delta"].transpose(to_hwio),
                                **CONV_F32)
     np.testing.assert_allclose(float(G[f"{name}/scaling"]), 2.0, **EXACT)

@@ -103,19 +103,19 @@ def test_assignment_payload_and_path_errors():
         adapters.init({"attn/x": adapters.lora(2)}, jax.random.key(0), p)
 
 
-def test_unmerge_requires_exactness():
+def test_unfold_requires_exactness():
     p = _params()
     a = tree.assign(p, [tree.Rule(where="attn/q/kernel", then=adapters.dora(2))])
     st = adapters.init(a, jax.random.key(0), p)
-    merged = adapters.merge(a, p, *st)
+    merged = adapters.fold(a, p, *st)
     with pytest.raises(TypeError, match="needs the aux"):
-        adapters.unmerge(a, merged, *st)
+        adapters.unfold(a, merged, *st)
     inexact = adapters.Adapter(init=adapters.lora(2).init,
                                apply=adapters.lora(2).apply, name="custom")
     a2 = {"attn/q/kernel": inexact}
     st2 = adapters.init(a2, jax.random.key(0), p)
     with pytest.raises(TypeError, match="no exact inverse"):
-        adapters.unmerge(a2, adapters.merge(a2, p, *st2), *st2)
+        adapters.unfold(a2, adapters.fold(a2, p, *st2), *st2)
 
 
 def test_ssf_requires_bias_and_bias_conflicts():

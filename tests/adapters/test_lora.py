@@ -97,7 +97,7 @@ def test_dropout_only_on_factored_path(getkey):
         adapters.materialize(a, p, *st)
     out = adapters.materialize(a, p, *st, deterministic=True)
     np.testing.assert_array_equal(np.asarray(out["w"]), np.asarray(p["w"]))
-    adapters.merge(a, p, *st)  # merging is evaluation: no dropout
+    adapters.fold(a, p, *st)  # merging is evaluation: no dropout
     with pytest.raises(ValueError, match="dropout"):
         adapters.lora(2, dropout=1.0)
 

@@ -26,7 +26,7 @@ def test_indices_unique_sorted_in_range_and_per_layer(getkey):
     assert len({tuple(r) for r in idx}) > 1  # layers draw independent supports
 
 
-def test_merged_differs_only_at_indices_and_unmerge_is_exact(getkey):
+def test_folded_differs_only_at_indices_and_unfold_is_exact(getkey):
     ad = adapters.sparse_delta(k=7)
     w = _w((5, 6))
     t, f = ad.init(getkey(), w)
@@ -100,8 +100,8 @@ def test_compact_roundtrip_and_merge(getkey):
     compact = adapters.sparse_to_compact(*st)
     assert compact["s/kernel/indices"].shape == (3, 4)
     a2, st2 = adapters.sparse_from_compact(compact, params)
-    h.assert_tree_allclose(adapters.merge(a2, params, *st2),
-                           adapters.merge(a, params, *st), **h.EXACT)
+    h.assert_tree_allclose(adapters.fold(a2, params, *st2),
+                           adapters.fold(a, params, *st), **h.EXACT)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -142,15 +142,15 @@ def test_composition_add_sparse_and_lora_then_subtract_one(getkey):
                                                          _w((2, 5), seed=10))})
     composed = params
     for a, s in ((a1, s1), (a2, s2), (al, sl)):
-        composed = adapters.merge(a, composed, *s)
+        composed = adapters.fold(a, composed, *s)
     d = np.zeros(30)
     for s in (s1, s2):
         np.add.at(d, np.asarray(s.frozen["w"].indices), h.f64(s.trainable["w"].values))
     lora = 4.0 * h.f64(sl.trainable["w"].a) @ h.f64(sl.trainable["w"].b)
     np.testing.assert_allclose(h.f64(composed["w"]),
                                h.f64(params["w"]) + d.reshape(6, 5) + lora, **h.MATMUL_F32)
-    minus1 = adapters.unmerge(a1, composed, *s1)
-    only = adapters.merge(al, adapters.merge(a2, params, *s2), *sl)
+    minus1 = adapters.unfold(a1, composed, *s1)
+    only = adapters.fold(al, adapters.fold(a2, params, *s2), *sl)
     np.testing.assert_allclose(h.f64(minus1["w"]), h.f64(only["w"]), **h.MATMUL_F32)
 
 
@@ -175,5 +175,5 @@ def test_density_one_equals_dense_finetuning(getkey):
             g = jax.grad(lambda t: loss_w(adapters.materialize(a, params, t, st.frozen)))(tr)
             u, ts = opt.update(g, ts, tr)
             tr = optax.apply_updates(tr, u)
-    np.testing.assert_allclose(h.f64(adapters.merge(a, params, tr, st.frozen)["w"]),
+    np.testing.assert_allclose(h.f64(adapters.fold(a, params, tr, st.frozen)["w"]),
                                h.f64(dense["w"]), **h.MATMUL_F32)

@@ -26,7 +26,7 @@ def test_returns_the_bias_leaves_the_hooks_reparametrise(getkey):
     assert adapters.validate(a, params, *state) == {"lin/bias": "lin/kernel"}
     # The map names exactly the leaves fold changes besides the assigned ones.
     t = jax.tree.map(lambda x: x + 0.5, state.trainable)
-    folded = adapters.merge(a, params, t, state.frozen)
+    folded = adapters.fold(a, params, t, state.frozen)
     changed = {p for p, (x, y) in zip(tree.paths(params), zip(
         jax.tree.leaves(params), jax.tree.leaves(folded), strict=True), strict=True)
         if not np.array_equal(np.asarray(x), np.asarray(y))}

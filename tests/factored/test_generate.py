@@ -28,7 +28,7 @@ def test_kv_cache_decoding_factored_equals_merged(scan):
     def gen(p, prompt):
         return llama.generate(pm.rebuild(g, p), prompt, max_new_tokens=6)
 
-    merged = adapters.merge(assignment, params, trainable, state.frozen)
+    merged = adapters.fold(assignment, params, trainable, state.frozen)
     want = jax.jit(gen)(merged, prompt)
     got = jax.jit(factored.transform(gen, assignment, trainable, state.frozen))(
         params, prompt)

@@ -120,8 +120,8 @@ def test_to_lora_reproduces_trained_model_over_unmodified_base(make):
     trained = jax.tree.map(lambda a: a + 0.1 * jnp.ones_like(a), res.state.trainable)
     asg, st = inits.to_lora(plan, res.state.trainable, trained, res.state.frozen)
     x = jnp.asarray(rng.standard_normal((3, 8)), jnp.float32)
-    y_trained = x @ adapters.merge(res.assignment, res.params, trained, res.state.frozen)["w"]
-    y_export = x @ adapters.merge(asg, p, *st)["w"]
+    y_trained = x @ adapters.fold(res.assignment, res.params, trained, res.state.frozen)["w"]
+    y_export = x @ adapters.fold(asg, p, *st)["w"]
     np.testing.assert_allclose(f64(y_export), f64(y_trained), rtol=1e-5, atol=1e-5)
     r = st.trainable["w"].a.shape[-1]
     assert r == (4 if ini.modifies_base else 2)

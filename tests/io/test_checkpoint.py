@@ -115,8 +115,8 @@ def test_adapter_only_checkpoint_onto_fresh_base(tmp_path):
     r = checkpoint.restore(tmp_path, {"trainable": fresh_state.trainable,
                                       "frozen": fresh_state.frozen})
     h.assert_tree_allclose(r["trainable"], trained, **h.EXACT)
-    merged = adapters.merge(fresh_a, fresh_params, r["trainable"], r["frozen"])
-    want = adapters.merge(a, params, trained, state.frozen)
+    merged = adapters.fold(fresh_a, fresh_params, r["trainable"], r["frozen"])
+    want = adapters.fold(a, params, trained, state.frozen)
     h.assert_tree_allclose(merged, want, **h.EXACT)
 
 

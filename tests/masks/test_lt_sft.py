@@ -64,7 +64,7 @@ def test_full_phase_then_masked_sparse_phase_with_weight_decay():
     # Export, load and compose: merging the export onto θ0 gives θ.
     compact = masks.lt_sft_export(sparse, p0, mask)
     a, s = adapters.sparse_from_compact(compact, p0)
-    h.assert_tree_allclose(adapters.merge(a, p0, *s), sparse, **h.ELEMENTWISE_F32)
+    h.assert_tree_allclose(adapters.fold(a, p0, *s), sparse, **h.ELEMENTWISE_F32)
 
 
 def test_composition_of_two_lt_sfts_is_additive():
@@ -75,7 +75,7 @@ def test_composition_of_two_lt_sfts_is_additive():
     for p in (p1, p2):
         mask = masks.lt_sft_mask(p, p0, k=1 if p is p1 else 2)
         a, s = adapters.sparse_from_compact(masks.lt_sft_export(p, p0, mask), p0)
-        composed = adapters.merge(a, composed, *s)
+        composed = adapters.fold(a, composed, *s)
     want = jax.tree.map(lambda x, y, z: x + y + z, jax.tree.map(lambda a, b: a - b, p1, p0),
                         jax.tree.map(lambda a, b: a - b, p2, p0), p0)
     h.assert_tree_allclose(composed, want, **h.ELEMENTWISE_F32)

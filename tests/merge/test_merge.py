@@ -250,7 +250,7 @@ class TestAdapterArithmetic:
         ad = adapters.lora(5, scaling=adapters.Scaling.NONE)
         a = {"q": ad}
         st = adapters.init(a, jax.random.key(0), params)
-        out = adapters.merge(a, params, cat, st.frozen)
+        out = adapters.fold(a, params, cat, st.frozen)
         np.testing.assert_allclose(h.f64(out["q"]), self._dense(ts, [1, 1], [1, 1]),
                                    **h.MATMUL_F32)
 

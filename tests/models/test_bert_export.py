@@ -83,7 +83,7 @@ def test_merged_export_reloads_identically(tmp_path):
     )
     st = adapters.init(a, jax.random.key(0), params)
     st = adapters.AdapterState(jax.tree.map(lambda x: x + 0.2, st.trainable), st.frozen)
-    merged = adapters.merge(a, params, *st)
+    merged = adapters.fold(a, params, *st)
     d = bert.save_hf(tmp_path / "m", merged, cfg)
     assert bert.BertConfig.from_hf(json.loads((d / "config.json").read_text())) == cfg
     model = bert.load_bert(d, num_labels=3)

@@ -66,7 +66,7 @@ def test_peft_created_llama_adapters(tiny_llama, ref, name):
     p = adapters.replace_leaves(adapters.materialize(ad.assignment, params, *ad.state),
                                 ad.full)
     np.testing.assert_allclose(fwd(p, ids), ref[name], rtol=0, atol=TORCH_ATOL)
-    merged = adapters.replace_leaves(adapters.merge(ad.assignment, params, *ad.state),
+    merged = adapters.replace_leaves(adapters.fold(ad.assignment, params, *ad.state),
                                      ad.full)
     np.testing.assert_allclose(fwd(merged, ids), ref[name + "_merged"],
                                rtol=0, atol=TORCH_ATOL)

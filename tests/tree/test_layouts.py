@@ -63,7 +63,7 @@ def test_nnx_attention_lora_counts_and_materializes(how):
     want = (w.reshape(EMBED, HEADS * HEAD_DIM) + s * A @ B).reshape(EMBED, HEADS, HEAD_DIM)
     got = adapters.materialize(a, p, t, st.frozen)
     close(got["query"]["kernel"], want)
-    close(adapters.merge(a, p, t, st.frozen)["query"]["kernel"], want)
+    close(adapters.fold(a, p, t, st.frozen)["query"]["kernel"], want)
     # The factored path sees the same view: the NNX layer's output equals the
     # one with the materialised kernel.
     from flax import nnx

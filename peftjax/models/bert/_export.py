@@ -4,7 +4,7 @@
 The inverse of ``params_from_hf``: Flax ``(in, out)`` kernels become torch
 ``(out, in)`` weights under transformers' ``BertModel`` / ``RobertaModel``
 tensor names (``encoder.layer.{i}.attention.self.query.weight``, no
-``bert.`` prefix), so merged weights (e.g. after ``peftjax.adapters.merge``)
+``bert.`` prefix), so merged weights (e.g. after ``peftjax.adapters.fold``)
 are saved as a standard HF checkpoint that transformers loads.
 
 What transformers sees: the encoder, bit for bit. peftjax's models have no
@@ -127,7 +127,7 @@ def save_hf(
 
     Args:
       directory: created if missing.
-      params: the pure parameter dict, e.g. ``adapters.merge(...)`` output.
+      params: the pure parameter dict, e.g. ``adapters.fold(...)`` output.
       cfg: its config (``model_type`` ``"roberta"`` writes a ``RobertaModel``
         config).
       metadata: extra safetensors header metadata (``{"format": "pt"}`` is set).

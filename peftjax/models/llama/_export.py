@@ -3,7 +3,7 @@
 
 The inverse of the loader: Flax ``(in, out)`` kernels become torch
 ``(out, in)`` weights under HF tensor names, so merged weights (e.g. after
-``peftjax.adapters.merge``) can be saved as a standard HF checkpoint, and
+``peftjax.adapters.fold``) can be saved as a standard HF checkpoint, and
 ``hf_key_map`` gives the module names that PEFT adapter files use.
 
 Exports: ``hf_key_map``, ``params_to_hf``, ``save_hf``.
