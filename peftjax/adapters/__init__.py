@@ -54,6 +54,7 @@ from peftjax.adapters._lift import path_key as path_key
 from peftjax.adapters._lora import LoRAInit as LoRAInit
 from peftjax.adapters._lora import LoRAParams as LoRAParams
 from peftjax.adapters._lora import Scaling as Scaling
+from peftjax.adapters._lora import check_rank as check_rank
 from peftjax.adapters._lora import lora as lora
 from peftjax.adapters._lora import scaling_value as scaling_value
 from peftjax.adapters._lora_xs import LoRAXSBasis as LoRAXSBasis
@@ -155,6 +156,7 @@ __all__ = [
     "init",
     "lift_matrix",
     "map_slices",
+    "check_rank",
     "compute_dtype",
     "validate",
     "lora",

@@ -117,8 +117,29 @@ def check_alpha(alpha: Any, name: str) -> float:
 
 
 def check_rank(rank: Any, name: str) -> int:
-    """Validates a rank argument of a factory: a positive integer (``int`` or a
-    NumPy integer such as ``np.int64``, never ``bool``); returns it as ``int``."""
+    """Validates the rank argument of a factory (adapter or initialiser).
+
+    Args:
+      rank: a positive integer: ``int`` or a NumPy integer such as
+        ``np.int64``, never ``bool``.
+      name: the factory's name, which error messages start with.
+
+    Returns:
+      ``rank`` as a Python ``int``.
+
+    Raises:
+      TypeError: ``rank`` is not an integer (a float, a bool, None, ...).
+      ValueError: ``rank <= 0``.
+
+    Example:
+      >>> import numpy as np
+      >>> check_rank(np.int64(4), "lora")
+      4
+      >>> check_rank(0, "lora")
+      Traceback (most recent call last):
+      ...
+      ValueError: lora: rank must be > 0, got rank=0
+    """
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
         raise TypeError(f"{name}: rank must be a positive int, got {rank!r}")
     if rank <= 0:

@@ -4,7 +4,6 @@
 Exports: ``lora_initializer``, ``check_common``.
 """
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -14,15 +13,6 @@ import jax.numpy as jnp
 from peftjax import adapters as _adapters
 from peftjax import tree
 from peftjax.inits import _base
-
-
-def check_rank(rank: Any, name: str) -> int:
-    """Validates a positive integer rank (``int`` or ``np.integer``); returns an ``int``."""
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
-        raise TypeError(f"{name}: rank must be a positive int, got {rank!r}")
-    if rank <= 0:
-        raise ValueError(f"{name}: rank must be > 0, got rank={rank}")
-    return int(rank)
 
 
 def check_fits(rank: int, w: jax.Array, name: str, factor: int = 1) -> None:

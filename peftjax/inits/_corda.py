@@ -111,7 +111,7 @@ def corda(
     References:
       Yang et al., 2024, https://arxiv.org/abs/2406.05223
     """
-    rank = _common.check_rank(rank, "corda")
+    rank = _adapters.check_rank(rank, "corda")
     if mode not in ("ipm", "kpm"):
         raise ValueError(f"corda: mode must be 'ipm' or 'kpm', got {mode!r}")
 

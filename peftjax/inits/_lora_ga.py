@@ -110,7 +110,7 @@ def lora_ga(
     References:
       Wang et al., 2024, https://arxiv.org/abs/2407.05000
     """
-    rank = _common.check_rank(rank, "lora_ga")
+    rank = _adapters.check_rank(rank, "lora_ga")
     if variant not in _SCALES:
         raise ValueError(f"lora_ga: variant must be 'official' or 'peft', got {variant!r}")
     if direction not in _DIRECTIONS:

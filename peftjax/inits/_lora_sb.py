@@ -127,7 +127,7 @@ def lora_sb(
     References:
       Ponkshe et al., 2024, https://arxiv.org/abs/2411.19557
     """
-    rank = _common.check_rank(rank, "lora_sb")
+    rank = _adapters.check_rank(rank, "lora_sb")
     if learning_rate <= 0:
         raise ValueError(f"lora_sb: learning_rate must be > 0, got {learning_rate}")
     if warmup_ratio < 0 or (isinstance(total_steps, bool)

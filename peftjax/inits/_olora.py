@@ -61,7 +61,7 @@ def olora(
     References:
       Büyükakyüz, 2024, https://arxiv.org/abs/2406.01775
     """
-    rank = _common.check_rank(rank, "olora")
+    rank = _adapters.check_rank(rank, "olora")
 
     def factors(key, w, stats, s):
         q, r = jnp.linalg.qr(w.T)  # torch layout W = Kᵀ (out, in)

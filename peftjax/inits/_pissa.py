@@ -64,7 +64,7 @@ def pissa(
     References:
       Meng et al., 2024, https://arxiv.org/abs/2404.02948
     """
-    rank = _common.check_rank(rank, "pissa")
+    rank = _adapters.check_rank(rank, "pissa")
     if niter is not None and (isinstance(niter, bool) or not isinstance(niter, numbers.Integral)
                               or niter < 0):
         raise ValueError(f"pissa: niter must be None or an int >= 0, got {niter!r}")

@@ -139,3 +139,19 @@ def test_ia3_output_scales_bias_input_does_not(getkey):
         m = adapters.materialize(a, p, t, st.frozen)
         np.testing.assert_array_equal(np.asarray(m["k"]["bias"]), want_bias)
         np.testing.assert_array_equal(np.asarray(m["k"]["kernel"]), want_kernel)
+
+
+def test_check_rank_is_the_one_rank_check_of_adapters_and_inits():
+    assert adapters.check_rank(np.int64(3), "x") == 3
+    assert type(adapters.check_rank(np.uint8(3), "x")) is int
+    for bad in (True, 2.0, None, "2"):
+        with pytest.raises(TypeError, match=r"^x: rank must be a positive int"):
+            adapters.check_rank(bad, "x")
+    with pytest.raises(ValueError, match=r"^x: rank must be > 0, got rank=-1"):
+        adapters.check_rank(-1, "x")
+    # The data-driven initialisers reject a bad rank with the same check.
+    from peftjax import inits
+    with pytest.raises(ValueError, match=r"^pissa: rank must be > 0, got rank=0"):
+        inits.pissa(0)
+    with pytest.raises(TypeError, match=r"^olora: rank must be a positive int"):
+        inits.olora(1.5)
