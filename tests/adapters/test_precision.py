@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from peftjax import adapters, data, tree
+from peftjax import adapters, data, train, tree
 from peftjax import models as pm
 from peftjax.models import llama
 from tests.helpers import BF16, EXACT
@@ -77,14 +77,12 @@ def _lora_run(base, g, steps):
 
     a = tree.assign(base, [tree.Rule(where=r"layers/self_attn/(q|k|v|o)_proj/kernel",
                                      then=adapters.lora(4, alpha=8.0))])
-    st = adapters.init(a, jax.random.key(0), base)
-    opt = optax.adam(1e-2)
-    step = jax.jit(adapters.make_train_step(a, loss_fn, opt))
-    t, o, losses = st.trainable, opt.init(st.trainable), []
+    trainer = train.trainer(loss_fn, optax.adam(1e-2), adapters=a, factored=False)
+    st, losses = trainer.init(jax.random.key(0), base), []
     for _ in range(steps):
-        with jax.numpy_dtype_promotion("standard"):  # optax's own arithmetic
-            t, o, loss = step(t, o, base, st.frozen, tokens)
-        losses.append(float(loss))
+        st, m = trainer.step(st, tokens, base)
+        losses.append(float(m["loss"]))
+    t = st.trainable
     jaxpr = str(jax.make_jaxpr(lambda p: loss_fn(
         adapters.materialize(a, p, t, st.frozen), tokens))(base))
     return t, np.array(losses), jaxpr

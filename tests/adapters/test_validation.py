@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from peftjax import adapters, inits, optim, tree
+from peftjax import adapters, inits, optim, train, tree
 
 W = jnp.arange(48, dtype=jnp.float32).reshape(8, 6) / 48.0
 
@@ -106,7 +106,7 @@ def _lora_problem():
     return params, plan, adapters.init(plan, jax.random.key(0), params)
 
 
-@pytest.mark.parametrize("fn", ["materialize", "fold", "train_step"])
+@pytest.mark.parametrize("fn", ["materialize", "merge", "train_step"])
 def test_state_dtype_other_than_param_dtype_is_an_error(fn):
     params, plan, state = _lora_problem()
     f16 = jax.tree.map(lambda x: x.astype(jnp.float16), state.trainable)
@@ -115,13 +115,14 @@ def test_state_dtype_other_than_param_dtype_is_an_error(fn):
     with pytest.raises(TypeError, match=msg):
         if fn == "materialize":
             adapters.materialize(plan, params, f16, state.frozen)
-        elif fn == "fold":
-            adapters.fold(plan, params, f16, state.frozen)
+        elif fn == "merge":
+            adapters.merge(plan, params, f16, state.frozen)
         else:
-            opt = optax.sgd(0.1)
-            step = adapters.make_train_step(
-                plan, lambda p, b: jnp.sum(p["attn"]["q"]["kernel"] ** 2), opt)
-            step(f16, opt.init(f16), params, state.frozen, None)
+            t = train.trainer(lambda p, b: jnp.sum(p["attn"]["q"]["kernel"] ** 2),
+                              optax.sgd(0.1), adapters=plan)
+            s = t.init(jax.random.key(0), params,
+                       state=adapters.AdapterState(f16, state.frozen))
+            t.step(s, None, params)
     # the same state in the assignment's dtype is fine, and so is an f16 adapter
     adapters.materialize(plan, params, state.trainable, state.frozen)
     plan16 = tree.assign(params, [tree.Rule(where="attn/q/kernel",

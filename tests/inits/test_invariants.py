@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from peftjax import adapters, inits, tree
+from peftjax import adapters, inits, train, tree
 from tests.helpers import EXACT, GRAD_F32, MATMUL_F32, f64
 
 IN, OUT, R = 10, 7, 2
@@ -42,7 +42,7 @@ def test_lora_sb_product_is_trunc_of_update_approximation():
         np.testing.assert_allclose(f64(f.a).T @ f64(f.a), np.eye(R), **MATMUL_F32)
         np.testing.assert_allclose(f64(f.b) @ f64(f.b).T, np.eye(R), **MATMUL_F32)
         np.testing.assert_array_equal(f64(res.params["w"]), f64(w))  # base not adjusted
-        merged = adapters.fold(res.assignment, res.params, *res.state)["w"]
+        merged = adapters.merge(res.assignment, res.params, *res.state)["w"]
         assert not np.allclose(f64(merged), f64(w))  # not output-preserving
 
 
@@ -66,9 +66,10 @@ def test_lora_sb_only_core_trains_and_chain_rule():
 
     opt = optax.adam(1e-2)
     t0 = res.state.trainable
-    step = adapters.make_train_step(res.assignment, loss, opt)
-    with jax.numpy_dtype_promotion("standard"):  # optax internals
-        t1, _, _ = step(t0, opt.init(t0), res.params, res.state.frozen, x)
+    # One step from the initialiser's state (and its base), materialised.
+    t = train.trainer(loss, opt, adapters=res.assignment, factored=False, donate=False)
+    s, _ = t.step(t.init(jax.random.key(0), res.params, state=res.state), x, res.params)
+    t1 = s.trainable
     assert set(jax.tree.leaves(jax.tree.map(lambda a: a.shape, t1))) <= {R}
     assert adapters.num_trainable(t0) == R * R
     # dL/dcore = s·aᵀ (dL/dW') bᵀ
@@ -109,7 +110,7 @@ def test_residual_plus_adapter_is_original(make):
              "covariance": jnp.asarray(np.cov(np.random.default_rng(3).standard_normal((IN, 40))),
                                        jnp.float32)}[ini.stats]
     _, res = run(ini, w, stats)
-    merged = adapters.fold(res.assignment, res.params, *res.state)["w"]
+    merged = adapters.merge(res.assignment, res.params, *res.state)["w"]
     np.testing.assert_allclose(f64(merged), f64(w), **MATMUL_F32)
 
 
