@@ -4,7 +4,7 @@ Each example trains LoRA for a few steps through its framework's utilities
 (``nnx.Optimizer(..., wrt=...)``, a Linen ``TrainState``, ``eqx.partition`` +
 ``eqx.filter_jit``). Checks: the base weights are bit-identical afterwards,
 the optimizer holds moments for the adapter only, and the trained adapter
-equals the plain functional step ``adapters.make_train_step`` (weight-space
+equals ``train.trainer(..., factored=False)`` (the weight-space
 ``materialize`` path, plain optax) run from the same initial state.
 """
 
@@ -44,17 +44,13 @@ def _run(name):
 
 
 def _reference(scope, loss_of_params):
-    """The same training with adapters.make_train_step (materialize path)."""
-    step = eqx.filter_jit(adapters.make_train_step(
-        scope["assignment"], loss_of_params, scope["tx"]))
-    trainable = scope["state"].trainable
-    opt_state = scope["tx"].init(trainable)
-    with jax.numpy_dtype_promotion("standard"):
-        for _ in range(scope["steps"]):
-            trainable, opt_state, _ = step(trainable, opt_state, scope["params_ref"],
-                                           scope["state"].frozen,
-                                           (scope["x"], scope["y"]))
-    return trainable
+    """The same training with train.trainer (materialize path)."""
+    t = train.trainer(loss_of_params, scope["tx"], adapters=scope["assignment"],
+                      factored=False, donate=False)
+    state = t.init(jax.random.key(0), scope["params_ref"], state=scope["state"])
+    for _ in range(scope["steps"]):
+        state, _ = t.step(state, (scope["x"], scope["y"]), scope["params_ref"])
+    return state.trainable
 
 
 def _check(scope, trained, opt_state, base_before, base_after):
