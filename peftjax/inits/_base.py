@@ -5,8 +5,8 @@ A data-driven initialiser (PiSSA, OLoRA, LoRA-GA, CorDA, LoRA-SB) is an
 ``Initializer``: per leaf it turns ``(key, w, stats)`` into a new base weight
 (the residual, or ``w`` itself for LoRA-SB) and the state of an ordinary
 adapter of ``peftjax.adapters`` (``lora`` or ``lora_xs``). Training then uses
-the adapter exactly as any other: ``adapters.materialize``, ``exec.factored``,
-``adapters.make_train_step``.
+the adapter exactly as any other: ``adapters.materialize``, ``factored.transform``,
+``train.trainer`` (``init(key, result.params, state=result.state)``).
 
 The per-matrix math is written once for a Flax ``(in, out)`` matrix and lifted
 over batch axes (stacked layers) with ``jax.vmap`` through the leaf's
@@ -97,7 +97,7 @@ class InitResult(NamedTuple):
       params: the base tree to train over: residual weights at the paths of
         inits that modify the base, every other leaf unchanged (identity).
       assignment: ``{path: Adapter}`` for ``adapters.materialize`` /
-        ``exec.factored`` / ``adapters.make_train_step``.
+        ``factored.transform`` / ``train.trainer``.
       state: ``adapters.AdapterState(trainable, frozen)`` keyed by path. Keep
         ``state.trainable`` of the init: ``to_lora`` needs it for export.
     """

@@ -52,7 +52,7 @@ class PeftAdapter(NamedTuple):
       assignment: ``{path: Adapter}`` (paths of ``params``, either layout).
       state: the ``AdapterState`` for ``materialize``/``merge``.
       full: ``{path: array}`` of the ``modules_to_save`` leaves (Flax layout),
-        to replace the base leaves (``peftjax.adapters.replace_leaves``).
+        to replace the base leaves (``peftjax.tree.replace_leaves``).
       config: the parsed ``adapter_config.json``.
     """
 

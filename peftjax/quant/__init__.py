@@ -18,9 +18,9 @@ A recipe::
     # or: cfg, qparams = llama.load_llama_params(gguf, keep_quantized=True)
     a = tree.assign(quant.abstract(qparams), [Rule(where=..., then=adapters.lora(8))])
     state = adapters.init(a, key, quant.abstract(qparams))  # DoRA/LoRA-XS: dequantize
-    step = jax.jit(factored.make_train_step(a, loss_fn, optax.adamw(1e-4)))
-    trainable, opt_state, loss = step(state.trainable, opt_state, qparams,
-                                      state.frozen, batch)
+    t = train.trainer(loss_fn, optax.adamw(1e-4), adapters=a)  # factored: no float W
+    ts = t.init(key, qparams, state=state)
+    ts, metrics = t.step(ts, batch, qparams)
 
 ``factored.transform(apply_fn, {}, {}, {})(qparams, x)`` runs the quantised model
 for inference.

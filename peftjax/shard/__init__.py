@@ -28,23 +28,21 @@ collectives. This namespace supplies the shardings.
 Data parallel, FSDP and tensor parallel are the same code with different mesh
 shapes::
 
-    from peftjax import adapters, shard, tree
+    from peftjax import adapters, shard, train, tree
     mesh = shard.make_mesh(data=2, fsdp=4)              # 8 devices
     p_sh = shard.param_shardings(mesh, params, shard.transformer_rules())
     params = jax.device_put(params, p_sh)
-    state = adapters.init(assignment, key, params)
-    s_sh = shard.adapter_shardings(mesh, assignment, params, p_sh, state)
-    trainable = jax.device_put(state.trainable, s_sh.trainable)
-    frozen = jax.device_put(state.frozen, s_sh.frozen)
-    opt_state = opt.init(trainable)
-    o_sh = shard.state_shardings(mesh, opt_state, trainable, s_sh.trainable)
-    opt_state = jax.device_put(opt_state, o_sh)
     loss_fn = shard.constrain_scan_carries(loss_fn, mesh, batch_size=B)
-    step = jax.jit(adapters.make_train_step(assignment, loss_fn, opt),
-                   in_shardings=(s_sh.trainable, o_sh, p_sh, s_sh.frozen,
-                                 shard.batch_sharding(mesh)),
-                   out_shardings=(s_sh.trainable, o_sh, shard.replicated(mesh)),
-                   donate_argnums=(0, 1))
+    t = train.trainer(loss_fn, opt, adapters=assignment)
+    state = t.init(key, params)
+    s_sh = shard.adapter_shardings(mesh, assignment, params, p_sh,
+                                   adapters.AdapterState(state.trainable, state.frozen))
+    o_sh = shard.state_shardings(mesh, state.opt_state, state.trainable, s_sh.trainable)
+    rep = shard.replicated(mesh)
+    state = jax.device_put(state, train.TrainState(s_sh.trainable, s_sh.frozen, o_sh,
+                                                   rep, rep))
+    batch = jax.device_put(batch, shard.batch_sharding(mesh))
+    state, metrics = t.step(state, batch, params)   # jit propagates the placements
 
 Models that scan over stacked layers: under FSDP, XLA gives the activations
 carried through the layer loop one sharding for the whole loop and, because

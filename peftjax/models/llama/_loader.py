@@ -12,8 +12,8 @@ stored unpermuted. A GGUF without ``output.weight`` has a tied head.
 ``peftjax.quant.QuantizedArray`` (the file's blocks, bit for bit): the
 transpose to Flax layout and the Q/K row permutation only relabel and reorder
 whole rows of blocks, so nothing is requantised. Such a tree runs through
-``peftjax.factored`` (``factored``, ``make_train_step``), not through the NNX model
-directly.
+``peftjax.factored`` (``factored.transform``; ``train.trainer`` trains through it),
+not through the NNX model directly.
 
 Exports: ``config_from_gguf``, ``params_from_hf``, ``params_from_gguf``,
 ``load_llama``, ``load_llama_params``.
