@@ -197,7 +197,7 @@ def build_tied(out: str | os.PathLike) -> dict[str, np.ndarray]:
         tied_head=TIE,
         base_model_name_or_path="tiny-tied-llama",
     )
-    p = adapters.replace_leaves(adapters.materialize(a, params, *st), full)
+    p = tree.replace_leaves(adapters.materialize(a, params, *st), full)
     outputs["pj_tied_full"] = np.asarray(fwd(p, ids))
     return outputs
 

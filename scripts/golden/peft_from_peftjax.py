@@ -105,10 +105,10 @@ def build(out: str | os.PathLike) -> dict[str, np.ndarray]:
                 rng.standard_normal(head.shape) * 0.1, jnp.float32)}
         io.save_peft(out / name, a, st, params, key_map=km, full=full,
                      base_model_name_or_path="tiny-random-llama", **kw)
-        p = adapters.replace_leaves(adapters.materialize(a, params, *st), full)
+        p = tree.replace_leaves(adapters.materialize(a, params, *st), full)
         outputs[name] = np.asarray(fwd(p, ids))
         if name == "pj_lora":
-            merged = adapters.replace_leaves(adapters.fold(a, params, *st), full)
+            merged = tree.replace_leaves(adapters.fold(a, params, *st), full)
             llama.save_hf(out / "pj_lora_merged", merged, cfg)
             outputs["pj_lora_merged"] = np.asarray(fwd(merged, ids))
 
