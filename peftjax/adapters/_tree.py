@@ -180,7 +180,7 @@ def fold(
 ) -> Any:
     """Folds the adapters into the base weights (the export form).
 
-    Equivalent to ``materialize(..., deterministic=True)``: each merged leaf
+    Equivalent to ``materialize(..., deterministic=True)``: each folded leaf
     keeps its base dtype. Inputs are never modified or donated.
 
     Args:
@@ -192,7 +192,7 @@ def fold(
         ``unfold`` needs it (DoRA's per-column norms).
 
     Returns:
-      The merged tree, or ``(merged, aux)`` when ``return_aux``.
+      The folded tree, or ``(folded, aux)`` when ``return_aux``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -203,35 +203,35 @@ def fold(
       >>> adapters.fold(a, params, *s)["w"].dtype
       dtype(bfloat16)
     """
-    merged = _apply_all(assignment, params, trainable, frozen, "fold",
+    folded = _apply_all(assignment, params, trainable, frozen, "fold",
                         check_dropout=False, deterministic=True)
     if not return_aux:
-        return merged
+        return folded
     flat = tree.leaves_by_path(params)
     aux = {
         p: a.fold_aux(flat[p], trainable[p], frozen[p])
         for p, a in assignment.items()
         if a.fold_aux is not None
     }
-    return merged, aux
+    return folded, aux
 
 
 def unfold(
     assignment: dict[str, Adapter],
-    merged: PyTree,
+    folded: PyTree,
     trainable: dict[str, Any],
     frozen: dict[str, Any],
     *,
     aux: dict[str, Any] | None = None,
 ) -> PyTree:
-    """Removes merged adapters from the weights, where that is exact.
+    """Removes folded adapters from the weights, where that is exact.
 
     Exact for LoRA, rsLoRA, LoRA-XS and scale-shift with non-zero scales; DoRA
     needs the ``aux`` norms that ``fold(..., return_aux=True)`` returned.
 
     Args:
       assignment: ``{path: Adapter}``.
-      merged: the merged tree.
+      folded: the folded tree (``fold``'s output).
       trainable: ``AdapterState.trainable``.
       frozen: ``AdapterState.frozen``.
       aux: ``{path: aux}`` from ``fold(..., return_aux=True)``.
@@ -252,7 +252,7 @@ def unfold(
       >>> bool((adapters.unfold(a, m, *s)["w"] == params["w"]).all())
       True
     """
-    flat = tree.leaves_by_path(merged)
+    flat = tree.leaves_by_path(folded)
     check_assignment(assignment, flat, "unfold")
     check_state(assignment, flat, trainable, frozen, "unfold")
     bias_of = bias_targets(assignment, flat)
@@ -285,7 +285,7 @@ def unfold(
             return hook.unapply(np.shape(flat[k]), w, trainable[k], frozen[k])
         return w
 
-    return tree.map_with_path(one, merged)
+    return tree.map_with_path(one, folded)
 
 
 def num_trainable(trainable: PyTree) -> int:
