@@ -1,18 +1,22 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Corpus and models of the shared training recipe (public API only).
+"""Corpus, models, loss and perplexity of the shared training recipe (public API only).
 
 Re-exported by ``_recipe`` (``_recipe.corpus``, ``_recipe.load_lm``, ...), so
 experiments import ``_recipe`` alone: documents (Shakespeare by play, text,
 JSONL), the train/held-out split and packing, the smoke-mode byte tokenizer,
-the tiny random Llama and the real checkpoints.
+the tiny random Llama and the real checkpoints, the causal-LM loss on packed
+blocks and the held-out perplexity.
 """
 
+import math
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from peftjax import data
 
@@ -198,3 +202,46 @@ def apply_fn(graphdef: Any) -> Callable[..., jax.Array]:
         return models.apply(graphdef, params, tokens, **kw)
 
     return apply
+
+
+def lm_loss(apply_fn: Callable[..., jax.Array]) -> Callable[[Any, dict], jax.Array]:
+    """Mean next-token cross-entropy over the weighted targets of a packed batch.
+
+    ``apply_fn(params, tokens, attention_mask=..., positions=...,
+    segment_ids=...) -> logits``: the model keeps attention inside each
+    segment, so a block may hold several documents (``data.pack`` without
+    ``one_document_per_block``); ``data.lm_targets`` weights keep every
+    target inside its document.
+    """
+
+    def loss_fn(params, batch):
+        tokens, seg = batch["tokens"], batch["segment_ids"]
+        logits = apply_fn(params, tokens, attention_mask=seg != 0,
+                          positions=batch["positions"], segment_ids=seg)
+        targets, weights = data.lm_targets(tokens, seg)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+    return loss_fn
+
+
+def evaluator(loss_fn: Callable, to_params: Callable[[Any, Any], Any]
+              ) -> Callable[[Any, Any, data.Batches], float]:
+    """``evaluate(state, base, batches) -> perplexity``: exp of the token-weighted
+    mean NLL over one pass of ``batches`` of the model ``to_params(state, base)``
+    (a trainer's ``params``); compiled once per batch shape."""
+
+    @jax.jit
+    def nll_sum(state, base, batch):
+        mean = loss_fn(to_params(state, base), batch)
+        w = jnp.sum(data.lm_targets(batch["tokens"], batch["segment_ids"])[1])
+        return mean * w, w
+
+    def evaluate(state: Any, base: Any, batches: data.Batches) -> float:
+        total, count = 0.0, 0.0
+        for _, batch in batches.iterate(0, batches.steps_per_epoch):
+            s, w = nll_sum(state, base, batch)
+            total, count = total + float(s), count + float(w)
+        return math.exp(total / max(count, 1.0))
+
+    return evaluate

@@ -39,8 +39,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _recipe  # noqa: E402
 
-import peftjax  # noqa: E402
-from peftjax import data  # noqa: E402
+from peftjax import data, train  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,21 +94,17 @@ def run_method(name: str, cfg: Config, lm: _recipe.LM, corpus: _recipe.Corpus) -
                                 weight_decay=cfg.weight_decay)
     loss_fn = _recipe.lm_loss(_recipe.apply_fn(lm.graphdef))
     batches = data.Batches(corpus.train, batch_size=cfg.batch_size, seed=cfg.seed)
-    init_data = _recipe.InitData(loss_fn, [batches[i] for i in range(cfg.stat_batches)],
-                                 optim)
-    setup = _recipe.precision(
-        build(cfg, lm.params, _recipe.schedule(optim), jax.random.key(cfg.seed),
-              init_data=init_data), cfg.dtype)
-    run = _recipe.trainer(setup, loss_fn, optim)
+    key = jax.random.key(cfg.seed)
+    init_data = _recipe.InitData(loss_fn, [batches[i] for i in range(cfg.stat_batches)])
+    setup = _recipe.precision(build(cfg, lm.params, optim, key, init_data=init_data),
+                              cfg.dtype)
+    run = _recipe.start(setup, loss_fn, optim, key)
     evals = data.Batches(corpus.eval, batch_size=min(cfg.batch_size, cfg.eval_blocks),
                          seed=cfg.seed, shuffle=False)
-    opt_state = jax.eval_shape(run.tx.init, setup.trainable)  # shapes suffice here
-    rep = peftjax.report(run.step, setup.trainable, opt_state, setup.static, batches[0],
-                         params=setup.base, trainable=setup.trained(setup.trainable),
-                         opt_state=opt_state)
-    result = _recipe.train(setup=setup, run=run, optim=optim, batches=batches,
-                           key=jax.random.key(cfg.seed), progress=cfg.progress, desc=name)
-    ppl = _recipe.evaluator(setup, loss_fn)(result.trainable, evals)
+    rep = _recipe.report(run, batches[0])
+    result = train.fit(run.step, run.state, batches, steps=cfg.steps,
+                       schedule=optim.learning_rate(), progress=cfg.progress, desc=name)
+    ppl = run.evaluate(result.state, evals)
     times = [h["seconds"] for h in result.history[1:]] or [result.history[0]["seconds"]]
     return {
         "method": name, "lr": lr, "dtype": cfg.dtype,
@@ -136,7 +131,7 @@ def markdown(rows: list[dict]) -> str:
 
 def plots(out: str, rows: list[dict], title: str) -> None:
     """Loss curves, perplexity vs trainable params, perplexity vs optimizer bytes."""
-    _recipe.plot_curves(os.path.join(out, "loss_curves.png"),
+    train.plot_curves(os.path.join(out, "loss_curves.png"),
                         {r["method"]: r["losses"] for r in rows}, title=title)
     import matplotlib
 
@@ -185,7 +180,7 @@ def _isolated_rows(cfg: Config, argv: list[str]) -> list[dict]:
 def parse(argv: list[str]) -> Config:
     """The configuration of this script's ARGS: options given are kept as given;
     ``--smoke`` fills ``SMOKE``'s values into the others only."""
-    return _recipe.parse_cli(Config, argv, smoke=SMOKE)
+    return train.parse_config(Config, argv, smoke=SMOKE)
 
 
 def main(cfg: Config, argv: list[str] | None = None) -> dict:

@@ -55,11 +55,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _recipe  # noqa: E402  (the shared training recipe, next to this file)
 
-import peftjax  # noqa: E402
-from peftjax import data, models  # noqa: E402
+from peftjax import data, models, train  # noqa: E402
 from peftjax.io import checkpoint  # noqa: E402
 
-opt = _recipe.option
+opt = train.option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +77,7 @@ class Config:
     batch_size: int = opt(4, "Blocks per micro-batch.")
     block_len: int = opt(128, "Tokens per training and evaluation block.")
     accum_steps: int = opt(1, "Micro-batches accumulated into each optimizer update "
-                           "(optax.MultiSteps).")
+                           "(peftjax.train.trainer's accumulate).")
     lr: float = opt(1e-3, "Peak learning rate, reached after the warm-up.")
     warmup_steps: int = opt(6, "Linear warm-up length in optimizer updates.")
     schedule: str = opt("cosine", "Decay after the warm-up: cosine or linear.")
@@ -135,7 +134,7 @@ SMOKE = dict(steps=24, batch_size=4, block_len=32, lr=1e-2, warmup_steps=2,
 def parse(argv: list[str]) -> Config:
     """The configuration of ``demo.py ARGS``: options given are kept as given;
     ``--smoke`` fills ``SMOKE``'s values into the others only."""
-    return _recipe.parse_cli(Config, argv, smoke=SMOKE)
+    return train.parse_config(Config, argv, smoke=SMOKE)
 
 
 def _generate(graphdef, params, encode, decode, cfg: Config) -> str:
@@ -147,7 +146,7 @@ def _generate(graphdef, params, encode, decode, cfg: Config) -> str:
     return cfg.prompt + decode(np.asarray(out[0]))
 
 
-def save_peft(setup, trainable, lm, out: str, base_name: str) -> str | None:
+def save_peft(setup, state, lm, out: str, base_name: str) -> str | None:
     """Writes ``out/adapter_peft`` (Hugging Face PEFT format); None when the
     method has no PEFT format (the orbax adapter is then the only export)."""
     from peftjax import io
@@ -158,8 +157,8 @@ def save_peft(setup, trainable, lm, out: str, base_name: str) -> str | None:
     if setup.peft is None or lm.config is None:
         print("adapter (Hugging Face PEFT): not written; this method has no PEFT format")
         return None
-    assignment, state = setup.peft(trainable, setup.static)
-    io.save_peft(peft_dir, assignment, state, lm.params,
+    assignment, adapter_state = setup.peft(state)
+    io.save_peft(peft_dir, assignment, adapter_state, lm.params,
                  key_map=models.llama.peft_key_map(lm.config),
                  base_model_name_or_path=base_name, task_type="CAUSAL_LM")
     print(f"adapter (Hugging Face PEFT): {peft_dir}")
@@ -174,23 +173,24 @@ def main(cfg: Config) -> dict:
     ckpt_dir = os.path.join(out, "checkpoints")
     if cfg.resume:  # before loading anything: no usable checkpoint fails at once
         try:
-            _recipe.resume_step(ckpt_dir)
+            train.resume_step(ckpt_dir)
         except ValueError as e:
-            raise SystemExit(str(e)) from None
+            raise SystemExit(f"--{e}") from None
     if not cfg.resume and os.path.isdir(ckpt_dir):
         shutil.rmtree(ckpt_dir)
     os.makedirs(out, exist_ok=True)
 
-    _recipe.compute_dtype(cfg.dtype)  # a bad --dtype fails before loading
-    lm = _recipe.load_lm(cfg.model, smoke=cfg.smoke, seed=cfg.seed,
-                         dtype=_recipe.compute_dtype(cfg.dtype))
+    dtype = _recipe.compute_dtype(cfg.dtype)  # a bad --dtype fails before loading
+    lm = _recipe.load_lm(cfg.model, smoke=cfg.smoke, seed=cfg.seed, dtype=dtype)
     graphdef, params, encode, decode, eos_id, model_name = lm[:6]
     docs = _recipe.documents(cfg.data, max_chars=20_000 if cfg.smoke else 0,
-                                 model=cfg.model)
+                             model=cfg.model)
     corpus = _recipe.corpus(docs, encode, block_len=cfg.block_len, eval_docs=cfg.eval_docs,
                             eval_blocks=cfg.eval_blocks, seed=cfg.seed, eos_id=eos_id,
                             pack_documents=cfg.pack)
-    train_batches = data.Batches(corpus.train, batch_size=cfg.batch_size, seed=cfg.seed)
+    # one batch per update: accum_steps micro-batches of batch_size blocks
+    train_batches = data.Batches(corpus.train, batch_size=cfg.batch_size * cfg.accum_steps,
+                                 seed=cfg.seed)
     eval_batches = data.Batches(corpus.eval, batch_size=min(cfg.batch_size, cfg.eval_blocks),
                                 seed=cfg.seed, shuffle=False)
     print(f"model: {model_name}; data: {len(corpus.train_names)} training documents "
@@ -201,43 +201,38 @@ def main(cfg: Config) -> dict:
         lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
         schedule=cfg.schedule, end_lr_ratio=cfg.end_lr_ratio, clip_norm=cfg.clip_norm,
         weight_decay=cfg.weight_decay, accum_steps=cfg.accum_steps)
-    key = jax.random.key(cfg.seed)
-    init_key, loop_key = jax.random.split(key)
+    init_key, _ = jax.random.split(jax.random.key(cfg.seed))  # adapters, data-driven inits
     loss_fn = _recipe.lm_loss(_recipe.apply_fn(graphdef))
     stat_batches = [train_batches[i] for i in range(cfg.stat_batches)]  # LoRA-SB
-    init_data = _recipe.InitData(loss_fn, stat_batches, optim)
-    setup = _recipe.precision(build(cfg, params, _recipe.schedule(optim), init_key,
-                                    init_data=init_data), cfg.dtype)
+    setup = _recipe.precision(build(cfg, params, optim, init_key,
+                                    init_data=_recipe.InitData(loss_fn, stat_batches)),
+                              cfg.dtype)
     print(setup.describe)
     if cfg.dtype != "f32":
         print(f"precision: {cfg.dtype} compute"
               + (f", {cfg.dtype} frozen base" if setup.base is not None else "")
               + ", float32 trainable parameters and optimizer state")
-
-    evaluate = _recipe.evaluator(setup, loss_fn)
-    run = _recipe.trainer(setup, loss_fn, optim)
-    opt_state0 = run.tx.init(setup.trainable)
-    rep = peftjax.report(run.step, setup.trainable, opt_state0, setup.static,
-                         train_batches[0], params=setup.base,
-                         trainable=setup.trained(setup.trainable), opt_state=opt_state0)
+    run = _recipe.start(setup, loss_fn, optim, init_key)
+    rep = _recipe.report(run, train_batches[0])
     print(rep)
 
-    ppl_before = evaluate(setup.trainable, eval_batches)
-    sample_before = _generate(graphdef, setup.to_params(setup.trainable, setup.static),
-                              encode, decode, cfg)
+    ppl_before = run.evaluate(run.state, eval_batches)
+    sample_before = _generate(graphdef, run.params(run.state), encode, decode, cfg)
     print(f"held-out perplexity before: {ppl_before:.3f}")
     print(f"sample before:\n{sample_before}\n")
 
     log_path = os.path.join(out, "metrics.jsonl")
-    if not cfg.resume and os.path.exists(log_path):
-        os.remove(log_path)
+    if cfg.resume and not cfg.progress:  # the progress bar says it otherwise
+        print(f"resumed from step {train.resume_step(ckpt_dir)} (checkpoint under "
+              f"{ckpt_dir})", flush=True)
     try:
-        result = _recipe.train(setup=setup, run=run, optim=optim, batches=train_batches,
-                               key=loop_key, log_path=log_path, ckpt_dir=ckpt_dir,
-                               checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
-                               progress=cfg.progress, desc=f"{cfg.method} r={cfg.rank}",
-                               max_skipped_in_a_row=cfg.max_skipped_in_a_row)
-    except _recipe.TooManySkippedSteps as e:
+        result = train.fit(run.step, run.state, train_batches, steps=cfg.steps,
+                           schedule=optim.learning_rate(), log_path=log_path,
+                           plot_path=os.path.join(out, "loss.png"), checkpoint_dir=ckpt_dir,
+                           checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
+                           progress=cfg.progress, desc=f"{cfg.method} r={cfg.rank}",
+                           max_skipped_in_a_row=cfg.max_skipped_in_a_row)
+    except train.TooManySkippedSteps as e:
         raise SystemExit(f"demo: {e}") from None
     if result.skipped:
         print(f"skipped {result.skipped} steps with a non-finite loss or gradient "
@@ -247,9 +242,9 @@ def main(cfg: Config) -> dict:
               f"state saved under {ckpt_dir}; continue with --resume", flush=True)
         raise SystemExit(128 + result.interrupted_by)
 
-    ppl_after = evaluate(result.trainable, eval_batches)
-    sample_after = _generate(graphdef, setup.to_params(result.trainable, setup.static),
-                             encode, decode, cfg)
+    state = result.state
+    ppl_after = run.evaluate(state, eval_batches)
+    sample_after = _generate(graphdef, run.params(state), encode, decode, cfg)
     print(f"held-out perplexity after:  {ppl_after:.3f} "
           f"({100 * (ppl_after / ppl_before - 1):+.1f} %)")
     print(f"sample after:\n{sample_after}\n")
@@ -257,17 +252,15 @@ def main(cfg: Config) -> dict:
     adapter_dir = os.path.join(out, "adapter")
     if os.path.isdir(adapter_dir):
         shutil.rmtree(adapter_dir)
-    checkpoint.save(adapter_dir, result.step, setup.export(result.trainable, setup.static))
+    checkpoint.save(adapter_dir, result.step, _recipe.export(run, state))
     print(f"adapter (orbax): {adapter_dir}")
     # PEFT loads the adapter onto a base named here: the Hub checkpoint that the
     # offline GGUF quantises, or the user's own model directory / file.
     base_name = ("HuggingFaceTB/SmolLM2-135M-Instruct" if not (cfg.model or cfg.smoke)
                  else cfg.model or model_name)
-    peft_dir = save_peft(setup, result.trainable, lm, out, base_name)
+    peft_dir = save_peft(setup, state, lm, out, base_name)
     with open(log_path, encoding="utf-8") as f:
         losses = [json.loads(line)["loss"] for line in f if line.strip()]
-    _recipe.plot_curves(os.path.join(out, "loss.png"), {cfg.method: losses},
-                        title=f"{model_name}: {cfg.method}, training loss")
     results = {
         "ppl_before": ppl_before,
         "ppl_after": ppl_after,

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Data-driven LoRA initialisations on the same budget: LoRA vs PiSSA vs LoRA-GA vs LoRA-SB vs CorDA.
+"""Data-driven LoRA initialisations on one budget: LoRA, PiSSA, LoRA-GA, LoRA-SB, CorDA.
 
 Question: at the same rank, steps, batch and schedule shape, does a
 data-driven initialisation (``peftjax.inits``) lower held-out perplexity
@@ -36,13 +36,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _recipe  # noqa: E402
 
-from peftjax import (  # noqa: E402
-    adapters,
-    data,
-    factored,  # noqa: E402
-    inits,
-    tree,
-)
+from peftjax import adapters, data, factored, inits, train, tree  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,31 +82,24 @@ def initializer(name: str, cfg: Config, lr: float):
     }[name]()
 
 
-def build(name: str, cfg: Config, lm: _recipe.LM, loss_fn, stat_batches, lr, sched, key):
-    """Initialises one method; returns a ``_recipe.Setup``."""
-    payload = initializer(name, cfg, lr)
+def build(name: str, cfg: Config, lm: _recipe.LM, loss_fn, stat_batches,
+          optim: _recipe.OptimConfig, key) -> _recipe.Setup:
+    """Initialises one method (the data-driven ones from their statistics)."""
+    payload = initializer(name, cfg, optim.lr)
     plan = tree.assign(lm.params, [tree.Rule(where=cfg.targets, then=payload)])
-    if name == "lora":
-        state = jax.jit(lambda k, p: adapters.init(plan, k, p))(key, lm.params)
-        base, assignment = lm.params, plan
-    else:
-        stats = None
-        if payload.stats == "gradient":
-            stats = inits.accumulate_gradients(loss_fn, lm.params, stat_batches, list(plan),
-                                               mean=(name == "lora_ga"))
-        elif payload.stats == "covariance":
-            stats = inits.collect_covariances(loss_fn, lm.params, stat_batches, list(plan),
-                                              transform=factored.transform)
-        res = inits.init(plan, key, lm.params, stats=stats)
-        base, assignment, state = res.params, res.assignment, res.state
-
-    def to_params(t, s):
-        return adapters.materialize(assignment, s["base"], t, s["frozen"])
-
-    return _recipe.Setup(state.trainable, {"base": base, "frozen": state.frozen}, to_params,
-                         optax.adamw(sched, weight_decay=0.0),
-                         lambda t, s: {"trainable": t, "frozen": s["frozen"]},
-                         tree.describe(assignment, lm.params), base)
+    tx = optax.adamw(optim.learning_rate(), weight_decay=0.0)
+    if name == "lora":  # the trainer initialises it
+        return _recipe.Setup(lm.params, tx, tree.describe(plan, lm.params), adapters=plan)
+    stats = None
+    if payload.stats == "gradient":
+        stats = inits.accumulate_gradients(loss_fn, lm.params, stat_batches, list(plan),
+                                           mean=(name == "lora_ga"))
+    elif payload.stats == "covariance":
+        stats = inits.collect_covariances(loss_fn, lm.params, stat_batches, list(plan),
+                                          transform=factored.transform)
+    assignment, base, state = _recipe.data_driven(plan, key, lm.params, stats)
+    return _recipe.Setup(base, tx, tree.describe(assignment, lm.params),
+                         adapters=assignment, initial=state)
 
 
 def run_one(name: str, seed: int, cfg: Config, lm, corpus) -> dict:
@@ -125,19 +112,18 @@ def run_one(name: str, seed: int, cfg: Config, lm, corpus) -> dict:
     evals = data.Batches(corpus.eval, batch_size=min(cfg.batch_size, cfg.eval_blocks),
                          seed=seed, shuffle=False)
     stat_batches = [batches[i] for i in range(cfg.stat_batches)]
+    key = jax.random.key(seed)
     t0 = time.perf_counter()
-    setup = build(name, cfg, lm, loss_fn, stat_batches, lr, _recipe.schedule(optim),
-                  jax.random.key(seed))
+    setup = build(name, cfg, lm, loss_fn, stat_batches, optim, key)
+    run = _recipe.start(setup, loss_fn, optim, key)
     init_s = time.perf_counter() - t0
-    run = _recipe.trainer(setup, loss_fn, optim)
-    evaluate = _recipe.evaluator(setup, loss_fn)
-    before = evaluate(setup.trainable, evals)
-    result = _recipe.train(setup=setup, run=run, optim=optim, batches=batches,
-                           key=jax.random.key(seed), progress=cfg.progress,
-                           desc=f"{name}/{seed}")
+    before = run.evaluate(run.state, evals)
+    result = train.fit(run.step, run.state, batches, steps=cfg.steps,
+                       schedule=optim.learning_rate(), progress=cfg.progress,
+                       desc=f"{name}/{seed}")
     return {"method": name, "seed": seed, "lr": lr, "init_seconds": init_s,
-            "trainable_params": adapters.num_trainable(setup.trainable),
-            "ppl_before": before, "ppl_after": evaluate(result.trainable, evals),
+            "trainable_params": adapters.num_trainable(run.state.trainable),
+            "ppl_before": before, "ppl_after": run.evaluate(result.state, evals),
             "losses": [h["loss"] for h in result.history]}
 
 
@@ -214,7 +200,7 @@ def plot(path: str, rows: list[dict], summary: list[dict], title: str) -> None:
 def parse(argv: list[str]) -> Config:
     """The configuration of this script's ARGS: options given are kept as given;
     ``--smoke`` fills ``SMOKE``'s values into the others only."""
-    return _recipe.parse_cli(Config, argv, smoke=SMOKE)
+    return train.parse_config(Config, argv, smoke=SMOKE)
 
 
 def main(cfg: Config) -> dict:

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _recipe  # noqa: E402
 
 import peftjax  # noqa: E402
-from peftjax import adapters, data, tree  # noqa: E402
+from peftjax import adapters, data, train, tree  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,25 +76,14 @@ SMOKE = dict(hidden_size=32, layers=2, steps=10, batch_size=4, block_len=32,
              max_chars=20_000)
 
 
-def _lora_trainable(cfg, params, key, init=jax.jit):
+def _lora_from_scratch(cfg, params, optim, key, *, init_data=None):
+    """LoRA on every linear kernel of a random base; embeddings and norms in full."""
     assignment = tree.assign(params, [tree.Rule(where=_recipe.LINEAR,
                                                 then=adapters.lora(cfg.rank, alpha=cfg.alpha))])
-    state = init(lambda k, p: adapters.init(assignment, k, p))(key, params)
-    trainable = adapters.hybrid_init(state, params, [
-        tree.Rule(where=_recipe.LINEAR, then=None), tree.Rule(where=r".*", then=True)])
-    return assignment, state, trainable
-
-
-def _lora_from_scratch(cfg, params, sched, key):
-    """LoRA on every linear kernel of a random base; embeddings and norms in full."""
-    assignment, state, trainable = _lora_trainable(cfg, params, key)
-
-    def to_params(t, s):
-        return adapters.hybrid_materialize(assignment, s["base"], t, s["frozen"])
-
-    opt = optax.adamw(sched, weight_decay=cfg.weight_decay)
-    return _recipe.Setup(trainable, {"base": params, "frozen": state.frozen}, to_params,
-                         opt, lambda t, s: t, tree.describe(assignment, params), params)
+    full = [tree.Rule(where=_recipe.LINEAR, then=None), tree.Rule(where=r".*", then=True)]
+    return _recipe.Setup(params, optax.adamw(optim.learning_rate(),
+                                             weight_decay=cfg.weight_decay),
+                         tree.describe(assignment, params), adapters=assignment, full=full)
 
 
 METHODS = {
@@ -117,21 +106,16 @@ class _MethodCfg:
     targets: str = _recipe.LINEAR
 
 
-def _galore_bytes(mcfg, params, sched) -> int:
-    setup = METHODS["galore"](mcfg, params, sched, jax.random.key(0))
-    return peftjax.tree_bytes(jax.eval_shape(setup.optimizer.init, setup.trainable))
+def _state_bytes(name: str, mcfg: "_MethodCfg", params, optim) -> int:
+    """Optimizer-state bytes of a method (abstract: nothing is allocated)."""
+    setup = METHODS[name](mcfg, params, optim, jax.random.key(0))
+    t = train.trainer(lambda p, b: 0.0, setup.optimizer, adapters=setup.adapters,
+                      full=setup.full)
+    state = jax.eval_shape(lambda k: t.init(k, setup.params), jax.random.key(0))
+    return peftjax.tree_bytes(state.opt_state)
 
 
-def _lora_bytes(mcfg, params, sched) -> int:
-    _, _, trainable = _lora_trainable(mcfg, params, jax.random.key(0), init=_abstract)
-    return peftjax.tree_bytes(jax.eval_shape(optax.adamw(sched).init, trainable))
-
-
-def _abstract(fn):
-    return lambda *args: jax.eval_shape(fn, *args)
-
-
-def matched_lora_rank(cfg: Config, params, sched) -> tuple[int, int]:
+def matched_lora_rank(cfg: Config, params, optim) -> tuple[int, int]:
     """The LoRA rank whose Adam state is closest to GaLore's; ``(rank, galore bytes)``.
 
     LoRA's state grows linearly in the rank, so two abstract evaluations
@@ -140,9 +124,9 @@ def matched_lora_rank(cfg: Config, params, sched) -> tuple[int, int]:
     base = _MethodCfg(rank=1, alpha=cfg.alpha, galore_rank=cfg.galore_rank,
                       update_proj_gap=cfg.update_proj_gap, galore_scale=cfg.galore_scale,
                       weight_decay=cfg.weight_decay)
-    target = _galore_bytes(base, params, sched)
-    b1 = _lora_bytes(base, params, sched)
-    slope = _lora_bytes(dataclasses.replace(base, rank=2), params, sched) - b1
+    target = _state_bytes("galore", base, params, optim)
+    b1 = _state_bytes("lora", base, params, optim)
+    slope = _state_bytes("lora", dataclasses.replace(base, rank=2), params, optim) - b1
     limit = cfg.hidden_size // 2
     guess = 1 + (target - b1) / max(slope, 1)
     candidates = {min(max(int(guess) + d, 1), limit) for d in (0, 1)}
@@ -154,7 +138,7 @@ def matched_lora_rank(cfg: Config, params, sched) -> tuple[int, int]:
 def parse(argv: list[str]) -> Config:
     """The configuration of this script's ARGS: options given are kept as given;
     ``--smoke`` fills ``SMOKE``'s values into the others only."""
-    return _recipe.parse_cli(Config, argv, smoke=SMOKE)
+    return train.parse_config(Config, argv, smoke=SMOKE)
 
 
 def main(cfg: Config) -> dict:
@@ -173,7 +157,7 @@ def main(cfg: Config) -> dict:
     batches = data.Batches(corpus.train, batch_size=cfg.batch_size, seed=cfg.seed)
     evals = data.Batches(corpus.eval, batch_size=min(cfg.batch_size, cfg.eval_blocks),
                          seed=cfg.seed, shuffle=False)
-    probe = _recipe.schedule(_recipe.OptimConfig(lr=cfg.lr, total_steps=cfg.steps))
+    probe = _recipe.OptimConfig(lr=cfg.lr, total_steps=cfg.steps)
     lora_rank, galore_bytes = matched_lora_rank(cfg, params, probe)
     print(f"matched memory: GaLore rank {cfg.galore_rank} holds {galore_bytes:,} bytes of "
           f"optimizer state; LoRA rank {lora_rank} is the closest")
@@ -196,18 +180,18 @@ def main(cfg: Config) -> dict:
                           update_proj_gap=cfg.update_proj_gap,
                           galore_scale=cfg.galore_scale, weight_decay=cfg.weight_decay,
                           frugal_density=cfg.frugal_density)
-        setup = build(mcfg, params, _recipe.schedule(optim), jax.random.key(cfg.seed))
-        run = _recipe.trainer(setup, loss_fn, optim)
-        result = _recipe.train(setup=setup, run=run, optim=optim, batches=batches,
-                               key=jax.random.key(cfg.seed), progress=cfg.progress,
-                               desc=name)
-        counts = peftjax.count_params(setup.base if setup.base is not None else {},
-                                      setup.trainable)
+        key = jax.random.key(cfg.seed)
+        run = _recipe.start(build(mcfg, params, optim, key), loss_fn, optim, key)
+        counts = peftjax.count_params(run.base if run.base is not None else {},
+                                      run.state.trainable)
+        state_bytes = peftjax.tree_bytes(run.state.opt_state)
+        result = train.fit(run.step, run.state, batches, steps=cfg.steps,
+                           schedule=optim.learning_rate(), progress=cfg.progress,
+                           desc=name)
         rows.append({
             "method": name, "lr": lr, "trainable_params": counts.trainable,
-            "optimizer_state_bytes": peftjax.tree_bytes(
-                jax.eval_shape(setup.optimizer.init, setup.trainable)),
-            "eval_ppl": _recipe.evaluator(setup, loss_fn)(result.trainable, evals),
+            "optimizer_state_bytes": state_bytes,
+            "eval_ppl": run.evaluate(result.state, evals),
             "final_loss": result.history[-1]["loss"],
             "losses": [h["loss"] for h in result.history],
         })
@@ -227,7 +211,7 @@ def main(cfg: Config) -> dict:
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"config": dataclasses.asdict(cfg), "environment": env, **results}, f,
                   indent=2)
-    _recipe.plot_curves(os.path.join(out, "loss_curves.png"),
+    train.plot_curves(os.path.join(out, "loss_curves.png"),
                         {r["method"]: r["losses"] for r in rows},
                         title=f"pre-training d={cfg.hidden_size} L={cfg.layers}")
     _recipe.append_result("pretrain_galore", cfg, results)

@@ -131,11 +131,13 @@ def test_demo_smoke_sparse_has_loras_budget_and_regrows(tmp_path):
     budget = sum(4 * (s[-2] + s[-1]) * s[0] for s in kernels.values())
     assert results["trainable_params"] == budget == 3584
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 24 and "grad_norm" not in rows[0]  # SpIEL reports no norm
+    assert len(rows) == 24 and {"grad_norm", "tokens"} <= set(rows[0])
     # the orbax adapter holds the values and the indices (restored by structure)
     cfg = types.SimpleNamespace(rank=4, alpha=8.0, weight_decay=0.0, targets=None)
     init_key, _ = jax.random.split(jax.random.key(0))  # as the demo splits seed 0
-    initial = recipe.METHODS["sparse"](cfg, params, lambda s: 1e-3, init_key).trainable
+    optim = recipe.OptimConfig(lr=1e-3, total_steps=24)
+    setup = recipe.METHODS["sparse"](cfg, params, optim, init_key)
+    initial = recipe.start(setup, lambda p, b: 0.0, optim, init_key).state
     saved = checkpoint.restore(out / "adapter", {"trainable": initial.trainable,
                                                  "frozen": initial.frozen})
     assert adapters.num_trainable(saved["trainable"]) == budget

@@ -1,0 +1,301 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The fine-tuning methods the experiments compare (public API only).
+
+``METHODS``: method name -> a builder ``(cfg, params, optim, key, *,
+init_data=None) -> Setup``. A ``Setup`` holds real Python objects: the
+arguments of ``peftjax.train.trainer`` (an adapter assignment, rules of
+leaves trained in full, a SpIEL selector), the method's optimizer transform,
+and, for data-driven initialisers (PiSSA, LoRA-SB), the adapter state they
+computed. ``_recipe.start`` turns it into a trainer and a training state.
+
+Re-exported by ``_recipe``; experiments import ``_recipe`` alone.
+"""
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from peftjax import adapters, inits, masks, optim, tree
+
+ATTN = r"(.*/)?self_attn/(q_proj|k_proj|v_proj|o_proj)/kernel"
+LINEAR = r"(.*/)?(self_attn|mlp)/\w+_proj/kernel"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Schedule, clipping and accumulation, counted in optimizer updates."""
+
+    lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # or "linear"
+    end_lr_ratio: float = 0.1
+    clip_norm: float = 1.0
+    weight_decay: float = 0.0
+    accum_steps: int = 1  # micro-batches per update (train.trainer(accumulate=...))
+
+    def learning_rate(self) -> optax.Schedule:
+        """Linear warm-up to ``lr``, then cosine or linear decay to ``lr * end_lr_ratio``."""
+        warm, decay = max(self.warmup_steps, 0), max(self.total_steps - self.warmup_steps, 1)
+        if self.schedule == "cosine":
+            after = optax.cosine_decay_schedule(self.lr, decay, alpha=self.end_lr_ratio)
+        elif self.schedule == "linear":
+            after = optax.linear_schedule(self.lr, self.lr * self.end_lr_ratio, decay)
+        else:
+            raise ValueError(f"schedule: expected 'cosine' or 'linear', got {self.schedule!r}")
+        if warm == 0:
+            return after
+        return optax.join_schedules([optax.linear_schedule(0.0, self.lr, warm), after], [warm])
+
+
+class Setup(NamedTuple):
+    """What a method contributes to a run.
+
+    Attributes:
+      params: the model parameters the run starts from (PiSSA: its residual
+        base). Adapter methods train over them frozen; optimizer-side
+        methods (``adapters is None``) train them.
+      optimizer: the method's transform (the recipe clips before it).
+      describe: what is trained (``tree.describe`` output or a sentence).
+      adapters: the ``{path: Adapter}`` assignment, or None.
+      full: rules of leaves trained in full next to the adapters, or None.
+      sparse: a ``masks.Selector`` (SpIEL drop-and-regrow), or None.
+      initial: the adapter state a data-driven initialiser computed; None:
+        the trainer initialises the adapters.
+      peft: ``TrainState -> (assignment, AdapterState)``, an adapter over the
+        original parameters for ``peftjax.io.save_peft``; None when the
+        method has no Hugging Face PEFT format.
+    """
+
+    params: Any
+    optimizer: optax.GradientTransformation
+    describe: str
+    adapters: dict | None = None
+    full: list | None = None
+    sparse: masks.Selector | None = None
+    initial: Any = None  # an adapters.AdapterState
+    peft: Callable[[Any], Any] | None = None
+
+    @property
+    def base(self) -> Any:
+        """The frozen parameters the step reads (None: the parameters are trained)."""
+        return None if self.adapters is None else self.params
+
+
+class InitData(NamedTuple):
+    """What data-dependent initialisers (LoRA-SB) need: ``loss_fn(params,
+    batch)`` and the training batches of their statistics (used once)."""
+
+    loss_fn: Callable[[Any, Any], jax.Array]
+    batches: list[Any]
+
+
+def _targets(cfg: Any) -> str:
+    return getattr(cfg, "targets", ATTN) or ATTN
+
+
+def _adamw(run: OptimConfig) -> optax.GradientTransformation:
+    return optax.adamw(run.learning_rate(), weight_decay=run.weight_decay)
+
+
+def data_driven(plan: dict, key: jax.Array, params: Any, stats: dict | None = None
+                ) -> tuple[dict, Any, adapters.AdapterState]:
+    """``inits.init`` one target per jitted program; ``(assignment, base, state)``.
+
+    One program for every target would run several batched SVDs at once;
+    jaxlib's CPU LAPACK kernels split each batched call into chunks on a
+    2-thread pool and block a thread per call, so two at once can deadlock a
+    2-core machine (it hung PiSSA on SmolLM2). Per-leaf keys are folded from
+    each path, so the result equals one joint init.
+    """
+    assignment, residual, trainable, frozen = {}, {}, {}, {}
+    for path in plan:
+        sub = {path: plan[path]}
+
+        def run(k, p, g, sub=sub, path=path):
+            res = inits.init(sub, k, p, stats=g)
+            assignment.update(res.assignment)  # static adapters, known at trace
+            return tree.leaves_by_path(res.params)[path], res.state
+
+        g = None if stats is None else {path: stats[path]}
+        leaf, st = jax.block_until_ready(jax.jit(run)(key, params, g))
+        residual[path] = leaf
+        trainable.update(st.trainable)
+        frozen.update(st.frozen)
+    base = tree.map_with_path(lambda p, x: residual.get(p, x), params)
+    return assignment, base, adapters.AdapterState(trainable, frozen)
+
+
+def _adapter_method(make_adapter: Callable[[Any], adapters.Adapter], *, peft: bool = True):
+    def build(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+              init_data: InitData | None = None) -> Setup:
+        del key, init_data  # the trainer initialises the adapters
+        assignment = tree.assign(params, [tree.Rule(where=_targets(cfg),
+                                                    then=make_adapter(cfg))])
+
+        def peft_export(state):
+            return assignment, adapters.AdapterState(state.trainable, state.frozen)
+
+        return Setup(params, _adamw(run), tree.describe(assignment, params),
+                     adapters=assignment, peft=peft_export if peft else None)
+
+    return build
+
+
+def _full(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+          init_data: InitData | None = None) -> Setup:
+    return Setup(params, _adamw(run), "full fine-tuning: every parameter is trained")
+
+
+def _projected(name: str, transform: Callable[..., optax.GradientTransformation]):
+    """GaLore / FRUGAL on the attention and MLP kernels, AdamW elsewhere."""
+
+    def build(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+              init_data: InitData | None = None) -> Setup:
+        labels = tree.labels(params, [tree.Rule(where=LINEAR, then=name)], default="adamw")
+        inner, what = transform(cfg, run)
+        tx = optax.partition({name: inner, "adamw": _adamw(run)}, labels)
+        return Setup(params, tx, f"{what} on attention/MLP kernels, AdamW elsewhere")
+
+    return build
+
+
+def _galore_tx(cfg: Any, run: OptimConfig):
+    rank = int(getattr(cfg, "galore_rank", 0) or cfg.rank)
+    return optim.galore(run.learning_rate(), rank=rank,
+                        update_proj_gap=int(getattr(cfg, "update_proj_gap", 200)),
+                        scale=float(getattr(cfg, "galore_scale", 0.25)),
+                        weight_decay=run.weight_decay), f"GaLore rank {rank}"
+
+
+def _frugal_tx(cfg: Any, run: OptimConfig):
+    density = float(getattr(cfg, "frugal_density", 0.25))
+    return optim.frugal(run.learning_rate(), density=density,
+                        update_gap=int(getattr(cfg, "update_proj_gap", 200)),
+                        weight_decay=run.weight_decay), f"FRUGAL density {density}"
+
+
+def _lisa(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+          init_data: InitData | None = None) -> Setup:
+    n_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+    tx = optim.lisa(run.learning_rate(), n_layers=n_layers,
+                    n_active=int(getattr(cfg, "lisa_active", 2)),
+                    interval=int(getattr(cfg, "lisa_interval", 20)),
+                    weight_decay=run.weight_decay, layers=None, stacked=r"layers/.*", key=0)
+    return Setup(params, tx, "LISA: embeddings, head and norms always, 2 sampled "
+                 "layers at a time")
+
+
+def _loraplus(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+              init_data: InitData | None = None) -> Setup:
+    setup = METHODS["lora"](cfg, params, run, key)
+    return setup._replace(optimizer=optim.loraplus(
+        run.learning_rate(), ratio=float(getattr(cfg, "loraplus_ratio", 16.0)),
+        weight_decay=run.weight_decay))
+
+
+def _pissa(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+           init_data: InitData | None = None) -> Setup:
+    """PiSSA: the adapter starts at the top-r SVD of W and trains over the residual."""
+    plan = tree.assign(params, [tree.Rule(where=_targets(cfg),
+                                          then=inits.pissa(cfg.rank, alpha=cfg.alpha))])
+    assignment, base, state = data_driven(plan, key, params)
+
+    def peft_export(trained):  # a rank-2r LoRA over the unmodified base
+        return inits.to_lora(plan, state.trainable, trained.trainable)
+
+    return Setup(base, _adamw(run), "PiSSA (residual base)\n"
+                 + tree.describe(assignment, params), adapters=assignment, initial=state,
+                 peft=peft_export)
+
+
+def _lora_sb(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+             init_data: InitData | None = None) -> Setup:
+    """LoRA-SB: a trainable ``r x r`` core between frozen bases set from the
+    top-r SVD of an approximate first update (summed full-weight gradients
+    over ``init_data.batches``); the base is not modified."""
+    if init_data is None or not init_data.batches:
+        raise ValueError(
+            "--method=lora-sb initialises from accumulated full-weight gradients: "
+            "build it with init_data=InitData(loss_fn, batches) holding at least one "
+            "batch (demo.py and compare_methods.py pass --stat_batches training batches)")
+    payload = inits.lora_sb(cfg.rank, learning_rate=run.lr,
+                            warmup_ratio=run.warmup_steps / run.total_steps,
+                            total_steps=run.total_steps)
+    plan = tree.assign(params, [tree.Rule(where=_targets(cfg), then=payload)])
+    stats = inits.accumulate_gradients(init_data.loss_fn, params, init_data.batches,
+                                       list(plan), mean=False)
+    assignment, _, state = data_driven(plan, key, params, stats)
+    return Setup(params, _adamw(run),
+                 f"LoRA-SB (r x r core, {len(init_data.batches)} gradient batches)\n"
+                 + tree.describe(assignment, params), adapters=assignment, initial=state)
+
+
+def _sparse(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+            init_data: InitData | None = None) -> Setup:
+    """SpIEL sparse fine-tuning at LoRA's budget: ``k = r·(in + out)`` entries
+    per targeted kernel (per layer of a stack), dropped and regrown on the
+    SpIEL-AG schedule inside the training step (the supports are the
+    state's ``frozen`` part; only the values are trained and counted)."""
+    flat = tree.leaves_by_path(params)
+    lora_plan = tree.assign(params, [tree.Rule(where=_targets(cfg),
+                                               then=adapters.lora(cfg.rank))])
+    assignment = tree.assign(params, [
+        tree.Rule(where=re.escape(p), then=adapters.sparse_delta(
+            k=cfg.rank * (flat[p].shape[-2] + flat[p].shape[-1]))) for p in lora_plan])
+    reselect = int(getattr(cfg, "spiel_reselection_steps", 20))
+    accumulate = int(getattr(cfg, "spiel_accumulation_steps", 5))
+    selector = masks.spiel_selector(total_steps=run.total_steps,
+                                    reselection_steps=reselect,
+                                    accumulation_steps=accumulate)
+    return Setup(params, optim.sft_adamw(run.learning_rate(),
+                                         weight_decay=run.weight_decay),
+                 f"SpIEL sparse deltas, k = {cfg.rank}·(in + out) per kernel (LoRA's "
+                 f"budget), reselection every {reselect} steps after {accumulate} steps "
+                 "of gradient accumulation\n" + tree.describe(assignment, params),
+                 adapters=assignment, sparse=selector)
+
+
+def unavailable(name: str, issue: int, what: str) -> Callable[..., Setup]:
+    """A method builder that raises: ``name`` is not built yet (``issue``)."""
+
+    def build(*_: Any, **__: Any) -> Setup:
+        raise NotImplementedError(
+            f"--method={name}: {what} is not available here yet (tracked in issue "
+            f"{issue}). Available now: " + ", ".join(available_methods()))
+
+    build.unavailable = True  # type: ignore[attr-defined]
+    return build
+
+
+METHODS: dict[str, Callable[..., Setup]] = {
+    "lora": _adapter_method(lambda c: adapters.lora(c.rank, alpha=c.alpha)),
+    "dora": _adapter_method(lambda c: adapters.dora(c.rank, alpha=c.alpha)),
+    # PEFT has no LoRA-XS format
+    "lora_xs": _adapter_method(lambda c: adapters.lora_xs(c.rank, alpha=c.alpha),
+                               peft=False),
+    "full": _full,
+    "galore": _projected("galore", _galore_tx),
+    "frugal": _projected("frugal", _frugal_tx),
+    "lisa": _lisa,
+    "loraplus": _loraplus,
+    "lora-sb": _lora_sb,  # needs init_data (gradient statistics)
+    "pissa": _pissa,
+    "sparse": _sparse,  # SpIEL: drop-and-regrow inside the step
+}
+
+
+def available_methods() -> list[str]:
+    """Names in ``METHODS`` that are built."""
+    return [n for n, b in METHODS.items() if not getattr(b, "unavailable", False)]
+
+
+def method(name: str) -> Callable[..., Setup]:
+    """Looks a method up; unknown names raise with the known ones."""
+    if name not in METHODS:
+        raise ValueError(f"--method={name!r} is unknown; choose one of {sorted(METHODS)}")
+    return METHODS[name]
