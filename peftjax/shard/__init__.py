@@ -81,7 +81,7 @@ Exports: ``AXES``, ``BATCH_AXES``, ``make_mesh``, ``batch_sharding``,
 ``MatrixSpec``, ``transformer_rules``,
 ``param_specs``, ``param_shardings``, ``named_shardings``,
 ``adapter_shardings``, ``state_shardings``, ``ShardingFallbackWarning``,
-``describe``.
+``sharding_table``.
 """
 
 from peftjax.shard._carries import constrain_scan_carries as constrain_scan_carries
@@ -95,10 +95,10 @@ from peftjax.shard._mesh import make_mesh as make_mesh
 from peftjax.shard._mesh import refresh_sharding as refresh_sharding
 from peftjax.shard._mesh import replicated as replicated
 from peftjax.shard._specs import MatrixSpec as MatrixSpec
-from peftjax.shard._specs import describe as describe
 from peftjax.shard._specs import named_shardings as named_shardings
 from peftjax.shard._specs import param_shardings as param_shardings
 from peftjax.shard._specs import param_specs as param_specs
+from peftjax.shard._specs import sharding_table as sharding_table
 from peftjax.shard._specs import transformer_rules as transformer_rules
 
 __all__ = [
@@ -109,13 +109,13 @@ __all__ = [
     "adapter_shardings",
     "batch_sharding",
     "constrain_scan_carries",
-    "describe",
     "make_mesh",
     "named_shardings",
     "param_shardings",
     "param_specs",
     "refresh_sharding",
     "replicated",
+    "sharding_table",
     "state_shardings",
     "transformer_rules",
 ]

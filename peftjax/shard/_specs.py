@@ -10,7 +10,7 @@ explicitly). Leaves no rule matches are replicated; a rule that matches
 nothing is an error, as everywhere in peftjax.
 
 Exports: ``MatrixSpec``, ``transformer_rules``, ``param_specs``,
-``param_shardings``, ``named_shardings``, ``describe``.
+``param_shardings``, ``named_shardings``, ``sharding_table``.
 """
 
 import dataclasses
@@ -361,7 +361,7 @@ def spec_of(x: Any) -> PartitionSpec:
     )
 
 
-def describe(tree: Any, shardings: Any) -> str:
+def sharding_table(tree: Any, shardings: Any) -> str:
     """Returns a table of path, shape, dtype, spec and per-device bytes.
 
     Args:
@@ -379,7 +379,7 @@ def describe(tree: Any, shardings: Any) -> str:
       >>> from peftjax.shard import make_mesh
       >>> mesh = make_mesh(devices=jax.devices()[:1])
       >>> t = {"w": jnp.ones((4, 2))}
-      >>> print(describe(t, {"w": NamedSharding(mesh, P("fsdp"))}))
+      >>> print(sharding_table(t, {"w": NamedSharding(mesh, P("fsdp"))}))
       ... # doctest: +NORMALIZE_WHITESPACE
       path  shape   dtype    spec        bytes/device
       w     (4, 2)  float32  P('fsdp',)  32

@@ -288,10 +288,10 @@ def test_shardings_must_cover_params():
         shard.state_shardings(MESH, {}, {"w": sds(4), "b": sds(4)}, {"w": P()})
 
 
-def test_describe_reports_per_device_bytes():
+def test_sharding_table_reports_per_device_bytes():
     params = {"w": sds(16, 32)}
     sh = {"w": NamedSharding(MESH, P("fsdp", "tensor"))}
-    text = shard.describe(params, sh)
+    text = shard.sharding_table(params, sh)
     assert "2,048 bytes, 256 bytes per device" in text  # 16*32*4 / (2*4)
-    keyed = shard.describe({"k": jax.random.key(0)}, {"k": P()})
+    keyed = shard.sharding_table({"k": jax.random.key(0)}, {"k": P()})
     assert "uint32" in keyed and "8 bytes, 8 bytes per device" in keyed
