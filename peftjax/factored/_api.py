@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The public entry points: ``transform`` and ``make_train_step``.
+"""The public entry point: ``transform``.
 
 ``transform(apply_fn, assignment, trainable, frozen)`` returns a function with
 ``apply_fn``'s signature whose results equal ``apply_fn`` on
@@ -8,7 +8,8 @@ forming ``W + ΔW``: ``apply_fn`` is traced to a jaxpr with the base params,
 and the jaxpr is re-evaluated by ``_interpret.Interpreter`` with every
 adapted kernel as a symbolic value.
 
-Exports: ``transform``, ``make_train_step``.
+Exports: ``transform`` (the training step that runs it is
+``peftjax.train.trainer``).
 """
 
 import functools
@@ -19,14 +20,9 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 
-from peftjax import adapters
-from peftjax.adapters import _train
+from peftjax import adapters, quant, tree
 from peftjax.factored import _interpret, _sym
-from peftjax.quant import _array as _qarray
-from peftjax.quant import _matmul as _qmatmul
-from peftjax.tree import _matrix, _paths
 
 
 def _is_array(x: Any) -> bool:
@@ -35,7 +31,7 @@ def _is_array(x: Any) -> bool:
 
 def _leaf_keys(key: jax.Array, path: str, w: Any, adapter: adapters.Adapter) -> Any:
     dn = adapter.factored.dimension_numbers
-    dims = _matrix.resolve(dn, np.shape(w), path=path)
+    dims = tree.resolve(dn, np.shape(w), path=path)
     k = adapters.path_key(key, path)
     if not dims.batch:
         return k
@@ -51,7 +47,7 @@ def transform(
     key: jax.Array | None = None,
     deterministic: bool = False,
     argnum: int = 0,
-    tile_bytes: int = _qmatmul.DEFAULT_TILE_BYTES,
+    tile_bytes: int = quant.DEFAULT_TILE_BYTES,
 ) -> Callable[..., Any]:
     """Turns ``apply_fn`` into its factored form for one adapter state.
 
@@ -123,22 +119,22 @@ def transform(
                 f"factored.transform: argnum={argnum} but the call has {len(args)} positional "
                 "arguments; pass the parameter tree positionally")
         params = args[argnum]
-        p_items = _paths.flatten(params, is_leaf=_qarray.is_quantized)
+        p_items = tree.flatten(params, is_leaf=quant.is_quantized)
         flat = dict(p_items)
         bias_of = adapters.validate(assignment, params, trainable, frozen,
-                                    is_leaf=_qarray.is_quantized,
+                                    is_leaf=quant.is_quantized,
                                     caller="factored.transform")
         interp = _interpret.Interpreter(deterministic=deterministic, stacklevel=4,
                                         tile_bytes=tile_bytes)
 
-        p_def = jax.tree.structure(params, is_leaf=_qarray.is_quantized)
+        p_def = jax.tree.structure(params, is_leaf=quant.is_quantized)
         pos = argnum % len(args)
         rest = (tuple(None if i == pos else a for i, a in enumerate(args)), kwargs)
         o_leaves, o_def = jax.tree.flatten(rest)
 
         p_vals, syms = [], {}
         for i, (path, leaf) in enumerate(p_items):
-            quant = _qarray.is_quantized(leaf)
+            quantized = quant.is_quantized(leaf)
             if path in bias_of:
                 k = bias_of[path]
                 hook = assignment[k].bias
@@ -146,20 +142,20 @@ def transform(
             elif path in assignment:
                 adapter = assignment[path]
                 if adapter.factored is None:
-                    if quant:
-                        leaf = _qarray.dequantize(leaf)
+                    if quantized:
+                        leaf = quant.dequantize(leaf)
                     leaf = _materialize_leaf(interp, path, adapter, leaf,
                                              trainable[path], frozen[path])
-                    quant = False
+                    quantized = False
                 else:
                     keys = None
                     if adapter.dropout and not deterministic:
                         keys = _leaf_keys(key, path, leaf, adapter)
                     syms[i] = _sym.from_leaf(path, adapter, leaf, trainable[path],
                                              frozen[path], keys)
-            elif quant:
+            elif quantized:
                 syms[i] = _sym.from_leaf(path, None, leaf, None, None, None)
-            if quant:  # traced as its logical float shape, evaluated as a Sym
+            if quantized:  # traced as its logical float shape, evaluated as a Sym
                 leaf = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
             p_vals.append(leaf)
 
@@ -195,72 +191,3 @@ def _materialize_leaf(interp: _interpret.Interpreter, path: str,
             "cotangent)", _interpret.FactoredFallbackWarning, stacklevel=4)
     return adapter.apply(leaf, t, f)
 
-
-def make_train_step(
-    assignment: dict[str, adapters.Adapter],
-    loss_fn: Callable[..., Any],
-    optimizer: optax.GradientTransformation,
-    *,
-    has_aux: bool = False,
-    deterministic: bool = False,
-    tile_bytes: int = _qmatmul.DEFAULT_TILE_BYTES,
-    skip_nonfinite: bool = True,
-    return_metrics: bool = False,
-) -> Callable[..., tuple[Any, ...]]:
-    """The factored adapter-only step ``(trainable, opt_state, params, frozen, batch, key)``.
-
-    Same contract as ``peftjax.adapters.make_train_step`` (differentiate the
-    adapter state only) with ``loss_fn`` run through :func:`transform`. A step
-    whose loss or gradient is not finite is skipped: ``trainable`` and
-    ``opt_state`` come back unchanged (the optimizer does not run; unlike
-    ``optax.apply_if_finite``, whose counters would change the state).
-
-    Args:
-      assignment: ``{path: Adapter}``.
-      loss_fn: ``(params, batch) -> loss`` (or ``(loss, aux)`` with
-        ``has_aux``); the model sees ordinary parameters.
-      optimizer: any optax transformation over the trainable pytree.
-      has_aux: forwarded to ``jax.value_and_grad``.
-      deterministic: skip adapter dropout.
-      tile_bytes: forwarded to :func:`transform` (quantised bases).
-      skip_nonfinite: skip updates whose loss or gradient has a NaN or an
-        infinity (default); False applies them (NaN then reaches the state).
-      return_metrics: also return ``{"skipped": ()int32}`` (1 on a skipped
-        step) as a fourth output.
-
-    Returns:
-      ``step(trainable, opt_state, params, frozen, batch, key=None) ->
-      (trainable, opt_state, loss)``, or ``(..., loss, metrics)`` with
-      ``return_metrics``; ``key`` is needed for adapter dropout.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, optax
-      >>> from peftjax import adapters, factored, tree
-      >>> params = {"w": jnp.eye(3)}
-      >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.lora(1))])
-      >>> state = adapters.init(a, jax.random.key(0), params)
-      >>> loss_fn = lambda p, b: jnp.mean((b[0] @ p["w"] - b[1]) ** 2)
-      >>> opt = optax.sgd(0.1)
-      >>> step = jax.jit(factored.make_train_step(a, loss_fn, opt))
-      >>> batch = (jnp.ones((2, 3)), jnp.zeros((2, 3)))
-      >>> t, o, loss = step(state.trainable, opt.init(state.trainable), params,
-      ...                   state.frozen, batch)
-      >>> float(loss)
-      1.0
-    """
-
-    def step(trainable, opt_state, params, frozen, batch, key=None):
-        def objective(t):
-            f = transform(loss_fn, assignment, t, frozen, key=key,
-                         deterministic=deterministic, tile_bytes=tile_bytes)
-            return f(params, batch)
-
-        value, grads = jax.value_and_grad(objective, has_aux=has_aux)(trainable)
-        trainable, opt_state, skipped = _train.update_if_finite(
-            optimizer, grads, opt_state, trainable, value[0] if has_aux else value,
-            skip_nonfinite=skip_nonfinite)
-        if return_metrics:
-            return trainable, opt_state, value, {"skipped": skipped}
-        return trainable, opt_state, value
-
-    return step

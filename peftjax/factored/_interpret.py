@@ -37,8 +37,8 @@ from typing import Any
 import jax
 import jax.extend as jex
 
+from peftjax import quant
 from peftjax.factored import _conv, _sym
-from peftjax.quant import _matmul as _qmatmul
 
 _VIEWS = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision",
                     "sharding_constraint", "pvary", "transpose", "reshape",
@@ -76,7 +76,7 @@ class Interpreter:
     """
 
     def __init__(self, *, deterministic: bool, stacklevel: int = 4,
-                 tile_bytes: int = _qmatmul.DEFAULT_TILE_BYTES):
+                 tile_bytes: int = quant.DEFAULT_TILE_BYTES):
         self.deterministic = deterministic
         self.stacklevel = stacklevel
         self.tile_bytes = tile_bytes

@@ -36,11 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax import adapters
-from peftjax.quant import _array as _qarray
-from peftjax.quant import _formats as _qformats
-from peftjax.quant import _matmul as _qmatmul
-from peftjax.tree import _matrix
+from peftjax import adapters, quant, tree
 
 # An axis' role: kind "b" (batch), "i" (input), "o" (output) or "u" (unit,
 # size 1), with the indices of the matrix view's batch/reduction/output axes
@@ -54,11 +50,11 @@ class Meta:
 
     path: str
     adapter: adapters.Adapter | None  # None: a quantised leaf without adapter
-    dims: _matrix.ResolvedDims
+    dims: tree.ResolvedDims
     roles: tuple[Role, ...]
     state_batch: tuple[int, ...]  # batch ids of the state leaves' leading axes
     treedef: Any                  # of (trainable, frozen, key, blocks)
-    qformat: _qformats.QuantFormat | None = None  # quantised: the block format
+    qformat: quant.QuantFormat | None = None  # quantised: the block format
     view_shape: tuple[int, ...] = ()  # quantised: the current view's shape
     view_dtype: Any = None            # quantised: the current view's dtype
 
@@ -112,7 +108,7 @@ class Sym:
 
 
 def _quant_dims(path: str, adapter: adapters.Adapter | None,
-                w: _qarray.QuantizedArray) -> _matrix.ResolvedDims:
+                w: quant.QuantizedArray) -> tree.ResolvedDims:
     """The matrix view of a quantised leaf: reduction = the blocked axis."""
     shape, k = tuple(w.shape), w.axis
     if len(shape) < 2:
@@ -120,7 +116,7 @@ def _quant_dims(path: str, adapter: adapters.Adapter | None,
             f"peftjax.factored: the quantised leaf {path!r} (shape {shape}, dtype "
             f"{w.dtype}, {w.format!r}) is not a matrix; keep 1-D leaves in float")
     if adapter is not None and adapter.factored is not None:
-        dims = _matrix.resolve(adapter.factored.dimension_numbers, shape, path=path)
+        dims = tree.resolve(adapter.factored.dimension_numbers, shape, path=path)
     else:
         # Flax defaults with the blocked axis as input: (batch..., in, out...),
         # or (batch..., out, in) for a table blocked along its last axis.
@@ -129,7 +125,7 @@ def _quant_dims(path: str, adapter: adapters.Adapter | None,
             out, batch = (n - 2,), tuple(range(n - 2))
         else:
             out, batch = tuple(range(k + 1, n)), tuple(range(k))
-        dims = _matrix.resolve(_matrix.DimensionNumbers(
+        dims = tree.resolve(tree.DimensionNumbers(
             reduction_axis=k, output_axis=out, batch_axis=batch), shape, path=path)
     nb = len(dims.batch)
     if (dims.reduction != (k,) or dims.batch != tuple(range(nb))
@@ -147,31 +143,31 @@ def _quant_dims(path: str, adapter: adapters.Adapter | None,
 def from_leaf(path: str, adapter: adapters.Adapter | None, w: Any, trainable: Any,
               frozen: Any, keys: Any) -> Sym:
     """Wraps an adapted or quantised leaf (``keys``: dropout keys, or None)."""
-    quant = _qarray.is_quantized(w)
-    if quant:
+    quantized = quant.is_quantized(w)
+    if quantized:
         dims = _quant_dims(path, adapter, w)
     else:
         form = adapter.factored
         dn = None if form is None else form.dimension_numbers
-        dims = _matrix.resolve(dn, np.shape(w), path=path)
+        dims = tree.resolve(dn, np.shape(w), path=path)
     roles = []
     for a in range(len(dims.shape)):
         for kind, axes in (("b", dims.batch), ("i", dims.reduction),
                            ("o", dims.output)):
             if a in axes:
                 roles.append((kind, (axes.index(a),)))
-    blocks = w.blocks if quant else None
+    blocks = w.blocks if quantized else None
     leaves, treedef = jax.tree.flatten((trainable, frozen, keys, blocks))
     meta = Meta(path, adapter, dims, tuple(roles),
                 tuple(range(len(dims.batch))), treedef)
-    if quant:
+    if quantized:
         meta = meta.replace(qformat=w.format, view_shape=tuple(w.shape),
                             view_dtype=np.dtype(w.dtype))
         return Sym(meta, None, leaves)
     return Sym(meta, w, leaves)
 
 
-def _id_size(dims: _matrix.ResolvedDims, role: Role) -> int:
+def _id_size(dims: tree.ResolvedDims, role: Role) -> int:
     kind, ids = role
     axes = {"b": dims.batch, "i": dims.reduction, "o": dims.output}.get(kind, ())
     return math.prod(dims.shape[axes[k]] for k in ids)
@@ -417,7 +413,7 @@ def _dropout(x: jax.Array, rate: float, key: Any) -> jax.Array:
 
 def dot(sym: Sym, other: Any, sym_is_lhs: bool, params: dict,
         bind: Callable[..., Any], key: Any, *,
-        tile_bytes: int = _qmatmul.DEFAULT_TILE_BYTES) -> Any | None:
+        tile_bytes: int = quant.DEFAULT_TILE_BYTES) -> Any | None:
     """Factored ``dot_general``; None when the use is not a plain contraction.
 
     ``bind(lhs, rhs)`` is the model's own ``dot_general`` with its parameters;
@@ -484,7 +480,7 @@ def dot(sym: Sym, other: Any, sym_is_lhs: bool, params: dict,
     if sym.is_quant:
         blocks, _ = _quant_matrix_blocks(sym)
         xm = as_matrix(x_in)
-        y = _qmatmul.tiled_product(
+        y = quant.tiled_product(
             xm.reshape(math.prod(x_shape), xm.shape[-1]), blocks, meta.qformat,
             sym.dtype, tile_bytes=tile_bytes, precision=params.get("precision"),
             preferred_element_type=params.get("preferred_element_type"))
