@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import adapters as _adapters
-from peftjax.tree import _matrix, _paths
+from peftjax import tree
 
 PyTree = Any
 
@@ -60,7 +60,7 @@ class Initializer(NamedTuple):
     rank: int
     alpha: float
     scaling: _adapters.Scaling
-    dimension_numbers: _matrix.DimensionNumbers | None
+    dimension_numbers: tree.DimensionNumbers | None
     param_dtype: Any
     name: str
     relayout: Callable[..., "Initializer"] | None = None
@@ -68,7 +68,7 @@ class Initializer(NamedTuple):
     def __repr__(self) -> str:
         return self.name
 
-    def with_dimension_numbers(self, dims: _matrix.DimensionNumbers) -> "Initializer":
+    def with_dimension_numbers(self, dims: tree.DimensionNumbers) -> "Initializer":
         """Returns this initialiser viewing its leaf through ``dims``.
 
         Args:
@@ -131,7 +131,7 @@ def vmapped(fn: Callable, n: int) -> Callable:
 def lift(
     name: str,
     init_matrix: Callable[..., tuple[Any, Any, Any]],
-    dimension_numbers: _matrix.DimensionNumbers | None,
+    dimension_numbers: tree.DimensionNumbers | None,
     stats_kind: str | None,
 ) -> Callable[..., tuple[Any, Any, Any]]:
     """Lifts ``(key, w (in, out), stats) -> (w_new, trainable, frozen)``.
@@ -143,8 +143,8 @@ def lift(
     def init(key: jax.Array, w: Any, stats: Any = None):
         if not jnp.issubdtype(getattr(w, "dtype", np.dtype(object)), jnp.floating):
             raise TypeError(f"{name} needs a floating-point matrix leaf, got {describe(w)}")
-        r = _matrix.resolve(dimension_numbers, np.shape(w), path="leaf")
-        m = _matrix.to_matrix(w, r)
+        r = tree.resolve(dimension_numbers, np.shape(w), path="leaf")
+        m = tree.to_matrix(w, r)
         s = None
         if stats_kind is not None:
             if stats is None:
@@ -158,7 +158,7 @@ def lift(
                         f"{name}: the gradient statistic has {describe(stats)} but "
                         f"the leaf has {describe(w)}; pass the accumulated "
                         "full-weight gradient of this leaf")
-                s = _matrix.to_matrix(jnp.asarray(stats), r)
+                s = tree.to_matrix(jnp.asarray(stats), r)
             else:
                 want = r.batch_shape + (r.n_in, r.n_in)
                 if tuple(np.shape(stats)) != want:
@@ -181,7 +181,7 @@ def lift(
         else:
             out = init_matrix(key, m, s)
         w_new, trainable, frozen = out
-        return _matrix.from_matrix(w_new.astype(w.dtype), r), trainable, frozen
+        return tree.from_matrix(w_new.astype(w.dtype), r), trainable, frozen
 
     return init
 
@@ -229,7 +229,7 @@ def init(
         raise TypeError(
             "init: plan must be a dict {path: Initializer} from peftjax.tree.assign, "
             f"got {type(plan).__name__}")
-    flat = _paths.leaves_by_path(params)
+    flat = tree.leaves_by_path(params)
     stats = dict(stats or {})
     extra = [p for p in stats if p not in plan]
     if extra:
@@ -259,6 +259,6 @@ def init(
         trainable[path] = t
         frozen[path] = f
         assignment[path] = ini.adapter
-    new_params = _paths.map_with_path(lambda p, x: new_leaves.get(p, x), params)
+    new_params = tree.map_with_path(lambda p, x: new_leaves.get(p, x), params)
     return InitResult(params=new_params, assignment=assignment,
                       state=_adapters.AdapterState(trainable=trainable, frozen=frozen))
