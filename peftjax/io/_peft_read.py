@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax import tree
 from peftjax import adapters as _adapters
+from peftjax import tree
 from peftjax.io import _json, _peft_config, _peft_keys, _peft_write, _safetensors
 from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
 from peftjax.io._peft_write import save_peft  # noqa: F401 (doctest)

@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax import tree
 from peftjax import adapters as _adapters
+from peftjax import tree
 from peftjax.io import _peft_keys, _safetensors
 from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
 
