@@ -57,6 +57,31 @@ def _axes(spec):
     return sorted(a for e in tuple(spec) for a in _specs.axes_of(e))
 
 
+def _adapter_step(assignment, loss_fn, opt, *, factored_path):
+    """``(trainable, opt_state, params, frozen, batch) -> (trainable, opt_state, loss)``.
+
+    The step ``train.trainer`` builds, spelled out so that ``jax.jit`` can pin
+    each argument's sharding: the loss through ``factored.transform`` (or
+    ``adapters.materialize``), the update through ``train.update_if_finite``.
+    """
+    import jax
+
+    from peftjax import adapters, factored, train
+
+    def step(trainable, opt_state, params, frozen, batch):
+        def objective(t):
+            if factored_path:
+                return factored.transform(loss_fn, assignment, t, frozen)(params, batch)
+            return loss_fn(adapters.materialize(assignment, params, t, frozen), batch)
+
+        loss, grads = jax.value_and_grad(objective)(trainable)
+        trainable, opt_state, _ = train.update_if_finite(opt, grads, opt_state, trainable,
+                                                         loss)
+        return trainable, opt_state, loss
+
+    return step
+
+
 def _moved(before, after):
     """The largest change of any leaf (the run must have trained)."""
     a, b = _flat(before), _flat(after)
@@ -248,7 +273,7 @@ class Checks:
     def lora(self):
         import optax
 
-        from peftjax import adapters, factored, tree
+        from peftjax import adapters, tree
 
         params = self.params
         rules = [
@@ -267,7 +292,8 @@ class Checks:
         self.lora_setup = (a, state, opt)
         return self.adapter_run(
             "lora",
-            lambda mesh: factored.make_train_step(a, self.loss(self.gdef, mesh=mesh), opt),
+            lambda mesh: _adapter_step(a, self.loss(self.gdef, mesh=mesh), opt,
+                                       factored_path=True),
             params,
             a,
             state,
@@ -279,7 +305,7 @@ class Checks:
         import optax
         from flax import nnx
 
-        from peftjax import adapters, inits, tree
+        from peftjax import inits, tree
         from peftjax import models as pm
         from peftjax.models import llama
 
@@ -293,12 +319,12 @@ class Checks:
             [tree.Rule(where=pattern, then=inits.lora_sb(4, learning_rate=1e-3))],
         )
         stats = inits.accumulate_gradients(loss_fn, params, [self.tokens], list(plan))
-        res = inits.init(plan, self.jax.random.key(2), params, stats=stats)
+        res = inits.run(plan, self.jax.random.key(2), params, stats=stats)
         opt = optax.adamw(1e-3, eps=1e-4)
         # unrolled layers: no scan carries to pin
         return self.adapter_run(
             "lora_sb",
-            lambda mesh: adapters.make_train_step(res.assignment, loss_fn, opt),
+            lambda mesh: _adapter_step(res.assignment, loss_fn, opt, factored_path=False),
             res.params,
             res.assignment,
             res.state,
