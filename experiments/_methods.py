@@ -104,7 +104,7 @@ def _adamw(run: OptimConfig) -> optax.GradientTransformation:
 
 def data_driven(plan: dict, key: jax.Array, params: Any, stats: dict | None = None
                 ) -> tuple[dict, Any, adapters.AdapterState]:
-    """``inits.init`` one target per jitted program; ``(assignment, base, state)``.
+    """``inits.run`` one target per jitted program; ``(assignment, base, state)``.
 
     One program for every target would run several batched SVDs at once;
     jaxlib's CPU LAPACK kernels split each batched call into chunks on a
@@ -117,7 +117,7 @@ def data_driven(plan: dict, key: jax.Array, params: Any, stats: dict | None = No
         sub = {path: plan[path]}
 
         def run(k, p, g, sub=sub, path=path):
-            res = inits.init(sub, k, p, stats=g)
+            res = inits.run(sub, k, p, stats=g)
             assignment.update(res.assignment)  # static adapters, known at trace
             return tree.leaves_by_path(res.params)[path], res.state
 

@@ -2,7 +2,7 @@
 """Data-driven initialisers: LoRA-SB, PiSSA, OLoRA, LoRA-GA, CorDA.
 
 Each initialiser is a rule payload (``tree.Rule(where=..., then=inits.pissa(8))``);
-``inits.init(plan, key, params, stats=...)`` returns the base to train over
+``inits.run(plan, key, params, stats=...)`` returns the base to train over
 (residual weights for the inits that modify it), the ``adapters`` assignment
 and the adapter state. Statistics are explicit: ``accumulate_gradients``
 (LoRA-GA, LoRA-SB) and ``collect_covariances`` (CorDA). ``to_lora`` exports a
@@ -11,7 +11,7 @@ trained adapter as a plain LoRA over the unmodified base.
 
 from peftjax.inits._base import Initializer as Initializer
 from peftjax.inits._base import InitResult as InitResult
-from peftjax.inits._base import init as init
+from peftjax.inits._base import run as run
 from peftjax.inits._convert import to_lora as to_lora
 from peftjax.inits._corda import corda as corda
 from peftjax.inits._lora_ga import lora_ga as lora_ga
@@ -29,12 +29,12 @@ __all__ = [
     "accumulate_gradients",
     "collect_covariances",
     "corda",
-    "init",
     "lora_ga",
     "lora_sb",
     "lora_sb_num_trainable",
     "olora",
     "pissa",
+    "run",
     "to_lora",
     "update_approximation",
 ]

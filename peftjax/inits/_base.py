@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The initialiser protocol and the tree-level ``init`` of ``peftjax.inits``.
+"""The initialiser protocol and the tree-level ``run`` of ``peftjax.inits``.
 
 A data-driven initialiser (PiSSA, OLoRA, LoRA-GA, CorDA, LoRA-SB) is an
 ``Initializer``: per leaf it turns ``(key, w, stats)`` into a new base weight
@@ -12,7 +12,7 @@ The per-matrix math is written once for a Flax ``(in, out)`` matrix and lifted
 over batch axes (stacked layers) with ``jax.vmap`` through the leaf's
 ``DimensionNumbers``, as ``adapters.lift_matrix`` does.
 
-Exports: ``Initializer``, ``InitResult``, ``init``.
+Exports: ``Initializer``, ``InitResult``, ``run``.
 """
 
 import math
@@ -91,7 +91,7 @@ class Initializer(NamedTuple):
 
 
 class InitResult(NamedTuple):
-    """What ``inits.init`` returns.
+    """What ``inits.run`` returns.
 
     Attributes:
       params: the base tree to train over: residual weights at the paths of
@@ -186,7 +186,7 @@ def lift(
     return init
 
 
-def init(
+def run(
     plan: dict[str, Initializer],
     key: jax.Array,
     params: PyTree,
@@ -221,39 +221,39 @@ def init(
       >>> from peftjax import inits, tree
       >>> params = {"w": jnp.arange(12.0).reshape(4, 3)}
       >>> plan = tree.assign(params, [tree.Rule(where="w", then=inits.pissa(rank=1))])
-      >>> res = inits.init(plan, jax.random.key(0), params)
+      >>> res = inits.run(plan, jax.random.key(0), params)
       >>> res.state.trainable["w"].a.shape
       (4, 1)
     """
     if not isinstance(plan, dict):
         raise TypeError(
-            "init: plan must be a dict {path: Initializer} from peftjax.tree.assign, "
+            "inits.run: plan must be a dict {path: Initializer} from peftjax.tree.assign, "
             f"got {type(plan).__name__}")
     flat = tree.leaves_by_path(params)
     stats = dict(stats or {})
     extra = [p for p in stats if p not in plan]
     if extra:
-        raise ValueError(f"init: stats given for paths that are not planned: {extra[:10]}")
+        raise ValueError(f"inits.run: stats given for paths that are not planned: {extra[:10]}")
     new_leaves: dict[str, Any] = {}
     trainable: dict[str, Any] = {}
     frozen: dict[str, Any] = {}
     assignment: dict[str, _adapters.Adapter] = {}
     for path, ini in plan.items():
         if path not in flat:
-            raise ValueError(f"init: plan targets {path!r}, which is not a leaf of params")
+            raise ValueError(f"inits.run: plan targets {path!r}, which is not a leaf of params")
         if not isinstance(ini, Initializer):
             raise TypeError(
-                f"init: the payload for {path!r} is {type(ini).__name__} ({ini!r}), "
+                f"inits.run: the payload for {path!r} is {type(ini).__name__} ({ini!r}), "
                 "not a peftjax.inits initialiser")
         leaf = flat[path]
         if ini.stats is not None and path not in stats:
             raise ValueError(
-                f"init: {ini!r} on {path!r} ({describe(leaf)}) needs {ini.stats} "
+                f"inits.run: {ini!r} on {path!r} ({describe(leaf)}) needs {ini.stats} "
                 f"statistics, but stats has no entry for {path!r}")
         try:
             w_new, t, f = ini.init(_adapters.path_key(key, path), leaf, stats.get(path))
         except (ValueError, TypeError) as e:
-            raise type(e)(f"init: {ini!r} on {path!r} ({describe(leaf)}): {e}") from e
+            raise type(e)(f"inits.run: {ini!r} on {path!r} ({describe(leaf)}): {e}") from e
         if ini.modifies_base:
             new_leaves[path] = w_new
         trainable[path] = t

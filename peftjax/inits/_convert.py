@@ -44,8 +44,8 @@ def to_lora(
     """Converts trained init-based adapters into plain LoRA over the original base.
 
     Args:
-      plan: the ``{path: Initializer}`` used with ``inits.init``.
-      initial: ``InitResult.state.trainable`` right after ``inits.init``
+      plan: the ``{path: Initializer}`` used with ``inits.run``.
+      initial: ``InitResult.state.trainable`` right after ``inits.run``
         (``B₀``, ``A₀``; keep a copy before training).
       trained: the trained ``trainable`` dict.
       frozen: ``InitResult.state.frozen`` (needed for LoRA-SB only).
@@ -66,7 +66,7 @@ def to_lora(
       >>> from peftjax import adapters, inits, tree
       >>> params = {"w": jnp.diag(jnp.array([3.0, 2.0, 1.0]))}
       >>> plan = tree.assign(params, [tree.Rule(where="w", then=inits.pissa(rank=1))])
-      >>> res = inits.init(plan, jax.random.key(0), params)
+      >>> res = inits.run(plan, jax.random.key(0), params)
       >>> trained = {"w": res.state.trainable["w"]._replace(b=res.state.trainable["w"].b * 2)}
       >>> asg, st = inits.to_lora(plan, res.state.trainable, trained)
       >>> w1 = adapters.fold(asg, params, *st)["w"]

@@ -104,7 +104,7 @@ def corda(
       >>> params = {"w": jnp.diag(jnp.array([3.0, 2.0, 1.0]))}
       >>> cov = {"w": jnp.eye(3)}
       >>> plan = tree.assign(params, [tree.Rule(where="w", then=inits.corda(1, alpha=1.0))])
-      >>> res = inits.init(plan, jax.random.key(0), params, stats=cov)
+      >>> res = inits.run(plan, jax.random.key(0), params, stats=cov)
       >>> [round(x, 4) for x in res.params["w"].diagonal().tolist()]
       [0.0, 2.0, 1.0]
 

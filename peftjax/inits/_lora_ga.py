@@ -103,7 +103,7 @@ def lora_ga(
       >>> params = {"w": jnp.eye(4)}
       >>> g = {"w": jnp.diag(jnp.array([4.0, 3.0, 2.0, 1.0]))}
       >>> plan = tree.assign(params, [tree.Rule(where="w", then=inits.lora_ga(1, niter=None))])
-      >>> t = inits.init(plan, jax.random.key(0), params, stats=g).state.trainable["w"]
+      >>> t = inits.run(plan, jax.random.key(0), params, stats=g).state.trainable["w"]
       >>> t.a.shape, t.b.shape
       ((4, 1), (1, 4))
 

@@ -120,7 +120,7 @@ def lora_sb(
       >>> g = {"w": -jnp.ones((4, 3))}
       >>> rule = tree.Rule(where="w", then=inits.lora_sb(1, learning_rate=0.5))
       >>> plan = tree.assign(params, [rule])
-      >>> res = inits.init(plan, jax.random.key(0), params, stats=g)
+      >>> res = inits.run(plan, jax.random.key(0), params, stats=g)
       >>> [round(x, 4) for x in res.state.trainable["w"].core.ravel().tolist()]
       [1.7321]
 

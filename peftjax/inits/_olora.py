@@ -54,7 +54,7 @@ def olora(
       >>> from peftjax import inits, tree
       >>> params = {"w": jnp.array([[1.0, 0.0], [1.0, 2.0], [0.0, 1.0]])}
       >>> plan = tree.assign(params, [tree.Rule(where="w", then=inits.olora(rank=1, alpha=1.0))])
-      >>> b = inits.init(plan, jax.random.key(0), params).state.trainable["w"].b
+      >>> b = inits.run(plan, jax.random.key(0), params).state.trainable["w"].b
       >>> round(float(jnp.sum(b ** 2)), 5)   # orthonormal rows (torch columns)
       1.0
 

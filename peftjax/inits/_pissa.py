@@ -57,7 +57,7 @@ def pissa(
       >>> from peftjax import inits, tree
       >>> params = {"w": jnp.diag(jnp.array([3.0, 2.0, 1.0]))}
       >>> plan = tree.assign(params, [tree.Rule(where="w", then=inits.pissa(rank=1, alpha=1.0))])
-      >>> res = inits.init(plan, jax.random.key(0), params)
+      >>> res = inits.run(plan, jax.random.key(0), params)
       >>> res.params["w"].diagonal().tolist()
       [0.0, 2.0, 1.0]
 

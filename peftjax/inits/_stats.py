@@ -3,7 +3,7 @@
 
 The initialisers never run a hidden training loop (see
 docs/conventions.md#data-driven-initialisers-take-explicit-statistics): these
-helpers compute the statistics explicitly, and ``inits.init`` takes them as
+helpers compute the statistics explicitly, and ``inits.run`` takes them as
 ``stats={path: array}``.
 
 * ``accumulate_gradients`` ↔ LoRA-SB's gradient accumulation (Ponkshe et al.,

@@ -280,7 +280,7 @@ def trained_init_adapters():
         plan = tree.assign(params, rules)
 
         def run(p, s, plan=plan):  # one compile per init, not one per SVD
-            res = inits.init(plan, jax.random.key(0), p, stats=s)
+            res = inits.run(plan, jax.random.key(0), p, stats=s)
             return res.params, res.state
 
         base, state = jax.jit(run)(params, _stats(kind, plan, params, 60 + seed))

@@ -61,7 +61,7 @@ def test_initial_state_equals_the_joint_init(recipe, tiny, optim, name):
     if name == "pissa":
         plan = tree.assign(params, [tree.Rule(where=recipe.ATTN,
                                               then=inits.pissa(4, alpha=8.0))])
-        res = inits.init(plan, key, params)  # eager: one batched SVD at a time
+        res = inits.run(plan, key, params)  # eager: one batched SVD at a time
         want, base = res.state, res.params
         _equal(setup.params, base)
         assert setup.initial is not None

@@ -137,7 +137,7 @@ def test_dora_and_lora_sb_steps_on_quantised_base_equal_float():
              for i, p in enumerate(flat) if re.fullmatch(sb, p)}
     plan = tree.assign(fp, [tree.Rule(where=sb, then=inits.lora_sb(
         4, learning_rate=1e-2))])
-    res = inits.init(plan, jax.random.key(0), fp, stats=stats)
+    res = inits.run(plan, jax.random.key(0), fp, stats=stats)
     a.update(res.assignment)
     t.update(res.state.trainable)
     fr.update(res.state.frozen)

@@ -25,7 +25,7 @@ def run(ini, w, stats=None):
     p = {"w": w}
     plan = tree.assign(p, [tree.Rule(where="w", then=ini)])
     st = None if stats is None else {"w": stats}
-    return plan, inits.init(plan, jax.random.key(0), p, stats=st)
+    return plan, inits.run(plan, jax.random.key(0), p, stats=st)
 
 
 def test_lora_sb_product_is_trunc_of_update_approximation():

@@ -32,7 +32,7 @@ def params():
 def run(ini, stats=None):
     p = params()
     plan = tree.assign(p, [tree.Rule(where=r"l\d/kernel", then=ini)])
-    return inits.init(plan, jax.random.key(0), p, stats=stats)
+    return inits.run(plan, jax.random.key(0), p, stats=stats)
 
 
 def check(res, tag, tol):

@@ -116,7 +116,7 @@ def test_to_lora_reproduces_trained_model_over_unmodified_base(make):
     stats = {"gradient": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32),
              "covariance": jnp.eye(8, dtype=jnp.float32), None: None}[ini.stats]
     plan = tree.assign(p, [tree.Rule(where="w", then=ini)])
-    res = inits.init(plan, jax.random.key(0), p, stats=None if stats is None else {"w": stats})
+    res = inits.run(plan, jax.random.key(0), p, stats=None if stats is None else {"w": stats})
     trained = jax.tree.map(lambda a: a + 0.1 * jnp.ones_like(a), res.state.trainable)
     asg, st = inits.to_lora(plan, res.state.trainable, trained, res.state.frozen)
     x = jnp.asarray(rng.standard_normal((3, 8)), jnp.float32)
@@ -134,20 +134,20 @@ def test_errors_name_path_shape_and_argument():
         return tree.assign(p, [tree.Rule(where="w", then=ini)])
 
     with pytest.raises(ValueError, match=r"'w'.*\(4, 3\).*rank=5 exceeds min\(in, out\)=3"):
-        inits.init(plan(inits.pissa(5)), jax.random.key(0), p)
+        inits.run(plan(inits.pissa(5)), jax.random.key(0), p)
     with pytest.raises(ValueError, match=r"2·rank=4 exceeds"):
-        inits.init(plan(inits.lora_ga(2)), jax.random.key(0), p, stats={"w": jnp.ones((4, 3))})
+        inits.run(plan(inits.lora_ga(2)), jax.random.key(0), p, stats={"w": jnp.ones((4, 3))})
     with pytest.raises(ValueError, match=r"needs gradient statistics.*no entry for 'w'"):
-        inits.init(plan(inits.lora_sb(1, learning_rate=1e-3)), jax.random.key(0), p)
+        inits.run(plan(inits.lora_sb(1, learning_rate=1e-3)), jax.random.key(0), p)
     with pytest.raises(ValueError, match=re.escape("expected (4, 4)")):
-        inits.init(plan(inits.corda(1)), jax.random.key(0), p, stats={"w": jnp.eye(3)})
+        inits.run(plan(inits.corda(1)), jax.random.key(0), p, stats={"w": jnp.eye(3)})
     with pytest.raises(ValueError, match=r"gradient statistic has shape \(3, 4\)"):
-        inits.init(plan(inits.lora_ga(1)), jax.random.key(0), p, stats={"w": jnp.ones((3, 4))})
+        inits.run(plan(inits.lora_ga(1)), jax.random.key(0), p, stats={"w": jnp.ones((3, 4))})
     with pytest.raises(ValueError, match=r"1 non-finite"):
-        inits.init(plan(inits.lora_ga(1)), jax.random.key(0), p,
-                   stats={"w": jnp.ones((4, 3)).at[0, 0].set(jnp.nan)})
+        inits.run(plan(inits.lora_ga(1)), jax.random.key(0), p,
+                  stats={"w": jnp.ones((4, 3)).at[0, 0].set(jnp.nan)})
     with pytest.raises(ValueError, match="takes no statistics"):
-        inits.init(plan(inits.pissa(1)), jax.random.key(0), p, stats={"w": jnp.ones((4, 3))})
+        inits.run(plan(inits.pissa(1)), jax.random.key(0), p, stats={"w": jnp.ones((4, 3))})
     with pytest.raises(ValueError, match="mode must be"):
         inits.corda(1, mode="xpm")
     with pytest.raises(ValueError, match="scale for variant='official'"):
