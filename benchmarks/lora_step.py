@@ -8,8 +8,9 @@ adapted kernels) and as fast as Hugging Face PEFT on torch?
 How: SmolLM2-135M-Instruct from the offline Q4_1 GGUF (dequantised to
 float32), batch 4 x 128, LoRA r=8 alpha=16 on q,k,v,o, AdamW. Three jitted
 steps (differentiating only what each trains): ``full`` (every parameter,
-tied embedding included), ``materialize`` (``adapters.make_train_step``) and
-``factored`` (``exec.make_train_step``). FLOPs and the weight-sized-temporary
+tied embedding included), ``materialize`` (``train.trainer(...,
+factored=False)``) and ``factored`` (``train.trainer``'s default). FLOPs and the
+weight-sized-temporary
 count come from *unrolled* compiles (XLA counts a scan body once); memory
 (``argument + output + temp - alias``) and wall times from the scanned-layer
 model; the loop-aware jaxpr FLOPs of ``peftjax.report`` are recorded too.
@@ -86,7 +87,7 @@ def _steps(mcfg, params, scan, cfg):
     import optax
     from flax import nnx
 
-    from peftjax import adapters, factored, tree
+    from peftjax import adapters, train, tree
     from peftjax.models import llama
 
     gdef = nnx.graphdef(nnx.eval_shape(lambda: llama.LlamaForCausalLM(
@@ -95,19 +96,25 @@ def _steps(mcfg, params, scan, cfg):
     opt = optax.adamw(1e-4)
     assignment = tree.assign(params, [tree.Rule(
         where=TARGETS, then=adapters.lora(cfg.rank, alpha=cfg.alpha))])
-    state = adapters.init(assignment, jax.random.key(cfg.seed), params)
 
     def full(p, o, ids):
         loss, g = jax.value_and_grad(loss_fn)(p, ids)
         u, o = opt.update(g, o, p)
         return optax.apply_updates(p, u), o, loss
 
-    t_opt = opt.init(state.trainable)
-    lora_args = (state.trainable, t_opt, params, state.frozen)
+    def lora(factored):  # (state, params, ids) -> (state, loss); donation off, as `full`
+        t = train.trainer(loss_fn, opt, adapters=assignment, factored=factored, donate=False)
+
+        def step(state, p, ids):
+            state, metrics = t.step(state, ids, p)
+            return state, metrics["loss"]
+
+        return step, (t.init(jax.random.key(cfg.seed), params), params)
+
     return assignment, {
         "full": (full, (params, opt.init(params))),
-        "materialize": (adapters.make_train_step(assignment, loss_fn, opt), lora_args),
-        "factored": (factored.make_train_step(assignment, loss_fn, opt), lora_args),
+        "materialize": lora(False),
+        "factored": lora(None),
     }
 
 

@@ -10,7 +10,7 @@ How: SmolLM2-135M-Instruct from the offline GGUF, loaded twice in the scanned
 layout: dequantised to float32 (``load_llama_params``) and kept quantised
 (``keep_quantized=True``: 210 Q4_1 kernels, the Q8_0 embedding that is also the
 tied head; norms stay float32). Batch 4 x 128, LoRA r=8 alpha=16 on q,k,v,o,
-AdamW, one jitted ``exec.make_train_step`` per base. Reported:
+AdamW, one jitted ``train.trainer`` step (factored) per base. Reported:
 ``base_bytes_float`` / ``base_bytes_quant`` (bytes of the frozen base as held
 on the device, 4-bit types packed; ``quant.nbytes``), ``bytes_step_*``
 (``argument + output + temp - alias`` of the compiled step), the number of
@@ -102,7 +102,7 @@ def main(cfg: Config) -> dict:
     import optax
     from flax import nnx
 
-    from peftjax import adapters, factored, quant, tree
+    from peftjax import adapters, quant, tree
     from peftjax.models import llama
 
     load_before = os.getloadavg()
@@ -117,8 +117,12 @@ def main(cfg: Config) -> dict:
     assignment = tree.assign(quant.abstract(qp), [tree.Rule(
         where=TARGETS, then=adapters.lora(cfg.rank, alpha=cfg.alpha))])
     state = adapters.init(assignment, jax.random.key(cfg.seed), quant.abstract(qp))
-    opt_state = opt.init(state.trainable)
-    step = factored.make_train_step(assignment, loss_fn, opt)
+    trainer = train.trainer(loss_fn, opt, adapters=assignment, donate=False)  # factored
+    ts = trainer.init(jax.random.key(cfg.seed), qp, state=state)
+
+    def step(ts, base, ids):
+        ts, metrics = trainer.step(ts, ids, base)
+        return ts, metrics["loss"]
 
     # A quantised kernel's float shape: stacked, per layer, and transposed.
     shapes = set()
@@ -133,8 +137,7 @@ def main(cfg: Config) -> dict:
     compiled, details = {}, {}
     for name, base in (("float", fp), ("quant", qp)):
         t = time.perf_counter()
-        c = jax.jit(step).lower(state.trainable, opt_state, base, state.frozen,
-                                ids).compile()
+        c = jax.jit(step).lower(ts, base, ids).compile()
         details[f"compile_s_{name}"] = time.perf_counter() - t
         mem = c.memory_analysis()
         out[f"bytes_step_{name}"] = _harness.step_bytes(c)
@@ -152,8 +155,7 @@ def main(cfg: Config) -> dict:
         for i in range(cfg.warmup + cfg.steps):
             for name, (c, base) in compiled.items():
                 t = time.perf_counter()
-                _, _, loss = jax.block_until_ready(
-                    c(state.trainable, opt_state, base, state.frozen, ids))
+                _, loss = jax.block_until_ready(c(ts, base, ids))
                 if i >= cfg.warmup:
                     times[name].append(time.perf_counter() - t)
                 losses[name] = float(loss)

@@ -9,9 +9,10 @@ How: SmolLM2-135M-Instruct from the offline GGUF (``--smoke``: a tiny random
 Llama), batch 4 x 128, scanned layers. Per targeted stacked leaf
 ``(L, in, out)`` the sparse delta gets ``k = r·(in + out)`` values per layer,
 so ``trainable_sparse == trainable_lora``. Both steps are jitted:
-``adapters.make_train_step`` with AdamW (LoRA) and ``train.trainer(...,
-sparse=selector)`` with ``sft_adamw`` (SpIEL; its step contains the accumulation and regrow
-branches under ``lax.cond``). Memory is ``argument + output + temp - alias``
+``train.trainer(..., factored=False)`` with AdamW (LoRA, materialised like
+SpIEL) and ``train.trainer(..., sparse=selector)`` with ``sft_adamw``
+(SpIEL; its step contains the accumulation and regrow branches under
+``lax.cond``). Memory is ``argument + output + temp - alias``
 of the compiled step and ``temp`` alone (``temp_bytes_*``). With
 ``--steps=N`` (N > 0) the plain steps are timed interleaved (medians after
 ``--warmup``), and ``regrow_s`` is the median time of a step that reselects
@@ -96,7 +97,12 @@ def _setup(cfg):
     ls = adapters.init(lora_a, key, params)
     ss = adapters.init(sparse_a, key, params)
     lopt = optax.adamw(1e-4)
-    lora_step = adapters.make_train_step(lora_a, loss_fn, lopt)
+    lora_trainer = train.trainer(loss_fn, lopt, adapters=lora_a, factored=False,
+                                 donate=False)
+
+    def lora_step(t, o, p, f, ids):  # the state's parts as arguments
+        st = train.TrainState(t, f, o, jnp.zeros([], jnp.int32), jax.random.key(0))
+        return lora_trainer.step(st, ids, p)
     sopt = optim.sft_adamw(1e-4, weight_decay=1.0)
     sparse_trainer = train.trainer(loss_fn, sopt, adapters=sparse_a, donate=False,
                                    sparse=masks.spiel_selector(total_steps=1000))
