@@ -135,7 +135,8 @@ def corpus(docs: dict[str, str], encode: Callable[[str], Any], *, block_len: int
 def tiny_llama(seed: int, *, vocab_size: int = 256, hidden_size: int = 64,
                layers: int = 2, scan_layers: bool = True, dtype: Any = None
                ) -> tuple[Any, Any, Any]:
-    """A small random Llama: ``(config, graphdef, params)`` (smoke tests, pre-training).
+    """A small random Llama: ``(config, graphdef, params)`` (smoke tests, pre-training);
+    ``models.llama.tiny_config`` with the sizes given.
 
     ``dtype`` is the compute dtype of the graphdef (None: the float32 params').
     """
@@ -143,10 +144,9 @@ def tiny_llama(seed: int, *, vocab_size: int = 256, hidden_size: int = 64,
 
     from peftjax import models
 
-    cfg = models.llama.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        tie_word_embeddings=True, rope_theta=10000.0)
+    cfg = models.llama.tiny_config(vocab_size=vocab_size, hidden_size=hidden_size,
+                                   intermediate_size=2 * hidden_size,
+                                   num_hidden_layers=layers)
 
     def make(dtype=None):
         return models.llama.LlamaForCausalLM(cfg, scan_layers=scan_layers, dtype=dtype,
