@@ -151,7 +151,7 @@ def _lora(mesh, gdef, params, tokens, cfg):
     import jax
     import optax
 
-    from peftjax import adapters, factored, shard, tree
+    from peftjax import adapters, shard, train, tree
 
     a = tree.assign(
         params,
@@ -161,25 +161,23 @@ def _lora(mesh, gdef, params, tokens, cfg):
             )
         ],
     )
-    state = jax.eval_shape(lambda p: adapters.init(a, jax.random.key(0), p), params)
     opt = optax.adamw(1e-4)
-    o0 = jax.eval_shape(opt.init, state.trainable)
+    # train.trainer's step (factored, the state donated), lowered on placed shapes
+    t = train.trainer(_loss(gdef, mesh, cfg.batch), opt, adapters=a)
+    st = jax.eval_shape(lambda p: t.init(jax.random.key(0), p), params)
     p_sh = shard.param_shardings(mesh, params, shard.transformer_rules())
-    s_sh = shard.adapter_shardings(mesh, a, params, p_sh, state)
-    o_sh = shard.state_shardings(mesh, o0, state.trainable, s_sh.trainable)
-    step = jax.jit(
-        factored.make_train_step(a, _loss(gdef, mesh, cfg.batch), opt),
-        in_shardings=(
-            s_sh.trainable,
-            o_sh,
-            p_sh,
-            s_sh.frozen,
-            shard.batch_sharding(mesh),
-        ),
-        out_shardings=(s_sh.trainable, o_sh, shard.replicated(mesh)),
-        donate_argnums=(0, 1),
-    )
-    return step.lower(state.trainable, o0, params, state.frozen, tokens).compile()
+    s_sh = shard.adapter_shardings(mesh, a, params, p_sh,
+                                   adapters.AdapterState(st.trainable, st.frozen))
+    o_sh = shard.state_shardings(mesh, st.opt_state, st.trainable, s_sh.trainable)
+    rep = shard.replicated(mesh)
+
+    def placed(x, sharding):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    state = jax.tree.map(placed, st, train.TrainState(s_sh.trainable, s_sh.frozen, o_sh,
+                                                      rep, rep))
+    return t.step.lower(state, placed(tokens, shard.batch_sharding(mesh)),
+                        jax.tree.map(placed, params, p_sh)).compile()
 
 
 def _galore(mesh, gdef, params, tokens, cfg, refresh):
