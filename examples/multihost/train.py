@@ -4,8 +4,8 @@
 Every process runs this script. ``jax.distributed.initialize`` connects them;
 afterwards ``jax.devices()`` lists every process's devices, the mesh spans
 all of them (``data`` across processes, ``fsdp`` within each), and the step
-function is exactly the single-host one: ``jax.jit`` with shardings from
-``peftjax.shard``. Each process feeds only its own rows of the global batch
+function is exactly the single-host one: ``train.trainer``'s jitted step on a
+state placed with shardings from ``peftjax.shard``. Each process feeds only its own rows of the global batch
 (``jax.make_array_from_process_local_data``) and places parameters with
 ``jax.make_array_from_callback`` (every process holds the same host copy).
 Checkpoints go through ``peftjax.io.checkpoint``, which every process calls:
@@ -83,7 +83,7 @@ def main():
     sys.path.insert(
         0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     )
-    from peftjax import adapters, factored, shard, tree
+    from peftjax import adapters, shard, train, tree
     from peftjax import models as pm
     from peftjax.models import llama
 
@@ -109,14 +109,17 @@ def main():
         params,
         [tree.Rule(where=r".*(q|k|v|o)_proj/kernel", then=adapters.lora(4, alpha=8.0))],
     )
-    state = adapters.init(a, jax.random.key(0), params)
     opt = optax.adamw(1e-2, eps=1e-4)
-    opt_state = opt.init(state.trainable)
+    trainer = train.trainer(loss_fn, opt, adapters=a)  # factored; the state is donated
+    state = trainer.init(jax.random.key(0), params)
 
     p_sh = shard.param_shardings(mesh, params, shard.transformer_rules())
-    s_sh = shard.adapter_shardings(mesh, a, params, p_sh, state)
-    o_sh = shard.state_shardings(mesh, opt_state, state.trainable, s_sh.trainable)
+    s_sh = shard.adapter_shardings(
+        mesh, a, params, p_sh, adapters.AdapterState(state.trainable, state.frozen)
+    )
+    o_sh = shard.state_shardings(mesh, state.opt_state, state.trainable, s_sh.trainable)
     b_sh = shard.batch_sharding(mesh)
+    rep = shard.replicated(mesh)
 
     def put(tree_, shardings):
         # every process holds the same host copy; each places its own shards
@@ -128,21 +131,20 @@ def main():
             shardings,
         )
 
-    trainable, opt_state = put(state.trainable, s_sh.trainable), put(opt_state, o_sh)
-    params, frozen = put(params, p_sh), put(state.frozen, s_sh.frozen)
+    key = jax.random.wrap_key_data(put(jax.random.key_data(state.key), rep))
+    state = put(
+        state._replace(key=None),
+        train.TrainState(s_sh.trainable, s_sh.frozen, o_sh, rep, None),
+    )._replace(key=key)
+    params = put(params, p_sh)
     # this process's rows of the global batch (its devices hold them)
     rows = batch // n_proc
     local = tokens[jax.process_index() * rows : (jax.process_index() + 1) * rows]
     toks = jax.make_array_from_process_local_data(b_sh, local)
 
-    step = jax.jit(
-        factored.make_train_step(a, loss_fn, opt),
-        in_shardings=(s_sh.trainable, o_sh, p_sh, s_sh.frozen, b_sh),
-        out_shardings=(s_sh.trainable, o_sh, shard.replicated(mesh)),
-        donate_argnums=(0, 1),
-    )
     for _ in range(args.steps):
-        trainable, opt_state, loss = step(trainable, opt_state, params, frozen, toks)
+        state, metrics = trainer.step(state, toks, params)
+    trainable, opt_state, loss = state.trainable, state.opt_state, metrics["loss"]
     checksum = jax.jit(
         lambda t: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(t)),
         out_shardings=shard.replicated(mesh),
