@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftjax import adapters, io
+from peftjax import adapters, io, tree
 from peftjax import models as pm
 from peftjax.models import bert, llama
 from tests.helpers import assert_tensors_close, assert_verified_stats
@@ -63,11 +63,11 @@ def test_peft_created_llama_adapters(tiny_llama, ref, name):
     fwd, params, km = tiny_llama
     ad = io.load_peft(GOLDEN / name, params, key_map=km)
     ids = jnp.asarray(ref["inputs_llama"])
-    p = adapters.replace_leaves(adapters.materialize(ad.assignment, params, *ad.state),
-                                ad.full)
+    p = tree.replace_leaves(adapters.materialize(ad.assignment, params, *ad.state),
+                            ad.full)
     np.testing.assert_allclose(fwd(p, ids), ref[name], rtol=0, atol=TORCH_ATOL)
-    merged = adapters.replace_leaves(adapters.fold(ad.assignment, params, *ad.state),
-                                     ad.full)
+    merged = tree.replace_leaves(adapters.fold(ad.assignment, params, *ad.state),
+                                 ad.full)
     np.testing.assert_allclose(fwd(merged, ids), ref[name + "_merged"],
                                rtol=0, atol=TORCH_ATOL)
     # the adapter changes the output well beyond the bar (non-zero B)
