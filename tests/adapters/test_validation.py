@@ -106,7 +106,7 @@ def _lora_problem():
     return params, plan, adapters.init(plan, jax.random.key(0), params)
 
 
-@pytest.mark.parametrize("fn", ["materialize", "merge", "train_step"])
+@pytest.mark.parametrize("fn", ["materialize", "fold", "train_step"])
 def test_state_dtype_other_than_param_dtype_is_an_error(fn):
     params, plan, state = _lora_problem()
     f16 = jax.tree.map(lambda x: x.astype(jnp.float16), state.trainable)
@@ -115,8 +115,8 @@ def test_state_dtype_other_than_param_dtype_is_an_error(fn):
     with pytest.raises(TypeError, match=msg):
         if fn == "materialize":
             adapters.materialize(plan, params, f16, state.frozen)
-        elif fn == "merge":
-            adapters.merge(plan, params, f16, state.frozen)
+        elif fn == "fold":
+            adapters.fold(plan, params, f16, state.frozen)
         else:
             t = train.trainer(lambda p, b: jnp.sum(p["attn"]["q"]["kernel"] ** 2),
                               optax.sgd(0.1), adapters=plan)

@@ -42,7 +42,7 @@ def test_lora_sb_product_is_trunc_of_update_approximation():
         np.testing.assert_allclose(f64(f.a).T @ f64(f.a), np.eye(R), **MATMUL_F32)
         np.testing.assert_allclose(f64(f.b) @ f64(f.b).T, np.eye(R), **MATMUL_F32)
         np.testing.assert_array_equal(f64(res.params["w"]), f64(w))  # base not adjusted
-        merged = adapters.merge(res.assignment, res.params, *res.state)["w"]
+        merged = adapters.fold(res.assignment, res.params, *res.state)["w"]
         assert not np.allclose(f64(merged), f64(w))  # not output-preserving
 
 
@@ -110,7 +110,7 @@ def test_residual_plus_adapter_is_original(make):
              "covariance": jnp.asarray(np.cov(np.random.default_rng(3).standard_normal((IN, 40))),
                                        jnp.float32)}[ini.stats]
     _, res = run(ini, w, stats)
-    merged = adapters.merge(res.assignment, res.params, *res.state)["w"]
+    merged = adapters.fold(res.assignment, res.params, *res.state)["w"]
     np.testing.assert_allclose(f64(merged), f64(w), **MATMUL_F32)
 
 
