@@ -15,16 +15,12 @@ with :mod:`ast` (nothing is imported or run). The test fails on
 * **an import cycle between packages**;
 * **a module over ``MAX_LINES`` lines** in ``peftjax/`` or ``experiments/``.
 
-``KNOWN`` lists the violations the tree still had when this test was written;
-they are being removed. A violation outside ``KNOWN`` fails the test; an
-entry of ``KNOWN`` that no longer occurs is printed (run with ``-n0 -s`` to
-see it) so the list can shrink to empty.
+There is no allowance list: any violation fails the test.
 """
 
 import ast
 import json
 import os
-import re
 from typing import NamedTuple
 
 import pytest
@@ -63,78 +59,6 @@ APPS = ("experiments", "benchmarks", "examples", "colab")
 ABOVE_PEFTJAX = set(APPS) | {"tests", "scripts"}  # peftjax never imports these
 
 
-def _known(table: str):
-    """``{(kind, file, detail)}`` from lines ``kind file detail``."""
-    return {tuple(line.split(None, 2)) for line in table.splitlines() if line.strip()}
-
-
-# The violations the tree had when this test was written, being removed: the
-# list only shrinks (one line each, "kind file detail"; no line numbers, they move).
-KNOWN = _known("""
-private peftjax/factored/_api.py peftjax.quant._array
-private peftjax/factored/_api.py peftjax.quant._matmul
-private peftjax/factored/_api.py peftjax.tree._matrix
-private peftjax/factored/_api.py peftjax.tree._paths
-private peftjax/factored/_interpret.py peftjax.quant._matmul
-private peftjax/factored/_sym.py peftjax.quant._array
-private peftjax/factored/_sym.py peftjax.quant._formats
-private peftjax/factored/_sym.py peftjax.quant._matmul
-private peftjax/factored/_sym.py peftjax.tree._matrix
-private peftjax/inits/_base.py peftjax.tree._matrix
-private peftjax/inits/_base.py peftjax.tree._paths
-private peftjax/inits/_common.py peftjax.tree._matrix
-private peftjax/inits/_corda.py peftjax.tree._matrix
-private peftjax/inits/_lora_ga.py peftjax.tree._matrix
-private peftjax/inits/_lora_sb.py peftjax.tree._matrix
-private peftjax/inits/_olora.py peftjax.tree._matrix
-private peftjax/inits/_pissa.py peftjax.tree._matrix
-private peftjax/inits/_stats.py peftjax.tree._layouts
-private peftjax/inits/_stats.py peftjax.tree._matrix
-private peftjax/inits/_stats.py peftjax.tree._paths
-private peftjax/io/_gguf.py peftjax.quant._array
-private peftjax/io/_gguf.py peftjax.quant._formats
-private peftjax/io/_peft_keys.py peftjax.tree._matrix
-private peftjax/io/_peft_read.py peftjax.tree._matrix
-private peftjax/io/_peft_read.py peftjax.tree._paths
-private peftjax/io/_peft_targets.py peftjax.tree._rules
-private peftjax/io/_peft_write.py peftjax.tree._matrix
-private peftjax/io/_peft_write.py peftjax.tree._paths
-private peftjax/io/checkpoint.py peftjax.tree._paths
-private peftjax/masks/_lt_sft.py peftjax.tree._paths
-private peftjax/merge/_breadcrumbs.py peftjax.tree._paths
-private peftjax/merge/_common.py peftjax.tree._paths
-private peftjax/merge/_common.py peftjax.tree._rules
-private peftjax/merge/_dare.py peftjax.tree._paths
-private peftjax/merge/_lines.py peftjax.tree._paths
-private peftjax/merge/_ties.py peftjax.tree._paths
-private peftjax/models/_chat_template.py peftjax.io._gguf
-private peftjax/models/_chat_template.py peftjax.io._json
-private peftjax/models/_functional.py peftjax.tree._paths
-private peftjax/models/_hub.py peftjax.io._safetensors
-private peftjax/models/_tokenizers.py peftjax.io._gguf
-private peftjax/models/bert/_export.py peftjax.io._safetensors
-private peftjax/models/bert/_export.py peftjax.tree._paths
-private peftjax/models/bert/_loader.py peftjax.io._json
-private peftjax/models/bert/_loader.py peftjax.tree._paths
-private peftjax/models/bert/_peft_keys.py peftjax.io._peft_keys
-private peftjax/models/bert/_presets.py peftjax.io._peft_targets
-private peftjax/models/bert/_presets.py peftjax.tree._rules
-private peftjax/models/llama/_export.py peftjax.io._safetensors
-private peftjax/models/llama/_export.py peftjax.tree._layers
-private peftjax/models/llama/_export.py peftjax.tree._paths
-private peftjax/models/llama/_loader.py peftjax.io._gguf
-private peftjax/models/llama/_loader.py peftjax.io._json
-private peftjax/models/llama/_loader.py peftjax.quant._array
-private peftjax/models/llama/_loader.py peftjax.tree._layers
-private peftjax/models/llama/_loader.py peftjax.tree._paths
-private peftjax/models/llama/_peft_keys.py peftjax.io._peft_keys
-private peftjax/models/llama/_presets.py peftjax.io._peft_targets
-private peftjax/models/llama/_presets.py peftjax.tree._rules
-private peftjax/quant/_array.py peftjax.tree._paths
-private peftjax/quant/_array.py peftjax.tree._rules
-""")
-
-
 class Import(NamedTuple):
     line: int
     target: str  # dotted name, "peftjax.adapters._base.lift" or "experiments"
@@ -146,10 +70,6 @@ class Violation(NamedTuple):
     file: str
     line: int
     detail: str
-
-    @property
-    def key(self):
-        return (self.kind, self.file, self.detail)
 
     def __str__(self):
         where = f"{self.file}:{self.line}" if self.line else self.file
@@ -409,13 +329,7 @@ def test_every_package_has_a_row():
 
 
 def test_architecture():
-    found = all_violations()
-    new = sorted({str(v) for v in found if v.key not in KNOWN})
-    gone = sorted(KNOWN - {v.key for v in found})
-    if gone:
-        print("fixed since KNOWN was written; remove from KNOWN in tests/test_architecture.py:")
-        for key in gone:
-            print("   ", key)
+    new = sorted(str(v) for v in all_violations())
     assert not new, (
         "import rules of docs/architecture.md broken (the allowed arrows are ALLOWED in "
         "tests/test_architecture.py; across packages import public names only; "
@@ -530,7 +444,3 @@ def test_cycles_are_found():
         "adapters -> tree -> adapters"]
 
 
-def test_known_entries_name_real_rules():
-    kinds = {"arrow", "private", "cycle", "length"}
-    for kind, rel, detail in KNOWN:
-        assert kind in kinds and re.fullmatch(r"[\w./#-]+", rel), (kind, rel, detail)
