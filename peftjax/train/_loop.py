@@ -287,7 +287,7 @@ def fit(step: Callable[[TrainState, Any], tuple[TrainState, Mapping[str, Any]]],
       checkpoint_every: save every this many steps (0: only at the end and on a
         signal).
       resume: continue from the newest intact checkpoint in ``checkpoint_dir``.
-      progress: show a tqdm bar on stderr (needs tqdm: the ``demo`` extra).
+      progress: show a tqdm bar on stderr (needs tqdm: the ``train`` extra).
       desc: the bar's label and the plot's title.
       max_skipped_in_a_row: consecutive skipped steps that stop the run.
 
@@ -322,7 +322,7 @@ def fit(step: Callable[[TrainState, Any], tuple[TrainState, Mapping[str, Any]]],
            checkpoint_every, resume, max_skipped_in_a_row)
     if progress and importlib.util.find_spec("tqdm") is None:
         raise ImportError("fit: progress=True needs tqdm, which is not installed: "
-                          "pip install 'peftjax[demo]' (or tqdm), or pass progress=False")
+                          "pip install 'peftjax[train]' (or tqdm), or pass progress=False")
     if plot_path is not None:
         require_matplotlib("fit: plot_path")
     from peftjax.io import checkpoint

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Loss curves as a PNG (matplotlib, optional: the ``demo`` extra).
+"""Loss curves as a PNG (matplotlib, optional: the ``train`` extra).
 
 Exports: ``plot_curves``.
 """
@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-_EXTRA = "pip install 'peftjax[demo]' (or matplotlib)"
+_EXTRA = "pip install 'peftjax[train]' (or matplotlib)"
 
 
 def require_matplotlib(what: str) -> None:
@@ -37,7 +37,7 @@ def plot_curves(path: str, curves: Mapping[str, Sequence[float] | Mapping[int, f
       None; the file is written when this returns.
 
     Raises:
-      ImportError: matplotlib is not installed (the ``demo`` extra).
+      ImportError: matplotlib is not installed (the ``train`` extra).
       ValueError: ``curves`` is empty or a curve has no values.
 
     Example:
