@@ -234,7 +234,7 @@ def test_plot_and_progress_bar(tmp_path, capsys):
 
 def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
-    with pytest.raises(ImportError, match=r"plot_path needs matplotlib.*peftjax\[demo\]"):
+    with pytest.raises(ImportError, match=r"plot_path needs matplotlib.*peftjax\[train\]"):
         train.fit(STEP, init_state(), batches(), steps=1, progress=False,
                   plot_path=tmp_path / "x.png")
 
