@@ -97,6 +97,11 @@ def ref_abba(w, t, f, *, s):
     return f64(w) + s * (f64(t.a1) @ f64(t.b1)) * (f64(t.a2) @ f64(t.b2))
 
 
+def ref_loha(w, t, f, *, s):
+    """LoHa: W + s (a1 b1) * (a2 b2) (elementwise), s = alpha / r."""
+    return f64(w) + s * (f64(t.a1) @ f64(t.b1)) * (f64(t.a2) @ f64(t.b2))
+
+
 def ref_sora(w, t, f, *, s):
     """SoRA: W + s a diag(gate) b."""
     return f64(w) + s * (f64(t.a) * f64(t.gate)[None, :]) @ f64(t.b)

@@ -51,6 +51,8 @@ from peftjax.adapters._dora import dora as dora
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
 from peftjax.adapters._lift import path_key as path_key
+from peftjax.adapters._loha import LoHaParams as LoHaParams
+from peftjax.adapters._loha import loha as loha
 from peftjax.adapters._lora import LoRAInit as LoRAInit
 from peftjax.adapters._lora import LoRAParams as LoRAParams
 from peftjax.adapters._lora import Scaling as Scaling
@@ -185,6 +187,8 @@ __all__ = [
     "ABBAParams",
     "abba",
     "abba_khatri_rao",
+    "LoHaParams",
+    "loha",
     "NOLABasis",
     "NOLAParams",
     "nola",

@@ -122,6 +122,13 @@ ADAPTERS = [
         lambda i, o: (2 + 3) * (i + o),
     ),
     (
+        "loha",
+        lambda: adapters.loha(3, alpha=6.0),
+        True,
+        lambda w, t, f: h.ref_loha(w, t, f, s=2.0),
+        lambda i, o: 2 * 3 * (i + o),
+    ),
+    (
         "sora",
         lambda: adapters.sora(rank=3, alpha=6.0),
         True,

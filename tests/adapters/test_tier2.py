@@ -180,6 +180,7 @@ FACTORED = {
     "svfit": lambda: adapters.svfit(2),
     "nola": lambda: adapters.nola(2, 5, 4, alpha=4.0),
     "abba": lambda: adapters.abba(2, 3, alpha=2.0),
+    "loha": lambda: adapters.loha(3, alpha=6.0),
     "sora": lambda: adapters.sora(3, alpha=6.0),
 }
 
