@@ -51,6 +51,8 @@ from peftjax.adapters._dora import dora as dora
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
 from peftjax.adapters._lift import path_key as path_key
+from peftjax.adapters._ln_tuning import LNTuningParams as LNTuningParams
+from peftjax.adapters._ln_tuning import ln_tuning as ln_tuning
 from peftjax.adapters._loha import LoHaParams as LoHaParams
 from peftjax.adapters._loha import loha as loha
 from peftjax.adapters._lora import LoRAInit as LoRAInit
@@ -161,6 +163,8 @@ __all__ = [
     "check_rank",
     "compute_dtype",
     "validate",
+    "LNTuningParams",
+    "ln_tuning",
     "lora",
     "lora_conv",
     "LowRankDelta",

@@ -107,6 +107,9 @@ class Adapter(NamedTuple):
         ``tree.assign`` fills it in for stacked and declared leaves).
       relayout: ``dims -> Adapter``: the same adapter with another view
         (``with_dimension_numbers``), or None if it cannot change.
+      elementwise: True when the adapter acts on the leaf elementwise and
+        views no matrix (LN tuning on norm scales): ``tree.assign`` then
+        binds no view, so 1-D and stacked ``(layers, d)`` leaves are allowed.
 
     An ``Adapter`` is static configuration: close over assignments (or pass
     them as static arguments) rather than passing them to ``jit`` as arrays.
@@ -122,6 +125,7 @@ class Adapter(NamedTuple):
     factored: FactoredForm | None = None
     dimension_numbers: tree.DimensionNumbers | None = None
     relayout: Callable[..., "Adapter"] | None = None
+    elementwise: bool = False
 
     def __repr__(self) -> str:
         return self.name

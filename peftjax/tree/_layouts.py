@@ -318,7 +318,8 @@ def bind_payloads(assignment: dict[str, Any], views: Views, fn: str) -> dict[str
     made: dict[tuple[int, _matrix.DimensionNumbers], Any] = {}
     for path, payload in assignment.items():
         if (not isinstance(payload, MatrixPayload)
-                or payload.dimension_numbers is not None):
+                or payload.dimension_numbers is not None
+                or getattr(payload, "elementwise", False)):
             out[path] = payload
             continue
         shape = views.shapes[path]
