@@ -55,6 +55,10 @@ from peftjax.adapters._ln_tuning import LNTuningParams as LNTuningParams
 from peftjax.adapters._ln_tuning import ln_tuning as ln_tuning
 from peftjax.adapters._loha import LoHaParams as LoHaParams
 from peftjax.adapters._loha import loha as loha
+from peftjax.adapters._lokr import LoKrInit as LoKrInit
+from peftjax.adapters._lokr import LoKrParams as LoKrParams
+from peftjax.adapters._lokr import lokr as lokr
+from peftjax.adapters._lokr import lokr_factorization as lokr_factorization
 from peftjax.adapters._lora import LoRAInit as LoRAInit
 from peftjax.adapters._lora import LoRAParams as LoRAParams
 from peftjax.adapters._lora import Scaling as Scaling
@@ -165,6 +169,10 @@ __all__ = [
     "validate",
     "LNTuningParams",
     "ln_tuning",
+    "lokr",
+    "lokr_factorization",
+    "LoKrInit",
+    "LoKrParams",
     "lora",
     "lora_conv",
     "LowRankDelta",

@@ -14,6 +14,7 @@ import pytest
 
 from peftjax import adapters, tree
 from tests import helpers as h
+from tests.adapters.test_lokr import lokr_count, ref_lokr
 
 S = adapters.scaling_value
 
@@ -129,11 +130,25 @@ ADAPTERS = [
         lambda i, o: 2 * 3 * (i + o),
     ),
     (
+        "lokr",
+        lambda: adapters.lokr(rank=1, alpha=2.0, decompose_both=True),
+        True,
+        lambda w, t, f: ref_lokr(w, t, f, s=2.0),
+        lambda i, o: lokr_count(i, o, 1, decompose_both=True),
+    ),
+    (
         "sora",
         lambda: adapters.sora(rank=3, alpha=6.0),
         True,
         lambda w, t, f: h.ref_sora(w, t, f, s=2.0),
         lambda i, o: 3 * (i + o + 1),
+    ),
+    (
+        "ln_tuning",
+        lambda: adapters.ln_tuning(),
+        True,
+        lambda w, t, f: h.f64(t.value),
+        lambda i, o: i * o,
     ),
 ]
 IDS = [a[0] for a in ADAPTERS]
@@ -143,13 +158,6 @@ def _w(shape, seed=0, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
     return jnp.asarray(rng.standard_normal(shape) * 0.5, dtype)
 
-    (
-        "ln_tuning",
-        lambda: adapters.ln_tuning(),
-        True,
-        lambda w, t, f: h.f64(t.value),
-        lambda i, o: i * o,
-    ),
 
 def _randomize(t, seed=1):
     """Random trainable values of the same shapes (positive magnitudes/scales)."""
