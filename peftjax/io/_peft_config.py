@@ -24,7 +24,7 @@ from typing import Any
 
 from peftjax.io import _peft_targets
 
-SUPPORTED_PEFT_TYPES = ("LORA", "VERA", "IA3")
+SUPPORTED_PEFT_TYPES = ("LORA", "VERA", "IA3", "LN_TUNING")
 
 # Fields that describe the adapter, or select modules (``selection``), for
 # every type.
@@ -44,6 +44,8 @@ _HONOURED = {
                        "d_initial", "init_weights", "layers_to_transform",
                        "layers_pattern"}),
     "IA3": frozenset({"feedforward_modules", "init_ia3_weights"}),
+    # LN tuning has no fields of its own (selection and modules_to_save only).
+    "LN_TUNING": frozenset(),
 }
 
 # Fields peftjax cannot honour: accepted only at PEFT's default value
@@ -62,6 +64,7 @@ _DEFAULTS = {
     # peftjax's VeRA has no input dropout.
     "VERA": {"fan_in_fan_out": False, "bias": "none", "vera_dropout": 0.0},
     "IA3": {"fan_in_fan_out": False},
+    "LN_TUNING": {},
 }
 
 # init_lora_weights values that leave the base model untouched; an adapter

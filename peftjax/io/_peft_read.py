@@ -197,6 +197,14 @@ def load_peft(
     config, tensors = _read_dir(directory)
     source = str(directory / _peft_write.CONFIG_NAME)
     peft_type = _peft_config.check_config(config, source)
+    if peft_type == "LN_TUNING":
+        from peftjax.io import _peft_ln_tuning
+
+        a, st = _peft_ln_tuning.read(config, tensors, params, key_map,
+                                     layers_prefix=layers_prefix,
+                                     param_dtype=param_dtype, source=source,
+                                     weights=str(directory / _peft_write.WEIGHTS_NAME))
+        return PeftAdapter(a, st, {}, config)
     selection = _peft_config.selection(config, key_map, source, output_modules)
     flat = tree.leaves_by_path(params)
     use_dora = bool(config.get("use_dora", False))

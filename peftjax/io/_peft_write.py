@@ -57,6 +57,7 @@ _TYPES = {
     _adapters.DoRAParams: "LORA",
     _adapters.VeRAParams: "VERA",
     _adapters.ScaleParams: "IA3",
+    _adapters.LNTuningParams: "LN_TUNING",
 }
 
 
@@ -250,6 +251,13 @@ def save_peft(
     if not types:
         raise ValueError("save_peft: the assignment is empty")
     peft_type = types[0]
+    if peft_type == "LN_TUNING":
+        from peftjax.io import _peft_ln_tuning
+
+        return _peft_ln_tuning.write(
+            directory, assignment, state, params, key_map=key_map, full=full,
+            base_model_name_or_path=base_model_name_or_path, task_type=task_type,
+            layers_prefix=layers_prefix)
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, Any] = {}
