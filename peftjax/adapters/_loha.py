@@ -26,10 +26,11 @@ row of ``x`` instead of the ``in·out`` of ``x@(W + ΔW)`` and forms no ``(in,
 out)`` matrix, a saving whenever ``r² < in·out / (in + out)`` (``r <= 45`` on a
 4096-square matrix).
 
-Not modelled: PEFT's ``rank_dropout`` and ``module_dropout`` (training-time
-only; ``io.load_peft`` accepts them since inference ignores them) and the
-Tucker ``hada_t1/t2`` cores of ``use_effective_conv2d`` (convolutions with a
-spatial kernel).
+Not modelled: PEFT's training-time ``rank_dropout`` and ``module_dropout``
+and the Tucker ``hada_t1/t2`` cores of ``use_effective_conv2d`` (convolutions
+with a spatial kernel); ``io.load_peft`` refuses a config that sets any of
+them, naming the field. PEFT format: ``io.save_peft`` / ``io.load_peft``
+(``peft_type: LOHA``, ``alpha`` and ``alpha_pattern`` as PEFT's).
 
 Exports: ``LoHaParams``, ``loha``.
 """

@@ -5,7 +5,7 @@ PEFT writes every field of its config class. peftjax honours the fields that
 change the weights it reads (``r``, ``lora_alpha``, ``use_rslora``,
 ``rank_pattern``, ``alpha_pattern``, ``use_dora``, ``lora_dropout``,
 ``modules_to_save``, ``ensure_weight_tying``, VeRA's projections, (IA)³'s
-``feedforward_modules``) and the fields that select modules
+``feedforward_modules``, LoHa's ``r``/``alpha``/patterns) and the fields that select modules
 (``target_modules``, ``exclude_modules``, ``layers_to_transform``,
 ``layers_pattern``: ``load_peft`` requires the file's tensors to be exactly
 the selected modules'), accepts descriptive fields
@@ -24,7 +24,7 @@ from typing import Any
 
 from peftjax.io import _peft_targets
 
-SUPPORTED_PEFT_TYPES = ("LORA", "VERA", "IA3", "LN_TUNING")
+SUPPORTED_PEFT_TYPES = ("LORA", "VERA", "IA3", "LOHA", "LN_TUNING")
 
 # Fields that describe the adapter, or select modules (``selection``), for
 # every type.
@@ -44,6 +44,8 @@ _HONOURED = {
                        "d_initial", "init_weights", "layers_to_transform",
                        "layers_pattern"}),
     "IA3": frozenset({"feedforward_modules", "init_ia3_weights"}),
+    "LOHA": frozenset({"r", "alpha", "rank_pattern", "alpha_pattern",
+                       "init_weights", "layers_to_transform", "layers_pattern"}),
     # LN tuning has no fields of its own (selection and modules_to_save only).
     "LN_TUNING": frozenset(),
 }
@@ -64,6 +66,10 @@ _DEFAULTS = {
     # peftjax's VeRA has no input dropout.
     "VERA": {"fan_in_fan_out": False, "bias": "none", "vera_dropout": 0.0},
     "IA3": {"fan_in_fan_out": False},
+    # peftjax's LoHa has no training-time rank/module dropout and no Tucker
+    # cores (use_effective_conv2d only changes convolutions with a kernel > 1).
+    "LOHA": {"rank_dropout": 0.0, "module_dropout": 0.0,
+             "use_effective_conv2d": False},
     "LN_TUNING": {},
 }
 
@@ -103,6 +109,7 @@ _TYPES = {
     "feedforward_modules": (_names, "a str (regex) or a list of str"),
     "r": (lambda v: _int(v) and v > 0, "a positive int"),
     "lora_alpha": (_number, "a finite number"),
+    "alpha": (_number, "a finite number"),
     "lora_dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "d_initial": (_number, "a finite number"),
     "projection_prng_key": (_int, "an int"),

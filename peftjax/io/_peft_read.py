@@ -41,8 +41,13 @@ _SUFFIXES = (
     (".ia3_l", "ia3", _peft_keys.TensorLayout.KERNEL),
     (".vera_lambda_b", "lambda_b", _peft_keys.TensorLayout.KERNEL),
     (".vera_lambda_d", "lambda_d", _peft_keys.TensorLayout.KERNEL),
+    (".hada_w1_a", "w1_a", _peft_keys.TensorLayout.KERNEL),
+    (".hada_w1_b", "w1_b", _peft_keys.TensorLayout.KERNEL),
+    (".hada_w2_a", "w2_a", _peft_keys.TensorLayout.KERNEL),
+    (".hada_w2_b", "w2_b", _peft_keys.TensorLayout.KERNEL),
 )
-_NEEDS = {"LORA": {"a", "b"}, "IA3": {"ia3"}, "VERA": {"lambda_b", "lambda_d"}}
+_NEEDS = {"LORA": {"a", "b"}, "IA3": {"ia3"}, "VERA": {"lambda_b", "lambda_d"},
+          "LOHA": {"w1_a", "w1_b", "w2_a", "w2_b"}}
 
 
 class PeftAdapter(NamedTuple):
@@ -115,7 +120,7 @@ def load_peft(
     tied_head: tuple[str, str] | None = None,
     output_modules: Sequence[str] | None = None,
 ) -> PeftAdapter:
-    """Reads a PEFT adapter (LoRA, rsLoRA, DoRA, embedding LoRA, VeRA, (IA)³).
+    """Reads a PEFT adapter (LoRA, rsLoRA, DoRA, embedding LoRA, VeRA, (IA)³, LoHa).
 
     The config is enforced as Hugging Face PEFT (0.21) applies it when it
     builds the adapter, over the modules of ``key_map``:
@@ -474,6 +479,8 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
             return (_adapters.dora(r, **kw),
                     _adapters.DoRAParams(arr(a.T), arr(b.T), arr(got["magnitude"])), None)
         return _adapters.lora(r, **kw), _adapters.LoRAParams(arr(a.T), arr(b.T)), None
+    if peft_type == "LOHA":
+        return _build_loha(config, module, got, arr, dtype, source, dn)
     if peft_type == "IA3":
         v = got["ia3"]
         if v.ndim != 2 or 1 not in v.shape:
@@ -505,6 +512,28 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
                          f"the shared vera_A {big_a.shape} / vera_B {big_b.shape}")
     t = _adapters.VeRAParams(arr(got["lambda_d"]), arr(got["lambda_b"]))
     return adapter, t, _adapters.VeRABasis(arr(big_a[:, :n_in].T), arr(big_b[:n_out].T))
+
+
+def _build_loha(config: dict, module: str, got: dict[str, np.ndarray], arr: Any,
+                dtype: Any, source: str, dn: tree.DimensionNumbers | None) -> tuple:
+    """LoHa: torch ``hada_wk_a (out, r)``, ``hada_wk_b (r, in)`` -> Flax ``b_k``, ``a_k``."""
+    w = [got[k] for k in ("w1_a", "w1_b", "w2_a", "w2_b")]
+    r = int(w[0].shape[-1]) if w[0].ndim == 2 else -1
+    if (any(x.ndim != 2 for x in w) or w[0].shape != w[2].shape
+            or w[1].shape != w[3].shape or w[1].shape[0] != r):
+        raise ValueError(f"load_peft: {module!r} has hada_w1_a/w1_b/w2_a/w2_b "
+                         f"{[x.shape for x in w]}; expected (out, r), (r, in) twice "
+                         "(use_effective_conv2d's hada_t1/t2 are not supported)")
+    want_r = _peft_config.pattern_value(config.get("rank_pattern") or {}, module,
+                                        config.get("r", 8))
+    if r != want_r:
+        raise ValueError(f"load_peft: {module!r} has rank {r} in the file but "
+                         f"{want_r} in {source} (r/rank_pattern)")
+    alpha = _peft_config.pattern_value(config.get("alpha_pattern") or {}, module,
+                                       config.get("alpha", 8))
+    t = _adapters.LoHaParams(arr(w[1].T), arr(w[0].T), arr(w[3].T), arr(w[2].T))
+    return (_adapters.loha(r, alpha=alpha, param_dtype=dtype, dimension_numbers=dn),
+            t, None)
 
 
 def _check_shapes(path: str, adapter: _adapters.Adapter, leaf: Any, t: Any, f: Any) -> None:

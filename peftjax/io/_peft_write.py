@@ -57,6 +57,7 @@ _TYPES = {
     _adapters.DoRAParams: "LORA",
     _adapters.VeRAParams: "VERA",
     _adapters.ScaleParams: "IA3",
+    _adapters.LoHaParams: "LOHA",
     _adapters.LNTuningParams: "LN_TUNING",
 }
 
@@ -84,6 +85,8 @@ def _probe_scaling(adapter: _adapters.Adapter, t: Any, n_in: int, n_out: int,
     if adapter.factored is None or adapter.factored.terms is None:
         raise ValueError(f"save_peft: {adapter!r} on {path!r} has no factored "
                          "form to read its scaling from")
+    if isinstance(t, _adapters.LoHaParams):
+        return _probe_loha_scaling(adapter, t, n_in, n_out)
     r = t.a.shape[-1]
     # Unit factors built on the host (no per-shape scatter compiles).
     a, b, x = (np.zeros((n_in, r), np.float32), np.zeros((r, n_out), np.float32),
@@ -94,6 +97,19 @@ def _probe_scaling(adapter: _adapters.Adapter, t: Any, n_in: int, n_out: int,
             else _adapters.DoRAParams(jnp.asarray(a), jnp.asarray(b),
                                   jnp.ones((n_out,), jnp.float32)))
     terms = adapter.factored.terms(jnp.zeros((n_in, n_out), jnp.float32), unit, None)
+    return float(terms.delta(jnp.asarray(x))[0, 0])
+
+
+def _probe_loha_scaling(adapter: _adapters.Adapter, t: Any, n_in: int,
+                        n_out: int) -> float:
+    """LoHa's ``s``: ``delta(e_0)`` with every factor ``e_0 e_0ᵀ``."""
+    r = t.a1.shape[-1]
+    a, b, x = (np.zeros((n_in, r), np.float32), np.zeros((r, n_out), np.float32),
+               np.zeros((1, n_in), np.float32))
+    a[0, 0] = b[0, 0] = x[0, 0] = 1.0
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    terms = adapter.factored.terms(jnp.zeros((n_in, n_out), jnp.float32),
+                                   _adapters.LoHaParams(a, b, a, b), None)
     return float(terms.delta(jnp.asarray(x))[0, 0])
 
 
@@ -241,7 +257,7 @@ def save_peft(
             raise TypeError(
                 f"save_peft: {adapter!r} on {path!r} (trainable "
                 f"{type(t).__name__}) has no Hugging Face PEFT format; PEFT files "
-                "hold LoRA, DoRA, VeRA and (IA)³"
+                "hold LoRA, DoRA, VeRA, (IA)³ and LoHa"
             )
         kinds[path] = kind
     types = sorted(set(kinds.values()))
@@ -274,7 +290,7 @@ def save_peft(
         dn = adapter.factored.dimension_numbers if adapter.factored else None
         dims = tree.resolve(dn, tuple(np.shape(leaf)), path=path)
         nb = len(dims.batch)
-        if peft_type == "LORA":  # one adapter (one scaling) for all layers
+        if peft_type in ("LORA", "LOHA"):  # one adapter (one scaling) for all layers
             s = _probe_scaling(adapter, t, dims.n_in, dims.n_out, path)
         for upath, (tu, fu) in _peft_keys.per_layer(path, (t, f), nb, key_map,
                                                     layers_prefix, "save_peft"):
@@ -313,6 +329,13 @@ def save_peft(
                     tensors[base + ".lora_B.weight"] = np.ascontiguousarray(b)
                 if dora:
                     tensors[base + ".lora_magnitude_vector"] = _np(tu.magnitude)
+            elif peft_type == "LOHA":  # hada_wk_a = b_k.T (out, r), hada_wk_b = a_k.T
+                r = int(tu.a1.shape[-1])
+                ranks[k.module] = r
+                alphas[k.module] = alpha_for(s, r, False)
+                for name, x in (("w1_a", tu.b1), ("w1_b", tu.a1), ("w2_a", tu.b2),
+                                ("w2_b", tu.a2)):
+                    tensors[f"{base}.hada_{name}"] = np.ascontiguousarray(_np(x).T)
             elif peft_type == "IA3":
                 unit = _adapters.ScaleParams(jnp.ones_like(tu.scale))
                 terms = adapter.factored.terms(
@@ -364,6 +387,13 @@ def save_peft(
                       bias="none", fan_in_fan_out=False, init_lora_weights=True)
         if tied:
             config["ensure_weight_tying"] = True
+    elif peft_type == "LOHA":
+        r, rank_pattern = _pattern(ranks)
+        alpha, alpha_pattern = _pattern(alphas)
+        config.update(r=r, alpha=alpha, rank_pattern=rank_pattern,
+                      alpha_pattern=alpha_pattern, rank_dropout=0.0,
+                      module_dropout=0.0, use_effective_conv2d=False,
+                      init_weights=True)
     elif peft_type == "IA3":
         config.update(feedforward_modules=_targets(feedforward, key_map)
                       if feedforward else [], fan_in_fan_out=False)
