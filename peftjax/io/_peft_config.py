@@ -24,7 +24,7 @@ from typing import Any
 
 from peftjax.io import _peft_targets
 
-SUPPORTED_PEFT_TYPES = ("LORA", "VERA", "IA3", "LOHA", "LN_TUNING")
+SUPPORTED_PEFT_TYPES = ("LORA", "VERA", "IA3", "LOHA", "LN_TUNING", "LOKR")
 
 # Fields that describe the adapter, or select modules (``selection``), for
 # every type.
@@ -44,10 +44,13 @@ _HONOURED = {
                        "d_initial", "init_weights", "layers_to_transform",
                        "layers_pattern"}),
     "IA3": frozenset({"feedforward_modules", "init_ia3_weights"}),
-    "LOHA": frozenset({"r", "alpha", "rank_pattern", "alpha_pattern",
-                       "init_weights", "layers_to_transform", "layers_pattern"}),
+    "LOKR": frozenset({"r", "alpha", "rank_pattern", "alpha_pattern",
+                       "decompose_both", "decompose_factor", "init_weights",
+                       "layers_to_transform", "layers_pattern"}),
     # LN tuning has no fields of its own (selection and modules_to_save only).
     "LN_TUNING": frozenset(),
+    "LOHA": frozenset({"r", "alpha", "rank_pattern", "alpha_pattern",
+                       "init_weights", "layers_to_transform", "layers_pattern"}),
 }
 
 # Fields peftjax cannot honour: accepted only at PEFT's default value
@@ -66,11 +69,15 @@ _DEFAULTS = {
     # peftjax's VeRA has no input dropout.
     "VERA": {"fan_in_fan_out": False, "bias": "none", "vera_dropout": 0.0},
     "IA3": {"fan_in_fan_out": False},
+    # peftjax's LoKr has no training-time rank/module dropout and no
+    # Tucker cores (use_effective_conv2d only changes convolutions).
+    "LOKR": {"rank_dropout": 0.0, "module_dropout": 0.0,
+             "rank_dropout_scale": False, "use_effective_conv2d": False},
+    "LN_TUNING": {},
     # peftjax's LoHa has no training-time rank/module dropout and no Tucker
     # cores (use_effective_conv2d only changes convolutions with a kernel > 1).
     "LOHA": {"rank_dropout": 0.0, "module_dropout": 0.0,
              "use_effective_conv2d": False},
-    "LN_TUNING": {},
 }
 
 # init_lora_weights values that leave the base model untouched; an adapter
@@ -118,6 +125,9 @@ _TYPES = {
     "alpha_pattern": (lambda v: isinstance(v, dict) and all(
         _number(x) for x in v.values()), "an object of numbers"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "decompose_both": (lambda v: isinstance(v, bool), "true or false"),
+    "decompose_factor": (lambda v: _int(v) and (v == -1 or v > 0),
+                         "-1 or a positive int"),
     "use_dora": (lambda v: isinstance(v, bool), "true or false"),
     "ensure_weight_tying": (lambda v: isinstance(v, bool), "true or false"),
 }

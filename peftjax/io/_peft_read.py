@@ -45,9 +45,16 @@ _SUFFIXES = (
     (".hada_w1_b", "w1_b", _peft_keys.TensorLayout.KERNEL),
     (".hada_w2_a", "w2_a", _peft_keys.TensorLayout.KERNEL),
     (".hada_w2_b", "w2_b", _peft_keys.TensorLayout.KERNEL),
-)
+) + tuple((f".lokr_{n}", f"lokr_{n}", _peft_keys.TensorLayout.KERNEL)
+          for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2"))
 _NEEDS = {"LORA": {"a", "b"}, "IA3": {"ia3"}, "VERA": {"lambda_b", "lambda_d"},
-          "LOHA": {"w1_a", "w1_b", "w2_a", "w2_b"}}
+          "LOHA": {"w1_a", "w1_b", "w2_a", "w2_b"}, "LOKR": set()}
+
+
+def _lokr_needs(got: Mapping[str, Any]) -> set[str]:
+    """LoKr's tensors: each factor full (``lokr_wk``) or as ``lokr_wk_a``, ``lokr_wk_b``."""
+    return {n for k in ("w1", "w2") for n in (
+        [f"lokr_{k}"] if f"lokr_{k}" in got else [f"lokr_{k}_a", f"lokr_{k}_b"])}
 
 
 class PeftAdapter(NamedTuple):
@@ -278,11 +285,12 @@ def load_peft(
         raise ValueError(f"load_peft: {str(directory)!r} holds no {peft_type} tensors")
     needs = _NEEDS[peft_type] | ({"magnitude"} if use_dora else set())
     for upath, got in sorted(parts.items()):
-        if set(got) != needs:
+        want = _lokr_needs(got) if peft_type == "LOKR" else needs
+        if set(got) != want:
             raise ValueError(
                 f"load_peft: module {key_map[upath].module!r} ({upath!r}) has "
                 f"{sorted(got)}, a {peft_type}{' DoRA' if use_dora else ''} adapter "
-                f"needs {sorted(needs)}"
+                f"needs {sorted(want)}"
             )
     per_leaf: dict[str, dict[int | None, tuple]] = {}
     for upath, got in parts.items():
@@ -479,6 +487,8 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
             return (_adapters.dora(r, **kw),
                     _adapters.DoRAParams(arr(a.T), arr(b.T), arr(got["magnitude"])), None)
         return _adapters.lora(r, **kw), _adapters.LoRAParams(arr(a.T), arr(b.T)), None
+    if peft_type == "LOKR":
+        return _build_lokr(config, module, got, arr, dtype, source, dn)
     if peft_type == "LOHA":
         return _build_loha(config, module, got, arr, dtype, source, dn)
     if peft_type == "IA3":
@@ -534,6 +544,30 @@ def _build_loha(config: dict, module: str, got: dict[str, np.ndarray], arr: Any,
     t = _adapters.LoHaParams(arr(w[1].T), arr(w[0].T), arr(w[3].T), arr(w[2].T))
     return (_adapters.loha(r, alpha=alpha, param_dtype=dtype, dimension_numbers=dn),
             t, None)
+
+
+def _build_lokr(config: dict, module: str, got: dict[str, np.ndarray], arr: Any,
+                dtype: Any, source: str, dn: tree.DimensionNumbers | None) -> tuple:
+    """LoKr: every torch ``lokr_*`` tensor transposed under its own name (``LoKrParams``)."""
+    if any(x.ndim != 2 for x in got.values()):
+        raise ValueError(f"load_peft: {module!r} has LoKr tensors "
+                         f"{ {k: x.shape for k, x in got.items()} }; only Linear "
+                         "(2-D factors) is supported")
+    r = _peft_config.pattern_value(config.get("rank_pattern") or {}, module,
+                                   config.get("r", 8))
+    for k in ("w1", "w2"):
+        if f"lokr_{k}_a" in got and got[f"lokr_{k}_a"].shape[1] != r:
+            raise ValueError(f"load_peft: {module!r} has lokr_{k}_a "
+                             f"{got[f'lokr_{k}_a'].shape} but rank {r} in {source} "
+                             "(r/rank_pattern)")
+    alpha = _peft_config.pattern_value(config.get("alpha_pattern") or {}, module,
+                                       config.get("alpha", 8))
+    t = _adapters.LoKrParams(**{k[len("lokr_"):]: arr(x.T) for k, x in got.items()})
+    adapter = _adapters.lokr(
+        r, alpha=alpha, decompose_both=bool(config.get("decompose_both", False)),
+        decompose_factor=int(config.get("decompose_factor", -1)), param_dtype=dtype,
+        dimension_numbers=dn)
+    return adapter, t, None
 
 
 def _check_shapes(path: str, adapter: _adapters.Adapter, leaf: Any, t: Any, f: Any) -> None:
