@@ -48,6 +48,10 @@ from peftjax.adapters._conv import LowRankDelta as LowRankDelta
 from peftjax.adapters._conv import lora_conv as lora_conv
 from peftjax.adapters._dora import DoRAParams as DoRAParams
 from peftjax.adapters._dora import dora as dora
+from peftjax.adapters._fourierft import FourierFTIndices as FourierFTIndices
+from peftjax.adapters._fourierft import FourierFTParams as FourierFTParams
+from peftjax.adapters._fourierft import fourierft as fourierft
+from peftjax.adapters._fourierft import fourierft_indices as fourierft_indices
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
 from peftjax.adapters._lift import path_key as path_key
@@ -169,6 +173,10 @@ __all__ = [
     "validate",
     "LNTuningParams",
     "ln_tuning",
+    "FourierFTIndices",
+    "FourierFTParams",
+    "fourierft",
+    "fourierft_indices",
     "lokr",
     "lokr_factorization",
     "LoKrInit",

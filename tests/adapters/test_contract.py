@@ -14,6 +14,7 @@ import pytest
 
 from peftjax import adapters, tree
 from tests import helpers as h
+from tests.adapters.test_fourierft import ref_fourierft
 from tests.adapters.test_lokr import lokr_count, ref_lokr
 
 S = adapters.scaling_value
@@ -142,6 +143,13 @@ ADAPTERS = [
         True,
         lambda w, t, f: h.ref_sora(w, t, f, s=2.0),
         lambda i, o: 3 * (i + o + 1),
+    ),
+    (
+        "fourierft",
+        lambda: adapters.fourierft(7, scaling=3.0, random_loc_seed=5, init_weights=True),
+        True,
+        lambda w, t, f: ref_fourierft(w, t, f, s=3.0),
+        lambda i, o: 7,
     ),
     (
         "ln_tuning",
