@@ -275,6 +275,8 @@ def unavailable(name: str, issue: int, what: str) -> Callable[..., Setup]:
 METHODS: dict[str, Callable[..., Setup]] = {
     "lora": _adapter_method(lambda c: adapters.lora(c.rank, alpha=c.alpha)),
     "dora": _adapter_method(lambda c: adapters.dora(c.rank, alpha=c.alpha)),
+    "loha": _adapter_method(lambda c: adapters.loha(c.rank, alpha=c.alpha)),
+    "lokr": _adapter_method(lambda c: adapters.lokr(c.rank, alpha=c.alpha)),
     # PEFT has no LoRA-XS format
     "lora_xs": _adapter_method(lambda c: adapters.lora_xs(c.rank, alpha=c.alpha),
                                peft=False),
