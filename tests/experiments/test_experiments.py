@@ -89,3 +89,13 @@ def test_explicit_flags_are_kept_under_smoke(script):
     assert mod.parse(["--smoke", f"--steps={default}"]).steps == default
     assert mod.parse(["--smoke"]).steps == mod.SMOKE["steps"]
     assert mod.parse([f"--steps={default}"]) == mod.Config()
+
+
+def test_compare_methods_smoke_lokr(tmp_path):
+    # LoKr by name: its loss drops, and the factored path takes its Kronecker
+    # form (no materialisation fallback warning)
+    res = run_script("compare_methods.py", "--smoke", "--progress=false",
+                     "--isolate=false", "--methods=lokr", f"--out_dir={tmp_path}")
+    row = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+    assert row["method"] == "lokr" and row["losses"][-1] < row["losses"][0] - 0.05
+    assert "FactoredFallbackWarning" not in res.stderr and "materialised" not in res.stderr
