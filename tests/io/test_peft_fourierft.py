@@ -8,13 +8,14 @@ PEFT's trainable count (``scripts/golden/peft_fourierft_make.py``).
 
 import json
 import pathlib
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftjax import adapters, io, tree
+from peftjax import adapters, factored, io, tree
 from peftjax import models as pm
 from peftjax.models import llama
 
@@ -88,3 +89,15 @@ def test_peft_made_fourierft_logits_and_count(tiny_llama, ref):
     assert np.abs(ref["llama_fourierft"] - ref["llama_base"]).max() > 100 * TORCH_ATOL
     peft = json.loads((GOLDEN / "peft.json").read_text())
     assert adapters.num_trainable(state.trainable) == peft["trainable_params"] == 176
+
+
+def test_factored_path_matches_peft_without_fallback(tiny_llama, ref):
+    fwd, params, km, scanned = tiny_llama
+    a, state = _by_hand(params, km, scanned)
+    g = pm.split_params(llama.load_llama(BASE, scan_layers=scanned))[0]
+    run = factored.transform(lambda p, ids: pm.apply(g, p, ids), a, state.trainable,
+                             state.frozen, deterministic=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", factored.FactoredFallbackWarning)
+        out = jax.jit(run)(params, jnp.asarray(ref["inputs_llama"]))
+    np.testing.assert_allclose(out, ref["llama_fourierft"], rtol=0, atol=TORCH_ATOL)
