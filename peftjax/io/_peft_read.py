@@ -127,7 +127,7 @@ def load_peft(
     tied_head: tuple[str, str] | None = None,
     output_modules: Sequence[str] | None = None,
 ) -> PeftAdapter:
-    """Reads a PEFT adapter (LoRA, rsLoRA, DoRA, embedding LoRA, VeRA, (IA)³, LoHa).
+    """Reads a PEFT adapter (LoRA, rsLoRA, DoRA, embedding LoRA, VeRA, (IA)³, LoHa, LoKr).
 
     The config is enforced as Hugging Face PEFT (0.21) applies it when it
     builds the adapter, over the modules of ``key_map``:
@@ -158,6 +158,10 @@ def load_peft(
       evaluation; ``materialize`` refuses it unless ``deterministic=True``.
     * (IA)³'s ``feedforward_modules``: a list matches by plain ``endswith``,
       a string in full; it decides which side the scale vector is on.
+    * LoKr's ``decompose_both`` and ``decompose_factor`` decide which Kronecker
+      factors are full (``lokr_w1``/``lokr_w2``) or decomposed (``_a``, ``_b``)
+      and how each side splits; the file's tensors must be that structure
+      (each is read transposed under its own name, ``adapters.lokr``).
 
     The user guide is docs/peft_format.md.
 

@@ -309,7 +309,7 @@ def save_peft(
             raise TypeError(
                 f"save_peft: {adapter!r} on {path!r} (trainable "
                 f"{type(t).__name__}) has no Hugging Face PEFT format; PEFT files "
-                "hold LoRA, DoRA, VeRA, (IA)³ and LoHa"
+                "hold LoRA, DoRA, VeRA, (IA)³, LoHa and LoKr"
             )
         kinds[path] = kind
     types = sorted(set(kinds.values()))
