@@ -194,8 +194,8 @@ def fourierft(
         return _protocol.FactoredTerms(delta=run)
 
     return _lift.lift_matrix(
-        name=(f"fourierft(n_frequency={n_frequency}, scaling={scaling}, "
-              f"seed={random_loc_seed})"),
+        name=(f"fourierft(n_frequency={n_frequency}, scaling={float(scaling)!r}, "
+              f"seed={int(random_loc_seed)})"),
         init_matrix=init_matrix,
         apply_matrix=apply_matrix,
         unapply_matrix=unapply_matrix,

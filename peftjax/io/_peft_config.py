@@ -24,7 +24,7 @@ from typing import Any
 
 from peftjax.io import _peft_targets
 
-SUPPORTED_PEFT_TYPES = ("LORA", "VERA", "IA3", "LOHA", "LN_TUNING", "LOKR")
+SUPPORTED_PEFT_TYPES = ("LORA", "VERA", "IA3", "LOHA", "LN_TUNING", "LOKR", "FOURIERFT")
 
 # Fields that describe the adapter, or select modules (``selection``), for
 # every type.
@@ -49,6 +49,9 @@ _HONOURED = {
                        "layers_to_transform", "layers_pattern"}),
     # LN tuning has no fields of its own (selection and modules_to_save only).
     "LN_TUNING": frozenset(),
+    "FOURIERFT": frozenset({"n_frequency", "n_frequency_pattern", "scaling",
+                            "random_loc_seed", "init_weights",
+                            "layers_to_transform", "layers_pattern"}),
     "LOHA": frozenset({"r", "alpha", "rank_pattern", "alpha_pattern",
                        "init_weights", "layers_to_transform", "layers_pattern"}),
 }
@@ -74,6 +77,7 @@ _DEFAULTS = {
     "LOKR": {"rank_dropout": 0.0, "module_dropout": 0.0,
              "rank_dropout_scale": False, "use_effective_conv2d": False},
     "LN_TUNING": {},
+    "FOURIERFT": {"fan_in_fan_out": False, "bias": "none"},
     # peftjax's LoHa has no training-time rank/module dropout and no Tucker
     # cores (use_effective_conv2d only changes convolutions with a kernel > 1).
     "LOHA": {"rank_dropout": 0.0, "module_dropout": 0.0,
@@ -115,6 +119,11 @@ _TYPES = {
     "layers_pattern": (_names, "a str or a list of str"),
     "feedforward_modules": (_names, "a str (regex) or a list of str"),
     "r": (lambda v: _int(v) and v > 0, "a positive int"),
+    "n_frequency": (lambda v: _int(v) and v > 0, "a positive int"),
+    "n_frequency_pattern": (lambda v: isinstance(v, dict) and all(
+        _int(x) and x > 0 for x in v.values()), "an object of positive ints"),
+    "scaling": (_number, "a finite number"),
+    "random_loc_seed": (_int, "an int"),
     "lora_alpha": (_number, "a finite number"),
     "alpha": (_number, "a finite number"),
     "lora_dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),

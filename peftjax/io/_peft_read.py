@@ -29,11 +29,13 @@ import numpy as np
 from peftjax import adapters as _adapters
 from peftjax import tree
 from peftjax.io import _json, _peft_config, _peft_keys, _peft_write, _safetensors
+from peftjax.io import _peft_fourierft as _fourierft
 from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
 from peftjax.io._peft_write import save_peft  # noqa: F401 (doctest)
 
 _SUFFIXES = (
     (".lora_A.weight", "a", _peft_keys.TensorLayout.KERNEL),
+    (_fourierft.SUFFIX, "spectrum", _peft_keys.TensorLayout.KERNEL),
     (".lora_B.weight", "b", _peft_keys.TensorLayout.KERNEL),
     (".lora_embedding_A", "a", _peft_keys.TensorLayout.EMBEDDING),
     (".lora_embedding_B", "b", _peft_keys.TensorLayout.EMBEDDING),
@@ -49,6 +51,7 @@ _SUFFIXES = (
           for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2"))
 _NEEDS = {"LORA": {"a", "b"}, "IA3": {"ia3"}, "VERA": {"lambda_b", "lambda_d"},
           "LOHA": {"w1_a", "w1_b", "w2_a", "w2_b"}, "LOKR": set()}
+_NEEDS["FOURIERFT"] = {"spectrum"}
 
 
 def _lokr_needs(got: Mapping[str, Any]) -> set[str]:
@@ -463,6 +466,8 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
         return jnp.asarray(x, dtype)
 
     module = key.module
+    if peft_type == "FOURIERFT":
+        return _fourierft.build(config, module, got["spectrum"], dtype, source, dims, dn)
     if peft_type == "LORA":
         a, b = got["a"], got["b"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:

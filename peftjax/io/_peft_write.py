@@ -45,7 +45,7 @@ import numpy as np
 
 from peftjax import adapters as _adapters
 from peftjax import tree
-from peftjax.io import _peft_keys, _safetensors
+from peftjax.io import _peft_fourierft, _peft_keys, _safetensors
 from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
 
 PREFIX = "base_model.model."
@@ -57,6 +57,7 @@ _TYPES = {
     _adapters.DoRAParams: "LORA",
     _adapters.VeRAParams: "VERA",
     _adapters.ScaleParams: "IA3",
+    _adapters.FourierFTParams: "FOURIERFT",
     _adapters.LoHaParams: "LOHA",
     _adapters.LoKrParams: "LOKR",
     _adapters.LNTuningParams: "LN_TUNING",
@@ -334,6 +335,7 @@ def save_peft(
     feedforward: list[str] = []
     vera_bases: list[tuple[str, Any]] = []
     vera_cfg: set[tuple] = set()
+    fourier: dict[str, tuple[int, float, int]] = {}
     lokr_layers: dict[str, tuple] = {}
     for path in sorted(assignment):
         adapter, t, f = assignment[path], state.trainable[path], state.frozen[path]
@@ -400,6 +402,10 @@ def save_peft(
                 alphas[k.module] = alpha_for(s, r, False)
                 lokr_layers[k.module] = (shape, tu.w1 is None)
                 tensors.update({f"{base}.{n}": x for n, x in lt.items()})
+            elif peft_type == "FOURIERFT":  # positions: regenerated from the seed
+                fourier[k.module] = _peft_fourierft.hyperparameters(adapter, fu, dims,
+                                                                    upath)
+                tensors[base + _peft_fourierft.SUFFIX] = _np(tu.spectrum)
             elif peft_type == "IA3":
                 unit = _adapters.ScaleParams(jnp.ones_like(tu.scale))
                 terms = adapter.factored.terms(
@@ -466,6 +472,8 @@ def save_peft(
                       module_dropout=0.0, rank_dropout_scale=False,
                       use_effective_conv2d=False, init_weights=True,
                       **_lokr_config(lokr_layers, ranks))
+    elif peft_type == "FOURIERFT":
+        config.update(_peft_fourierft.config_fields(fourier))
     elif peft_type == "IA3":
         config.update(feedforward_modules=_targets(feedforward, key_map)
                       if feedforward else [], fan_in_fan_out=False)

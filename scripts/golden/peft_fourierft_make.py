@@ -62,6 +62,7 @@ def main():
     outputs = {"inputs_llama": ids.numpy()}
     with torch.no_grad():
         outputs["llama_base"] = base()(ids).logits.numpy()
+    torch.manual_seed(0)  # PEFT draws the initial spectra from the global generator
     model = get_peft_model(base(), config()).eval()
     trainable, _ = model.get_nb_trainable_parameters()
     for name, mod in model.named_modules():
