@@ -58,7 +58,9 @@ def build(out) -> dict[str, np.ndarray]:
         name = f"pj_fourierft_{'scanned' if scanned else 'unrolled'}"
         io.save_peft(out / name, a, st, params, key_map=llama.peft_key_map(model.config),
                      base_model_name_or_path="tiny-random-llama")
-        logits[name] = np.asarray(pm.apply(g, adapters.materialize(a, params, *st), ids))
+        fwd = jax.jit(lambda t, f, ids, g=g, a=a, params=params: pm.apply(
+            g, adapters.materialize(a, params, t, f), ids))
+        logits[name] = np.asarray(fwd(st.trainable, st.frozen, ids))
     return logits
 
 

@@ -55,7 +55,8 @@ def build(out) -> dict[str, np.ndarray]:
         name = f"pj_ln_tuning_{'scanned' if scanned else 'unrolled'}"
         io.save_peft(out / name, a, st, params, key_map=llama.peft_key_map(model.config),
                      base_model_name_or_path="tiny-random-llama")
-        logits[name] = np.asarray(pm.apply(g, adapters.materialize(a, params, *st), ids))
+        fwd = jax.jit(lambda p, ids, g=g: pm.apply(g, p, ids))
+        logits[name] = np.asarray(fwd(adapters.materialize(a, params, *st), ids))
     return logits
 
 
