@@ -23,6 +23,7 @@ from peftjax import adapters, inits, masks, optim, tree
 
 ATTN = r"(.*/)?self_attn/(q_proj|k_proj|v_proj|o_proj)/kernel"
 LINEAR = r"(.*/)?(self_attn|mlp)/\w+_proj/kernel"
+NORMS = r"(.*/)?\w*norm/(scale|bias)"  # LN tuning: every norm's parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,11 +131,12 @@ def data_driven(plan: dict, key: jax.Array, params: Any, stats: dict | None = No
     return assignment, base, adapters.AdapterState(trainable, frozen)
 
 
-def _adapter_method(make_adapter: Callable[[Any], adapters.Adapter], *, peft: bool = True):
+def _adapter_method(make_adapter: Callable[[Any], adapters.Adapter], *, peft: bool = True,
+                    where: str | None = None):
     def build(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
               init_data: InitData | None = None) -> Setup:
         del key, init_data  # the trainer initialises the adapters
-        assignment = tree.assign(params, [tree.Rule(where=_targets(cfg),
+        assignment = tree.assign(params, [tree.Rule(where=where or _targets(cfg),
                                                     then=make_adapter(cfg))])
 
         def peft_export(state):
@@ -277,6 +279,10 @@ METHODS: dict[str, Callable[..., Setup]] = {
     "dora": _adapter_method(lambda c: adapters.dora(c.rank, alpha=c.alpha)),
     "loha": _adapter_method(lambda c: adapters.loha(c.rank, alpha=c.alpha)),
     "lokr": _adapter_method(lambda c: adapters.lokr(c.rank, alpha=c.alpha)),
+    # n = 16·r spectral coefficients per matrix (PEFT's default 1000 needs
+    # in·out >= 1000); PEFT's scaling 150 and N(0, 1) init
+    "fourierft": _adapter_method(lambda c: adapters.fourierft(16 * c.rank)),
+    "ln_tuning": _adapter_method(lambda c: adapters.ln_tuning(), where=NORMS),
     # PEFT has no LoRA-XS format
     "lora_xs": _adapter_method(lambda c: adapters.lora_xs(c.rank, alpha=c.alpha),
                                peft=False),

@@ -99,3 +99,18 @@ def test_compare_methods_smoke_lokr(tmp_path):
     row = json.loads((tmp_path / "results.json").read_text())["rows"][0]
     assert row["method"] == "lokr" and row["losses"][-1] < row["losses"][0] - 0.05
     assert "FactoredFallbackWarning" not in res.stderr and "materialised" not in res.stderr
+
+
+def test_compare_methods_smoke_fourierft_ln_tuning(tmp_path):
+    # FourierFT and LN tuning by name: losses drop; FourierFT takes its
+    # real-basis factored form (no fallback), LN tuning (no factored form: the
+    # trained norm vector is the leaf) warns once per norm leaf
+    res = run_script("compare_methods.py", "--smoke", "--progress=false",
+                     "--isolate=false", "--methods=fourierft,ln_tuning",
+                     f"--out_dir={tmp_path}")
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["fourierft", "ln_tuning"]
+    for r in rows:
+        assert r["losses"][-1] < r["losses"][0] - 0.01, r["losses"]
+    assert "fourierft on" not in res.stderr
+    assert "ln_tuning on 'norm/scale'" in res.stderr
