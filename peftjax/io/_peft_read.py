@@ -161,6 +161,8 @@ def load_peft(
       evaluation; ``materialize`` refuses it unless ``deterministic=True``.
     * (IA)³'s ``feedforward_modules``: a list matches by plain ``endswith``,
       a string in full; it decides which side the scale vector is on.
+    * FOURIERFT positions are regenerated from ``random_loc_seed`` as PEFT's
+      ``torch.randperm``; LN_TUNING reads norm modules' ``ln_tuning_layers``.
     * LoKr's ``decompose_both`` and ``decompose_factor`` decide which Kronecker
       factors are full (``lokr_w1``/``lokr_w2``) or decomposed (``_a``, ``_b``)
       and how each side splits; the file's tensors must be that structure
