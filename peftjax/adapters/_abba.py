@@ -87,6 +87,50 @@ def abba_khatri_rao(a1: jax.Array, b1: jax.Array, a2: jax.Array, b2: jax.Array
     return a_kr, b_kr
 
 
+def hadamard_forms(scale: float) -> dict[str, Any]:
+    """The matrix forms of ``ΔW = scale · (a1@b1) ⊙ (a2@b2)`` (ABBA, LoHa).
+
+    Args:
+      scale: the static factor in front of the Hadamard product.
+
+    Returns:
+      ``apply_matrix``, ``unapply_matrix`` and ``factored_matrix`` keyword
+      arguments for ``lift_matrix`` over a trainable with fields ``a1, b1,
+      a2, b2``: ``W ± ΔW`` in the wider dtype, and the Khatri-Rao factored
+      form (``abba_khatri_rao``) that never forms an ``(in, out)`` matrix.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> t = ABBAParams(jnp.ones((2, 1)), jnp.ones((1, 2)), jnp.ones((2, 1)),
+      ...                2 * jnp.ones((1, 2)))
+      >>> hadamard_forms(0.5)["apply_matrix"](jnp.zeros((2, 2)), t, None)
+      Array([[1., 1.],
+             [1., 1.]], dtype=float32)
+    """
+
+    def delta(w, t):
+        ct = _lowrank.compute_dtype(w.dtype, t.a1.dtype)
+        p1 = t.a1.astype(ct) @ t.b1.astype(ct)
+        p2 = t.a2.astype(ct) @ t.b2.astype(ct)
+        return ct, (p1 * p2) * jnp.asarray(scale, ct)
+
+    def apply_matrix(w, t, f):
+        ct, d = delta(w, t)
+        return w.astype(ct) + d
+
+    def unapply_matrix(w, t, f, aux):
+        ct, d = delta(w, t)
+        return w.astype(ct) - d
+
+    def factored_matrix(w, t, f):
+        a_kr, b_kr = abba_khatri_rao(t.a1, t.b1, t.a2, t.b2)
+        return _protocol.FactoredTerms(
+            delta=lambda x: _lowrank.low_rank(x, a_kr, b_kr, scale))
+
+    return {"apply_matrix": apply_matrix, "unapply_matrix": unapply_matrix,
+            "factored_matrix": factored_matrix}
+
+
 def abba(
     rank1: int,
     rank2: int,
@@ -161,30 +205,10 @@ def abba(
         )
         return t, None
 
-    def delta(w, t):
-        ct = _lowrank.compute_dtype(w.dtype, t.a1.dtype)
-        p1 = t.a1.astype(ct) @ t.b1.astype(ct)
-        p2 = t.a2.astype(ct) @ t.b2.astype(ct)
-        return ct, (p1 * p2) * jnp.asarray(s, ct)
-
-    def apply_matrix(w, t, f):
-        ct, d = delta(w, t)
-        return w.astype(ct) + d
-
-    def unapply_matrix(w, t, f, aux):
-        ct, d = delta(w, t)
-        return w.astype(ct) - d
-
-    def factored_matrix(w, t, f):
-        a_kr, b_kr = abba_khatri_rao(t.a1, t.b1, t.a2, t.b2)
-        return _protocol.FactoredTerms(delta=lambda x: _lowrank.low_rank(x, a_kr, b_kr, s))
-
     return _lift.lift_matrix(
         name=f"abba(rank1={rank1}, rank2={rank2}, alpha={alpha})",
         init_matrix=init_matrix,
-        apply_matrix=apply_matrix,
-        unapply_matrix=unapply_matrix,
         dimension_numbers=dimension_numbers,
         dropout=dropout,
-        factored_matrix=factored_matrix,
+        **hadamard_forms(s),
     )

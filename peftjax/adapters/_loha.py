@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from peftjax import tree
-from peftjax.adapters import _abba, _lift, _lora, _lowrank, _protocol
+from peftjax.adapters import _abba, _lift, _lora, _protocol
 
 
 class LoHaParams(NamedTuple):
@@ -124,29 +124,9 @@ def loha(
         )
         return t, None
 
-    def delta(w, t):
-        ct = _lowrank.compute_dtype(w.dtype, t.a1.dtype)
-        p1 = t.a1.astype(ct) @ t.b1.astype(ct)
-        p2 = t.a2.astype(ct) @ t.b2.astype(ct)
-        return ct, (p1 * p2) * jnp.asarray(s, ct)
-
-    def apply_matrix(w, t, f):
-        ct, d = delta(w, t)
-        return w.astype(ct) + d
-
-    def unapply_matrix(w, t, f, aux):
-        ct, d = delta(w, t)
-        return w.astype(ct) - d
-
-    def factored_matrix(w, t, f):
-        a_kr, b_kr = _abba.abba_khatri_rao(t.a1, t.b1, t.a2, t.b2)
-        return _protocol.FactoredTerms(delta=lambda x: _lowrank.low_rank(x, a_kr, b_kr, s))
-
     return _lift.lift_matrix(
         name=f"loha(rank={rank}, alpha={alpha})",
         init_matrix=init_matrix,
-        apply_matrix=apply_matrix,
-        unapply_matrix=unapply_matrix,
         dimension_numbers=dimension_numbers,
-        factored_matrix=factored_matrix,
+        **_abba.hadamard_forms(s),
     )
