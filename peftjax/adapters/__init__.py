@@ -109,6 +109,10 @@ from peftjax.adapters._sparse import sparse_to_compact as sparse_to_compact
 from peftjax.adapters._svfit import SVFitBasis as SVFitBasis
 from peftjax.adapters._svfit import SVFitParams as SVFitParams
 from peftjax.adapters._svfit import svfit as svfit
+from peftjax.adapters._trainable_tokens import (
+    TrainableTokensParams as TrainableTokensParams,
+)
+from peftjax.adapters._trainable_tokens import trainable_tokens as trainable_tokens
 from peftjax.adapters._tree import fold as fold
 from peftjax.adapters._tree import init as init
 from peftjax.adapters._tree import materialize as materialize
@@ -219,4 +223,6 @@ __all__ = [
     "SVFitBasis",
     "SVFitParams",
     "svfit",
+    "TrainableTokensParams",
+    "trainable_tokens",
 ]

@@ -16,6 +16,7 @@ from peftjax import adapters, tree
 from tests import helpers as h
 from tests.adapters.test_fourierft import ref_fourierft
 from tests.adapters.test_lokr import lokr_count, ref_lokr
+from tests.adapters.test_trainable_tokens import CONTRACT_INDICES, ref_trainable_tokens
 
 S = adapters.scaling_value
 
@@ -157,6 +158,13 @@ ADAPTERS = [
         True,
         lambda w, t, f: h.f64(t.value),
         lambda i, o: i * o,
+    ),
+    (
+        "trainable_tokens",
+        lambda: adapters.trainable_tokens(CONTRACT_INDICES),
+        True,
+        ref_trainable_tokens,
+        lambda i, o: len(CONTRACT_INDICES) * o,
     ),
 ]
 IDS = [a[0] for a in ADAPTERS]
@@ -528,10 +536,14 @@ def test_adapter_counts_match_formula_on_stacked_kernel():
     assert math.prod((5, 8, 3)) == 120
 
 
-# LN tuning has no factored form (W' = V is the trained leaf itself).
+# LN tuning has no factored form (W' = V is the trained leaf itself), nor
+# trainable tokens (W' = W with k rows replaced: a scatter, looked up by a gather).
+_NO_FACTORED = ("ln_tuning", "trainable_tokens")
+
+
 @pytest.mark.parametrize("name,factory,identity,ref,count",
-                         [a for a in ADAPTERS if a[0] != "ln_tuning"],
-                         ids=[i for i in IDS if i != "ln_tuning"])
+                         [a for a in ADAPTERS if a[0] not in _NO_FACTORED],
+                         ids=[i for i in IDS if i not in _NO_FACTORED])
 def test_factored_terms_equal_weight_space(name, factory, identity, ref, count,
                                            getkey):
     """x·W' equals the factored form ((x ⊙ in) @ W + delta(x)) ⊙ out."""
