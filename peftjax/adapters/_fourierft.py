@@ -201,4 +201,6 @@ def fourierft(
         unapply_matrix=unapply_matrix,
         dimension_numbers=dimension_numbers,
         factored_matrix=factored_matrix,
+        hyperparameters=(("n_frequency", n_frequency), ("scaling", float(scaling)),
+                         ("random_loc_seed", int(random_loc_seed))),
     )

@@ -21,6 +21,7 @@ import numpy as np
 
 from peftjax import tree
 from peftjax.adapters._protocol import Adapter, BiasHook, FactoredForm, FactoredTerms
+from peftjax.adapters._shared import SharedInit
 
 
 def path_key(key: jax.Array, path: str) -> jax.Array:
@@ -112,6 +113,8 @@ def lift_matrix(
     dimension_numbers: tree.DimensionNumbers | None = None,
     dropout: float = 0.0,
     factored_matrix: Callable[..., FactoredTerms] | None = None,
+    hyperparameters: tuple[tuple[str, Any], ...] = (),
+    shared: SharedInit | None = None,
 ) -> Adapter:
     """Builds an ``Adapter`` from math written once for one ``(in, out)`` matrix.
 
@@ -134,6 +137,10 @@ def lift_matrix(
       factored_matrix: ``(w (in, out), trainable, frozen) -> FactoredTerms``,
         the per-matrix factored form used by ``peftjax.factored``; None if the
         adapter has none.
+      hyperparameters: the factory's arguments, ``((name, value), ...)``
+        (``Adapter.hyperparameters``).
+      shared: the ``SharedInit`` of arrays shared across leaves
+        (``Adapter.shared``), or None.
 
     Returns:
       The lifted ``Adapter``.
@@ -159,7 +166,8 @@ def lift_matrix(
                         f"peftjax.tree.DimensionNumbers or None, got {dimension_numbers!r}")
     again = dict(name=name, init_matrix=init_matrix, apply_matrix=apply_matrix,
                  unapply_matrix=unapply_matrix, aux_matrix=aux_matrix, bias=bias,
-                 dropout=dropout, factored_matrix=factored_matrix)
+                 dropout=dropout, factored_matrix=factored_matrix,
+                 hyperparameters=tuple(hyperparameters), shared=shared)
 
     def resolved(w: Any) -> tree.ResolvedDims:
         shape = tuple(np.shape(w))
@@ -249,4 +257,6 @@ def lift_matrix(
             apply=apply_matrix),
         dimension_numbers=dimension_numbers,
         relayout=lambda dims: lift_matrix(**again, dimension_numbers=dims),
+        hyperparameters=tuple(hyperparameters),
+        shared=shared,
     )

@@ -128,5 +128,6 @@ def loha(
         name=f"loha(rank={rank}, alpha={alpha})",
         init_matrix=init_matrix,
         dimension_numbers=dimension_numbers,
+        hyperparameters=(("rank", rank), ("alpha", float(alpha))),
         **_abba.hadamard_forms(s),
     )

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from peftjax import tree
+from peftjax.adapters._shared import SharedInit
 
 
 class BiasHook(NamedTuple):
@@ -110,6 +111,14 @@ class Adapter(NamedTuple):
       elementwise: True when the adapter acts on the leaf elementwise and
         views no matrix (LN tuning on norm scales): ``tree.assign`` then
         binds no view, so 1-D and stacked ``(layers, d)`` leaves are allowed.
+      hyperparameters: the factory's arguments as ``((name, value), ...)``
+        (hashable; ``dict(adapter.hyperparameters)`` reads them), so that
+        writers such as ``peftjax.io.save_peft`` need not parse ``name``.
+        Empty for adapters that do not record them.
+      shared: a ``SharedInit`` when the adapter's parameters hold ``Shared``
+        placeholders for arrays shared by several leaves (VB-LoRA's vector
+        bank): ``init`` makes them once under ``AdapterState.trainable
+        ["@shared"]`` and the tree verbs resolve them (``_shared``); or None.
 
     An ``Adapter`` is static configuration: close over assignments (or pass
     them as static arguments) rather than passing them to ``jit`` as arrays.
@@ -126,6 +135,8 @@ class Adapter(NamedTuple):
     dimension_numbers: tree.DimensionNumbers | None = None
     relayout: Callable[..., "Adapter"] | None = None
     elementwise: bool = False
+    hyperparameters: tuple[tuple[str, Any], ...] = ()
+    shared: SharedInit | None = None
 
     def __repr__(self) -> str:
         return self.name

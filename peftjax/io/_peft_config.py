@@ -13,7 +13,7 @@ the selected modules'), accepts descriptive fields
 field whose value differs from PEFT's default, naming it: nothing is
 silently dropped. Fields of the wrong JSON type are errors naming the file.
 
-Exports: ``SUPPORTED_PEFT_TYPES``, ``check_config``, ``pattern_value``,
+Exports: ``SUPPORTED_PEFT_TYPES``, ``check_config``, ``most_common``, ``pattern_value``,
 ``selection``, ``unused_pattern_keys``, ``is_feedforward``.
 """
 
@@ -24,7 +24,9 @@ from typing import Any
 
 from peftjax.io import _peft_targets
 
-SUPPORTED_PEFT_TYPES = ("LORA", "VERA", "IA3", "LOHA", "LN_TUNING", "LOKR", "FOURIERFT")
+# Types with their own read/write code; the per-module weight tuners
+# (``_peft_tuners.TUNERS``) are added by the caller of ``check_config``.
+SUPPORTED_PEFT_TYPES = ("LORA", "VERA", "IA3", "LN_TUNING", "LOKR", "TRAINABLE_TOKENS")
 
 # Fields that describe the adapter, or select modules (``selection``), for
 # every type.
@@ -49,11 +51,8 @@ _HONOURED = {
                        "layers_to_transform", "layers_pattern"}),
     # LN tuning has no fields of its own (selection and modules_to_save only).
     "LN_TUNING": frozenset(),
-    "FOURIERFT": frozenset({"n_frequency", "n_frequency_pattern", "scaling",
-                            "random_loc_seed", "init_weights",
-                            "layers_to_transform", "layers_pattern"}),
-    "LOHA": frozenset({"r", "alpha", "rank_pattern", "alpha_pattern",
-                       "init_weights", "layers_to_transform", "layers_pattern"}),
+    # the rows to train; init_weights is inert once the values are in the file
+    "TRAINABLE_TOKENS": frozenset({"token_indices", "init_weights"}),
 }
 
 # Fields peftjax cannot honour: accepted only at PEFT's default value
@@ -77,11 +76,7 @@ _DEFAULTS = {
     "LOKR": {"rank_dropout": 0.0, "module_dropout": 0.0,
              "rank_dropout_scale": False, "use_effective_conv2d": False},
     "LN_TUNING": {},
-    "FOURIERFT": {"fan_in_fan_out": False, "bias": "none"},
-    # peftjax's LoHa has no training-time rank/module dropout and no Tucker
-    # cores (use_effective_conv2d only changes convolutions with a kernel > 1).
-    "LOHA": {"rank_dropout": 0.0, "module_dropout": 0.0,
-             "use_effective_conv2d": False},
+    "TRAINABLE_TOKENS": {},
 }
 
 # init_lora_weights values that leave the base model untouched; an adapter
@@ -119,11 +114,7 @@ _TYPES = {
     "layers_pattern": (_names, "a str or a list of str"),
     "feedforward_modules": (_names, "a str (regex) or a list of str"),
     "r": (lambda v: _int(v) and v > 0, "a positive int"),
-    "n_frequency": (lambda v: _int(v) and v > 0, "a positive int"),
-    "n_frequency_pattern": (lambda v: isinstance(v, dict) and all(
-        _int(x) and x > 0 for x in v.values()), "an object of positive ints"),
     "scaling": (_number, "a finite number"),
-    "random_loc_seed": (_int, "an int"),
     "lora_alpha": (_number, "a finite number"),
     "alpha": (_number, "a finite number"),
     "lora_dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
@@ -142,9 +133,10 @@ _TYPES = {
 }
 
 
-def _check_types(config: Mapping[str, Any], source: str) -> None:
+def _check_types(config: Mapping[str, Any], source: str,
+                 types: Mapping[str, tuple]) -> None:
     bad = [f"{field}={config[field]!r} (must be {what})"
-           for field, (ok, what) in _TYPES.items()
+           for field, (ok, what) in types.items()
            if config.get(field) is not None and not ok(config[field])]
     if bad:
         raise ValueError(f"{source}: wrong-typed fields: " + "; ".join(bad))
@@ -156,12 +148,16 @@ def _is_default(value: Any, default: Any) -> bool:
     return value == default
 
 
-def check_config(config: Mapping[str, Any], source: str) -> str:
+def check_config(config: Mapping[str, Any], source: str,
+                 tuners: Mapping[str, Any] | None = None) -> str:
     """Validates an ``adapter_config.json`` dict and returns its ``peft_type``.
 
     Args:
       config: the parsed JSON.
       source: the file, for error messages.
+      tuners: ``{peft_type: Tuner}`` of the per-module weight tuners
+        (``_peft_tuner.Tuner``: their ``honoured``, ``defaults``,
+        ``field_types`` and ``check``), besides ``SUPPORTED_PEFT_TYPES``.
 
     Returns:
       The upper-case ``peft_type`` (one of ``SUPPORTED_PEFT_TYPES``).
@@ -186,14 +182,17 @@ def check_config(config: Mapping[str, Any], source: str) -> str:
     if not isinstance(peft_type, str):
         raise ValueError(f"{source}: no 'peft_type' (the one mandatory key)")
     peft_type = peft_type.upper()
-    if peft_type not in SUPPORTED_PEFT_TYPES:
+    tuners = tuners or {}
+    supported = sorted((*SUPPORTED_PEFT_TYPES, *tuners))
+    if peft_type not in supported:
         raise ValueError(
             f"{source}: peft_type={peft_type!r} is not supported; peftjax reads "
-            f"{list(SUPPORTED_PEFT_TYPES)}"
+            f"{supported}"
         )
-    _check_types(config, source)
-    defaults = _DEFAULTS[peft_type]
-    honoured = _HONOURED[peft_type]
+    tuner = tuners.get(peft_type)
+    _check_types(config, source, {**_TYPES, **(tuner.field_types if tuner else {})})
+    defaults = tuner.defaults if tuner else _DEFAULTS[peft_type]
+    honoured = tuner.honoured if tuner else _HONOURED[peft_type]
     init = config.get("init_lora_weights", True)
     plain = peft_type == "LORA" and init in _PLAIN_INITS
     bad: list[str] = []
@@ -216,6 +215,8 @@ def check_config(config: Mapping[str, Any], source: str) -> str:
             and not set(ff) <= set(target)):
         bad.append(f"feedforward_modules={ff!r} is not a subset of target_modules="
                    f"{target!r} (PEFT raises here too)")
+    if tuner is not None and tuner.check is not None:
+        bad += tuner.check(config, source)
     if peft_type == "VERA" and config.get("save_projection") is False:
         bad.append("save_projection=False (torch's generator cannot be "
                    "reproduced; save the VeRA projections)")
@@ -225,6 +226,29 @@ def check_config(config: Mapping[str, Any], source: str) -> str:
             + "; ".join(bad)
         )
     return peft_type
+
+
+def most_common(values: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A config value and its pattern: the most common value of ``{module: value}``
+    (the first such in order on a tie) and ``{module: value}`` for the others.
+
+    Args:
+      values: ``{full module name: value}``.
+
+    Returns:
+      ``(common, {module: value})`` for ``r``/``rank_pattern`` and the like
+      (full names match as ``pattern_value`` reads them).
+
+    Example:
+      >>> most_common({"a.q": 4, "a.v": 4, "a.d": 2})
+      (4, {'a.d': 2})
+    """
+    counts: dict[Any, int] = {}
+    for v in values.values():
+        counts[v] = counts.get(v, 0) + 1
+    order = list(values.values())
+    common = max(counts, key=lambda v: (counts[v], -order.index(v)))
+    return common, {m: v for m, v in sorted(values.items()) if v != common}
 
 
 def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:

@@ -11,7 +11,7 @@ PEFT's rule for this field), ``scaling``, ``random_loc_seed`` and
 ``init_weights`` (inert once trained) are honoured; ``fan_in_fan_out`` and
 ``bias`` only at their defaults (``check_config``).
 
-Used by ``load_peft`` and ``save_peft`` (the public entry points).
+Exports: ``TUNER``, ``n_frequency``.
 """
 
 import re
@@ -23,10 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import adapters as _adapters
-from peftjax import tree
-
-SUFFIX = ".fourierft_spectrum"
-_NAME = re.compile(r"fourierft\(n_frequency=(\d+), scaling=(.+), seed=(-?\d+)\)")
+from peftjax.io import _peft_tuner
 
 
 def n_frequency(config: Mapping[str, Any], module: str) -> int:
@@ -37,52 +34,51 @@ def n_frequency(config: Mapping[str, Any], module: str) -> int:
     return int(config.get("n_frequency", 1000))
 
 
-def build(config: Mapping[str, Any], module: str, spectrum: np.ndarray, dtype: Any,
-          source: str, dims: tree.ResolvedDims,
-          dn: tree.DimensionNumbers | None) -> tuple:
+def _build(m: _peft_tuner.ModuleRead) -> tuple:
     """``(adapter, FourierFTParams, FourierFTIndices)`` of one module."""
+    spectrum = m.tensors["fourierft_spectrum"]
     if spectrum.ndim != 1:
-        raise ValueError(f"load_peft: {module!r}.fourierft_spectrum has shape "
+        raise ValueError(f"load_peft: {m.module!r}.fourierft_spectrum has shape "
                          f"{spectrum.shape}; expected (n_frequency,)")
-    n = n_frequency(config, module)
+    n = n_frequency(m.config, m.module)
     if spectrum.shape[0] != n:
-        raise ValueError(f"load_peft: {module!r} has {spectrum.shape[0]} spectral "
-                         f"coefficients in the file but n_frequency={n} in {source} "
+        raise ValueError(f"load_peft: {m.module!r} has {spectrum.shape[0]} spectral "
+                         f"coefficients in the file but n_frequency={n} in {m.source} "
                          "(n_frequency/n_frequency_pattern)")
-    seed = config.get("random_loc_seed", 777)
+    seed = m.config.get("random_loc_seed", 777)
     if seed is None:
-        raise ValueError(f"{source}: random_loc_seed=None (PEFT's positions need "
+        raise ValueError(f"{m.source}: random_loc_seed=None (PEFT's positions need "
                          "a seed)")
-    scaling = float(config.get("scaling", 150.0))
+    scaling = float(m.config.get("scaling", 150.0))
     adapter = _adapters.fourierft(n, scaling=scaling, random_loc_seed=int(seed),
-                                  dimension_numbers=dn, param_dtype=dtype)
-    idx = _adapters.fourierft_indices(dims.n_out, dims.n_in, n, int(seed))
-    return (adapter, _adapters.FourierFTParams(jnp.asarray(spectrum, dtype)),
+                                  dimension_numbers=m.dimension_numbers,
+                                  param_dtype=m.dtype)
+    idx = _adapters.fourierft_indices(m.dims.n_out, m.dims.n_in, n, int(seed))
+    return (adapter, _adapters.FourierFTParams(jnp.asarray(spectrum, m.dtype)),
             _adapters.FourierFTIndices(jnp.asarray(idx)))
 
 
-def hyperparameters(adapter: _adapters.Adapter, f: Any, dims: tree.ResolvedDims,
-                    path: str) -> tuple[int, float, int]:
-    """``(n_frequency, scaling, random_loc_seed)`` of one (unrolled) matrix.
+def _write(m: _peft_tuner.ModuleWrite) -> tuple[dict[str, np.ndarray], tuple]:
+    """The spectrum, and ``(n_frequency, scaling, random_loc_seed)``.
 
-    Read off the adapter's description (``fourierft`` writes every
-    hyperparameter into it), then checked: the frozen positions must be
-    PEFT's for that seed.
+    The hyperparameters come from the adapter (``fourierft`` records them),
+    then are checked: the frozen positions must be PEFT's for that seed.
     """
-    m = _NAME.fullmatch(repr(adapter))
-    if m is None:
-        raise ValueError(f"save_peft: {adapter!r} on {path!r} is not a "
+    hp = dict(m.adapter.hyperparameters)
+    if "random_loc_seed" not in hp:
+        raise ValueError(f"save_peft: {m.adapter!r} on {m.path!r} is not a "
                          "peftjax.adapters.fourierft adapter")
-    n, scaling, seed = int(m.group(1)), float(m.group(2)), int(m.group(3))
-    want = _adapters.fourierft_indices(dims.n_out, dims.n_in, n, seed)
-    if not np.array_equal(np.asarray(jax.device_get(f.indices)), want):
-        raise ValueError(f"save_peft: the frozen indices of {path!r} are not PEFT's "
+    n, scaling, seed = hp["n_frequency"], hp["scaling"], hp["random_loc_seed"]
+    want = _adapters.fourierft_indices(m.dims.n_out, m.dims.n_in, n, seed)
+    if not np.array_equal(np.asarray(jax.device_get(m.frozen.indices)), want):
+        raise ValueError(f"save_peft: the frozen indices of {m.path!r} are not PEFT's "
                          f"positions for random_loc_seed={seed}; PEFT would "
                          "regenerate different ones")
-    return n, scaling, seed
+    spectrum = np.ascontiguousarray(np.asarray(jax.device_get(m.trainable.spectrum)))
+    return {"fourierft_spectrum": spectrum}, (n, scaling, seed)
 
 
-def config_fields(per_module: Mapping[str, tuple[int, float, int]]) -> dict[str, Any]:
+def _config(per_module: Mapping[str, tuple[int, float, int]]) -> tuple[dict, dict]:
     """``n_frequency`` (+ pattern of full names), ``scaling``, ``random_loc_seed``."""
     scalings = {s for _, s, _ in per_module.values()}
     seeds = {s for _, _, s in per_module.values()}
@@ -100,4 +96,27 @@ def config_fields(per_module: Mapping[str, tuple[int, float, int]]) -> dict[str,
                for m, (n, _, _) in sorted(per_module.items()) if n != common}
     return {"n_frequency": common, "n_frequency_pattern": pattern,
             "scaling": scalings.pop(), "random_loc_seed": seeds.pop(),
-            "fan_in_fan_out": False, "bias": "none", "init_weights": False}
+            "fan_in_fan_out": False, "bias": "none", "init_weights": False}, {}
+
+
+TUNER = _peft_tuner.Tuner(
+    peft_type="FOURIERFT",
+    params_types=(_adapters.FourierFTParams,),
+    suffixes=("fourierft_spectrum",),
+    build=_build,
+    write=_write,
+    config=_config,
+    honoured=frozenset({"n_frequency", "n_frequency_pattern", "scaling",
+                        "random_loc_seed", "init_weights", "layers_to_transform",
+                        "layers_pattern"}),
+    defaults={"fan_in_fan_out": False, "bias": "none"},
+    field_types={
+        "n_frequency": (lambda v: isinstance(v, int) and not isinstance(v, bool)
+                        and v > 0, "a positive int"),
+        "n_frequency_pattern": (lambda v: isinstance(v, dict) and all(
+            isinstance(x, int) and not isinstance(x, bool) and x > 0
+            for x in v.values()), "an object of positive ints"),
+        "random_loc_seed": (lambda v: isinstance(v, int) and not isinstance(v, bool),
+                            "an int"),
+    },
+)

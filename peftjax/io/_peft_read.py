@@ -28,14 +28,20 @@ import numpy as np
 
 from peftjax import adapters as _adapters
 from peftjax import tree
-from peftjax.io import _json, _peft_config, _peft_keys, _peft_write, _safetensors
-from peftjax.io import _peft_fourierft as _fourierft
+from peftjax.io import (
+    _json,
+    _peft_config,
+    _peft_keys,
+    _peft_tuner,
+    _peft_tuners,
+    _peft_write,
+    _safetensors,
+)
 from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
 from peftjax.io._peft_write import save_peft  # noqa: F401 (doctest)
 
 _SUFFIXES = (
     (".lora_A.weight", "a", _peft_keys.TensorLayout.KERNEL),
-    (_fourierft.SUFFIX, "spectrum", _peft_keys.TensorLayout.KERNEL),
     (".lora_B.weight", "b", _peft_keys.TensorLayout.KERNEL),
     (".lora_embedding_A", "a", _peft_keys.TensorLayout.EMBEDDING),
     (".lora_embedding_B", "b", _peft_keys.TensorLayout.EMBEDDING),
@@ -43,15 +49,10 @@ _SUFFIXES = (
     (".ia3_l", "ia3", _peft_keys.TensorLayout.KERNEL),
     (".vera_lambda_b", "lambda_b", _peft_keys.TensorLayout.KERNEL),
     (".vera_lambda_d", "lambda_d", _peft_keys.TensorLayout.KERNEL),
-    (".hada_w1_a", "w1_a", _peft_keys.TensorLayout.KERNEL),
-    (".hada_w1_b", "w1_b", _peft_keys.TensorLayout.KERNEL),
-    (".hada_w2_a", "w2_a", _peft_keys.TensorLayout.KERNEL),
-    (".hada_w2_b", "w2_b", _peft_keys.TensorLayout.KERNEL),
 ) + tuple((f".lokr_{n}", f"lokr_{n}", _peft_keys.TensorLayout.KERNEL)
           for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2"))
 _NEEDS = {"LORA": {"a", "b"}, "IA3": {"ia3"}, "VERA": {"lambda_b", "lambda_d"},
-          "LOHA": {"w1_a", "w1_b", "w2_a", "w2_b"}, "LOKR": set()}
-_NEEDS["FOURIERFT"] = {"spectrum"}
+          "LOKR": set()}
 
 
 def _lokr_needs(got: Mapping[str, Any]) -> set[str]:
@@ -217,7 +218,10 @@ def load_peft(
     directory = pathlib.Path(directory)
     config, tensors = _read_dir(directory)
     source = str(directory / _peft_write.CONFIG_NAME)
-    peft_type = _peft_config.check_config(config, source)
+    peft_type = _peft_config.check_config(config, source, _peft_tuners.TUNERS)
+    tuner = _peft_tuners.TUNERS.get(peft_type)
+    suffixes = (_SUFFIXES if tuner is None else tuple(
+        ("." + x, x, _peft_keys.TensorLayout.KERNEL) for x in tuner.suffixes))
     if peft_type == "LN_TUNING":
         from peftjax.io import _peft_ln_tuning
 
@@ -225,6 +229,14 @@ def load_peft(
                                      layers_prefix=layers_prefix,
                                      param_dtype=param_dtype, source=source,
                                      weights=str(directory / _peft_write.WEIGHTS_NAME))
+        return PeftAdapter(a, st, {}, config)
+    if peft_type == "TRAINABLE_TOKENS":
+        from peftjax.io import _peft_trainable_tokens
+
+        a, st = _peft_trainable_tokens.read(
+            config, tensors, params, key_map, layers_prefix=layers_prefix,
+            param_dtype=param_dtype, source=source, tied_head=tied_head,
+            weights=str(directory / _peft_write.WEIGHTS_NAME))
         return PeftAdapter(a, st, {}, config)
     selection = _peft_config.selection(config, key_map, source, output_modules)
     flat = tree.leaves_by_path(params)
@@ -237,7 +249,7 @@ def load_peft(
     full_names = {f"{k.module}.{k.tensor}": (p, k) for p, k in key_map.items()}
     parts: dict[str, dict[str, np.ndarray]] = {}
     full_u: dict[str, np.ndarray] = {}
-    vera_shared: dict[str, np.ndarray] = {}
+    vera_shared: dict[str, np.ndarray] = {}  # VeRA's projections, a tuner's shared
     tied_copies: dict[str, np.ndarray] = {}
     head = ("" if tied_head is None
             else _peft_keys.check_tied_head(tied_head, key_map, "load_peft"))
@@ -246,13 +258,16 @@ def load_peft(
         if peft_type == "VERA" and key in ("base_model.vera_A", "base_model.vera_B"):
             vera_shared[key[-1]] = arr
             continue
+        if tuner is not None and tuner.is_shared is not None and tuner.is_shared(key):
+            vera_shared[key] = arr
+            continue
         pre = _peft_write.PREFIX
         name = key[len(pre):] if key.startswith(pre) else None
         if head and name is not None and name.startswith(head + "."):
             tied_copies[name[len(head) + 1:]] = arr
             continue
         placed = False
-        for suffix, field, layout in _SUFFIXES if name is not None else ():
+        for suffix, field, layout in suffixes if name is not None else ():
             module = name[: -len(suffix)]
             if name.endswith(suffix) and module in adapted:
                 upath, k = adapted[module]
@@ -292,9 +307,10 @@ def load_peft(
         _check_tied(tied_head, key_map, parts, full_u, tied_copies, config, source)
     if not parts:
         raise ValueError(f"load_peft: {str(directory)!r} holds no {peft_type} tensors")
-    needs = _NEEDS[peft_type] | ({"magnitude"} if use_dora else set())
+    needs = _NEEDS.get(peft_type, set()) | ({"magnitude"} if use_dora else set())
     for upath, got in sorted(parts.items()):
-        want = _lokr_needs(got) if peft_type == "LOKR" else needs
+        want = (tuner.needs(set(got)) if tuner is not None else
+                _lokr_needs(got) if peft_type == "LOKR" else needs)
         if set(got) != want:
             raise ValueError(
                 f"load_peft: module {key_map[upath].module!r} ({upath!r}) has "
@@ -308,8 +324,11 @@ def load_peft(
         nb = 0 if layer is None else 1
         dims = _peft_keys.layer_dims(key_map[upath], shape[nb:], 0, upath)
         dn = _peft_keys.leaf_dimension_numbers(key_map[upath], len(shape), nb)
-        built = _build(peft_type, config, upath, key_map[upath], got, vera_shared,
-                       use_dora, param_dtype, source, dims, dn)
+        built = (_build(peft_type, config, upath, key_map[upath], got, vera_shared,
+                        use_dora, param_dtype, source, dims, dn) if tuner is None
+                 else tuner.build(_peft_tuner.ModuleRead(
+                     config, key_map[upath].module, got, vera_shared, param_dtype,
+                     source, dims, dn, key_map[upath])))
         per_leaf.setdefault(path, {})[layer] = built
     assignment: dict[str, _adapters.Adapter] = {}
     trainable: dict[str, Any] = {}
@@ -329,6 +348,8 @@ def load_peft(
                  _stack_layers({i: b[2] for i, b in layers.items()}, path, n, "bases"))
         _check_shapes(path, adapter, flat[path], t, f)
         assignment[path], trainable[path], frozen[path] = adapter, t, f
+    if tuner is not None and tuner.shared_trainable is not None:
+        trainable.update(tuner.shared_trainable(vera_shared, config, param_dtype))
     full = _assemble_full(full_u, flat, layers_prefix, param_dtype)
     return PeftAdapter(assignment, _adapters.AdapterState(trainable, frozen), full, config)
 
@@ -468,8 +489,6 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
         return jnp.asarray(x, dtype)
 
     module = key.module
-    if peft_type == "FOURIERFT":
-        return _fourierft.build(config, module, got["spectrum"], dtype, source, dims, dn)
     if peft_type == "LORA":
         a, b = got["a"], got["b"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
@@ -500,8 +519,6 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
         return _adapters.lora(r, **kw), _adapters.LoRAParams(arr(a.T), arr(b.T)), None
     if peft_type == "LOKR":
         return _build_lokr(config, module, got, arr, dtype, source, dn)
-    if peft_type == "LOHA":
-        return _build_loha(config, module, got, arr, dtype, source, dn)
     if peft_type == "IA3":
         v = got["ia3"]
         if v.ndim != 2 or 1 not in v.shape:
@@ -533,28 +550,6 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
                          f"the shared vera_A {big_a.shape} / vera_B {big_b.shape}")
     t = _adapters.VeRAParams(arr(got["lambda_d"]), arr(got["lambda_b"]))
     return adapter, t, _adapters.VeRABasis(arr(big_a[:, :n_in].T), arr(big_b[:n_out].T))
-
-
-def _build_loha(config: dict, module: str, got: dict[str, np.ndarray], arr: Any,
-                dtype: Any, source: str, dn: tree.DimensionNumbers | None) -> tuple:
-    """LoHa: torch ``hada_wk_a (out, r)``, ``hada_wk_b (r, in)`` -> Flax ``b_k``, ``a_k``."""
-    w = [got[k] for k in ("w1_a", "w1_b", "w2_a", "w2_b")]
-    r = int(w[0].shape[-1]) if w[0].ndim == 2 else -1
-    if (any(x.ndim != 2 for x in w) or w[0].shape != w[2].shape
-            or w[1].shape != w[3].shape or w[1].shape[0] != r):
-        raise ValueError(f"load_peft: {module!r} has hada_w1_a/w1_b/w2_a/w2_b "
-                         f"{[x.shape for x in w]}; expected (out, r), (r, in) twice "
-                         "(use_effective_conv2d's hada_t1/t2 are not supported)")
-    want_r = _peft_config.pattern_value(config.get("rank_pattern") or {}, module,
-                                        config.get("r", 8))
-    if r != want_r:
-        raise ValueError(f"load_peft: {module!r} has rank {r} in the file but "
-                         f"{want_r} in {source} (r/rank_pattern)")
-    alpha = _peft_config.pattern_value(config.get("alpha_pattern") or {}, module,
-                                       config.get("alpha", 8))
-    t = _adapters.LoHaParams(arr(w[1].T), arr(w[0].T), arr(w[3].T), arr(w[2].T))
-    return (_adapters.loha(r, alpha=alpha, param_dtype=dtype, dimension_numbers=dn),
-            t, None)
 
 
 def _build_lokr(config: dict, module: str, got: dict[str, np.ndarray], arr: Any,

@@ -31,7 +31,6 @@ unadapted.
 Exports: ``save_peft``.
 """
 
-import collections
 import json
 import math
 import os
@@ -45,7 +44,7 @@ import numpy as np
 
 from peftjax import adapters as _adapters
 from peftjax import tree
-from peftjax.io import _peft_fourierft, _peft_keys, _safetensors
+from peftjax.io import _peft_config, _peft_keys, _peft_tuner, _peft_tuners, _safetensors
 from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
 
 PREFIX = "base_model.model."
@@ -57,10 +56,9 @@ _TYPES = {
     _adapters.DoRAParams: "LORA",
     _adapters.VeRAParams: "VERA",
     _adapters.ScaleParams: "IA3",
-    _adapters.FourierFTParams: "FOURIERFT",
-    _adapters.LoHaParams: "LOHA",
     _adapters.LoKrParams: "LOKR",
     _adapters.LNTuningParams: "LN_TUNING",
+    _adapters.TrainableTokensParams: "TRAINABLE_TOKENS",
 }
 
 
@@ -87,8 +85,6 @@ def _probe_scaling(adapter: _adapters.Adapter, t: Any, n_in: int, n_out: int,
     if adapter.factored is None or adapter.factored.terms is None:
         raise ValueError(f"save_peft: {adapter!r} on {path!r} has no factored "
                          "form to read its scaling from")
-    if isinstance(t, _adapters.LoHaParams):
-        return _probe_loha_scaling(adapter, t, n_in, n_out)
     r = t.a.shape[-1]
     # Unit factors built on the host (no per-shape scatter compiles).
     a, b, x = (np.zeros((n_in, r), np.float32), np.zeros((r, n_out), np.float32),
@@ -99,19 +95,6 @@ def _probe_scaling(adapter: _adapters.Adapter, t: Any, n_in: int, n_out: int,
             else _adapters.DoRAParams(jnp.asarray(a), jnp.asarray(b),
                                   jnp.ones((n_out,), jnp.float32)))
     terms = adapter.factored.terms(jnp.zeros((n_in, n_out), jnp.float32), unit, None)
-    return float(terms.delta(jnp.asarray(x))[0, 0])
-
-
-def _probe_loha_scaling(adapter: _adapters.Adapter, t: Any, n_in: int,
-                        n_out: int) -> float:
-    """LoHa's ``s``: ``delta(e_0)`` with every factor ``e_0 e_0ᵀ``."""
-    r = t.a1.shape[-1]
-    a, b, x = (np.zeros((n_in, r), np.float32), np.zeros((r, n_out), np.float32),
-               np.zeros((1, n_in), np.float32))
-    a[0, 0] = b[0, 0] = x[0, 0] = 1.0
-    a, b = jnp.asarray(a), jnp.asarray(b)
-    terms = adapter.factored.terms(jnp.zeros((n_in, n_out), jnp.float32),
-                                   _adapters.LoHaParams(a, b, a, b), None)
     return float(terms.delta(jnp.asarray(x))[0, 0])
 
 
@@ -191,13 +174,6 @@ def alpha_for(s: float, rank: int, rslora: bool) -> float | int:
         if np.float32(cand / denom) == target:
             return int(cand) if cand.is_integer() else cand
     return raw
-
-
-def _pattern(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """The most common value and ``{module: value}`` for the others."""
-    counts = collections.Counter(values.values())
-    common = max(counts, key=lambda v: (counts[v], -list(values.values()).index(v)))
-    return common, {m: v for m, v in sorted(values.items()) if v != common}
 
 
 def _targets(modules: list[str], key_map: Mapping[str, _peft_keys.PeftKey]
@@ -305,7 +281,8 @@ def save_peft(
     kinds: dict[str, str] = {}
     for path, adapter in assignment.items():
         t = state.trainable.get(path)
-        kind = _TYPES.get(type(t))
+        tuner = _peft_tuners.for_params(t)
+        kind = _TYPES.get(type(t)) or (tuner.peft_type if tuner else None)
         if kind is None:
             raise TypeError(
                 f"save_peft: {adapter!r} on {path!r} (trainable "
@@ -320,6 +297,8 @@ def save_peft(
     if not types:
         raise ValueError("save_peft: the assignment is empty")
     peft_type = types[0]
+    tuner = _peft_tuners.TUNERS.get(peft_type)
+    infos: dict[str, Any] = {}
     if peft_type == "LN_TUNING":
         from peftjax.io import _peft_ln_tuning
 
@@ -327,6 +306,13 @@ def save_peft(
             directory, assignment, state, params, key_map=key_map, full=full,
             base_model_name_or_path=base_model_name_or_path, task_type=task_type,
             layers_prefix=layers_prefix)
+    if peft_type == "TRAINABLE_TOKENS":
+        from peftjax.io import _peft_trainable_tokens
+
+        return _peft_trainable_tokens.write(
+            directory, assignment, state, params, key_map=key_map, full=full,
+            base_model_name_or_path=base_model_name_or_path, task_type=task_type,
+            layers_prefix=layers_prefix, tied_head=tied_head)
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, Any] = {}
@@ -335,7 +321,6 @@ def save_peft(
     feedforward: list[str] = []
     vera_bases: list[tuple[str, Any]] = []
     vera_cfg: set[tuple] = set()
-    fourier: dict[str, tuple[int, float, int]] = {}
     lokr_layers: dict[str, tuple] = {}
     for path in sorted(assignment):
         adapter, t, f = assignment[path], state.trainable[path], state.frozen[path]
@@ -345,7 +330,7 @@ def save_peft(
         dn = adapter.factored.dimension_numbers if adapter.factored else None
         dims = tree.resolve(dn, tuple(np.shape(leaf)), path=path)
         nb = len(dims.batch)
-        if peft_type in ("LORA", "LOHA"):  # one adapter (one scaling) for all layers
+        if peft_type == "LORA":  # one adapter (one scaling) for all layers
             s = _probe_scaling(adapter, t, dims.n_in, dims.n_out, path)
         if peft_type == "LOKR":
             s = _probe_lokr_scaling(adapter, t, nb, dims.n_in, dims.n_out)
@@ -372,7 +357,11 @@ def save_peft(
                     f"[{upath!r}].dimension_numbers={k.dimension_numbers} does "
                     "not; give the key the adapter's dimension_numbers (without "
                     "the layer axis) so the file reads back")
-            if peft_type == "LORA":
+            if tuner is not None:
+                tt, infos[k.module] = tuner.write(_peft_tuner.ModuleWrite(
+                    adapter, tu, fu, dims, upath, k.module, state))
+                tensors.update({f"{base}.{x}": v for x, v in tt.items()})
+            elif peft_type == "LORA":
                 r = int(tu.a.shape[-1])
                 ranks[k.module] = r
                 alphas[k.module] = alpha_for(s, r, use_rslora)
@@ -386,13 +375,6 @@ def save_peft(
                     tensors[base + ".lora_B.weight"] = np.ascontiguousarray(b)
                 if dora:
                     tensors[base + ".lora_magnitude_vector"] = _np(tu.magnitude)
-            elif peft_type == "LOHA":  # hada_wk_a = b_k.T (out, r), hada_wk_b = a_k.T
-                r = int(tu.a1.shape[-1])
-                ranks[k.module] = r
-                alphas[k.module] = alpha_for(s, r, False)
-                for name, x in (("w1_a", tu.b1), ("w1_b", tu.a1), ("w2_a", tu.b2),
-                                ("w2_b", tu.a2)):
-                    tensors[f"{base}.hada_{name}"] = np.ascontiguousarray(_np(x).T)
             elif peft_type == "LOKR":  # lokr_x = x.T for every factor tensor x
                 lt, shape, r = _lokr_layer(tu)
                 # Both factors full: any rank >= every half-side keeps them full
@@ -402,10 +384,6 @@ def save_peft(
                 alphas[k.module] = alpha_for(s, r, False)
                 lokr_layers[k.module] = (shape, tu.w1 is None)
                 tensors.update({f"{base}.{n}": x for n, x in lt.items()})
-            elif peft_type == "FOURIERFT":  # positions: regenerated from the seed
-                fourier[k.module] = _peft_fourierft.hyperparameters(adapter, fu, dims,
-                                                                    upath)
-                tensors[base + _peft_fourierft.SUFFIX] = _np(tu.spectrum)
             elif peft_type == "IA3":
                 unit = _adapters.ScaleParams(jnp.ones_like(tu.scale))
                 terms = adapter.factored.terms(
@@ -423,6 +401,10 @@ def save_peft(
                 vera_cfg.add((int(tu.lambda_d.shape[-1]),))
     if peft_type == "VERA":
         tensors.update(_vera_shared(vera_bases, vera_cfg))
+    tuner_fields: dict[str, Any] = {}
+    if tuner is not None:
+        tuner_fields, shared = tuner.config(infos)
+        tensors.update(shared)
     full_modules: list[str] = []
     if full:
         ft, full_modules = _full_tensors(full, params_flat, key_map, layers_prefix)
@@ -446,34 +428,27 @@ def save_peft(
         "target_modules": _targets(modules, key_map),
         "modules_to_save": full_modules or None,
     }
-    if peft_type == "LORA":
+    if tuner is not None:
+        config.update(tuner_fields)
+    elif peft_type == "LORA":
         if len(dropouts) > 1:
             raise ValueError(f"save_peft: adapters disagree on dropout {dropouts}")
-        r, rank_pattern = _pattern(ranks)
-        alpha, alpha_pattern = _pattern(alphas)
+        r, rank_pattern = _peft_config.most_common(ranks)
+        alpha, alpha_pattern = _peft_config.most_common(alphas)
         config.update(r=r, lora_alpha=alpha, use_rslora=bool(use_rslora),
                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                       use_dora=bool(dora), lora_dropout=dropouts.pop(),
                       bias="none", fan_in_fan_out=False, init_lora_weights=True)
         if tied:
             config["ensure_weight_tying"] = True
-    elif peft_type == "LOHA":
-        r, rank_pattern = _pattern(ranks)
-        alpha, alpha_pattern = _pattern(alphas)
-        config.update(r=r, alpha=alpha, rank_pattern=rank_pattern,
-                      alpha_pattern=alpha_pattern, rank_dropout=0.0,
-                      module_dropout=0.0, use_effective_conv2d=False,
-                      init_weights=True)
     elif peft_type == "LOKR":
-        r, rank_pattern = _pattern(ranks)
-        alpha, alpha_pattern = _pattern(alphas)
+        r, rank_pattern = _peft_config.most_common(ranks)
+        alpha, alpha_pattern = _peft_config.most_common(alphas)
         config.update(r=r, alpha=alpha, rank_pattern=rank_pattern,
                       alpha_pattern=alpha_pattern, rank_dropout=0.0,
                       module_dropout=0.0, rank_dropout_scale=False,
                       use_effective_conv2d=False, init_weights=True,
                       **_lokr_config(lokr_layers, ranks))
-    elif peft_type == "FOURIERFT":
-        config.update(_peft_fourierft.config_fields(fourier))
     elif peft_type == "IA3":
         config.update(feedforward_modules=_targets(feedforward, key_map)
                       if feedforward else [], fan_in_fan_out=False)

@@ -15,7 +15,9 @@ import pytest
 from peftjax import adapters, tree
 from tests import helpers as h
 from tests.adapters.test_fourierft import ref_fourierft
+from tests.adapters.test_gralora import ref_gralora
 from tests.adapters.test_lokr import lokr_count, ref_lokr
+from tests.adapters.test_miss import ref_miss
 from tests.adapters.test_trainable_tokens import CONTRACT_INDICES, ref_trainable_tokens
 
 S = adapters.scaling_value
@@ -151,6 +153,22 @@ ADAPTERS = [
         True,
         lambda w, t, f: ref_fourierft(w, t, f, s=3.0),
         lambda i, o: 7,
+    ),
+    (
+        # in, out = 6, 5 (and 5, 4): only a 1 x 1 grid divides them; the k x k block
+        # grid (k = 2, 3) is covered in test_gralora.py. hybrid_r exercises the LoRA pair.
+        "gralora",
+        lambda: adapters.gralora(2, alpha=6.0, gralora_k=1, hybrid_r=1),
+        True,
+        lambda w, t, f: ref_gralora(w, t, f, s=2.0),
+        lambda i, o: 3 * (i + o),
+    ),
+    (
+        "miss",
+        lambda: adapters.miss(2),
+        True,
+        ref_miss,
+        lambda i, o: 2 * o,
     ),
     (
         "ln_tuning",

@@ -1,0 +1,36 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The PEFT weight-tuner types read and written through ``_peft_tuner.Tuner``.
+
+One line per type (its module defines ``TUNER``); ``load_peft``,
+``save_peft`` and ``check_config`` look a ``peft_type`` up here.
+
+Exports: ``TUNERS``, ``for_params``.
+"""
+
+from typing import Any
+
+from peftjax.io import _peft_fourierft, _peft_loha, _peft_tuner
+
+TUNERS: dict[str, _peft_tuner.Tuner] = {t.peft_type: t for t in (
+    _peft_fourierft.TUNER,
+    _peft_loha.TUNER,
+)}
+
+
+def for_params(trainable: Any) -> _peft_tuner.Tuner | None:
+    """The tuner whose ``params_types`` include ``type(trainable)``, or None.
+
+    Args:
+      trainable: one path's trainable parameters.
+
+    Returns:
+      The ``Tuner`` that writes them, or None.
+
+    Example:
+      >>> for_params(None) is None
+      True
+    """
+    for tuner in TUNERS.values():
+        if isinstance(trainable, tuner.params_types):
+            return tuner
+    return None
