@@ -97,6 +97,10 @@ from peftjax.adapters._scale_shift import Side as Side
 from peftjax.adapters._scale_shift import ia3 as ia3
 from peftjax.adapters._scale_shift import scale_shift as scale_shift
 from peftjax.adapters._scale_shift import ssf as ssf
+from peftjax.adapters._shira import SHiRAIndices as SHiRAIndices
+from peftjax.adapters._shira import SHiRAParams as SHiRAParams
+from peftjax.adapters._shira import shira as shira
+from peftjax.adapters._shira import shira_indices as shira_indices
 from peftjax.adapters._sora import SoRAParams as SoRAParams
 from peftjax.adapters._sora import sora as sora
 from peftjax.adapters._sora import sora_prune as sora_prune
@@ -109,6 +113,9 @@ from peftjax.adapters._sparse import sparse_to_compact as sparse_to_compact
 from peftjax.adapters._svfit import SVFitBasis as SVFitBasis
 from peftjax.adapters._svfit import SVFitParams as SVFitParams
 from peftjax.adapters._svfit import svfit as svfit
+from peftjax.adapters._tinylora import TinyLoRABasis as TinyLoRABasis
+from peftjax.adapters._tinylora import TinyLoRAParams as TinyLoRAParams
+from peftjax.adapters._tinylora import tinylora as tinylora
 from peftjax.adapters._trainable_tokens import (
     TrainableTokensParams as TrainableTokensParams,
 )
@@ -208,6 +215,13 @@ __all__ = [
     "sparse_from_compact",
     "sparse_num",
     "sparse_to_compact",
+    "SHiRAIndices",
+    "SHiRAParams",
+    "shira",
+    "shira_indices",
+    "TinyLoRABasis",
+    "TinyLoRAParams",
+    "tinylora",
     "ABBAParams",
     "abba",
     "abba_khatri_rao",

@@ -17,6 +17,8 @@ from tests import helpers as h
 from tests.adapters.test_fourierft import ref_fourierft
 from tests.adapters.test_gralora import ref_gralora
 from tests.adapters.test_lokr import lokr_count, ref_lokr
+from tests.adapters.test_shira import ref_shira
+from tests.adapters.test_tinylora import ref_tinylora
 from tests.adapters.test_miss import ref_miss
 from tests.adapters.test_trainable_tokens import CONTRACT_INDICES, ref_trainable_tokens
 
@@ -153,6 +155,20 @@ ADAPTERS = [
         True,
         lambda w, t, f: ref_fourierft(w, t, f, s=3.0),
         lambda i, o: 7,
+    ),
+    (
+        "tinylora",
+        lambda: adapters.tinylora(r=2, u=3),
+        True,
+        ref_tinylora,
+        lambda i, o: 3,
+    ),
+    (
+        "shira",
+        lambda: adapters.shira(1, random_seed=4),
+        True,
+        ref_shira,
+        lambda i, o: i + o,
     ),
     (
         # in, out = 6, 5 (and 5, 4): only a 1 x 1 grid divides them; the k x k block
