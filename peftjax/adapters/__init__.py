@@ -52,6 +52,8 @@ from peftjax.adapters._fourierft import FourierFTIndices as FourierFTIndices
 from peftjax.adapters._fourierft import FourierFTParams as FourierFTParams
 from peftjax.adapters._fourierft import fourierft as fourierft
 from peftjax.adapters._fourierft import fourierft_indices as fourierft_indices
+from peftjax.adapters._gralora import GraLoRAParams as GraLoRAParams
+from peftjax.adapters._gralora import gralora as gralora
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
 from peftjax.adapters._lift import path_key as path_key
@@ -73,6 +75,9 @@ from peftjax.adapters._lora_xs import LoRAXSBasis as LoRAXSBasis
 from peftjax.adapters._lora_xs import LoRAXSParams as LoRAXSParams
 from peftjax.adapters._lora_xs import lora_xs as lora_xs
 from peftjax.adapters._lowrank import compute_dtype as compute_dtype
+from peftjax.adapters._miss import MiSSParams as MiSSParams
+from peftjax.adapters._miss import MiSSVariant as MiSSVariant
+from peftjax.adapters._miss import miss as miss
 from peftjax.adapters._nola import NOLABasis as NOLABasis
 from peftjax.adapters._nola import NOLAParams as NOLAParams
 from peftjax.adapters._nola import nola as nola
@@ -188,6 +193,11 @@ __all__ = [
     "FourierFTParams",
     "fourierft",
     "fourierft_indices",
+    "GraLoRAParams",
+    "gralora",
+    "MiSSParams",
+    "MiSSVariant",
+    "miss",
     "lokr",
     "lokr_factorization",
     "LoKrInit",
