@@ -46,6 +46,9 @@ from peftjax.adapters._collection import disable as disable
 from peftjax.adapters._collection import switch as switch
 from peftjax.adapters._conv import LowRankDelta as LowRankDelta
 from peftjax.adapters._conv import lora_conv as lora_conv
+from peftjax.adapters._delora import DeLoRANorm as DeLoRANorm
+from peftjax.adapters._delora import DeLoRAParams as DeLoRAParams
+from peftjax.adapters._delora import delora as delora
 from peftjax.adapters._dora import DoRAParams as DoRAParams
 from peftjax.adapters._dora import dora as dora
 from peftjax.adapters._fourierft import FourierFTIndices as FourierFTIndices
@@ -54,6 +57,8 @@ from peftjax.adapters._fourierft import fourierft as fourierft
 from peftjax.adapters._fourierft import fourierft_indices as fourierft_indices
 from peftjax.adapters._gralora import GraLoRAParams as GraLoRAParams
 from peftjax.adapters._gralora import gralora as gralora
+from peftjax.adapters._hira import HiRAParams as HiRAParams
+from peftjax.adapters._hira import hira as hira
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
 from peftjax.adapters._lift import path_key as path_key
@@ -244,6 +249,11 @@ __all__ = [
     "SoRAParams",
     "sora",
     "sora_prune",
+    "DeLoRANorm",
+    "DeLoRAParams",
+    "delora",
+    "HiRAParams",
+    "hira",
     "SVFitBasis",
     "SVFitParams",
     "svfit",
