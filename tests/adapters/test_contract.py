@@ -15,9 +15,7 @@ import pytest
 from peftjax import adapters, tree
 from tests import helpers as h
 from tests.adapters.test_delora import ref_delora
-from tests.adapters.test_delora import ref_delora
 from tests.adapters.test_fourierft import ref_fourierft
-from tests.adapters.test_hira import ref_hira
 from tests.adapters.test_hira import ref_hira
 from tests.adapters.test_gralora import ref_gralora
 from tests.adapters.test_lokr import lokr_count, ref_lokr
@@ -159,20 +157,6 @@ ADAPTERS = [
         True,
         lambda w, t, f: ref_fourierft(w, t, f, s=3.0),
         lambda i, o: 7,
-    ),
-    (
-        "hira",
-        lambda: adapters.hira(3, factored_matmuls=True),
-        True,
-        ref_hira,
-        lambda i, o: 3 * (i + o),
-    ),
-    (
-        "delora",
-        lambda: adapters.delora(2, delora_lambda=3.0),
-        True,
-        lambda w, t, f: ref_delora(w, t, f, r=2),
-        lambda i, o: 2 * (i + o) + 1,
     ),
     (
         "hira",
