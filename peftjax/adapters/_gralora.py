@@ -217,4 +217,6 @@ def gralora(
         dimension_numbers=dimension_numbers,
         dropout=dropout,
         factored_matrix=factored_matrix,
+        hyperparameters=(("rank", rank), ("alpha", float(alpha)), ("gralora_k", k),
+                         ("hybrid_r", hybrid_r), ("dropout", float(dropout))),
     )

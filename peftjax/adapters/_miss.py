@@ -243,4 +243,6 @@ def miss(
         dimension_numbers=dimension_numbers,
         dropout=dropout,
         factored_matrix=None if bat else factored_matrix,
+        hyperparameters=(("rank", rank), ("variant", variant), ("mini_r", mini_r),
+                         ("dropout", float(dropout))),
     )
