@@ -176,4 +176,6 @@ def delora(
         dimension_numbers=dimension_numbers,
         dropout=dropout,
         **_lowrank.low_rank_forms(lambda t, f: _factors(t, f, rank)),
+        hyperparameters=(("rank", rank), ("delora_lambda", float(delora_lambda)),
+                         ("init_weights", init_weights), ("dropout", float(dropout))),
     )

@@ -181,4 +181,6 @@ def hira(
         dimension_numbers=dimension_numbers,
         dropout=dropout,
         factored_matrix=factored_matrix if factored_matmuls else None,
+        hyperparameters=(("rank", rank), ("init", init),
+                         ("factored_matmuls", factored_matmuls), ("dropout", float(dropout))),
     )
