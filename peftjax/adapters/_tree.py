@@ -33,6 +33,7 @@ import numpy as np
 from peftjax import tree
 from peftjax.adapters._lift import describe_leaf, path_key
 from peftjax.adapters._protocol import Adapter, AdapterState
+from peftjax.adapters._shared import init_shared, resolve_shared
 from peftjax.adapters._validate import bias_targets, check_assignment, check_state, sibling
 
 PyTree = Any
@@ -91,6 +92,7 @@ def init(
             ) from e
         trainable[path] = t
         frozen[path] = f
+    init_shared(assignment, key, flat, trainable, frozen, path_key)
     return AdapterState(trainable=trainable, frozen=frozen)
 
 
@@ -99,6 +101,7 @@ def _apply_all(assignment, params, trainable, frozen, fn: str, *,
     flat = tree.leaves_by_path(params)
     check_assignment(assignment, flat, fn)
     check_state(assignment, flat, trainable, frozen, fn)
+    trainable, frozen = resolve_shared(assignment, flat, trainable, frozen)
     bias_of = bias_targets(assignment, flat)
     if check_dropout and not deterministic:
         with_dropout = {p: a.dropout for p, a in assignment.items() if a.dropout}
@@ -208,6 +211,7 @@ def fold(
     if not return_aux:
         return folded
     flat = tree.leaves_by_path(params)
+    trainable, frozen = resolve_shared(assignment, flat, trainable, frozen)
     aux = {
         p: a.fold_aux(flat[p], trainable[p], frozen[p])
         for p, a in assignment.items()
@@ -255,6 +259,7 @@ def unfold(
     flat = tree.leaves_by_path(folded)
     check_assignment(assignment, flat, "unfold")
     check_state(assignment, flat, trainable, frozen, "unfold")
+    trainable, frozen = resolve_shared(assignment, flat, trainable, frozen)
     bias_of = bias_targets(assignment, flat)
     aux = aux or {}
     for path, adapter in assignment.items():

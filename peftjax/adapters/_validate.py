@@ -18,6 +18,7 @@ import numpy as np
 from peftjax import tree
 from peftjax.adapters._lift import describe_leaf
 from peftjax.adapters._protocol import Adapter
+from peftjax.adapters._shared import SHARED, check_shared
 
 PyTree = Any
 
@@ -158,7 +159,7 @@ def check_state(assignment: dict[str, Adapter], flat: dict[str, Any],
                 f"{type(part).__name__}"
             )
         missing = [p for p in assignment if p not in part]
-        extra = [p for p in part if p not in assignment]
+        extra = [p for p in part if p not in assignment and p != SHARED]
         if missing or extra:
             raise ValueError(
                 f"{fn}: adapter state does not match the assignment: {name} lacks "
@@ -186,6 +187,9 @@ def check_state(assignment: dict[str, Adapter], flat: dict[str, Any],
                     "state was made for another tree"
                 )
             check_state_dtypes(fn, name, path, adapter, want, got)
+    if SHARED in trainable or SHARED in frozen or any(
+            a.shared is not None for a in assignment.values()):
+        check_shared(assignment, flat, trainable, frozen, fn)
 
 
 def check_state_dtypes(fn: str, name: str, path: str, adapter: Adapter,

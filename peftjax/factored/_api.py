@@ -124,6 +124,8 @@ def transform(
         bias_of = adapters.validate(assignment, params, trainable, frozen,
                                     is_leaf=quant.is_quantized,
                                     caller="factored.transform")
+        # Shared arrays (VB-LoRA's bank) into every leaf that uses them.
+        t_of, f_of = adapters.resolve_shared(assignment, flat, trainable, frozen)
         interp = _interpret.Interpreter(deterministic=deterministic, stacklevel=4,
                                         tile_bytes=tile_bytes)
 
@@ -138,21 +140,21 @@ def transform(
             if path in bias_of:
                 k = bias_of[path]
                 hook = assignment[k].bias
-                leaf = hook.apply(np.shape(flat[k]), leaf, trainable[k], frozen[k])
+                leaf = hook.apply(np.shape(flat[k]), leaf, t_of[k], f_of[k])
             elif path in assignment:
                 adapter = assignment[path]
                 if adapter.factored is None:
                     if quantized:
                         leaf = quant.dequantize(leaf)
                     leaf = _materialize_leaf(interp, path, adapter, leaf,
-                                             trainable[path], frozen[path])
+                                             t_of[path], f_of[path])
                     quantized = False
                 else:
                     keys = None
                     if adapter.dropout and not deterministic:
                         keys = _leaf_keys(key, path, leaf, adapter)
-                    syms[i] = _sym.from_leaf(path, adapter, leaf, trainable[path],
-                                             frozen[path], keys)
+                    syms[i] = _sym.from_leaf(path, adapter, leaf, t_of[path],
+                                             f_of[path], keys)
             elif quantized:
                 syms[i] = _sym.from_leaf(path, None, leaf, None, None, None)
             if quantized:  # traced as its logical float shape, evaluated as a Sym
