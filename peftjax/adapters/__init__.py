@@ -35,6 +35,8 @@ from peftjax.adapters._adalora import (
 )
 from peftjax.adapters._batched import BatchedRouting as BatchedRouting
 from peftjax.adapters._batched import batched as batched
+from peftjax.adapters._c3a import C3AParams as C3AParams
+from peftjax.adapters._c3a import c3a as c3a
 from peftjax.adapters._collection import AdapterCollection as AdapterCollection
 from peftjax.adapters._collection import NamedAdapter as NamedAdapter
 from peftjax.adapters._collection import active as active
@@ -140,6 +142,10 @@ from peftjax.adapters._vera import VeRABasis as VeRABasis
 from peftjax.adapters._vera import VeRAParams as VeRAParams
 from peftjax.adapters._vera import vera as vera
 from peftjax.adapters._vera import vera_shared as vera_shared
+from peftjax.adapters._waveft import WaveFTIndices as WaveFTIndices
+from peftjax.adapters._waveft import WaveFTParams as WaveFTParams
+from peftjax.adapters._waveft import waveft as waveft
+from peftjax.adapters._waveft import waveft_wavelets as waveft_wavelets
 
 __all__ = [
     "AdaLoRAImportance",
@@ -198,6 +204,12 @@ __all__ = [
     "FourierFTParams",
     "fourierft",
     "fourierft_indices",
+    "C3AParams",
+    "c3a",
+    "WaveFTIndices",
+    "WaveFTParams",
+    "waveft",
+    "waveft_wavelets",
     "GraLoRAParams",
     "gralora",
     "MiSSParams",

@@ -14,6 +14,7 @@ import pytest
 
 from peftjax import adapters, tree
 from tests import helpers as h
+from tests.adapters.test_c3a import ref_c3a
 from tests.adapters.test_delora import ref_delora
 from tests.adapters.test_fourierft import ref_fourierft
 from tests.adapters.test_hira import ref_hira
@@ -23,6 +24,7 @@ from tests.adapters.test_shira import ref_shira
 from tests.adapters.test_tinylora import ref_tinylora
 from tests.adapters.test_miss import ref_miss
 from tests.adapters.test_trainable_tokens import CONTRACT_INDICES, ref_trainable_tokens
+from tests.adapters.test_waveft import ref_waveft
 
 S = adapters.scaling_value
 
@@ -156,6 +158,20 @@ ADAPTERS = [
         lambda: adapters.fourierft(7, scaling=3.0, random_loc_seed=5, init_weights=True),
         True,
         lambda w, t, f: ref_fourierft(w, t, f, s=3.0),
+        lambda i, o: 7,
+    ),
+    (
+        "c3a",  # block_size=1: the only block dividing every shape used here
+        lambda: adapters.c3a(1, init_weights=True),
+        True,
+        ref_c3a,
+        lambda i, o: i * o,
+    ),
+    (
+        "waveft",
+        lambda: adapters.waveft(7, scaling=3.0, wavelet_family="db2", random_loc_seed=5),
+        True,
+        lambda w, t, f: ref_waveft(w, t, f, s=3.0, family="db2"),
         lambda i, o: 7,
     ),
     (
