@@ -24,6 +24,7 @@ from peftjax import adapters, inits, masks, optim, tree
 ATTN = r"(.*/)?self_attn/(q_proj|k_proj|v_proj|o_proj)/kernel"
 LINEAR = r"(.*/)?(self_attn|mlp)/\w+_proj/kernel"
 NORMS = r"(.*/)?\w*norm/(scale|bias)"  # LN tuning: every norm's parameters
+EMBED = r"(.*/)?embed_tokens/embedding"  # trainable tokens: the input table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +263,22 @@ def _sparse(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
                  adapters=assignment, sparse=selector)
 
 
+def _trainable_tokens(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+                      init_data: InitData | None = None) -> Setup:
+    """Trainable tokens on the input table: its ``64·r`` lowest token ids, at
+    most half the vocabulary (in a byte-level BPE vocabulary the bytes and the
+    first merges, the most frequent pieces); a tied head shares the table, so
+    it sees the same rows."""
+    flat = tree.leaves_by_path(params)
+    table = [p for p in flat if re.fullmatch(EMBED, p)]
+    if len(table) != 1:
+        raise ValueError(f"--method=trainable_tokens needs one input table {EMBED!r}; "
+                         f"found {table}")
+    n = min(64 * cfg.rank, flat[table[0]].shape[0] // 2)
+    build = _adapter_method(lambda c: adapters.trainable_tokens(range(n)), where=EMBED)
+    return build(cfg, params, run, key, init_data=init_data)
+
+
 def unavailable(name: str, issue: int, what: str) -> Callable[..., Setup]:
     """A method builder that raises: ``name`` is not built yet (``issue``)."""
 
@@ -283,6 +300,7 @@ METHODS: dict[str, Callable[..., Setup]] = {
     # in·out >= 1000); PEFT's scaling 150 and N(0, 1) init
     "fourierft": _adapter_method(lambda c: adapters.fourierft(16 * c.rank)),
     "ln_tuning": _adapter_method(lambda c: adapters.ln_tuning(), where=NORMS),
+    "trainable_tokens": _trainable_tokens,
     # PEFT has no LoRA-XS format
     "lora_xs": _adapter_method(lambda c: adapters.lora_xs(c.rank, alpha=c.alpha),
                                peft=False),

@@ -102,15 +102,17 @@ def test_compare_methods_smoke_lokr(tmp_path):
 
 
 def test_compare_methods_smoke_fourierft_ln_tuning(tmp_path):
-    # FourierFT and LN tuning by name: losses drop; FourierFT takes its
-    # real-basis factored form (no fallback), LN tuning (no factored form: the
-    # trained norm vector is the leaf) warns once per norm leaf
+    # FourierFT, LN tuning and trainable tokens by name: losses drop; FourierFT
+    # takes its real-basis factored form (no fallback), LN tuning (no factored
+    # form: the trained norm vector is the leaf) warns once per norm leaf, and
+    # trainable tokens (no factored form: a row scatter) once for the table
     res = run_script("compare_methods.py", "--smoke", "--progress=false",
-                     "--isolate=false", "--methods=fourierft,ln_tuning",
+                     "--isolate=false", "--methods=fourierft,ln_tuning,trainable_tokens",
                      f"--out_dir={tmp_path}")
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["fourierft", "ln_tuning"]
+    assert [r["method"] for r in rows] == ["fourierft", "ln_tuning", "trainable_tokens"]
     for r in rows:
         assert r["losses"][-1] < r["losses"][0] - 0.01, r["losses"]
     assert "fourierft on" not in res.stderr
     assert "ln_tuning on 'norm/scale'" in res.stderr
+    assert "on 'embed_tokens/embedding'" in res.stderr
