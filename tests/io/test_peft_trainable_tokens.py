@@ -1,10 +1,11 @@
-"""Trainable tokens against Hugging Face PEFT on the tiny Llama goldens, tied and untied.
+"""Trainable tokens against Hugging Face PEFT on the tiny Llama (tied, untied) and BERT goldens.
 
 ``tests/io/golden/peft_trainable_tokens/`` holds PEFT-made adapters with every
 trained row perturbed away from its init (``scripts/golden/peft_trainable_tokens_make.py``):
 on the untied tiny Llama (rows of the input table and of ``lm_head``) and on
 the tied one (one shared table; PEFT ties a second layer on ``lm_head`` and
-saves its tensor twice), the torch logits and PEFT's trainable counts, and
+saves its tensor twice), and on the tiny BERT's ``word_embeddings`` (one of
+three tables), the torch outputs and PEFT's trainable counts, and
 peftjax-written files (``scripts/golden/peft_trainable_tokens_from_peftjax.py``)
 with the max logit difference PEFT measured loading them (``peft.json``).
 """
@@ -21,19 +22,25 @@ import pytest
 
 from peftjax import adapters, io, tree
 from peftjax import models as pm
-from peftjax.models import llama
+from peftjax.models import bert, llama
 from tests import helpers as h
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "io" / "golden" / "peft_trainable_tokens"
 BASES = {"untied": ROOT / "tests" / "io" / "golden" / "peft" / "llama_base",
-         "tied": ROOT / "tests" / "io" / "golden" / "peft" / "export" / "llama_tied_base"}
+         "tied": ROOT / "tests" / "io" / "golden" / "peft" / "export" / "llama_tied_base",
+         "bert": ROOT / "tests" / "io" / "golden" / "peft" / "bert_base"}
+NAMES = {"untied": "llama_tt_untied", "tied": "llama_tt_tied", "bert": "bert_tt"}
+TABLE = {"untied": ("embed_tokens/embedding", "model.embed_tokens"),
+         "tied": ("embed_tokens/embedding", "model.embed_tokens"),
+         "bert": ("embeddings/word_embeddings/embedding", "embeddings.word_embeddings")}
 TIE = ("embed_tokens/embedding", "lm_head")
 # The issue's bar for torch vs peftjax logits (float32, different kernels).
 TORCH_ATOL = 1e-4
 # PEFT's counts: 4 rows x 16 of the table and of the head; 3 rows x 16 once
-# for the tied table (the head's layer shares the embedding's tensor).
-COUNTS = {"untied": 128, "tied": 48}
+# for the tied table (the head's layer shares the embedding's tensor) and
+# for BERT's word embeddings.
+COUNTS = {"untied": 128, "tied": 48, "bert": 48}
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +49,29 @@ def ref():
 
 
 @pytest.fixture(scope="module", params=[("untied", False), ("untied", True),
-                                        ("tied", False), ("tied", True)],
-                ids=["untied-unrolled", "untied-scanned", "tied-unrolled", "tied-scanned"])
-def model(request):
+                                        ("tied", False), ("tied", True), ("bert", False)],
+                ids=["untied-unrolled", "untied-scanned", "tied-unrolled", "tied-scanned",
+                     "bert"])
+def model(request, ref):
+    """``(kind, forward(params) -> outputs at the compared positions, params, key map)``."""
     kind, scanned = request.param
+    if kind == "bert":
+        m = bert.load_bert(BASES[kind])
+        g, params = pm.split_params(m)
+        ids, mask = jnp.asarray(ref["inputs_bert"]), jnp.asarray(ref["mask_bert"])
+        run = jax.jit(lambda p: pm.apply(g, p, ids, attention_mask=mask))
+        keep = ref["mask_bert"].astype(bool)  # PEFT's outputs at unpadded positions
+        return kind, lambda p: np.asarray(run(p))[keep], params, bert.peft_key_map(m.config)
     m = llama.load_llama(BASES[kind], scan_layers=scanned)
     g, params = pm.split_params(m)
-    fwd = jax.jit(lambda p, ids: pm.apply(g, p, ids))
-    return kind, fwd, params, llama.peft_key_map(m.config)
+    ids = jnp.asarray(ref["inputs_llama"])
+    run = jax.jit(lambda p: pm.apply(g, p, ids))
+    return kind, lambda p: np.asarray(run(p)), params, llama.peft_key_map(m.config)
+
+
+def _at(x, kind, ref):
+    """``x`` at the compared positions (BERT: PEFT's unpadded ones)."""
+    return x[ref["mask_bert"].astype(bool)] if kind == "bert" else x
 
 
 def _tie(kind):
@@ -59,42 +81,46 @@ def _tie(kind):
 @pytest.fixture(scope="module")
 def loaded(model):
     kind, fwd, params, km = model
-    return io.load_peft(GOLDEN / f"llama_tt_{kind}", params, key_map=km, tied_head=_tie(kind))
+    return io.load_peft(GOLDEN / NAMES[kind], params, key_map=km, tied_head=_tie(kind))
 
 
 def test_peft_made_file_logits_merge_and_count(model, loaded, ref):
     kind, fwd, params, km = model
-    cfg = json.loads((GOLDEN / f"llama_tt_{kind}" / "adapter_config.json").read_text())
-    tensors, _ = io.read_safetensors(GOLDEN / f"llama_tt_{kind}" / "adapter_model.safetensors")
+    cfg = json.loads((GOLDEN / NAMES[kind] / "adapter_config.json").read_text())
+    tensors, _ = io.read_safetensors(GOLDEN / NAMES[kind] / "adapter_model.safetensors")
     # by hand, without peftjax.io: PEFT's rows are the table's rows (and the
     # untied head's torch rows, i.e. its Flax kernel's columns)
     idx = cfg["token_indices"]
-    table = np.asarray(params["embed_tokens"]["embedding"]).copy()
-    table[idx] = tensors["base_model.model.model.embed_tokens.trainable_tokens_delta"]
-    np.testing.assert_array_equal(
-        np.asarray(adapters.materialize(loaded.assignment, params, *loaded.state)
-                   ["embed_tokens"]["embedding"]), table)
+    path, module = TABLE[kind]
+    table = np.asarray(tree.leaves_by_path(params)[path]).copy()
+    table[idx] = tensors[f"base_model.model.{module}.trainable_tokens_delta"]
+    materialized = tree.leaves_by_path(
+        adapters.materialize(loaded.assignment, params, *loaded.state))
+    np.testing.assert_array_equal(np.asarray(materialized[path]), table)
+    assert sorted(loaded.assignment) == sorted(
+        [path] + (["lm_head/kernel"] if kind == "untied" else []))
     if kind == "untied":
         head = np.asarray(params["lm_head"]["kernel"]).copy()
         head[:, idx] = tensors["base_model.model.lm_head.trainable_tokens_delta"].T
         np.testing.assert_array_equal(np.asarray(adapters.materialize(
             loaded.assignment, params, *loaded.state)["lm_head"]["kernel"]), head)
-    else:  # the tied copy PEFT writes is the table's
+    elif kind == "tied":  # the tied copy PEFT writes is the table's
         assert sorted(tensors) == ["base_model.model.lm_head.trainable_tokens_delta",
                                    "base_model.model.model.embed_tokens.trainable_tokens_delta"]
-    ids = jnp.asarray(ref["inputs_llama"])
-    out = fwd(adapters.materialize(loaded.assignment, params, *loaded.state), ids)
-    np.testing.assert_allclose(out, ref[f"llama_tt_{kind}"], rtol=0, atol=TORCH_ATOL)
+    name = NAMES[kind]
+    out = fwd(adapters.materialize(loaded.assignment, params, *loaded.state))
+    np.testing.assert_allclose(out, _at(ref[name], kind, ref), rtol=0, atol=TORCH_ATOL)
     merged, aux = adapters.fold(loaded.assignment, params, *loaded.state, return_aux=True)
-    np.testing.assert_allclose(fwd(merged, ids), ref[f"llama_tt_{kind}_merged"],
+    np.testing.assert_allclose(fwd(merged), _at(ref[f"{name}_merged"], kind, ref),
                                rtol=0, atol=TORCH_ATOL)
     back = adapters.unfold(loaded.assignment, merged, *loaded.state, aux=aux)
     h.assert_tree_allclose(back, params, **h.EXACT)
-    # the perturbed rows move the logits well beyond the bar
-    assert np.abs(ref[f"llama_tt_{kind}"] - ref[f"base_{kind}"]).max() > 100 * TORCH_ATOL
+    # the perturbed rows move the outputs well beyond the bar
+    assert np.abs(_at(ref[name], kind, ref) - _at(ref[f"base_{kind}"], kind, ref)).max() > (
+        100 * TORCH_ATOL)
     peft = json.loads((GOLDEN / "peft.json").read_text())
     n = adapters.num_trainable(loaded.state.trainable)
-    assert n == peft[f"llama_tt_{kind}"]["trainable_params"] == COUNTS[kind]
+    assert n == peft[name]["trainable_params"] == COUNTS[kind]
 
 
 def test_save_load_roundtrip_exact(model, loaded, tmp_path):
@@ -108,7 +134,7 @@ def test_save_load_roundtrip_exact(model, loaded, tmp_path):
     h.assert_tree_allclose(back.state.trainable, loaded.state.trainable, **h.EXACT)
     assert sorted(back.assignment) == sorted(loaded.assignment)
     t, _ = io.read_safetensors(d / "adapter_model.safetensors")
-    peft_t, _ = io.read_safetensors(GOLDEN / f"llama_tt_{kind}" / "adapter_model.safetensors")
+    peft_t, _ = io.read_safetensors(GOLDEN / NAMES[kind] / "adapter_model.safetensors")
     assert sorted(t) == sorted(peft_t)  # PEFT's key names (the tied copy too)
 
 
@@ -128,7 +154,8 @@ def test_peftjax_written_files_load_in_peft(regenerated, ref):
     committed = GOLDEN / "from_peftjax"
     old = np.load(committed / "peftjax_outputs.npz")
     peft = json.loads((GOLDEN / "peft.json").read_text())
-    names = [f"pj_tt_{k}_{lay}" for k in ("untied", "tied") for lay in ("unrolled", "scanned")]
+    names = [f"pj_tt_{k}_{lay}" for k in ("untied", "tied")
+             for lay in ("unrolled", "scanned")] + ["pj_tt_bert_unrolled"]
     assert sorted(logits) == sorted(names)
     for name in names:
         kind = name.split("_")[2]
@@ -144,7 +171,8 @@ def test_peftjax_written_files_load_in_peft(regenerated, ref):
         rec = peft[name]
         assert rec["passed"] and rec["peft_type"] == "TRAINABLE_TOKENS" and rec["base"] == kind
         assert rec["max_abs_diff"] <= TORCH_ATOL
-        assert np.abs(old[name] - ref[f"base_{kind}"]).max() > 100 * TORCH_ATOL  # not the base
+        assert np.abs(_at(old[name], kind, ref) - _at(ref[f"base_{kind}"], kind, ref)).max() > (
+            100 * TORCH_ATOL)  # not the base
 
 
 def _edit(src, dst, config=None, tensors=None):
@@ -196,6 +224,12 @@ def test_default_target_is_the_input_embedding(tmp_path):
     no_table = {p: k for p, k in km.items() if p != "embed_tokens/embedding"}
     with pytest.raises(ValueError, match="no target_modules, and the key map has 0"):
         io.load_peft(d, params, key_map=no_table)
+    # BERT has three tables: which one is the input embedding is not in a key map
+    enc = bert.load_bert(BASES["bert"])
+    _, bparams = pm.split_params(enc)
+    d = _edit(GOLDEN / "bert_tt", tmp_path / "bert", {"target_modules": None})
+    with pytest.raises(ValueError, match="the key map has 3 embedding tables"):
+        io.load_peft(d, bparams, key_map=bert.peft_key_map(enc.config))
 
 
 def test_save_peft_refuses_what_peft_cannot_hold(tmp_path):
