@@ -163,7 +163,9 @@ def load_peft(
     * (IA)³'s ``feedforward_modules``: a list matches by plain ``endswith``,
       a string in full; it decides which side the scale vector is on.
     * FOURIERFT positions are regenerated from ``random_loc_seed`` as PEFT's
-      ``torch.randperm``; LN_TUNING reads norm modules' ``ln_tuning_layers``.
+      ``torch.randperm``; LN_TUNING reads norm modules' ``ln_tuning_layers``;
+      TRAINABLE_TOKENS reads each table's ``trainable_tokens_delta`` rows
+      (``token_indices``) into ``adapters.trainable_tokens``.
     * LoKr's ``decompose_both`` and ``decompose_factor`` decide which Kronecker
       factors are full (``lokr_w1``/``lokr_w2``) or decomposed (``_a``, ``_b``)
       and how each side splits; the file's tensors must be that structure
@@ -181,7 +183,9 @@ def load_peft(
         embedding table (``("embed_tokens/embedding", "lm_head")`` for a tied
         Llama): the head's tensors in the file must be the copies PEFT's
         ``ensure_weight_tying`` writes, and a file that adapts the table
-        without it (PEFT then leaves the tied head unadapted) is refused.
+        without it (PEFT then leaves the tied head unadapted) is refused;
+        for TRAINABLE_TOKENS, the head's copy of the table's rows (PEFT's
+        tied layer) must equal them.
       output_modules: the model's output head modules, which
         ``target_modules="all-linear"`` leaves out (``("lm_head",)`` for a
         causal LM, ``()`` for none); only needed for such a config (PEFT
