@@ -109,6 +109,12 @@ from peftjax.adapters._scale_shift import Side as Side
 from peftjax.adapters._scale_shift import ia3 as ia3
 from peftjax.adapters._scale_shift import scale_shift as scale_shift
 from peftjax.adapters._scale_shift import ssf as ssf
+from peftjax.adapters._shared import SHARED as SHARED
+from peftjax.adapters._shared import Shared as Shared
+from peftjax.adapters._shared import SharedInit as SharedInit
+from peftjax.adapters._shared import SharedParts as SharedParts
+from peftjax.adapters._shared import resolve_shared as resolve_shared
+from peftjax.adapters._shared import unshare as unshare
 from peftjax.adapters._shira import SHiRAIndices as SHiRAIndices
 from peftjax.adapters._shira import SHiRAParams as SHiRAParams
 from peftjax.adapters._shira import shira as shira
@@ -137,7 +143,13 @@ from peftjax.adapters._tree import init as init
 from peftjax.adapters._tree import materialize as materialize
 from peftjax.adapters._tree import num_trainable as num_trainable
 from peftjax.adapters._tree import unfold as unfold
+from peftjax.adapters._unilora import UniLoRAIndices as UniLoRAIndices
+from peftjax.adapters._unilora import UniLoRAParams as UniLoRAParams
+from peftjax.adapters._unilora import unilora as unilora
+from peftjax.adapters._unilora import unilora_indices as unilora_indices
 from peftjax.adapters._validate import validate as validate
+from peftjax.adapters._vblora import VBLoRAParams as VBLoRAParams
+from peftjax.adapters._vblora import vblora as vblora
 from peftjax.adapters._vera import VeRABasis as VeRABasis
 from peftjax.adapters._vera import VeRAParams as VeRAParams
 from peftjax.adapters._vera import vera as vera
@@ -180,6 +192,18 @@ __all__ = [
     "PromptParams",
     "Scaling",
     "ScaleParams",
+    "SHARED",
+    "Shared",
+    "SharedInit",
+    "SharedParts",
+    "resolve_shared",
+    "unshare",
+    "UniLoRAIndices",
+    "UniLoRAParams",
+    "unilora",
+    "unilora_indices",
+    "VBLoRAParams",
+    "vblora",
     "ScaleShiftParams",
     "Side",
     "adalora",

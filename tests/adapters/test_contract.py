@@ -24,6 +24,8 @@ from tests.adapters.test_shira import ref_shira
 from tests.adapters.test_tinylora import ref_tinylora
 from tests.adapters.test_miss import ref_miss
 from tests.adapters.test_trainable_tokens import CONTRACT_INDICES, ref_trainable_tokens
+from tests.adapters.test_unilora import ref_unilora
+from tests.adapters.test_vblora import ref_vblora, vblora_count
 from tests.adapters.test_waveft import ref_waveft
 
 S = adapters.scaling_value
@@ -232,6 +234,22 @@ ADAPTERS = [
         ref_trainable_tokens,
         lambda i, o: len(CONTRACT_INDICES) * o,
     ),
+    (
+        # Shared bank (adapters.Shared) made private per leaf by unshare; in, out = 6, 5
+        # admit only vector_length 1 (test_vblora.py covers longer vectors and sharing).
+        "vblora",
+        lambda: adapters.unshare(adapters.vblora(2, num_vectors=5, vector_length=1)),
+        False,
+        ref_vblora,
+        lambda i, o: vblora_count(i, o, rank=2, num_vectors=5, vector_length=1),
+    ),
+    (
+        "unilora",
+        lambda: adapters.unshare(adapters.unilora(2, theta_d_length=7)),
+        False,
+        ref_unilora,
+        lambda i, o: 7,
+    ),
 ]
 IDS = [a[0] for a in ADAPTERS]
 
@@ -267,9 +285,12 @@ def test_identity_at_init(name, factory, identity, ref, count, getkey):
     t, f = ad.init(getkey(), w)
     if identity and name != "dora":
         np.testing.assert_array_equal(np.asarray(ad.apply(w, t, f)), np.asarray(w))
-    else:
+    elif identity:
         # DoRA divides by the recomputed norm: identity up to rounding.
         np.testing.assert_allclose(h.f64(ad.apply(w, t, f)), h.f64(w), **h.MATMUL_F32)
+    else:  # not the identity at init (as PEFT): the documented initial delta
+        assert np.abs(ref(w, t, f) - h.f64(w)).max() > 0
+        np.testing.assert_allclose(h.f64(ad.apply(w, t, f)), ref(w, t, f), **h.MATMUL_F32)
 
 
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
