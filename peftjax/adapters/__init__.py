@@ -103,6 +103,16 @@ from peftjax.adapters._protocol import AdapterState as AdapterState
 from peftjax.adapters._protocol import BiasHook as BiasHook
 from peftjax.adapters._protocol import FactoredForm as FactoredForm
 from peftjax.adapters._protocol import FactoredTerms as FactoredTerms
+from peftjax.adapters._pvera import PVeRABasis as PVeRABasis
+from peftjax.adapters._pvera import PVeRAParams as PVeRAParams
+from peftjax.adapters._pvera import pvera as pvera
+from peftjax.adapters._pvera import pvera_delta as pvera_delta
+from peftjax.adapters._pvera import pvera_shared as pvera_shared
+from peftjax.adapters._randlora import RandLoRABases as RandLoRABases
+from peftjax.adapters._randlora import RandLoRABasis as RandLoRABasis
+from peftjax.adapters._randlora import RandLoRAParams as RandLoRAParams
+from peftjax.adapters._randlora import randlora as randlora
+from peftjax.adapters._randlora import randlora_shared as randlora_shared
 from peftjax.adapters._scale_shift import ScaleParams as ScaleParams
 from peftjax.adapters._scale_shift import ScaleShiftParams as ScaleShiftParams
 from peftjax.adapters._scale_shift import Side as Side
@@ -260,6 +270,16 @@ __all__ = [
     "unfold",
     "vera",
     "vera_shared",
+    "PVeRABasis",
+    "PVeRAParams",
+    "pvera",
+    "pvera_delta",
+    "pvera_shared",
+    "RandLoRABases",
+    "RandLoRABasis",
+    "RandLoRAParams",
+    "randlora",
+    "randlora_shared",
     "SparseSupport",
     "SparseValues",
     "sparse_delta",

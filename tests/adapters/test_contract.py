@@ -17,12 +17,14 @@ from tests import helpers as h
 from tests.adapters.test_c3a import ref_c3a
 from tests.adapters.test_delora import ref_delora
 from tests.adapters.test_fourierft import ref_fourierft
-from tests.adapters.test_hira import ref_hira
 from tests.adapters.test_gralora import ref_gralora
+from tests.adapters.test_hira import ref_hira
 from tests.adapters.test_lokr import lokr_count, ref_lokr
+from tests.adapters.test_miss import ref_miss
+from tests.adapters.test_pvera import ref_pvera
+from tests.adapters.test_randlora import randlora_count, ref_randlora
 from tests.adapters.test_shira import ref_shira
 from tests.adapters.test_tinylora import ref_tinylora
-from tests.adapters.test_miss import ref_miss
 from tests.adapters.test_trainable_tokens import CONTRACT_INDICES, ref_trainable_tokens
 from tests.adapters.test_unilora import ref_unilora
 from tests.adapters.test_vblora import ref_vblora, vblora_count
@@ -177,6 +179,22 @@ ADAPTERS = [
         lambda i, o: 7,
     ),
     (
+        # in, out = 6, 5 (and 5, 4): only a 1 x 1 grid divides them; the k x k block
+        # grid (k = 2, 3) is covered in test_gralora.py. hybrid_r exercises the LoRA pair.
+        "gralora",
+        lambda: adapters.gralora(2, alpha=6.0, gralora_k=1, hybrid_r=1),
+        True,
+        lambda w, t, f: ref_gralora(w, t, f, s=2.0),
+        lambda i, o: 3 * (i + o),
+    ),
+    (
+        "miss",
+        lambda: adapters.miss(2),
+        True,
+        ref_miss,
+        lambda i, o: 2 * o,
+    ),
+    (
         "hira",
         lambda: adapters.hira(3, factored_matmuls=True),
         True,
@@ -205,20 +223,18 @@ ADAPTERS = [
         lambda i, o: i + o,
     ),
     (
-        # in, out = 6, 5 (and 5, 4): only a 1 x 1 grid divides them; the k x k block
-        # grid (k = 2, 3) is covered in test_gralora.py. hybrid_r exercises the LoRA pair.
-        "gralora",
-        lambda: adapters.gralora(2, alpha=6.0, gralora_k=1, hybrid_r=1),
+        "randlora",
+        lambda: adapters.unshare(adapters.randlora(2, max_in=8, max_out=8, alpha=6.0)),
         True,
-        lambda w, t, f: ref_gralora(w, t, f, s=2.0),
-        lambda i, o: 3 * (i + o),
+        lambda w, t, f: ref_randlora(w, t, f, s=3.0),
+        lambda i, o: randlora_count(i, o, 2),
     ),
     (
-        "miss",
-        lambda: adapters.miss(2),
+        "pvera",
+        lambda: adapters.unshare(adapters.pvera(3, max_in=8, max_out=8)),
         True,
-        ref_miss,
-        lambda i, o: 2 * o,
+        ref_pvera,
+        lambda i, o: 2 * 3 + o,
     ),
     (
         "ln_tuning",
