@@ -9,10 +9,18 @@ Exports: ``TUNERS``, ``for_params``.
 
 from typing import Any
 
-from peftjax.io import _peft_fourierft, _peft_loha, _peft_tuner
+from peftjax.io import (
+    _peft_delora,
+    _peft_fourierft,
+    _peft_hira,
+    _peft_loha,
+    _peft_tuner,
+)
 
 TUNERS: dict[str, _peft_tuner.Tuner] = {t.peft_type: t for t in (
+    _peft_delora.TUNER,
     _peft_fourierft.TUNER,
+    _peft_hira.TUNER,
     _peft_loha.TUNER,
 )}
 

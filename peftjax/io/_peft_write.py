@@ -327,7 +327,7 @@ def save_peft(
         leaf = params_flat.get(path)
         if leaf is None:
             raise ValueError(f"save_peft: {path!r} is not a leaf of params")
-        dn = adapter.factored.dimension_numbers if adapter.factored else None
+        dn = adapter.dimension_numbers  # set for stacked leaves, factored form or not
         dims = tree.resolve(dn, tuple(np.shape(leaf)), path=path)
         nb = len(dims.batch)
         if peft_type == "LORA":  # one adapter (one scaling) for all layers
