@@ -10,18 +10,22 @@ Exports: ``TUNERS``, ``for_params``.
 from typing import Any
 
 from peftjax.io import (
+    _peft_c3a,
     _peft_delora,
     _peft_fourierft,
     _peft_hira,
     _peft_loha,
     _peft_tuner,
+    _peft_waveft,
 )
 
 TUNERS: dict[str, _peft_tuner.Tuner] = {t.peft_type: t for t in (
+    _peft_c3a.TUNER,
     _peft_delora.TUNER,
     _peft_fourierft.TUNER,
     _peft_hira.TUNER,
     _peft_loha.TUNER,
+    _peft_waveft.TUNER,
 )}
 
 
