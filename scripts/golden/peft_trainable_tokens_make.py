@@ -33,7 +33,7 @@ It saves them with ``save_pretrained`` and records, in
   by ``scripts/golden/peft_trainable_tokens_from_peftjax.py``) the max
   |torch - peftjax| logit difference of each peftjax-written adapter loaded
   with ``PeftModel.from_pretrained`` on its base (``*tied*``: the tied one;
-  BERT: unpadded positions).
+  BERT: unpadded positions) and the statistics of each tensor it loaded.
 
 Usage: ``.venv-torch/bin/python scripts/golden/peft_trainable_tokens_make.py``
 """
@@ -41,6 +41,7 @@ Usage: ``.venv-torch/bin/python scripts/golden/peft_trainable_tokens_make.py``
 import json
 import os
 import platform
+import sys
 
 import numpy as np
 import torch
@@ -55,6 +56,8 @@ IDS = [[1, 5, 9, 33, 2, 63, 17, 8], [4, 4, 40, 12, 0, 7, 50, 3]]
 BERT_IDS = [[2, 7, 11, 30, 3, 0], [2, 9, 5, 3, 0, 0]]
 OUT = os.path.join(ROOT, "peft_trainable_tokens")
 BAR = 1e-4
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _peft_golden import tensor_stats  # noqa: E402  (the shared per-tensor record)
 
 
 def base(kind):
@@ -141,7 +144,9 @@ def main():
             diff = float(np.abs(got - want).max())
             report[name] = {"max_abs_diff": diff, "bar": BAR, "passed": diff <= BAR,
                             "base": kind,
-                            "peft_type": m.peft_config["default"].peft_type.value}
+                            "peft_type": m.peft_config["default"].peft_type.value,
+                            "tensor_stats": tensor_stats(
+                                os.path.join(d, "adapter_model.safetensors"))}
             ok &= diff <= BAR
             print(f"{name}: max |torch - peftjax| = {diff:.3g}")
     with open(os.path.join(OUT, "peft.json"), "w") as f:

@@ -10,6 +10,7 @@ peftjax-written files (``scripts/golden/peft_trainable_tokens_from_peftjax.py``)
 with the max logit difference PEFT measured loading them (``peft.json``).
 """
 
+import functools
 import importlib.util
 import json
 import pathlib
@@ -48,25 +49,34 @@ def ref():
     return dict(np.load(GOLDEN / "torch_outputs.npz"))
 
 
-@pytest.fixture(scope="module", params=[("untied", False), ("untied", True),
-                                        ("tied", False), ("tied", True), ("bert", False)],
-                ids=["untied-unrolled", "untied-scanned", "tied-unrolled", "tied-scanned",
-                     "bert"])
-def model(request, ref):
-    """``(kind, forward(params) -> outputs at the compared positions, params, key map)``."""
-    kind, scanned = request.param
+@functools.cache
+def _base(kind, scanned=False):
+    """``(graphdef, params, key map)`` of a committed base (loaded once)."""
     if kind == "bert":
         m = bert.load_bert(BASES[kind])
         g, params = pm.split_params(m)
+        return g, params, bert.peft_key_map(m.config)
+    m = llama.load_llama(BASES[kind], scan_layers=scanned)
+    g, params = pm.split_params(m)
+    return g, params, llama.peft_key_map(m.config)
+
+
+# One whole-model compile per case: the untied Llama unrolled, the tied one
+# scanned (the reverse check covers both scanned), BERT.
+@pytest.fixture(scope="module", params=[("untied", False), ("tied", True), ("bert", False)],
+                ids=["untied-unrolled", "tied-scanned", "bert"])
+def model(request, ref):
+    """``(kind, forward(params) -> outputs at the compared positions, params, key map)``."""
+    kind, scanned = request.param
+    g, params, km = _base(kind, scanned)
+    if kind == "bert":
         ids, mask = jnp.asarray(ref["inputs_bert"]), jnp.asarray(ref["mask_bert"])
         run = jax.jit(lambda p: pm.apply(g, p, ids, attention_mask=mask))
         keep = ref["mask_bert"].astype(bool)  # PEFT's outputs at unpadded positions
-        return kind, lambda p: np.asarray(run(p))[keep], params, bert.peft_key_map(m.config)
-    m = llama.load_llama(BASES[kind], scan_layers=scanned)
-    g, params = pm.split_params(m)
+        return kind, lambda p: np.asarray(run(p))[keep], params, km
     ids = jnp.asarray(ref["inputs_llama"])
     run = jax.jit(lambda p: pm.apply(g, p, ids))
-    return kind, lambda p: np.asarray(run(p)), params, llama.peft_key_map(m.config)
+    return kind, lambda p: np.asarray(run(p)), params, km
 
 
 def _at(x, kind, ref):
@@ -84,7 +94,7 @@ def loaded(model):
     return io.load_peft(GOLDEN / NAMES[kind], params, key_map=km, tied_head=_tie(kind))
 
 
-def test_peft_made_file_logits_merge_and_count(model, loaded, ref):
+def test_peft_made_file_logits_merge_count_roundtrip(model, loaded, ref, tmp_path):
     kind, fwd, params, km = model
     cfg = json.loads((GOLDEN / NAMES[kind] / "adapter_config.json").read_text())
     tensors, _ = io.read_safetensors(GOLDEN / NAMES[kind] / "adapter_model.safetensors")
@@ -121,10 +131,7 @@ def test_peft_made_file_logits_merge_and_count(model, loaded, ref):
     peft = json.loads((GOLDEN / "peft.json").read_text())
     n = adapters.num_trainable(loaded.state.trainable)
     assert n == peft[name]["trainable_params"] == COUNTS[kind]
-
-
-def test_save_load_roundtrip_exact(model, loaded, tmp_path):
-    kind, fwd, params, km = model
+    # written back: PEFT's key names (the tied copy too), read back exactly
     d = io.save_peft(tmp_path / "ad", loaded.assignment, loaded.state, params,
                      key_map=km, tied_head=_tie(kind))
     cfg = json.loads((d / "adapter_config.json").read_text())
@@ -134,8 +141,7 @@ def test_save_load_roundtrip_exact(model, loaded, tmp_path):
     h.assert_tree_allclose(back.state.trainable, loaded.state.trainable, **h.EXACT)
     assert sorted(back.assignment) == sorted(loaded.assignment)
     t, _ = io.read_safetensors(d / "adapter_model.safetensors")
-    peft_t, _ = io.read_safetensors(GOLDEN / NAMES[kind] / "adapter_model.safetensors")
-    assert sorted(t) == sorted(peft_t)  # PEFT's key names (the tied copy too)
+    assert sorted(t) == sorted(tensors)
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +160,7 @@ def test_peftjax_written_files_load_in_peft(regenerated, ref):
     committed = GOLDEN / "from_peftjax"
     old = np.load(committed / "peftjax_outputs.npz")
     peft = json.loads((GOLDEN / "peft.json").read_text())
-    names = [f"pj_tt_{k}_{lay}" for k in ("untied", "tied")
-             for lay in ("unrolled", "scanned")] + ["pj_tt_bert_unrolled"]
+    names = ["pj_tt_untied_scanned", "pj_tt_tied_scanned", "pj_tt_bert_unrolled"]
     assert sorted(logits) == sorted(names)
     for name in names:
         kind = name.split("_")[2]
@@ -164,6 +169,7 @@ def test_peftjax_written_files_load_in_peft(regenerated, ref):
         assert sorted(new_t) == sorted(old_t)
         for k in new_t:  # base rows + NumPy noise, one float32 addition
             np.testing.assert_allclose(new_t[k], old_t[k], rtol=1e-6, atol=0, err_msg=k)
+        h.assert_verified_stats(peft[name]["tensor_stats"], old_t, name)  # what PEFT loaded
         assert (json.loads((out / name / "adapter_config.json").read_text())
                 == json.loads((committed / name / "adapter_config.json").read_text()))
         # a different CPU's XLA kernels: well inside the torch bar
@@ -205,19 +211,15 @@ _EMB = "base_model.model.model.embed_tokens.trainable_tokens_delta"
     ("tied", True, None, lambda t: {**t, _HEAD: t[_HEAD] + 1}, "not the tied copy"),
 ])
 def test_config_fields_honoured_or_named(tmp_path, src, tie, config, tensors, match):
-    m = llama.load_llama(BASES[src])
-    _, params = pm.split_params(m)
+    _, params, km = _base(src)
     d = _edit(GOLDEN / f"llama_tt_{src}", tmp_path / "bad", config, tensors)
     with pytest.raises(ValueError, match=re.escape(match)):
-        io.load_peft(d, params, key_map=llama.peft_key_map(m.config),
-                     tied_head=TIE if tie else None)
+        io.load_peft(d, params, key_map=km, tied_head=TIE if tie else None)
 
 
 def test_default_target_is_the_input_embedding(tmp_path):
     """PEFT's target_modules=None: the model's input embedding (the key map's one table)."""
-    m = llama.load_llama(BASES["untied"])
-    _, params = pm.split_params(m)
-    km = llama.peft_key_map(m.config)
+    _, params, km = _base("untied")
     d = _edit(GOLDEN / "llama_tt_untied", tmp_path / "ok", {"target_modules": None},
               lambda t: {_EMB: t[_EMB]})
     assert sorted(io.load_peft(d, params, key_map=km).assignment) == ["embed_tokens/embedding"]
@@ -225,17 +227,14 @@ def test_default_target_is_the_input_embedding(tmp_path):
     with pytest.raises(ValueError, match="no target_modules, and the key map has 0"):
         io.load_peft(d, params, key_map=no_table)
     # BERT has three tables: which one is the input embedding is not in a key map
-    enc = bert.load_bert(BASES["bert"])
-    _, bparams = pm.split_params(enc)
+    _, bparams, bkm = _base("bert")
     d = _edit(GOLDEN / "bert_tt", tmp_path / "bert", {"target_modules": None})
     with pytest.raises(ValueError, match="the key map has 3 embedding tables"):
-        io.load_peft(d, bparams, key_map=bert.peft_key_map(enc.config))
+        io.load_peft(d, bparams, key_map=bkm)
 
 
 def test_save_peft_refuses_what_peft_cannot_hold(tmp_path):
-    m = llama.load_llama(BASES["untied"])
-    _, params = pm.split_params(m)
-    km = llama.peft_key_map(m.config)
+    _, params, km = _base("untied")
 
     def save(rules):
         a = tree.assign(params, rules)
