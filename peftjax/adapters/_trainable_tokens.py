@@ -58,6 +58,8 @@ class TrainableTokensParams(NamedTuple):
 
 
 def _check_indices(token_indices: Any) -> tuple[int, ...]:
+    if isinstance(token_indices, np.ndarray) and token_indices.ndim == 1:
+        token_indices = token_indices.tolist()  # a tokenizer's ids, say
     if isinstance(token_indices, (str, bytes)) or not isinstance(token_indices, Sequence):
         raise TypeError("trainable_tokens: token_indices must be a sequence of ints, "
                         f"got {type(token_indices).__name__} {token_indices!r}")
@@ -96,8 +98,9 @@ def trainable_tokens(
 
     Args:
       token_indices: the rows (token ids) to train, in the order of the rows
-        of ``values`` (PEFT's ``token_indices``); distinct, each below the
-        matrix view's input size (the vocabulary).
+        of ``values`` (PEFT's ``token_indices``): a sequence (or 1-D NumPy
+        array) of distinct ints, each below the matrix view's input size (the
+        vocabulary).
       init_weights: True (PEFT's default): ``V`` starts as a copy of the rows,
         the identity at init; False: ``V ~ N(0, 1)`` (PEFT's ``torch.randn``
         in distribution, not in bits).

@@ -46,6 +46,8 @@ def test_rows_replaced_as_peft_index_copy(getkey):
     want[7], want[2], want[9] = np.asarray(vals)
     np.testing.assert_array_equal(np.asarray(got), want)  # a copy, no arithmetic
     assert dict(ad.hyperparameters) == {"token_indices": (7, 2, 9), "init_weights": True}
+    assert dict(adapters.trainable_tokens(np.array([7, 2, 9])).hyperparameters) == dict(
+        ad.hyperparameters)  # a tokenizer's id array
     assert ad.factored is None and ad.num_trainable(w) == 3 * D
 
 
@@ -141,6 +143,7 @@ def test_fold_unfold_exact_stacked(dtype, getkey):
     ([2, -1], ValueError, "must be >= 0, got -1"),
     ([1.0], TypeError, "must hold ints, got 1.0"),
     ("abc", TypeError, "sequence of ints"),
+    (np.zeros((2, 2), np.int32), TypeError, "sequence of ints"),
 ])
 def test_bad_indices(indices, err, match):
     with pytest.raises(err, match=match):
