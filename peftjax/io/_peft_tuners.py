@@ -13,8 +13,10 @@ from peftjax.io import (
     _peft_c3a,
     _peft_delora,
     _peft_fourierft,
+    _peft_gralora,
     _peft_hira,
     _peft_loha,
+    _peft_miss,
     _peft_tuner,
     _peft_waveft,
 )
@@ -23,8 +25,10 @@ TUNERS: dict[str, _peft_tuner.Tuner] = {t.peft_type: t for t in (
     _peft_c3a.TUNER,
     _peft_delora.TUNER,
     _peft_fourierft.TUNER,
+    _peft_gralora.TUNER,
     _peft_hira.TUNER,
     _peft_loha.TUNER,
+    _peft_miss.TUNER,
     _peft_waveft.TUNER,
 )}
 
