@@ -300,6 +300,10 @@ METHODS: dict[str, Callable[..., Setup]] = {
     # in·out >= 1000); PEFT's scaling 150 and N(0, 1) init
     "fourierft": _adapter_method(lambda c: adapters.fourierft(16 * c.rank)),
     "ln_tuning": _adapter_method(lambda c: adapters.ln_tuning(), where=NORMS),
+    # HiRA without its r-matmul factored form (r base products cost more than
+    # one weight-sized W' here): the factored path materialises it, with a warning
+    "hira": _adapter_method(lambda c: adapters.hira(c.rank)),
+    "delora": _adapter_method(lambda c: adapters.delora(c.rank)),  # PEFT's lambda 15
     "trainable_tokens": _trainable_tokens,
     # PEFT has no LoRA-XS format
     "lora_xs": _adapter_method(lambda c: adapters.lora_xs(c.rank, alpha=c.alpha),

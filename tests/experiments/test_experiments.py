@@ -105,14 +105,20 @@ def test_compare_methods_smoke_fourierft_ln_tuning(tmp_path):
     # FourierFT, LN tuning and trainable tokens by name: losses drop; FourierFT
     # takes its real-basis factored form (no fallback), LN tuning (no factored
     # form: the trained norm vector is the leaf) warns once per norm leaf, and
-    # trainable tokens (no factored form: a row scatter) once for the table
+    # trainable tokens (no factored form: a row scatter) once for the table;
+    # DeLoRA takes its low-rank form (no fallback), HiRA (built without its
+    # r-matmul form) warns once per adapted kernel
     res = run_script("compare_methods.py", "--smoke", "--progress=false",
-                     "--isolate=false", "--methods=fourierft,ln_tuning,trainable_tokens",
+                     "--isolate=false",
+                     "--methods=fourierft,ln_tuning,trainable_tokens,hira,delora",
                      f"--out_dir={tmp_path}")
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["fourierft", "ln_tuning", "trainable_tokens"]
+    assert [r["method"] for r in rows] == ["fourierft", "ln_tuning", "trainable_tokens",
+                                           "hira", "delora"]
     for r in rows:
         assert r["losses"][-1] < r["losses"][0] - 0.01, r["losses"]
     assert "fourierft on" not in res.stderr
     assert "ln_tuning on 'norm/scale'" in res.stderr
     assert "on 'embed_tokens/embedding'" in res.stderr
+    assert "hira(rank=4, init=kaiming_uniform) on 'layers/self_attn/q_proj" in res.stderr
+    assert "delora(rank" not in res.stderr
