@@ -299,6 +299,10 @@ METHODS: dict[str, Callable[..., Setup]] = {
     # n = 16·r spectral coefficients per matrix (PEFT's default 1000 needs
     # in·out >= 1000); PEFT's scaling 150 and N(0, 1) init
     "fourierft": _adapter_method(lambda c: adapters.fourierft(16 * c.rank)),
+    # block 8·r (64 at r=8 divides SmolLM2's 576 and 192): in·out/(8r) per matrix
+    "c3a": _adapter_method(lambda c: adapters.c3a(8 * c.rank)),
+    # n = 16·r wavelet coefficients as FourierFT; PEFT's scaling 25, zero init, db1
+    "waveft": _adapter_method(lambda c: adapters.waveft(16 * c.rank)),
     "ln_tuning": _adapter_method(lambda c: adapters.ln_tuning(), where=NORMS),
     # HiRA without its r-matmul factored form (r base products cost more than
     # one weight-sized W' here): the factored path materialises it, with a warning
