@@ -236,7 +236,9 @@ def randlora(
       rank: ``r``, the rank of each random basis (PEFT's default 32; fewer
         trainable parameters as ``r`` grows).
       max_in: the largest input width over all RandLoRA targets (PEFT sizes
-        the shared bases from the largest targeted widths).
+        the shared bases from the largest targeted widths; only
+        ``min(max_in, max_out)`` and ``max(max_in, max_out)`` shape them, and
+        a matrix fits when its smaller and larger sides do).
       max_out: the largest output width over all targets.
       alpha: ``α`` (PEFT's ``randlora_alpha``, default 640); scale ``α/r``.
       projection_seed: seed of the shared bases.
@@ -245,7 +247,7 @@ def randlora(
         False: ``λ ~ N(0, 1)``, ``γ = 1/L`` (PEFT's values before its reset).
       shared_name: the shared bases are ``frozen["@shared"][shared_name +
         "_A" / "_B"]``; adapters naming the same bases must agree on
-        ``rank``, ``max_in``, ``max_out``, the seed, ``bases`` and dtype.
+        ``rank``, the bases' shapes, the seed, ``bases`` and dtype.
       dropout: adapter-input dropout rate (PEFT's ``randlora_dropout``;
         factored path only).
       dimension_numbers: the kernel's matrix view.
@@ -287,17 +289,18 @@ def randlora(
     param_dtype = jnp.dtype(param_dtype)
     scale = float(alpha) / rank
     name_a, name_b = f"{shared_name}_A", f"{shared_name}_B"
+    small_max, large_max = min(max_in, max_out), max(max_in, max_out)
 
     def init_matrix(key, w, stats):
         if stats is not None:
             raise ValueError("randlora takes no stats")
         n_in, n_out = w.shape
-        if n_in > max_in or n_out > max_out:
+        small, large = min(n_in, n_out), max(n_in, n_out)
+        if small > small_max or large > large_max:
             raise ValueError(
                 f"randlora: matrix (in={n_in}, out={n_out}), dtype {w.dtype}, exceeds "
-                f"the shared shape (max_in={max_in}, max_out={max_out}); raise "
-                "max_in/max_out")
-        small, large = min(n_in, n_out), max(n_in, n_out)
+                f"the shared bases (max_in={max_in}, max_out={max_out}: min side "
+                f"{small_max}, max side {large_max}); raise max_in/max_out")
         n = _num_bases(small, rank)
         if init_weights:
             lam = jnp.zeros((rank, n), param_dtype)
@@ -351,7 +354,7 @@ def randlora(
                          ("shared_name", shared_name)),
         shared=_shared.SharedInit(
             group=shared_name,
-            config=("randlora", rank, max_in, max_out, int(projection_seed), bases.value,
-                    param_dtype.name),
+            config=("randlora", rank, small_max, large_max, int(projection_seed),
+                    bases.value, param_dtype.name),
             init=init_bases),
     )

@@ -352,8 +352,9 @@ def load_peft(
                  _stack_layers({i: b[2] for i, b in layers.items()}, path, n, "bases"))
         _check_shapes(path, adapter, flat[path], t, f)
         assignment[path], trainable[path], frozen[path] = adapter, t, f
-    if tuner is not None and tuner.shared_trainable is not None:
-        trainable.update(tuner.shared_trainable(vera_shared, config, param_dtype))
+    for into, hook in ((trainable, tuner and tuner.shared_trainable),
+                       (frozen, tuner and tuner.shared_frozen)):  # shared by all modules
+        into.update(hook(vera_shared, config, param_dtype) if hook else {})
     full = _assemble_full(full_u, flat, layers_prefix, param_dtype)
     return PeftAdapter(assignment, _adapters.AdapterState(trainable, frozen), full, config)
 

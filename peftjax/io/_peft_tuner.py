@@ -111,6 +111,8 @@ class Tuner(NamedTuple):
       shared_trainable: ``(shared tensors, config, dtype) -> {key: value}``
         entries added to ``AdapterState.trainable`` beside the per-path
         ones (parameters shared by every module), or None.
+      shared_frozen: the same for ``AdapterState.frozen`` (frozen arrays
+        shared by every module, e.g. RandLoRA's bases), or None.
     """
 
     peft_type: str
@@ -126,6 +128,7 @@ class Tuner(NamedTuple):
     is_shared: Callable[[str], bool] | None = None
     check: Callable[[Mapping[str, Any], str], list[str]] | None = None
     shared_trainable: Callable[..., dict[str, Any]] | None = None
+    shared_frozen: Callable[..., dict[str, Any]] | None = None
 
     def needs(self, found: set[str]) -> set[str]:
         """The suffixes a module with tensors ``found`` must have."""

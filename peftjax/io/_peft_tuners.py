@@ -17,6 +17,8 @@ from peftjax.io import (
     _peft_hira,
     _peft_loha,
     _peft_miss,
+    _peft_pvera,
+    _peft_randlora,
     _peft_tuner,
     _peft_waveft,
 )
@@ -29,6 +31,8 @@ TUNERS: dict[str, _peft_tuner.Tuner] = {t.peft_type: t for t in (
     _peft_hira.TUNER,
     _peft_loha.TUNER,
     _peft_miss.TUNER,
+    _peft_pvera.TUNER,
+    _peft_randlora.TUNER,
     _peft_waveft.TUNER,
 )}
 
