@@ -299,6 +299,10 @@ METHODS: dict[str, Callable[..., Setup]] = {
     # n = 16·r spectral coefficients per matrix (PEFT's default 1000 needs
     # in·out >= 1000); PEFT's scaling 150 and N(0, 1) init
     "fourierft": _adapter_method(lambda c: adapters.fourierft(16 * c.rank)),
+    # PEFT's default grid k = 2 and its alpha/r ratio; r·(in+out) as LoRA
+    "gralora": _adapter_method(lambda c: adapters.gralora(c.rank, alpha=2.0 * c.rank)),
+    # MiSS balance with r' = 2r: 2r·out per matrix, LoRA's count on square matrices
+    "miss": _adapter_method(lambda c: adapters.miss(2 * c.rank)),
     # block 8·r (64 at r=8 divides SmolLM2's 576 and 192): in·out/(8r) per matrix
     "c3a": _adapter_method(lambda c: adapters.c3a(8 * c.rank)),
     # n = 16·r wavelet coefficients as FourierFT; PEFT's scaling 25, zero init, db1

@@ -112,13 +112,15 @@ def test_compare_methods_smoke_fourierft_ln_tuning(tmp_path):
     # trainable tokens (no factored form: a row scatter) once for the table;
     # DeLoRA takes its low-rank form (no fallback), HiRA (built without its
     # r-matmul form) warns once per adapted kernel
+    # GraLoRA and MiSS take their block and shard-sum forms (no fallback)
     res = run_script("compare_methods.py", "--smoke", "--progress=false",
                      "--isolate=false",
-                     "--methods=fourierft,ln_tuning,trainable_tokens,hira,delora",
+                     "--methods=fourierft,ln_tuning,trainable_tokens,hira,delora,"
+                     "gralora,miss",
                      f"--out_dir={tmp_path}")
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["fourierft", "ln_tuning", "trainable_tokens",
-                                           "hira", "delora"]
+                                           "hira", "delora", "gralora", "miss"]
     for r in rows:
         assert r["losses"][-1] < r["losses"][0] - 0.01, r["losses"]
     assert "fourierft on" not in res.stderr
@@ -126,3 +128,4 @@ def test_compare_methods_smoke_fourierft_ln_tuning(tmp_path):
     assert "on 'embed_tokens/embedding'" in res.stderr
     assert "hira(rank=4, init=kaiming_uniform) on 'layers/self_attn/q_proj" in res.stderr
     assert "delora(rank" not in res.stderr
+    assert "gralora(rank" not in res.stderr and "miss(rank" not in res.stderr
