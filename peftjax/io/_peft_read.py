@@ -332,7 +332,8 @@ def load_peft(
                         use_dora, param_dtype, source, dims, dn) if tuner is None
                  else tuner.build(_peft_tuner.ModuleRead(
                      config, key_map[upath].module, got, vera_shared, param_dtype,
-                     source, dims, dn, key_map[upath])))
+                     source, dims, dn, key_map[upath],
+                     tuple(sorted(key_map[u].module for u in parts)))))
         per_leaf.setdefault(path, {})[layer] = built
     assignment: dict[str, _adapters.Adapter] = {}
     trainable: dict[str, Any] = {}
@@ -375,7 +376,8 @@ def _check_selection(selection: Any, config: dict,
     layouts = {k.module: k.layout for k in key_map.values() if k.tensor == "weight"}
     emb = [m for m in selection.selected
            if layouts.get(m) is _peft_keys.TensorLayout.EMBEDDING]
-    if emb and peft_type != "LORA":
+    tuner = _peft_tuners.TUNERS.get(peft_type)
+    if emb and peft_type != "LORA" and not (tuner is not None and tuner.embeddings):
         raise ValueError(f"load_peft: target_modules in {source} selects the "
                          f"embedding(s) {emb}; PEFT's {peft_type} adapts Linear "
                          "modules only (PEFT raises here too)")

@@ -42,6 +42,8 @@ class ModuleRead(NamedTuple):
       dimension_numbers: the view to give the adapter (with the layer axis
         of a scanned leaf), or None.
       key: the module's ``PeftKey``.
+      modules: every adapted module of the file (sorted names), for types
+        whose tensors are indexed by the module's position (TinyLoRA).
     """
 
     config: Mapping[str, Any]
@@ -53,6 +55,7 @@ class ModuleRead(NamedTuple):
     dims: tree.ResolvedDims
     dimension_numbers: tree.DimensionNumbers | None
     key: _peft_keys.PeftKey
+    modules: tuple[str, ...] = ()
 
 
 class ModuleWrite(NamedTuple):
@@ -66,6 +69,7 @@ class ModuleWrite(NamedTuple):
       path: the unrolled params path (for error messages).
       module: PEFT's module name.
       state: the whole ``AdapterState`` (for parameters shared across leaves).
+      key: the module's ``PeftKey`` (its layout tells a table from a kernel).
     """
 
     adapter: _adapters.Adapter
@@ -75,6 +79,7 @@ class ModuleWrite(NamedTuple):
     path: str
     module: str
     state: _adapters.AdapterState
+    key: _peft_keys.PeftKey | None = None
 
 
 def _all(tuner: "Tuner") -> Callable[[set[str]], set[str]]:
@@ -113,6 +118,8 @@ class Tuner(NamedTuple):
         ones (parameters shared by every module), or None.
       shared_frozen: the same for ``AdapterState.frozen`` (frozen arrays
         shared by every module, e.g. RandLoRA's bases), or None.
+      embeddings: the type also adapts embedding tables (``TensorLayout.
+        EMBEDDING`` keys; ``build``/``write`` see the layout in ``key``).
     """
 
     peft_type: str
@@ -129,6 +136,7 @@ class Tuner(NamedTuple):
     check: Callable[[Mapping[str, Any], str], list[str]] | None = None
     shared_trainable: Callable[..., dict[str, Any]] | None = None
     shared_frozen: Callable[..., dict[str, Any]] | None = None
+    embeddings: bool = False
 
     def needs(self, found: set[str]) -> set[str]:
         """The suffixes a module with tensors ``found`` must have."""

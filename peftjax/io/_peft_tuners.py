@@ -19,6 +19,8 @@ from peftjax.io import (
     _peft_miss,
     _peft_pvera,
     _peft_randlora,
+    _peft_shira,
+    _peft_tinylora,
     _peft_tuner,
     _peft_waveft,
 )
@@ -33,6 +35,8 @@ TUNERS: dict[str, _peft_tuner.Tuner] = {t.peft_type: t for t in (
     _peft_miss.TUNER,
     _peft_pvera.TUNER,
     _peft_randlora.TUNER,
+    _peft_shira.TUNER,
+    _peft_tinylora.TUNER,
     _peft_waveft.TUNER,
 )}
 

@@ -341,7 +341,8 @@ def save_peft(
             modules.append(k.module)
             emb = k.layout is _peft_keys.TensorLayout.EMBEDDING
             if k.layout is _peft_keys.TensorLayout.VECTOR or (
-                    emb and (peft_type != "LORA" or dora)):
+                    emb and (not (peft_type == "LORA" or (
+                        tuner is not None and tuner.embeddings)) or dora)):
                 raise ValueError(f"save_peft: {adapter!r} on {upath!r} ({k}) has no "
                                  "PEFT format (embedding LoRA only)")
             try:
@@ -359,7 +360,7 @@ def save_peft(
                     "the layer axis) so the file reads back")
             if tuner is not None:
                 tt, infos[k.module] = tuner.write(_peft_tuner.ModuleWrite(
-                    adapter, tu, fu, dims, upath, k.module, state))
+                    adapter, tu, fu, dims, upath, k.module, state, k))
                 tensors.update({f"{base}.{x}": v for x, v in tt.items()})
             elif peft_type == "LORA":
                 r = int(tu.a.shape[-1])
