@@ -276,4 +276,7 @@ def lokr(
         unapply_matrix=unapply_matrix,
         dimension_numbers=dimension_numbers,
         factored_matrix=factored_matrix,
+        hyperparameters=(("rank", rank), ("alpha", float(alpha)),
+                         ("decompose_both", bool(decompose_both)),
+                         ("decompose_factor", int(decompose_factor))),
     )

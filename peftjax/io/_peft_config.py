@@ -13,8 +13,9 @@ the selected modules'), accepts descriptive fields
 field whose value differs from PEFT's default, naming it: nothing is
 silently dropped. Fields of the wrong JSON type are errors naming the file.
 
-Exports: ``SUPPORTED_PEFT_TYPES``, ``check_config``, ``most_common``, ``pattern_value``,
-``selection``, ``unused_pattern_keys``, ``is_feedforward``.
+Exports: ``SUPPORTED_PEFT_TYPES``, ``alpha_for``, ``check_config``,
+``most_common``, ``pattern_value``, ``selection``, ``unused_pattern_keys``,
+``is_feedforward``.
 """
 
 import math
@@ -22,11 +23,13 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from peftjax.io import _peft_targets
 
 # Types with their own read/write code; the per-module weight tuners
 # (``_peft_tuners.TUNERS``) are added by the caller of ``check_config``.
-SUPPORTED_PEFT_TYPES = ("LORA", "VERA", "IA3", "LN_TUNING", "LOKR", "TRAINABLE_TOKENS")
+SUPPORTED_PEFT_TYPES = ("LORA", "VERA", "IA3", "LN_TUNING", "TRAINABLE_TOKENS")
 
 # Fields that describe the adapter, or select modules (``selection``), for
 # every type.
@@ -46,9 +49,6 @@ _HONOURED = {
                        "d_initial", "init_weights", "layers_to_transform",
                        "layers_pattern"}),
     "IA3": frozenset({"feedforward_modules", "init_ia3_weights"}),
-    "LOKR": frozenset({"r", "alpha", "rank_pattern", "alpha_pattern",
-                       "decompose_both", "decompose_factor", "init_weights",
-                       "layers_to_transform", "layers_pattern"}),
     # LN tuning has no fields of its own (selection and modules_to_save only).
     "LN_TUNING": frozenset(),
     # the rows to train; init_weights is inert once the values are in the file
@@ -71,10 +71,6 @@ _DEFAULTS = {
     # peftjax's VeRA has no input dropout.
     "VERA": {"fan_in_fan_out": False, "bias": "none", "vera_dropout": 0.0},
     "IA3": {"fan_in_fan_out": False},
-    # peftjax's LoKr has no training-time rank/module dropout and no
-    # Tucker cores (use_effective_conv2d only changes convolutions).
-    "LOKR": {"rank_dropout": 0.0, "module_dropout": 0.0,
-             "rank_dropout_scale": False, "use_effective_conv2d": False},
     "LN_TUNING": {},
     "TRAINABLE_TOKENS": {},
 }
@@ -125,9 +121,6 @@ _TYPES = {
     "alpha_pattern": (lambda v: isinstance(v, dict) and all(
         _number(x) for x in v.values()), "an object of numbers"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
-    "decompose_both": (lambda v: isinstance(v, bool), "true or false"),
-    "decompose_factor": (lambda v: _int(v) and (v == -1 or v > 0),
-                         "-1 or a positive int"),
     "use_dora": (lambda v: isinstance(v, bool), "true or false"),
     "ensure_weight_tying": (lambda v: isinstance(v, bool), "true or false"),
 }
@@ -226,6 +219,34 @@ def check_config(config: Mapping[str, Any], source: str,
             + "; ".join(bad)
         )
     return peft_type
+
+
+def alpha_for(s: float, rank: int, rslora: bool) -> float | int:
+    """The shortest decimal ``lora_alpha`` giving scaling ``s`` in float32.
+
+    Args:
+      s: the float32 scaling the adapter uses.
+      rank: ``r``.
+      rslora: ``alpha/√r`` instead of ``alpha/r``.
+
+    Returns:
+      An int when the alpha is integral, else a float.
+
+    Example:
+      >>> import numpy as np
+      >>> alpha_for(float(np.float32(16 / math.sqrt(8))), 8, True)
+      16
+      >>> alpha_for(2.0, 8, False)
+      16
+    """
+    denom = math.sqrt(rank) if rslora else rank
+    target = np.float32(s)
+    raw = s * denom
+    for digits in range(1, 18):
+        cand = float(f"{raw:.{digits}g}")
+        if np.float32(cand / denom) == target:
+            return int(cand) if cand.is_integer() else cand
+    return raw
 
 
 def most_common(values: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -49,16 +49,8 @@ _SUFFIXES = (
     (".ia3_l", "ia3", _peft_keys.TensorLayout.KERNEL),
     (".vera_lambda_b", "lambda_b", _peft_keys.TensorLayout.KERNEL),
     (".vera_lambda_d", "lambda_d", _peft_keys.TensorLayout.KERNEL),
-) + tuple((f".lokr_{n}", f"lokr_{n}", _peft_keys.TensorLayout.KERNEL)
-          for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2"))
-_NEEDS = {"LORA": {"a", "b"}, "IA3": {"ia3"}, "VERA": {"lambda_b", "lambda_d"},
-          "LOKR": set()}
-
-
-def _lokr_needs(got: Mapping[str, Any]) -> set[str]:
-    """LoKr's tensors: each factor full (``lokr_wk``) or as ``lokr_wk_a``, ``lokr_wk_b``."""
-    return {n for k in ("w1", "w2") for n in (
-        [f"lokr_{k}"] if f"lokr_{k}" in got else [f"lokr_{k}_a", f"lokr_{k}_b"])}
+)
+_NEEDS = {"LORA": {"a", "b"}, "IA3": {"ia3"}, "VERA": {"lambda_b", "lambda_d"}}
 
 
 class PeftAdapter(NamedTuple):
@@ -304,6 +296,10 @@ def load_peft(
             f"load_peft: {len(unknown)} tensor(s) in {str(directory)!r} match no "
             f"module of the key map for {peft_type}: {unknown[:8]}{hint}"
         )
+    if tuner is not None and tuner.modules_from_config:  # modules with no tensors
+        for m in selection.selected:
+            if m in adapted:
+                parts.setdefault(adapted[m][0], {})
     _check_selection(selection, config, key_map, parts, peft_type, source,
                      str(directory / _peft_write.WEIGHTS_NAME))
     _check_saved(config, key_map, full_u, source)
@@ -313,14 +309,19 @@ def load_peft(
         raise ValueError(f"load_peft: {str(directory)!r} holds no {peft_type} tensors")
     needs = _NEEDS.get(peft_type, set()) | ({"magnitude"} if use_dora else set())
     for upath, got in sorted(parts.items()):
-        want = (tuner.needs(set(got)) if tuner is not None else
-                _lokr_needs(got) if peft_type == "LOKR" else needs)
+        want = tuner.needs(set(got)) if tuner is not None else needs
         if set(got) != want:
             raise ValueError(
                 f"load_peft: module {key_map[upath].module!r} ({upath!r}) has "
                 f"{sorted(got)}, a {peft_type}{' DoRA' if use_dora else ''} adapter "
                 f"needs {sorted(want)}"
             )
+    shapes: dict[str, tuple[int, int]] = {}  # every module's (n_in, n_out)
+    for upath in parts:
+        path, layer = _params_path(upath, flat, layers_prefix)
+        d = _peft_keys.layer_dims(key_map[upath], tuple(np.shape(flat[path]))[
+            0 if layer is None else 1:], 0, upath)
+        shapes[key_map[upath].module] = (d.n_in, d.n_out)
     per_leaf: dict[str, dict[int | None, tuple]] = {}
     for upath, got in parts.items():
         path, layer = _params_path(upath, flat, layers_prefix)
@@ -333,7 +334,7 @@ def load_peft(
                  else tuner.build(_peft_tuner.ModuleRead(
                      config, key_map[upath].module, got, vera_shared, param_dtype,
                      source, dims, dn, key_map[upath],
-                     tuple(sorted(key_map[u].module for u in parts)))))
+                     tuple(sorted(key_map[u].module for u in parts)), shapes)))
         per_leaf.setdefault(path, {})[layer] = built
     assignment: dict[str, _adapters.Adapter] = {}
     trainable: dict[str, Any] = {}
@@ -524,8 +525,6 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
             return (_adapters.dora(r, **kw),
                     _adapters.DoRAParams(arr(a.T), arr(b.T), arr(got["magnitude"])), None)
         return _adapters.lora(r, **kw), _adapters.LoRAParams(arr(a.T), arr(b.T)), None
-    if peft_type == "LOKR":
-        return _build_lokr(config, module, got, arr, dtype, source, dn)
     if peft_type == "IA3":
         v = got["ia3"]
         if v.ndim != 2 or 1 not in v.shape:
@@ -557,30 +556,6 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
                          f"the shared vera_A {big_a.shape} / vera_B {big_b.shape}")
     t = _adapters.VeRAParams(arr(got["lambda_d"]), arr(got["lambda_b"]))
     return adapter, t, _adapters.VeRABasis(arr(big_a[:, :n_in].T), arr(big_b[:n_out].T))
-
-
-def _build_lokr(config: dict, module: str, got: dict[str, np.ndarray], arr: Any,
-                dtype: Any, source: str, dn: tree.DimensionNumbers | None) -> tuple:
-    """LoKr: every torch ``lokr_*`` tensor transposed under its own name (``LoKrParams``)."""
-    if any(x.ndim != 2 for x in got.values()):
-        raise ValueError(f"load_peft: {module!r} has LoKr tensors "
-                         f"{ {k: x.shape for k, x in got.items()} }; only Linear "
-                         "(2-D factors) is supported")
-    r = _peft_config.pattern_value(config.get("rank_pattern") or {}, module,
-                                   config.get("r", 8))
-    for k in ("w1", "w2"):
-        if f"lokr_{k}_a" in got and got[f"lokr_{k}_a"].shape[1] != r:
-            raise ValueError(f"load_peft: {module!r} has lokr_{k}_a "
-                             f"{got[f'lokr_{k}_a'].shape} but rank {r} in {source} "
-                             "(r/rank_pattern)")
-    alpha = _peft_config.pattern_value(config.get("alpha_pattern") or {}, module,
-                                       config.get("alpha", 8))
-    t = _adapters.LoKrParams(**{k[len("lokr_"):]: arr(x.T) for k, x in got.items()})
-    adapter = _adapters.lokr(
-        r, alpha=alpha, decompose_both=bool(config.get("decompose_both", False)),
-        decompose_factor=int(config.get("decompose_factor", -1)), param_dtype=dtype,
-        dimension_numbers=dn)
-    return adapter, t, None
 
 
 def _check_shapes(path: str, adapter: _adapters.Adapter, leaf: Any, t: Any, f: Any) -> None:

@@ -44,6 +44,8 @@ class ModuleRead(NamedTuple):
       key: the module's ``PeftKey``.
       modules: every adapted module of the file (sorted names), for types
         whose tensors are indexed by the module's position (TinyLoRA).
+      shapes: ``{module: (n_in, n_out)}`` of every adapted module of the file
+        (one layer), for types whose tensors depend on all of them (UniLoRA).
     """
 
     config: Mapping[str, Any]
@@ -56,6 +58,7 @@ class ModuleRead(NamedTuple):
     dimension_numbers: tree.DimensionNumbers | None
     key: _peft_keys.PeftKey
     modules: tuple[str, ...] = ()
+    shapes: Mapping[str, tuple[int, int]] = {}
 
 
 class ModuleWrite(NamedTuple):
@@ -120,6 +123,9 @@ class Tuner(NamedTuple):
         shared by every module, e.g. RandLoRA's bases), or None.
       embeddings: the type also adapts embedding tables (``TensorLayout.
         EMBEDDING`` keys; ``build``/``write`` see the layout in ``key``).
+      modules_from_config: a module may have no tensors in the file
+        (UniLoRA without ``save_indices``): every module the config selects
+        is adapted, with whatever tensors it has.
     """
 
     peft_type: str
@@ -137,6 +143,7 @@ class Tuner(NamedTuple):
     shared_trainable: Callable[..., dict[str, Any]] | None = None
     shared_frozen: Callable[..., dict[str, Any]] | None = None
     embeddings: bool = False
+    modules_from_config: bool = False
 
     def needs(self, found: set[str]) -> set[str]:
         """The suffixes a module with tensors ``found`` must have."""

@@ -32,7 +32,6 @@ Exports: ``save_peft``.
 """
 
 import json
-import math
 import os
 import pathlib
 from collections.abc import Mapping
@@ -56,7 +55,6 @@ _TYPES = {
     _adapters.DoRAParams: "LORA",
     _adapters.VeRAParams: "VERA",
     _adapters.ScaleParams: "IA3",
-    _adapters.LoKrParams: "LOKR",
     _adapters.LNTuningParams: "LN_TUNING",
     _adapters.TrainableTokensParams: "TRAINABLE_TOKENS",
 }
@@ -96,84 +94,6 @@ def _probe_scaling(adapter: _adapters.Adapter, t: Any, n_in: int, n_out: int,
                                   jnp.ones((n_out,), jnp.float32)))
     terms = adapter.factored.terms(jnp.zeros((n_in, n_out), jnp.float32), unit, None)
     return float(terms.delta(jnp.asarray(x))[0, 0])
-
-
-def _probe_lokr_scaling(adapter: _adapters.Adapter, t: Any, nb: int, n_in: int,
-                        n_out: int) -> float:
-    """LoKr's ``s``: ``delta(e_0)`` with every factor tensor ``e_0 e_0ᵀ``."""
-    def unit(x: Any) -> jax.Array:
-        u = np.zeros(x.shape[nb:], np.float32)
-        u[0, 0] = 1.0
-        return jnp.asarray(u)
-
-    x = np.zeros((1, n_in), np.float32)
-    x[0, 0] = 1.0
-    terms = adapter.factored.terms(jnp.zeros((n_in, n_out), jnp.float32),
-                                   jax.tree.map(unit, t), None)
-    return float(terms.delta(jnp.asarray(x))[0, 0])
-
-
-def _lokr_layer(tu: Any) -> tuple[dict[str, np.ndarray], tuple[int, ...], int | None]:
-    """PEFT's ``lokr_*`` tensors (each factor transposed), ``(in_m, out_l, in_n,
-    out_k)`` and the rank when a factor is decomposed (else None)."""
-    tensors = {f"lokr_{n}": np.ascontiguousarray(_np(x).T)
-               for n, x in tu._asdict().items() if x is not None}
-    in_m, out_l = ((tu.w1.shape[0], tu.w1.shape[1]) if tu.w1 is not None
-                   else (tu.w1_b.shape[0], tu.w1_a.shape[1]))
-    in_n, out_k = ((tu.w2.shape[0], tu.w2.shape[1]) if tu.w2 is not None
-                   else (tu.w2_b.shape[0], tu.w2_a.shape[1]))
-    ranks = {int(x.shape[0]) for x in (tu.w1_a, tu.w2_a) if x is not None}
-    return tensors, (in_m, out_l, in_n, out_k), (ranks.pop() if ranks else None)
-
-
-def _lokr_config(layers: dict[str, tuple], ranks: dict[str, int]) -> dict[str, Any]:
-    """``decompose_both`` / ``decompose_factor`` that make PEFT build every module's
-    structure; raises when no single PEFT config does."""
-    both = any(dec1 for _, dec1 in layers.values())
-    for module, (shape, dec1) in layers.items():
-        in_m, out_l = shape[0], shape[1]
-        if both and not dec1 and ranks[module] < max(out_l, in_m) / 2:
-            raise ValueError(
-                f"save_peft: LoKr on {module!r} has a full w1 {(in_m, out_l)} at rank "
-                f"{ranks[module]}, while other modules decompose w1: no single PEFT "
-                "decompose_both builds both")
-    candidates = [-1] + sorted({v for shape, _ in layers.values() for v in shape})
-    for f in candidates:
-        if all(_adapters.lokr_factorization(s[0] * s[2], f) == (s[0], s[2]) and
-               _adapters.lokr_factorization(s[1] * s[3], f) == (s[1], s[3])
-               for s, _ in layers.values()):
-            return {"decompose_both": both, "decompose_factor": f}
-    raise ValueError(
-        "save_peft: no single PEFT decompose_factor splits every LoKr module as its "
-        "factors do: " + ", ".join(f"{m}: in {s[0]}x{s[2]}, out {s[1]}x{s[3]}"
-                                   for m, (s, _) in sorted(layers.items())))
-
-
-def alpha_for(s: float, rank: int, rslora: bool) -> float | int:
-    """The shortest decimal ``lora_alpha`` giving scaling ``s`` in float32.
-
-    Args:
-      s: the float32 scaling the adapter uses.
-      rank: ``r``.
-      rslora: ``alpha/√r`` instead of ``alpha/r``.
-
-    Returns:
-      An int when the alpha is integral, else a float.
-
-    Example:
-      >>> alpha_for(float(np.float32(16 / math.sqrt(8))), 8, True)
-      16
-      >>> alpha_for(2.0, 8, False)
-      16
-    """
-    denom = math.sqrt(rank) if rslora else rank
-    target = np.float32(s)
-    raw = s * denom
-    for digits in range(1, 18):
-        cand = float(f"{raw:.{digits}g}")
-        if np.float32(cand / denom) == target:
-            return int(cand) if cand.is_integer() else cand
-    return raw
 
 
 def _targets(modules: list[str], key_map: Mapping[str, _peft_keys.PeftKey]
@@ -321,7 +241,6 @@ def save_peft(
     feedforward: list[str] = []
     vera_bases: list[tuple[str, Any]] = []
     vera_cfg: set[tuple] = set()
-    lokr_layers: dict[str, tuple] = {}
     for path in sorted(assignment):
         adapter, t, f = assignment[path], state.trainable[path], state.frozen[path]
         leaf = params_flat.get(path)
@@ -332,8 +251,6 @@ def save_peft(
         nb = len(dims.batch)
         if peft_type == "LORA":  # one adapter (one scaling) for all layers
             s = _probe_scaling(adapter, t, dims.n_in, dims.n_out, path)
-        if peft_type == "LOKR":
-            s = _probe_lokr_scaling(adapter, t, nb, dims.n_in, dims.n_out)
         for upath, (tu, fu) in _peft_keys.per_layer(path, (t, f), nb, key_map,
                                                     layers_prefix, "save_peft"):
             k = key_map[upath]
@@ -365,7 +282,7 @@ def save_peft(
             elif peft_type == "LORA":
                 r = int(tu.a.shape[-1])
                 ranks[k.module] = r
-                alphas[k.module] = alpha_for(s, r, use_rslora)
+                alphas[k.module] = _peft_config.alpha_for(s, r, use_rslora)
                 dropouts.add(adapter.dropout)
                 a, b = _np(tu.a).T, _np(tu.b).T
                 if emb:
@@ -376,15 +293,6 @@ def save_peft(
                     tensors[base + ".lora_B.weight"] = np.ascontiguousarray(b)
                 if dora:
                     tensors[base + ".lora_magnitude_vector"] = _np(tu.magnitude)
-            elif peft_type == "LOKR":  # lokr_x = x.T for every factor tensor x
-                lt, shape, r = _lokr_layer(tu)
-                # Both factors full: any rank >= every half-side keeps them full
-                # in PEFT; alpha = s·r keeps the scaling.
-                r = max(shape) if r is None else r
-                ranks[k.module] = r
-                alphas[k.module] = alpha_for(s, r, False)
-                lokr_layers[k.module] = (shape, tu.w1 is None)
-                tensors.update({f"{base}.{n}": x for n, x in lt.items()})
             elif peft_type == "IA3":
                 unit = _adapters.ScaleParams(jnp.ones_like(tu.scale))
                 terms = adapter.factored.terms(
@@ -442,14 +350,6 @@ def save_peft(
                       bias="none", fan_in_fan_out=False, init_lora_weights=True)
         if tied:
             config["ensure_weight_tying"] = True
-    elif peft_type == "LOKR":
-        r, rank_pattern = _peft_config.most_common(ranks)
-        alpha, alpha_pattern = _peft_config.most_common(alphas)
-        config.update(r=r, alpha=alpha, rank_pattern=rank_pattern,
-                      alpha_pattern=alpha_pattern, rank_dropout=0.0,
-                      module_dropout=0.0, rank_dropout_scale=False,
-                      use_effective_conv2d=False, init_weights=True,
-                      **_lokr_config(lokr_layers, ranks))
     elif peft_type == "IA3":
         config.update(feedforward_modules=_targets(feedforward, key_map)
                       if feedforward else [], fan_in_fan_out=False)
