@@ -307,6 +307,10 @@ METHODS: dict[str, Callable[..., Setup]] = {
     "c3a": _adapter_method(lambda c: adapters.c3a(8 * c.rank)),
     # n = 16·r wavelet coefficients as FourierFT; PEFT's scaling 25, zero init, db1
     "waveft": _adapter_method(lambda c: adapters.waveft(16 * c.rank)),
+    # TinyLoRA: PEFT's SVD rank 2, u = 8·r coefficients per matrix (PEFT's 64 at r=8)
+    "tinylora": _adapter_method(lambda c: adapters.tinylora(2, 8 * c.rank)),
+    # SHiRA: r·(in+out) entries of PEFT's random mask, LoRA's count
+    "shira": _adapter_method(lambda c: adapters.shira(c.rank)),
     "ln_tuning": _adapter_method(lambda c: adapters.ln_tuning(), where=NORMS),
     # HiRA without its r-matmul factored form (r base products cost more than
     # one weight-sized W' here): the factored path materialises it, with a warning
