@@ -149,6 +149,22 @@ def _adapter_method(make_adapter: Callable[[Any], adapters.Adapter], *, peft: bo
     return build
 
 
+def _sized_method(make_adapter: Callable[[Any, int, int], adapters.Adapter]):
+    """``_adapter_method`` for adapters whose shared frozen arrays are sized by the
+    largest targeted input and output widths (RandLoRA, PVeRA), as PEFT sizes them."""
+    def build(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+              init_data: InitData | None = None) -> Setup:
+        probe = tree.assign(params, [tree.Rule(where=_targets(cfg), then=adapters.lora(1))])
+        leaves = tree.leaves_by_path(params)
+        dims = [tree.resolve(a.dimension_numbers, tuple(leaves[p].shape), path=p)
+                for p, a in probe.items()]
+        widths = max(d.n_in for d in dims), max(d.n_out for d in dims)
+        return _adapter_method(lambda c: make_adapter(c, *widths))(
+            cfg, params, run, key, init_data=init_data)
+
+    return build
+
+
 def _full(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
           init_data: InitData | None = None) -> Setup:
     return Setup(params, _adamw(run), "full fine-tuning: every parameter is trained")
@@ -307,6 +323,14 @@ METHODS: dict[str, Callable[..., Setup]] = {
     "c3a": _adapter_method(lambda c: adapters.c3a(8 * c.rank)),
     # n = 16·r wavelet coefficients as FourierFT; PEFT's scaling 25, zero init, db1
     "waveft": _adapter_method(lambda c: adapters.waveft(16 * c.rank)),
+    # RandLoRA: PEFT's r = 32 and alpha/r = 20 at rank 8 (bases of rank 4r);
+    # ceil(min/4r)·(4r + min) per matrix, about LoRA's count on square matrices
+    "randlora": _sized_method(lambda c, i, o: adapters.randlora(
+        4 * c.rank, max_in=i, max_out=o, alpha=80.0 * c.rank)),
+    # PVeRA: PEFT's r = 256 at rank 8 (32r), 2r + out per matrix; trained at its
+    # mean (PEFT samples z in training), PEFT's d_initial 0.1
+    "pvera": _sized_method(lambda c, i, o: adapters.pvera(32 * c.rank, max_in=i,
+                                                           max_out=o)),
     # TinyLoRA: PEFT's SVD rank 2, u = 8·r coefficients per matrix (PEFT's 64 at r=8)
     "tinylora": _adapter_method(lambda c: adapters.tinylora(2, 8 * c.rank)),
     # SHiRA: r·(in+out) entries of PEFT's random mask, LoRA's count

@@ -95,12 +95,15 @@ def test_compare_methods_smoke_lokr(tmp_path):
     # LoKr, C3A, WaveFT, TinyLoRA and SHiRA by name: losses drop, and the
     # factored path takes their forms (Kronecker contraction, block FFTs,
     # wavelet windows, the r x r core, the sparse segment-sum: no
-    # materialisation fallback warning)
+    # materialisation fallback warning); RandLoRA and PVeRA: (x@left)@right over
+    # their shared frozen bases
     res = run_script("compare_methods.py", "--smoke", "--progress=false",
-                     "--isolate=false", "--methods=lokr,c3a,waveft,tinylora,shira",
+                     "--isolate=false",
+                     "--methods=lokr,c3a,waveft,tinylora,shira,randlora,pvera",
                      f"--out_dir={tmp_path}")
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["lokr", "c3a", "waveft", "tinylora", "shira"]
+    assert [r["method"] for r in rows] == ["lokr", "c3a", "waveft", "tinylora", "shira",
+                                           "randlora", "pvera"]
     assert rows[0]["losses"][-1] < rows[0]["losses"][0] - 0.05
     for r in rows[1:]:  # C3A: 5.563 -> 5.539, WaveFT: 5.557 -> 5.358 here
         assert r["losses"][-1] < r["losses"][0] - 0.01, r["losses"]
