@@ -23,6 +23,8 @@ from peftjax.io import (
     _peft_shira,
     _peft_tinylora,
     _peft_tuner,
+    _peft_unilora,
+    _peft_vblora,
     _peft_waveft,
 )
 
@@ -39,6 +41,8 @@ TUNERS: dict[str, _peft_tuner.Tuner] = {t.peft_type: t for t in (
     _peft_randlora.TUNER,
     _peft_shira.TUNER,
     _peft_tinylora.TUNER,
+    _peft_unilora.TUNER,
+    _peft_vblora.TUNER,
     _peft_waveft.TUNER,
 )}
 
