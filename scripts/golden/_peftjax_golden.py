@@ -14,6 +14,7 @@ them in PEFT and records the output differences; the tests call ``build``
 again and compare within a stated tolerance.
 """
 
+import functools
 import pathlib
 
 import jax
@@ -30,23 +31,26 @@ LLAMA_IDS = [[1, 5, 9, 33, 2, 63, 17, 8], [4, 4, 40, 12, 0, 7, 50, 3]]
 BERT_IDS = [[2, 7, 11, 30, 3, 0], [2, 9, 5, 3, 0, 0]]
 
 
+@functools.cache
 def load(kind: str, *, scanned: bool = False):
     """``(graph, params, key_map, forward)`` of a committed tiny base model.
 
     ``forward(params) -> outputs`` of the fixed inputs (Llama logits, BERT
-    last hidden states, every position).
+    last hidden states, every position), jitted. Cached: one load and one
+    forward compile per process (the tests share them across tuners).
     """
     if kind == "llama":
         model = llama.load_llama(BASES[kind], scan_layers=scanned)
         g, params = pm.split_params(model)
         ids = jnp.asarray(LLAMA_IDS)
-        return g, params, llama.peft_key_map(model.config), lambda p: pm.apply(g, p, ids)
+        return (g, params, llama.peft_key_map(model.config),
+                jax.jit(lambda p: pm.apply(g, p, ids)))
     enc = bert.load_bert(BASES[kind])
     g, params = pm.split_params(enc)
     ids = jnp.asarray(BERT_IDS)
     mask = (ids != 0).astype(jnp.int32)
     return (g, params, bert.peft_key_map(enc.config),
-            lambda p: pm.apply(g, p, ids, attention_mask=mask))
+            jax.jit(lambda p: pm.apply(g, p, ids, attention_mask=mask)))
 
 
 def perturbed(state: adapters.AdapterState, seed: int, scale: float
@@ -89,8 +93,9 @@ def build(out, name: str, rules: dict, *, seed: int = 41, scale: float = 0.3,
         io.save_peft(out / d, a, st, params, key_map=key_map,
                      base_model_name_or_path=f"tiny-random-{kind}",
                      **(save_kwargs or {}))
-        result[d] = np.asarray(jax.jit(lambda t, f: fwd(  # noqa: B023
-            adapters.materialize(a, params, t, f)))(st.trainable, st.frozen))
+        merged = jax.jit(lambda t, f: adapters.materialize(a, params, t, f))(  # noqa: B023
+            st.trainable, st.frozen)
+        result[d] = np.asarray(fwd(merged))
     return result
 
 

@@ -22,6 +22,7 @@ it ``golden``) to these functions.
 import importlib.util
 import json
 import pathlib
+import sys
 import warnings
 
 import jax
@@ -45,7 +46,15 @@ def _script(name: str):
 
 
 _GOLDEN = _script("_peftjax_golden.py")
+# the per-tuner scripts import it by name: one module, one cache of models
+# and compiled forwards per process
+sys.modules.setdefault("_peftjax_golden", _GOLDEN)
 load = _GOLDEN.load
+
+
+def materialized(assignment, params, state) -> dict:
+    """``adapters.materialize`` jitted (one small compile, no forward)."""
+    return jax.jit(lambda t, f: adapters.materialize(assignment, params, t, f))(*state)
 
 
 def _mask(kind: str, arr: np.ndarray) -> np.ndarray:
@@ -66,7 +75,8 @@ def trainable_count(state: adapters.AdapterState) -> int:
 
 def check_peft_made(golden: pathlib.Path, name: str, kind: str, *, scanned: bool,
                     paths: tuple[str, ...] = ("materialized", "factored"),
-                    fallback: bool = False) -> io.PeftAdapter:
+                    fallback: bool = False,
+                    roundtrip: pathlib.Path | None = None) -> io.PeftAdapter:
     """PEFT's ``<kind>_<name>`` file gives PEFT's outputs in peftjax.
 
     Args:
@@ -78,6 +88,9 @@ def check_peft_made(golden: pathlib.Path, name: str, kind: str, *, scanned: bool
         ``"factored"``; ``fold`` is checked when PEFT's merged outputs exist).
       fallback: the tuner has no factored form (the factored path then
         materialises with a warning, which is allowed).
+      roundtrip: a directory to ``save_peft`` the loaded adapter into (for a
+        tuner whose write is exact): the written tensors are PEFT's own, bit
+        for bit, and read back to the same adapters and state.
 
     Returns:
       The loaded ``PeftAdapter``, for method-specific assertions.
@@ -87,22 +100,32 @@ def check_peft_made(golden: pathlib.Path, name: str, kind: str, *, scanned: bool
     _, params, key_map, fwd = load(kind, scanned=scanned)
     ad = io.load_peft(golden / f"{kind}_{name}", params, key_map=key_map)
     want = ref[f"{kind}_{name}"]
+    if roundtrip is not None:  # PEFT -> peftjax -> PEFT keeps PEFT's tensors
+        io.save_peft(roundtrip, ad.assignment, ad.state, params, key_map=key_map)
+        assert_tensors_close(
+            io.read_safetensors(roundtrip / "adapter_model.safetensors")[0],
+            io.read_safetensors(golden / f"{kind}_{name}" / "adapter_model.safetensors")[0],
+            0.0, f"{kind}_{name} written back")
+        back = io.load_peft(roundtrip, params, key_map=key_map)
+        assert {p: repr(a) for p, a in back.assignment.items()} == \
+            {p: repr(a) for p, a in ad.assignment.items()}
+        jax.tree.map(np.testing.assert_array_equal, back.state, ad.state)
     if "materialized" in paths:
-        got = jax.jit(lambda t, f: fwd(adapters.materialize(ad.assignment, params, t, f)))(
-            *ad.state)
-        assert_outputs_close(kind, got, want)
+        assert_outputs_close(kind, fwd(materialized(ad.assignment, params, ad.state)), want)
     if "factored" in paths:
         with warnings.catch_warnings():
             if not fallback:
                 warnings.simplefilter("error")  # the factored path takes no fallback
             else:
                 warnings.simplefilter("ignore")
+            raw = fwd.__wrapped__  # the forward itself, not its compiled form
             got = jax.jit(lambda t, f: factored.transform(
-                lambda p, _: fwd(p), ad.assignment, t, f)(params, None))(*ad.state)
+                lambda p, _: raw(p), ad.assignment, t, f)(params, None))(*ad.state)
         assert_outputs_close(kind, got, want)
     if f"{kind}_{name}_merged" in ref.files:
-        merged = adapters.fold(ad.assignment, params, *ad.state)
-        assert_outputs_close(kind, jax.jit(fwd)(merged), ref[f"{kind}_{name}_merged"])
+        merged = jax.jit(lambda t, f: adapters.fold(ad.assignment, params, t, f))(
+            *ad.state)
+        assert_outputs_close(kind, fwd(merged), ref[f"{kind}_{name}_merged"])
     # the adapter moves the outputs far beyond the bar (no tensor at its init)
     assert np.max(np.abs(_mask(kind, want) - _mask(kind, ref[f"{kind}_base"]))) > \
         100 * TORCH_ATOL
@@ -137,8 +160,7 @@ def check_peftjax_written(golden: pathlib.Path, name: str, tmp_path: pathlib.Pat
         if read_back:  # and peftjax reads its own file back to the same outputs
             _, params, key_map, fwd = load(kind, scanned=kind == "llama")
             back = io.load_peft(tmp_path / d, params, key_map=key_map)
-            got = jax.jit(lambda t, f: fwd(adapters.materialize(  # noqa: B023
-                back.assignment, params, t, f)))(*back.state)  # noqa: B023
+            got = fwd(materialized(back.assignment, params, back.state))
             assert_outputs_close(kind, got, out, atol=1e-5)
     return outputs
 
