@@ -275,7 +275,7 @@ def adapter_shardings(
                 f"adapter_shardings: {path!r} is assigned but missing from params or "
                 "from the state"
             )
-        dims = adapter.factored.dimension_numbers if adapter.factored else None
+        dims = adapter.dimension_numbers  # bound for stacked leaves, factored or not
         view = _view(tuple(np.shape(flat[path])), specs[path], dims, path)
 
         def one(kp, leaf, path=path, view=view, part="trainable"):
@@ -292,6 +292,12 @@ def adapter_shardings(
                 lambda kp, x, one=one: one(kp, x, part="frozen"), fr
             )
         )
+    # arrays shared by many leaves (``adapters.Shared``): small, replicated
+    for part, src, out in (("trainable", state.trainable, out_t),
+                           ("frozen", state.frozen, out_f)):
+        if _adapters.SHARED in src:
+            out[_adapters.SHARED] = jax.tree.map(
+                lambda x: NamedSharding(mesh, PartitionSpec()), src[_adapters.SHARED])
     return _adapters.AdapterState(trainable=out_t, frozen=out_f)
 
 

@@ -184,6 +184,22 @@ def test_lora_dora_lora_xs_fields_follow_their_axes():
     assert (f["x"].a, f["x"].b) == (P("fsdp", None), P(None, "fsdp"))
 
 
+def test_stacked_without_factored_form_and_shared_arrays():
+    # HiRA has no factored form by default: the stacked view still comes from
+    # the adapter; VB-LoRA's bank lives once under SHARED and is replicated
+    params = {"s": sds(2, 16, 32), "q": sds(16, 32)}
+    got = _adapter_shardings(
+        params,
+        [Rule(where="s", then=adapters.hira(4)),
+         Rule(where="q", then=adapters.vblora(2, num_vectors=8, vector_length=8))],
+        {"s": P("data", "fsdp", "tensor"), "q": P("fsdp", "tensor")},
+        layout=tree.stacked("s"),
+    )
+    t = specs(got.trainable)
+    assert t["s"].a == P("data", ("fsdp", "tensor"), None)
+    assert jax.tree.leaves(t[adapters.SHARED]) == [P()]
+
+
 def test_sparse_values_and_indices_put_the_base_axes_on_k():
     params = {"w": sds(2, 16, 32)}
     base = {"w": P("data", "fsdp", "tensor")}
