@@ -1,76 +1,38 @@
 # SPDX-License-Identifier: Apache-2.0
 """peftjax-written PEFT FourierFT adapters for the reverse check (PEFT loads them).
 
-Runs in the main virtualenv. From the committed tiny Llama in
-``tests/io/golden/peft/llama_base``, in the unrolled and the scanned layout,
-and NumPy-seeded spectra (no JAX random bits) it writes
-``tests/io/golden/peft_fourierft/from_peftjax/pj_fourierft_{unrolled,scanned}/``
-with ``peftjax.io.save_peft`` (two ``n_frequency`` values, so the file needs
-an ``n_frequency_pattern``) and ``peftjax_outputs.npz`` (peftjax's logits).
-``scripts/golden/peft_fourierft_make.py`` (torch side) then loads each with
-``PeftModel.from_pretrained`` and records the max logit difference in
-``peft.json``; the test suite regenerates the files with :func:`build` and
-compares them with the committed ones within a stated tolerance.
+Runs in the main virtualenv (``_peftjax_golden.main``); then
+``scripts/golden/peft_fourierft_make.py`` loads them in PEFT and records the
+output differences. The tests call :func:`build`. Each model's rules use
+two ``n_frequency`` values (so the file needs an ``n_frequency_pattern``)
+and one ``scaling`` and ``random_loc_seed``, as one PEFT config has.
 
 Usage: ``.venv/bin/python scripts/golden/peft_fourierft_from_peftjax.py``
 """
 
 import pathlib
+import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _peftjax_golden  # noqa: E402
 
-from peftjax import adapters, io, tree
-from peftjax import models as pm
-from peftjax.models import llama
+from peftjax import adapters, tree  # noqa: E402
 
-GOLDEN = pathlib.Path(__file__).resolve().parents[2] / "tests" / "io" / "golden"
-N = {"self_attn/k_proj": 12, "self_attn/o_proj": 30, "mlp/up_proj": 30}
-
-
-def build(out) -> dict[str, np.ndarray]:
-    """Writes ``out/pj_fourierft_{layout}``; returns their peftjax logits."""
-    out = pathlib.Path(out)
-    ids = jnp.asarray(np.load(GOLDEN / "peft_fourierft" / "torch_outputs.npz")
-                      ["inputs_llama"])
-    logits = {}
-    for scanned in (False, True):
-        model = llama.load_llama(GOLDEN / "peft" / "llama_base", scan_layers=scanned)
-        g, params = pm.split_params(model)
-        pre = "layers/" if scanned else r"layers/\d+/"
-        a = tree.assign(params, [
-            tree.Rule(where=pre + m + "/kernel",
-                      then=adapters.fourierft(n, scaling=12.5, random_loc_seed=2024))
-            for m, n in N.items()])
-        st = adapters.init(a, jax.random.key(0), params)
-        # the same values in both layouts: one draw per unrolled module, stacked
-        rng = np.random.default_rng(47)
-        spec = {f"{i}/{m}": rng.standard_normal(n) for i in range(2)
-                for m, n in N.items()}
-        trainable = {}
-        for p in sorted(st.trainable):
-            m = p.removesuffix("/kernel").split("/", 2 if not scanned else 1)[-1]
-            v = (np.stack([spec[f"{i}/{m}"] for i in range(2)]) if scanned
-                 else spec[p.removeprefix("layers/").removesuffix("/kernel")])
-            trainable[p] = adapters.FourierFTParams(jnp.asarray(v, jnp.float32))
-        st = adapters.AdapterState(trainable, st.frozen)
-        name = f"pj_fourierft_{'scanned' if scanned else 'unrolled'}"
-        io.save_peft(out / name, a, st, params, key_map=llama.peft_key_map(model.config),
-                     base_model_name_or_path="tiny-random-llama")
-        fwd = jax.jit(lambda t, f, ids, g=g, a=a, params=params: pm.apply(
-            g, adapters.materialize(a, params, t, f), ids))
-        logits[name] = np.asarray(fwd(st.trainable, st.frozen, ids))
-    return logits
+RULES = {
+    "llama": [tree.Rule(where="layers/self_attn/k_proj/kernel",
+                        then=adapters.fourierft(12, scaling=12.5, random_loc_seed=2024)),
+              tree.Rule(where="layers/(self_attn/o_proj|mlp/up_proj)/kernel",
+                        then=adapters.fourierft(30, scaling=12.5, random_loc_seed=2024))],
+    "bert": [tree.Rule(where="layers/.*/attention/(query|value)/kernel",
+                       then=adapters.fourierft(10, scaling=40.0, random_loc_seed=3)),
+             tree.Rule(where="layers/.*/output/kernel",
+                       then=adapters.fourierft(20, scaling=40.0, random_loc_seed=3))],
+}
 
 
-def main():
-    out = GOLDEN / "peft_fourierft" / "from_peftjax"
-    np.savez_compressed(out / "peftjax_outputs.npz", **build(out))
-    for p in sorted(out.rglob("*")):
-        if p.is_file():
-            print(f"{p.relative_to(GOLDEN)}  {p.stat().st_size}")
+def build(out):
+    return _peftjax_golden.build(out, "fourierft", RULES)
 
 
 if __name__ == "__main__":
-    main()
+    _peftjax_golden.main("fourierft", RULES)

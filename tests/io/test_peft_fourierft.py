@@ -1,205 +1,81 @@
-"""FourierFT against Hugging Face PEFT on the tiny Llama golden.
+"""PEFT FourierFT (``peft_type: FOURIERFT``) both ways, against torch on the tiny Llama and BERT.
 
-``tests/io/golden/peft_fourierft/`` holds a PEFT-created FourierFT adapter
-(``n_frequency_pattern``, non-default ``scaling`` and ``random_loc_seed``,
-every spectrum perturbed), PEFT's frequency positions, the torch logits and
-PEFT's trainable count (``scripts/golden/peft_fourierft_make.py``), and
-peftjax-written files (``scripts/golden/peft_fourierft_from_peftjax.py``) with
-the max logit difference PEFT measured loading them (``peft.json``).
+Goldens: ``scripts/golden/peft_fourierft_make.py`` (torch side:
+``n_frequency_pattern`` on both models, non-default ``scaling`` and
+``random_loc_seed`` on the Llama, PEFT's default seed on BERT; PEFT's own
+frequency positions recorded as ``indices/<model>/<module>``) and
+``scripts/golden/peft_fourierft_from_peftjax.py`` (peftjax side); the
+checks are ``tests/io/tuner_checks.py``'s.
 """
 
-import importlib.util
 import json
 import pathlib
-import re
-import warnings
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftjax import adapters, factored, io, tree
-from peftjax import models as pm
-from peftjax.models import llama
-from tests import helpers as h
+from peftjax import adapters, io
+from tests.io import tuner_checks as tc
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-GOLDEN = ROOT / "tests" / "io" / "golden" / "peft_fourierft"
-BASE = ROOT / "tests" / "io" / "golden" / "peft" / "llama_base"
-# The issue's bar for torch vs peftjax logits (float32, different kernels).
-TORCH_ATOL = 1e-4
-N = {"self_attn/q_proj": 24, "self_attn/v_proj": 24, "mlp/down_proj": 40}
+GOLDEN = pathlib.Path(__file__).resolve().parent / "golden" / "peft_fourierft"
 
 
-@pytest.fixture(scope="module")
-def ref():
-    return dict(np.load(GOLDEN / "torch_outputs.npz"))
-
-
-@pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scanned"])
-def tiny_llama(request):
-    model = llama.load_llama(BASE, scan_layers=request.param)
-    g, params = pm.split_params(model)
-    fwd = jax.jit(lambda p, ids: pm.apply(g, p, ids))
-    return fwd, params, llama.peft_key_map(model.config), request.param
-
-
-def _by_hand(params, km, scanned):
-    """The PEFT spectra put into a ``fourierft`` state without peftjax.io."""
-    tensors, _ = io.read_safetensors(GOLDEN / "llama_fourierft" / "adapter_model.safetensors")
-    pre = "layers/" if scanned else r"layers/\d+/"
-    a = tree.assign(params, [
-        tree.Rule(where=pre + m + "/kernel",
-                  then=adapters.fourierft(n, scaling=20.0, random_loc_seed=11))
-        for m, n in N.items()])
-    state = adapters.init(a, jax.random.key(0), params)
-    spec = {}
-    for upath, key in km.items():
-        name = f"base_model.model.{key.module}.fourierft_spectrum"
-        if name in tensors:
-            spec[upath] = np.asarray(tensors.pop(name))
-    assert not tensors, sorted(tensors)
-    trainable = {}
-    for p in state.trainable:
-        if scanned:
-            v = np.stack([spec[p.replace("layers/", f"layers/{i}/")] for i in range(2)])
-        else:
-            v = spec[p]
-        trainable[p] = adapters.FourierFTParams(jnp.asarray(v))
-    return a, adapters.AdapterState(trainable, state.frozen)
-
-
-def test_indices_are_peft_positions(tiny_llama, ref):
-    fwd, params, km, scanned = tiny_llama
-    a, state = _by_hand(params, km, scanned)
-    for upath, key in km.items():
-        rec = ref.get("indices/" + key.module)
-        if rec is None:
-            continue
-        path = upath if not scanned else "layers/" + upath.split("/", 2)[2]
-        got = np.asarray(state.frozen[path].indices)
-        got = got[int(upath.split("/")[1])] if scanned else got
-        np.testing.assert_array_equal(got, rec.astype(np.int32), err_msg=upath)
-
-
-def test_peft_made_fourierft_logits_and_count(tiny_llama, ref):
-    fwd, params, km, scanned = tiny_llama
-    a, state = _by_hand(params, km, scanned)
-    ids = jnp.asarray(ref["inputs_llama"])
-    np.testing.assert_allclose(fwd(adapters.materialize(a, params, *state), ids),
-                               ref["llama_fourierft"], rtol=0, atol=TORCH_ATOL)
-    np.testing.assert_allclose(fwd(adapters.fold(a, params, *state), ids),
-                               ref["llama_fourierft_merged"], rtol=0, atol=TORCH_ATOL)
-    assert np.abs(ref["llama_fourierft"] - ref["llama_base"]).max() > 100 * TORCH_ATOL
-    peft = json.loads((GOLDEN / "peft.json").read_text())
-    assert adapters.num_trainable(state.trainable) == peft["trainable_params"] == 176
-
-
-def test_factored_path_matches_peft_without_fallback(tiny_llama, ref):
-    fwd, params, km, scanned = tiny_llama
-    a, state = _by_hand(params, km, scanned)
-    g = pm.split_params(llama.load_llama(BASE, scan_layers=scanned))[0]
-    run = factored.transform(lambda p, ids: pm.apply(g, p, ids), a, state.trainable,
-                             state.frozen, deterministic=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", factored.FactoredFallbackWarning)
-        out = jax.jit(run)(params, jnp.asarray(ref["inputs_llama"]))
-    np.testing.assert_allclose(out, ref["llama_fourierft"], rtol=0, atol=TORCH_ATOL)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_llama):
-    fwd, params, km, scanned = tiny_llama
-    return io.load_peft(GOLDEN / "llama_fourierft", params, key_map=km)
-
-
-def test_load_peft_reads_peft_made_file(tiny_llama, loaded, ref):
-    fwd, params, km, scanned = tiny_llama
-    want_a, want = _by_hand(params, km, scanned)
-    assert sorted(loaded.assignment) == sorted(want_a)
-    h.assert_tree_allclose(loaded.state.trainable, want.trainable, **h.EXACT)
-    h.assert_tree_allclose(loaded.state.frozen, want.frozen, **h.EXACT)
-    ids = jnp.asarray(ref["inputs_llama"])
-    out = fwd(adapters.materialize(loaded.assignment, params, *loaded.state), ids)
-    np.testing.assert_allclose(out, ref["llama_fourierft"], rtol=0, atol=TORCH_ATOL)
-    assert adapters.num_trainable(loaded.state.trainable) == 176
-
-
-def test_save_load_roundtrip_exact(tiny_llama, loaded, tmp_path):
-    fwd, params, km, scanned = tiny_llama
-    d = io.save_peft(tmp_path / "ad", loaded.assignment, loaded.state, params,
-                     key_map=km)
-    cfg = json.loads((d / "adapter_config.json").read_text())
+@pytest.mark.parametrize("kind,scanned", [("llama", False), ("llama", True), ("bert", False)],
+                         ids=["llama-unrolled", "llama-scanned", "bert"])
+def test_peft_made_fourierft_gives_torch_outputs(kind, scanned, tmp_path):
+    # and PEFT -> peftjax -> PEFT writes PEFT's own spectra back
+    ad = tc.check_peft_made(GOLDEN, "fourierft", kind, scanned=scanned,
+                            roundtrip=tmp_path / "back")
+    peft_cfg = json.loads((GOLDEN / f"{kind}_fourierft" / "adapter_config.json").read_text())
+    cfg = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
     assert (cfg["peft_type"], cfg["scaling"], cfg["random_loc_seed"]) == (
-        "FOURIERFT", 20.0, 11)
-    back = io.load_peft(d, params, key_map=km)
-    h.assert_tree_allclose(back.state.trainable, loaded.state.trainable, **h.EXACT)
-    h.assert_tree_allclose(back.state.frozen, loaded.state.frozen, **h.EXACT)
+        "FOURIERFT", peft_cfg["scaling"], peft_cfg["random_loc_seed"])
+    # the frozen positions peftjax regenerated are PEFT's own (torch.randperm)
+    ref = np.load(GOLDEN / "torch_outputs.npz")
+    _, params, key_map, _ = tc.load(kind, scanned=scanned)
+    seen = 0
+    for upath, key in key_map.items():
+        want = f"indices/{kind}/{key.module}"
+        layer = int(upath.split("/")[1]) if upath.startswith("layers/") else 0
+        path = upath.replace(f"layers/{layer}/", "layers/") if scanned else upath
+        if want not in ref.files or path not in ad.assignment:  # biases share modules
+            continue
+        got = np.asarray(ad.state.frozen[path].indices)
+        np.testing.assert_array_equal(got[layer] if scanned else got, ref[want], err_msg=upath)
+        seen += 1
+    assert seen == len([f for f in ref.files if f.startswith(f"indices/{kind}/")]) == \
+        {"llama": 6, "bert": 10}[kind]
+    n = {p: t.spectrum.shape[-1] for p, t in ad.state.trainable.items()}
+    if kind == "llama":  # n_frequency=24, n_frequency_pattern={"down_proj": 40}
+        assert sorted(set(n.values())) == [24, 40]
+        assert tc.trainable_count(ad.state) == 176
+    else:  # n_frequency=16, n_frequency_pattern={"intermediate.dense": 36}
+        assert n["layers/0/intermediate/kernel"] == 36
+        assert n["layers/0/output/kernel"] == n["layers/1/attention/query/kernel"] == 16
+    if kind == "llama" and not scanned:  # positions PEFT cannot regenerate
+        path = sorted(ad.assignment)[0]
+        frozen = dict(ad.state.frozen)
+        frozen[path] = adapters.FourierFTIndices(frozen[path].indices[..., ::-1])
+        st = adapters.AdapterState(ad.state.trainable, frozen)
+        with pytest.raises(ValueError, match="not PEFT's positions for random_loc_seed=11"):
+            io.save_peft(tmp_path / "bad", ad.assignment, st, params, key_map=key_map)
 
 
-def test_save_refuses_positions_peft_cannot_regenerate(tiny_llama, loaded, tmp_path):
-    fwd, params, km, scanned = tiny_llama
-    path = sorted(loaded.assignment)[0]
-    frozen = dict(loaded.state.frozen)
-    frozen[path] = adapters.FourierFTIndices(frozen[path].indices[..., ::-1])
-    st = adapters.AdapterState(loaded.state.trainable, frozen)
-    with pytest.raises(ValueError, match="not PEFT's positions for random_loc_seed=11"):
-        io.save_peft(tmp_path / "bad", loaded.assignment, st, params, key_map=km)
+def test_peftjax_written_fourierft_is_what_peft_verified(tmp_path):
+    outputs = tc.check_peftjax_written(GOLDEN, "fourierft", tmp_path)
+    base = np.load(GOLDEN / "torch_outputs.npz")
+    for d, out in outputs.items():  # the written adapters move the outputs
+        kind = d.split("_")[1]
+        assert np.max(np.abs(tc._mask(kind, out) - tc._mask(kind, base[f"{kind}_base"]))) \
+            > 100 * tc.TORCH_ATOL, d
+    cfg = json.loads((tmp_path / "pj_llama_fourierft" / "adapter_config.json").read_text())
+    assert (cfg["n_frequency"], cfg["scaling"], cfg["random_loc_seed"]) == (30, 12.5, 2024)
+    assert sorted(set(cfg["n_frequency_pattern"].values())) == [12]
 
 
-@pytest.fixture(scope="module")
-def regenerated(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location(
-        "peft_fourierft_from_peftjax",
-        ROOT / "scripts" / "golden" / "peft_fourierft_from_peftjax.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out = tmp_path_factory.mktemp("pj_fft")
-    return out, mod.build(out)
-
-
-def test_peftjax_written_files_load_in_peft(regenerated):
-    out, logits = regenerated
-    committed = GOLDEN / "from_peftjax"
-    old = np.load(committed / "peftjax_outputs.npz")
-    peft = json.loads((GOLDEN / "peft.json").read_text())
-    base = np.load(GOLDEN / "torch_outputs.npz")["llama_base"]
-    for name in ("pj_fourierft_unrolled", "pj_fourierft_scanned"):
-        new_t, _ = io.read_safetensors(out / name / "adapter_model.safetensors")
-        old_t, _ = io.read_safetensors(committed / name / "adapter_model.safetensors")
-        assert sorted(new_t) == sorted(old_t)
-        for k in new_t:  # NumPy draws cast to float32: no arithmetic
-            np.testing.assert_array_equal(new_t[k], old_t[k], err_msg=k)
-        assert (json.loads((out / name / "adapter_config.json").read_text())
-                == json.loads((committed / name / "adapter_config.json").read_text()))
-        np.testing.assert_allclose(logits[name], old[name], rtol=0, atol=1e-5)
-        rec = peft[name]
-        assert rec["passed"] and rec["peft_type"] == "FOURIERFT"
-        assert rec["max_abs_diff"] <= TORCH_ATOL
-        assert np.abs(old[name] - base).max() > 100 * TORCH_ATOL  # not the base
-
-
-def _edit(src, dst, config=None, tensors=None):
-    dst.mkdir()
-    cfg = json.loads((src / "adapter_config.json").read_text())
-    cfg.update(config or {})
-    (dst / "adapter_config.json").write_text(json.dumps(cfg))
-    t, _ = io.read_safetensors(src / "adapter_model.safetensors")
-    io.write_safetensors(dst / "adapter_model.safetensors", tensors(t) if tensors else t)
-    return dst
-
-
-@pytest.mark.parametrize("config,match", [
-    ({"n_frequency_pattern": {}}, "n_frequency=24 in"),
-    ({"fan_in_fan_out": True}, "fan_in_fan_out=True"),
-    ({"bias": "all"}, "bias='all'"),
-    ({"random_loc_seed": 1.5}, "random_loc_seed=1.5 (must be an int)"),
-    ({"n_frequency": 0}, "n_frequency=0 (must be a positive int)"),
-    ({"target_modules": ["q_proj"]}, "does not select"),
-])
-def test_config_fields_honoured_or_named(tiny_llama, tmp_path, config, match):
-    fwd, params, km, scanned = tiny_llama
-    d = _edit(GOLDEN / "llama_fourierft", tmp_path / "bad", config)
-    with pytest.raises(ValueError, match=re.escape(match)):
-        io.load_peft(d, params, key_map=km)
+def test_fourierft_config_fields_not_honoured_are_refused(tmp_path):
+    # fan_in_fan_out/bias only at PEFT's defaults; bad types and an
+    # n_frequency (pattern) that disagrees with the file name the field
+    tc.check_refused(GOLDEN, "fourierft", tmp_path, {
+        "fan_in_fan_out": True, "bias": "all", "random_loc_seed": 1.5,
+        "n_frequency": 0, "n_frequency_pattern": {}})
