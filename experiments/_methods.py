@@ -335,6 +335,13 @@ METHODS: dict[str, Callable[..., Setup]] = {
     "tinylora": _adapter_method(lambda c: adapters.tinylora(2, 8 * c.rank)),
     # SHiRA: r·(in+out) entries of PEFT's random mask, LoRA's count
     "shira": _adapter_method(lambda c: adapters.shira(c.rank)),
+    # VB-LoRA: sub-vectors of length 32 (divides SmolLM2's 576/192/1536 and the tiny
+    # model's widths) from one shared bank of 64: 2r·(in+out) logits + 64·32 bank
+    "vblora": _adapter_method(lambda c: adapters.vblora(c.rank, num_vectors=64,
+                                                        vector_length=32)),
+    # UniLoRA: one shared vector of 256·r entries for every adapted matrix
+    "unilora": _adapter_method(lambda c: adapters.unilora(c.rank,
+                                                          theta_d_length=256 * c.rank)),
     "ln_tuning": _adapter_method(lambda c: adapters.ln_tuning(), where=NORMS),
     # HiRA without its r-matmul factored form (r base products cost more than
     # one weight-sized W' here): the factored path materialises it, with a warning

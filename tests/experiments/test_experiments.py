@@ -96,14 +96,16 @@ def test_compare_methods_smoke_lokr(tmp_path):
     # factored path takes their forms (Kronecker contraction, block FFTs,
     # wavelet windows, the r x r core, the sparse segment-sum: no
     # materialisation fallback warning); RandLoRA and PVeRA: (x@left)@right over
-    # their shared frozen bases
+    # their shared frozen bases; VB-LoRA and UniLoRA: (x@a)@b with a, b gathered
+    # from their one shared trainable bank / vector
     res = run_script("compare_methods.py", "--smoke", "--progress=false",
                      "--isolate=false",
-                     "--methods=lokr,c3a,waveft,tinylora,shira,randlora,pvera",
+                     "--methods=lokr,c3a,waveft,tinylora,shira,randlora,pvera,vblora,"
+                     "unilora",
                      f"--out_dir={tmp_path}")
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["lokr", "c3a", "waveft", "tinylora", "shira",
-                                           "randlora", "pvera"]
+                                           "randlora", "pvera", "vblora", "unilora"]
     assert rows[0]["losses"][-1] < rows[0]["losses"][0] - 0.05
     for r in rows[1:]:  # C3A: 5.563 -> 5.539, WaveFT: 5.557 -> 5.358 here
         assert r["losses"][-1] < r["losses"][0] - 0.01, r["losses"]
