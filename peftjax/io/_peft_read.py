@@ -123,7 +123,7 @@ def load_peft(
     tied_head: tuple[str, str] | None = None,
     output_modules: Sequence[str] | None = None,
 ) -> PeftAdapter:
-    """Reads a PEFT adapter (LoRA, rsLoRA, DoRA, embedding LoRA, VeRA, (IA)³, LoHa, LoKr).
+    """Reads a PEFT adapter: LoRA (rsLoRA, DoRA), VeRA, (IA)³ and 17 other tuner types.
 
     The config is enforced as Hugging Face PEFT (0.21) applies it when it
     builds the adapter, over the modules of ``key_map``:
@@ -154,16 +154,8 @@ def load_peft(
       evaluation; ``materialize`` refuses it unless ``deterministic=True``.
     * (IA)³'s ``feedforward_modules``: a list matches by plain ``endswith``,
       a string in full; it decides which side the scale vector is on.
-    * FOURIERFT positions are regenerated from ``random_loc_seed`` as PEFT's
-      ``torch.randperm``; LN_TUNING reads norm modules' ``ln_tuning_layers``;
-      TRAINABLE_TOKENS reads each table's ``trainable_tokens_delta`` rows
-      (``token_indices``) into ``adapters.trainable_tokens``.
-    * LoKr's ``decompose_both`` and ``decompose_factor`` decide which Kronecker
-      factors are full (``lokr_w1``/``lokr_w2``) or decomposed (``_a``, ``_b``)
-      and how each side splits; the file's tensors must be that structure
-      (each is read transposed under its own name, ``adapters.lokr``).
-
-    The user guide is docs/peft_format.md.
+    * Per ``peft_type`` (tensors, fields honoured or accepted only at
+      PEFT's default, differences from PEFT): docs/peft_format.md.
 
     Args:
       directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.

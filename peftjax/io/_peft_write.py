@@ -13,7 +13,9 @@ writes ``vera_lambda_b`` ``(out,)``, ``vera_lambda_d`` ``(r,)`` and the shared
 (``save_projection=True``: JAX cannot reproduce torch's generator).
 
 The method of each path comes from its trainable NamedTuple (``LoRAParams``,
-``DoRAParams``, ``VeRAParams``, ``ScaleParams``); the scaling of LoRA/DoRA is
+``DoRAParams``, ``VeRAParams``, ``ScaleParams``, and each ``_peft_tuners``
+type's, e.g. ``LoHaParams``; every type's tensors and config are in
+docs/peft_format.md); the scaling of LoRA/DoRA is
 read off the adapter's factored form (``delta`` of unit factors), so any
 ``Scaling`` exports: ``lora_alpha`` is the shortest decimal whose
 ``alpha/r`` (or ``alpha/√r`` with ``use_rslora``) equals it in float32.
@@ -181,7 +183,9 @@ def save_peft(
     Raises:
       ValueError / TypeError: a path missing from the key map, a method PEFT
         has no format for (SSF, LoRA-XS, AdaLoRA, ...), methods mixed in one
-        adapter, VeRA leaves with different projections, embedding DoRA/VeRA.
+        adapter, VeRA leaves with different projections, embedding DoRA/VeRA,
+        an adapter not made by its type's factory, or per-module settings no
+        single PEFT config of the type describes (docs/peft_format.md).
 
     Example:
       >>> import jax, jax.numpy as jnp, tempfile, json
@@ -206,8 +210,8 @@ def save_peft(
         if kind is None:
             raise TypeError(
                 f"save_peft: {adapter!r} on {path!r} (trainable "
-                f"{type(t).__name__}) has no Hugging Face PEFT format; PEFT files "
-                "hold LoRA, DoRA, VeRA, (IA)³, LoHa and LoKr"
+                f"{type(t).__name__}) has no Hugging Face PEFT format; save_peft "
+                "writes the types listed in docs/peft_format.md"
             )
         kinds[path] = kind
     types = sorted(set(kinds.values()))
