@@ -144,6 +144,7 @@ from peftjax.adapters._svfit import svfit as svfit
 from peftjax.adapters._tinylora import TinyLoRABasis as TinyLoRABasis
 from peftjax.adapters._tinylora import TinyLoRAParams as TinyLoRAParams
 from peftjax.adapters._tinylora import tinylora as tinylora
+from peftjax.adapters._tinylora import tinylora_groups as tinylora_groups
 from peftjax.adapters._trainable_tokens import (
     TrainableTokensParams as TrainableTokensParams,
 )
@@ -293,6 +294,7 @@ __all__ = [
     "TinyLoRABasis",
     "TinyLoRAParams",
     "tinylora",
+    "tinylora_groups",
     "ABBAParams",
     "abba",
     "abba_khatri_rao",

@@ -28,30 +28,39 @@ peftjax draws ``P`` from the leaf's key, not from PEFT's
 Equation map: ``R = Σ v_i P_i`` ↔ ``_core``; ``W' = W + a R b`` ↔ ``apply``
 (``unapply`` subtracts the same product exactly).
 
-Weight tying (PEFT's ``weight_tying > 0``, one ``v`` shared by several
-matrices) is not offered by this per-leaf adapter: every matrix owns its
-``v``, which is PEFT's default ``weight_tying=0``.
+Weight tying (PEFT's ``weight_tying = τ``): the ``N`` adapted matrices are
+numbered and split into ``G = max(1, round(N·(1 - τ)))`` consecutive groups
+of ``max(1, N // G)`` (the last takes the rest), each group sharing one
+``v``. peftjax then trains one table ``V (G, u)`` held once in
+``AdapterState.trainable["@shared"][table]`` (``adapters.Shared``; its
+gradient sums over the matrices) and gives every matrix a frozen group id:
+``v = V[group]``. ``adapters.init`` numbers the matrices in assignment order,
+the layers of a stacked leaf one after another; PEFT numbers them in torch's
+module order, which ``peftjax.io`` reproduces when it reads a file.
 
-Exports: ``TinyLoRAParams``, ``TinyLoRABasis``, ``tinylora``.
+Exports: ``TinyLoRAParams``, ``TinyLoRABasis``, ``tinylora``, ``tinylora_groups``.
 """
 
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from peftjax import tree
-from peftjax.adapters import _lift, _lowrank, _protocol
+from peftjax.adapters import _lift, _lowrank, _protocol, _shared
 
 
 class TinyLoRAParams(NamedTuple):
     """Trainable vector.
 
     Attributes:
-      v: ``(u,)`` coefficients of the projection tensors.
+      v: ``(u,)`` coefficients of the projection tensors; with weight tying
+        ``Shared(table)``, the table ``V (G, u)`` held once in
+        ``AdapterState.trainable["@shared"]``.
     """
 
-    v: jax.Array
+    v: Any
 
 
 class TinyLoRABasis(NamedTuple):
@@ -63,17 +72,40 @@ class TinyLoRABasis(NamedTuple):
       b: ``(r, out)`` ``√Σ_r V_rᵀ`` (PEFT's ``tinylora_B`` transposed).
       projection: ``(u, r, r)`` fixed random tensors ``P`` in this layout
         (``ΔW = a (Σ v_i P_i) b``).
+      group: ``()`` int32, the row of the shared table ``V`` this matrix
+        reads (weight tying), or None (``v`` is the matrix's own).
     """
 
     a: jax.Array
     b: jax.Array
     projection: jax.Array
+    group: jax.Array | None = None
 
 
 def _core(t: TinyLoRAParams, f: TinyLoRABasis) -> jax.Array:
     """``R = Σ_i v_i P_i (r, r)`` in the wider of the two dtypes."""
-    ct = _lowrank.compute_dtype(t.v.dtype, f.projection.dtype)
-    return jnp.einsum("u,ujk->jk", t.v.astype(ct), f.projection.astype(ct))
+    v = t.v if f.group is None else t.v[f.group]  # tied: a row of the table
+    ct = _lowrank.compute_dtype(v.dtype, f.projection.dtype)
+    return jnp.einsum("u,ujk->jk", v.astype(ct), f.projection.astype(ct))
+
+
+def tinylora_groups(n: int, weight_tying: float) -> np.ndarray:
+    """PEFT's group of each of ``n`` matrices for ``weight_tying``.
+
+    Args:
+      n: the number of adapted matrices.
+      weight_tying: ``τ`` in ``[0, 1]``.
+
+    Returns:
+      ``(n,)`` int32 group ids in ``[0, G)``, ``G = max(1, round(n·(1 - τ)))``.
+
+    Example:
+      >>> tinylora_groups(7, 0.5).tolist()
+      [0, 1, 2, 3, 3, 3, 3]
+    """
+    groups = max(1, round(n * (1.0 - weight_tying)))  # Python's round, as PEFT
+    size = max(1, n // groups)
+    return np.minimum(np.arange(n) // size, groups - 1).astype(np.int32)
 
 
 def tinylora(
@@ -82,6 +114,8 @@ def tinylora(
     *,
     uniform_init: bool = False,
     init_v_bound: float = 0.02,
+    weight_tying: float = 0.0,
+    table: str = "tinylora",
     dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
     dropout: float = 0.0,
@@ -92,8 +126,9 @@ def tinylora(
     matrix view in float32, the singular values split evenly between them
     (``a = U_r √Σ_r``, ``b = √Σ_r V_rᵀ``); ``r`` is clipped to
     ``min(in, out)`` as PEFT does. ``P (u, r, r) ~ N(0, 1/r)`` is drawn from
-    the leaf's key. Trainable parameters: ``u`` per matrix (PEFT's count with
-    ``weight_tying=0``); frozen: ``r·(in + out) + u·r²``. No scaling factor.
+    the leaf's key. Trainable parameters: ``u`` per matrix with
+    ``weight_tying=0``, else ``u·G`` in all (PEFT's counts); frozen:
+    ``r·(in + out) + u·r²`` per matrix. No scaling factor.
 
     The factored path (``peftjax.factored``) never forms ``ΔW``: it computes
     ``((x a) R) b`` with the ``r×r`` core, ``O(r·(in + out))`` per row.
@@ -105,6 +140,11 @@ def tinylora(
         identity at init; True (PEFT's ``init_weights="uniform"``):
         ``v ~ U(-init_v_bound, init_v_bound)``.
       init_v_bound: bound of the uniform init (PEFT's default 0.02).
+      weight_tying: ``τ`` in ``[0, 1]`` (PEFT's default 0: one ``v`` per
+        matrix); above 0 the matrices of one ``table`` share ``G`` vectors
+        (see the module docstring).
+      table: the shared table's name under ``trainable["@shared"]`` (with
+        weight tying; adapters with the same name are tied together).
       dimension_numbers: the kernel's matrix view.
       param_dtype: storage dtype of ``v``, the basis and ``P``.
       dropout: adapter-input dropout (factored path only; PEFT's
@@ -112,7 +152,7 @@ def tinylora(
 
     Returns:
       An ``Adapter`` with trainable ``TinyLoRAParams(v)`` and frozen
-      ``TinyLoRABasis(a, b, projection)``.
+      ``TinyLoRABasis(a, b, projection[, group])``.
 
     Static arguments: all.
 
@@ -139,6 +179,12 @@ def tinylora(
     if not jnp.issubdtype(param_dtype, jnp.floating):
         raise TypeError(f"tinylora: param_dtype must be floating, got {param_dtype}")
     bound = float(init_v_bound)
+    tying = float(weight_tying)
+    if isinstance(weight_tying, bool) or not 0.0 <= tying <= 1.0:
+        raise ValueError(f"tinylora: weight_tying must be in [0, 1], got {weight_tying!r}")
+    if not isinstance(table, str) or not table:
+        raise TypeError(f"tinylora: table must be a non-empty str, got {table!r}")
+    tied = tying > 0.0
 
     def init_matrix(key, w, stats):
         if stats is not None:
@@ -150,22 +196,47 @@ def tinylora(
         b = root[:, None] * vt[:rank]
         k_p, k_v = jax.random.split(key)
         proj = jax.random.normal(k_p, (u, rank, rank), jnp.float32) / rank**0.5
+        basis = TinyLoRABasis(a.astype(param_dtype), b.astype(param_dtype),
+                              proj.astype(param_dtype))
+        if tied:  # the group id is filled in by init_table over all matrices
+            return (TinyLoRAParams(_shared.Shared(table)),
+                    basis._replace(group=jnp.zeros((), jnp.int32)))
+        return TinyLoRAParams(draw_v(k_v, (u,))), basis
+
+    def draw_v(key, shape):
         if uniform_init:
-            v = jax.random.uniform(k_v, (u,), jnp.float32, -bound, bound)
+            v = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
         else:
-            v = jnp.zeros((u,), jnp.float32)
-        return (TinyLoRAParams(v.astype(param_dtype)),
-                TinyLoRABasis(a.astype(param_dtype), b.astype(param_dtype),
-                              proj.astype(param_dtype)))
+            v = jnp.zeros(shape, jnp.float32)
+        return v.astype(param_dtype)
+
+    def init_table(key, leaves):
+        """PEFT's groups over the matrices in assignment order; the table."""
+        sizes = [int(np.prod(np.shape(f.group))) for _, _, f in leaves.values()]
+        ids = tinylora_groups(sum(sizes), tying)
+        out, start = {}, 0
+        for (path, (_, t, f)), n in zip(leaves.items(), sizes, strict=True):
+            group = jnp.asarray(ids[start:start + n].reshape(np.shape(f.group)))
+            out[path] = (t, f._replace(group=group))
+            start += n
+        count = int(ids[-1]) + 1 if len(ids) else 1
+        return _shared.SharedParts(trainable={table: draw_v(key, (count, u))},
+                                   leaves=out)
 
     forms = _lowrank.low_rank_forms(
         lambda t, f: _lowrank.LowRank(f.a, f.b, 1.0, core=_core(t, f)))
     return _lift.lift_matrix(
-        name=f"tinylora(r={r}, u={u})",
+        name=(f"tinylora(r={r}, u={u}, weight_tying={tying}, table={table!r})"
+              if tied else f"tinylora(r={r}, u={u})"),
         init_matrix=init_matrix,
         dimension_numbers=dimension_numbers,
         dropout=dropout,
         hyperparameters=(("r", r), ("u", u), ("uniform_init", uniform_init),
-                         ("init_v_bound", bound), ("dropout", float(dropout))),
+                         ("init_v_bound", bound), ("dropout", float(dropout)),
+                         ("weight_tying", tying), ("table", table)),
+        shared=None if not tied else _shared.SharedInit(
+            group=table, config=("tinylora", u, tying, uniform_init, bound,
+                                 param_dtype.name),
+            init=init_table),
         **forms,
     )

@@ -10,7 +10,11 @@ among the adapted modules in torch's module order (``named_modules()``),
 grouped by ``weight_tying``. peftjax takes every frozen tensor from the file
 (JAX's SVD may pick other signs than torch's, and PEFT's ``P`` comes from a
 torch generator peftjax does not reproduce), so files without ``tinylora_P``
-(``save_projection=False``) are refused.
+(``save_projection=False``) are refused. With ``weight_tying > 0`` the file
+holds one vector per group (``adapters.tinylora_groups`` of the modules in
+torch's order); peftjax reads them into the shared table
+``trainable["@shared"]["tinylora"]`` and gives each module its group id, and
+writes a tied state only when its groups are PEFT's for torch's order.
 
 Layouts: a torch ``nn.Linear`` (``ΔW = B (Σ v_i P_i) A``, ``(out, in)``) maps
 to the Flax kernel's ``a = Aᵀ``, ``b = Bᵀ``, ``P_flax[i] = P[i]ᵀ``; an
@@ -21,9 +25,9 @@ Module order: PEFT numbers the modules in torch's registration order, which
 the file does not record; ``torch_order`` knows the module names of the
 Llama family and BERT (and errors on others). Config: ``r`` and ``u``
 (checked against the tensors), ``projection_seed``, ``init_weights`` and
-``init_v_bound`` (inert once the tensors are saved) are honoured;
-``weight_tying`` only at 0, ``save_projection`` only True,
-``tinylora_dropout``, ``fan_in_fan_out`` and ``bias`` only at their defaults.
+``init_v_bound`` (inert once the tensors are saved) and ``weight_tying`` are
+honoured; ``save_projection`` only True, ``tinylora_dropout``,
+``fan_in_fan_out`` and ``bias`` only at their defaults.
 
 Exports: ``TUNER``, ``torch_order``.
 """
@@ -40,6 +44,7 @@ from peftjax import adapters as _adapters
 from peftjax.io import _peft_keys, _peft_tuner
 
 _V = "base_model.tinylora_v."
+_TABLE = "tinylora"  # the shared table's name (tinylora's default ``table``)
 # Child names in the order torch registers them, for the model families
 # peftjax ships key maps for (Llama/Mistral/Qwen2, BERT/RoBERTa).
 _ORDER = {name: i for i, name in enumerate((
@@ -103,23 +108,38 @@ def _build(m: _peft_tuner.ModuleRead) -> tuple:
             raise ValueError(f"load_peft: {m.module!r}.{name} has shape {x.shape} but "
                              f"r={r_cfg}, u={u} in {m.source} give {want[name]}")
     order = torch_order(m.modules)
+    tying = float(m.config.get("weight_tying", 0.0))
+    ids = _adapters.tinylora_groups(len(order), tying)
+    group = int(ids[order.index(m.module)])
     v_keys = sorted(k for k in m.shared if k.startswith(_V))
-    if len(v_keys) != len(order):
+    if len(v_keys) != int(ids.max()) + 1:
         raise ValueError(f"load_peft: {len(v_keys)} tinylora_v vectors for "
-                         f"{len(order)} adapted modules; with weight_tying=0 PEFT "
-                         "saves one per module")
-    v = m.shared.get(f"{_V}{order.index(m.module)}")
+                         f"{len(order)} adapted modules; with weight_tying={tying} "
+                         f"PEFT saves {int(ids.max()) + 1}")
+    v = m.shared.get(f"{_V}{group}")
     if v is None or v.shape != (u,):
-        raise ValueError(f"load_peft: {_V}{order.index(m.module)} (module "
-                         f"{m.module!r}) is missing or not of shape ({u},)")
+        raise ValueError(f"load_peft: {_V}{group} (module {m.module!r}) is missing "
+                         f"or not of shape ({u},)")
     if emb:
         a, b, proj = b_t, a_t, p_t
     else:
         a, b, proj = a_t.T, b_t.T, p_t.transpose(0, 2, 1)
-    adapter = _adapters.tinylora(r_cfg, u, param_dtype=m.dtype,
+    adapter = _adapters.tinylora(r_cfg, u, weight_tying=tying, param_dtype=m.dtype,
                                  dimension_numbers=m.dimension_numbers)
-    return (adapter, _adapters.TinyLoRAParams(jnp.asarray(v, m.dtype)),
-            _adapters.TinyLoRABasis(*(jnp.asarray(x, m.dtype) for x in (a, b, proj))))
+    basis = _adapters.TinyLoRABasis(*(jnp.asarray(x, m.dtype) for x in (a, b, proj)))
+    if tying > 0:
+        return (adapter, _adapters.TinyLoRAParams(_adapters.Shared(_TABLE)),
+                basis._replace(group=jnp.asarray(group, jnp.int32)))
+    return adapter, _adapters.TinyLoRAParams(jnp.asarray(v, m.dtype)), basis
+
+
+def _shared_trainable(shared: Mapping[str, np.ndarray], config: Mapping[str, Any],
+                      dtype: Any) -> dict[str, Any]:
+    """With weight tying, ``tinylora_v.<g>`` stacked into the table ``(G, u)``."""
+    if float(config.get("weight_tying", 0.0)) == 0:
+        return {}
+    rows = [shared[f"{_V}{g}"] for g in range(len(shared))]
+    return {_adapters.SHARED: {_TABLE: jnp.asarray(np.stack(rows), dtype)}}
 
 
 def _np(x: Any) -> np.ndarray:
@@ -135,40 +155,62 @@ def _write(m: _peft_tuner.ModuleWrite) -> tuple[dict[str, np.ndarray], tuple]:
     if hp["dropout"] != 0.0:
         raise ValueError(f"save_peft: {m.adapter!r} on {m.path!r} has dropout "
                          f"{hp['dropout']}; peftjax writes tinylora_dropout=0 only")
-    a, b, proj = (_np(x) for x in m.frozen)
+    a, b, proj = (_np(x) for x in m.frozen[:3])
     if m.key is not None and m.key.layout is _peft_keys.TensorLayout.EMBEDDING:
         tensors = {"tinylora_A": b, "tinylora_B": a, "tinylora_P": proj}
     else:
         tensors = {"tinylora_A": _np(a.T), "tinylora_B": _np(b.T),
                    "tinylora_P": _np(proj.transpose(0, 2, 1))}
-    return tensors, (hp["r"], hp["u"], _np(m.trainable.v))
+    tying = hp["weight_tying"]
+    if tying > 0:
+        table = m.state.trainable.get(_adapters.SHARED, {}).get(hp["table"])
+        if table is None:
+            raise ValueError(f"save_peft: the state has no shared table "
+                             f"{hp['table']!r} for {m.path!r}")
+        return tensors, (hp["r"], hp["u"], tying, int(m.frozen.group), _np(table))
+    return tensors, (hp["r"], hp["u"], tying, None, _np(m.trainable.v))
 
 
 def _config(infos: Mapping[str, tuple]) -> tuple[dict[str, Any], dict]:
     """One ``r`` and ``u``; ``tinylora_v.<i>`` numbered in torch's module order."""
-    rs = {r for r, _, _ in infos.values()}
-    us = {u for _, u, _ in infos.values()}
-    if len(rs) > 1 or len(us) > 1:
-        raise ValueError("save_peft: one PEFT TinyLoRA adapter has one r and one u "
-                         f"(no patterns); got r {sorted(rs)} and u {sorted(us)}")
-    shared = {f"{_V}{i}": infos[name][2]
-              for i, name in enumerate(torch_order(infos))}
-    return {"r": rs.pop(), "u": us.pop(), "weight_tying": 0.0,
+    rs = {i[0] for i in infos.values()}
+    us = {i[1] for i in infos.values()}
+    tyings = {i[2] for i in infos.values()}
+    if len(rs) > 1 or len(us) > 1 or len(tyings) > 1:
+        raise ValueError("save_peft: one PEFT TinyLoRA adapter has one r, one u and one "
+                         f"weight_tying (no patterns); got r {sorted(rs)}, u "
+                         f"{sorted(us)}, weight_tying {sorted(tyings)}")
+    order = torch_order(infos)
+    tying = tyings.pop()
+    if tying == 0:
+        shared = {f"{_V}{i}": infos[name][4] for i, name in enumerate(order)}
+    else:
+        ids = _adapters.tinylora_groups(len(order), tying)
+        got = [infos[name][3] for name in order]
+        if got != ids.tolist():
+            raise ValueError(
+                f"save_peft: the TinyLoRA groups {dict(zip(order, got, strict=True))} "
+                f"are not PEFT's for weight_tying={tying} over torch's module order "
+                f"({ids.tolist()}); PEFT would tie other modules together")
+        table = infos[order[0]][4]
+        if (any(not np.array_equal(infos[name][4], table) for name in order)
+                or table.shape[0] != int(ids.max()) + 1):
+            raise ValueError(f"save_peft: weight_tying={tying} over {len(order)} "
+                             f"modules needs one table of {int(ids.max()) + 1} rows")
+        shared = {f"{_V}{g}": np.ascontiguousarray(table[g])
+                  for g in range(table.shape[0])}
+    return {"r": rs.pop(), "u": us.pop(), "weight_tying": tying,
             "save_projection": True, "projection_seed": 42, "init_v_bound": 0.02,
             "init_weights": True, "tinylora_dropout": 0.0, "fan_in_fan_out": False,
             "bias": "none"}, shared
 
 
 def _check(config: Mapping[str, Any], source: str) -> list[str]:
-    bad = []
+    del source
     if config.get("save_projection", True) is False:
-        bad.append("save_projection=False (PEFT regenerates tinylora_P from a torch "
-                   "generator peftjax does not reproduce; save the projections)")
-    tying = config.get("weight_tying", 0.0)
-    if isinstance(tying, (int, float)) and not isinstance(tying, bool) and tying != 0:
-        bad.append(f"weight_tying={tying!r} (modules sharing one tinylora_v are not "
-                   "supported yet; peftjax reads weight_tying=0, PEFT's default)")
-    return bad
+        return ["save_projection=False (PEFT regenerates tinylora_P from a torch "
+                "generator peftjax does not reproduce; save the projections)"]
+    return []
 
 
 TUNER = _peft_tuner.Tuner(
@@ -193,6 +235,7 @@ TUNER = _peft_tuner.Tuner(
         "init_v_bound": (lambda v: isinstance(v, (int, float))
                          and not isinstance(v, bool), "a number"),
     },
+    shared_trainable=_shared_trainable,
     is_shared=lambda key: re.fullmatch(re.escape(_V) + r"\d+", key) is not None,
     embeddings=True,
     check=_check,

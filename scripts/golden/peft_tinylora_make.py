@@ -8,9 +8,10 @@ generator, seeded ``projection_seed`` + the module's index) are saved by
 PEFT and differ from what peftjax would draw, so the tests see whether they
 are read from the file). Llama: ``r=2``, ``u=5``, ``projection_seed=7`` on
 the q/v/down projections (PEFT numbers ``tinylora_v.<i>`` in torch's module
-order, so the three kinds interleave per layer); BERT: ``r=2``, ``u=3`` on
-query/value, every dense layer and the word-embedding table (an
-``nn.Embedding``, decomposed untransposed). Files:
+order, so the three kinds interleave per layer); BERT: ``r=2``, ``u=3``,
+``weight_tying=0.5`` (the 11 modules share 6 vectors) on query/value, every
+dense layer and the word-embedding table (an ``nn.Embedding``, decomposed
+untransposed). Files:
 ``tests/io/golden/peft_tinylora/``.
 
 Usage: ``.venv-torch/bin/python scripts/golden/peft_tinylora_make.py``
@@ -29,7 +30,7 @@ def llama():
 def bert():
     from peft import TinyLoraConfig
 
-    return TinyLoraConfig(r=2, u=3,
+    return TinyLoraConfig(r=2, u=3, weight_tying=0.5,
                           target_modules=["query", "value", "dense", "word_embeddings"])
 
 

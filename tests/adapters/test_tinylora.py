@@ -91,3 +91,54 @@ def test_bad_arguments(kwargs, err, match):
 def test_bad_leaf_names_shape_and_dtype(getkey):
     with pytest.raises(TypeError, match=r"tinylora\(r=2, u=64\).*shape \(4, 3\), dtype int32"):
         adapters.tinylora().init(getkey(), jnp.zeros((4, 3), jnp.int32))
+
+
+# PEFT 0.21.2's tinylora_v key of each module (in torch's order) on the tiny
+# Llama: (number of modules, weight_tying) -> group ids.
+PEFT_GROUPS = [
+    ((10, 0.5), [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]),
+    ((6, 0.3), [0, 1, 2, 3, 3, 3]),
+    ((4, 1.0), [0, 0, 0, 0]),
+    ((14, 0.8), [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2]),
+    ((14, 0.9), [0] * 14),
+]
+
+
+@pytest.mark.parametrize("args,want", PEFT_GROUPS)
+def test_weight_tying_groups_are_peft_groups(args, want):
+    assert adapters.tinylora_groups(*args).tolist() == want
+
+
+def test_weight_tying_shares_one_table(getkey):
+    """Matrices numbered in assignment order (stacked layers one by one) read
+    rows of one trainable table; its gradient sums over them."""
+    params = {"a": {"kernel": _w((6, 5))}, "b": {"kernel": _w((3, 6, 5), seed=1)},
+              "c": {"kernel": _w((5, 4), seed=2)}}
+    ad = adapters.tinylora(2, 3, weight_tying=0.5, uniform_init=True, init_v_bound=0.4)
+    a = tree.assign(params, [
+        tree.Rule(where="(a|c)/kernel", then=ad),
+        tree.Rule(where="b/kernel", then=ad.with_dimension_numbers(tree.dims.stacked()))])
+    st = adapters.init(a, getkey(), params)
+    table = st.trainable[adapters.SHARED]["tinylora"]
+    assert table.shape == (2, 3) and adapters.num_trainable(st.trainable) == 6
+    assert st.trainable["a/kernel"].v == adapters.Shared("tinylora")
+    # 5 matrices a, b0, b1, b2, c at 0.5: PEFT's groups [0, 0, 1, 1, 1]
+    assert [np.asarray(st.frozen[p].group).tolist() for p in ("a/kernel", "b/kernel",
+                                                              "c/kernel")] == [0, [0, 1, 1], 1]
+    m = adapters.materialize(a, params, *st)
+    for p, i, g in (("a", None, 0), ("b", 0, 0), ("b", 2, 1), ("c", None, 1)):
+        f = st.frozen[f"{p}/kernel"]
+        w = params[p]["kernel"]
+        if i is not None:
+            w, f = w[i], jax.tree.map(lambda x, i=i: x[i], f)
+        t = adapters.TinyLoRAParams(table[g])
+        got = m[p]["kernel"] if i is None else m[p]["kernel"][i]
+        np.testing.assert_allclose(h.f64(got), ref_tinylora(w, t, f), **h.MATMUL_F32)
+    c = {p: _w(np.shape(params[p]["kernel"]), seed=9) for p in params}
+    g = jax.grad(lambda tr: sum(jnp.sum(x["kernel"] * c[k]) for k, x in
+                                adapters.materialize(a, params, tr, st.frozen).items()))(
+        st.trainable)
+    assert g[adapters.SHARED]["tinylora"].shape == (2, 3)
+    assert float(jnp.abs(g[adapters.SHARED]["tinylora"]).min()) > 0
+    with pytest.raises(ValueError, match=r"weight_tying must be in \[0, 1\], got 1.5"):
+        adapters.tinylora(weight_tying=1.5)

@@ -5,7 +5,8 @@ Goldens: ``scripts/golden/peft_tinylora_make.py`` (torch side) and
 are ``tests/io/tuner_checks.py``'s, plus: the frozen SVD factors and
 projections are the file's (transposed for kernels, as stored for the BERT
 word-embedding table) and ``tinylora_v.<i>`` goes to the module PEFT numbers
-``i`` (torch's module order).
+``i`` (torch's module order; the BERT file is tied, ``weight_tying=0.5``: its
+modules read ``tinylora_v.<group>`` from one shared table).
 """
 
 import pathlib
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from peftjax import io
+from peftjax import adapters, io
 from peftjax.io import _peft_tinylora
 from tests.io import tuner_checks as tc
 
@@ -61,16 +62,22 @@ def test_peft_made_tinylora_gives_torch_outputs(kind, scanned):
     order = PEFT_ORDER[kind]
     assert _peft_tinylora.torch_order(sorted(order)) == order
     t, _ = io.read_safetensors(GOLDEN / f"{kind}_tinylora" / "adapter_model.safetensors")
+    # PEFT's groups: 11 BERT modules at weight_tying=0.5 share 6 vectors
+    groups = (list(range(6)) + [5] * 5 if kind == "bert" else list(range(len(order))))
+    assert adapters.tinylora_groups(len(order), 0.5 if kind == "bert" else 0.0
+                                    ).tolist() == groups
     assert sorted(k for k in t if "tinylora_v" in k) == sorted(
-        f"base_model.tinylora_v.{i}" for i in range(len(order)))
-    for i, module in enumerate(order):
+        f"base_model.tinylora_v.{g}" for g in set(groups))
+    for module, g in zip(order, groups, strict=True):
         a_t, b_t, p_t = (t[f"base_model.model.{module}.tinylora_{x}"] for x in "ABP")
         tr, fr = _leaf(ad.state, module, scanned)
         want = ((b_t, a_t, p_t) if "embeddings" in module
                 else (a_t.T, b_t.T, p_t.transpose(0, 2, 1)))
-        np.testing.assert_array_equal(np.asarray(tr.v), t[f"base_model.tinylora_v.{i}"],
+        v = (tr.v if kind == "llama"  # tied: the module's row of the shared table
+             else ad.state.trainable[adapters.SHARED]["tinylora"][int(fr.group)])
+        np.testing.assert_array_equal(np.asarray(v), t[f"base_model.tinylora_v.{g}"],
                                       err_msg=module)
-        for got, w in zip(fr, want, strict=True):  # copies, no arithmetic
+        for got, w in zip(fr[:3], want, strict=True):  # copies, no arithmetic
             np.testing.assert_array_equal(np.asarray(got), w, err_msg=module)
     with pytest.raises(ValueError, match="'transformer.h.0.attn.c_attn' has the unknown"):
         _peft_tinylora.torch_order(["transformer.h.0.attn.c_attn"])
@@ -78,7 +85,7 @@ def test_peft_made_tinylora_gives_torch_outputs(kind, scanned):
 
 def test_tinylora_config_fields_not_honoured_are_refused(tmp_path):
     tc.check_refused(GOLDEN, "tinylora", tmp_path, {
-        "weight_tying": 0.5, "save_projection": False, "tinylora_dropout": 0.1,
+        "save_projection": False, "tinylora_dropout": 0.1,
         "fan_in_fan_out": True, "u": 4})
 
 
