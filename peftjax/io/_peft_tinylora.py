@@ -82,7 +82,8 @@ def torch_order(modules: Iterable[str]) -> list[str]:
                 out.append((1, _ORDER[part]))
             else:
                 raise ValueError(
-                    f"TINYLORA: PEFT numbers tinylora_v by torch's module order, which "
+                    f"PEFT numbers TINYLORA's tinylora_v and assigns UNILORA's indices "
+                    f"by torch's module order, which "
                     f"peftjax knows for Llama and BERT module names only; {name!r} "
                     f"has the unknown part {part!r}")
         return tuple(out)
