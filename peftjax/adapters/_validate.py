@@ -38,7 +38,9 @@ def validate(
     first: every assigned path is a leaf of ``params`` with an ``Adapter``
     payload, no bias leaf is reparametrised twice, and (when the state is
     given) ``trainable``/``frozen`` have exactly the assigned paths with the
-    shapes and dtypes ``adapter.init`` makes for each leaf. Code that applies
+    shapes and dtypes ``adapter.init`` makes for each leaf, plus, under
+    ``adapters.SHARED``, exactly the shared arrays the adapters' ``SharedInit``
+    make (names, shapes, dtypes). Code that applies
     adapters itself (``peftjax.factored``) calls it instead of re-deriving
     the rules. Shapes are checked abstractly (``jax.eval_shape``): nothing is
     computed.
