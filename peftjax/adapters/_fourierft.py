@@ -84,10 +84,14 @@ def _indices(n_out: int, n_in: int, n_frequency: int, seed: int) -> np.ndarray:
     if not 0 < n_frequency <= total:
         raise ValueError(f"fourierft: n_frequency must be in [1, out*in={total}] "
                          f"for a matrix (in={n_in}, out={n_out}), got {n_frequency}")
-    rs = np.random.RandomState(seed)
-    raw = rs.randint(0, 2**32, size=max(total - 1, 0), dtype=np.uint32)
+    # torch's CPU randperm is a Fisher–Yates shuffle drawing one 32-bit value
+    # per step; entry i is final after step i, so the first n steps (and
+    # draws) give the first n positions.
+    steps = min(n_frequency, total - 1)
+    raw = np.random.RandomState(seed).randint(0, 2**32, size=max(steps, 0),
+                                              dtype=np.uint32)
     perm = np.arange(total, dtype=np.int64)
-    for i in range(total - 1):  # torch's CPU randperm (Fisher–Yates)
+    for i in range(steps):
         z = i + int(raw[i]) % (total - i)
         perm[i], perm[z] = perm[z], perm[i]
     flat = perm[:n_frequency]
