@@ -115,6 +115,31 @@ class SharedInit(NamedTuple):
     config: Hashable
     init: Callable[[jax.Array, dict[str, tuple[Any, Any, Any]]], SharedParts]
 
+    def shapes(self, members: Mapping[str, tuple[Any, Any]]) -> SharedParts:
+        """The group's ``SharedParts`` as ``jax.ShapeDtypeStruct`` (nothing computed).
+
+        Args:
+          members: ``{path: (adapter, leaf)}`` of every leaf of the group, in
+            assignment order (leaves may be ``jax.ShapeDtypeStruct``).
+
+        Returns:
+          ``init``'s ``SharedParts`` with abstract arrays.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> from peftjax import adapters
+          >>> ad = adapters.vblora(2, num_vectors=6, vector_length=4)
+          >>> ad.shared.shapes({"w": (ad, jnp.zeros((8, 4)))}).trainable["vblora"].shape
+          (6, 4)
+        """
+        leaves = {}
+        for path, (adapter, leaf) in members.items():
+            spec = jax.ShapeDtypeStruct(_leaf_shape(leaf), leaf.dtype)
+            t, f = jax.eval_shape(lambda k, w, a=adapter: a.init(k, w),
+                                  jax.random.key(0), spec)
+            leaves[path] = (spec, t, f)
+        return jax.eval_shape(self.init, jax.random.key(0), leaves)
+
 
 def is_shared(x: Any) -> bool:
     return isinstance(x, Shared)
@@ -315,18 +340,8 @@ def check_shared(
     groups = _groups(assignment)
     want: dict[str, dict[str, Any]] = {"trainable": {}, "frozen": {}}
     for paths in groups.values():
-        hook = assignment[paths[0]].shared
-
-        def make(key, leaves, hook=hook):
-            return hook.init(key, leaves)
-
-        abstract = {}
-        for p in paths:
-            spec = jax.ShapeDtypeStruct(_leaf_shape(flat[p]), flat[p].dtype)
-            t, f = jax.eval_shape(lambda k, w, a=assignment[p]: a.init(k, w),
-                                  jax.random.key(0), spec)
-            abstract[p] = (spec, t, f)
-        parts = jax.eval_shape(make, jax.random.key(0), abstract)
+        parts = assignment[paths[0]].shared.shapes(
+            {p: (assignment[p], flat[p]) for p in paths})
         want["trainable"].update(parts.trainable)
         want["frozen"].update(parts.frozen)
     for kind, part in (("trainable", trainable), ("frozen", frozen)):

@@ -347,6 +347,20 @@ def describe(assignment: dict[str, Any], params: Any, *, layout: Any = None
             count, text, view = 0, "-", "-"
         trainable += count
         rows.append((path, str(shape), dtype, view, text, str(count)))
+    # Arrays several leaves' adapters share (adapters.Shared), one row each.
+    groups: dict[str, dict[str, tuple[Any, Any]]] = {}
+    leaves = dict(flat)
+    for path, payload in assignment.items():
+        if getattr(payload, "shared", None) is not None:
+            groups.setdefault(payload.shared.group, {})[path] = (payload, leaves[path])
+    for members in groups.values():
+        parts = next(iter(members.values()))[0].shared.shapes(members)
+        for name, x in parts.trainable.items():
+            size = math.prod(x.shape)
+            trainable += size
+            added += size
+            rows.append((f"@shared/{name}", str(tuple(x.shape)), np.dtype(x.dtype).name,
+                         "-", "shared by " + ", ".join(members)[:50], str(size)))
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     count = ParamCount(trainable=trainable, total=total + added)

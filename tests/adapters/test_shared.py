@@ -54,6 +54,9 @@ def test_the_bank_lives_once(setup):
     np.testing.assert_array_less(np.abs(np.asarray(bank)), 0.02)
     # logits: 2 layers x (2*2*5 + 2*2*5) + head (2*2*5 + 1*2*5); bank 5*2 once.
     assert adapters.num_trainable(s.trainable) == 2 * 40 + 30 + 10
+    # describe counts it once too, on its own row.
+    table = str(tree.describe(a, params))
+    assert "@shared/vblora  (5, 2)" in table and "trainable params: 120 " in table
     # Optimizers see the bank once.
     opt = optax.adam(1e-2).init(s.trainable)
     assert len(jax.tree.leaves(opt[0].mu)) == 2 * 2 + 1
