@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import tree
-from peftjax.adapters import _collection, _lowrank, _protocol
+from peftjax.adapters import _collection, _lowrank, _protocol, _shared
 
 
 class BatchedRouting(NamedTuple):
@@ -245,7 +245,15 @@ def batched(
     ids = _check_ids(ids, len(names))
     batch = ids.shape[0]
     flat = tree.leaves_by_path(params)
-    entries = [coll.adapters[n] for n in names]
+    # arrays shared by a member's leaves (adapters.Shared): each member gets
+    # its own resolved copy per leaf (serving; no gradient is shared here)
+    entries = []
+    for n in names:
+        e = coll.adapters[n]
+        t, f = _shared.resolve_shared(e.assignment, flat, e.trainable, e.frozen)
+        own = {p: ad if ad.shared is None else _shared.unshare(ad)
+               for p, ad in e.assignment.items()}
+        entries.append(e._replace(assignment=own, trainable=t, frozen=f))
     paths = list(dict.fromkeys(p for e in entries for p in e.assignment))
     assignment, trainable, frozen = {}, {}, {}
     for path in paths:

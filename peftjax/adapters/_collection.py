@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax.adapters import _lora, _protocol
+from peftjax.adapters import _lora, _protocol, _shared
 
 
 class NamedAdapter(NamedTuple):
@@ -113,7 +113,8 @@ def _named(assignment: Any, state: Any, fn: str) -> NamedAdapter:
                         f"{type(state).__name__}")
     trainable, frozen = state
     for part_name, part in (("trainable", trainable), ("frozen", frozen)):
-        if not isinstance(part, dict) or set(part) != set(assignment):
+        # arrays shared by the adapter's leaves live beside them (_shared.SHARED)
+        if not isinstance(part, dict) or set(part) - {_shared.SHARED} != set(assignment):
             have = sorted(part)[:6] if isinstance(part, dict) else type(part).__name__
             raise ValueError(
                 f"{fn}: state.{part_name} must be keyed by the assignment's paths "

@@ -149,6 +149,31 @@ def test_batched_on_a_dict_model_matches_float64_and_gradients():
         np.testing.assert_allclose(f64(grads.b[i]), f64(own.b), **GRAD_F32)
 
 
+def test_batched_members_with_a_shared_bank_match_their_own_weights():
+    """VB-LoRA keeps one bank per adapter under SHARED: each example gets its
+    adapter's materialized weights (float64 reference)."""
+    rng = np.random.default_rng(1)
+    params = {"w": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32),
+              "v": jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)}
+    a = tree.assign(params, [tree.Rule(where="w|v", then=adapters.vblora(
+        2, num_vectors=6, vector_length=4))])
+    coll = adapters.collection()
+    for i, n in enumerate(("x", "y")):
+        coll = adapters.add(coll, n, a, _randomise(
+            adapters.init(a, jax.random.key(i), params), 30 + i))
+    x = jnp.asarray(rng.standard_normal((3, 8)), jnp.float32)
+    ids = [1, -1, 0]
+    f = lambda p, x: (x @ p["w"]) @ p["v"]  # noqa: E731
+    y = factored.transform(f, *adapters.batched(coll, params, jnp.asarray(ids)))(
+        params, x)
+    names = list(coll.adapters)
+    for b, i in enumerate(ids):
+        p = params if i < 0 else adapters.materialize(
+            a, params, coll.adapters[names[i]].trainable, coll.adapters[names[i]].frozen)
+        np.testing.assert_allclose(f64(y[b]), f64(x[b]) @ f64(p["w"]) @ f64(p["v"]),
+                                   **MATMUL_F32)
+
+
 def test_batched_refuses_what_cannot_vary_per_example():
     params = {"w": jnp.ones((4, 3)), "v": jnp.ones((3, 2))}
     lora = tree.assign(params, [tree.Rule(where="w", then=adapters.lora(1))])
