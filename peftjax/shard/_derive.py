@@ -293,8 +293,7 @@ def adapter_shardings(
             )
         )
     # arrays shared by many leaves (``adapters.Shared``): small, replicated
-    for part, src, out in (("trainable", state.trainable, out_t),
-                           ("frozen", state.frozen, out_f)):
+    for src, out in ((state.trainable, out_t), (state.frozen, out_f)):
         if _adapters.SHARED in src:
             out[_adapters.SHARED] = jax.tree.map(
                 lambda x: NamedSharding(mesh, PartitionSpec()), src[_adapters.SHARED])
