@@ -1,110 +1,33 @@
 # SPDX-License-Identifier: Apache-2.0
-"""PEFT LN-tuning adapters and torch logits for peftjax's LN-tuning tests.
+"""PEFT LN-tuning adapters and torch outputs for peftjax's LN-tuning tests (both ways).
 
-Runs once in the side virtualenv (torch CPU, transformers, peft); never in CI,
-never imports peftjax. From the committed tiny Llama in
-``tests/io/golden/peft/llama_base`` it builds a PEFT ``LNTuningConfig``
-adapter on every RMSNorm (both per-layer norms and the final ``model.norm``),
-adds ``N(0, 0.3²)`` to every trainable norm copy (at init the copies equal the
-base norms, so an adapter that was never loaded would still pass), saves it
-with ``save_pretrained`` and records, in ``tests/io/golden/peft_ln_tuning/``:
-
-* ``llama_ln_tuning/``: ``adapter_config.json`` + ``adapter_model.safetensors``;
-* ``torch_outputs.npz``: ``llama_ln_tuning`` logits with the adapter active,
-  ``llama_ln_tuning_merged`` after ``merge_and_unload``, ``llama_base``,
-  ``inputs_llama``;
-* ``peft.json``: PEFT's trainable-parameter count of the same config on the
-  freshly created model, versions, and (when ``from_peftjax/`` exists, written
-  by ``tests/io/test_peft_ln_tuning.py::build_from_peftjax``) the max |torch -
-  peftjax| logit difference of each peftjax-written adapter loaded with
-  ``PeftModel.from_pretrained``.
+Runs once in the side virtualenv (``_peft_golden.run``: every trainable norm
+copy perturbed by N(0, 0.3²); at init the copies equal the base norms, so an
+adapter that was never loaded would still pass). The Llama config is PEFT's
+default for Llama as a list (both per-layer RMSNorms and ``model.norm``); the
+BERT one selects the LayerNorms (scale and bias each) with a regex and
+excludes one by name, so both selection forms and ``exclude_modules`` are
+read. Files: ``tests/io/golden/peft_ln_tuning/``.
 
 Usage: ``.venv-torch/bin/python scripts/golden/peft_ln_tuning_make.py``
 """
 
-import json
-import os
-import platform
-
-import numpy as np
-import torch
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
-                    "tests", "io", "golden")
-BASE = os.path.join(ROOT, "peft", "llama_base")
-OUT = os.path.join(ROOT, "peft_ln_tuning")
-BAR = 1e-4
+import _peft_golden
 
 
-def base():
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(BASE, dtype=torch.float32).eval()
-
-
-def config():
+def llama():
     from peft import LNTuningConfig
 
     return LNTuningConfig(
         target_modules=["input_layernorm", "post_attention_layernorm", "norm"])
 
 
-def main():
-    import peft
-    import transformers
-    from peft import PeftModel, get_peft_model
+def bert():
+    from peft import LNTuningConfig
 
-    torch.set_num_threads(2)
-    os.makedirs(OUT, exist_ok=True)
-    ids = torch.tensor([[1, 5, 9, 33, 2, 63, 17, 8], [4, 4, 40, 12, 0, 7, 50, 3]])
-    outputs = {"inputs_llama": ids.numpy()}
-    with torch.no_grad():
-        outputs["llama_base"] = base()(ids).logits.numpy()
-    model = get_peft_model(base(), config()).eval()
-    trainable, _ = model.get_nb_trainable_parameters()
-    g = torch.Generator().manual_seed(400)
-    n_perturbed = 0
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "ln_tuning_layers" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-                n_perturbed += p.numel()
-    assert n_perturbed == trainable, (n_perturbed, trainable)
-    model.peft_config["default"].base_model_name_or_path = "tiny-random-llama"
-    model.save_pretrained(os.path.join(OUT, "llama_ln_tuning"))
-    os.remove(os.path.join(OUT, "llama_ln_tuning", "README.md"))
-    with torch.no_grad():
-        outputs["llama_ln_tuning"] = model(ids).logits.numpy()
-        outputs["llama_ln_tuning_merged"] = model.merge_and_unload()(ids).logits.numpy()
-    np.savez_compressed(os.path.join(OUT, "torch_outputs.npz"), **outputs)
-
-    report = {"trainable_params": int(trainable),
-              "_versions": {"torch": torch.__version__, "peft": peft.__version__,
-                            "transformers": transformers.__version__,
-                            "python": platform.python_version()}}
-    src = os.path.join(OUT, "from_peftjax")
-    ok = True
-    if os.path.isdir(src):
-        ref = np.load(os.path.join(src, "peftjax_outputs.npz"))
-        for name in sorted(os.listdir(src)):
-            d = os.path.join(src, name)
-            if not os.path.isdir(d):
-                continue
-            m = PeftModel.from_pretrained(base(), d).eval()
-            with torch.no_grad():
-                got = m(ids).logits.numpy()
-            diff = float(np.abs(got - ref[name]).max())
-            report[name] = {"max_abs_diff": diff, "bar": BAR, "passed": diff <= BAR,
-                            "peft_type": m.peft_config["default"].peft_type.value}
-            ok &= diff <= BAR
-            print(f"{name}: max |torch - peftjax| = {diff:.3g}")
-    with open(os.path.join(OUT, "peft.json"), "w") as f:
-        json.dump(report, f, indent=1, sort_keys=True)
-        f.write("\n")
-    print(json.dumps(report, indent=1))
-    if not ok:
-        raise SystemExit("a peftjax-written adapter misses the bar")
+    return LNTuningConfig(target_modules=r".*(embeddings|output)\.LayerNorm",
+                          exclude_modules=["encoder.layer.1.attention.output.LayerNorm"])
 
 
 if __name__ == "__main__":
-    main()
+    _peft_golden.run("ln_tuning", {"llama": llama, "bert": bert})
