@@ -35,6 +35,8 @@ from peftjax.adapters._adalora import (
 )
 from peftjax.adapters._batched import BatchedRouting as BatchedRouting
 from peftjax.adapters._batched import batched as batched
+from peftjax.adapters._beft import BEFTParams as BEFTParams
+from peftjax.adapters._beft import beft as beft
 from peftjax.adapters._c3a import C3AParams as C3AParams
 from peftjax.adapters._c3a import c3a as c3a
 from peftjax.adapters._collection import AdapterCollection as AdapterCollection
@@ -307,6 +309,8 @@ __all__ = [
     "SoRAParams",
     "sora",
     "sora_prune",
+    "BEFTParams",
+    "beft",
     "DeLoRANorm",
     "DeLoRAParams",
     "delora",

@@ -14,6 +14,7 @@ import pytest
 
 from peftjax import adapters, tree
 from tests import helpers as h
+from tests.adapters.test_beft import ref_beft
 from tests.adapters.test_c3a import ref_c3a
 from tests.adapters.test_delora import ref_delora
 from tests.adapters.test_fourierft import ref_fourierft
@@ -207,6 +208,13 @@ ADAPTERS = [
         True,
         lambda w, t, f: ref_delora(w, t, f, r=2),
         lambda i, o: 2 * (i + o) + 1,
+    ),
+    (
+        "beft",
+        lambda: adapters.beft(),
+        True,
+        ref_beft,
+        lambda i, o: o,
     ),
     (
         "tinylora",
