@@ -140,6 +140,11 @@ from peftjax.adapters._sparse import sparse_delta as sparse_delta
 from peftjax.adapters._sparse import sparse_from_compact as sparse_from_compact
 from peftjax.adapters._sparse import sparse_num as sparse_num
 from peftjax.adapters._sparse import sparse_to_compact as sparse_to_compact
+from peftjax.adapters._supertuning import SuperTuningIndices as SuperTuningIndices
+from peftjax.adapters._supertuning import SuperTuningParams as SuperTuningParams
+from peftjax.adapters._supertuning import supertuning as supertuning
+from peftjax.adapters._supertuning import supertuning_count as supertuning_count
+from peftjax.adapters._supertuning import supertuning_support as supertuning_support
 from peftjax.adapters._svfit import SVFitBasis as SVFitBasis
 from peftjax.adapters._svfit import SVFitParams as SVFitParams
 from peftjax.adapters._svfit import svfit as svfit
@@ -293,6 +298,11 @@ __all__ = [
     "SHiRAParams",
     "shira",
     "shira_indices",
+    "SuperTuningIndices",
+    "SuperTuningParams",
+    "supertuning",
+    "supertuning_count",
+    "supertuning_support",
     "TinyLoRABasis",
     "TinyLoRAParams",
     "tinylora",

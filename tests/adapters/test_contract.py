@@ -25,6 +25,7 @@ from tests.adapters.test_miss import ref_miss
 from tests.adapters.test_pvera import ref_pvera
 from tests.adapters.test_randlora import randlora_count, ref_randlora
 from tests.adapters.test_shira import ref_shira
+from tests.adapters.test_supertuning import ref_supertuning
 from tests.adapters.test_tinylora import ref_tinylora
 from tests.adapters.test_trainable_tokens import CONTRACT_INDICES, ref_trainable_tokens
 from tests.adapters.test_unilora import ref_unilora
@@ -229,6 +230,13 @@ ADAPTERS = [
         True,
         ref_shira,
         lambda i, o: i + o,
+    ),
+    (
+        "supertuning",
+        lambda: adapters.supertuning(0.5, r=2, lora_alpha=3.0),
+        True,
+        lambda w, t, f: ref_supertuning(w, t, f, s=1.5),
+        lambda i, o: int(i * o * 0.5) + 2 * (i + o),
     ),
     (
         "randlora",
