@@ -63,6 +63,9 @@ from peftjax.adapters._gralora import GraLoRAParams as GraLoRAParams
 from peftjax.adapters._gralora import gralora as gralora
 from peftjax.adapters._hira import HiRAParams as HiRAParams
 from peftjax.adapters._hira import hira as hira
+from peftjax.adapters._hra import HRAParams as HRAParams
+from peftjax.adapters._hra import hra as hra
+from peftjax.adapters._hra import hra_rotation as hra_rotation
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
 from peftjax.adapters._lift import path_key as path_key
@@ -326,6 +329,9 @@ __all__ = [
     "delora",
     "HiRAParams",
     "hira",
+    "HRAParams",
+    "hra",
+    "hra_rotation",
     "SVFitBasis",
     "SVFitParams",
     "svfit",

@@ -20,6 +20,7 @@ from tests.adapters.test_delora import ref_delora
 from tests.adapters.test_fourierft import ref_fourierft
 from tests.adapters.test_gralora import ref_gralora
 from tests.adapters.test_hira import ref_hira
+from tests.adapters.test_hra import ref_hra
 from tests.adapters.test_lokr import lokr_count, ref_lokr
 from tests.adapters.test_miss import ref_miss
 from tests.adapters.test_pvera import ref_pvera
@@ -202,6 +203,13 @@ ADAPTERS = [
         True,
         ref_hira,
         lambda i, o: 3 * (i + o),
+    ),
+    (
+        "hra",
+        lambda: adapters.hra(3),
+        False,
+        ref_hra,
+        lambda i, o: 3 * i,
     ),
     (
         "delora",
