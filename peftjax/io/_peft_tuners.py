@@ -10,6 +10,7 @@ Exports: ``TUNERS``, ``for_params``.
 from typing import Any
 
 from peftjax.io import (
+    _peft_beft,
     _peft_c3a,
     _peft_delora,
     _peft_fourierft,
@@ -29,6 +30,7 @@ from peftjax.io import (
 )
 
 TUNERS: dict[str, _peft_tuner.Tuner] = {t.peft_type: t for t in (
+    _peft_beft.TUNER,
     _peft_c3a.TUNER,
     _peft_delora.TUNER,
     _peft_fourierft.TUNER,
