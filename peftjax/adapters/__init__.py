@@ -94,6 +94,8 @@ from peftjax.adapters._nola import NOLABasis as NOLABasis
 from peftjax.adapters._nola import NOLAParams as NOLAParams
 from peftjax.adapters._nola import nola as nola
 from peftjax.adapters._nola import nola_basis as nola_basis
+from peftjax.adapters._peanut import PEANUTParams as PEANUTParams
+from peftjax.adapters._peanut import peanut as peanut
 from peftjax.adapters._precision import cast_floating as cast_floating
 from peftjax.adapters._presets import all_linear_rules as all_linear_rules
 from peftjax.adapters._prompt import PrefixParams as PrefixParams
@@ -329,6 +331,8 @@ __all__ = [
     "delora",
     "HiRAParams",
     "hira",
+    "PEANUTParams",
+    "peanut",
     "HRAParams",
     "hra",
     "hra_rotation",

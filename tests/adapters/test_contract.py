@@ -23,6 +23,7 @@ from tests.adapters.test_hira import ref_hira
 from tests.adapters.test_hra import ref_hra
 from tests.adapters.test_lokr import lokr_count, ref_lokr
 from tests.adapters.test_miss import ref_miss
+from tests.adapters.test_peanut import ref_peanut
 from tests.adapters.test_pvera import ref_pvera
 from tests.adapters.test_randlora import randlora_count, ref_randlora
 from tests.adapters.test_shira import ref_shira
@@ -210,6 +211,13 @@ ADAPTERS = [
         False,
         ref_hra,
         lambda i, o: 3 * i,
+    ),
+    (
+        "peanut",
+        lambda: adapters.peanut(2, depth=1, scaling=0.5),
+        True,
+        lambda w, t, f: ref_peanut(w, t, f, s=0.5),
+        lambda i, o: 2 * 2 * o + 2 * 2 * 2,
     ),
     (
         "delora",
