@@ -1,14 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """BEFT: bias-efficient fine-tuning (a trainable shift of a layer's bias).
 
-BEFT: Bias-Efficient Fine-Tuning of Language Models. Huang et al., 2025.
-https://arxiv.org/abs/2509.15974
+BEFT, bias-efficient fine-tuning (2025). https://arxiv.org/abs/2509.15974
 
-BEFT trains only the bias terms of a few chosen projections (the paper finds
-the value projection's bias the most efficient, Sec. 4) and freezes
-everything else. Hugging Face PEFT's ``tuners/beft`` (followed here, also for
-its files) keeps the base bias frozen and adds a trainable vector
-``beft_bias (1, out)``, zero at init, to the layer's output:
+BEFT trains only bias terms, chiefly those of the value projections (PEFT's
+default targets), for low-data fine-tuning, and freezes everything else.
+Hugging Face PEFT's ``tuners/beft`` (followed here, also for its files)
+keeps the base bias frozen and adds a trainable vector ``beft_bias (1,
+out)``, zero at init, to the layer's output:
 
   ``y = x W + b + β``   (``β (out,)``),
 
@@ -87,7 +86,7 @@ def beft(
       Array([1., 2., 3.], dtype=float32)
 
     References:
-      Huang et al., 2025, https://arxiv.org/abs/2509.15974 (Sec. 3-4).
+      https://arxiv.org/abs/2509.15974 ; PEFT 0.21.2 ``tuners/beft``.
     """
     if not isinstance(init_weights, bool):
         raise TypeError(f"beft: init_weights must be a bool, got {init_weights!r}")
