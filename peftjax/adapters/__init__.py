@@ -53,6 +53,10 @@ from peftjax.adapters._conv import lora_conv as lora_conv
 from peftjax.adapters._delora import DeLoRANorm as DeLoRANorm
 from peftjax.adapters._delora import DeLoRAParams as DeLoRAParams
 from peftjax.adapters._delora import delora as delora
+from peftjax.adapters._osf import OSFBasis as OSFBasis
+from peftjax.adapters._osf import OSFParams as OSFParams
+from peftjax.adapters._osf import osf as osf
+from peftjax.adapters._osf import osf_rank as osf_rank
 from peftjax.adapters._dora import DoRAParams as DoRAParams
 from peftjax.adapters._dora import dora as dora
 from peftjax.adapters._fourierft import FourierFTIndices as FourierFTIndices
@@ -329,6 +333,10 @@ __all__ = [
     "DeLoRANorm",
     "DeLoRAParams",
     "delora",
+    "OSFBasis",
+    "OSFParams",
+    "osf",
+    "osf_rank",
     "HiRAParams",
     "hira",
     "PEANUTParams",

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Optimizer-side methods as optax transforms: GaLore, FRUGAL, LISA, LoRA+, SoRA.
+"""Optimizer-side methods as optax transforms: GaLore, FRUGAL, LISA, LoRA+, SoRA, OSF.
 
 Every transform follows optax anatomy (``scale_by_<m>`` core, ``<m>`` alias,
 ``<M>State`` with ``count`` first) and composes with ``optax.chain``,
@@ -27,6 +27,9 @@ from peftjax.optim._lisa import scale_by_lisa as scale_by_lisa
 from peftjax.optim._loraplus import LoRAPlusState as LoRAPlusState
 from peftjax.optim._loraplus import loraplus as loraplus
 from peftjax.optim._loraplus import scale_by_loraplus as scale_by_loraplus
+from peftjax.optim._osf import OSFState as OSFState
+from peftjax.optim._osf import osf as osf
+from peftjax.optim._osf import scale_by_osf as scale_by_osf
 from peftjax.optim._projectors import PROJ_TYPES as PROJ_TYPES
 from peftjax.optim._projectors import Projector as Projector
 from peftjax.optim._projectors import coordinates as coordinates
@@ -55,6 +58,9 @@ __all__ = [
     "galore",
     "lisa",
     "loraplus",
+    "OSFState",
+    "osf",
+    "scale_by_osf",
     "random_orthogonal",
     "randomized_svd",
     "adamw_hf",

@@ -23,6 +23,7 @@ from tests.adapters.test_hira import ref_hira
 from tests.adapters.test_hra import ref_hra
 from tests.adapters.test_lokr import lokr_count, ref_lokr
 from tests.adapters.test_miss import ref_miss
+from tests.adapters.test_osf import ref_osf
 from tests.adapters.test_peanut import ref_peanut
 from tests.adapters.test_pvera import ref_pvera
 from tests.adapters.test_randlora import randlora_count, ref_randlora
@@ -227,6 +228,13 @@ ADAPTERS = [
         lambda i, o: 2 * (i + o) + 1,
     ),
     (
+        "osf",
+        lambda: adapters.osf(2),
+        True,
+        ref_osf,
+        lambda i, o: (min(i, o) - 2) * (i + o + 1),
+    ),
+    (
         "beft",
         lambda: adapters.beft(),
         True,
@@ -353,10 +361,11 @@ def test_closed_form_matches_float64_reference(name, factory, identity, ref, cou
 
 
 # DoRA's norm is a constant in backprop (paper §4.3), so numerical gradients
-# differ by design; test_dora_gradient_treats_norm_as_constant covers it.
+# differ by design; test_dora_gradient_treats_norm_as_constant covers it. OSF
+# projects its gradients off the preserved subspace by design (tests/adapters/test_osf.py).
 @pytest.mark.parametrize("name,factory,identity,ref,count",
-                         [a for a in ADAPTERS if a[0] != "dora"],
-                         ids=[i for i in IDS if i != "dora"])
+                         [a for a in ADAPTERS if a[0] not in ("dora", "osf")],
+                         ids=[i for i in IDS if i not in ("dora", "osf")])
 def test_gradients_match_numerical(name, factory, identity, ref, count, getkey):
     ad = factory()
     w = _w((5, 4))

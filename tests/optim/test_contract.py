@@ -79,6 +79,9 @@ TRANSFORMS = [
      _gated_params),
     ("adamw_hf", optim.adamw_hf,
      dict(learning_rate=0.05, weight_decay=0.01), (), _matrix_params),
+    ("osf", optim.osf,
+     dict(learning_rate=0.05, effective_rank=1, inner=HF),
+     ("effective_rank", "inner", "dimension_numbers"), _matrix_params),
 ]
 IDS = [t[0] for t in TRANSFORMS]
 
