@@ -335,6 +335,8 @@ METHODS: dict[str, Callable[..., Setup]] = {
     "tinylora": _adapter_method(lambda c: adapters.tinylora(2, 8 * c.rank)),
     # SHiRA: r·(in+out) entries of PEFT's random mask, LoRA's count
     "shira": _adapter_method(lambda c: adapters.shira(c.rank)),
+    # Super-Tuning: PEFT's default sparsity 0.99 (1% of each matrix, largest |W|)
+    "supertuning": _adapter_method(lambda c: adapters.supertuning(0.99)),
     # VB-LoRA: sub-vectors of length 32 (divides SmolLM2's 576/192/1536 and the tiny
     # model's widths) from one shared bank of 64: 2r·(in+out) logits + 64·32 bank
     "vblora": _adapter_method(lambda c: adapters.vblora(c.rank, num_vectors=64,
@@ -347,6 +349,11 @@ METHODS: dict[str, Callable[..., Setup]] = {
     # one weight-sized W' here): the factored path materialises it, with a warning
     "hira": _adapter_method(lambda c: adapters.hira(c.rank)),
     "delora": _adapter_method(lambda c: adapters.delora(c.rank)),  # PEFT's lambda 15
+    # PEANUT: PEFT's depth 0 (H = relu(W0@a)), 2r·out trainable per matrix
+    "peanut": _adapter_method(lambda c: adapters.peanut(c.rank)),
+    # HRA: 2r reflections (even: PEFT's paired identity init), 2r·in trainable,
+    # LoRA's r·(in+out) on square matrices
+    "hra": _adapter_method(lambda c: adapters.hra(2 * c.rank)),
     "trainable_tokens": _trainable_tokens,
     # PEFT has no LoRA-XS format
     "lora_xs": _adapter_method(lambda c: adapters.lora_xs(c.rank, alpha=c.alpha),

@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """PEANUT: a weight-aware nonlinear update computed from the frozen weight itself.
 
-PEANUT (Parameter-Efficient Adaptation with weight-aware Neural Tweakers),
-Hugging Face PEFT 0.21.2 ``tuners/peanut``.
+PEANuT, https://arxiv.org/abs/2410.01870 (the paper PEFT cites), as
+Hugging Face PEFT 0.21.2 ``tuners/peanut`` implements it.
 
 The update is a small residual network applied to the rows of the frozen
 weight. In torch layout ``W0 (out, in)``, PEFT computes, for the transposed

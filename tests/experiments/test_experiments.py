@@ -97,15 +97,17 @@ def test_compare_methods_smoke_lokr(tmp_path):
     # wavelet windows, the r x r core, the sparse segment-sum: no
     # materialisation fallback warning); RandLoRA and PVeRA: (x@left)@right over
     # their shared frozen bases; VB-LoRA and UniLoRA: (x@a)@b with a, b gathered
-    # from their one shared trainable bank / vector
+    # from their one shared trainable bank / vector; HRA: its reflections of x plus
+    # (x' - x) @ W0
     res = run_script("compare_methods.py", "--smoke", "--progress=false",
                      "--isolate=false",
                      "--methods=lokr,c3a,waveft,tinylora,shira,randlora,pvera,vblora,"
-                     "unilora",
+                     "unilora,hra,supertuning",
                      f"--out_dir={tmp_path}")
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["lokr", "c3a", "waveft", "tinylora", "shira",
-                                           "randlora", "pvera", "vblora", "unilora"]
+                                           "randlora", "pvera", "vblora", "unilora",
+                                           "hra", "supertuning"]
     assert rows[0]["losses"][-1] < rows[0]["losses"][0] - 0.05
     for r in rows[1:]:  # C3A: 5.563 -> 5.539, WaveFT: 5.557 -> 5.358 here
         assert r["losses"][-1] < r["losses"][0] - 0.01, r["losses"]
@@ -119,15 +121,17 @@ def test_compare_methods_smoke_fourierft_ln_tuning(tmp_path):
     # trainable tokens (no factored form: a row scatter) once for the table;
     # DeLoRA takes its low-rank form (no fallback), HiRA (built without its
     # r-matmul form) warns once per adapted kernel
-    # GraLoRA and MiSS take their block and shard-sum forms (no fallback)
+    # GraLoRA and MiSS take their block and shard-sum forms, PEANUT (x@H)@b
+    # (no fallback)
     res = run_script("compare_methods.py", "--smoke", "--progress=false",
                      "--isolate=false",
                      "--methods=fourierft,ln_tuning,trainable_tokens,hira,delora,"
-                     "gralora,miss",
+                     "gralora,miss,peanut",
                      f"--out_dir={tmp_path}")
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["fourierft", "ln_tuning", "trainable_tokens",
-                                           "hira", "delora", "gralora", "miss"]
+                                           "hira", "delora", "gralora", "miss",
+                                           "peanut"]
     for r in rows:
         assert r["losses"][-1] < r["losses"][0] - 0.01, r["losses"]
     assert "fourierft on" not in res.stderr
@@ -136,3 +140,4 @@ def test_compare_methods_smoke_fourierft_ln_tuning(tmp_path):
     assert "hira(rank=4, init=kaiming_uniform) on 'layers/self_attn/q_proj" in res.stderr
     assert "delora(rank" not in res.stderr
     assert "gralora(rank" not in res.stderr and "miss(rank" not in res.stderr
+    assert "peanut(rank" not in res.stderr
