@@ -70,6 +70,8 @@ from peftjax.adapters._hira import hira as hira
 from peftjax.adapters._hra import HRAParams as HRAParams
 from peftjax.adapters._hra import hra as hra
 from peftjax.adapters._hra import hra_rotation as hra_rotation
+from peftjax.adapters._road import RoAdParams as RoAdParams
+from peftjax.adapters._road import road as road
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
 from peftjax.adapters._lift import path_key as path_key
@@ -98,6 +100,10 @@ from peftjax.adapters._nola import NOLABasis as NOLABasis
 from peftjax.adapters._nola import NOLAParams as NOLAParams
 from peftjax.adapters._nola import nola as nola
 from peftjax.adapters._nola import nola_basis as nola_basis
+from peftjax.adapters._oft import OFTParams as OFTParams
+from peftjax.adapters._oft import oft as oft
+from peftjax.adapters._oft import oft_block_size as oft_block_size
+from peftjax.adapters._oft import oft_project as oft_project
 from peftjax.adapters._peanut import PEANUTParams as PEANUTParams
 from peftjax.adapters._peanut import peanut as peanut
 from peftjax.adapters._precision import cast_floating as cast_floating
@@ -339,11 +345,17 @@ __all__ = [
     "osf_rank",
     "HiRAParams",
     "hira",
-    "PEANUTParams",
-    "peanut",
+    "OFTParams",
+    "oft",
+    "oft_block_size",
+    "oft_project",
     "HRAParams",
     "hra",
     "hra_rotation",
+    "RoAdParams",
+    "road",
+    "PEANUTParams",
+    "peanut",
     "SVFitBasis",
     "SVFitParams",
     "svfit",

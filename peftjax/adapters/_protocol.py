@@ -44,7 +44,7 @@ class BiasHook(NamedTuple):
 
 
 class FactoredTerms(NamedTuple):
-    """One matrix's adapter as terms of ``y = ((x ⊙ in_scale) @ W + delta(x̃)) ⊙ out_scale``.
+    """One matrix's adapter as terms of ``y = (in_map(x ⊙ in_scale) @ W + delta(x̃)) ⊙ out_scale``.
 
     This is how the factored path (``peftjax.factored``) applies an adapter without
     forming ``W'``: the base product ``(x ⊙ in_scale) @ W`` is the model's own
@@ -56,17 +56,24 @@ class FactoredTerms(NamedTuple):
       out_scale: ``(out,)`` scale of the output units, or None (= 1).
       delta: ``x̃ (..., in) -> (..., out)`` additive term, or None (= 0). It
         may return a wider dtype than ``x̃``.
+      in_map: ``x (..., in) -> (..., in)``, a cheap linear map of the input
+        applied before the base product (after ``in_scale``), or None (=
+        identity): OFT's block-diagonal rotation ``x ↦ x·R``, so that ``R·W``
+        is never formed. It must return ``x``'s dtype. Adapters with an
+        ``in_map`` cannot vary per example (``adapters.batched``) nor run a
+        factored convolution.
 
     Example:
       >>> import jax.numpy as jnp
       >>> t = FactoredTerms(out_scale=jnp.full((3,), 2.0))
-      >>> t.in_scale is None, t.delta is None
-      (True, True)
+      >>> t.in_scale is None, t.delta is None, t.in_map is None
+      (True, True, True)
     """
 
     in_scale: jax.Array | None = None
     out_scale: jax.Array | None = None
     delta: Callable[[jax.Array], jax.Array] | None = None
+    in_map: Callable[[jax.Array], jax.Array] | None = None
 
 
 class FactoredForm(NamedTuple):

@@ -12,7 +12,8 @@ leaves are the base view and the state, so it crosses ``scan``/``cond``/
 * ``view(sym, eqn, ...)`` applies a layout primitive to the base and updates
   the roles (or returns None when it cannot);
 * ``dot(...)`` rewrites ``dot_general(x, view(W'))`` into the model's own
-  ``dot_general(x ⊙ in_scale, view(W))`` plus the adapter's cheap terms;
+  ``dot_general(in_map(x ⊙ in_scale), view(W))`` plus the adapter's cheap
+  terms;
 * ``materialize(sym)`` forms ``view(W')`` (the loud fallback).
 
 A *quantised* kernel (a ``peftjax.quant.QuantizedArray``, adapted or not) is a
@@ -477,6 +478,11 @@ def dot(sym: Sym, other: Any, sym_is_lhs: bool, params: dict,
         sc = jax.lax.broadcast_in_dim(sc, other.shape, tuple(sorted(cx)))
         ct = adapters.compute_dtype(other.dtype, sc.dtype)
         x_in = (other.astype(ct) * sc.astype(ct)).astype(other.dtype)
+    if terms.in_map is not None:
+        xm = terms.in_map(as_matrix(x_in)).astype(other.dtype)
+        xm = xm.reshape(x_shape + tuple(other.shape[b] for _, b in pairs))
+        layout = x_free + [b for _, b in pairs]
+        x_in = jnp.transpose(xm, [layout.index(a) for a in range(other.ndim)])
     if sym.is_quant:
         blocks, _ = _quant_matrix_blocks(sym)
         xm = as_matrix(x_in)

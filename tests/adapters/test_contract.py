@@ -23,6 +23,7 @@ from tests.adapters.test_hira import ref_hira
 from tests.adapters.test_hra import ref_hra
 from tests.adapters.test_lokr import lokr_count, ref_lokr
 from tests.adapters.test_miss import ref_miss
+from tests.adapters.test_oft import oft_count, ref_oft
 from tests.adapters.test_osf import ref_osf
 from tests.adapters.test_peanut import ref_peanut
 from tests.adapters.test_pvera import ref_pvera
@@ -226,6 +227,13 @@ ADAPTERS = [
         True,
         lambda w, t, f: ref_delora(w, t, f, r=2),
         lambda i, o: 2 * (i + o) + 1,
+    ),
+    (
+        "oft",  # r=1: one block of size in (divides every shape used here)
+        lambda: adapters.oft(r=1),
+        True,
+        ref_oft,
+        lambda i, o: oft_count(i, i),
     ),
     (
         "osf",
@@ -701,6 +709,7 @@ def test_factored_terms_equal_weight_space(name, factory, identity, ref, count,
     assert form is not None, f"{name} has no factored form"
     terms = form.terms(w, t, f)
     xs = x if terms.in_scale is None else x * terms.in_scale[None, :]
+    xs = xs if terms.in_map is None else terms.in_map(xs)
     y = h.f64(xs @ w)
     if terms.delta is not None:
         y = y + h.f64(terms.delta(x))
