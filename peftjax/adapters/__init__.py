@@ -53,10 +53,6 @@ from peftjax.adapters._conv import lora_conv as lora_conv
 from peftjax.adapters._delora import DeLoRANorm as DeLoRANorm
 from peftjax.adapters._delora import DeLoRAParams as DeLoRAParams
 from peftjax.adapters._delora import delora as delora
-from peftjax.adapters._osf import OSFBasis as OSFBasis
-from peftjax.adapters._osf import OSFParams as OSFParams
-from peftjax.adapters._osf import osf as osf
-from peftjax.adapters._osf import osf_rank as osf_rank
 from peftjax.adapters._dora import DoRAParams as DoRAParams
 from peftjax.adapters._dora import dora as dora
 from peftjax.adapters._fourierft import FourierFTIndices as FourierFTIndices
@@ -70,8 +66,6 @@ from peftjax.adapters._hira import hira as hira
 from peftjax.adapters._hra import HRAParams as HRAParams
 from peftjax.adapters._hra import hra as hra
 from peftjax.adapters._hra import hra_rotation as hra_rotation
-from peftjax.adapters._road import RoAdParams as RoAdParams
-from peftjax.adapters._road import road as road
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
 from peftjax.adapters._lift import path_key as path_key
@@ -104,6 +98,10 @@ from peftjax.adapters._oft import OFTParams as OFTParams
 from peftjax.adapters._oft import oft as oft
 from peftjax.adapters._oft import oft_block_size as oft_block_size
 from peftjax.adapters._oft import oft_project as oft_project
+from peftjax.adapters._osf import OSFBasis as OSFBasis
+from peftjax.adapters._osf import OSFParams as OSFParams
+from peftjax.adapters._osf import osf as osf
+from peftjax.adapters._osf import osf_rank as osf_rank
 from peftjax.adapters._peanut import PEANUTParams as PEANUTParams
 from peftjax.adapters._peanut import peanut as peanut
 from peftjax.adapters._precision import cast_floating as cast_floating
@@ -130,6 +128,8 @@ from peftjax.adapters._randlora import RandLoRABasis as RandLoRABasis
 from peftjax.adapters._randlora import RandLoRAParams as RandLoRAParams
 from peftjax.adapters._randlora import randlora as randlora
 from peftjax.adapters._randlora import randlora_shared as randlora_shared
+from peftjax.adapters._road import RoAdParams as RoAdParams
+from peftjax.adapters._road import road as road
 from peftjax.adapters._scale_shift import ScaleParams as ScaleParams
 from peftjax.adapters._scale_shift import ScaleShiftParams as ScaleShiftParams
 from peftjax.adapters._scale_shift import Side as Side
