@@ -65,6 +65,7 @@ from peftjax.adapters._hira import HiRAParams as HiRAParams
 from peftjax.adapters._hira import hira as hira
 from peftjax.adapters._hra import HRAParams as HRAParams
 from peftjax.adapters._hra import hra as hra
+from peftjax.adapters._hra import hra_orthogonality as hra_orthogonality
 from peftjax.adapters._hra import hra_rotation as hra_rotation
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
@@ -352,6 +353,7 @@ __all__ = [
     "HRAParams",
     "hra",
     "hra_rotation",
+    "hra_orthogonality",
     "RoAdParams",
     "road",
     "PEANUTParams",

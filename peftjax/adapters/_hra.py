@@ -12,9 +12,11 @@ space, ``W' = W · H_1 H_2 ⋯ H_r``; the product is orthogonal whatever the
 orthogonalises the ``u_i`` first (Gram-Schmidt, PEFT's ``apply_GS``): with
 ``Q = GS(U)`` orthonormal, ``W' = W · (I - 2 Q Qᵀ)``. Hugging Face PEFT's
 ``tuners/hra`` (followed here, also for its files) stores ``U = hra_u (in,
-r)`` and trains it without a regulariser (the paper's optional
-orthogonality penalty λ‖I - UᵀU‖² on the normalised ``U`` is not part of
-PEFT's training loop, so it is not built here).
+r)`` and trains it without a regulariser. The paper's optional
+orthogonality regulariser ``λ‖I - ÛᵀÛ‖²_F`` on the column-normalised
+``Û`` (added to the task loss; it pushes the reflections towards mutual
+orthogonality without Gram-Schmidt) is ``hra_orthogonality``: add
+``λ · hra_orthogonality(trainable)`` to the loss.
 
 On a Flax kernel ``W0 (in, out)`` (= ``Wᵀ``): ``W' = H_r ⋯ H_1 W0`` (each
 ``H_i`` symmetric), i.e. ``x ↦ x H_r ⋯ H_1`` before the base matmul;
@@ -27,13 +29,15 @@ column repeated twice, so consecutive reflections cancel and ``W' = W0`` at
 init; for odd ``r`` (PEFT warns) or ``init_weights=False``, kaiming-uniform
 ``(in, r)`` (bound ``1/sqrt(r)``), not the identity.
 
-Factored form: ``y = x W' = x W0 + (x H_r ⋯ H_1 - x) W0``: the reflections
-cost ``4·r·in`` FLOPs per row (``x - 2 (x·u) uᵀ``), never an ``(in, in)``
-or rotated ``(in, out)`` matrix, but the term ``(x̂ - x) W0`` is a second
-product with the base (``2·in·out`` per row) because the protocol's
-``FactoredTerms`` has no input map before the base matmul.
+Factored form: ``y = x W' = (x H_r ⋯ H_1) W0``, the reflections applied to
+the input rows before the model's own base product (``FactoredTerms.in_map``):
+``4·r·in`` FLOPs per row (``x - 2 (x·u) uᵀ``), never an ``(in, in)`` or
+rotated ``(in, out)`` matrix, and no second base product. LoRA at HRA's
+trainable count (``r·in = r'·(in+out)``) costs ``2·r'·(in+out) = 2·r·in``
+per row, so HRA's factored path is twice LoRA's adapter FLOPs. An input map
+cannot vary per example (``adapters.batched`` refuses HRA).
 
-Exports: ``HRAParams``, ``hra``, ``hra_rotation``.
+Exports: ``HRAParams``, ``hra``, ``hra_rotation``, ``hra_orthogonality``.
 """
 
 import math
@@ -118,8 +122,9 @@ def hra(
 
     ``u (in, r)`` is trainable (``r·in`` per matrix, PEFT's count); nothing is
     frozen. Identity at init for even ``r`` (paired columns). The factored
-    path reflects the input rows and adds ``(x̂ - x) @ W0`` (one extra base
-    product, see the module docstring); ``unapply`` reflects back.
+    path reflects the input rows before the base product (no second base
+    product, see the module docstring); ``unapply`` reflects back. For the
+    paper's orthogonality regulariser see ``hra_orthogonality``.
 
     Args:
       rank: ``r``, the number of reflections (static; PEFT's default 8).
@@ -188,13 +193,12 @@ def hra(
         return rotate(w, t, forward)
 
     def factored_matrix(w, t, f):
-        def delta(x):
-            ct = _lowrank.compute_dtype(x.dtype, w.dtype, t.u.dtype)
-            xc = x.astype(ct)
-            moved = _reflect_rows(xc, t.u.astype(ct), apply_GS, forward) - xc
-            return moved @ w.astype(ct)  # the second base product
+        def in_map(x):
+            ct = _lowrank.compute_dtype(x.dtype, t.u.dtype)
+            return _reflect_rows(x.astype(ct), t.u.astype(ct), apply_GS,
+                                 forward).astype(x.dtype)
 
-        return _protocol.FactoredTerms(delta=delta)
+        return _protocol.FactoredTerms(in_map=in_map)
 
     return _lift.lift_matrix(
         name=f"hra(rank={rank}" + (", apply_GS=True)" if apply_GS else ")"),
@@ -206,3 +210,41 @@ def hra(
         hyperparameters=(("rank", rank), ("apply_GS", apply_GS),
                          ("init_weights", init_weights)),
     )
+
+
+def hra_orthogonality(trainable: Any) -> jax.Array:
+    """The HRA paper's orthogonality regulariser, summed over every HRA matrix.
+
+    For each ``HRAParams`` in ``trainable`` (any pytree: an
+    ``AdapterState.trainable`` dict, stacked layers included), the columns of
+    ``U (in, r)`` are normalised to ``Û`` and ``‖I_r - ÛᵀÛ‖²_F`` is added; it is
+    zero exactly when the reflection vectors are mutually orthogonal. Add
+    ``λ · hra_orthogonality(trainable)`` to the task loss (the paper sweeps
+    ``λ``; PEFT trains without it). Differentiable; computed in float32 or
+    wider.
+
+    Args:
+      trainable: a pytree holding ``HRAParams`` leaves (others are ignored).
+
+    Returns:
+      A scalar (0.0 when there is no HRA matrix).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> t = {"q": HRAParams(u=jnp.eye(4)[:, :2] * 3.0)}
+      >>> float(hra_orthogonality(t))
+      0.0
+      >>> float(hra_orthogonality({"q": HRAParams(u=jnp.ones((4, 2)))}))
+      2.0
+    """
+    total = jnp.zeros((), jnp.float32)
+    for p in jax.tree.leaves(trainable, is_leaf=lambda x: isinstance(x, HRAParams)):
+        if not isinstance(p, HRAParams):
+            continue
+        ct = _lowrank.compute_dtype(jnp.float32, p.u.dtype)
+        u = p.u.astype(ct)
+        un = u / jnp.linalg.norm(u, axis=-2, keepdims=True)
+        gram = jnp.swapaxes(un, -1, -2) @ un
+        eye = jnp.broadcast_to(jnp.eye(u.shape[-1], dtype=ct), gram.shape)
+        total = total + jnp.sum((gram - eye) ** 2).astype(total.dtype)
+    return total

@@ -53,8 +53,8 @@ def test_hra_is_peft_delta_weight_in_float64(apply_gs):
         np.testing.assert_allclose(np.asarray(ad.unapply(got, t, None, None)), w_t.T,
                                    rtol=1e-12, atol=1e-12)
         terms = ad.factored.terms(jnp.asarray(w_t.T), t, None)
-        assert terms.in_scale is None and terms.out_scale is None
-        y = x @ w_t.T + np.asarray(terms.delta(jnp.asarray(x)))
+        assert terms.in_scale is None and terms.out_scale is None and terms.delta is None
+        y = np.asarray(terms.in_map(jnp.asarray(x))) @ w_t.T  # x H_r...H_1, then W0
         np.testing.assert_allclose(y, x @ want.T, rtol=1e-12, atol=1e-12)
         rot = np.asarray(adapters.hra_rotation(jnp.asarray(u), apply_GS=apply_gs))
         np.testing.assert_allclose(rot, _peft_rotation(u, apply_gs).T, atol=1e-12)
@@ -120,3 +120,29 @@ def test_hra_errors():
         adapters.hra(2, init_weights="yes")
     with pytest.raises(ValueError, match=r"rank <= in.*\(3, 5\)"):
         adapters.hra(4, apply_GS=True).init(jax.random.key(0), jnp.ones((3, 5)))
+
+
+def test_hra_orthogonality_is_the_papers_regulariser():
+    # float64 reference: sum over matrices (and stacked layers) of
+    # ||I - Û^T Û||_F^2 with Û = U / column norms; minimising it alone
+    # makes the reflection vectors orthogonal; other leaves are ignored.
+    rng = np.random.default_rng(5)
+    u1 = rng.standard_normal((2, 6, 3))  # stacked (L, in, r)
+    u2 = rng.standard_normal((5, 2))
+
+    def ref(u):
+        un = u / np.linalg.norm(u, axis=-2, keepdims=True)
+        g = np.swapaxes(un, -1, -2) @ un
+        return float(np.sum((g - np.eye(u.shape[-1])) ** 2))
+
+    t = {"a": adapters.HRAParams(jnp.asarray(u1, jnp.float32)),
+         "b": adapters.HRAParams(jnp.asarray(u2, jnp.float32)),
+         "c": jnp.ones((3, 3))}
+    got = float(adapters.hra_orthogonality(t))
+    np.testing.assert_allclose(got, ref(u1) + ref(u2), rtol=1e-5)
+    assert got > 0.1
+    loss = jax.jit(jax.value_and_grad(adapters.hra_orthogonality))
+    for _ in range(200):
+        v, g = loss(t)
+        t = jax.tree.map(lambda p, d: p - 0.05 * d, t, g)
+    assert float(adapters.hra_orthogonality(t)) < 1e-4 * got

@@ -97,8 +97,8 @@ def test_compare_methods_smoke_lokr(tmp_path):
     # wavelet windows, the r x r core, the sparse segment-sum: no
     # materialisation fallback warning); RandLoRA and PVeRA: (x@left)@right over
     # their shared frozen bases; VB-LoRA and UniLoRA: (x@a)@b with a, b gathered
-    # from their one shared trainable bank / vector; HRA: its reflections of x plus
-    # (x' - x) @ W0
+    # from their one shared trainable bank / vector; HRA: its reflections of x before
+    # the base product (FactoredTerms.in_map)
     res = run_script("compare_methods.py", "--smoke", "--progress=false",
                      "--isolate=false",
                      "--methods=lokr,c3a,waveft,tinylora,shira,randlora,pvera,vblora,"

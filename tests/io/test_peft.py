@@ -323,8 +323,8 @@ def test_init_only_fields_of_plain_adapters_accepted(written, field, value):
 
 def test_unsupported_peft_type(written):
     params, d = written
-    edit_config(d, peft_type="OFT")
-    with pytest.raises(ValueError, match="peft_type='OFT' is not supported"):
+    edit_config(d, peft_type="POLY")
+    with pytest.raises(ValueError, match="peft_type='POLY' is not supported"):
         io.load_peft(d, params, key_map=key_map())
 
 
