@@ -46,13 +46,16 @@ On a Flax kernel ``W0 (in, out)`` (= ``Wᵀ``): ``W' = (M · W0) ⊙ s`` with
 each block in the reverse order (exact up to rounding).
 
 Factored form (``FactoredTerms``): ``in_map`` rotates the input factor by
-factor, ``x ↦ x·M_{m−1} ⋯ M_0`` (per factor a gather of the features, the
-``n`` block products, a gather back: ``in·b`` multiply-adds per row), then
-the model's own product with ``W0``, then ``out_scale = s``; ``M`` and
-``M·W0`` are never formed. Per row that is ``m·in·b + out`` multiply-adds
-for ``m·in·b + out`` trainable entries (PEFT's count), the same as LoRA's
-``r(in + out)`` at the same trainable count; forming the rotations costs
-``m·n·b³`` per step, independent of the tokens.
+factor, ``x ↦ x·M_{m−1} ⋯ M_0`` (per factor the ``n`` block products, ``in·b``
+multiply-adds per row, between gathers of the features; consecutive gathers
+are composed, ``m`` in all for ``m > 1`` and none for ``m = 1``), then the
+model's own product with ``W0``, then ``out_scale = s``; ``M`` and ``M·W0``
+are never formed. Per row that is ``m·in·b + out`` multiply-adds for PEFT's
+``m·in·b + out`` trainable entries: LoRA at the same trainable count
+(``r = (m·in·b + out)/(in + out)``) also costs ``r(in + out)``, the same.
+Counting only the rotations' ``m·in·(b−1)/2`` degrees of freedom, BOFT
+costs about twice LoRA's adapter term. Forming the rotations costs
+``O(m·n·b³)`` per step, independent of the tokens.
 
 Exports: ``BOFTParams``, ``boft``, ``boft_layout``, ``boft_permutations``.
 """

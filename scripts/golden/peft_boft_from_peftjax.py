@@ -24,7 +24,7 @@ from peftjax import adapters, tree  # noqa: E402
 RULES = {
     "llama": [tree.Rule(where="layers/self_attn/(q|k)_proj/kernel",
                         then=adapters.boft(block_num=4, n_butterfly_factor=3))],
-    "bert": [tree.Rule(where="layers/.*/attention/(query|key)/kernel",
+    "bert": [tree.Rule(where="layers/.*/attention/query/kernel",
                        then=adapters.boft(8, init_weights=False))],
 }
 

@@ -13,8 +13,9 @@ same matrix) so that PEFT's own multi-factor code paths run on the CPU.
 
 The Llama config uses ``boft_block_size=2`` with three butterfly factors on
 16- and 32-wide inputs (8 and 16 blocks); the BERT one ``boft_block_num=4``
-with two factors on 16- and 24-wide inputs (blocks of 4 and of 6: the second
-factor's butterfly permutes chunks of 3, half a block). Files:
+with two factors on 16- and 24-wide inputs (``query`` and both
+``output.dense``: blocks of 4 and of 6, where the second factor's butterfly
+permutes chunks of 3, half a block). Files:
 ``tests/io/golden/peft_boft/``.
 
 Usage: ``.venv-torch/bin/python scripts/golden/peft_boft_make.py``
@@ -42,14 +43,14 @@ def llama():
     from peft import BOFTConfig
 
     return BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=3,
-                      target_modules=["q_proj", "v_proj", "down_proj"])
+                      target_modules=["q_proj", "down_proj"])
 
 
 def bert():
     from peft import BOFTConfig
 
     return BOFTConfig(boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=2,
-                      target_modules=["query", "value", "dense"])
+                      target_modules=["query", "output.dense"])
 
 
 if __name__ == "__main__":

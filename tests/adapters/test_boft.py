@@ -67,8 +67,8 @@ def ref_boft(w, t, f):
 
 
 @pytest.mark.parametrize("shape,kw", [
-    ((8, 5), dict(block_size=2, n_butterfly_factor=3)),
-    ((12, 3), dict(block_num=2, n_butterfly_factor=2)),  # blocks of 6: chunks of 3
+    # blocks of 6 (butterflies of chunks of 3), three factors
+    ((24, 3), dict(block_num=4, n_butterfly_factor=3)),
 ])
 def test_boft_matches_float64_reference(shape, kw):
     rng = np.random.default_rng(0)
