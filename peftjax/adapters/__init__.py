@@ -37,6 +37,10 @@ from peftjax.adapters._batched import BatchedRouting as BatchedRouting
 from peftjax.adapters._batched import batched as batched
 from peftjax.adapters._beft import BEFTParams as BEFTParams
 from peftjax.adapters._beft import beft as beft
+from peftjax.adapters._boft import BOFTParams as BOFTParams
+from peftjax.adapters._boft import boft as boft
+from peftjax.adapters._boft import boft_layout as boft_layout
+from peftjax.adapters._boft import boft_permutations as boft_permutations
 from peftjax.adapters._c3a import C3AParams as C3AParams
 from peftjax.adapters._c3a import c3a as c3a
 from peftjax.adapters._collection import AdapterCollection as AdapterCollection
@@ -354,6 +358,10 @@ __all__ = [
     "hra",
     "hra_rotation",
     "hra_orthogonality",
+    "BOFTParams",
+    "boft",
+    "boft_layout",
+    "boft_permutations",
     "RoAdParams",
     "road",
     "PEANUTParams",

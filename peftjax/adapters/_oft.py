@@ -158,9 +158,18 @@ def rotations(q: jax.Array, *, coft: bool = False, eps: float = 6e-5,
     q = q.astype(ct)
     if coft:
         q = q + jax.lax.stop_gradient(oft_project(q, eps) - q)
-    b = _block(q)
-    s = _skew(q, b)
-    eye = jnp.broadcast_to(jnp.eye(b, dtype=ct), s.shape)
+    return cayley(_skew(q, _block(q)), neumann_terms)
+
+
+def cayley(s: jax.Array, neumann_terms: int | None = None) -> jax.Array:
+    """Rotations ``(..., b, b)`` from skew-symmetric ``s (..., b, b)``.
+
+    ``neumann_terms=None``: the exact Cayley ``(I + Q)⁻¹(I − Q)`` (equal to
+    ``(I − Q)(I + Q)⁻¹``: the factors commute); an int ``k``: PEFT's
+    Neumann series ``I + 2Q + 2Q² + ... + Q^{k−1}``. Computed in ``s``'s
+    dtype.
+    """
+    eye = jnp.broadcast_to(jnp.eye(s.shape[-1], dtype=s.dtype), s.shape)
     if neumann_terms is None:
         return jnp.linalg.solve(eye + s, eye - s)
     r = eye

@@ -15,6 +15,7 @@ import pytest
 from peftjax import adapters, tree
 from tests import helpers as h
 from tests.adapters.test_beft import ref_beft
+from tests.adapters.test_boft import ref_boft
 from tests.adapters.test_c3a import ref_c3a
 from tests.adapters.test_delora import ref_delora
 from tests.adapters.test_fourierft import ref_fourierft
@@ -234,6 +235,13 @@ ADAPTERS = [
         True,
         ref_oft,
         lambda i, o: oft_count(i, i),
+    ),
+    (
+        "boft",  # block_num=1: one block of size in, one factor (fits every shape here)
+        lambda: adapters.boft(block_num=1),
+        True,
+        ref_boft,
+        lambda i, o: i * i + o,
     ),
     (
         "osf",
