@@ -118,6 +118,11 @@ from peftjax.adapters._protocol import AdapterState as AdapterState
 from peftjax.adapters._protocol import BiasHook as BiasHook
 from peftjax.adapters._protocol import FactoredForm as FactoredForm
 from peftjax.adapters._protocol import FactoredTerms as FactoredTerms
+from peftjax.adapters._psoft import PSOFTBasis as PSOFTBasis
+from peftjax.adapters._psoft import PSOFTParams as PSOFTParams
+from peftjax.adapters._psoft import psoft as psoft
+from peftjax.adapters._psoft import psoft_basis as psoft_basis
+from peftjax.adapters._psoft import psoft_rotation as psoft_rotation
 from peftjax.adapters._pvera import PVeRABasis as PVeRABasis
 from peftjax.adapters._pvera import PVeRAParams as PVeRAParams
 from peftjax.adapters._pvera import pvera as pvera
@@ -352,6 +357,11 @@ __all__ = [
     "HRAParams",
     "hra",
     "hra_rotation",
+    "PSOFTBasis",
+    "PSOFTParams",
+    "psoft",
+    "psoft_basis",
+    "psoft_rotation",
     "RoAdParams",
     "road",
     "PEANUTParams",
