@@ -12,7 +12,8 @@ W_res + B R A`` with ``A = V_rᵀ (r, in)`` (orthonormal rows) and ``B = U_r S_r
 while ``R`` stays orthogonal. ``R`` is the Cayley transform ``R = (I + Q)(I −
 Q)⁻¹`` of a skew-symmetric ``Q`` (its ``r(r−1)/2`` upper entries trained,
 zero at init: ``ΔW = 0``), optionally approximated by the truncated Neumann
-series ``I + 2Q + 2Q² + ... + 2Q^{k−2} + Q^{k−1}``, and optionally relaxed by
+series ``I + 2Q + 2Q² + ... + 2Q^{k−2} + Q^{k−1}`` (PEFT's loop: ``k = 3``
+gives ``k = 4``'s series), and optionally relaxed by
 two trainable scaling vectors, ``R ← diag(b) R diag(a)``.
 
 Hugging Face PEFT's ``tuners/psoft`` (followed here, also for its files):

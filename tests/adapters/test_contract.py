@@ -26,6 +26,7 @@ from tests.adapters.test_miss import ref_miss
 from tests.adapters.test_oft import oft_count, ref_oft
 from tests.adapters.test_osf import ref_osf
 from tests.adapters.test_peanut import ref_peanut
+from tests.adapters.test_psoft import ref_psoft
 from tests.adapters.test_pvera import ref_pvera
 from tests.adapters.test_randlora import randlora_count, ref_randlora
 from tests.adapters.test_shira import ref_shira
@@ -213,6 +214,13 @@ ADAPTERS = [
         False,
         ref_hra,
         lambda i, o: 3 * i,
+    ),
+    (
+        "psoft",  # strict Cayley R with both scales; alpha = r: scaling 1
+        lambda: adapters.psoft(3, alpha=3.0),
+        True,
+        ref_psoft,
+        lambda i, o: 3 + 2 * 3,
     ),
     (
         "peanut",
