@@ -44,8 +44,9 @@ Factored form: ``delta(x) = scaling · ((x a) Rᵀ − x a) b``, a rank-``r`` te
 plus forming ``R`` once per step (``O(r³)``, independent of the tokens). At
 the same trainable count (``r(r−1)/2`` for strict PSOFT) LoRA's rank would be
 about ``r²/(2(in + out))``, far below 1 for any useful ``r``: PSOFT's term
-costs like a rank-``r`` LoRA with ``(in + out)/(r/2)`` times fewer trainable
-parameters.
+costs like a rank-``r`` LoRA's with ``2(in + out)/r`` times fewer trainable
+parameters (e.g. ``in = out = 4096``, ``r = 128``: 8,128 trainable, LoRA's
+count at rank 1, at about 128 times rank-1 LoRA's FLOPs).
 
 Exports: ``PSOFTParams``, ``PSOFTBasis``, ``psoft``, ``psoft_basis``,
 ``psoft_rotation``.

@@ -31,10 +31,13 @@ def test_peft_made_psoft_gives_torch_outputs(kind, scanned, tmp_path):
                        "psoft(rank=3, alpha=6.0, init='pissa_init', mag_a=False, "
                        "use_cayley_neumann=True, num_cayley_neumann_terms=4, "
                        "cayley_neumann_eps=0.9)")
-    for f in ad.state.frozen.values():  # the SVD's right singular vectors: orthonormal
-        a_ = h.f64(f.a).reshape((-1,) + f.a.shape[-2:])[0]
-        if kind == "llama":
-            np.testing.assert_allclose(a_.T @ a_, np.eye(a_.shape[1]), atol=1e-5)
+    if kind == "llama":  # strict PSOFT: orthonormal a, orthogonal Cayley R (scales aside)
+        for p, f in ad.state.frozen.items():
+            a_ = h.f64(f.a).reshape((-1,) + f.a.shape[-2:])[0]
+            np.testing.assert_allclose(a_.T @ a_, np.eye(4), atol=1e-5)
+            q = ad.state.trainable[p].weight.reshape(-1, 6)[0]
+            rot = h.f64(adapters.psoft_rotation(adapters.PSOFTParams(q)))
+            np.testing.assert_allclose(rot.T @ rot, np.eye(4), atol=1e-5)
 
 
 def test_psoft_config_fields_not_honoured_are_refused(tmp_path):
