@@ -50,6 +50,8 @@ from peftjax.adapters._collection import disable as disable
 from peftjax.adapters._collection import switch as switch
 from peftjax.adapters._conv import LowRankDelta as LowRankDelta
 from peftjax.adapters._conv import lora_conv as lora_conv
+from peftjax.adapters._deft import DeFTParams as DeFTParams
+from peftjax.adapters._deft import deft as deft
 from peftjax.adapters._delora import DeLoRANorm as DeLoRANorm
 from peftjax.adapters._delora import DeLoRAParams as DeLoRAParams
 from peftjax.adapters._delora import delora as delora
@@ -362,6 +364,8 @@ __all__ = [
     "psoft",
     "psoft_basis",
     "psoft_rotation",
+    "DeFTParams",
+    "deft",
     "RoAdParams",
     "road",
     "PEANUTParams",

@@ -12,6 +12,7 @@ from typing import Any
 from peftjax.io import (
     _peft_beft,
     _peft_c3a,
+    _peft_deft,
     _peft_delora,
     _peft_fourierft,
     _peft_gralora,
@@ -37,6 +38,7 @@ from peftjax.io import (
 TUNERS: dict[str, _peft_tuner.Tuner] = {t.peft_type: t for t in (
     _peft_beft.TUNER,
     _peft_c3a.TUNER,
+    _peft_deft.TUNER,
     _peft_delora.TUNER,
     _peft_fourierft.TUNER,
     _peft_gralora.TUNER,
