@@ -153,7 +153,8 @@ def deft(
             return DeFTParams(p.astype(param_dtype)), None
         if init_weights:
             _, right = _project(p.astype(param_dtype), decomposition)
-            inject = (w.astype(jnp.float32) @ right) / scale(n_out)
+            ct = _lowrank.compute_dtype(w.dtype, right.dtype)
+            inject = (w.astype(ct) @ right.astype(ct)) / scale(n_out)
         else:
             inject = 0.02 * init_scale * jax.random.normal(kr, (n_in, r), jnp.float32)
         return DeFTParams(p.astype(param_dtype), inject.astype(param_dtype)), None

@@ -16,6 +16,7 @@ from peftjax import adapters, tree
 from tests import helpers as h
 from tests.adapters.test_beft import ref_beft
 from tests.adapters.test_c3a import ref_c3a
+from tests.adapters.test_deft import ref_deft
 from tests.adapters.test_delora import ref_delora
 from tests.adapters.test_fourierft import ref_fourierft
 from tests.adapters.test_gralora import ref_gralora
@@ -214,6 +215,13 @@ ADAPTERS = [
         False,
         ref_hra,
         lambda i, o: 3 * i,
+    ),
+    (
+        "deft",  # relu projector, no alpha: the identity init is exact
+        lambda: adapters.deft(3),
+        True,
+        ref_deft,
+        lambda i, o: 3 * (i + o),
     ),
     (
         "psoft",  # strict Cayley R with both scales; alpha = r: scaling 1
