@@ -54,6 +54,8 @@ from peftjax.adapters._collection import disable as disable
 from peftjax.adapters._collection import switch as switch
 from peftjax.adapters._conv import LowRankDelta as LowRankDelta
 from peftjax.adapters._conv import lora_conv as lora_conv
+from peftjax.adapters._deft import DeFTParams as DeFTParams
+from peftjax.adapters._deft import deft as deft
 from peftjax.adapters._delora import DeLoRANorm as DeLoRANorm
 from peftjax.adapters._delora import DeLoRAParams as DeLoRAParams
 from peftjax.adapters._delora import delora as delora
@@ -123,6 +125,11 @@ from peftjax.adapters._protocol import AdapterState as AdapterState
 from peftjax.adapters._protocol import BiasHook as BiasHook
 from peftjax.adapters._protocol import FactoredForm as FactoredForm
 from peftjax.adapters._protocol import FactoredTerms as FactoredTerms
+from peftjax.adapters._psoft import PSOFTBasis as PSOFTBasis
+from peftjax.adapters._psoft import PSOFTParams as PSOFTParams
+from peftjax.adapters._psoft import psoft as psoft
+from peftjax.adapters._psoft import psoft_basis as psoft_basis
+from peftjax.adapters._psoft import psoft_rotation as psoft_rotation
 from peftjax.adapters._pvera import PVeRABasis as PVeRABasis
 from peftjax.adapters._pvera import PVeRAParams as PVeRAParams
 from peftjax.adapters._pvera import pvera as pvera
@@ -362,6 +369,13 @@ __all__ = [
     "boft",
     "boft_layout",
     "boft_permutations",
+    "PSOFTBasis",
+    "PSOFTParams",
+    "psoft",
+    "psoft_basis",
+    "psoft_rotation",
+    "DeFTParams",
+    "deft",
     "RoAdParams",
     "road",
     "PEANUTParams",

@@ -19,7 +19,7 @@ Exports: ``PeftAdapter``, ``load_peft``.
 import os
 import pathlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -326,7 +326,8 @@ def load_peft(
                  else tuner.build(_peft_tuner.ModuleRead(
                      config, key_map[upath].module, got, vera_shared, param_dtype,
                      source, dims, dn, key_map[upath],
-                     tuple(sorted(key_map[u].module for u in parts)), shapes)))
+                     tuple(sorted(key_map[u].module for u in parts)), shapes,
+                     _base_weight(flat[path], layer, dims))))
         per_leaf.setdefault(path, {})[layer] = built
     assignment: dict[str, _adapters.Adapter] = {}
     trainable: dict[str, Any] = {}
@@ -351,6 +352,16 @@ def load_peft(
         into.update(hook(vera_shared, config, param_dtype) if hook else {})
     full = _assemble_full(full_u, flat, layers_prefix, param_dtype)
     return PeftAdapter(assignment, _adapters.AdapterState(trainable, frozen), full, config)
+
+
+def _base_weight(leaf: Any, layer: int | None, dims: tree.ResolvedDims
+                 ) -> Callable[[], np.ndarray]:
+    """``() ->`` one layer of ``leaf`` as the torch weight ``(out, in)`` (host copy)."""
+    def get() -> np.ndarray:
+        arr = np.asarray(jax.device_get(leaf if layer is None else leaf[layer]))
+        return _peft_write.to_torch(arr, dims)
+
+    return get
 
 
 def _check_selection(selection: Any, config: dict,

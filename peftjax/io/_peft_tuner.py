@@ -46,6 +46,9 @@ class ModuleRead(NamedTuple):
         whose tensors are indexed by the module's position (TinyLoRA).
       shapes: ``{module: (n_in, n_out)}`` of every adapted module of the file
         (one layer), for types whose tensors depend on all of them (UniLoRA).
+      base_weight: ``() -> (out, in)``: this module's base weight (one layer)
+        as a torch-layout NumPy array, for types that derive frozen tensors
+        from it instead of storing them (PSOFT's SVD factors), or None.
     """
 
     config: Mapping[str, Any]
@@ -59,6 +62,7 @@ class ModuleRead(NamedTuple):
     key: _peft_keys.PeftKey
     modules: tuple[str, ...] = ()
     shapes: Mapping[str, tuple[int, int]] = {}
+    base_weight: Callable[[], np.ndarray] | None = None
 
 
 class ModuleWrite(NamedTuple):

@@ -17,6 +17,7 @@ from tests import helpers as h
 from tests.adapters.test_beft import ref_beft
 from tests.adapters.test_boft import ref_boft
 from tests.adapters.test_c3a import ref_c3a
+from tests.adapters.test_deft import ref_deft
 from tests.adapters.test_delora import ref_delora
 from tests.adapters.test_fourierft import ref_fourierft
 from tests.adapters.test_gralora import ref_gralora
@@ -27,6 +28,7 @@ from tests.adapters.test_miss import ref_miss
 from tests.adapters.test_oft import oft_count, ref_oft
 from tests.adapters.test_osf import ref_osf
 from tests.adapters.test_peanut import ref_peanut
+from tests.adapters.test_psoft import ref_psoft
 from tests.adapters.test_pvera import ref_pvera
 from tests.adapters.test_randlora import randlora_count, ref_randlora
 from tests.adapters.test_shira import ref_shira
@@ -214,6 +216,20 @@ ADAPTERS = [
         False,
         ref_hra,
         lambda i, o: 3 * i,
+    ),
+    (
+        "deft",  # relu projector, no alpha: the identity init is exact
+        lambda: adapters.deft(3),
+        True,
+        ref_deft,
+        lambda i, o: 3 * (i + o),
+    ),
+    (
+        "psoft",  # strict Cayley R with both scales; alpha = r: scaling 1
+        lambda: adapters.psoft(3, alpha=3.0),
+        True,
+        ref_psoft,
+        lambda i, o: 3 + 2 * 3,
     ),
     (
         "peanut",
