@@ -59,6 +59,8 @@ from peftjax.adapters._fourierft import FourierFTIndices as FourierFTIndices
 from peftjax.adapters._fourierft import FourierFTParams as FourierFTParams
 from peftjax.adapters._fourierft import fourierft as fourierft
 from peftjax.adapters._fourierft import fourierft_indices as fourierft_indices
+from peftjax.adapters._glora import GLoRAParams as GLoRAParams
+from peftjax.adapters._glora import glora as glora
 from peftjax.adapters._gralora import GraLoRAParams as GraLoRAParams
 from peftjax.adapters._gralora import gralora as gralora
 from peftjax.adapters._hira import HiRAParams as HiRAParams
@@ -267,6 +269,8 @@ __all__ = [
     "WaveFTParams",
     "waveft",
     "waveft_wavelets",
+    "GLoRAParams",
+    "glora",
     "GraLoRAParams",
     "gralora",
     "MiSSParams",

@@ -18,6 +18,7 @@ from tests.adapters.test_beft import ref_beft
 from tests.adapters.test_c3a import ref_c3a
 from tests.adapters.test_delora import ref_delora
 from tests.adapters.test_fourierft import ref_fourierft
+from tests.adapters.test_glora import ref_glora
 from tests.adapters.test_gralora import ref_gralora
 from tests.adapters.test_hira import ref_hira
 from tests.adapters.test_hra import ref_hra
@@ -241,6 +242,14 @@ ADAPTERS = [
         True,
         ref_osf,
         lambda i, o: (min(i, o) - 2) * (i + o + 1),
+    ),
+    (
+        # PEFT's default lora A/B and lora C, vector D/E: C, D, E act on the bias.
+        "glora",
+        lambda: adapters.glora(2, config_D_E="vector"),
+        True,
+        ref_glora,
+        lambda i, o: 2 * 2 * (i + o) + 2 * (i + 1) + 2 * o,
     ),
     (
         "beft",
