@@ -18,6 +18,7 @@ from tests.adapters.test_beft import ref_beft
 from tests.adapters.test_c3a import ref_c3a
 from tests.adapters.test_delora import ref_delora
 from tests.adapters.test_fourierft import ref_fourierft
+from tests.adapters.test_frod import ref_frod
 from tests.adapters.test_glora import ref_glora
 from tests.adapters.test_gralora import ref_gralora
 from tests.adapters.test_hira import ref_hira
@@ -250,6 +251,14 @@ ADAPTERS = [
         True,
         ref_glora,
         lambda i, o: 2 * 2 * (i + o) + 2 * (i + 1) + 2 * o,
+    ),
+    (
+        # One leaf's own basis (unshare); W' = W up to rounding at init, not exactly.
+        "frod",
+        lambda: adapters.unshare(adapters.frod(0.2)),
+        False,
+        ref_frod,
+        lambda i, o: i + adapters.frod_nnz(i, 0.2),
     ),
     (
         "beft",
