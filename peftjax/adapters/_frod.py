@@ -265,7 +265,7 @@ def frod(
 
     def init_group(key, leaves):
         ms, batches, n_ins = [], [], {}
-        for path, (w, t, f) in leaves.items():
+        for path, (w, t, _f) in leaves.items():
             nb = t.lambda_l.ndim - 1
             shape = tuple(np.shape(w))
             if len(shape) != nb + 2:
