@@ -85,6 +85,15 @@ def _params_path(upath: str, flat: Mapping[str, Any], prefix: str
                      "(neither unrolled nor scanned)")
 
 
+def _base_matrix(leaf: Any, layer: int | None, dims: tree.ResolvedDims):
+    """``() -> (n_in, n_out)`` host copy of one layer of a base kernel (on demand)."""
+    def get() -> np.ndarray:
+        x = leaf if layer is None else leaf[layer]
+        return np.asarray(jax.device_get(tree.to_matrix(jnp.asarray(x), dims)))
+
+    return get
+
+
 def _stack_layers(items: dict[int, Any], path: str, n: int, what: str) -> Any:
     missing = sorted(set(range(n)) - set(items))
     if missing:
@@ -326,7 +335,8 @@ def load_peft(
                  else tuner.build(_peft_tuner.ModuleRead(
                      config, key_map[upath].module, got, vera_shared, param_dtype,
                      source, dims, dn, key_map[upath],
-                     tuple(sorted(key_map[u].module for u in parts)), shapes)))
+                     tuple(sorted(key_map[u].module for u in parts)), shapes,
+                     _base_matrix(flat[path], layer, dims))))
         per_leaf.setdefault(path, {})[layer] = built
     assignment: dict[str, _adapters.Adapter] = {}
     trainable: dict[str, Any] = {}

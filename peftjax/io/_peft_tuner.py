@@ -46,6 +46,10 @@ class ModuleRead(NamedTuple):
         whose tensors are indexed by the module's position (TinyLoRA).
       shapes: ``{module: (n_in, n_out)}`` of every adapted module of the file
         (one layer), for types whose tensors depend on all of them (UniLoRA).
+      base: ``() -> (n_in, n_out)`` NumPy array of this module's base kernel
+        (one layer, its matrix view), for types whose frozen arrays PEFT
+        recomputes from the base weight when loading (FRoD's ``U``); None
+        where not available.
     """
 
     config: Mapping[str, Any]
@@ -59,6 +63,7 @@ class ModuleRead(NamedTuple):
     key: _peft_keys.PeftKey
     modules: tuple[str, ...] = ()
     shapes: Mapping[str, tuple[int, int]] = {}
+    base: Callable[[], np.ndarray] | None = None
 
 
 class ModuleWrite(NamedTuple):
