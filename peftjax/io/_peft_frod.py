@@ -18,9 +18,12 @@ default): PEFT would otherwise regenerate ``V`` with its own SVD/eigh signs
 and the pattern with torch's generator, so ``save_projection=False`` is
 refused. When PEFT loads a file it computes ``U`` from the ``V`` it
 regenerates from the base weights, then takes ``V`` and the pattern from the
-file: a file peftjax writes loads right in PEFT where the two bases agree
-(always for files PEFT made; for bases peftjax computed, up to the signs
-LAPACK picks, checked on the tiny models). Config: ``sparse_rate``,
+file: a file peftjax writes loads right in PEFT only with the bases PEFT
+regenerates, i.e. adapters whose bases came from a PEFT file. Bases made by
+``adapters.init`` differ from torch's (eigen/singular vector signs, and any
+basis of a degenerate eigenspace: a square stacked weight makes PEFT's
+``T`` a multiple of the identity), and PEFT then mixes its ``U`` with
+peftjax's ``V``. Config: ``sparse_rate``,
 ``regularization_alpha``, ``init_weights`` and ``frod_dropout`` are
 honoured; ``fan_in_fan_out``, ``bias``, ``save_projection`` only at their
 defaults; ``projection_prng_key``, ``progressbar`` and
