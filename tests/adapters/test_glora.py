@@ -92,14 +92,14 @@ def test_glora_is_peft_merge_in_float64(ab, c, de):
 
 def test_glora_init_is_peft_default(getkey):
     w = jnp.zeros((64, 48))
-    t, _ = adapters.glora(4).init(getkey(), w)
+    t, _ = jax.jit(adapters.glora(4).init)(getkey(), w)
     for lo in (t.a_in, t.b_in):  # Xu: kaiming-uniform, U(±1/sqrt(in))
         assert 0.8 / 8 < float(jnp.abs(lo).max()) <= 1 / 8
     for z in (t.a_out, t.b_out, t.c_in, t.d, t.e):
         assert not np.any(np.asarray(z))
     assert float(jnp.abs(t.c_out).min()) > 0 and float(jnp.abs(t.c_out).max()) <= 1.0
-    t, _ = adapters.glora(4, config_A_B="vector", config_D_E="vector",
-                          init_weights=False).init(getkey(), w)
+    t, _ = jax.jit(adapters.glora(4, config_A_B="vector", config_D_E="vector",
+                                  init_weights=False).init)(getkey(), w)
     assert 0.5 < float(jnp.abs(t.a).max()) <= 1.0
     assert 0.8 / np.sqrt(48) < float(jnp.abs(t.d).max()) <= 1 / np.sqrt(48)
     assert t.a.shape == (48,) and t.c_in.shape == (64, 4) and t.c_out.shape == (4,)
@@ -126,12 +126,13 @@ def test_glora_bias_paths_need_a_bias_and_run_factored(getkey):
         hid = x @ p["l"]["kernel"] + p["l"]["bias"][None, :]
         return hid @ p["n"]["kernel"]
 
-    m = adapters.materialize(a, params, *st)
+    m = jax.jit(lambda t, f: adapters.materialize(a, params, t, f))(*st)
     tl = st.trainable["l/kernel"]
     np.testing.assert_allclose(h.f64(m["l"]["bias"]),
                                ref_glora_bias(params["l"]["kernel"], params["l"]["bias"], tl),
                                **h.MATMUL_F32)
-    got = factored.transform(model, a, st.trainable, st.frozen)(params, x)
+    got = jax.jit(lambda t, f: factored.transform(model, a, t, f)(params, x))(*st)
     np.testing.assert_allclose(h.f64(got), h.f64(model(m, x)), **h.MATMUL_F32)
-    back = adapters.unfold(a, adapters.fold(a, params, *st), *st)
+    back = jax.jit(lambda t, f: adapters.unfold(a, adapters.fold(a, params, t, f), t, f))(
+        *st)
     h.assert_tree_allclose(back, params, **h.MATMUL_F32)
