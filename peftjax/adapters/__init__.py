@@ -65,6 +65,13 @@ from peftjax.adapters._fourierft import FourierFTIndices as FourierFTIndices
 from peftjax.adapters._fourierft import FourierFTParams as FourierFTParams
 from peftjax.adapters._fourierft import fourierft as fourierft
 from peftjax.adapters._fourierft import fourierft_indices as fourierft_indices
+from peftjax.adapters._frod import FRoDFrozen as FRoDFrozen
+from peftjax.adapters._frod import FRoDParams as FRoDParams
+from peftjax.adapters._frod import frod as frod
+from peftjax.adapters._frod import frod_basis as frod_basis
+from peftjax.adapters._frod import frod_nnz as frod_nnz
+from peftjax.adapters._glora import GLoRAParams as GLoRAParams
+from peftjax.adapters._glora import glora as glora
 from peftjax.adapters._gralora import GraLoRAParams as GraLoRAParams
 from peftjax.adapters._gralora import gralora as gralora
 from peftjax.adapters._hira import HiRAParams as HiRAParams
@@ -279,6 +286,13 @@ __all__ = [
     "WaveFTParams",
     "waveft",
     "waveft_wavelets",
+    "FRoDFrozen",
+    "FRoDParams",
+    "frod",
+    "frod_basis",
+    "frod_nnz",
+    "GLoRAParams",
+    "glora",
     "GraLoRAParams",
     "gralora",
     "MiSSParams",

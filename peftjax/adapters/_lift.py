@@ -232,6 +232,8 @@ def lift_matrix(
             def lifted(w_shape, b, trainable, frozen, *extra):
                 r = tree.resolve(dimension_numbers, w_shape, path="leaf")
                 flat = b.reshape(r.batch_shape + (r.n_out,))
+                if bias.kernel:  # the base kernel, as (batch..., in, out)
+                    extra = (tree.to_matrix(extra[0], r),) + tuple(extra[1:])
                 out = vmapped(fn, len(r.batch))(flat, trainable, frozen, *extra)
                 return out.astype(b.dtype).reshape(b.shape)
 
@@ -242,6 +244,7 @@ def lift_matrix(
             apply=lift_bias(bias.apply),
             unapply=lift_bias(bias.unapply) if bias.unapply else None,
             required=bias.required,
+            kernel=bias.kernel,
         )
 
     return Adapter(

@@ -35,12 +35,17 @@ class BiasHook(NamedTuple):
       apply: ``(bias (batch..., out), trainable, frozen) -> bias'`` per matrix.
       unapply: the exact inverse, or None.
       required: if True, ``init`` raises when the kernel has no such sibling.
+      kernel: if True, ``apply`` and ``unapply`` also take the base kernel's
+        matrix view ``W0 (batch..., in, out)`` as a last argument (GLoRA's
+        ``b + W0ᵀ·C``): the unadapted kernel in both directions (``unfold``
+        recovers it with the kernel's ``unapply`` first).
     """
 
     name: str
     apply: Callable[..., jax.Array]
     unapply: Callable[..., jax.Array] | None = None
     required: bool = False
+    kernel: bool = False
 
 
 class FactoredTerms(NamedTuple):

@@ -120,7 +120,8 @@ def _apply_all(assignment, params, trainable, frozen, fn: str, *,
         if path in bias_of:
             k = bias_of[path]
             hook = assignment[k].bias
-            return hook.apply(np.shape(flat[k]), w, trainable[k], frozen[k])
+            extra = (flat[k],) if hook.kernel else ()
+            return hook.apply(np.shape(flat[k]), w, trainable[k], frozen[k], *extra)
         return w
 
     return tree.map_with_path(one, params)
@@ -287,7 +288,11 @@ def unfold(
         if path in bias_of:
             k = bias_of[path]
             hook = assignment[k].bias
-            return hook.unapply(np.shape(flat[k]), w, trainable[k], frozen[k])
+            extra = ()
+            if hook.kernel:  # the unfolded kernel W0
+                extra = (assignment[k].unapply(flat[k], trainable[k], frozen[k],
+                                               aux.get(k)),)
+            return hook.unapply(np.shape(flat[k]), w, trainable[k], frozen[k], *extra)
         return w
 
     return tree.map_with_path(one, folded)

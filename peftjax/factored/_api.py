@@ -140,7 +140,11 @@ def transform(
             if path in bias_of:
                 k = bias_of[path]
                 hook = assignment[k].bias
-                leaf = hook.apply(np.shape(flat[k]), leaf, t_of[k], f_of[k])
+                extra = ()
+                if hook.kernel:  # the base kernel (GLoRA's b + W0ᵀ·C)
+                    base = flat[k]
+                    extra = (quant.dequantize(base) if quant.is_quantized(base) else base,)
+                leaf = hook.apply(np.shape(flat[k]), leaf, t_of[k], f_of[k], *extra)
             elif path in assignment:
                 adapter = assignment[path]
                 if adapter.factored is None:

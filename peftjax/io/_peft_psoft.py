@@ -48,9 +48,9 @@ _FIELDS = ("rank", "alpha", "init", "orth", "mag_b", "mag_a", "use_cayley_neuman
 
 def _basis(m: _peft_tuner.ModuleRead, rank: int, alpha: float, init: str):
     """PEFT's ``A``/``B`` of this module from its base weight, on the CPU."""
-    if m.base_weight is None:
+    if m.base is None:
         raise ValueError(f"load_peft: PSOFT needs {m.module!r}'s base weight")
-    w = np.asarray(m.base_weight(), np.float32)  # torch (out, in)
+    w = np.asarray(m.base(), np.float32).T  # torch (out, in)
     with jax.default_device(jax.devices("cpu")[0]):
         f = _adapters.psoft_basis(w.T, rank, alpha=alpha, init=init)
         return _adapters.PSOFTBasis(*(np.asarray(x) for x in f))

@@ -19,7 +19,7 @@ Exports: ``PeftAdapter``, ``load_peft``.
 import os
 import pathlib
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -83,6 +83,15 @@ def _params_path(upath: str, flat: Mapping[str, Any], prefix: str
             return scanned, int(parts[len(head)])
     raise ValueError(f"load_peft: the key map's {upath!r} is not a leaf of params "
                      "(neither unrolled nor scanned)")
+
+
+def _base_matrix(leaf: Any, layer: int | None, dims: tree.ResolvedDims):
+    """``() -> (n_in, n_out)`` host copy of one layer of a base kernel (on demand)."""
+    def get() -> np.ndarray:
+        x = leaf if layer is None else leaf[layer]
+        return np.asarray(jax.device_get(tree.to_matrix(jnp.asarray(x), dims)))
+
+    return get
 
 
 def _stack_layers(items: dict[int, Any], path: str, n: int, what: str) -> Any:
@@ -327,7 +336,7 @@ def load_peft(
                      config, key_map[upath].module, got, vera_shared, param_dtype,
                      source, dims, dn, key_map[upath],
                      tuple(sorted(key_map[u].module for u in parts)), shapes,
-                     _base_weight(flat[path], layer, dims))))
+                     _base_matrix(flat[path], layer, dims))))
         per_leaf.setdefault(path, {})[layer] = built
     assignment: dict[str, _adapters.Adapter] = {}
     trainable: dict[str, Any] = {}
@@ -352,16 +361,6 @@ def load_peft(
         into.update(hook(vera_shared, config, param_dtype) if hook else {})
     full = _assemble_full(full_u, flat, layers_prefix, param_dtype)
     return PeftAdapter(assignment, _adapters.AdapterState(trainable, frozen), full, config)
-
-
-def _base_weight(leaf: Any, layer: int | None, dims: tree.ResolvedDims
-                 ) -> Callable[[], np.ndarray]:
-    """``() ->`` one layer of ``leaf`` as the torch weight ``(out, in)`` (host copy)."""
-    def get() -> np.ndarray:
-        arr = np.asarray(jax.device_get(leaf if layer is None else leaf[layer]))
-        return _peft_write.to_torch(arr, dims)
-
-    return get
 
 
 def _check_selection(selection: Any, config: dict,

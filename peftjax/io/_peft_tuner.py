@@ -46,9 +46,11 @@ class ModuleRead(NamedTuple):
         whose tensors are indexed by the module's position (TinyLoRA).
       shapes: ``{module: (n_in, n_out)}`` of every adapted module of the file
         (one layer), for types whose tensors depend on all of them (UniLoRA).
-      base_weight: ``() -> (out, in)``: this module's base weight (one layer)
-        as a torch-layout NumPy array, for types that derive frozen tensors
-        from it instead of storing them (PSOFT's SVD factors), or None.
+      base: ``() -> (n_in, n_out)`` NumPy array of this module's base kernel
+        (one layer, its matrix view), for types whose frozen arrays PEFT
+        recomputes from the base weight when loading (FRoD's ``U``, PSOFT's
+        SVD factors); None
+        where not available.
     """
 
     config: Mapping[str, Any]
@@ -62,7 +64,7 @@ class ModuleRead(NamedTuple):
     key: _peft_keys.PeftKey
     modules: tuple[str, ...] = ()
     shapes: Mapping[str, tuple[int, int]] = {}
-    base_weight: Callable[[], np.ndarray] | None = None
+    base: Callable[[], np.ndarray] | None = None
 
 
 class ModuleWrite(NamedTuple):

@@ -20,6 +20,8 @@ from tests.adapters.test_c3a import ref_c3a
 from tests.adapters.test_deft import ref_deft
 from tests.adapters.test_delora import ref_delora
 from tests.adapters.test_fourierft import ref_fourierft
+from tests.adapters.test_frod import ref_frod
+from tests.adapters.test_glora import ref_glora
 from tests.adapters.test_gralora import ref_gralora
 from tests.adapters.test_hira import ref_hira
 from tests.adapters.test_hra import ref_hra
@@ -265,6 +267,22 @@ ADAPTERS = [
         True,
         ref_osf,
         lambda i, o: (min(i, o) - 2) * (i + o + 1),
+    ),
+    (
+        # PEFT's default lora A/B and lora C, vector D/E: C, D, E act on the bias.
+        "glora",
+        lambda: adapters.glora(2, config_D_E="vector"),
+        True,
+        ref_glora,
+        lambda i, o: 2 * 2 * (i + o) + 2 * (i + 1) + 2 * o,
+    ),
+    (
+        # One leaf's own basis (unshare); W' = W up to rounding at init, not exactly.
+        "frod",
+        lambda: adapters.unshare(adapters.frod(0.2)),
+        False,
+        ref_frod,
+        lambda i, o: i + adapters.frod_nnz(i, 0.2),
     ),
     (
         "beft",
