@@ -149,6 +149,20 @@ def _adapter_method(make_adapter: Callable[[Any], adapters.Adapter], *, peft: bo
     return build
 
 
+def _frod(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+          init_data: InitData | None = None) -> Setup:
+    """FRoD: one shared basis per module role (``group``), as PEFT's categories;
+    on the scanned models a role is one stacked leaf. Sparse rate 0.025:
+    ``in + 0.025·in²`` per matrix, about LoRA r=8's ``8·(in+out)`` on 576x576.
+    No PEFT export: PEFT regenerates its own bases when loading."""
+    del key, init_data
+    probe = tree.assign(params, [tree.Rule(where=_targets(cfg), then=adapters.lora(1))])
+    assignment = tree.assign(params, [
+        tree.Rule(where=re.escape(p), then=adapters.frod(0.025, group=p)) for p in probe])
+    return Setup(params, _adamw(run), tree.describe(assignment, params),
+                 adapters=assignment, peft=None)
+
+
 def _sized_method(make_adapter: Callable[[Any, int, int], adapters.Adapter]):
     """``_adapter_method`` for adapters whose shared frozen arrays are sized by the
     largest targeted input and output widths (RandLoRA, PVeRA), as PEFT sizes them."""
@@ -354,6 +368,20 @@ METHODS: dict[str, Callable[..., Setup]] = {
     # HRA: 2r reflections (even: PEFT's paired identity init), 2r·in trainable,
     # LoRA's r·(in+out) on square matrices
     "hra": _adapter_method(lambda c: adapters.hra(2 * c.rank)),
+    # BOFT: two butterfly factors of blocks of r: 2r·in + out trainable, LoRA's
+    # r·(in+out) plus out on square matrices (in must be a multiple of 2r)
+    "boft": _adapter_method(lambda c: adapters.boft(c.rank, n_butterfly_factor=2)),
+    # PSOFT: strict Cayley rotation (both scales) in the rank-2r principal subspace,
+    # (2r)(2r-1)/2 + 4r trainable per matrix; alpha = rank (the scaling cancels)
+    "psoft": _adapter_method(lambda c: adapters.psoft(2 * c.rank, alpha=float(2 * c.rank))),
+    # DeFT: relu projector, identity init; r·(in+out) trainable, LoRA's count
+    "deft": _adapter_method(lambda c: adapters.deft(c.rank, alpha=int(c.alpha))),
+    # GLoRA: PEFT's lora A/B at rank r/2 = LoRA's r·(in+out); SmolLM2's projections
+    # have no bias, so C/D/E are none (PEFT's empty paths there)
+    "glora": _adapter_method(lambda c: adapters.glora(max(1, c.rank // 2),
+                                                      config_C="none",
+                                                      config_D_E="none")),
+    "frod": _frod,
     "trainable_tokens": _trainable_tokens,
     # PEFT has no LoRA-XS format
     "lora_xs": _adapter_method(lambda c: adapters.lora_xs(c.rank, alpha=c.alpha),
