@@ -28,6 +28,7 @@ from tests.adapters.test_osf import ref_osf
 from tests.adapters.test_peanut import ref_peanut
 from tests.adapters.test_pvera import ref_pvera
 from tests.adapters.test_randlora import randlora_count, ref_randlora
+from tests.adapters.test_road import ref_road
 from tests.adapters.test_shira import ref_shira
 from tests.adapters.test_supertuning import ref_supertuning
 from tests.adapters.test_tinylora import ref_tinylora
@@ -236,6 +237,13 @@ ADAPTERS = [
         lambda i, o: oft_count(i, i),
     ),
     (
+        "road",  # output widths made even for it (see _o): groups of 2, road_4
+        lambda: adapters.road("road_4", group_size=2),
+        True,
+        lambda w, t, f: ref_road(w, t, f, "road_4", 2),
+        lambda i, o: 4 * o,  # theta and alpha, 2·out each
+    ),
+    (
         "osf",
         lambda: adapters.osf(2),
         True,
@@ -316,6 +324,14 @@ ADAPTERS = [
     ),
 ]
 IDS = [a[0] for a in ADAPTERS]
+# Adapters that pair output features (RoAd rotates pairs): the suite's odd
+# output width 5 becomes 6 for them.
+_EVEN_OUT = ("road",)
+
+
+def _o(name, n_out=5):
+    """The output width the suite uses for adapter ``name``."""
+    return n_out + 1 if name in _EVEN_OUT and n_out % 2 else n_out
 
 
 def _w(shape, seed=0, dtype=jnp.float32):
@@ -335,17 +351,17 @@ def _randomize(t, seed=1):
     return jax.tree.unflatten(treedef, out)
 
 
-def _params():
+def _params(n_out=5):
     return {
-        "lin": {"kernel": _w((6, 5)), "bias": _w((5,), seed=3)},
-        "other": {"kernel": _w((5, 4), seed=4)},
+        "lin": {"kernel": _w((6, n_out)), "bias": _w((n_out,), seed=3)},
+        "other": {"kernel": _w((n_out, 4), seed=4)},
     }
 
 
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
 def test_identity_at_init(name, factory, identity, ref, count, getkey):
     ad = factory()
-    w = _w((6, 5))
+    w = _w((6, _o(name)))
     t, f = ad.init(getkey(), w)
     if identity and name != "dora":
         np.testing.assert_array_equal(np.asarray(ad.apply(w, t, f)), np.asarray(w))
@@ -361,7 +377,7 @@ def test_identity_at_init(name, factory, identity, ref, count, getkey):
 def test_closed_form_matches_float64_reference(name, factory, identity, ref, count,
                                                getkey):
     ad = factory()
-    w = _w((6, 5))
+    w = _w((6, _o(name)))
     t, f = ad.init(getkey(), w)
     t = _randomize(t)
     got = ad.apply(w, t, f)
@@ -432,7 +448,7 @@ def test_jit_equals_eager_and_stacked_equals_loop(name, factory, identity, ref,
                                                  count, getkey):
     ad2 = factory()
     ad = ad2.with_dimension_numbers(tree.dims.stacked())  # (layers, in, out)
-    w = _w((3, 6, 5))
+    w = _w((3, 6, _o(name)))
     t, f = ad.init(getkey(), w)
     t = _randomize(t)
     eager = ad.apply(w, t, f)
@@ -454,7 +470,7 @@ def test_jit_equals_eager_and_stacked_equals_loop(name, factory, identity, ref,
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
 def test_abstract_init(name, factory, identity, ref, count):
     ad = factory().with_dimension_numbers(tree.dims.stacked())
-    spec = jax.ShapeDtypeStruct((2, 6, 5), jnp.float32)
+    spec = jax.ShapeDtypeStruct((2, 6, _o(name)), jnp.float32)
     t, f = jax.eval_shape(lambda k, w: ad.init(k, w), jax.random.key(0), spec)
     leaves = jax.tree.leaves(t)
     assert leaves and all(x.shape[0] == 2 for x in leaves)
@@ -463,8 +479,8 @@ def test_abstract_init(name, factory, identity, ref, count):
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
 def test_dtypes_bf16_base(name, factory, identity, ref, count, getkey):
     ad = factory()
-    params = {"lin": {"kernel": _w((6, 5), dtype=jnp.bfloat16),
-                      "bias": _w((5,), dtype=jnp.bfloat16)}}
+    params = {"lin": {"kernel": _w((6, _o(name)), dtype=jnp.bfloat16),
+                      "bias": _w((_o(name),), dtype=jnp.bfloat16)}}
     a = tree.assign(params, [tree.Rule(where="lin/kernel", then=ad)])
     state = adapters.init(a, getkey(), params)
     for x in jax.tree.leaves(state.trainable):
@@ -483,22 +499,22 @@ def test_param_dtype_respected(getkey):
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
 def test_structure_and_trainable_count(name, factory, identity, ref, count, getkey):
     ad = factory()
-    params = _params()
+    params = _params(_o(name))
     a = tree.assign(params, [tree.Rule(where="lin/kernel", then=ad)])
     state = adapters.init(a, getkey(), params)
     for x in jax.tree.leaves(state.trainable):
         assert isinstance(x, jax.Array), type(x)
-    assert adapters.num_trainable(state.trainable) == count(6, 5)
-    assert ad.num_trainable(params["lin"]["kernel"]) == count(6, 5)
-    stacked = jnp.zeros((4, 6, 5))
+    assert adapters.num_trainable(state.trainable) == count(6, _o(name))
+    assert ad.num_trainable(params["lin"]["kernel"]) == count(6, _o(name))
+    stacked = jnp.zeros((4, 6, _o(name)))
     assert ad.with_dimension_numbers(tree.dims.stacked()).num_trainable(stacked) == (
-        4 * count(6, 5))
+        4 * count(6, _o(name)))
 
 
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
 def test_determinism_and_rule_independence(name, factory, identity, ref, count):
     ad = factory()
-    params = _params()
+    params = _params(_o(name))
     key = jax.random.key(3)
     a1 = tree.assign(params, [tree.Rule(where="lin/kernel", then=ad)])
     a2 = tree.assign(params, [tree.Rule(where="other/kernel", then=adapters.lora(2)),
@@ -515,8 +531,8 @@ def test_determinism_and_rule_independence(name, factory, identity, ref, count):
 def test_fold_unfold_roundtrip(name, factory, identity, ref, count, getkey):
     ad = factory()
     for dtype, tol in ((jnp.float32, h.MATMUL_F32), (jnp.bfloat16, h.BF16)):
-        params = {"lin": {"kernel": _w((6, 5), dtype=dtype),
-                          "bias": _w((5,), seed=3, dtype=dtype)}}
+        params = {"lin": {"kernel": _w((6, _o(name)), dtype=dtype),
+                          "bias": _w((_o(name),), seed=3, dtype=dtype)}}
         a = tree.assign(params, [tree.Rule(where="lin/kernel", then=ad)])
         state = adapters.init(a, getkey(), params)
         state = state._replace(trainable=_randomize(state.trainable))
@@ -530,7 +546,7 @@ def test_fold_unfold_roundtrip(name, factory, identity, ref, count, getkey):
 def test_no_retrace_and_training_changes_only_trainable(name, factory, identity,
                                                         ref, count, getkey):
     ad = factory()
-    params = _params()
+    params = _params(_o(name))
     a = tree.assign(params, [tree.Rule(where="lin/kernel", then=ad)])
     state = adapters.init(a, getkey(), params)
     frozen_before = jax.tree.map(np.array, state.frozen)
@@ -571,7 +587,7 @@ def test_no_retrace_and_training_changes_only_trainable(name, factory, identity,
     assert any(jax.tree.leaves(changed))
 
 
-def _flax_params():
+def _flax_params(n_out=5):
     import flax.linen as nn
 
     class Block(nn.Module):
@@ -580,7 +596,7 @@ def _flax_params():
             x = nn.Dense(8, name="up")(x)
             x = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8,
                                                 name="attn")(x)
-            return nn.Dense(5, name="down")(jax.nn.gelu(x))
+            return nn.Dense(n_out, name="down")(jax.nn.gelu(x))
 
     model = Block()
     x = _w((2, 5, 4), seed=5)
@@ -591,7 +607,7 @@ def _flax_params():
 
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
 def test_linen_mlp_and_attention(name, factory, identity, ref, count, getkey):
-    model, params, x = _flax_params()
+    model, params, x = _flax_params(_o(name))
     ad = factory()
     a = tree.assign(params, [tree.Rule(where=r"(up|down)/kernel", then=ad)])
     state = adapters.init(a, getkey(), params)
@@ -606,7 +622,7 @@ def test_linen_mlp_and_attention(name, factory, identity, ref, count, getkey):
     # The merged params run through the unmodified Linen model.
     with jax.numpy_dtype_promotion("standard"):
         y = model.apply({"params": merged}, x)
-    assert y.shape == (2, 5, 5) and bool(jnp.all(jnp.isfinite(y)))
+    assert y.shape == (2, 5, _o(name)) and bool(jnp.all(jnp.isfinite(y)))
 
 
 def test_linen_head_split_attention_kernels(getkey):
@@ -645,8 +661,8 @@ def test_nnx_state(name, factory, identity, ref, count, getkey):
 
     class MLP(nnx.Module):
         def __init__(self, rngs):
-            self.lin = nnx.Linear(6, 5, rngs=rngs)
-            self.other = nnx.Linear(5, 4, rngs=rngs)
+            self.lin = nnx.Linear(6, _o(name), rngs=rngs)
+            self.other = nnx.Linear(_o(name), 4, rngs=rngs)
 
         def __call__(self, x):
             return self.other(jnp.tanh(self.lin(x)))
@@ -700,7 +716,7 @@ def test_factored_terms_equal_weight_space(name, factory, identity, ref, count,
                                            getkey):
     """x·W' equals the factored form ((x ⊙ in) @ W + delta(x)) ⊙ out."""
     ad = factory()
-    w = _w((6, 5))
+    w = _w((6, _o(name)))
     t, f = ad.init(getkey(), w)
     t = _randomize(t)
     x = _w((4, 6), seed=21)

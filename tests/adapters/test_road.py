@@ -78,8 +78,8 @@ def test_road_init_is_peft_default(getkey):
 
 
 def test_road_stacked_tree_fold_unfold_and_gradient(getkey):
-    # Not in the contract suite (its shapes have odd output widths): a stacked
-    # kernel with a bias through the tree verbs, per layer equal to the reference.
+    # A stacked kernel with a bias through the tree verbs, per layer equal to
+    # the reference (bias included).
     rng = np.random.default_rng(3)
     params = {"lin": {"kernel": jnp.asarray(rng.standard_normal((2, 3, 4)), jnp.float32),
                       "bias": jnp.asarray(rng.standard_normal((2, 4)), jnp.float32)}}
