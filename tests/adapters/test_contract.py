@@ -714,7 +714,7 @@ _NO_FACTORED = ("ln_tuning", "trainable_tokens")
                          ids=[i for i in IDS if i not in _NO_FACTORED])
 def test_factored_terms_equal_weight_space(name, factory, identity, ref, count,
                                            getkey):
-    """x·W' equals the factored form ((x ⊙ in) @ W + delta(x)) ⊙ out."""
+    """x·W' equals the factored form (out_map(in_map(x ⊙ in) @ W) + delta(x)) ⊙ out."""
     ad = factory()
     w = _w((6, _o(name)))
     t, f = ad.init(getkey(), w)
@@ -726,7 +726,8 @@ def test_factored_terms_equal_weight_space(name, factory, identity, ref, count,
     terms = form.terms(w, t, f)
     xs = x if terms.in_scale is None else x * terms.in_scale[None, :]
     xs = xs if terms.in_map is None else terms.in_map(xs)
-    y = h.f64(xs @ w)
+    y = xs @ w
+    y = h.f64(y if terms.out_map is None else terms.out_map(y))
     if terms.delta is not None:
         y = y + h.f64(terms.delta(x))
     if terms.out_scale is not None:

@@ -62,7 +62,8 @@ def test_road_is_peft_rotation_in_float64(variant):
         np.testing.assert_allclose(np.asarray(ad.bias.unapply((n_in, n_out), bias, t, None)), b,
                                    rtol=1e-10, atol=1e-10)
         terms = ad.factored.terms(jnp.asarray(w_t.T), t, None)
-        y = x @ w_t.T + np.asarray(terms.delta(jnp.asarray(x)))
+        assert terms.delta is None and terms.in_map is None
+        y = np.asarray(terms.out_map(jnp.asarray(x @ w_t.T)))  # R(x W0), one base product
         np.testing.assert_allclose(y, x @ (rot @ w_t).T, rtol=1e-12, atol=1e-12)
 
 
