@@ -16,6 +16,7 @@ must be exactly those of the modules its ``target_modules`` /
 Exports: ``PeftAdapter``, ``load_peft``.
 """
 
+import functools
 import os
 import pathlib
 import warnings
@@ -83,6 +84,11 @@ def _params_path(upath: str, flat: Mapping[str, Any], prefix: str
             return scanned, int(parts[len(head)])
     raise ValueError(f"load_peft: the key map's {upath!r} is not a leaf of params "
                      "(neither unrolled nor scanned)")
+
+
+def _layer_of(leaf: Any, layer: int | None) -> Any:
+    """The leaf (``layer`` None) or its ``layer``-th slice along the layer axis."""
+    return leaf if layer is None else leaf[layer]
 
 
 def _stack_layers(items: dict[int, Any], path: str, n: int, what: str) -> Any:
@@ -326,7 +332,8 @@ def load_peft(
                  else tuner.build(_peft_tuner.ModuleRead(
                      config, key_map[upath].module, got, vera_shared, param_dtype,
                      source, dims, dn, key_map[upath],
-                     tuple(sorted(key_map[u].module for u in parts)), shapes)))
+                     tuple(sorted(key_map[u].module for u in parts)), shapes,
+                     functools.partial(_layer_of, flat[path], layer))))
         per_leaf.setdefault(path, {})[layer] = built
     assignment: dict[str, _adapters.Adapter] = {}
     trainable: dict[str, Any] = {}

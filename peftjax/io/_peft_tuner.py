@@ -46,6 +46,11 @@ class ModuleRead(NamedTuple):
         whose tensors are indexed by the module's position (TinyLoRA).
       shapes: ``{module: (n_in, n_out)}`` of every adapted module of the file
         (one layer), for types whose tensors depend on all of them (UniLoRA).
+      base: ``() -> array``: the module's base weight leaf (one layer of a
+        scanned leaf, no layer axis; its matrix view is ``dimension_numbers``
+        less the layer axis), for types whose frozen part PEFT recomputes
+        from the base when it loads a file (OSF's SVD). A call, so that
+        other types never slice the layers.
     """
 
     config: Mapping[str, Any]
@@ -59,6 +64,7 @@ class ModuleRead(NamedTuple):
     key: _peft_keys.PeftKey
     modules: tuple[str, ...] = ()
     shapes: Mapping[str, tuple[int, int]] = {}
+    base: Callable[[], Any] | None = None
 
 
 class ModuleWrite(NamedTuple):
