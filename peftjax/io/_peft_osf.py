@@ -5,12 +5,13 @@ PEFT (``tuners/osf``) stores, per Linear module, only the trainable factors
 ``osf_svd_params.U_low`` ``(out, r)``, ``osf_svd_params.S_low`` ``(r,)`` and
 ``osf_svd_params.V_low`` ``(r, in)``; the frozen initial factors and the
 preserved bases are non-persistent buffers that PEFT recomputes from an SVD
-of the base weight when it loads a file. peftjax does the same (``osf``'s
-SVD of the module's base matrix, in JAX): only the product of the initial
-factors and the preserved subspaces enter the outputs and gradients, and
-both are free of the SVD's signs, so the outputs agree with PEFT's up to
-float32 rounding whenever the base's singular values at the split are
-distinct. ``OSFParams``: ``v = V_low.T``, ``s = S_low``, ``u = U_low.T``.
+of the base weight when it loads a file. peftjax does the same (the SVD
+of the module's base matrix, as ``osf``'s init takes it, with NumPy on the
+host so that no module shape compiles a program): only the product of the
+initial factors and the preserved subspaces enter the outputs and
+gradients, and both are free of the SVD's signs, so the outputs agree with
+PEFT's up to float32 rounding whenever the base's singular values at the
+split are distinct. ``OSFParams``: ``v = V_low.T``, ``s = S_low``, ``u = U_low.T``.
 
 Config: ``effective_rank`` (None, an int or a fraction in ``(0, 1]``),
 ``rank_pattern`` (matched with ``re.search`` on the module name, first key

@@ -47,8 +47,8 @@ class ModuleRead(NamedTuple):
       shapes: ``{module: (n_in, n_out)}`` of every adapted module of the file
         (one layer), for types whose tensors depend on all of them (UniLoRA).
       base: ``() -> array``: the module's base weight leaf (one layer of a
-        scanned leaf, no layer axis; its matrix view is ``dimension_numbers``
-        less the layer axis), for types whose frozen part PEFT recomputes
+        scanned leaf, no layer axis; ``tree.to_matrix(base(), dims)`` is its
+        ``(in, out)`` matrix), for types whose frozen part PEFT recomputes
         from the base when it loads a file (OSF's SVD). A call, so that
         other types never slice the layers.
     """
