@@ -84,7 +84,7 @@ def _check_member(path: str, name: str, adapter: _protocol.Adapter, leaf: Any,
         w = jnp.zeros((dims.n_in, dims.n_out), leaf.dtype)
         terms = form.terms(w, t1, f1)
         found["scales"] = (terms.in_scale is not None or terms.out_scale is not None
-                           or terms.in_map is not None)
+                           or terms.in_map is not None or terms.out_map is not None)
         return jnp.zeros(())
 
     jax.eval_shape(probe, jax.tree.map(lambda x: _per_matrix_spec(x, nb), t),
@@ -93,8 +93,8 @@ def _check_member(path: str, name: str, adapter: _protocol.Adapter, leaf: Any,
         raise TypeError(
             f"batched: adapter {name!r} at {path!r} ({adapter!r}, shape "
             f"{tuple(np.shape(leaf))}, dtype {leaf.dtype}) scales the base product "
-            "(DoRA, (IA)3, SSF) or maps its input (OFT); only additive adapters "
-            "can vary per example")
+            "(DoRA, (IA)3, SSF) or maps its input (OFT) or output (RoAd); only "
+            "additive adapters can vary per example")
     return dims
 
 

@@ -49,7 +49,7 @@ class BiasHook(NamedTuple):
 
 
 class FactoredTerms(NamedTuple):
-    """One matrix's adapter as terms of ``y = (in_map(x ⊙ in_scale) @ W + delta(x̃)) ⊙ out_scale``.
+    """One matrix's adapter as ``y = (out_map(in_map(x ⊙ in_scale) @ W) + delta(x̃)) ⊙ out_scale``.
 
     This is how the factored path (``peftjax.factored``) applies an adapter without
     forming ``W'``: the base product ``(x ⊙ in_scale) @ W`` is the model's own
@@ -67,18 +67,25 @@ class FactoredTerms(NamedTuple):
         is never formed. It must return ``x``'s dtype. Adapters with an
         ``in_map`` cannot vary per example (``adapters.batched``) nor run a
         factored convolution.
+      out_map: ``h (..., out) -> (..., out)``, a cheap linear map of the
+        base product's output ``h = in_map(x ⊙ in_scale) @ W`` (before
+        ``delta`` is added), or None (= identity): RoAd's rotation of output
+        pairs ``h ↦ R h``, so that neither ``R·W`` nor a second base product
+        is formed. It must return ``h``'s dtype. The same restrictions as
+        ``in_map`` apply.
 
     Example:
       >>> import jax.numpy as jnp
       >>> t = FactoredTerms(out_scale=jnp.full((3,), 2.0))
-      >>> t.in_scale is None, t.delta is None, t.in_map is None
-      (True, True, True)
+      >>> t.in_scale is None, t.delta is None, t.in_map is None, t.out_map is None
+      (True, True, True, True)
     """
 
     in_scale: jax.Array | None = None
     out_scale: jax.Array | None = None
     delta: Callable[[jax.Array], jax.Array] | None = None
     in_map: Callable[[jax.Array], jax.Array] | None = None
+    out_map: Callable[[jax.Array], jax.Array] | None = None
 
 
 class FactoredForm(NamedTuple):

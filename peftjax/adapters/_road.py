@@ -22,10 +22,17 @@ On a Flax kernel ``W0 (in, out)`` the rotation acts on the columns:
 sibling bias the same way. ``unapply`` inverts each 2x2 block in closed form
 (PEFT inverts ``R`` numerically); the identity at init: ``θ = 0``, ``α = 1``.
 
-Factored form: ``y = xW0 + (R(xW0) - xW0)``: the
-rotation itself is ``O(out)`` elementwise per row, but ``FactoredTerms``
-has no map of the base product's output, so the term recomputes ``x W0``
-(a second base product, ``2·in·out`` per row).
+Factored form: ``out_map`` (``FactoredTerms``) rotates the base product's
+output, ``y = R(x W0)`` (PEFT's own forward): ``R·W0`` is never formed and
+the only extra work is ``O(out)`` elementwise per row (``3·out`` FLOPs:
+two products and a sum, whatever the variant). LoRA of rank ``r`` adds
+``2·r·(in + out)`` per row, i.e. twice its trainable count: at RoAd's count
+(``road_2``: ``2·out``, ``r = 1`` for ``in = out``; ``road_4``: ``4·out``,
+``r = 2``) that is ``4·out`` and ``8·out``; ``road_1`` (``out``) is below
+rank 1.
+Like every ``out_map`` adapter it cannot vary per example
+(``adapters.batched``, which also refuses its bias hook) nor run a factored
+convolution.
 
 Exports: ``RoAdParams``, ``road``.
 """
@@ -112,7 +119,9 @@ def road(
     ``θ`` and ``α`` are trainable (``out/2``, ``out`` or ``2·out`` of each per
     matrix for ``road_1/2/4``, PEFT's count); nothing is frozen. The sibling
     ``bias`` leaf, when the kernel has one, is rotated the same way (PEFT
-    rotates the layer's output, bias included). Identity at init.
+    rotates the layer's output, bias included). Identity at init. Factored
+    form: ``FactoredTerms.out_map`` rotates ``x W0`` (``3·out`` FLOPs per row
+    beyond the base product; ``R·W0`` is never formed).
 
     Args:
       variant: ``"road_1"`` (PEFT's default), ``"road_2"`` or ``"road_4"``.
@@ -198,12 +207,11 @@ def road(
         return _unrotate(b.astype(ct), c1, c2, group_size).astype(b.dtype)
 
     def factored_matrix(w, t, f):
-        def delta(x):
-            (c1, c2), ct = cols(t, x.dtype, w.dtype)
-            h = x.astype(ct) @ w.astype(ct)  # the second base product
-            return _rotate(h, c1, c2, group_size) - h
+        def out_map(h):
+            (c1, c2), ct = cols(t, h.dtype)
+            return _rotate(h.astype(ct), c1, c2, group_size).astype(h.dtype)
 
-        return _protocol.FactoredTerms(delta=delta)
+        return _protocol.FactoredTerms(out_map=out_map)
 
     return _lift.lift_matrix(
         name=f"road({variant}, group_size={group_size})",

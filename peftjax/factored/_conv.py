@@ -60,7 +60,8 @@ def conv(sym: _sym.Sym, x: Any, params: dict, bind: Any, key: Any) -> Any | None
     terms = adapter.factored.terms(w_m, trainable, frozen)
     lr = terms.delta
     if (not isinstance(lr, adapters.LowRankDelta) or terms.in_scale is not None
-            or terms.out_scale is not None or terms.in_map is not None):
+            or terms.out_scale is not None or terms.in_map is not None
+            or terms.out_map is not None):
         return None
 
     y = bind(x, sym.base)

@@ -11,9 +11,9 @@ leaves are the base view and the state, so it crosses ``scan``/``cond``/
 
 * ``view(sym, eqn, ...)`` applies a layout primitive to the base and updates
   the roles (or returns None when it cannot);
-* ``dot(...)`` rewrites ``dot_general(x, view(W'))`` into the model's own
-  ``dot_general(in_map(x ⊙ in_scale), view(W))`` plus the adapter's cheap
-  terms;
+* ``dot(...)`` rewrites ``dot_general(x, view(W'))`` into
+  ``out_map`` of the model's own ``dot_general(in_map(x ⊙ in_scale),
+  view(W))`` plus the adapter's cheap terms;
 * ``materialize(sym)`` forms ``view(W')`` (the loud fallback).
 
 A *quantised* kernel (a ``peftjax.quant.QuantizedArray``, adapted or not) is a
@@ -469,6 +469,14 @@ def dot(sym: Sym, other: Any, sym_is_lhs: bool, params: dict,
             d = jnp.transpose(d, list(range(n, n + len(sym_free))) + list(range(n)))
         return d
 
+    def unplace(y: jax.Array) -> jax.Array:
+        """The inverse of ``place``: the model's output layout -> ``(x free..., out)``."""
+        n, k = len(x_shape), len(sym_free)
+        if sym_is_lhs:
+            y = jnp.transpose(y, list(range(k, k + n)) + list(range(k)))
+        y = jnp.transpose(y, list(range(n)) + [n + j for j in o_order])
+        return y.reshape(x_shape + (-1,))
+
     x_in = other
     if terms.in_scale is not None:
         in_sizes = [other.shape[b] for _, b in pairs]
@@ -493,6 +501,8 @@ def dot(sym: Sym, other: Any, sym_is_lhs: bool, params: dict,
         y = place(y)
     else:
         y = bind(*((sym.base, x_in) if sym_is_lhs else (x_in, sym.base)))
+    if terms.out_map is not None:
+        y = place(terms.out_map(unplace(y)).astype(y.dtype))
     if terms.delta is None and terms.out_scale is None:
         return y
 

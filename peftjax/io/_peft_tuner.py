@@ -49,8 +49,8 @@ class ModuleRead(NamedTuple):
       base: ``() -> (n_in, n_out)`` NumPy array of this module's base kernel
         (one layer, its matrix view), for types whose frozen arrays PEFT
         recomputes from the base weight when loading (FRoD's ``U``, PSOFT's
-        SVD factors); None
-        where not available.
+        and OSF's SVD factors); None where not available. A call, so that
+        other types never copy or slice the base.
     """
 
     config: Mapping[str, Any]

@@ -184,6 +184,13 @@ def test_batched_refuses_what_cannot_vary_per_example():
                              adapters.init(dora, jax.random.key(1), params))
     with pytest.raises(TypeError, match=r"'d' at 'w'.*scales the base product"):
         adapters.batched(with_dora, params, jnp.asarray([0, 1]))
+    # An output map (RoAd's rotation; its bias hook aside) cannot vary either.
+    road = tree.assign(params, [tree.Rule(where="v", then=adapters.road(
+        group_size=2)._replace(bias=None))])
+    with_road = adapters.add(coll, "r", road,
+                             adapters.init(road, jax.random.key(1), params))
+    with pytest.raises(TypeError, match=r"'r' at 'v'.*or output \(RoAd\)"):
+        adapters.batched(with_road, params, jnp.asarray([0, 1]))
     with pytest.raises(ValueError, match=r"ids \[2\] out of range"):
         adapters.batched(coll, params, jnp.asarray([0, 2]))
     with pytest.raises(ValueError, match=r"1-D integer array.*shape \(2, 1\)"):

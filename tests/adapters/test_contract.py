@@ -33,6 +33,7 @@ from tests.adapters.test_peanut import ref_peanut
 from tests.adapters.test_psoft import ref_psoft
 from tests.adapters.test_pvera import ref_pvera
 from tests.adapters.test_randlora import randlora_count, ref_randlora
+from tests.adapters.test_road import ref_road
 from tests.adapters.test_shira import ref_shira
 from tests.adapters.test_supertuning import ref_supertuning
 from tests.adapters.test_tinylora import ref_tinylora
@@ -262,6 +263,13 @@ ADAPTERS = [
         lambda i, o: i * i + o,
     ),
     (
+        "road",  # output widths made even for it (see _o): groups of 2, road_4
+        lambda: adapters.road("road_4", group_size=2),
+        True,
+        lambda w, t, f: ref_road(w, t, f, "road_4", 2),
+        lambda i, o: 4 * o,  # theta and alpha, 2·out each
+    ),
+    (
         "osf",
         lambda: adapters.osf(2),
         True,
@@ -358,6 +366,14 @@ ADAPTERS = [
     ),
 ]
 IDS = [a[0] for a in ADAPTERS]
+# Adapters that pair output features (RoAd rotates pairs): the suite's odd
+# output width 5 becomes 6 for them.
+_EVEN_OUT = ("road",)
+
+
+def _o(name, n_out=5):
+    """The output width the suite uses for adapter ``name``."""
+    return n_out + 1 if name in _EVEN_OUT and n_out % 2 else n_out
 
 
 def _w(shape, seed=0, dtype=jnp.float32):
@@ -377,17 +393,17 @@ def _randomize(t, seed=1):
     return jax.tree.unflatten(treedef, out)
 
 
-def _params():
+def _params(n_out=5):
     return {
-        "lin": {"kernel": _w((6, 5)), "bias": _w((5,), seed=3)},
-        "other": {"kernel": _w((5, 4), seed=4)},
+        "lin": {"kernel": _w((6, n_out)), "bias": _w((n_out,), seed=3)},
+        "other": {"kernel": _w((n_out, 4), seed=4)},
     }
 
 
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
 def test_identity_at_init(name, factory, identity, ref, count, getkey):
     ad = factory()
-    w = _w((6, 5))
+    w = _w((6, _o(name)))
     t, f = ad.init(getkey(), w)
     if identity and name != "dora":
         np.testing.assert_array_equal(np.asarray(ad.apply(w, t, f)), np.asarray(w))
@@ -403,7 +419,7 @@ def test_identity_at_init(name, factory, identity, ref, count, getkey):
 def test_closed_form_matches_float64_reference(name, factory, identity, ref, count,
                                                getkey):
     ad = factory()
-    w = _w((6, 5))
+    w = _w((6, _o(name)))
     t, f = ad.init(getkey(), w)
     t = _randomize(t)
     got = ad.apply(w, t, f)
@@ -474,7 +490,7 @@ def test_jit_equals_eager_and_stacked_equals_loop(name, factory, identity, ref,
                                                  count, getkey):
     ad2 = factory()
     ad = ad2.with_dimension_numbers(tree.dims.stacked())  # (layers, in, out)
-    w = _w((3, 6, 5))
+    w = _w((3, 6, _o(name)))
     t, f = ad.init(getkey(), w)
     t = _randomize(t)
     eager = ad.apply(w, t, f)
@@ -496,7 +512,7 @@ def test_jit_equals_eager_and_stacked_equals_loop(name, factory, identity, ref,
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
 def test_abstract_init(name, factory, identity, ref, count):
     ad = factory().with_dimension_numbers(tree.dims.stacked())
-    spec = jax.ShapeDtypeStruct((2, 6, 5), jnp.float32)
+    spec = jax.ShapeDtypeStruct((2, 6, _o(name)), jnp.float32)
     t, f = jax.eval_shape(lambda k, w: ad.init(k, w), jax.random.key(0), spec)
     leaves = jax.tree.leaves(t)
     assert leaves and all(x.shape[0] == 2 for x in leaves)
@@ -505,8 +521,8 @@ def test_abstract_init(name, factory, identity, ref, count):
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
 def test_dtypes_bf16_base(name, factory, identity, ref, count, getkey):
     ad = factory()
-    params = {"lin": {"kernel": _w((6, 5), dtype=jnp.bfloat16),
-                      "bias": _w((5,), dtype=jnp.bfloat16)}}
+    params = {"lin": {"kernel": _w((6, _o(name)), dtype=jnp.bfloat16),
+                      "bias": _w((_o(name),), dtype=jnp.bfloat16)}}
     a = tree.assign(params, [tree.Rule(where="lin/kernel", then=ad)])
     state = adapters.init(a, getkey(), params)
     for x in jax.tree.leaves(state.trainable):
@@ -525,22 +541,22 @@ def test_param_dtype_respected(getkey):
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
 def test_structure_and_trainable_count(name, factory, identity, ref, count, getkey):
     ad = factory()
-    params = _params()
+    params = _params(_o(name))
     a = tree.assign(params, [tree.Rule(where="lin/kernel", then=ad)])
     state = adapters.init(a, getkey(), params)
     for x in jax.tree.leaves(state.trainable):
         assert isinstance(x, jax.Array), type(x)
-    assert adapters.num_trainable(state.trainable) == count(6, 5)
-    assert ad.num_trainable(params["lin"]["kernel"]) == count(6, 5)
-    stacked = jnp.zeros((4, 6, 5))
+    assert adapters.num_trainable(state.trainable) == count(6, _o(name))
+    assert ad.num_trainable(params["lin"]["kernel"]) == count(6, _o(name))
+    stacked = jnp.zeros((4, 6, _o(name)))
     assert ad.with_dimension_numbers(tree.dims.stacked()).num_trainable(stacked) == (
-        4 * count(6, 5))
+        4 * count(6, _o(name)))
 
 
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
 def test_determinism_and_rule_independence(name, factory, identity, ref, count):
     ad = factory()
-    params = _params()
+    params = _params(_o(name))
     key = jax.random.key(3)
     a1 = tree.assign(params, [tree.Rule(where="lin/kernel", then=ad)])
     a2 = tree.assign(params, [tree.Rule(where="other/kernel", then=adapters.lora(2)),
@@ -557,8 +573,8 @@ def test_determinism_and_rule_independence(name, factory, identity, ref, count):
 def test_fold_unfold_roundtrip(name, factory, identity, ref, count, getkey):
     ad = factory()
     for dtype, tol in ((jnp.float32, h.MATMUL_F32), (jnp.bfloat16, h.BF16)):
-        params = {"lin": {"kernel": _w((6, 5), dtype=dtype),
-                          "bias": _w((5,), seed=3, dtype=dtype)}}
+        params = {"lin": {"kernel": _w((6, _o(name)), dtype=dtype),
+                          "bias": _w((_o(name),), seed=3, dtype=dtype)}}
         a = tree.assign(params, [tree.Rule(where="lin/kernel", then=ad)])
         state = adapters.init(a, getkey(), params)
         state = state._replace(trainable=_randomize(state.trainable))
@@ -572,7 +588,7 @@ def test_fold_unfold_roundtrip(name, factory, identity, ref, count, getkey):
 def test_no_retrace_and_training_changes_only_trainable(name, factory, identity,
                                                         ref, count, getkey):
     ad = factory()
-    params = _params()
+    params = _params(_o(name))
     a = tree.assign(params, [tree.Rule(where="lin/kernel", then=ad)])
     state = adapters.init(a, getkey(), params)
     frozen_before = jax.tree.map(np.array, state.frozen)
@@ -613,7 +629,7 @@ def test_no_retrace_and_training_changes_only_trainable(name, factory, identity,
     assert any(jax.tree.leaves(changed))
 
 
-def _flax_params():
+def _flax_params(n_out=5):
     import flax.linen as nn
 
     class Block(nn.Module):
@@ -622,7 +638,7 @@ def _flax_params():
             x = nn.Dense(8, name="up")(x)
             x = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8,
                                                 name="attn")(x)
-            return nn.Dense(5, name="down")(jax.nn.gelu(x))
+            return nn.Dense(n_out, name="down")(jax.nn.gelu(x))
 
     model = Block()
     x = _w((2, 5, 4), seed=5)
@@ -633,7 +649,7 @@ def _flax_params():
 
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
 def test_linen_mlp_and_attention(name, factory, identity, ref, count, getkey):
-    model, params, x = _flax_params()
+    model, params, x = _flax_params(_o(name))
     ad = factory()
     a = tree.assign(params, [tree.Rule(where=r"(up|down)/kernel", then=ad)])
     state = adapters.init(a, getkey(), params)
@@ -648,7 +664,7 @@ def test_linen_mlp_and_attention(name, factory, identity, ref, count, getkey):
     # The merged params run through the unmodified Linen model.
     with jax.numpy_dtype_promotion("standard"):
         y = model.apply({"params": merged}, x)
-    assert y.shape == (2, 5, 5) and bool(jnp.all(jnp.isfinite(y)))
+    assert y.shape == (2, 5, _o(name)) and bool(jnp.all(jnp.isfinite(y)))
 
 
 def test_linen_head_split_attention_kernels(getkey):
@@ -687,8 +703,8 @@ def test_nnx_state(name, factory, identity, ref, count, getkey):
 
     class MLP(nnx.Module):
         def __init__(self, rngs):
-            self.lin = nnx.Linear(6, 5, rngs=rngs)
-            self.other = nnx.Linear(5, 4, rngs=rngs)
+            self.lin = nnx.Linear(6, _o(name), rngs=rngs)
+            self.other = nnx.Linear(_o(name), 4, rngs=rngs)
 
         def __call__(self, x):
             return self.other(jnp.tanh(self.lin(x)))
@@ -740,9 +756,9 @@ _NO_FACTORED = ("ln_tuning", "trainable_tokens")
                          ids=[i for i in IDS if i not in _NO_FACTORED])
 def test_factored_terms_equal_weight_space(name, factory, identity, ref, count,
                                            getkey):
-    """x·W' equals the factored form ((x ⊙ in) @ W + delta(x)) ⊙ out."""
+    """x·W' equals the factored form (out_map(in_map(x ⊙ in) @ W) + delta(x)) ⊙ out."""
     ad = factory()
-    w = _w((6, 5))
+    w = _w((6, _o(name)))
     t, f = ad.init(getkey(), w)
     t = _randomize(t)
     x = _w((4, 6), seed=21)
@@ -752,7 +768,8 @@ def test_factored_terms_equal_weight_space(name, factory, identity, ref, count,
     terms = form.terms(w, t, f)
     xs = x if terms.in_scale is None else x * terms.in_scale[None, :]
     xs = xs if terms.in_map is None else terms.in_map(xs)
-    y = h.f64(xs @ w)
+    y = xs @ w
+    y = h.f64(y if terms.out_map is None else terms.out_map(y))
     if terms.delta is not None:
         y = y + h.f64(terms.delta(x))
     if terms.out_scale is not None:

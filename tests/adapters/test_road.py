@@ -62,7 +62,8 @@ def test_road_is_peft_rotation_in_float64(variant):
         np.testing.assert_allclose(np.asarray(ad.bias.unapply((n_in, n_out), bias, t, None)), b,
                                    rtol=1e-10, atol=1e-10)
         terms = ad.factored.terms(jnp.asarray(w_t.T), t, None)
-        y = x @ w_t.T + np.asarray(terms.delta(jnp.asarray(x)))
+        assert terms.delta is None and terms.in_map is None
+        y = np.asarray(terms.out_map(jnp.asarray(x @ w_t.T)))  # R(x W0), one base product
         np.testing.assert_allclose(y, x @ (rot @ w_t).T, rtol=1e-12, atol=1e-12)
 
 
@@ -78,8 +79,8 @@ def test_road_init_is_peft_default(getkey):
 
 
 def test_road_stacked_tree_fold_unfold_and_gradient(getkey):
-    # Not in the contract suite (its shapes have odd output widths): a stacked
-    # kernel with a bias through the tree verbs, per layer equal to the reference.
+    # A stacked kernel with a bias through the tree verbs, per layer equal to
+    # the reference (bias included).
     rng = np.random.default_rng(3)
     params = {"lin": {"kernel": jnp.asarray(rng.standard_normal((2, 3, 4)), jnp.float32),
                       "bias": jnp.asarray(rng.standard_normal((2, 4)), jnp.float32)}}
