@@ -149,6 +149,28 @@ def _adapter_method(make_adapter: Callable[[Any], adapters.Adapter], *, peft: bo
     return build
 
 
+def _osf(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+         init_data: InitData | None = None) -> Setup:
+    """OSF at LoRA's rank: each targeted matrix preserves min(in, out) - rank
+    singular directions, so r·(in+out+1) trainable (LoRA's count + r);
+    PEFT's default (half of min(in, out)) would train about the whole matrix."""
+    del key, init_data
+    probe = tree.assign(params, [tree.Rule(where=_targets(cfg), then=adapters.lora(1))])
+    leaves = tree.leaves_by_path(params)
+    rules = []
+    for p, a in sorted(probe.items()):
+        d = tree.resolve(a.dimension_numbers, tuple(leaves[p].shape), path=p)
+        k = max(min(d.n_in, d.n_out) - cfg.rank, 1)
+        rules.append(tree.Rule(where=re.escape(p), then=adapters.osf(k)))
+    assignment = tree.assign(params, rules)
+
+    def peft_export(state):
+        return assignment, adapters.AdapterState(state.trainable, state.frozen)
+
+    return Setup(params, _adamw(run), tree.describe(assignment, params),
+                 adapters=assignment, peft=peft_export)
+
+
 def _frod(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
           init_data: InitData | None = None) -> Setup:
     """FRoD: one shared basis per module role (``group``), as PEFT's categories;
@@ -382,6 +404,14 @@ METHODS: dict[str, Callable[..., Setup]] = {
                                                       config_C="none",
                                                       config_D_E="none")),
     "frod": _frod,
+    # OFT: blocks of 4r (divide SmolLM2's 576/192/1536 and the tiny model's
+    # widths for r = 4, 8): in·(4r-1)/2 trainable, about LoRA's r·(in+out)
+    # on square matrices
+    "oft": _adapter_method(lambda c: adapters.oft(4 * c.rank)),
+    # RoAd: PEFT's default road_1 (out trainable per matrix, rank-free), groups
+    # of 32 (PEFT's 64 does not divide the tiny model's 32-wide k/v)
+    "road": _adapter_method(lambda c: adapters.road(group_size=32)),
+    "osf": _osf,
     "trainable_tokens": _trainable_tokens,
     # PEFT has no LoRA-XS format
     "lora_xs": _adapter_method(lambda c: adapters.lora_xs(c.rank, alpha=c.alpha),
