@@ -18,7 +18,8 @@ SVD (LAPACK ``gesdd`` through JAX on the CPU) and PEFT's (torch's, MKL on a
 CPU) agree on the signs of the leading ``r`` singular vectors, which they do
 on the tiny test models' square weights and on ``out >= 2·in`` ones but not
 on all shapes (a flipped vector conjugates ``R`` by a sign; outputs then
-differ, as PEFT's own do between its CPU and GPU SVDs).
+differ, as PEFT's own do between its CPU and GPU SVDs). ``load_peft`` and
+``save_peft`` therefore warn on every PSOFT file (``SIGN_WARNING``).
 
 Config: ``r`` (checked against the tensors), ``psoft_alpha``,
 ``ab_svd_init``, ``psoft_orth``, ``psoft_mag_b``, ``psoft_mag_a``,
@@ -31,6 +32,7 @@ Config: ``r`` (checked against the tensors), ``psoft_alpha``,
 Exports: ``TUNER``.
 """
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +43,16 @@ import numpy as np
 from peftjax import adapters as _adapters
 from peftjax.io import _peft_tuner
 
+SIGN_WARNING = (
+    "PSOFT files hold no singular vectors: the reader recomputes them from the "
+    "base weight with its own SVD (PEFT: torch's; peftjax: LAPACK through JAX on "
+    "the CPU), and the update depends on their signs, which LAPACK builds choose "
+    "differently on most non-square weights (on SmolLM2's 576x1536 MLP weights "
+    "most of the leading vectors differ between torch and JAX). Outputs then "
+    "differ between PEFT and peftjax, as they do between PEFT's own CPU and GPU "
+    "loads; compare a few outputs before relying on a PSOFT file across "
+    "libraries or devices")
+
 _W, _B, _A = "psoft_R.weight", "psoft_R.vector_b", "psoft_R.vector_a"
 _FIELDS = ("rank", "alpha", "init", "orth", "mag_b", "mag_a", "use_cayley_neumann",
            "num_cayley_neumann_terms", "cayley_neumann_eps", "init_weights", "dropout")
@@ -48,6 +60,7 @@ _FIELDS = ("rank", "alpha", "init", "orth", "mag_b", "mag_a", "use_cayley_neuman
 
 def _basis(m: _peft_tuner.ModuleRead, rank: int, alpha: float, init: str):
     """PEFT's ``A``/``B`` of this module from its base weight, on the CPU."""
+    warnings.warn(f"load_peft: {SIGN_WARNING}", UserWarning, stacklevel=2)
     if m.base is None:
         raise ValueError(f"load_peft: PSOFT needs {m.module!r}'s base weight")
     w = np.asarray(m.base(), np.float32).T  # torch (out, in)
@@ -103,6 +116,7 @@ def _write(m: _peft_tuner.ModuleWrite) -> tuple[dict[str, np.ndarray], tuple]:
     if "mag_b" not in hp or not isinstance(m.trainable, _adapters.PSOFTParams):
         raise ValueError(f"save_peft: {m.adapter!r} on {m.path!r} is not a "
                          "peftjax.adapters.psoft adapter")
+    warnings.warn(f"save_peft: {SIGN_WARNING}", UserWarning, stacklevel=2)
     tensors = {}
     for name, x in ((_W, m.trainable.weight), (_B, m.trainable.vector_b),
                     (_A, m.trainable.vector_a)):

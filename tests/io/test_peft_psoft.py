@@ -10,6 +10,7 @@ scales, the BERT one ``pissa_init`` with the Cayley-Neumann series and
 """
 
 import pathlib
+import warnings
 
 import numpy as np
 import pytest
@@ -24,8 +25,12 @@ GOLDEN = pathlib.Path(__file__).resolve().parent / "golden" / "peft_psoft"
 @pytest.mark.parametrize("kind,scanned", [("llama", False), ("llama", True),
                                           ("bert", False)])
 def test_peft_made_psoft_gives_torch_outputs(kind, scanned, tmp_path):
-    ad = tc.check_peft_made(GOLDEN, "psoft", kind, scanned=scanned,
-                            roundtrip=tmp_path if kind == "llama" and not scanned else None)
+    # the targets are modules where JAX's and torch's SVD signs agree here; the
+    # reader says that this is not so in general
+    with pytest.warns(UserWarning, match="PSOFT files hold no singular vectors"):
+        ad = tc.check_peft_made(GOLDEN, "psoft", kind, scanned=scanned,
+                                roundtrip=tmp_path if kind == "llama" and not scanned
+                                else None)
     a = next(iter(ad.assignment.values()))
     assert repr(a) == ("psoft(rank=4, alpha=8.0)" if kind == "llama" else
                        "psoft(rank=3, alpha=6.0, init='pissa_init', mag_a=False, "
@@ -41,9 +46,12 @@ def test_peft_made_psoft_gives_torch_outputs(kind, scanned, tmp_path):
 
 
 def test_psoft_config_fields_not_honoured_are_refused(tmp_path):
-    tc.check_refused(GOLDEN, "psoft", tmp_path, {"psoft_svd": "lowrank",
-                                                 "fan_in_fan_out": True})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "load_peft: PSOFT files")
+        tc.check_refused(GOLDEN, "psoft", tmp_path, {"psoft_svd": "lowrank",
+                                                     "fan_in_fan_out": True})
 
 
 def test_peftjax_written_psoft_loads_in_peft_with_peftjax_outputs(tmp_path):
-    tc.check_peftjax_written(GOLDEN, "psoft", tmp_path)
+    with pytest.warns(UserWarning, match="PSOFT files hold no singular vectors"):
+        tc.check_peftjax_written(GOLDEN, "psoft", tmp_path)
