@@ -14,7 +14,7 @@ def test_compare_methods_smoke_orthogonal_and_parity_ii(tmp_path):
     methods = ["oft", "boft", "road", "osf", "psoft", "deft", "glora", "frod"]
     res = run_script("compare_methods.py", "--smoke", "--progress=false",
                      "--isolate=false", f"--methods={','.join(methods)}",
-                     f"--out_dir={tmp_path}")
+                     f"--out_dir={tmp_path}", timeout=480)
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == methods
     for r in rows:
