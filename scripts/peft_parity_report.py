@@ -95,11 +95,13 @@ def main() -> None:
         if (p / "peft.json").is_file() and isinstance(
             json.loads((p / "peft.json").read_text()).get("trainable_params"), dict)
         and (p / f"llama_{p.name[len('peft_'):]}").is_dir())
-    rows = [measure(n) for n in names]
     print("| method | factored path | PEFT file -> peftjax (max over cases) | "
           "peftjax file -> PEFT | trainable (peftjax = PEFT) |")
-    print("|---|---|---|---|---|")
-    for r in rows:
+    print("|---|---|---|---|---|", flush=True)
+    rows = []
+    for n in names:  # one row at a time: a long run shows its progress
+        r = measure(n)
+        rows.append(r)
         fell = [k for k, c in r["cases"].items() if c["factored_fell_back"]]
         fwd = max(max(c["materialized"], c["factored"]) for c in r["cases"].values())
         rev = max(r["reverse"].values()) if r["reverse"] else float("nan")
@@ -109,7 +111,7 @@ def main() -> None:
         if r["refused"]:
             how += f"; refused: {', '.join(r['refused'])}"
         print(f"| {r['name']} | {how} | {fwd:.2g} | "
-              f"{rev:.2g} | {counts} |")
+              f"{rev:.2g} | {counts} |", flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(
             {"cpu": _cpu(), "jax": jax.__version__, "rows": rows}, indent=1) + "\n")
