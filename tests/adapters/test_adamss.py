@@ -1,0 +1,114 @@
+"""AdaMSS (peftjax.adapters.adamss): PEFT's per-group forward and get_delta_weight in
+float64 (ragged groups, padded ranks), the SVD/k-means init, scikit-learn's k-means."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from peftjax import adapters
+from tests import helpers as h
+
+
+def _peft_groups(t, f):
+    """PEFT's ragged ``A_i (r_i, q)``, ``B_i (|seg_i|, r_i)`` and ``seg_i`` from peftjax's."""
+    a, b = h.f64(t.a), h.f64(t.b)
+    labels, mask = np.asarray(f.labels), np.asarray(f.mask)
+    out = []
+    for i in range(a.shape[0]):
+        ri = int(mask[i].sum())
+        seg = np.flatnonzero(labels == i)
+        out.append((a[i, :ri], b[seg, :ri], seg))
+    return out
+
+
+def ref_adamss(w, t, f):
+    """float64 ``W0 + ΔWᵀ``, PEFT's ``ΔW[seg_i] = B_i A_i newB`` (torch ``(out, in)``)."""
+    w = h.f64(w)
+    newb = h.f64(f.basis).T  # (q, in)
+    delta = np.zeros((w.shape[1], w.shape[0]))
+    for ai, bi, seg in _peft_groups(t, f):
+        delta[seg] = bi @ ai @ newb
+    return w + delta.T
+
+
+def test_adamss_is_peft_forward_in_float64():
+    rng = np.random.default_rng(0)
+    n_in, n_out, q, k, rk = 7, 9, 4, 3, 2
+    labels = np.array([0, 1, 2, 0, 1, 1, 0, 1, 0])  # group 2 has one row: r_2 = 1
+    mask = np.array([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    w = rng.standard_normal((n_in, n_out))
+    x = rng.standard_normal((3, n_in))
+    with jax.enable_x64(True):
+        ad = adapters.adamss(q, num_subspaces=k, subspace_rank=rk, param_dtype=jnp.float64)
+        t = adapters.AdaMSSParams(jnp.asarray(rng.standard_normal((k, rk, q))),
+                                  jnp.asarray(rng.standard_normal((n_out, rk))))
+        f = adapters.AdaMSSBasis(jnp.asarray(np.linalg.qr(rng.standard_normal((n_in, q)))[0]),
+                                 jnp.asarray(labels, jnp.int32), jnp.asarray(mask))
+        # PEFT's forward: project, per group F.linear twice, scatter to the outputs
+        p = x @ h.f64(f.basis)
+        y = np.zeros((3, n_out))
+        for ai, bi, seg in _peft_groups(t, f):
+            y[:, seg] = (p @ ai.T) @ bi.T
+        want = ref_adamss(w, t, f)
+        np.testing.assert_allclose(x @ want, x @ w + y, rtol=1e-12, atol=1e-12)
+        got = ad.apply(jnp.asarray(w), t, f)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(ad.unapply(got, t, f, None)), w, atol=1e-12)
+        terms = ad.factored.terms(jnp.asarray(w), t, f)
+        assert terms.in_map is None and terms.in_scale is None
+        np.testing.assert_allclose(np.asarray(terms.delta(jnp.asarray(x))), y,
+                                   rtol=1e-12, atol=1e-12)
+        # padded ranks get no gradient (they stay zero in training)
+        g = jax.grad(lambda tt: jnp.sum(ad.apply(jnp.asarray(w), tt, f) ** 2))(t)
+        assert float(jnp.abs(g.a[2, 1]).max()) == 0.0
+        assert float(jnp.abs(g.b[2, 1])) == 0.0
+
+
+def test_adamss_kmeans_is_scikit_learns():
+    # KMeans(n_clusters=k, init="random", n_init=1, max_iter=10,
+    # random_state=123456789).fit_predict(x) with scikit-learn 1.9.1
+    x = np.random.default_rng(5).standard_normal((40, 6)).astype(np.float32)
+    want = {3: "2202002202001000021210111201020220102112",
+            5: "4404004004301300043413344401242440134114"}
+    for k, labels in want.items():
+        got = adapters.adamss_kmeans(x, k)
+        assert "".join(map(str, got)) == labels
+    # invariant to the singular vectors' signs
+    flip = x * np.where(np.arange(6) % 2, -1.0, 1.0).astype(np.float32)
+    assert "".join(map(str, adapters.adamss_kmeans(flip, 5))) == want[5]
+    with pytest.raises(ValueError, match="n_clusters"):
+        adapters.adamss_kmeans(x, 41)
+
+
+def test_adamss_init_is_peft_svd_and_groups(getkey):
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((12, 10)), jnp.float32)
+    ad = adapters.adamss(6, num_subspaces=3, subspace_rank=2)
+    t, f = ad.init(getkey(), w)
+    u, s, vh = np.linalg.svd(h.f64(w).T, full_matrices=False)
+    basis = h.f64(f.basis)
+    # newB = the top 6 right singular vectors of the torch W (up to signs)
+    np.testing.assert_allclose(np.abs(basis.T @ vh[:6].T), np.eye(6), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(f.labels),
+                                  adapters.adamss_segments(u[:, :6].astype(np.float32), 3))
+    for ai, bi, seg in _peft_groups(t, f):
+        assert ai.shape[0] == min(seg.size, 2) and np.all(bi == 0)
+        # A_i: the top right singular vectors of U[seg_i] (orthonormal rows)
+        top = np.linalg.svd(u[seg, :6], full_matrices=False)[2][:ai.shape[0]]
+        np.testing.assert_allclose(np.abs(ai @ top.T), np.eye(ai.shape[0]), atol=1e-4)
+    assert ad.num_trainable(w) == 3 * 2 * 6 + 10 * 2
+    np.testing.assert_array_equal(np.asarray(ad.apply(w, t, f)), np.asarray(w))
+    # init_weights=False: B ~ N(0, 0.01²) on the real ranks; dynamic rank drops small ones
+    t2, f2 = adapters.adamss(6, num_subspaces=3, subspace_rank=2, init_weights=False,
+                             use_dynamic_rank=True, svd_threshold=0.99).init(getkey(), w)
+    assert 0 < float(jnp.abs(t2.b).max()) < 0.1
+    np.testing.assert_array_equal(np.asarray(f2.mask)[:, 1], 0.0)
+
+
+def test_adamss_bad_arguments():
+    with pytest.raises(ValueError, match="num_subspaces"):
+        adapters.adamss(4, num_subspaces=0)
+    with pytest.raises(TypeError, match="use_dynamic_rank"):
+        adapters.adamss(4, use_dynamic_rank=1)
+    with pytest.raises(ValueError, match="subspace_rank=3 exceeds"):
+        adapters.adamss(2, subspace_rank=3).init(jax.random.key(0), jnp.ones((4, 5)))
