@@ -1,9 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
 """AdaMSS: low-rank updates in clustered subspaces of each weight's SVD.
 
-AdaMSS: Adaptive Multi-Subspace approach for parameter-efficient fine-tuning
-(Hugging Face PEFT ``tuners/adamss``; paper: https://arxiv.org/abs/2503.13920
-is not cited for equations here, PEFT's code is followed throughout).
+AdaMSS: Adaptive Multi-Subspace Approach for Parameter-Efficient Fine-Tuning.
+NeurIPS 2025, https://openreview.net/forum?id=8ZdWmpYxT0
+
+The paper writes each pretrained weight through its truncated SVD and a
+low-rank self-representation whose row space it segments into ``K``
+subspaces, and updates each subspace with its own low-rank residual
+(``W^(k) = W0^(k) + A^(k) B^(k) C^(k)``, ``C`` zero at init), then
+progressively freezes the least important subspaces (ASA). Hugging Face
+PEFT's ``tuners/adamss`` (followed here, also for its files) realises this
+as follows.
 
 For a frozen torch-layout ``W (out, in)`` PEFT takes the rank-``q`` SVD
 ``W ≈ U S Vᵀ`` (``q = min(r, out, in)``), clusters the ``out`` rows of ``U``
@@ -22,9 +29,13 @@ PEFT's exactly: scikit-learn's ``KMeans(init="random", n_init=1,
 max_iter=10, random_state=123456789)`` (Lloyd, centres drawn by NumPy's
 ``RandomState(123456789).choice``), re-implemented in NumPy
 (``adamss_segments``); cluster ``i`` is k-means label ``i`` (the ``i``-th
-drawn seed). k-means does not see the singular vectors' signs, and PEFT's
-``svd_lowrank`` with ``q = min(out, in)`` is the exact SVD, so the
-segmentation is reproducible from the base weight alone there.
+drawn seed; PEFT's ``seg_locations`` orders by label). k-means does not see
+the singular vectors' signs. peftjax's init takes the exact SVD (NumPy, on
+the host); PEFT's ``svd_lowrank`` (``niter=2``, seeded) equals it for ``q =
+min(out, in)`` and is a randomised sketch of it below. With ``q = out``
+(``r >= out <= in``) ``U`` is orthogonal, its rows are pairwise equidistant
+and k-means' groups follow float32 rounding inside torch's SVD;
+``peftjax.io`` refuses those files.
 
 Where PEFT deviates from a plain reading: a Linear layer's bias is appended
 to ``W`` as an extra input column before the SVD (and the update then moves
