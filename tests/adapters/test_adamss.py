@@ -112,3 +112,69 @@ def test_adamss_bad_arguments():
         adapters.adamss(4, use_dynamic_rank=1)
     with pytest.raises(ValueError, match="subspace_rank=3 exceeds"):
         adapters.adamss(2, subspace_rank=3).init(jax.random.key(0), jnp.ones((4, 5)))
+
+
+def test_adamss_asa_is_peft_update_and_allocate():
+    # PEFT's update_importance (twice) and _global_mask_to_target on ragged groups,
+    # in NumPy, against the functional ASA on peftjax's padded layout (one stacked
+    # leaf with two layers, one plain leaf).
+    rng = np.random.default_rng(3)
+    k, rk, q, n_out = 3, 2, 4, 7
+    labels = np.array([[0, 1, 2, 0, 1, 1, 0], [2, 2, 0, 1, 0, 1, 2]])
+    mask = np.array([[[1, 1], [1, 1], [1, 0]], [[1, 1], [1, 1], [1, 1]]], np.float32)
+    frozen = {"s": adapters.AdaMSSBasis(jnp.zeros((2, 5, q)), jnp.asarray(labels),
+                                        jnp.asarray(mask)),
+              "p": adapters.AdaMSSBasis(jnp.zeros((5, q)), jnp.asarray(labels[0]),
+                                        jnp.asarray(mask[0]))}
+
+    def params(lead):
+        return adapters.AdaMSSParams(
+            jnp.asarray(rng.standard_normal(lead + (k, rk, q)), jnp.float32),
+            jnp.asarray(rng.standard_normal(lead + (n_out, rk)), jnp.float32))
+
+    t = {"s": params((2,)), "p": params(())}
+    grads = [{"s": params((2,)), "p": params(())} for _ in range(2)]
+    state = adapters.adamss_init_importance(t)
+    for g in grads:
+        state = adapters.adamss_update_importance(state, t, g, beta1=0.8, beta2=0.9)
+    new = adapters.adamss_asa_allocate(state, frozen, 4)
+
+    def group(x, li, i, ri, rows):
+        """PEFT's ragged (A_i, B_i) of layer ``li`` of a padded AdaMSSParams."""
+        a, b = h.f64(x.a), h.f64(x.b)
+        if li is not None:
+            a, b = a[li], b[li]
+        return a[i, :ri], b[rows, :ri]
+
+    scores = []  # PEFT: per (leaf, layer, group), ragged A_i and B_i
+    for p, layers in (("s", (0, 1)), ("p", (None,))):
+        for li in layers:
+            lab, msk = labels[li or 0], mask[li or 0]
+            for i in range(k):
+                ri, rows = int(msk[i].sum()), lab == i
+                score = 0.0
+                for part in (0, 1):
+                    w = group(t[p], li, i, ri, rows)[part]
+                    ipt = unc = 0.0
+                    for g in grads:
+                        cur = np.abs(w * group(g[p], li, i, ri, rows)[part])
+                        unc = 0.9 * unc + 0.1 * np.abs(cur - ipt)
+                        ipt = 0.8 * ipt + 0.2 * cur
+                    score += (ipt * unc).mean()
+                scores.append(score)
+    scores = np.array(scores)
+    thr = np.sort(scores)[::-1][3]  # torch.kthvalue(-scores, 4)
+    want = scores > thr
+    got = np.concatenate([np.asarray(new.active["s"]).reshape(-1),
+                          np.asarray(new.active["p"]).reshape(-1)])
+    np.testing.assert_array_equal(got, want)
+    assert got.sum() == 3 and not np.asarray(new.seen["s"]).any()
+    # frozen groups: no update moves them; they are never scored again
+    upd = adapters.adamss_freeze(grads[0], frozen, new)
+    off = ~np.asarray(new.active["p"])
+    assert np.all(np.asarray(upd["p"].a)[off] == 0)
+    assert np.all(np.asarray(upd["p"].b)[off[labels[0]]] == 0)
+    again = adapters.adamss_update_importance(new, t, grads[0])
+    assert np.asarray(adapters.adamss_asa_allocate(again, frozen, 1).active["p"])[off].sum() == 0
+    assert adapters.adamss_asa_target(60, total=30, target=6, init_warmup=50,
+                                      final_warmup=150) == 6 + int(24 * 0.9 ** 3)
