@@ -56,10 +56,10 @@ PEFT's ``Σ r_i (q + |seg_i|)``.
 
 Factored form: ``delta(x) = Σ_j b[o, j] · ((x basis) a[c(o)]ᵀ)_j``, per row
 ``2 in·q + 2 K R q + 2 out R`` FLOPs, never an ``(in, out)`` temporary. At
-PEFT's defaults (``K = 5``, ``R = 1``) the trainable count is ``5q + out``;
-a LoRA of the same count has rank ``≈ (5q + out)/(in + out)`` (about 1 for
-``q = 100``, ``in = out = 4096``), so AdaMSS costs like a rank-``q`` LoRA
-term (``2 in q``) for rank-1 LoRA's parameters.
+PEFT's defaults (``q = 100``, ``K = 5``, ``R = 1``) on ``in = out = 4096``
+the trainable count is ``5q + out = 4,596``, about a rank-0.56 LoRA's, while
+the term costs ``828,392`` FLOPs per row, a rank-50 LoRA's (``2r(in +
+out)``): the frozen projection on ``q`` singular vectors dominates.
 
 ASA (adaptive subspace allocation, PEFT's ``update_and_allocate`` behind
 its ``asa_callback``) is a training-loop policy, not part of the adapter's

@@ -28,7 +28,8 @@ Config: ``r``, ``num_subspaces``, ``subspace_rank``, ``init_weights``,
 ``use_dynamic_rank``, ``svd_threshold`` are honoured (checked against the
 tensors); ``random_seed`` is inert given ``adamss_newB``; the ASA fields
 (``use_asa``, ``asa_*``, ``init_warmup``, ``final_warmup``,
-``mask_interval``) are accepted and ignored (a training schedule).
+``mask_interval``) are accepted and ignored: ASA is a training schedule
+(``adapters.adamss_asa_allocate`` and friends), PEFT saves no masks.
 
 Exports: ``TUNER``.
 """
