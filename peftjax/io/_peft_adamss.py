@@ -19,10 +19,13 @@ columns (a Linear with a bias, folded into PEFT's SVD; peftjax adapts
 kernels only); and ``q = out`` (``r >= out <= in``): ``U`` is then an
 orthogonal matrix, its rows are pairwise equidistant and k-means' groups
 are decided by float32 rounding inside torch's SVD, which nothing else
-reproduces. ``save_peft`` also refuses ``q < min(in, out)``: PEFT's
-truncated ``svd_lowrank`` is a randomised sketch (torch's generator), so
-PEFT would cluster a different ``U``; files it writes (``q = in < out``) load
-in PEFT with peftjax's outputs.
+reproduces. ``save_peft`` refuses the same, and a peftjax-initialised
+adapter with ``q < min(in, out)``: PEFT's truncated ``svd_lowrank`` is a
+randomised sketch (torch's generator), so PEFT would build another basis and
+other groups. It writes ``q = min(in, out) < out`` (PEFT's SVD is then exact)
+and adapters read from PEFT files (their basis is PEFT's own sketch, which
+PEFT recomputes), after checking that the groups are the k-means groups of
+the base weight and ``adamss_newB``.
 
 Config: ``r``, ``num_subspaces``, ``subspace_rank``, ``init_weights``,
 ``use_dynamic_rank``, ``svd_threshold`` are honoured (checked against the
@@ -68,6 +71,14 @@ def _groups(m: _peft_tuner.ModuleRead, newb: np.ndarray, k: int) -> np.ndarray:
         raise ValueError(f"load_peft: {m.module!r}'s base weight is rank-deficient on "
                          f"{_NEWB}; PEFT's AdaMSS groups are not reproducible")
     return _adapters.adamss_segments((us / norms).astype(np.float32), k)
+
+
+def _exact(w: np.ndarray, basis: np.ndarray) -> bool:
+    """Whether ``basis (in, q)`` spans an invariant subspace of ``W Wᵀ`` (an exact SVD's)."""
+    v = np.asarray(basis, np.float64)
+    g = w @ (w.T @ v)
+    res = g - v @ (v.T @ g)
+    return bool(np.linalg.norm(res) <= 1e-4 * np.linalg.norm(g))
 
 
 def _build(m: _peft_tuner.ModuleRead) -> tuple:
@@ -135,16 +146,27 @@ def _write(m: _peft_tuner.ModuleWrite) -> tuple[dict[str, np.ndarray], tuple]:
                          "peftjax.adapters.adamss adapter")
     n_in, n_out = m.dims.n_in, m.dims.n_out
     q = min(hp["rank"], n_in, n_out)
-    if q < min(n_in, n_out) or q == n_out:
-        raise ValueError(
-            f"save_peft: {m.path!r} (in={n_in}, out={n_out}) with rank={hp['rank']}: PEFT "
-            "would recompute different AdaMSS groups when loading ("
-            + ("its truncated SVD is a randomised sketch" if q < min(n_in, n_out) else
-               "its SVD rank equals out, the groups follow float32 rounding")
-            + "); PEFT files need in < out and rank >= in")
+    where = f"save_peft: {m.path!r} (in={n_in}, out={n_out}) with rank={hp['rank']}"
+    if q == n_out:
+        raise ValueError(f"{where}: PEFT's SVD rank equals out, its AdaMSS groups follow "
+                         "float32 rounding in torch's SVD; use rank < out")
+    if m.base is None:
+        raise ValueError(f"{where}: AdaMSS needs the base weight to check the groups")
     f = jax.device_get(m.frozen)
     a, b = np.asarray(jax.device_get(m.trainable.a)), np.asarray(jax.device_get(m.trainable.b))
-    labels, mask = np.asarray(f.labels), np.asarray(f.mask)
+    labels, mask, basis = np.asarray(f.labels), np.asarray(f.mask), np.asarray(f.basis)
+    w = np.asarray(m.base(), np.float64)
+    if q < min(n_in, n_out) and _exact(w, basis):
+        raise ValueError(
+            f"{where}: the basis is the exact truncated SVD (peftjax's init), but PEFT "
+            "rebuilds its groups from torch.svd_lowrank's randomised sketch of rank "
+            "< min(in, out), another basis and other groups; PEFT files need rank >= "
+            "min(in, out) (a basis read from a PEFT file, PEFT's own sketch, is written)")
+    read = _peft_tuner.ModuleRead({}, m.module, {}, {}, None, "", m.dims, None, m.key,
+                                  base=lambda: w)
+    if not np.array_equal(_groups(read, basis.T, a.shape[0]), labels):
+        raise ValueError(f"{where}: the adapter's groups are not the k-means groups PEFT "
+                         "computes from the base weight and adamss_newB")
     tensors = {_NEWB: np.ascontiguousarray(np.asarray(f.basis).T)}
     for i in range(a.shape[0]):
         ri = int(mask[i].sum())

@@ -79,6 +79,10 @@ class ModuleWrite(NamedTuple):
       module: PEFT's module name.
       state: the whole ``AdapterState`` (for parameters shared across leaves).
       key: the module's ``PeftKey`` (its layout tells a table from a kernel).
+      base: ``() -> (n_in, n_out)`` NumPy array of this module's base kernel
+        (one layer, its matrix view), for types that check the frozen arrays
+        against what PEFT will recompute from the base (AdaMSS's groups);
+        None where not available.
     """
 
     adapter: _adapters.Adapter
@@ -89,6 +93,7 @@ class ModuleWrite(NamedTuple):
     module: str
     state: _adapters.AdapterState
     key: _peft_keys.PeftKey | None = None
+    base: Callable[[], np.ndarray] | None = None
 
 
 def _all(tuner: "Tuner") -> Callable[[set[str]], set[str]]:
