@@ -456,23 +456,28 @@ def adamss_update_importance(state: AdaMSSImportance, trainable: dict, grads: di
     leaves = _adamss_leaves(trainable, "adamss_update_importance")
     ipt, unc, seen = dict(state.ipt), dict(state.unc), dict(state.seen)
     for p, t in leaves.items():
-        g, on = grads[p], state.active[p]
-        on_a = on[..., :, None, None]
-        i_a = jnp.abs(t.a.astype(jnp.float32) * g.a.astype(jnp.float32))
-        i_b = jnp.abs(t.b.astype(jnp.float32) * g.b.astype(jnp.float32))
-        old = ipt[p]
-        new_u = AdaMSSParams(beta2 * unc[p].a + (1 - beta2) * jnp.abs(i_a - old.a),
-                             beta2 * unc[p].b + (1 - beta2) * jnp.abs(i_b - old.b))
-        new_i = AdaMSSParams(beta1 * old.a + (1 - beta1) * i_a,
-                             beta1 * old.b + (1 - beta1) * i_b)
-        # b's rows of inactive groups are not scored again (estimates restart
-        # at every allocation, inactive groups stay inactive)
-        unc[p] = AdaMSSParams(jnp.where(on_a, new_u.a, unc[p].a), new_u.b)
-        ipt[p] = AdaMSSParams(jnp.where(on_a, new_i.a, old.a), new_i.b)
-        seen[p] = seen[p] | on
+        ipt[p], unc[p] = _update_leaf(ipt[p], unc[p], t, grads[p], state.active[p],
+                                      jnp.float32(beta1), jnp.float32(beta2))
+        seen[p] = seen[p] | state.active[p]
     return AdaMSSImportance(ipt, unc, seen, dict(state.active))
 
 
+@jax.jit
+def _update_leaf(old, unc, t, g, on, beta1, beta2):
+    on_a = on[..., :, None, None]
+    i_a = jnp.abs(t.a.astype(jnp.float32) * g.a.astype(jnp.float32))
+    i_b = jnp.abs(t.b.astype(jnp.float32) * g.b.astype(jnp.float32))
+    new_u = AdaMSSParams(beta2 * unc.a + (1 - beta2) * jnp.abs(i_a - old.a),
+                         beta2 * unc.b + (1 - beta2) * jnp.abs(i_b - old.b))
+    new_i = AdaMSSParams(beta1 * old.a + (1 - beta1) * i_a,
+                         beta1 * old.b + (1 - beta1) * i_b)
+    # b's rows of inactive groups are not scored again (estimates restart at
+    # every allocation, inactive groups stay inactive)
+    return (AdaMSSParams(jnp.where(on_a, new_i.a, old.a), new_i.b),
+            AdaMSSParams(jnp.where(on_a, new_u.a, unc.a), new_u.b))
+
+
+@jax.jit
 def _scores(ipt: AdaMSSParams, unc: AdaMSSParams, f: AdaMSSBasis) -> jax.Array:
     """``mean(Ī·Ū)`` over each group's ``A_i`` plus over its ``B_i``: ``(..., K)``."""
     k, r, q = ipt.a.shape[-3:]
