@@ -6,9 +6,9 @@ Runs once in the side virtualenv (``_peft_golden.run``: every ``adamss_A``/
 init clusters the SVD with scikit-learn (install it in the side virtualenv
 only). The Llama config truncates the SVD below every module's output size
 (``r=6``; PEFT's default ``subspace_rank=1``), where PEFT's k-means groups
-are reproducible from the saved ``adamss_newB`` and the base weight. No BERT
-file: its Linear layers have biases, which AdaMSS folds into the SVD (peftjax
-refuses those files).
+are reproducible from the saved ``adamss_newB`` and the base weight. The
+BERT file's Linear layers have biases, which AdaMSS folds into the SVD:
+peftjax refuses it (the test checks the error).
 
 Usage: ``.venv-torch/bin/python scripts/golden/peft_adamss_make.py``
 """
@@ -23,5 +23,11 @@ def llama():
                         target_modules=["q_proj", "v_proj", "up_proj"])
 
 
+def bert():
+    from peft import AdamssConfig
+
+    return AdamssConfig(r=6, num_subspaces=3, target_modules=["query", "value"])
+
+
 if __name__ == "__main__":
-    _peft_golden.run("adamss", {"llama": llama})
+    _peft_golden.run("adamss", {"llama": llama, "bert": bert})

@@ -5,7 +5,8 @@ Goldens: ``scripts/golden/peft_adamss_make.py`` (torch side) and
 are ``tests/io/tuner_checks.py``'s. PEFT's file (``r=6`` below every module's
 output size) stores no groups: ``load_peft`` recomputes PEFT's k-means groups
 from ``adamss_newB`` and the base weight. Shapes whose groups PEFT cannot
-reproduce itself are refused both ways.
+reproduce itself are refused both ways, and so is PEFT's BERT file (its
+layers have biases, which PEFT folds into the SVD).
 """
 
 import json
@@ -45,6 +46,10 @@ def test_adamss_refusals(tmp_path):
     io.write_safetensors(d / "adapter_model.safetensors", q)
     with pytest.raises(ValueError, match="equidistant"):
         io.load_peft(d, params, key_map=key_map)
+    # PEFT's BERT file: its Linear layers have biases, folded into PEFT's SVD
+    _, bert, bert_map, _ = tc.load("bert")
+    with pytest.raises(ValueError, match="with a bias"):
+        io.load_peft(GOLDEN / "bert_adamss", bert, key_map=bert_map)
     # save_peft: a truncated SVD (rank < min(in, out)) is PEFT's random sketch
     a = tree.assign(params, [tree.Rule(where="layers/0/mlp/up_proj/kernel",
                                        then=adapters.adamss(6))])
