@@ -40,8 +40,11 @@ and k-means' groups follow float32 rounding inside torch's SVD;
 Where PEFT deviates from a plain reading: a Linear layer's bias is appended
 to ``W`` as an extra input column before the SVD (and the update then moves
 the bias too). peftjax's adapter sees the kernel only and so adapts
-bias-free matrices only (PEFT files of layers with a bias are refused by
-``load_peft``). PEFT's ``use_dynamic_rank`` (``r_i`` from the Gram matrix's
+bias-free matrices by default; ``bias=True`` is PEFT's layout on a layer
+with a bias (the frozen basis carries the bias column and the update moves
+the sibling bias leaf through a bias hook), which ``load_peft`` fills from
+PEFT's files; peftjax's own init cannot see the bias and leaves that column
+zero. PEFT's ``use_dynamic_rank`` (``r_i`` from the Gram matrix's
 singular values above ``svd_threshold`` times the largest) is supported.
 
 Layout: ragged per-group shapes do not stack over scanned layers (each layer
@@ -117,11 +120,16 @@ class AdaMSSBasis(NamedTuple):
         vectors of the torch ``W``), float32.
       labels: ``(out,)`` int32, the group ``c(o)`` of each output unit.
       mask: ``(K, R)`` float32, 1 for group ``i``'s first ``r_i`` ranks.
+      bias_basis: ``(q,)`` float32, PEFT's last ``adamss_newB`` column on a
+        layer with a bias (PEFT's SVD is of ``[W | b]`` and the update moves
+        the bias by ``B_i A_i bias_basis``), or None (peftjax's init: the
+        kernel alone).
     """
 
     basis: jax.Array
     labels: jax.Array
     mask: jax.Array
+    bias_basis: jax.Array | None = None
 
 
 def adamss_kmeans(x: np.ndarray, n_clusters: int, *, max_iter: int = 10,
@@ -220,12 +228,14 @@ def adamss_segments(u: np.ndarray, num_subspaces: int) -> np.ndarray:
 
 
 def _host_init(w: np.ndarray, rank: int, num_subspaces: int, subspace_rank: int,
-               use_dynamic_rank: bool, svd_threshold: float):
+               use_dynamic_rank: bool, svd_threshold: float, q: int):
     m = np.asarray(w, np.float64).T  # torch (out, in)
     n_out, n_in = m.shape
-    q = min(rank, n_out, n_in)
     u, _, vh = np.linalg.svd(m, full_matrices=False)
     u, vh = u[:, :q], vh[:q]
+    if vh.shape[0] < q:  # bias=True: PEFT's rank counts the bias column; pad with zeros
+        vh = np.concatenate([vh, np.zeros((q - vh.shape[0], n_in))])
+        u = np.concatenate([u, np.zeros((n_out, q - u.shape[1]))], axis=1)
     labels = adamss_segments(u.astype(np.float32), num_subspaces)
     k = min(num_subspaces, n_out)
     a = np.zeros((k, subspace_rank, q))
@@ -254,6 +264,7 @@ def adamss(
     init_weights: bool = True,
     use_dynamic_rank: bool = False,
     svd_threshold: float = 0.1,
+    bias: bool = False,
     dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
 ) -> _protocol.Adapter:
@@ -274,6 +285,13 @@ def adamss(
         ``B ~ N(0, 0.01²)`` (PEFT's ``None``), a non-identity start.
       use_dynamic_rank: PEFT's ``use_dynamic_rank``.
       svd_threshold: PEFT's ``svd_threshold`` (with ``use_dynamic_rank``).
+      bias: PEFT's layout for a Linear with a bias, which PEFT appends to
+        ``W`` as an input column (``q = min(rank, in + 1, out)``): the frozen
+        ``bias_basis (q,)`` is that column of ``newB`` and the update also
+        moves the sibling bias leaf by ``B_i A_i bias_basis``. ``load_peft``
+        sets PEFT's column; this init sees the kernel only and sets it to
+        zero (the SVD of ``[W | 0]``), so the bias stays put and
+        ``save_peft`` refuses such a fresh adapter.
       dimension_numbers: the kernel's matrix view; default Flax ``(in, out)``
         and stacked ``(L, in, out)``.
       param_dtype: storage dtype of ``a`` and ``b``.
@@ -303,7 +321,8 @@ def adamss(
                    ("subspace_rank", subspace_rank)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"adamss: {arg} must be a positive int, got {v!r}")
-    for flag, v in (("init_weights", init_weights), ("use_dynamic_rank", use_dynamic_rank)):
+    for flag, v in (("init_weights", init_weights), ("use_dynamic_rank", use_dynamic_rank),
+                    ("bias", bias)):
         if not isinstance(v, bool):
             raise TypeError(f"adamss: {flag} must be a bool, got {v!r}")
     if not 0.0 <= float(svd_threshold) < 1.0:
@@ -316,7 +335,7 @@ def adamss(
         if stats is not None:
             raise ValueError("adamss takes no stats")
         n_in, n_out = w.shape
-        q = min(rank, n_in, n_out)
+        q = min(rank, n_in + bias, n_out)  # PEFT appends the bias as a column of W
         if subspace_rank > q:
             raise ValueError(f"adamss: subspace_rank={subspace_rank} exceeds the SVD rank "
                              f"min(rank, in, out)={q} of a matrix (in={n_in}, out={n_out})")
@@ -327,14 +346,15 @@ def adamss(
                   jax.ShapeDtypeStruct((k, subspace_rank, q), jnp.float32))
         basis, labels, mask, a = jax.pure_callback(
             lambda x: _host_init(x, rank, num_subspaces, subspace_rank,
-                                 use_dynamic_rank, svd_threshold),
+                                 use_dynamic_rank, svd_threshold, q),
             shapes, w, vmap_method="sequential")
         if init_weights:
             b = jnp.zeros((n_out, subspace_rank), param_dtype)
         else:
             b = 0.01 * jax.random.normal(key, (n_out, subspace_rank), jnp.float32)
             b = (b * mask[labels]).astype(param_dtype)
-        return AdaMSSParams(a.astype(param_dtype), b), AdaMSSBasis(basis, labels, mask)
+        return AdaMSSParams(a.astype(param_dtype), b), AdaMSSBasis(
+            basis, labels, mask, jnp.zeros((q,), jnp.float32) if bias else None)
 
     def small(t, f, ct):
         a = t.a.astype(ct) * f.mask.astype(ct)[:, :, None]
@@ -365,21 +385,39 @@ def adamss(
 
         return _protocol.FactoredTerms(delta=delta)
 
+    def bias_delta(t, f, ct):
+        a, b = small(t, f, ct)
+        z = a @ f.bias_basis.astype(ct)  # (K, R)
+        return jnp.einsum("or,or->o", z[f.labels], b)
+
+    def bias_apply(bias, t, f):
+        if f.bias_basis is None:
+            return bias
+        d = bias_delta(t, f, _lowrank.compute_dtype(bias.dtype, t.a.dtype))
+        return bias.astype(d.dtype) + d
+
+    def bias_unapply(bias, t, f):
+        if f.bias_basis is None:
+            return bias
+        d = bias_delta(t, f, _lowrank.compute_dtype(bias.dtype, t.a.dtype))
+        return bias.astype(d.dtype) - d
+
     extras = "".join(f", {k}={v!r}" for k, v, default in (
         ("num_subspaces", num_subspaces, 5), ("subspace_rank", subspace_rank, 1),
         ("init_weights", init_weights, True), ("use_dynamic_rank", use_dynamic_rank, False),
-        ("svd_threshold", svd_threshold, 0.1)) if v != default)
+        ("svd_threshold", svd_threshold, 0.1), ("bias", bias, False)) if v != default)
     return _lift.lift_matrix(
         name=f"adamss(rank={rank}{extras})",
         init_matrix=init_matrix,
         apply_matrix=apply_matrix,
         unapply_matrix=unapply_matrix,
         factored_matrix=factored_matrix,
+        bias=_protocol.BiasHook(name="bias", apply=bias_apply, unapply=bias_unapply),
         dimension_numbers=dimension_numbers,
         hyperparameters=(("rank", rank), ("num_subspaces", num_subspaces),
                          ("subspace_rank", subspace_rank), ("init_weights", init_weights),
                          ("use_dynamic_rank", use_dynamic_rank),
-                         ("svd_threshold", svd_threshold)),
+                         ("svd_threshold", svd_threshold), ("bias", bias)),
     )
 
 

@@ -57,19 +57,27 @@ _ASA = ("use_asa", "asa_target_subspaces", "init_warmup", "final_warmup", "mask_
         "asa_importance_beta", "asa_uncertainty_beta", "asa_schedule_exponent")
 
 
-def _groups(m: _peft_tuner.ModuleRead, newb: np.ndarray, k: int) -> np.ndarray:
+def _augmented(m, what: str) -> np.ndarray:
+    """PEFT's SVD input, transposed: ``[W | b]ᵀ (in (+1), out)`` in float64."""
     if m.base is None:
-        raise ValueError(f"load_peft: AdaMSS needs {m.module!r}'s base weight")
+        raise ValueError(f"{what}: AdaMSS needs {m.module!r}'s base weight")
     w = np.asarray(m.base(), np.float64)  # (in, out) = torch Wᵀ
-    v = np.asarray(newb, np.float64).T  # (in, q)
-    if w.shape[1] < w.shape[0]:  # out < in: svd_lowrank sketches Wᵀ, W V = U S exactly
+    if m.bias is not None:
+        w = np.concatenate([w, np.asarray(m.bias(), np.float64)[None, :]], axis=0)
+    return w
+
+
+def _groups(w: np.ndarray, newb: np.ndarray, k: int, where: str) -> np.ndarray:
+    """PEFT's k-means groups from ``w = [W | b]ᵀ (in', out)`` and ``newB (q, in')``."""
+    v = np.asarray(newb, np.float64).T  # (in', q)
+    if w.shape[1] < w.shape[0]:  # out < in': svd_lowrank sketches Wᵀ, W V = U S exactly
         us = w.T @ v
     else:  # U lies in W's column space and Wᵀ U = V S: U S⁻¹ = W (WᵀW)⁻¹ V
         us = w.T @ np.linalg.solve(w @ w.T, v)
     norms = np.linalg.norm(us, axis=0)
     if not np.all(norms > 0):
-        raise ValueError(f"load_peft: {m.module!r}'s base weight is rank-deficient on "
-                         f"{_NEWB}; PEFT's AdaMSS groups are not reproducible")
+        raise ValueError(f"{where}: the base weight is rank-deficient on {_NEWB}; PEFT's "
+                         "AdaMSS groups are not reproducible")
     return _adapters.adamss_segments((us / norms).astype(np.float32), k)
 
 
@@ -86,14 +94,14 @@ def _build(m: _peft_tuner.ModuleRead) -> tuple:
     n_in, n_out = m.dims.n_in, m.dims.n_out
     newb = m.tensors[_NEWB]
     r = int(c.get("r", 100))
-    q = min(r, n_in, n_out)
-    if newb.ndim == 2 and newb.shape == (q, n_in + 1):
-        raise ValueError(f"load_peft: {m.module!r} has {_NEWB} {newb.shape}: a Linear with "
-                         "a bias, which AdaMSS folds into its SVD and updates; peftjax's "
-                         "adamss adapts bias-free kernels only")
-    if newb.shape != (q, n_in):
-        raise ValueError(f"load_peft: {m.module!r} has {_NEWB} {newb.shape}; r={r} in "
-                         f"{m.source} gives (min(r, in, out)={q}, in={n_in})")
+    n_aug = n_in + (m.bias is not None)  # PEFT appends the bias as a column of W
+    q = min(r, n_aug, n_out)
+    if newb.shape != (q, n_aug):
+        raise ValueError(
+            f"load_peft: {m.module!r} has {_NEWB} {newb.shape}; r={r} in {m.source} gives "
+            f"(min(r, in', out)={q}, in'={n_aug})"
+            + (" (in' = in + 1: the module has a bias)" if m.bias is not None else
+               " (a file made on a Linear with a bias, which these params lack?)"))
     if q == n_out:
         raise ValueError(
             f"load_peft: {m.module!r} (in={n_in}, out={n_out}) with r={r}: PEFT's SVD rank "
@@ -109,7 +117,7 @@ def _build(m: _peft_tuner.ModuleRead) -> tuple:
         raise ValueError(f"load_peft: {m.module!r} has {k} subspaces but num_subspaces in "
                          f"{m.source} gives {want_k}")
     rk = int(c.get("subspace_rank", 1))
-    labels = _groups(m, newb, k)
+    labels = _groups(_augmented(m, "load_peft"), newb, k, f"load_peft: {m.module!r}")
     a = np.zeros((k, rk, q), np.float32)
     b = np.zeros((n_out, rk), np.float32)
     mask = np.zeros((k, rk), np.float32)
@@ -131,11 +139,13 @@ def _build(m: _peft_tuner.ModuleRead) -> tuple:
         r, num_subspaces=int(c.get("num_subspaces", 5)), subspace_rank=rk,
         init_weights=iw == "orthogonal",
         use_dynamic_rank=bool(c.get("use_dynamic_rank", False)),
-        svd_threshold=float(c.get("svd_threshold", 0.1)),
+        svd_threshold=float(c.get("svd_threshold", 0.1)), bias=m.bias is not None,
         param_dtype=m.dtype, dimension_numbers=m.dimension_numbers)
     t = _adapters.AdaMSSParams(jnp.asarray(a, m.dtype), jnp.asarray(b, m.dtype))
-    f = _adapters.AdaMSSBasis(jnp.asarray(np.asarray(newb, np.float32).T),
-                              jnp.asarray(labels, jnp.int32), jnp.asarray(mask))
+    nb32 = np.asarray(newb, np.float32)
+    f = _adapters.AdaMSSBasis(jnp.asarray(nb32[:, :n_in].T), jnp.asarray(labels, jnp.int32),
+                              jnp.asarray(mask),
+                              None if m.bias is None else jnp.asarray(nb32[:, n_in]))
     return adapter, t, f
 
 
@@ -145,29 +155,38 @@ def _write(m: _peft_tuner.ModuleWrite) -> tuple[dict[str, np.ndarray], tuple]:
         raise ValueError(f"save_peft: {m.adapter!r} on {m.path!r} is not a "
                          "peftjax.adapters.adamss adapter")
     n_in, n_out = m.dims.n_in, m.dims.n_out
-    q = min(hp["rank"], n_in, n_out)
+    f = jax.device_get(m.frozen)
+    has_bias = f.bias_basis is not None
+    n_aug = n_in + has_bias
+    q = min(hp["rank"], n_aug, n_out)
     where = f"save_peft: {m.path!r} (in={n_in}, out={n_out}) with rank={hp['rank']}"
+    if m.bias is not None and (not has_bias or not np.any(np.asarray(f.bias_basis))):
+        raise ValueError(
+            f"{where}: the module has a bias, which PEFT appends to W before its SVD (its "
+            "groups and basis differ), but this adapter's basis is of the kernel alone "
+            "(peftjax's init); only AdaMSS adapters read from PEFT files of such layers "
+            "are written")
+    if has_bias and m.bias is None:
+        raise ValueError(f"{where}: the adapter (bias=True) moves a bias the params lack")
     if q == n_out:
         raise ValueError(f"{where}: PEFT's SVD rank equals out, its AdaMSS groups follow "
                          "float32 rounding in torch's SVD; use rank < out")
-    if m.base is None:
-        raise ValueError(f"{where}: AdaMSS needs the base weight to check the groups")
-    f = jax.device_get(m.frozen)
     a, b = np.asarray(jax.device_get(m.trainable.a)), np.asarray(jax.device_get(m.trainable.b))
-    labels, mask, basis = np.asarray(f.labels), np.asarray(f.mask), np.asarray(f.basis)
-    w = np.asarray(m.base(), np.float64)
-    if q < min(n_in, n_out) and _exact(w, basis):
+    labels, mask = np.asarray(f.labels), np.asarray(f.mask)
+    newb = np.asarray(f.basis).T
+    if has_bias:
+        newb = np.concatenate([newb, np.asarray(f.bias_basis)[:, None]], axis=1)
+    w = _augmented(m, "save_peft")
+    if q < min(n_aug, n_out) and _exact(w, newb.T):
         raise ValueError(
             f"{where}: the basis is the exact truncated SVD (peftjax's init), but PEFT "
             "rebuilds its groups from torch.svd_lowrank's randomised sketch of rank "
             "< min(in, out), another basis and other groups; PEFT files need rank >= "
             "min(in, out) (a basis read from a PEFT file, PEFT's own sketch, is written)")
-    read = _peft_tuner.ModuleRead({}, m.module, {}, {}, None, "", m.dims, None, m.key,
-                                  base=lambda: w)
-    if not np.array_equal(_groups(read, basis.T, a.shape[0]), labels):
+    if not np.array_equal(_groups(w, newb, a.shape[0], where), labels):
         raise ValueError(f"{where}: the adapter's groups are not the k-means groups PEFT "
                          "computes from the base weight and adamss_newB")
-    tensors = {_NEWB: np.ascontiguousarray(np.asarray(f.basis).T)}
+    tensors = {_NEWB: np.ascontiguousarray(newb.astype(np.float32))}
     for i in range(a.shape[0]):
         ri = int(mask[i].sum())
         tensors[_AS[i]] = np.ascontiguousarray(a[i, :ri])

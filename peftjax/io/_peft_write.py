@@ -154,6 +154,22 @@ def _base_layer(leaf: Any, dims: tree.ResolvedDims, path: str, upath: str,
     return get
 
 
+def _bias_layer(flat: Mapping[str, Any], path: str, upath: str, prefix: str):
+    """``() -> (n_out,)`` host copy of ``upath``'s layer of the sibling bias, or None."""
+    sib = path.rsplit("/", 1)[0] + "/bias" if "/" in path else "bias"
+    if sib == path or sib not in flat:
+        return None
+    layer = None
+    if upath != path:  # a scanned leaf: upath is "<prefix>/<i>/<rest>"
+        layer = int(upath[len(prefix) + 1:].split("/", 1)[0])
+
+    def get() -> np.ndarray:
+        x = flat[sib] if layer is None else flat[sib][layer]
+        return np.asarray(jax.device_get(x)).reshape(-1)
+
+    return get
+
+
 def save_peft(
     directory: str | os.PathLike,
     assignment: Mapping[str, _adapters.Adapter],
@@ -294,7 +310,8 @@ def save_peft(
             if tuner is not None:
                 tt, infos[k.module] = tuner.write(_peft_tuner.ModuleWrite(
                     adapter, tu, fu, dims, upath, k.module, state, k,
-                    _base_layer(leaf, dims, path, upath, key_map, layers_prefix)))
+                    _base_layer(leaf, dims, path, upath, key_map, layers_prefix),
+                    _bias_layer(params_flat, path, upath, layers_prefix)))
                 tensors.update({f"{base}.{x}": v for x, v in tt.items()})
             elif peft_type == "LORA":
                 r = int(tu.a.shape[-1])

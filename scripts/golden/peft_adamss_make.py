@@ -7,8 +7,8 @@ init clusters the SVD with scikit-learn (install it in the side virtualenv
 only). The Llama config truncates the SVD below every module's output size
 (``r=6``; PEFT's default ``subspace_rank=1``), where PEFT's k-means groups
 are reproducible from the saved ``adamss_newB`` and the base weight. The
-BERT file's Linear layers have biases, which AdaMSS folds into the SVD:
-peftjax refuses it (the test checks the error).
+BERT file's Linear layers have biases, which PEFT appends to ``W`` before the
+SVD (peftjax loads it with ``bias=True``).
 
 Usage: ``.venv-torch/bin/python scripts/golden/peft_adamss_make.py``
 """

@@ -59,6 +59,21 @@ def test_adamss_is_peft_forward_in_float64():
         assert terms.in_map is None and terms.in_scale is None
         np.testing.assert_allclose(np.asarray(terms.delta(jnp.asarray(x))), y,
                                    rtol=1e-12, atol=1e-12)
+        # bias=True: PEFT's newB has the bias column, x' = [x, 1] (get_delta_bias)
+        col = rng.standard_normal(q)
+        bias0 = rng.standard_normal(n_out)
+        fb = f._replace(bias_basis=jnp.asarray(col))
+        adb = adapters.adamss(q, num_subspaces=k, subspace_rank=rk, bias=True,
+                              param_dtype=jnp.float64)
+        want_b = bias0.copy()
+        for ai, bi, seg in _peft_groups(t, fb):
+            want_b[seg] += bi @ ai @ col
+        got_b = adb.bias.apply(w.shape, jnp.asarray(bias0), t, fb)
+        np.testing.assert_allclose(np.asarray(got_b), want_b, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(adb.bias.unapply(w.shape, got_b, t, fb)),
+                                   bias0, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(adb.apply(jnp.asarray(w), t, fb)), want,
+                                   rtol=1e-12, atol=1e-12)
         # padded ranks get no gradient (they stay zero in training)
         g = jax.grad(lambda tt: jnp.sum(ad.apply(jnp.asarray(w), tt, f) ** 2))(t)
         assert float(jnp.abs(g.a[2, 1]).max()) == 0.0

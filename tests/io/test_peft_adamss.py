@@ -5,8 +5,10 @@ Goldens: ``scripts/golden/peft_adamss_make.py`` (torch side) and
 are ``tests/io/tuner_checks.py``'s. PEFT's file (``r=6`` below every module's
 output size) stores no groups: ``load_peft`` recomputes PEFT's k-means groups
 from ``adamss_newB`` and the base weight. Shapes whose groups PEFT cannot
-reproduce itself are refused both ways, and so is PEFT's BERT file (its
-layers have biases, which PEFT folds into the SVD).
+reproduce itself are refused both ways. PEFT's BERT file (its layers have
+biases, which PEFT appends to ``W`` before the SVD) loads with ``bias=True``
+and writes back; a fresh peftjax adapter on a biased layer is refused (its
+init sees the kernel only).
 """
 
 import json
@@ -22,12 +24,18 @@ from tests.io import tuner_checks as tc
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden" / "peft_adamss"
 
 
-@pytest.mark.parametrize("scanned", [False, True])
-def test_peft_made_adamss_gives_torch_outputs(scanned, tmp_path):
+@pytest.mark.parametrize("kind,scanned", [("llama", False), ("llama", True),
+                                          ("bert", False)])
+def test_peft_made_adamss_gives_torch_outputs(kind, scanned, tmp_path):
     # the roundtrip writes PEFT's own sketch basis back (r=6 < min(in, out))
-    ad = tc.check_peft_made(GOLDEN, "adamss", "llama", scanned=scanned,
+    ad = tc.check_peft_made(GOLDEN, "adamss", kind, scanned=scanned,
                             roundtrip=None if scanned else tmp_path)
-    assert repr(next(iter(ad.assignment.values()))) == "adamss(rank=6, num_subspaces=4)"
+    assert repr(next(iter(ad.assignment.values()))) == (
+        "adamss(rank=6, num_subspaces=4)" if kind == "llama"
+        else "adamss(rank=6, num_subspaces=3, bias=True)")
+    if kind == "bert":  # PEFT's SVD of [W | b]: the update moves the biases too
+        assert all(float(np.abs(np.asarray(f.bias_basis)).max()) > 0.01
+                   for f in ad.state.frozen.values())
 
 
 def test_adamss_refusals(tmp_path):
@@ -46,10 +54,14 @@ def test_adamss_refusals(tmp_path):
     io.write_safetensors(d / "adapter_model.safetensors", q)
     with pytest.raises(ValueError, match="equidistant"):
         io.load_peft(d, params, key_map=key_map)
-    # PEFT's BERT file: its Linear layers have biases, folded into PEFT's SVD
+    # a fresh adapter on BERT's biased layers: PEFT's SVD is of [W | b], peftjax's
+    # init sees the kernel only
     _, bert, bert_map, _ = tc.load("bert")
-    with pytest.raises(ValueError, match="with a bias"):
-        io.load_peft(GOLDEN / "bert_adamss", bert, key_map=bert_map)
+    ab = tree.assign(bert, [tree.Rule(where="layers/0/attention/query/kernel",
+                                      then=adapters.adamss(6, bias=True))])
+    with pytest.raises(ValueError, match="has a bias"):
+        io.save_peft(tmp_path / "bert", ab, adapters.init(ab, jax.random.key(0), bert), bert,
+                     key_map=bert_map)
     # save_peft: a truncated SVD (rank < min(in, out)) is PEFT's random sketch
     a = tree.assign(params, [tree.Rule(where="layers/0/mlp/up_proj/kernel",
                                        then=adapters.adamss(6))])
