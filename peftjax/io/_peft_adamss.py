@@ -3,29 +3,34 @@
 
 PEFT (``tuners/adamss``) stores, per Linear module, the groups' trainable
 pairs ``adamss_A.<i>`` ``(r_i, q)`` and ``adamss_B.<i>`` ``(|seg_i|, r_i)``
-and the frozen ``adamss_newB`` ``(q, in)`` (right singular vectors of the
-torch ``W``). The groups themselves (which output rows ``seg_i`` each ``B_i``
-writes) are not in the file: PEFT recomputes them from the base weight
-whenever it builds the adapter (``torch.svd_lowrank`` with ``q = min(r, out,
-in)`` seeded, then scikit-learn's k-means over the rows of ``U``). peftjax
-reproduces them without torch: ``svd_lowrank``'s outputs satisfy ``W newBᵀ =
-U S`` exactly, so ``U`` is ``W newBᵀ`` with unit columns, and
-``adapters.adamss_segments`` runs scikit-learn's k-means (same seeds, same
-Lloyd steps) on it. peftjax's padded ``AdaMSSParams`` (``a (K, R, q)``,
-``b (out, R)``) hold the same numbers (``R = subspace_rank``).
+and the frozen ``adamss_newB`` ``(q, in')`` (right singular vectors of the
+torch ``W``, or of ``[W | b]`` on a layer with a bias: ``in' = in + 1``, and
+the update then moves the bias by the last column). The groups themselves
+(which output rows ``seg_i`` each ``B_i`` writes) are not in the file: PEFT
+recomputes them from the base weight whenever it builds the adapter
+(``torch.svd_lowrank`` with ``q = min(r, out, in')`` seeded, then
+scikit-learn's k-means over the rows of ``U``). peftjax reproduces them
+without torch: ``svd_lowrank``'s outputs satisfy ``W newBᵀ = U S`` when
+``out < in'`` and ``Wᵀ U = newBᵀ S`` with ``U`` in ``W``'s column space
+otherwise, so ``U`` follows from ``newB`` and the base weight (and bias),
+and ``adapters.adamss_segments`` runs scikit-learn's k-means (same seeds,
+same Lloyd steps) on it. peftjax's padded ``AdaMSSParams`` (``a (K, R,
+q)``, ``b (out, R)``) hold the same numbers (``R = subspace_rank``); the
+bias column is ``AdaMSSBasis.bias_basis`` (``adapters.adamss(bias=True)``).
 
-Refused, with the reason: modules whose ``adamss_newB`` has ``in + 1``
-columns (a Linear with a bias, folded into PEFT's SVD; peftjax adapts
-kernels only); and ``q = out`` (``r >= out <= in``): ``U`` is then an
-orthogonal matrix, its rows are pairwise equidistant and k-means' groups
+Refused, with the reason: ``q = out`` (``r >= out <= in'``): ``U`` is then
+an orthogonal matrix, its rows are pairwise equidistant and k-means' groups
 are decided by float32 rounding inside torch's SVD, which nothing else
-reproduces. ``save_peft`` refuses the same, and a peftjax-initialised
-adapter with ``q < min(in, out)``: PEFT's truncated ``svd_lowrank`` is a
-randomised sketch (torch's generator), so PEFT would build another basis and
-other groups. It writes ``q = min(in, out) < out`` (PEFT's SVD is then exact)
-and adapters read from PEFT files (their basis is PEFT's own sketch, which
-PEFT recomputes), after checking that the groups are the k-means groups of
-the base weight and ``adamss_newB``.
+reproduces; ``B_i`` shapes that disagree with the recomputed groups; an
+``adamss_newB`` width that disagrees with the module's bias. ``save_peft``
+refuses ``q = out`` too, a peftjax-initialised adapter with ``q < min(in',
+out)`` (PEFT's truncated ``svd_lowrank`` is a randomised sketch, torch's
+generator: PEFT would build another basis and other groups) and a
+peftjax-initialised adapter on a layer with a bias (its init sees the
+kernel only). It writes ``q = min(in, out) < out`` on bias-free layers
+(PEFT's SVD is then exact) and adapters read from PEFT files (their basis
+is PEFT's own sketch, which PEFT recomputes), after checking that the
+groups are the k-means groups of the base weight and ``adamss_newB``.
 
 Config: ``r``, ``num_subspaces``, ``subspace_rank``, ``init_weights``,
 ``use_dynamic_rank``, ``svd_threshold`` are honoured (checked against the
