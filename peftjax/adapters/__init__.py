@@ -33,6 +33,17 @@ from peftjax.adapters._adalora import adalora_triplet_scores as adalora_triplet_
 from peftjax.adapters._adalora import (
     adalora_update_importance as adalora_update_importance,
 )
+from peftjax.adapters._adamss import AdaMSSBasis as AdaMSSBasis
+from peftjax.adapters._adamss import AdaMSSImportance as AdaMSSImportance
+from peftjax.adapters._adamss import AdaMSSParams as AdaMSSParams
+from peftjax.adapters._adamss import adamss as adamss
+from peftjax.adapters._adamss import adamss_asa_allocate as adamss_asa_allocate
+from peftjax.adapters._adamss import adamss_asa_target as adamss_asa_target
+from peftjax.adapters._adamss import adamss_freeze as adamss_freeze
+from peftjax.adapters._adamss import adamss_init_importance as adamss_init_importance
+from peftjax.adapters._adamss import adamss_kmeans as adamss_kmeans
+from peftjax.adapters._adamss import adamss_segments as adamss_segments
+from peftjax.adapters._adamss import adamss_update_importance as adamss_update_importance
 from peftjax.adapters._batched import BatchedRouting as BatchedRouting
 from peftjax.adapters._batched import batched as batched
 from peftjax.adapters._beft import BEFTParams as BEFTParams
@@ -214,6 +225,9 @@ from peftjax.adapters._waveft import waveft_wavelets as waveft_wavelets
 __all__ = [
     "AdaLoRAImportance",
     "AdaLoRAParams",
+    "AdaMSSBasis",
+    "AdaMSSImportance",
+    "AdaMSSParams",
     "Adapter",
     "AdapterCollection",
     "BatchedRouting",
@@ -265,6 +279,14 @@ __all__ = [
     "adalora_orthogonality",
     "adalora_triplet_scores",
     "adalora_update_importance",
+    "adamss",
+    "adamss_asa_allocate",
+    "adamss_asa_target",
+    "adamss_freeze",
+    "adamss_init_importance",
+    "adamss_kmeans",
+    "adamss_segments",
+    "adamss_update_importance",
     "cast_floating",
     "dora",
     "ia3",

@@ -94,6 +94,19 @@ def _base_matrix(leaf: Any, layer: int | None, dims: tree.ResolvedDims):
     return get
 
 
+def _sibling_bias(flat: Mapping[str, Any], path: str, layer: int | None):
+    """``() -> (n_out,)`` host copy of the kernel's sibling ``bias`` leaf, or None."""
+    sib = path.rsplit("/", 1)[0] + "/bias" if "/" in path else "bias"
+    if sib == path or sib not in flat:
+        return None
+
+    def get() -> np.ndarray:
+        x = flat[sib] if layer is None else flat[sib][layer]
+        return np.asarray(jax.device_get(x)).reshape(-1)
+
+    return get
+
+
 def _stack_layers(items: dict[int, Any], path: str, n: int, what: str) -> Any:
     missing = sorted(set(range(n)) - set(items))
     if missing:
@@ -336,7 +349,8 @@ def load_peft(
                      config, key_map[upath].module, got, vera_shared, param_dtype,
                      source, dims, dn, key_map[upath],
                      tuple(sorted(key_map[u].module for u in parts)), shapes,
-                     _base_matrix(flat[path], layer, dims))))
+                     _base_matrix(flat[path], layer, dims),
+                     _sibling_bias(flat, path, layer))))
         per_leaf.setdefault(path, {})[layer] = built
     assignment: dict[str, _adapters.Adapter] = {}
     trainable: dict[str, Any] = {}

@@ -51,6 +51,9 @@ class ModuleRead(NamedTuple):
         recomputes from the base weight when loading (FRoD's ``U``, PSOFT's
         and OSF's SVD factors); None where not available. A call, so that
         other types never copy or slice the base.
+      bias: ``() -> (n_out,)`` NumPy array of the module's sibling bias leaf
+        (``.../bias`` beside the kernel, one layer), or None where the module
+        has none (AdaMSS folds it into its SVD).
     """
 
     config: Mapping[str, Any]
@@ -65,6 +68,7 @@ class ModuleRead(NamedTuple):
     modules: tuple[str, ...] = ()
     shapes: Mapping[str, tuple[int, int]] = {}
     base: Callable[[], np.ndarray] | None = None
+    bias: Callable[[], np.ndarray] | None = None
 
 
 class ModuleWrite(NamedTuple):
@@ -79,6 +83,12 @@ class ModuleWrite(NamedTuple):
       module: PEFT's module name.
       state: the whole ``AdapterState`` (for parameters shared across leaves).
       key: the module's ``PeftKey`` (its layout tells a table from a kernel).
+      base: ``() -> (n_in, n_out)`` NumPy array of this module's base kernel
+        (one layer, its matrix view), for types that check the frozen arrays
+        against what PEFT will recompute from the base (AdaMSS's groups);
+        None where not available.
+      bias: ``() -> (n_out,)`` of the module's sibling bias leaf (one layer),
+        or None where it has none.
     """
 
     adapter: _adapters.Adapter
@@ -89,6 +99,8 @@ class ModuleWrite(NamedTuple):
     module: str
     state: _adapters.AdapterState
     key: _peft_keys.PeftKey | None = None
+    base: Callable[[], np.ndarray] | None = None
+    bias: Callable[[], np.ndarray] | None = None
 
 
 def _all(tuner: "Tuner") -> Callable[[set[str]], set[str]]:

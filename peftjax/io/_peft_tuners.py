@@ -10,6 +10,7 @@ Exports: ``TUNERS``, ``for_params``.
 from typing import Any
 
 from peftjax.io import (
+    _peft_adamss,
     _peft_beft,
     _peft_boft,
     _peft_c3a,
@@ -41,6 +42,7 @@ from peftjax.io import (
 )
 
 TUNERS: dict[str, _peft_tuner.Tuner] = {t.peft_type: t for t in (
+    _peft_adamss.TUNER,
     _peft_beft.TUNER,
     _peft_boft.TUNER,
     _peft_c3a.TUNER,

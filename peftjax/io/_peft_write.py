@@ -142,6 +142,34 @@ def _unrolled_leaf(upath: str, params_flat: dict[str, Any], prefix: str) -> Any:
     raise ValueError(f"save_peft: params have no leaf for {upath!r}")
 
 
+def _base_layer(leaf: Any, dims: tree.ResolvedDims, path: str, upath: str,
+                key_map: Mapping[str, PeftKey], prefix: str):
+    """``() -> (n_in, n_out)`` host copy of ``upath``'s layer of a base kernel (on demand)."""
+    def get() -> np.ndarray:
+        m = tree.to_matrix(jnp.asarray(leaf), dims)
+        layers = dict(_peft_keys.per_layer(path, m, len(dims.batch), key_map, prefix,
+                                           "save_peft"))
+        return np.asarray(jax.device_get(layers[upath]))
+
+    return get
+
+
+def _bias_layer(flat: Mapping[str, Any], path: str, upath: str, prefix: str):
+    """``() -> (n_out,)`` host copy of ``upath``'s layer of the sibling bias, or None."""
+    sib = path.rsplit("/", 1)[0] + "/bias" if "/" in path else "bias"
+    if sib == path or sib not in flat:
+        return None
+    layer = None
+    if upath != path:  # a scanned leaf: upath is "<prefix>/<i>/<rest>"
+        layer = int(upath[len(prefix) + 1:].split("/", 1)[0])
+
+    def get() -> np.ndarray:
+        x = flat[sib] if layer is None else flat[sib][layer]
+        return np.asarray(jax.device_get(x)).reshape(-1)
+
+    return get
+
+
 def save_peft(
     directory: str | os.PathLike,
     assignment: Mapping[str, _adapters.Adapter],
@@ -281,7 +309,9 @@ def save_peft(
                     "the layer axis) so the file reads back")
             if tuner is not None:
                 tt, infos[k.module] = tuner.write(_peft_tuner.ModuleWrite(
-                    adapter, tu, fu, dims, upath, k.module, state, k))
+                    adapter, tu, fu, dims, upath, k.module, state, k,
+                    _base_layer(leaf, dims, path, upath, key_map, layers_prefix),
+                    _bias_layer(params_flat, path, upath, layers_prefix)))
                 tensors.update({f"{base}.{x}": v for x, v in tt.items()})
             elif peft_type == "LORA":
                 r = int(tu.a.shape[-1])

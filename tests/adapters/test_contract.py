@@ -14,6 +14,7 @@ import pytest
 
 from peftjax import adapters, tree
 from tests import helpers as h
+from tests.adapters.test_adamss import ref_adamss
 from tests.adapters.test_beft import ref_beft
 from tests.adapters.test_boft import ref_boft
 from tests.adapters.test_c3a import ref_c3a
@@ -233,6 +234,13 @@ ADAPTERS = [
         True,
         ref_psoft,
         lambda i, o: 3 + 2 * 3,
+    ),
+    (
+        "adamss",  # SVD rank 3, two k-means groups of the outputs, rank 1 each
+        lambda: adapters.adamss(3, num_subspaces=2),
+        True,
+        ref_adamss,
+        lambda i, o: 2 * 3 + o,
     ),
     (
         "peanut",
