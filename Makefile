@@ -57,7 +57,7 @@ bench-env:
 	@test -x .venv-torch/bin/python || $(PYTHON) -m venv .venv-torch
 	.venv-torch/bin/python -m pip install -q --upgrade pip
 	.venv-torch/bin/python -m pip install -q torch==2.13.0
-	.venv-torch/bin/python -m pip install -q torch==2.13.0 transformers==5.23.0 peft==0.21.2 galore-torch==1.0 gguf==0.19.0 safetensors==0.8.0 numpy attrs
+	.venv-torch/bin/python -m pip install -q torch==2.13.0 transformers==5.23.0 peft==0.21.2 galore-torch==1.0 gguf==0.19.0 safetensors==0.8.0 scikit-learn==1.9.1 numpy attrs
 	touch .venv-torch/.ready
 
 # ruff is a dev tool, not part of the tested stack: installed on first use.

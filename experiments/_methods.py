@@ -412,6 +412,10 @@ METHODS: dict[str, Callable[..., Setup]] = {
     # of 32 (PEFT's 64 does not divide the tiny model's 32-wide k/v)
     "road": _adapter_method(lambda c: adapters.road(group_size=32)),
     "osf": _osf,
+    # AdaMSS: SVD rank 4r, PEFT's 5 k-means groups of the outputs at rank 1:
+    # 5·4r + out trainable per matrix (about LoRA's rank-1 count); the
+    # projection on 4r singular vectors costs like a rank-2r LoRA per token
+    "adamss": _adapter_method(lambda c: adapters.adamss(4 * c.rank, num_subspaces=5)),
     "trainable_tokens": _trainable_tokens,
     # PEFT has no LoRA-XS format
     "lora_xs": _adapter_method(lambda c: adapters.lora_xs(c.rank, alpha=c.alpha),

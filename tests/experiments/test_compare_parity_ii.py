@@ -10,8 +10,9 @@ def test_compare_methods_smoke_orthogonal_and_parity_ii(tmp_path):
     # PEFT parity II by name: losses drop and every method takes its factored
     # form (no materialisation warning): OFT/BOFT rotate x (in_map), RoAd
     # rotates the base product's outputs (out_map), OSF/PSOFT/DeFT are low-rank
-    # terms, GLoRA's lora paths, FRoD's sparse core over its shared basis
-    methods = ["oft", "boft", "road", "osf", "psoft", "deft", "glora", "frod"]
+    # terms, GLoRA's lora paths, FRoD's sparse core over its shared basis,
+    # AdaMSS's per-group projections
+    methods = ["oft", "boft", "road", "osf", "psoft", "deft", "glora", "frod", "adamss"]
     res = run_script("compare_methods.py", "--smoke", "--progress=false",
                      "--isolate=false", f"--methods={','.join(methods)}",
                      f"--out_dir={tmp_path}", timeout=480)
