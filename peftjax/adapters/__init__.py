@@ -34,16 +34,16 @@ from peftjax.adapters._adalora import (
     adalora_update_importance as adalora_update_importance,
 )
 from peftjax.adapters._adamss import AdaMSSBasis as AdaMSSBasis
-from peftjax.adapters._adamss import AdaMSSImportance as AdaMSSImportance
 from peftjax.adapters._adamss import AdaMSSParams as AdaMSSParams
 from peftjax.adapters._adamss import adamss as adamss
-from peftjax.adapters._adamss import adamss_asa_allocate as adamss_asa_allocate
-from peftjax.adapters._adamss import adamss_asa_target as adamss_asa_target
-from peftjax.adapters._adamss import adamss_freeze as adamss_freeze
-from peftjax.adapters._adamss import adamss_init_importance as adamss_init_importance
 from peftjax.adapters._adamss import adamss_kmeans as adamss_kmeans
 from peftjax.adapters._adamss import adamss_segments as adamss_segments
-from peftjax.adapters._adamss import adamss_update_importance as adamss_update_importance
+from peftjax.adapters._adamss_asa import AdaMSSImportance as AdaMSSImportance
+from peftjax.adapters._adamss_asa import adamss_asa_allocate as adamss_asa_allocate
+from peftjax.adapters._adamss_asa import adamss_asa_target as adamss_asa_target
+from peftjax.adapters._adamss_asa import adamss_freeze as adamss_freeze
+from peftjax.adapters._adamss_asa import adamss_init_importance as adamss_init_importance
+from peftjax.adapters._adamss_asa import adamss_update_importance as adamss_update_importance
 from peftjax.adapters._batched import BatchedRouting as BatchedRouting
 from peftjax.adapters._batched import batched as batched
 from peftjax.adapters._beft import BEFTParams as BEFTParams

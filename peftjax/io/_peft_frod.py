@@ -33,6 +33,7 @@ saved.
 Exports: ``TUNER``.
 """
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -129,7 +130,16 @@ def _resolved(m: _peft_tuner.ModuleWrite, x: Any) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+SAVE_WARNING = (
+    "FRoD files: when PEFT loads one it recomputes each module's U from a basis "
+    "it regenerates with torch, then takes V from the file; a basis made by "
+    "peftjax (adapters.init) can differ from torch's in the signs of its "
+    "columns, and PEFT's outputs are then wrong (files whose basis was read "
+    "from a PEFT file load correctly); compare a few outputs in PEFT")
+
+
 def _write(m: _peft_tuner.ModuleWrite) -> tuple[dict[str, np.ndarray], tuple]:
+    warnings.warn(f"save_peft: {SAVE_WARNING}", UserWarning, stacklevel=2)
     hp = dict(m.adapter.hyperparameters)
     if "sparse_rate" not in hp or "group" not in hp:
         raise ValueError(f"save_peft: {m.adapter!r} on {m.path!r} is not a "
