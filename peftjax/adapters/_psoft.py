@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import tree
-from peftjax.adapters import _lift, _lora, _lowrank, _protocol
+from peftjax.adapters import _lift, _lora, _lowrank, _oft, _protocol
 
 _INITS = ("psoft_init", "pissa_init")
 
@@ -168,26 +168,15 @@ def psoft_rotation(t: PSOFTParams, *, orth: bool = True, use_cayley_neumann: boo
     else:
         r = (1 + math.isqrt(1 + 8 * wt.shape[-1])) // 2
         q = _skew(wt, r)
-        eye = jnp.eye(r, dtype=ct)
         if use_cayley_neumann:
             if cayley_neumann_eps is not None:
                 norm = jnp.linalg.norm(q)
                 big = jnp.isfinite(norm) & (norm > cayley_neumann_eps)
                 q = jnp.where(big, q * (cayley_neumann_eps / (norm + 1e-12)), q)
-            k = int(num_cayley_neumann_terms)
-            rot = eye
-            if k > 1:
-                rot = rot + 2.0 * q
-            if k > 2:
-                power = q @ q
-                rot = rot + 2.0 * power
-                for _ in range(3, k - 1):
-                    power = power @ q
-                    rot = rot + 2.0 * power
-                rot = rot + power @ q
+            rot = _oft.cayley(q, int(num_cayley_neumann_terms))  # OFT's series
         else:
             # X (I − Q) = I + Q  <=>  (I − Q)ᵀ Xᵀ = (I + Q)ᵀ, i.e. (I + Q) Xᵀ = I − Q
-            rot = jnp.linalg.solve(eye + q, eye - q).T
+            rot = _oft.cayley(q).T
     if t.vector_b is not None:
         rot = t.vector_b.astype(ct)[:, None] * rot
     if t.vector_a is not None:
