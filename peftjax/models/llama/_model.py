@@ -26,9 +26,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.models.llama import _config, _rope
+from peftjax.models import _hooks
+from peftjax.models.llama import _config, _layers, _rope
+from peftjax.models.llama._layers import DecoderLayer, RMSNorm, _linear, _stacked_layer
 
-_INIT_STD = 0.02
+_INIT_STD = _layers._INIT_STD
 
 
 class KVCache(NamedTuple):
@@ -55,40 +57,6 @@ class KVCache(NamedTuple):
     valid: jax.Array
     index: jax.Array
     next_position: jax.Array
-
-
-def _linear(
-    d_in: int, d_out: int, *, bias: bool, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
-) -> nnx.Linear:
-    return nnx.Linear(
-        d_in,
-        d_out,
-        use_bias=bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nnx.initializers.normal(_INIT_STD),
-        bias_init=nnx.initializers.zeros_init(),
-        rngs=rngs,
-    )
-
-
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """Softmax attention with GQA grouping; softmax in float32.
-
-    q: (B, T, H, D); k, v: (B, S, KV, D); allowed: (B, T, S) bool.
-    Returns (B, T, H, D) in q's dtype.
-    """
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum(
-        "btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32
-    ) * (d**-0.5)
-    mask = allowed[:, None, None, :, :]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
 
 
 def _check_segment_ids(segment_ids: Any, shape: tuple[int, ...]) -> jax.Array:
@@ -132,114 +100,6 @@ def _segment_positions(segment_ids: jax.Array) -> jax.Array:
     )
     start = jax.lax.cummax(jnp.where(first, idx, 0), axis=1)
     return idx - start
-
-
-class RMSNorm(nnx.Module):
-    """RMSNorm in float32 (as HF Llama): ``x / rms(x) * scale``; parameter ``scale``."""
-
-    def __init__(
-        self, dim: int, *, eps: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
-    ):
-        del rngs
-        self.eps, self.dtype = eps, dtype
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
-
-    def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        out_dtype = x.dtype if self.dtype is None else self.dtype
-        scale = self.scale[...].astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-        return (y * scale).astype(out_dtype)
-
-
-class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE (``q/k/v/o_proj``)."""
-
-    def __init__(
-        self, cfg: _config.LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
-    ):
-        d, h, kv, hd = (
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.dim_head,
-        )
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
-        self.q_proj = _linear(d, h * hd, bias=cfg.attention_bias, **kw)
-        self.k_proj = _linear(d, kv * hd, bias=cfg.attention_bias, **kw)
-        self.v_proj = _linear(d, kv * hd, bias=cfg.attention_bias, **kw)
-        self.o_proj = _linear(h * hd, d, bias=False, **kw)
-
-    def __call__(self, x, cos, sin, allowed, kv_cache, index):
-        b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        q, k = _rope.apply_rope(q, cos, sin), _rope.apply_rope(k, cos, sin)
-        new_cache = None
-        if kv_cache is not None:
-            ck, cv = kv_cache
-            zero = jnp.zeros((), jnp.int32)
-            ck = jax.lax.dynamic_update_slice(
-                ck, k.astype(ck.dtype), (zero, index, zero, zero)
-            )
-            cv = jax.lax.dynamic_update_slice(
-                cv, v.astype(cv.dtype), (zero, index, zero, zero)
-            )
-            k, v, new_cache = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
-        out = _attend(q, k, v, allowed)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
-
-
-class MLP(nnx.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
-
-    def __init__(
-        self, cfg: _config.LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
-    ):
-        kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, **kw)
-
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class DecoderLayer(nnx.Module):
-    """Pre-norm decoder layer: RMSNorm, attention, residual, RMSNorm, MLP, residual."""
-
-    def __init__(
-        self, cfg: _config.LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-        self.self_attn = Attention(cfg, **kw)
-        self.post_attention_layernorm = RMSNorm(
-            cfg.hidden_size, eps=cfg.rms_norm_eps, **kw
-        )
-        self.mlp = MLP(cfg, **kw)
-
-    def __call__(self, h, cos, sin, allowed, kv_cache, index):
-        a, new_cache = self.self_attn(
-            self.input_layernorm(h), cos, sin, allowed, kv_cache, index
-        )
-        h = h + a
-        h = h + self.mlp(self.post_attention_layernorm(h))
-        return h, new_cache
-
-
-def _stacked_layer(cfg, n, key, **kw) -> DecoderLayer:
-    """One ``DecoderLayer`` whose parameters have a leading axis of size ``n``."""
-    gdef = nnx.graphdef(
-        nnx.eval_shape(lambda: DecoderLayer(cfg, rngs=nnx.Rngs(0), **kw))
-    )
-    keys = jax.random.split(key, n)
-    state = jax.vmap(
-        lambda k: nnx.state(DecoderLayer(cfg, rngs=nnx.Rngs(params=k), **kw))
-    )(keys)
-    return nnx.merge(gdef, state)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -321,40 +181,47 @@ class LlamaForCausalLM(nnx.Module):
             )
 
     # -- internals --------------------------------------------------------------
-    def _layer_fn(self, gdef):
-        def fn(state, h, cos, sin, allowed, kv, index):
-            return nnx.merge(gdef, state)(h, cos, sin, allowed, kv, index)
+    def _layer_fn(self, gdef, hooks, slots):
+        # The hook object is closed over (it need not be a pytree); the layer
+        # index is an argument so that a scanned stack passes it traced.
+        def fn(state, h, cos, sin, allowed, kv, index, layer):
+            ctx = None if hooks is None else (hooks, layer, slots)
+            return nnx.merge(gdef, state)(h, cos, sin, allowed, kv, index, ctx)
 
         return jax.checkpoint(fn) if self.remat else fn
 
-    def _run_layers(self, h, cos, sin, allowed, kv, index):
+    def _run_layers(self, h, cos, sin, allowed, kv, index, hooks=None, slots=None):
         if self.scan_layers:
             gdef, state = nnx.split(self.layers)
-            fn = self._layer_fn(gdef)
+            fn = self._layer_fn(gdef, hooks, slots)
 
             def body(h, xs):
-                st, kv_l = xs
-                return fn(st, h, cos, sin, allowed, kv_l, index)
+                st, kv_l, layer = xs
+                return fn(st, h, cos, sin, allowed, kv_l, index, layer)
 
-            return jax.lax.scan(body, h, (state, kv))
+            layers = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
+            return jax.lax.scan(body, h, (state, kv, layers))
         news = []
         for i, layer in enumerate(self.layers):
             gdef, state = nnx.split(layer)
             kv_l = None if kv is None else (kv[0][i], kv[1][i])
-            h, new = self._layer_fn(gdef)(state, h, cos, sin, allowed, kv_l, index)
+            h, new = self._layer_fn(gdef, hooks, slots)(
+                state, h, cos, sin, allowed, kv_l, index, jnp.asarray(i, jnp.int32)
+            )
             news.append(new)
         if kv is None:
             return h, None
         return h, (jnp.stack([n[0] for n in news]), jnp.stack([n[1] for n in news]))
 
-    def _head(self, h):
+    def _head(self, h, return_hidden=False):
         h = self.norm(h)
         if self.config.tie_word_embeddings:
             emb = self.embed_tokens.embedding[...]
             logits = jnp.einsum("btd,vd->btv", h, emb.astype(h.dtype))
         else:
             logits = self.lm_head(h)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        return (logits, h) if return_hidden else logits
 
     def _allowed(self, q_slots, k_valid, k_slots, segment_ids=None):
         """(B, T, S) bool: causal (by slot), key validity, same segment (when
@@ -382,7 +249,9 @@ class LlamaForCausalLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         prompt_embeddings: jax.Array | None = None,
         prefix: Any = None,
-    ) -> jax.Array:
+        hooks: Any = None,
+        return_hidden: bool = False,
+    ) -> Any:
         """Returns float32 logits ``(B, T, V)`` for int tokens ``(B, T)``.
 
         Args:
@@ -406,10 +275,17 @@ class LlamaForCausalLM(nnx.Module):
             ``values`` of shape ``(L, P, KV, D)``. As in PEFT's past-key-values
             convention they are used as given (no RoPE is applied to them) and
             the real tokens' positions start at ``P``.
+          hooks: a ``peftjax.models.Hooks`` (per-token computation inside the
+            layers: aLoRA, routed LoRA mixtures, LLaMA-Adapter); its ``Site``
+            slots count prompt and prefix positions.
+          return_hidden: also return the final-normed hidden states
+            ``(B, T, d)`` (what a classifier over tokens reads, e.g. X-LoRA's).
 
         Returns:
-          The logits; rows at padding positions are meaningless.
+          The logits (and, with ``return_hidden``, ``(logits, hidden)``); rows
+          at padding positions are meaningless.
         """
+        hooks = _hooks.check(hooks, "LlamaForCausalLM")
         # Zero-length prompts/prefixes are the base model, bit for bit.
         if prompt_embeddings is not None and prompt_embeddings.shape[-2] == 0:
             prompt_embeddings = None
@@ -421,7 +297,9 @@ class LlamaForCausalLM(nnx.Module):
                     "positions and segment_ids cannot be combined with "
                     "prompt_embeddings or prefix"
                 )
-            return self._call_soft(tokens, attention_mask, prompt_embeddings, prefix)
+            return self._call_soft(
+                tokens, attention_mask, prompt_embeddings, prefix, hooks, return_hidden
+            )
         b, t = tokens.shape
         if segment_ids is not None:
             segment_ids = _check_segment_ids(segment_ids, tokens.shape)
@@ -441,10 +319,12 @@ class LlamaForCausalLM(nnx.Module):
         allowed = self._allowed(slots, mask, slots, segment_ids)
         cos, sin = _rope.rope_angles(positions, _rope.inv_frequencies(self.config))
         h = self.embed_tokens(tokens)
-        h, _ = self._run_layers(h, cos, sin, allowed, None, jnp.zeros((), jnp.int32))
-        return self._head(h)
+        h, _ = self._run_layers(
+            h, cos, sin, allowed, None, jnp.zeros((), jnp.int32), hooks, slots
+        )
+        return self._head(h, return_hidden)
 
-    def _call_soft(self, tokens, attention_mask, prompt, prefix):
+    def _call_soft(self, tokens, attention_mask, prompt, prefix, hooks, return_hidden):
         """Forward pass with a soft prompt and/or prefix keys/values."""
         b, t = tokens.shape
         mask = (
@@ -494,7 +374,9 @@ class LlamaForCausalLM(nnx.Module):
         if prefix is None:
             slots = jnp.arange(total, dtype=jnp.int32)
             allowed = self._allowed(slots, mask, slots)
-            h, _ = self._run_layers(h, cos, sin, allowed, None, jnp.zeros((), jnp.int32))
+            h, _ = self._run_layers(
+                h, cos, sin, allowed, None, jnp.zeros((), jnp.int32), hooks, slots
+            )
         else:
             dt = h.dtype
 
@@ -508,22 +390,35 @@ class LlamaForCausalLM(nnx.Module):
             allowed = self._allowed(q_slots, valid, jnp.arange(s, dtype=jnp.int32))
             index = jnp.asarray(n_prefix, jnp.int32)
             h, _ = self._run_layers(
-                h, cos, sin, allowed, (cache_of(keys), cache_of(values)), index
+                h, cos, sin, allowed, (cache_of(keys), cache_of(values)), index,
+                hooks, q_slots,
             )
+        if return_hidden:
+            logits, hidden = self._head(h, True)
+            return logits[:, n_prompt:], hidden[:, n_prompt:]
         return self._head(h)[:, n_prompt:]
 
     def init_cache(
-        self, batch_size: int, cache_len: int, *, dtype: Any = jnp.float32
+        self,
+        batch_size: int,
+        cache_len: int,
+        *,
+        dtype: Any = jnp.float32,
+        prefix: Any = None,
     ) -> KVCache:
         """Returns an empty :class:`KVCache` of static length ``cache_len``.
 
         Args:
           batch_size: B.
-          cache_len: S, the maximum number of tokens (prompt + generated).
+          cache_len: S, the maximum number of tokens (prefix + prompt +
+            generated).
           dtype: storage dtype of keys and values.
+          prefix: optional prefix keys/values (as for ``__call__``): they fill
+            slots ``[0, P)``, and the next token takes position ``P``, so
+            decoding equals ``__call__(..., prefix=prefix)``.
 
         Returns:
-          The cache (all slots invalid, ``index = 0``).
+          The cache (``index = P``, 0 without a prefix).
         """
         cfg = self.config
         shape = (
@@ -533,12 +428,35 @@ class LlamaForCausalLM(nnx.Module):
             cfg.num_key_value_heads,
             cfg.dim_head,
         )
+        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        valid = jnp.zeros((batch_size, cache_len), jnp.bool_)
+        n = 0 if prefix is None else prefix.keys.shape[1]
+        if n:
+            want = (cfg.num_hidden_layers, n, cfg.num_key_value_heads, cfg.dim_head)
+            if prefix.keys.shape != want or prefix.values.shape != want:
+                raise ValueError(
+                    f"init_cache: prefix keys/values have shapes "
+                    f"{prefix.keys.shape}/{prefix.values.shape}; expected "
+                    f"(L, P, KV, D) = {want}"
+                )
+            if n > cache_len:
+                raise ValueError(
+                    f"init_cache: prefix length {n} exceeds cache_len={cache_len}"
+                )
+
+            def fill(c, x):
+                x = x.astype(dtype)[:, None]
+                x = jnp.broadcast_to(x, (x.shape[0], batch_size) + x.shape[2:])
+                return c.at[:, :, :n].set(x)
+
+            k, v = fill(k, prefix.keys), fill(v, prefix.values)
+            valid = valid.at[:, :n].set(True)
         return KVCache(
-            jnp.zeros(shape, dtype),
-            jnp.zeros(shape, dtype),
-            jnp.zeros((batch_size, cache_len), jnp.bool_),
-            jnp.zeros((), jnp.int32),
-            jnp.zeros((batch_size,), jnp.int32),
+            k,
+            v,
+            valid,
+            jnp.asarray(n, jnp.int32),
+            jnp.full((batch_size,), n, jnp.int32),
         )
 
     def decode(
@@ -547,21 +465,32 @@ class LlamaForCausalLM(nnx.Module):
         cache: KVCache,
         *,
         attention_mask: jax.Array | None = None,
-    ) -> tuple[jax.Array, KVCache]:
+        prompt_embeddings: jax.Array | None = None,
+        hooks: Any = None,
+        return_hidden: bool = False,
+    ) -> tuple[Any, KVCache]:
         """Runs ``tokens`` ``(B, T)`` after the cached ones; returns logits and cache.
 
         Used for the prompt (prefill, ``T`` = prompt length, left-padded with
         ``attention_mask``) and for each generated token (``T = 1``). Writes
-        slots ``[index, index + T)``; the caller keeps ``index + T <= S``.
+        slots ``[index, index + T)`` (``+ P`` with a soft prompt); the caller
+        keeps them ``<= S``.
 
         Args:
           tokens: int ids ``(B, T)``.
           cache: from :meth:`init_cache` or a previous call.
           attention_mask: ``(B, T)`` nonzero for real tokens (default all real).
+          prompt_embeddings: a soft prompt ``(P, d)`` or ``(B, P, d)`` placed
+            before ``tokens`` (the prefill call of prompt tuning); its logits
+            are dropped.
+          hooks: a ``peftjax.models.Hooks``; its ``Site.slots`` are cache slots.
+          return_hidden: also return the final-normed hidden states.
 
         Returns:
-          ``(logits (B, T, V) float32, updated cache)``.
+          ``(logits (B, T, V) float32, updated cache)``; with ``return_hidden``
+          ``((logits, hidden), cache)``.
         """
+        hooks = _hooks.check(hooks, "LlamaForCausalLM.decode")
         b, t = tokens.shape
         s = cache.k.shape[2]
         mask = (
@@ -569,17 +498,36 @@ class LlamaForCausalLM(nnx.Module):
             if attention_mask is None
             else attention_mask.astype(jnp.bool_)
         )
+        h = self.embed_tokens(tokens)
+        n_prompt = 0
+        if prompt_embeddings is not None and prompt_embeddings.shape[-2] > 0:
+            prompt = prompt_embeddings
+            if prompt.ndim == 2:
+                prompt = jnp.broadcast_to(prompt[None], (b,) + prompt.shape)
+            if prompt.ndim != 3 or prompt.shape[0] != b or prompt.shape[2] != h.shape[2]:
+                raise ValueError(
+                    f"decode: prompt_embeddings has shape {prompt.shape}; expected "
+                    f"(P, {h.shape[2]}) or ({b}, P, {h.shape[2]})"
+                )
+            n_prompt = prompt.shape[1]
+            h = jnp.concatenate([prompt.astype(h.dtype), h], axis=1)
+            mask = jnp.concatenate([jnp.ones((b, n_prompt), jnp.bool_), mask], axis=1)
+        total = n_prompt + t
         counts = jnp.cumsum(mask.astype(jnp.int32), axis=1)
         positions = cache.next_position[:, None] + jnp.maximum(counts - 1, 0)
         valid = jax.lax.dynamic_update_slice(
             cache.valid, mask, (jnp.zeros((), jnp.int32), cache.index)
         )
-        q_slots = cache.index + jnp.arange(t, dtype=jnp.int32)
+        q_slots = cache.index + jnp.arange(total, dtype=jnp.int32)
         allowed = self._allowed(q_slots, valid, jnp.arange(s, dtype=jnp.int32))
         cos, sin = _rope.rope_angles(positions, _rope.inv_frequencies(self.config))
-        h = self.embed_tokens(tokens)
         h, (k, v) = self._run_layers(
-            h, cos, sin, allowed, (cache.k, cache.v), cache.index
+            h, cos, sin, allowed, (cache.k, cache.v), cache.index, hooks, q_slots
         )
-        new = KVCache(k, v, valid, cache.index + t, cache.next_position + counts[:, -1])
-        return self._head(h), new
+        new = KVCache(
+            k, v, valid, cache.index + total, cache.next_position + counts[:, -1]
+        )
+        if return_hidden:
+            logits, hidden = self._head(h, True)
+            return (logits[:, n_prompt:], hidden[:, n_prompt:]), new
+        return self._head(h)[:, n_prompt:], new
