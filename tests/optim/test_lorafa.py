@@ -1,0 +1,115 @@
+"""LoRA-FA: PEFT's trajectories, frozen a (no update, no moments), scanned stacks, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from peftjax import adapters, optim, train, tree
+from tests.helpers import EXACT, MATMUL_F32, assert_tree_allclose
+from tests.optim import golden_lora_net as net
+
+# PEFT create_lorafa_optimizer(r=4, lora_alpha=8, lr=1e-2), 8 steps, float32.
+CASES = {
+    "lorafa": dict(scaling=2.0, weight_decay=0.05),
+    "lorafa_rslora": dict(scaling=adapters.scaling_value(
+        adapters.Scaling.ALPHA_OVER_SQRT_RANK, 8.0, 4)),
+    "lorafa_autocast": dict(scaling=2.0, weight_decay=0.05, projection_dtype=jnp.bfloat16),
+}
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return net.load()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_peft_trajectory(golden, case):
+    kw = CASES[case]
+    traj, losses, _ = net.trajectory(optim.lorafa(1e-2, **kw), golden, kw["scaling"], 8)
+    net.assert_matches(golden, case, traj, losses, **MATMUL_F32)
+    for layer in ("fc1", "fc2"):  # A never moves
+        np.testing.assert_array_equal(traj[f"{layer}_a"][-1], golden[f"init/{layer}_a"])
+
+
+def test_autocast_emulation_is_needed(golden):
+    # PEFT's bfloat16 autocast moves the trajectory by more than the tolerance.
+    ref = golden["traj/lorafa_autocast/fc1_b"]
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(golden["traj/lorafa/fc1_b"], ref, **MATMUL_F32)
+
+
+def test_frozen_a_has_no_moments_and_no_decay(golden):
+    _, _, state = net.trajectory(optim.lorafa(1e-2, scaling=2.0, weight_decay=0.5), golden,
+                                 2.0, 2)
+    adam = state[1].inner_states["train"].inner_state[0]
+    assert isinstance(adam.mu["fc1/kernel"]["a"], optax.MaskedNode)
+    assert adam.mu["fc1/kernel"]["b"].shape == (4, 12)
+    n_state = sum(x.size for x in jax.tree.leaves(state))
+    n_trainable = sum(x.size for x in jax.tree.leaves(net.init_trainable(golden)))
+    n_a = 8 * 4 + 12 * 4
+    assert n_state == 2 * (n_trainable - n_a) + 3  # mu, nu; three counts
+
+
+def test_scanned_stack_matches_per_layer():
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((3, 5, 2)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((3, 2, 4)), jnp.float32)
+    g = {"k": {"a": jnp.ones_like(a), "b": jnp.asarray(rng.standard_normal(b.shape), jnp.float32)}}
+    tx = optim.scale_by_lorafa(scaling=0.5)
+    stacked, _ = tx.update(g, tx.init({"k": {"a": a, "b": b}}), {"k": {"a": a, "b": b}})
+    p = {"k": {"a": a[1], "b": b[1]}}
+    one, _ = tx.update(jax.tree.map(lambda x: x[1], g), tx.init(p), p)
+    assert_tree_allclose(jax.tree.map(lambda x: x[1], stacked), one, **MATMUL_F32)
+    ref = 4.0 * np.linalg.solve(np.asarray(a[1]).T @ np.asarray(a[1]), np.asarray(g["k"]["b"][1]))
+    np.testing.assert_allclose(stacked["k"]["b"][1], ref, rtol=1e-4, atol=1e-5)
+    assert_tree_allclose(stacked["k"]["a"], jnp.zeros_like(a), **EXACT)
+
+
+def test_per_pair_scaling_mapping():
+    p = {"x": {"a": jnp.eye(3, 2), "b": jnp.ones((2, 4))},
+         "y": {"a": jnp.eye(3, 2), "b": jnp.ones((2, 4))}}
+    tx = optim.scale_by_lorafa({"x": 1.0, "y": 2.0})
+    u, _ = tx.update(p, tx.init(p), p)
+    np.testing.assert_allclose(u["x"]["b"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(u["y"]["b"], 0.25, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"no entry for the LoRA pair at 'y'"):
+        optim.scale_by_lorafa({"x": 1.0}).update(p, tx.init(p), p)
+
+
+def test_errors_name_the_paths():
+    with pytest.raises(ValueError, match=r"no LoRA factor pair.*dense/kernel \(2, 3\)"):
+        optim.lorafa(1e-2).init({"dense/kernel": jnp.ones((2, 3))})
+    with pytest.raises(ValueError, match=r"'q/kernel' has shapes a \(3, 2\) and b \(3, 4\)"):
+        optim.lorafa(1e-2).init({"q/kernel": {"a": jnp.ones((3, 2)), "b": jnp.ones((3, 4))}})
+    p = {"q": {"a": jnp.ones((3, 2)), "b": jnp.ones((2, 4))}}
+    tx = optim.scale_by_lorafa()
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update(p, tx.init(p))
+
+
+def test_trains_through_train_trainer():
+    rng = np.random.default_rng(1)
+    params = {"w1": jnp.asarray(rng.standard_normal((4, 8)), jnp.float32),
+              "w2": jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)}
+    batch = {"x": jnp.asarray(rng.standard_normal((16, 4)), jnp.float32),
+             "y": jnp.asarray(rng.standard_normal((16, 3)), jnp.float32)}
+
+    def loss_fn(p, batch):
+        return jnp.mean((jnp.tanh(batch["x"] @ p["w1"]) @ p["w2"] - batch["y"]) ** 2)
+
+    s = adapters.scaling_value(adapters.Scaling.ALPHA_OVER_RANK, 8.0, 2)
+    t = train.trainer(loss_fn, optim.lorafa(3e-2, scaling=s, weight_decay=0.01),
+                      adapters=tree.assign(params, [tree.Rule(where="w1|w2",
+                                                              then=adapters.lora(2))]))
+    state = t.init(jax.random.key(0), params)
+    a0 = {k: np.array(v) for k, v in tree.leaves_by_path(state.trainable).items()}
+    losses = []
+    for _ in range(6):
+        state, metrics = t.step(state, batch, params)
+        losses.append(float(metrics["loss"]))
+    flat = tree.leaves_by_path(state.trainable)
+    for path in ("w1/a", "w2/a"):
+        np.testing.assert_array_equal(flat[path], a0[path])
+    assert losses[-1] < losses[0]
