@@ -9,7 +9,7 @@ PEFT's ``lora_A.weight: (r, in)`` is ``aᵀ`` and ``lora_B.weight: (out, r)`` is
 ``bᵀ``, so its ``A Aᵀ`` is ``aᵀ a`` and its ``Bᵀ B`` is ``b bᵀ``.
 
 Exports (private): ``find_pairs``, ``gram_in``, ``gram_out``, ``damped_pinv``,
-``rebuild``.
+``damped_pinvs``, ``compute_dtype``, ``rebuild``.
 """
 
 from typing import Any
@@ -29,7 +29,7 @@ def find_pairs(params: Any, who: str) -> dict[str, tuple[str, str]]:
     """``{prefix: (a_path, b_path)}`` for every sibling ``a``/``b`` leaf pair.
 
     Raises:
-      ValueError: no pair (the message lists the paths seen), or a pair whose
+      ValueError: leaves but no pair (the message lists the paths seen), or a pair whose
         shapes do not chain as ``a: (..., in, r)``, ``b: (..., r, out)`` (the
         message names the path and both shapes).
     """
@@ -49,7 +49,7 @@ def find_pairs(params: Any, who: str) -> dict[str, tuple[str, str]]:
                 "the same leading (layer) axes"
             )
         pairs[prefix] = (path, f"{prefix}/b")
-    if not pairs:
+    if flat and not pairs:  # a leafless tree (optax.tree.map_params' placeholder) passes
         raise ValueError(
             f"{who}: no LoRA factor pair found (sibling leaves '<path>/a' and "
             f"'<path>/b'); paths seen: {_describe(flat)}"
@@ -78,6 +78,27 @@ def damped_pinv(m: jax.Array, reg: jax.typing.ArrayLike) -> jax.Array:
     eye = jnp.broadcast_to(jnp.eye(r, dtype=m.dtype), m.shape)
     damped = m + jnp.asarray(reg, m.dtype) * eye
     return jnp.linalg.pinv(damped, rtol=r * jnp.finfo(m.dtype).eps)
+
+
+def damped_pinvs(mats: list[jax.Array], reg: jax.typing.ArrayLike) -> list[jax.Array]:
+    """``damped_pinv`` of every matrix, one batched call per ``(r, dtype)``.
+
+    The ``(..., r, r)`` Gram matrices of all pairs with one rank are stacked
+    so a model with many adapted layers compiles and runs one pseudo-inverse,
+    not one per layer.
+    """
+    groups: dict[tuple[int, Any], list[int]] = {}
+    for i, m in enumerate(mats):
+        groups.setdefault((m.shape[-1], m.dtype), []).append(i)
+    out: list[Any] = [None] * len(mats)
+    for (r, _), idx in groups.items():
+        flat = [mats[i].reshape(-1, r, r) for i in idx]
+        inv = damped_pinv(jnp.concatenate(flat, axis=0), reg)
+        start = 0
+        for i, f in zip(idx, flat, strict=True):
+            out[i] = inv[start:start + f.shape[0]].reshape(mats[i].shape)
+            start += f.shape[0]
+    return out
 
 
 def compute_dtype(dtype: Any) -> Any:

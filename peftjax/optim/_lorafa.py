@@ -71,9 +71,8 @@ def _scaling_for(scaling: Any, prefix: str) -> Any:
     return scaling
 
 
-def _project(a, g, s, delta, projection_dtype):
-    ct = _lora_pairs.compute_dtype(a.dtype)
-    inv = _lora_pairs.damped_pinv(_lora_pairs.gram_in(a.astype(ct)), delta)
+def _project(inv, g, s, projection_dtype):
+    ct = inv.dtype
     factor = 1.0 / jnp.square(jnp.asarray(s, jnp.float32))
     if projection_dtype is None:
         out = factor.astype(ct) * jnp.matmul(inv, g.astype(ct))
@@ -136,10 +135,13 @@ def scale_by_lorafa(
             raise ValueError(f"{_WHO}: update() needs params (the frozen a factors)")
         pairs = _lora_pairs.find_pairs(params, _WHO)
         p_flat, u_flat = tree.leaves_by_path(params), tree.leaves_by_path(updates)
+        grams = [_lora_pairs.gram_in(p_flat[pa].astype(_lora_pairs.compute_dtype(p_flat[pa].dtype)))
+                 for pa, _ in pairs.values()]
+        invs = _lora_pairs.damped_pinvs(grams, delta)
         new = {}
-        for prefix, (pa, pb) in pairs.items():
+        for (prefix, (pa, pb)), inv in zip(pairs.items(), invs, strict=True):
             s = _scaling_for(scaling, prefix)
-            new[pb] = _project(p_flat[pa], u_flat[pb], s, delta, projection_dtype)
+            new[pb] = _project(inv, u_flat[pb], s, projection_dtype)
             new[pa] = jnp.zeros_like(u_flat[pa])
         return _lora_pairs.rebuild(updates, new), LoRAFAState(
             optax.safe_int32_increment(state.count))

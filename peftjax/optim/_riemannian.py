@@ -93,14 +93,18 @@ def scale_by_riemannian(reg: jax.typing.ArrayLike = 1e-2) -> optax.GradientTrans
             raise ValueError(f"{_WHO}: update() needs params (the LoRA factors)")
         pairs = _lora_pairs.find_pairs(params, _WHO)
         p_flat, u_flat = tree.leaves_by_path(params), tree.leaves_by_path(updates)
-        new = {}
+        grams, cts = [], []
         for pa, pb in pairs.values():
-            a, b, ga, gb = p_flat[pa], p_flat[pb], u_flat[pa], u_flat[pb]
-            ct = _lora_pairs.compute_dtype(a.dtype)
-            pre_a = _lora_pairs.damped_pinv(_lora_pairs.gram_out(b.astype(ct)), reg)
-            pre_b = _lora_pairs.damped_pinv(_lora_pairs.gram_in(a.astype(ct)), reg)
-            new[pa] = jnp.matmul(ga.astype(ct), pre_a).astype(ga.dtype)
-            new[pb] = jnp.matmul(pre_b, gb.astype(ct)).astype(gb.dtype)
+            ct = _lora_pairs.compute_dtype(p_flat[pa].dtype)
+            cts.append(ct)
+            grams += [_lora_pairs.gram_out(p_flat[pb].astype(ct)),
+                      _lora_pairs.gram_in(p_flat[pa].astype(ct))]
+        invs = _lora_pairs.damped_pinvs(grams, reg)
+        new = {}
+        for k, ((pa, pb), ct) in enumerate(zip(pairs.values(), cts, strict=True)):
+            ga, gb = u_flat[pa], u_flat[pb]
+            new[pa] = jnp.matmul(ga.astype(ct), invs[2 * k]).astype(ga.dtype)
+            new[pb] = jnp.matmul(invs[2 * k + 1], gb.astype(ct)).astype(gb.dtype)
         return _lora_pairs.rebuild(updates, new), RiemannianState(
             optax.safe_int32_increment(state.count))
 
