@@ -77,27 +77,32 @@ def test_errors_name_the_paths():
         tx.update(p, tx.init(p))
 
 
-def test_trains_through_train_trainer():
+def test_trains_through_train_trainer_with_a_scanned_stack():
     rng = np.random.default_rng(1)
-    params = {"w1": jnp.asarray(rng.standard_normal((4, 8)), jnp.float32),
-              "w2": jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)}
-    batch = {"x": jnp.asarray(rng.standard_normal((16, 4)), jnp.float32),
-             "y": jnp.asarray(rng.standard_normal((16, 3)), jnp.float32)}
+    n = lambda *s: jnp.asarray(rng.standard_normal(s) * 0.5, jnp.float32)  # noqa: E731
+    params = {"w1": n(4, 8), "stack": n(2, 8, 8), "w2": n(8, 3)}  # stack: two (8, 8) layers
+    batch = {"x": n(16, 4), "y": n(16, 3)}
 
     def loss_fn(p, batch):
-        return jnp.mean((jnp.tanh(batch["x"] @ p["w1"]) @ p["w2"] - batch["y"]) ** 2)
+        h = jnp.tanh(batch["x"] @ p["w1"])
+        for i in range(2):
+            h = jnp.tanh(h @ p["stack"][i])
+        return jnp.mean((h @ p["w2"] - batch["y"]) ** 2)
 
     s = adapters.scaling_value(adapters.Scaling.ALPHA_OVER_RANK, 8.0, 2)
+    assignment = tree.assign(params, [tree.Rule(where="w1|stack", then=adapters.lora(2))],
+                             layout=tree.stacked("stack"))
     t = train.trainer(loss_fn, optim.lorafa(3e-2, scaling=s, weight_decay=0.01),
-                      adapters=tree.assign(params, [tree.Rule(where="w1|w2",
-                                                              then=adapters.lora(2))]))
+                      adapters=assignment)
     state = t.init(jax.random.key(0), params)
     a0 = {k: np.array(v) for k, v in tree.leaves_by_path(state.trainable).items()}
+    assert a0["stack/a"].shape == (2, 8, 2)
     losses = []
     for _ in range(6):
         state, metrics = t.step(state, batch, params)
         losses.append(float(metrics["loss"]))
     flat = tree.leaves_by_path(state.trainable)
-    for path in ("w1/a", "w2/a"):
+    for path in ("w1/a", "stack/a"):
         np.testing.assert_array_equal(flat[path], a0[path])
+    assert np.abs(np.asarray(flat["stack/b"]) - a0["stack/b"]).min() > 0
     assert losses[-1] < losses[0]
