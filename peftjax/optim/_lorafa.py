@@ -22,6 +22,10 @@ Where PEFT's code and the paper's presentation differ, this follows PEFT:
   autocast (its product and the ``s⁻²`` scaling rounded to bfloat16);
   ``projection_dtype=jnp.bfloat16`` reproduces that, the default keeps it
   in float32 (at least the parameter dtype).
+* PEFT pairs parameters by name order (any name containing ``lora``, so an
+  embedding LoRA's ``lora_embedding_A`` is paired but not frozen); here a
+  pair is exactly two sibling leaves ``<p>/a``, ``<p>/b``, every pair is
+  treated alike, and other leaves (a DoRA magnitude, a head) get plain AdamW.
 
 PEFT freezes ``A`` with ``requires_grad=False``. Here ``lorafa`` routes the
 ``a`` leaves to ``optax.set_to_zero`` through ``optax.partition``: their

@@ -5,8 +5,8 @@ Zhang & Pilanci, "Riemannian Preconditioned LoRA for Fine-Tuning Foundation
 Models", 2024, https://arxiv.org/abs/2402.02347, as PEFT's
 ``optimizers/riemannian.py`` (``create_riemannian_optimizer``) implements it.
 
-Paper ↔ code. The scaled-gradient directions (the paper's preconditioned
-update of ``A`` and ``B``, Sec. 3) in PEFT's layout ``W + B A``:
+Paper ↔ code. The paper's preconditioned (scaled-gradient) updates of ``A``
+and ``B``, in PEFT's layout ``W + B A``:
 ``g_A ← (BᵀB + δI)⁻¹ g_A`` and ``g_B ← g_B (AAᵀ + δI)⁻¹``, ``δ = reg``.
 On peftjax's ``a = Aᵀ: (in, r)``, ``b = Bᵀ: (r, out)``:
 ``g_a ← g_a·pinv(b bᵀ + δI)`` and ``g_b ← pinv(aᵀa + δI)·g_b``
