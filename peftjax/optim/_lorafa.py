@@ -138,14 +138,14 @@ def scale_by_lorafa(
         if params is None:
             raise ValueError(f"{_WHO}: update() needs params (the frozen a factors)")
         pairs = _lora_pairs.find_pairs(params, _WHO)
+        scales = {prefix: _scaling_for(scaling, prefix) for prefix in pairs}
         p_flat, u_flat = tree.leaves_by_path(params), tree.leaves_by_path(updates)
         grams = [_lora_pairs.gram_in(p_flat[pa].astype(_lora_pairs.compute_dtype(p_flat[pa].dtype)))
                  for pa, _ in pairs.values()]
         invs = _lora_pairs.damped_pinvs(grams, delta)
         new = {}
         for (prefix, (pa, pb)), inv in zip(pairs.items(), invs, strict=True):
-            s = _scaling_for(scaling, prefix)
-            new[pb] = _project(inv, u_flat[pb], s, projection_dtype)
+            new[pb] = _project(inv, u_flat[pb], scales[prefix], projection_dtype)
             new[pa] = jnp.zeros_like(u_flat[pa])
         return _lora_pairs.rebuild(updates, new), LoRAFAState(
             optax.safe_int32_increment(state.count))
