@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Optimizer-side methods as optax transforms: GaLore, FRUGAL, LISA, LoRA+, SoRA, OSF.
+"""Optimizer-side methods as optax transforms: GaLore, FRUGAL, LISA, LoRA+, LoRA-FA,
+Riemannian-preconditioned LoRA, SoRA, OSF.
 
 Every transform follows optax anatomy (``scale_by_<m>`` core, ``<m>`` alias,
 ``<M>State`` with ``count`` first) and composes with ``optax.chain``,
@@ -24,6 +25,9 @@ from peftjax.optim._galore import scale_by_galore as scale_by_galore
 from peftjax.optim._lisa import LISAState as LISAState
 from peftjax.optim._lisa import lisa as lisa
 from peftjax.optim._lisa import scale_by_lisa as scale_by_lisa
+from peftjax.optim._lorafa import LoRAFAState as LoRAFAState
+from peftjax.optim._lorafa import lorafa as lorafa
+from peftjax.optim._lorafa import scale_by_lorafa as scale_by_lorafa
 from peftjax.optim._loraplus import LoRAPlusState as LoRAPlusState
 from peftjax.optim._loraplus import loraplus as loraplus
 from peftjax.optim._loraplus import scale_by_loraplus as scale_by_loraplus
@@ -36,6 +40,9 @@ from peftjax.optim._projectors import coordinates as coordinates
 from peftjax.optim._projectors import random_orthogonal as random_orthogonal
 from peftjax.optim._projectors import randomized_svd as randomized_svd
 from peftjax.optim._projectors import svd as svd
+from peftjax.optim._riemannian import RiemannianState as RiemannianState
+from peftjax.optim._riemannian import riemannian as riemannian
+from peftjax.optim._riemannian import scale_by_riemannian as scale_by_riemannian
 from peftjax.optim._slots import reset_slots as reset_slots
 from peftjax.optim._sora import SoRAState as SoRAState
 from peftjax.optim._sora import scale_by_sora as scale_by_sora
@@ -77,4 +84,10 @@ __all__ = [
     "SoRAState",
     "scale_by_sora",
     "sora",
+    "LoRAFAState",
+    "lorafa",
+    "scale_by_lorafa",
+    "RiemannianState",
+    "riemannian",
+    "scale_by_riemannian",
 ]

@@ -22,6 +22,13 @@ def _adapter_params(dtype=jnp.float32):
     return {"q/kernel": {"a": n(6, 2), "b": n(2, 8)}}
 
 
+def _pair_params(dtype=jnp.float32):
+    # "bias" sorts first: the partition test freezes it and keeps the a/b pair.
+    rng = np.random.default_rng(5)
+    n = lambda *s: jnp.asarray(rng.standard_normal(s) * 0.5, dtype)  # noqa: E731
+    return {"bias": n(8), "q/kernel": {"a": n(6, 2), "b": n(2, 8)}}
+
+
 def _layer_params(dtype=jnp.float32):
     rng = np.random.default_rng(2)
     n = lambda *s: jnp.asarray(rng.standard_normal(s) * 0.5, dtype)  # noqa: E731
@@ -72,6 +79,11 @@ TRANSFORMS = [
       "inner", "key"), _layer_params),
     ("loraplus", optim.loraplus,
      dict(learning_rate=0.05, ratio=4.0, inner=HF), ("inner",), _adapter_params),
+    ("lorafa", optim.lorafa,
+     dict(learning_rate=0.05, scaling=2.0, weight_decay=0.01), ("projection_dtype",),
+     _pair_params),
+    ("riemannian", optim.riemannian,
+     dict(learning_rate=0.05, reg=0.01, weight_decay=0.01), ("inner",), _pair_params),
     ("scale_by_sora", sora_sgd,
      dict(learning_rate=0.05, lambda_=0.5), ("gate_name",), _gated_params),
     ("sora", optim.sora,
