@@ -253,6 +253,24 @@ def _loraplus(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
         weight_decay=run.weight_decay))
 
 
+def _lorafa(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+            init_data: InitData | None = None) -> Setup:
+    """LoRA-FA: LoRA's A frozen at its init, B's gradient projected (PEFT's optimizer)."""
+    setup = METHODS["lora"](cfg, params, run, key)
+    scaling = adapters.scaling_value(adapters.Scaling.ALPHA_OVER_RANK, cfg.alpha, cfg.rank)
+    return setup._replace(optimizer=optim.lorafa(
+        run.learning_rate(), scaling=scaling, weight_decay=run.weight_decay))
+
+
+def _riemannian(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+                init_data: InitData | None = None) -> Setup:
+    """Riemannian-preconditioned LoRA: r×r Gram preconditioners before AdamW."""
+    setup = METHODS["lora"](cfg, params, run, key)
+    return setup._replace(optimizer=optim.riemannian(
+        run.learning_rate(), reg=float(getattr(cfg, "riemannian_reg", 1e-2)),
+        weight_decay=run.weight_decay))
+
+
 def _pissa(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
            init_data: InitData | None = None) -> Setup:
     """PiSSA: the adapter starts at the top-r SVD of W and trains over the residual."""
@@ -425,6 +443,8 @@ METHODS: dict[str, Callable[..., Setup]] = {
     "frugal": _projected("frugal", _frugal_tx),
     "lisa": _lisa,
     "loraplus": _loraplus,
+    "lorafa": _lorafa,  # LoRA-FA (optim.lorafa): A frozen, B's gradient projected
+    "riemannian": _riemannian,  # Riemannian-preconditioned LoRA (optim.riemannian)
     "lora-sb": _lora_sb,  # needs init_data (gradient statistics)
     "pissa": _pissa,
     "sparse": _sparse,  # SpIEL: drop-and-regrow inside the step

@@ -28,12 +28,12 @@ from peftjax.models._fixtures import minilm_dir as minilm_dir
 from peftjax.models._fixtures import shakespeare_texts as shakespeare_texts
 from peftjax.models._fixtures import smollm2_gguf as smollm2_gguf
 from peftjax.models._functional import apply as apply
-from peftjax.models._hooks import Hooks as Hooks
-from peftjax.models._hooks import Site as Site
-from peftjax.models._hooks import compose as compose_hooks
 from peftjax.models._functional import param_shapes as param_shapes
 from peftjax.models._functional import rebuild as rebuild
 from peftjax.models._functional import split_params as split_params
+from peftjax.models._hooks import Hooks as Hooks
+from peftjax.models._hooks import Site as Site
+from peftjax.models._hooks import compose as compose_hooks
 from peftjax.models._tokenizers import load_tokenizer as load_tokenizer
 from peftjax.models._tokenizers import tokenizer_from_gguf as tokenizer_from_gguf
 

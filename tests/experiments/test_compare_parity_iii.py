@@ -1,0 +1,20 @@
+"""compare_methods runs the PEFT parity III methods by name (a file of its own,
+so that pytest-xdist runs it beside the other smoke runs)."""
+
+import json
+
+from tests.experiments.conftest import run_script
+
+
+def test_compare_methods_smoke_parity_iii(tmp_path):
+    # PEFT parity III by name: the losses drop and nothing is materialised;
+    # LoRA-FA and Riemannian LoRA are LoRA with their optimizers
+    methods = ["lorafa", "riemannian"]
+    res = run_script("compare_methods.py", "--smoke", "--progress=false",
+                     "--isolate=false", f"--methods={','.join(methods)}",
+                     f"--out_dir={tmp_path}", timeout=480)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == methods
+    for r in rows:
+        assert r["losses"][-1] < r["losses"][0] - 0.01, (r["method"], r["losses"])
+    assert "materializ" not in res.stderr.lower(), res.stderr[-2000:]
