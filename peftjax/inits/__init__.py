@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Data-driven initialisers: LoRA-SB, PiSSA, OLoRA, LoRA-GA, CorDA.
+"""Data-driven initialisers: LoRA-SB, PiSSA, OLoRA, LoRA-GA, CorDA, EVA, LoftQ, MiCA, orthogonal.
 
 Each initialiser is a rule payload (``tree.Rule(where=..., then=inits.pissa(8))``);
 ``inits.run(plan, key, params, stats=...)`` returns the base to train over
@@ -18,7 +18,12 @@ from peftjax.inits._lora_ga import lora_ga as lora_ga
 from peftjax.inits._lora_sb import lora_sb as lora_sb
 from peftjax.inits._lora_sb import lora_sb_num_trainable as lora_sb_num_trainable
 from peftjax.inits._lora_sb import update_approximation as update_approximation
+from peftjax.inits._loftq import loftq as loftq
+from peftjax.inits._mica import MiCABasis as MiCABasis
+from peftjax.inits._mica import MiCAParams as MiCAParams
+from peftjax.inits._mica import mica as mica
 from peftjax.inits._olora import olora as olora
+from peftjax.inits._orthogonal import orthogonal as orthogonal
 from peftjax.inits._pissa import pissa as pissa
 from peftjax.inits._stats import accumulate_gradients as accumulate_gradients
 from peftjax.inits._stats import collect_covariances as collect_covariances
@@ -26,13 +31,18 @@ from peftjax.inits._stats import collect_covariances as collect_covariances
 __all__ = [
     "InitResult",
     "Initializer",
+    "MiCABasis",
+    "MiCAParams",
     "accumulate_gradients",
     "collect_covariances",
     "corda",
     "lora_ga",
     "lora_sb",
+    "loftq",
     "lora_sb_num_trainable",
+    "mica",
     "olora",
+    "orthogonal",
     "pissa",
     "run",
     "to_lora",
