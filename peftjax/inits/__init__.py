@@ -14,6 +14,10 @@ from peftjax.inits._base import InitResult as InitResult
 from peftjax.inits._base import run as run
 from peftjax.inits._convert import to_lora as to_lora
 from peftjax.inits._corda import corda as corda
+from peftjax.inits._eva import EvaFit as EvaFit
+from peftjax.inits._eva import collect_inputs as collect_inputs
+from peftjax.inits._eva import eva as eva
+from peftjax.inits._eva import eva_fit as eva_fit
 from peftjax.inits._lora_ga import lora_ga as lora_ga
 from peftjax.inits._lora_sb import lora_sb as lora_sb
 from peftjax.inits._lora_sb import lora_sb_num_trainable as lora_sb_num_trainable
@@ -29,13 +33,17 @@ from peftjax.inits._stats import accumulate_gradients as accumulate_gradients
 from peftjax.inits._stats import collect_covariances as collect_covariances
 
 __all__ = [
+    "EvaFit",
     "InitResult",
     "Initializer",
     "MiCABasis",
     "MiCAParams",
     "accumulate_gradients",
     "collect_covariances",
+    "collect_inputs",
     "corda",
+    "eva",
+    "eva_fit",
     "lora_ga",
     "lora_sb",
     "loftq",
