@@ -18,20 +18,23 @@ the LoRA scaling ``s`` is *not* folded into the factors, so
 ``Q + s·B A`` is LoftQ's approximation ``Q + L R`` only when ``s = 1``
 (``lora_alpha = r``), or with ``absorb_scaling=True`` (an option PEFT lacks:
 ``a, b /= √s``). Flax kernel ``K = Wᵀ``: ``a = R_Tᵀ``, ``b = L_Tᵀ``, from the
-SVD of ``K − Q_K``; quantisation uses ``peftjax.quant`` formats blocked along
-the kernel's input axis (``nf4()``/``int4()``; PEFT uses bitsandbytes'
-NF4 with 64-value blocks along ``in``: the same grouping and code book).
+SVD of ``K − Q_K``. ``q_N`` is the caller's round trip, e.g.
+``peftjax.quant``'s ``nf4()`` or ``int4()`` blocked along the kernel's input
+axis (``inits`` does not import ``quant``): PEFT uses bitsandbytes' NF4 with
+64-value blocks along ``in``, the same grouping and code book as
+``quant.nf4()``.
 
 Exports: ``loftq``.
 """
 
 import numbers
+from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from peftjax import adapters as _adapters
-from peftjax import quant as _quant
 from peftjax import tree
 from peftjax.inits import _base, _common, _linalg
 
@@ -45,7 +48,7 @@ def _fit(res: Any, rank: int):
 def loftq(
     rank: int,
     *,
-    fmt: _quant.QuantFormat | None = None,
+    quantizer: Callable[[jax.Array], jax.Array],
     num_iter: int = 1,
     alpha: float = 8.0,
     scaling: _adapters.Scaling = _adapters.Scaling.ALPHA_OVER_RANK,
@@ -58,7 +61,8 @@ def loftq(
     After ``inits.run``, ``res.params`` holds the dequantised ``Q`` at every
     LoftQ path; quantise it for training with the same format
     (``quant.quantize_params(res.params, [Rule(where=..., then=fmt)])``),
-    which reproduces ``Q``'s codes exactly. ``‖W − Q − LR‖_F`` is below the
+    which reproduces ``Q``'s codes exactly for ``peftjax.quant``'s absmax
+    formats. ``‖W − Q − LR‖_F`` is below the
     quantisation-only error ``‖W − q_N(W)‖_F`` and falls with ``num_iter``
     (alternating minimisation). Trainable parameters: ``r·(in+out)`` per
     matrix (a plain LoRA over ``Q``: export the state as is, over the
@@ -67,9 +71,11 @@ def loftq(
 
     Args:
       rank: ``r`` (``<= min(in, out)``).
-      fmt: a ``peftjax.quant`` format blocked along the kernel's input axis
-        (``axis=-2``); default ``quant.nf4()`` (64-value blocks, PEFT's
-        ``loftq_bits=4``).
+      quantizer: ``w (in, out) float32 -> q_N(w)``, the quantise-dequantise
+        round trip of one matrix, e.g. ``lambda w: quant.dequantize(
+        quant.quantize(w, quant.nf4()))`` (64-value blocks along ``in``,
+        PEFT's ``loftq_bits=4``); it runs on each matrix (slice) and must
+        return its shape.
       num_iter: ``T`` alternating steps (PEFT ``loftq_iter``, default 1).
       alpha: ``lora_alpha``.
       scaling: ``adapters.Scaling`` member.
@@ -82,18 +88,19 @@ def loftq(
       An ``Initializer`` producing ``adapters.lora`` state over the base ``Q``.
 
     Raises:
-      ValueError: ``num_iter < 1``, a format not blocked along ``axis=-2``; at
-        init, rank too large or an input size that is not a multiple of the
-        block size.
+      ValueError: ``num_iter < 1``, a ``quantizer`` that is not callable; at
+        init, rank too large or a quantizer output of another shape.
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from peftjax import inits, quant, tree
       >>> w = jax.random.normal(jax.random.key(1), (64, 8))
-      >>> plan = tree.assign({"w": w}, [tree.Rule(where="w", then=inits.loftq(2, alpha=2.0))])
-      >>> res = inits.run(plan, jax.random.key(0), {"w": w})
+      >>> nf4 = lambda m: quant.dequantize(quant.quantize(m, quant.nf4()))
+      >>> ini = inits.loftq(2, quantizer=nf4, alpha=2.0)
+      >>> res = inits.run(tree.assign({"w": w}, [tree.Rule(where="w", then=ini)]),
+      ...                 jax.random.key(0), {"w": w})
       >>> t = res.state.trainable["w"]
-      >>> q_only = quant.dequantize(quant.quantize(w, quant.nf4()))
+      >>> q_only = nf4(w)
       >>> bool(jnp.linalg.norm(w - res.params["w"] - t.a @ t.b) < jnp.linalg.norm(w - q_only))
       True
 
@@ -101,13 +108,8 @@ def loftq(
       Li et al., 2023, https://arxiv.org/abs/2310.08659
     """
     rank = _adapters.check_rank(rank, "loftq")
-    if fmt is None:
-        fmt = _quant.nf4()
-    if not isinstance(fmt, _quant.QuantFormat):
-        raise TypeError(f"loftq: fmt must be a peftjax.quant format, got {fmt!r}")
-    if fmt.axis != -2:
-        raise ValueError(f"loftq: fmt must be blocked along the kernel's input axis "
-                         f"(axis=-2), got {fmt!r}")
+    if not callable(quantizer):
+        raise ValueError(f"loftq: quantizer must be callable (w -> q_N(w)), got {quantizer!r}")
     if isinstance(num_iter, bool) or not isinstance(num_iter, numbers.Integral) or num_iter < 1:
         raise ValueError(f"loftq: num_iter must be an int >= 1, got {num_iter!r}")
     param_dtype = jnp.dtype(param_dtype)
@@ -116,13 +118,14 @@ def loftq(
                              dimension_numbers=dimension_numbers, param_dtype=param_dtype)
 
     def qdq(x):
-        return _quant.dequantize(_quant.quantize(x, fmt)).astype(jnp.float32)
+        q = jnp.asarray(quantizer(x))
+        if q.shape != x.shape:
+            raise ValueError(f"loftq: the quantizer returned shape {q.shape} for a matrix "
+                             f"of shape {x.shape}")
+        return q.astype(jnp.float32)
 
     def init_matrix(key, w, stats):
         _common.check_fits(rank, w, "loftq")
-        if w.shape[0] % fmt.block_size:
-            raise ValueError(f"loftq: in={w.shape[0]} is not a multiple of {fmt!r}'s "
-                             f"block size {fmt.block_size}")
         w32 = w.astype(jnp.float32)
         res = w32
         for i in range(num_iter):
@@ -134,12 +137,13 @@ def loftq(
             a, b = a / root, b / root
         return q, _adapters.LoRAParams(a=a.astype(param_dtype), b=b.astype(param_dtype)), None
 
-    label = f"loftq(rank={rank}, fmt={fmt!r}, num_iter={num_iter}, alpha={alpha})"
+    qname = getattr(quantizer, "__name__", type(quantizer).__name__)
+    label = f"loftq(rank={rank}, quantizer={qname}, num_iter={num_iter}, alpha={alpha})"
     return _base.Initializer(
         init=_base.lift(label, init_matrix, dimension_numbers, None),
         adapter=adapter, stats=None, modifies_base=True, rank=rank,
         alpha=float(alpha), scaling=scaling, dimension_numbers=dimension_numbers,
         param_dtype=param_dtype, name=label, exact_residual=False,
-        relayout=lambda dims: loftq(rank, fmt=fmt, num_iter=num_iter, alpha=alpha,
+        relayout=lambda dims: loftq(rank, quantizer=quantizer, num_iter=num_iter, alpha=alpha,
                                     scaling=scaling, absorb_scaling=absorb_scaling,
                                     dimension_numbers=dims, param_dtype=param_dtype))

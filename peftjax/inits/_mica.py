@@ -24,7 +24,6 @@ import jax.numpy as jnp
 
 from peftjax import adapters as _adapters
 from peftjax import tree
-from peftjax.adapters import _lowrank
 from peftjax.inits import _base, _common, _linalg
 
 
@@ -55,6 +54,7 @@ def mica(
     scaling: _adapters.Scaling = _adapters.Scaling.ALPHA_OVER_RANK,
     dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
+    dropout: float = 0.0,
 ) -> _base.Initializer:
     """MiCA: frozen ``b`` = minor singular directions of the kernel, trainable ``a = 0``.
 
@@ -71,6 +71,7 @@ def mica(
       scaling: ``adapters.Scaling`` member.
       dimension_numbers: the kernels' matrix view.
       param_dtype: dtype of the factors.
+      dropout: adapter-input dropout (PEFT ``lora_dropout``; factored path only).
 
     Returns:
       An ``Initializer`` whose adapter has ``MiCAParams`` / ``MiCABasis`` state.
@@ -103,11 +104,32 @@ def mica(
         a = jnp.zeros((w.shape[0], rank), param_dtype)
         return MiCAParams(a=a), MiCABasis(b=b.astype(param_dtype))
 
+    def delta(w, t, f):
+        ct = _adapters.compute_dtype(w.dtype, t.a.dtype)
+        return ct, (t.a.astype(ct) @ f.b.astype(ct)) * jnp.asarray(s, ct)
+
+    def apply_matrix(w, t, f):
+        ct, d = delta(w, t, f)
+        return w.astype(ct) + d
+
+    def unapply_matrix(w, t, f, aux):
+        ct, d = delta(w, t, f)
+        return w.astype(ct) - d
+
+    def factored_matrix(w, t, f):
+        def term(x):
+            ct = _adapters.compute_dtype(x.dtype, t.a.dtype)
+            h = (x.astype(ct) @ t.a.astype(ct)) * jnp.asarray(s, ct)
+            return h @ f.b.astype(ct)
+        return _adapters.FactoredTerms(delta=term)
+
     adapter = _adapters.lift_matrix(
         name=f"mica(rank={rank}, alpha={alpha}, scaling={scaling.value})",
-        init_matrix=adapter_init, dimension_numbers=dimension_numbers,
-        hyperparameters=(("rank", rank), ("alpha", alpha), ("scaling", scaling)),
-        **_lowrank.low_rank_forms(lambda t, f: _lowrank.LowRank(t.a, f.b, s)))
+        init_matrix=adapter_init, apply_matrix=apply_matrix,
+        unapply_matrix=unapply_matrix, factored_matrix=factored_matrix,
+        dimension_numbers=dimension_numbers, dropout=dropout,
+        hyperparameters=(("rank", rank), ("alpha", alpha), ("scaling", scaling),
+                         ("dropout", dropout)))
 
     def init_matrix(key, w, stats):
         t, f = adapter_init(key, w, stats)
@@ -120,4 +142,5 @@ def mica(
         param_dtype=param_dtype,
         name=f"mica(rank={rank}, alpha={alpha}, scaling={scaling.value})",
         relayout=lambda dims: mica(rank, alpha=alpha, scaling=scaling,
-                                   dimension_numbers=dims, param_dtype=param_dtype))
+                                   dimension_numbers=dims, param_dtype=param_dtype,
+                                   dropout=dropout))

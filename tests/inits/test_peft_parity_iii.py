@@ -151,6 +151,10 @@ def test_eva_inputs_whiten_and_errors():
         inits.eva_fit(_eva_batches(), {"l1/kernel": 2}, rho=0.5)
 
 
+def qdq(fmt):
+    return lambda m: quant.dequantize(quant.quantize(m, fmt))
+
+
 def _loftq_err(w, res, s=1.0):
     t = res.state.trainable["l/kernel"]
     return float(np.linalg.norm(f64(w) - f64(res.params["l"]["kernel"]) - s * f64(t.a) @ f64(t.b)))
@@ -160,7 +164,7 @@ def _loftq_err(w, res, s=1.0):
 def test_loftq_matches_float64_transcription(it):
     w = jnp.asarray(G["loftq_W"].T)  # (128 in, 16 out)
     p = {"l": {"kernel": w}}
-    _, res = run(inits.loftq(4, num_iter=it, alpha=4.0), p)
+    _, res = run(inits.loftq(4, quantizer=qdq(quant.nf4()), num_iter=it, alpha=4.0), p)
     q = f64(res.params["l"]["kernel"])
     # the same NF4 code for every value (qwix's float32 vs bitsandbytes-style float64)
     np.testing.assert_allclose(q, G[f"loftq{it}_Q"].T, rtol=0, atol=1e-6)
@@ -180,7 +184,8 @@ def test_loftq_error_falls_and_beats_quantisation(fmt):
     p = {"l": {"kernel": w}}
     errs = []
     for it in (1, 2, 3, 4):
-        plan, res = run(inits.loftq(4, fmt=fmt, num_iter=it, alpha=8.0, absorb_scaling=True), p)
+        plan, res = run(inits.loftq(4, quantizer=qdq(fmt), num_iter=it, alpha=8.0,
+                                     absorb_scaling=True), p)
         errs.append(_loftq_err(w, res, s=2.0))
     q_only = float(np.linalg.norm(f64(w) - f64(quant.dequantize(quant.quantize(w, fmt)))))
     assert errs[0] < q_only
@@ -188,4 +193,4 @@ def test_loftq_error_falls_and_beats_quantisation(fmt):
     with pytest.raises(ValueError, match="LoftQ"):
         inits.to_lora(plan, res.state.trainable, res.state.trainable)
     with pytest.raises(ValueError, match="num_iter"):
-        inits.loftq(2, num_iter=0)
+        inits.loftq(2, quantizer=qdq(fmt), num_iter=0)
