@@ -10,7 +10,10 @@ a = lora_A.T, b = lora_B.T).
 
 * orthogonal, MiCA: PEFT's own init (``get_peft_model``) on a two-layer MLP
   x (10) -> l1 -> tanh -> l2 (8), r=4, lora_alpha=8; MiCA also records
-  PEFT's trainable count, and the logits and lora_A after 3 SGD steps.
+  PEFT's trainable count, the logits and lora_A after 3 SGD steps, and
+  saves that adapter (``golden/mica_peft``); a ``golden/mica_from_peftjax``
+  written by ``inits_peft_iii_from_peftjax.py`` is loaded by PEFT and its
+  logits and trainable count recorded (run this script, that one, this one).
 * EVA: PEFT's ``initialize_lora_eva_weights`` on a three-layer MLP with
   r=2, rho=2, tau=0.99 over a list of batches; the layer inputs of each
   batch are recorded (the explicit statistics peftjax takes).
@@ -31,8 +34,8 @@ from peft.tuners.lora.eva import initialize_lora_eva_weights
 from torch import nn
 
 torch.set_num_threads(2)
-OUT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "inits", "golden",
-                   "inits_peft_iii.npz")
+GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "inits", "golden")
+OUT = os.path.join(GOLDEN, "inits_peft_iii.npz")
 R, ALPHA = 4, 8
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
                 -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -140,6 +143,15 @@ def main():
         layer = getattr(pm.base_model.model, name)
         out[f"mica_A3_{name}"] = layer.lora_A["default"].weight.detach().numpy().copy()
         assert not layer.lora_B["default"].weight.requires_grad
+    pm.save_pretrained(os.path.join(GOLDEN, "mica_peft"))  # the trained adapter, PEFT's file
+    os.remove(os.path.join(GOLDEN, "mica_peft", "README.md"))  # PEFT's model card stub
+    theirs = os.path.join(GOLDEN, "mica_from_peftjax")
+    if os.path.isdir(theirs):  # written by inits_peft_iii_from_peftjax.py: PEFT loads it
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(base), theirs, is_trainable=True)
+        with torch.no_grad():
+            out["mica_reverse_logits"] = back(xt).numpy().copy()
+        out["mica_reverse_trainable"] = np.array(
+            sum(p.numel() for p in back.parameters() if p.requires_grad))
 
     # EVA: three layers, inputs with a decaying spectrum, a list of batches.
     eva_base = MLP([10, 12, 12, 8])
