@@ -5,7 +5,8 @@ Each initialiser is a rule payload (``tree.Rule(where=..., then=inits.pissa(8))`
 ``inits.run(plan, key, params, stats=...)`` returns the base to train over
 (residual weights for the inits that modify it), the ``adapters`` assignment
 and the adapter state. Statistics are explicit: ``accumulate_gradients``
-(LoRA-GA, LoRA-SB) and ``collect_covariances`` (CorDA). ``to_lora`` exports a
+(LoRA-GA, LoRA-SB), ``collect_covariances`` (CorDA) and ``collect_inputs``
+with ``eva_fit`` (EVA, whose ``eva(fit)`` is the plan). ``to_lora`` exports a
 trained adapter as a plain LoRA over the unmodified base.
 """
 
@@ -18,11 +19,11 @@ from peftjax.inits._eva import EvaFit as EvaFit
 from peftjax.inits._eva import collect_inputs as collect_inputs
 from peftjax.inits._eva import eva as eva
 from peftjax.inits._eva import eva_fit as eva_fit
+from peftjax.inits._loftq import loftq as loftq
 from peftjax.inits._lora_ga import lora_ga as lora_ga
 from peftjax.inits._lora_sb import lora_sb as lora_sb
 from peftjax.inits._lora_sb import lora_sb_num_trainable as lora_sb_num_trainable
 from peftjax.inits._lora_sb import update_approximation as update_approximation
-from peftjax.inits._loftq import loftq as loftq
 from peftjax.inits._mica import MiCABasis as MiCABasis
 from peftjax.inits._mica import MiCAParams as MiCAParams
 from peftjax.inits._mica import mica as mica

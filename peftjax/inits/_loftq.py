@@ -128,7 +128,7 @@ def loftq(
         _common.check_fits(rank, w, "loftq")
         w32 = w.astype(jnp.float32)
         res = w32
-        for i in range(num_iter):
+        for _ in range(num_iter):
             q = qdq(res)
             a, b = _fit(w32 - q, rank)
             res = w32 - a @ b

@@ -56,7 +56,7 @@ class MLP(nn.Module):
     def __init__(self, dims):
         super().__init__()
         self.names = [f"l{i + 1}" for i in range(len(dims) - 1)]
-        for name, (i, o) in zip(self.names, zip(dims[:-1], dims[1:])):
+        for name, (i, o) in zip(self.names, zip(dims[:-1], dims[1:], strict=True), strict=True):
             setattr(self, name, nn.Linear(i, o, bias=False))
 
     def forward(self, x):
