@@ -10,10 +10,8 @@ a = lora_A.T, b = lora_B.T).
 
 * orthogonal, MiCA: PEFT's own init (``get_peft_model``) on a two-layer MLP
   x (10) -> l1 -> tanh -> l2 (8), r=4, lora_alpha=8; MiCA also records
-  PEFT's trainable count, the logits and lora_A after 3 SGD steps, and
-  saves that adapter (``golden/mica_peft``); a ``golden/mica_from_peftjax``
-  written by ``inits_peft_iii_from_peftjax.py`` is loaded by PEFT and its
-  logits and trainable count recorded (run this script, that one, this one).
+  PEFT's trainable count and the logits and lora_A after 3 SGD steps (MiCA's
+  file format both ways: ``peft_mica_make.py``, on the tiny models).
 * EVA: PEFT's ``initialize_lora_eva_weights`` on a three-layer MLP with
   r=2, rho=2, tau=0.99 over a list of batches; the layer inputs of each
   batch are recorded (the explicit statistics peftjax takes).
@@ -143,22 +141,11 @@ def main():
         layer = getattr(pm.base_model.model, name)
         out[f"mica_A3_{name}"] = layer.lora_A["default"].weight.detach().numpy().copy()
         assert not layer.lora_B["default"].weight.requires_grad
-    pm.save_pretrained(os.path.join(GOLDEN, "mica_peft"))  # the trained adapter, PEFT's file
-    os.remove(os.path.join(GOLDEN, "mica_peft", "README.md"))  # PEFT's model card stub
-    theirs = os.path.join(GOLDEN, "mica_from_peftjax")
-    if os.path.isdir(theirs):  # written by inits_peft_iii_from_peftjax.py: PEFT loads it
-        back = peft.PeftModel.from_pretrained(copy.deepcopy(base), theirs, is_trainable=True)
-        with torch.no_grad():
-            out["mica_reverse_logits"] = back(xt).numpy().copy()
-        out["mica_reverse_trainable"] = np.array(
-            sum(p.numel() for p in back.parameters() if p.requires_grad))
-
     # EVA: three layers, inputs with a decaying spectrum, a list of batches.
     eva_base = MLP([10, 12, 12, 8])
     set_weights(eva_base, rng, out, "eva_", (0.3, 0.7, 0.7))
     mix = spectrum_matrix(rng, 10, 10, 0.9).astype(np.float32)
     batches = [(rng.standard_normal((48, 10)) @ mix).astype(np.float32) for _ in range(6)]
-    out["eva_X"] = np.stack(batches)
     for b, xb in enumerate(batches):  # the explicit statistics: each layer's inputs
         h = torch.from_numpy(xb)
         with torch.no_grad():
@@ -198,7 +185,8 @@ def main():
     w64 = out["loftq_W"].astype(np.float64)
     for it in (1, 3):
         q, a, b, errs = loftq64(w64, R, it)
-        out[f"loftq{it}_Q"], out[f"loftq{it}_A"], out[f"loftq{it}_B"] = q, a, b
+        out[f"loftq{it}_Q"] = q.astype(np.float32)  # float32 files: 1e-8 relative rounding
+        out[f"loftq{it}_A"], out[f"loftq{it}_B"] = a.astype(np.float32), b.astype(np.float32)
         out[f"loftq{it}_errs"] = errs
     out["loftq_qonly_err"] = np.array(np.linalg.norm(w64 - nf4_qdq(w64)))
     out["meta_versions"] = np.array([f"peft {peft.__version__}", f"torch {torch.__version__}"])
