@@ -363,26 +363,27 @@ def _probe_adapter(num_tokens: int, dims: tree.DimensionNumbers | None) -> _adap
 def collect_inputs(
     apply_fn: Callable[..., Any],
     params: Any,
-    batch: Any,
+    batches: Iterable[Any],
     targets: Iterable[str],
     *,
     transform: Callable[..., Callable[..., Any]],
     num_tokens: int,
     dimension_numbers: tree.DimensionNumbers | None = None,
 ) -> dict[str, jax.Array]:
-    """The inputs ``X (tokens, in)`` of each targeted matmul for one batch.
+    """The inputs ``X (tokens, in)`` of each targeted matmul, batch by batch.
 
     The mechanism of ``collect_covariances`` (a zero-valued probe adapter
     whose backward rule returns the layer input as its "gradient"), so it
     works through ``jit``, ``scan`` and ``remat`` and leaves the outputs
     unchanged. Select rows afterwards (e.g. the attention mask's
     ``mask.reshape(-1)``, PEFT's ``prepare_layer_inputs_fn_language_modeling``)
-    and feed ``{path: X}`` per batch to ``eva_fit``.
+    and pass the list to ``eva_fit``. One jitted program serves every batch
+    (batches of one shape).
 
     Args:
       apply_fn: ``(params, batch) -> outputs``.
       params: the parameter tree.
-      batch: one batch.
+      batches: an iterable of batches.
       targets: kernel paths.
       transform: ``peftjax.factored.transform``.
       num_tokens: rows per call (``batch·sequence`` for a language model).
@@ -390,18 +391,19 @@ def collect_inputs(
         ``(L, tokens, in)``).
 
     Returns:
-      ``{path: (batch..., tokens, in) float32}``.
+      ``[{path: (batch..., tokens, in) float32}, ...]``, one per batch.
 
     Raises:
-      ValueError: a targeted layer called other than once per forward.
+      ValueError: a targeted layer called other than once per forward; no
+        batch.
 
     Example:
       >>> import jax.numpy as jnp
       >>> from peftjax import factored
       >>> p = {"w": jnp.ones((2, 3))}
       >>> x = jnp.array([[1.0, 2.0], [0.0, 1.0]])
-      >>> collect_inputs(lambda q, b: b @ q["w"], p, x, ["w"], transform=factored.transform,
-      ...                num_tokens=2)["w"].tolist()
+      >>> collect_inputs(lambda q, b: b @ q["w"], p, [x], ["w"], transform=factored.transform,
+      ...                num_tokens=2)[0]["w"].tolist()
       [[1.0, 2.0], [0.0, 1.0]]
     """
     flat = tree.leaves_by_path(params)
@@ -416,12 +418,18 @@ def collect_inputs(
         return sum((jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(out)
                     if jnp.issubdtype(x.dtype, jnp.floating)), jnp.zeros((), jnp.float32))
 
-    g = jax.jit(jax.grad(total))(state.trainable, params, batch)
-    out = {}
-    for p in paths:
-        calls = np.asarray(g[p].calls)
-        if (calls != 1).any():
-            raise ValueError(f"collect_inputs: {p!r} was called {calls.tolist()} times per "
-                             "forward (expected once)")
-        out[p] = g[p].x
-    return out
+    step = jax.jit(jax.grad(total))
+    result = []
+    for batch in batches:
+        g = step(state.trainable, params, batch)
+        out = {}
+        for p in paths:
+            calls = np.asarray(g[p].calls)
+            if (calls != 1).any():
+                raise ValueError(f"collect_inputs: {p!r} was called {calls.tolist()} times "
+                                 "per forward (expected once)")
+            out[p] = g[p].x
+        result.append(out)
+    if not result:
+        raise ValueError("collect_inputs: `batches` yielded no batch")
+    return result

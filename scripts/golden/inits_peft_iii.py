@@ -34,6 +34,7 @@ from torch import nn
 torch.set_num_threads(2)
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "inits", "golden")
 OUT = os.path.join(GOLDEN, "inits_peft_iii.npz")
+LLAMA_BASE = os.path.join(GOLDEN, "..", "..", "io", "golden", "peft", "llama_base")
 R, ALPHA = 4, 8
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
                 -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -179,6 +180,31 @@ def main():
     out["eva_alphas"] = np.array(alphas, np.float64)
     out["eva_rank_pattern"] = np.array(sorted(f"{k}={v}" for k, v in pc.rank_pattern.items()))
 
+    # EVA on the committed tiny Llama (tests/io/golden/peft/llama_base): q_proj,
+    # o_proj and down_proj (distinct inputs), batches of 2 sequences of 8 ids.
+    from transformers import LlamaForCausalLM
+
+    llama = LlamaForCausalLM.from_pretrained(LLAMA_BASE, dtype=torch.float32).eval()
+    ids = rng.integers(0, 64, size=(8, 2, 8))
+    out["llama_eva_ids"] = ids
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj", "down_proj"],
+                          init_lora_weights="eva", eva_config=EvaConfig(rho=2.0, tau=0.99))
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(llama, cfg)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    loader = [{"input_ids": torch.from_numpy(b), "attention_mask": mask} for b in ids]
+    initialize_lora_eva_weights(pm, loader, show_progress_bar=False)
+    pc = pm.peft_config["default"]
+    names = []
+    for name, module in pm.base_model.model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            names.append(name)
+            out[f"llama_eva_A_{name}"] = module.lora_A["default"].weight.detach().numpy().copy()
+    out["llama_eva_modules"] = np.array(names)
+    out["llama_eva_rank_pattern"] = np.array(sorted(f"{k}={v}" for k, v in pc.rank_pattern.items()))
+    out["llama_eva_alpha_pattern"] = np.array(
+        sorted(f"{k}={v}" for k, v in pc.alpha_pattern.items()))
+
     # LoftQ (float64 transcription): W (16 out, 128 in), r = 4.
     w = (0.05 * rng.standard_normal((16, 128)) + spectrum_matrix(rng, 16, 128, 0.5) / 3)
     out["loftq_W"] = w.astype(np.float32)
@@ -193,7 +219,8 @@ def main():
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     np.savez_compressed(OUT, **out)
     print("wrote", os.path.normpath(OUT), len(out), "arrays;", "eva ranks", ranks, alphas,
-          "loftq errs", out["loftq3_errs"], "q-only", out["loftq_qonly_err"])
+          "loftq errs", out["loftq3_errs"], "q-only", out["loftq_qonly_err"],
+          "llama eva", out["llama_eva_rank_pattern"], out["llama_eva_alpha_pattern"])
 
 
 if __name__ == "__main__":

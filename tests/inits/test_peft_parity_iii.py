@@ -135,8 +135,8 @@ def test_eva_matches_peft(tmp_path):
 def test_eva_inputs_whiten_and_errors():
     p = params("eva_", EVA_LAYERS)
     x = jnp.asarray(G["eva_in_l1_0"])
-    got = inits.collect_inputs(mlp, p, x, [f"{n}/kernel" for n in EVA_LAYERS],
-                               transform=factored.transform, num_tokens=x.shape[0])
+    got = inits.collect_inputs(mlp, p, [x], [f"{n}/kernel" for n in EVA_LAYERS],
+                               transform=factored.transform, num_tokens=x.shape[0])[0]
     for n in EVA_LAYERS:
         np.testing.assert_allclose(f64(got[f"{n}/kernel"]), G[f"eva_in_{n}_0"], rtol=0, atol=1e-5)
     fit = inits.eva_fit(_eva_batches(), {"l3/kernel": 2}, rho=1.0)
@@ -194,3 +194,26 @@ def test_loftq_error_falls_and_beats_quantisation(fmt):
         inits.to_lora(plan, res.state.trainable, res.state.trainable)
     with pytest.raises(ValueError, match="num_iter"):
         inits.loftq(2, quantizer=qdq(fmt), num_iter=0)
+
+
+def test_eva_on_the_tiny_llama_matches_peft():
+    from peftjax import models
+    from tests.io import tuner_checks as tc
+
+    g, p, key_map, _ = tc.load("llama", scanned=False)
+    modules = [str(m) for m in G["llama_eva_modules"]]
+    path_of = {k.module: path for path, k in key_map.items() if k.module in modules}
+    targets = [path_of[m] for m in modules]
+    batches = inits.collect_inputs(lambda q, b: models.apply(g, q, b), p,
+                                   [jnp.asarray(ids) for ids in G["llama_eva_ids"]],
+                                   targets, transform=factored.transform, num_tokens=16)
+    fit = inits.eva_fit(batches, {t: 2 for t in targets}, rho=2.0, tau=0.99)
+    want_r = {k: int(v) for k, v in (s.split("=") for s in G["llama_eva_rank_pattern"])}
+    want_a = {k: float(v) for k, v in (s.split("=") for s in G["llama_eva_alpha_pattern"])}
+    plan = inits.eva(fit, alpha=4.0)
+    for m in modules:
+        assert fit.ranks[path_of[m]] == want_r.get(m, 2)
+        assert plan[path_of[m]].alpha == want_a.get(m, 4.0)
+        # PEFT's randomized SVD (q=2k) vs exact: the kept components agree to 1e-3
+        np.testing.assert_allclose(fit.components[path_of[m]][: want_r.get(m, 2)],
+                                   G[f"llama_eva_A_{m}"], rtol=0, atol=1e-3)
