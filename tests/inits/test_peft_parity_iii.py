@@ -189,6 +189,9 @@ def test_loftq_error_falls_and_beats_quantisation(fmt):
         errs.append(_loftq_err(w, res, s=2.0))
     q_only = float(np.linalg.norm(f64(w) - f64(quant.dequantize(quant.quantize(w, fmt)))))
     assert errs[0] < q_only
+    # Non-increasing over these 4 iterations (not guaranteed in general: the
+    # absmax-scaled nearest-code Q step is not Frobenius-optimal; int4 rises
+    # 0.8% at a 5th iteration on this matrix, see the loftq docstring).
     assert all(b <= a * (1 + 1e-6) for a, b in zip(errs, errs[1:], strict=False)), errs
     with pytest.raises(ValueError, match="LoftQ"):
         inits.to_lora(plan, res.state.trainable, res.state.trainable)
