@@ -51,6 +51,8 @@ class Initializer(NamedTuple):
       name: readable description.
       relayout: ``dims -> Initializer``, the same initialiser with another
         matrix view (``tree.assign`` uses it for stacked and declared leaves).
+      exact_residual: ``w_new == w − s·a₀@b₀`` when ``modifies_base`` (False
+        for LoftQ, whose base is the quantised ``Q``: ``to_lora`` refuses it).
     """
 
     init: Callable[..., tuple[Any, Any, Any]]
@@ -64,6 +66,7 @@ class Initializer(NamedTuple):
     param_dtype: Any
     name: str
     relayout: Callable[..., "Initializer"] | None = None
+    exact_residual: bool = True
 
     def __repr__(self) -> str:
         return self.name

@@ -13,7 +13,10 @@ the trained model equals the *unmodified* ``W`` plus a rank-``2r`` LoRA with
 
 LoRA-SB does not modify the base: its state is exported as-is (a LoRA-XS
 adapter over the original base), or as a rank-``r`` LoRA with
-``a' = a·core``, ``b' = b``.
+``a' = a·core``, ``b' = b``. The orthogonal init is a plain LoRA already
+(passed through); MiCA's trained ``a`` and frozen ``b`` become a rank-``r``
+LoRA ``(a, b)``. LoftQ is refused: its base is the quantised ``Q``, not
+``W − s·B₀A₀``, and its state is a plain LoRA over ``Q`` as it stands.
 
 Exports: ``to_lora``.
 """
@@ -48,7 +51,7 @@ def to_lora(
       initial: ``InitResult.state.trainable`` right after ``inits.run``
         (``B₀``, ``A₀``; keep a copy before training).
       trained: the trained ``trainable`` dict.
-      frozen: ``InitResult.state.frozen`` (needed for LoRA-SB only).
+      frozen: ``InitResult.state.frozen`` (needed for LoRA-SB and MiCA).
 
     Returns:
       ``(assignment, AdapterState)`` such that
@@ -84,6 +87,27 @@ def to_lora(
             if path not in d:
                 raise ValueError(f"to_lora: {name} has no state for {path!r}")
         t = trained[path]
+        if ini.modifies_base and not ini.exact_residual:
+            raise ValueError(
+                f"to_lora: {ini!r} on {path!r} trains over a base that is not "
+                "W − s·a₀@b₀ (LoftQ's quantised Q); its state is already a plain "
+                "LoRA over that base: export it with the base it was trained on")
+        if not ini.modifies_base and isinstance(t, _adapters.LoRAParams):
+            trainable[path] = t  # orthogonal: a plain LoRA over the original base
+            assignment[path] = ini.adapter
+            frozen_out[path] = None
+            continue
+        if not ini.modifies_base and not hasattr(t, "core"):
+            if frozen is None or path not in frozen:
+                raise ValueError(
+                    f"to_lora: {ini!r} on {path!r} needs its frozen factor; pass "
+                    "frozen=InitResult.state.frozen")
+            trainable[path] = _adapters.LoRAParams(a=t.a, b=frozen[path].b)  # MiCA
+            assignment[path] = _adapters.lora(
+                ini.rank, alpha=ini.alpha, scaling=ini.scaling,
+                dimension_numbers=ini.dimension_numbers, param_dtype=ini.param_dtype)
+            frozen_out[path] = None
+            continue
         if not ini.modifies_base:
             if frozen is None or path not in frozen:
                 raise ValueError(

@@ -75,10 +75,11 @@ _DEFAULTS = {
     "TRAINABLE_TOKENS": {},
 }
 
-# init_lora_weights values that leave the base model untouched; an adapter
+# init_lora_weights values that leave the base model untouched ("mica" reads
+# as inits.mica's adapter, lora_B frozen); an adapter
 # saved with PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ init unconverted sits on a
 # modified base, which the caller's params are not.
-_PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+_PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica")
 # Sub-configs that only steer PEFT's initialisation: inert once the init is
 # plain (PEFT's path_initial_model_for_weight_conversion sets
 # init_lora_weights=True and keeps e.g. corda_config).

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import adapters as _adapters
+from peftjax import inits as _inits
 from peftjax import tree
 from peftjax.io import (
     _json,
@@ -540,6 +541,13 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
                                  "supported")
             return (_adapters.dora(r, **kw),
                     _adapters.DoRAParams(arr(a.T), arr(b.T), arr(got["magnitude"])), None)
+        if config.get("init_lora_weights") == "mica":  # PEFT's MiCA: lora_B frozen
+            if emb:
+                raise ValueError(f"load_peft: MiCA on the embedding {module!r} is not "
+                                 "supported")
+            ini = _inits.mica(r, alpha=alpha, scaling=scaling, dimension_numbers=dn,
+                              param_dtype=dtype, dropout=kw["dropout"])
+            return ini.adapter, _inits.MiCAParams(arr(a.T)), _inits.MiCABasis(arr(b.T))
         return _adapters.lora(r, **kw), _adapters.LoRAParams(arr(a.T), arr(b.T)), None
     if peft_type == "IA3":
         v = got["ia3"]

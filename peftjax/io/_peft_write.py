@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import adapters as _adapters
+from peftjax import inits as _inits
 from peftjax import tree
 from peftjax.io import _peft_config, _peft_keys, _peft_tuner, _peft_tuners, _safetensors
 from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
@@ -55,6 +56,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _TYPES = {
     _adapters.LoRAParams: "LORA",
     _adapters.DoRAParams: "LORA",
+    _inits.MiCAParams: "LORA",  # lora_B is its frozen basis; init_lora_weights="mica"
     _adapters.VeRAParams: "VERA",
     _adapters.ScaleParams: "IA3",
     _adapters.LNTuningParams: "LN_TUNING",
@@ -90,11 +92,15 @@ def _probe_scaling(adapter: _adapters.Adapter, t: Any, n_in: int, n_out: int,
     a, b, x = (np.zeros((n_in, r), np.float32), np.zeros((r, n_out), np.float32),
                np.zeros((1, n_in), np.float32))
     a[0, 0] = b[0, 0] = x[0, 0] = 1.0
-    unit = (_adapters.LoRAParams(jnp.asarray(a), jnp.asarray(b))
-            if isinstance(t, _adapters.LoRAParams)
-            else _adapters.DoRAParams(jnp.asarray(a), jnp.asarray(b),
-                                  jnp.ones((n_out,), jnp.float32)))
-    terms = adapter.factored.terms(jnp.zeros((n_in, n_out), jnp.float32), unit, None)
+    unit_f = None
+    if isinstance(t, _inits.MiCAParams):
+        unit, unit_f = _inits.MiCAParams(jnp.asarray(a)), _inits.MiCABasis(jnp.asarray(b))
+    else:
+        unit = (_adapters.LoRAParams(jnp.asarray(a), jnp.asarray(b))
+                if isinstance(t, _adapters.LoRAParams)
+                else _adapters.DoRAParams(jnp.asarray(a), jnp.asarray(b),
+                                      jnp.ones((n_out,), jnp.float32)))
+    terms = adapter.factored.terms(jnp.zeros((n_in, n_out), jnp.float32), unit, unit_f)
     return float(terms.delta(jnp.asarray(x))[0, 0])
 
 
@@ -244,7 +250,9 @@ def save_peft(
         kinds[path] = kind
     types = sorted(set(kinds.values()))
     dora = {p for p in assignment if isinstance(state.trainable[p], _adapters.DoRAParams)}
-    if len(types) > 1 or (dora and len(dora) != len(assignment)):
+    mica = {p for p in assignment if isinstance(state.trainable[p], _inits.MiCAParams)}
+    if len(types) > 1 or (dora and len(dora) != len(assignment)) or (
+            mica and len(mica) != len(assignment)):
         raise ValueError(f"save_peft: one PEFT adapter holds one method; got {kinds}")
     if not types:
         raise ValueError("save_peft: the assignment is empty")
@@ -318,7 +326,7 @@ def save_peft(
                 ranks[k.module] = r
                 alphas[k.module] = _peft_config.alpha_for(s, r, use_rslora)
                 dropouts.add(adapter.dropout)
-                a, b = _np(tu.a).T, _np(tu.b).T
+                a, b = _np(tu.a).T, _np(fu.b if mica else tu.b).T
                 if emb:
                     tensors[base + ".lora_embedding_A"] = np.ascontiguousarray(a)
                     tensors[base + ".lora_embedding_B"] = np.ascontiguousarray(b)
@@ -381,7 +389,8 @@ def save_peft(
         config.update(r=r, lora_alpha=alpha, use_rslora=bool(use_rslora),
                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                       use_dora=bool(dora), lora_dropout=dropouts.pop(),
-                      bias="none", fan_in_fan_out=False, init_lora_weights=True)
+                      bias="none", fan_in_fan_out=False,
+                      init_lora_weights="mica" if mica else True)
         if tied:
             config["ensure_weight_tying"] = True
     elif peft_type == "IA3":

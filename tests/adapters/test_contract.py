@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from peftjax import adapters, tree
+from peftjax import adapters, inits, tree
 from tests import helpers as h
 from tests.adapters.test_adamss import ref_adamss
 from tests.adapters.test_beft import ref_beft
@@ -219,6 +219,13 @@ ADAPTERS = [
         lambda: adapters.hra(3),
         False,
         ref_hra,
+        lambda i, o: 3 * i,
+    ),
+    (
+        "mica",  # inits.mica's adapter: a trains, b frozen (PEFT's MiCA variant)
+        lambda: inits.mica(3, alpha=6.0).adapter,
+        True,
+        lambda w, t, f: h.f64(w) + 2.0 * h.f64(t.a) @ h.f64(f.b),
         lambda i, o: 3 * i,
     ),
     (
