@@ -271,6 +271,21 @@ def _riemannian(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
         weight_decay=run.weight_decay))
 
 
+def _init_method(make: Any, label: str) -> Any:
+    """A data-driven init without statistics; PEFT export: plain LoRA (to_lora)."""
+    def build(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+              init_data: InitData | None = None) -> Setup:
+        plan = tree.assign(params, [tree.Rule(where=_targets(cfg), then=make(cfg))])
+        assignment, base, state = data_driven(plan, key, params)
+
+        def peft_export(trained):
+            return inits.to_lora(plan, state.trainable, trained.trainable, state.frozen)
+
+        return Setup(base, _adamw(run), label + "\n" + tree.describe(assignment, params),
+                     adapters=assignment, initial=state, peft=peft_export)
+    return build
+
+
 def _pissa(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
            init_data: InitData | None = None) -> Setup:
     """PiSSA: the adapter starts at the top-r SVD of W and trains over the residual."""
@@ -447,6 +462,11 @@ METHODS: dict[str, Callable[..., Setup]] = {
     "riemannian": _riemannian,  # Riemannian-preconditioned LoRA (optim.riemannian)
     "lora-sb": _lora_sb,  # needs init_data (gradient statistics)
     "pissa": _pissa,
+    # orthogonal LoRA init (PEFT's): a@b = 0, both factors train; LoRA's count
+    "orthogonal": _init_method(lambda c: inits.orthogonal(c.rank, alpha=c.alpha),
+                               "orthogonal LoRA init"),
+    # MiCA: b frozen on W's r minor singular directions, a trains: r·in per matrix
+    "mica": _init_method(lambda c: inits.mica(c.rank, alpha=c.alpha), "MiCA (frozen b)"),
     "sparse": _sparse,  # SpIEL: drop-and-regrow inside the step
 }
 

@@ -8,8 +8,9 @@ from tests.experiments.conftest import run_script
 
 def test_compare_methods_smoke_parity_iii(tmp_path):
     # PEFT parity III by name: the losses drop and nothing is materialised;
-    # LoRA-FA and Riemannian LoRA are LoRA with their optimizers
-    methods = ["lorafa", "riemannian"]
+    # LoRA-FA and Riemannian LoRA are LoRA with their optimizers; orthogonal
+    # and MiCA are LoRA inits (MiCA's b frozen)
+    methods = ["lorafa", "riemannian", "orthogonal", "mica"]
     res = run_script("compare_methods.py", "--smoke", "--progress=false",
                      "--isolate=false", f"--methods={','.join(methods)}",
                      f"--out_dir={tmp_path}", timeout=480)
