@@ -176,7 +176,7 @@ def p_tuning(key: jax.Array, num_tokens: int, hidden_size: int, encoder_hidden: 
 def _lstm_direction(layer: LSTMLayer, x: jax.Array) -> jax.Array:
     """Runs one LSTM direction over ``x (P, in)`` from zero states; ``(P, h)``."""
     h = layer.w_hh.shape[0]
-    gates_x = x @ layer.w_ih + layer.b_ih + layer.b_hh
+    gates_x = x @ layer.w_ih + (layer.b_ih + layer.b_hh)[None, :]
 
     def step(carry, gx):
         hp, cp = carry
@@ -211,9 +211,9 @@ def p_tuning_prompt(params: PTuningMLP | PTuningLSTM) -> jax.Array:
       (2, 4)
     """
     if isinstance(params, PTuningMLP):
-        x = jax.nn.relu(params.embedding @ params.w1 + params.b1)
-        x = jax.nn.relu(x @ params.w2 + params.b2)
-        return x @ params.w3 + params.b3
+        x = jax.nn.relu(params.embedding @ params.w1 + params.b1[None, :])
+        x = jax.nn.relu(x @ params.w2 + params.b2[None, :])
+        return x @ params.w3 + params.b3[None, :]
     if not isinstance(params, PTuningLSTM):
         raise TypeError(f"p_tuning_prompt: expected PTuningMLP or PTuningLSTM, got "
                         f"{type(params).__name__}")
@@ -221,5 +221,5 @@ def p_tuning_prompt(params: PTuningMLP | PTuningLSTM) -> jax.Array:
     for fwd, bwd in zip(params.forward, params.backward, strict=True):
         x = jnp.concatenate([_lstm_direction(fwd, x),
                              _lstm_direction(bwd, x[::-1])[::-1]], axis=-1)
-    x = jax.nn.relu(x @ params.w1 + params.b1)
-    return x @ params.w2 + params.b2
+    x = jax.nn.relu(x @ params.w1 + params.b1[None, :])
+    return x @ params.w2 + params.b2[None, :]

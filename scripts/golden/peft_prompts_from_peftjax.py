@@ -13,6 +13,7 @@ Usage: ``.venv/bin/python scripts/golden/peft_prompts_from_peftjax.py``
 (then the torch script again).
 """
 
+import functools
 import pathlib
 import sys
 
@@ -62,41 +63,59 @@ def model_kwargs(peft_type: str, params, config: dict, task_ids=MPT_TASKS) -> di
     return {"prefix": params}
 
 
-def llama_logits(**kwargs) -> np.ndarray:
-    """Tiny-Llama logits of the fixed inputs with prompt/prefix arguments."""
+@functools.cache
+def _forward():
     g, params, _, _ = _peftjax_golden.load("llama")
     ids = jnp.asarray(_peftjax_golden.LLAMA_IDS)
-    return np.asarray(pm.apply(g, params, ids, **kwargs))
+    return jax.jit(lambda kw: pm.apply(g, params, ids, **kw))
 
 
-def _draw(rng, x, scale=0.3):
-    return jnp.asarray(rng.standard_normal(np.shape(x)) * scale, jnp.float32)
+def llama_logits(**kwargs) -> np.ndarray:
+    """Tiny-Llama logits of the fixed inputs with prompt/prefix arguments (jitted)."""
+    emb = kwargs.get("prompt_embeddings")
+    if emb is not None and emb.ndim == 2:  # one compile per prompt length
+        kwargs["prompt_embeddings"] = jnp.broadcast_to(
+            emb[None], (len(_peftjax_golden.LLAMA_IDS),) + emb.shape)
+    if "prefix" in kwargs:  # any object with keys/values -> a PrefixParams pytree
+        kwargs["prefix"] = adapters.PrefixParams(kwargs["prefix"].keys,
+                                                 kwargs["prefix"].values)
+    return np.asarray(_forward()(kwargs))
 
 
 def made(seed: int = 41) -> dict:
-    """``{name: (params, save fields)}``: NumPy-seeded parameters per method."""
-    g, params, _, _ = _peftjax_golden.load("llama")
+    """``{name: (params, save fields)}``: NumPy-seeded parameters per method.
+
+    Built from their shapes (no JAX random bits and no factory compiles).
+    """
+    _, params, _, _ = _peftjax_golden.load("llama")
     table = params["embed_tokens"]["embedding"]
     rng = np.random.default_rng(seed)
-    key = jax.random.key(0)
 
-    def redraw(p):
-        return jax.tree.map(lambda x: _draw(rng, x), p)
+    def r(*shape):
+        return jnp.asarray(rng.standard_normal(shape) * 0.3, jnp.float32)
 
-    geo = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4}
+    def lstm_layer(fan_in, h):
+        return adapters.LSTMLayer(r(fan_in, 4 * h), r(h, 4 * h), r(4 * h), r(4 * h))
+
+    kv = (2, 3, 2, 4)  # (L, P, KV, D)
     cpt = adapters.cpt(CPT_IDS, table)
     return {
-        "prompt_tuning": (redraw(adapters.prompt_tuning(key, 3, table)), {}),
-        "prefix_tuning": (redraw(adapters.prefix_tuning(key, 3, **geo)), {}),
-        "prefix_projection": (redraw(adapters.prefix_tuning(
-            key, 3, **geo, hidden_size=8, projection_hidden=6)),
-            {"num_layers": 2, "num_attention_heads": 2, "token_dim": 8}),
-        "p_tuning_mlp": (redraw(adapters.p_tuning(key, 3, 16, 6)), {}),
-        "p_tuning_lstm": (redraw(adapters.p_tuning(key, 3, 16, 5, encoder="lstm")), {}),
-        "multitask_prompt_tuning": (redraw(adapters.multitask_prompt_tuning(
-            key, 3, table, num_tasks=3, rank=2)), {}),
-        "cpt": (cpt._replace(delta=_draw(rng, cpt.delta)), dict(CPT_FIELDS)),
-        "cartridge": (redraw(adapters.cartridge(key, 4, **geo)), {}),
+        "prompt_tuning": (adapters.PromptParams(r(3, 16)), {}),
+        "prefix_tuning": (adapters.PrefixParams(r(*kv), r(*kv)), {}),
+        "prefix_projection": (adapters.PrefixProjection(r(3, 8), r(8, 6), r(6), r(6, 32),
+                                                        r(32)),
+                              {"num_layers": 2, "num_attention_heads": 2, "token_dim": 8}),
+        "p_tuning_mlp": (adapters.PTuningMLP(r(3, 16), r(16, 6), r(6), r(6, 6), r(6),
+                                             r(6, 16), r(16)), {}),
+        "p_tuning_lstm": (adapters.PTuningLSTM(
+            r(3, 16), (lstm_layer(16, 5), lstm_layer(10, 5)),
+            (lstm_layer(16, 5), lstm_layer(10, 5)), r(10, 10), r(10), r(10, 16), r(16)), {}),
+        "multitask_prompt_tuning": (adapters.MultitaskPromptParams(
+            r(3, 16), r(3, 3, 2), r(3, 2, 16)), {}),
+        "cpt": (cpt._replace(delta=r(7, 16)), dict(CPT_FIELDS)),
+        "cartridge": (adapters.CartridgeParams(
+            adapters.PrefixParams(r(2, 1, 2, 4), r(2, 1, 2, 4)),
+            adapters.PrefixParams(r(2, 3, 2, 4), r(2, 3, 2, 4))), {}),
     }
 
 

@@ -1,0 +1,96 @@
+"""PEFT prompt-learning files (tests/io/golden/peft_prompts) in both directions.
+
+Made by scripts/golden/peft_prompts_make.py (PEFT 0.21 on the tiny Llama,
+every trainable tensor perturbed) and scripts/golden/peft_prompts_from_peftjax.py.
+"""
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from peftjax import io
+from tests.io import tuner_checks
+
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "peft_prompts"
+_F = tuner_checks._script("peft_prompts_from_peftjax.py")
+NAMES = sorted(_F.TYPES)
+T = len(_F._peftjax_golden.LLAMA_IDS[0])
+
+
+def _torch():
+    return np.load(GOLDEN / "torch_outputs.npz")
+
+
+def test_peft_made_files_give_peft_logits():
+    ref = _torch()
+    report = json.loads((GOLDEN / "peft.json").read_text())
+    ours = {"prompt_tuning": 3 * 16, "prefix_tuning": 2 * 2 * 3 * 2 * 4,
+            "prefix_projection": 3 * 8 + 8 * 6 + 6 + 6 * 32 + 32,
+            "p_tuning_mlp": 3 * 16 + 16 * 6 + 6 + 6 * 6 + 6 + 6 * 16 + 16,
+            "p_tuning_lstm": 3 * 16 + 2 * (20 * 16 + 20 * 5 + 40)
+            + 2 * (20 * 10 + 20 * 5 + 40) + 10 * 10 + 10 + 10 * 16 + 16,
+            "multitask_prompt_tuning": 3 * 16 + 3 * 2 * (3 + 16),
+            "cpt": 7 * 16, "cartridge": 2 * 2 * 3 * 2 * 4}
+    assert report["trainable_params"] == ours
+    for name in NAMES:
+        p = io.load_peft_prompt(GOLDEN / f"llama_{name}")
+        assert p.peft_type == _F.TYPES[name]
+        got = _F.llama_logits(**_F.model_kwargs(p.peft_type, p.params, p.config))
+        want = ref[f"llama_{name}"][:, -T:]  # PEFT's logits include the prompt's
+        tuner_checks.assert_outputs_close("llama", got, want)
+        assert np.abs(want - ref["llama_base"]).max() > 0.5, name  # not the identity
+
+
+def test_peftjax_written_files_load_in_peft(tmp_path):
+    report = json.loads((GOLDEN / "peft.json").read_text())
+    committed = np.load(GOLDEN / "from_peftjax" / "peftjax_outputs.npz")
+    got = _F.build(tmp_path)
+    assert sorted(got) == sorted(f"pj_llama_{n}" for n in NAMES)
+    for d, out in got.items():
+        assert report[d]["passed"] and report[d]["max_abs_diff"] <= tuner_checks.TORCH_ATOL
+        np.testing.assert_allclose(out, committed[d], rtol=0, atol=1e-5)
+        for f in ("adapter_config.json",):
+            assert (json.loads((tmp_path / d / f).read_text())
+                    == json.loads((GOLDEN / "from_peftjax" / d / f).read_text()))
+        back = io.load_peft_prompt(tmp_path / d)
+        again = _F.llama_logits(**_F.model_kwargs(back.peft_type, back.params, back.config))
+        np.testing.assert_allclose(again, out, rtol=0, atol=1e-5)
+
+
+def _copy(tmp_path, name):
+    d = tmp_path / name
+    shutil.copytree(GOLDEN / f"llama_{name}", d)
+    return d
+
+
+def _edit(d, **changes):
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def test_refused(tmp_path):
+    d = _copy(tmp_path, "cartridge")
+    _edit(d, shiny_new_field=3)
+    with pytest.raises(ValueError, match=r"\['shiny_new_field'\] are unknown"):
+        io.load_peft_prompt(d)
+    d = _copy(tmp_path, "prompt_tuning")
+    _edit(d, num_transformer_submodules=2)
+    with pytest.raises(ValueError, match="num_transformer_submodules=2"):
+        io.load_peft_prompt(d)
+    d = _copy(tmp_path, "prefix_tuning")
+    _edit(d, num_layers=3)
+    with pytest.raises(ValueError, match="num_layers\\*2\\*token_dim"):
+        io.load_peft_prompt(d)
+    d = _copy(tmp_path, "multitask_prompt_tuning")
+    _edit(d, peft_type="LORA")
+    with pytest.raises(ValueError, match="load_peft"):
+        io.load_peft_prompt(d)
+    with pytest.raises(ValueError, match=r"\['bogus'\] are unknown"):
+        io.save_peft_prompt(tmp_path / "x", io.load_peft_prompt(
+            GOLDEN / "llama_prompt_tuning").params, fields={"bogus": 1})
+    with pytest.raises(ValueError, match="cpt_token_ids"):
+        io.save_peft_prompt(tmp_path / "y", io.load_peft_prompt(GOLDEN / "llama_cpt").params)
