@@ -229,7 +229,7 @@ def _decay_weights(types: jax.Array, factor: float) -> jax.Array:
     pos = jnp.searchsorted(srt, types, side="right")
     below = jnp.where(pos > 0, cum[jnp.maximum(pos - 1, 0)], 0)
     k = total - below
-    return jnp.where(is_label, jnp.asarray(factor, jnp.float32) ** k, 1.0)
+    return jnp.where(is_label, jnp.asarray(factor, jnp.float32) ** k.astype(jnp.float32), 1.0)
 
 
 def cpt_loss(logits: jax.Array, labels: jax.Array, type_mask: jax.Array, *,
@@ -275,4 +275,4 @@ def cpt_loss(logits: jax.Array, labels: jax.Array, type_mask: jax.Array, *,
     if loss_type == "decay":
         w = jax.vmap(lambda t: _decay_weights(t, decay_factor))(types)
     num = jnp.sum(jnp.where(valid, nll * w, 0.0))
-    return num / jnp.sum(valid)
+    return num / jnp.sum(valid).astype(jnp.float32)

@@ -34,6 +34,7 @@ Exports: ``PTuningMLP``, ``PTuningLSTM``, ``LSTMLayer``, ``p_tuning``,
 ``p_tuning_prompt``.
 """
 
+import functools
 import math
 import numbers
 from typing import Any, NamedTuple
@@ -148,6 +149,12 @@ def p_tuning(key: jax.Array, num_tokens: int, hidden_size: int, encoder_hidden: 
     n = _positive(num_layers, "num_layers")
     if encoder not in ("mlp", "lstm"):
         raise ValueError(f"p_tuning: encoder must be 'mlp' or 'lstm', got {encoder!r}")
+    return _init(key, p, d, h, n, encoder, jnp.dtype(param_dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
+def _init(key, p, d, h, n, encoder, param_dtype):
+    """The draws of ``p_tuning`` (one compile instead of one per draw)."""
     ke, key = jax.random.split(key)
     emb = jax.random.normal(ke, (p, d), jnp.float32).astype(param_dtype)
     if encoder == "mlp":
@@ -210,13 +217,18 @@ def p_tuning_prompt(params: PTuningMLP | PTuningLSTM) -> jax.Array:
       >>> p_tuning_prompt(p).shape
       (2, 4)
     """
+    if not isinstance(params, (PTuningMLP, PTuningLSTM)):
+        raise TypeError(f"p_tuning_prompt: expected PTuningMLP or PTuningLSTM, got "
+                        f"{type(params).__name__}")
+    return _encode(params)
+
+
+@jax.jit
+def _encode(params: PTuningMLP | PTuningLSTM) -> jax.Array:
     if isinstance(params, PTuningMLP):
         x = jax.nn.relu(params.embedding @ params.w1 + params.b1[None, :])
         x = jax.nn.relu(x @ params.w2 + params.b2[None, :])
         return x @ params.w3 + params.b3[None, :]
-    if not isinstance(params, PTuningLSTM):
-        raise TypeError(f"p_tuning_prompt: expected PTuningMLP or PTuningLSTM, got "
-                        f"{type(params).__name__}")
     x = params.embedding
     for fwd, bwd in zip(params.forward, params.backward, strict=True):
         x = jnp.concatenate([_lstm_direction(fwd, x),
