@@ -94,3 +94,57 @@ def test_refused(tmp_path):
             GOLDEN / "llama_prompt_tuning").params, fields={"bogus": 1})
     with pytest.raises(ValueError, match="cpt_token_ids"):
         io.save_peft_prompt(tmp_path / "y", io.load_peft_prompt(GOLDEN / "llama_cpt").params)
+
+
+def test_cartridge_from_kv_cache_and_cached_generation():
+    """PEFT's initialize_kv_prefix_from_past_key_values <-> the Llama's decode cache;
+    greedy decoding after a cache holding the prefix == the explicit prefix forward."""
+    import jax
+    import jax.numpy as jnp
+
+    from flax import nnx
+
+    from peftjax import adapters
+    from peftjax import models as pm
+    from peftjax.models.llama import KVCache
+
+    ref = _torch()
+    g, params, _, _ = _F._peftjax_golden.load("llama")
+    model = nnx.merge(g, params)
+    decode = jax.jit(lambda tokens, cache: nnx.merge(g, params).decode(tokens, cache))
+    text = jnp.asarray([[1, 12, 44, 7, 19, 3]])  # the make script's CARTRIDGE_TEXT
+    _, filled = jax.jit(lambda t: model.decode(t, model.init_cache(1, 6)))(text)
+    kv = adapters.cartridge_kv_from_cache(filled, 4)
+    flat = np.stack([np.asarray(kv.keys), np.asarray(kv.values)], 1).transpose(2, 0, 1, 3, 4)
+    np.testing.assert_allclose(flat.reshape(4, -1), ref["cartridge_from_text"], rtol=0,
+                               atol=1e-5)
+    cart = adapters.cartridge(jax.random.key(0), 4, num_layers=2, num_kv_heads=2,
+                              head_dim=4, init_kv=kv)
+    got = _F.llama_logits(prefix=adapters.cartridge_kv(cart))
+    tuner_checks.assert_outputs_close("llama", got, ref["llama_cartridge_from_text"])
+    # generation with the prefix in the KV cache, token for token
+    ids = jnp.asarray(_F._peftjax_golden.LLAMA_IDS)[:, :5]
+    b, p, steps = ids.shape[0], 4, 4
+    s = p + ids.shape[1] + steps
+
+    @jax.jit
+    def prefilled(kv):  # a cache whose first P slots hold the prefix
+        c = model.init_cache(b, s)
+        k = c.k.at[:, :, :p].set(jnp.broadcast_to(kv.keys[:, None], (2, b) + kv.keys.shape[1:]))
+        v = c.v.at[:, :, :p].set(jnp.broadcast_to(kv.values[:, None],
+                                                  (2, b) + kv.keys.shape[1:]))
+        return KVCache(k, v, c.valid.at[:, :p].set(True), jnp.asarray(p, jnp.int32),
+                       jnp.full((b,), p, jnp.int32))
+
+    logits, c = decode(ids, prefilled(kv))
+    seq, cached = ids, []
+    for _ in range(steps):  # greedy, one cached token at a time
+        cached.append(logits[:, -1])
+        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+        seq = jnp.concatenate([seq, nxt], axis=1)
+        logits, c = decode(nxt, c)
+    # the explicit computation: one forward over the whole sequence with the prefix
+    explicit = np.asarray(jax.jit(lambda t, kv: pm.apply(g, params, t, prefix=kv))(
+        seq, kv))[:, ids.shape[1] - 1:-1]
+    np.testing.assert_allclose(np.stack(cached, 1), explicit, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(seq[:, ids.shape[1]:], explicit.argmax(-1))
