@@ -178,7 +178,8 @@ def load_peft_prompt(directory: str | os.PathLike, *,
     if td is not None and emb.shape[1] != td:
         _fail(f"{str(path)!r}: prompt_embeddings has width {emb.shape[1]}; token_dim={td}")
     if ptype == "MULTITASK_PROMPT_TUNING":
-        cols, rows = np.asarray(tensors["prefix_task_cols"]), np.asarray(tensors["prefix_task_rows"])
+        cols = np.asarray(tensors["prefix_task_cols"])
+        rows = np.asarray(tensors["prefix_task_rows"])
         t, r = config.get("num_tasks"), config.get("num_ranks")
         if cols.shape != (t, p, r) or rows.shape != (t, r, emb.shape[1]):
             _fail(f"{str(path)!r}: prefix_task_cols/rows have shapes {cols.shape}/"

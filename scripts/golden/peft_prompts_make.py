@@ -44,8 +44,14 @@ CARTRIDGE_TEXT = [1, 12, 44, 7, 19, 3]
 
 
 def configs():
-    from peft import (CartridgeConfig, CPTConfig, MultitaskPromptTuningConfig,
-                      PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig)
+    from peft import (
+        CartridgeConfig,
+        CPTConfig,
+        MultitaskPromptTuningConfig,
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptTuningConfig,
+    )
 
     lm = "CAUSAL_LM"
     return {

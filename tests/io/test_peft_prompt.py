@@ -8,10 +8,15 @@ import json
 import pathlib
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from peftjax import io
+from peftjax import adapters, io
+from peftjax import models as pm
+from peftjax.models.llama import KVCache
 from tests.io import tuner_checks
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "peft_prompts"
@@ -99,15 +104,6 @@ def test_refused(tmp_path):
 def test_cartridge_from_kv_cache_and_cached_generation():
     """PEFT's initialize_kv_prefix_from_past_key_values <-> the Llama's decode cache;
     greedy decoding after a cache holding the prefix == the explicit prefix forward."""
-    import jax
-    import jax.numpy as jnp
-
-    from flax import nnx
-
-    from peftjax import adapters
-    from peftjax import models as pm
-    from peftjax.models.llama import KVCache
-
     ref = _torch()
     g, params, _, _ = _F._peftjax_golden.load("llama")
     model = nnx.merge(g, params)
