@@ -25,6 +25,7 @@ Exports: ``CartridgeParams``, ``cartridge``, ``cartridge_kv``,
 ``cartridge_kv_from_cache``, ``cartridge_compose``.
 """
 
+import functools
 import numbers
 from typing import Any, NamedTuple
 
@@ -56,6 +57,12 @@ def _split(kv: _prompt.PrefixParams, frozen: int) -> CartridgeParams:
     return CartridgeParams(
         _prompt.PrefixParams(kv.keys[:, :frozen], kv.values[:, :frozen]),
         _prompt.PrefixParams(kv.keys[:, frozen:], kv.values[:, frozen:]))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _normal_kv(key: jax.Array, shape: tuple[int, ...]) -> _prompt.PrefixParams:
+    kk, kv = jax.random.split(key)
+    return _prompt.PrefixParams(jax.random.normal(kk, shape), jax.random.normal(kv, shape))
 
 
 def cartridge(key: jax.Array, num_tokens: int, *, num_layers: int, num_kv_heads: int,
@@ -98,8 +105,7 @@ def cartridge(key: jax.Array, num_tokens: int, *, num_layers: int, num_kv_heads:
     shape = (_count(num_layers, "num_layers", 1), p, _count(num_kv_heads, "num_kv_heads", 1),
              _count(head_dim, "head_dim", 1))
     if init_kv is None:
-        kk, kv = jax.random.split(key)
-        kv_all = _prompt.PrefixParams(jax.random.normal(kk, shape), jax.random.normal(kv, shape))
+        kv_all = _normal_kv(key, shape)
     else:
         ks, vs = init_kv.keys.shape, init_kv.values.shape
         if (len(ks) != 4 or ks != vs or ks[0] != shape[0] or ks[1] < p

@@ -25,6 +25,7 @@ Exports: ``MultitaskPromptParams``, ``multitask_prompt_tuning``,
 ``multitask_prompt``.
 """
 
+import functools
 import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -57,6 +58,13 @@ def _positive(value: Any, name: str) -> int:
         raise ValueError(f"multitask_prompt_tuning: {name} must be a positive int, "
                          f"got {value!r}")
     return int(value)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _factors(key: jax.Array, t: int, p: int, r: int, d: int) -> tuple[jax.Array, jax.Array]:
+    """PEFT's ``N(0, 0.02²)`` task factors ``(T, P, r)``, ``(T, r, d)``."""
+    kc, kr = jax.random.split(key)
+    return jax.random.normal(kc, (t, p, r)) * 0.02, jax.random.normal(kr, (t, r, d)) * 0.02
 
 
 def multitask_prompt_tuning(
@@ -109,12 +117,11 @@ def multitask_prompt_tuning(
     t = _positive(num_tasks, "num_tasks")
     r = _positive(rank, "rank")
     d = embedding_table.shape[1]
-    ke, kc, kr = jax.random.split(key, 3)
+    ke, key = jax.random.split(key)
     if source is None:
         emb = _prompt.prompt_tuning(ke, p, embedding_table, init=init, token_ids=token_ids,
                                     param_dtype=param_dtype).embeddings
-        cols = jax.random.normal(kc, (t, p, r)) * 0.02
-        rows = jax.random.normal(kr, (t, r, d)) * 0.02
+        cols, rows = _factors(key, t, p, r, d)
         return MultitaskPromptParams(emb, cols.astype(param_dtype), rows.astype(param_dtype))
     if source_init not in _SOURCE_INITS:
         raise ValueError(f"multitask_prompt_tuning: source_init must be one of "
@@ -124,8 +131,7 @@ def multitask_prompt_tuning(
                          f"{source.embeddings.shape}; expected {(p, d)}")
     emb = source.embeddings.astype(param_dtype)
     if source_init == "shared":
-        cols = jax.random.normal(kc, (t, p, r)) * 0.02
-        rows = jax.random.normal(kr, (t, r, d)) * 0.02
+        cols, rows = _factors(key, t, p, r, d)
     else:
         if source.task_cols.shape[1:] != (p, r) or source.task_rows.shape[1:] != (r, d):
             raise ValueError(

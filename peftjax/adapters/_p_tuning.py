@@ -137,11 +137,11 @@ def p_tuning(key: jax.Array, num_tokens: int, hidden_size: int, encoder_hidden: 
     Example:
       >>> import jax
       >>> p = p_tuning(jax.random.key(0), 3, 8, 5)
-      >>> p_tuning_prompt(p).shape
-      (3, 8)
-      >>> q = p_tuning(jax.random.key(0), 3, 8, 5, encoder="lstm", num_layers=1)
-      >>> q.forward[0].w_ih.shape, p_tuning_prompt(q).shape
-      ((8, 20), (3, 8))
+      >>> p.w1.shape, p.w3.shape
+      ((8, 5), (5, 8))
+      >>> q = jax.eval_shape(lambda: p_tuning(jax.random.key(0), 3, 8, 5, encoder="lstm"))
+      >>> q.forward[0].w_ih.shape, q.forward[1].w_ih.shape, q.w1.shape
+      ((8, 20), (10, 20), (10, 10))
     """
     p = _positive(num_tokens, "num_tokens")
     d = _positive(hidden_size, "hidden_size")
@@ -213,7 +213,7 @@ def p_tuning_prompt(params: PTuningMLP | PTuningLSTM) -> jax.Array:
 
     Example:
       >>> import jax
-      >>> p = p_tuning(jax.random.key(1), 2, 4, 3, encoder="lstm")
+      >>> p = p_tuning(jax.random.key(1), 2, 4, 3)
       >>> p_tuning_prompt(p).shape
       (2, 4)
     """
