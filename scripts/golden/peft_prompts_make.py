@@ -17,6 +17,10 @@ init), saves it with ``save_pretrained`` and records, in
   (``llama_<name>``; MPT with ``task_ids`` ``MPT_TASKS``; CPT over the
   ``P + T`` positions), CPT's labels/type mask inputs and its losses, and a
   cartridge initialised from the KV cache of ``CARTRIDGE_TEXT``;
+* ``bert_<name>/`` and ``bert_<name>`` outputs (last hidden states):
+  prefix tuning and a cartridge on the tiny BERT (``FEATURE_EXTRACTION``);
+  PEFT's BERT places the real tokens at positions ``P..P+T-1`` (Hugging
+  Face BERT offsets its absolute positions by the cache length);
 * ``peft.json``: trainable counts, versions, and for every
   ``from_peftjax/pj_llama_<name>`` written by ``peft_prompts_from_peftjax.py``
   the max |torch - peftjax| logit difference with PEFT's loader.
@@ -74,6 +78,16 @@ def configs():
                          opt_projection_format_epsilon=1.0),
         "cartridge": CartridgeConfig(task_type=lm, num_virtual_tokens=4, num_frozen_tokens=1),
     }
+
+
+def bert_configs():
+    """PEFT's BERT prompt learning that peftjax's BERT could take (prefixes)."""
+    from peft import CartridgeConfig, PrefixTuningConfig
+
+    fe = "FEATURE_EXTRACTION"
+    return {"prefix_tuning": PrefixTuningConfig(task_type=fe, num_virtual_tokens=3),
+            "cartridge": CartridgeConfig(task_type=fe, num_virtual_tokens=3,
+                                         num_frozen_tokens=1)}
 
 
 def logits(name, model, ids):
@@ -134,6 +148,25 @@ def main():
         loaded = PeftModel.from_pretrained(_peft_golden.base("llama"), d).eval()
         diff = float(np.abs(logits(name, loaded, ids) - outputs[f"llama_{name}"]).max())
         assert diff < 1e-5, (name, diff)
+    _, bert_ids, bert_mask = _peft_golden.inputs()
+    outputs.update(inputs_bert=bert_ids.numpy(), mask_bert=bert_mask.numpy())
+    for name, cfg in bert_configs().items():
+        torch.manual_seed(0)
+        model = get_peft_model(_peft_golden.base("bert"), cfg).eval()
+        counts[f"bert_{name}"] = int(model.get_nb_trainable_parameters()[0])
+        g = torch.Generator().manual_seed(301)
+        with torch.no_grad():
+            for _, p in sorted(model.named_parameters()):
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        model.peft_config["default"].base_model_name_or_path = "tiny-random-bert"
+        d = os.path.join(OUT, f"bert_{name}")
+        model.save_pretrained(d)
+        if os.path.exists(os.path.join(d, "README.md")):
+            os.remove(os.path.join(d, "README.md"))
+        with torch.no_grad():
+            outputs[f"bert_{name}"] = model(input_ids=bert_ids, attention_mask=bert_mask
+                                            ).last_hidden_state.numpy()
     np.savez_compressed(os.path.join(OUT, "torch_outputs.npz"), **outputs)
 
     report = {"trainable_params": counts,
