@@ -12,10 +12,10 @@ labels) are embedded, ``E = embed(c)``, and a delta ``Δ`` is learned on top,
 ``cpt_tokens_type_mask``; example ``j`` uses ``4j+1`` input template,
 ``4j+2`` input, ``4j+3`` output template, ``4j+4`` label): the delta of
 label tokens is never updated and every row of ``Δ`` is projected onto an
-L2 ball (the paper's projected gradient, §3.3): radius
+L2 ball (the paper's projected gradient): radius
 ``ε·√(d/2048)`` with ``ε`` = ``opt_projection_format_epsilon`` for template
 tokens and ``opt_projection_epsilon`` for input tokens (``1e-10`` for the
-rest). The loss (§3.2) is the cross-entropy on every label token, context
+rest). The loss is the cross-entropy on every label token, context
 examples included; with ``"decay"`` the examples' terms are weighted
 ``γ^k``, ``k`` the number of examples after it (the training input itself
 weighs 1).

@@ -4,7 +4,7 @@
 Multitask Prompt Tuning Enables Parameter-Efficient Transfer Learning. Wang,
 Panda, Karlinsky, Feris, Sun & Kim, ICLR 2023. https://arxiv.org/abs/2303.02861
 
-The paper (Eq. 2) decomposes task ``k``'s prompt into a shared prompt
+The paper decomposes task ``k``'s prompt into a shared prompt
 ``P* (P, d)`` and a rank-``r`` task matrix ``W_k = u_k ⊗ v_kᵀ``:
 ``P̂_k = P* ∘ W_k`` (``∘`` the Hadamard product). Hugging Face PEFT
 (``tuners/multitask_prompt_tuning``, followed here, also for its files)

@@ -4,10 +4,10 @@
 GPT Understands, Too. Liu, Zheng, Du, Ding, Qian, Yang & Tang, 2021.
 https://arxiv.org/abs/2103.10385
 
-The paper (§3.2) models the ``P`` continuous prompt embeddings ``h_i`` not as
+The paper models the ``P`` continuous prompt embeddings ``h_i`` not as
 free parameters but through a prompt encoder over trainable inputs ``e_i``:
 ``h_i = MLP([→h_i; ←h_i])`` where ``→h_i``/``←h_i`` are the forward/backward
-states of a bidirectional LSTM over ``e_1..e_P`` (Eq. 3 of the paper's §3.2).
+states of a bidirectional LSTM over ``e_1..e_P`` (its prompt encoder).
 Hugging Face PEFT (``tuners/p_tuning``, followed here, also for its layer
 shapes and inits) offers two encoders:
 
