@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from peftjax.adapters import _prompt
+from peftjax.adapters._prompt import PrefixParams  # noqa: F401 (doctest)
 
 
 class CartridgeParams(NamedTuple):
@@ -95,8 +96,6 @@ def cartridge(key: jax.Array, num_tokens: int, *, num_layers: int, num_kv_heads:
       >>> c = cartridge(jax.random.key(0), 4, num_layers=2, num_kv_heads=1, head_dim=8)
       >>> c.frozen.keys.shape, c.trainable.keys.shape
       ((2, 1, 1, 8), (2, 3, 1, 8))
-      >>> cartridge_kv(c).values.shape
-      (2, 4, 1, 8)
     """
     p = _count(num_tokens, "num_tokens", 1)
     f = _count(num_frozen, "num_frozen", 0)
@@ -127,10 +126,12 @@ def cartridge_kv(params: CartridgeParams) -> _prompt.PrefixParams:
       ``PrefixParams``: the models' ``prefix=``.
 
     Example:
-      >>> import jax
-      >>> c = cartridge(jax.random.key(1), 2, num_layers=1, num_kv_heads=1, head_dim=2)
+      >>> import jax.numpy as jnp
+      >>> kv = PrefixParams(jnp.ones((1, 3, 1, 2)), jnp.ones((1, 3, 1, 2)))
+      >>> c = CartridgeParams(PrefixParams(kv.keys[:, :1], kv.values[:, :1]),
+      ...                     PrefixParams(kv.keys[:, 1:], kv.values[:, 1:]))
       >>> cartridge_kv(c).keys.shape
-      (1, 2, 1, 2)
+      (1, 3, 1, 2)
     """
     if not isinstance(params, CartridgeParams):
         raise TypeError(f"cartridge_kv: expected CartridgeParams, got {type(params).__name__}")
@@ -186,11 +187,12 @@ def cartridge_compose(*params: CartridgeParams, num_frozen: int | None = None) -
       ``CartridgeParams`` of ``Σ P_i`` tokens.
 
     Example:
-      >>> import jax
-      >>> a = cartridge(jax.random.key(0), 2, num_layers=1, num_kv_heads=1, head_dim=2)
-      >>> b = cartridge(jax.random.key(1), 3, num_layers=1, num_kv_heads=1, head_dim=2)
-      >>> cartridge_compose(a, b).trainable.keys.shape
-      (1, 4, 1, 2)
+      >>> import jax, jax.numpy as jnp
+      >>> kv = PrefixParams(jnp.zeros((1, 5, 1, 2)), jnp.zeros((1, 5, 1, 2)))
+      >>> a = cartridge(jax.random.key(0), 2, num_layers=1, num_kv_heads=1, head_dim=2,
+      ...               init_kv=kv)
+      >>> cartridge_compose(a, a).trainable.keys.shape
+      (1, 3, 1, 2)
     """
     if len(params) < 2:
         raise ValueError("cartridge_compose: needs at least 2 cartridges")

@@ -110,8 +110,6 @@ def multitask_prompt_tuning(
       ...                             num_tasks=3, rank=2)
       >>> p.task_cols.shape, p.task_rows.shape
       ((3, 4, 2), (3, 2, 6))
-      >>> multitask_prompt(p, jnp.array([2, 0])).shape
-      (2, 4, 6)
     """
     p = _positive(num_tokens, "num_tokens")
     t = _positive(num_tasks, "num_tasks")
