@@ -11,8 +11,10 @@ matrix; over a tree ``init``, ``materialize``, ``fold`` and ``unfold``
 per example.
 
 Apart from these weight reparametrisations, soft prompts and prefixes
-(``prompt_tuning``, ``prefix_tuning``, ``prefix_kv``) are not ``Adapter``s:
-they change no weight and are passed to the model as extra inputs.
+(``prompt_tuning``, ``prefix_tuning``, ``prefix_kv``, P-tuning's encoder
+``p_tuning``, multitask prompts ``multitask_prompt_tuning``, ``cpt``,
+``cartridge``) are not ``Adapter``s: they change no weight and are passed to
+the model as extra inputs.
 
 A new adapter is one ``_<method>.py`` file (a factory returning
 ``lift_matrix(...)``), its re-export below, and one entry in the contract
@@ -54,6 +56,11 @@ from peftjax.adapters._boft import boft_layout as boft_layout
 from peftjax.adapters._boft import boft_permutations as boft_permutations
 from peftjax.adapters._c3a import C3AParams as C3AParams
 from peftjax.adapters._c3a import c3a as c3a
+from peftjax.adapters._cartridge import CartridgeParams as CartridgeParams
+from peftjax.adapters._cartridge import cartridge as cartridge
+from peftjax.adapters._cartridge import cartridge_compose as cartridge_compose
+from peftjax.adapters._cartridge import cartridge_kv as cartridge_kv
+from peftjax.adapters._cartridge import cartridge_kv_from_cache as cartridge_kv_from_cache
 from peftjax.adapters._collection import AdapterCollection as AdapterCollection
 from peftjax.adapters._collection import NamedAdapter as NamedAdapter
 from peftjax.adapters._collection import active as active
@@ -65,6 +72,13 @@ from peftjax.adapters._collection import disable as disable
 from peftjax.adapters._collection import switch as switch
 from peftjax.adapters._conv import LowRankDelta as LowRankDelta
 from peftjax.adapters._conv import lora_conv as lora_conv
+from peftjax.adapters._cpt import CPTParams as CPTParams
+from peftjax.adapters._cpt import cpt as cpt
+from peftjax.adapters._cpt import cpt_inputs as cpt_inputs
+from peftjax.adapters._cpt import cpt_loss as cpt_loss
+from peftjax.adapters._cpt import cpt_project as cpt_project
+from peftjax.adapters._cpt import cpt_prompt as cpt_prompt
+from peftjax.adapters._cpt import cpt_update_mask as cpt_update_mask
 from peftjax.adapters._deft import DeFTParams as DeFTParams
 from peftjax.adapters._deft import deft as deft
 from peftjax.adapters._delora import DeLoRANorm as DeLoRANorm
@@ -115,6 +129,9 @@ from peftjax.adapters._lowrank import compute_dtype as compute_dtype
 from peftjax.adapters._miss import MiSSParams as MiSSParams
 from peftjax.adapters._miss import MiSSVariant as MiSSVariant
 from peftjax.adapters._miss import miss as miss
+from peftjax.adapters._multitask_prompt import MultitaskPromptParams as MultitaskPromptParams
+from peftjax.adapters._multitask_prompt import multitask_prompt as multitask_prompt
+from peftjax.adapters._multitask_prompt import multitask_prompt_tuning as multitask_prompt_tuning
 from peftjax.adapters._nola import NOLABasis as NOLABasis
 from peftjax.adapters._nola import NOLAParams as NOLAParams
 from peftjax.adapters._nola import nola as nola
@@ -127,6 +144,11 @@ from peftjax.adapters._osf import OSFBasis as OSFBasis
 from peftjax.adapters._osf import OSFParams as OSFParams
 from peftjax.adapters._osf import osf as osf
 from peftjax.adapters._osf import osf_rank as osf_rank
+from peftjax.adapters._p_tuning import LSTMLayer as LSTMLayer
+from peftjax.adapters._p_tuning import PTuningLSTM as PTuningLSTM
+from peftjax.adapters._p_tuning import PTuningMLP as PTuningMLP
+from peftjax.adapters._p_tuning import p_tuning as p_tuning
+from peftjax.adapters._p_tuning import p_tuning_prompt as p_tuning_prompt
 from peftjax.adapters._peanut import PEANUTParams as PEANUTParams
 from peftjax.adapters._peanut import peanut as peanut
 from peftjax.adapters._precision import cast_floating as cast_floating
@@ -332,6 +354,26 @@ __all__ = [
     "fold",
     "num_trainable",
     "path_key",
+    "CartridgeParams",
+    "cartridge",
+    "cartridge_compose",
+    "cartridge_kv",
+    "cartridge_kv_from_cache",
+    "CPTParams",
+    "cpt",
+    "cpt_inputs",
+    "cpt_loss",
+    "cpt_project",
+    "cpt_prompt",
+    "cpt_update_mask",
+    "MultitaskPromptParams",
+    "multitask_prompt",
+    "multitask_prompt_tuning",
+    "LSTMLayer",
+    "PTuningLSTM",
+    "PTuningMLP",
+    "p_tuning",
+    "p_tuning_prompt",
     "prefix_kv",
     "prefix_tuning",
     "prompt_tuning",

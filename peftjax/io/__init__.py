@@ -10,6 +10,9 @@ from peftjax.io._gguf import read_gguf_metadata as read_gguf_metadata
 from peftjax.io._json import read_json as read_json
 from peftjax.io._peft_keys import PeftKey as PeftKey
 from peftjax.io._peft_keys import TensorLayout as TensorLayout
+from peftjax.io._peft_prompt import PeftPrompt as PeftPrompt
+from peftjax.io._peft_prompt import load_peft_prompt as load_peft_prompt
+from peftjax.io._peft_prompt import save_peft_prompt as save_peft_prompt
 from peftjax.io._peft_read import PeftAdapter as PeftAdapter
 from peftjax.io._peft_read import load_peft as load_peft
 from peftjax.io._peft_targets import peft_target_modules as peft_target_modules
@@ -40,9 +43,12 @@ __all__ = [
     "write_safetensors",
     "PeftAdapter",
     "PeftKey",
+    "PeftPrompt",
     "TensorLayout",
     "load_peft",
+    "load_peft_prompt",
     "peft_target_modules",
     "peft_target_rules",
     "save_peft",
+    "save_peft_prompt",
 ]

@@ -179,9 +179,11 @@ def check_config(config: Mapping[str, Any], source: str,
     tuners = tuners or {}
     supported = sorted((*SUPPORTED_PEFT_TYPES, *tuners))
     if peft_type not in supported:
+        prompt = peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "CPT",
+                               "MULTITASK_PROMPT_TUNING", "CARTRIDGE")
         raise ValueError(
             f"{source}: peft_type={peft_type!r} is not supported; peftjax reads "
-            f"{supported}"
+            f"{supported}" + (" (prompt learning: io.load_peft_prompt)" if prompt else "")
         )
     tuner = tuners.get(peft_type)
     _check_types(config, source, {**_TYPES, **(tuner.field_types if tuner else {})})
