@@ -25,7 +25,8 @@ Llama prompt embeddings, the BERT/Llama prefix keys and values). They live in
 * Prefix tuning: per layer ``P`` trainable keys and values prepended to the
   attention keys and values, following PEFT's past-key-values convention
   (they are used as given, after RoPE would have been applied; the real
-  tokens' RoPE positions start at 0 in peftjax, see the model argument) ↔
+  tokens' positions start at ``P``, Llama's RoPE and BERT's absolute
+  positions alike, as in PEFT) ↔
   ``prefix_tuning``. With ``projection_hidden`` the prefix is reparametrised
   (Li & Liang §4.3; PEFT's ``prefix_projection``):
   ``[K; V] = W2 · tanh(W1 · E + b1) + b2`` from an embedding ``E (P, d)``.

@@ -50,11 +50,9 @@ def test_peft_made_files_give_peft_logits():
         assert np.abs(want - ref["llama_base"]).max() > 0.5, name  # not the identity
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PEFT's BERT puts the real tokens at positions P..P+T-1 (Hugging Face BERT offsets its "
-    "absolute positions by the cache length); peftjax's BertModel(prefix=) keeps 0..T-1 "
-    "(equal to HF BERT with position_ids=arange(T), 5e-7): a model change"))
 def test_bert_prefix_files_give_peft_outputs():
+    # PEFT's BERT puts the real tokens at positions P..P+T-1 (Hugging Face BERT
+    # offsets its absolute positions by the cache length); so does peftjax
     ref = _torch()
     g, params, _, _ = _F._peftjax_golden.load("bert")
     ids = jnp.asarray(ref["inputs_bert"])

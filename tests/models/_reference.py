@@ -76,7 +76,8 @@ def bert_hidden(params, cfg, tokens, mask=None, prefix=None):
     """Last hidden states (B, T, d) of the pure BERT param dict (exact GELU).
 
     ``prefix``: optional ``(keys, values)`` of shape ``(L, P, H, D)`` prepended
-    to every layer's keys and values (always attended to).
+    to every layer's keys and values (always attended to); the tokens'
+    positions then start at ``P`` (Hugging Face's cache-length offset).
     """
     from scipy.special import erf
 
@@ -84,10 +85,11 @@ def bert_hidden(params, cfg, tokens, mask=None, prefix=None):
     b, t = tokens.shape
     mask = np.ones((b, t), bool) if mask is None else np.asarray(mask, bool)
     e = params["embeddings"]
+    off = 0 if prefix is None else np.shape(prefix[0])[1]
     if cfg.model_type == "roberta":
-        pos = np.cumsum(mask, 1) * mask + cfg.pad_token_id
+        pos = (np.cumsum(mask, 1) + off) * mask + cfg.pad_token_id
     else:
-        pos = np.broadcast_to(np.arange(t), (b, t))
+        pos = np.broadcast_to(off + np.arange(t), (b, t))
     x = (
         f64(e["word_embeddings"]["embedding"])[tokens]
         + f64(e["position_embeddings"]["embedding"])[pos]

@@ -239,13 +239,16 @@ class BertModel(nnx.Module):
         self.embeddings = Embeddings(cfg, **kw)
         self.layers = nnx.List([Layer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
 
-    def _positions(self, tokens, mask):
+    def _positions(self, tokens, mask, offset=0):
+        # ``offset``: a prefix's length. Hugging Face BERT/RoBERTa count cached
+        # (prefix) keys as earlier positions, so PEFT's prefix tuning puts the
+        # real tokens at ``offset..``; peftjax does the same.
         cfg = self.config
         if cfg.model_type == "roberta":
             m = mask.astype(jnp.int32)
-            return jnp.cumsum(m, axis=1) * m + cfg.pad_token_id
+            return (jnp.cumsum(m, axis=1) + offset) * m + cfg.pad_token_id
         return jnp.broadcast_to(
-            jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape
+            offset + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape
         )
 
     def __call__(
@@ -267,7 +270,9 @@ class BertModel(nnx.Module):
             ``peftjax.adapters.prefix_tuning`` with ``num_kv_heads`` = the
             number of heads): an object with ``keys``/``values`` of shape
             ``(L, P, H, D)``, prepended to every layer's keys and values and
-            always attended to (PEFT's past-key-values convention).
+            always attended to (PEFT's past-key-values convention: the
+            tokens' absolute positions start at ``P``, as in Hugging Face
+            BERT/RoBERTa with a cache of length ``P``).
           hooks: a ``peftjax.models.Hooks`` called at every projection of every
             layer (names ``attention/query`` ... ``intermediate``, ``output``)
             and once per attention (``attention``); slots are token indices.
@@ -301,7 +306,15 @@ class BertModel(nnx.Module):
             if token_type_ids is None
             else token_type_ids
         )
-        h = self.embeddings(tokens, self._positions(tokens, mask), types)
+        offset = 0 if prefix is None else prefix.keys.shape[1]
+        if offset and offset + tokens.shape[1] + (
+            cfg.pad_token_id + 1 if cfg.model_type == "roberta" else 0
+        ) > cfg.max_position_embeddings:
+            raise ValueError(
+                f"prefix length {offset} plus {tokens.shape[1]} tokens exceeds "
+                f"max_position_embeddings={cfg.max_position_embeddings}"
+            )
+        h = self.embeddings(tokens, self._positions(tokens, mask, offset), types)
         slots = jnp.arange(tokens.shape[1], dtype=jnp.int32)
         for i, layer in enumerate(self.layers):
             kv = None if prefix is None else (prefix.keys[i], prefix.values[i])
