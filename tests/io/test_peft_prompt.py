@@ -50,6 +50,27 @@ def test_peft_made_files_give_peft_logits():
         assert np.abs(want - ref["llama_base"]).max() > 0.5, name  # not the identity
 
 
+def test_cpt_loss_on_peftjax_logits_with_prompt_positions_is_peft_loss():
+    # CPT's loss counts label tokens inside the prompt: keep_prompt_logits
+    # returns those positions, and the loss on them is PEFT's
+    ref = _torch()
+    p = io.load_peft_prompt(GOLDEN / "llama_cpt")
+    g, params, _, _ = _F._peftjax_golden.load("llama")
+    ids = jnp.asarray(ref["inputs_llama"])
+    prompt = _F.model_kwargs(p.peft_type, p.params, p.config)["prompt_embeddings"]
+    logits = pm.apply(g, params, ids, prompt_embeddings=prompt, keep_prompt_logits=True)
+    n = prompt.shape[0]
+    assert logits.shape == ref["llama_cpt"].shape
+    tuner_checks.assert_outputs_close("llama", logits[:, :n], ref["llama_cpt"][:, :n])
+    labels, tmask = adapters.cpt_inputs(ids, jnp.asarray(ref["cpt_input_types"]),
+                                        p.config["cpt_token_ids"],
+                                        p.config["cpt_tokens_type_mask"])
+    loss = adapters.cpt_loss(logits, labels, tmask,
+                             loss_type=p.config["opt_weighted_loss_type"],
+                             decay_factor=p.config["opt_loss_decay_factor"])
+    np.testing.assert_allclose(float(loss), float(ref["cpt_loss"]), rtol=1e-4)
+
+
 def test_bert_prefix_files_give_peft_outputs():
     # PEFT's BERT puts the real tokens at positions P..P+T-1 (Hugging Face BERT
     # offsets its absolute positions by the cache length); so does peftjax

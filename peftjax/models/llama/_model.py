@@ -251,6 +251,7 @@ class LlamaForCausalLM(nnx.Module):
         prefix: Any = None,
         hooks: Any = None,
         return_hidden: bool = False,
+        keep_prompt_logits: bool = False,
     ) -> Any:
         """Returns float32 logits ``(B, T, V)`` for int tokens ``(B, T)``.
 
@@ -280,6 +281,9 @@ class LlamaForCausalLM(nnx.Module):
             slots count prompt and prefix positions.
           return_hidden: also return the final-normed hidden states
             ``(B, T, d)`` (what a classifier over tokens reads, e.g. X-LoRA's).
+          keep_prompt_logits: with ``prompt_embeddings``, return the logits of
+            the ``P`` prompt positions too, ``(B, P + T, V)`` (CPT's loss
+            counts label tokens inside its prompt).
 
         Returns:
           The logits (and, with ``return_hidden``, ``(logits, hidden)``); rows
@@ -298,7 +302,8 @@ class LlamaForCausalLM(nnx.Module):
                     "prompt_embeddings or prefix"
                 )
             return self._call_soft(
-                tokens, attention_mask, prompt_embeddings, prefix, hooks, return_hidden
+                tokens, attention_mask, prompt_embeddings, prefix, hooks, return_hidden,
+                keep_prompt_logits,
             )
         b, t = tokens.shape
         if segment_ids is not None:
@@ -324,7 +329,8 @@ class LlamaForCausalLM(nnx.Module):
         )
         return self._head(h, return_hidden)
 
-    def _call_soft(self, tokens, attention_mask, prompt, prefix, hooks, return_hidden):
+    def _call_soft(self, tokens, attention_mask, prompt, prefix, hooks, return_hidden,
+                   keep_prompt_logits=False):
         """Forward pass with a soft prompt and/or prefix keys/values."""
         b, t = tokens.shape
         mask = (
@@ -393,10 +399,11 @@ class LlamaForCausalLM(nnx.Module):
                 h, cos, sin, allowed, (cache_of(keys), cache_of(values)), index,
                 hooks, q_slots,
             )
+        cut = 0 if keep_prompt_logits else n_prompt
         if return_hidden:
             logits, hidden = self._head(h, True)
-            return logits[:, n_prompt:], hidden[:, n_prompt:]
-        return self._head(h)[:, n_prompt:]
+            return logits[:, cut:], hidden[:, cut:]
+        return self._head(h)[:, cut:]
 
     def init_cache(
         self,
