@@ -91,6 +91,8 @@ from peftjax.adapters._hra import HRAParams as HRAParams
 from peftjax.adapters._hra import hra as hra
 from peftjax.adapters._hra import hra_orthogonality as hra_orthogonality
 from peftjax.adapters._hra import hra_rotation as hra_rotation
+from peftjax.adapters._qalora import QALoRAParams as QALoRAParams
+from peftjax.adapters._qalora import qalora as qalora
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
 from peftjax.adapters._lift import path_key as path_key
@@ -401,6 +403,8 @@ __all__ = [
     "hra",
     "hra_rotation",
     "hra_orthogonality",
+    "QALoRAParams",
+    "qalora",
     "BOFTParams",
     "boft",
     "boft_layout",

@@ -32,6 +32,7 @@ from tests.adapters.test_oft import oft_count, ref_oft
 from tests.adapters.test_osf import ref_osf
 from tests.adapters.test_peanut import ref_peanut
 from tests.adapters.test_psoft import ref_psoft
+from tests.adapters.test_qalora import ref_qalora
 from tests.adapters.test_pvera import ref_pvera
 from tests.adapters.test_randlora import randlora_count, ref_randlora
 from tests.adapters.test_road import ref_road
@@ -371,6 +372,15 @@ ADAPTERS = [
         False,
         ref_unilora,
         lambda i, o: 7,
+    ),
+    (
+        # group_size 1: the suite's widths (6, 5, 4) have no common divisor > 1
+        # (test_qalora.py covers real groups); PEFT's factor L = in remains.
+        "qalora",
+        lambda: adapters.qalora(3, group_size=1, alpha=6.0),
+        True,
+        lambda w, t, f: ref_qalora(w, t, f, s=2.0, g=1),
+        lambda i, o: 3 * (i + o),
     ),
 ]
 IDS = [a[0] for a in ADAPTERS]
