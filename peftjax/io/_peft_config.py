@@ -5,7 +5,9 @@ PEFT writes every field of its config class. peftjax honours the fields that
 change the weights it reads (``r``, ``lora_alpha``, ``use_rslora``,
 ``rank_pattern``, ``alpha_pattern``, ``use_dora``, ``lora_dropout``,
 ``modules_to_save``, ``ensure_weight_tying``, VeRA's projections, (IA)³'s
-``feedforward_modules``, LoHa's ``r``/``alpha``/patterns) and the fields that select modules
+``feedforward_modules``, LoHa's ``r``/``alpha``/patterns, QA-LoRA's ``use_qalora`` /
+``qalora_group_size``, ``layer_replication`` (checked against the key map's
+depth: the caller replicates the base)) and the fields that select modules
 (``target_modules``, ``exclude_modules``, ``layers_to_transform``,
 ``layers_pattern``: ``load_peft`` requires the file's tensors to be exactly
 the selected modules'), accepts descriptive fields
@@ -44,7 +46,8 @@ _HONOURED = {
     "LORA": frozenset({"r", "lora_alpha", "use_rslora", "rank_pattern",
                        "alpha_pattern", "use_dora", "lora_dropout",
                        "init_lora_weights", "ensure_weight_tying",
-                       "layers_to_transform", "layers_pattern"}),
+                       "layers_to_transform", "layers_pattern",
+                       "use_qalora", "qalora_group_size", "layer_replication"}),
     "VERA": frozenset({"r", "projection_prng_key", "save_projection",
                        "d_initial", "init_weights", "layers_to_transform",
                        "layers_pattern"}),
@@ -63,9 +66,8 @@ _DEFAULTS = {
         "megatron_core": "megatron.core", "trainable_token_indices": None,
         "loftq_config": {}, "eva_config": None, "corda_config": None,
         "lora_ga_config": None, "velora_config": None,
-        "alora_invocation_tokens": None, "use_qalora": False,
-        "qalora_group_size": 16, "monteclora_config": None,
-        "layer_replication": None, "lora_bias": False, "target_parameters": None,
+        "alora_invocation_tokens": None, "monteclora_config": None,
+        "lora_bias": False, "target_parameters": None,
         "use_bdlora": None, "arrow_config": None, "kasa_config": None,
     },
     # peftjax's VeRA has no input dropout.
@@ -123,6 +125,11 @@ _TYPES = {
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "use_dora": (lambda v: isinstance(v, bool), "true or false"),
     "ensure_weight_tying": (lambda v: isinstance(v, bool), "true or false"),
+    "use_qalora": (lambda v: isinstance(v, bool), "true or false"),
+    "qalora_group_size": (lambda v: _int(v) and v > 0, "a positive int"),
+    "layer_replication": (lambda v: isinstance(v, list) and all(
+        isinstance(p, list) and len(p) == 2 and all(_int(i) and i >= 0 for i in p)
+        and p[0] < p[1] for p in v), "a list of [start, end) pairs of ints"),
 }
 
 

@@ -249,6 +249,7 @@ def load_peft(
             weights=str(directory / _peft_write.WEIGHTS_NAME))
         return PeftAdapter(a, st, {}, config)
     selection = _peft_config.selection(config, key_map, source, output_modules)
+    _check_replication(config, key_map, layers_prefix, source)
     flat = tree.leaves_by_path(params)
     use_dora = bool(config.get("use_dora", False))
     saved = set(config.get("modules_to_save") or [])
@@ -413,6 +414,23 @@ def _check_selection(selection: Any, config: dict,
                       stacklevel=3)
 
 
+def _check_replication(config: dict, key_map: dict[str, _peft_keys.PeftKey],
+                       prefix: str, source: str) -> None:
+    """``layer_replication``: the key map (and params) must be the replicated model's."""
+    spans = config.get("layer_replication")
+    if not spans:
+        return
+    want = sum(end - start for start, end in spans)
+    head = prefix + "/"
+    got = {p[len(head):].split("/", 1)[0] for p in key_map if p.startswith(head)}
+    if len(got) != want:
+        raise ValueError(
+            f"load_peft: {source} has layer_replication={spans!r}: PEFT's model has "
+            f"{want} layers, the key map {len(got)}; replicate params and config "
+            "with peftjax.models.replicate_layers first and build the key map from "
+            "the returned config")
+
+
 def _check_saved(config: dict, key_map: dict[str, _peft_keys.PeftKey],
                  full_u: dict[str, Any], source: str) -> None:
     """Modules ``modules_to_save`` names must be in the file."""
@@ -534,6 +552,19 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
                   dropout=float(config.get("lora_dropout", 0.0) or 0.0),
                   init=(_adapters.LoRAInit.EMBEDDING if emb
                         else _adapters.LoRAInit.KAIMING_UNIFORM))
+        if config.get("use_qalora"):  # QA-LoRA: lora_A (r, in/group)
+            if emb or use_dora:
+                raise ValueError(f"load_peft: use_qalora on {module!r} with "
+                                 f"{'an embedding' if emb else 'use_dora'} (PEFT's "
+                                 "QA-LoRA adapts Linear modules only, without DoRA)")
+            g = int(config.get("qalora_group_size", 16))
+            if a.shape[1] * g != dims.n_in:
+                raise ValueError(f"load_peft: {module!r} has lora_A {a.shape}; with "
+                                 f"qalora_group_size={g} and in={dims.n_in} it needs "
+                                 f"({r}, {dims.n_in // g}) (in divisible by the group)")
+            kw.pop("init")
+            return (_adapters.qalora(r, group_size=g, **kw),
+                    _adapters.QALoRAParams(arr(a.T), arr(b.T)), None)
         if use_dora:
             if emb:
                 raise ValueError(f"load_peft: DoRA on the embedding {module!r} is not "

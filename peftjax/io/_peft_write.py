@@ -55,6 +55,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _TYPES = {
     _adapters.LoRAParams: "LORA",
     _adapters.DoRAParams: "LORA",
+    _adapters.QALoRAParams: "LORA",
     _adapters.VeRAParams: "VERA",
     _adapters.ScaleParams: "IA3",
     _adapters.LNTuningParams: "LN_TUNING",
@@ -82,6 +83,8 @@ def from_torch(arr: np.ndarray, dims: tree.ResolvedDims) -> np.ndarray:
 def _probe_scaling(adapter: _adapters.Adapter, t: Any, n_in: int, n_out: int,
                    path: str) -> float:
     """The adapter's float32 scaling ``s``: ``delta(e_0)`` with unit factors."""
+    if isinstance(t, _adapters.QALoRAParams):  # its delta also pools (PEFT's factor)
+        return float(np.float32(dict(adapter.hyperparameters)["s"]))
     if adapter.factored is None or adapter.factored.terms is None:
         raise ValueError(f"save_peft: {adapter!r} on {path!r} has no factored "
                          "form to read its scaling from")
@@ -183,6 +186,7 @@ def save_peft(
     task_type: str | None = None,
     layers_prefix: str = "layers",
     tied_head: tuple[str, str] | None = None,
+    layer_replication: list[list[int]] | None = None,
 ) -> pathlib.Path:
     """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` for PEFT.
 
@@ -204,6 +208,10 @@ def save_peft(
         an embedding table, e.g. ``("embed_tokens/embedding", "lm_head")``
         for a tied Llama (SmolLM2): LoRA on (or full training of) that table
         is written for the head too, with ``ensure_weight_tying=True``.
+      layer_replication: LoRA only: the ``[[start, end), ...]`` map that
+        ``peftjax.models.replicate_layers`` made ``params`` with (PEFT's
+        ``layer_replication``: PEFT replicates its base model the same way
+        before loading the adapter).
 
     Returns:
       The directory.
@@ -250,6 +258,15 @@ def save_peft(
         raise ValueError("save_peft: the assignment is empty")
     peft_type = types[0]
     tuner = _peft_tuners.TUNERS.get(peft_type)
+    groups = {dict(a.hyperparameters).get("group_size") if isinstance(
+        state.trainable[p], _adapters.QALoRAParams) else None
+        for p, a in assignment.items()}
+    if len(groups) > 1:
+        raise ValueError("save_peft: PEFT's use_qalora holds for every module of "
+                         "an adapter, with one qalora_group_size; got group sizes "
+                         f"{sorted(map(str, groups))}")
+    if layer_replication is not None and peft_type != "LORA":
+        raise ValueError(f"save_peft: layer_replication is a LoRA field; got {peft_type}")
     infos: dict[str, Any] = {}
     if peft_type == "LN_TUNING":
         from peftjax.io import _peft_ln_tuning
@@ -384,6 +401,10 @@ def save_peft(
                       bias="none", fan_in_fan_out=False, init_lora_weights=True)
         if tied:
             config["ensure_weight_tying"] = True
+        if groups != {None}:
+            config.update(use_qalora=True, qalora_group_size=groups.pop())
+        if layer_replication is not None:
+            config["layer_replication"] = [[int(x) for x in p] for p in layer_replication]
     elif peft_type == "IA3":
         config.update(feedforward_modules=_targets(feedforward, key_map)
                       if feedforward else [], fan_in_fan_out=False)
