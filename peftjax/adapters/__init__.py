@@ -91,8 +91,6 @@ from peftjax.adapters._hra import HRAParams as HRAParams
 from peftjax.adapters._hra import hra as hra
 from peftjax.adapters._hra import hra_orthogonality as hra_orthogonality
 from peftjax.adapters._hra import hra_rotation as hra_rotation
-from peftjax.adapters._qalora import QALoRAParams as QALoRAParams
-from peftjax.adapters._qalora import qalora as qalora
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
 from peftjax.adapters._lift import path_key as path_key
@@ -155,6 +153,8 @@ from peftjax.adapters._pvera import PVeRAParams as PVeRAParams
 from peftjax.adapters._pvera import pvera as pvera
 from peftjax.adapters._pvera import pvera_delta as pvera_delta
 from peftjax.adapters._pvera import pvera_shared as pvera_shared
+from peftjax.adapters._qalora import QALoRAParams as QALoRAParams
+from peftjax.adapters._qalora import qalora as qalora
 from peftjax.adapters._randlora import RandLoRABases as RandLoRABases
 from peftjax.adapters._randlora import RandLoRABasis as RandLoRABasis
 from peftjax.adapters._randlora import RandLoRAParams as RandLoRAParams

@@ -32,8 +32,8 @@ from tests.adapters.test_oft import oft_count, ref_oft
 from tests.adapters.test_osf import ref_osf
 from tests.adapters.test_peanut import ref_peanut
 from tests.adapters.test_psoft import ref_psoft
-from tests.adapters.test_qalora import ref_qalora
 from tests.adapters.test_pvera import ref_pvera
+from tests.adapters.test_qalora import ref_qalora
 from tests.adapters.test_randlora import randlora_count, ref_randlora
 from tests.adapters.test_road import ref_road
 from tests.adapters.test_shira import ref_shira
