@@ -10,6 +10,8 @@ in ``peftjax/models/README.md``; models are used functionally through
     graphdef, params = split_params(model)
     logits = apply(graphdef, params, tokens, attention_mask=mask)
 
+``replicate_layers`` makes the deeper tree and config of PEFT's
+``layer_replication`` (repeated layers share the base arrays).
 ``load_tokenizer`` and ``load_chat_template`` read a checkpoint's tokeniser
 and stored chat template (for ``peftjax.data.chat_format``).
 """
@@ -26,6 +28,8 @@ from peftjax.models._functional import apply as apply
 from peftjax.models._functional import param_shapes as param_shapes
 from peftjax.models._functional import rebuild as rebuild
 from peftjax.models._functional import split_params as split_params
+from peftjax.models._replicate import replicate_layers as replicate_layers
+from peftjax.models._replicate import replicated_layer_index as replicated_layer_index
 from peftjax.models._tokenizers import load_tokenizer as load_tokenizer
 from peftjax.models._tokenizers import tokenizer_from_gguf as tokenizer_from_gguf
 
@@ -40,6 +44,8 @@ __all__ = [
     "minilm_dir",
     "param_shapes",
     "rebuild",
+    "replicate_layers",
+    "replicated_layer_index",
     "shakespeare_texts",
     "smollm2_gguf",
     "split_params",
