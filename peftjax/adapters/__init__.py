@@ -46,6 +46,8 @@ from peftjax.adapters._adamss_asa import adamss_init_importance as adamss_init_i
 from peftjax.adapters._adamss_asa import adamss_update_importance as adamss_update_importance
 from peftjax.adapters._batched import BatchedRouting as BatchedRouting
 from peftjax.adapters._batched import batched as batched
+from peftjax.adapters._bdlora import BdLoRAParams as BdLoRAParams
+from peftjax.adapters._bdlora import bdlora as bdlora
 from peftjax.adapters._beft import BEFTParams as BEFTParams
 from peftjax.adapters._beft import beft as beft
 from peftjax.adapters._boft import BOFTParams as BOFTParams
@@ -405,6 +407,8 @@ __all__ = [
     "hra_orthogonality",
     "QALoRAParams",
     "qalora",
+    "BdLoRAParams",
+    "bdlora",
     "BOFTParams",
     "boft",
     "boft_layout",

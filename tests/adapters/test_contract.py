@@ -15,6 +15,7 @@ import pytest
 from peftjax import adapters, tree
 from tests import helpers as h
 from tests.adapters.test_adamss import ref_adamss
+from tests.adapters.test_bdlora import ref_bdlora
 from tests.adapters.test_beft import ref_beft
 from tests.adapters.test_boft import ref_boft
 from tests.adapters.test_c3a import ref_c3a
@@ -381,6 +382,15 @@ ADAPTERS = [
         True,
         lambda w, t, f: ref_qalora(w, t, f, s=2.0, g=1),
         lambda i, o: 3 * (i + o),
+    ),
+    (
+        # one block: the suite's widths (6, 5, 4) share no divisor > 1
+        # (test_bdlora.py covers real blocks on both sides)
+        "bdlora",
+        lambda: adapters.bdlora(2, nblocks=1, block_diagonal="a", alpha=4.0),
+        True,
+        lambda w, t, f: ref_bdlora(w, t, f, s=2.0, side="a"),
+        lambda i, o: 2 * (i + o),
     ),
 ]
 IDS = [a[0] for a in ADAPTERS]
