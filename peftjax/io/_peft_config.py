@@ -5,9 +5,10 @@ PEFT writes every field of its config class. peftjax honours the fields that
 change the weights it reads (``r``, ``lora_alpha``, ``use_rslora``,
 ``rank_pattern``, ``alpha_pattern``, ``use_dora``, ``lora_dropout``,
 ``modules_to_save``, ``ensure_weight_tying``, VeRA's projections, (IA)³'s
-``feedforward_modules``, LoHa's ``r``/``alpha``/patterns, QA-LoRA's ``use_qalora`` /
-``qalora_group_size``, ``layer_replication`` (checked against the key map's
-depth: the caller replicates the base)) and the fields that select modules
+``feedforward_modules``, LoHa's ``r``/``alpha``/patterns, QA-LoRA's
+``use_qalora`` / ``qalora_group_size``, BD-LoRA's ``use_bdlora``,
+``layer_replication`` (checked against the key map's depth: the caller
+replicates the base)) and the fields that select modules
 (``target_modules``, ``exclude_modules``, ``layers_to_transform``,
 ``layers_pattern``: ``load_peft`` requires the file's tensors to be exactly
 the selected modules'), accepts descriptive fields
@@ -15,7 +16,7 @@ the selected modules'), accepts descriptive fields
 field whose value differs from PEFT's default, naming it: nothing is
 silently dropped. Fields of the wrong JSON type are errors naming the file.
 
-Exports: ``SUPPORTED_PEFT_TYPES``, ``alpha_for``, ``check_config``,
+Exports: ``SUPPORTED_PEFT_TYPES``, ``alpha_for``, ``bdlora_side``, ``check_config``,
 ``most_common``, ``pattern_value``, ``selection``, ``unused_pattern_keys``,
 ``is_feedforward``.
 """
@@ -47,7 +48,8 @@ _HONOURED = {
                        "alpha_pattern", "use_dora", "lora_dropout",
                        "init_lora_weights", "ensure_weight_tying",
                        "layers_to_transform", "layers_pattern",
-                       "use_qalora", "qalora_group_size", "layer_replication"}),
+                       "use_qalora", "qalora_group_size", "layer_replication",
+                       "use_bdlora"}),
     "VERA": frozenset({"r", "projection_prng_key", "save_projection",
                        "d_initial", "init_weights", "layers_to_transform",
                        "layers_pattern"}),
@@ -68,7 +70,7 @@ _DEFAULTS = {
         "lora_ga_config": None, "velora_config": None,
         "alora_invocation_tokens": None, "monteclora_config": None,
         "lora_bias": False, "target_parameters": None,
-        "use_bdlora": None, "arrow_config": None, "kasa_config": None,
+        "arrow_config": None, "kasa_config": None,
     },
     # peftjax's VeRA has no input dropout.
     "VERA": {"fan_in_fan_out": False, "bias": "none", "vera_dropout": 0.0},
@@ -130,6 +132,13 @@ _TYPES = {
     "layer_replication": (lambda v: isinstance(v, list) and all(
         isinstance(p, list) and len(p) == 2 and all(_int(i) and i >= 0 for i in p)
         and p[0] < p[1] for p in v), "a list of [start, end) pairs of ints"),
+    "use_bdlora": (lambda v: isinstance(v, dict) and set(v) <= {
+        "target_modules_bd_a", "target_modules_bd_b", "nblocks", "match_strict"}
+        and _int(v.get("nblocks", 1)) and v.get("nblocks", 1) > 0
+        and all(x is None or (isinstance(x, list) and all(isinstance(i, str) for i in x))
+                for x in (v.get("target_modules_bd_a"), v.get("target_modules_bd_b")))
+        and isinstance(v.get("match_strict", True), bool),
+        "a BdLoraConfig object (lists of str, a positive nblocks, match_strict)"),
 }
 
 
@@ -404,3 +413,43 @@ def is_feedforward(config: Mapping[str, Any], module: str) -> bool:
     if isinstance(ff, str):
         return re.fullmatch(ff, module) is not None
     return any(module.endswith(m) for m in ff)
+
+
+def bdlora_side(config: Mapping[str, Any], module: str, source: str) -> str | None:
+    """BD-LoRA's block-diagonal factor of ``module`` under ``use_bdlora``.
+
+    PEFT's ``BdLoraLinearVariant.init``: a pattern of ``target_modules_bd_a``
+    (``_bd_b``) that is a substring of the full module name makes ``A``
+    (``B``) block-diagonal.
+
+    Args:
+      config: the checked ``adapter_config.json``.
+      module: the full module name.
+      source: the file, for error messages.
+
+    Returns:
+      ``"a"``, ``"b"``, or None (a plain LoRA module, or no ``use_bdlora``).
+
+    Raises:
+      ValueError: both sides match, or neither with ``match_strict`` (PEFT
+        raises too).
+
+    Example:
+      >>> cfg = {"use_bdlora": {"target_modules_bd_a": ["o_proj"],
+      ...                       "target_modules_bd_b": ["q_proj"], "nblocks": 2}}
+      >>> bdlora_side(cfg, "model.layers.0.self_attn.q_proj", "cfg.json")
+      'b'
+    """
+    bd = config.get("use_bdlora")
+    if not bd:
+        return None
+    a = any(p in module for p in bd.get("target_modules_bd_a") or [])
+    b = any(p in module for p in bd.get("target_modules_bd_b") or [])
+    if a and b:
+        raise ValueError(f"{source}: use_bdlora: {module!r} matches both "
+                         "target_modules_bd_a and target_modules_bd_b (PEFT raises too)")
+    if not (a or b) and bd.get("match_strict", True):
+        raise ValueError(f"{source}: use_bdlora: {module!r} matches neither "
+                         "target_modules_bd_a nor target_modules_bd_b with "
+                         "match_strict=True (PEFT raises too)")
+    return "a" if a else "b" if b else None

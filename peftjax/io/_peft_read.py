@@ -533,7 +533,8 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
     module = key.module
     if peft_type == "LORA":
         a, b = got["a"], got["b"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        if a.ndim != 2 or b.ndim != 2 or (a.shape[0] != b.shape[1]
+                                          and not config.get("use_bdlora")):
             raise ValueError(f"load_peft: {module!r} has lora_A {a.shape} and lora_B "
                              f"{b.shape}; expected (r, in) and (out, r)")
         r = int(a.shape[0])
@@ -552,6 +553,27 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
                   dropout=float(config.get("lora_dropout", 0.0) or 0.0),
                   init=(_adapters.LoRAInit.EMBEDDING if emb
                         else _adapters.LoRAInit.KAIMING_UNIFORM))
+        side = None if emb else _peft_config.bdlora_side(config, module, source)
+        if side is not None:  # BD-LoRA: one factor is PEFT's BlockDiagonalLinear
+            nb = int(config["use_bdlora"].get("nblocks", 1))
+            r = int(a.shape[0])
+            n_in, n_out = dims.n_in, dims.n_out
+            want = ({"a": (r, n_in // nb), "b": (n_out, r)} if side == "a"
+                    else {"a": (r, n_in), "b": (n_out, r // nb)})
+            if (use_dora or r % nb or (n_in if side == "a" else n_out) % nb
+                    or {"a": a.shape, "b": b.shape} != want):
+                raise ValueError(
+                    f"load_peft: {module!r} has lora_A {a.shape} and lora_B {b.shape}; "
+                    f"use_bdlora (block-diagonal {side.upper()}, nblocks={nb}, in={n_in}, "
+                    f"out={n_out}) needs {want['a']} and {want['b']}, without use_dora")
+            if side == "a":
+                t = _adapters.BdLoRAParams(arr(a.reshape(nb, r // nb, -1).transpose(0, 2, 1)),
+                                           arr(b.T))
+            else:
+                t = _adapters.BdLoRAParams(arr(a.T),
+                                           arr(b.reshape(nb, -1, r // nb).transpose(0, 2, 1)))
+            kw.pop("init")
+            return _adapters.bdlora(r, nblocks=nb, block_diagonal=side, **kw), t, None
         if config.get("use_qalora"):  # QA-LoRA: lora_A (r, in/group)
             if emb or use_dora:
                 raise ValueError(f"load_peft: use_qalora on {module!r} with "

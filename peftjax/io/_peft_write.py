@@ -56,6 +56,7 @@ _TYPES = {
     _adapters.LoRAParams: "LORA",
     _adapters.DoRAParams: "LORA",
     _adapters.QALoRAParams: "LORA",
+    _adapters.BdLoRAParams: "LORA",
     _adapters.VeRAParams: "VERA",
     _adapters.ScaleParams: "IA3",
     _adapters.LNTuningParams: "LN_TUNING",
@@ -83,7 +84,7 @@ def from_torch(arr: np.ndarray, dims: tree.ResolvedDims) -> np.ndarray:
 def _probe_scaling(adapter: _adapters.Adapter, t: Any, n_in: int, n_out: int,
                    path: str) -> float:
     """The adapter's float32 scaling ``s``: ``delta(e_0)`` with unit factors."""
-    if isinstance(t, _adapters.QALoRAParams):  # its delta also pools (PEFT's factor)
+    if isinstance(t, (_adapters.QALoRAParams, _adapters.BdLoRAParams)):  # no plain unit
         return float(np.float32(dict(adapter.hyperparameters)["s"]))
     if adapter.factored is None or adapter.factored.terms is None:
         raise ValueError(f"save_peft: {adapter!r} on {path!r} has no factored "
@@ -290,6 +291,7 @@ def save_peft(
     feedforward: list[str] = []
     vera_bases: list[tuple[str, Any]] = []
     vera_cfg: set[tuple] = set()
+    bd_sides: dict[str, tuple[str, int]] = {}  # BD-LoRA: module -> (side, nblocks)
     for path in sorted(assignment):
         adapter, t, f = assignment[path], state.trainable[path], state.frozen[path]
         leaf = params_flat.get(path)
@@ -330,6 +332,20 @@ def save_peft(
                     _base_layer(leaf, dims, path, upath, key_map, layers_prefix),
                     _bias_layer(params_flat, path, upath, layers_prefix)))
                 tensors.update({f"{base}.{x}": v for x, v in tt.items()})
+            elif peft_type == "LORA" and isinstance(tu, _adapters.BdLoRAParams):
+                hp = dict(adapter.hyperparameters)
+                r, nblk = hp["rank"], hp["nblocks"]
+                ranks[k.module] = r
+                alphas[k.module] = _peft_config.alpha_for(s, r, use_rslora)
+                dropouts.add(adapter.dropout)
+                bd_sides[k.module] = (hp["block_diagonal"], nblk)
+                a, b = _np(tu.a), _np(tu.b)  # blocks: PEFT's BlockDiagonalLinear weight
+                a = (a.transpose(0, 2, 1).reshape(r, -1) if hp["block_diagonal"] == "a"
+                     else a.T)
+                b = (b.transpose(0, 2, 1).reshape(-1, r // nblk)
+                     if hp["block_diagonal"] == "b" else b.T)
+                tensors[base + ".lora_A.weight"] = np.ascontiguousarray(a)
+                tensors[base + ".lora_B.weight"] = np.ascontiguousarray(b)
             elif peft_type == "LORA":
                 r = int(tu.a.shape[-1])
                 ranks[k.module] = r
@@ -403,6 +419,8 @@ def save_peft(
             config["ensure_weight_tying"] = True
         if groups != {None}:
             config.update(use_qalora=True, qalora_group_size=groups.pop())
+        if bd_sides:
+            config["use_bdlora"] = _bdlora_config(bd_sides, modules)
         if layer_replication is not None:
             config["layer_replication"] = [[int(x) for x in p] for p in layer_replication]
     elif peft_type == "IA3":
@@ -460,3 +478,26 @@ def _vera_shared(bases: list[tuple[str, Any]], ranks: set[tuple]
                              "of one shared projection (different seeds?)")
     return {"base_model.vera_A": np.ascontiguousarray(a_full.T),
             "base_model.vera_B": np.ascontiguousarray(b_full.T)}
+
+
+def _bdlora_config(sides: dict[str, tuple[str, int]], modules: list[str]) -> dict:
+    """PEFT's ``use_bdlora`` (substring patterns) selecting exactly ``sides``."""
+    blocks = {nb for _, nb in sides.values()}
+    if len(blocks) > 1:
+        raise ValueError(f"save_peft: PEFT's use_bdlora has one nblocks; got {sorted(blocks)}")
+    strict = set(sides) == set(modules)
+    for short in (True, False):  # module names' last part if unambiguous, else in full
+        def pats(side, short=short):
+            return sorted({m.rsplit(".", 1)[-1] if short else m
+                           for m, (x, _) in sides.items() if x == side})
+        cfg = {"target_modules_bd_a": pats("a"), "target_modules_bd_b": pats("b"),
+               "nblocks": next(iter(blocks)), "match_strict": strict}
+        try:
+            got = {m: _peft_config.bdlora_side({"use_bdlora": cfg}, m, "save_peft")
+                   for m in modules}
+        except ValueError:
+            continue
+        if got == {m: sides[m][0] if m in sides else None for m in modules}:
+            return cfg
+    raise ValueError("save_peft: no use_bdlora substring patterns select the "
+                     f"block-diagonal sides {sides} (module names contain each other)")
