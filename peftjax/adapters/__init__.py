@@ -117,6 +117,11 @@ from peftjax.adapters._lowrank import compute_dtype as compute_dtype
 from peftjax.adapters._miss import MiSSParams as MiSSParams
 from peftjax.adapters._miss import MiSSVariant as MiSSVariant
 from peftjax.adapters._miss import miss as miss
+from peftjax.adapters._monteclora import MonteCLoRABuffers as MonteCLoRABuffers
+from peftjax.adapters._monteclora import MonteCLoRAParams as MonteCLoRAParams
+from peftjax.adapters._monteclora import monteclora as monteclora
+from peftjax.adapters._monteclora import monteclora_loss as monteclora_loss
+from peftjax.adapters._monteclora import monteclora_sample as monteclora_sample
 from peftjax.adapters._nola import NOLABasis as NOLABasis
 from peftjax.adapters._nola import NOLAParams as NOLAParams
 from peftjax.adapters._nola import nola as nola
@@ -409,6 +414,11 @@ __all__ = [
     "qalora",
     "BdLoRAParams",
     "bdlora",
+    "MonteCLoRAParams",
+    "MonteCLoRABuffers",
+    "monteclora",
+    "monteclora_sample",
+    "monteclora_loss",
     "BOFTParams",
     "boft",
     "boft_layout",

@@ -392,6 +392,14 @@ ADAPTERS = [
         lambda w, t, f: ref_bdlora(w, t, f, s=2.0, side="a"),
         lambda i, o: 2 * (i + o),
     ),
+    (
+        # evaluation form (LoRA on the posterior mean); test_monteclora.py checks draws
+        "monteclora",
+        lambda: adapters.monteclora(3, num_samples=2, alpha=6.0),
+        True,
+        lambda w, t, f: h.ref_lora(w, t, f, s=2.0),
+        lambda i, o: 3 * (i + o) + 3 + 2,
+    ),
 ]
 IDS = [a[0] for a in ADAPTERS]
 # Adapters that pair output features (RoAd rotates pairs): the suite's odd
