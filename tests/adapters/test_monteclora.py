@@ -1,6 +1,7 @@
 """MonteCLoRA (peftjax.adapters.monteclora): LoRA at evaluation (the contract suite's
-reference); the training draw's distribution against PEFT's sampler equations in float64 (noise, Wishart diagonal,
-log-normal Dirichlet weights); PEFT's variational loss in float64."""
+reference); the training draw's distribution against PEFT's sampler equations in
+float64 (noise, Wishart diagonal, log-normal Dirichlet weights); PEFT's variational
+loss in float64."""
 
 import jax
 import jax.numpy as jnp
