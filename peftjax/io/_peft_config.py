@@ -7,6 +7,7 @@ change the weights it reads (``r``, ``lora_alpha``, ``use_rslora``,
 ``modules_to_save``, ``ensure_weight_tying``, VeRA's projections, (IA)³'s
 ``feedforward_modules``, LoHa's ``r``/``alpha``/patterns, QA-LoRA's
 ``use_qalora`` / ``qalora_group_size``, BD-LoRA's ``use_bdlora``,
+MonteCLoRA's ``monteclora_config``,
 ``layer_replication`` (checked against the key map's depth: the caller
 replicates the base)) and the fields that select modules
 (``target_modules``, ``exclude_modules``, ``layers_to_transform``,
@@ -49,7 +50,7 @@ _HONOURED = {
                        "init_lora_weights", "ensure_weight_tying",
                        "layers_to_transform", "layers_pattern",
                        "use_qalora", "qalora_group_size", "layer_replication",
-                       "use_bdlora"}),
+                       "use_bdlora", "monteclora_config"}),
     "VERA": frozenset({"r", "projection_prng_key", "save_projection",
                        "d_initial", "init_weights", "layers_to_transform",
                        "layers_pattern"}),
@@ -68,8 +69,7 @@ _DEFAULTS = {
         "megatron_core": "megatron.core", "trainable_token_indices": None,
         "loftq_config": {}, "eva_config": None, "corda_config": None,
         "lora_ga_config": None, "velora_config": None,
-        "alora_invocation_tokens": None, "monteclora_config": None,
-        "lora_bias": False, "target_parameters": None,
+        "alora_invocation_tokens": None, "lora_bias": False, "target_parameters": None,
         "arrow_config": None, "kasa_config": None,
     },
     # peftjax's VeRA has no input dropout.
@@ -139,6 +139,15 @@ _TYPES = {
                 for x in (v.get("target_modules_bd_a"), v.get("target_modules_bd_b")))
         and isinstance(v.get("match_strict", True), bool),
         "a BdLoraConfig object (lists of str, a positive nblocks, match_strict)"),
+    "monteclora_config": (lambda v: isinstance(v, dict) and set(v) <= {
+        "num_samples", "use_entropy", "dirichlet_prior", "sample_scaler",
+        "kl_loss_weight", "buffer_size"} and _int(v.get("num_samples", 8))
+        and v.get("num_samples", 8) > 0 and isinstance(v.get("use_entropy", False), bool)
+        and all(_number(v.get(k, 1.0)) and v.get(k, 1.0) > 0
+                for k in ("dirichlet_prior", "sample_scaler"))
+        and _number(v.get("kl_loss_weight", 0.0)),
+        "a MontecloraConfig object (positive num_samples, dirichlet_prior, "
+        "sample_scaler)"),
 }
 
 

@@ -49,7 +49,12 @@ _SUFFIXES = (
     (".ia3_l", "ia3", _peft_keys.TensorLayout.KERNEL),
     (".vera_lambda_b", "lambda_b", _peft_keys.TensorLayout.KERNEL),
     (".vera_lambda_d", "lambda_d", _peft_keys.TensorLayout.KERNEL),
+    *((f".lora_monteclora_sampler.{x}", f"mc_{x}", _peft_keys.TensorLayout.KERNEL)
+      for x in ("std_prior", "expert_weights_prior", "gaussian_var_prior",
+                "expert_weights")),
 )
+_MC = {"mc_std_prior", "mc_expert_weights_prior", "mc_gaussian_var_prior",
+       "mc_expert_weights"}  # MonteCLoRA's sampler tensors
 _NEEDS = {"LORA": {"a", "b"}, "IA3": {"ia3"}, "VERA": {"lambda_b", "lambda_d"}}
 
 
@@ -323,6 +328,8 @@ def load_peft(
     if not parts:
         raise ValueError(f"load_peft: {str(directory)!r} holds no {peft_type} tensors")
     needs = _NEEDS.get(peft_type, set()) | ({"magnitude"} if use_dora else set())
+    needs = needs | (_MC if peft_type == "LORA" and config.get("monteclora_config")
+                     else set())
     for upath, got in sorted(parts.items()):
         want = tuner.needs(set(got)) if tuner is not None else needs
         if set(got) != want:
@@ -553,6 +560,29 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
                   dropout=float(config.get("lora_dropout", 0.0) or 0.0),
                   init=(_adapters.LoRAInit.EMBEDDING if emb
                         else _adapters.LoRAInit.KAIMING_UNIFORM))
+        mc = config.get("monteclora_config")
+        if mc:  # MonteCLoRA: LoRA + the sampler's priors and buffers
+            n, std, prior = int(mc.get("num_samples", 8)), got["mc_std_prior"], \
+                got["mc_expert_weights_prior"]
+            var, w = got["mc_gaussian_var_prior"], got["mc_expert_weights"]
+            if emb or use_dora or config.get("use_qalora") or config.get("use_bdlora"):
+                raise ValueError(f"load_peft: monteclora_config on {module!r} with an "
+                                 "embedding, use_dora, use_qalora or use_bdlora (PEFT "
+                                 "resolves one LoRA variant per Linear module)")
+            shapes = (std.shape, prior.shape, var.shape, w.shape)
+            if shapes != ((r,), (n,), (r, r), (n,)):
+                raise ValueError(
+                    f"load_peft: {module!r} has MonteCLoRA sampler tensors of shapes "
+                    f"{shapes}; monteclora_config num_samples={n} with rank {r} needs "
+                    f"{((r,), (n,), (r, r), (n,))}")
+            kw.pop("init")
+            ad = _adapters.monteclora(
+                r, num_samples=n, sample_scaler=float(mc.get("sample_scaler", 1e-4)),
+                dirichlet_prior=float(mc.get("dirichlet_prior", 0.1)),
+                kl_loss_weight=float(mc.get("kl_loss_weight", 1e-5)),
+                use_entropy=bool(mc.get("use_entropy", False)), **kw)
+            return (ad, _adapters.MonteCLoRAParams(arr(a.T), arr(b.T), arr(std), arr(prior)),
+                    _adapters.MonteCLoRABuffers(arr(var), arr(w)))
         side = None if emb else _peft_config.bdlora_side(config, module, source)
         if side is not None:  # BD-LoRA: one factor is PEFT's BlockDiagonalLinear
             nb = int(config["use_bdlora"].get("nblocks", 1))

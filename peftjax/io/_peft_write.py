@@ -49,6 +49,9 @@ from peftjax.io import _peft_config, _peft_keys, _peft_tuner, _peft_tuners, _saf
 from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
 
 PREFIX = "base_model.model."
+# MonteCLoRA's hyperparameters written as PEFT's monteclora_config
+_MC_FIELDS = ("num_samples", "use_entropy", "dirichlet_prior", "sample_scaler",
+              "kl_loss_weight")
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -57,6 +60,7 @@ _TYPES = {
     _adapters.DoRAParams: "LORA",
     _adapters.QALoRAParams: "LORA",
     _adapters.BdLoRAParams: "LORA",
+    _adapters.MonteCLoRAParams: "LORA",
     _adapters.VeRAParams: "VERA",
     _adapters.ScaleParams: "IA3",
     _adapters.LNTuningParams: "LN_TUNING",
@@ -84,7 +88,8 @@ def from_torch(arr: np.ndarray, dims: tree.ResolvedDims) -> np.ndarray:
 def _probe_scaling(adapter: _adapters.Adapter, t: Any, n_in: int, n_out: int,
                    path: str) -> float:
     """The adapter's float32 scaling ``s``: ``delta(e_0)`` with unit factors."""
-    if isinstance(t, (_adapters.QALoRAParams, _adapters.BdLoRAParams)):  # no plain unit
+    if isinstance(t, (_adapters.QALoRAParams, _adapters.BdLoRAParams,
+                      _adapters.MonteCLoRAParams)):  # no plain unit probe
         return float(np.float32(dict(adapter.hyperparameters)["s"]))
     if adapter.factored is None or adapter.factored.terms is None:
         raise ValueError(f"save_peft: {adapter!r} on {path!r} has no factored "
@@ -266,6 +271,12 @@ def save_peft(
         raise ValueError("save_peft: PEFT's use_qalora holds for every module of "
                          "an adapter, with one qalora_group_size; got group sizes "
                          f"{sorted(map(str, groups))}")
+    mcs = {tuple(dict(a.hyperparameters)[k] for k in _MC_FIELDS) if isinstance(
+        state.trainable[p], _adapters.MonteCLoRAParams) else None
+        for p, a in assignment.items()}
+    if len(mcs) > 1:
+        raise ValueError("save_peft: PEFT's monteclora_config holds for every module of "
+                         f"an adapter; got {sorted(map(str, mcs))}")
     if layer_replication is not None and peft_type != "LORA":
         raise ValueError(f"save_peft: layer_replication is a LoRA field; got {peft_type}")
     infos: dict[str, Any] = {}
@@ -360,6 +371,12 @@ def save_peft(
                     tensors[base + ".lora_B.weight"] = np.ascontiguousarray(b)
                 if dora:
                     tensors[base + ".lora_magnitude_vector"] = _np(tu.magnitude)
+                if isinstance(tu, _adapters.MonteCLoRAParams):
+                    mc = base + ".lora_monteclora_sampler."
+                    tensors[mc + "std_prior"] = _np(tu.std_prior)
+                    tensors[mc + "expert_weights_prior"] = _np(tu.expert_weights_prior)
+                    tensors[mc + "gaussian_var_prior"] = _np(fu.gaussian_var)
+                    tensors[mc + "expert_weights"] = _np(fu.expert_weights)
             elif peft_type == "IA3":
                 unit = _adapters.ScaleParams(jnp.ones_like(tu.scale))
                 terms = adapter.factored.terms(
@@ -419,6 +436,9 @@ def save_peft(
             config["ensure_weight_tying"] = True
         if groups != {None}:
             config.update(use_qalora=True, qalora_group_size=groups.pop())
+        if mcs != {None}:
+            config["monteclora_config"] = dict(zip(_MC_FIELDS, mcs.pop(), strict=True),
+                                               buffer_size=150)  # PEFT's default
         if bd_sides:
             config["use_bdlora"] = _bdlora_config(bd_sides, modules)
         if layer_replication is not None:
