@@ -28,12 +28,17 @@ defaults (``a=0``: ``U(±sqrt(6/m))``, fan-in ``m``), not LoRA's ``a=sqrt(5)``;
 a block-diagonal ``B`` is zero and ``A`` is LoRA's ``U(±1/sqrt(in))``. Both
 are the identity at init.
 
-Sharding: the block factor's leading ``nb`` axis is where
-``peftjax.shard.adapter_shardings`` puts the base's mesh axis (a 3-D factor
-matches none of the base's ``in``/``out`` sizes; a base axis then moves to the
-first axis it divides): with ``nb`` a multiple of the tensor-parallel degree,
-block ``i`` lives on the shard that holds input (or output) block ``i`` of the
-base, and the dense factor follows the base's unsharded side.
+Sharding (``peftjax.shard.adapter_shardings``, derived from the base leaf):
+the block factor's leading ``nb`` axis matches none of the base's
+``in``/``out`` sizes, so the base's tensor-parallel mesh axis moves to it
+(the first axis it divides): with ``nb`` a multiple of the tensor-parallel
+degree, block ``i`` lives on the shard holding input (``"a"``) or output
+(``"b"``) block ``i`` of the base. The dense factor follows the generic rule
+(split on its ``in`` or ``out`` axis), not along its rank axis, which is
+where BD-LoRA's communication saving needs it (``"a"``: ``b (r, out)`` split
+over ``r``; ``"b"``: ``a (in, r)`` split over ``r``); place it so explicitly
+(e.g. ``PartitionSpec(None, "tensor")`` for a ``"b"`` module's ``a``). XLA's
+partitioner inserts whatever collectives a placement needs either way.
 
 Factored form (``FactoredTerms.delta``): ``"a"``: ``x`` split into ``nb``
 blocks, a batched ``(m, n)`` product, then ``@ b``: ``2·r·in/nb + 2·r·out``
