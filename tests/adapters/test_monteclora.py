@@ -14,31 +14,38 @@ from tests import helpers as h
 
 
 def _state(seed=0, n_in=6, r=3, n=4, scaler=0.05, dtype=jnp.float64, **kw):
+    """A one-leaf assignment and a state with random priors (no adapters.init)."""
     params = {"w": jnp.zeros((n_in, 5), dtype)}
     ad = adapters.monteclora(r, num_samples=n, sample_scaler=scaler, param_dtype=dtype,
                              **kw)
     a = tree.assign(params, [tree.Rule(where="w", then=ad)])
-    st = adapters.init(a, jax.random.key(seed), params)
     rng = np.random.default_rng(seed)
-    t = st.trainable["w"]._replace(
+    t = adapters.MonteCLoRAParams(
         a=jnp.asarray(rng.standard_normal((n_in, r)), dtype),
+        b=jnp.zeros((r, 5), dtype),
         std_prior=jnp.asarray(rng.uniform(0.2, 0.8, r), dtype),
         expert_weights_prior=jnp.asarray(rng.uniform(-0.5, 0.5, n), dtype))
-    return a, adapters.AdapterState({"w": t}, st.frozen)
+    f = adapters.MonteCLoRABuffers(jnp.eye(r, dtype=dtype), jnp.full((n,), 1 / n, dtype))
+    return a, adapters.AdapterState({"w": t}, {"w": f})
 
 
-def test_monteclora_training_draw_matches_peft_sampler_in_float64():
+def test_monteclora_training_draw_matches_peft_sampler_equations():
     k_draws = 3000  # deterministic keys; tolerances are >= 3 Monte Carlo sigmas
-    with jax.enable_x64(True):
-        a, st = _state()
-        t = st.trainable["w"]
-        draw = jax.jit(jax.vmap(lambda k: adapters.monteclora_sample(k, a, *st)))
-        ts, fs = draw(jax.random.split(jax.random.key(3), k_draws))
-        a_s, g = h.f64(ts["w"].a), np.diagonal(h.f64(fs["w"].gaussian_var), axis1=1, axis2=2)
-        w = h.f64(fs["w"].expert_weights)
+    # float32 draws (a model's dtype; no float64 recompiles), statistics in float64
+    a, st = _state(dtype=jnp.float32)
+    t = st.trainable["w"]
+
+    def draws_and_grads(keys, tr):  # one compile for both
+        ts, fs = jax.vmap(lambda k: adapters.monteclora_sample(k, a, tr, st.frozen))(keys)
         # reparameterised: the draw is differentiable in the priors (PEFT's gradients)
-        grads = jax.jit(jax.grad(lambda tr: jnp.sum(adapters.monteclora_sample(
-            jax.random.key(0), a, tr, st.frozen)[0]["w"].a ** 2)))(st.trainable)
+        grads = jax.grad(lambda x: jnp.sum(adapters.monteclora_sample(
+            keys[0], a, x, st.frozen)[0]["w"].a ** 2))(tr)
+        return ts, fs, grads
+
+    ts, fs, grads = jax.jit(draws_and_grads)(
+        jax.random.split(jax.random.key(3), k_draws), st.trainable)
+    a_s, g = h.f64(ts["w"].a), np.diagonal(h.f64(fs["w"].gaussian_var), axis1=1, axis2=2)
+    w = h.f64(fs["w"].expert_weights)
     assert np.all(np.abs(h.f64(grads["w"].std_prior)) > 0)
     assert np.all(np.abs(h.f64(grads["w"].expert_weights_prior)) > 0)
     assert len({a_s[i].tobytes() for i in range(5)}) == 5  # one draw per key
@@ -59,7 +66,7 @@ def test_monteclora_training_draw_matches_peft_sampler_in_float64():
     diff = lw[:, 1:] - lw[:, :1]
     np.testing.assert_allclose(diff.mean(0), mu[1:] - mu[0], atol=0.1)
     np.testing.assert_allclose(diff.var(0), d[1:] + d[0], rtol=0.1)
-    np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-6)
 
 
 @pytest.mark.parametrize("use_entropy", [False, True])
