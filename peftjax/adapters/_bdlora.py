@@ -1,6 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """BD-LoRA: LoRA with one block-diagonal factor, for tensor-parallel serving.
 
+Block-Diagonal LoRA for Eliminating Communication Overhead in Tensor Parallel
+LoRA Serving. Wang, Kübler, Budhathoki, Wang & Kleindessner, 2025.
+https://arxiv.org/abs/2510.23346
+
 Hugging Face PEFT's ``LoraConfig(use_bdlora=BdLoraConfig(...))``
 (``tuners/lora/variants.py``: ``BdLoraLinearVariant``, ``BlockDiagonalLinear``;
 followed here, also for its files). In a tensor-parallel layer sharded over
@@ -128,6 +132,9 @@ def bdlora(
       ((2, 3, 2), (4, 5))
       >>> bool(jnp.array_equal(ad.apply(w, t, f), w))
       True
+
+    References:
+      Wang et al., 2025, https://arxiv.org/abs/2510.23346
     """
     rank = _lora.check_rank(rank, "bdlora")
     if isinstance(nblocks, bool) or not isinstance(nblocks, int) or nblocks <= 0:
