@@ -17,7 +17,7 @@ the selected modules'), accepts descriptive fields
 field whose value differs from PEFT's default, naming it: nothing is
 silently dropped. Fields of the wrong JSON type are errors naming the file.
 
-Exports: ``SUPPORTED_PEFT_TYPES``, ``alpha_for``, ``bdlora_side``, ``check_config``,
+Exports: ``SUPPORTED_PEFT_TYPES``, ``alpha_for``, ``check_config``,
 ``most_common``, ``pattern_value``, ``selection``, ``unused_pattern_keys``,
 ``is_feedforward``.
 """
@@ -423,42 +423,3 @@ def is_feedforward(config: Mapping[str, Any], module: str) -> bool:
         return re.fullmatch(ff, module) is not None
     return any(module.endswith(m) for m in ff)
 
-
-def bdlora_side(config: Mapping[str, Any], module: str, source: str) -> str | None:
-    """BD-LoRA's block-diagonal factor of ``module`` under ``use_bdlora``.
-
-    PEFT's ``BdLoraLinearVariant.init``: a pattern of ``target_modules_bd_a``
-    (``_bd_b``) that is a substring of the full module name makes ``A``
-    (``B``) block-diagonal.
-
-    Args:
-      config: the checked ``adapter_config.json``.
-      module: the full module name.
-      source: the file, for error messages.
-
-    Returns:
-      ``"a"``, ``"b"``, or None (a plain LoRA module, or no ``use_bdlora``).
-
-    Raises:
-      ValueError: both sides match, or neither with ``match_strict`` (PEFT
-        raises too).
-
-    Example:
-      >>> cfg = {"use_bdlora": {"target_modules_bd_a": ["o_proj"],
-      ...                       "target_modules_bd_b": ["q_proj"], "nblocks": 2}}
-      >>> bdlora_side(cfg, "model.layers.0.self_attn.q_proj", "cfg.json")
-      'b'
-    """
-    bd = config.get("use_bdlora")
-    if not bd:
-        return None
-    a = any(p in module for p in bd.get("target_modules_bd_a") or [])
-    b = any(p in module for p in bd.get("target_modules_bd_b") or [])
-    if a and b:
-        raise ValueError(f"{source}: use_bdlora: {module!r} matches both "
-                         "target_modules_bd_a and target_modules_bd_b (PEFT raises too)")
-    if not (a or b) and bd.get("match_strict", True):
-        raise ValueError(f"{source}: use_bdlora: {module!r} matches neither "
-                         "target_modules_bd_a nor target_modules_bd_b with "
-                         "match_strict=True (PEFT raises too)")
-    return "a" if a else "b" if b else None

@@ -32,6 +32,7 @@ from peftjax.io import (
     _json,
     _peft_config,
     _peft_keys,
+    _peft_lora_variants,
     _peft_tuner,
     _peft_tuners,
     _peft_write,
@@ -49,12 +50,8 @@ _SUFFIXES = (
     (".ia3_l", "ia3", _peft_keys.TensorLayout.KERNEL),
     (".vera_lambda_b", "lambda_b", _peft_keys.TensorLayout.KERNEL),
     (".vera_lambda_d", "lambda_d", _peft_keys.TensorLayout.KERNEL),
-    *((f".lora_monteclora_sampler.{x}", f"mc_{x}", _peft_keys.TensorLayout.KERNEL)
-      for x in ("std_prior", "expert_weights_prior", "gaussian_var_prior",
-                "expert_weights")),
+    *((x, f, _peft_keys.TensorLayout.KERNEL) for x, f in _peft_lora_variants.MC_SUFFIXES),
 )
-_MC = {"mc_std_prior", "mc_expert_weights_prior", "mc_gaussian_var_prior",
-       "mc_expert_weights"}  # MonteCLoRA's sampler tensors
 _NEEDS = {"LORA": {"a", "b"}, "IA3": {"ia3"}, "VERA": {"lambda_b", "lambda_d"}}
 
 
@@ -254,7 +251,7 @@ def load_peft(
             weights=str(directory / _peft_write.WEIGHTS_NAME))
         return PeftAdapter(a, st, {}, config)
     selection = _peft_config.selection(config, key_map, source, output_modules)
-    _check_replication(config, key_map, layers_prefix, source)
+    _peft_lora_variants.check_replication(config, key_map, layers_prefix, source)
     flat = tree.leaves_by_path(params)
     use_dora = bool(config.get("use_dora", False))
     saved = set(config.get("modules_to_save") or [])
@@ -328,8 +325,7 @@ def load_peft(
     if not parts:
         raise ValueError(f"load_peft: {str(directory)!r} holds no {peft_type} tensors")
     needs = _NEEDS.get(peft_type, set()) | ({"magnitude"} if use_dora else set())
-    needs = needs | (_MC if peft_type == "LORA" and config.get("monteclora_config")
-                     else set())
+    needs |= _peft_lora_variants.extra_needs(peft_type, config)  # MonteCLoRA's
     for upath, got in sorted(parts.items()):
         want = tuner.needs(set(got)) if tuner is not None else needs
         if set(got) != want:
@@ -419,23 +415,6 @@ def _check_selection(selection: Any, config: dict,
         warnings.warn(f"load_peft: {source}: pattern keys that match no selected "
                       f"module are ignored (as PEFT does): {unused}", RuntimeWarning,
                       stacklevel=3)
-
-
-def _check_replication(config: dict, key_map: dict[str, _peft_keys.PeftKey],
-                       prefix: str, source: str) -> None:
-    """``layer_replication``: the key map (and params) must be the replicated model's."""
-    spans = config.get("layer_replication")
-    if not spans:
-        return
-    want = sum(end - start for start, end in spans)
-    head = prefix + "/"
-    got = {p[len(head):].split("/", 1)[0] for p in key_map if p.startswith(head)}
-    if len(got) != want:
-        raise ValueError(
-            f"load_peft: {source} has layer_replication={spans!r}: PEFT's model has "
-            f"{want} layers, the key map {len(got)}; replicate params and config "
-            "with peftjax.models.replicate_layers first and build the key map from "
-            "the returned config")
 
 
 def _check_saved(config: dict, key_map: dict[str, _peft_keys.PeftKey],
@@ -560,63 +539,10 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
                   dropout=float(config.get("lora_dropout", 0.0) or 0.0),
                   init=(_adapters.LoRAInit.EMBEDDING if emb
                         else _adapters.LoRAInit.KAIMING_UNIFORM))
-        mc = config.get("monteclora_config")
-        if mc:  # MonteCLoRA: LoRA + the sampler's priors and buffers
-            n, std, prior = int(mc.get("num_samples", 8)), got["mc_std_prior"], \
-                got["mc_expert_weights_prior"]
-            var, w = got["mc_gaussian_var_prior"], got["mc_expert_weights"]
-            if emb or use_dora or config.get("use_qalora") or config.get("use_bdlora"):
-                raise ValueError(f"load_peft: monteclora_config on {module!r} with an "
-                                 "embedding, use_dora, use_qalora or use_bdlora (PEFT "
-                                 "resolves one LoRA variant per Linear module)")
-            shapes = (std.shape, prior.shape, var.shape, w.shape)
-            if shapes != ((r,), (n,), (r, r), (n,)):
-                raise ValueError(
-                    f"load_peft: {module!r} has MonteCLoRA sampler tensors of shapes "
-                    f"{shapes}; monteclora_config num_samples={n} with rank {r} needs "
-                    f"{((r,), (n,), (r, r), (n,))}")
-            kw.pop("init")
-            ad = _adapters.monteclora(
-                r, num_samples=n, sample_scaler=float(mc.get("sample_scaler", 1e-4)),
-                dirichlet_prior=float(mc.get("dirichlet_prior", 0.1)),
-                kl_loss_weight=float(mc.get("kl_loss_weight", 1e-5)),
-                use_entropy=bool(mc.get("use_entropy", False)), **kw)
-            return (ad, _adapters.MonteCLoRAParams(arr(a.T), arr(b.T), arr(std), arr(prior)),
-                    _adapters.MonteCLoRABuffers(arr(var), arr(w)))
-        side = None if emb else _peft_config.bdlora_side(config, module, source)
-        if side is not None:  # BD-LoRA: one factor is PEFT's BlockDiagonalLinear
-            nb = int(config["use_bdlora"].get("nblocks", 1))
-            r = int(a.shape[0])
-            n_in, n_out = dims.n_in, dims.n_out
-            want = ({"a": (r, n_in // nb), "b": (n_out, r)} if side == "a"
-                    else {"a": (r, n_in), "b": (n_out, r // nb)})
-            if (use_dora or r % nb or (n_in if side == "a" else n_out) % nb
-                    or {"a": a.shape, "b": b.shape} != want):
-                raise ValueError(
-                    f"load_peft: {module!r} has lora_A {a.shape} and lora_B {b.shape}; "
-                    f"use_bdlora (block-diagonal {side.upper()}, nblocks={nb}, in={n_in}, "
-                    f"out={n_out}) needs {want['a']} and {want['b']}, without use_dora")
-            if side == "a":
-                t = _adapters.BdLoRAParams(arr(a.reshape(nb, r // nb, -1).transpose(0, 2, 1)),
-                                           arr(b.T))
-            else:
-                t = _adapters.BdLoRAParams(arr(a.T),
-                                           arr(b.reshape(nb, -1, r // nb).transpose(0, 2, 1)))
-            kw.pop("init")
-            return _adapters.bdlora(r, nblocks=nb, block_diagonal=side, **kw), t, None
-        if config.get("use_qalora"):  # QA-LoRA: lora_A (r, in/group)
-            if emb or use_dora:
-                raise ValueError(f"load_peft: use_qalora on {module!r} with "
-                                 f"{'an embedding' if emb else 'use_dora'} (PEFT's "
-                                 "QA-LoRA adapts Linear modules only, without DoRA)")
-            g = int(config.get("qalora_group_size", 16))
-            if a.shape[1] * g != dims.n_in:
-                raise ValueError(f"load_peft: {module!r} has lora_A {a.shape}; with "
-                                 f"qalora_group_size={g} and in={dims.n_in} it needs "
-                                 f"({r}, {dims.n_in // g}) (in divisible by the group)")
-            kw.pop("init")
-            return (_adapters.qalora(r, group_size=g, **kw),
-                    _adapters.QALoRAParams(arr(a.T), arr(b.T)), None)
+        variant = _peft_lora_variants.read_module(config, module, got, kw, dims, emb,
+                                                  use_dora, arr, source)
+        if variant is not None:  # QA-LoRA, BD-LoRA, MonteCLoRA
+            return variant
         if use_dora:
             if emb:
                 raise ValueError(f"load_peft: DoRA on the embedding {module!r} is not "

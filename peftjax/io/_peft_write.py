@@ -45,13 +45,17 @@ import numpy as np
 
 from peftjax import adapters as _adapters
 from peftjax import tree
-from peftjax.io import _peft_config, _peft_keys, _peft_tuner, _peft_tuners, _safetensors
+from peftjax.io import (
+    _peft_config,
+    _peft_keys,
+    _peft_lora_variants,
+    _peft_tuner,
+    _peft_tuners,
+    _safetensors,
+)
 from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
 
 PREFIX = "base_model.model."
-# MonteCLoRA's hyperparameters written as PEFT's monteclora_config
-_MC_FIELDS = ("num_samples", "use_entropy", "dirichlet_prior", "sample_scaler",
-              "kl_loss_weight")
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -88,8 +92,7 @@ def from_torch(arr: np.ndarray, dims: tree.ResolvedDims) -> np.ndarray:
 def _probe_scaling(adapter: _adapters.Adapter, t: Any, n_in: int, n_out: int,
                    path: str) -> float:
     """The adapter's float32 scaling ``s``: ``delta(e_0)`` with unit factors."""
-    if isinstance(t, (_adapters.QALoRAParams, _adapters.BdLoRAParams,
-                      _adapters.MonteCLoRAParams)):  # no plain unit probe
+    if _peft_lora_variants.is_variant(t):  # QA-LoRA pools, BD-LoRA has blocks
         return float(np.float32(dict(adapter.hyperparameters)["s"]))
     if adapter.factored is None or adapter.factored.terms is None:
         raise ValueError(f"save_peft: {adapter!r} on {path!r} has no factored "
@@ -264,21 +267,8 @@ def save_peft(
         raise ValueError("save_peft: the assignment is empty")
     peft_type = types[0]
     tuner = _peft_tuners.TUNERS.get(peft_type)
-    groups = {dict(a.hyperparameters).get("group_size") if isinstance(
-        state.trainable[p], _adapters.QALoRAParams) else None
-        for p, a in assignment.items()}
-    if len(groups) > 1:
-        raise ValueError("save_peft: PEFT's use_qalora holds for every module of "
-                         "an adapter, with one qalora_group_size; got group sizes "
-                         f"{sorted(map(str, groups))}")
-    mcs = {tuple(dict(a.hyperparameters)[k] for k in _MC_FIELDS) if isinstance(
-        state.trainable[p], _adapters.MonteCLoRAParams) else None
-        for p, a in assignment.items()}
-    if len(mcs) > 1:
-        raise ValueError("save_peft: PEFT's monteclora_config holds for every module of "
-                         f"an adapter; got {sorted(map(str, mcs))}")
-    if layer_replication is not None and peft_type != "LORA":
-        raise ValueError(f"save_peft: layer_replication is a LoRA field; got {peft_type}")
+    variants = _peft_lora_variants.write_checks(assignment, state.trainable,
+                                                layer_replication, peft_type)
     infos: dict[str, Any] = {}
     if peft_type == "LN_TUNING":
         from peftjax.io import _peft_ln_tuning
@@ -343,20 +333,13 @@ def save_peft(
                     _base_layer(leaf, dims, path, upath, key_map, layers_prefix),
                     _bias_layer(params_flat, path, upath, layers_prefix)))
                 tensors.update({f"{base}.{x}": v for x, v in tt.items()})
-            elif peft_type == "LORA" and isinstance(tu, _adapters.BdLoRAParams):
-                hp = dict(adapter.hyperparameters)
-                r, nblk = hp["rank"], hp["nblocks"]
-                ranks[k.module] = r
-                alphas[k.module] = _peft_config.alpha_for(s, r, use_rslora)
+            elif peft_type == "LORA" and _peft_lora_variants.is_variant(tu):
+                r, tt, side = _peft_lora_variants.write_module(adapter, tu, fu, _np)
+                ranks[k.module], alphas[k.module] = r, _peft_config.alpha_for(
+                    s, r, use_rslora)
                 dropouts.add(adapter.dropout)
-                bd_sides[k.module] = (hp["block_diagonal"], nblk)
-                a, b = _np(tu.a), _np(tu.b)  # blocks: PEFT's BlockDiagonalLinear weight
-                a = (a.transpose(0, 2, 1).reshape(r, -1) if hp["block_diagonal"] == "a"
-                     else a.T)
-                b = (b.transpose(0, 2, 1).reshape(-1, r // nblk)
-                     if hp["block_diagonal"] == "b" else b.T)
-                tensors[base + ".lora_A.weight"] = np.ascontiguousarray(a)
-                tensors[base + ".lora_B.weight"] = np.ascontiguousarray(b)
+                tensors.update({base + x: v for x, v in tt.items()})
+                bd_sides.update({k.module: side} if side else {})
             elif peft_type == "LORA":
                 r = int(tu.a.shape[-1])
                 ranks[k.module] = r
@@ -371,12 +354,6 @@ def save_peft(
                     tensors[base + ".lora_B.weight"] = np.ascontiguousarray(b)
                 if dora:
                     tensors[base + ".lora_magnitude_vector"] = _np(tu.magnitude)
-                if isinstance(tu, _adapters.MonteCLoRAParams):
-                    mc = base + ".lora_monteclora_sampler."
-                    tensors[mc + "std_prior"] = _np(tu.std_prior)
-                    tensors[mc + "expert_weights_prior"] = _np(tu.expert_weights_prior)
-                    tensors[mc + "gaussian_var_prior"] = _np(fu.gaussian_var)
-                    tensors[mc + "expert_weights"] = _np(fu.expert_weights)
             elif peft_type == "IA3":
                 unit = _adapters.ScaleParams(jnp.ones_like(tu.scale))
                 terms = adapter.factored.terms(
@@ -434,15 +411,8 @@ def save_peft(
                       bias="none", fan_in_fan_out=False, init_lora_weights=True)
         if tied:
             config["ensure_weight_tying"] = True
-        if groups != {None}:
-            config.update(use_qalora=True, qalora_group_size=groups.pop())
-        if mcs != {None}:
-            config["monteclora_config"] = dict(zip(_MC_FIELDS, mcs.pop(), strict=True),
-                                               buffer_size=150)  # PEFT's default
-        if bd_sides:
-            config["use_bdlora"] = _bdlora_config(bd_sides, modules)
-        if layer_replication is not None:
-            config["layer_replication"] = [[int(x) for x in p] for p in layer_replication]
+        config.update(_peft_lora_variants.config_fields(variants, bd_sides, modules,
+                                                        layer_replication))
     elif peft_type == "IA3":
         config.update(feedforward_modules=_targets(feedforward, key_map)
                       if feedforward else [], fan_in_fan_out=False)
@@ -498,26 +468,3 @@ def _vera_shared(bases: list[tuple[str, Any]], ranks: set[tuple]
                              "of one shared projection (different seeds?)")
     return {"base_model.vera_A": np.ascontiguousarray(a_full.T),
             "base_model.vera_B": np.ascontiguousarray(b_full.T)}
-
-
-def _bdlora_config(sides: dict[str, tuple[str, int]], modules: list[str]) -> dict:
-    """PEFT's ``use_bdlora`` (substring patterns) selecting exactly ``sides``."""
-    blocks = {nb for _, nb in sides.values()}
-    if len(blocks) > 1:
-        raise ValueError(f"save_peft: PEFT's use_bdlora has one nblocks; got {sorted(blocks)}")
-    strict = set(sides) == set(modules)
-    for short in (True, False):  # module names' last part if unambiguous, else in full
-        def pats(side, short=short):
-            return sorted({m.rsplit(".", 1)[-1] if short else m
-                           for m, (x, _) in sides.items() if x == side})
-        cfg = {"target_modules_bd_a": pats("a"), "target_modules_bd_b": pats("b"),
-               "nblocks": next(iter(blocks)), "match_strict": strict}
-        try:
-            got = {m: _peft_config.bdlora_side({"use_bdlora": cfg}, m, "save_peft")
-                   for m in modules}
-        except ValueError:
-            continue
-        if got == {m: sides[m][0] if m in sides else None for m in modules}:
-            return cfg
-    raise ValueError("save_peft: no use_bdlora substring patterns select the "
-                     f"block-diagonal sides {sides} (module names contain each other)")
