@@ -19,7 +19,7 @@ then multiplies the pooled vector by the number of groups ``L = in/g``::
 
     Δy = s · ((mean_g(x) · L) @ A_torchᵀ) @ B_torchᵀ
 
-(the paper's pooling has no factor ``L``; PEFT's is followed). PEFT applies
+(PEFT's scaling of the pooled vector, followed here). PEFT applies
 it to GPTQ-quantised Linear layers only and cannot merge it; peftjax's
 adapter works on any kernel and merges.
 
