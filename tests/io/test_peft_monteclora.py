@@ -11,6 +11,8 @@ their distribution in ``tests/adapters/test_monteclora.py``.
 
 import pathlib
 
+import jax
+import numpy as np
 import pytest
 
 from peftjax import adapters
@@ -29,6 +31,13 @@ def test_peft_made_monteclora_gives_torch_outputs(kind, scanned, tmp_path):
     assert (hp["num_samples"], hp["use_entropy"], hp["sample_scaler"]) == (
         (4, False, 1e-4) if kind == "llama" else (3, True, 3e-4))
     assert all(isinstance(f, adapters.MonteCLoRABuffers) for f in ad.state.frozen.values())
+    if scanned:  # a draw on stacked leaves: one per layer, near the mean a
+        t, f = jax.jit(lambda k, tr, fr: adapters.monteclora_sample(
+            k, ad.assignment, tr, fr))(jax.random.key(0), *ad.state)
+        for p, x in t.items():
+            a0 = np.asarray(ad.state.trainable[p].a)
+            assert x.a.shape == a0.shape and f[p].gaussian_var.shape == (2, 4, 4)
+            assert 0 < np.abs(np.asarray(x.a) - a0).max() < 0.05
 
 
 def test_monteclora_config_fields_not_honoured_are_refused(tmp_path):
