@@ -48,6 +48,8 @@ from peftjax.adapters._adamss_asa import adamss_init_importance as adamss_init_i
 from peftjax.adapters._adamss_asa import adamss_update_importance as adamss_update_importance
 from peftjax.adapters._batched import BatchedRouting as BatchedRouting
 from peftjax.adapters._batched import batched as batched
+from peftjax.adapters._bdlora import BdLoRAParams as BdLoRAParams
+from peftjax.adapters._bdlora import bdlora as bdlora
 from peftjax.adapters._beft import BEFTParams as BEFTParams
 from peftjax.adapters._beft import beft as beft
 from peftjax.adapters._boft import BOFTParams as BOFTParams
@@ -129,6 +131,11 @@ from peftjax.adapters._lowrank import compute_dtype as compute_dtype
 from peftjax.adapters._miss import MiSSParams as MiSSParams
 from peftjax.adapters._miss import MiSSVariant as MiSSVariant
 from peftjax.adapters._miss import miss as miss
+from peftjax.adapters._monteclora import MonteCLoRABuffers as MonteCLoRABuffers
+from peftjax.adapters._monteclora import MonteCLoRAParams as MonteCLoRAParams
+from peftjax.adapters._monteclora import monteclora as monteclora
+from peftjax.adapters._monteclora import monteclora_loss as monteclora_loss
+from peftjax.adapters._monteclora import monteclora_sample as monteclora_sample
 from peftjax.adapters._multitask_prompt import MultitaskPromptParams as MultitaskPromptParams
 from peftjax.adapters._multitask_prompt import multitask_prompt as multitask_prompt
 from peftjax.adapters._multitask_prompt import multitask_prompt_tuning as multitask_prompt_tuning
@@ -175,6 +182,8 @@ from peftjax.adapters._pvera import PVeRAParams as PVeRAParams
 from peftjax.adapters._pvera import pvera as pvera
 from peftjax.adapters._pvera import pvera_delta as pvera_delta
 from peftjax.adapters._pvera import pvera_shared as pvera_shared
+from peftjax.adapters._qalora import QALoRAParams as QALoRAParams
+from peftjax.adapters._qalora import qalora as qalora
 from peftjax.adapters._randlora import RandLoRABases as RandLoRABases
 from peftjax.adapters._randlora import RandLoRABasis as RandLoRABasis
 from peftjax.adapters._randlora import RandLoRAParams as RandLoRAParams
@@ -443,6 +452,15 @@ __all__ = [
     "hra",
     "hra_rotation",
     "hra_orthogonality",
+    "QALoRAParams",
+    "qalora",
+    "BdLoRAParams",
+    "bdlora",
+    "MonteCLoRAParams",
+    "MonteCLoRABuffers",
+    "monteclora",
+    "monteclora_sample",
+    "monteclora_loss",
     "BOFTParams",
     "boft",
     "boft_layout",

@@ -5,7 +5,11 @@ PEFT writes every field of its config class. peftjax honours the fields that
 change the weights it reads (``r``, ``lora_alpha``, ``use_rslora``,
 ``rank_pattern``, ``alpha_pattern``, ``use_dora``, ``lora_dropout``,
 ``modules_to_save``, ``ensure_weight_tying``, VeRA's projections, (IA)³'s
-``feedforward_modules``, LoHa's ``r``/``alpha``/patterns) and the fields that select modules
+``feedforward_modules``, LoHa's ``r``/``alpha``/patterns, QA-LoRA's
+``use_qalora`` / ``qalora_group_size``, BD-LoRA's ``use_bdlora``,
+MonteCLoRA's ``monteclora_config``,
+``layer_replication`` (checked against the key map's depth: the caller
+replicates the base)) and the fields that select modules
 (``target_modules``, ``exclude_modules``, ``layers_to_transform``,
 ``layers_pattern``: ``load_peft`` requires the file's tensors to be exactly
 the selected modules'), accepts descriptive fields
@@ -44,7 +48,9 @@ _HONOURED = {
     "LORA": frozenset({"r", "lora_alpha", "use_rslora", "rank_pattern",
                        "alpha_pattern", "use_dora", "lora_dropout",
                        "init_lora_weights", "ensure_weight_tying",
-                       "layers_to_transform", "layers_pattern"}),
+                       "layers_to_transform", "layers_pattern",
+                       "use_qalora", "qalora_group_size", "layer_replication",
+                       "use_bdlora", "monteclora_config"}),
     "VERA": frozenset({"r", "projection_prng_key", "save_projection",
                        "d_initial", "init_weights", "layers_to_transform",
                        "layers_pattern"}),
@@ -63,10 +69,8 @@ _DEFAULTS = {
         "megatron_core": "megatron.core", "trainable_token_indices": None,
         "loftq_config": {}, "eva_config": None, "corda_config": None,
         "lora_ga_config": None, "velora_config": None,
-        "alora_invocation_tokens": None, "use_qalora": False,
-        "qalora_group_size": 16, "monteclora_config": None,
-        "layer_replication": None, "lora_bias": False, "target_parameters": None,
-        "use_bdlora": None, "arrow_config": None, "kasa_config": None,
+        "alora_invocation_tokens": None, "lora_bias": False, "target_parameters": None,
+        "arrow_config": None, "kasa_config": None,
     },
     # peftjax's VeRA has no input dropout.
     "VERA": {"fan_in_fan_out": False, "bias": "none", "vera_dropout": 0.0},
@@ -124,6 +128,27 @@ _TYPES = {
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "use_dora": (lambda v: isinstance(v, bool), "true or false"),
     "ensure_weight_tying": (lambda v: isinstance(v, bool), "true or false"),
+    "use_qalora": (lambda v: isinstance(v, bool), "true or false"),
+    "qalora_group_size": (lambda v: _int(v) and v > 0, "a positive int"),
+    "layer_replication": (lambda v: isinstance(v, list) and all(
+        isinstance(p, list) and len(p) == 2 and all(_int(i) and i >= 0 for i in p)
+        and p[0] < p[1] for p in v), "a list of [start, end) pairs of ints"),
+    "use_bdlora": (lambda v: isinstance(v, dict) and set(v) <= {
+        "target_modules_bd_a", "target_modules_bd_b", "nblocks", "match_strict"}
+        and _int(v.get("nblocks", 1)) and v.get("nblocks", 1) > 0
+        and all(x is None or (isinstance(x, list) and all(isinstance(i, str) for i in x))
+                for x in (v.get("target_modules_bd_a"), v.get("target_modules_bd_b")))
+        and isinstance(v.get("match_strict", True), bool),
+        "a BdLoraConfig object (lists of str, a positive nblocks, match_strict)"),
+    "monteclora_config": (lambda v: isinstance(v, dict) and set(v) <= {
+        "num_samples", "use_entropy", "dirichlet_prior", "sample_scaler",
+        "kl_loss_weight", "buffer_size"} and _int(v.get("num_samples", 8))
+        and v.get("num_samples", 8) > 0 and isinstance(v.get("use_entropy", False), bool)
+        and all(_number(v.get(k, 1.0)) and v.get(k, 1.0) > 0
+                for k in ("dirichlet_prior", "sample_scaler"))
+        and _number(v.get("kl_loss_weight", 0.0)),
+        "a MontecloraConfig object (positive num_samples, dirichlet_prior, "
+        "sample_scaler)"),
 }
 
 
@@ -400,3 +425,4 @@ def is_feedforward(config: Mapping[str, Any], module: str) -> bool:
     if isinstance(ff, str):
         return re.fullmatch(ff, module) is not None
     return any(module.endswith(m) for m in ff)
+

@@ -18,7 +18,6 @@ Exports: ``PeftAdapter``, ``load_peft``.
 
 import os
 import pathlib
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -31,8 +30,10 @@ from peftjax import inits as _inits
 from peftjax import tree
 from peftjax.io import (
     _json,
+    _peft_checks,
     _peft_config,
     _peft_keys,
+    _peft_lora_variants,
     _peft_tuner,
     _peft_tuners,
     _peft_write,
@@ -50,6 +51,7 @@ _SUFFIXES = (
     (".ia3_l", "ia3", _peft_keys.TensorLayout.KERNEL),
     (".vera_lambda_b", "lambda_b", _peft_keys.TensorLayout.KERNEL),
     (".vera_lambda_d", "lambda_d", _peft_keys.TensorLayout.KERNEL),
+    *((x, f, _peft_keys.TensorLayout.KERNEL) for x, f in _peft_lora_variants.MC_SUFFIXES),
 )
 _NEEDS = {"LORA": {"a", "b"}, "IA3": {"ia3"}, "VERA": {"lambda_b", "lambda_d"}}
 
@@ -250,6 +252,7 @@ def load_peft(
             weights=str(directory / _peft_write.WEIGHTS_NAME))
         return PeftAdapter(a, st, {}, config)
     selection = _peft_config.selection(config, key_map, source, output_modules)
+    _peft_lora_variants.check_replication(config, key_map, layers_prefix, source)
     flat = tree.leaves_by_path(params)
     use_dora = bool(config.get("use_dora", False))
     saved = set(config.get("modules_to_save") or [])
@@ -315,14 +318,15 @@ def load_peft(
         for m in selection.selected:
             if m in adapted:
                 parts.setdefault(adapted[m][0], {})
-    _check_selection(selection, config, key_map, parts, peft_type, source,
+    _peft_checks._check_selection(selection, config, key_map, parts, peft_type, source,
                      str(directory / _peft_write.WEIGHTS_NAME))
-    _check_saved(config, key_map, full_u, source)
+    _peft_checks._check_saved(config, key_map, full_u, source)
     if tied_head is not None:
-        _check_tied(tied_head, key_map, parts, full_u, tied_copies, config, source)
+        _peft_checks._check_tied(tied_head, key_map, parts, full_u, tied_copies, config, source)
     if not parts:
         raise ValueError(f"load_peft: {str(directory)!r} holds no {peft_type} tensors")
     needs = _NEEDS.get(peft_type, set()) | ({"magnitude"} if use_dora else set())
+    needs |= _peft_lora_variants.extra_needs(peft_type, config)  # MonteCLoRA's
     for upath, got in sorted(parts.items()):
         want = tuner.needs(set(got)) if tuner is not None else needs
         if set(got) != want:
@@ -376,87 +380,6 @@ def load_peft(
         into.update(hook(vera_shared, config, param_dtype) if hook else {})
     full = _assemble_full(full_u, flat, layers_prefix, param_dtype)
     return PeftAdapter(assignment, _adapters.AdapterState(trainable, frozen), full, config)
-
-
-def _check_selection(selection: Any, config: dict,
-                     key_map: dict[str, _peft_keys.PeftKey], parts: dict[str, Any],
-                     peft_type: str, source: str, weights: str) -> None:
-    """The file's adapted modules are exactly the ones the config selects."""
-    found = {key_map[u].module: u for u in parts}
-    chosen = set(selection.selected)
-    extra = sorted(m for m in found if m not in chosen)
-    if extra:
-        why = [f"{m!r} ({found[m]!r}): {selection.left_out[m]}" for m in extra[:8]]
-        raise ValueError(
-            f"load_peft: {weights} holds {peft_type} tensors for {len(extra)} "
-            f"module(s) that {source} does not select (PEFT would not adapt them): "
-            + "; ".join(why))
-    layouts = {k.module: k.layout for k in key_map.values() if k.tensor == "weight"}
-    emb = [m for m in selection.selected
-           if layouts.get(m) is _peft_keys.TensorLayout.EMBEDDING]
-    tuner = _peft_tuners.TUNERS.get(peft_type)
-    if emb and peft_type != "LORA" and not (tuner is not None and tuner.embeddings):
-        raise ValueError(f"load_peft: target_modules in {source} selects the "
-                         f"embedding(s) {emb}; PEFT's {peft_type} adapts Linear "
-                         "modules only (PEFT raises here too)")
-    missing = sorted(chosen - set(found))
-    if missing:
-        layers = ("" if config.get("layers_to_transform") is None else
-                  f" with layers_to_transform={config['layers_to_transform']!r}")
-        raise ValueError(
-            f"load_peft: target_modules={config.get('target_modules')!r}{layers} in "
-            f"{source} selects {len(missing)} module(s) of the key map with no "
-            f"tensors in {weights}: {missing[:8]}")
-    unused = _peft_config.unused_pattern_keys(config, selection.selected)
-    if unused:
-        warnings.warn(f"load_peft: {source}: pattern keys that match no selected "
-                      f"module are ignored (as PEFT does): {unused}", RuntimeWarning,
-                      stacklevel=3)
-
-
-def _check_saved(config: dict, key_map: dict[str, _peft_keys.PeftKey],
-                 full_u: dict[str, Any], source: str) -> None:
-    """Modules ``modules_to_save`` names must be in the file."""
-    saved_found = {key_map[u].module for u in full_u}
-    absent = []
-    for name in config.get("modules_to_save") or []:
-        owners = {k.module for k in key_map.values()
-                  if k.module == name or k.module.endswith("." + name)}
-        if owners and not owners & saved_found:
-            absent.append(name)
-    if absent:
-        raise ValueError(f"load_peft: modules_to_save {absent} in {source} name "
-                         "modules of the key map, but the file holds none of their "
-                         "tensors")
-
-
-def _check_tied(tied_head: tuple[str, str], key_map: dict[str, _peft_keys.PeftKey],
-                parts: dict[str, dict[str, np.ndarray]], full_u: dict[str, Any],
-                copies: dict[str, np.ndarray], config: dict, source: str) -> None:
-    """The tied head's tensors are PEFT's copies of the table's, and PEFT ties it."""
-    path, head = tied_head
-    module = key_map[path].module
-    lora = parts.get(path)
-    if (lora is not None or path in full_u) and not config.get("ensure_weight_tying"):
-        raise ValueError(
-            f"load_peft: {source} adapts the table {module!r} that {head!r} is tied "
-            "to, without ensure_weight_tying: PEFT then applies it to the lookup "
-            f"only and leaves {head!r} unadapted, which one shared table cannot "
-            "reproduce; save the adapter from PEFT with ensure_weight_tying=True")
-    want: dict[str, np.ndarray] = {}
-    if lora is not None:
-        want = {"lora_A.weight": lora["b"].T, "lora_B.weight": lora["a"].T}
-    elif path in full_u:
-        want = {"weight": full_u[path]}
-    for name, arr in sorted(copies.items()):
-        ref = want.get(name)
-        if ref is None or np.shape(arr) != np.shape(ref) or not np.array_equal(
-                arr, np.asarray(ref).astype(arr.dtype)):
-            raise ValueError(
-                f"load_peft: {_peft_write.PREFIX}{head}.{name} (shape "
-                f"{np.shape(arr)}) is not the tied copy of {module!r}'s "
-                f"{'LoRA' if lora is not None else 'table'}; a tied head cannot "
-                "differ from its table")
 
 
 def _flax_full(upath: str, key: _peft_keys.PeftKey, arr: np.ndarray,
@@ -516,7 +439,8 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
     module = key.module
     if peft_type == "LORA":
         a, b = got["a"], got["b"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        if a.ndim != 2 or b.ndim != 2 or (a.shape[0] != b.shape[1]
+                                          and not config.get("use_bdlora")):
             raise ValueError(f"load_peft: {module!r} has lora_A {a.shape} and lora_B "
                              f"{b.shape}; expected (r, in) and (out, r)")
         r = int(a.shape[0])
@@ -535,6 +459,10 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
                   dropout=float(config.get("lora_dropout", 0.0) or 0.0),
                   init=(_adapters.LoRAInit.EMBEDDING if emb
                         else _adapters.LoRAInit.KAIMING_UNIFORM))
+        variant = _peft_lora_variants.read_module(config, module, got, kw, dims, emb,
+                                                  use_dora, arr, source)
+        if variant is not None:  # QA-LoRA, BD-LoRA, MonteCLoRA
+            return variant
         if use_dora:
             if emb:
                 raise ValueError(f"load_peft: DoRA on the embedding {module!r} is not "

@@ -46,7 +46,14 @@ import numpy as np
 from peftjax import adapters as _adapters
 from peftjax import inits as _inits
 from peftjax import tree
-from peftjax.io import _peft_config, _peft_keys, _peft_tuner, _peft_tuners, _safetensors
+from peftjax.io import (
+    _peft_config,
+    _peft_keys,
+    _peft_lora_variants,
+    _peft_tuner,
+    _peft_tuners,
+    _safetensors,
+)
 from peftjax.io._peft_keys import PeftKey, TensorLayout  # noqa: F401 (doctest)
 
 PREFIX = "base_model.model."
@@ -57,6 +64,9 @@ _TYPES = {
     _adapters.LoRAParams: "LORA",
     _adapters.DoRAParams: "LORA",
     _inits.MiCAParams: "LORA",  # lora_B is its frozen basis; init_lora_weights="mica"
+    _adapters.QALoRAParams: "LORA",
+    _adapters.BdLoRAParams: "LORA",
+    _adapters.MonteCLoRAParams: "LORA",
     _adapters.VeRAParams: "VERA",
     _adapters.ScaleParams: "IA3",
     _adapters.LNTuningParams: "LN_TUNING",
@@ -84,6 +94,8 @@ def from_torch(arr: np.ndarray, dims: tree.ResolvedDims) -> np.ndarray:
 def _probe_scaling(adapter: _adapters.Adapter, t: Any, n_in: int, n_out: int,
                    path: str) -> float:
     """The adapter's float32 scaling ``s``: ``delta(e_0)`` with unit factors."""
+    if _peft_lora_variants.is_variant(t):  # QA-LoRA pools, BD-LoRA has blocks
+        return float(np.float32(dict(adapter.hyperparameters)["s"]))
     if adapter.factored is None or adapter.factored.terms is None:
         raise ValueError(f"save_peft: {adapter!r} on {path!r} has no factored "
                          "form to read its scaling from")
@@ -189,6 +201,7 @@ def save_peft(
     task_type: str | None = None,
     layers_prefix: str = "layers",
     tied_head: tuple[str, str] | None = None,
+    layer_replication: list[list[int]] | None = None,
 ) -> pathlib.Path:
     """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` for PEFT.
 
@@ -210,6 +223,10 @@ def save_peft(
         an embedding table, e.g. ``("embed_tokens/embedding", "lm_head")``
         for a tied Llama (SmolLM2): LoRA on (or full training of) that table
         is written for the head too, with ``ensure_weight_tying=True``.
+      layer_replication: LoRA only: the ``[[start, end), ...]`` map that
+        ``peftjax.models.replicate_layers`` made ``params`` with (PEFT's
+        ``layer_replication``: PEFT replicates its base model the same way
+        before loading the adapter).
 
     Returns:
       The directory.
@@ -258,6 +275,8 @@ def save_peft(
         raise ValueError("save_peft: the assignment is empty")
     peft_type = types[0]
     tuner = _peft_tuners.TUNERS.get(peft_type)
+    variants = _peft_lora_variants.write_checks(assignment, state.trainable,
+                                                layer_replication, peft_type)
     infos: dict[str, Any] = {}
     if peft_type == "LN_TUNING":
         from peftjax.io import _peft_ln_tuning
@@ -281,6 +300,7 @@ def save_peft(
     feedforward: list[str] = []
     vera_bases: list[tuple[str, Any]] = []
     vera_cfg: set[tuple] = set()
+    bd_sides: dict[str, tuple[str, int]] = {}  # BD-LoRA: module -> (side, nblocks)
     for path in sorted(assignment):
         adapter, t, f = assignment[path], state.trainable[path], state.frozen[path]
         leaf = params_flat.get(path)
@@ -321,6 +341,13 @@ def save_peft(
                     _base_layer(leaf, dims, path, upath, key_map, layers_prefix),
                     _bias_layer(params_flat, path, upath, layers_prefix)))
                 tensors.update({f"{base}.{x}": v for x, v in tt.items()})
+            elif peft_type == "LORA" and _peft_lora_variants.is_variant(tu):
+                r, tt, side = _peft_lora_variants.write_module(adapter, tu, fu, _np)
+                ranks[k.module], alphas[k.module] = r, _peft_config.alpha_for(
+                    s, r, use_rslora)
+                dropouts.add(adapter.dropout)
+                tensors.update({base + x: v for x, v in tt.items()})
+                bd_sides.update({k.module: side} if side else {})
             elif peft_type == "LORA":
                 r = int(tu.a.shape[-1])
                 ranks[k.module] = r
@@ -393,6 +420,8 @@ def save_peft(
                       init_lora_weights="mica" if mica else True)
         if tied:
             config["ensure_weight_tying"] = True
+        config.update(_peft_lora_variants.config_fields(variants, bd_sides, modules,
+                                                        layer_replication))
     elif peft_type == "IA3":
         config.update(feedforward_modules=_targets(feedforward, key_map)
                       if feedforward else [], fan_in_fan_out=False)

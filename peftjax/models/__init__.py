@@ -15,6 +15,9 @@ point for per-token computation inside the layers (aLoRA, routed LoRA
 mixtures, LLaMA-Adapter): pass ``hooks=`` to a model call, ``decode`` or
 ``llama.generate``.
 
+``replicate_layers`` makes the deeper tree and config of PEFT's
+``layer_replication`` (repeated layers share the base arrays).
+
 ``load_tokenizer`` and ``load_chat_template`` read a checkpoint's tokeniser
 and stored chat template (for ``peftjax.data.chat_format``).
 """
@@ -34,6 +37,8 @@ from peftjax.models._functional import split_params as split_params
 from peftjax.models._hooks import Hooks as Hooks
 from peftjax.models._hooks import Site as Site
 from peftjax.models._hooks import compose as compose_hooks
+from peftjax.models._replicate import replicate_layers as replicate_layers
+from peftjax.models._replicate import replicated_layer_index as replicated_layer_index
 from peftjax.models._tokenizers import load_tokenizer as load_tokenizer
 from peftjax.models._tokenizers import tokenizer_from_gguf as tokenizer_from_gguf
 
@@ -51,6 +56,8 @@ __all__ = [
     "minilm_dir",
     "param_shapes",
     "rebuild",
+    "replicate_layers",
+    "replicated_layer_index",
     "shakespeare_texts",
     "smollm2_gguf",
     "split_params",

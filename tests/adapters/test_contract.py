@@ -15,6 +15,7 @@ import pytest
 from peftjax import adapters, inits, tree
 from tests import helpers as h
 from tests.adapters.test_adamss import ref_adamss
+from tests.adapters.test_bdlora import ref_bdlora
 from tests.adapters.test_beft import ref_beft
 from tests.adapters.test_boft import ref_boft
 from tests.adapters.test_c3a import ref_c3a
@@ -33,6 +34,7 @@ from tests.adapters.test_osf import ref_osf
 from tests.adapters.test_peanut import ref_peanut
 from tests.adapters.test_psoft import ref_psoft
 from tests.adapters.test_pvera import ref_pvera
+from tests.adapters.test_qalora import ref_qalora
 from tests.adapters.test_randlora import randlora_count, ref_randlora
 from tests.adapters.test_road import ref_road
 from tests.adapters.test_shira import ref_shira
@@ -378,6 +380,32 @@ ADAPTERS = [
         False,
         ref_unilora,
         lambda i, o: 7,
+    ),
+    (
+        # group_size 1: the suite's widths (6, 5, 4) have no common divisor > 1
+        # (test_qalora.py covers real groups); PEFT's factor L = in remains.
+        "qalora",
+        lambda: adapters.qalora(3, group_size=1, alpha=6.0),
+        True,
+        lambda w, t, f: ref_qalora(w, t, f, s=2.0, g=1),
+        lambda i, o: 3 * (i + o),
+    ),
+    (
+        # one block: the suite's widths (6, 5, 4) share no divisor > 1
+        # (test_bdlora.py covers real blocks on both sides)
+        "bdlora",
+        lambda: adapters.bdlora(2, nblocks=1, block_diagonal="a", alpha=4.0),
+        True,
+        lambda w, t, f: ref_bdlora(w, t, f, s=2.0, side="a"),
+        lambda i, o: 2 * (i + o),
+    ),
+    (
+        # evaluation form (LoRA on the posterior mean); test_monteclora.py checks draws
+        "monteclora",
+        lambda: adapters.monteclora(3, num_samples=2, alpha=6.0),
+        True,
+        lambda w, t, f: h.ref_lora(w, t, f, s=2.0),
+        lambda i, o: 3 * (i + o) + 3 + 2,
     ),
 ]
 IDS = [a[0] for a in ADAPTERS]
