@@ -449,6 +449,17 @@ METHODS: dict[str, Callable[..., Setup]] = {
     # 5·4r + out trainable per matrix (about LoRA's rank-1 count); the
     # projection on 4r singular vectors costs like a rank-2r LoRA per token
     "adamss": _adapter_method(lambda c: adapters.adamss(4 * c.rank, num_subspaces=5)),
+
+    # QA-LoRA: LoRA on 16-feature group means (16 divides SmolLM2's 576/192/1536
+    # and the tiny model's widths): r·(in/16 + out) trainable
+    "qalora": _adapter_method(lambda c: adapters.qalora(c.rank, group_size=16,
+                                                        alpha=c.alpha)),
+    # BD-LoRA: block-diagonal B in 2 blocks on every target (all output widths are
+    # even; BD-LoRA's serving layout would use "a" on o_proj/down_proj):
+    # r·(in + out/2) trainable
+    "bdlora": _adapter_method(lambda c: adapters.bdlora(c.rank, nblocks=2,
+                                                        block_diagonal="b",
+                                                        alpha=c.alpha)),
     "trainable_tokens": _trainable_tokens,
     # PEFT has no LoRA-XS format
     "lora_xs": _adapter_method(lambda c: adapters.lora_xs(c.rank, alpha=c.alpha),

@@ -9,8 +9,9 @@ from tests.experiments.conftest import run_script
 def test_compare_methods_smoke_parity_iii(tmp_path):
     # PEFT parity III by name: the losses drop and nothing is materialised;
     # LoRA-FA and Riemannian LoRA are LoRA with their optimizers; orthogonal
-    # and MiCA are LoRA inits (MiCA's b frozen)
-    methods = ["lorafa", "riemannian", "orthogonal", "mica"]
+    # and MiCA are LoRA inits (MiCA's b frozen); QA-LoRA pools x first,
+    # BD-LoRA multiplies blocks (both factored forms)
+    methods = ["lorafa", "riemannian", "orthogonal", "mica", "qalora", "bdlora"]
     res = run_script("compare_methods.py", "--smoke", "--progress=false",
                      "--isolate=false", f"--methods={','.join(methods)}",
                      f"--out_dir={tmp_path}", timeout=480)
