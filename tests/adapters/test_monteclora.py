@@ -48,7 +48,8 @@ def test_monteclora_training_draw_matches_peft_sampler_equations():
     w = h.f64(fs["w"].expert_weights)
     assert np.all(np.abs(h.f64(grads["w"].std_prior)) > 0)
     assert np.all(np.abs(h.f64(grads["w"].expert_weights_prior)) > 0)
-    assert len({a_s[i].tobytes() for i in range(5)}) == 5  # one draw per key
+    gaps = [np.abs(a_s[i] - a_s[j]).max() for i in range(5) for j in range(i)]
+    assert min(gaps) > 1e-3  # one draw per key: no two keys give the same A
     mean_a, sigma, pi = h.f64(t.a), h.f64(t.std_prior), h.f64(t.expert_weights_prior)
     r, n = 3, 4
     # Wishart(df=r, I) diagonal: g_p / e^{2σ_p} ~ χ²(r) (mean r, variance 2r)
