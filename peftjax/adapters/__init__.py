@@ -44,6 +44,9 @@ from peftjax.adapters._adamss_asa import adamss_asa_target as adamss_asa_target
 from peftjax.adapters._adamss_asa import adamss_freeze as adamss_freeze
 from peftjax.adapters._adamss_asa import adamss_init_importance as adamss_init_importance
 from peftjax.adapters._adamss_asa import adamss_update_importance as adamss_update_importance
+from peftjax.adapters._alora import ALoRAHook as ALoRAHook
+from peftjax.adapters._alora import alora_hook as alora_hook
+from peftjax.adapters._alora import alora_starts as alora_starts
 from peftjax.adapters._batched import BatchedRouting as BatchedRouting
 from peftjax.adapters._batched import batched as batched
 from peftjax.adapters._beft import BEFTParams as BEFTParams
@@ -223,6 +226,9 @@ from peftjax.adapters._waveft import waveft as waveft
 from peftjax.adapters._waveft import waveft_wavelets as waveft_wavelets
 
 __all__ = [
+    "ALoRAHook",
+    "alora_hook",
+    "alora_starts",
     "AdaLoRAImportance",
     "AdaLoRAParams",
     "AdaMSSBasis",

@@ -44,7 +44,8 @@ _HONOURED = {
     "LORA": frozenset({"r", "lora_alpha", "use_rslora", "rank_pattern",
                        "alpha_pattern", "use_dora", "lora_dropout",
                        "init_lora_weights", "ensure_weight_tying",
-                       "layers_to_transform", "layers_pattern"}),
+                       "layers_to_transform", "layers_pattern",
+                       "alora_invocation_tokens"}),
     "VERA": frozenset({"r", "projection_prng_key", "save_projection",
                        "d_initial", "init_weights", "layers_to_transform",
                        "layers_pattern"}),
@@ -63,7 +64,7 @@ _DEFAULTS = {
         "megatron_core": "megatron.core", "trainable_token_indices": None,
         "loftq_config": {}, "eva_config": None, "corda_config": None,
         "lora_ga_config": None, "velora_config": None,
-        "alora_invocation_tokens": None, "use_qalora": False,
+        "use_qalora": False,
         "qalora_group_size": 16, "monteclora_config": None,
         "layer_replication": None, "lora_bias": False, "target_parameters": None,
         "use_bdlora": None, "arrow_config": None, "kasa_config": None,
@@ -123,6 +124,8 @@ _TYPES = {
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "use_dora": (lambda v: isinstance(v, bool), "true or false"),
     "ensure_weight_tying": (lambda v: isinstance(v, bool), "true or false"),
+    "alora_invocation_tokens": (lambda v: isinstance(v, list) and len(v) > 0 and all(
+        _int(i) and i >= 0 for i in v), "a non-empty list of token ids"),
 }
 
 

@@ -174,6 +174,10 @@ def load_peft(
       the factored path (``peftjax.factored.transform``) applies it to the adapter
       input when ``deterministic=False`` (training, with a ``key``), never in
       evaluation; ``materialize`` refuses it unless ``deterministic=True``.
+    * ``alora_invocation_tokens`` (aLoRA): the LoRA state is read as
+      plain LoRA and the ids stay in ``config``; the update must then be
+      applied through ``adapters.alora_hook`` (with ``alora_starts``), not
+      ``materialize``.
     * (IA)³'s ``feedforward_modules``: a list matches by plain ``endswith``,
       a string in full; it decides which side the scale vector is on.
     * Per ``peft_type`` (tensors, fields honoured or accepted only at

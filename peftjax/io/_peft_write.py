@@ -183,6 +183,7 @@ def save_peft(
     task_type: str | None = None,
     layers_prefix: str = "layers",
     tied_head: tuple[str, str] | None = None,
+    alora_invocation_tokens: list[int] | None = None,
 ) -> pathlib.Path:
     """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` for PEFT.
 
@@ -204,6 +205,8 @@ def save_peft(
         an embedding table, e.g. ``("embed_tokens/embedding", "lm_head")``
         for a tied Llama (SmolLM2): LoRA on (or full training of) that table
         is written for the head too, with ``ensure_weight_tying=True``.
+      alora_invocation_tokens: a plain LoRA written as PEFT's aLoRA
+        (``adapters.alora_hook``): the invocation token ids.
 
     Returns:
       The directory.
@@ -384,6 +387,14 @@ def save_peft(
                       bias="none", fan_in_fan_out=False, init_lora_weights=True)
         if tied:
             config["ensure_weight_tying"] = True
+        if alora_invocation_tokens is not None:
+            if dora or not alora_invocation_tokens:
+                raise ValueError("save_peft: alora_invocation_tokens needs plain LoRA "
+                                 "(no DoRA) and a non-empty list of token ids")
+            config["alora_invocation_tokens"] = [int(i) for i in alora_invocation_tokens]
+    elif alora_invocation_tokens is not None:
+        raise ValueError(f"save_peft: alora_invocation_tokens with a {peft_type} "
+                         "adapter (aLoRA is a LoRA variant)")
     elif peft_type == "IA3":
         config.update(feedforward_modules=_targets(feedforward, key_map)
                       if feedforward else [], fan_in_fan_out=False)
