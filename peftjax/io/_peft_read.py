@@ -232,6 +232,9 @@ def load_peft(
     directory = pathlib.Path(directory)
     config, tensors = _read_dir(directory)
     source = str(directory / _peft_write.CONFIG_NAME)
+    if str(config.get("peft_type", "")).upper() == "ADAPTION_PROMPT":
+        raise ValueError(f"{source}: peft_type='ADAPTION_PROMPT' is a model hook, not "
+                         "a weight adapter: read it with io.load_peft_adaption_prompt")
     peft_type = _peft_config.check_config(config, source, _peft_tuners.TUNERS)
     tuner = _peft_tuners.TUNERS.get(peft_type)
     suffixes = (_SUFFIXES if tuner is None else tuple(
