@@ -138,19 +138,17 @@ class ALoRAHook:
 _PATH = re.compile(r"(\d+/)?(.+)/kernel")
 
 
-def _scale(adapter: Any, t: _lora.LoRAParams, path: str) -> float:
-    """The adapter's scaling ``s`` (``delta(e_0)`` with unit factors)."""
+def _scale(adapter: Any, path: str) -> float:
+    """The adapter's scaling ``s``: its delta of ``1 x 1`` unit factors.
+
+    (LoRA's scale does not depend on the shapes: one small compile for all.)
+    """
     if getattr(adapter, "factored", None) is None or adapter.factored.terms is None:
         raise ValueError(f"alora_hook: {adapter!r} on {path!r} has no factored form")
-    n_in, r = t.a.shape[-2:]
-    n_out = t.b.shape[-1]
+    one = np.ones((1, 1), np.float32)
     with jax.ensure_compile_time_eval():
-        a = jnp.zeros((n_in, r), jnp.float32).at[0, 0].set(1.0)
-        b = jnp.zeros((r, n_out), jnp.float32).at[0, 0].set(1.0)
-        x = jnp.zeros((1, n_in), jnp.float32).at[0, 0].set(1.0)
-        terms = adapter.factored.terms(jnp.zeros((n_in, n_out), jnp.float32),
-                                       _lora.LoRAParams(a, b), None)
-        return float(terms.delta(x)[0, 0])
+        terms = adapter.factored.terms(one, _lora.LoRAParams(one, one), None)
+        return float(np.asarray(terms.delta(one))[0, 0])
 
 
 def alora_hook(
@@ -208,7 +206,7 @@ def alora_hook(
             raise ValueError(f"alora_hook: {path!r} holds {type(t).__name__}; aLoRA "
                              "takes plain LoRA (LoRAParams)")
         layer = None if m.group(1) is None else int(m.group(1)[:-1])
-        per.setdefault(m.group(2), {})[layer] = (t, _scale(adapter, t, path))
+        per.setdefault(m.group(2), {})[layer] = (t, _scale(adapter, path))
     a, b, scale = {}, {}, {}
     for name, items in per.items():
         if None in items:

@@ -39,7 +39,7 @@ def test_peft_made_adaption_prompt_gives_torch_logits(scanned, tmp_path):
     if not scanned:
         return
     # PEFT's greedy generate with its KV cache, token for token
-    model = llama.load_llama(tc._GOLDEN.BASES["llama"], scan_layers=True)
+    model = pm.rebuild(g, params)
     out = llama.generate(model, ids, max_new_tokens=5,
                          hooks=adapters.AdaptionPromptHook(p, num_layers=2))
     np.testing.assert_array_equal(np.asarray(out), ref["generated"])

@@ -49,7 +49,7 @@ def test_peft_made_alora_gives_torch_logits(scanned, tmp_path):
     if not scanned:
         return
     # PEFT's greedy generate with its KV cache, token for token
-    model = llama.load_llama(tc._GOLDEN.BASES["llama"], scan_layers=True)
+    model = pm.rebuild(g, params)
     out = llama.generate(model, ids, max_new_tokens=5, hooks=_hook(ad, ids))
     np.testing.assert_array_equal(np.asarray(out), ref["generated"])
     # PEFT -> peftjax -> PEFT keeps the tensors and the invocation tokens
