@@ -34,9 +34,10 @@ hook costs ``2·K·H·D·2`` FLOPs for the scores and the weighted sum, plus
 Exports: ``AdaptionPromptParams``, ``AdaptionPromptHook``, ``adaption_prompt``.
 """
 
+import dataclasses
+import functools
 from typing import Any, NamedTuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -86,7 +87,9 @@ def adaption_prompt(key: jax.Array, *, hidden_size: int, adapter_len: int,
     return AdaptionPromptParams(prompt, jnp.zeros((adapter_layers,), param_dtype))
 
 
-@flax.struct.dataclass
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params"],
+                   meta_fields=["num_layers"])
+@dataclasses.dataclass(frozen=True)
 class AdaptionPromptHook:
     """The LLaMA-Adapter model hook (a ``peftjax.models.Hooks`` and a pytree).
 
@@ -111,7 +114,7 @@ class AdaptionPromptHook:
     """
 
     params: AdaptionPromptParams
-    num_layers: int = flax.struct.field(pytree_node=False)
+    num_layers: int
 
     def linear(self, site: Any, x: jax.Array, y: jax.Array) -> jax.Array:
         """Projections are unchanged."""

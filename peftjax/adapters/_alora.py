@@ -32,11 +32,11 @@ cheaper than a gather). PEFT's dropout on the adapter input is not applied
 Exports: ``ALoRAHook``, ``alora_hook``, ``alora_starts``.
 """
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,7 +96,8 @@ def alora_starts(tokens: jax.Array, invocation_tokens: Sequence[int] | jax.Array
     return jnp.where(last >= 0, last, NEVER).astype(jnp.int32)
 
 
-@flax.struct.dataclass
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class ALoRAHook:
     """The aLoRA model hook: LoRA on the named projections from ``start`` on.
 
