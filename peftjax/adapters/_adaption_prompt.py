@@ -100,17 +100,16 @@ class AdaptionPromptHook:
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from flax import nnx
-      >>> from peftjax.models import llama
-      >>> from peftjax.models.llama import _tiny
-      >>> m = llama.LlamaForCausalLM(_tiny.tiny_config(num_hidden_layers=2),
-      ...                            rngs=nnx.Rngs(0))
-      >>> p = adaption_prompt(jax.random.key(1), hidden_size=m.config.hidden_size,
-      ...                     adapter_len=2, adapter_layers=1)
-      >>> toks = jnp.array([[1, 2, 3]])
-      >>> hook = AdaptionPromptHook(p, num_layers=2)
-      >>> bool(jnp.allclose(m(toks, hooks=hook), m(toks)))  # zero gate: unchanged
-      True
+      >>> from peftjax.models import Site
+      >>> p = adaption_prompt(jax.random.key(1), hidden_size=8, adapter_len=2,
+      ...                     adapter_layers=1)
+      >>> hook = AdaptionPromptHook(p._replace(gate=jnp.ones(1)), num_layers=2)
+      >>> class Attn:  # the layer's projections: d=8 -> KV·D = 2·2
+      ...     k_proj = v_proj = staticmethod(lambda x: x[:, :4])
+      >>> q = jnp.ones((1, 3, 4, 2))  # (B, T, H, D), rotated queries
+      >>> hook.attention(Site(jnp.int32(1), "self_attn", jnp.arange(3)), q,
+      ...                Attn()).shape
+      (1, 3, 4, 2)
     """
 
     params: AdaptionPromptParams

@@ -1,6 +1,7 @@
 """Adaption prompts (``adapters.adaption_prompt``, ``AdaptionPromptHook``):
-PEFT's formula in float64, zero-gate identity, gradients, top-layer selection
-and KV-cache generation. PEFT parity: tests/io/test_peft_adaption_prompt.py."""
+PEFT's formula in float64, zero-gate identity, gradients and top-layer
+selection. PEFT parity and KV-cache generation:
+tests/io/test_peft_adaption_prompt.py."""
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +10,6 @@ import pytest
 
 from peftjax import adapters
 from peftjax import models as pm
-from peftjax.models import llama
-from tests.io import tuner_checks as tc
 
 
 def _peft_reference(q, prompt, wk, wv, gate):
@@ -32,16 +31,19 @@ class _Attn:
 
 
 def test_hook_matches_peft_formula_and_selects_top_layers():
-    ks = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(ks[0], (2, 5, 4, 3))
-    wk, wv = (jax.random.normal(k, (6, 2 * 3)) for k in ks[1:3])
-    p = adapters.adaption_prompt(ks[3], hidden_size=6, adapter_len=3, adapter_layers=2)
+    rng = np.random.default_rng(0)  # NumPy draws: no per-shape compiles
+    q, wk, wv = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                 for s in ((2, 5, 4, 3), (6, 6), (6, 6)))
+    p = adapters.adaption_prompt(jax.random.key(3), hidden_size=6, adapter_len=3,
+                                 adapter_layers=2)
     p = p._replace(gate=jnp.array([0.7, -1.3]))
     hook = adapters.AdaptionPromptHook(p, num_layers=3)
     attn = _Attn(wk, wv)
+    run = jax.jit(lambda layer: hook.attention(pm.Site(layer, "self_attn", jnp.arange(5)),
+                                               q, attn))  # one compile, layer traced
+    site = pm.Site(jnp.int32(0), "self_attn", jnp.arange(5))
     for layer in range(3):
-        site = pm.Site(jnp.int32(layer), "self_attn", jnp.arange(5))
-        got = hook.attention(site, q, attn)
+        got = run(jnp.int32(layer))
         if layer == 0:  # below the top two: nothing
             np.testing.assert_array_equal(got, 0)
             continue
@@ -49,31 +51,27 @@ def test_hook_matches_peft_formula_and_selects_top_layers():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert hook.linear(site, None, q) is q
     with pytest.raises(ValueError, match="positive int"):
-        adapters.adaption_prompt(ks[3], hidden_size=6, adapter_len=0, adapter_layers=1)
+        adapters.adaption_prompt(jax.random.key(3), hidden_size=6, adapter_len=0,
+                                 adapter_layers=1)
     with pytest.raises(ValueError, match="num_layers=1"):
         adapters.AdaptionPromptHook(p, num_layers=1).attention(site, q, attn)
 
 
-def test_zero_gate_gradients_and_generation():
-    g, params, _, _ = tc.load("llama", scanned=True)
-    toks = jax.random.randint(jax.random.key(1), (2, 6), 0, 64)
-    p = adapters.adaption_prompt(jax.random.key(2), hidden_size=16, adapter_len=2,
-                                 adapter_layers=2)
+def test_zero_gate_identity_and_gradients():
+    rng = np.random.default_rng(1)
+    q, wk, wv, prompt = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                         for s in ((2, 4, 4, 3), (6, 6), (6, 6), (1, 2, 6)))
+    attn = _Attn(wk, wv)
+    p = adapters.AdaptionPromptParams(prompt, jnp.zeros((1,)))  # PEFT's zero gate
+    site = pm.Site(jnp.int32(1), "self_attn", jnp.arange(4))
 
-    def loss(p):
-        return pm.apply(g, params, toks, hooks=adapters.AdaptionPromptHook(
-            p, num_layers=2))[..., :8].sum()
+    def extra(p):
+        return adapters.AdaptionPromptHook(p, num_layers=2).attention(site, q, attn)
 
-    vg = jax.jit(jax.value_and_grad(loss))
+    vg = jax.jit(jax.value_and_grad(lambda p: jnp.abs(extra(p)).sum()))
     val, gr = vg(p)
-    zero = adapters.AdaptionPromptParams(p.prompt * 0, p.gate)  # gate 0: no prompt matters
-    np.testing.assert_allclose(val, vg(zero)[0], rtol=1e-6)
+    assert float(val) == 0  # zero gate: the model is unchanged
     # zero-init attention: only the gates move first (paper §3.2)
     assert float(jnp.abs(gr.gate).min()) > 0 and float(jnp.abs(gr.prompt).max()) == 0
-    hook = adapters.AdaptionPromptHook(p._replace(gate=jnp.array([0.8, -1.5])), num_layers=2)
-    gen = np.asarray(llama.generate(pm.rebuild(g, params), toks, max_new_tokens=3,
-                                    hooks=hook))
-    full = jnp.concatenate([toks, jnp.asarray(gen)], axis=1)
-    logits = jax.jit(lambda h: pm.apply(g, params, full, hooks=h))(hook)
-    # KV-cache generation = full passes (teacher forcing on the generated tokens)
-    np.testing.assert_array_equal(np.argmax(np.asarray(logits[:, 5:8]), -1), gen)
+    val, gr = vg(p._replace(gate=jnp.array([0.5])))
+    assert float(val) > 0 and float(jnp.abs(gr.prompt).max()) > 0

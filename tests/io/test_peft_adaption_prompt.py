@@ -40,9 +40,15 @@ def test_peft_made_adaption_prompt_gives_torch_logits(scanned, tmp_path):
         return
     # PEFT's greedy generate with its KV cache, token for token
     model = pm.rebuild(g, params)
-    out = llama.generate(model, ids, max_new_tokens=5,
-                         hooks=adapters.AdaptionPromptHook(p, num_layers=2))
+    hook = adapters.AdaptionPromptHook(p, num_layers=2)
+    out = llama.generate(model, ids, max_new_tokens=5, hooks=hook)
     np.testing.assert_array_equal(np.asarray(out), ref["generated"])
+    # = full passes: teacher forcing picks the same tokens
+    full = jnp.concatenate([ids, out], axis=1)
+    t = ids.shape[1]
+    logits = jax.jit(lambda h: pm.apply(g, params, full, hooks=h))(hook)
+    np.testing.assert_array_equal(np.argmax(np.asarray(logits[:, t - 1:-1]), -1),
+                                  np.asarray(out))
     # PEFT -> peftjax -> PEFT keeps PEFT's tensors bit for bit
     io.save_peft_adaption_prompt(tmp_path, p, num_layers=2)
     tc.assert_tensors_close(io.read_safetensors(tmp_path / "adapter_model.safetensors")[0],

@@ -50,8 +50,15 @@ def test_peft_made_alora_gives_torch_logits(scanned, tmp_path):
         return
     # PEFT's greedy generate with its KV cache, token for token
     model = pm.rebuild(g, params)
-    out = llama.generate(model, ids, max_new_tokens=5, hooks=_hook(ad, ids))
+    hook = _hook(ad, ids)
+    out = llama.generate(model, ids, max_new_tokens=5, hooks=hook)
     np.testing.assert_array_equal(np.asarray(out), ref["generated"])
+    # = full passes: teacher forcing picks the same tokens
+    full = jnp.concatenate([ids, out], axis=1)
+    t = ids.shape[1]
+    logits = jax.jit(lambda h: pm.apply(g, params, full, hooks=h))(hook)
+    np.testing.assert_array_equal(np.argmax(np.asarray(logits[:, t - 1:-1]), -1),
+                                  np.asarray(out))
     # PEFT -> peftjax -> PEFT keeps the tensors and the invocation tokens
     io.save_peft(tmp_path, ad.assignment, ad.state, params, key_map=key_map,
                  alora_invocation_tokens=INVOCATION)
