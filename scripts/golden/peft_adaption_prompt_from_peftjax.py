@@ -31,11 +31,13 @@ def params():
         jnp.asarray(rng.standard_normal(2) * 0.5, jnp.float32))
 
 
+_APPLY = jax.jit(pm.apply, static_argnums=0)  # one compile per model and hook shape
+
+
 def logits(g, base, p):
     """The tiny Llama's logits of the fixed inputs with the hook (jitted)."""
     ids = jnp.asarray(_peftjax_golden.LLAMA_IDS)
-    return jax.jit(lambda q: pm.apply(g, base, ids, hooks=adapters.AdaptionPromptHook(
-        q, num_layers=2)))(p)
+    return _APPLY(g, base, ids, hooks=adapters.AdaptionPromptHook(p, num_layers=2))
 
 
 def build(out):

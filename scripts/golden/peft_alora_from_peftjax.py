@@ -40,16 +40,15 @@ def build(out):
     return {"pj_llama_alora": np.asarray(logits(g, params, a, st.trainable))}
 
 
+_APPLY = jax.jit(pm.apply, static_argnums=0)  # one compile per model and hook shape
+
+
 def logits(g, params, assignment, trainable):
     """The tiny Llama's logits of ``IDS`` with the aLoRA hook (jitted)."""
     ids = jnp.asarray(IDS)
-
-    def fwd(t):
-        hook = adapters.alora_hook(assignment, t, adapters.alora_starts(ids, INVOCATION),
-                                   num_layers=2)
-        return pm.apply(g, params, ids, hooks=hook)
-
-    return jax.jit(fwd)(trainable)
+    hook = adapters.alora_hook(assignment, trainable, adapters.alora_starts(ids, INVOCATION),
+                               num_layers=2)
+    return _APPLY(g, params, ids, hooks=hook)
 
 
 if __name__ == "__main__":

@@ -38,27 +38,24 @@ def test_peft_made_alora_gives_torch_logits(scanned, tmp_path):
     ids = jnp.asarray(ref["inputs"])
     starts = adapters.alora_starts(ids, INVOCATION)
     assert starts.tolist() == [6, 1, adapters._alora.NEVER]  # last occurrence; none
-    got = jax.jit(lambda t: pm.apply(g, params, ids, hooks=adapters.alora_hook(
-        ad.assignment, t, starts, num_layers=2)))(ad.state.trainable)
-    np.testing.assert_allclose(got, ref["llama_alora"], rtol=0, atol=tc.TORCH_ATOL)
+    # one pass over prompt + PEFT's greedy continuation (the prompt's starts):
+    # the prompt's logits are PEFT's, and each continuation token is the argmax
+    # of the full pass (KV-cache generation = full passes)
+    full, t = jnp.concatenate([ids, ref["generated"]], axis=1), ids.shape[1]
+    got = np.asarray(jax.jit(lambda tr: pm.apply(g, params, full, hooks=adapters.alora_hook(
+        ad.assignment, tr, starts, num_layers=2)))(ad.state.trainable))
+    np.testing.assert_allclose(got[:, :t], ref["llama_alora"], rtol=0, atol=tc.TORCH_ATOL)
+    np.testing.assert_array_equal(np.argmax(got[:, t - 1:-1], -1), ref["generated"])
     moved = np.abs(ref["llama_alora"] - ref["llama_base"]).max(-1)
     assert (moved[0, :6] < 1e-5).all() and (moved[0, 6:] > 1e-2).all()
     assert (moved[2] < 1e-5).all()  # no invocation: the base model
     assert tc.trainable_count(ad.state) == json.loads(
         (GOLDEN / "peft.json").read_text())["trainable_params"]["llama"]
-    if not scanned:
+    if scanned:  # PEFT's greedy generate with its KV cache, token for token
+        out = llama.generate(pm.rebuild(g, params), ids, max_new_tokens=5,
+                             hooks=_hook(ad, ids))
+        np.testing.assert_array_equal(np.asarray(out), ref["generated"])
         return
-    # PEFT's greedy generate with its KV cache, token for token
-    model = pm.rebuild(g, params)
-    hook = _hook(ad, ids)
-    out = llama.generate(model, ids, max_new_tokens=5, hooks=hook)
-    np.testing.assert_array_equal(np.asarray(out), ref["generated"])
-    # = full passes: teacher forcing picks the same tokens
-    full = jnp.concatenate([ids, out], axis=1)
-    t = ids.shape[1]
-    logits = jax.jit(lambda h: pm.apply(g, params, full, hooks=h))(hook)
-    np.testing.assert_array_equal(np.argmax(np.asarray(logits[:, t - 1:-1]), -1),
-                                  np.asarray(out))
     # PEFT -> peftjax -> PEFT keeps the tensors and the invocation tokens
     io.save_peft(tmp_path, ad.assignment, ad.state, params, key_map=key_map,
                  alora_invocation_tokens=INVOCATION)
