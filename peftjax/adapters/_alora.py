@@ -111,7 +111,8 @@ class ALoRAHook:
       scale: ``{name: (L,)}`` the LoRA scaling per layer (0 for a layer the
         adapter does not touch).
       start: ``(B,)`` int32, the first adapted slot per row
-        (``alora_starts``).
+        (``alora_starts``; model slots: with a soft prompt of ``P`` tokens
+        before the tokens, add ``P``).
     """
 
     a: dict[str, jax.Array]
