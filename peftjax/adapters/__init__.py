@@ -46,6 +46,12 @@ from peftjax.adapters._adamss_asa import adamss_asa_target as adamss_asa_target
 from peftjax.adapters._adamss_asa import adamss_freeze as adamss_freeze
 from peftjax.adapters._adamss_asa import adamss_init_importance as adamss_init_importance
 from peftjax.adapters._adamss_asa import adamss_update_importance as adamss_update_importance
+from peftjax.adapters._adaption_prompt import AdaptionPromptHook as AdaptionPromptHook
+from peftjax.adapters._adaption_prompt import AdaptionPromptParams as AdaptionPromptParams
+from peftjax.adapters._adaption_prompt import adaption_prompt as adaption_prompt
+from peftjax.adapters._alora import ALoRAHook as ALoRAHook
+from peftjax.adapters._alora import alora_hook as alora_hook
+from peftjax.adapters._alora import alora_starts as alora_starts
 from peftjax.adapters._batched import BatchedRouting as BatchedRouting
 from peftjax.adapters._batched import batched as batched
 from peftjax.adapters._bdlora import BdLoRAParams as BdLoRAParams
@@ -254,6 +260,12 @@ from peftjax.adapters._waveft import waveft as waveft
 from peftjax.adapters._waveft import waveft_wavelets as waveft_wavelets
 
 __all__ = [
+    "AdaptionPromptHook",
+    "AdaptionPromptParams",
+    "adaption_prompt",
+    "ALoRAHook",
+    "alora_hook",
+    "alora_starts",
     "AdaLoRAImportance",
     "AdaLoRAParams",
     "AdaMSSBasis",

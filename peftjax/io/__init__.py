@@ -8,6 +8,12 @@ from peftjax.io._gguf import GGUFFile as GGUFFile
 from peftjax.io._gguf import read_gguf as read_gguf
 from peftjax.io._gguf import read_gguf_metadata as read_gguf_metadata
 from peftjax.io._json import read_json as read_json
+from peftjax.io._peft_adaption_prompt import (
+    load_peft_adaption_prompt as load_peft_adaption_prompt,
+)
+from peftjax.io._peft_adaption_prompt import (
+    save_peft_adaption_prompt as save_peft_adaption_prompt,
+)
 from peftjax.io._peft_keys import PeftKey as PeftKey
 from peftjax.io._peft_keys import TensorLayout as TensorLayout
 from peftjax.io._peft_prompt import PeftPrompt as PeftPrompt
@@ -47,6 +53,8 @@ __all__ = [
     "TensorLayout",
     "load_peft",
     "load_peft_prompt",
+    "load_peft_adaption_prompt",
+    "save_peft_adaption_prompt",
     "peft_target_modules",
     "peft_target_rules",
     "save_peft",

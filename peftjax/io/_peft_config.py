@@ -50,7 +50,8 @@ _HONOURED = {
                        "init_lora_weights", "ensure_weight_tying",
                        "layers_to_transform", "layers_pattern",
                        "use_qalora", "qalora_group_size", "layer_replication",
-                       "use_bdlora", "monteclora_config"}),
+                       "use_bdlora", "monteclora_config",
+                       "alora_invocation_tokens"}),
     "VERA": frozenset({"r", "projection_prng_key", "save_projection",
                        "d_initial", "init_weights", "layers_to_transform",
                        "layers_pattern"}),
@@ -69,7 +70,7 @@ _DEFAULTS = {
         "megatron_core": "megatron.core", "trainable_token_indices": None,
         "loftq_config": {}, "eva_config": None, "corda_config": None,
         "lora_ga_config": None, "velora_config": None,
-        "alora_invocation_tokens": None, "lora_bias": False, "target_parameters": None,
+        "lora_bias": False, "target_parameters": None,
         "arrow_config": None, "kasa_config": None,
     },
     # peftjax's VeRA has no input dropout.
@@ -149,6 +150,8 @@ _TYPES = {
         and _number(v.get("kl_loss_weight", 0.0)),
         "a MontecloraConfig object (positive num_samples, dirichlet_prior, "
         "sample_scaler)"),
+    "alora_invocation_tokens": (lambda v: isinstance(v, list) and len(v) > 0 and all(
+        _int(i) and i >= 0 for i in v), "a non-empty list of token ids"),
 }
 
 

@@ -177,6 +177,10 @@ def load_peft(
       the factored path (``peftjax.factored.transform``) applies it to the adapter
       input when ``deterministic=False`` (training, with a ``key``), never in
       evaluation; ``materialize`` refuses it unless ``deterministic=True``.
+    * ``alora_invocation_tokens`` (aLoRA): the LoRA state is read as
+      plain LoRA and the ids stay in ``config``; the update must then be
+      applied through ``adapters.alora_hook`` (with ``alora_starts``), not
+      ``materialize``.
     * (IA)³'s ``feedforward_modules``: a list matches by plain ``endswith``,
       a string in full; it decides which side the scale vector is on.
     * Per ``peft_type`` (tensors, fields honoured or accepted only at
@@ -231,6 +235,9 @@ def load_peft(
     directory = pathlib.Path(directory)
     config, tensors = _read_dir(directory)
     source = str(directory / _peft_write.CONFIG_NAME)
+    if str(config.get("peft_type", "")).upper() == "ADAPTION_PROMPT":
+        raise ValueError(f"{source}: peft_type='ADAPTION_PROMPT' is a model hook, not "
+                         "a weight adapter: read it with io.load_peft_adaption_prompt")
     peft_type = _peft_config.check_config(config, source, _peft_tuners.TUNERS)
     tuner = _peft_tuners.TUNERS.get(peft_type)
     suffixes = (_SUFFIXES if tuner is None else tuple(

@@ -202,6 +202,7 @@ def save_peft(
     layers_prefix: str = "layers",
     tied_head: tuple[str, str] | None = None,
     layer_replication: list[list[int]] | None = None,
+    alora_invocation_tokens: list[int] | None = None,
 ) -> pathlib.Path:
     """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` for PEFT.
 
@@ -227,6 +228,8 @@ def save_peft(
         ``peftjax.models.replicate_layers`` made ``params`` with (PEFT's
         ``layer_replication``: PEFT replicates its base model the same way
         before loading the adapter).
+      alora_invocation_tokens: a plain LoRA written as PEFT's aLoRA
+        (``adapters.alora_hook``): the invocation token ids.
 
     Returns:
       The directory.
@@ -422,6 +425,14 @@ def save_peft(
             config["ensure_weight_tying"] = True
         config.update(_peft_lora_variants.config_fields(variants, bd_sides, modules,
                                                         layer_replication))
+        if alora_invocation_tokens is not None:
+            if dora or not alora_invocation_tokens:
+                raise ValueError("save_peft: alora_invocation_tokens needs plain LoRA "
+                                 "(no DoRA) and a non-empty list of token ids")
+            config["alora_invocation_tokens"] = [int(i) for i in alora_invocation_tokens]
+    elif alora_invocation_tokens is not None:
+        raise ValueError(f"save_peft: alora_invocation_tokens with a {peft_type} "
+                         "adapter (aLoRA is a LoRA variant)")
     elif peft_type == "IA3":
         config.update(feedforward_modules=_targets(feedforward, key_map)
                       if feedforward else [], fan_in_fan_out=False)
