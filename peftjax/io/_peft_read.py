@@ -18,6 +18,7 @@ Exports: ``PeftAdapter``, ``load_peft``.
 
 import os
 import pathlib
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -180,7 +181,7 @@ def load_peft(
     * ``alora_invocation_tokens`` (aLoRA): the LoRA state is read as
       plain LoRA and the ids stay in ``config``; the update must then be
       applied through ``adapters.alora_hook`` (with ``alora_starts``), not
-      ``materialize``.
+      ``materialize``: a ``UserWarning`` says so on every such file.
     * (IA)³'s ``feedforward_modules``: a list matches by plain ``endswith``,
       a string in full; it decides which side the scale vector is on.
     * Per ``peft_type`` (tensors, fields honoured or accepted only at
@@ -386,6 +387,12 @@ def load_peft(
                        (frozen, tuner and tuner.shared_frozen)):  # shared by all modules
         into.update(hook(vera_shared, config, param_dtype) if hook else {})
     full = _assemble_full(full_u, flat, layers_prefix, param_dtype)
+    if config.get("alora_invocation_tokens"):
+        warnings.warn(
+            f"load_peft: {source} is an aLoRA (alora_invocation_tokens="
+            f"{config['alora_invocation_tokens']}): apply it with adapters.alora_hook; "
+            "materialize or fold would apply it at every position", UserWarning,
+            stacklevel=2)
     return PeftAdapter(assignment, _adapters.AdapterState(trainable, frozen), full, config)
 
 
