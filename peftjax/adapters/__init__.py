@@ -88,6 +88,10 @@ from peftjax.adapters._gralora import gralora as gralora
 from peftjax.adapters._hira import HiRAParams as HiRAParams
 from peftjax.adapters._hira import hira as hira
 from peftjax.adapters._hra import HRAParams as HRAParams
+from peftjax.adapters._poly import PolyHook as PolyHook
+from peftjax.adapters._poly import PolyParams as PolyParams
+from peftjax.adapters._poly import poly_init as poly_init
+from peftjax.adapters._poly import poly_weights as poly_weights
 from peftjax.adapters._hra import hra as hra
 from peftjax.adapters._hra import hra_orthogonality as hra_orthogonality
 from peftjax.adapters._hra import hra_rotation as hra_rotation
@@ -398,6 +402,10 @@ __all__ = [
     "oft_block_size",
     "oft_project",
     "HRAParams",
+    "PolyParams",
+    "PolyHook",
+    "poly_init",
+    "poly_weights",
     "hra",
     "hra_rotation",
     "hra_orthogonality",

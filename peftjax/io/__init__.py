@@ -11,6 +11,8 @@ from peftjax.io._json import read_json as read_json
 from peftjax.io._peft_keys import PeftKey as PeftKey
 from peftjax.io._peft_keys import TensorLayout as TensorLayout
 from peftjax.io._peft_read import PeftAdapter as PeftAdapter
+from peftjax.io._peft_poly import load_peft_poly as load_peft_poly
+from peftjax.io._peft_poly import save_peft_poly as save_peft_poly
 from peftjax.io._peft_read import load_peft as load_peft
 from peftjax.io._peft_targets import peft_target_modules as peft_target_modules
 from peftjax.io._peft_targets import peft_target_rules as peft_target_rules
@@ -42,7 +44,9 @@ __all__ = [
     "PeftKey",
     "TensorLayout",
     "load_peft",
+    "load_peft_poly",
     "peft_target_modules",
     "peft_target_rules",
     "save_peft",
+    "save_peft_poly",
 ]
