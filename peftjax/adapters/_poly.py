@@ -96,20 +96,16 @@ def poly_init(
       ``PolyParams``.
 
     Example:
-      >>> from flax import nnx
-      >>> from peftjax import models as pm
-      >>> from peftjax.models import llama
-      >>> from peftjax.models.llama import _tiny
-      >>> m = llama.LlamaForCausalLM(_tiny.tiny_config(), rngs=nnx.Rngs(0))
-      >>> gdef, params = pm.split_params(m)
+      >>> from peftjax.models import Site
+      >>> params = {"layers": [{"self_attn": {"q_proj": {"kernel": jnp.zeros((8, 4))}}}]}
       >>> pp = poly_init(jax.random.key(0), params, target_modules=["q_proj"],
       ...                r=2, n_tasks=3, n_skills=4, n_splits=2)
-      >>> pp.lora_a["self_attn/q_proj"].shape[1:3]
-      (2, 4)
-      >>> toks = jnp.zeros((2, 3), jnp.int32)
+      >>> pp.lora_a["self_attn/q_proj"].shape  # (L, n_splits, n_skills, in/2, r)
+      (1, 2, 4, 4, 2)
       >>> hook = PolyHook(pp, task_ids=jnp.array([0, 2]))
-      >>> pm.apply(gdef, params, toks, hooks=hook).shape
-      (2, 3, 64)
+      >>> site = Site(jnp.int32(0), "self_attn/q_proj", jnp.arange(3))
+      >>> hook.linear(site, jnp.ones((2, 3, 8)), jnp.zeros((2, 3, 4))).shape
+      (2, 3, 4)
     """
     fn = "poly_init"
     for name, v in (("r", r), ("n_tasks", n_tasks), ("n_skills", n_skills),
