@@ -89,6 +89,14 @@ from peftjax.adapters._hira import HiRAParams as HiRAParams
 from peftjax.adapters._hira import hira as hira
 from peftjax.adapters._hra import HRAParams as HRAParams
 from peftjax.adapters._poly import PolyHook as PolyHook
+from peftjax.adapters._xlora import XLoraClassifier as XLoraClassifier
+from peftjax.adapters._xlora import XLoraConfig as XLoraConfig
+from peftjax.adapters._xlora import XLoraExperts as XLoraExperts
+from peftjax.adapters._xlora import XLoraHook as XLoraHook
+from peftjax.adapters._xlora import xlora_forward as xlora_forward
+from peftjax.adapters._xlora import xlora_generate as xlora_generate
+from peftjax.adapters._xlora import xlora_init as xlora_init
+from peftjax.adapters._xlora import xlora_scalings as xlora_scalings
 from peftjax.adapters._poly import PolyParams as PolyParams
 from peftjax.adapters._poly import poly_init as poly_init
 from peftjax.adapters._poly import poly_weights as poly_weights
@@ -406,6 +414,14 @@ __all__ = [
     "PolyHook",
     "poly_init",
     "poly_weights",
+    "XLoraConfig",
+    "XLoraClassifier",
+    "XLoraExperts",
+    "XLoraHook",
+    "xlora_init",
+    "xlora_scalings",
+    "xlora_forward",
+    "xlora_generate",
     "hra",
     "hra_rotation",
     "hra_orthogonality",

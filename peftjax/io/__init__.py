@@ -14,6 +14,8 @@ from peftjax.io._peft_read import PeftAdapter as PeftAdapter
 from peftjax.io._peft_poly import load_peft_poly as load_peft_poly
 from peftjax.io._peft_poly import save_peft_poly as save_peft_poly
 from peftjax.io._peft_read import load_peft as load_peft
+from peftjax.io._peft_xlora import load_peft_xlora as load_peft_xlora
+from peftjax.io._peft_xlora import save_peft_xlora as save_peft_xlora
 from peftjax.io._peft_targets import peft_target_modules as peft_target_modules
 from peftjax.io._peft_targets import peft_target_rules as peft_target_rules
 from peftjax.io._peft_write import save_peft as save_peft
@@ -45,8 +47,10 @@ __all__ = [
     "TensorLayout",
     "load_peft",
     "load_peft_poly",
+    "load_peft_xlora",
     "peft_target_modules",
     "peft_target_rules",
     "save_peft",
     "save_peft_poly",
+    "save_peft_xlora",
 ]
