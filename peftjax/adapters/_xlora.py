@@ -159,7 +159,7 @@ def xlora_scalings(classifier: XLoraClassifier, hidden: jax.Array,
     """
     h = hidden
     for i, (w, b) in enumerate(classifier.layers):
-        h = h @ w.astype(h.dtype) + b.astype(h.dtype)
+        h = h @ w.astype(h.dtype) + b.astype(h.dtype).reshape((1,) * (h.ndim - 1) + (-1,))
         if i + 1 < len(classifier.layers):
             h = jax.nn.relu(h)
     bsz, t = hidden.shape[:2]
