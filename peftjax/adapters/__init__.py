@@ -88,6 +88,11 @@ from peftjax.adapters._gralora import gralora as gralora
 from peftjax.adapters._hira import HiRAParams as HiRAParams
 from peftjax.adapters._hira import hira as hira
 from peftjax.adapters._hra import HRAParams as HRAParams
+from peftjax.adapters._arrow import ArrowConfig as ArrowConfig
+from peftjax.adapters._arrow import ArrowExperts as ArrowExperts
+from peftjax.adapters._arrow import ArrowHook as ArrowHook
+from peftjax.adapters._arrow import arrow_experts as arrow_experts
+from peftjax.adapters._arrow import arrow_prototype as arrow_prototype
 from peftjax.adapters._poly import PolyHook as PolyHook
 from peftjax.adapters._xlora import XLoraClassifier as XLoraClassifier
 from peftjax.adapters._xlora import XLoraConfig as XLoraConfig
@@ -422,6 +427,11 @@ __all__ = [
     "xlora_scalings",
     "xlora_forward",
     "xlora_generate",
+    "ArrowConfig",
+    "ArrowExperts",
+    "ArrowHook",
+    "arrow_experts",
+    "arrow_prototype",
     "hra",
     "hra_rotation",
     "hra_orthogonality",

@@ -11,6 +11,7 @@ from peftjax.io._json import read_json as read_json
 from peftjax.io._peft_keys import PeftKey as PeftKey
 from peftjax.io._peft_keys import TensorLayout as TensorLayout
 from peftjax.io._peft_read import PeftAdapter as PeftAdapter
+from peftjax.io._peft_arrow import load_arrow as load_arrow
 from peftjax.io._peft_poly import load_peft_poly as load_peft_poly
 from peftjax.io._peft_poly import save_peft_poly as save_peft_poly
 from peftjax.io._peft_read import load_peft as load_peft
@@ -45,6 +46,7 @@ __all__ = [
     "PeftAdapter",
     "PeftKey",
     "TensorLayout",
+    "load_arrow",
     "load_peft",
     "load_peft_poly",
     "load_peft_xlora",

@@ -1,0 +1,56 @@
+# SPDX-License-Identifier: Apache-2.0
+"""LoRA libraries for Arrow: PEFT LoRA directories read as per-site stacks.
+
+PEFT's Arrow (``create_arrow_model``) has no file of its own: it loads task
+(and general) LoRA directories and routes over them. ``load_arrow`` does
+the same for ``adapters.ArrowHook``.
+
+Exports: ``load_arrow``.
+"""
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from peftjax.adapters import _arrow
+from peftjax.io import _peft_poly, _peft_xlora
+
+
+def _lora(path, sites, n_layers, dtype):
+    import pathlib
+
+    got = _peft_xlora._expert(pathlib.Path(path), sites, n_layers)
+    a, b, s = {}, {}, {}
+    for site in sorted({t for t, _ in got}):
+        if {i for t, i in got if t == site} != set(range(n_layers)):
+            raise ValueError(f"load_arrow: {path}: {site} is not adapted in every layer")
+        a[site] = jnp.asarray(np.stack([got[(site, i)][0] for i in range(n_layers)]), dtype)
+        b[site] = jnp.asarray(np.stack([got[(site, i)][1] for i in range(n_layers)]), dtype)
+        s[site] = got[(site, 0)][2]
+    return a, b, s
+
+
+def load_arrow(task_paths: Sequence[str | os.PathLike], key_map: Mapping[str, Any],
+               config: _arrow.ArrowConfig = _arrow.ArrowConfig(), *,
+               general_paths: Sequence[str | os.PathLike] = (),
+               dtype: Any = jnp.float32) -> _arrow.ArrowExperts:
+    """Reads PEFT LoRA directories into ``ArrowExperts`` (PEFT's ``create_arrow_model``).
+
+    Args:
+      task_paths: the task LoRAs (PEFT's ``task_specific_adapter_paths``).
+      key_map: the model's (``llama.peft_key_map(cfg)``).
+      config: ``adapters.ArrowConfig``.
+      general_paths: GenKnowSub's general LoRAs (``general_adapter_paths``).
+      dtype: of the arrays.
+
+    Returns:
+      ``ArrowExperts`` for ``adapters.ArrowHook``.
+    """
+    sites = _peft_poly.sites_of(key_map)
+    n_layers = 1 + max(i for _, i in sites)
+    task = [_lora(p, sites, n_layers, dtype) for p in task_paths]
+    general = [_lora(p, sites, n_layers, dtype) for p in general_paths]
+    return _arrow.arrow_experts(task, general if config.use_gks else (), config)
