@@ -44,6 +44,11 @@ from peftjax.adapters._adamss_asa import adamss_asa_target as adamss_asa_target
 from peftjax.adapters._adamss_asa import adamss_freeze as adamss_freeze
 from peftjax.adapters._adamss_asa import adamss_init_importance as adamss_init_importance
 from peftjax.adapters._adamss_asa import adamss_update_importance as adamss_update_importance
+from peftjax.adapters._arrow import ArrowConfig as ArrowConfig
+from peftjax.adapters._arrow import ArrowExperts as ArrowExperts
+from peftjax.adapters._arrow import ArrowHook as ArrowHook
+from peftjax.adapters._arrow import arrow_experts as arrow_experts
+from peftjax.adapters._arrow import arrow_prototype as arrow_prototype
 from peftjax.adapters._batched import BatchedRouting as BatchedRouting
 from peftjax.adapters._batched import batched as batched
 from peftjax.adapters._beft import BEFTParams as BEFTParams
@@ -88,23 +93,6 @@ from peftjax.adapters._gralora import gralora as gralora
 from peftjax.adapters._hira import HiRAParams as HiRAParams
 from peftjax.adapters._hira import hira as hira
 from peftjax.adapters._hra import HRAParams as HRAParams
-from peftjax.adapters._arrow import ArrowConfig as ArrowConfig
-from peftjax.adapters._arrow import ArrowExperts as ArrowExperts
-from peftjax.adapters._arrow import ArrowHook as ArrowHook
-from peftjax.adapters._arrow import arrow_experts as arrow_experts
-from peftjax.adapters._arrow import arrow_prototype as arrow_prototype
-from peftjax.adapters._poly import PolyHook as PolyHook
-from peftjax.adapters._xlora import XLoraClassifier as XLoraClassifier
-from peftjax.adapters._xlora import XLoraConfig as XLoraConfig
-from peftjax.adapters._xlora import XLoraExperts as XLoraExperts
-from peftjax.adapters._xlora import XLoraHook as XLoraHook
-from peftjax.adapters._xlora import xlora_forward as xlora_forward
-from peftjax.adapters._xlora import xlora_generate as xlora_generate
-from peftjax.adapters._xlora import xlora_init as xlora_init
-from peftjax.adapters._xlora import xlora_scalings as xlora_scalings
-from peftjax.adapters._poly import PolyParams as PolyParams
-from peftjax.adapters._poly import poly_init as poly_init
-from peftjax.adapters._poly import poly_weights as poly_weights
 from peftjax.adapters._hra import hra as hra
 from peftjax.adapters._hra import hra_orthogonality as hra_orthogonality
 from peftjax.adapters._hra import hra_rotation as hra_rotation
@@ -146,6 +134,10 @@ from peftjax.adapters._osf import osf as osf
 from peftjax.adapters._osf import osf_rank as osf_rank
 from peftjax.adapters._peanut import PEANUTParams as PEANUTParams
 from peftjax.adapters._peanut import peanut as peanut
+from peftjax.adapters._poly import PolyHook as PolyHook
+from peftjax.adapters._poly import PolyParams as PolyParams
+from peftjax.adapters._poly import poly_init as poly_init
+from peftjax.adapters._poly import poly_weights as poly_weights
 from peftjax.adapters._precision import cast_floating as cast_floating
 from peftjax.adapters._presets import all_linear_rules as all_linear_rules
 from peftjax.adapters._prompt import PrefixParams as PrefixParams
@@ -238,6 +230,14 @@ from peftjax.adapters._waveft import WaveFTIndices as WaveFTIndices
 from peftjax.adapters._waveft import WaveFTParams as WaveFTParams
 from peftjax.adapters._waveft import waveft as waveft
 from peftjax.adapters._waveft import waveft_wavelets as waveft_wavelets
+from peftjax.adapters._xlora import XLoraClassifier as XLoraClassifier
+from peftjax.adapters._xlora import XLoraConfig as XLoraConfig
+from peftjax.adapters._xlora import XLoraExperts as XLoraExperts
+from peftjax.adapters._xlora import XLoraHook as XLoraHook
+from peftjax.adapters._xlora import xlora_forward as xlora_forward
+from peftjax.adapters._xlora import xlora_generate as xlora_generate
+from peftjax.adapters._xlora import xlora_init as xlora_init
+from peftjax.adapters._xlora import xlora_scalings as xlora_scalings
 
 __all__ = [
     "AdaLoRAImportance",

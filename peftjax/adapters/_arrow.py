@@ -41,10 +41,11 @@ Exports: ``ArrowConfig``, ``ArrowExperts``, ``ArrowHook``, ``arrow_experts``,
 ``arrow_prototype``, ``torch_randn``.
 """
 
+import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,7 +66,7 @@ def torch_randn(n: int, seed: int) -> np.ndarray:
     (float32, ``n >= 16``), in NumPy.
 
     Example:
-      >>> torch_randn(16, 0)[:3].round(4).tolist()
+      >>> [round(float(v), 4) for v in torch_randn(16, 0)[:3]]
       [-1.1258, -1.1524, -0.2506]
     """
     if n < 16:
@@ -146,14 +147,14 @@ def arrow_prototype(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def arrow_experts(task: Sequence[tuple[dict, dict, dict]],
                   general: Sequence[tuple[dict, dict, dict]] = (),
-                  config: ArrowConfig = ArrowConfig()) -> ArrowExperts:
+                  config: ArrowConfig | None = None) -> ArrowExperts:
     """Stacks task LoRAs (GenKnowSub when ``config.use_gks``) and computes prototypes.
 
     Args:
       task: per task LoRA ``(lora_a {site: (L, in, r)}, lora_b {site: (L, r,
         out)}, scaling {site: float})``.
       general: the general LoRAs, same form (GenKnowSub's).
-      config: ``ArrowConfig``.
+      config: ``ArrowConfig`` (default ``ArrowConfig()``).
 
     Returns:
       ``ArrowExperts``.
@@ -170,6 +171,7 @@ def arrow_experts(task: Sequence[tuple[dict, dict, dict]],
       (1, 2, 4)
     """
     fn = "arrow_experts"
+    config = ArrowConfig() if config is None else config
     if not task:
         raise ValueError(f"{fn}: no task LoRAs")
     if config.top_k <= 0 or config.router_temperature <= 0:
@@ -199,7 +201,9 @@ def arrow_experts(task: Sequence[tuple[dict, dict, dict]],
     return ArrowExperts(la, lb, sc, pr)
 
 
-@flax.struct.dataclass
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["experts"],
+                   meta_fields=["config"])
+@dataclasses.dataclass(frozen=True)
 class ArrowHook:
     """Arrow's per-token routing as a ``peftjax.models.Hooks``.
 
@@ -209,7 +213,7 @@ class ArrowHook:
     """
 
     experts: ArrowExperts
-    config: ArrowConfig = flax.struct.field(pytree_node=False, default=ArrowConfig())
+    config: ArrowConfig = ArrowConfig()
 
     def attention(self, site: Any, q: jax.Array, attn: Any) -> None:
         """No extra attention."""

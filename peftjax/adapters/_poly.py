@@ -37,10 +37,11 @@ per call), LoRA's cost at rank ``r``.
 Exports: ``PolyParams``, ``PolyHook``, ``poly_init``, ``poly_weights``.
 """
 
+import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -161,7 +162,9 @@ def poly_weights(module_logits: jax.Array, task_ids: jax.Array, n_splits: int,
     return p / (p.sum(-1, keepdims=True) + _EPS)
 
 
-@flax.struct.dataclass
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["params", "task_ids", "key"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
 class PolyHook:
     """Poly/MHR as a ``peftjax.models.Hooks``: each example's task mixture.
 

@@ -45,9 +45,10 @@ Exports: ``XLoraConfig``, ``XLoraClassifier``, ``XLoraExperts``,
 ``xlora_generate``.
 """
 
+import dataclasses
+import functools
 from typing import Any, NamedTuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -156,6 +157,14 @@ def xlora_scalings(classifier: XLoraClassifier, hidden: jax.Array,
     Returns:
       The scalings (softmax over experts with the temperature when
       ``enable_softmax``).
+
+    Example:
+      >>> cfg = XLoraConfig(n_experts=2, sites=("mlp/up_proj",), n_layers=3,
+      ...                   hidden_size=4)
+      >>> clf = xlora_init(jax.random.key(0), cfg)
+      >>> s = xlora_scalings(clf, jnp.ones((1, 5, 4)), cfg)
+      >>> s.shape, round(float(s[0, 0, 0].sum()), 5)
+      ((1, 5, 3, 2), 1.0)
     """
     h = hidden
     for i, (w, b) in enumerate(classifier.layers):
@@ -187,7 +196,9 @@ def _topk(s: jax.Array, config: XLoraConfig) -> jax.Array:
     return s
 
 
-@flax.struct.dataclass
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["experts", "scalings"],
+                   meta_fields=["config"])
+@dataclasses.dataclass(frozen=True)
 class XLoraHook:
     """The experts applied with given scalings, as a ``peftjax.models.Hooks``.
 
@@ -199,7 +210,7 @@ class XLoraHook:
 
     experts: XLoraExperts
     scalings: jax.Array
-    config: XLoraConfig = flax.struct.field(pytree_node=False)
+    config: XLoraConfig
 
     def attention(self, site: Any, q: jax.Array, attn: Any) -> None:
         """No extra attention."""
@@ -289,6 +300,23 @@ def xlora_generate(model: Any, prompt: jax.Array, classifier: XLoraClassifier,
 
     Returns:
       int32 ``(B, N)``.
+
+    Example:
+      >>> from flax import nnx
+      >>> from peftjax.models import llama
+      >>> from peftjax.models.llama import _tiny
+      >>> m = llama.LlamaForCausalLM(_tiny.tiny_config(num_hidden_layers=1),
+      ...                            rngs=nnx.Rngs(0))
+      >>> d = m.config.hidden_size
+      >>> cfg = XLoraConfig(n_experts=2, sites=("self_attn/q_proj",), n_layers=1,
+      ...                   hidden_size=d)
+      >>> ex = XLoraExperts({"self_attn/q_proj": jnp.ones((1, 2, d, 1))},
+      ...                   {"self_attn/q_proj": jnp.ones((1, 2, 1, d))},
+      ...                   {"self_attn/q_proj": jnp.ones((2,))})
+      >>> clf = xlora_init(jax.random.key(0), cfg)
+      >>> xlora_generate(m, jnp.zeros((1, 3), jnp.int32), clf, ex, cfg,
+      ...                max_new_tokens=2).shape
+      (1, 2)
     """
     from flax import nnx
 

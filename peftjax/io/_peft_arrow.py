@@ -34,7 +34,7 @@ def _lora(path, sites, n_layers, dtype):
 
 
 def load_arrow(task_paths: Sequence[str | os.PathLike], key_map: Mapping[str, Any],
-               config: _arrow.ArrowConfig = _arrow.ArrowConfig(), *,
+               config: _arrow.ArrowConfig | None = None, *,
                general_paths: Sequence[str | os.PathLike] = (),
                dtype: Any = jnp.float32) -> _arrow.ArrowExperts:
     """Reads PEFT LoRA directories into ``ArrowExperts`` (PEFT's ``create_arrow_model``).
@@ -42,13 +42,33 @@ def load_arrow(task_paths: Sequence[str | os.PathLike], key_map: Mapping[str, An
     Args:
       task_paths: the task LoRAs (PEFT's ``task_specific_adapter_paths``).
       key_map: the model's (``llama.peft_key_map(cfg)``).
-      config: ``adapters.ArrowConfig``.
+      config: ``adapters.ArrowConfig`` (default ``ArrowConfig()``).
       general_paths: GenKnowSub's general LoRAs (``general_adapter_paths``).
       dtype: of the arrays.
 
     Returns:
       ``ArrowExperts`` for ``adapters.ArrowHook``.
+
+    Example:
+      >>> import tempfile, jax
+      >>> from peftjax import adapters, io
+      >>> from peftjax.models import llama
+      >>> from peftjax.models.llama import _tiny
+      >>> mc = _tiny.tiny_config(num_hidden_layers=1)
+      >>> d, km = mc.hidden_size, llama.peft_key_map(mc)
+      >>> cfg = adapters.XLoraConfig(n_experts=2, sites=("self_attn/q_proj",),
+      ...                            n_layers=1, hidden_size=d)
+      >>> ex = adapters.XLoraExperts(  # written as two plain LoRA directories
+      ...     {"self_attn/q_proj": jax.random.normal(jax.random.key(0), (1, 2, d, 2))},
+      ...     {"self_attn/q_proj": jax.random.normal(jax.random.key(1), (1, 2, 2, d))},
+      ...     {"self_attn/q_proj": jnp.ones((2,))})
+      >>> out = io.save_peft_xlora(tempfile.mkdtemp(), adapters.xlora_init(
+      ...     jax.random.key(0), cfg), ex, cfg, km)
+      >>> arrow = load_arrow([out / "0", out / "1"], km, adapters.ArrowConfig(top_k=1))
+      >>> arrow.prototypes["self_attn/q_proj"].shape == (1, 2, d)
+      True
     """
+    config = _arrow.ArrowConfig() if config is None else config
     sites = _peft_poly.sites_of(key_map)
     n_layers = 1 + max(i for _, i in sites)
     task = [_lora(p, sites, n_layers, dtype) for p in task_paths]

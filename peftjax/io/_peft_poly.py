@@ -56,6 +56,21 @@ def load_peft_poly(directory: str | os.PathLike, key_map: Mapping[str, Any], *,
     Raises:
       ValueError: not a POLY file, a config field peftjax does not honour, a
         module adapted in some layers only, or a tensor of the wrong shape.
+
+    Example:
+      >>> import tempfile, jax
+      >>> from peftjax import adapters
+      >>> from peftjax.models import llama
+      >>> from peftjax.models.llama import _tiny
+      >>> cfg = _tiny.tiny_config(num_hidden_layers=1)
+      >>> params = {"layers": [{"mlp": {"up_proj": {"kernel": jnp.zeros(
+      ...     (cfg.hidden_size, cfg.intermediate_size))}}}]}
+      >>> pp = adapters.poly_init(jax.random.key(0), params, target_modules=["up_proj"],
+      ...                         r=2, n_tasks=3, n_skills=2)
+      >>> d = save_peft_poly(tempfile.mkdtemp(), pp, llama.peft_key_map(cfg))
+      >>> back, config = load_peft_poly(d, llama.peft_key_map(cfg))
+      >>> config["peft_type"], back.module_logits["mlp/up_proj"].shape
+      ('POLY', (1, 3, 2))
     """
     d = pathlib.Path(directory)
     cfg = _json.read_json(d / "adapter_config.json", "load_peft_poly")
@@ -119,6 +134,8 @@ def save_peft_poly(directory: str | os.PathLike, params: _poly.PolyParams,
 
     Returns:
       The directory.
+
+    Example: see ``load_peft_poly``.
     """
     sites = sites_of(key_map)
     tensors, modules = {}, set()

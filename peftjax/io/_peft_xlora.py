@@ -77,6 +77,25 @@ def load_peft_xlora(directory: str | os.PathLike, key_map: Mapping[str, Any], *,
       ValueError: not an XLORA file, an expert that is not a plain LoRA, a
         classifier that disagrees with the config, or modules adapted in
         some layers only.
+
+    Example:
+      >>> import tempfile, jax
+      >>> from peftjax import adapters
+      >>> from peftjax.models import llama
+      >>> from peftjax.models.llama import _tiny
+      >>> mc = _tiny.tiny_config(num_hidden_layers=1)
+      >>> d = mc.hidden_size
+      >>> cfg = adapters.XLoraConfig(n_experts=2, sites=("self_attn/q_proj",),
+      ...                            n_layers=1, hidden_size=d)
+      >>> ex = adapters.XLoraExperts({"self_attn/q_proj": jnp.ones((1, 2, d, 1))},
+      ...                            {"self_attn/q_proj": jnp.ones((1, 2, 1, d))},
+      ...                            {"self_attn/q_proj": jnp.ones((2,))})
+      >>> clf = adapters.xlora_init(jax.random.key(0), cfg)
+      >>> out = save_peft_xlora(tempfile.mkdtemp(), clf, ex, cfg, llama.peft_key_map(mc))
+      >>> sorted(p.name for p in out.iterdir())
+      ['0', '1', 'adapter_config.json', 'adapter_model.safetensors']
+      >>> load_peft_xlora(out, llama.peft_key_map(mc))[2] == cfg
+      True
     """
     d = pathlib.Path(directory)
     cfg = _json.read_json(d / "adapter_config.json", "load_peft_xlora")
@@ -172,6 +191,8 @@ def save_peft_xlora(directory: str | os.PathLike, classifier: _xlora.XLoraClassi
 
     Returns:
       The directory.
+
+    Example: see ``load_peft_xlora``.
     """
     out = pathlib.Path(directory)
     sites = _peft_poly.sites_of(key_map)

@@ -31,8 +31,9 @@ CONFIGS = {
 }
 
 
-def build(out, kind: str, load) -> np.ndarray:
-    """Writes ``out/pj_<kind>_poly``; returns peftjax's outputs of the fixed inputs."""
+def build(out, kind: str, load, *, forward: bool = True) -> np.ndarray | None:
+    """Writes ``out/pj_<kind>_poly``; returns peftjax's outputs of the fixed
+    inputs (``None`` without ``forward``)."""
     g, params, key_map, _ = load(kind, scanned=kind == "llama")
     pp = adapters.poly_init(jax.random.key(0), params, **CONFIGS[kind])
     rng = np.random.default_rng(41)
@@ -40,6 +41,8 @@ def build(out, kind: str, load) -> np.ndarray:
                                             x.dtype), pp)
     io.save_peft_poly(pathlib.Path(out) / f"pj_{kind}_poly", pp, key_map,
                       base_model_name_or_path=f"tiny-random-{kind}")
+    if not forward:
+        return None
     if kind == "llama":
         ids, kw = jnp.asarray([[1, 5, 9, 33, 2, 63, 17, 8], [4, 4, 40, 12, 0, 7, 50, 3]]), {}
     else:

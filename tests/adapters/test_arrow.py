@@ -37,7 +37,7 @@ def test_routing_matches_reference_and_gks():
     want = np.zeros((3, 8))
     for t in range(3):
         ws, ds = [], []
-        for i, (a, b, s) in enumerate(task):
+        for a, b, s in task:
             a_ = np.asarray(a["mlp/up_proj"][0], np.float64) - ga
             b_ = np.asarray(b["mlp/up_proj"][0], np.float64) - gb
             v = np.linalg.svd(a_ @ b_)[0][:, 0]
