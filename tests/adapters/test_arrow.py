@@ -6,13 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from peftjax import adapters
 from peftjax import models as pm
 from peftjax.adapters import _arrow
 from peftjax.models import Site, llama
-from peftjax.models.llama import _tiny
+from tests.io import tuner_checks as tc
 
 
 def _loras(n, d, f, seed, L=2, r=2):
@@ -51,9 +50,9 @@ def test_routing_matches_reference_and_gks():
 
 
 def test_generation_equals_full_passes():
-    cfg_m = _tiny.tiny_config(num_hidden_layers=2)
-    m = llama.LlamaForCausalLM(cfg_m, scan_layers=True, rngs=nnx.Rngs(3))
-    gdef, params = pm.split_params(m)
+    gdef, params, _, _ = tc.load("llama", scanned=True)  # cached, shared
+    m = pm.rebuild(gdef, params)
+    cfg_m = m.config
     ex = adapters.arrow_experts(_loras(3, cfg_m.hidden_size, cfg_m.intermediate_size, 4),
                                 config=adapters.ArrowConfig(top_k=2, rng_seed=0))
     hook = adapters.ArrowHook(ex, adapters.ArrowConfig(top_k=2))

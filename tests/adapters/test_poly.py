@@ -6,20 +6,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from peftjax import adapters
 from peftjax import models as pm
 from peftjax.models import llama
-from peftjax.models.llama import _tiny
+from tests.io import tuner_checks as tc
 
 
 def _model():
-    cfg = _tiny.tiny_config(num_hidden_layers=2)
-    return llama.LlamaForCausalLM(cfg, scan_layers=True, rngs=nnx.Rngs(3))
+    """The committed tiny Llama (scanned), cached and shared with the IO tests."""
+    g, params, _, _ = tc.load("llama", scanned=True)
+    return pm.rebuild(g, params)
 
 
 def _perturbed(pp, seed=0, scale=0.5):
+    """NumPy draws of ``pp``'s shapes (``pp`` may be ``jax.eval_shape``'s)."""
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * scale,
                                               x.dtype), pp)
@@ -42,9 +43,9 @@ def test_poly_weights_eval_and_train():
 def test_poly_task_ids_are_data_and_generation_equals_full_passes():
     m = _model()
     gdef, params = pm.split_params(m)
-    pp = _perturbed(adapters.poly_init(jax.random.key(0), params, r=2, n_tasks=3,
-                                       n_skills=2, n_splits=2,
-                                       target_modules=["q_proj", "down_proj"]))
+    pp = _perturbed(jax.eval_shape(lambda: adapters.poly_init(
+        jax.random.key(0), params, r=2, n_tasks=3, n_skills=2, n_splits=2,
+        target_modules=["q_proj", "down_proj"])))
     toks = jax.random.randint(jax.random.key(1), (2, 5), 0, 64)
     traces = []
 

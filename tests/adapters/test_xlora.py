@@ -7,13 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from peftjax import adapters
 from peftjax import models as pm
 from peftjax.adapters import _xlora
-from peftjax.models import llama
-from peftjax.models.llama import _tiny
+from tests.io import tuner_checks as tc
 
 
 def test_topk_and_softmax_topk_as_peft():
@@ -30,9 +28,9 @@ def test_topk_and_softmax_topk_as_peft():
 
 
 def test_xlora_generation_equals_full_passes_and_gradients():
-    cfg_m = _tiny.tiny_config(num_hidden_layers=2)
-    m = llama.LlamaForCausalLM(cfg_m, scan_layers=True, rngs=nnx.Rngs(3))
-    gdef, params = pm.split_params(m)
+    gdef, params, _, _ = tc.load("llama", scanned=True)  # cached, shared
+    m = pm.rebuild(gdef, params)
+    cfg_m = m.config
     d, f, k, r = cfg_m.hidden_size, cfg_m.intermediate_size, 3, 2
     rng = np.random.default_rng(0)
     arr = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
@@ -45,15 +43,20 @@ def test_xlora_generation_equals_full_passes_and_gradients():
                                n_layers=2, hidden_size=d, xlora_depth=2, xlora_size=8,
                                layerwise_scalings=True, top_k_lora=2,
                                scaling_pass_value=0.3, softmax_temperature=0.5)
-    clf = jax.tree.map(lambda x: x * 20, adapters.xlora_init(jax.random.key(1), cfg))
+    clf = jax.tree.map(lambda x: arr(*x.shape) * 2,
+                       jax.eval_shape(lambda: adapters.xlora_init(jax.random.key(1), cfg)))
     toks = jax.random.randint(jax.random.key(2), (2, 5), 0, cfg_m.vocab_size)
     got = adapters.xlora_generate(m, toks, clf, ex, cfg, max_new_tokens=3)
-    f_ = jax.jit(lambda c, t: adapters.xlora_forward(gdef, params, t, c, ex, cfg))
-    logits, s = f_(clf, jnp.concatenate([toks, got], axis=1))
+    seq = jnp.concatenate([toks, got], axis=1)
+
+    def loss(c):
+        logits, s = adapters.xlora_forward(gdef, params, seq, c, ex, cfg)
+        return logits.sum(), (logits, s)
+
+    (_, (logits, s)), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(clf)
     np.testing.assert_array_equal(np.asarray(got),
                                   np.asarray(jnp.argmax(logits, -1))[:, 4:7])
     assert s.shape == (2, 8, 4, 3) and float(s.std()) > 1e-3  # per-token routing
-    g = jax.grad(lambda c: f_(c, toks)[0].sum())(clf)
     assert all(float(jnp.abs(x).sum()) > 0 for x in jax.tree.leaves(g))
     with pytest.raises(ValueError, match="xlora_depth=0"):
         adapters.xlora_init(jax.random.key(0), cfg._replace(xlora_depth=0))
