@@ -3,8 +3,7 @@
 
 Runs in the side virtualenv, on the committed tiny Llama (``use_cache``
 off, as X-LoRA requires). Three LoRA experts (different targets and ranks,
-every tensor perturbed by N(0, 0.3²)) are saved under
-``tests/io/golden/peft_xlora/experts/``; two X-LoRA configs over them
+every tensor perturbed by N(0, 0.3²)) are made; two X-LoRA configs over them
 (``deep``: a depth-2 classifier, layerwise scalings, top-2, softmax with
 temperature, a nonzero ``scaling_pass_value`` and ``global_scaling_weight``;
 ``flat``: a depth-1 classifier, shared scalings, ``enable_softmax_topk``)
@@ -47,7 +46,7 @@ def base():
     return m
 
 
-def experts():
+def experts(tmp):
     from peft import LoraConfig, get_peft_model
 
     paths = {}
@@ -60,7 +59,7 @@ def experts():
                 if p.requires_grad:
                     p.add_(torch.randn(p.shape, generator=g) * 0.3)
         m.peft_config["default"].base_model_name_or_path = "tiny-random-llama"
-        d = os.path.join(OUT, "experts", name)
+        d = os.path.join(tmp, name)  # copied into each X-LoRA directory
         m.save_pretrained(d)
         if os.path.exists(os.path.join(d, "README.md")):
             os.remove(os.path.join(d, "README.md"))
@@ -82,7 +81,9 @@ def main():
     torch.set_num_threads(2)
     os.makedirs(OUT, exist_ok=True)
     ids, _, _ = G.inputs()
-    paths = experts()
+    import tempfile
+
+    paths = experts(tempfile.mkdtemp())
     outputs = {"inputs_llama": ids.numpy(), "llama_base": G.forward("llama", base())}
     counts, reload = {}, {}
     for k, (name, kw) in enumerate(sorted(CONFIGS.items())):
