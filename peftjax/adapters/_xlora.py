@@ -251,25 +251,7 @@ def xlora_forward(graphdef: Any, params: Any, tokens: jax.Array,
     Returns:
       ``(logits, scalings)``.
 
-    Example:
-      >>> from peftjax import models as pm
-      >>> from peftjax.models import llama
-      >>> from peftjax.models.llama import _tiny
-      >>> from flax import nnx
-      >>> m = llama.LlamaForCausalLM(_tiny.tiny_config(num_hidden_layers=1),
-      ...                            rngs=nnx.Rngs(0))
-      >>> gdef, params = pm.split_params(m)
-      >>> cfg = XLoraConfig(n_experts=2, sites=("self_attn/q_proj",), n_layers=1,
-      ...                   hidden_size=m.config.hidden_size)
-      >>> d = m.config.hidden_size
-      >>> ex = XLoraExperts({"self_attn/q_proj": jnp.ones((1, 2, d, 1))},
-      ...                   {"self_attn/q_proj": jnp.ones((1, 2, 1, d))},
-      ...                   {"self_attn/q_proj": jnp.ones((2,))})
-      >>> clf = xlora_init(jax.random.key(0), cfg)
-      >>> logits, s = jax.jit(lambda t: xlora_forward(gdef, params, t, clf, ex, cfg)
-      ...                     )(jnp.zeros((1, 3), jnp.int32))
-      >>> s.shape
-      (1, 3, 1, 2)
+    Example: see ``xlora_generate`` (the same parts, a forward and a decode).
     """
     from peftjax import models as pm  # peftjax.models imports peftjax.adapters
 
@@ -303,10 +285,12 @@ def xlora_generate(model: Any, prompt: jax.Array, classifier: XLoraClassifier,
 
     Example:
       >>> from flax import nnx
+      >>> from peftjax import models as pm
       >>> from peftjax.models import llama
       >>> from peftjax.models.llama import _tiny
-      >>> m = llama.LlamaForCausalLM(_tiny.tiny_config(num_hidden_layers=1),
-      ...                            rngs=nnx.Rngs(0))
+      >>> m = llama.LlamaForCausalLM(_tiny.tiny_config(
+      ...     num_hidden_layers=1, hidden_size=16, intermediate_size=32,
+      ...     vocab_size=32), rngs=nnx.Rngs(0))
       >>> d = m.config.hidden_size
       >>> cfg = XLoraConfig(n_experts=2, sites=("self_attn/q_proj",), n_layers=1,
       ...                   hidden_size=d)
@@ -314,8 +298,13 @@ def xlora_generate(model: Any, prompt: jax.Array, classifier: XLoraClassifier,
       ...                   {"self_attn/q_proj": jnp.ones((1, 2, 1, d))},
       ...                   {"self_attn/q_proj": jnp.ones((2,))})
       >>> clf = xlora_init(jax.random.key(0), cfg)
-      >>> xlora_generate(m, jnp.zeros((1, 3), jnp.int32), clf, ex, cfg,
-      ...                max_new_tokens=2).shape
+      >>> gdef, params = pm.split_params(m)
+      >>> toks = jnp.zeros((1, 3), jnp.int32)
+      >>> fwd = jax.jit(lambda t: xlora_forward(gdef, params, t, clf, ex, cfg))
+      >>> logits, s = fwd(toks)
+      >>> s.shape  # (B, T, n_modules, n_experts)
+      (1, 3, 1, 2)
+      >>> xlora_generate(m, toks, clf, ex, cfg, max_new_tokens=2).shape
       (1, 2)
     """
     from flax import nnx
