@@ -52,6 +52,11 @@ from peftjax.adapters._adaption_prompt import adaption_prompt as adaption_prompt
 from peftjax.adapters._alora import ALoRAHook as ALoRAHook
 from peftjax.adapters._alora import alora_hook as alora_hook
 from peftjax.adapters._alora import alora_starts as alora_starts
+from peftjax.adapters._arrow import ArrowConfig as ArrowConfig
+from peftjax.adapters._arrow import ArrowExperts as ArrowExperts
+from peftjax.adapters._arrow import ArrowHook as ArrowHook
+from peftjax.adapters._arrow import arrow_experts as arrow_experts
+from peftjax.adapters._arrow import arrow_prototype as arrow_prototype
 from peftjax.adapters._batched import BatchedRouting as BatchedRouting
 from peftjax.adapters._batched import batched as batched
 from peftjax.adapters._bdlora import BdLoRAParams as BdLoRAParams
@@ -164,6 +169,10 @@ from peftjax.adapters._p_tuning import p_tuning as p_tuning
 from peftjax.adapters._p_tuning import p_tuning_prompt as p_tuning_prompt
 from peftjax.adapters._peanut import PEANUTParams as PEANUTParams
 from peftjax.adapters._peanut import peanut as peanut
+from peftjax.adapters._poly import PolyHook as PolyHook
+from peftjax.adapters._poly import PolyParams as PolyParams
+from peftjax.adapters._poly import poly_init as poly_init
+from peftjax.adapters._poly import poly_weights as poly_weights
 from peftjax.adapters._precision import cast_floating as cast_floating
 from peftjax.adapters._presets import all_linear_rules as all_linear_rules
 from peftjax.adapters._prompt import PrefixParams as PrefixParams
@@ -258,6 +267,15 @@ from peftjax.adapters._waveft import WaveFTIndices as WaveFTIndices
 from peftjax.adapters._waveft import WaveFTParams as WaveFTParams
 from peftjax.adapters._waveft import waveft as waveft
 from peftjax.adapters._waveft import waveft_wavelets as waveft_wavelets
+from peftjax.adapters._xlora import SITE_ORDER as XLORA_SITE_ORDER
+from peftjax.adapters._xlora import XLoraClassifier as XLoraClassifier
+from peftjax.adapters._xlora import XLoraConfig as XLoraConfig
+from peftjax.adapters._xlora import XLoraExperts as XLoraExperts
+from peftjax.adapters._xlora import XLoraHook as XLoraHook
+from peftjax.adapters._xlora import xlora_forward as xlora_forward
+from peftjax.adapters._xlora import xlora_generate as xlora_generate
+from peftjax.adapters._xlora import xlora_init as xlora_init
+from peftjax.adapters._xlora import xlora_scalings as xlora_scalings
 
 __all__ = [
     "AdaptionPromptHook",
@@ -461,6 +479,24 @@ __all__ = [
     "oft_block_size",
     "oft_project",
     "HRAParams",
+    "PolyParams",
+    "PolyHook",
+    "poly_init",
+    "poly_weights",
+    "XLoraConfig",
+    "XLoraClassifier",
+    "XLoraExperts",
+    "XLoraHook",
+    "xlora_init",
+    "xlora_scalings",
+    "XLORA_SITE_ORDER",
+    "xlora_forward",
+    "xlora_generate",
+    "ArrowConfig",
+    "ArrowExperts",
+    "ArrowHook",
+    "arrow_experts",
+    "arrow_prototype",
     "hra",
     "hra_rotation",
     "hra_orthogonality",
