@@ -80,6 +80,15 @@ _DEFAULTS = {
     "TRAINABLE_TOKENS": {},
 }
 
+# Types that are model inputs or hooks, read by functions of their own.
+_OTHER_READERS = {
+    **{k: "load_peft_prompt" for k in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING",
+                                       "CPT", "MULTITASK_PROMPT_TUNING", "CARTRIDGE")},
+    "ADAPTION_PROMPT": "load_peft_adaption_prompt",
+    "POLY": "load_peft_poly",
+    "XLORA": "load_peft_xlora",
+}
+
 # init_lora_weights values that leave the base model untouched ("mica" reads
 # as inits.mica's adapter, lora_B frozen); an adapter
 # saved with PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ init unconverted sits on a
@@ -207,11 +216,10 @@ def check_config(config: Mapping[str, Any], source: str,
     tuners = tuners or {}
     supported = sorted((*SUPPORTED_PEFT_TYPES, *tuners))
     if peft_type not in supported:
-        prompt = peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "CPT",
-                               "MULTITASK_PROMPT_TUNING", "CARTRIDGE")
+        reader = _OTHER_READERS.get(peft_type)
         raise ValueError(
             f"{source}: peft_type={peft_type!r} is not supported; peftjax reads "
-            f"{supported}" + (" (prompt learning: io.load_peft_prompt)" if prompt else "")
+            f"{supported}" + (f" ({peft_type}: read it with io.{reader})" if reader else "")
         )
     tuner = tuners.get(peft_type)
     _check_types(config, source, {**_TYPES, **(tuner.field_types if tuner else {})})

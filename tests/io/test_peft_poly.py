@@ -74,6 +74,10 @@ def test_poly_files_refused(tmp_path):
             (src / "adapter_model.safetensors").read_bytes())
         with pytest.raises(ValueError, match=match):
             io.load_peft_poly(d, key_map)
+    # load_peft names the reader of a hook type
+    _, params, key_map, _ = tc.load("llama")
+    with pytest.raises(ValueError, match="POLY: read it with io.load_peft_poly"):
+        io.load_peft(src, params, key_map=key_map)
 
 
 def test_peftjax_written_poly_loads_in_peft_with_peftjax_outputs(tmp_path):

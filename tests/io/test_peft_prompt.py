@@ -131,7 +131,7 @@ def test_refused(tmp_path):
     _edit(d, peft_type="LORA")
     with pytest.raises(ValueError, match="load_peft"):
         io.load_peft_prompt(d)
-    with pytest.raises(ValueError, match="prompt learning: io.load_peft_prompt"):
+    with pytest.raises(ValueError, match="read it with io.load_peft_prompt"):
         g, params, key_map, _ = _F._peftjax_golden.load("llama")
         io.load_peft(GOLDEN / "llama_cartridge", params, key_map=key_map)
     with pytest.raises(ValueError, match=r"\['bogus'\] are unknown"):
