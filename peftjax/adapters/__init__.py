@@ -114,6 +114,9 @@ from peftjax.adapters._gralora import GraLoRAParams as GraLoRAParams
 from peftjax.adapters._gralora import gralora as gralora
 from peftjax.adapters._hira import HiRAParams as HiRAParams
 from peftjax.adapters._hira import hira as hira
+from peftjax.adapters._hooks import Hooks as Hooks
+from peftjax.adapters._hooks import Site as Site
+from peftjax.adapters._hooks import compose as compose_hooks
 from peftjax.adapters._hra import HRAParams as HRAParams
 from peftjax.adapters._hra import hra as hra
 from peftjax.adapters._hra import hra_orthogonality as hra_orthogonality
@@ -284,6 +287,9 @@ __all__ = [
     "ALoRAHook",
     "alora_hook",
     "alora_starts",
+    "Hooks",
+    "Site",
+    "compose_hooks",
     "AdaLoRAImportance",
     "AdaLoRAParams",
     "AdaMSSBasis",

@@ -41,6 +41,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from peftjax.adapters import _hooks
+
 
 class AdaptionPromptParams(NamedTuple):
     """Trainable adaption prompts of the top ``n`` layers (bottom to top).
@@ -90,7 +92,7 @@ def adaption_prompt(key: jax.Array, *, hidden_size: int, adapter_len: int,
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["params"],
                    meta_fields=["num_layers"])
 @dataclasses.dataclass(frozen=True)
-class AdaptionPromptHook:
+class AdaptionPromptHook(_hooks.Hooks):
     """The LLaMA-Adapter model hook (a ``peftjax.models.Hooks`` and a pytree).
 
     Attributes:

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax.adapters import _lora
+from peftjax.adapters import _hooks, _lora
 
 # A start past any slot: the row is never adapted (no invocation found).
 NEVER = np.iinfo(np.int32).max
@@ -98,10 +98,10 @@ def alora_starts(tokens: jax.Array, invocation_tokens: Sequence[int] | jax.Array
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class ALoRAHook:
+class ALoRAHook(_hooks.Hooks):
     """The aLoRA model hook: LoRA on the named projections from ``start`` on.
 
-    A ``peftjax.models.Hooks`` (duck-typed: ``linear`` and ``attention``) and
+    A ``Hooks`` (``peftjax.adapters.Hooks`` = ``peftjax.models.Hooks``) and
     a JAX pytree, so ``llama.generate(..., hooks=)`` and ``jax.grad`` take it.
 
     Attributes:

@@ -50,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peftjax.adapters import _hooks
+
 
 class ArrowConfig(NamedTuple):
     """PEFT's ``ArrowConfig`` (``top_k``, ``router_temperature``, ``use_gks``,
@@ -204,7 +206,7 @@ def arrow_experts(task: Sequence[tuple[dict, dict, dict]],
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["experts"],
                    meta_fields=["config"])
 @dataclasses.dataclass(frozen=True)
-class ArrowHook:
+class ArrowHook(_hooks.Hooks):
     """Arrow's per-token routing as a ``peftjax.models.Hooks``.
 
     Attributes:

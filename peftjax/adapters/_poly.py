@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from peftjax.adapters import _hook_sites
+from peftjax.adapters import _hook_sites, _hooks
 
 _EPS = 1e-12
 
@@ -165,11 +165,8 @@ def poly_weights(module_logits: jax.Array, task_ids: jax.Array, n_splits: int,
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["params", "task_ids", "key"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
-class PolyHook:
+class PolyHook(_hooks.Hooks):
     """Poly/MHR as a ``peftjax.models.Hooks``: each example's task mixture.
-
-    (It defines both hook methods itself rather than subclassing ``Hooks``:
-    ``peftjax.adapters`` does not import ``peftjax.models``.)
 
     Attributes:
       params: ``PolyParams``.

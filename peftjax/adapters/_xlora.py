@@ -52,6 +52,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from peftjax.adapters import _hooks
+
 # PEFT's module order inside one layer (torch's module traversal)
 SITE_ORDER = ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj",
               "self_attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj",
@@ -199,7 +201,7 @@ def _topk(s: jax.Array, config: XLoraConfig) -> jax.Array:
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["experts", "scalings"],
                    meta_fields=["config"])
 @dataclasses.dataclass(frozen=True)
-class XLoraHook:
+class XLoraHook(_hooks.Hooks):
     """The experts applied with given scalings, as a ``peftjax.models.Hooks``.
 
     Attributes:

@@ -36,7 +36,7 @@ from peftjax.models._functional import rebuild as rebuild
 from peftjax.models._functional import split_params as split_params
 from peftjax.models._hooks import Hooks as Hooks
 from peftjax.models._hooks import Site as Site
-from peftjax.models._hooks import compose as compose_hooks
+from peftjax.models._hooks import compose_hooks as compose_hooks
 from peftjax.models._replicate import replicate_layers as replicate_layers
 from peftjax.models._replicate import replicated_layer_index as replicated_layer_index
 from peftjax.models._tokenizers import load_tokenizer as load_tokenizer
