@@ -189,10 +189,16 @@ def test_loftq_error_falls_and_beats_quantisation(fmt):
         errs.append(_loftq_err(w, res, s=2.0))
     q_only = float(np.linalg.norm(f64(w) - f64(quant.dequantize(quant.quantize(w, fmt)))))
     assert errs[0] < q_only
-    # Non-increasing over these 4 iterations (not guaranteed in general: the
-    # absmax-scaled nearest-code Q step is not Frobenius-optimal; int4 rises
-    # 0.8% at a 5th iteration on this matrix, see the loftq docstring).
-    assert all(b <= a * (1 + 1e-6) for a, b in zip(errs, errs[1:], strict=False)), errs
+    # The alternation improves on its first iteration (here by >= 7%), but a
+    # step may rise slightly: the absmax-scaled nearest-code Q step is not
+    # Frobenius-optimal, and with int4 the later steps differ by ~0.1% and
+    # their order depends on the CPU's kernels (int4 rose 0.1% at the 4th
+    # iteration under XLA's AVX2 kernels, 0.8% at a 5th elsewhere; NF4 falls
+    # by >= 0.8% per step). So: a clear overall fall, and per step at most a
+    # 0.1% (NF4) / 1% (int4) rise.
+    assert errs[-1] < 0.97 * errs[0], errs
+    rise = 1e-3 if fmt.name == "nf4" else 1e-2
+    assert all(b <= a * (1 + rise) for a, b in zip(errs, errs[1:], strict=False)), errs
     with pytest.raises(ValueError, match="LoftQ"):
         inits.to_lora(plan, res.state.trainable, res.state.trainable)
     with pytest.raises(ValueError, match="num_iter"):
