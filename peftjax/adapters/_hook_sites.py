@@ -15,17 +15,7 @@ from typing import Any
 
 import numpy as np
 
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    items = tree.items() if isinstance(tree, Mapping) else enumerate(tree)
-    for k, v in items:
-        p = f"{prefix}{k}"
-        if isinstance(v, Mapping | list | tuple):
-            out.update(_flat(v, p + "/"))
-        else:
-            out[p] = v
-    return out
+from peftjax import tree
 
 
 def site_shapes(params: Any, fn: str) -> tuple[int, dict[str, tuple[int, int]]]:
@@ -38,7 +28,7 @@ def site_shapes(params: Any, fn: str) -> tuple[int, dict[str, tuple[int, int]]]:
         raise ValueError(f"{fn}: params has no 'layers' (pass a Llama's or BERT's params)")
     layers = params["layers"]
     if isinstance(layers, Mapping) and not all(str(k).isdigit() for k in layers):
-        flat = _flat(layers)  # scanned: leading layer axis
+        flat = dict(tree.flatten(layers))  # scanned: leading layer axis
         shapes = {p[: -len("/kernel")]: tuple(np.shape(v)) for p, v in flat.items()
                   if p.endswith("/kernel") and len(np.shape(v)) == 3}
         n = {s[0] for s in shapes.values()}
@@ -46,7 +36,7 @@ def site_shapes(params: Any, fn: str) -> tuple[int, dict[str, tuple[int, int]]]:
             raise ValueError(f"{fn}: scanned layers disagree on the layer count {n}")
         return n.pop(), {k: (s[1], s[2]) for k, s in shapes.items()}
     seq = list(layers.values()) if isinstance(layers, Mapping) else list(layers)
-    per = [{p[: -len("/kernel")]: tuple(np.shape(v)) for p, v in _flat(lay).items()
+    per = [{p[: -len("/kernel")]: tuple(np.shape(v)) for p, v in tree.flatten(lay)
             if p.endswith("/kernel") and len(np.shape(v)) == 2} for lay in seq]
     if any(p != per[0] for p in per):
         raise ValueError(f"{fn}: the layers' kernels differ in shape")

@@ -4,7 +4,8 @@
 The protocol itself (``Hooks``, ``Site``, ``compose_hooks``) is defined in
 ``peftjax.adapters`` (no flax) and re-exported by ``peftjax.models``.
 
-Exports: nothing public (``Site``/``Hooks`` re-exported for the models).
+Exports: nothing public (``Site``/``Hooks`` re-exported for the models;
+``proj`` and ``add_attention`` are what the model layers call).
 """
 
 from typing import Any
@@ -25,3 +26,30 @@ def check(hooks: Any, fn: str) -> Any:
                 "peftjax.adapters.Hooks subclass"
             )
     return hooks
+
+
+def proj(module: Any, x: Any, ctx: Any, name: str) -> Any:
+    """``module(x)``, then the hook's ``linear`` when a hook context is set.
+
+    ``ctx`` is ``None`` or ``(hooks, layer, slots)``, as the models pass it.
+    """
+    y = module(x)
+    if ctx is None:
+        return y
+    hooks, layer, slots = ctx
+    return hooks.linear(Site(layer, name, slots), x, y)
+
+
+def add_attention(ctx: Any, name: str, q: Any, attn: Any, out: Any) -> Any:
+    """``out`` plus the hook's extra attention output, checked for its shape."""
+    if ctx is None:
+        return out
+    hooks, layer, slots = ctx
+    extra = hooks.attention(Site(layer, name, slots), q, attn)
+    if extra is None:
+        return out
+    if extra.shape != out.shape:
+        raise ValueError(
+            f"hooks.attention returned shape {extra.shape}; expected the attention "
+            f"output's {out.shape} (B, T, H, D)")
+    return out + extra.astype(out.dtype)

@@ -59,15 +59,6 @@ def mean_pool(hidden: jax.Array, attention_mask: jax.Array | None = None) -> jax
     return (h * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1e-9)
 
 
-def _proj(module: nnx.Module, x: jax.Array, ctx: Any, name: str) -> jax.Array:
-    """``module(x)``, then the hook's ``linear`` when a hook context is set."""
-    y = module(x)
-    if ctx is None:
-        return y
-    hooks, layer, slots = ctx
-    return hooks.linear(_hooks.Site(layer, name, slots), x, y)
-
-
 class LayerNorm(nnx.Module):
     """LayerNorm computed in float32; parameters ``scale`` and ``bias``."""
 
@@ -153,7 +144,7 @@ class Attention(nnx.Module):
         b, t, d = x.shape
         h = self.num_heads
         q, k, v = (
-            _proj(f, x, ctx, "attention/" + n).reshape(b, t, h, d // h)
+            _hooks.proj(f, x, ctx, "attention/" + n).reshape(b, t, h, d // h)
             for f, n in ((self.query, "query"), (self.key, "key"), (self.value, "value"))
         )
         if prefix_kv is not None:  # (P, H, Dh) keys/values shared by the batch
@@ -171,17 +162,8 @@ class Attention(nnx.Module):
         s = jnp.where(mask[:, None, None, :], s, jnp.finfo(jnp.float32).min)
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhts,bshd->bthd", p, v)
-        if ctx is not None:
-            hooks, layer, slots = ctx
-            extra = hooks.attention(_hooks.Site(layer, "attention", slots), q, self)
-            if extra is not None:
-                if extra.shape != out.shape:
-                    raise ValueError(
-                        f"hooks.attention returned shape {extra.shape}; expected "
-                        f"the attention output's {out.shape} (B, T, H, D)"
-                    )
-                out = out + extra.astype(out.dtype)
-        return _proj(self.output, out.reshape(b, t, d), ctx, "attention/output")
+        out = _hooks.add_attention(ctx, "attention", q, self, out)
+        return _hooks.proj(self.output, out.reshape(b, t, d), ctx, "attention/output")
 
 
 class Layer(nnx.Module):
@@ -203,9 +185,9 @@ class Layer(nnx.Module):
     def __call__(self, x, mask, prefix_kv=None, ctx=None):
         x = self.attention_norm(x + self.attention(x, mask, prefix_kv, ctx))
         inner = _activation(self.hidden_act)(
-            _proj(self.intermediate, x, ctx, "intermediate")
+            _hooks.proj(self.intermediate, x, ctx, "intermediate")
         )
-        return self.output_norm(x + _proj(self.output, inner, ctx, "output"))
+        return self.output_norm(x + _hooks.proj(self.output, inner, ctx, "output"))
 
 
 class BertModel(nnx.Module):

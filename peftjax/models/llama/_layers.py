@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The Llama decoder layer and its parts (RMSNorm, attention, SwiGLU MLP).
 
-Each projection inside a layer goes through ``_proj``, which calls the
+Each projection inside a layer goes through ``_hooks.proj``, which calls the
 model hook (``peftjax.models.Hooks``) when one is set.
 
 Exports: nothing public (``_model.LlamaForCausalLM`` uses them).
@@ -32,15 +32,6 @@ def _linear(
         bias_init=nnx.initializers.zeros_init(),
         rngs=rngs,
     )
-
-
-def _proj(module: nnx.Module, x: jax.Array, ctx: Any, name: str) -> jax.Array:
-    """``module(x)``, then the hook's ``linear`` when a hook context is set."""
-    y = module(x)
-    if ctx is None:
-        return y
-    hooks, layer, slots = ctx
-    return hooks.linear(_hooks.Site(layer, name, slots), x, y)
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
@@ -101,9 +92,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, allowed, kv_cache, index, ctx=None):
         b, t, _ = x.shape
-        q = _proj(self.q_proj, x, ctx, "self_attn/q_proj")
-        k = _proj(self.k_proj, x, ctx, "self_attn/k_proj")
-        v = _proj(self.v_proj, x, ctx, "self_attn/v_proj")
+        q = _hooks.proj(self.q_proj, x, ctx, "self_attn/q_proj")
+        k = _hooks.proj(self.k_proj, x, ctx, "self_attn/k_proj")
+        v = _hooks.proj(self.v_proj, x, ctx, "self_attn/v_proj")
         q = q.reshape(b, t, self.num_heads, self.head_dim)
         k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -120,18 +111,9 @@ class Attention(nnx.Module):
             )
             k, v, new_cache = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
         out = _attend(q, k, v, allowed)
-        if ctx is not None:
-            hooks, layer, slots = ctx
-            extra = hooks.attention(_hooks.Site(layer, "self_attn", slots), q, self)
-            if extra is not None:
-                if extra.shape != out.shape:
-                    raise ValueError(
-                        f"hooks.attention returned shape {extra.shape}; expected "
-                        f"the attention output's {out.shape} (B, T, H, D)"
-                    )
-                out = out + extra.astype(out.dtype)
+        out = _hooks.add_attention(ctx, "self_attn", q, self, out)
         out = out.reshape(b, t, self.num_heads * self.head_dim)
-        return _proj(self.o_proj, out, ctx, "self_attn/o_proj"), new_cache
+        return _hooks.proj(self.o_proj, out, ctx, "self_attn/o_proj"), new_cache
 
 
 class MLP(nnx.Module):
@@ -146,9 +128,9 @@ class MLP(nnx.Module):
         self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
     def __call__(self, x, ctx=None):
-        g = _proj(self.gate_proj, x, ctx, "mlp/gate_proj")
-        u = _proj(self.up_proj, x, ctx, "mlp/up_proj")
-        return _proj(self.down_proj, jax.nn.silu(g) * u, ctx, "mlp/down_proj")
+        g = _hooks.proj(self.gate_proj, x, ctx, "mlp/gate_proj")
+        u = _hooks.proj(self.up_proj, x, ctx, "mlp/up_proj")
+        return _hooks.proj(self.down_proj, jax.nn.silu(g) * u, ctx, "mlp/down_proj")
 
 
 class DecoderLayer(nnx.Module):
