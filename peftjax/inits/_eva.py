@@ -323,43 +323,6 @@ def _initializer(path: str, a0: np.ndarray, rank: int, alpha: float,
         name=f"eva(rank={rank}, alpha={alpha}, scaling={scaling.value})")
 
 
-class _Probe(NamedTuple):
-    x: jax.Array  # (tokens, in) float32, zero
-    calls: jax.Array  # () float32, zero
-
-
-def _probe_adapter(num_tokens: int, dims: tree.DimensionNumbers | None) -> _adapters.Adapter:
-    @jax.custom_vjp
-    def zero(x, probe, n_out):
-        return jnp.zeros(x.shape[:-1] + (n_out.shape[0],), x.dtype)
-
-    def fwd(x, probe, n_out):
-        return zero(x, probe, n_out), (x, n_out)
-
-    def bwd(res, ct):
-        x, n_out = res
-        xm = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-        if xm.shape[0] != num_tokens:
-            raise ValueError(f"collect_inputs: a targeted layer saw {xm.shape[0]} input "
-                             f"rows per call, num_tokens={num_tokens}")
-        return (jnp.zeros_like(x), _Probe(xm, jnp.ones((), jnp.float32)),
-                jnp.zeros_like(n_out))
-
-    zero.defvjp(fwd, bwd)
-
-    def init_matrix(key, w, stats):
-        return _Probe(jnp.zeros((num_tokens, w.shape[0]), jnp.float32),
-                      jnp.zeros((), jnp.float32)), None
-
-    def terms(w, t, f):
-        n_out = jnp.zeros((w.shape[1],), jnp.float32)
-        return _adapters.FactoredTerms(delta=lambda x: zero(x, t, n_out))
-
-    return _adapters.lift_matrix(
-        name="input_probe", init_matrix=init_matrix,
-        apply_matrix=lambda w, t, f: w, dimension_numbers=dims, factored_matrix=terms)
-
-
 def collect_inputs(
     apply_fn: Callable[..., Any],
     params: Any,
@@ -408,27 +371,29 @@ def collect_inputs(
     """
     flat = tree.leaves_by_path(params)
     paths = _stats._target_paths(targets, flat, "collect_inputs")
-    probe = _probe_adapter(int(num_tokens), dimension_numbers)
-    wanted = set(paths)
-    assignment = tree.assign(params, tree.Rule(where=lambda p, _: p in wanted, then=probe))
-    state = _adapters.init(assignment, jax.random.key(0), params)
+    n = int(num_tokens)
 
-    def total(trainable, base, b):
-        out = transform(apply_fn, assignment, trainable, state.frozen)(base, b)
-        return sum((jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(out)
-                    if jnp.issubdtype(x.dtype, jnp.floating)), jnp.zeros((), jnp.float32))
+    def rows(xm):
+        if xm.shape[0] != n:
+            raise ValueError(f"collect_inputs: a targeted layer saw {xm.shape[0]} input "
+                             f"rows per call, num_tokens={n}")
+        return xm
 
-    step = jax.jit(jax.grad(total))
+    probe = _stats.input_probe("input_probe", rows,
+                               lambda w: jnp.zeros((n, w.shape[0]), jnp.float32),
+                               dimension_numbers)
+    grad, trainable = _stats.probe_gradient(apply_fn, params, paths, probe, transform)
+    step = jax.jit(lambda base, b: grad(trainable, base, b))
     result = []
     for batch in batches:
-        g = step(state.trainable, params, batch)
+        g = step(params, batch)
         out = {}
         for p in paths:
             calls = np.asarray(g[p].calls)
             if (calls != 1).any():
                 raise ValueError(f"collect_inputs: {p!r} was called {calls.tolist()} times "
                                  "per forward (expected once)")
-            out[p] = g[p].x
+            out[p] = g[p].stat
         result.append(out)
     if not result:
         raise ValueError("collect_inputs: `batches` yielded no batch")

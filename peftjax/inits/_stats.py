@@ -167,11 +167,32 @@ def accumulate_gradients(
 
 
 class _Probe(NamedTuple):
-    cov: jax.Array  # (in, in) float32, zero
+    stat: jax.Array  # float32 zeros shaped like what ``reduce`` returns
     calls: jax.Array  # () float32, zero
 
 
-def _probe_matrix(normalize: bool) -> Callable[..., jax.Array]:
+def input_probe(name: str, reduce: Callable[[jax.Array], jax.Array],
+                zeros: Callable[[jax.Array], jax.Array],
+                dims: tree.DimensionNumbers | None) -> _adapters.Adapter:
+    """A zero-valued adapter whose "gradient" is a statistic of its layer input.
+
+    Its factored delta is ``0``, so the model's outputs are unchanged; its
+    backward rule returns ``_Probe(reduce(X), 1)`` as the cotangent of its
+    trainable part, with ``X`` the call's inputs flattened to ``(tokens, in)``
+    in float32. ``jax.grad`` of any function of the outputs (through
+    ``factored.transform``) therefore sums the statistic and the call count
+    over the calls, through ``jit``, ``scan`` and ``remat``.
+
+    Args:
+      name: the adapter's name.
+      reduce: ``(tokens, in) float32 -> statistic`` (traced).
+      zeros: ``w (in, out) -> zeros`` shaped like the statistic.
+      dims: the kernels' matrix view.
+
+    Returns:
+      The probe adapter (trainable ``_Probe(stat, calls)``).
+    """
+
     @jax.custom_vjp
     def zero(x, probe, n_out):
         return jnp.zeros(x.shape[:-1] + (n_out.shape[0],), x.dtype)
@@ -182,32 +203,48 @@ def _probe_matrix(normalize: bool) -> Callable[..., jax.Array]:
     def bwd(res, ct):
         x, n_out = res
         xm = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-        if normalize:
-            xm = xm / jnp.abs(jnp.max(xm))
-        cov = xm.T @ xm
-        return (jnp.zeros_like(x), _Probe(cov, jnp.ones((), jnp.float32)),
+        return (jnp.zeros_like(x), _Probe(reduce(xm), jnp.ones((), jnp.float32)),
                 jnp.zeros_like(n_out))
 
     zero.defvjp(fwd, bwd)
-    return zero
-
-
-def _probe_adapter(normalize: bool, dims: tree.DimensionNumbers | None
-                   ) -> _adapters.Adapter:
-    zero = _probe_matrix(normalize)
 
     def init_matrix(key, w, stats):
-        n = w.shape[0]
-        return _Probe(jnp.zeros((n, n), jnp.float32), jnp.zeros((), jnp.float32)), None
+        return _Probe(zeros(w), jnp.zeros((), jnp.float32)), None
 
     def terms(w, t, f):
         n_out = jnp.zeros((w.shape[1],), jnp.float32)
         return _adapters.FactoredTerms(delta=lambda x: zero(x, t, n_out))
 
     return _adapters.lift_matrix(
-        name="covariance_probe", init_matrix=init_matrix,
-        apply_matrix=lambda w, t, f: w, dimension_numbers=dims,
-        factored_matrix=terms)
+        name=name, init_matrix=init_matrix, apply_matrix=lambda w, t, f: w,
+        dimension_numbers=dims, factored_matrix=terms)
+
+
+def probe_gradient(apply_fn: Callable[..., Any], params: PyTree, paths: Sequence[str],
+                   probe: _adapters.Adapter, transform: Callable[..., Callable[..., Any]]
+                   ) -> tuple[Callable[..., Any], Any]:
+    """``(grad, trainable)``: ``grad(trainable, params, batch)`` returns the
+    probes' ``{path: _Probe}`` summed over one batch's calls (``probe`` on
+    each of ``paths``, the outputs' floating leaves summed as the loss)."""
+    wanted = set(paths)
+    assignment = tree.assign(params, tree.Rule(where=lambda p, _: p in wanted, then=probe))
+    state = _adapters.init(assignment, jax.random.key(0), params)
+
+    def total(trainable, base, batch):
+        out = transform(apply_fn, assignment, trainable, state.frozen)(base, batch)
+        return sum((jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(out)
+                    if jnp.issubdtype(x.dtype, jnp.floating)), jnp.zeros((), jnp.float32))
+
+    return jax.grad(total), state.trainable
+
+
+def _covariance(normalize: bool) -> Callable[[jax.Array], jax.Array]:
+    def reduce(xm):
+        if normalize:
+            xm = xm / jnp.abs(jnp.max(xm))
+        return xm.T @ xm
+
+    return reduce
 
 
 def collect_covariances(
@@ -267,25 +304,18 @@ def collect_covariances(
     """
     flat = tree.leaves_by_path(params)
     paths = _target_paths(targets, flat, "collect_covariances")
-    probe = _probe_adapter(normalize, dimension_numbers)
     # Stacked leaves (the scanned ``layers/...`` layout) get their view from
     # ``tree.assign``; other rank >= 3 kernels need dimension_numbers.
-    wanted = set(paths)
-    assignment = tree.assign(params, tree.Rule(where=lambda p, _: p in wanted, then=probe))
-    state = _adapters.init(assignment, jax.random.key(0), params)
-
-    def total(trainable, base, batch):
-        out = transform(apply_fn, assignment, trainable, state.frozen)(base, batch)
-        leaves = [jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(out)
-                  if jnp.issubdtype(x.dtype, jnp.floating)]
-        return sum(leaves, jnp.zeros((), jnp.float32))
+    probe = input_probe("covariance_probe", _covariance(normalize),
+                        lambda w: jnp.zeros((w.shape[0], w.shape[0]), jnp.float32),
+                        dimension_numbers)
+    grad, trainable = probe_gradient(apply_fn, params, paths, probe, transform)
 
     @jax.jit
     def step(acc, base, batch):
-        g = jax.grad(total)(state.trainable, base, batch)
-        return jax.tree.map(jnp.add, acc, g)
+        return jax.tree.map(jnp.add, acc, grad(trainable, base, batch))
 
-    acc = state.trainable
+    acc = trainable
     n = 0
     for batch in batches:
         acc = step(acc, params, batch)
@@ -300,7 +330,7 @@ def collect_covariances(
                 f"collect_covariances: {p!r} ({_base.describe(flat[p])}) was never "
                 "multiplied by an input that reaches the outputs (call count 0); "
                 "is it used by apply_fn through a matmul?")
-        c = acc[p].cov / jnp.asarray(calls, jnp.float32)[..., None, None]
+        c = acc[p].stat / jnp.asarray(calls, jnp.float32)[..., None, None]
         _base.check_finite(c, f"collect_covariances: the covariance of {p!r}")
         out[p] = c
     return out
