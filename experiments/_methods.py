@@ -11,15 +11,20 @@ computed. ``_recipe.start`` turns it into a trainer and a training state.
 Re-exported by ``_recipe``; experiments import ``_recipe`` alone.
 """
 
-import dataclasses
+import os
 import re
+import sys
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import optax
 
 from peftjax import adapters, inits, masks, optim, tree
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _methods_inputs import INPUT_METHODS  # noqa: E402
+from _setup import InitData, OptimConfig, Setup, adamw  # noqa: E402,F401
 
 ATTN = r"(.*/)?self_attn/(q_proj|k_proj|v_proj|o_proj)/kernel"
 LINEAR = r"(.*/)?(self_attn|mlp)/\w+_proj/kernel"
@@ -27,81 +32,8 @@ NORMS = r"(.*/)?\w*norm/(scale|bias)"  # LN tuning: every norm's parameters
 EMBED = r"(.*/)?embed_tokens/embedding"  # trainable tokens: the input table
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """Schedule, clipping and accumulation, counted in optimizer updates."""
-
-    lr: float
-    total_steps: int
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # or "linear"
-    end_lr_ratio: float = 0.1
-    clip_norm: float = 1.0
-    weight_decay: float = 0.0
-    accum_steps: int = 1  # micro-batches per update (train.trainer(accumulate=...))
-
-    def learning_rate(self) -> optax.Schedule:
-        """Linear warm-up to ``lr``, then cosine or linear decay to ``lr * end_lr_ratio``."""
-        warm, decay = max(self.warmup_steps, 0), max(self.total_steps - self.warmup_steps, 1)
-        if self.schedule == "cosine":
-            after = optax.cosine_decay_schedule(self.lr, decay, alpha=self.end_lr_ratio)
-        elif self.schedule == "linear":
-            after = optax.linear_schedule(self.lr, self.lr * self.end_lr_ratio, decay)
-        else:
-            raise ValueError(f"schedule: expected 'cosine' or 'linear', got {self.schedule!r}")
-        if warm == 0:
-            return after
-        return optax.join_schedules([optax.linear_schedule(0.0, self.lr, warm), after], [warm])
-
-
-class Setup(NamedTuple):
-    """What a method contributes to a run.
-
-    Attributes:
-      params: the model parameters the run starts from (PiSSA: its residual
-        base). Adapter methods train over them frozen; optimizer-side
-        methods (``adapters is None``) train them.
-      optimizer: the method's transform (the recipe clips before it).
-      describe: what is trained (``tree.describe`` output or a sentence).
-      adapters: the ``{path: Adapter}`` assignment, or None.
-      full: rules of leaves trained in full next to the adapters, or None.
-      sparse: a ``masks.Selector`` (SpIEL drop-and-regrow), or None.
-      initial: the adapter state a data-driven initialiser computed; None:
-        the trainer initialises the adapters.
-      peft: ``TrainState -> (assignment, AdapterState)``, an adapter over the
-        original parameters for ``peftjax.io.save_peft``; None when the
-        method has no Hugging Face PEFT format.
-    """
-
-    params: Any
-    optimizer: optax.GradientTransformation
-    describe: str
-    adapters: dict | None = None
-    full: list | None = None
-    sparse: masks.Selector | None = None
-    initial: Any = None  # an adapters.AdapterState
-    peft: Callable[[Any], Any] | None = None
-
-    @property
-    def base(self) -> Any:
-        """The frozen parameters the step reads (None: the parameters are trained)."""
-        return None if self.adapters is None else self.params
-
-
-class InitData(NamedTuple):
-    """What data-dependent initialisers (LoRA-SB) need: ``loss_fn(params,
-    batch)`` and the training batches of their statistics (used once)."""
-
-    loss_fn: Callable[[Any, Any], jax.Array]
-    batches: list[Any]
-
-
 def _targets(cfg: Any) -> str:
     return getattr(cfg, "targets", ATTN) or ATTN
-
-
-def _adamw(run: OptimConfig) -> optax.GradientTransformation:
-    return optax.adamw(run.learning_rate(), weight_decay=run.weight_decay)
 
 
 def data_driven(plan: dict, key: jax.Array, params: Any, stats: dict | None = None
@@ -143,7 +75,7 @@ def _adapter_method(make_adapter: Callable[[Any], adapters.Adapter], *, peft: bo
         def peft_export(state):
             return assignment, adapters.AdapterState(state.trainable, state.frozen)
 
-        return Setup(params, _adamw(run), tree.describe(assignment, params),
+        return Setup(params, adamw(run), tree.describe(assignment, params),
                      adapters=assignment, peft=peft_export if peft else None)
 
     return build
@@ -167,7 +99,7 @@ def _osf(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
     def peft_export(state):
         return assignment, adapters.AdapterState(state.trainable, state.frozen)
 
-    return Setup(params, _adamw(run), tree.describe(assignment, params),
+    return Setup(params, adamw(run), tree.describe(assignment, params),
                  adapters=assignment, peft=peft_export)
 
 
@@ -181,7 +113,7 @@ def _frod(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
     probe = tree.assign(params, [tree.Rule(where=_targets(cfg), then=adapters.lora(1))])
     assignment = tree.assign(params, [
         tree.Rule(where=re.escape(p), then=adapters.frod(0.025, group=p)) for p in probe])
-    return Setup(params, _adamw(run), tree.describe(assignment, params),
+    return Setup(params, adamw(run), tree.describe(assignment, params),
                  adapters=assignment, peft=None)
 
 
@@ -203,7 +135,7 @@ def _sized_method(make_adapter: Callable[[Any, int, int], adapters.Adapter]):
 
 def _full(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
           init_data: InitData | None = None) -> Setup:
-    return Setup(params, _adamw(run), "full fine-tuning: every parameter is trained")
+    return Setup(params, adamw(run), "full fine-tuning: every parameter is trained")
 
 
 def _projected(name: str, transform: Callable[..., optax.GradientTransformation]):
@@ -213,7 +145,7 @@ def _projected(name: str, transform: Callable[..., optax.GradientTransformation]
               init_data: InitData | None = None) -> Setup:
         labels = tree.labels(params, [tree.Rule(where=LINEAR, then=name)], default="adamw")
         inner, what = transform(cfg, run)
-        tx = optax.partition({name: inner, "adamw": _adamw(run)}, labels)
+        tx = optax.partition({name: inner, "adamw": adamw(run)}, labels)
         return Setup(params, tx, f"{what} on attention/MLP kernels, AdamW elsewhere")
 
     return build
@@ -281,7 +213,7 @@ def _init_method(make: Any, label: str) -> Any:
         def peft_export(trained):
             return inits.to_lora(plan, state.trainable, trained.trainable, state.frozen)
 
-        return Setup(base, _adamw(run), label + "\n" + tree.describe(assignment, params),
+        return Setup(base, adamw(run), label + "\n" + tree.describe(assignment, params),
                      adapters=assignment, initial=state, peft=peft_export)
     return build
 
@@ -296,7 +228,7 @@ def _pissa(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
     def peft_export(trained):  # a rank-2r LoRA over the unmodified base
         return inits.to_lora(plan, state.trainable, trained.trainable)
 
-    return Setup(base, _adamw(run), "PiSSA (residual base)\n"
+    return Setup(base, adamw(run), "PiSSA (residual base)\n"
                  + tree.describe(assignment, params), adapters=assignment, initial=state,
                  peft=peft_export)
 
@@ -318,7 +250,7 @@ def _lora_sb(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
     stats = inits.accumulate_gradients(init_data.loss_fn, params, init_data.batches,
                                        list(plan), mean=False)
     assignment, _, state = data_driven(plan, key, params, stats)
-    return Setup(params, _adamw(run),
+    return Setup(params, adamw(run),
                  f"LoRA-SB (r x r core, {len(init_data.batches)} gradient batches)\n"
                  + tree.describe(assignment, params), adapters=assignment, initial=state)
 
@@ -340,7 +272,7 @@ def _sparse(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
     selector = masks.spiel_selector(total_steps=run.total_steps,
                                     reselection_steps=reselect,
                                     accumulation_steps=accumulate)
-    return Setup(params, optim.sft_adamw(run.learning_rate(),
+    return Setup(params, optim.sftadamw(run.learning_rate(),
                                          weight_decay=run.weight_decay),
                  f"SpIEL sparse deltas, k = {cfg.rank}·(in + out) per kernel (LoRA's "
                  f"budget), reselection every {reselect} steps after {accumulate} steps "
@@ -479,6 +411,8 @@ METHODS: dict[str, Callable[..., Setup]] = {
     # MiCA: b frozen on W's r minor singular directions, a trains: r·in per matrix
     "mica": _init_method(lambda c: inits.mica(c.rank, alpha=c.alpha), "MiCA (frozen b)"),
     "sparse": _sparse,  # SpIEL: drop-and-regrow inside the step
+    # prompts, prefixes and hooks (_methods_inputs): Setup.model calls the model
+    **INPUT_METHODS,
 }
 
 

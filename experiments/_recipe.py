@@ -115,6 +115,23 @@ class Run(NamedTuple):
         return self.trainer.params(state, self.base)
 
 
+def model_loss(setup: Setup, graphdef: Any, name: str, *, pack: bool = False) -> Callable:
+    """``lm_loss`` of the model as ``setup`` calls it (``Setup.model``: a
+    prompt, prefix or hooks fed to the model; else the plain model).
+
+    Raises:
+      ValueError: ``pack`` with a method that feeds the model a prompt or a
+        prefix (peftjax's models take no packed segments with them).
+    """
+    if setup.model is None:
+        return lm_loss(apply_fn(graphdef))
+    if pack:
+        raise ValueError(f"--method={name} feeds the model a prompt, prefix or hooks, "
+                         "which peftjax's models do not combine with packed blocks "
+                         "(segment ids); drop --pack")
+    return lm_loss(setup.model(graphdef))
+
+
 def start(setup: Setup, loss_fn: Callable, run: OptimConfig, key: jax.Array) -> Run:
     """``train.trainer`` for ``setup`` and its initial state (adapters
     initialised from ``key``, as ``trainer.init`` does).

@@ -12,7 +12,8 @@ Reading the output: a Markdown table (method, trainable params,
 optimizer-state bytes, compiled step memory = argument + output + temp -
 alias bytes from ``memory_analysis()`` (temp alone misleads: XLA writes
 gradients into output buffers; ``peak_temp_bytes`` is in the JSON), median step time,
-held-out perplexity) printed and written with a JSON copy and three plots
+held-out perplexity after training (before it in parentheses)) printed and written
+with a JSON copy and three plots
 (loss curves; perplexity vs trainable parameters; perplexity vs optimizer
 memory) to ``--out_dir`` (default ``experiments/results/compare_methods``).
 Step times are single-run medians on whatever machine runs this, recorded
@@ -78,7 +79,11 @@ class Config:
 
 # Per-method peak learning rates (the usual orders of magnitude for each family).
 LR = {"full": 5e-5, "galore": 2e-4, "lora": 1e-3, "dora": 1e-3, "lora_xs": 1e-3,
-      "lora-sb": 1e-3, "sparse": 5e-4}
+      "lora-sb": 1e-3, "sparse": 5e-4,
+      # soft prompts and prefixes train faster (PEFT's examples use 1e-2 to 3e-2)
+      "prompt_tuning": 1e-2, "prefix_tuning": 1e-2, "p_tuning": 1e-2,
+      "multitask_prompt_tuning": 1e-2, "cpt": 1e-2, "cartridge": 1e-2,
+      "adaption_prompt": 9e-3, "xlora": 3e-3}
 SMOKE = dict(steps=6, block_len=32, eval_blocks=8, galore_rank=8, rank=4, alpha=8.0,
              warmup_steps=1, stat_batches=2, spiel_reselection_steps=3,
              spiel_accumulation_steps=1)
@@ -95,13 +100,16 @@ def run_method(name: str, cfg: Config, lm: _recipe.LM, corpus: _recipe.Corpus) -
     loss_fn = _recipe.lm_loss(_recipe.apply_fn(lm.graphdef))
     batches = data.Batches(corpus.train, batch_size=cfg.batch_size, seed=cfg.seed)
     key = jax.random.key(cfg.seed)
-    init_data = _recipe.InitData(loss_fn, [batches[i] for i in range(cfg.stat_batches)])
+    init_data = _recipe.InitData(loss_fn, [batches[i] for i in range(cfg.stat_batches)],
+                                 lm.config)
     setup = _recipe.precision(build(cfg, lm.params, optim, key, init_data=init_data),
                               cfg.dtype)
+    loss_fn = _recipe.model_loss(setup, lm.graphdef, name, pack=cfg.pack)
     run = _recipe.start(setup, loss_fn, optim, key)
     evals = data.Batches(corpus.eval, batch_size=min(cfg.batch_size, cfg.eval_blocks),
                          seed=cfg.seed, shuffle=False)
     rep = _recipe.report(run, batches[0])
+    ppl_before = run.evaluate(run.state, evals)
     result = train.fit(run.step, run.state, batches, steps=cfg.steps,
                        schedule=optim.learning_rate(), progress=cfg.progress, desc=name)
     ppl = run.evaluate(result.state, evals)
@@ -112,21 +120,22 @@ def run_method(name: str, cfg: Config, lm: _recipe.LM, corpus: _recipe.Corpus) -
         "optimizer_state_bytes": rep.optimizer_state_bytes,
         "peak_temp_bytes": rep.temp_bytes, "compiled_bytes": rep.compiled_bytes,
         "step_seconds_median": statistics.median(times),
-        "eval_ppl": ppl, "losses": [h["loss"] for h in result.history],
+        "eval_ppl_before": ppl_before, "eval_ppl": ppl,
+        "losses": [h["loss"] for h in result.history],
     }
 
 
 def markdown(rows: list[dict]) -> str:
     """The comparison table in Markdown."""
     head = ("| method | trainable params | optimizer state | compiled step memory "
-            "| step time (median) | held-out ppl |\n|---|---:|---:|---:|---:|---:|\n")
+            "| step time (median) | held-out ppl (before) |\n|---|---:|---:|---:|---:|---:|\n")
 
     mib = _recipe.human_bytes
     return head + "".join(
         f"| {r['method']} | failed ({r['error']}) | | | | |\n" if "error" in r else
         f"| {r['method']} | {r['trainable_params']:,} | {mib(r['optimizer_state_bytes'])} "
         f"| {mib(r['compiled_bytes'])} | {r['step_seconds_median']:.2f} s "
-        f"| {r['eval_ppl']:.2f} |\n" for r in rows)
+        f"| {r['eval_ppl']:.2f} ({r['eval_ppl_before']:.2f}) |\n" for r in rows)
 
 
 def plots(out: str, rows: list[dict], title: str) -> None:

@@ -205,8 +205,13 @@ def main(cfg: Config) -> dict:
     loss_fn = _recipe.lm_loss(_recipe.apply_fn(graphdef))
     stat_batches = [train_batches[i] for i in range(cfg.stat_batches)]  # LoRA-SB
     setup = _recipe.precision(build(cfg, params, optim, init_key,
-                                    init_data=_recipe.InitData(loss_fn, stat_batches)),
+                                    init_data=_recipe.InitData(loss_fn, stat_batches,
+                                                               lm.config)),
                               cfg.dtype)
+    if setup.model is not None:
+        raise SystemExit(f"demo: --method={cfg.method} feeds the model a prompt, prefix or "
+                         "hooks; the demo samples and exports weight-space methods only "
+                         "(train it with experiments/compare_methods.py)")
     print(setup.describe)
     if cfg.dtype != "f32":
         print(f"precision: {cfg.dtype} compute"

@@ -1,5 +1,6 @@
 """Helpers for running experiments and notebooks as subprocesses."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -29,3 +30,13 @@ def run_script(script, *args, timeout=240, check=True):
         pytest.fail(f"{script} {' '.join(args)} exited {out.returncode}\n"
                     f"stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-5000:]}")
     return out
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    """``experiments/_recipe.py`` imported as a module (the experiments' shared recipe)."""
+    spec = importlib.util.spec_from_file_location(
+        "_recipe", os.path.join(ROOT, "experiments", "_recipe.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

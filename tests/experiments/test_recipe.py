@@ -2,8 +2,6 @@
 at a time, the LAPACK hang workaround), precision, packed training batches,
 and the LoRA-SB and SpIEL (sparse) wiring through peftjax.train."""
 
-import importlib.util
-import os
 import types
 
 import jax
@@ -12,17 +10,7 @@ import numpy as np
 import pytest
 
 from peftjax import adapters, data, inits, train, tree
-from tests.experiments.conftest import ROOT
 from tests.helpers import MATMUL_F32, assert_tree_allclose
-
-
-@pytest.fixture(scope="module")
-def recipe():
-    spec = importlib.util.spec_from_file_location(
-        "_recipe", os.path.join(ROOT, "experiments", "_recipe.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,7 @@
 """The recipe's training (``start`` + ``train.fit``) skips non-finite steps and
 stops after N of them in a row (the demo's ``--max_skipped_in_a_row``)."""
 
-import importlib.util
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -13,16 +11,6 @@ import pytest
 
 from peftjax import adapters, train, tree
 from tests import helpers as h
-from tests.experiments.conftest import ROOT
-
-
-@pytest.fixture(scope="module")
-def recipe():
-    spec = importlib.util.spec_from_file_location(
-        "_recipe", os.path.join(ROOT, "experiments", "_recipe.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _batch(rng, poison=0.0):
