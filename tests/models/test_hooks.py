@@ -163,12 +163,24 @@ def test_attention_hook_adds_before_output_projection():
 
 
 def _greedy_full(m, toks, n, **kw):
-    """Greedy decoding by repeated full forward passes (no cache)."""
-    out = toks
-    for _ in range(n):
-        logits = m(out, **kw)
-        out = jnp.concatenate([out, jnp.argmax(logits[:, -1], -1)[:, None]], axis=1)
-    return np.asarray(out[:, toks.shape[1]:])
+    """Greedy decoding by repeated full forward passes (no cache).
+
+    A causal model's logits at slot ``i`` read slots ``<= i`` only, so each
+    pass runs one fixed-length buffer (the later slots hold 0) and every pass
+    shares one compilation.
+    """
+    gdef, state = nnx.split(m)
+
+    @jax.jit
+    def next_token(state, buf, i, kw):
+        logits = nnx.merge(gdef, state)(buf, **kw)
+        return jnp.argmax(jax.lax.dynamic_index_in_dim(logits, i, 1, False), -1)
+
+    t = toks.shape[1]
+    buf = jnp.concatenate([toks, jnp.zeros((toks.shape[0], n), toks.dtype)], axis=1)
+    for i in range(n):
+        buf = buf.at[:, t + i].set(next_token(state, buf, t - 1 + i, kw))
+    return np.asarray(buf[:, t:])
 
 
 def test_generate_with_hooks_prompt_and_prefix_equals_full_passes():
