@@ -91,6 +91,83 @@ def forward(kind, m):
         return m(input_ids=bert_ids, attention_mask=mask).last_hidden_state.numpy()
 
 
+def perturb_trainable(model, *, seed=300, scale=0.3, perturb=None):
+    """Adds ``N(0, scale²)`` to every trainable tensor of ``model`` (in name
+    order, from a generator seeded with ``seed``), or calls ``perturb(name,
+    tensor, generator)`` on each instead."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                if perturb is None:
+                    p.add_(torch.randn(p.shape, generator=g) * scale)
+                else:
+                    perturb(pname, p, g)
+
+
+def save(model, d, kind):
+    """``save_pretrained`` to ``d`` with a stable base name, without PEFT's README."""
+    model.peft_config["default"].base_model_name_or_path = f"tiny-random-{kind}"
+    model.save_pretrained(d)
+    if os.path.exists(os.path.join(d, "README.md")):
+        os.remove(os.path.join(d, "README.md"))
+
+
+def versions():
+    """The versions recorded in every ``peft.json``."""
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "peft": peft.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def peft_type(m):
+    """The report entry naming a loaded adapter's PEFT type."""
+    return {"peft_type": m.peft_config["default"].peft_type.value}
+
+
+def reverse(out, compare, extra=peft_type):
+    """PEFT's outputs on the peftjax-written directories ``out/from_peftjax/*``.
+
+    ``compare(name, directory, reference) -> (model, got, want)`` loads one
+    directory with PEFT and returns the arrays to compare (``None`` skips the
+    directory); ``extra(model)`` adds fields to its report entry.
+
+    Returns ``({name: entry}, all within BAR)``.
+    """
+    src = os.path.join(out, "from_peftjax")
+    entries, ok = {}, True
+    if not os.path.isdir(src):
+        return entries, ok
+    ref = np.load(os.path.join(src, "peftjax_outputs.npz"))
+    for name in sorted(os.listdir(src)):
+        d = os.path.join(src, name)
+        if not os.path.isdir(d):
+            continue
+        got = compare(name, d, ref[name] if name in ref else None)
+        if got is None:
+            continue
+        m, have, want = got
+        diff = float(np.abs(have - want).max())
+        entries[name] = {"max_abs_diff": diff, "bar": BAR, "passed": diff <= BAR,
+                         **extra(m), "tensor_stats": tensor_stats(
+                             os.path.join(d, "adapter_model.safetensors"))}
+        ok &= diff <= BAR
+        print(f"{name}: max |torch - peftjax| = {diff:.3g}")
+    return entries, ok
+
+
+def finish(out, report, ok, *, show=3000):
+    """Writes ``out/peft.json``, prints it, fails when a reverse check missed the bar."""
+    with open(os.path.join(out, "peft.json"), "w") as f:
+        json.dump(report, f, indent=1, sort_keys=True)
+        f.write("\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "_versions"}, indent=1)[:show])
+    if not ok:
+        raise SystemExit("a peftjax-written adapter misses the bar")
+
+
 def run(name, configs, *, scale=0.3, seed=300, merge=True, perturb=None):
     """Makes the PEFT adapters of ``configs`` and checks the peftjax-written ones.
 
@@ -104,8 +181,6 @@ def run(name, configs, *, scale=0.3, seed=300, merge=True, perturb=None):
       perturb: ``(parameter name, tensor, generator) -> None`` to perturb in
         place instead of adding ``N(0, scale²)`` (e.g. to keep a constraint).
     """
-    import peft
-    import transformers
     from peft import PeftModel, get_peft_model
 
     torch.set_num_threads(2)
@@ -120,52 +195,23 @@ def run(name, configs, *, scale=0.3, seed=300, merge=True, perturb=None):
         torch.manual_seed(0)  # PEFT's inits draw from the global generator
         model = get_peft_model(base(kind), make()).eval()
         counts[kind] = int(model.get_nb_trainable_parameters()[0])
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for pname, p in sorted(model.named_parameters()):
-                if p.requires_grad:
-                    if perturb is None:
-                        p.add_(torch.randn(p.shape, generator=g) * scale)
-                    else:
-                        perturb(pname, p, g)
-        model.peft_config["default"].base_model_name_or_path = f"tiny-random-{kind}"
-        d = os.path.join(out, f"{kind}_{name}")
-        model.save_pretrained(d)
-        if os.path.exists(os.path.join(d, "README.md")):
-            os.remove(os.path.join(d, "README.md"))
+        perturb_trainable(model, seed=seed, scale=scale, perturb=perturb)
+        save(model, os.path.join(out, f"{kind}_{name}"), kind)
         outputs[f"{kind}_{name}"] = forward(kind, model)
         if merge:
             outputs[f"{kind}_{name}_merged"] = forward(kind, model.merge_and_unload())
     np.savez_compressed(os.path.join(out, "torch_outputs.npz"), **outputs)
 
-    report = {"trainable_params": counts,
-              "_versions": {"torch": torch.__version__, "peft": peft.__version__,
-                            "transformers": transformers.__version__,
-                            "python": platform.python_version()}}
-    src = os.path.join(out, "from_peftjax")
-    ok = True
-    if os.path.isdir(src):
-        ref = np.load(os.path.join(src, "peftjax_outputs.npz"))
-        keep = mask.numpy().astype(bool)
-        for d_name in sorted(os.listdir(src)):
-            d = os.path.join(src, d_name)
-            if not os.path.isdir(d):
-                continue
-            kind = d_name.split("_")[1]  # pj_<model>_...
-            m = PeftModel.from_pretrained(base(kind), d).eval()
-            got, want = forward(kind, m), ref[d_name]
-            if kind == "bert":
-                got, want = got[keep], want[keep]
-            diff = float(np.abs(got - want).max())
-            report[d_name] = {"max_abs_diff": diff, "bar": BAR, "passed": diff <= BAR,
-                              "peft_type": m.peft_config["default"].peft_type.value,
-                              "tensor_stats": tensor_stats(
-                                  os.path.join(d, "adapter_model.safetensors"))}
-            ok &= diff <= BAR
-            print(f"{d_name}: max |torch - peftjax| = {diff:.3g}")
-    with open(os.path.join(out, "peft.json"), "w") as f:
-        json.dump(report, f, indent=1, sort_keys=True)
-        f.write("\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "_versions"}, indent=1)[:4000])
-    if not ok:
-        raise SystemExit("a peftjax-written adapter misses the bar")
+    keep = mask.numpy().astype(bool)
+
+    def compare(d_name, d, want):
+        kind = d_name.split("_")[1]  # pj_<model>_...
+        m = PeftModel.from_pretrained(base(kind), d).eval()
+        got = forward(kind, m)
+        if kind == "bert":
+            got, want = got[keep], want[keep]
+        return m, got, want
+
+    entries, ok = reverse(out, compare)
+    finish(out, {"trainable_params": counts, "_versions": versions(), **entries}, ok,
+           show=4000)

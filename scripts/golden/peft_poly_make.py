@@ -14,9 +14,7 @@ output differences recorded in ``peft.json``.
 Usage: ``.venv-torch/bin/python scripts/golden/peft_poly_make.py``
 """
 
-import json
 import os
-import platform
 
 import _peft_golden as G
 import numpy as np
@@ -50,8 +48,6 @@ def forward(kind, m):
 
 
 def main():
-    import peft
-    import transformers
     from peft import PeftModel, get_peft_model
 
     torch.set_num_threads(2)
@@ -66,49 +62,23 @@ def main():
         torch.manual_seed(0)
         model = get_peft_model(G.base(kind), make()).eval()
         counts[kind] = int(model.get_nb_trainable_parameters()[0])
-        g = torch.Generator().manual_seed(300)
-        with torch.no_grad():
-            for _, p in sorted(model.named_parameters()):
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
-        model.peft_config["default"].base_model_name_or_path = f"tiny-random-{kind}"
-        d = os.path.join(out, f"{kind}_poly")
-        model.save_pretrained(d)
-        if os.path.exists(os.path.join(d, "README.md")):
-            os.remove(os.path.join(d, "README.md"))
+        G.perturb_trainable(model)
+        G.save(model, os.path.join(out, f"{kind}_poly"), kind)
         outputs[f"{kind}_poly"] = forward(kind, model)
     np.savez_compressed(os.path.join(out, "torch_outputs.npz"), **outputs)
-    report = {"trainable_params": counts, "task_ids": TASK_IDS,
-              "_versions": {"torch": torch.__version__, "peft": peft.__version__,
-                            "transformers": transformers.__version__,
-                            "python": platform.python_version()}}
-    src = os.path.join(out, "from_peftjax")
-    ok = True
-    if os.path.isdir(src):
-        ref = np.load(os.path.join(src, "peftjax_outputs.npz"))
-        keep = mask.numpy().astype(bool)
-        for name in sorted(os.listdir(src)):
-            d = os.path.join(src, name)
-            if not os.path.isdir(d):
-                continue
-            kind = name.split("_")[1]
-            m = PeftModel.from_pretrained(G.base(kind), d).eval()
-            got, want = forward(kind, m), ref[name]
-            if kind == "bert":
-                got, want = got[keep], want[keep]
-            diff = float(np.abs(got - want).max())
-            report[name] = {"max_abs_diff": diff, "bar": G.BAR, "passed": diff <= G.BAR,
-                            "peft_type": m.peft_config["default"].peft_type.value,
-                            "tensor_stats": G.tensor_stats(
-                                os.path.join(d, "adapter_model.safetensors"))}
-            ok &= diff <= G.BAR
-            print(f"{name}: max |torch - peftjax| = {diff:.3g}")
-    with open(os.path.join(out, "peft.json"), "w") as f:
-        json.dump(report, f, indent=1, sort_keys=True)
-        f.write("\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "_versions"}, indent=1)[:3000])
-    if not ok:
-        raise SystemExit("a peftjax-written adapter misses the bar")
+    keep = mask.numpy().astype(bool)
+
+    def compare(name, d, want):
+        kind = name.split("_")[1]
+        m = PeftModel.from_pretrained(G.base(kind), d).eval()
+        got = forward(kind, m)
+        if kind == "bert":
+            got, want = got[keep], want[keep]
+        return m, got, want
+
+    entries, ok = G.reverse(out, compare)
+    G.finish(out, {"trainable_params": counts, "task_ids": TASK_IDS,
+                   "_versions": G.versions(), **entries}, ok)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,7 @@ init), saves it with ``save_pretrained`` and records, in
 Usage: ``.venv-torch/bin/python scripts/golden/peft_prompts_make.py``.
 """
 
-import json
 import os
-import platform
 import sys
 
 import numpy as np
@@ -98,8 +96,6 @@ def logits(name, model, ids):
 
 
 def main():
-    import peft
-    import transformers
     from peft import PeftModel, get_peft_model
     from safetensors.torch import save_file
 
@@ -113,20 +109,13 @@ def main():
         torch.manual_seed(0)
         model = get_peft_model(_peft_golden.base("llama"), cfg).eval()
         counts[name] = int(model.get_nb_trainable_parameters()[0])
-        g = torch.Generator().manual_seed(300)
-        with torch.no_grad():
-            for _, p in sorted(model.named_parameters()):
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
-        model.peft_config["default"].base_model_name_or_path = "tiny-random-llama"
+        _peft_golden.perturb_trainable(model)
         enc = model.prompt_encoder["default"]
         if name.startswith(("p_tuning", "prefix_projection", "cpt")):
             save_file({k: v.detach().contiguous() for k, v in enc.state_dict().items()},
                       os.path.join(OUT, f"llama_{name}_encoder.safetensors"))
         d = os.path.join(OUT, f"llama_{name}")
-        model.save_pretrained(d)
-        if os.path.exists(os.path.join(d, "README.md")):
-            os.remove(os.path.join(d, "README.md"))
+        _peft_golden.save(model, d, "llama")
         outputs[f"llama_{name}"] = logits(name, model, ids)
         if name == "cpt":
             labels = ids.clone()
@@ -154,50 +143,22 @@ def main():
         torch.manual_seed(0)
         model = get_peft_model(_peft_golden.base("bert"), cfg).eval()
         counts[f"bert_{name}"] = int(model.get_nb_trainable_parameters()[0])
-        g = torch.Generator().manual_seed(301)
-        with torch.no_grad():
-            for _, p in sorted(model.named_parameters()):
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
-        model.peft_config["default"].base_model_name_or_path = "tiny-random-bert"
-        d = os.path.join(OUT, f"bert_{name}")
-        model.save_pretrained(d)
-        if os.path.exists(os.path.join(d, "README.md")):
-            os.remove(os.path.join(d, "README.md"))
+        _peft_golden.perturb_trainable(model, seed=301)
+        _peft_golden.save(model, os.path.join(OUT, f"bert_{name}"), "bert")
         with torch.no_grad():
             outputs[f"bert_{name}"] = model(input_ids=bert_ids, attention_mask=bert_mask
                                             ).last_hidden_state.numpy()
     np.savez_compressed(os.path.join(OUT, "torch_outputs.npz"), **outputs)
 
-    report = {"trainable_params": counts,
-              "_versions": {"torch": torch.__version__, "peft": peft.__version__,
-                            "transformers": transformers.__version__,
-                            "python": platform.python_version()}}
-    src = os.path.join(OUT, "from_peftjax")
-    ok = True
-    if os.path.isdir(src):
-        ref = np.load(os.path.join(src, "peftjax_outputs.npz"))
-        for d_name in sorted(os.listdir(src)):
-            d = os.path.join(src, d_name)
-            if not os.path.isdir(d):
-                continue
-            m = PeftModel.from_pretrained(_peft_golden.base("llama"), d).eval()
-            name = d_name[len("pj_llama_"):]
-            got = logits(name, m, ids)[:, -ids.shape[1]:]  # the real tokens' logits
-            diff = float(np.abs(got - ref[d_name]).max())
-            report[d_name] = {"max_abs_diff": diff, "bar": _peft_golden.BAR,
-                              "passed": diff <= _peft_golden.BAR,
-                              "peft_type": m.peft_config["default"].peft_type.value,
-                              "tensor_stats": _peft_golden.tensor_stats(
-                                  os.path.join(d, "adapter_model.safetensors"))}
-            ok &= diff <= _peft_golden.BAR
-            print(f"{d_name}: max |torch - peftjax| = {diff:.3g}")
-    with open(os.path.join(OUT, "peft.json"), "w") as f:
-        json.dump(report, f, indent=1, sort_keys=True)
-        f.write("\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "_versions"}, indent=1)[:3000])
-    if not ok:
-        raise SystemExit("a peftjax-written adapter misses the bar")
+
+    def compare(d_name, d, want):
+        m = PeftModel.from_pretrained(_peft_golden.base("llama"), d).eval()
+        got = logits(d_name[len("pj_llama_"):], m, ids)[:, -ids.shape[1]:]  # real tokens
+        return m, got, want
+
+    entries, ok = _peft_golden.reverse(OUT, compare)
+    _peft_golden.finish(OUT, {"trainable_params": counts,
+                              "_versions": _peft_golden.versions(), **entries}, ok)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Usage: ``.venv-torch/bin/python scripts/golden/peft_xlora_make.py``
 
 import json
 import os
-import platform
 
 import _peft_golden as G
 import numpy as np
@@ -53,17 +52,9 @@ def experts(tmp):
     for i, (name, kw) in enumerate(sorted(EXPERTS.items())):
         torch.manual_seed(i)
         m = get_peft_model(base(), LoraConfig(**kw))
-        g = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for _, p in sorted(m.named_parameters()):
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
-        m.peft_config["default"].base_model_name_or_path = "tiny-random-llama"
-        d = os.path.join(tmp, name)  # copied into each X-LoRA directory
-        m.save_pretrained(d)
-        if os.path.exists(os.path.join(d, "README.md")):
-            os.remove(os.path.join(d, "README.md"))
-        paths[name] = d
+        G.perturb_trainable(m, seed=100 + i)
+        paths[name] = os.path.join(tmp, name)  # copied into each X-LoRA directory
+        G.save(m, paths[name], "llama")
     return paths
 
 
@@ -74,8 +65,6 @@ def forward(m):
 
 
 def main():
-    import peft
-    import transformers
     from peft import PeftModel, XLoraConfig, get_peft_model
 
     torch.set_num_threads(2)
@@ -107,32 +96,16 @@ def main():
         outputs[f"llama_xlora_{name}_scalings"] = (
             model.base_model.internal_xlora_scalings.numpy())
     np.savez_compressed(os.path.join(OUT, "torch_outputs.npz"), **outputs)
-    report = {"trainable_params": counts, "peft_reload_max_abs_diff": reload,
-              "_versions": {"torch": torch.__version__, "peft": peft.__version__,
-                            "transformers": transformers.__version__,
-                            "python": platform.python_version()}}
-    src = os.path.join(OUT, "from_peftjax")
-    ok = True
-    if os.path.isdir(src):
-        ref = np.load(os.path.join(src, "peftjax_outputs.npz"))
-        for name in sorted(os.listdir(src)):
-            d = os.path.join(src, name)
-            if not os.path.isdir(d) or not name.startswith("pj_"):
-                continue
-            m = load(PeftModel, d)
-            diff = float(np.abs(forward(m) - ref[name]).max())
-            report[name] = {"max_abs_diff": diff, "bar": G.BAR, "passed": diff <= G.BAR,
-                            "peft_type": m.peft_config["default"].peft_type.value,
-                            "tensor_stats": G.tensor_stats(
-                                os.path.join(d, "adapter_model.safetensors"))}
-            ok &= diff <= G.BAR
-            print(f"{name}: max |torch - peftjax| = {diff:.3g}")
-    with open(os.path.join(OUT, "peft.json"), "w") as f:
-        json.dump(report, f, indent=1, sort_keys=True)
-        f.write("\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "_versions"}, indent=1)[:3000])
-    if not ok:
-        raise SystemExit("a peftjax-written adapter misses the bar")
+
+    def compare(name, d, want):
+        if not name.startswith("pj_"):
+            return None
+        m = load(PeftModel, d)
+        return m, forward(m), want
+
+    entries, ok = G.reverse(OUT, compare)
+    G.finish(OUT, {"trainable_params": counts, "peft_reload_max_abs_diff": reload,
+                   "_versions": G.versions(), **entries}, ok)
 
 
 def save(model, d, paths):
