@@ -215,3 +215,44 @@ def run(name, configs, *, scale=0.3, seed=300, merge=True, perturb=None):
     entries, ok = reverse(out, compare)
     finish(out, {"trainable_params": counts, "_versions": versions(), **entries}, ok,
            show=4000)
+
+
+def run_causal(name, config, ids, new_tokens, *, extra=peft_type):
+    """One adapter on the tiny Llama with logits and a greedy generation.
+
+    Records in ``tests/io/golden/peft_<name>/``: ``llama_<name>/`` (PEFT's
+    files, every trainable tensor perturbed by ``N(0, 0.3²)``),
+    ``torch_outputs.npz`` (``inputs``, ``llama_base`` and ``llama_<name>``
+    logits, ``generated``: PEFT's greedy ``generate`` of ``new_tokens`` with
+    its KV cache) and ``peft.json`` (trainable count, versions, the reverse
+    check of ``from_peftjax/*`` with ``extra(model)`` in each entry).
+    """
+    from peft import PeftModel, get_peft_model
+
+    torch.set_num_threads(2)
+    out = os.path.join(ROOT, f"peft_{name}")
+    os.makedirs(out, exist_ok=True)
+    ids = torch.tensor(ids)
+    with torch.no_grad():
+        outputs = {"inputs": ids.numpy(), "llama_base": base("llama")(ids).logits.numpy()}
+    torch.manual_seed(0)
+    model = get_peft_model(base("llama"), config).eval()
+    count = int(model.get_nb_trainable_parameters()[0])
+    perturb_trainable(model)
+    save(model, os.path.join(out, f"llama_{name}"), "llama")
+    with torch.no_grad():
+        outputs[f"llama_{name}"] = model(input_ids=ids).logits.numpy()
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    outputs["generated"] = gen[:, ids.shape[1]:].numpy()
+    np.savez_compressed(os.path.join(out, "torch_outputs.npz"), **outputs)
+
+    def compare(d_name, d, want):
+        m = PeftModel.from_pretrained(base("llama"), d).eval()
+        with torch.no_grad():
+            return m, m(input_ids=ids).logits.numpy(), want
+
+    entries, ok = reverse(out, compare, extra)
+    print("generated", outputs["generated"].tolist())
+    finish(out, {"trainable_params": {"llama": count}, "_versions": versions(), **entries},
+           ok)

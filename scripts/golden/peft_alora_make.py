@@ -16,11 +16,8 @@ difference). aLoRA is causal-LM only in PEFT (the offsets are computed in
 Usage: ``.venv-torch/bin/python scripts/golden/peft_alora_make.py``
 """
 
-import os
 
 import _peft_golden
-import numpy as np
-import torch
 
 INVOCATION = [7, 50]
 IDS = [[1, 5, 7, 50, 2, 63, 7, 50, 9, 3],
@@ -37,39 +34,10 @@ def config():
 
 
 def main():
-    from peft import PeftModel, get_peft_model
-
-    torch.set_num_threads(2)
-    out = os.path.join(_peft_golden.ROOT, "peft_alora")
-    os.makedirs(out, exist_ok=True)
-    ids = torch.tensor(IDS)
-    with torch.no_grad():
-        outputs = {"inputs": ids.numpy(),
-                   "llama_base": _peft_golden.base("llama")(ids).logits.numpy()}
-    torch.manual_seed(0)
-    model = get_peft_model(_peft_golden.base("llama"), config()).eval()
-    count = int(model.get_nb_trainable_parameters()[0])
-    _peft_golden.perturb_trainable(model)
-    _peft_golden.save(model, os.path.join(out, "llama_alora"), "llama")
-    with torch.no_grad():
-        outputs["llama_alora"] = model(input_ids=ids).logits.numpy()
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    outputs["generated"] = gen[:, ids.shape[1]:].numpy()
-    np.savez_compressed(os.path.join(out, "torch_outputs.npz"), **outputs)
-
-    def compare(name, d, want):
-        m = PeftModel.from_pretrained(_peft_golden.base("llama"), d).eval()
-        with torch.no_grad():
-            return m, m(input_ids=ids).logits.numpy(), want
-
     def extra(m):
         return {"alora_invocation_tokens": m.peft_config["default"].alora_invocation_tokens}
 
-    entries, ok = _peft_golden.reverse(out, compare, extra)
-    print("generated", outputs["generated"].tolist())
-    _peft_golden.finish(out, {"trainable_params": {"llama": count},
-                              "_versions": _peft_golden.versions(), **entries}, ok)
+    _peft_golden.run_causal("alora", config(), IDS, NEW_TOKENS, extra=extra)
 
 
 if __name__ == "__main__":
