@@ -135,13 +135,19 @@ _project_out.defvjp(_project_out_fwd, _project_out_bwd)
 
 
 def _factors(t: OSFParams, f: OSFBasis) -> _lowrank.LowRank:
-    """``ΔW = [v·s, v·s − v⁰·s⁰] @ [u − u⁰; u⁰]`` (exactly 0 at init), gradients projected."""
+    """``ΔW = [v·s, v·s − v⁰·s⁰] @ [u − u⁰; u⁰]`` (exactly 0 at init), gradients projected.
+
+    ``v·s − v⁰·s⁰`` is computed as ``(v − v⁰)·s + v⁰·(s − s⁰)``: both
+    differences are exactly 0 at init, also where a compiler fuses a product
+    and a subtraction into one rounding (``v·s − v⁰·s⁰`` then leaves ~1e-9).
+    """
     ct = _lowrank.compute_dtype(jnp.float32, t.v.dtype, t.u.dtype, f.v0.dtype)
     v = _project_in(t.v, f.in_high).astype(ct)
     u = _project_out(t.u, f.out_high).astype(ct)
-    vs = v * t.s.astype(ct)[None, :]
+    s, v0, s0 = t.s.astype(ct)[None, :], f.v0.astype(ct), f.s0.astype(ct)[None, :]
+    vs = v * s
     u0 = f.u0.astype(ct)
-    left = jnp.concatenate([vs, vs - f.v0.astype(ct) * f.s0.astype(ct)[None, :]], axis=1)
+    left = jnp.concatenate([vs, (v - v0) * s + v0 * (s - s0)], axis=1)
     right = jnp.concatenate([u - u0, u0], axis=0)
     return _lowrank.LowRank(left, right, 1.0)
 

@@ -1,8 +1,15 @@
 """The adapter contract suite (docs/architecture.md#tests): every adapter passes it.
 
 ADAPTERS is the single list of adapters; every later adapter joins it.
+
+Time: an adapter run eagerly compiles each of its primitives once per new
+shape, which for a rotation or a spectral adapter is hundreds of small
+programs; so the suite runs ``init``/``apply``/``fold`` under ``jax.jit``
+(one program per shape) everywhere except where eager execution is the
+point (``test_jit_equals_eager_and_stacked_equals_loop``'s one eager call).
 """
 
+import functools
 import math
 
 import jax
@@ -436,6 +443,14 @@ def _randomize(t, seed=1):
     return jax.tree.unflatten(treedef, out)
 
 
+def _jit_init(ad):
+    return jax.jit(ad.init)
+
+
+def _jit_apply(ad):
+    return jax.jit(ad.apply)
+
+
 def _params(n_out=5):
     return {
         "lin": {"kernel": _w((6, n_out)), "bias": _w((n_out,), seed=3)},
@@ -447,15 +462,16 @@ def _params(n_out=5):
 def test_identity_at_init(name, factory, identity, ref, count, getkey):
     ad = factory()
     w = _w((6, _o(name)))
-    t, f = ad.init(getkey(), w)
+    t, f = _jit_init(ad)(getkey(), w)
+    got = _jit_apply(ad)(w, t, f)
     if identity and name != "dora":
-        np.testing.assert_array_equal(np.asarray(ad.apply(w, t, f)), np.asarray(w))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
     elif identity:
         # DoRA divides by the recomputed norm: identity up to rounding.
-        np.testing.assert_allclose(h.f64(ad.apply(w, t, f)), h.f64(w), **h.MATMUL_F32)
+        np.testing.assert_allclose(h.f64(got), h.f64(w), **h.MATMUL_F32)
     else:  # not the identity at init (as PEFT): the documented initial delta
         assert np.abs(ref(w, t, f) - h.f64(w)).max() > 0
-        np.testing.assert_allclose(h.f64(ad.apply(w, t, f)), ref(w, t, f), **h.MATMUL_F32)
+        np.testing.assert_allclose(h.f64(got), ref(w, t, f), **h.MATMUL_F32)
 
 
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
@@ -463,9 +479,9 @@ def test_closed_form_matches_float64_reference(name, factory, identity, ref, cou
                                                getkey):
     ad = factory()
     w = _w((6, _o(name)))
-    t, f = ad.init(getkey(), w)
+    t, f = _jit_init(ad)(getkey(), w)
     t = _randomize(t)
-    got = ad.apply(w, t, f)
+    got = _jit_apply(ad)(w, t, f)
     np.testing.assert_allclose(h.f64(got), ref(w, t, f), **h.MATMUL_F32)
 
 
@@ -478,10 +494,11 @@ def test_closed_form_matches_float64_reference(name, factory, identity, ref, cou
 def test_gradients_match_numerical(name, factory, identity, ref, count, getkey):
     ad = factory()
     w = _w((5, 4))
-    t, f = ad.init(getkey(), w)
+    t, f = _jit_init(ad)(getkey(), w)
     t = _randomize(t)
     c = _w((5, 4), seed=7)
 
+    @jax.jit
     def loss(tt):
         return jnp.sum(ad.apply(w, tt, f) * c)
 
@@ -534,21 +551,22 @@ def test_jit_equals_eager_and_stacked_equals_loop(name, factory, identity, ref,
     ad2 = factory()
     ad = ad2.with_dimension_numbers(tree.dims.stacked())  # (layers, in, out)
     w = _w((3, 6, _o(name)))
-    t, f = ad.init(getkey(), w)
+    t, f = _jit_init(ad)(getkey(), w)
     t = _randomize(t)
-    eager = ad.apply(w, t, f)
+    eager = ad.apply(w, t, f)  # the one eager call (the rest is jitted: time)
     jitted = jax.jit(ad.apply)(w, t, f)
     # XLA fuses the scaling into the matmul under jit: matmul rounding, not bits.
     np.testing.assert_allclose(h.f64(eager), h.f64(jitted), **h.MATMUL_F32)
+    layer = _jit_apply(ad2)
     for i in range(3):
         ti = jax.tree.map(lambda x, i=i: x[i], t)
         fi = jax.tree.map(lambda x, i=i: x[i], f)
         np.testing.assert_allclose(h.f64(eager[i]), ref(w[i], ti, fi), **h.MATMUL_F32)
         np.testing.assert_allclose(
-            h.f64(eager[i]), h.f64(ad2.apply(w[i], ti, fi)), **h.MATMUL_F32
+            h.f64(eager[i]), h.f64(layer(w[i], ti, fi)), **h.MATMUL_F32
         )
     # An explicit vmap of the 2-D adapter over the layer axis gives the same.
-    vm = jax.vmap(ad2.apply)(w, t, f)
+    vm = jax.jit(jax.vmap(ad2.apply))(w, t, f)
     np.testing.assert_allclose(h.f64(vm), h.f64(eager), **h.MATMUL_F32)
 
 
@@ -672,7 +690,9 @@ def test_no_retrace_and_training_changes_only_trainable(name, factory, identity,
     assert any(jax.tree.leaves(changed))
 
 
+@functools.cache
 def _flax_params(n_out=5):
+    """The Linen block, its params and input (built once per width)."""
     import flax.linen as nn
 
     class Block(nn.Module):
@@ -695,9 +715,9 @@ def test_linen_mlp_and_attention(name, factory, identity, ref, count, getkey):
     model, params, x = _flax_params(_o(name))
     ad = factory()
     a = tree.assign(params, [tree.Rule(where=r"(up|down)/kernel", then=ad)])
-    state = adapters.init(a, getkey(), params)
+    state = jax.jit(lambda k, p: adapters.init(a, k, p))(getkey(), params)
     state = state._replace(trainable=_randomize(state.trainable))
-    merged = adapters.fold(a, params, *state)
+    merged = jax.jit(lambda p, t, f: adapters.fold(a, p, t, f))(params, *state)
     for layer in ("up", "down"):
         p = f"{layer}/kernel"
         np.testing.assert_allclose(
@@ -706,7 +726,7 @@ def test_linen_mlp_and_attention(name, factory, identity, ref, count, getkey):
             **h.MATMUL_F32)
     # The merged params run through the unmodified Linen model.
     with jax.numpy_dtype_promotion("standard"):
-        y = model.apply({"params": merged}, x)
+        y = jax.jit(model.apply)({"params": merged}, x)
     assert y.shape == (2, 5, _o(name)) and bool(jnp.all(jnp.isfinite(y)))
 
 
