@@ -293,7 +293,8 @@ def svft(
         def term(x):
             ct = _lowrank.compute_dtype(jnp.float32, x.dtype, t.values.dtype, f.u.dtype)
             z = x.astype(ct) @ f.u.astype(ct)  # (..., n)
-            picked = z[..., f.rows] * coefficients(t, ct)
+            coef = coefficients(t, ct)
+            picked = z[..., f.rows] * coef.reshape((1,) * (z.ndim - 1) + coef.shape)
             mixed = jnp.zeros(z.shape, ct).at[..., f.cols].add(picked)
             return mixed @ f.vt.astype(ct)
 
