@@ -86,10 +86,10 @@ def ldu(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
       >>> d.tolist(), u.tolist()
       ([4.0, 1.5], [[1.0, 0.5], [0.0, 1.0]])
     """
-    p, l, upper = jax.scipy.linalg.lu(w)
+    p, lower, upper = jax.scipy.linalg.lu(w)
     d = jnp.diagonal(upper)
     safe = jnp.where(d == 0, jnp.ones_like(d), d)
-    return p, l, d, upper / safe[:, None]
+    return p, lower, d, upper / safe[:, None]
 
 
 def loldu(
@@ -101,10 +101,10 @@ def loldu(
 ) -> _protocol.Adapter:
     """LoLDU: ``W' = W + (alpha/r) · P L_r diag(z - D_r) U_r``, only ``z`` trains.
 
-    ``P, L, D, U`` come from the LU of the torch-layout weight (float32 at
-    init, ``ldu``); identity at init (``z = D_r``). Trainable: ``r`` per matrix;
-    frozen: ``r·(in + out + 1)``. The factored path computes the rank-``r``
-    term without forming it.
+    ``P, L, D, U`` come from the LU of the torch-layout weight (``ldu``, in
+    float32 or the kernel's wider dtype, at init); identity at init
+    (``z = D_r``). Trainable: ``r`` per matrix; frozen: ``r·(in + out + 1)``.
+    The factored path computes the rank-``r`` term without forming it.
 
     Args:
       rank: ``r``, the leading LDU components; None (the authors' default
@@ -156,7 +156,8 @@ def loldu(
         if r > full:
             raise ValueError(f"loldu: rank={r} exceeds min(in, out)={full} of the matrix "
                              f"view of shape {tuple(w.shape)}")
-        p, low, d, up = ldu(w.astype(jnp.float32).T)  # torch layout (out, in)
+        ct = _lowrank.compute_dtype(jnp.float32, w.dtype)
+        p, low, d, up = ldu(w.astype(ct).T)  # torch layout (out, in)
         factors = LoLDUFactors(u=up[:r].T.astype(param_dtype),
                                lower=(p @ low[:, :r]).T.astype(param_dtype),
                                d=d[:r].astype(param_dtype))

@@ -191,9 +191,10 @@ def svft(
 ) -> _protocol.Adapter:
     """SVFT: ``W' = W + σ(g) · U_n M Vₙᵀ`` with a sparse trainable ``M`` (Eq. 1).
 
-    ``U_n, V_n`` are the kernel's own top-``n`` singular vectors (float32 SVD
-    at init), frozen with the support of ``M``; ``values (k,)`` and the gate
-    ``g`` train: ``k + 1`` per matrix, ``k = svft_count(n, off_diag)``. Not
+    ``U_n, V_n`` are the kernel's own top-``n`` singular vectors (SVD in
+    float32 or the kernel's wider dtype, at init), frozen with the support of
+    ``M``; ``values (k,)`` and the gate ``g`` train: ``k + 1`` per matrix,
+    ``k = svft_count(n, off_diag)``. Not
     the identity at init unless ``zero_init`` (the authors' kaiming-normal
     values, see the module docstring). The factored path computes
     ``σ(g)·((x U_n) M) Vₙᵀ`` with a gather/scatter for ``M``.
@@ -256,7 +257,8 @@ def svft(
         if n > full:
             raise ValueError(f"svft: rank={n} exceeds min(in, out)={full} of the matrix "
                              f"view of shape {tuple(w.shape)}")
-        u, sv, vt = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
+        ct = _lowrank.compute_dtype(jnp.float32, w.dtype)
+        u, sv, vt = jnp.linalg.svd(w.astype(ct), full_matrices=False)
         u, sv, vt = u[:, :n], sv[:n], vt[:n]
         kp, kv = jax.random.split(key)
         rows, cols = svft_pattern(pattern, u, vt, off_diag, kp)

@@ -95,7 +95,7 @@ def vectorfit(
 ) -> _protocol.Adapter:
     """VectorFit: ``W' = W + U diag(δ_Σ) Vᵀ`` and ``b' = b + δ_b``.
 
-    ``U, V`` come from the exact SVD of the kernel view (float32 at init), so
+    ``U, V`` come from the exact SVD of the kernel view (float32 or wider, at init), so
     ``W'``'s singular values are ``Σ + δ_Σ`` (while non-negative and in order)
     with ``W``'s singular vectors. Identity at init. Trainable per matrix:
     ``min(in, out)``, plus ``out`` with ``train_bias``. For AVF see
@@ -141,7 +141,8 @@ def vectorfit(
         del key  # deterministic: the basis is the weight's own SVD
         if stats is not None:
             raise ValueError("vectorfit takes no stats")
-        u, sv, vt = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)
+        ct = _lowrank.compute_dtype(jnp.float32, w.dtype)
+        u, sv, vt = jnp.linalg.svd(w.astype(ct), full_matrices=False)
         basis = VectorFitBasis(u=u.astype(param_dtype), vt=vt.astype(param_dtype),
                                singular_values=sv.astype(param_dtype))
         delta_b = jnp.zeros((w.shape[1],), param_dtype) if train_bias else None
