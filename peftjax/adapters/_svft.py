@@ -5,8 +5,8 @@ SVFT: Parameter-Efficient Fine-Tuning with Singular Vectors. Lingam, Tejaswi,
 Vavre, Shetty, Gudur, Ghosh, Dimakis, Choi, Bojchevski & Sanghavi, NeurIPS 2024.
 https://arxiv.org/abs/2405.19597
 
-With the thin SVD ``W = U Σ Vᵀ`` of the frozen weight, the paper (Eq. 1)
-fine-tunes ``W' = U (Σ + M) Vᵀ`` where ``M (n, n)`` is sparse with a fixed
+With the thin SVD ``W = U Σ Vᵀ`` of the frozen weight, the paper fine-tunes
+``W' = U (Σ + M) Vᵀ`` where ``M (n, n)`` is sparse with a fixed
 support: the diagonal (SVFT^P, "plain"), ``d`` off-diagonals on each side
 (SVFT^B_d, "banded"), ``k`` random entries (SVFT^R_d, "random"), or the ``k``
 entries picked by the singular vectors (SVFT^T_d, "top_k"), with
@@ -189,7 +189,7 @@ def svft(
     dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
 ) -> _protocol.Adapter:
-    """SVFT: ``W' = W + σ(g) · U_n M Vₙᵀ`` with a sparse trainable ``M`` (Eq. 1).
+    """SVFT: ``W' = W + σ(g) · U_n M Vₙᵀ`` with a sparse trainable ``M``.
 
     ``U_n, V_n`` are the kernel's own top-``n`` singular vectors (SVD in
     float32 or the kernel's wider dtype, at init), frozen with the support of

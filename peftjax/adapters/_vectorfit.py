@@ -16,8 +16,8 @@ is the exact identity at init and never re-forms ``U Σ Vᵀ``. On a Flax
 kernel ``K (in, out) = U S Vᵀ`` the torch-layout ``W = Kᵀ`` has the same
 singular values (sides swapped), so both layouts train the same vector.
 
-Adaptive Vector Freezing (AVF, the paper's §3): every ``t_f`` steps the
-``k`` vectors (over all adapted matrices, each ``Σ`` and each ``b`` one
+Adaptive Vector Freezing (AVF): every ``t_f`` steps the ``k`` vectors
+(over all adapted matrices, each ``Σ`` and each ``b`` one
 vector) with the largest training strength, the L1 distance from their
 initial values (``‖δ‖₁`` here), are frozen for the next ``t_f`` steps and the
 previously frozen ones are released; nothing is frozen before the first
