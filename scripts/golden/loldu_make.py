@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""LoLDU goldens from the authors' math (github.com/SKDDJ/LoLDU, minloldu/loldu.py).
+"""LoLDU goldens from the authors' math (github.com/SKDDJ/LoLDU, minloldu/loldu.py at
+commit 9790d906a439eb1a6af95e188d7407dc4d4532e1).
 
 Runs once in the side virtualenv (torch; never imports peftjax, never in CI):
 

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""SVFT goldens from the authors' math (github.com/VijayLingam95/SVFT, svft/svft_layers.py).
+"""SVFT goldens from the authors' math (github.com/VijayLingam95/SVFT, svft/svft_layers.py
+at commit 8303115d45868712f952e6a847735bb59b1a9f18).
 
 Runs once in the side virtualenv (torch; never imports peftjax, never in CI):
 
