@@ -252,6 +252,10 @@ def svft(
     def init_matrix(key, w, stats):
         if stats is not None:
             raise ValueError("svft takes no stats")
+        return init_core(key, w)
+
+    @jax.jit  # one compilation per shape, also when called eagerly
+    def init_core(key, w):
         full = min(w.shape)
         n = full if rank is None else rank
         if n > full:
@@ -283,10 +287,12 @@ def svft(
             coefficients(t, ct)[:, None] * vt[f.cols])
         return ct, f.u.astype(ct) @ mb
 
+    @jax.jit
     def apply_matrix(w, t, f):
         ct, d = delta(w, t, f)
         return w.astype(ct) + d
 
+    @jax.jit
     def unapply_matrix(w, t, f, aux):
         ct, d = delta(w, t, f)
         return w.astype(ct) - d
