@@ -267,14 +267,17 @@ def vectorfit_avf(num_frozen: int, every: int) -> optax.GradientTransformation:
         ``num_frozen`` above the number of vectors.
 
     Example:
-      >>> import jax.numpy as jnp, optax
+      >>> import jax, jax.numpy as jnp, optax
       >>> p = {"q": VectorFitParams(jnp.zeros(2)), "k": VectorFitParams(jnp.zeros(2))}
       >>> opt = optax.chain(optax.sgd(1.0), vectorfit_avf(1, every=2))
       >>> s = opt.init(p)
       >>> g = {"q": VectorFitParams(-jnp.ones(2)), "k": VectorFitParams(-3 * jnp.ones(2))}
-      >>> for _ in range(3):
+      >>> @jax.jit
+      ... def step(p, s):
       ...     u, s = opt.update(g, s, p)
-      ...     p = optax.apply_updates(p, u)
+      ...     return optax.apply_updates(p, u), s
+      >>> for _ in range(3):
+      ...     p, s = step(p, s)
       >>> p["q"].delta_s.tolist(), p["k"].delta_s.tolist()  # k froze at update 2
       ([3.0, 3.0], [6.0, 6.0])
     """
