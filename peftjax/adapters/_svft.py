@@ -29,9 +29,9 @@ the sides swapped (``A`` = torch's ``V``, ``B`` = torch's ``Uᵀ``), so torch's
 index ``A``'s columns (input side) and ``cols`` ``B``'s rows (output side). The
 banded support is symmetric; the ``top_k`` scores are the code's, transposed:
 ``Aᵀ B`` for a square kernel, else the square factor (``B`` when
-``out < in``, ``A`` when ``in < out``), largest signed values first (the paper
-describes the alignment ``uᵢᵀ vⱼ``; the code's scores are these). ``top_k``
-needs the full rank (as the code does).
+``out < in``, ``A`` when ``in < out``), largest signed values first (the
+paper's text selects by the alignment of left and right singular vectors; the
+scores here are the code's). ``top_k`` needs the full rank (as the code does).
 
 Factored form: ``Δy = σ(g) · ((x A) M_K) B``: ``2·n·in + 2·k + 2·n·out`` FLOPs
 per row (the sparse ``M_K`` by gather and scatter-add), no ``(in, out)``
