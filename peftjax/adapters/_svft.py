@@ -222,6 +222,7 @@ def svft(
       ValueError: unknown ``pattern``; ``off_diag`` or ``rank`` not an int in
         range; at init, ``rank > min(in, out)`` or the pattern's constraints
         (``svft_pattern``).
+      TypeError: ``zero_init`` is not a bool.
 
     Example:
       >>> import jax, jax.numpy as jnp
