@@ -132,6 +132,10 @@ from peftjax.adapters._lokr import LoKrInit as LoKrInit
 from peftjax.adapters._lokr import LoKrParams as LoKrParams
 from peftjax.adapters._lokr import lokr as lokr
 from peftjax.adapters._lokr import lokr_factorization as lokr_factorization
+from peftjax.adapters._loldu import LoLDUFactors as LoLDUFactors
+from peftjax.adapters._loldu import LoLDUParams as LoLDUParams
+from peftjax.adapters._loldu import ldu as ldu
+from peftjax.adapters._loldu import loldu as loldu
 from peftjax.adapters._lora import LoRAInit as LoRAInit
 from peftjax.adapters._lora import LoRAParams as LoRAParams
 from peftjax.adapters._lora import Scaling as Scaling
@@ -242,6 +246,11 @@ from peftjax.adapters._supertuning import supertuning_support as supertuning_sup
 from peftjax.adapters._svfit import SVFitBasis as SVFitBasis
 from peftjax.adapters._svfit import SVFitParams as SVFitParams
 from peftjax.adapters._svfit import svfit as svfit
+from peftjax.adapters._svft import SVFTBasis as SVFTBasis
+from peftjax.adapters._svft import SVFTParams as SVFTParams
+from peftjax.adapters._svft import svft as svft
+from peftjax.adapters._svft import svft_count as svft_count
+from peftjax.adapters._svft import svft_pattern as svft_pattern
 from peftjax.adapters._tinylora import TinyLoRABasis as TinyLoRABasis
 from peftjax.adapters._tinylora import TinyLoRAParams as TinyLoRAParams
 from peftjax.adapters._tinylora import tinylora as tinylora
@@ -262,6 +271,12 @@ from peftjax.adapters._unilora import unilora_indices as unilora_indices
 from peftjax.adapters._validate import validate as validate
 from peftjax.adapters._vblora import VBLoRAParams as VBLoRAParams
 from peftjax.adapters._vblora import vblora as vblora
+from peftjax.adapters._vectorfit import VectorFitAVFState as VectorFitAVFState
+from peftjax.adapters._vectorfit import VectorFitBasis as VectorFitBasis
+from peftjax.adapters._vectorfit import VectorFitParams as VectorFitParams
+from peftjax.adapters._vectorfit import vectorfit as vectorfit
+from peftjax.adapters._vectorfit import vectorfit_avf as vectorfit_avf
+from peftjax.adapters._vectorfit import vectorfit_avf_mask as vectorfit_avf_mask
 from peftjax.adapters._vera import VeRABasis as VeRABasis
 from peftjax.adapters._vera import VeRAParams as VeRAParams
 from peftjax.adapters._vera import vera as vera
@@ -533,6 +548,21 @@ __all__ = [
     "SVFitBasis",
     "SVFitParams",
     "svfit",
+    "SVFTBasis",
+    "SVFTParams",
+    "svft",
+    "svft_count",
+    "svft_pattern",
+    "LoLDUFactors",
+    "LoLDUParams",
+    "ldu",
+    "loldu",
+    "VectorFitAVFState",
+    "VectorFitBasis",
+    "VectorFitParams",
+    "vectorfit",
+    "vectorfit_avf",
+    "vectorfit_avf_mask",
     "TrainableTokensParams",
     "trainable_tokens",
 ]

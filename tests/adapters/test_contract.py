@@ -35,6 +35,7 @@ from tests.adapters.test_gralora import ref_gralora
 from tests.adapters.test_hira import ref_hira
 from tests.adapters.test_hra import ref_hra
 from tests.adapters.test_lokr import lokr_count, ref_lokr
+from tests.adapters.test_loldu import ref_loldu
 from tests.adapters.test_miss import ref_miss
 from tests.adapters.test_oft import oft_count, ref_oft
 from tests.adapters.test_osf import ref_osf
@@ -46,10 +47,12 @@ from tests.adapters.test_randlora import randlora_count, ref_randlora
 from tests.adapters.test_road import ref_road
 from tests.adapters.test_shira import ref_shira
 from tests.adapters.test_supertuning import ref_supertuning
+from tests.adapters.test_svft import ref_svft
 from tests.adapters.test_tinylora import ref_tinylora
 from tests.adapters.test_trainable_tokens import CONTRACT_INDICES, ref_trainable_tokens
 from tests.adapters.test_unilora import ref_unilora
 from tests.adapters.test_vblora import ref_vblora, vblora_count
+from tests.adapters.test_vectorfit import ref_vectorfit
 from tests.adapters.test_waveft import ref_waveft
 
 S = adapters.scaling_value
@@ -413,6 +416,30 @@ ADAPTERS = [
         True,
         lambda w, t, f: h.ref_lora(w, t, f, s=2.0),
         lambda i, o: 3 * (i + o) + 3 + 2,
+    ),
+    (
+        # banded support, one off-diagonal (gather/scatter M); the authors' kaiming values
+        # and gate 1/2: not the identity (test_svft.py covers every pattern)
+        "svft",
+        lambda: adapters.svft("banded", off_diag=1),
+        False,
+        ref_svft,
+        lambda i, o: adapters.svft_count(min(i, o), 1) + 1,
+    ),
+    (
+        "loldu",
+        lambda: adapters.loldu(3, alpha=2.0),
+        True,
+        lambda w, t, f: ref_loldu(w, t, f, alpha=2.0),
+        lambda i, o: 3,
+    ),
+    (
+        # with the bias vector (the suite's kernels have a bias sibling)
+        "vectorfit",
+        lambda: adapters.vectorfit(train_bias=True),
+        True,
+        ref_vectorfit,
+        lambda i, o: min(i, o) + o,
     ),
 ]
 IDS = [a[0] for a in ADAPTERS]
