@@ -150,6 +150,9 @@ from peftjax.adapters._monteclora import MonteCLoRAParams as MonteCLoRAParams
 from peftjax.adapters._monteclora import monteclora as monteclora
 from peftjax.adapters._monteclora import monteclora_loss as monteclora_loss
 from peftjax.adapters._monteclora import monteclora_sample as monteclora_sample
+from peftjax.adapters._mora import MoRAParams as MoRAParams
+from peftjax.adapters._mora import mora as mora
+from peftjax.adapters._mora import mora_rank as mora_rank
 from peftjax.adapters._multitask_prompt import MultitaskPromptParams as MultitaskPromptParams
 from peftjax.adapters._multitask_prompt import multitask_prompt as multitask_prompt
 from peftjax.adapters._multitask_prompt import multitask_prompt_tuning as multitask_prompt_tuning
@@ -535,4 +538,7 @@ __all__ = [
     "svfit",
     "TrainableTokensParams",
     "trainable_tokens",
+    "MoRAParams",
+    "mora",
+    "mora_rank",
 ]
