@@ -121,6 +121,13 @@ from peftjax.adapters._hra import HRAParams as HRAParams
 from peftjax.adapters._hra import hra as hra
 from peftjax.adapters._hra import hra_orthogonality as hra_orthogonality
 from peftjax.adapters._hra import hra_rotation as hra_rotation
+from peftjax.adapters._lamda import LaMDABasis as LaMDABasis
+from peftjax.adapters._lamda import LaMDAFreezeState as LaMDAFreezeState
+from peftjax.adapters._lamda import LaMDAParams as LaMDAParams
+from peftjax.adapters._lamda import lamda as lamda
+from peftjax.adapters._lamda import lamda_freeze as lamda_freeze
+from peftjax.adapters._lamda import lamda_frozen_rows as lamda_frozen_rows
+from peftjax.adapters._lamda import lamda_plus_ranks as lamda_plus_ranks
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
 from peftjax.adapters._lift import path_key as path_key
@@ -541,4 +548,11 @@ __all__ = [
     "MoRAParams",
     "mora",
     "mora_rank",
+    "LaMDABasis",
+    "LaMDAFreezeState",
+    "LaMDAParams",
+    "lamda",
+    "lamda_freeze",
+    "lamda_frozen_rows",
+    "lamda_plus_ranks",
 ]

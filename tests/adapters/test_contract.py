@@ -27,8 +27,10 @@ from tests.adapters.test_glora import ref_glora
 from tests.adapters.test_gralora import ref_gralora
 from tests.adapters.test_hira import ref_hira
 from tests.adapters.test_hra import ref_hra
+from tests.adapters.test_lamda import ref_lamda
 from tests.adapters.test_lokr import lokr_count, ref_lokr
 from tests.adapters.test_miss import ref_miss
+from tests.adapters.test_mora import ref_mora
 from tests.adapters.test_oft import oft_count, ref_oft
 from tests.adapters.test_osf import ref_osf
 from tests.adapters.test_peanut import ref_peanut
@@ -406,6 +408,21 @@ ADAPTERS = [
         True,
         lambda w, t, f: h.ref_lora(w, t, f, s=2.0),
         lambda i, o: 3 * (i + o) + 3 + 2,
+    ),
+    (
+        # type 6 (RoPE blocks): r̂ = 2 on the suite's widths; test_mora.py covers 1-6
+        "mora",
+        lambda: adapters.mora(1, mora_type=6),
+        True,
+        lambda w, t, f: ref_mora(w, t, f, mora_type=6),
+        lambda i, o: adapters.mora_rank(i, o, 1, 6) ** 2,
+    ),
+    (
+        "lamda",  # spectral init (S = 0); PMA frozen, S and PMB trainable
+        lambda: adapters.lamda(2, alpha=4.0),
+        True,
+        lambda w, t, f: ref_lamda(w, t, f, s=2.0),
+        lambda i, o: 2 * 2 + 2 * o,
     ),
 ]
 IDS = [a[0] for a in ADAPTERS]
