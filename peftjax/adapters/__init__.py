@@ -99,6 +99,8 @@ from peftjax.adapters._delora import DeLoRAParams as DeLoRAParams
 from peftjax.adapters._delora import delora as delora
 from peftjax.adapters._dora import DoRAParams as DoRAParams
 from peftjax.adapters._dora import dora as dora
+from peftjax.adapters._flora import FLoRAParams as FLoRAParams
+from peftjax.adapters._flora import flora as flora
 from peftjax.adapters._fourierft import FourierFTIndices as FourierFTIndices
 from peftjax.adapters._fourierft import FourierFTParams as FourierFTParams
 from peftjax.adapters._fourierft import fourierft as fourierft
@@ -555,4 +557,6 @@ __all__ = [
     "lamda_freeze",
     "lamda_frozen_rows",
     "lamda_plus_ranks",
+    "FLoRAParams",
+    "flora",
 ]

@@ -22,6 +22,7 @@ from tests.adapters.test_c3a import ref_c3a
 from tests.adapters.test_deft import ref_deft
 from tests.adapters.test_delora import ref_delora
 from tests.adapters.test_fourierft import ref_fourierft
+from tests.adapters.test_flora import ref_flora
 from tests.adapters.test_frod import ref_frod
 from tests.adapters.test_glora import ref_glora
 from tests.adapters.test_gralora import ref_gralora
@@ -423,6 +424,14 @@ ADAPTERS = [
         True,
         lambda w, t, f: ref_lamda(w, t, f, s=2.0),
         lambda i, o: 2 * 2 + 2 * o,
+    ),
+    (
+        # a matrix leaf has two modes; test_flora.py covers conv and head-split kernels
+        "flora",
+        lambda: adapters.flora(2, scale=2.0),
+        True,
+        lambda w, t, f: ref_flora(w, t, f, s=2.0),
+        lambda i, o: 2 * 2 + 2 * (i + o),
     ),
 ]
 IDS = [a[0] for a in ADAPTERS]
