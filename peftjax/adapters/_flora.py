@@ -83,6 +83,23 @@ def _kron_rows(factors: tuple[jax.Array, ...]) -> jax.Array:
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _init_program(modes: tuple[int, ...], rs: tuple[int, ...], dtype: str):
+    """One jitted draw of every factor (cached per shape: eager random ops and
+    fresh closures would compile again at every init)."""
+
+    @jax.jit
+    def make(key):
+        sizes = [d * r for d, r in zip(modes, rs, strict=True)]
+        flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
+        pieces = jnp.split(flat, np.cumsum(sizes)[:-1].tolist())
+        factors = tuple((p.reshape(d, r) * math.sqrt(0.5 / r)).astype(dtype)
+                        for p, d, r in zip(pieces, modes, rs, strict=True))
+        return FLoRAParams(core=jnp.zeros(rs, dtype), factors=factors)
+
+    return make
+
+
 def _split(factors: tuple[jax.Array, ...], n_in: int) -> int:
     """Number of leading (reduction) modes whose sizes multiply to ``n_in``."""
     prod = 1
@@ -160,14 +177,7 @@ def flora(
         else:
             rs = tuple(min(r, d) for r, d in zip(ranks, modes, strict=True))
 
-        @jax.jit  # one draw, one program (eager random ops compile one by one)
-        def make(key):
-            sizes = [d * r for d, r in zip(modes, rs, strict=True)]
-            flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
-            pieces = jnp.split(flat, np.cumsum(sizes)[:-1].tolist())
-            factors = tuple((p.reshape(d, r) * math.sqrt(0.5 / r)).astype(param_dtype)
-                            for p, d, r in zip(pieces, modes, rs, strict=True))
-            return FLoRAParams(core=jnp.zeros(rs, param_dtype), factors=factors)
+        make = _init_program(modes, rs, param_dtype.name)
 
         def init_matrix(key, w, stats):
             if stats is not None:

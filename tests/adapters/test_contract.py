@@ -21,8 +21,8 @@ from tests.adapters.test_boft import ref_boft
 from tests.adapters.test_c3a import ref_c3a
 from tests.adapters.test_deft import ref_deft
 from tests.adapters.test_delora import ref_delora
-from tests.adapters.test_fourierft import ref_fourierft
 from tests.adapters.test_flora import ref_flora
+from tests.adapters.test_fourierft import ref_fourierft
 from tests.adapters.test_frod import ref_frod
 from tests.adapters.test_glora import ref_glora
 from tests.adapters.test_gralora import ref_gralora
