@@ -99,6 +99,8 @@ from peftjax.adapters._delora import DeLoRAParams as DeLoRAParams
 from peftjax.adapters._delora import delora as delora
 from peftjax.adapters._dora import DoRAParams as DoRAParams
 from peftjax.adapters._dora import dora as dora
+from peftjax.adapters._flora import FLoRAParams as FLoRAParams
+from peftjax.adapters._flora import flora as flora
 from peftjax.adapters._fourierft import FourierFTIndices as FourierFTIndices
 from peftjax.adapters._fourierft import FourierFTParams as FourierFTParams
 from peftjax.adapters._fourierft import fourierft as fourierft
@@ -121,6 +123,13 @@ from peftjax.adapters._hra import HRAParams as HRAParams
 from peftjax.adapters._hra import hra as hra
 from peftjax.adapters._hra import hra_orthogonality as hra_orthogonality
 from peftjax.adapters._hra import hra_rotation as hra_rotation
+from peftjax.adapters._lamda import LaMDABasis as LaMDABasis
+from peftjax.adapters._lamda import LaMDAFreezeState as LaMDAFreezeState
+from peftjax.adapters._lamda import LaMDAParams as LaMDAParams
+from peftjax.adapters._lamda import lamda as lamda
+from peftjax.adapters._lamda import lamda_freeze as lamda_freeze
+from peftjax.adapters._lamda import lamda_frozen_rows as lamda_frozen_rows
+from peftjax.adapters._lamda import lamda_plus_ranks as lamda_plus_ranks
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
 from peftjax.adapters._lift import path_key as path_key
@@ -154,6 +163,9 @@ from peftjax.adapters._monteclora import MonteCLoRAParams as MonteCLoRAParams
 from peftjax.adapters._monteclora import monteclora as monteclora
 from peftjax.adapters._monteclora import monteclora_loss as monteclora_loss
 from peftjax.adapters._monteclora import monteclora_sample as monteclora_sample
+from peftjax.adapters._mora import MoRAParams as MoRAParams
+from peftjax.adapters._mora import mora as mora
+from peftjax.adapters._mora import mora_rank as mora_rank
 from peftjax.adapters._multitask_prompt import MultitaskPromptParams as MultitaskPromptParams
 from peftjax.adapters._multitask_prompt import multitask_prompt as multitask_prompt
 from peftjax.adapters._multitask_prompt import multitask_prompt_tuning as multitask_prompt_tuning
@@ -565,4 +577,16 @@ __all__ = [
     "vectorfit_avf_mask",
     "TrainableTokensParams",
     "trainable_tokens",
+    "MoRAParams",
+    "mora",
+    "mora_rank",
+    "LaMDABasis",
+    "LaMDAFreezeState",
+    "LaMDAParams",
+    "lamda",
+    "lamda_freeze",
+    "lamda_frozen_rows",
+    "lamda_plus_ranks",
+    "FLoRAParams",
+    "flora",
 ]

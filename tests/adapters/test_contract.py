@@ -28,15 +28,18 @@ from tests.adapters.test_boft import ref_boft
 from tests.adapters.test_c3a import ref_c3a
 from tests.adapters.test_deft import ref_deft
 from tests.adapters.test_delora import ref_delora
+from tests.adapters.test_flora import ref_flora
 from tests.adapters.test_fourierft import ref_fourierft
 from tests.adapters.test_frod import ref_frod
 from tests.adapters.test_glora import ref_glora
 from tests.adapters.test_gralora import ref_gralora
 from tests.adapters.test_hira import ref_hira
 from tests.adapters.test_hra import ref_hra
+from tests.adapters.test_lamda import ref_lamda
 from tests.adapters.test_lokr import lokr_count, ref_lokr
 from tests.adapters.test_loldu import ref_loldu
 from tests.adapters.test_miss import ref_miss
+from tests.adapters.test_mora import ref_mora
 from tests.adapters.test_oft import oft_count, ref_oft
 from tests.adapters.test_osf import ref_osf
 from tests.adapters.test_peanut import ref_peanut
@@ -440,6 +443,29 @@ ADAPTERS = [
         True,
         ref_vectorfit,
         lambda i, o: min(i, o) + o,
+    ),
+    (
+        # type 6 (RoPE blocks): r̂ = 2 on the suite's widths; test_mora.py covers 1-6
+        "mora",
+        lambda: adapters.mora(1, mora_type=6),
+        True,
+        lambda w, t, f: ref_mora(w, t, f, mora_type=6),
+        lambda i, o: adapters.mora_rank(i, o, 1, 6) ** 2,
+    ),
+    (
+        "lamda",  # spectral init (S = 0); PMA frozen, S and PMB trainable
+        lambda: adapters.lamda(2, alpha=4.0),
+        True,
+        lambda w, t, f: ref_lamda(w, t, f, s=2.0),
+        lambda i, o: 2 * 2 + 2 * o,
+    ),
+    (
+        # a matrix leaf has two modes; test_flora.py covers conv and head-split kernels
+        "flora",
+        lambda: adapters.flora(2, scale=2.0),
+        True,
+        lambda w, t, f: ref_flora(w, t, f, s=2.0),
+        lambda i, o: 2 * 2 + 2 * (i + o),
     ),
 ]
 IDS = [a[0] for a in ADAPTERS]
