@@ -143,7 +143,7 @@ def dylora(
 
     def factors(t, f):
         b = jnp.clip(f.rank, 1, r_max)
-        j = jnp.arange(r_max)
+        j = jnp.arange(r_max, dtype=jnp.int32)
         keep = j < b
         a, up = t.a, t.b
         if frozen:  # only the b-th component learns at this step

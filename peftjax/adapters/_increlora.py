@@ -106,7 +106,7 @@ class IncreLoRAImportance(NamedTuple):
 
 
 def _effective_e(t: IncreLoRAParams, f: IncreLoRARank) -> jax.Array:
-    j = jnp.arange(t.e.shape[-1])
+    j = jnp.arange(t.e.shape[-1], dtype=jnp.int32)
     rv = jnp.asarray(f.reserve_value).astype(t.e.dtype)
     return jnp.where(j < f.rank, t.e,
                      jnp.where(j < f.rank + f.reserve, rv, jnp.zeros_like(t.e)))
@@ -323,8 +323,9 @@ def increlora_update_importance(state: IncreLoRAImportance, scores: dict[str, ja
     if sorted(scores) != sorted(state.ipt):
         raise ValueError(f"increlora_update_importance: scores cover {sorted(scores)[:10]}, "
                          f"the importance state {sorted(state.ipt)[:10]}")
-    ipt = {p: beta1 * state.ipt[p] + (1 - beta1) * scores[p] for p in state.ipt}
-    unc = {p: beta2 * state.unc[p] + (1 - beta2) * jnp.abs(scores[p] - ipt[p])
+    s = {p: jnp.asarray(scores[p], jnp.float32) for p in state.ipt}
+    ipt = {p: beta1 * state.ipt[p] + (1 - beta1) * s[p] for p in state.ipt}
+    unc = {p: beta2 * state.unc[p] + (1 - beta2) * jnp.abs(s[p] - ipt[p])
            for p in state.ipt}
     return IncreLoRAImportance(ipt=ipt, unc=unc)
 
@@ -378,13 +379,14 @@ def increlora_grow(state: _protocol.AdapterState, scores: Any, *, top_h: int,
                          f"has IncreLoRA entries {sorted(paths)[:10]}")
     fr = {p: state.frozen[p] for p in paths}
     cap = {p: state.trainable[p].e.shape[-1] for p in paths}
-    total = sum(jnp.sum(fr[p].rank) for p in paths)
+    total = sum(jnp.sum(fr[p].rank, dtype=jnp.int32) for p in paths)
     # a matrix can grow if its new reserve still fits in max_rank
     room = {p: fr[p].rank + 2 * fr[p].reserve <= cap[p] for p in paths}
     masked = {p: jnp.where(room[p], jnp.asarray(scores[p], jnp.float32), -jnp.inf)
               for p in paths}
     flat = jnp.concatenate([masked[p].reshape(-1) for p in paths])
-    k = jnp.minimum(top_h, jnp.asarray(target_total_rank) - total)
+    target = jnp.asarray(target_total_rank, jnp.int32)
+    k = jnp.minimum(top_h, target - total)
     order = jnp.sort(flat)[::-1]
     thr = order[jnp.clip(k - 1, 0, flat.size - 1)]
     go = k > 0
@@ -394,15 +396,16 @@ def increlora_grow(state: _protocol.AdapterState, scores: Any, *, top_h: int,
     for p in paths:
         f, t = fr[p], state.trainable[p]
         g = grown[p]
-        j = jnp.arange(cap[p])
+        j = jnp.arange(cap[p], dtype=jnp.int32).reshape((1,) * f.rank.ndim + (cap[p],))
         new_rank = f.rank + jnp.where(g, f.reserve, 0)
         # the reserve becomes active: its E starts from the reserve's value
         act = (j >= f.rank[..., None]) & (j < new_rank[..., None])
-        e = jnp.where(act, jnp.asarray(f.reserve_value)[..., None].astype(t.e.dtype), t.e)
+        rv = jnp.asarray(f.reserve_value)[..., None].astype(t.e.dtype)
+        e = jnp.where(act, jnp.broadcast_to(rv, t.e.shape), t.e)
         trainable[p] = t._replace(e=e)
         frozen[p] = f._replace(rank=new_rank.astype(jnp.int32))
-        new_total = new_total + jnp.sum(new_rank - f.rank)
-    done = new_total >= jnp.asarray(target_total_rank)
+        new_total = new_total + jnp.sum(new_rank - f.rank, dtype=jnp.int32)
+    done = new_total >= target
     for p in paths:
         f = frozen[p]
         frozen[p] = f._replace(reserve_value=jnp.where(
@@ -437,7 +440,8 @@ def increlora_orthogonality(state: _protocol.AdapterState, *, weight: float = 0.
     for p in paths:
         t, f = state.trainable[p], state.frozen[p]
         n = t.e.shape[-1]
-        live = jnp.arange(n) < (f.rank + f.reserve)[..., None]  # (batch..., R)
+        j = jnp.arange(n, dtype=jnp.int32).reshape((1,) * f.rank.ndim + (n,))
+        live = j < (f.rank + f.reserve)[..., None]  # (batch..., R)
         both = (live[..., :, None] & live[..., None, :]).astype(jnp.float32)
         eye = jnp.eye(n, dtype=jnp.float32)
         a = t.a.astype(jnp.float32)

@@ -1,0 +1,179 @@
+"""IncreLoRA (peftjax.adapters.increlora): the authors' code on a two-layer net (forward,
+module scores, smoothing, growth, reserve zeroing), their orthogonality regulariser,
+static shapes under growth, and which slots train."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from peftjax import adapters, tree
+from tests import helpers as h
+
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "increlora" / "increlora.npz"
+R = 4  # pre-allocated slots in the golden test (l1 ends with 3 active + 1 reserve)
+
+
+def ref_increlora(w, t, f, alpha=6.0):
+    """float64 ``W0 + (a ⊙ ẽ) @ b · α/(rank + 1e-5)`` (active e, reserve value, 0)."""
+    e = h.f64(t.e)
+    j = np.arange(e.shape[-1])
+    rank, res, rv = int(f.rank), int(f.reserve), float(f.reserve_value)
+    e_eff = np.where(j < rank, e, np.where(j < rank + res, rv, 0.0))
+    return h.f64(w) + (h.f64(t.a) * e_eff[None, :]) @ h.f64(t.b) * alpha / (rank + 1e-5)
+
+
+def _pad(a, axis, n=R):
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, n - a.shape[axis])
+    return np.pad(a, pad)
+
+
+def _net(p, x):
+    hdn = jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"][None, :])
+    return hdn @ p["l2"]["kernel"] + p["l2"]["bias"][None, :]
+
+
+def test_increlora_matches_the_authors_code():
+    g = dict(np.load(GOLDEN))
+    names = ("l1", "l2")
+    with jax.enable_x64(True):
+        params = {n: {"kernel": jnp.asarray(g[f"{n}/weight"].T),
+                      "bias": jnp.asarray(g[f"{n}/bias"])} for n in names}
+        ad = adapters.increlora(R, alpha=4.0, param_dtype=jnp.float64)
+        assign = tree.assign(params, [tree.Rule(where="l1/kernel|l2/kernel", then=ad)])
+        state = adapters.init(assign, jax.random.key(0), params)
+        imp = adapters.increlora_init_importance(state)
+        zero = {f"{n}/kernel": jnp.zeros(()) for n in names}
+        imp = adapters.increlora_update_importance(imp, zero)  # the authors' step 0
+        for step in (1, 2, 3):
+            # components from the authors' model (their new reserve is drawn at
+            # growth); ranks, E and the reserve value carried over from ours
+            trainable, frozen = {}, dict(state.frozen)
+            for n in names:
+                p = f"{n}/kernel"
+                a, e, b = (g[f"s{step}/{n}/{k}"] for k in "AEB")
+                assert int(frozen[p].rank) == int(g[f"s{step}/{n}/rank_before"])
+                if step > 1:  # our E after growth (the reserve's E is no parameter)
+                    live = np.arange(e.size) < int(frozen[p].rank)
+                    np.testing.assert_allclose(
+                        np.asarray(state.trainable[p].e)[:e.size][live], e[live], rtol=1e-7)
+                trainable[p] = adapters.IncreLoRAParams(
+                    a=jnp.asarray(_pad(a.T, 1)), e=jnp.asarray(_pad(e, 0)),
+                    b=jnp.asarray(_pad(b.T, 0)))
+            state = adapters.AdapterState(trainable, frozen)
+            x, target = jnp.asarray(g[f"s{step}/x"]), jnp.asarray(g[f"s{step}/target"])
+            merged = adapters.materialize(assign, params, *state)
+            # float32 scale α/(rank + 1e-5) and reserve value: ~1e-7 relative
+            np.testing.assert_allclose(np.asarray(_net(merged, x)), g[f"s{step}/y"],
+                                       rtol=1e-6, atol=1e-9)
+            if step == 3:  # the target was reached: the authors stop scoring and growing
+                break
+            grads = jax.grad(lambda m: jnp.mean((_net(m, x) - target) ** 2))(merged)
+            scores = adapters.increlora_module_scores(assign, params, state, grads)
+            imp = adapters.increlora_update_importance(imp, scores)
+            for n in names:
+                p = f"{n}/kernel"
+                np.testing.assert_allclose(float(scores[p]), g[f"s{step}/{n}/score"],
+                                           rtol=1e-5)
+                np.testing.assert_allclose(float(imp.ipt[p]), g[f"s{step}/{n}/ipt"],
+                                           rtol=1e-5)
+                np.testing.assert_allclose(float(imp.unc[p]), g[f"s{step}/{n}/unc"],
+                                           rtol=1e-5)
+            state, grown = adapters.increlora_grow(state, imp, top_h=1,
+                                                   target_total_rank=4)
+            for n in names:
+                p = f"{n}/kernel"
+                assert int(state.frozen[p].rank) == int(g[f"s{step}/{n}/rank_after"])
+                e_after = g[f"s{step}/{n}/E_after"]
+                rank = int(state.frozen[p].rank)
+                np.testing.assert_allclose(np.asarray(state.trainable[p].e)[:rank],
+                                           e_after[:rank], rtol=1e-7)  # float32 1e-5
+                # the reserve's E: 1e-5, or 0 once the target is reached
+                np.testing.assert_allclose(float(state.frozen[p].reserve_value),
+                                           e_after[rank], rtol=1e-7)
+
+
+def test_increlora_orthogonality_is_the_authors_regulariser():
+    g = dict(np.load(GOLDEN))
+    t, f, want = {}, {}, []
+    for n in ("l1", "l2"):
+        a, e, b = (g[f"s2/{n}/{k}"] for k in "AEB")
+        rank = int(g[f"s2/{n}/rank_before"])
+        t[n] = adapters.IncreLoRAParams(jnp.asarray(_pad(a.T, 1), jnp.float32),
+                                        jnp.asarray(_pad(e, 0), jnp.float32),
+                                        jnp.asarray(_pad(b.T, 0), jnp.float32))
+        f[n] = adapters.IncreLoRARank(jnp.asarray(rank, jnp.int32), jnp.asarray(1, jnp.int32),
+                                      jnp.asarray(1e-5, jnp.float32))
+        # their trainer: every existing A row and B column, AdaLoRA's Frobenius terms
+        want += [np.linalg.norm(a @ a.T - np.eye(len(a))),
+                 np.linalg.norm(b.T @ b - np.eye(b.shape[1]))]
+    got = adapters.increlora_orthogonality(adapters.AdapterState(t, f), weight=0.1)
+    np.testing.assert_allclose(float(got), 0.1 * np.mean(want), rtol=1e-5)
+
+
+def test_increlora_slots_train_as_documented_and_growth_never_retraces():
+    advance = True
+    params = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 5)),
+                               jnp.float32)}
+    ad = adapters.increlora(5, rank_step=2, alpha=4.0, advance_learning=advance,
+                            dimension_numbers=tree.dims.stacked())
+    assign = tree.assign(params, [tree.Rule(where="w", then=ad)])
+    state = adapters.init(assign, jax.random.key(1), params)
+    assert state.frozen["w"].rank.shape == (2,)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 6)), jnp.float32)
+    calls = {"n": 0}
+
+    @jax.jit
+    def grad(trainable, frozen):
+        calls["n"] += 1
+        merged = adapters.materialize(assign, params, trainable, frozen)
+        return jax.grad(lambda t: jnp.sum(jnp.tanh(
+            x @ adapters.materialize(assign, params, t, frozen)["w"]) ** 2))(trainable), merged
+
+    t = state.trainable["w"]
+    state = state._replace(trainable={"w": t._replace(e=jnp.full_like(t.e, 0.5))})
+    g, _ = grad(state.trainable, state.frozen)
+    gw = g["w"]
+    # slot 0 active, 1-2 reserve, 3-4 inert
+    assert np.all(np.asarray(gw.e)[:, 0] != 0) and np.all(np.asarray(gw.e)[:, 1:] == 0)
+    reserve_a = np.asarray(gw.a)[:, :, 1:3]
+    assert np.any(reserve_a != 0) if advance else np.all(reserve_a == 0)
+    assert np.all(np.asarray(gw.a)[:, :, 3:] == 0) and np.all(np.asarray(gw.b)[:, 3:] == 0)
+    # grow layer 1 only: its reserve (slots 1-2) becomes active, from the reserve value
+    state2, grown = adapters.increlora_grow(state, {"w": jnp.asarray([0.1, 0.9])}, top_h=1,
+                                            target_total_rank=10)
+    np.testing.assert_array_equal(np.asarray(grown["w"]), [False, True])
+    np.testing.assert_array_equal(np.asarray(state2.frozen["w"].rank), [1, 3])
+    rv = 1e-5 if advance else 0.0
+    np.testing.assert_allclose(np.asarray(state2.trainable["w"].e)[1, 1:3], rv)
+    g2, _ = grad(state2.trainable, state2.frozen)
+    assert calls["n"] == 1
+    assert np.all(np.asarray(g2["w"].e)[1, :3] != 0) or not advance
+    # no room for another reserve in layer 1 (3 + 2 + 2 > 5): layer 0 grows instead
+    state3, grown = adapters.increlora_grow(state2, {"w": jnp.asarray([0.1, 0.9])},
+                                            top_h=1, target_total_rank=10)
+    np.testing.assert_array_equal(np.asarray(state3.frozen["w"].rank), [3, 3])
+    # reaching the target zeroes the reserve value
+    state4, _ = adapters.increlora_grow(state2, {"w": jnp.asarray([0.9, 0.1])}, top_h=1,
+                                        target_total_rank=6)
+    assert float(np.max(state4.frozen["w"].reserve_value)) == 0.0
+
+
+def test_increlora_bad_arguments():
+    with pytest.raises(ValueError, match="max_rank=2 must be >= init_rank \\+ rank_step"):
+        adapters.increlora(2, init_rank=2)
+    with pytest.raises(ValueError, match="increlora: rank=6 exceeds"):
+        adapters.increlora(6).init(jax.random.key(0), jnp.ones((5, 8)))
+    params = {"w": jnp.ones((6, 5))}
+    a = tree.assign(params, [tree.Rule(where="w", then=adapters.increlora(3))])
+    s = adapters.init(a, jax.random.key(0), params)
+    with pytest.raises(ValueError, match="increlora_grow: scores cover"):
+        adapters.increlora_grow(s, {"v": jnp.zeros(())}, top_h=1, target_total_rank=3)
+    lora_state = adapters.init(tree.assign(params, [tree.Rule(where="w",
+                                                              then=adapters.lora(2))]),
+                               jax.random.key(0), params)
+    with pytest.raises(ValueError, match="no IncreLoRA entry"):
+        adapters.increlora_init_importance(lora_state)
