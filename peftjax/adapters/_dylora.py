@@ -153,7 +153,8 @@ def dylora(
         a = jnp.where(keep[None, :], a, jnp.zeros_like(a))
         up = jnp.where(keep[:, None], up, jnp.zeros_like(up))
         # α/b as a per-component scale on a (b is traced: LowRank.scale is static)
-        s = (alpha / b.astype(jnp.float32)).astype(jnp.promote_types(a.dtype, jnp.float32))
+        ct = _lowrank.compute_dtype(a.dtype, jnp.float32)
+        s = jnp.asarray(alpha, ct) / b.astype(ct)
         return _lowrank.LowRank(left=a * s.astype(a.dtype), right=up, scale=1.0)
 
     hyper = (("rank", r_max), ("alpha", alpha), ("frozen", frozen))
