@@ -201,8 +201,9 @@ def increlora(
 
     def factors(t, f):
         e = _effective_e(t, f)
-        s = alpha / (f.rank.astype(jnp.float32) + 1e-5)
-        left = t.a * (e * s.astype(e.dtype)).astype(t.a.dtype)[None, :]
+        ct = _lowrank.compute_dtype(t.a.dtype, jnp.float32)
+        s = jnp.asarray(alpha, ct) / (f.rank.astype(ct) + jnp.asarray(1e-5, ct))
+        left = t.a * (e.astype(ct) * s).astype(t.a.dtype)[None, :]
         return _lowrank.LowRank(left=left, right=t.b, scale=1.0)
 
     hyper = (("max_rank", max_rank), ("init_rank", init_rank), ("rank_step", rank_step),

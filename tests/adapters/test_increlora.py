@@ -79,8 +79,8 @@ def test_increlora_matches_the_authors_code():
             state = adapters.AdapterState(trainable, frozen)
             y, scores = forward_and_scores(state, jnp.asarray(g[f"s{step}/x"]),
                                            jnp.asarray(g[f"s{step}/target"]))
-            # float32 scale α/(rank + 1e-5) and reserve value: ~1e-7 relative
-            np.testing.assert_allclose(np.asarray(y), g[f"s{step}/y"], rtol=1e-6, atol=1e-9)
+            # the reserve value is a float32 1e-5 (2.5e-8 relative)
+            np.testing.assert_allclose(np.asarray(y), g[f"s{step}/y"], rtol=1e-10, atol=1e-12)
             imp, state = smooth_and_grow(imp, state, scores)
             for n in names:
                 p = f"{n}/kernel"
