@@ -60,7 +60,7 @@ def test_dylora_at_rank_b_is_a_rank_b_lora_in_every_path():
     params = {"w": w}
     ad = adapters.dylora(4, alpha=8.0)
     a = tree.assign(params, [tree.Rule(where="w", then=ad)])
-    s = adapters.init(a, jax.random.key(0), params)
+    s = jax.jit(lambda k: adapters.init(a, k, params))(jax.random.key(0))
     rng = np.random.default_rng(1)
     t = adapters.DyLoRAParams(jnp.asarray(rng.standard_normal((6, 4)), jnp.float32),
                               jnp.asarray(rng.standard_normal((4, 5)), jnp.float32))
@@ -78,7 +78,8 @@ def test_dylora_at_rank_b_is_a_rank_b_lora_in_every_path():
 
 def test_dylora_rank_sampler_and_setter():
     keys = jax.random.split(jax.random.key(0), 400)
-    draws = np.asarray(jax.vmap(lambda k: adapters.dylora_sample_rank(k, 4, r_min=2))(keys))
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: adapters.dylora_sample_rank(k, 4, r_min=2)))(
+        keys))
     assert set(draws.tolist()) == {2, 3, 4}
     ad = adapters.dylora(3, dimension_numbers=tree.dims.stacked())
     frozen = {"s": adapters.DyLoRARank(jnp.full((2,), 3, jnp.int32)), "other": None}

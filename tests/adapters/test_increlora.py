@@ -44,7 +44,10 @@ def test_increlora_matches_the_authors_code():
                       "bias": jnp.asarray(g[f"{n}/bias"])} for n in names}
         ad = adapters.increlora(R, alpha=4.0, param_dtype=jnp.float64)
         assign = tree.assign(params, [tree.Rule(where="l1/kernel|l2/kernel", then=ad)])
-        state = adapters.init(assign, jax.random.key(0), params)
+        one = {f"{n}/kernel": adapters.IncreLoRARank(
+            jnp.asarray(1, jnp.int32), jnp.asarray(1, jnp.int32),
+            jnp.asarray(1e-5, jnp.float32)) for n in names}  # what init gives (init_rank 1)
+        state = adapters.AdapterState({}, one)
 
         @jax.jit
         def forward_and_scores(state, x, target):
@@ -58,7 +61,7 @@ def test_increlora_matches_the_authors_code():
             imp = adapters.increlora_update_importance(imp, scores)
             return imp, adapters.increlora_grow(state, imp, top_h=1, target_total_rank=4)[0]
 
-        imp = adapters.increlora_init_importance(state)
+        imp = adapters.increlora_init_importance(state.frozen)
         zero = {f"{n}/kernel": jnp.zeros(()) for n in names}
         imp = adapters.increlora_update_importance(imp, zero)  # the authors' step 0
         for step in (1, 2):
@@ -111,7 +114,7 @@ def test_increlora_orthogonality_is_the_authors_regulariser():
         # their trainer: every existing A row and B column, AdaLoRA's Frobenius terms
         want += [np.linalg.norm(a @ a.T - np.eye(len(a))),
                  np.linalg.norm(b.T @ b - np.eye(b.shape[1]))]
-    got = adapters.increlora_orthogonality(adapters.AdapterState(t, f), weight=0.1)
+    got = jax.jit(adapters.increlora_orthogonality)(adapters.AdapterState(t, f))
     np.testing.assert_allclose(float(got), 0.1 * np.mean(want), rtol=1e-5)
 
 
@@ -120,7 +123,7 @@ def test_increlora_slots_train_as_documented_and_growth_never_retraces():
                                jnp.float32)}
     ad = adapters.increlora(5, rank_step=2, alpha=4.0, dimension_numbers=tree.dims.stacked())
     assign = tree.assign(params, [tree.Rule(where="w", then=ad)])
-    state = adapters.init(assign, jax.random.key(1), params)
+    state = jax.jit(lambda k: adapters.init(assign, k, params))(jax.random.key(1))
     assert state.frozen["w"].rank.shape == (2,)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 6)), jnp.float32)
     calls = {"n": 0}

@@ -18,14 +18,15 @@ def ref_lora_b_only(w, t, f, s=2.0):
 def test_lora_b_only_random_a_and_count():
     w = jnp.zeros((8, 5))
     ad = adapters.lora_b_only(3, alpha=6.0)
-    t, f = ad.init(jax.random.key(0), w)
-    _, f2 = ad.init(jax.random.key(1), w)
+    init = jax.jit(ad.init)
+    t, f = init(jax.random.key(0), w)
+    _, f2 = init(jax.random.key(1), w)
     a = np.asarray(f.a, np.float64)
     np.testing.assert_allclose(a.T @ a, np.eye(3), atol=1e-6)  # orthonormal columns
     assert not np.allclose(a, np.asarray(f2.a))  # a draw, not a fixed basis
     assert np.all(np.asarray(t.b) == 0) and ad.num_trainable(w) == 3 * 5
     assert dict(ad.hyperparameters)["init"] == "orthogonal"
-    _, fk = adapters.lora_b_only(3, init=adapters.LoRABOnlyInit.KAIMING_UNIFORM).init(
+    _, fk = jax.jit(adapters.lora_b_only(3, init=adapters.LoRABOnlyInit.KAIMING_UNIFORM).init)(
         jax.random.key(0), w)
     assert np.abs(np.asarray(fk.a)).max() <= 1 / np.sqrt(8)
     with pytest.raises(TypeError, match="LoRABOnlyInit"):
