@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """DyLoRA: one LoRA trained for every rank ``b <= r_max`` at once (nested ranks).
 
-DyLoRA: Parameter Efficient Tuning of Pre-trained Models using Dynamic
-Search-Free Low-Rank Adaptation. Valipour, Rezagholizadeh, Kobyzev & Ghodsi,
+DyLoRA: Parameter-Efficient Tuning of Pretrained Models using Dynamic
+Search-Free Low Rank Adaptation. Valipour, Rezagholizadeh, Kobyzev & Ghodsi,
 EACL 2023. https://arxiv.org/abs/2210.07558
 
 The paper (§3) keeps LoRA's ``h = W0 x + (α/r) W_up W_dw x`` (torch layout,

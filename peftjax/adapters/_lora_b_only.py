@@ -9,11 +9,10 @@ The paper keeps LoRA's update ``ΔW = s·B A`` (torch layout, ``A (r, in)``,
 ``B (out, r)``) and shows that the two factors are not alike: ``A``
 extracts features from the input and a random, untrained ``A`` does about
 as well as a trained one, while ``B`` uses them to build the output and
-must be trained. Its recommendation (§4, "B-only" / ``A_rand``): draw ``A``
-once at random (orthogonal rows, the distribution its analysis and
-experiments use), freeze it and train ``B`` from zero; the generalisation
-bound then scales with ``r·out`` trainable parameters instead of
-``r·(in + out)``.
+must be trained. Its B-only recipe: draw ``A`` once at random (with
+orthonormal rows, the random ``A`` of its analysis), freeze it and train
+``B`` from zero; its generalisation bound then counts ``r·out`` trainable
+parameters instead of ``r·(in + out)``.
 
 On a Flax kernel ``W0 (in, out)``: ``W' = W0 + s·a@b`` with ``a = Aᵀ (in, r)``
 in the *frozen* partition and ``b = Bᵀ (r, out)`` trainable, ``b = 0`` at init
