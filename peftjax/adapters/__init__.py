@@ -139,6 +139,7 @@ from peftjax.adapters._increlora import increlora_orthogonality as increlora_ort
 from peftjax.adapters._increlora import (
     increlora_update_importance as increlora_update_importance,
 )
+from peftjax.adapters._increlora import increlora_value_and_grad as increlora_value_and_grad
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
 from peftjax.adapters._lift import path_key as path_key
@@ -539,6 +540,7 @@ __all__ = [
     "increlora_module_scores",
     "increlora_orthogonality",
     "increlora_update_importance",
+    "increlora_value_and_grad",
     "LoRABOnlyFrozen",
     "LoRABOnlyInit",
     "LoRABOnlyParams",

@@ -18,7 +18,11 @@ components, until the total rank reaches the target.
   ``Ī ← β1 Ī + (1−β1) S``, ``Ū ← β2 Ū + (1−β2) |S − Ī|``, score ``Ī·Ū``
   (``increlora_module_scores``, ``increlora_init_importance``,
   ``increlora_update_importance``). ``∂L/∂ΔW`` is the gradient of the loss
-  w.r.t. the *materialised* kernel ``W' = W0 + ΔW``.
+  w.r.t. the *materialised* kernel ``W' = W0 + ΔW``;
+  ``increlora_value_and_grad`` returns it (as scores) with the trainable
+  gradients from one backward pass. It is not an optax transform: an optax
+  update sees the factors' gradients, from which ``∂L/∂ΔW`` cannot be
+  recovered.
 * Advance learning: each module also carries ``rank_step`` *reserve*
   components whose ``A``, ``B`` are trained while their ``E`` is held at
   ``1e-5``; a selected module turns its reserve into active components (their
@@ -50,9 +54,9 @@ row for ``R = max_rank``, never an ``(in, out)`` temporary (the importance
 score needs ``ΔW`` and its gradient, formed once per scoring step).
 
 Exports: ``IncreLoRAParams``, ``IncreLoRARank``, ``IncreLoRAImportance``,
-``increlora``, ``increlora_module_scores``, ``increlora_init_importance``,
-``increlora_update_importance``, ``increlora_grow``,
-``increlora_orthogonality``.
+``increlora``, ``increlora_module_scores``, ``increlora_value_and_grad``,
+``increlora_init_importance``, ``increlora_update_importance``,
+``increlora_grow``, ``increlora_orthogonality``.
 """
 
 from typing import Any, NamedTuple
@@ -61,7 +65,7 @@ import jax
 import jax.numpy as jnp
 
 from peftjax import tree
-from peftjax.adapters import _lift, _lora, _lowrank, _protocol
+from peftjax.adapters import _lift, _lora, _lowrank, _protocol, _tree
 
 
 class IncreLoRAParams(NamedTuple):
@@ -227,6 +231,23 @@ def _entries(frozen: dict[str, Any], fn: str) -> list[str]:
     return paths
 
 
+def _scores(assignment: dict[str, Any], params: Any, merged: Any, grads: Any,
+            paths: list[str]) -> dict[str, jax.Array]:
+    flat_p = tree.leaves_by_path(params)
+    flat_m = tree.leaves_by_path(merged)
+    flat_g = tree.leaves_by_path(grads)
+    out = {}
+    for p in paths:
+        w = flat_p[p]
+        r = tree.resolve(assignment[p].dimension_numbers, tuple(w.shape), path=p)
+        delta = tree.to_matrix(jnp.asarray(flat_m[p]).astype(jnp.float32)
+                               - jnp.asarray(w).astype(jnp.float32), r)
+        g = tree.to_matrix(jnp.asarray(flat_g[p]).astype(jnp.float32), r)
+        n = delta.shape[-2] * delta.shape[-1]
+        out[p] = jnp.sum(jnp.abs(delta * g), axis=(-2, -1)) / jnp.sqrt(float(n))
+    return out
+
+
 def increlora_module_scores(assignment: dict[str, Any], params: Any,
                             state: _protocol.AdapterState, grads: Any
                             ) -> dict[str, jax.Array]:
@@ -258,19 +279,56 @@ def increlora_module_scores(assignment: dict[str, Any], params: Any,
       ()
     """
     paths = _entries(state.frozen, "increlora_module_scores")
-    flat_p = tree.leaves_by_path(params)
-    flat_g = tree.leaves_by_path(grads)
-    out = {}
-    for p in paths:
-        ad = assignment[p]
-        w = flat_p[p]
-        r = tree.resolve(ad.dimension_numbers, tuple(w.shape), path=p)
-        w_new = ad.apply(w, state.trainable[p], state.frozen[p])
-        delta = tree.to_matrix(w_new.astype(jnp.float32) - w.astype(jnp.float32), r)
-        g = tree.to_matrix(jnp.asarray(flat_g[p]).astype(jnp.float32), r)
-        n = delta.shape[-2] * delta.shape[-1]
-        out[p] = jnp.sum(jnp.abs(delta * g), axis=(-2, -1)) / jnp.sqrt(float(n))
-    return out
+    merged = _tree.materialize(assignment, params, state.trainable, state.frozen,
+                               deterministic=True)
+    return _scores(assignment, params, merged, grads, paths)
+
+
+def increlora_value_and_grad(loss_fn: Any, assignment: dict[str, Any], params: Any,
+                             state: _protocol.AdapterState, *args: Any
+                             ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+    """Loss, trainable gradients and module scores from one forward and backward pass.
+
+    The loss is differentiated w.r.t. the materialised parameters (which
+    gives ``∂L/∂ΔW`` for the scores) and that gradient is pulled back to the
+    trainable state, so scoring costs no second backward pass (but uses the
+    weight-space path, not ``peftjax.factored``, so adapter input dropout is
+    not applied). Use it on the steps that
+    update the importance; jit it with ``loss_fn`` and ``assignment`` closed
+    over.
+
+    Args:
+      loss_fn: ``(params', *args) -> scalar loss``.
+      assignment: the assignment (``tree.assign``).
+      params: the base parameters.
+      state: the ``AdapterState``.
+      *args: passed to ``loss_fn`` (a batch).
+
+    Returns:
+      ``(loss, grads of state.trainable, {path: score})``, the scores as
+      ``increlora_module_scores``.
+
+    Raises:
+      ValueError: no IncreLoRA entry.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from peftjax import adapters, tree
+      >>> params = {"w": jnp.ones((6, 5))}
+      >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.increlora(3))])
+      >>> s = adapters.init(a, jax.random.key(0), params)
+      >>> loss, g, scores = adapters.increlora_value_and_grad(
+      ...     lambda p, x: jnp.sum((x @ p["w"]) ** 2), a, params, s, jnp.ones((2, 6)))
+      >>> g["w"].e.shape, scores["w"].shape
+      ((3,), ())
+    """
+    paths = _entries(state.frozen, "increlora_value_and_grad")
+    merged, pull = jax.vjp(
+        lambda t: _tree.materialize(assignment, params, t, state.frozen, deterministic=True),
+        state.trainable)
+    loss, g_merged = jax.value_and_grad(loss_fn)(merged, *args)
+    (g_trainable,) = pull(g_merged)
+    return loss, g_trainable, _scores(assignment, params, merged, g_merged, paths)
 
 
 def increlora_init_importance(state: _protocol.AdapterState) -> IncreLoRAImportance:

@@ -49,12 +49,21 @@ def test_increlora_matches_the_authors_code():
             jnp.asarray(1e-5, jnp.float32)) for n in names}  # what init gives (init_rank 1)
         state = adapters.AdapterState({}, one)
 
+        def mse(m, x, target):
+            return jnp.mean((_net(m, x) - target) ** 2)
+
         @jax.jit
         def forward_and_scores(state, x, target):
             merged = adapters.materialize(assign, params, *state)
-            grads = jax.grad(lambda m: jnp.mean((_net(m, x) - target) ** 2))(merged)
-            return _net(merged, x), adapters.increlora_module_scores(assign, params, state,
-                                                                     grads)
+            loss, grads, scores = adapters.increlora_value_and_grad(
+                mse, assign, params, state, x, target)
+            # the same as scoring a separate gradient, and as differentiating the factors
+            scores2 = adapters.increlora_module_scores(
+                assign, params, state, jax.grad(mse)(merged, x, target))
+            grads2 = jax.grad(lambda t: mse(adapters.materialize(assign, params, t,
+                                                                 state.frozen), x, target))(
+                state.trainable)
+            return _net(merged, x), loss, scores, (scores2, grads, grads2)
 
         @jax.jit
         def smooth_and_grow(imp, state, scores):
@@ -80,8 +89,13 @@ def test_increlora_matches_the_authors_code():
                     a=jnp.asarray(_pad(a.T, 1)), e=jnp.asarray(_pad(e, 0)),
                     b=jnp.asarray(_pad(b.T, 0)))
             state = adapters.AdapterState(trainable, frozen)
-            y, scores = forward_and_scores(state, jnp.asarray(g[f"s{step}/x"]),
-                                           jnp.asarray(g[f"s{step}/target"]))
+            target = jnp.asarray(g[f"s{step}/target"])
+            y, loss, scores, (scores2, grads, grads2) = forward_and_scores(
+                state, jnp.asarray(g[f"s{step}/x"]), target)
+            want_loss = np.mean((g[f"s{step}/y"] - g[f"s{step}/target"]) ** 2)
+            np.testing.assert_allclose(float(loss), want_loss, rtol=1e-10)
+            h.assert_tree_allclose(scores2, scores, rtol=1e-6, atol=0)
+            h.assert_tree_allclose(grads, grads2, rtol=1e-10, atol=1e-14)
             # the reserve value is a float32 1e-5 (2.5e-8 relative)
             np.testing.assert_allclose(np.asarray(y), g[f"s{step}/y"], rtol=1e-10, atol=1e-12)
             imp, state = smooth_and_grow(imp, state, scores)
