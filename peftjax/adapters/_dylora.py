@@ -119,9 +119,9 @@ def dylora(
     Example:
       >>> import jax, jax.numpy as jnp
       >>> ad = dylora(4)
-      >>> t, f = ad.init(jax.random.key(0), jnp.ones((6, 5)))
-      >>> t.a.shape, t.b.shape, int(f.rank)
-      ((6, 4), (4, 5), 4)
+      >>> t, f = jax.eval_shape(ad.init, jax.random.key(0), jnp.ones((6, 5)))
+      >>> t.a.shape, t.b.shape, f.rank.shape, ad.num_trainable(jnp.ones((6, 5)))
+      ((6, 4), (4, 5), (), 44)
 
     References:
       Valipour et al., 2023, https://arxiv.org/abs/2210.07558
@@ -214,12 +214,9 @@ def dylora_set_rank(state: Any, rank: Any) -> Any:
       TypeError: ``rank`` is not an integer.
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from peftjax import adapters, tree
-      >>> params = {"w": jnp.ones((6, 5))}
-      >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.dylora(4))])
-      >>> s = adapters.dylora_set_rank(adapters.init(a, jax.random.key(0), params), 2)
-      >>> int(s.frozen["w"].rank)
+      >>> import jax.numpy as jnp
+      >>> frozen = {"w": DyLoRARank(jnp.asarray(4, jnp.int32)), "v": None}  # r_max = 4
+      >>> int(dylora_set_rank(frozen, 2)["w"].rank)
       2
     """
     if isinstance(rank, bool):

@@ -168,9 +168,9 @@ def increlora(
     Example:
       >>> import jax, jax.numpy as jnp
       >>> ad = increlora(4)
-      >>> t, f = ad.init(jax.random.key(0), jnp.ones((6, 5)))
-      >>> t.a.shape, t.e.shape, t.b.shape, int(f.rank), int(f.reserve)
-      ((6, 4), (4,), (4, 5), 1, 1)
+      >>> t, f = jax.eval_shape(ad.init, jax.random.key(0), jnp.ones((6, 5)))
+      >>> t.a.shape, t.e.shape, t.b.shape, ad.num_trainable(jnp.ones((6, 5)))
+      ((6, 4), (4,), (4, 5), 48)
 
     References:
       Zhang et al., 2023, https://arxiv.org/abs/2308.12043
@@ -273,10 +273,13 @@ def increlora_module_scores(assignment: dict[str, Any], params: Any,
       >>> from peftjax import adapters, tree
       >>> params = {"w": jnp.ones((6, 5))}
       >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.increlora(3))])
-      >>> s = adapters.init(a, jax.random.key(0), params)
-      >>> g = {"w": jnp.ones((6, 5))}
-      >>> adapters.increlora_module_scores(a, params, s, g)["w"].shape
-      ()
+      >>> s = adapters.AdapterState(  # what init gives, with e = 1 and no reserve
+      ...     {"w": IncreLoRAParams(jnp.ones((6, 3)), jnp.ones(3), jnp.ones((3, 5)))},
+      ...     {"w": IncreLoRARank(jnp.asarray(1), jnp.asarray(0), jnp.asarray(0.0))})
+      >>> g = {"w": jnp.ones((6, 5))}  # ∂L/∂W'; ΔW = 32/(1 + 1e-5) everywhere
+      >>> scores = jax.jit(lambda s, g: adapters.increlora_module_scores(a, params, s, g))
+      >>> round(float(scores(s, g)["w"]), 2)
+      175.27
     """
     paths = _entries(state.frozen, "increlora_module_scores")
     merged = _tree.materialize(assignment, params, state.trainable, state.frozen,
@@ -316,9 +319,14 @@ def increlora_value_and_grad(loss_fn: Any, assignment: dict[str, Any], params: A
       >>> from peftjax import adapters, tree
       >>> params = {"w": jnp.ones((6, 5))}
       >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.increlora(3))])
-      >>> s = adapters.init(a, jax.random.key(0), params)
-      >>> loss, g, scores = adapters.increlora_value_and_grad(
-      ...     lambda p, x: jnp.sum((x @ p["w"]) ** 2), a, params, s, jnp.ones((2, 6)))
+      >>> s = adapters.AdapterState(
+      ...     {"w": IncreLoRAParams(jnp.ones((6, 3)), jnp.ones(3), jnp.ones((3, 5)))},
+      ...     {"w": IncreLoRARank(jnp.asarray(1), jnp.asarray(1), jnp.asarray(1e-5))})
+      >>> def loss_fn(p, x):
+      ...     return jnp.sum((x @ p["w"]) ** 2)
+      >>> step = jax.jit(lambda s, x: adapters.increlora_value_and_grad(
+      ...     loss_fn, a, params, s, x))
+      >>> loss, g, scores = step(s, jnp.ones((2, 6)))
       >>> g["w"].e.shape, scores["w"].shape
       ((3,), ())
     """
@@ -341,12 +349,9 @@ def increlora_init_importance(state: _protocol.AdapterState) -> IncreLoRAImporta
       ``IncreLoRAImportance`` of float32 zeros, one value per matrix.
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from peftjax import adapters, tree
-      >>> params = {"w": jnp.ones((6, 5))}
-      >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.increlora(3))])
-      >>> s = adapters.init(a, jax.random.key(0), params)
-      >>> float(adapters.increlora_init_importance(s).ipt["w"])
+      >>> import jax.numpy as jnp
+      >>> frozen = {"w": IncreLoRARank(jnp.asarray(1), jnp.asarray(1), jnp.asarray(1e-5))}
+      >>> float(increlora_init_importance(frozen).ipt["w"])
       0.0
     """
     frozen = state.frozen if isinstance(state, _protocol.AdapterState) else state
@@ -419,13 +424,13 @@ def increlora_grow(state: _protocol.AdapterState, scores: Any, *, top_h: int,
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from peftjax import adapters, tree
-      >>> params = {"u": jnp.ones((6, 5)), "v": jnp.ones((6, 5))}
-      >>> a = tree.assign(params, [tree.Rule(where="u|v", then=adapters.increlora(4))])
-      >>> s = adapters.init(a, jax.random.key(0), params)
-      >>> s2, grown = adapters.increlora_grow(
-      ...     s, {"u": jnp.asarray(2.0), "v": jnp.asarray(1.0)}, top_h=1,
-      ...     target_total_rank=8)
+      >>> from peftjax import adapters
+      >>> t = IncreLoRAParams(jnp.ones((6, 4)), jnp.zeros(4), jnp.ones((4, 5)))
+      >>> f = IncreLoRARank(jnp.asarray(1), jnp.asarray(1), jnp.asarray(1e-5))
+      >>> s = adapters.AdapterState({"u": t, "v": t}, {"u": f, "v": f})  # as init gives
+      >>> grow = jax.jit(adapters.increlora_grow, static_argnames="top_h")
+      >>> s2, grown = grow(s, {"u": jnp.asarray(2.0), "v": jnp.asarray(1.0)}, top_h=1,
+      ...                  target_total_rank=8)
       >>> int(s2.frozen["u"].rank), int(s2.frozen["v"].rank), bool(grown["u"])
       (2, 1, True)
     """
@@ -487,11 +492,11 @@ def increlora_orthogonality(state: _protocol.AdapterState, *, weight: float = 0.
       ``b bᵀ``).
 
     Example:
-      >>> import jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp
       >>> from peftjax.adapters import AdapterState
       >>> t = IncreLoRAParams(jnp.eye(3, 3), jnp.zeros(3), jnp.eye(3, 4))
       >>> f = IncreLoRARank(jnp.asarray(1), jnp.asarray(1), jnp.asarray(1e-5))
-      >>> float(increlora_orthogonality(AdapterState({"w": t}, {"w": f})))
+      >>> float(jax.jit(increlora_orthogonality)(AdapterState({"w": t}, {"w": f})))
       0.0
     """
     paths = _entries(state.frozen, "increlora_orthogonality")

@@ -123,7 +123,7 @@ def lora_b_only(
     Example:
       >>> import jax, jax.numpy as jnp
       >>> ad = lora_b_only(2)
-      >>> t, f = ad.init(jax.random.key(0), jnp.ones((6, 5)))
+      >>> t, f = jax.eval_shape(ad.init, jax.random.key(0), jnp.ones((6, 5)))
       >>> t.b.shape, f.a.shape, ad.num_trainable(jnp.ones((6, 5)))
       ((2, 5), (6, 2), 10)
 
