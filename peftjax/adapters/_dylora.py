@@ -233,7 +233,9 @@ def dylora_set_rank(state: Any, rank: Any) -> Any:
     frozen = state.frozen if is_state else state
     if not any(isinstance(f, DyLoRARank) for f in frozen.values()):
         raise ValueError("dylora_set_rank: the state has no DyLoRA entry (DyLoRARank)")
-    new = {p: (DyLoRARank(jnp.full(jnp.shape(f.rank), rank, jnp.int32))
+    # a fresh buffer per entry: a donating step (train.trainer) must not receive
+    # one buffer twice, nor delete the caller's ``rank``
+    new = {p: (DyLoRARank(jnp.array(jnp.full(jnp.shape(f.rank), rank, jnp.int32), copy=True))
                if isinstance(f, DyLoRARank) else f)
            for p, f in frozen.items()}
     return state._replace(frozen=new) if is_state else new

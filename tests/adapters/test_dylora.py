@@ -82,9 +82,12 @@ def test_dylora_rank_sampler_and_setter():
         keys))
     assert set(draws.tolist()) == {2, 3, 4}
     ad = adapters.dylora(3, dimension_numbers=tree.dims.stacked())
-    frozen = {"s": adapters.DyLoRARank(jnp.full((2,), 3, jnp.int32)), "other": None}
-    new = adapters.dylora_set_rank(frozen, jnp.asarray(1, jnp.int32))
+    frozen = {"s": adapters.DyLoRARank(jnp.full((2,), 3, jnp.int32)),
+              "t": adapters.DyLoRARank(jnp.asarray(3, jnp.int32)), "other": None}
+    b = jnp.asarray(1, jnp.int32)
+    new = adapters.dylora_set_rank(frozen, b)
     np.testing.assert_array_equal(np.asarray(new["s"].rank), [1, 1])
+    assert new["t"].rank is not b  # its own buffer: a donating step may delete it
     assert new["other"] is None and ad.hyperparameters[0] == ("rank", 3)
     with pytest.raises(ValueError, match="rank must be >= 1"):
         adapters.dylora_set_rank(frozen, 0)
