@@ -66,14 +66,20 @@ def test_dylora_at_rank_b_is_a_rank_b_lora_in_every_path():
                               jnp.asarray(rng.standard_normal((4, 5)), jnp.float32))
     s = s._replace(trainable={"w": t})
     assert int(s.frozen["w"].rank) == 4  # evaluation at full rank after init
-    s2 = adapters.dylora_set_rank(s, 2)
-    lora2 = adapters.lora(2, alpha=8.0).apply(w, adapters.LoRAParams(t.a[:, :2], t.b[:2]), None)
-    folded = adapters.fold(a, params, *s2)["w"]
-    np.testing.assert_allclose(np.asarray(folded), np.asarray(lora2), rtol=1e-6, atol=1e-6)
-    terms = ad.factored.terms(w, t, s2.frozen["w"])
     x = jnp.asarray(rng.standard_normal((3, 6)), jnp.float32)
-    np.testing.assert_allclose(np.asarray(x @ w + terms.delta(x)), np.asarray(x @ lora2),
-                               rtol=1e-5, atol=1e-5)
+
+    @jax.jit
+    def at_rank(s, b):
+        s = adapters.dylora_set_rank(s, b)
+        folded = adapters.fold(a, params, *s)["w"]
+        factored = x @ w + ad.factored.terms(w, s.trainable["w"], s.frozen["w"]).delta(x)
+        return folded, factored
+
+    folded, factored = at_rank(s, jnp.asarray(2, jnp.int32))
+    lora2 = adapters.lora(2, alpha=8.0).apply(w, adapters.LoRAParams(t.a[:, :2], t.b[:2]), None)
+    np.testing.assert_allclose(np.asarray(folded), np.asarray(lora2), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(factored), np.asarray(x @ lora2), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_dylora_rank_sampler_and_setter():
