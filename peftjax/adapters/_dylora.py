@@ -5,7 +5,7 @@ DyLoRA: Parameter-Efficient Tuning of Pretrained Models using Dynamic
 Search-Free Low Rank Adaptation. Valipour, Rezagholizadeh, Kobyzev & Ghodsi,
 EACL 2023. https://arxiv.org/abs/2210.07558
 
-The paper (§3) keeps LoRA's ``h = W0 x + (α/r) W_up W_dw x`` (torch layout,
+The paper keeps LoRA's ``h = W0 x + (α/r) W_up W_dw x`` (torch layout,
 ``W_dw (r, in)``, ``W_up (out, r)``) and, at every training step, samples a
 rank ``b ~ p_B`` (uniform on ``{r_min, …, r_max}``) and truncates both
 factors to their first ``b`` rows/columns, ``W_dw↓b = W_dw[:b, :]``,
