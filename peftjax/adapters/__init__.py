@@ -99,6 +99,11 @@ from peftjax.adapters._delora import DeLoRAParams as DeLoRAParams
 from peftjax.adapters._delora import delora as delora
 from peftjax.adapters._dora import DoRAParams as DoRAParams
 from peftjax.adapters._dora import dora as dora
+from peftjax.adapters._dylora import DyLoRAParams as DyLoRAParams
+from peftjax.adapters._dylora import DyLoRARank as DyLoRARank
+from peftjax.adapters._dylora import dylora as dylora
+from peftjax.adapters._dylora import dylora_sample_rank as dylora_sample_rank
+from peftjax.adapters._dylora import dylora_set_rank as dylora_set_rank
 from peftjax.adapters._flora import FLoRAParams as FLoRAParams
 from peftjax.adapters._flora import flora as flora
 from peftjax.adapters._fourierft import FourierFTIndices as FourierFTIndices
@@ -123,6 +128,20 @@ from peftjax.adapters._hra import HRAParams as HRAParams
 from peftjax.adapters._hra import hra as hra
 from peftjax.adapters._hra import hra_orthogonality as hra_orthogonality
 from peftjax.adapters._hra import hra_rotation as hra_rotation
+from peftjax.adapters._increlora import IncreLoRAImportance as IncreLoRAImportance
+from peftjax.adapters._increlora import IncreLoRAParams as IncreLoRAParams
+from peftjax.adapters._increlora import IncreLoRARank as IncreLoRARank
+from peftjax.adapters._increlora import increlora as increlora
+from peftjax.adapters._increlora import increlora_grow as increlora_grow
+from peftjax.adapters._increlora import (
+    increlora_init_importance as increlora_init_importance,
+)
+from peftjax.adapters._increlora import increlora_module_scores as increlora_module_scores
+from peftjax.adapters._increlora import increlora_orthogonality as increlora_orthogonality
+from peftjax.adapters._increlora import (
+    increlora_update_importance as increlora_update_importance,
+)
+from peftjax.adapters._increlora import increlora_value_and_grad as increlora_value_and_grad
 from peftjax.adapters._lamda import LaMDABasis as LaMDABasis
 from peftjax.adapters._lamda import LaMDAFreezeState as LaMDAFreezeState
 from peftjax.adapters._lamda import LaMDAParams as LaMDAParams
@@ -151,6 +170,10 @@ from peftjax.adapters._lora import Scaling as Scaling
 from peftjax.adapters._lora import check_rank as check_rank
 from peftjax.adapters._lora import lora as lora
 from peftjax.adapters._lora import scaling_value as scaling_value
+from peftjax.adapters._lora_b_only import LoRABOnlyFrozen as LoRABOnlyFrozen
+from peftjax.adapters._lora_b_only import LoRABOnlyInit as LoRABOnlyInit
+from peftjax.adapters._lora_b_only import LoRABOnlyParams as LoRABOnlyParams
+from peftjax.adapters._lora_b_only import lora_b_only as lora_b_only
 from peftjax.adapters._lora_xs import LoRAXSBasis as LoRAXSBasis
 from peftjax.adapters._lora_xs import LoRAXSParams as LoRAXSParams
 from peftjax.adapters._lora_xs import lora_xs as lora_xs
@@ -530,6 +553,25 @@ __all__ = [
     "ArrowHook",
     "arrow_experts",
     "arrow_prototype",
+    "DyLoRAParams",
+    "DyLoRARank",
+    "dylora",
+    "dylora_sample_rank",
+    "dylora_set_rank",
+    "IncreLoRAImportance",
+    "IncreLoRAParams",
+    "IncreLoRARank",
+    "increlora",
+    "increlora_grow",
+    "increlora_init_importance",
+    "increlora_module_scores",
+    "increlora_orthogonality",
+    "increlora_update_importance",
+    "increlora_value_and_grad",
+    "LoRABOnlyFrozen",
+    "LoRABOnlyInit",
+    "LoRABOnlyParams",
+    "lora_b_only",
     "hra",
     "hra_rotation",
     "hra_orthogonality",

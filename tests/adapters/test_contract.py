@@ -28,6 +28,7 @@ from tests.adapters.test_boft import ref_boft
 from tests.adapters.test_c3a import ref_c3a
 from tests.adapters.test_deft import ref_deft
 from tests.adapters.test_delora import ref_delora
+from tests.adapters.test_dylora import ref_dylora
 from tests.adapters.test_flora import ref_flora
 from tests.adapters.test_fourierft import ref_fourierft
 from tests.adapters.test_frod import ref_frod
@@ -35,9 +36,11 @@ from tests.adapters.test_glora import ref_glora
 from tests.adapters.test_gralora import ref_gralora
 from tests.adapters.test_hira import ref_hira
 from tests.adapters.test_hra import ref_hra
+from tests.adapters.test_increlora import ref_increlora
 from tests.adapters.test_lamda import ref_lamda
 from tests.adapters.test_lokr import lokr_count, ref_lokr
 from tests.adapters.test_loldu import ref_loldu
+from tests.adapters.test_lora_b_only import ref_lora_b_only
 from tests.adapters.test_miss import ref_miss
 from tests.adapters.test_mora import ref_mora
 from tests.adapters.test_oft import oft_count, ref_oft
@@ -466,6 +469,30 @@ ADAPTERS = [
         True,
         lambda w, t, f: ref_flora(w, t, f, s=2.0),
         lambda i, o: 2 * 2 + 2 * (i + o),
+    ),
+    (
+        # at its init rank b = r_max (test_dylora.py covers b < r_max and frozen=True)
+        "dylora",
+        lambda: adapters.dylora(3, alpha=6.0),
+        True,
+        lambda w, t, f: ref_dylora(w, t, f, alpha=6.0),
+        lambda i, o: 3 * (i + o),
+    ),
+    (
+        # not exactly the identity at init: the reserve component adds ~1e-8 (as the
+        # authors' advance learning); test_increlora.py covers growth
+        "increlora",
+        lambda: adapters.increlora(3, alpha=6.0),
+        False,
+        lambda w, t, f: ref_increlora(w, t, f, alpha=6.0),
+        lambda i, o: 3 * (i + o + 1),
+    ),
+    (
+        "lora_b_only",
+        lambda: adapters.lora_b_only(3, alpha=6.0),
+        True,
+        lambda w, t, f: ref_lora_b_only(w, t, f, s=2.0),
+        lambda i, o: 3 * o,
     ),
 ]
 IDS = [a[0] for a in ADAPTERS]
