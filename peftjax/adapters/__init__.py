@@ -121,6 +121,10 @@ from peftjax.adapters._hra import HRAParams as HRAParams
 from peftjax.adapters._hra import hra as hra
 from peftjax.adapters._hra import hra_orthogonality as hra_orthogonality
 from peftjax.adapters._hra import hra_rotation as hra_rotation
+from peftjax.adapters._kasa import KaSABasis as KaSABasis
+from peftjax.adapters._kasa import KaSAParams as KaSAParams
+from peftjax.adapters._kasa import kasa as kasa
+from peftjax.adapters._kasa import kasa_loss as kasa_loss
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
 from peftjax.adapters._lift import path_key as path_key
@@ -515,6 +519,10 @@ __all__ = [
     "monteclora",
     "monteclora_sample",
     "monteclora_loss",
+    "KaSABasis",
+    "KaSAParams",
+    "kasa",
+    "kasa_loss",
     "BOFTParams",
     "boft",
     "boft_layout",

@@ -27,6 +27,7 @@ from tests.adapters.test_glora import ref_glora
 from tests.adapters.test_gralora import ref_gralora
 from tests.adapters.test_hira import ref_hira
 from tests.adapters.test_hra import ref_hra
+from tests.adapters.test_kasa import ref_kasa
 from tests.adapters.test_lokr import lokr_count, ref_lokr
 from tests.adapters.test_miss import ref_miss
 from tests.adapters.test_oft import oft_count, ref_oft
@@ -406,6 +407,14 @@ ADAPTERS = [
         True,
         lambda w, t, f: h.ref_lora(w, t, f, s=2.0),
         lambda i, o: 3 * (i + o) + 3 + 2,
+    ),
+    (
+        # not the identity at init: the base loses its 3 smallest singular components
+        "kasa",
+        lambda: adapters.kasa(3, alpha=6.0),
+        False,
+        lambda w, t, f: ref_kasa(w, t, f, s=2.0),
+        lambda i, o: 3 * (i + o) + 3,
     ),
 ]
 IDS = [a[0] for a in ADAPTERS]
