@@ -124,6 +124,7 @@ from peftjax.adapters._hra import hra_rotation as hra_rotation
 from peftjax.adapters._kasa import KaSABasis as KaSABasis
 from peftjax.adapters._kasa import KaSAParams as KaSAParams
 from peftjax.adapters._kasa import kasa as kasa
+from peftjax.adapters._kasa import kasa_basis as kasa_basis
 from peftjax.adapters._kasa import kasa_loss as kasa_loss
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
@@ -522,6 +523,7 @@ __all__ = [
     "KaSABasis",
     "KaSAParams",
     "kasa",
+    "kasa_basis",
     "kasa_loss",
     "BOFTParams",
     "boft",

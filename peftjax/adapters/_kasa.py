@@ -42,7 +42,7 @@ a delta ``s·((x a) ⊙ d) b`` (``2·r·(in + out) + r``); no ``(in, out)``
 temporary. Adapter dropout reaches only the update (PEFT's dropout is on
 the LoRA branch). As for any input map, ``adapters.batched`` refuses KaSA.
 
-Exports: ``KaSAParams``, ``KaSABasis``, ``kasa``, ``kasa_loss``.
+Exports: ``KaSAParams``, ``KaSABasis``, ``kasa``, ``kasa_basis``, ``kasa_loss``.
 """
 
 from typing import Any, NamedTuple
@@ -82,13 +82,34 @@ class KaSABasis(NamedTuple):
     dropped: jax.Array
 
 
-def _truncation(w: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
-    """``(U_d (in, r), U_dᵀ W0 (r, out))`` from a float32-or-wider SVD of ``w``."""
+def kasa_basis(w: jax.Array, rank: int, *, dtype: Any = None) -> KaSABasis:
+    """The frozen truncation of one ``(in, out)`` matrix: its ``r`` smallest singular components.
+
+    A float32 (or wider, for a wider ``w``) SVD of ``w``; ``u`` holds the
+    left singular vectors of the ``rank`` smallest singular values. PEFT
+    rebuilds its truncated base from the original weight the same way when
+    it loads a KaSA file (``load_peft`` calls this).
+
+    Args:
+      w: ``(in, out)`` base matrix (Flax layout, ``Wᵀ``).
+      rank: ``r``, the number of dropped components (``< min(in, out)``).
+      dtype: dtype of the result (default: the computation's).
+
+    Returns:
+      ``KaSABasis(u (in, r), dropped = uᵀ w (r, out))``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> b = kasa_basis(jnp.diag(jnp.array([3.0, 2.0, 0.5])), 1)
+      >>> [abs(round(x, 4)) for x in b.u[:, 0].tolist()], abs(round(float(b.dropped[0, 2]), 4))
+      ([0.0, 0.0, 1.0], 0.5)
+    """
     ct = _lowrank.compute_dtype(jnp.float32, w.dtype)
-    wc = w.astype(ct)
+    wc = jnp.asarray(w).astype(ct)
     u, _, _ = jnp.linalg.svd(wc, full_matrices=False)
     ud = u[:, u.shape[1] - rank:]
-    return ud, ud.T @ wc
+    out = ct if dtype is None else jnp.dtype(dtype)
+    return KaSABasis((ud).astype(out), (ud.T @ wc).astype(out))
 
 
 def kasa(
@@ -167,11 +188,10 @@ def kasa(
                 f"matrix view of shape {tuple(w.shape)} (at least one singular "
                 "component must survive the truncation)")
         ka, kd = jax.random.split(key)
-        ud, dropped = _truncation(w, rank)
         t = KaSAParams(a=_lora.kaiming_uniform_a(ka, n_in, rank, param_dtype),
                        b=jnp.zeros((rank, n_out), param_dtype),
                        diag=jax.random.normal(kd, (rank,), param_dtype))
-        return t, KaSABasis(ud.astype(param_dtype), dropped.astype(param_dtype))
+        return t, kasa_basis(w, rank, dtype=param_dtype)
 
     def parts(w, t, f):
         ct = _lowrank.compute_dtype(w.dtype, t.a.dtype, f.u.dtype)
