@@ -214,6 +214,11 @@ from peftjax.adapters._randlora import randlora as randlora
 from peftjax.adapters._randlora import randlora_shared as randlora_shared
 from peftjax.adapters._road import RoAdParams as RoAdParams
 from peftjax.adapters._road import road as road
+from peftjax.adapters._salt import SALTBasis as SALTBasis
+from peftjax.adapters._salt import SALTParams as SALTParams
+from peftjax.adapters._salt import salt as salt
+from peftjax.adapters._salt import salt_loss as salt_loss
+from peftjax.adapters._salt import salt_rank as salt_rank
 from peftjax.adapters._scale_shift import ScaleParams as ScaleParams
 from peftjax.adapters._scale_shift import ScaleShiftParams as ScaleShiftParams
 from peftjax.adapters._scale_shift import Side as Side
@@ -543,6 +548,11 @@ __all__ = [
     "SVFitBasis",
     "SVFitParams",
     "svfit",
+    "SALTBasis",
+    "SALTParams",
+    "salt",
+    "salt_loss",
+    "salt_rank",
     "TrainableTokensParams",
     "trainable_tokens",
 ]

@@ -38,6 +38,7 @@ from tests.adapters.test_pvera import ref_pvera
 from tests.adapters.test_qalora import ref_qalora
 from tests.adapters.test_randlora import randlora_count, ref_randlora
 from tests.adapters.test_road import ref_road
+from tests.adapters.test_salt import ref_salt
 from tests.adapters.test_shira import ref_shira
 from tests.adapters.test_supertuning import ref_supertuning
 from tests.adapters.test_tinylora import ref_tinylora
@@ -415,6 +416,13 @@ ADAPTERS = [
         False,
         lambda w, t, f: ref_kasa(w, t, f, s=2.0),
         lambda i, o: 3 * (i + o) + 3,
+    ),
+    (
+        "salt",
+        lambda: adapters.salt(2, lora_rank=2),
+        True,
+        ref_salt,
+        lambda i, o: 2 * 2 + 2 * (min(i, o) - 2) * 2,
     ),
 ]
 IDS = [a[0] for a in ADAPTERS]
@@ -799,8 +807,10 @@ def test_adapter_counts_match_formula_on_stacked_kernel():
 
 
 # LN tuning has no factored form (W' = V is the trained leaf itself), nor
-# trainable tokens (W' = W with k rows replaced: a scatter, looked up by a gather).
-_NO_FACTORED = ("ln_tuning", "trainable_tokens")
+# trainable tokens (W' = W with k rows replaced: a scatter, looked up by a gather),
+# nor SALT (a ReLU of a dense block of the singular-value matrix: a factored row
+# would cost more than the base product).
+_NO_FACTORED = ("ln_tuning", "trainable_tokens", "salt")
 
 
 @pytest.mark.parametrize("name,factory,identity,ref,count",
