@@ -74,6 +74,11 @@ from peftjax.adapters._cartridge import cartridge as cartridge
 from peftjax.adapters._cartridge import cartridge_compose as cartridge_compose
 from peftjax.adapters._cartridge import cartridge_kv as cartridge_kv
 from peftjax.adapters._cartridge import cartridge_kv_from_cache as cartridge_kv_from_cache
+from peftjax.adapters._clover import CLOVERBasis as CLOVERBasis
+from peftjax.adapters._clover import CLOVERKernels as CLOVERKernels
+from peftjax.adapters._clover import CLOVERParams as CLOVERParams
+from peftjax.adapters._clover import clover as clover
+from peftjax.adapters._clover import clover_orthogonalize as clover_orthogonalize
 from peftjax.adapters._collection import AdapterCollection as AdapterCollection
 from peftjax.adapters._collection import NamedAdapter as NamedAdapter
 from peftjax.adapters._collection import active as active
@@ -553,6 +558,11 @@ __all__ = [
     "salt",
     "salt_loss",
     "salt_rank",
+    "CLOVERBasis",
+    "CLOVERKernels",
+    "CLOVERParams",
+    "clover",
+    "clover_orthogonalize",
     "TrainableTokensParams",
     "trainable_tokens",
 ]

@@ -19,6 +19,7 @@ from tests.adapters.test_bdlora import ref_bdlora
 from tests.adapters.test_beft import ref_beft
 from tests.adapters.test_boft import ref_boft
 from tests.adapters.test_c3a import ref_c3a
+from tests.adapters.test_clover import ref_clover
 from tests.adapters.test_deft import ref_deft
 from tests.adapters.test_delora import ref_delora
 from tests.adapters.test_fourierft import ref_fourierft
@@ -424,11 +425,19 @@ ADAPTERS = [
         ref_salt,
         lambda i, o: 2 * 2 + 2 * (min(i, o) - 2) * 2,
     ),
+    (
+        # the base at init up to rounding (W_h rebuilt from its SVD)
+        "clover",
+        lambda: adapters.clover(2),
+        True,
+        ref_clover,
+        lambda i, o: o * 2,
+    ),
 ]
 IDS = [a[0] for a in ADAPTERS]
-# Adapters that pair output features (RoAd rotates pairs): the suite's odd
-# output width 5 becomes 6 for them.
-_EVEN_OUT = ("road",)
+# Adapters that pair output features (RoAd rotates pairs, CLOVER's heads of 2):
+# the suite's odd output width 5 becomes 6 for them.
+_EVEN_OUT = ("road", "clover")
 
 
 def _o(name, n_out=5):
@@ -465,10 +474,11 @@ def test_identity_at_init(name, factory, identity, ref, count, getkey):
     ad = factory()
     w = _w((6, _o(name)))
     t, f = ad.init(getkey(), w)
-    if identity and name != "dora":
+    if identity and name not in ("dora", "clover"):
         np.testing.assert_array_equal(np.asarray(ad.apply(w, t, f)), np.asarray(w))
     elif identity:
-        # DoRA divides by the recomputed norm: identity up to rounding.
+        # DoRA divides by the recomputed norm, CLOVER rebuilds each head block from
+        # its SVD: identity up to rounding.
         np.testing.assert_allclose(h.f64(ad.apply(w, t, f)), h.f64(w), **h.MATMUL_F32)
     else:  # not the identity at init (as PEFT): the documented initial delta
         assert np.abs(ref(w, t, f) - h.f64(w)).max() > 0
