@@ -43,13 +43,19 @@ The method spans two kernels per pair, so it is split in two here:
   (equal under SGD, a fixed rotation apart under Adam). Pruned vectors stay
   pruned, as if removed: the rows of ``T_h`` of singular values ``<=
   1e-5·max(s_h)`` and its columns of zero columns of ``W_h`` are masked. A
-  sibling bias is not mapped (Llama's projections have none; the authors'
-  ``QKVLinear`` also multiplies a ``v``/``q`` bias by ``T_h``).
+  sibling bias goes through the same per-head map as the layer's output,
+  ``b'_h = b_h M_h`` with ``M_h = V_h diag(1/s_h) T_h`` (``W'_h = W_h M_h``),
+  as the authors' ``QKVLinear`` maps it (there with the SVD of the kernel and
+  bias together: on a biased kernel the trained coordinates differ from
+  theirs by a fixed linear map, ``T_authors = diag(S) M``; same init, same
+  function class). ``unapply`` of the bias uses ``pinv(M_h)`` (exact while
+  ``T_h`` is invertible).
 
 Factored form: an output map, ``h_h ↦ h_h · V_h diag(1/s_h) T_h`` per head on
 the base product ``h = x W`` (``x U_h = x W_h V_h diag(1/s_h)``):
 ``2·d·out`` FLOPs per row, no ``(in, out)`` temporary, no second base
-product. ``unapply`` rebuilds ``W`` from the frozen SVD (exact to rounding).
+product (a sibling bias is mapped by the bias hook). ``unapply`` rebuilds
+``W`` from the frozen SVD (exact to rounding).
 
 Exports: ``CLOVERParams``, ``CLOVERBasis``, ``CLOVERKernels``, ``clover``,
 ``clover_orthogonalize``.
@@ -246,7 +252,8 @@ def clover(
 
     Returns:
       An ``Adapter`` with trainable ``CLOVERParams(t)`` and frozen
-      ``CLOVERBasis(u, s, v)``.
+      ``CLOVERBasis(u, s, v)``, and a hook mapping a sibling ``bias`` per
+      head like the output (``b'_h = b_h V_h diag(1/s_h) T_h``).
 
     Static arguments: all.
 
@@ -315,21 +322,38 @@ def clover(
         return jnp.einsum("ihd,hd,hed->ihe", u, f.s.astype(ct),
                           f.v.astype(ct)).reshape(n_in, n_out)
 
+    def out_matrices(x, t, f):
+        """``(ct, M (heads, d, d))``, ``M_h = V_h diag(1/s_h) T_h``: ``x U_h T_h = (x W_h) M_h``."""
+        ct, s, live, tm = parts(x, t, f)
+        inv = jnp.where(live, 1.0 / jnp.where(live, s, 1.0), 0.0)
+        return ct, (f.v.astype(ct) * inv[:, None, :]) @ tm
+
+    def per_head(x, m):
+        g = x.reshape(x.shape[:-1] + (-1, d))
+        return jnp.einsum("...hd,hde->...he", g, m).reshape(x.shape)
+
     def factored_matrix(w, t, f):
         def out_map(h):
-            ct, s, live, tm = parts(w, t, f)
-            inv = jnp.where(live, 1.0 / jnp.where(live, s, 1.0), 0.0)
-            m = (f.v.astype(ct) * inv[:, None, :]) @ tm  # V_h diag(1/s_h) T_h
-            g = h.astype(ct).reshape(h.shape[:-1] + (-1, d))
-            return jnp.einsum("...hd,hde->...he", g, m).reshape(h.shape).astype(h.dtype)
+            ct, m = out_matrices(h, t, f)
+            return per_head(h.astype(ct), m).astype(h.dtype)
 
         return _protocol.FactoredTerms(out_map=out_map)
+
+    def bias_apply(b, t, f):
+        ct, m = out_matrices(b, t, f)
+        return per_head(b.astype(ct), m).astype(b.dtype)
+
+    def bias_unapply(b, t, f):
+        ct, m = out_matrices(b, t, f)
+        pinv = jnp.stack([jnp.linalg.pinv(m[h]) for h in range(m.shape[0])])
+        return per_head(b.astype(ct), pinv).astype(b.dtype)
 
     return _lift.lift_matrix(
         name=f"clover(head_dim={d})",
         init_matrix=init_matrix,
         apply_matrix=apply_matrix,
         unapply_matrix=unapply_matrix,
+        bias=_protocol.BiasHook(name="bias", apply=bias_apply, unapply=bias_unapply),
         factored_matrix=factored_matrix,
         dimension_numbers=dimension_numbers,
         hyperparameters=(("head_dim", d),),

@@ -16,8 +16,9 @@ model.py`` (``CausalSelfAttention.orthogonalize_qk_proj``, the Q-K pair of
 a model without RoPE, called on a stand-in ``self``). They move tensors to
 ``"cuda"``; ``torch.Tensor.to("cuda")`` is shimmed to stay on the CPU.
 
-Cases (torch layout, ``H`` heads of ``d``): a V-O pair with a ``v`` bias;
-a bias-free V-O pair, then its ``QKVLinear`` with a perturbed
+Cases (torch layout, ``H`` heads of ``d``): a V-O pair with a ``v`` bias,
+then its ``QKVLinear`` (bias included); a bias-free V-O pair, then its
+``QKVLinear`` with a perturbed
 singular-value matrix on an input batch; a Q-K pair with biases. Writes
 ``tests/adapters/golden/clover/clover_authors.npz``: the weights before and
 after, the authors' ``S`` matrices, the inputs and outputs.
@@ -79,8 +80,19 @@ def main(repo):
                vo_o=o.weight.detach().numpy().copy())
     with torch.no_grad():
         s = ft.orthogonalize_vo_proj(v, o, H, D, niter=0)
-    out.update(vo_v_new=v.weight.detach().numpy(), vo_vb_new=v.bias.detach().numpy(),
-               vo_o_new=o.weight.detach().numpy(), vo_s=s.numpy())
+    out.update(vo_v_new=v.weight.detach().numpy().copy(),
+               vo_vb_new=v.bias.detach().numpy().copy(),
+               vo_o_new=o.weight.detach().numpy(), vo_s=s.numpy().copy())
+    # its singular-value layer (the bias goes through S too), S perturbed
+    layer = ft.QKVLinear(v, s, H, D, dropout_rate=0.0)
+    with torch.no_grad():
+        layer.singular_value.weight.add_(torch.from_numpy(
+            (0.3 * rng.standard_normal((H * D, D))).astype(np.float32)))
+    x = rng.standard_normal((1, 4, HIDDEN)).astype(np.float32)
+    with torch.no_grad():
+        y = layer(torch.from_numpy(x))
+    out.update(vo_t=layer.singular_value.weight.detach().numpy().reshape(H, D, D),
+               vo_x=x[0], vo_y=y.numpy()[0])
     # the singular-value layer on a bias-free V-O pair (Llama), S perturbed
     v, o = lin(HIDDEN, H * D, False), lin(H * D, HIDDEN, False)
     out.update(sv_v=v.weight.detach().numpy().copy(), sv_o=o.weight.detach().numpy().copy())

@@ -46,6 +46,19 @@ def test_orthogonalize_matches_authors_pairs():
     sign = _signs(mine_v, theirs_v)
     np.testing.assert_allclose(mine_v, theirs_v * sign, atol=2e-5)
     np.testing.assert_allclose(h.f64(out.o), g["vo_o_new"].T * sign[:, None], atol=2e-5)
+    # the adapter after the transform, with the authors' trained S: their QKVLinear
+    # maps [x, 1] [U; u_b] T_a; ours (x W + b) M_h, M_h = V diag(1/s) T_h, so the
+    # authors' T_a (their signs) is M_h = diag(sign/S) T_a here
+    ad = adapters.clover(d)
+    _, f = ad.init(jax.random.key(0), out.v)
+    m = (sign / s).reshape(heads, d)[:, :, None] * g["vo_t"]
+    t = adapters.CLOVERParams(jnp.asarray(
+        h.f64(f.s)[:, :, None] * np.swapaxes(h.f64(f.v), 1, 2) @ m, jnp.float32))
+    y = h.f64(g["vo_x"]) @ h.f64(ad.apply(out.v, t, f)) + h.f64(
+        ad.bias.apply(out.v.shape, out.v_bias, t, f))
+    np.testing.assert_allclose(y, g["vo_y"], atol=5e-5)
+    back = ad.bias.unapply(out.v.shape, ad.bias.apply(out.v.shape, out.v_bias, t, f), t, f)
+    np.testing.assert_allclose(h.f64(back), h.f64(out.v_bias), atol=1e-4)
     # the attention output is unchanged: [x, 1] V_aug O per head (summed)
     aug = lambda w, b: np.concatenate([w, b[None]], 0)  # noqa: E731
     np.testing.assert_allclose(aug(h.f64(out.v), h.f64(out.v_bias)) @ h.f64(out.o),
