@@ -14,6 +14,8 @@ from peftjax import adapters, tree
 from tests import helpers as h
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden" / "clover" / "clover_authors.npz"
+# one compile per call shape instead of one per eager operation
+_orth = jax.jit(adapters.clover_orthogonalize, static_argnames=("head_dim", "rope", "prune"))
 
 
 def ref_clover(w, t, f):
@@ -38,7 +40,7 @@ def test_orthogonalize_matches_authors_pairs():
     # V-O with a v bias (the authors' fine-tuning code: v ↦ U, S apart, o ↦ V)
     v, vb, o = g["vo_v"].T, g["vo_vb"], g["vo_o"].T  # Flax
     q = np.zeros_like(v)
-    out = adapters.clover_orthogonalize(jnp.asarray(q), jnp.asarray(q), jnp.asarray(v),
+    out = _orth(jnp.asarray(q), jnp.asarray(q), jnp.asarray(v),
                                         jnp.asarray(o), head_dim=d, v_bias=jnp.asarray(vb))
     s = np.concatenate([np.diag(x) for x in g["vo_s"]])  # (heads·d,)
     theirs_v = np.concatenate([g["vo_v_new"].T, g["vo_vb_new"][None]], 0) * s[None, :]
@@ -66,7 +68,7 @@ def test_orthogonalize_matches_authors_pairs():
     # Q-K without RoPE, with biases (the authors' pruning code: U √S, V √S)
     qk = {n: g[f"qk_{n}"] for n in ("q", "qb", "k", "kb", "q_new", "qb_new", "k_new",
                                     "kb_new")}
-    out = adapters.clover_orthogonalize(
+    out = _orth(
         jnp.asarray(qk["q"].T), jnp.asarray(qk["k"].T), jnp.asarray(qk["q"].T),
         jnp.asarray(qk["q"].T), head_dim=4, q_bias=jnp.asarray(qk["qb"]),
         k_bias=jnp.asarray(qk["kb"]), rope=False)
@@ -88,7 +90,7 @@ def test_adapter_after_orthogonalize_is_authors_qkvlinear():
     g = np.load(GOLDEN)
     d = 3
     v, o = jnp.asarray(g["sv_v"].T), jnp.asarray(g["sv_o"].T)
-    out = adapters.clover_orthogonalize(v, v, v, o, head_dim=d)
+    out = _orth(v, v, v, o, head_dim=d)
     ad = adapters.clover(d)
     t, f = ad.init(jax.random.key(0), out.v)
     # V_h is a signed identity: T_h = ±diag(S), the authors' singular_value init
@@ -108,7 +110,7 @@ def test_pruning_zeroes_pairs_and_the_adapter_keeps_them_zero(getkey):
     rng = np.random.default_rng(5)
     lay = [jnp.asarray(rng.standard_normal(s), jnp.float32)
            for s in ((2, 12, 8), (2, 12, 8), (2, 12, 8), (2, 8, 12))]  # 2 stacked layers
-    out = adapters.clover_orthogonalize(*lay, head_dim=4, prune=1, rope=False)
+    out = _orth(*lay, head_dim=4, prune=1, rope=False)
     v = h.f64(out.v).reshape(2, 12, 2, 4)
     assert np.all(v[..., 3] == 0) and np.all(h.f64(out.o).reshape(2, 2, 4, 12)[:, :, 3] == 0)
     assert np.all(h.f64(out.q).reshape(2, 12, 2, 4)[..., 3] == 0)
