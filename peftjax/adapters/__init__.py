@@ -74,6 +74,11 @@ from peftjax.adapters._cartridge import cartridge as cartridge
 from peftjax.adapters._cartridge import cartridge_compose as cartridge_compose
 from peftjax.adapters._cartridge import cartridge_kv as cartridge_kv
 from peftjax.adapters._cartridge import cartridge_kv_from_cache as cartridge_kv_from_cache
+from peftjax.adapters._clover import CLOVERBasis as CLOVERBasis
+from peftjax.adapters._clover import CLOVERKernels as CLOVERKernels
+from peftjax.adapters._clover import CLOVERParams as CLOVERParams
+from peftjax.adapters._clover import clover as clover
+from peftjax.adapters._clover import clover_orthogonalize as clover_orthogonalize
 from peftjax.adapters._collection import AdapterCollection as AdapterCollection
 from peftjax.adapters._collection import NamedAdapter as NamedAdapter
 from peftjax.adapters._collection import active as active
@@ -142,6 +147,11 @@ from peftjax.adapters._increlora import (
     increlora_update_importance as increlora_update_importance,
 )
 from peftjax.adapters._increlora import increlora_value_and_grad as increlora_value_and_grad
+from peftjax.adapters._kasa import KaSABasis as KaSABasis
+from peftjax.adapters._kasa import KaSAParams as KaSAParams
+from peftjax.adapters._kasa import kasa as kasa
+from peftjax.adapters._kasa import kasa_basis as kasa_basis
+from peftjax.adapters._kasa import kasa_loss as kasa_loss
 from peftjax.adapters._lamda import LaMDABasis as LaMDABasis
 from peftjax.adapters._lamda import LaMDAFreezeState as LaMDAFreezeState
 from peftjax.adapters._lamda import LaMDAParams as LaMDAParams
@@ -248,6 +258,11 @@ from peftjax.adapters._randlora import randlora as randlora
 from peftjax.adapters._randlora import randlora_shared as randlora_shared
 from peftjax.adapters._road import RoAdParams as RoAdParams
 from peftjax.adapters._road import road as road
+from peftjax.adapters._salt import SALTBasis as SALTBasis
+from peftjax.adapters._salt import SALTParams as SALTParams
+from peftjax.adapters._salt import salt as salt
+from peftjax.adapters._salt import salt_loss as salt_loss
+from peftjax.adapters._salt import salt_rank as salt_rank
 from peftjax.adapters._scale_shift import ScaleParams as ScaleParams
 from peftjax.adapters._scale_shift import ScaleShiftParams as ScaleShiftParams
 from peftjax.adapters._scale_shift import Side as Side
@@ -584,6 +599,11 @@ __all__ = [
     "monteclora",
     "monteclora_sample",
     "monteclora_loss",
+    "KaSABasis",
+    "KaSAParams",
+    "kasa",
+    "kasa_basis",
+    "kasa_loss",
     "BOFTParams",
     "boft",
     "boft_layout",
@@ -602,18 +622,28 @@ __all__ = [
     "SVFitBasis",
     "SVFitParams",
     "svfit",
-    "SVFTBasis",
-    "SVFTParams",
-    "svft",
-    "svft_count",
-    "svft_pattern",
+    "CLOVERBasis",
+    "CLOVERKernels",
+    "CLOVERParams",
     "LoLDUFactors",
     "LoLDUParams",
-    "ldu",
-    "loldu",
+    "SALTBasis",
+    "SALTParams",
+    "SVFTBasis",
+    "SVFTParams",
     "VectorFitAVFState",
     "VectorFitBasis",
     "VectorFitParams",
+    "clover",
+    "clover_orthogonalize",
+    "ldu",
+    "loldu",
+    "salt",
+    "salt_loss",
+    "salt_rank",
+    "svft",
+    "svft_count",
+    "svft_pattern",
     "vectorfit",
     "vectorfit_avf",
     "vectorfit_avf_mask",

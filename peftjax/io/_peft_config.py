@@ -7,7 +7,7 @@ change the weights it reads (``r``, ``lora_alpha``, ``use_rslora``,
 ``modules_to_save``, ``ensure_weight_tying``, VeRA's projections, (IA)³'s
 ``feedforward_modules``, LoHa's ``r``/``alpha``/patterns, QA-LoRA's
 ``use_qalora`` / ``qalora_group_size``, BD-LoRA's ``use_bdlora``,
-MonteCLoRA's ``monteclora_config``,
+MonteCLoRA's ``monteclora_config``, KaSA's ``kasa_config``,
 ``layer_replication`` (checked against the key map's depth: the caller
 replicates the base)) and the fields that select modules
 (``target_modules``, ``exclude_modules``, ``layers_to_transform``,
@@ -50,7 +50,7 @@ _HONOURED = {
                        "init_lora_weights", "ensure_weight_tying",
                        "layers_to_transform", "layers_pattern",
                        "use_qalora", "qalora_group_size", "layer_replication",
-                       "use_bdlora", "monteclora_config",
+                       "use_bdlora", "monteclora_config", "kasa_config",
                        "alora_invocation_tokens"}),
     "VERA": frozenset({"r", "projection_prng_key", "save_projection",
                        "d_initial", "init_weights", "layers_to_transform",
@@ -71,7 +71,7 @@ _DEFAULTS = {
         "loftq_config": {}, "eva_config": None, "corda_config": None,
         "lora_ga_config": None, "velora_config": None,
         "lora_bias": False, "target_parameters": None,
-        "arrow_config": None, "kasa_config": None,
+        "arrow_config": None,
     },
     # peftjax's VeRA has no input dropout.
     "VERA": {"fan_in_fan_out": False, "bias": "none", "vera_dropout": 0.0},
@@ -159,6 +159,10 @@ _TYPES = {
         and _number(v.get("kl_loss_weight", 0.0)),
         "a MontecloraConfig object (positive num_samples, dirichlet_prior, "
         "sample_scaler)"),
+    "kasa_config": (lambda v: isinstance(v, dict) and set(v) <= {"beta", "gamma"}
+                    and all(_number(v.get(k, 0.0)) and v.get(k, 0.0) >= 0
+                            for k in ("beta", "gamma")),
+                    "a KasaConfig object (beta, gamma >= 0)"),
     "alora_invocation_tokens": (lambda v: isinstance(v, list) and len(v) > 0 and all(
         _int(i) and i >= 0 for i in v), "a non-empty list of token ids"),
 }

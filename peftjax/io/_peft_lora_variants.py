@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
-"""PEFT LoRA files with a LoRA variant: QA-LoRA, BD-LoRA, MonteCLoRA, layer replication.
+"""PEFT LoRA files with a LoRA variant: QA-LoRA, BD-LoRA, MonteCLoRA, KaSA, layer replication.
 
 These are ``peft_type: LORA`` files whose ``LoraConfig`` sets ``use_qalora``
-(+ ``qalora_group_size``), ``use_bdlora``, ``monteclora_config`` or
+(+ ``qalora_group_size``), ``use_bdlora``, ``monteclora_config``, ``kasa_config`` or
 ``layer_replication``; ``_peft_read`` / ``_peft_write`` call this module for
 the per-module tensors and config fields of each (docs/peft_format.md):
 
@@ -14,6 +14,11 @@ the per-module tensors and config fields of each (docs/peft_format.md):
 * MonteCLoRA: ``lora_monteclora_sampler.{std_prior, expert_weights_prior}``
   (trainable) and ``.{gaussian_var_prior, expert_weights}`` (PEFT's buffers,
   frozen here).
+* KaSA: ``lora_diag (r,)`` -> ``KaSAParams.diag``; the frozen truncation is
+  rebuilt from the module's base weight (``adapters.kasa_basis``'s SVD, in
+  NumPy), as PEFT
+  truncates the base when it loads the file; ``kasa_config``'s ``beta`` /
+  ``gamma`` are the adapter's (for ``kasa_loss``).
 * ``layer_replication``: the caller replicates the base
   (``peftjax.models.replicate_layers``); the key map must have the new depth.
 
@@ -34,10 +39,13 @@ from peftjax import tree
 MC_SUFFIXES = tuple((f".lora_monteclora_sampler.{x}", f"mc_{x}") for x in (
     "std_prior", "expert_weights_prior", "gaussian_var_prior", "expert_weights"))
 MC_NEEDS = frozenset(f for _, f in MC_SUFFIXES)
+# KaSA's trainable singular values: (file suffix, field)
+KASA_SUFFIX = (".lora_diag", "diag")
 # MonteCLoRA's hyperparameters written as PEFT's monteclora_config
 MC_FIELDS = ("num_samples", "use_entropy", "dirichlet_prior", "sample_scaler",
              "kl_loss_weight")
-_VARIANTS = (_adapters.QALoRAParams, _adapters.BdLoRAParams, _adapters.MonteCLoRAParams)
+_VARIANTS = (_adapters.QALoRAParams, _adapters.BdLoRAParams, _adapters.MonteCLoRAParams,
+             _adapters.KaSAParams)
 
 
 def bdlora_side(config: Mapping[str, Any], module: str, source: str) -> str | None:
@@ -81,8 +89,11 @@ def bdlora_side(config: Mapping[str, Any], module: str, source: str) -> str | No
 
 
 def extra_needs(peft_type: str, config: Mapping[str, Any]) -> frozenset:
-    """Tensor fields a LoRA module needs besides ``a``/``b`` (MonteCLoRA's sampler)."""
-    return MC_NEEDS if peft_type == "LORA" and config.get("monteclora_config") else frozenset()
+    """Tensor fields a LoRA module needs besides ``a``/``b`` (MonteCLoRA's sampler, KaSA's diag)."""
+    if peft_type != "LORA":
+        return frozenset()
+    return ((MC_NEEDS if config.get("monteclora_config") else frozenset())
+            | ({KASA_SUFFIX[1]} if config.get("kasa_config") else set()))
 
 
 def check_replication(config: Mapping[str, Any], key_map: Mapping[str, Any],
@@ -104,16 +115,41 @@ def check_replication(config: Mapping[str, Any], key_map: Mapping[str, Any],
 
 def read_module(config: Mapping[str, Any], module: str, got: Mapping[str, np.ndarray],
                 kw: dict, dims: tree.ResolvedDims, emb: bool, use_dora: bool,
-                arr: Callable[[np.ndarray], Any], source: str) -> tuple | None:
+                arr: Callable[[np.ndarray], Any], source: str,
+                base: Callable[[], np.ndarray] | None = None) -> tuple | None:
     """``(adapter, trainable, frozen)`` of a variant LoRA module, or None (plain LoRA).
 
     ``got`` holds the torch tensors (``a`` = ``lora_A``, ``b`` = ``lora_B``,
-    MonteCLoRA's ``mc_*``); ``kw`` the LoRA factory keywords (``init`` is
-    dropped); ``arr`` makes an array in the requested dtype.
+    MonteCLoRA's ``mc_*``, KaSA's ``diag``); ``kw`` the LoRA factory keywords
+    (``init`` is dropped); ``arr`` makes an array in the requested dtype;
+    ``base`` returns the module's ``(in, out)`` base matrix (KaSA).
     """
     a, b = got["a"], got["b"]
     r = int(a.shape[0])
     kw = {k: v for k, v in kw.items() if k != "init"}
+    ks = config.get("kasa_config")
+    if ks:  # KaSA: LoRA + lora_diag on a truncated base
+        if (emb or use_dora or config.get("use_qalora") or config.get("use_bdlora")
+                or config.get("monteclora_config")):
+            raise ValueError(f"load_peft: kasa_config on {module!r} with an embedding, "
+                             "use_dora, use_qalora, use_bdlora or monteclora_config "
+                             "(PEFT's KaSA adapts Linear modules only, as the one "
+                             "LoRA variant)")
+        d = got[KASA_SUFFIX[1]]
+        n_in, n_out = dims.n_in, dims.n_out
+        if d.shape != (r,) or r >= min(n_in, n_out) or base is None:
+            raise ValueError(
+                f"load_peft: {module!r} has lora_A {a.shape} and lora_diag {d.shape}; "
+                f"KaSA needs lora_diag ({r},) and a rank < min(in, out)="
+                f"{min(n_in, n_out)}" + ("" if base is not None else
+                                         ", and the module's base weight"))
+        ad = _adapters.kasa(r, beta=float(ks.get("beta", 1e-4)),
+                            gamma=float(ks.get("gamma", 1e-3)), **kw)
+        # adapters.kasa_basis's float32 SVD, with NumPy on the host (no compiles)
+        w = np.asarray(base(), np.float32)
+        ud = np.linalg.svd(w, full_matrices=False)[0][:, -r:]
+        f = _adapters.KaSABasis(arr(ud), arr(ud.T @ w))
+        return ad, _adapters.KaSAParams(arr(a.T), arr(b.T), arr(d)), f
     mc = config.get("monteclora_config")
     if mc:  # MonteCLoRA: LoRA + the sampler's priors and buffers
         n = int(mc.get("num_samples", 8))
@@ -179,7 +215,8 @@ def write_checks(assignment: Mapping[str, _adapters.Adapter], trainable: Mapping
                  layer_replication: Any, peft_type: str) -> dict:
     """The per-file settings of the variants (one per PEFT config), checked.
 
-    Returns ``{"group": ..., "mc": ...}`` (None where the file has none).
+    Returns ``{"group": ..., "mc": ..., "kasa": ...}`` (None where the file has
+    none). PEFT refuses KaSA next to non-KaSA modules, and so does this check.
     """
     def one(kind, fields, name):
         vals = {tuple(dict(a.hyperparameters)[k] for k in fields)
@@ -192,7 +229,8 @@ def write_checks(assignment: Mapping[str, _adapters.Adapter], trainable: Mapping
     if layer_replication is not None and peft_type != "LORA":
         raise ValueError(f"save_peft: layer_replication is a LoRA field; got {peft_type}")
     return {"group": one(_adapters.QALoRAParams, ("group_size",), "use_qalora"),
-            "mc": one(_adapters.MonteCLoRAParams, MC_FIELDS, "monteclora_config")}
+            "mc": one(_adapters.MonteCLoRAParams, MC_FIELDS, "monteclora_config"),
+            "kasa": one(_adapters.KaSAParams, ("beta", "gamma"), "kasa_config")}
 
 
 def write_module(adapter: _adapters.Adapter, tu: Any, fu: Any, np_: Callable
@@ -217,6 +255,8 @@ def write_module(adapter: _adapters.Adapter, tu: Any, fu: Any, np_: Callable
                     mc + "expert_weights_prior": np_(tu.expert_weights_prior),
                     mc + "gaussian_var_prior": np_(fu.gaussian_var),
                     mc + "expert_weights": np_(fu.expert_weights)})
+    if isinstance(tu, _adapters.KaSAParams):
+        out[KASA_SUFFIX[0]] = np_(tu.diag)
     return r, out, side
 
 
@@ -229,6 +269,8 @@ def config_fields(settings: dict, bd_sides: dict[str, tuple[str, int]],
     if settings["mc"] is not None:
         out["monteclora_config"] = dict(zip(MC_FIELDS, settings["mc"], strict=True),
                                         buffer_size=150)  # PEFT's default
+    if settings["kasa"] is not None:
+        out["kasa_config"] = dict(zip(("beta", "gamma"), settings["kasa"], strict=True))
     if bd_sides:
         out["use_bdlora"] = _bdlora_config(bd_sides, modules)
     if layer_replication is not None:

@@ -53,6 +53,7 @@ _SUFFIXES = (
     (".vera_lambda_b", "lambda_b", _peft_keys.TensorLayout.KERNEL),
     (".vera_lambda_d", "lambda_d", _peft_keys.TensorLayout.KERNEL),
     *((x, f, _peft_keys.TensorLayout.KERNEL) for x, f in _peft_lora_variants.MC_SUFFIXES),
+    (*_peft_lora_variants.KASA_SUFFIX, _peft_keys.TensorLayout.KERNEL),
 )
 _NEEDS = {"LORA": {"a", "b"}, "IA3": {"ia3"}, "VERA": {"lambda_b", "lambda_d"}}
 
@@ -357,7 +358,8 @@ def load_peft(
         dims = _peft_keys.layer_dims(key_map[upath], shape[nb:], 0, upath)
         dn = _peft_keys.leaf_dimension_numbers(key_map[upath], len(shape), nb)
         built = (_build(peft_type, config, upath, key_map[upath], got, vera_shared,
-                        use_dora, param_dtype, source, dims, dn) if tuner is None
+                        use_dora, param_dtype, source, dims, dn,
+                        _base_matrix(flat[path], layer, dims)) if tuner is None
                  else tuner.build(_peft_tuner.ModuleRead(
                      config, key_map[upath].module, got, vera_shared, param_dtype,
                      source, dims, dn, key_map[upath],
@@ -445,8 +447,13 @@ def _assemble_full(full_u: dict[str, np.ndarray], flat: Mapping[str, Any],
 def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
            got: dict[str, np.ndarray], shared: dict[str, np.ndarray],
            use_dora: bool, dtype: Any, source: str,
-           dims: tree.ResolvedDims, dn: tree.DimensionNumbers | None) -> tuple:
-    """``(adapter, trainable, frozen)`` of one unrolled module (its matrix ``dims``)."""
+           dims: tree.ResolvedDims, dn: tree.DimensionNumbers | None,
+           base: Any = None) -> tuple:
+    """``(adapter, trainable, frozen)`` of one unrolled module (its matrix ``dims``).
+
+    ``base`` returns the module's ``(in, out)`` base matrix (KaSA rebuilds its
+    truncation from it).
+    """
     def arr(x: np.ndarray) -> jax.Array:
         return jnp.asarray(x, dtype)
 
@@ -474,8 +481,8 @@ def _build(peft_type: str, config: dict, upath: str, key: _peft_keys.PeftKey,
                   init=(_adapters.LoRAInit.EMBEDDING if emb
                         else _adapters.LoRAInit.KAIMING_UNIFORM))
         variant = _peft_lora_variants.read_module(config, module, got, kw, dims, emb,
-                                                  use_dora, arr, source)
-        if variant is not None:  # QA-LoRA, BD-LoRA, MonteCLoRA
+                                                  use_dora, arr, source, base)
+        if variant is not None:  # QA-LoRA, BD-LoRA, MonteCLoRA, KaSA
             return variant
         if use_dora:
             if emb:

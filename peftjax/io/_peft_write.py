@@ -67,6 +67,7 @@ _TYPES = {
     _adapters.QALoRAParams: "LORA",
     _adapters.BdLoRAParams: "LORA",
     _adapters.MonteCLoRAParams: "LORA",
+    _adapters.KaSAParams: "LORA",
     _adapters.VeRAParams: "VERA",
     _adapters.ScaleParams: "IA3",
     _adapters.LNTuningParams: "LN_TUNING",

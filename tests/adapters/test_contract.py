@@ -26,6 +26,7 @@ from tests.adapters.test_bdlora import ref_bdlora
 from tests.adapters.test_beft import ref_beft
 from tests.adapters.test_boft import ref_boft
 from tests.adapters.test_c3a import ref_c3a
+from tests.adapters.test_clover import ref_clover
 from tests.adapters.test_deft import ref_deft
 from tests.adapters.test_delora import ref_delora
 from tests.adapters.test_dylora import ref_dylora
@@ -37,6 +38,7 @@ from tests.adapters.test_gralora import ref_gralora
 from tests.adapters.test_hira import ref_hira
 from tests.adapters.test_hra import ref_hra
 from tests.adapters.test_increlora import ref_increlora
+from tests.adapters.test_kasa import ref_kasa
 from tests.adapters.test_lamda import ref_lamda
 from tests.adapters.test_lokr import lokr_count, ref_lokr
 from tests.adapters.test_loldu import ref_loldu
@@ -51,6 +53,7 @@ from tests.adapters.test_pvera import ref_pvera
 from tests.adapters.test_qalora import ref_qalora
 from tests.adapters.test_randlora import randlora_count, ref_randlora
 from tests.adapters.test_road import ref_road
+from tests.adapters.test_salt import ref_salt
 from tests.adapters.test_shira import ref_shira
 from tests.adapters.test_supertuning import ref_supertuning
 from tests.adapters.test_svft import ref_svft
@@ -494,11 +497,34 @@ ADAPTERS = [
         lambda w, t, f: ref_lora_b_only(w, t, f, s=2.0),
         lambda i, o: 3 * o,
     ),
+    (
+        # not the identity at init: the base loses its 3 smallest singular components
+        "kasa",
+        lambda: adapters.kasa(3, alpha=6.0),
+        False,
+        lambda w, t, f: ref_kasa(w, t, f, s=2.0),
+        lambda i, o: 3 * (i + o) + 3,
+    ),
+    (
+        "salt",
+        lambda: adapters.salt(2, lora_rank=2),
+        True,
+        ref_salt,
+        lambda i, o: 2 * 2 + 2 * (min(i, o) - 2) * 2,
+    ),
+    (
+        # the base at init up to rounding (W_h rebuilt from its SVD)
+        "clover",
+        lambda: adapters.clover(2),
+        True,
+        ref_clover,
+        lambda i, o: o * 2,
+    ),
 ]
 IDS = [a[0] for a in ADAPTERS]
-# Adapters that pair output features (RoAd rotates pairs): the suite's odd
-# output width 5 becomes 6 for them.
-_EVEN_OUT = ("road",)
+# Adapters that pair output features (RoAd rotates pairs, CLOVER's heads of 2):
+# the suite's odd output width 5 becomes 6 for them.
+_EVEN_OUT = ("road", "clover")
 
 
 def _o(name, n_out=5):
@@ -544,10 +570,11 @@ def test_identity_at_init(name, factory, identity, ref, count, getkey):
     w = _w((6, _o(name)))
     t, f = _jit_init(ad)(getkey(), w)
     got = _jit_apply(ad)(w, t, f)
-    if identity and name != "dora":
+    if identity and name not in ("dora", "clover"):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
     elif identity:
-        # DoRA divides by the recomputed norm: identity up to rounding.
+        # DoRA divides by the recomputed norm, CLOVER rebuilds each head block from
+        # its SVD: identity up to rounding.
         np.testing.assert_allclose(h.f64(got), h.f64(w), **h.MATMUL_F32)
     else:  # not the identity at init (as PEFT): the documented initial delta
         assert np.abs(ref(w, t, f) - h.f64(w)).max() > 0
@@ -890,8 +917,10 @@ def test_adapter_counts_match_formula_on_stacked_kernel():
 
 
 # LN tuning has no factored form (W' = V is the trained leaf itself), nor
-# trainable tokens (W' = W with k rows replaced: a scatter, looked up by a gather).
-_NO_FACTORED = ("ln_tuning", "trainable_tokens")
+# trainable tokens (W' = W with k rows replaced: a scatter, looked up by a gather),
+# nor SALT (a ReLU of a dense block of the singular-value matrix: a factored row
+# would cost more than the base product).
+_NO_FACTORED = ("ln_tuning", "trainable_tokens", "salt")
 
 
 @pytest.mark.parametrize("name,factory,identity,ref,count",
