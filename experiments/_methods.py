@@ -203,6 +203,27 @@ def _riemannian(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
         weight_decay=run.weight_decay))
 
 
+def _lamda(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+           init_data: InitData | None = None) -> Setup:
+    """LaMDA at LoRA's rank and alpha, its second projection gradually frozen after AdamW."""
+    setup = _adapter_method(lambda c: adapters.lamda(c.rank, alpha=c.alpha),
+                            peft=False)(cfg, params, run, key)
+    return setup._replace(optimizer=optax.chain(
+        setup.optimizer, adapters.lamda_freeze(run.total_steps)))
+
+
+def _clover(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+            init_data: InitData | None = None) -> Setup:
+    """CLOVER: per-head d×d singular-value matrices on q, k, v (RoPE and GQA leave
+    ``clover_orthogonalize`` a no-op: the adapter orthogonalises each head)."""
+    if init_data is None or init_data.config is None:
+        raise ValueError("--method=clover needs the model's config (init_data=InitData"
+                         "(..., config=lm.config)): its blocks are the attention heads")
+    build = _adapter_method(lambda c: adapters.clover(init_data.config.head_dim), peft=False,
+                            where=r"(.*/)?self_attn/(q_proj|k_proj|v_proj)/kernel")
+    return build(cfg, params, run, key)
+
+
 def _init_method(make: Any, label: str) -> Any:
     """A data-driven init without statistics; PEFT export: plain LoRA (to_lora)."""
     def build(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
@@ -411,6 +432,33 @@ METHODS: dict[str, Callable[..., Setup]] = {
     # MiCA: b frozen on W's r minor singular directions, a trains: r·in per matrix
     "mica": _init_method(lambda c: inits.mica(c.rank, alpha=c.alpha), "MiCA (frozen b)"),
     "sparse": _sparse,  # SpIEL: drop-and-regrow inside the step
+    # Tier 2, part 1 (no PEFT format unless said)
+    # SVFT plain: the diagonal of M on W's own singular vectors + the authors' gate
+    "svft": _adapter_method(lambda c: adapters.svft(), peft=False),
+    # LoLDU: the full-width LDU diagonal, min(in, out) per matrix, scaling 1/r
+    "loldu": _adapter_method(lambda c: adapters.loldu(), peft=False),
+    # VectorFit: all singular values (Llama has no biases), min(in, out) per matrix
+    "vectorfit": _adapter_method(lambda c: adapters.vectorfit(), peft=False),
+    # KaSA (PEFT's kasa_config LoRA variant): r·(in+out) + r per matrix
+    "kasa": _adapter_method(lambda c: adapters.kasa(c.rank)),
+    # SALT: top 10% singular values scaled/shifted + a rank-r update of the rest
+    "salt": _adapter_method(lambda c: adapters.salt(0.1, lora_rank=c.rank), peft=False),
+    "clover": _clover,
+    # MoRA type 6 (RoPE blocks): one r̂×r̂ square per matrix at LoRA's count
+    "mora": _adapter_method(lambda c: adapters.mora(c.rank, mora_type=6), peft=False),
+    "lamda": _lamda,  # r² + r·out trainable, the second projection frozen row by row
+    # FLoRA on (in, out) kernels: Tucker core r×r and both factors, scale 2
+    "flora": _adapter_method(lambda c: adapters.flora(c.rank, scale=2.0), peft=False),
+    # DyLoRA at r_max = rank; the trainer draws no per-step rank (b = r_max here;
+    # adapters.dylora_set_rank between steps samples b)
+    "dylora": _adapter_method(lambda c: adapters.dylora(c.rank, alpha=c.alpha),
+                              peft=False),
+    # IncreLoRA: 2·rank slots; without increlora_grow it trains at its initial rank
+    "increlora": _adapter_method(lambda c: adapters.increlora(2 * c.rank, alpha=c.alpha),
+                                 peft=False),
+    # B-only LoRA: frozen random orthogonal A, r·out trainable
+    "lora_b_only": _adapter_method(lambda c: adapters.lora_b_only(c.rank, alpha=c.alpha),
+                                   peft=False),
     # prompts, prefixes and hooks (_methods_inputs): Setup.model calls the model
     **INPUT_METHODS,
 }
