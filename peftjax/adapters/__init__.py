@@ -121,6 +121,10 @@ from peftjax.adapters._hra import HRAParams as HRAParams
 from peftjax.adapters._hra import hra as hra
 from peftjax.adapters._hra import hra_orthogonality as hra_orthogonality
 from peftjax.adapters._hra import hra_rotation as hra_rotation
+from peftjax.adapters._l4q import L4QParams as L4QParams
+from peftjax.adapters._l4q import fake_quant as fake_quant
+from peftjax.adapters._l4q import l4q as l4q
+from peftjax.adapters._l4q import l4q_quantized as l4q_quantized
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
 from peftjax.adapters._lift import path_key as path_key
@@ -507,6 +511,10 @@ __all__ = [
     "hra_rotation",
     "hra_orthogonality",
     "QALoRAParams",
+    "L4QParams",
+    "fake_quant",
+    "l4q",
+    "l4q_quantized",
     "qalora",
     "BdLoRAParams",
     "bdlora",
