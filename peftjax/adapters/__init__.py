@@ -145,6 +145,13 @@ from peftjax.adapters._lora import scaling_value as scaling_value
 from peftjax.adapters._lora_xs import LoRAXSBasis as LoRAXSBasis
 from peftjax.adapters._lora_xs import LoRAXSParams as LoRAXSParams
 from peftjax.adapters._lora_xs import lora_xs as lora_xs
+from peftjax.adapters._loram import LoRAMCut as LoRAMCut
+from peftjax.adapters._loram import LoRAMGroup as LoRAMGroup
+from peftjax.adapters._loram import loram_group as loram_group
+from peftjax.adapters._loram import loram_masks as loram_masks
+from peftjax.adapters._loram import loram_plan as loram_plan
+from peftjax.adapters._loram import loram_prune as loram_prune
+from peftjax.adapters._loram import loram_recover as loram_recover
 from peftjax.adapters._lowrank import compute_dtype as compute_dtype
 from peftjax.adapters._miss import MiSSParams as MiSSParams
 from peftjax.adapters._miss import MiSSVariant as MiSSVariant
@@ -515,6 +522,13 @@ __all__ = [
     "fake_quant",
     "l4q",
     "l4q_quantized",
+    "LoRAMCut",
+    "LoRAMGroup",
+    "loram_group",
+    "loram_masks",
+    "loram_plan",
+    "loram_prune",
+    "loram_recover",
     "qalora",
     "BdLoRAParams",
     "bdlora",
