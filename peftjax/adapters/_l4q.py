@@ -58,7 +58,6 @@ refuses L4Q; keep ``W0``.
 Exports: ``L4QParams``, ``l4q``, ``l4q_quantized``, ``fake_quant``.
 """
 
-import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
@@ -333,11 +332,13 @@ def l4q_quantized(adapter: _protocol.Adapter, w: jax.Array, trainable: L4QParams
     step = trainable.step.astype(jnp.float32)
     nb = n_in // bs
     q = jnp.clip(jnp.round(merged.reshape(nb, bs, n_out) / step[:, None, :]), qn, qp)
+    import qwix
+
+    qtype = jnp.int4 if hp["bits"] == 4 else jnp.int8
     fmt = (quant.int4 if hp["bits"] == 4 else quant.int8)(block_size=bs)
-    template = quant.quantize(jnp.zeros((n_in, n_out), w.dtype), fmt)
-    qtype = template.blocks.qvalue.dtype
-    blocks = dataclasses.replace(
-        template.blocks,
-        qvalue=jnp.transpose(q, (2, 0, 1)).astype(qtype),       # (out, nb, bs)
-        scale=jnp.transpose(step)[:, :, None].astype(template.blocks.scale.dtype))
+    # the layout of peftjax.quant's qwix blocks: (out, nb, block_size) values,
+    # (out, nb, 1) float32 scales, no zero point
+    blocks = qwix.QArray(qvalue=jnp.transpose(q, (2, 0, 1)).astype(qtype),
+                         scale=jnp.transpose(step)[:, :, None], zero_point=None,
+                         qtype=qtype)
     return quant.QuantizedArray(blocks, fmt, w.dtype)
