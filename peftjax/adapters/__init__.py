@@ -152,6 +152,10 @@ from peftjax.adapters._kasa import KaSAParams as KaSAParams
 from peftjax.adapters._kasa import kasa as kasa
 from peftjax.adapters._kasa import kasa_basis as kasa_basis
 from peftjax.adapters._kasa import kasa_loss as kasa_loss
+from peftjax.adapters._l4q import L4QParams as L4QParams
+from peftjax.adapters._l4q import fake_quant as fake_quant
+from peftjax.adapters._l4q import l4q as l4q
+from peftjax.adapters._l4q import l4q_quantized as l4q_quantized
 from peftjax.adapters._lamda import LaMDABasis as LaMDABasis
 from peftjax.adapters._lamda import LaMDAFreezeState as LaMDAFreezeState
 from peftjax.adapters._lamda import LaMDAParams as LaMDAParams
@@ -187,6 +191,13 @@ from peftjax.adapters._lora_b_only import lora_b_only as lora_b_only
 from peftjax.adapters._lora_xs import LoRAXSBasis as LoRAXSBasis
 from peftjax.adapters._lora_xs import LoRAXSParams as LoRAXSParams
 from peftjax.adapters._lora_xs import lora_xs as lora_xs
+from peftjax.adapters._loram import LoRAMCut as LoRAMCut
+from peftjax.adapters._loram import LoRAMGroup as LoRAMGroup
+from peftjax.adapters._loram import loram_group as loram_group
+from peftjax.adapters._loram import loram_masks as loram_masks
+from peftjax.adapters._loram import loram_plan as loram_plan
+from peftjax.adapters._loram import loram_prune as loram_prune
+from peftjax.adapters._loram import loram_recover as loram_recover
 from peftjax.adapters._lowrank import compute_dtype as compute_dtype
 from peftjax.adapters._miss import MiSSParams as MiSSParams
 from peftjax.adapters._miss import MiSSVariant as MiSSVariant
@@ -365,24 +376,26 @@ __all__ = [
     "cpt_prompt", "cpt_update_mask", "CPTParams", "deft", "DeFTParams", "delete", "delora",
     "DeLoRANorm", "DeLoRAParams", "disable", "dora", "DoRAParams", "dylora",
     "dylora_sample_rank", "dylora_set_rank", "DyLoRAParams", "DyLoRARank", "FactoredForm",
-    "FactoredTerms", "flora", "FLoRAParams", "fold", "fourierft", "fourierft_indices",
-    "FourierFTIndices", "FourierFTParams", "frod", "frod_basis", "frod_nnz", "FRoDFrozen",
-    "FRoDParams", "glora", "GLoRAParams", "gralora", "GraLoRAParams", "hira", "HiRAParams",
-    "Hooks", "hra", "hra_orthogonality", "hra_rotation", "HRAParams", "ia3", "increlora",
-    "increlora_grow", "increlora_init_importance", "increlora_module_scores",
-    "increlora_orthogonality", "increlora_update_importance", "increlora_value_and_grad",
-    "IncreLoRAImportance", "IncreLoRAParams", "IncreLoRARank", "init", "kasa", "kasa_basis",
-    "kasa_loss", "KaSABasis", "KaSAParams", "lamda", "lamda_freeze", "lamda_frozen_rows",
-    "lamda_plus_ranks", "LaMDABasis", "LaMDAFreezeState", "LaMDAParams", "ldu",
-    "lift_matrix", "ln_tuning", "LNTuningParams", "loha", "LoHaParams", "lokr",
-    "lokr_factorization", "LoKrInit", "LoKrParams", "loldu", "LoLDUFactors", "LoLDUParams",
-    "lora", "lora_b_only", "lora_conv", "lora_xs", "LoRABOnlyFrozen", "LoRABOnlyInit",
-    "LoRABOnlyParams", "LoRAInit", "LoRAParams", "LoRAXSBasis", "LoRAXSParams",
-    "LowRankDelta", "LSTMLayer", "map_slices", "materialize", "miss", "MiSSParams",
-    "MiSSVariant", "monteclora", "monteclora_loss", "monteclora_sample",
-    "MonteCLoRABuffers", "MonteCLoRAParams", "mora", "mora_rank", "MoRAParams",
-    "multitask_prompt", "multitask_prompt_tuning", "MultitaskPromptParams", "NamedAdapter",
-    "nola", "nola_basis", "NOLABasis", "NOLAParams", "num_trainable", "oft",
+    "FactoredTerms", "fake_quant", "flora", "FLoRAParams", "fold", "fourierft",
+    "fourierft_indices", "FourierFTIndices", "FourierFTParams", "frod", "frod_basis",
+    "frod_nnz", "FRoDFrozen", "FRoDParams", "glora", "GLoRAParams", "gralora",
+    "GraLoRAParams", "hira", "HiRAParams", "Hooks", "hra", "hra_orthogonality",
+    "hra_rotation", "HRAParams", "ia3", "increlora", "increlora_grow",
+    "increlora_init_importance", "increlora_module_scores", "increlora_orthogonality",
+    "increlora_update_importance", "increlora_value_and_grad", "IncreLoRAImportance",
+    "IncreLoRAParams", "IncreLoRARank", "init", "kasa", "kasa_basis", "kasa_loss",
+    "KaSABasis", "KaSAParams", "l4q", "l4q_quantized", "L4QParams", "lamda", "lamda_freeze",
+    "lamda_frozen_rows", "lamda_plus_ranks", "LaMDABasis", "LaMDAFreezeState",
+    "LaMDAParams", "ldu", "lift_matrix", "ln_tuning", "LNTuningParams", "loha",
+    "LoHaParams", "lokr", "lokr_factorization", "LoKrInit", "LoKrParams", "loldu",
+    "LoLDUFactors", "LoLDUParams", "lora", "lora_b_only", "lora_conv", "lora_xs",
+    "LoRABOnlyFrozen", "LoRABOnlyInit", "LoRABOnlyParams", "LoRAInit", "loram_group",
+    "loram_masks", "loram_plan", "loram_prune", "loram_recover", "LoRAMCut", "LoRAMGroup",
+    "LoRAParams", "LoRAXSBasis", "LoRAXSParams", "LowRankDelta", "LSTMLayer", "map_slices",
+    "materialize", "miss", "MiSSParams", "MiSSVariant", "monteclora", "monteclora_loss",
+    "monteclora_sample", "MonteCLoRABuffers", "MonteCLoRAParams", "mora", "mora_rank",
+    "MoRAParams", "multitask_prompt", "multitask_prompt_tuning", "MultitaskPromptParams",
+    "NamedAdapter", "nola", "nola_basis", "NOLABasis", "NOLAParams", "num_trainable", "oft",
     "oft_block_size", "oft_project", "OFTParams", "osf", "osf_rank", "OSFBasis",
     "OSFParams", "p_tuning", "p_tuning_prompt", "path_key", "peanut", "PEANUTParams",
     "poly_init", "poly_weights", "PolyHook", "PolyParams", "prefix_kv", "prefix_tuning",

@@ -39,6 +39,7 @@ from tests.adapters.test_hira import ref_hira
 from tests.adapters.test_hra import ref_hra
 from tests.adapters.test_increlora import ref_increlora
 from tests.adapters.test_kasa import ref_kasa
+from tests.adapters.test_l4q import ref_l4q
 from tests.adapters.test_lamda import ref_lamda
 from tests.adapters.test_lokr import lokr_count, ref_lokr
 from tests.adapters.test_loldu import ref_loldu
@@ -520,6 +521,15 @@ ADAPTERS = [
         ref_clover,
         lambda i, o: o * 2,
     ),
+    (
+        # per-channel steps (block_size=None: the suite's widths share no block);
+        # Q(W0) at init, not the identity (test_l4q.py covers blocks and offsets)
+        "l4q",
+        lambda: adapters.l4q(3, bits=4, block_size=None, alpha=6.0),
+        False,
+        lambda w, t, f: ref_l4q(w, t, f, s=2.0),
+        lambda i, o: 3 * (i + o) + o,
+    ),
 ]
 IDS = [a[0] for a in ADAPTERS]
 # Adapters that pair output features (RoAd rotates pairs, CLOVER's heads of 2):
@@ -595,9 +605,14 @@ def test_closed_form_matches_float64_reference(name, factory, identity, ref, cou
 # DoRA's norm is a constant in backprop (paper §4.3), so numerical gradients
 # differ by design; test_dora_gradient_treats_norm_as_constant covers it. OSF
 # projects its gradients off the preserved subspace by design (tests/adapters/test_osf.py).
+# L4Q rounds (a step function) and passes gradients straight through
+# (tests/adapters/test_l4q.py checks its STE/LSQ gradients in closed form).
+_NO_NUMERICAL_GRAD = ("dora", "osf", "l4q")
+
+
 @pytest.mark.parametrize("name,factory,identity,ref,count",
-                         [a for a in ADAPTERS if a[0] not in ("dora", "osf")],
-                         ids=[i for i in IDS if i not in ("dora", "osf")])
+                         [a for a in ADAPTERS if a[0] not in _NO_NUMERICAL_GRAD],
+                         ids=[i for i in IDS if i not in _NO_NUMERICAL_GRAD])
 def test_gradients_match_numerical(name, factory, identity, ref, count, getkey):
     ad = factory()
     w = _w((5, 4))
@@ -737,7 +752,13 @@ def test_determinism_and_rule_independence(name, factory, identity, ref, count):
                            **h.EXACT)
 
 
-@pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
+# L4Q's merged weight is rounded: W0 cannot be recovered (no unapply).
+_NO_UNFOLD = ("l4q",)
+
+
+@pytest.mark.parametrize("name,factory,identity,ref,count",
+                         [a for a in ADAPTERS if a[0] not in _NO_UNFOLD],
+                         ids=[i for i in IDS if i not in _NO_UNFOLD])
 def test_fold_unfold_roundtrip(name, factory, identity, ref, count, getkey):
     ad = factory()
     for dtype, tol in ((jnp.float32, h.MATMUL_F32), (jnp.bfloat16, h.BF16)):
@@ -919,8 +940,9 @@ def test_adapter_counts_match_formula_on_stacked_kernel():
 # LN tuning has no factored form (W' = V is the trained leaf itself), nor
 # trainable tokens (W' = W with k rows replaced: a scatter, looked up by a gather),
 # nor SALT (a ReLU of a dense block of the singular-value matrix: a factored row
-# would cost more than the base product).
-_NO_FACTORED = ("ln_tuning", "trainable_tokens", "salt")
+# would cost more than the base product), nor L4Q (W' = Q(W0 + s·A@B) is rounded
+# as a whole: it is the weight).
+_NO_FACTORED = ("ln_tuning", "trainable_tokens", "salt", "l4q")
 
 
 @pytest.mark.parametrize("name,factory,identity,ref,count",
