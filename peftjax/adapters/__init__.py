@@ -13,7 +13,7 @@ per example.
 Apart from these weight reparametrisations, soft prompts and prefixes
 (``prompt_tuning``, ``prefix_tuning``, ``prefix_kv``, P-tuning's encoder
 ``p_tuning``, multitask prompts ``multitask_prompt_tuning``, ``cpt``,
-``cartridge``) are not ``Adapter``s: they change no weight and are passed to
+``cartridge``, DePT's short prompt and input offset ``dept``) are not ``Adapter``s: they change no weight and are passed to
 the model as extra inputs.
 
 A new adapter is one ``_<method>.py`` file (a factory returning
@@ -97,6 +97,10 @@ from peftjax.adapters._deft import deft as deft
 from peftjax.adapters._delora import DeLoRANorm as DeLoRANorm
 from peftjax.adapters._delora import DeLoRAParams as DeLoRAParams
 from peftjax.adapters._delora import delora as delora
+from peftjax.adapters._dept import DePTParams as DePTParams
+from peftjax.adapters._dept import dept as dept
+from peftjax.adapters._dept import dept_embeddings as dept_embeddings
+from peftjax.adapters._dept import dept_labels as dept_labels
 from peftjax.adapters._dora import DoRAParams as DoRAParams
 from peftjax.adapters._dora import dora as dora
 from peftjax.adapters._fourierft import FourierFTIndices as FourierFTIndices
@@ -411,6 +415,10 @@ __all__ = [
     "cpt_project",
     "cpt_prompt",
     "cpt_update_mask",
+    "DePTParams",
+    "dept",
+    "dept_embeddings",
+    "dept_labels",
     "MultitaskPromptParams",
     "multitask_prompt",
     "multitask_prompt_tuning",

@@ -1,0 +1,131 @@
+"""DePT: a short soft prompt plus a low-rank, position-wise input-embedding offset.
+
+The reference is the authors' forward (github.com/ZhengxiangShi/DePT),
+restated in torch by ``scripts/golden/dept_make.py`` and run through Hugging
+Face's Llama on the committed tiny base (``tests/adapters/golden/dept``).
+"""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from peftjax import adapters, train, tree
+from peftjax import models as pm
+from tests import helpers as h
+from tests.io.tuner_checks import load
+
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "dept" / "dept.npz"
+
+
+def _forward(g, params, p, ids, alpha=8.0):
+    """The recipe: the whole input as a soft prompt over zero tokens."""
+    emb = params["embed_tokens"]["embedding"][ids]
+    h0 = adapters.dept_embeddings(p, emb, alpha=alpha)
+    return pm.apply(g, params, ids[:, :0], prompt_embeddings=h0, keep_prompt_logits=True)
+
+
+_jit_forward = jax.jit(_forward, static_argnums=(0, 4))  # one compile per shape
+
+
+def test_authors_forward_on_the_tiny_llama():
+    ref = np.load(GOLDEN)
+    g, params, _, _ = load("llama")
+    ids = jnp.asarray(ref["ids"])
+    p = adapters.DePTParams(prompt=jnp.asarray(ref["prompt"]), a=jnp.asarray(ref["a"]),
+                            b=jnp.asarray(ref["b"]))
+    h0 = adapters.dept_embeddings(p, params["embed_tokens"]["embedding"][ids],
+                                  alpha=float(ref["alpha"]))
+    np.testing.assert_allclose(np.asarray(h0), ref["h0"], atol=1e-6)
+    assert float(ref["alpha"]) == 8.0
+    logits = _jit_forward(g, params, p, ids, 8.0)
+    np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-4)
+    # the offset moves the logits far beyond the bar
+    off = _jit_forward(g, params, p._replace(b=jnp.zeros_like(p.b)), ids, 8.0)
+    assert np.abs(np.asarray(off) - ref["logits"]).max() > 1e-1
+    # the authors' kaiming-uniform bound for A (s, r): 1/sqrt(r)
+    assert float(ref["kaiming_bound"]) == pytest.approx(1 / np.sqrt(ref["a"].shape[1]))
+
+
+def test_identity_at_init_is_prompt_tuning_and_a_float64_transcription():
+    g, params, _, _ = load("llama")
+    table = params["embed_tokens"]["embedding"]
+    p = adapters.dept(jax.random.key(0), 3, table, rank=2, max_length=8)
+    ids = jnp.asarray(np.load(GOLDEN)["ids"])
+    # B = 0: the model sees prompt tuning with P_s.
+    got = _jit_forward(g, params, p, ids, 8.0)[:, 3:]
+    want = jax.jit(lambda q: pm.apply(g, params, ids, prompt_embeddings=q))(p.prompt)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    # the init: A ~ U(-1/sqrt(r), 1/sqrt(r)) (the authors' kaiming-uniform), B = 0
+    assert 0.5 / np.sqrt(2) < float(jnp.abs(p.a).max()) <= 1 / np.sqrt(2)
+    assert not np.any(np.asarray(p.b))
+    # float64: h0 = [P_s ; E + alpha/sqrt(r) A[:T] B] for T = 6 < s = 10, unbatched,
+    # and bfloat16 inputs
+    rng = np.random.default_rng(1)
+    p = p._replace(a=jnp.asarray(rng.standard_normal((10, 2)), jnp.float32),
+                   b=jnp.asarray(rng.standard_normal((2, 16)), jnp.float32))
+    emb = np.asarray(table, np.float64)[np.asarray(ids[0, :6])]
+    a, b = np.asarray(p.a, np.float64), np.asarray(p.b, np.float64)
+    ref = np.concatenate([np.asarray(p.prompt, np.float64),
+                          emb + 3.0 / np.sqrt(2) * a[:6] @ b])
+    got, bf = jax.jit(lambda p, x: (adapters.dept_embeddings(p, x[0], alpha=3.0),
+                                    adapters.dept_embeddings(p, x.astype(jnp.bfloat16))))(
+        p, table[ids[:, :6]])
+    np.testing.assert_allclose(h.f64(got), ref, **h.MATMUL_F32)
+    assert bf.dtype == jnp.bfloat16 and bf.shape == (2, 9, 16)
+
+
+def test_counts_and_bad_inputs():
+    table = jnp.zeros((10, 16))
+    p = adapters.dept(jax.random.key(0), 3, table, rank=2, max_length=5)
+    assert sum(x.size for x in jax.tree.leaves(p)) == 3 * 16 + 2 * (5 + 16)
+    # the paper's budget: m = 40, r = 45 at s = 256 is prompt tuning's l = 100 on T5-Base
+    assert 40 * 768 + 45 * (256 + 768) == 100 * 768
+    with pytest.raises(ValueError, match=r"T <= max_length 5, got shape \(2, 6, 16\)"):
+        adapters.dept_embeddings(p, jnp.zeros((2, 6, 16)))
+    with pytest.raises(ValueError, match=r"\(B, T, 16\)"):
+        adapters.dept_embeddings(p, jnp.zeros((2, 4, 8)))
+    with pytest.raises(ValueError, match="rank 6 exceeds"):
+        adapters.dept(jax.random.key(0), 3, table, rank=6, max_length=5)
+    with pytest.raises(ValueError, match="num_tokens"):
+        adapters.dept(jax.random.key(0), 0, table, rank=2, max_length=5)
+    with pytest.raises(ValueError, match="vocab, d"):
+        adapters.dept(jax.random.key(0), 2, jnp.zeros(4), rank=1, max_length=5)
+    with pytest.raises(TypeError, match="DePTParams"):
+        adapters.dept_embeddings(adapters.PromptParams(table), jnp.zeros((2, 16)))
+
+
+def test_two_learning_rates_train_the_tiny_llama():
+    g, params, _, _ = load("llama")
+    p = adapters.dept(jax.random.key(0), 3, params["embed_tokens"]["embedding"], rank=2,
+                      max_length=8)
+    ids = jnp.asarray([[1, 5, 9, 33, 2, 63, 17, 8], [4, 4, 40, 12, 0, 7, 50, 3]])
+    both = {"model": params, "dept": p}
+
+    def loss_fn(q, batch):
+        logits = _forward(g, q["model"], q["dept"], batch)[:, 3:-1]
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1))
+
+    opt = optax.partition(
+        {"prompt": optax.adam(3e-1), "low_rank": optax.adam(5e-3)},
+        train.hybrid_labels(full=lambda path: "prompt" if path.endswith("/prompt")
+                            else "low_rank"))
+    t = train.trainer(loss_fn, opt, adapters={},
+                      full=[tree.Rule(where=r"dept/.*", then=True)])
+    state = t.init(jax.random.key(0), both)
+    state, m0 = t.step(state, ids, both)
+    got = state.trainable["full"]
+    # Adam's first step moves every entry by its learning rate: 3e-1 for the
+    # prompt, 5e-3 for B (A's gradient is 0 while B = 0).
+    np.testing.assert_allclose(np.abs(np.asarray(got["dept/prompt"] - p.prompt)), 3e-1,
+                               rtol=1e-3)
+    np.testing.assert_allclose(np.abs(np.asarray(got["dept/b"])), 5e-3, rtol=1e-3)
+    np.testing.assert_array_equal(got["dept/a"], p.a)
+    for _ in range(7):
+        state, m = t.step(state, ids, both)
+    assert float(m["loss"]) < float(m0["loss"]) - 0.1
+    assert float(jnp.abs(state.trainable["full"]["dept/a"] - p.a).max()) > 0
