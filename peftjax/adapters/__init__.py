@@ -13,8 +13,9 @@ per example.
 Apart from these weight reparametrisations, soft prompts and prefixes
 (``prompt_tuning``, ``prefix_tuning``, ``prefix_kv``, P-tuning's encoder
 ``p_tuning``, multitask prompts ``multitask_prompt_tuning``, ``cpt``,
-``cartridge``, DePT's short prompt and input offset ``dept``) are not ``Adapter``s: they change no weight and are passed to
-the model as extra inputs.
+``cartridge``, DePT's short prompt and input offset ``dept``) are not
+``Adapter``s: they change no weight and are passed to the model as extra
+inputs.
 
 A new adapter is one ``_<method>.py`` file (a factory returning
 ``lift_matrix(...)``), its re-export below, and one entry in the contract
