@@ -54,9 +54,10 @@ class ColaResult(NamedTuple):
     Attributes:
       params: the base with every link of the chain merged in (the model to
         evaluate or export; no adapter is left).
-      bases: the base at the start of each link and the final one
-        (``len(cycles) + 1`` trees; ``bases[0]`` is the given ``params``,
-        ``bases[-1] is params``).
+      bases: with ``keep_bases=True``, the base at the start of each link and
+        the final one (``len(cycles) + 1`` trees; ``bases[0]`` is the given
+        ``params``, ``bases[-1] is params``; unadapted leaves are shared, each
+        tree holds its own adapted leaves); otherwise None.
       state: the last link's final ``TrainState`` (already merged into
         ``params``).
       fits: one ``train.FitResult`` per link (its ``history`` counts steps
@@ -66,7 +67,7 @@ class ColaResult(NamedTuple):
     """
 
     params: PyTree
-    bases: list[PyTree]
+    bases: list[PyTree] | None
     state: TrainState
     fits: list[FitResult]
     history: list[dict[str, Any]]
@@ -91,7 +92,7 @@ def cola(t: Trainer, params: PyTree, batches: Any, *, key: jax.Array,
          eval_fn: Callable[[PyTree], Mapping[str, Any]] | None = None,
          eval_every: int = 0, schedule: Callable[[int], Any] | None = None,
          progress: bool = True, desc: str = "cola",
-         max_skipped_in_a_row: int = 10) -> ColaResult:
+         max_skipped_in_a_row: int = 10, keep_bases: bool = False) -> ColaResult:
     """Trains a chain of LoRA modules (COLA): train, merge, re-initialise, repeat.
 
     Link ``j`` (0-based) starts ``t.init(jax.random.fold_in(key, j), base)``
@@ -123,6 +124,8 @@ def cola(t: Trainer, params: PyTree, batches: Any, *, key: jax.Array,
       progress: a tqdm bar per link.
       desc: the bars' label (``"<desc> 1/M"``, ...).
       max_skipped_in_a_row: see ``train.fit``.
+      keep_bases: also return every intermediate base (``ColaResult.bases``;
+        each holds a copy of the adapted leaves, so this costs memory).
 
     Returns:
       A ``ColaResult``.
@@ -139,9 +142,9 @@ def cola(t: Trainer, params: PyTree, batches: Any, *, key: jax.Array,
       >>> params = {"w": jnp.zeros((3, 3))}
       >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.lora(1))])
       >>> loss = lambda p, x: jnp.mean((x @ p["w"] - x @ w_target) ** 2)
-      >>> t = train.trainer(loss, optax.adam(0.05), adapters=a)
-      >>> r = train.cola(t, params, [jnp.eye(3)] * 900, key=jax.random.key(0),
-      ...                cycles=[300, 300, 300], progress=False)
+      >>> t = train.trainer(loss, optax.adam(0.1), adapters=a)
+      >>> r = train.cola(t, params, [jnp.eye(3)] * 300, key=jax.random.key(0),
+      ...                cycles=[100, 100, 100], progress=False, keep_bases=True)
       >>> [int(jnp.linalg.matrix_rank(b["w"], rtol=1e-3)) for b in r.bases]
       [0, 1, 2, 3]
     """
@@ -178,7 +181,9 @@ def cola(t: Trainer, params: PyTree, batches: Any, *, key: jax.Array,
         done += r.step
         state = r.state
         base = t.params(state, current)
-        bases.append(base)
+        if keep_bases:
+            bases.append(base)
         if r.interrupted_by is not None or r.step < n:
             break  # a signal or a finite iterable that ran out: stop the chain here
-    return ColaResult(params=base, bases=bases, state=state, fits=fits, history=history)
+    return ColaResult(params=base, bases=bases if keep_bases else None, state=state,
+                      fits=fits, history=history)
