@@ -201,8 +201,8 @@ def dept_labels(*, prompt: str = "prompt", low_rank: str = "low_rank") -> DePTPa
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> p = dept(jax.random.key(0), 2, jnp.ones((10, 4)), rank=2, max_length=5)
-      >>> opt = optax.partition({"prompt": optax.adam(3e-1), "low_rank": optax.adam(5e-3)},
+      >>> p = DePTParams(prompt=jnp.zeros((2, 4)), a=jnp.zeros((5, 2)), b=jnp.zeros((2, 4)))
+      >>> opt = optax.partition({"prompt": optax.sgd(3e-1), "low_rank": optax.sgd(5e-3)},
       ...                       dept_labels())
       >>> u, _ = opt.update(jax.tree.map(jnp.ones_like, p), opt.init(p), p)
       >>> round(float(u.prompt[0, 0]), 3), round(float(u.a[0, 0]), 3)

@@ -142,9 +142,9 @@ def cola(t: Trainer, params: PyTree, batches: Any, *, key: jax.Array,
       >>> params = {"w": jnp.zeros((3, 3))}
       >>> a = tree.assign(params, [tree.Rule(where="w", then=adapters.lora(1))])
       >>> loss = lambda p, x: jnp.mean((x @ p["w"] - x @ w_target) ** 2)
-      >>> t = train.trainer(loss, optax.adam(0.1), adapters=a)
-      >>> r = train.cola(t, params, [jnp.eye(3)] * 300, key=jax.random.key(0),
-      ...                cycles=[100, 100, 100], progress=False, keep_bases=True)
+      >>> t = train.trainer(loss, optax.adam(0.2), adapters=a)
+      >>> r = train.cola(t, params, [jnp.eye(3)] * 150, key=jax.random.key(0),
+      ...                cycles=[50, 50, 50], progress=False, keep_bases=True)
       >>> [int(jnp.linalg.matrix_rank(b["w"], rtol=1e-3)) for b in r.bases]
       [0, 1, 2, 3]
     """

@@ -1,5 +1,7 @@
 """train.cola: COLA's chain of LoRA (train, merge, re-initialise, reset optimizer state)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +13,10 @@ from peftjax import adapters, train, tree
 D = 6
 
 
+@functools.cache
 def _problem():
-    """A regression whose target is the base plus a rank-3 change (known spectrum)."""
+    """A regression whose target is the base plus a rank-3 change (known spectrum),
+    and one trainer for every test (one compile of its step)."""
     rng = np.random.default_rng(0)
     w0 = rng.standard_normal((D, D)).astype(np.float32) * 0.3
     u, _ = np.linalg.qr(rng.standard_normal((D, D)))
@@ -26,12 +30,12 @@ def _problem():
     def loss_fn(p, x):  # x = I: the loss is ||W - W*||_F^2 / D^2
         return jnp.mean((x @ p["w"] - x @ target) ** 2)
 
-    return params, assignment, loss_fn, target, sigma
+    t = train.trainer(loss_fn, optax.adam(0.05), adapters=assignment, donate=False)
+    return t, params, assignment, loss_fn, target, sigma
 
 
 def test_one_link_is_lora_then_fold_and_each_link_restarts():
-    params, assignment, loss_fn, _, _ = _problem()
-    t = train.trainer(loss_fn, optax.adam(0.05), adapters=assignment, donate=False)
+    t, params, assignment, loss_fn, _, _ = _problem()
     key = jax.random.key(3)
     batches = [jnp.eye(D)] * 20
     r = train.cola(t, params, batches, key=key, cycles=[12, 8], progress=False,
@@ -61,8 +65,7 @@ def test_one_link_is_lora_then_fold_and_each_link_restarts():
 
 
 def test_chain_goes_past_the_rank_of_one_link_and_the_loss_keeps_falling():
-    params, assignment, loss_fn, target, sigma = _problem()
-    t = train.trainer(loss_fn, optax.adam(0.05), adapters=assignment)
+    t, params, _, loss_fn, target, sigma = _problem()
     evals = []
     r = train.cola(t, params, iter([jnp.eye(D)] * 10**4), key=jax.random.key(0),
                    cycles=[150] * 3, progress=False, keep_bases=True,
@@ -88,8 +91,7 @@ def test_chain_goes_past_the_rank_of_one_link_and_the_loss_keeps_falling():
 
 
 def test_batches_continue_across_links_and_bad_arguments():
-    params, assignment, loss_fn, _, _ = _problem()
-    t = train.trainer(loss_fn, optax.sgd(0.1), adapters=assignment)
+    t, params, _, loss_fn, _, _ = _problem()
     drawn = []
 
     def gen():
