@@ -21,8 +21,9 @@ token sits at position ``t`` (the authors pad every input to
 rows). The budget matches prompt tuning of length ``l`` when
 ``m·d + r·(s + d) = l·d`` (the authors' T5-Base runs: ``l = 100`` as
 ``m = 40, r = 45`` at ``s = 256``). Training uses two learning rates, a
-large one for ``P_s`` and a small one for ``A, B`` (authors' scripts: 3e-1
-and 5e-3 .. 5e-4): ``optax.partition`` with ``dept_labels``.
+large one for ``P_s`` and usually a smaller one for ``A, B`` (the authors'
+GLUE script searches 3e-1, 4e-1 for the prompt and 5e-3, 3e-1, 5e-4 for
+``A, B``): ``optax.partition`` with ``dept_labels``.
 
 Initialisation follows the authors' code: ``A`` kaiming-uniform
 (``U(-1/sqrt(r), 1/sqrt(r))``, torch's ``kaiming_uniform_(a=sqrt(5))`` on an

@@ -100,7 +100,9 @@ def cola(t: Trainer, params: PyTree, batches: Any, *, key: jax.Array,
     ``cycles[j]`` steps of ``t.step`` with ``params=base``, and merges:
     ``base = t.params(state, base)``. The batches are consumed in order
     across links (link ``j`` continues where link ``j - 1`` stopped). With
-    ``cycles=[n]`` this is plain training followed by ``adapters.fold``.
+    ``cycles=[n]`` this is plain training followed by ``adapters.fold``. A
+    link stopped early (SIGTERM/SIGINT, or a finite iterable that ran out) is
+    merged and ends the chain (``ColaResult.fits[-1]`` says which).
 
     Args:
       t: a ``train.trainer`` with ``adapters=`` (adapter-only, hybrid or
