@@ -37,7 +37,10 @@ position, so no reparametrisation of the ``(vocab, d)`` table expresses it).
 It is an input of the model: ``dept_embeddings`` builds ``h_0`` from the
 looked-up token embeddings, and peftjax's Llama consumes it as a soft prompt
 covering the whole input (``prompt_embeddings=h_0`` with zero tokens,
-``keep_prompt_logits=True``; see ``dept_embeddings``). The offset costs one
+``keep_prompt_logits=True``; see ``dept_embeddings``). ``llama.generate``
+needs at least one token after its soft prompt, so it does not take DePT's
+input yet (the authors offset the input ids only, never generated tokens:
+a generate that starts from embeddings alone would serve). The offset costs one
 ``(T, r) @ (r, d)`` product per sequence (``r·d`` multiply-adds per row, the
 same for every example of a batch); nothing ``(vocab, d)`` or ``(s, d)`` is
 stored.
