@@ -13,8 +13,9 @@ per example.
 Apart from these weight reparametrisations, soft prompts and prefixes
 (``prompt_tuning``, ``prefix_tuning``, ``prefix_kv``, P-tuning's encoder
 ``p_tuning``, multitask prompts ``multitask_prompt_tuning``, ``cpt``,
-``cartridge``) are not ``Adapter``s: they change no weight and are passed to
-the model as extra inputs.
+``cartridge``, DePT's short prompt and input offset ``dept``) are not
+``Adapter``s: they change no weight and are passed to the model as extra
+inputs.
 
 A new adapter is one ``_<method>.py`` file (a factory returning
 ``lift_matrix(...)``), its re-export below, and one entry in the contract
@@ -102,6 +103,10 @@ from peftjax.adapters._deft import deft as deft
 from peftjax.adapters._delora import DeLoRANorm as DeLoRANorm
 from peftjax.adapters._delora import DeLoRAParams as DeLoRAParams
 from peftjax.adapters._delora import delora as delora
+from peftjax.adapters._dept import DePTParams as DePTParams
+from peftjax.adapters._dept import dept as dept
+from peftjax.adapters._dept import dept_embeddings as dept_embeddings
+from peftjax.adapters._dept import dept_labels as dept_labels
 from peftjax.adapters._dora import DoRAParams as DoRAParams
 from peftjax.adapters._dora import dora as dora
 from peftjax.adapters._dylora import DyLoRAParams as DyLoRAParams
@@ -155,7 +160,7 @@ from peftjax.adapters._kasa import kasa_loss as kasa_loss
 from peftjax.adapters._l4q import L4QParams as L4QParams
 from peftjax.adapters._l4q import fake_quant as fake_quant
 from peftjax.adapters._l4q import l4q as l4q
-from peftjax.adapters._l4q import l4q_quantized as l4q_quantized
+from peftjax.adapters._l4q import l4q_codes as l4q_codes
 from peftjax.adapters._lamda import LaMDABasis as LaMDABasis
 from peftjax.adapters._lamda import LaMDAFreezeState as LaMDAFreezeState
 from peftjax.adapters._lamda import LaMDAParams as LaMDAParams
@@ -374,20 +379,20 @@ __all__ = [
     "clover_orthogonalize", "CLOVERBasis", "CLOVERKernels", "CLOVERParams", "collection",
     "compose_hooks", "compute_dtype", "cpt", "cpt_inputs", "cpt_loss", "cpt_project",
     "cpt_prompt", "cpt_update_mask", "CPTParams", "deft", "DeFTParams", "delete", "delora",
-    "DeLoRANorm", "DeLoRAParams", "disable", "dora", "DoRAParams", "dylora",
-    "dylora_sample_rank", "dylora_set_rank", "DyLoRAParams", "DyLoRARank", "FactoredForm",
-    "FactoredTerms", "fake_quant", "flora", "FLoRAParams", "fold", "fourierft",
-    "fourierft_indices", "FourierFTIndices", "FourierFTParams", "frod", "frod_basis",
-    "frod_nnz", "FRoDFrozen", "FRoDParams", "glora", "GLoRAParams", "gralora",
-    "GraLoRAParams", "hira", "HiRAParams", "Hooks", "hra", "hra_orthogonality",
-    "hra_rotation", "HRAParams", "ia3", "increlora", "increlora_grow",
-    "increlora_init_importance", "increlora_module_scores", "increlora_orthogonality",
-    "increlora_update_importance", "increlora_value_and_grad", "IncreLoRAImportance",
-    "IncreLoRAParams", "IncreLoRARank", "init", "kasa", "kasa_basis", "kasa_loss",
-    "KaSABasis", "KaSAParams", "l4q", "l4q_quantized", "L4QParams", "lamda", "lamda_freeze",
-    "lamda_frozen_rows", "lamda_plus_ranks", "LaMDABasis", "LaMDAFreezeState",
-    "LaMDAParams", "ldu", "lift_matrix", "ln_tuning", "LNTuningParams", "loha",
-    "LoHaParams", "lokr", "lokr_factorization", "LoKrInit", "LoKrParams", "loldu",
+    "DeLoRANorm", "DeLoRAParams", "dept", "dept_embeddings", "dept_labels", "DePTParams",
+    "disable", "dora", "DoRAParams", "dylora", "dylora_sample_rank", "dylora_set_rank",
+    "DyLoRAParams", "DyLoRARank", "FactoredForm", "FactoredTerms", "fake_quant", "flora",
+    "FLoRAParams", "fold", "fourierft", "fourierft_indices", "FourierFTIndices",
+    "FourierFTParams", "frod", "frod_basis", "frod_nnz", "FRoDFrozen", "FRoDParams",
+    "glora", "GLoRAParams", "gralora", "GraLoRAParams", "hira", "HiRAParams", "Hooks",
+    "hra", "hra_orthogonality", "hra_rotation", "HRAParams", "ia3", "increlora",
+    "increlora_grow", "increlora_init_importance", "increlora_module_scores",
+    "increlora_orthogonality", "increlora_update_importance", "increlora_value_and_grad",
+    "IncreLoRAImportance", "IncreLoRAParams", "IncreLoRARank", "init", "kasa", "kasa_basis",
+    "kasa_loss", "KaSABasis", "KaSAParams", "l4q", "l4q_codes", "L4QParams", "lamda",
+    "lamda_freeze", "lamda_frozen_rows", "lamda_plus_ranks", "LaMDABasis",
+    "LaMDAFreezeState", "LaMDAParams", "ldu", "lift_matrix", "ln_tuning", "LNTuningParams",
+    "loha", "LoHaParams", "lokr", "lokr_factorization", "LoKrInit", "LoKrParams", "loldu",
     "LoLDUFactors", "LoLDUParams", "lora", "lora_b_only", "lora_conv", "lora_xs",
     "LoRABOnlyFrozen", "LoRABOnlyInit", "LoRABOnlyParams", "LoRAInit", "loram_group",
     "loram_masks", "loram_plan", "loram_prune", "loram_recover", "LoRAMCut", "LoRAMGroup",

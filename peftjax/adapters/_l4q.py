@@ -33,8 +33,9 @@ Symmetric (default): signed integers ``Q_n = -2^(b-1)``, ``Q_p = 2^(b-1)-1``,
 lands on a level, never on a rounding tie, which would make the result
 depend on the float width): at init ``W_q`` is the round-to-nearest
 quantisation of ``W0`` (``|W_q - W0| <= α/2``), and after
-training ``l4q_quantized`` writes ``W_q`` as a ``peftjax.quant`` ``int4`` or
-``int8`` ``QuantizedArray`` holding exactly ``q`` and ``α`` (dequantising it
+training ``l4q_codes`` gives ``W_q`` as exactly ``q`` and ``α``, which
+``peftjax.quant.from_codes`` stores as an ``int4`` or ``int8``
+``QuantizedArray`` (dequantising it
 gives ``W_q`` bit for bit). Asymmetric: unsigned ``Q_n = 0``, ``Q_p = 2^b-1``,
 ``β = min W0_block`` and ``α = (max - min)/Q_p``, both trained.
 
@@ -55,7 +56,7 @@ factored path materialises it, as it does for any weight-space adapter.
 ``unapply`` does not exist (rounding loses ``W0``): ``adapters.unfold``
 refuses L4Q; keep ``W0``.
 
-Exports: ``L4QParams``, ``l4q``, ``l4q_quantized``, ``fake_quant``.
+Exports: ``L4QParams``, ``l4q``, ``l4q_codes``, ``fake_quant``.
 """
 
 import functools
@@ -185,7 +186,7 @@ def l4q(
     ``r·(in + out) + (in/block_size)·out`` (``asymmetric``: plus the offsets
     ``β``, as many again). At init ``W' = Q(W0)``, the quantised base (not
     the identity). Weight space only (no factored form, no ``unapply``); after
-    training ``l4q_quantized`` gives the integer model.
+    training ``l4q_codes`` gives the integer model.
 
     Args:
       rank: ``r`` (static).
@@ -282,22 +283,25 @@ def l4q(
     )
 
 
-def l4q_quantized(adapter: _protocol.Adapter, w: jax.Array, trainable: L4QParams) -> Any:
-    """The trained L4Q matrix as a ``peftjax.quant`` ``int4``/``int8`` ``QuantizedArray``.
+def l4q_codes(adapter: _protocol.Adapter, w: jax.Array, trainable: L4QParams
+              ) -> tuple[jax.Array, jax.Array]:
+    """The trained L4Q matrix as integers and step sizes (the quantised model).
 
-    Holds exactly L4Q's integers ``q = clip(round(W'/α), Q_n, Q_p)`` and step
-    sizes ``α`` (``quant.dequantize`` of it equals ``adapter.apply(w, ...)``
-    bit for bit), so the merged model runs through ``peftjax.factored`` on
-    quantised blocks like any ``quant.quantize_params`` tree.
+    ``q = clip(round(W'/α), Q_n, Q_p)`` per block of ``block_size`` input
+    rows and column, and the steps ``α``: ``q·α`` is ``adapter.apply(w, ...)``
+    bit for bit. ``peftjax.quant.from_codes(q, α, quant.int4(block_size=...),
+    w.dtype)`` makes them a ``QuantizedArray`` that runs through
+    ``peftjax.factored`` like any ``quant.quantize_params`` tree.
 
     Args:
-      adapter: an ``l4q(...)`` adapter with ``bits`` 4 or 8, symmetric, whose
-        ``block_size`` is set or None (then ``in``).
+      adapter: an ``l4q(...)`` adapter, symmetric, ``bits`` 4 or 8; its
+        ``block_size`` set or None (then ``in``).
       w: the frozen ``(in, out)`` kernel (2-D, Flax layout).
       trainable: its ``L4QParams``.
 
     Returns:
-      A ``QuantizedArray`` of ``w``'s shape and dtype, blocked along ``-2``.
+      ``(codes, steps)``: int8 ``(in/block_size, block_size, out)`` integers
+      in ``[Q_n, Q_p]`` and float32 ``(in/block_size, out)`` steps.
 
     Raises:
       ValueError: not an L4Q adapter, asymmetric, ``bits`` not 4 or 8, or
@@ -309,20 +313,19 @@ def l4q_quantized(adapter: _protocol.Adapter, w: jax.Array, trainable: L4QParams
       >>> ad = l4q(2, bits=4, block_size=2)
       >>> w = jnp.linspace(-1.0, 1.0, 8).reshape(4, 2)
       >>> t, _ = ad.init(jax.random.key(0), w)
-      >>> qa = l4q_quantized(ad, w, t)
-      >>> qa.format, bool(jnp.array_equal(quant.dequantize(qa), ad.apply(w, t, None)))
-      (int4(block_size=2, axis=-2), True)
+      >>> codes, steps = l4q_codes(ad, w, t)
+      >>> qa = quant.from_codes(codes, steps, quant.int4(block_size=2), w.dtype)
+      >>> bool(jnp.array_equal(quant.dequantize(qa), ad.apply(w, t, None)))
+      True
     """
-    from peftjax import quant
-
     hp = dict(adapter.hyperparameters)
     if "lsq_grad_scale" not in hp or "bits" not in hp:
-        raise ValueError(f"l4q_quantized: {adapter!r} is not an l4q adapter")
+        raise ValueError(f"l4q_codes: {adapter!r} is not an l4q adapter")
     if hp["asymmetric"] or hp["bits"] not in (4, 8):
-        raise ValueError(f"l4q_quantized: {adapter!r} has no peftjax.quant format "
+        raise ValueError(f"l4q_codes: {adapter!r} has no integer-only form "
                          "(needs symmetric bits=4 or bits=8)")
     if w.ndim != 2:
-        raise ValueError(f"l4q_quantized: w must be a 2-D (in, out) kernel, got shape "
+        raise ValueError(f"l4q_codes: w must be a 2-D (in, out) kernel, got shape "
                          f"{tuple(w.shape)}")
     n_in, n_out = w.shape
     bs = hp["block_size"] or n_in
@@ -332,13 +335,4 @@ def l4q_quantized(adapter: _protocol.Adapter, w: jax.Array, trainable: L4QParams
     step = trainable.step.astype(jnp.float32)
     nb = n_in // bs
     q = jnp.clip(jnp.round(merged.reshape(nb, bs, n_out) / step[:, None, :]), qn, qp)
-    import qwix
-
-    qtype = jnp.int4 if hp["bits"] == 4 else jnp.int8
-    fmt = (quant.int4 if hp["bits"] == 4 else quant.int8)(block_size=bs)
-    # the layout of peftjax.quant's qwix blocks: (out, nb, block_size) values,
-    # (out, nb, 1) float32 scales, no zero point
-    blocks = qwix.QArray(qvalue=jnp.transpose(q, (2, 0, 1)).astype(qtype),
-                         scale=jnp.transpose(step)[:, :, None], zero_point=None,
-                         qtype=qtype)
-    return quant.QuantizedArray(blocks, fmt, w.dtype)
+    return q.astype(jnp.int8), step

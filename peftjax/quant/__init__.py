@@ -42,6 +42,7 @@ Example:
 from peftjax.quant._array import QuantizedArray as QuantizedArray
 from peftjax.quant._array import abstract as abstract
 from peftjax.quant._array import dequantize as dequantize
+from peftjax.quant._array import from_codes as from_codes
 from peftjax.quant._array import is_quantized as is_quantized
 from peftjax.quant._array import nbytes as nbytes
 from peftjax.quant._array import quantize as quantize
@@ -67,6 +68,7 @@ __all__ = [
     "QuantizedArray",
     "abstract",
     "dequantize",
+    "from_codes",
     "gguf_blocks",
     "int4",
     "int8",

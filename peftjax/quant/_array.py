@@ -141,6 +141,59 @@ def quantize(w: Any, fmt: _formats.QuantFormat) -> QuantizedArray:
     return QuantizedArray(blocks, fmt._replace(axis=k - len(shape)), dtype)
 
 
+def from_codes(codes: Any, scales: Any, fmt: _formats.QuantFormat, dtype: Any
+               ) -> QuantizedArray:
+    """A 2-D ``int4``/``int8`` ``QuantizedArray`` from given integers and step sizes.
+
+    For quantisers that choose their own integers (quantisation-aware
+    training such as ``adapters.l4q``): ``dequantize`` of the result is
+    exactly ``codes * scales`` per block, no re-rounding.
+
+    Args:
+      codes: integers ``(nb, block_size, out)`` of an ``(nb·block_size, out)``
+        matrix blocked along its first axis, within the format's range
+        (``[-8, 7]`` for int4, ``[-128, 127]`` for int8).
+      scales: float step sizes ``(nb, out)``, one per block and column.
+      fmt: ``int4(block_size=...)`` or ``int8(block_size=...)`` with
+        ``axis=-2`` and ``block_size`` equal to ``codes.shape[1]``.
+      dtype: the logical float dtype.
+
+    Returns:
+      The ``QuantizedArray`` of shape ``(nb·block_size, out)``.
+
+    Raises:
+      ValueError: another format or axis, mismatched shapes, codes out of range.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> q = from_codes(jnp.array([[[1], [-2]]]), jnp.array([[0.5]]),
+      ...                _formats.int4(block_size=2), jnp.float32)
+      >>> dequantize(q).ravel().tolist()
+      [0.5, -1.0]
+    """
+    import qwix
+
+    name = fmt.name if isinstance(fmt, _formats.QuantFormat) else None
+    if name not in ("int4", "int8") or fmt.axis != -2:
+        raise ValueError(f"from_codes: fmt must be int4 or int8 blocked along axis -2, "
+                         f"got {fmt!r}")
+    codes, scales = jnp.asarray(codes), jnp.asarray(scales)
+    if codes.ndim != 3 or codes.shape[1] != fmt.block_size or scales.shape != (
+            codes.shape[0], codes.shape[2]):
+        raise ValueError(f"from_codes: codes {codes.shape} must be (nb, {fmt.block_size}, "
+                         f"out) and scales (nb, out), got scales {scales.shape}")
+    lo, hi = (-8, 7) if name == "int4" else (-128, 127)
+    if not isinstance(codes, jax.core.Tracer) and (
+            int(jnp.min(codes)) < lo or int(jnp.max(codes)) > hi):
+        raise ValueError(f"from_codes: codes outside [{lo}, {hi}] for {fmt!r}")
+    qtype = jnp.int4 if name == "int4" else jnp.int8
+    # peftjax.quant's qwix blocks: (out, nb, block_size) values, (out, nb, 1) scales
+    blocks = qwix.QArray(qvalue=jnp.transpose(codes, (2, 0, 1)).astype(qtype),
+                         scale=jnp.transpose(scales).astype(jnp.float32)[:, :, None],
+                         zero_point=None, qtype=qtype)
+    return QuantizedArray(blocks, fmt, dtype)
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _encode_jit(w: jax.Array, fmt: _formats.QuantFormat) -> Any:
     k = w.ndim + fmt.axis

@@ -3,12 +3,15 @@
 
 ``trainer(loss_fn, optimizer, ...)`` builds the step for every composition
 (adapter-only, hybrid, optimizer-only, sparse); ``fit`` runs it with progress,
-evaluation, metrics, plots, checkpoints and resume.
+evaluation, metrics, plots, checkpoints and resume; ``cola`` runs a chain of
+LoRA phases (train, merge, re-initialise) through both.
 """
 
 from peftjax.train._cli import config_help as config_help
 from peftjax.train._cli import option as option
 from peftjax.train._cli import parse_config as parse_config
+from peftjax.train._cola import ColaResult as ColaResult
+from peftjax.train._cola import cola as cola
 from peftjax.train._loop import FitResult as FitResult
 from peftjax.train._loop import TooManySkippedSteps as TooManySkippedSteps
 from peftjax.train._loop import fit as fit
@@ -24,6 +27,7 @@ from peftjax.train._step import trainer as trainer
 from peftjax.train._step import update_if_finite as update_if_finite
 
 __all__ = [
+    "ColaResult",
     "FitResult",
     "SpIELConfig",
     "SpIELState",
@@ -37,6 +41,7 @@ __all__ = [
     "TrainState",
     "Trainer",
     "all_finite",
+    "cola",
     "hybrid_labels",
     "trainer",
     "update_if_finite",

@@ -93,7 +93,8 @@ def test_quantized_export_is_exact(bits):
     ad = adapters.l4q(2, bits=bits, block_size=4, alpha=4.0)
     t, f = ad.init(jax.random.key(2), w)
     t = _randomize(t, seed=6)
-    qa = adapters.l4q_quantized(ad, w, t)
+    codes, steps = adapters.l4q_codes(ad, w, t)
+    qa = quant.from_codes(codes, steps, getattr(quant, f"int{bits}")(block_size=4), w.dtype)
     assert qa.shape == (8, 3) and qa.format.name == f"int{bits}"
     np.testing.assert_array_equal(np.asarray(quant.dequantize(qa)),
                                   np.asarray(ad.apply(w, t, f)))
@@ -106,5 +107,8 @@ def test_bad_arguments():
         adapters.l4q(2, asymmetric=1)
     with pytest.raises(ValueError, match=r"block_size=4 does not divide in=6.*\(6, 5\)"):
         adapters.l4q(2, block_size=4).init(jax.random.key(0), jnp.ones((6, 5)))
-    with pytest.raises(ValueError, match="no peftjax.quant format"):
-        adapters.l4q_quantized(adapters.l4q(2, bits=3), jnp.ones((128, 2)), None)
+    with pytest.raises(ValueError, match="no integer-only form"):
+        adapters.l4q_codes(adapters.l4q(2, bits=3), jnp.ones((128, 2)), None)
+    with pytest.raises(ValueError, match="codes outside"):
+        quant.from_codes(jnp.full((1, 2, 1), 9), jnp.ones((1, 1)), quant.int4(block_size=2),
+                         jnp.float32)
