@@ -212,6 +212,15 @@ def _lamda(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
         setup.optimizer, adapters.lamda_freeze(run.total_steps)))
 
 
+def _cola(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+          init_data: InitData | None = None) -> Setup:
+    """COLA: LoRA trained as a chain of 3 equal links (merge, re-initialise, reset)."""
+    if run.accum_steps != 1:
+        raise ValueError("--method=cola runs train.cola, which takes one batch per step "
+                         f"(accum_steps=1), got accum_steps={run.accum_steps}")
+    return METHODS["lora"](cfg, params, run, key)._replace(cycles=3, peft=None)
+
+
 def _clover(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
             init_data: InitData | None = None) -> Setup:
     """CLOVER: per-head d×d singular-value matrices on q, k, v (RoPE and GQA leave
@@ -459,6 +468,11 @@ METHODS: dict[str, Callable[..., Setup]] = {
     # B-only LoRA: frozen random orthogonal A, r·out trainable
     "lora_b_only": _adapter_method(lambda c: adapters.lora_b_only(c.rank, alpha=c.alpha),
                                    peft=False),
+    # L4Q: 4-bit QAT of W0 + s·A@B, LSQ steps per 64 input rows; the factored
+    # path materialises Q(W0 + s·A@B) (the quantised matrix is the weight)
+    "l4q": _adapter_method(lambda c: adapters.l4q(c.rank, bits=4, block_size=64,
+                                                  alpha=c.alpha), peft=False),
+    "cola": _cola,  # LoRA as a chain of 3 links (train.cola): LoRA's count per link
     # prompts, prefixes and hooks (_methods_inputs): Setup.model calls the model
     **INPUT_METHODS,
 }

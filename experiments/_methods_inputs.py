@@ -124,6 +124,29 @@ def _multitask(cfg, params, run, key, *, init_data=None):
                       "prompt_embeddings": adapters.multitask_prompt(p, _task_ids(tokens))})
 
 
+def _dept(cfg, params, run, key, *, init_data=None):
+    """DePT: a ``rank``-token prompt and a rank-``rank`` offset of the input
+    embeddings by position (over the block); one learning rate here (the
+    paper's two: ``optax.partition`` with ``adapters.dept_labels()``)."""
+    table = params["embed_tokens"]["embedding"]
+    m = cfg.rank
+    own = adapters.dept(key, m, table, rank=cfg.rank, max_length=cfg.block_len,
+                        init=adapters.PromptInit.SAMPLE_VOCAB)
+
+    def inputs(p, tokens, graphdef, base, mask):
+        from peftjax import models
+
+        # the tokens enter as embeddings: a prompt over zero tokens, causal, so
+        # right padding never reaches a real token
+        h0 = adapters.dept_embeddings(p, base["embed_tokens"]["embedding"][tokens])
+        return {"logits": models.apply(graphdef, base, tokens[:, :0], prompt_embeddings=h0,
+                                       keep_prompt_logits=True)[:, m:]}
+
+    return _setup("dept", params, own, run,
+                  f"DePT, {m} tokens + rank-{cfg.rank} offset: {_count(own):,} trainable",
+                  inputs)
+
+
 def _cpt(cfg, params, run, key, *, init_data=None):
     """CPT: the first ``2·rank`` tokens of a training block as the context,
     all of type "input" (radius 0.1·√(d/2048)); the block's LM loss trains the
@@ -237,6 +260,7 @@ INPUT_METHODS: dict[str, Callable[..., Setup]] = {
     "prefix_tuning": _prefix_tuning,
     "p_tuning": _p_tuning,
     "multitask_prompt_tuning": _multitask,
+    "dept": _dept,  # prompt m·d + position offset r·(block + d)
     "cpt": _cpt,
     "cartridge": _cartridge,
     "adaption_prompt": _adaption_prompt,  # hook: gated attention to prompts

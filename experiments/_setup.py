@@ -67,6 +67,9 @@ class Setup(NamedTuple):
         <method>: its own parameters}``, the method's parameters are trained
         as ``full`` leaves and ``adapters`` is ``{}``; None: the model is
         called on the parameters as they are.
+      cycles: COLA's number of equal links (``train.cola``: train, merge,
+        re-initialise the adapters and the optimizer state, repeat); 0 trains
+        one run with ``train.fit``.
     """
 
     params: Any
@@ -78,6 +81,7 @@ class Setup(NamedTuple):
     initial: Any = None  # an adapters.AdapterState
     peft: Callable[[Any], Any] | None = None
     model: Callable[[Any], Callable[..., jax.Array]] | None = None
+    cycles: int = 0
 
     @property
     def base(self) -> Any:

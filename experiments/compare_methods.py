@@ -111,9 +111,17 @@ def run_method(name: str, cfg: Config, lm: _recipe.LM, corpus: _recipe.Corpus) -
                          seed=cfg.seed, shuffle=False)
     rep = _recipe.report(run, batches[0])
     ppl_before = run.evaluate(run.state, evals)
-    result = train.fit(run.step, run.state, batches, steps=cfg.steps,
-                       schedule=optim.learning_rate(), progress=cfg.progress, desc=name)
-    ppl = run.evaluate(result.state, evals)
+    if setup.cycles:  # COLA: equal links, each merged into the base
+        n = setup.cycles
+        links = [cfg.steps // n + (i < cfg.steps % n) for i in range(n)]
+        result = train.cola(run.trainer, run.base, batches, key=key, cycles=links,
+                            progress=cfg.progress, desc=name)
+        merged = _recipe.evaluator(loss_fn, lambda _, params: params)
+        ppl = merged(None, result.params, evals)
+    else:
+        result = train.fit(run.step, run.state, batches, steps=cfg.steps,
+                           schedule=optim.learning_rate(), progress=cfg.progress, desc=name)
+        ppl = run.evaluate(result.state, evals)
     times = [h["seconds"] for h in result.history[1:]] or [result.history[0]["seconds"]]
     return {
         "method": name, "lr": lr, "dtype": cfg.dtype,
