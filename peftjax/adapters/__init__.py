@@ -221,6 +221,20 @@ from peftjax.adapters._shared import SharedInit as SharedInit
 from peftjax.adapters._shared import SharedParts as SharedParts
 from peftjax.adapters._shared import resolve_shared as resolve_shared
 from peftjax.adapters._shared import unshare as unshare
+from peftjax.adapters._dsee import DSEEParams as DSEEParams
+from peftjax.adapters._dsee import dsee as dsee
+from peftjax.adapters._dsee import dsee_prune as dsee_prune
+from peftjax.adapters._dsee import dsee_support as dsee_support
+from peftjax.adapters._roselora import RoseLoRAParams as RoseLoRAParams
+from peftjax.adapters._roselora import RoseLoRAState as RoseLoRAState
+from peftjax.adapters._roselora import roselora as roselora
+from peftjax.adapters._roselora import roselora_keep as roselora_keep
+from peftjax.adapters._roselora import roselora_project as roselora_project
+from peftjax.adapters._roselora import roselora_sparsify as roselora_sparsify
+from peftjax.adapters._sltrain import SLTrainParams as SLTrainParams
+from peftjax.adapters._sltrain import sltrain as sltrain
+from peftjax.adapters._spp import SPPParams as SPPParams
+from peftjax.adapters._spp import spp as spp
 from peftjax.adapters._shira import SHiRAIndices as SHiRAIndices
 from peftjax.adapters._shira import SHiRAParams as SHiRAParams
 from peftjax.adapters._shira import shira as shira
@@ -444,6 +458,20 @@ __all__ = [
     "sparse_from_compact",
     "sparse_num",
     "sparse_to_compact",
+    "SLTrainParams",
+    "sltrain",
+    "DSEEParams",
+    "dsee",
+    "dsee_support",
+    "dsee_prune",
+    "RoseLoRAParams",
+    "RoseLoRAState",
+    "roselora",
+    "roselora_keep",
+    "roselora_project",
+    "roselora_sparsify",
+    "SPPParams",
+    "spp",
     "SHiRAIndices",
     "SHiRAParams",
     "shira",
