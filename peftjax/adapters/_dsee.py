@@ -100,7 +100,7 @@ def dsee_support(w: jax.Array, num: int, *, rank: int, support: str = "residual"
         score = jnp.abs(m)
         for _ in range(support_iters):
             u, sv, vt = jnp.linalg.svd(m - s, full_matrices=False)
-            low = (u[:, :rank] * sv[:rank]) @ vt[:rank]
+            low = (u[:, :rank] * sv[None, :rank]) @ vt[:rank]
             resid = m - low
             score = jnp.abs(resid)
             _, top = jax.lax.top_k(score.reshape(-1), num)

@@ -143,7 +143,8 @@ def spp(
             blocks = w.astype(ct).reshape(n_in, rank, g)
             h = jnp.einsum("...i,ik,ikj->...kj", x.astype(ct), t.a.astype(ct), blocks)
             h = h.reshape(x.shape[:-1] + (n_out,))
-            return h * (jnp.asarray(s, ct) * t.c.astype(ct))
+            col = (jnp.asarray(s, ct) * t.c.astype(ct)).reshape((1,) * (h.ndim - 1) + (-1,))
+            return h * col
 
         return _protocol.FactoredTerms(delta=delta)
 

@@ -27,6 +27,7 @@ from tests.adapters.test_beft import ref_beft
 from tests.adapters.test_boft import ref_boft
 from tests.adapters.test_c3a import ref_c3a
 from tests.adapters.test_deft import ref_deft
+from tests.adapters.test_dsee import ref_dsee
 from tests.adapters.test_delora import ref_delora
 from tests.adapters.test_fourierft import ref_fourierft
 from tests.adapters.test_frod import ref_frod
@@ -45,6 +46,8 @@ from tests.adapters.test_qalora import ref_qalora
 from tests.adapters.test_randlora import randlora_count, ref_randlora
 from tests.adapters.test_road import ref_road
 from tests.adapters.test_shira import ref_shira
+from tests.adapters.test_sltrain import ref_sltrain
+from tests.adapters.test_spp import ref_spp
 from tests.adapters.test_supertuning import ref_supertuning
 from tests.adapters.test_tinylora import ref_tinylora
 from tests.adapters.test_trainable_tokens import CONTRACT_INDICES, ref_trainable_tokens
@@ -413,6 +416,35 @@ ADAPTERS = [
         True,
         lambda w, t, f: h.ref_lora(w, t, f, s=2.0),
         lambda i, o: 3 * (i + o) + 3 + 2,
+    ),
+    (
+        "sltrain",
+        lambda: adapters.sltrain(2, alpha=4.0, density=0.3),
+        True,
+        lambda w, t, f: ref_sltrain(w, t, f, s=2.0),
+        lambda i, o: 2 * (i + o) + int(0.3 * i * o),
+    ),
+    (
+        "dsee",
+        lambda: adapters.dsee(2, alpha=4.0, num_sparse=3),
+        True,
+        lambda w, t, f: ref_dsee(w, t, f, s=2.0),
+        lambda i, o: 2 * (i + o) + 3,
+    ),
+    (
+        "roselora",
+        lambda: adapters.roselora(2, alpha=4.0),
+        True,
+        lambda w, t, f: h.ref_lora(w, t, f, s=2.0),
+        lambda i, o: 2 * (i + o),
+    ),
+    (
+        # rank 1: the suite's widths (5, 4, 8) share no divisor > 1 (test_spp.py: r = 2, 4)
+        "spp",
+        lambda: adapters.spp(1),
+        True,
+        ref_spp,
+        lambda i, o: i + o,
     ),
 ]
 IDS = [a[0] for a in ADAPTERS]
