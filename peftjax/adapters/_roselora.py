@@ -168,7 +168,7 @@ def _is_rose(x: Any) -> bool:
 
 
 def roselora_project(trainable: Any, keep: Any, scores: Any = None) -> Any:
-    """Keeps the top ``ceil(keep·in)`` of each ``a`` column and ``ceil(keep·out)`` of each ``b`` row.
+    """Keeps the top ``ceil(keep·n)`` of each ``a`` column and each ``b`` row (n: its length).
 
     The paper's thresholding step ``T(·, τ)`` on every ``RoseLoRAParams`` in
     ``trainable`` (other leaves pass through); stacked leaves are handled

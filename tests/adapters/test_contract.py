@@ -27,8 +27,8 @@ from tests.adapters.test_beft import ref_beft
 from tests.adapters.test_boft import ref_boft
 from tests.adapters.test_c3a import ref_c3a
 from tests.adapters.test_deft import ref_deft
-from tests.adapters.test_dsee import ref_dsee
 from tests.adapters.test_delora import ref_delora
+from tests.adapters.test_dsee import ref_dsee
 from tests.adapters.test_fourierft import ref_fourierft
 from tests.adapters.test_frod import ref_frod
 from tests.adapters.test_glora import ref_glora
