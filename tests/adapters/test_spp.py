@@ -1,6 +1,8 @@
 """SPP (peftjax.adapters.spp): the authors' DiagonalLinear (merge and forward) transcribed
 in float64, the kept zero mask and 2:4 pattern of a pruned base through training, init."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,8 @@ import pytest
 
 from peftjax import adapters
 from tests import helpers as h
+
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "spp" / "spp.npz"
 
 
 def ref_spp(w, t, f, *, s=2.0):
@@ -42,6 +46,22 @@ def test_spp_is_authors_diagonal_linear_in_float64():
         terms = ad.factored.terms(jnp.asarray(w), t, None)
         y = x @ w + np.asarray(terms.delta(jnp.asarray(x)))
         np.testing.assert_allclose(y, y_authors, rtol=1e-12, atol=1e-12)
+
+
+def test_spp_matches_authors_code_golden():
+    """scripts/golden/spp_make.py: the authors' Linear (r=8, alpha=16: 16 rows, scale 2)."""
+    g = np.load(GOLDEN)
+    ad = adapters.spp()  # the defaults are the authors' setting
+    for case in ("unstructured", "nm24"):
+        w = jnp.asarray(g[f"{case}/W"].T)
+        t = adapters.SPPParams(jnp.asarray(g[f"{case}/weight"].T),
+                               jnp.asarray(g[f"{case}/weight_col"][:, 0]))
+        merged = np.asarray(ad.apply(w, t, None))
+        np.testing.assert_allclose(merged, g[f"{case}/merged"].T, **h.MATMUL_F32)
+        np.testing.assert_array_equal(merged != 0, g[f"{case}/W"].T != 0)
+        x = jnp.asarray(g[f"{case}/x"])
+        y = h.f64(x @ w) + h.f64(ad.factored.terms(w, t, None).delta(x))
+        np.testing.assert_allclose(y, g[f"{case}/y"], rtol=1e-5, atol=1e-5)
 
 
 def test_spp_keeps_mask_and_n_m_pattern_through_training(getkey):
