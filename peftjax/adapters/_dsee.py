@@ -35,6 +35,7 @@ frozen ``SparseSupport``): ``W' = W0 + s·a@b ⊕_Ω values``, exact
 Exports: ``DSEEParams``, ``dsee``, ``dsee_support``, ``dsee_prune``.
 """
 
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -58,6 +59,12 @@ class DSEEParams(NamedTuple):
     a: jax.Array
     b: jax.Array
     values: jax.Array
+
+
+def _positive(value: Any, arg: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"dsee: {arg} must be a positive int, got {arg}={value!r}")
+    return int(value)
 
 
 def dsee_support(w: jax.Array, num: int, *, rank: int, support: str = "residual",
@@ -162,8 +169,7 @@ def dsee(
       Chen et al., ACL 2023, https://arxiv.org/abs/2111.00160
     """
     rank = _lora.check_rank(rank, "dsee")
-    num = _lora.check_rank(num_sparse, "dsee (num_sparse)")
-    iters = _lora.check_rank(support_iters, "dsee (support_iters)")
+    num, iters = _positive(num_sparse, "num_sparse"), _positive(support_iters, "support_iters")
     if support not in _SUPPORTS:
         raise ValueError(f"dsee: support must be one of {_SUPPORTS}, got {support!r}")
     s = _lora.scaling_value(_lora.Scaling.ALPHA_OVER_RANK, alpha, rank)

@@ -1,6 +1,8 @@
-"""SLTrain (peftjax.adapters.sltrain): the authors' SpLoRaLinear forward transcribed in
-float64 (torch layout, their (out, in) flat indices), their init, the from-scratch use
-(zero base), the factored form and the SmolLM2 count."""
+"""SLTrain (peftjax.adapters.sltrain): a golden from the authors' SpLoRaLinear (forward and
+gradients; their (out, in) flat indices), their init, the from-scratch use (zero base),
+the factored form and the SmolLM2 count."""
+
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,8 @@ import pytest
 from peftjax import adapters
 from peftjax.adapters._sparse import SparseSupport
 from tests import helpers as h
+
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "sltrain" / "sltrain.npz"
 
 
 def ref_sltrain(w, t, f, *, s):
@@ -21,47 +25,42 @@ def ref_sltrain(w, t, f, *, s):
     return w + d.reshape(w.shape)
 
 
-def _authors_weight(lora_b, lora_a, values, idx_torch, s):
-    """float64 of the authors' sparse_linear_forward: W = B@(A·s), scatter_add into (out, in)."""
-    wt = lora_b @ (lora_a * s)
-    flat = wt.reshape(-1).copy()
-    np.add.at(flat, idx_torch, values)
-    return flat.reshape(wt.shape)
-
-
-def test_sltrain_is_authors_forward_in_float64():
-    rng = np.random.default_rng(0)
-    n_in, n_out, r, alpha = 7, 5, 2, 6.0
-    k = int(0.3 * n_in * n_out)
-    lora_a = rng.standard_normal((r, n_in))
-    lora_b = rng.standard_normal((n_out, r))
-    values = rng.standard_normal(k)
-    idx_torch = np.sort(rng.permutation(n_in * n_out)[:k])  # positions j·in + i of (out, in)
-    w0 = rng.standard_normal((n_out, n_in))
-    x = rng.standard_normal((3, n_in))
-    want = w0 + _authors_weight(lora_b, lora_a, values, idx_torch, alpha / r)
-    # (j, i) of the torch weight is flat i·out + j of the Flax (in, out) kernel.
-    j, i = idx_torch // n_in, idx_torch % n_in
-    idx_flax = i * n_out + j
-    order = np.argsort(idx_flax)
+def test_sltrain_matches_authors_code_golden():
+    """scripts/golden/sltrain_make.py: the authors' SpLoRaLinear (C++ forward and backward)."""
+    g = np.load(GOLDEN)
+    n_out, n_in = g["lora_B"].shape[0], g["lora_A"].shape[1]
+    idx = g["sparse_index"]  # flat over the torch (out, in) weight: j·in + i
+    flax = (idx % n_in) * n_out + idx // n_in  # entry (i, j) of the (in, out) kernel
+    order = np.argsort(flax)
     with jax.enable_x64(True):
-        ad = adapters.sltrain(r, alpha=alpha, density=0.3, param_dtype=jnp.float64)
-        t = adapters.SLTrainParams(jnp.asarray(lora_a.T), jnp.asarray(lora_b.T),
-                                   jnp.asarray(values[order]))
-        f = SparseSupport(jnp.asarray(idx_flax[order], jnp.int32))
-        got = ad.apply(jnp.asarray(w0.T), t, f)
-        np.testing.assert_allclose(np.asarray(got), want.T, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(np.asarray(ad.unapply(got, t, f, None)), w0.T,
+        ad = adapters.sltrain(2, alpha=4.0, density=0.3, from_scratch=True,
+                              param_dtype=jnp.float64)
+        t = adapters.SLTrainParams(jnp.asarray(g["lora_A"].T), jnp.asarray(g["lora_B"].T),
+                                   jnp.asarray(g["sparse_value"][order]))
+        f = SparseSupport(jnp.asarray(flax[order], jnp.int32))
+        assert ad.num_trainable(jnp.zeros((n_in, n_out))) == 2 * 12 + idx.size
+        zero = jnp.zeros((n_in, n_out), jnp.float64)  # pre-training: no dense base
+        x, c = jnp.asarray(g["x"]), jnp.asarray(g["c"])
+
+        def loss(tt):
+            return jnp.sum((x @ ad.apply(zero, tt, f)) * c)
+
+        w = ad.apply(zero, t, f)
+        np.testing.assert_allclose(np.asarray(x @ w), g["y"], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(ad.factored.terms(zero, t, f).delta(x)), g["y"],
                                    rtol=1e-12, atol=1e-12)
-        terms = ad.factored.terms(jnp.asarray(w0.T), t, f)
-        y = x @ w0.T + np.asarray(terms.delta(jnp.asarray(x)))
-        np.testing.assert_allclose(y, x @ want.T, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(ad.unapply(w, t, f, None)), 0.0, atol=1e-12)
+        grad = jax.grad(loss)(t)
+        np.testing.assert_allclose(np.asarray(grad.a), g["grad_A"].T, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(grad.b), g["grad_B"].T, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(grad.values), g["grad_value"][order],
+                                   rtol=1e-12, atol=1e-12)
 
 
 def test_sltrain_init_follows_authors_and_from_scratch(getkey):
     n_in, n_out = 64, 48
     w = jnp.asarray(np.random.default_rng(1).standard_normal((n_in, n_out)), jnp.float32)
-    t, f = adapters.sltrain(4).init(getkey(), w)  # fine-tuning: identity at init
+    t, f = jax.jit(adapters.sltrain(4).init)(getkey(), w)  # fine-tuning: identity at init
     k = int(0.03 * n_in * n_out)
     idx = np.asarray(f.indices)
     assert idx.dtype == np.int32 and idx.shape == (k,)
@@ -71,12 +70,12 @@ def test_sltrain_init_follows_authors_and_from_scratch(getkey):
     assert 0.8 * bound < np.abs(h.f64(t.a)).max() <= bound
     # Pre-training from scratch: zero base, sparse values U(±1/sqrt(in)), B = 0.
     ad = adapters.sltrain(4, from_scratch=True)
-    t, f = ad.init(getkey(), jnp.zeros((n_in, n_out)))
+    t, f = jax.jit(ad.init)(getkey(), jnp.zeros((n_in, n_out)))
     v = h.f64(t.values)
     assert np.all(v != 0) and 0.8 * bound < np.abs(v).max() <= bound
     t = t._replace(b=jnp.asarray(np.random.default_rng(2).standard_normal((4, n_out)),
                                  jnp.float32))
-    got = h.f64(ad.apply(jnp.zeros((n_in, n_out)), t, f))
+    got = h.f64(jax.jit(ad.apply)(jnp.zeros((n_in, n_out)), t, f))
     low = 8.0 * h.f64(t.a) @ h.f64(t.b)  # s = 32 / 4
     resid = (got - low).reshape(-1)
     off = np.setdiff1d(np.arange(n_in * n_out), np.asarray(f.indices))
