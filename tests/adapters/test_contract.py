@@ -425,8 +425,9 @@ ADAPTERS = [
         lambda i, o: 2 * (i + o) + int(0.3 * i * o),
     ),
     (
+        # magnitude support (no SVD at init: time); test_dsee.py checks the residual rule
         "dsee",
-        lambda: adapters.dsee(2, alpha=4.0, num_sparse=3),
+        lambda: adapters.dsee(2, alpha=4.0, num_sparse=3, support="magnitude"),
         True,
         lambda w, t, f: ref_dsee(w, t, f, s=2.0),
         lambda i, o: 2 * (i + o) + 3,
