@@ -142,7 +142,7 @@ def dsee(
       support_iters: rounds of the low-rank/sparse alternation for
         ``"residual"`` (1: the residual of the rank-``r`` SVD).
       dimension_numbers: the kernel's matrix view; default Flax ``(in, out)``
-        and stacked ``(L, in, out)``. It must keep the leaf's axis order.
+        and stacked ``(L, in, out)``; the support indexes this view.
       param_dtype: storage dtype of ``a``, ``b`` and ``values``.
 
     Returns:

@@ -17,9 +17,11 @@ and ``lora_alpha = 32``.
 
 Two uses, one parametrisation ``W' = W0 + s·A@B ⊕_Ω S`` (Flax ``(in, out)``
 layout: ``a = A_torchᵀ (in, r)``, ``b = B_torchᵀ (r, out)``; a flat position
-``p`` of ``Ω`` is entry ``(p // out, p % out)``, row-major over ``(in, out)``
-as in ``sparse_delta``, whereas the authors index the torch ``(out, in)``
-weight: ``p_torch = j·in + i``):
+``p`` of ``Ω`` is entry ``(p // out, p % out)`` of the leaf's ``(in, out)``
+matrix view, row-major (as ``sparse_delta``, but any view is allowed,
+transposed or head-split kernels included, since nothing exports the flat
+positions), whereas the authors index the torch ``(out, in)`` weight:
+``p_torch = j·in + i``):
 
 * ``from_scratch=True`` (the paper's pre-training): the sparse values start at
   ``U(±1/sqrt(in))`` as in the authors' code, and the frozen base ``W0`` is
@@ -45,7 +47,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from peftjax import tree
 from peftjax.adapters import _lift, _lora, _lowrank, _protocol, _sparse
@@ -124,7 +125,7 @@ def low_rank_sparse_adapter(
 
         return _protocol.FactoredTerms(delta=term)
 
-    adapter = _lift.lift_matrix(
+    return _lift.lift_matrix(
         name=name,
         init_matrix=init_matrix,
         apply_matrix=apply_matrix,
@@ -132,15 +133,7 @@ def low_rank_sparse_adapter(
         dimension_numbers=dimension_numbers,
         factored_matrix=factored_matrix,
         hyperparameters=hyperparameters,
-    )
-
-    def init(key, w, *, stats=None):
-        shape = tuple(np.shape(w))
-        if len(shape) >= 2:
-            _sparse._check_layout(tree.resolve(dimension_numbers, shape, path=name), name)
-        return adapter.init(key, w, stats=stats)
-
-    return adapter._replace(init=init, relayout=relayout)
+    )._replace(relayout=relayout)
 
 
 def sltrain(
@@ -171,7 +164,7 @@ def sltrain(
       from_scratch: True for pre-training from scratch (non-zero sparse init,
         zero base), False to fine-tune a pretrained base (identity at init).
       dimension_numbers: the kernel's matrix view; default Flax ``(in, out)``
-        and stacked ``(L, in, out)``. It must keep the leaf's axis order.
+        and stacked ``(L, in, out)``; the support indexes this view.
       param_dtype: storage dtype of ``a``, ``b`` and ``values``.
 
     Returns:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from peftjax import adapters
+from peftjax import adapters, tree
 from peftjax.adapters._sparse import SparseSupport
 from tests import helpers as h
 
@@ -91,6 +91,14 @@ def test_sltrain_count_and_errors():
          for s in ((576, 576), (576, 192), (576, 192), (576, 576))]
     assert n == [8 * 1152 + int(0.03 * 576 * 576), 8 * 768 + int(0.03 * 576 * 192),
                  8 * 768 + int(0.03 * 576 * 192), 8 * 1152 + int(0.03 * 576 * 576)]
+    # Any matrix view: a torch-layout (out, in) leaf; the support indexes the (in, out) view.
+    tview = adapters.sltrain(2, alpha=4.0, density=0.3, from_scratch=True,
+                             dimension_numbers=tree.DimensionNumbers(reduction_axis=1,
+                                                                     output_axis=0))
+    wt = jnp.zeros((5, 7))
+    t, f = jax.jit(tview.init)(jax.random.key(1), wt)
+    np.testing.assert_allclose(h.f64(jax.jit(tview.apply)(wt, t, f)),
+                               ref_sltrain(wt.T, t, f, s=2.0).T, **h.MATMUL_F32)
     with pytest.raises(ValueError, match="density"):
         adapters.sltrain(2, density=1.0)
     with pytest.raises(TypeError, match="from_scratch"):
