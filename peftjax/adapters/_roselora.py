@@ -216,6 +216,11 @@ class RoseLoRAState(NamedTuple):
     importance: Any
     inner: Any
 
+    # Layout for peftjax.shard.state_shardings (peftjax.tree.StateRole).
+    state_roles = {"count": tree.StateRole.REPLICATED,
+                   "importance": tree.StateRole.LIKE_PARAMS,
+                   "inner": tree.StateRole.LIKE_PARAMS}
+
 
 def roselora_sparsify(inner: optax.GradientTransformation, *, density: float,
                       total_steps: int, warmup_steps: int = 0, final_steps: int = 0,
