@@ -3,22 +3,28 @@
 
 DSEE: Dually Sparsity-embedded Efficient Tuning of Pre-trained Language
 Models. Chen, Chen, Chen, Awadallah, Wang & Cheng, ACL 2023.
-https://arxiv.org/abs/2111.00160
+https://arxiv.org/abs/2111.00160 (authors' code: github.com/VITA-Group/DSEE)
 
 The paper's sparsity-aware update (§3, "Sparsity-embedded low-rank
 updates") is ``ΔW = UV + S2``: a LoRA product plus a sparse matrix ``S2``
 with ``N`` trainable entries on a support ``Ω`` fixed before training. ``Ω``
 is read off the pretrained weight: decompose ``W ≈ U'V' + S'`` (low rank plus
 sparse, the paper uses GreBsmo) and take the positions of the ``N`` largest
-``|S'|``, i.e. where ``W`` is worst explained by its low-rank part. Here the
-decomposition is the truncated SVD alternated with hard thresholding
-(``support_iters`` rounds of ``L = SVD_r(W - S)``, ``S = top_N(W - L)``;
-one round is the plain residual of the rank-``r`` SVD), a deterministic
-stand-in for GreBsmo's randomised alternating updates. ``support="magnitude"``
+``|S'|``, i.e. where ``W`` is worst explained by its low-rank part. The
+authors' ``run_glue.py`` runs GreBsmo's bilateral QR iterations from a random
+start, growing the rank from 1 by 5 per round for 100 rounds and
+hard-thresholding ``|S'| < 0.01``. Here the decomposition is deterministic:
+the truncated SVD of rank ``support_rank`` (default: ``r``) alternated with
+hard thresholding (``support_iters`` rounds of ``L = SVD(W - S)``, ``S =
+top_N(W - L)``; one round is the plain residual of the truncated SVD); the
+optimal rank-``k`` approximation stands in for the randomised one, so the
+chosen positions can differ from a GreBsmo run. ``support="magnitude"``
 takes the ``N`` largest ``|W|`` and ``support="random"`` a uniform subset.
-The paper's BERT runs use ``N = 64`` entries per matrix; the low-rank part is
-LoRA (``A`` kaiming-uniform, ``B = 0``, scale ``alpha/r``) and ``S2 = 0`` at
-init, so ``W' = W0`` at init.
+
+Following the authors' BERT code (``modeling_bert.py``): the update is
+``W' = W0 + (alpha/r)·(BA + S2)`` (the sparse values are scaled too), ``A ~
+N(0, 0.02²)``, ``B = 0`` and ``S2 = 0`` (so ``W' = W0`` at init), and their
+defaults are ``lora_alpha = 32``, ``num_sparse = 128`` (``lora_r = 4``).
 
 The second sparsity (§3, "Sparse final weights") prunes the fine-tuned
 weight: ``dsee_prune`` keeps the largest magnitudes of a merged kernel
@@ -28,9 +34,10 @@ the base, e.g. ``adapters.fold`` then ``dsee_prune``, and train a new
 adapter). Its structured variant (attention heads by an ℓ1-regularised head
 mask) needs the model's head layout and is not provided.
 
-Layout and forms as ``sltrain`` (Flax ``(in, out)``, flat row-major support,
-frozen ``SparseSupport``): ``W' = W0 + s·a@b ⊕_Ω values``, exact
-``unapply``, factored ``delta`` of ``2·r·(in + out) + 2·N`` FLOPs per row.
+Layout and forms as ``sltrain`` (the leaf's ``(in, out)`` matrix view, flat
+row-major support, frozen ``SparseSupport``): ``W' = W0 + s·(a@b ⊕_Ω
+values)``, exact ``unapply``, factored ``delta`` of ``2·r·(in + out) + 3·N``
+FLOPs per row.
 
 Exports: ``DSEEParams``, ``dsee``, ``dsee_support``, ``dsee_prune``.
 """
@@ -51,9 +58,10 @@ class DSEEParams(NamedTuple):
     """Trainable DSEE parameters (per matrix; stacked leaves add batch axes).
 
     Attributes:
-      a: ``(in, r)`` LoRA ``A`` transposed (the paper's ``V``ᵀ).
-      b: ``(r, out)`` LoRA ``B`` transposed (the paper's ``U``ᵀ).
-      values: ``(N,)`` the sparse residual ``S2`` at the frozen support.
+      a: ``(in, r)`` LoRA ``A`` transposed (the authors' ``lora_a.weight``ᵀ).
+      b: ``(r, out)`` LoRA ``B`` transposed (``lora_b.weight``ᵀ).
+      values: ``(N,)`` the sparse ``S2`` at the frozen support (``lora_s``'s
+        unmasked entries; scaled by ``alpha/r`` like the product).
     """
 
     a: jax.Array
@@ -119,14 +127,15 @@ def dsee_support(w: jax.Array, num: int, *, rank: int, support: str = "residual"
 def dsee(
     rank: int,
     *,
-    alpha: float = 8.0,
-    num_sparse: int = 64,
+    alpha: float = 32.0,
+    num_sparse: int = 128,
     support: str = "residual",
+    support_rank: int | None = None,
     support_iters: int = 1,
     dimension_numbers: tree.DimensionNumbers | None = None,
     param_dtype: Any = jnp.float32,
 ) -> _protocol.Adapter:
-    """DSEE: ``W' = W0 + (alpha/r)·A@B + S2`` with ``S2`` on a support chosen from ``W0``.
+    """DSEE: ``W' = W0 + (alpha/r)·(A@B + S2)`` with ``S2`` on a support chosen from ``W0``.
 
     Trainable per matrix: ``r·(in + out) + N``; frozen: the ``int32``
     support. Identity at init (``B = 0``, ``S2 = 0``). The support is chosen
@@ -134,11 +143,13 @@ def dsee(
     kernels: per layer). Pruning the final weights: ``dsee_prune``.
 
     Args:
-      rank: ``r`` of the low-rank update and of the support decomposition.
-      alpha: LoRA's ``alpha``; ``s = alpha / r``.
-      num_sparse: ``N``, sparse entries per matrix (the paper: 64).
+      rank: ``r`` of the low-rank update (the authors' default 4).
+      alpha: ``s = alpha / r`` (the authors' default 32).
+      num_sparse: ``N``, sparse entries per matrix (the authors' default 128).
       support: ``"residual"`` (the paper's rule), ``"magnitude"`` or
         ``"random"``.
+      support_rank: rank of the low-rank part of the support decomposition
+        (None: ``rank``); at most ``min(in, out)``.
       support_iters: rounds of the low-rank/sparse alternation for
         ``"residual"`` (1: the residual of the rank-``r`` SVD).
       dimension_numbers: the kernel's matrix view; default Flax ``(in, out)``
@@ -153,11 +164,12 @@ def dsee(
 
     Raises:
       ValueError: bad ``rank``/``alpha``/``num_sparse``/``support``/
-        ``support_iters``; at init ``rank > min(in, out)`` or ``N > in·out``.
+        ``support_rank``/``support_iters``; at init ``rank`` or
+        ``support_rank > min(in, out)``, or ``N > in·out``.
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> ad = dsee(2, num_sparse=3)
+      >>> ad = dsee(2, num_sparse=3)  # the authors' defaults are rank 4, N = 128
       >>> w = jnp.arange(30.0).reshape(6, 5) / 30
       >>> t, f = ad.init(jax.random.key(0), w)
       >>> t.values.shape, f.indices.dtype
@@ -170,6 +182,7 @@ def dsee(
     """
     rank = _lora.check_rank(rank, "dsee")
     num, iters = _positive(num_sparse, "num_sparse"), _positive(support_iters, "support_iters")
+    k_dec = rank if support_rank is None else _positive(support_rank, "support_rank")
     if support not in _SUPPORTS:
         raise ValueError(f"dsee: support must be one of {_SUPPORTS}, got {support!r}")
     s = _lora.scaling_value(_lora.Scaling.ALPHA_OVER_RANK, alpha, rank)
@@ -183,9 +196,13 @@ def dsee(
         _sparse.sparse_num(n_in * n_out, k=num,
                            name=f"dsee on a matrix of shape {tuple(w.shape)}")
         k_a, k_s = jax.random.split(key)
-        idx = dsee_support(w, num, rank=rank, support=support, support_iters=iters,
+        if support == "residual" and k_dec > min(n_in, n_out):
+            raise ValueError(f"dsee: support_rank={k_dec} exceeds min(in, out) of the "
+                             f"matrix view of shape {tuple(w.shape)}")
+        idx = dsee_support(w, num, rank=k_dec, support=support, support_iters=iters,
                            key=k_s)
-        return (DSEEParams(a=_lora.kaiming_uniform_a(k_a, n_in, rank, param_dtype),
+        a = 0.02 * jax.random.normal(k_a, (n_in, rank), param_dtype)
+        return (DSEEParams(a=a,
                            b=jnp.zeros((rank, n_out), param_dtype),
                            values=jnp.zeros((num,), param_dtype)),
                 _sparse.SparseSupport(idx))
@@ -194,12 +211,14 @@ def dsee(
         name=f"dsee(rank={rank}, alpha={alpha}, num_sparse={num}, support={support})",
         init_matrix=init_matrix,
         scale=s,
+        sparse_scale=s,
         dimension_numbers=dimension_numbers,
         hyperparameters=(("rank", rank), ("alpha", alpha), ("num_sparse", num),
-                         ("support", support), ("support_iters", iters)),
+                         ("support", support), ("support_rank", k_dec),
+                         ("support_iters", iters)),
         relayout=lambda dims: dsee(rank, alpha=alpha, num_sparse=num, support=support,
-                                   support_iters=iters, dimension_numbers=dims,
-                                   param_dtype=param_dtype),
+                                   support_rank=support_rank, support_iters=iters,
+                                   dimension_numbers=dims, param_dtype=param_dtype),
     )
 
 

@@ -91,11 +91,12 @@ def low_rank_sparse_adapter(
     name: str,
     init_matrix: Callable[..., tuple[Any, Any]],
     scale: float,
+    sparse_scale: float,
     dimension_numbers: tree.DimensionNumbers | None,
     hyperparameters: tuple[tuple[str, Any], ...],
     relayout: Callable[[tree.DimensionNumbers], _protocol.Adapter],
 ) -> _protocol.Adapter:
-    """``W' = W + s·a@b ⊕ scatter(indices, values)``: the shared forms of SLTrain and DSEE.
+    """``W' = W + s·a@b ⊕ s_S·scatter(indices, values)``: the shared forms of SLTrain and DSEE.
 
     ``init_matrix`` returns ``(params with a, b, values; SparseSupport)``.
     """
@@ -103,8 +104,8 @@ def low_rank_sparse_adapter(
     def delta(w, t, f):
         ct = _lowrank.compute_dtype(w.dtype, t.a.dtype, t.values.dtype)
         d = (t.a.astype(ct) @ t.b.astype(ct)) * jnp.asarray(scale, ct)
-        return ct, d.reshape(-1).at[f.indices].add(
-            t.values.astype(ct), unique_indices=True).reshape(w.shape)
+        vals = t.values.astype(ct) * jnp.asarray(sparse_scale, ct)
+        return ct, d.reshape(-1).at[f.indices].add(vals, unique_indices=True).reshape(w.shape)
 
     def apply_matrix(w, t, f):
         ct, d = delta(w, t, f)
@@ -120,6 +121,8 @@ def low_rank_sparse_adapter(
         def term(x):
             lr = _lowrank.low_rank(x, t.a, t.b, scale)
             sp = sparse_rows_delta(x, t.values, f.indices, n_out)
+            if sparse_scale != 1.0:
+                sp = sp * jnp.asarray(sparse_scale, sp.dtype)
             ct = _lowrank.compute_dtype(lr.dtype, sp.dtype)
             return lr.astype(ct) + sp.astype(ct)
 
@@ -222,6 +225,7 @@ def sltrain(
         name=name,
         init_matrix=init_matrix,
         scale=s,
+        sparse_scale=1.0,
         dimension_numbers=dimension_numbers,
         hyperparameters=(("rank", rank), ("alpha", alpha), ("density", density),
                          ("from_scratch", from_scratch)),

@@ -13,8 +13,8 @@ from tests.adapters.test_sltrain import ref_sltrain
 
 
 def ref_dsee(w, t, f, *, s):
-    """float64 ``W0 + s·a@b + S2`` (the same algebra as SLTrain)."""
-    return ref_sltrain(w, t, f, s=s)
+    """float64 ``W0 + s·(a@b + S2)`` (the authors' BERT forward, Flax layout)."""
+    return ref_sltrain(w, t._replace(values=s * h.f64(t.values)), f, s=s)
 
 
 def test_dsee_support_rules_match_float64(getkey):
@@ -28,6 +28,11 @@ def test_dsee_support_rules_match_float64(getkey):
     t, f = ad.init(getkey(), wj)
     np.testing.assert_array_equal(np.asarray(f.indices), want)
     assert f.indices.dtype == jnp.int32
+    assert 0.01 < float(jnp.std(t.a)) < 0.03  # the authors' N(0, 0.02²)
+    resid5 = w - (u[:, :5] * sv[:5]) @ vt[:5]  # a decomposition rank apart from the LoRA rank
+    got5 = adapters.dsee(2, num_sparse=7, support_rank=5).init(getkey(), wj)[1].indices
+    np.testing.assert_array_equal(np.asarray(got5),
+                                  np.sort(np.argsort(-np.abs(resid5).reshape(-1))[:7]))
     mag = adapters.dsee_support(wj, 7, rank=2, support="magnitude")
     np.testing.assert_array_equal(np.asarray(mag),
                                   np.sort(np.argsort(-np.abs(w).reshape(-1))[:7]))
@@ -40,7 +45,7 @@ def test_dsee_support_rules_match_float64(getkey):
     assert bool((ad.apply(wj, t, f) == wj).all())
     t = t._replace(b=jnp.ones_like(t.b), values=jnp.arange(1.0, 8.0))
     got = h.f64(ad.apply(wj, t, f))
-    np.testing.assert_allclose(got, ref_dsee(wj, t, f, s=4.0), **h.MATMUL_F32)
+    np.testing.assert_allclose(got, ref_dsee(wj, t, f, s=16.0), **h.MATMUL_F32)
     terms = ad.factored.terms(wj, t, f)
     x = jnp.asarray(rng.standard_normal((3, 12)), jnp.float32)
     np.testing.assert_allclose(h.f64(x @ wj) + h.f64(terms.delta(x)), h.f64(x) @ got,
@@ -71,8 +76,11 @@ def test_dsee_prune_final_weights():
 
 
 def test_dsee_count():
-    # SmolLM2-135M q, k, v, o at the paper's setting r = 16, N = 64
-    ad = adapters.dsee(16)
+    # SmolLM2-135M q, k, v, o at r = 8 and the authors' N = 128
+    ad = adapters.dsee(8)
     n = [ad.num_trainable(jax.ShapeDtypeStruct(s, jnp.float32))
          for s in ((576, 576), (576, 192), (576, 192), (576, 576))]
-    assert n == [16 * 1152 + 64, 16 * 768 + 64, 16 * 768 + 64, 16 * 1152 + 64]
+    assert n == [8 * 1152 + 128, 8 * 768 + 128, 8 * 768 + 128, 8 * 1152 + 128]
+    with pytest.raises(ValueError, match=r"support_rank=7 .*\(6, 5\)"):
+        adapters.dsee(2, num_sparse=3, support_rank=7).init(jax.random.key(0),
+                                                            jnp.zeros((6, 5)))
