@@ -109,6 +109,10 @@ from peftjax.adapters._dept import dept_embeddings as dept_embeddings
 from peftjax.adapters._dept import dept_labels as dept_labels
 from peftjax.adapters._dora import DoRAParams as DoRAParams
 from peftjax.adapters._dora import dora as dora
+from peftjax.adapters._dsee import DSEEParams as DSEEParams
+from peftjax.adapters._dsee import dsee as dsee
+from peftjax.adapters._dsee import dsee_prune as dsee_prune
+from peftjax.adapters._dsee import dsee_support as dsee_support
 from peftjax.adapters._dylora import DyLoRAParams as DyLoRAParams
 from peftjax.adapters._dylora import DyLoRARank as DyLoRARank
 from peftjax.adapters._dylora import dylora as dylora
@@ -274,6 +278,12 @@ from peftjax.adapters._randlora import randlora as randlora
 from peftjax.adapters._randlora import randlora_shared as randlora_shared
 from peftjax.adapters._road import RoAdParams as RoAdParams
 from peftjax.adapters._road import road as road
+from peftjax.adapters._roselora import RoseLoRAParams as RoseLoRAParams
+from peftjax.adapters._roselora import RoseLoRAState as RoseLoRAState
+from peftjax.adapters._roselora import roselora as roselora
+from peftjax.adapters._roselora import roselora_keep as roselora_keep
+from peftjax.adapters._roselora import roselora_project as roselora_project
+from peftjax.adapters._roselora import roselora_sparsify as roselora_sparsify
 from peftjax.adapters._salt import SALTBasis as SALTBasis
 from peftjax.adapters._salt import SALTParams as SALTParams
 from peftjax.adapters._salt import salt as salt
@@ -295,6 +305,8 @@ from peftjax.adapters._shira import SHiRAIndices as SHiRAIndices
 from peftjax.adapters._shira import SHiRAParams as SHiRAParams
 from peftjax.adapters._shira import shira as shira
 from peftjax.adapters._shira import shira_indices as shira_indices
+from peftjax.adapters._sltrain import SLTrainParams as SLTrainParams
+from peftjax.adapters._sltrain import sltrain as sltrain
 from peftjax.adapters._sora import SoRAParams as SoRAParams
 from peftjax.adapters._sora import sora as sora
 from peftjax.adapters._sora import sora_prune as sora_prune
@@ -304,6 +316,8 @@ from peftjax.adapters._sparse import sparse_delta as sparse_delta
 from peftjax.adapters._sparse import sparse_from_compact as sparse_from_compact
 from peftjax.adapters._sparse import sparse_num as sparse_num
 from peftjax.adapters._sparse import sparse_to_compact as sparse_to_compact
+from peftjax.adapters._spp import SPPParams as SPPParams
+from peftjax.adapters._spp import spp as spp
 from peftjax.adapters._supertuning import SuperTuningIndices as SuperTuningIndices
 from peftjax.adapters._supertuning import SuperTuningParams as SuperTuningParams
 from peftjax.adapters._supertuning import supertuning as supertuning
@@ -380,19 +394,20 @@ __all__ = [
     "compose_hooks", "compute_dtype", "cpt", "cpt_inputs", "cpt_loss", "cpt_project",
     "cpt_prompt", "cpt_update_mask", "CPTParams", "deft", "DeFTParams", "delete", "delora",
     "DeLoRANorm", "DeLoRAParams", "dept", "dept_embeddings", "dept_labels", "DePTParams",
-    "disable", "dora", "DoRAParams", "dylora", "dylora_sample_rank", "dylora_set_rank",
-    "DyLoRAParams", "DyLoRARank", "FactoredForm", "FactoredTerms", "fake_quant", "flora",
-    "FLoRAParams", "fold", "fourierft", "fourierft_indices", "FourierFTIndices",
-    "FourierFTParams", "frod", "frod_basis", "frod_nnz", "FRoDFrozen", "FRoDParams",
-    "glora", "GLoRAParams", "gralora", "GraLoRAParams", "hira", "HiRAParams", "Hooks",
-    "hra", "hra_orthogonality", "hra_rotation", "HRAParams", "ia3", "increlora",
-    "increlora_grow", "increlora_init_importance", "increlora_module_scores",
-    "increlora_orthogonality", "increlora_update_importance", "increlora_value_and_grad",
-    "IncreLoRAImportance", "IncreLoRAParams", "IncreLoRARank", "init", "kasa", "kasa_basis",
-    "kasa_loss", "KaSABasis", "KaSAParams", "l4q", "l4q_codes", "L4QParams", "lamda",
-    "lamda_freeze", "lamda_frozen_rows", "lamda_plus_ranks", "LaMDABasis",
-    "LaMDAFreezeState", "LaMDAParams", "ldu", "lift_matrix", "ln_tuning", "LNTuningParams",
-    "loha", "LoHaParams", "lokr", "lokr_factorization", "LoKrInit", "LoKrParams", "loldu",
+    "disable", "dora", "DoRAParams", "dsee", "dsee_prune", "dsee_support", "DSEEParams",
+    "dylora", "dylora_sample_rank", "dylora_set_rank", "DyLoRAParams", "DyLoRARank",
+    "FactoredForm", "FactoredTerms", "fake_quant", "flora", "FLoRAParams", "fold",
+    "fourierft", "fourierft_indices", "FourierFTIndices", "FourierFTParams", "frod",
+    "frod_basis", "frod_nnz", "FRoDFrozen", "FRoDParams", "glora", "GLoRAParams", "gralora",
+    "GraLoRAParams", "hira", "HiRAParams", "Hooks", "hra", "hra_orthogonality",
+    "hra_rotation", "HRAParams", "ia3", "increlora", "increlora_grow",
+    "increlora_init_importance", "increlora_module_scores", "increlora_orthogonality",
+    "increlora_update_importance", "increlora_value_and_grad", "IncreLoRAImportance",
+    "IncreLoRAParams", "IncreLoRARank", "init", "kasa", "kasa_basis", "kasa_loss",
+    "KaSABasis", "KaSAParams", "l4q", "l4q_codes", "L4QParams", "lamda", "lamda_freeze",
+    "lamda_frozen_rows", "lamda_plus_ranks", "LaMDABasis", "LaMDAFreezeState",
+    "LaMDAParams", "ldu", "lift_matrix", "ln_tuning", "LNTuningParams", "loha",
+    "LoHaParams", "lokr", "lokr_factorization", "LoKrInit", "LoKrParams", "loldu",
     "LoLDUFactors", "LoLDUParams", "lora", "lora_b_only", "lora_conv", "lora_xs",
     "LoRABOnlyFrozen", "LoRABOnlyInit", "LoRABOnlyParams", "LoRAInit", "loram_group",
     "loram_masks", "loram_plan", "loram_prune", "loram_recover", "LoRAMCut", "LoRAMGroup",
@@ -408,12 +423,14 @@ __all__ = [
     "psoft", "psoft_basis", "psoft_rotation", "PSOFTBasis", "PSOFTParams", "PTuningLSTM",
     "PTuningMLP", "pvera", "pvera_delta", "pvera_shared", "PVeRABasis", "PVeRAParams",
     "qalora", "QALoRAParams", "randlora", "randlora_shared", "RandLoRABases",
-    "RandLoRABasis", "RandLoRAParams", "resolve_shared", "road", "RoAdParams", "salt",
-    "salt_loss", "salt_rank", "SALTBasis", "SALTParams", "scale_shift", "ScaleParams",
-    "ScaleShiftParams", "Scaling", "scaling_value", "SHARED", "Shared", "SharedInit",
-    "SharedParts", "shira", "shira_indices", "SHiRAIndices", "SHiRAParams", "Side", "Site",
-    "sora", "sora_prune", "SoRAParams", "sparse_delta", "sparse_from_compact", "sparse_num",
-    "sparse_to_compact", "SparseSupport", "SparseValues", "ssf", "supertuning",
+    "RandLoRABasis", "RandLoRAParams", "resolve_shared", "road", "RoAdParams", "roselora",
+    "roselora_keep", "roselora_project", "roselora_sparsify", "RoseLoRAParams",
+    "RoseLoRAState", "salt", "salt_loss", "salt_rank", "SALTBasis", "SALTParams",
+    "scale_shift", "ScaleParams", "ScaleShiftParams", "Scaling", "scaling_value", "SHARED",
+    "Shared", "SharedInit", "SharedParts", "shira", "shira_indices", "SHiRAIndices",
+    "SHiRAParams", "Side", "Site", "sltrain", "SLTrainParams", "sora", "sora_prune",
+    "SoRAParams", "sparse_delta", "sparse_from_compact", "sparse_num", "sparse_to_compact",
+    "SparseSupport", "SparseValues", "spp", "SPPParams", "ssf", "supertuning",
     "supertuning_count", "supertuning_support", "SuperTuningIndices", "SuperTuningParams",
     "svfit", "SVFitBasis", "SVFitParams", "svft", "svft_count", "svft_pattern", "SVFTBasis",
     "SVFTParams", "switch", "tinylora", "tinylora_groups", "TinyLoRABasis",

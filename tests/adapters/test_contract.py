@@ -29,6 +29,7 @@ from tests.adapters.test_c3a import ref_c3a
 from tests.adapters.test_clover import ref_clover
 from tests.adapters.test_deft import ref_deft
 from tests.adapters.test_delora import ref_delora
+from tests.adapters.test_dsee import ref_dsee
 from tests.adapters.test_dylora import ref_dylora
 from tests.adapters.test_flora import ref_flora
 from tests.adapters.test_fourierft import ref_fourierft
@@ -56,6 +57,8 @@ from tests.adapters.test_randlora import randlora_count, ref_randlora
 from tests.adapters.test_road import ref_road
 from tests.adapters.test_salt import ref_salt
 from tests.adapters.test_shira import ref_shira
+from tests.adapters.test_sltrain import ref_sltrain
+from tests.adapters.test_spp import ref_spp
 from tests.adapters.test_supertuning import ref_supertuning
 from tests.adapters.test_svft import ref_svft
 from tests.adapters.test_tinylora import ref_tinylora
@@ -529,6 +532,36 @@ ADAPTERS = [
         False,
         lambda w, t, f: ref_l4q(w, t, f, s=2.0),
         lambda i, o: 3 * (i + o) + o,
+    ),
+    (
+        "sltrain",
+        lambda: adapters.sltrain(2, alpha=4.0, density=0.3),
+        True,
+        lambda w, t, f: ref_sltrain(w, t, f, s=2.0),
+        lambda i, o: 2 * (i + o) + int(0.3 * i * o),
+    ),
+    (
+        # magnitude support (no SVD at init: time); test_dsee.py checks the residual rule
+        "dsee",
+        lambda: adapters.dsee(2, alpha=4.0, num_sparse=3, support="magnitude"),
+        True,
+        lambda w, t, f: ref_dsee(w, t, f, s=2.0),
+        lambda i, o: 2 * (i + o) + 3,
+    ),
+    (
+        "roselora",
+        lambda: adapters.roselora(2, alpha=4.0),
+        True,
+        lambda w, t, f: h.ref_lora(w, t, f, s=2.0),
+        lambda i, o: 2 * (i + o),
+    ),
+    (
+        # rank 1: the suite's widths (5, 4, 8) share no divisor > 1 (test_spp.py: r = 2, 4)
+        "spp",
+        lambda: adapters.spp(1),
+        True,
+        ref_spp,
+        lambda i, o: i + o,
     ),
 ]
 IDS = [a[0] for a in ADAPTERS]
