@@ -121,6 +121,11 @@ from peftjax.adapters._hra import HRAParams as HRAParams
 from peftjax.adapters._hra import hra as hra
 from peftjax.adapters._hra import hra_orthogonality as hra_orthogonality
 from peftjax.adapters._hra import hra_rotation as hra_rotation
+from peftjax.adapters._intrinsic_dim import IntrinsicParams as IntrinsicParams
+from peftjax.adapters._intrinsic_dim import IntrinsicProjection as IntrinsicProjection
+from peftjax.adapters._intrinsic_dim import fastfood as fastfood
+from peftjax.adapters._intrinsic_dim import intrinsic_dim as intrinsic_dim
+from peftjax.adapters._intrinsic_dim import walsh_hadamard as walsh_hadamard
 from peftjax.adapters._lift import lift_matrix as lift_matrix
 from peftjax.adapters._lift import map_slices as map_slices
 from peftjax.adapters._lift import path_key as path_key
@@ -249,6 +254,8 @@ from peftjax.adapters._tinylora import tinylora_groups as tinylora_groups
 from peftjax.adapters._trainable_tokens import (
     TrainableTokensParams as TrainableTokensParams,
 )
+from peftjax.adapters._said import SAIDParams as SAIDParams
+from peftjax.adapters._said import said as said
 from peftjax.adapters._trainable_tokens import trainable_tokens as trainable_tokens
 from peftjax.adapters._tree import fold as fold
 from peftjax.adapters._tree import init as init
@@ -331,6 +338,13 @@ __all__ = [
     "SharedParts",
     "resolve_shared",
     "unshare",
+    "IntrinsicParams",
+    "IntrinsicProjection",
+    "fastfood",
+    "intrinsic_dim",
+    "walsh_hadamard",
+    "SAIDParams",
+    "said",
     "UniLoRAIndices",
     "UniLoRAParams",
     "unilora",
