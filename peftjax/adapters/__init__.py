@@ -155,6 +155,9 @@ from peftjax.adapters._monteclora import MonteCLoRAParams as MonteCLoRAParams
 from peftjax.adapters._monteclora import monteclora as monteclora
 from peftjax.adapters._monteclora import monteclora_loss as monteclora_loss
 from peftjax.adapters._monteclora import monteclora_sample as monteclora_sample
+from peftjax.adapters._mos import MoSIndices as MoSIndices
+from peftjax.adapters._mos import MoSParams as MoSParams
+from peftjax.adapters._mos import mos as mos
 from peftjax.adapters._multitask_prompt import MultitaskPromptParams as MultitaskPromptParams
 from peftjax.adapters._multitask_prompt import multitask_prompt as multitask_prompt
 from peftjax.adapters._multitask_prompt import multitask_prompt_tuning as multitask_prompt_tuning
@@ -344,6 +347,9 @@ __all__ = [
     "intrinsic_dim",
     "walsh_hadamard",
     "SAIDParams",
+    "MoSIndices",
+    "MoSParams",
+    "mos",
     "said",
     "UniLoRAIndices",
     "UniLoRAParams",
