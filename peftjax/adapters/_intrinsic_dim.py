@@ -32,7 +32,8 @@ for Fastfood), so ``FactoredTerms.delta`` forms it once and adds
 ``x @ ΔW`` (``2·in·out`` FLOPs per row).
 
 Exports: ``IntrinsicParams``, ``IntrinsicProjection``, ``intrinsic_dim``,
-``fastfood``, ``walsh_hadamard``.
+``fastfood``, ``fastfood_vars``, ``fastfood_transform``, ``projection_matrix``,
+``walsh_hadamard``.
 """
 
 import math
@@ -107,71 +108,157 @@ def _fastfood_length(size: int) -> int:
     return 1 << max(0, math.ceil(math.log2(size)))
 
 
-def fastfood(theta: jax.Array, size: int, key: jax.Array) -> jax.Array:
-    """The Fastfood projection ``V θ`` (``V = H G Π H B``) of a ``d`` vector to ``size``.
+def fastfood_vars(size: int, key: jax.Array, dtype: Any = jnp.float32) -> tuple:
+    """Draws the Fastfood diagonals and permutation for an output of ``size``.
 
-    ``L = 2^⌈log2 size⌉``; ``θ`` is zero-padded to ``L``, multiplied by
-    ``B = diag(±1)``, Hadamard-transformed, permuted by ``Π``, scaled by
-    ``G = diag(N(0, 1))`` and transformed again; the first ``size`` entries
-    are divided by ``√(L·ΣG²)·√(size/L)`` (the normalisation of the
-    intrinsic-dimension authors' code). ``B, Π, G`` are drawn from ``key``
-    (never stored).
+    Args:
+      size: the output length ``D``; the transform length is
+        ``L = 2^⌈log2 D⌉``.
+      key: a PRNG key.
+      dtype: dtype of the diagonals.
+
+    Returns:
+      ``(B (L,) ±1, Π (L,) int32 permutation, G (L,) N(0, 1))``.
+
+    Example:
+      >>> import jax
+      >>> [x.shape for x in fastfood_vars(6, jax.random.key(0))]
+      [(8,), (8,), (8,)]
+    """
+    n = _fastfood_length(size)
+    kb, kp, kg = jax.random.split(key, 3)
+    return (jax.random.rademacher(kb, (n,), dtype),
+            jax.random.permutation(kp, n).astype(jnp.int32),
+            jax.random.normal(kg, (n,), dtype))
+
+
+def fastfood_transform(theta: jax.Array, size: int, bb: jax.Array, perm: jax.Array,
+                       gg: jax.Array) -> jax.Array:
+    """``V θ`` with ``V = H G Π H B`` given its diagonals and permutation.
+
+    ``θ (d,)`` is zero-padded to ``L = len(B)``, multiplied by ``B``,
+    Hadamard-transformed, permuted (``v[Π]``), scaled by ``G`` and
+    transformed again; the first ``size`` entries are divided by
+    ``√(L·ΣG²)·√(size/L)`` (the normalisation of the intrinsic-dimension
+    authors' code).
 
     Args:
       theta: ``(d,)`` with ``d ≤ L``.
+      size: the output length (``≤ L``).
+      bb: ``(L,)`` ±1.
+      perm: ``(L,)`` a permutation of ``range(L)``.
+      gg: ``(L,)`` Gaussian diagonal.
+
+    Returns:
+      ``(size,)`` in the wider of ``theta``'s and ``gg``'s dtypes.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> one = jnp.ones(2)
+      >>> fastfood_transform(jnp.array([1.0]), 2, one, jnp.arange(2), one)
+      Array([1., 0.], dtype=float32)
+    """
+    n = bb.shape[-1]
+    d = theta.shape[-1]
+    if d > n:
+        raise ValueError(f"fastfood: the vector's length {d} exceeds the transform "
+                         f"length {n} of an output of size {size}")
+    ct = _lowrank.compute_dtype(theta.dtype, gg.dtype)
+    gg = gg.astype(ct)
+    v = jnp.pad(theta.astype(ct), (0, n - d)) * bb.astype(ct)
+    v = walsh_hadamard(v)[perm] * gg
+    v = walsh_hadamard(v)[:size]
+    return v / (jnp.sqrt(n * jnp.sum(gg * gg)) * math.sqrt(size / n))
+
+
+def fastfood(theta: jax.Array, size: int, key: jax.Array) -> jax.Array:
+    """The Fastfood projection ``V θ`` (``V = H G Π H B``) of a ``d`` vector to ``size``.
+
+    ``fastfood_transform`` with ``fastfood_vars(size, key)``: ``B, Π, G``
+    are drawn from ``key`` (never stored).
+
+    Args:
+      theta: ``(d,)`` with ``d ≤ 2^⌈log2 size⌉``.
       size: the output length ``D``.
       key: a PRNG key.
 
     Returns:
-      ``(size,)`` in ``theta``'s dtype (computed in at least float32).
+      ``(size,)``, computed in at least float32.
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> fastfood(jnp.ones(3), 6, jax.random.key(0)).shape
       (6,)
     """
-    n = _fastfood_length(size)
-    d = theta.shape[-1]
-    if d > n:
-        raise ValueError(f"fastfood: the vector's length {d} exceeds the transform "
-                         f"length {n} of an output of size {size}")
     ct = _lowrank.compute_dtype(theta.dtype, jnp.float32)
-    kb, kp, kg = jax.random.split(key, 3)
-    bb = jax.random.rademacher(kb, (n,), ct)
-    perm = jax.random.permutation(kp, n)
-    gg = jax.random.normal(kg, (n,), ct)
-    v = jnp.pad(theta.astype(ct), (0, n - d)) * bb
-    v = walsh_hadamard(v)[perm] * gg
-    v = walsh_hadamard(v)[:size]
-    divisor = jnp.sqrt(n * jnp.sum(gg * gg)) * math.sqrt(size / n)
-    return (v / divisor).astype(theta.dtype)
+    return fastfood_transform(theta.astype(ct), size, *fastfood_vars(size, key, ct))
+
+
+def _chunk_size(size: int, d: int) -> int:
+    return max(1, min(d, _BLOCK // max(size, 1)))
+
+
+def _columns(kind: str, key: jax.Array, start: Any, size: int, chunk: int,
+             density: jax.Array, ct: Any) -> jax.Array:
+    """Columns ``start .. start+chunk`` of ``P_i``: ``(size, chunk)``."""
+    k = jax.random.fold_in(key, start)
+    if kind == "dense":
+        return jax.random.normal(k, (size, chunk), ct)
+    u = jax.random.uniform(k, (size, chunk), ct)
+    half = jnp.asarray(density, ct) / 2
+    sign = jnp.where(u < half, -1.0, 0.0) + jnp.where(u >= 1 - half, 1.0, 0.0)
+    return sign.astype(ct) * jax.lax.rsqrt(jnp.asarray(density, ct))
+
+
+def projection_matrix(kind: str, key: jax.Array, size: int, d: int,
+                      density: Any = 1.0, dtype: Any = jnp.float32) -> jax.Array:
+    """A matrix's block ``P_i (size, d)`` of a dense or sparse projection, unscaled.
+
+    What ``intrinsic_dim`` regenerates ``chunk`` columns at a time inside
+    ``apply`` (for analysis and tests; ``apply`` never forms it whole).
+
+    Args:
+      kind: ``"dense"`` (N(0, 1)) or ``"sparse"`` (``±1/√ρ`` with probability
+        ``ρ/2`` each, 0 otherwise).
+      key: the matrix's key (``fold_in(key(seed), index)``).
+      size: ``in·out``.
+      d: the subspace dimension.
+      density: ``ρ`` (sparse only).
+      dtype: dtype of the draws.
+
+    Returns:
+      ``(size, d)``.
+
+    Example:
+      >>> import jax
+      >>> projection_matrix("dense", jax.random.key(0), 6, 3).shape
+      (6, 3)
+    """
+    if kind not in ("dense", "sparse"):
+        raise ValueError(f"projection_matrix: kind must be 'dense' or 'sparse', "
+                         f"got {kind!r}")
+    chunk = _chunk_size(size, d)
+    cols = [_columns(kind, key, s, size, chunk, density, dtype)
+            for s in range(0, d, chunk)]
+    return jnp.concatenate(cols, axis=1)[:, :d]
 
 
 def _random_block(kind: str, key: jax.Array, theta: jax.Array, size: int,
                   density: jax.Array) -> jax.Array:
-    """``P_i θ`` with ``P_i (size, d)`` dense Gaussian or sparse ±1/√ρ, chunked."""
+    """``P_i θ`` drawn ``chunk`` columns at a time (rematerialised under grad)."""
     d = theta.shape[-1]
     ct = _lowrank.compute_dtype(theta.dtype, jnp.float32)
-    chunk = max(1, min(d, _BLOCK // max(size, 1)))
+    chunk = _chunk_size(size, d)
     nchunks = -(-d // chunk)
     th = jnp.pad(theta.astype(ct), (0, nchunks * chunk - d)).reshape(nchunks, chunk)
-    cols = jnp.arange(nchunks * chunk).reshape(nchunks, chunk)
+    starts = jnp.arange(nchunks, dtype=jnp.int32) * chunk
 
     @jax.checkpoint
     def body(acc, xs):
-        t, c = xs
-        mask = (c < d).astype(ct)  # padded columns contribute nothing
-        k = jax.random.fold_in(key, c[0])
-        if kind == "dense":
-            p = jax.random.normal(k, (size, chunk), ct)
-        else:
-            u = jax.random.uniform(k, (size, chunk), ct)
-            half = density.astype(ct) / 2
-            p = (jnp.where(u < half, -1.0, 0.0) + jnp.where(u >= 1 - half, 1.0, 0.0)
-                 ).astype(ct) * jax.lax.rsqrt(density.astype(ct))
-        return acc + p @ (t * mask), None
+        t, start = xs  # padded entries of θ are 0: they add nothing
+        return acc + _columns(kind, key, start, size, chunk, density, ct) @ t, None
 
-    out, _ = jax.lax.scan(body, jnp.zeros((size,), ct), (th, cols))
+    out, _ = jax.lax.scan(body, jnp.zeros((size,), ct), (th, starts))
     return out
 
 
