@@ -217,6 +217,8 @@ from peftjax.adapters._randlora import randlora as randlora
 from peftjax.adapters._randlora import randlora_shared as randlora_shared
 from peftjax.adapters._road import RoAdParams as RoAdParams
 from peftjax.adapters._road import road as road
+from peftjax.adapters._said import SAIDParams as SAIDParams
+from peftjax.adapters._said import said as said
 from peftjax.adapters._scale_shift import ScaleParams as ScaleParams
 from peftjax.adapters._scale_shift import ScaleShiftParams as ScaleShiftParams
 from peftjax.adapters._scale_shift import Side as Side
@@ -257,8 +259,6 @@ from peftjax.adapters._tinylora import tinylora_groups as tinylora_groups
 from peftjax.adapters._trainable_tokens import (
     TrainableTokensParams as TrainableTokensParams,
 )
-from peftjax.adapters._said import SAIDParams as SAIDParams
-from peftjax.adapters._said import said as said
 from peftjax.adapters._trainable_tokens import trainable_tokens as trainable_tokens
 from peftjax.adapters._tree import fold as fold
 from peftjax.adapters._tree import init as init

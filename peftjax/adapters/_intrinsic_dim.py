@@ -36,6 +36,7 @@ Exports: ``IntrinsicParams``, ``IntrinsicProjection``, ``intrinsic_dim``,
 ``walsh_hadamard``.
 """
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -108,6 +109,7 @@ def _fastfood_length(size: int) -> int:
     return 1 << max(0, math.ceil(math.log2(size)))
 
 
+@functools.partial(jax.jit, static_argnames=("size", "dtype"))
 def fastfood_vars(size: int, key: jax.Array, dtype: Any = jnp.float32) -> tuple:
     """Draws the Fastfood diagonals and permutation for an output of ``size``.
 
@@ -198,6 +200,7 @@ def _chunk_size(size: int, d: int) -> int:
     return max(1, min(d, _BLOCK // max(size, 1)))
 
 
+@functools.partial(jax.jit, static_argnames=("kind", "size", "chunk", "ct"))
 def _columns(kind: str, key: jax.Array, start: Any, size: int, chunk: int,
              density: jax.Array, ct: Any) -> jax.Array:
     """Columns ``start .. start+chunk`` of ``P_i``: ``(size, chunk)``."""
@@ -249,6 +252,8 @@ def _random_block(kind: str, key: jax.Array, theta: jax.Array, size: int,
     d = theta.shape[-1]
     ct = _lowrank.compute_dtype(theta.dtype, jnp.float32)
     chunk = _chunk_size(size, d)
+    if chunk == d:  # one block: no loop
+        return _columns(kind, key, 0, size, d, density, ct) @ theta.astype(ct)
     nchunks = -(-d // chunk)
     th = jnp.pad(theta.astype(ct), (0, nchunks * chunk - d)).reshape(nchunks, chunk)
     starts = jnp.arange(nchunks, dtype=jnp.int32) * chunk
@@ -262,9 +267,14 @@ def _random_block(kind: str, key: jax.Array, theta: jax.Array, size: int,
     return out
 
 
+@functools.partial(jax.jit, static_argnames=("kind", "seed", "size"))
 def _block(kind: str, seed: int, theta: jax.Array, f: IntrinsicProjection,
            size: int) -> jax.Array:
-    """This matrix's ``P_i θ`` (flat, ``size`` entries), in at least float32."""
+    """This matrix's ``P_i θ`` (flat, ``size`` entries), in at least float32.
+
+    Jitted (inlined under an outer ``jit``): run eagerly, the transform's
+    many small operations compile as one program.
+    """
     key = jax.random.fold_in(jax.random.key(seed), f.index)
     if kind == "fastfood":
         ct = _lowrank.compute_dtype(theta.dtype, jnp.float32)
@@ -346,7 +356,7 @@ def build(
             counts[path] = (batch, m)
             total += math.prod(_shared._leaf_shape(w))
         new, at = {}, 0
-        for path, (_, t, f) in leaves.items():
+        for path, (_, t, _) in leaves.items():
             batch, m = counts[path]
             index = jnp.arange(at, at + m, dtype=jnp.int32).reshape(batch)
             at += m

@@ -28,25 +28,24 @@ def ref_mos(w, t, f, s):
 
 def test_matches_the_authors_shard_assembly():
     g = np.load(GOLDEN)
-    n_layers, n_in, n_out, r, r_pool, p, l, alpha = g["config"].tolist()
-    n_layers, n_in, n_out, r, r_pool, p, l = map(int, (n_layers, n_in, n_out, r, r_pool,
-                                                      p, l))
-    public = (r_pool - p) * n_layers * l
-    ad = adapters.unshare(adapters.mos(r, pool_rank=r_pool, private_rank=p, num_shards=l,
+    *ints, alpha = g["config"].tolist()
+    n_layers, n_in, n_out, r, r_pool, p, ns = map(int, ints)
+    public = (r_pool - p) * n_layers * ns
+    ad = adapters.unshare(adapters.mos(r, pool_rank=r_pool, private_rank=p, num_shards=ns,
                                        alpha=alpha, public_shards=public))
     w = jnp.zeros((n_in, n_out))
     t0, f0 = ad.init(jax.random.key(0), w)
     apply = jax.jit(ad.apply)
     for k in range(n_layers):
-        own = slice(public + k * p * l, public + (k + 1) * p * l)
+        own = slice(public + k * p * ns, public + (k + 1) * p * ns)
         t = t0._replace(pool_a=jnp.asarray(g["pool_a"][:public]),
                         pool_b=jnp.asarray(g["pool_b_t"][:public]),
                         private_a=jnp.asarray(g["pool_a"][own]),
                         private_b=jnp.asarray(g["pool_b_t"][own]))
-        np.testing.assert_array_equal(g["masks_a"][k][(r - p) * l:], np.arange(own.start,
+        np.testing.assert_array_equal(g["masks_a"][k][(r - p) * ns:], np.arange(own.start,
                                                                               own.stop))
-        f = f0._replace(indices_a=jnp.asarray(g["masks_a"][k][:(r - p) * l].reshape(-1, l)),
-                        indices_b=jnp.asarray(g["masks_b"][k][:(r - p) * l].reshape(-1, l)))
+        f = f0._replace(indices_a=jnp.asarray(g["masks_a"][k][:(r - p) * ns].reshape(-1, ns)),
+                        indices_b=jnp.asarray(g["masks_b"][k][:(r - p) * ns].reshape(-1, ns)))
         np.testing.assert_allclose(h.f64(apply(w, t, f)), g["delta"][k].T, **h.MATMUL_F32)
 
 
