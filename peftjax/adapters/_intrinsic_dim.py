@@ -42,7 +42,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from peftjax import tree
 from peftjax.adapters import _lift, _lowrank, _protocol, _shared
@@ -351,7 +350,7 @@ def build(
         total = 0
         counts = {}
         for path, (w, _, f) in leaves.items():
-            batch = tuple(np.shape(f.index))
+            batch = tuple(f.index.shape)
             m = math.prod(batch)
             counts[path] = (batch, m)
             total += math.prod(_shared._leaf_shape(w))
