@@ -57,13 +57,6 @@ def ref_said(w, t, f):
     return ref_intrinsic(w, t, f, kind="fastfood")
 
 
-def test_walsh_hadamard_is_the_sylvester_matrix():
-    x = np.random.default_rng(0).standard_normal((3, 16))
-    got = h.f64(adapters.walsh_hadamard(jnp.asarray(x, jnp.float32)))
-    np.testing.assert_allclose(got, x @ scipy.linalg.hadamard(16).T, rtol=1e-5,
-                               atol=1e-5)
-
-
 def test_fastfood_matches_the_authors_math():
     """Goldens: the authors' fastfood_torched (torch) on stored B, Π, G, θ."""
     g = np.load(GOLDEN)
@@ -140,8 +133,6 @@ def test_said_scales_each_matrix_and_counts_one_lambda_each():
     m2 = mat(t)
     np.testing.assert_allclose(h.f64(m2["a"]), -2.5 * h.f64(m1["a"]), **h.MATMUL_F32)
     np.testing.assert_array_equal(np.asarray(m2["b"]["kernel"]), np.asarray(m1["b"]["kernel"]))
-    want = ref_said(params["a"], t["a"]._replace(theta_d=jnp.arange(1.0, 7.0)), s.frozen["a"])
-    np.testing.assert_allclose(h.f64(m2["a"]), want, **h.MATMUL_F32)
 
 
 def test_bad_arguments():
