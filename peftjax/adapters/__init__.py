@@ -156,6 +156,11 @@ from peftjax.adapters._increlora import (
     increlora_update_importance as increlora_update_importance,
 )
 from peftjax.adapters._increlora import increlora_value_and_grad as increlora_value_and_grad
+from peftjax.adapters._intrinsic_dim import IntrinsicParams as IntrinsicParams
+from peftjax.adapters._intrinsic_dim import IntrinsicProjection as IntrinsicProjection
+from peftjax.adapters._intrinsic_dim import fastfood as fastfood
+from peftjax.adapters._intrinsic_dim import intrinsic_dim as intrinsic_dim
+from peftjax.adapters._intrinsic_dim import walsh_hadamard as walsh_hadamard
 from peftjax.adapters._kasa import KaSABasis as KaSABasis
 from peftjax.adapters._kasa import KaSAParams as KaSAParams
 from peftjax.adapters._kasa import kasa as kasa
@@ -219,6 +224,9 @@ from peftjax.adapters._monteclora import monteclora_sample as monteclora_sample
 from peftjax.adapters._mora import MoRAParams as MoRAParams
 from peftjax.adapters._mora import mora as mora
 from peftjax.adapters._mora import mora_rank as mora_rank
+from peftjax.adapters._mos import MoSIndices as MoSIndices
+from peftjax.adapters._mos import MoSParams as MoSParams
+from peftjax.adapters._mos import mos as mos
 from peftjax.adapters._multitask_prompt import MultitaskPromptParams as MultitaskPromptParams
 from peftjax.adapters._multitask_prompt import multitask_prompt as multitask_prompt
 from peftjax.adapters._multitask_prompt import multitask_prompt_tuning as multitask_prompt_tuning
@@ -284,6 +292,8 @@ from peftjax.adapters._roselora import roselora as roselora
 from peftjax.adapters._roselora import roselora_keep as roselora_keep
 from peftjax.adapters._roselora import roselora_project as roselora_project
 from peftjax.adapters._roselora import roselora_sparsify as roselora_sparsify
+from peftjax.adapters._said import SAIDParams as SAIDParams
+from peftjax.adapters._said import said as said
 from peftjax.adapters._salt import SALTBasis as SALTBasis
 from peftjax.adapters._salt import SALTParams as SALTParams
 from peftjax.adapters._salt import salt as salt
@@ -396,49 +406,51 @@ __all__ = [
     "DeLoRANorm", "DeLoRAParams", "dept", "dept_embeddings", "dept_labels", "DePTParams",
     "disable", "dora", "DoRAParams", "dsee", "dsee_prune", "dsee_support", "DSEEParams",
     "dylora", "dylora_sample_rank", "dylora_set_rank", "DyLoRAParams", "DyLoRARank",
-    "FactoredForm", "FactoredTerms", "fake_quant", "flora", "FLoRAParams", "fold",
-    "fourierft", "fourierft_indices", "FourierFTIndices", "FourierFTParams", "frod",
+    "FactoredForm", "FactoredTerms", "fake_quant", "fastfood", "flora", "FLoRAParams",
+    "fold", "fourierft", "fourierft_indices", "FourierFTIndices", "FourierFTParams", "frod",
     "frod_basis", "frod_nnz", "FRoDFrozen", "FRoDParams", "glora", "GLoRAParams", "gralora",
     "GraLoRAParams", "hira", "HiRAParams", "Hooks", "hra", "hra_orthogonality",
     "hra_rotation", "HRAParams", "ia3", "increlora", "increlora_grow",
     "increlora_init_importance", "increlora_module_scores", "increlora_orthogonality",
     "increlora_update_importance", "increlora_value_and_grad", "IncreLoRAImportance",
-    "IncreLoRAParams", "IncreLoRARank", "init", "kasa", "kasa_basis", "kasa_loss",
-    "KaSABasis", "KaSAParams", "l4q", "l4q_codes", "L4QParams", "lamda", "lamda_freeze",
-    "lamda_frozen_rows", "lamda_plus_ranks", "LaMDABasis", "LaMDAFreezeState",
-    "LaMDAParams", "ldu", "lift_matrix", "ln_tuning", "LNTuningParams", "loha",
-    "LoHaParams", "lokr", "lokr_factorization", "LoKrInit", "LoKrParams", "loldu",
-    "LoLDUFactors", "LoLDUParams", "lora", "lora_b_only", "lora_conv", "lora_xs",
-    "LoRABOnlyFrozen", "LoRABOnlyInit", "LoRABOnlyParams", "LoRAInit", "loram_group",
-    "loram_masks", "loram_plan", "loram_prune", "loram_recover", "LoRAMCut", "LoRAMGroup",
-    "LoRAParams", "LoRAXSBasis", "LoRAXSParams", "LowRankDelta", "LSTMLayer", "map_slices",
-    "materialize", "miss", "MiSSParams", "MiSSVariant", "monteclora", "monteclora_loss",
-    "monteclora_sample", "MonteCLoRABuffers", "MonteCLoRAParams", "mora", "mora_rank",
-    "MoRAParams", "multitask_prompt", "multitask_prompt_tuning", "MultitaskPromptParams",
-    "NamedAdapter", "nola", "nola_basis", "NOLABasis", "NOLAParams", "num_trainable", "oft",
-    "oft_block_size", "oft_project", "OFTParams", "osf", "osf_rank", "OSFBasis",
-    "OSFParams", "p_tuning", "p_tuning_prompt", "path_key", "peanut", "PEANUTParams",
-    "poly_init", "poly_weights", "PolyHook", "PolyParams", "prefix_kv", "prefix_tuning",
-    "PrefixParams", "PrefixProjection", "prompt_tuning", "PromptInit", "PromptParams",
-    "psoft", "psoft_basis", "psoft_rotation", "PSOFTBasis", "PSOFTParams", "PTuningLSTM",
-    "PTuningMLP", "pvera", "pvera_delta", "pvera_shared", "PVeRABasis", "PVeRAParams",
-    "qalora", "QALoRAParams", "randlora", "randlora_shared", "RandLoRABases",
-    "RandLoRABasis", "RandLoRAParams", "resolve_shared", "road", "RoAdParams", "roselora",
-    "roselora_keep", "roselora_project", "roselora_sparsify", "RoseLoRAParams",
-    "RoseLoRAState", "salt", "salt_loss", "salt_rank", "SALTBasis", "SALTParams",
-    "scale_shift", "ScaleParams", "ScaleShiftParams", "Scaling", "scaling_value", "SHARED",
-    "Shared", "SharedInit", "SharedParts", "shira", "shira_indices", "SHiRAIndices",
-    "SHiRAParams", "Side", "Site", "sltrain", "SLTrainParams", "sora", "sora_prune",
-    "SoRAParams", "sparse_delta", "sparse_from_compact", "sparse_num", "sparse_to_compact",
-    "SparseSupport", "SparseValues", "spp", "SPPParams", "ssf", "supertuning",
-    "supertuning_count", "supertuning_support", "SuperTuningIndices", "SuperTuningParams",
-    "svfit", "SVFitBasis", "SVFitParams", "svft", "svft_count", "svft_pattern", "SVFTBasis",
-    "SVFTParams", "switch", "tinylora", "tinylora_groups", "TinyLoRABasis",
-    "TinyLoRAParams", "trainable_tokens", "TrainableTokensParams", "unfold", "unilora",
-    "unilora_indices", "UniLoRAIndices", "UniLoRAParams", "unshare", "validate", "vblora",
-    "VBLoRAParams", "vectorfit", "vectorfit_avf", "vectorfit_avf_mask", "VectorFitAVFState",
+    "IncreLoRAParams", "IncreLoRARank", "init", "intrinsic_dim", "IntrinsicParams",
+    "IntrinsicProjection", "kasa", "kasa_basis", "kasa_loss", "KaSABasis", "KaSAParams",
+    "l4q", "l4q_codes", "L4QParams", "lamda", "lamda_freeze", "lamda_frozen_rows",
+    "lamda_plus_ranks", "LaMDABasis", "LaMDAFreezeState", "LaMDAParams", "ldu",
+    "lift_matrix", "ln_tuning", "LNTuningParams", "loha", "LoHaParams", "lokr",
+    "lokr_factorization", "LoKrInit", "LoKrParams", "loldu", "LoLDUFactors", "LoLDUParams",
+    "lora", "lora_b_only", "lora_conv", "lora_xs", "LoRABOnlyFrozen", "LoRABOnlyInit",
+    "LoRABOnlyParams", "LoRAInit", "loram_group", "loram_masks", "loram_plan",
+    "loram_prune", "loram_recover", "LoRAMCut", "LoRAMGroup", "LoRAParams", "LoRAXSBasis",
+    "LoRAXSParams", "LowRankDelta", "LSTMLayer", "map_slices", "materialize", "miss",
+    "MiSSParams", "MiSSVariant", "monteclora", "monteclora_loss", "monteclora_sample",
+    "MonteCLoRABuffers", "MonteCLoRAParams", "mora", "mora_rank", "MoRAParams", "mos",
+    "MoSIndices", "MoSParams", "multitask_prompt", "multitask_prompt_tuning",
+    "MultitaskPromptParams", "NamedAdapter", "nola", "nola_basis", "NOLABasis",
+    "NOLAParams", "num_trainable", "oft", "oft_block_size", "oft_project", "OFTParams",
+    "osf", "osf_rank", "OSFBasis", "OSFParams", "p_tuning", "p_tuning_prompt", "path_key",
+    "peanut", "PEANUTParams", "poly_init", "poly_weights", "PolyHook", "PolyParams",
+    "prefix_kv", "prefix_tuning", "PrefixParams", "PrefixProjection", "prompt_tuning",
+    "PromptInit", "PromptParams", "psoft", "psoft_basis", "psoft_rotation", "PSOFTBasis",
+    "PSOFTParams", "PTuningLSTM", "PTuningMLP", "pvera", "pvera_delta", "pvera_shared",
+    "PVeRABasis", "PVeRAParams", "qalora", "QALoRAParams", "randlora", "randlora_shared",
+    "RandLoRABases", "RandLoRABasis", "RandLoRAParams", "resolve_shared", "road",
+    "RoAdParams", "roselora", "roselora_keep", "roselora_project", "roselora_sparsify",
+    "RoseLoRAParams", "RoseLoRAState", "said", "SAIDParams", "salt", "salt_loss",
+    "salt_rank", "SALTBasis", "SALTParams", "scale_shift", "ScaleParams",
+    "ScaleShiftParams", "Scaling", "scaling_value", "SHARED", "Shared", "SharedInit",
+    "SharedParts", "shira", "shira_indices", "SHiRAIndices", "SHiRAParams", "Side", "Site",
+    "sltrain", "SLTrainParams", "sora", "sora_prune", "SoRAParams", "sparse_delta",
+    "sparse_from_compact", "sparse_num", "sparse_to_compact", "SparseSupport",
+    "SparseValues", "spp", "SPPParams", "ssf", "supertuning", "supertuning_count",
+    "supertuning_support", "SuperTuningIndices", "SuperTuningParams", "svfit", "SVFitBasis",
+    "SVFitParams", "svft", "svft_count", "svft_pattern", "SVFTBasis", "SVFTParams",
+    "switch", "tinylora", "tinylora_groups", "TinyLoRABasis", "TinyLoRAParams",
+    "trainable_tokens", "TrainableTokensParams", "unfold", "unilora", "unilora_indices",
+    "UniLoRAIndices", "UniLoRAParams", "unshare", "validate", "vblora", "VBLoRAParams",
+    "vectorfit", "vectorfit_avf", "vectorfit_avf_mask", "VectorFitAVFState",
     "VectorFitBasis", "VectorFitParams", "vera", "vera_shared", "VeRABasis", "VeRAParams",
-    "waveft", "waveft_wavelets", "WaveFTIndices", "WaveFTParams", "xlora_forward",
-    "xlora_generate", "xlora_init", "xlora_scalings", "XLORA_SITE_ORDER", "XLoraClassifier",
-    "XLoraConfig", "XLoraExperts", "XLoraHook",
+    "walsh_hadamard", "waveft", "waveft_wavelets", "WaveFTIndices", "WaveFTParams",
+    "xlora_forward", "xlora_generate", "xlora_init", "xlora_scalings", "XLORA_SITE_ORDER",
+    "XLoraClassifier", "XLoraConfig", "XLoraExperts", "XLoraHook",
 ]

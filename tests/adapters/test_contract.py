@@ -39,6 +39,7 @@ from tests.adapters.test_gralora import ref_gralora
 from tests.adapters.test_hira import ref_hira
 from tests.adapters.test_hra import ref_hra
 from tests.adapters.test_increlora import ref_increlora
+from tests.adapters.test_intrinsic_dim import ref_intrinsic, ref_said
 from tests.adapters.test_kasa import ref_kasa
 from tests.adapters.test_l4q import ref_l4q
 from tests.adapters.test_lamda import ref_lamda
@@ -47,6 +48,7 @@ from tests.adapters.test_loldu import ref_loldu
 from tests.adapters.test_lora_b_only import ref_lora_b_only
 from tests.adapters.test_miss import ref_miss
 from tests.adapters.test_mora import ref_mora
+from tests.adapters.test_mos import ref_mos
 from tests.adapters.test_oft import oft_count, ref_oft
 from tests.adapters.test_osf import ref_osf
 from tests.adapters.test_peanut import ref_peanut
@@ -403,6 +405,32 @@ ADAPTERS = [
         False,
         ref_unilora,
         lambda i, o: 7,
+    ),
+    (
+        # one shared θ_d (adapters.Shared) made private per leaf by unshare;
+        # test_intrinsic_dim.py covers sharing, sparse draws and the chunking
+        "intrinsic_dim",
+        lambda: adapters.unshare(adapters.intrinsic_dim(4)),
+        True,
+        ref_intrinsic,
+        lambda i, o: 4,
+    ),
+    (
+        "said",
+        lambda: adapters.unshare(adapters.said(4)),
+        True,
+        ref_said,
+        lambda i, o: 4 + 1,
+    ),
+    (
+        # one shard per vector: the suite's widths (6, 5, 4) share no divisor > 1
+        # (test_mos.py covers real shards and pools shared over layers)
+        "mos",
+        lambda: adapters.unshare(adapters.mos(2, pool_rank=2, private_rank=1,
+                                              num_shards=1, public_shards=2, alpha=4.0)),
+        True,
+        lambda w, t, f: ref_mos(w, t, f, s=2.0),
+        lambda i, o: 3 * (i + o),
     ),
     (
         # group_size 1: the suite's widths (6, 5, 4) have no common divisor > 1
