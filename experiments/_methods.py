@@ -221,6 +221,19 @@ def _cola(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
     return METHODS["lora"](cfg, params, run, key)._replace(cycles=3, peft=None)
 
 
+def _roselora(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
+              init_data: InitData | None = None) -> Setup:
+    """RoseLoRA: LoRA whose A rows / B columns are thresholded to density 0.5
+    after each update (sensitivity EMA, cubic schedule after a 10% warm-up)."""
+    del key, init_data
+    assignment = tree.assign(params, [tree.Rule(
+        where=_targets(cfg), then=adapters.roselora(cfg.rank, alpha=cfg.alpha))])
+    tx = adapters.roselora_sparsify(
+        adamw(run), density=0.5, total_steps=run.total_steps,
+        warmup_steps=max(run.total_steps // 10, 1), final_steps=run.total_steps // 5)
+    return Setup(params, tx, tree.describe(assignment, params), adapters=assignment)
+
+
 def _clover(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
             init_data: InitData | None = None) -> Setup:
     """CLOVER: per-head d×d singular-value matrices on q, k, v (RoPE and GQA leave
@@ -473,6 +486,22 @@ METHODS: dict[str, Callable[..., Setup]] = {
     "l4q": _adapter_method(lambda c: adapters.l4q(c.rank, bits=4, block_size=64,
                                                   alpha=c.alpha), peft=False),
     "cola": _cola,  # LoRA as a chain of 3 links (train.cola): LoRA's count per link
+    # SLTrain (fine-tuning form): LoRA plus 3% random sparse entries
+    "sltrain": _adapter_method(lambda c: adapters.sltrain(c.rank, alpha=c.alpha),
+                               peft=False),
+    # DSEE: LoRA plus 128 sparse entries where W0 is worst explained by its rank-r SVD
+    "dsee": _adapter_method(lambda c: adapters.dsee(c.rank, alpha=c.alpha), peft=False),
+    "roselora": _roselora,  # LoRA, A rows / B columns thresholded to density 0.5
+    # SPP: 16 input-scale rows and one scale per output (keeps a pruned base's mask)
+    "spp": _adapter_method(lambda c: adapters.spp(), peft=False),
+    # random-subspace intrinsic dimension: one shared θ_d of 64·r, sparse projections
+    "intrinsic_dim": _adapter_method(lambda c: adapters.intrinsic_dim(
+        64 * c.rank, projection="sparse"), peft=False),
+    # SAID: one shared θ_d of 256·r (+ one λ per matrix), a Fastfood projection each
+    "said": _adapter_method(lambda c: adapters.said(256 * c.rank), peft=False),
+    # MoS: active rank r, LoRA's count at rank r/4 (shard pools shared per shape)
+    "mos": _adapter_method(lambda c: adapters.mos(c.rank, pool_rank=max(2, c.rank // 4),
+                                                  private_rank=1), peft=False),
     # prompts, prefixes and hooks (_methods_inputs): Setup.model calls the model
     **INPUT_METHODS,
 }

@@ -84,7 +84,8 @@ LR = {"full": 5e-5, "galore": 2e-4, "lora": 1e-3, "dora": 1e-3, "lora_xs": 1e-3,
       "prompt_tuning": 1e-2, "prefix_tuning": 1e-2, "p_tuning": 1e-2,
       "multitask_prompt_tuning": 1e-2, "cpt": 1e-2, "cartridge": 1e-2,
       "adaption_prompt": 9e-3, "xlora": 3e-3,
-      "loldu": 1e-2}  # LoLDU's full-width scaling is 1/r
+      "loldu": 1e-2,  # LoLDU's full-width scaling is 1/r
+      "spp": 1e-2}  # SPP's update is relative to W0 (s·a·c of each entry), a ~ 1/sqrt(in)
 SMOKE = dict(steps=6, block_len=32, eval_blocks=8, galore_rank=8, rank=4, alpha=8.0,
              warmup_steps=1, stat_batches=2, spiel_reselection_steps=3,
              spiel_accumulation_steps=1)
