@@ -315,7 +315,7 @@ def _sparse(cfg: Any, params: Any, run: OptimConfig, key: jax.Array, *,
     selector = masks.spiel_selector(total_steps=run.total_steps,
                                     reselection_steps=reselect,
                                     accumulation_steps=accumulate)
-    return Setup(params, optim.sftadamw(run.learning_rate(),
+    return Setup(params, optim.sft_adamw(run.learning_rate(),
                                          weight_decay=run.weight_decay),
                  f"SpIEL sparse deltas, k = {cfg.rank}·(in + out) per kernel (LoRA's "
                  f"budget), reselection every {reselect} steps after {accumulate} steps "
