@@ -881,7 +881,7 @@ def test_no_retrace_and_training_changes_only_trainable(name, factory, identity,
 
 @functools.cache
 def _flax_params(n_out=5):
-    """The Linen block, its params and input (built once per width)."""
+    """The Linen block, its params, input and jitted apply (built once per width)."""
     import flax.linen as nn
 
     class Block(nn.Module):
@@ -896,12 +896,13 @@ def _flax_params(n_out=5):
     x = _w((2, 5, 4), seed=5)
     with jax.numpy_dtype_promotion("standard"):
         variables = model.init(jax.random.key(0), x)
-    return model, variables["params"], x
+    # one compiled forward per width, shared by every adapter's merged params
+    return model, variables["params"], x, jax.jit(model.apply)
 
 
 @pytest.mark.parametrize("name,factory,identity,ref,count", ADAPTERS, ids=IDS)
 def test_linen_mlp_and_attention(name, factory, identity, ref, count, getkey):
-    model, params, x = _flax_params(_o(name))
+    model, params, x, forward = _flax_params(_o(name))
     ad = factory()
     a = tree.assign(params, [tree.Rule(where=r"(up|down)/kernel", then=ad)])
     state = jax.jit(lambda k, p: adapters.init(a, k, p))(getkey(), params)
@@ -915,12 +916,12 @@ def test_linen_mlp_and_attention(name, factory, identity, ref, count, getkey):
             **h.MATMUL_F32)
     # The merged params run through the unmodified Linen model.
     with jax.numpy_dtype_promotion("standard"):
-        y = jax.jit(model.apply)({"params": merged}, x)
+        y = forward({"params": merged}, x)
     assert y.shape == (2, 5, _o(name)) and bool(jnp.all(jnp.isfinite(y)))
 
 
 def test_linen_head_split_attention_kernels(getkey):
-    model, params, x = _flax_params()
+    model, params, x, _ = _flax_params()
     head_split = tree.DimensionNumbers(reduction_axis=0, output_axis=(1, 2))
     out_proj = tree.DimensionNumbers(reduction_axis=(0, 1), output_axis=2)
     rules = [
