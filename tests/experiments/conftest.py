@@ -1,6 +1,7 @@
 """Helpers for running experiments and notebooks as subprocesses."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -40,3 +41,20 @@ def recipe():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def compare_smoke(tmp_path, methods, *, fall=0.995, timeout=900):
+    """Runs ``compare_methods.py --smoke`` on ``methods`` in one process and
+    checks what every smoke run promises: the rows come back in order and
+    each method lowers the held-out perplexity of its starting point by more
+    than ``1 - fall`` (the per-batch training losses of the tiny model move
+    without training). Returns ``(rows, completed process)``."""
+    res = run_script("compare_methods.py", "--smoke", "--progress=false",
+                     "--isolate=false", f"--methods={','.join(methods)}",
+                     f"--out_dir={tmp_path}", timeout=timeout)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == list(methods)
+    for r in rows:
+        assert r["eval_ppl"] < r["eval_ppl_before"] * fall, (
+            r["method"], r["eval_ppl_before"], r["eval_ppl"])
+    return rows, res

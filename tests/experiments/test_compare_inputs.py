@@ -2,12 +2,11 @@
 prefixes, model hooks) by name (a file of its own, so that pytest-xdist runs it
 beside the other smoke runs)."""
 
-import json
 import types
 
 import pytest
 
-from tests.experiments.conftest import run_script
+from tests.experiments.conftest import compare_smoke, run_script
 
 METHODS = ["prompt_tuning", "prefix_tuning", "p_tuning", "multitask_prompt_tuning", "cpt",
            "cartridge", "adaption_prompt", "alora", "poly", "xlora"]
@@ -18,14 +17,7 @@ def test_compare_methods_smoke_inputs(tmp_path):
     # and lowers the held-out perplexity of its starting point: a loss on the
     # same held-out blocks, not the noisy per-batch training loss. CPT's delta
     # lives in a ball of radius 0.1·sqrt(64/2048): its gain is the smallest.
-    res = run_script("compare_methods.py", "--smoke", "--progress=false",
-                     "--isolate=false", f"--methods={','.join(METHODS)}",
-                     f"--out_dir={tmp_path}", timeout=600)
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == METHODS
-    for r in rows:
-        assert r["eval_ppl"] < r["eval_ppl_before"] * 0.995, (
-            r["method"], r["eval_ppl_before"], r["eval_ppl"])
+    rows, res = compare_smoke(tmp_path, METHODS, fall=0.995, timeout=600)
     counts = {r["method"]: r["trainable_params"] for r in rows}
     # tiny Llama: d=64, 2 layers, 2 KV heads of 16, rank 4 (smoke)
     assert counts["prompt_tuning"] == 8 * 64 and counts["cpt"] == 8 * 64

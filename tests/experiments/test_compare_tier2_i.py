@@ -1,9 +1,8 @@
 """compare_methods runs the Tier-2 part-1 weight-space methods by name (a file of
 its own, so that pytest-xdist runs it beside the other smoke runs)."""
 
-import json
 
-from tests.experiments.conftest import run_script
+from tests.experiments.conftest import compare_smoke
 
 METHODS = ["svft", "loldu", "vectorfit", "kasa", "salt", "clover", "mora", "lamda",
            "flora", "dylora", "increlora", "lora_b_only"]
@@ -14,14 +13,7 @@ def test_compare_methods_smoke_tier2_i(tmp_path):
     # start away from the base model, as their papers/PEFT do), and the
     # factored path takes every one but SALT (no factored form: one row would
     # cost more than the base product).
-    res = run_script("compare_methods.py", "--smoke", "--progress=false",
-                     "--isolate=false", f"--methods={','.join(METHODS)}",
-                     f"--out_dir={tmp_path}", timeout=900)
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == METHODS
-    for r in rows:
-        assert r["eval_ppl"] < r["eval_ppl_before"] * 0.995, (
-            r["method"], r["eval_ppl_before"], r["eval_ppl"])
+    rows, res = compare_smoke(tmp_path, METHODS, fall=0.995, timeout=900)
     counts = {r["method"]: r["trainable_params"] for r in rows}
     # tiny Llama (d=64, k/v out 32, 2 layers), rank 4 on q,k,v,o: per layer
     # n = min(in, out) = 64, 32, 32, 64

@@ -2,9 +2,8 @@
 low-rank-plus-sparse methods and the shared-subspace ones (a file of its own, so
 that pytest-xdist runs it beside the other smoke runs)."""
 
-import json
 
-from tests.experiments.conftest import run_script
+from tests.experiments.conftest import compare_smoke
 
 METHODS = ["l4q", "cola", "dept", "sltrain", "dsee", "roselora", "spp", "intrinsic_dim",
            "said", "mos"]
@@ -13,14 +12,7 @@ METHODS = ["l4q", "cola", "dept", "sltrain", "dsee", "roselora", "spp", "intrins
 def test_compare_methods_smoke_tier2_ii(tmp_path):
     # Each lowers the held-out perplexity of its starting point (L4Q starts at the
     # quantised base, DePT at a sampled prompt); COLA's is the merged chain's.
-    res = run_script("compare_methods.py", "--smoke", "--progress=false",
-                     "--isolate=false", f"--methods={','.join(METHODS)}",
-                     f"--out_dir={tmp_path}", timeout=900)
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == METHODS
-    for r in rows:
-        assert r["eval_ppl"] < r["eval_ppl_before"] * 0.995, (
-            r["method"], r["eval_ppl_before"], r["eval_ppl"])
+    rows, res = compare_smoke(tmp_path, METHODS, fall=0.995, timeout=900)
     counts = {r["method"]: r["trainable_params"] for r in rows}
     # tiny Llama (d=64, k/v out 32, 2 layers), rank 4 on q,k,v,o
     assert counts["cola"] == counts["roselora"] == 2 * 4 * (128 + 96 + 96 + 128)
