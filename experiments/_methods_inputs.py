@@ -48,11 +48,18 @@ def _config(name: str, init_data: InitData | None) -> Any:
 
 
 def _setup(name: str, params: Any, own: Any, run: OptimConfig, describe: str,
-           inputs: Callable[[Any, jax.Array, Any], dict], train: str = ".*") -> Setup:
-    """The ``Setup`` of a method feeding the model ``inputs(own, tokens, graphdef)``.
+           inputs: Callable[..., dict] | None = None, *,
+           forward: Callable[..., jax.Array] | None = None, train: str = ".*") -> Setup:
+    """The ``Setup`` of a method that feeds the model its own parameters.
 
-    ``train``: the regex (under ``<name>/``) of the method's trained leaves.
+    Exactly one of ``inputs(own, tokens, graphdef, base, mask) -> kwargs`` (the
+    model's ``prompt_embeddings=``/``prefix=``/``hooks=``) or ``forward(own,
+    tokens, graphdef, base, mask) -> logits`` (a method that runs the model
+    itself: X-LoRA's two passes, DePT's embeddings). ``train``: the regex
+    (under ``<name>/``) of the method's trained leaves.
     """
+    if (inputs is None) == (forward is None):
+        raise TypeError(f"_setup({name!r}): give exactly one of inputs= and forward=")
 
     def model(graphdef: Any) -> Callable[..., jax.Array]:
         from peftjax import models
@@ -60,11 +67,11 @@ def _setup(name: str, params: Any, own: Any, run: OptimConfig, describe: str,
         def apply(p: Any, tokens: jax.Array, *, attention_mask: Any = None,
                   positions: Any = None, segment_ids: Any = None) -> jax.Array:
             del positions, segment_ids  # one document per block: the mask's defaults
-            kw = inputs(p[name], tokens, graphdef, p["model"], attention_mask)
-            if "logits" in kw:  # the method runs the model itself (X-LoRA)
-                return kw["logits"]
+            args = (p[name], tokens, graphdef, p["model"], attention_mask)
+            if forward is not None:
+                return forward(*args)
             return models.apply(graphdef, p["model"], tokens, attention_mask=attention_mask,
-                                **kw)
+                                **inputs(*args))
 
         return apply
 
@@ -133,18 +140,18 @@ def _dept(cfg, params, run, key, *, init_data=None):
     own = adapters.dept(key, m, table, rank=cfg.rank, max_length=cfg.block_len,
                         init=adapters.PromptInit.SAMPLE_VOCAB)
 
-    def inputs(p, tokens, graphdef, base, mask):
+    def forward(p, tokens, graphdef, base, mask):
         from peftjax import models
 
         # the tokens enter as embeddings: a prompt over zero tokens, causal, so
         # right padding never reaches a real token
         h0 = adapters.dept_embeddings(p, base["embed_tokens"]["embedding"][tokens])
-        return {"logits": models.apply(graphdef, base, tokens[:, :0], prompt_embeddings=h0,
-                                       keep_prompt_logits=True)[:, m:]}
+        return models.apply(graphdef, base, tokens[:, :0], prompt_embeddings=h0,
+                            keep_prompt_logits=True)[:, m:]
 
     return _setup("dept", params, own, run,
                   f"DePT, {m} tokens + rank-{cfg.rank} offset: {_count(own):,} trainable",
-                  inputs)
+                  forward=forward)
 
 
 def _cpt(cfg, params, run, key, *, init_data=None):
@@ -245,14 +252,15 @@ def _xlora(cfg, params, run, key, *, init_data=None):
     own = {"classifier": adapters.xlora_init(kc, config),
            "experts": adapters.XLoraExperts(la, lb, sc)}
 
-    def inputs(p, tokens, graphdef, base, mask):
+    def forward(p, tokens, graphdef, base, mask):
         logits, _ = adapters.xlora_forward(graphdef, base, tokens, p["classifier"],
                                            p["experts"], config, attention_mask=mask)
-        return {"logits": logits}
+        return logits
 
     return _setup("xlora", params, own, run,
                   f"X-LoRA classifier over {k} frozen experts: "
-                  f"{_count(own['classifier']):,} trainable", inputs, train="classifier/.*")
+                  f"{_count(own['classifier']):,} trainable", forward=forward,
+                  train="classifier/.*")
 
 
 INPUT_METHODS: dict[str, Callable[..., Setup]] = {
